@@ -1,0 +1,60 @@
+"""The ``distill`` command: one verb per job, each dispatched lazily to its module's ``main(argv)``.
+
+    distill dump --prompts prompts.txt --output out/dump      # pipelines.teacher_dump
+    distill inspect out/dump --verify                        # teachers.inspect
+
+Verbs are looked up in ``COMMANDS``; the module is imported only when its verb runs, so
+``distill --help`` stays fast and a verb's heavy dependencies are not loaded by the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> ("module:function", one-line help). The function takes argv (list[str]) and returns an
+# exit code or None.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "dump": ("pipelines.teacher_dump:main", "run the teacher dump job (Beam) over prompts or a manifest"),
+    "inspect": ("teachers.inspect:main", "summarise a dataset of shards; --verify checks every shard"),
+    "curate": ("pipelines.curate:main", "curate captions/images into a manifest (Beam)"),
+    "filter": ("pipelines.filter_shards:main", "filter and deduplicate a dump into final shards (Beam)"),
+    "train": ("students.train:main", "distil a student from shards"),
+    "export": ("students.export:main", "turn a checkpoint into a diffusers pipeline folder"),
+    "eval": ("students.evaluate:main", "evaluate a student against its teacher"),
+    "profile": ("students.profile:main", "parameters, MACs and latency of students and teachers"),
+    "demo": ("diffusion_distill.demo:main", "run the whole pipeline end to end on bundled data"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in COMMANDS)
+    lines = ["usage: distill <verb> [args...]", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in COMMANDS:
+        print(f"distill: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[verb]
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        print(f"distill: verb {verb!r} is not available in this build ({module_name} missing)", file=sys.stderr)
+        return 2
+    code = getattr(module, func_name)(rest)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Load a diffusion teacher: built-in offline specs, a local diffusers folder, or a hub id.
+
+    teacher = load_teacher("tiny", dtype="float32", device="cpu")
+    teacher.pipe        # a diffusers StableDiffusionPipeline / StableDiffusionXLPipeline
+
+Specs:
+    tiny          SD-1.5-shaped pipeline from small configs (same weights on every machine)
+    tiny-xl       SDXL-shaped: two text encoders, pooled embeddings, time ids
+    sd15-random   the full SD-1.5 architecture, random weights (cost measurement)
+    sdxl-random   the full SDXL base architecture, random weights (cost measurement)
+    PATH          a local diffusers pipeline folder (``model_index.json`` inside)
+    ORG/NAME      a hub id: loaded where a network exists; offline it fails within seconds
+
+Every built-in uses the real CLIP BPE tokenizer made offline (``teachers.tokenizer``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+from urllib.parse import urlparse
+
+BUILTIN_SPECS = ("tiny", "tiny-xl", "sd15-random", "sdxl-random")
+DTYPES = ("float32", "float16", "bfloat16")
+_BUILD_SEED = 20240601  # weights of built-in specs: fixed, so every machine builds the same model
+
+
+class TeacherError(ValueError):
+    """A teacher spec that cannot be loaded; the message says what to do instead."""
+
+
+@dataclasses.dataclass
+class Teacher:
+    spec: str  # what the user asked for
+    pipe: object  # diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
+    is_xl: bool  # SDXL-style conditioning (two text encoders, pooled embeds, time ids)
+    dtype: str  # one of DTYPES
+    device: str
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        """Image side the UNet was configured for (``sample_size`` latents x VAE factor)."""
+        return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def check_resolution(self, height: int, width: int) -> None:
+        """Raise ``ValueError`` naming the value if the UNet cannot run at this image size."""
+        # Each UNet down-sampling halves the latent; the latent side must divide by 2**(stages-1).
+        multiple = self.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        for name, side in (("height", height), ("width", width)):
+            if side <= 0 or side % multiple:
+                raise ValueError(f"{name}={side} is not possible for teacher {self.spec!r}: "
+                                 f"image sides must be positive multiples of {multiple}")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_teacher(spec: str, dtype: str = "float32", device: str = "cpu", *, local_files_only: bool | None = None) -> Teacher:
+    """Build or load the teacher named by ``spec`` (see the module docstring)."""
+    tdtype = torch_dtype(dtype)
+    if spec in BUILTIN_SPECS:
+        pipe = _build_builtin(spec)
+        is_xl = spec in ("tiny-xl", "sdxl-random")
+    elif os.path.isdir(spec):
+        pipe, is_xl = _load_folder(spec, tdtype)
+    elif _looks_like_hub_id(spec):
+        pipe, is_xl = _load_hub(spec, tdtype, local_files_only)
+    else:
+        raise TeacherError(f"unknown teacher {spec!r}: expected one of {', '.join(BUILTIN_SPECS)}, "
+                           "a local diffusers folder, or a hub id such as org/name")
+    pipe.to(device)
+    if spec in BUILTIN_SPECS and dtype != "float32":  # folders were loaded with torch_dtype already
+        pipe.to(dtype=tdtype)
+    pipe.set_progress_bar_config(disable=True)
+    return Teacher(spec=spec, pipe=pipe, is_xl=is_xl, dtype=dtype, device=str(device))
+
+
+# ------------------------------------------------------------------------------------------
+# built-in specs
+# ------------------------------------------------------------------------------------------
+
+
+def _build_builtin(spec: str):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from teachers import configs
+    from teachers.tokenizer import clip_tokenizer
+
+    # fork_rng: building a teacher must not move the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_BUILD_SEED)
+        if spec == "tiny":
+            unet, vae, te = configs.tiny_unet(), configs.tiny_vae(), configs.tiny_text()
+        elif spec == "tiny-xl":
+            unet, vae, te, te2 = configs.tiny_xl_unet(), configs.tiny_vae(), configs.tiny_text(), configs.tiny_xl_text_2()
+        elif spec == "sd15-random":
+            unet, vae, te = configs.sd15_unet(), configs.sd_vae(), configs.clip_l_text()
+        else:  # sdxl-random
+            unet, vae, te, te2 = configs.sdxl_unet(), configs.sd_vae(1024, 0.13025), configs.clip_l_text_xl(), configs.clip_bigg_text()
+        components = dict(
+            unet=UNet2DConditionModel(**unet),
+            vae=AutoencoderKL(**vae),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**te)),
+            tokenizer=clip_tokenizer(),
+            scheduler=DDIMScheduler(**configs.sd15_scheduler(), clip_sample=False, set_alpha_to_one=False),
+        )
+        if spec in ("tiny", "sd15-random"):
+            return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te2))
+        components["tokenizer_2"] = clip_tokenizer(pad_token="!")
+        return StableDiffusionXLPipeline(**components)
+
+
+# ------------------------------------------------------------------------------------------
+# local folders and hub ids
+# ------------------------------------------------------------------------------------------
+
+
+def _pipeline_class(class_name: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if "XL" in class_name:
+        return StableDiffusionXLPipeline, True
+    if class_name.startswith("StableDiffusion"):
+        return StableDiffusionPipeline, False
+    raise TeacherError(f"pipeline class {class_name!r} is not a Stable Diffusion (1.x/2.x/XL) text-to-image pipeline")
+
+
+def _load_folder(path: str, tdtype):
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise TeacherError(f"teacher folder {path!r} has no model_index.json: not a diffusers pipeline folder")
+    with open(index, encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name", "")
+    cls, is_xl = _pipeline_class(class_name)
+    kwargs = {} if is_xl else dict(safety_checker=None, requires_safety_checker=False)
+    return cls.from_pretrained(path, torch_dtype=tdtype, **kwargs), is_xl
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """True if the hub endpoint accepts a TCP connection within ``timeout_s`` (DNS included)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # getaddrinfo has no timeout of its own: probe in a daemon thread and stop waiting after timeout_s.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])
+
+
+def _load_hub(repo_id: str, tdtype, local_files_only: bool | None):
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hint = (f"download it where a network exists (`huggingface-cli download {repo_id} --local-dir DIR`) "
+            "and pass that folder as the teacher spec")
+    try:  # a copy already in the local hub cache needs no network
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        folder = None
+    if folder is None:
+        if local_files_only or not _hub_reachable():
+            raise TeacherError(f"teacher {repo_id!r} is not in the local cache and the hub cannot be reached: {hint}") from None
+        try:
+            folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+        except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear message
+            raise TeacherError(f"teacher {repo_id!r} could not be downloaded ({type(err).__name__}: {err}); {hint}") from None
+    return _load_folder(folder, tdtype)
