@@ -39,6 +39,7 @@ class Teacher:
     is_xl: bool  # SDXL-style conditioning (two text encoders, pooled embeds, time ids)
     dtype: str  # one of DTYPES
     device: str
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def unet(self):
@@ -205,3 +206,35 @@ def _load_hub(repo_id: str, tdtype, local_files_only: bool | None):
         except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear message
             raise TeacherError(f"teacher {repo_id!r} could not be downloaded ({type(err).__name__}: {err}); {hint}") from None
     return _load_folder(folder, tdtype)
+
+
+def teacher_geometry(spec: str) -> dict | None:
+    """Shapes of a teacher without loading weights: ``{vae_scale_factor, levels, sample_size, is_xl}``.
+
+    For validating a job's arguments before any worker starts. None for a hub id (unknown offline).
+    Raises TeacherError for a spec that is neither built-in, a pipeline folder nor a hub id.
+    """
+    from teachers import configs
+
+    if spec in BUILTIN_SPECS:
+        unet = {"tiny": configs.tiny_unet, "tiny-xl": configs.tiny_xl_unet,
+                "sd15-random": configs.sd15_unet, "sdxl-random": configs.sdxl_unet}[spec]()
+        vae = configs.tiny_vae() if spec.startswith("tiny") else configs.sd_vae()
+        is_xl = spec in ("tiny-xl", "sdxl-random")
+    elif os.path.isdir(spec):
+        try:
+            with open(os.path.join(spec, "unet", "config.json"), encoding="utf-8") as f:
+                unet = json.load(f)
+            with open(os.path.join(spec, "vae", "config.json"), encoding="utf-8") as f:
+                vae = json.load(f)
+        except (OSError, ValueError) as err:
+            raise TeacherError(f"teacher folder {spec!r} is not a diffusers pipeline folder ({err})") from None
+        is_xl = unet.get("addition_embed_type") == "text_time"
+    elif _looks_like_hub_id(spec):
+        return None
+    else:
+        raise TeacherError(f"unknown teacher {spec!r}: expected one of {', '.join(BUILTIN_SPECS)}, "
+                           "a local diffusers folder, or a hub id such as org/name")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return dict(vae_scale_factor=factor, levels=len(unet["block_out_channels"]),
+                sample_size=int(unet["sample_size"]), is_xl=is_xl, resolution=int(unet["sample_size"]) * factor)

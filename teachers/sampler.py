@@ -212,7 +212,9 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
     guidance = [r.guidance_scale if r.guidance_scale is not None else draw_guidance(cfg, r.seed) for r in requests]
     feature_steps = [draw_feature_steps(cfg, r.seed) for r in requests]
     recorded = cfg.recorded_steps
-    with torch.inference_mode():
+    # One forward at a time per teacher: feature hooks live on the shared UNet's modules, and a
+    # Beam worker may run several DoFn threads over the one teacher that Shared hands out.
+    with teacher.lock, torch.inference_mode():
         cond, uncond, pooled, neg_pooled, time_ids = _encode(teacher, prompts, device, height, width)
         scheduler = make_scheduler(teacher, cfg.scheduler)
         scheduler.set_timesteps(cfg.num_inference_steps, device=device)
@@ -270,7 +272,9 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
         timesteps=[int(t) for t in timesteps], recorded_steps=list(recorded),
         negative_prompt_embeds=uncond[0].float().cpu().numpy(),
         negative_pooled_prompt_embeds=neg_pooled[0].float().cpu().numpy() if neg_pooled is not None else None,
-        scheduler_class=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
+        scheduler_class=type(scheduler).__name__,
+        # Private keys ("_use_default_values") come from a set: their order changes run to run.
+        scheduler_config={k: v for k, v in scheduler.config.items() if not k.startswith("_")},
         prediction_type=scheduler.config.get("prediction_type", "epsilon"),
     )
     return results, info

@@ -1,0 +1,100 @@
+"""Generating one shard of the teacher dump (the body of the Beam work unit, free of Beam).
+
+Reads the shard's rows from the plan, samples them in batches across prompts, encodes each result
+with the record schema, and writes the shard atomically with its index. A sample whose teacher
+output is NaN/Inf (or that cannot be encoded) goes to ``rejects/NNNNNN.jsonl`` with its reason;
+the rejects file is written before the shard is committed, so a complete shard always has one.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from pipelines import dump_plan
+from teachers import record
+from teachers.shards import ShardWriter, _fs, atomic_write_bytes, join, shard_name
+
+_CLIP_MAX_TOKENS = 77
+
+
+def _remove_stale_temporaries(output: str, shard: int) -> None:
+    fs, root = _fs(output)
+    if "file" in fs.protocol:  # remote temporaries never reach the bucket: they are local files
+        for path in glob.glob(os.path.join(root, f".{shard_name(shard)}.tmp-*")):
+            os.remove(path)
+
+
+def _write_shared(output: str, info) -> dict:
+    """Arrays the same for every sample (the unconditional embeddings), stored once per dataset."""
+    import numpy as np
+
+    shared = {"negative_prompt_embeds": "negative_prompt_embeds.npy"}
+    arrays = {"negative_prompt_embeds": info.negative_prompt_embeds}
+    if info.negative_pooled_prompt_embeds is not None:
+        shared["negative_pooled_prompt_embeds"] = "negative_pooled_prompt_embeds.npy"
+        arrays["negative_pooled_prompt_embeds"] = info.negative_pooled_prompt_embeds
+    fs, root = _fs(output)
+    for name, array in arrays.items():
+        if not fs.exists(join(root, shared[name])):  # every shard computes the same bytes; first one writes
+            atomic_write_bytes(join(output, shared[name]), record.npy_bytes(array.astype(np.float32)))
+    return shared
+
+
+def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress: bool = False) -> dict:
+    from teachers.sampler import SampleRequest, sample_trajectories
+
+    _remove_stale_temporaries(output, shard)
+    rows = dump_plan.read_shard_plan(output, shard)
+    requests = [SampleRequest(r["key"], r["prompt"], int(r["seed"]), r["guidance_scale"]) for r in rows]
+    batches = [requests[i : i + recipe.batch_size] for i in range(0, len(requests), recipe.batch_size)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
+    rejects, truncated, fallbacks, info = [], 0, 0, None
+    writer = ShardWriter(output, shard, recipe_hash=recipe.hash)
+    try:
+        for batch in batches:
+            results, info = sample_trajectories(teacher, batch, config)
+            meta = dict(teacher=recipe.teacher, dtype=recipe.dtype, scheduler_class=info.scheduler_class,
+                        scheduler_config=info.scheduler_config, prediction_type=info.prediction_type,
+                        num_inference_steps=recipe.num_inference_steps, timesteps=info.timesteps,
+                        recorded_steps=info.recorded_steps, feature_layers=list(recipe.feature_layers),
+                        height=recipe.height, width=recipe.width, recipe_hash=recipe.hash)
+            for res in results:
+                try:
+                    sample, stats = record.encode_sample(res, meta, storage_dtype=recipe.storage_dtype)
+                except record.BadRecord as err:
+                    rejects.append({"key": res.key, "reason": err.reason, "detail": str(err), "prompt": res.prompt})
+                    continue
+                truncated += res.num_tokens > _CLIP_MAX_TOKENS
+                fallbacks += len(stats["fp32_fallback"])
+                writer.write(sample)
+            if bar is not None:
+                bar.update(len(batch))
+        reasons: dict[str, int] = {}
+        for r in rejects:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
+        fs, root = _fs(output)
+        fs.makedirs(join(root, "rejects"), exist_ok=True)
+        atomic_write_bytes(join(output, f"rejects/{shard:06d}.jsonl"), lines.encode("utf-8"))
+        writer.extra = dict(
+            rejects=reasons, truncated_captions=int(truncated), fp32_fallbacks=fallbacks,
+            shared=_write_shared(output, info) if info is not None else {},
+            timesteps=info.timesteps if info else None, recorded_steps=info.recorded_steps if info else None,
+            scheduler_class=info.scheduler_class if info else None,
+            scheduler_config=info.scheduler_config if info else None,
+            prediction_type=info.prediction_type if info else None,
+        )
+        index = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return index

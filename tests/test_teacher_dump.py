@@ -1,0 +1,173 @@
+"""The teacher dump job on Beam: accounting, resume, kill-and-rerun, runners, bad arguments."""
+
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipelines import teacher_dump
+from students.data import dataset_shards, record_pipeline
+from teachers.shards import verify_shard
+
+BASE = ["--teacher", "tiny", "--num_inference_steps", "2", "--samples_per_shard", "2", "--batch_size", "2",
+        "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
+        "--cpu_threads", "2"]  # pinned: Dask workers otherwise run torch on 1 thread (other float rounding)
+
+
+def write_prompts(path, n=6):
+    path.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
+    return str(path)
+
+
+def dump(prompts, out, *extra):
+    return teacher_dump.run(["--prompts", prompts, "--output", str(out), *BASE, *extra])
+
+
+def tree_bytes(out):
+    """Every file of a finished dump except the plan, keyed by relative path."""
+    files = {}
+    for root, _, names in os.walk(out):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), out)
+            if not rel.startswith("_plan"):
+                files[rel] = open(os.path.join(root, name), "rb").read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    prompts = write_prompts(tmp / "p.txt")
+    dataset = dump(prompts, tmp / "out")
+    return prompts, tmp / "out", dataset
+
+
+def test_dump_writes_every_planned_sample_readable_by_the_reader(reference):
+    _, out, dataset = reference
+    assert dataset["totals"]["samples_written"] == 6 and len(dataset["shards"]) == 3
+    keys = sorted(r.key for r in record_pipeline(dataset_shards(str(out))))
+    assert keys == [f"p{i:07d}-s0" for i in range(6)]
+    rec = next(iter(record_pipeline(dataset_shards(str(out))[:1])))
+    assert rec.latents.shape == (3, 4, 16, 16) and rec.feats["mid_block"].shape == (1, 64, 8, 8)
+    assert rec.meta["timesteps"] == dataset["timesteps"] and len(dataset["timesteps"]) == 2
+    uncond = np.load(out / dataset["shared"]["negative_prompt_embeds"], allow_pickle=False)
+    assert uncond.shape == (77, 32)
+    assert all(verify_shard(str(out), i) == [] for i in range(3))
+
+
+def test_rejects_are_counted_and_input_adds_up(tmp_path):
+    long = " ".join(["word"] * 90)
+    lines = [b"a good caption", b"", "caf\xe9".encode("latin-1"), long.encode(), b"another good caption"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"\n".join(lines) + b"\n")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(o) for o in [
+        {"id": "ok", "caption": "a cat"}, {"id": "nan", "caption": "a dog", "guidance_scale": 1e38},
+        {"id": "null", "caption": None}, {"id": "bad.id", "caption": "dots"}]) + "\n")
+    a = dump(str(prompts), tmp_path / "a")
+    t = a["totals"]
+    assert t["prompts_in"] == 5 and t["prompts_rejected"] == 2 and t["samples_written"] == 3
+    assert a["rejects_by_reason"] == {"empty_caption": 1, "non_utf8": 1} and t["captions_truncated"] == 1
+    b = dump(str(jsonl), tmp_path / "b", "--seeds_per_prompt", "2")
+    t = b["totals"]
+    # 4 prompts in: 2 rejected (null, bad id); 2 x 2 seeds planned = 2 written + 2 rejected (NaN from w=1e38)
+    assert (t["prompts_in"], t["prompts_rejected"], t["samples_planned"], t["samples_written"], t["samples_rejected"]) == (4, 2, 4, 2, 2)
+    assert b["rejects_by_reason"] == {"null_caption": 1, "bad_id": 1, "non_finite": 2}
+    rejected = [json.loads(line) for f in sorted((tmp_path / "b" / "rejects").iterdir()) for line in f.read_text().splitlines()]
+    assert sorted((r.get("key") or r["id"], r["reason"]) for r in rejected) == sorted(
+        [("nan-s0", "non_finite"), ("nan-s1", "non_finite"), ("null", "null_caption"), ("bad.id", "bad_id")])
+
+
+def test_rerun_skips_complete_shards_and_redoes_partial_ones(reference, tmp_path):
+    prompts, ref_out, _ = reference
+    out = tmp_path / "out"
+    dump(prompts, out)
+    before = {n: os.stat(out / n).st_mtime_ns for n in ("000000.tar", "000002.tar")}
+    (out / "000001.tar").write_bytes((out / "000001.tar").read_bytes()[:3000])  # a torn shard
+    (out / ".000002.tar.tmp-deadbeef").write_bytes(b"partial")  # a killed writer's leftover
+    os.remove(out / "000002.json")  # index gone: shard 2 counts as incomplete
+    dump(prompts, out)
+    assert os.stat(out / "000000.tar").st_mtime_ns == before["000000.tar"]  # skipped, untouched
+    assert os.stat(out / "000002.tar").st_mtime_ns != before["000002.tar"]  # regenerated
+    assert tree_bytes(out) == tree_bytes(ref_out)
+
+
+def test_changed_recipe_over_existing_output_is_refused(reference, tmp_path):
+    prompts, _, _ = reference
+    dump(prompts, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"another recipe \(num_inference_steps: 2 -> 3\)"):
+        teacher_dump.run(["--prompts", prompts, "--output", str(tmp_path / "out"), *BASE, "--num_inference_steps", "3"])
+
+
+def test_sigkill_then_rerun_is_byte_identical(reference, tmp_path):
+    prompts, ref_out, _ = reference
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipelines.teacher_dump", "--prompts", prompts, "--output", str(out), *BASE]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
+    deadline = time.monotonic() + 120
+    while not (out / "000000.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "dataset.json").exists(), "the job finished before it could be killed"
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert tree_bytes(out) == tree_bytes(ref_out)
+
+
+def test_multiprocessing_direct_runner_gives_the_same_bytes(reference, tmp_path):
+    prompts, ref_out, _ = reference
+    dump(prompts, tmp_path / "mp", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+    assert tree_bytes(tmp_path / "mp") == tree_bytes(ref_out)
+
+
+def test_dask_runner_gives_the_same_bytes_as_direct(reference, tmp_path):
+    from distributed import LocalCluster
+
+    prompts, ref_out, _ = reference
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+                      processes=True) as cluster:
+        from diffusion_distill.beam_cli import main as beam_main
+
+        beam_main(["run", "pipelines/teacher_dump.py", "--runner=Dask", f"--dask_client_address={cluster.scheduler_address}",
+                   "--prompts", prompts, "--output", str(tmp_path / "dask"), *BASE])
+    assert tree_bytes(tmp_path / "dask") == tree_bytes(ref_out)
+
+
+def test_beam_run_from_another_directory(tmp_path):
+    prompts = write_prompts(tmp_path / "p.txt", n=2)
+    beam = os.path.join(os.path.dirname(sys.executable), "beam")
+    proc = subprocess.run([beam, "run", "pipelines/teacher_dump.py", "--runner=Direct", "--prompts", prompts,
+                           "--output", str(tmp_path / "o"), *BASE], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 samples planned = 2 written + 0 rejected" in proc.stderr
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["totals"]["samples_written"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompts", "/nonexistent/p.txt"], "'/nonexistent/p.txt' does not exist"),
+    (["--teacher", "sd99"], "unknown teacher 'sd99'"),
+    (["--resolution", "100"], "--resolution 100 is not possible for teacher 'tiny'"),
+    (["--feature_layers", "down_blocks.7"], "'down_blocks.7' is not a block"),
+    (["--scheduler", "heun"], "--scheduler 'heun'"),
+])
+def test_bad_arguments_fail_before_any_work(reference, tmp_path, args, message):
+    prompts, _, _ = reference
+    argv = ["--prompts", prompts, "--output", str(tmp_path / "o"), *BASE, *args]
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace("[", r"\[")):
+        teacher_dump.run(argv)
+    assert not (tmp_path / "o").exists()
+
+
+def test_manifest_missing_column_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['caption'\]"):
+        teacher_dump.run(["--prompts", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "o"), *BASE])
