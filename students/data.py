@@ -95,3 +95,57 @@ def record_pipeline(urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, 
         stages.append(decode_records)
     return wds.DataPipeline(*stages)
 
+
+
+def _rows_for(meta: dict, recipe, seed: int, epoch: int, key: str) -> tuple[int, int | None]:
+    """(row of the recorded trajectory to train on, row of its step-distillation target or None)."""
+    from students.objective import choose_row
+
+    recorded = meta["recorded_steps"]
+    if recipe.step_weight > 0:
+        if recorded != list(range(meta["num_inference_steps"])):
+            raise ValueError("step distillation needs every teacher step recorded (dump with --record_steps all)")
+        k = max(1, len(recorded) // recipe.student_steps)  # teacher steps per student step
+        candidates = [r for r in range(0, len(recorded), k) if r + k <= len(recorded)]
+        row = choose_row(key, seed, epoch, candidates)
+        return row, row + k
+    if recipe.feature_weights:
+        return recorded.index(choose_row(key, seed, epoch, meta["feature_steps"])), None
+    return choose_row(key, seed, epoch, list(range(len(recorded)))), None
+
+
+def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch: int, final_alpha_cumprod: float) -> dict:
+    """Records -> a float32 batch for ``students.objective.compute_losses`` (offline targets included)."""
+    import numpy as np
+    import torch
+
+    cols: dict[str, list] = {k: [] for k in ("keys", "z", "t", "cond", "x0", "guidance", "pred_cond", "pred_uncond",
+                                             "z_next", "t_next")}
+    feats: dict[str, list] = {name: [] for name, _ in recipe.feature_weights}
+    for rec in records:
+        meta = rec.meta
+        row, nxt = _rows_for(meta, recipe, seed, epoch, rec.key)
+        step = meta["recorded_steps"][row]
+        cols["keys"].append(rec.key)
+        cols["z"].append(rec.latents[row])
+        cols["t"].append(meta["timesteps"][step])
+        cols["cond"].append(rec.prompt_embeds)
+        cols["x0"].append(rec.latents[-1])
+        cols["guidance"].append(meta["guidance_scale"])
+        cols["pred_cond"].append(rec.pred_cond[row])
+        cols["pred_uncond"].append(rec.pred_uncond[row])
+        if nxt is not None:
+            cols["z_next"].append(rec.latents[nxt])
+            cols["t_next"].append(meta["timesteps"][meta["recorded_steps"][nxt]] if nxt < len(meta["recorded_steps"]) else -1)
+        for name in feats:
+            feats[name].append(rec.feats[name][meta["feature_steps"].index(step)])
+    f32 = lambda xs: torch.from_numpy(np.stack(xs).astype(np.float32))  # noqa: E731
+    batch = {"keys": cols["keys"], "z": f32(cols["z"]), "t": torch.tensor(cols["t"]), "cond": f32(cols["cond"]),
+             "x0": f32(cols["x0"]), "guidance": torch.tensor(cols["guidance"], dtype=torch.float32),
+             "uncond": torch.from_numpy(np.asarray(negative_prompt_embeds, np.float32))[None].expand(len(records), -1, -1),
+             "final_alpha_cumprod": torch.tensor(final_alpha_cumprod, dtype=torch.float32)}
+    targets = {"pred_cond": f32(cols["pred_cond"]), "pred_uncond": f32(cols["pred_uncond"]),
+               "feats": {k: f32(v) for k, v in feats.items()}}
+    if cols["z_next"]:
+        batch["z_next"], batch["t_next"] = f32(cols["z_next"]), torch.tensor(cols["t_next"])
+    return {"batch": batch, "targets": targets}

@@ -3,6 +3,7 @@
 import filecmp
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def test_rejects_are_counted_and_input_adds_up(tmp_path):
 def test_rerun_skips_complete_shards_and_redoes_partial_ones(reference, tmp_path):
     prompts, ref_out, _ = reference
     out = tmp_path / "out"
-    dump(prompts, out)
+    shutil.copytree(ref_out, out)
     before = {n: os.stat(out / n).st_mtime_ns for n in ("000000.tar", "000002.tar")}
     (out / "000001.tar").write_bytes((out / "000001.tar").read_bytes()[:3000])  # a torn shard
     (out / ".000002.tar.tmp-deadbeef").write_bytes(b"partial")  # a killed writer's leftover
@@ -98,11 +99,12 @@ def test_rerun_skips_complete_shards_and_redoes_partial_ones(reference, tmp_path
     assert tree_bytes(out) == tree_bytes(ref_out)
 
 
-def test_changed_recipe_over_existing_output_is_refused(reference, tmp_path):
-    prompts, _, _ = reference
-    dump(prompts, tmp_path / "out")
+def test_changed_recipe_over_existing_output_is_refused(reference):
+    prompts, ref_out, _ = reference
+    before = tree_bytes(ref_out)
     with pytest.raises(ValueError, match=r"another recipe \(num_inference_steps: 2 -> 3\)"):
-        teacher_dump.run(["--prompts", prompts, "--output", str(tmp_path / "out"), *BASE, "--num_inference_steps", "3"])
+        teacher_dump.run(["--prompts", prompts, "--output", str(ref_out), *BASE, "--num_inference_steps", "3"])
+    assert tree_bytes(ref_out) == before  # refused before touching anything
 
 
 def test_sigkill_then_rerun_is_byte_identical(reference, tmp_path):

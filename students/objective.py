@@ -1,0 +1,181 @@
+"""The distillation objective: which loss terms with which weights (a frozen recipe), and their glue.
+
+A recipe preset names the terms of ``students/distill.py`` to combine; ``compute_losses`` evaluates
+them for one batch, with the teacher's targets read from the shards (offline) or computed by a
+teacher UNet beside the student (online, BK-SDM style). Both paths feed the same loss functions.
+
+Offline targets come from one recorded trajectory point per sample (``z_t`` on the teacher's own
+sampling path, with its cond/uncond predictions and, at feature steps, its block outputs). The task
+loss uses fresh noise on the teacher's final latent. Step distillation matches one student DDIM step
+from ``z_t`` to the recorded latent ``k`` teacher steps later (SnapFusion's x-target); because the
+dump records guided trajectories, this target is CFG-aware at the sample's recorded guidance, and the
+student's output is guided with the same ``w``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+from torch import nn
+
+from students import distill as D
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillRecipe:
+    name: str  # preset name, written into every checkpoint
+    prediction_type: str = "epsilon"  # the student's parameterisation (output/feature KD need the teacher's)
+    task_weight: float = 1.0  # L_task on the teacher's final latents with fresh noise
+    output_weight: float = 1.0  # L_outKD at the recorded point
+    feature_weights: tuple[tuple[str, float], ...] = ()  # L_featKD: (teacher block, weight) pairs
+    timestep_aware: bool = False  # SnapGen: scale each distillation term to the task loss per sample
+    cfg_prob: float = 0.0  # SnapFusion p: probability of the CFG-aware output term
+    cfg_range: tuple[float, float] = (2.0, 14.0)  # w ~ U[lo, hi] for the CFG-aware output term
+    step_weight: float = 0.0  # SnapFusion step distillation term
+    student_steps: int = 8  # sampling steps the step-distilled student is trained for
+    dynamic_gamma: float | None = None  # SnapFusion: task weight = gamma * L_dstl / L_task (dynamic)
+    robust_skip_prob: float = 0.0  # SnapFusion robust training: skip each attention block with this p
+
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
+        if not 0 <= self.cfg_prob <= 1 or not 0 <= self.robust_skip_prob < 1:
+            raise ValueError(f"cfg_prob={self.cfg_prob} / robust_skip_prob={self.robust_skip_prob} out of range")
+
+
+def bk_sdm() -> DistillRecipe:
+    """BK-SDM (Kim et al. 2023): task + output KD + feature KD over every stage, all weights 1."""
+    layers = tuple((f"{k}.{i}", 1.0) for k in ("down_blocks", "up_blocks") for i in range(4))
+    return DistillRecipe(name="bk_sdm", feature_weights=layers + (("mid_block", 1.0),))
+
+
+def snapgen_kd() -> DistillRecipe:
+    """SnapGen (Hu et al. 2024) multi-level KD: task + output + features, timestep-aware scaling."""
+    return DistillRecipe(name="snapgen_kd", feature_weights=(("mid_block", 1.0), ("up_blocks.0", 1.0)), timestep_aware=True)
+
+
+def snapfusion_step(student_steps: int = 8) -> DistillRecipe:
+    """SnapFusion: step distillation + CFG-aware output term (p = 0.1) + task loss at dynamic gamma 0.2."""
+    return DistillRecipe(name="snapfusion_step", output_weight=1.0, cfg_prob=0.1, step_weight=1.0,
+                         student_steps=student_steps, dynamic_gamma=0.2)
+
+
+def output_kd() -> DistillRecipe:
+    """Output distillation alone (plus the task loss): the smallest recipe, for tests and the demo."""
+    return DistillRecipe(name="output_kd", task_weight=0.1)
+
+
+RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd}
+
+
+def get_recipe(name: str, **overrides) -> DistillRecipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown distillation recipe {name!r}; known: {sorted(RECIPES)}")
+    base = RECIPES[name]()
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(base)}
+    if unknown:
+        raise ValueError(f"unknown recipe override(s) {sorted(unknown)}")
+    return dataclasses.replace(base, **overrides)
+
+
+def head_key(layer: str) -> str:
+    return layer.replace(".", "_")
+
+
+def make_projections(student_channels: dict[str, int], teacher_channels: dict[str, int], layers) -> nn.ModuleDict:
+    """The distillation head: a 1x1 conv per level from student to teacher channels (dropped at export)."""
+    return nn.ModuleDict({head_key(l): nn.Conv2d(student_channels[l], teacher_channels[l], 1) for l in layers})
+
+
+def choose_row(key: str, seed: int, epoch: int, candidates: list[int]) -> int:
+    """A recorded row for this sample, the same on every rank, worker and resume (hash, not RNG state)."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()[:8], "little")
+    return candidates[h % len(candidates)]
+
+
+@torch.no_grad()
+def online_targets(teacher_unet, z, t, cond, uncond, layers, added=None, added_uncond=None) -> dict:
+    """Teacher predictions (cond, uncond) and cond-branch block outputs at (z, t), computed now."""
+    from teachers.sampler import FeatureCapture, resolve_modules
+
+    capture = FeatureCapture(resolve_modules(teacher_unet, layers), z.shape[0])
+    try:
+        capture.active = bool(layers)
+        extra = None
+        if added is not None:
+            extra = {k: torch.cat([added_uncond[k], added[k]]) for k in added}
+        out = teacher_unet(torch.cat([z, z]), t.repeat(2) if t.ndim else t, encoder_hidden_states=torch.cat([uncond, cond]),
+                           added_cond_kwargs=extra).sample
+    finally:
+        capture.remove()
+    pred_uncond, pred_cond = out.chunk(2)
+    return {"pred_cond": pred_cond, "pred_uncond": pred_uncond, "feats": dict(capture.captured)}
+
+
+def student_forward(student, z, t, cond, added=None, features=False):
+    out = student(z, t, encoder_hidden_states=cond, added_cond_kwargs=added, return_features=features) if features \
+        else student(z, t, encoder_hidden_states=cond, added_cond_kwargs=added)
+    return out.sample, (out.features if features else None)
+
+
+def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRecipe, alphas_cumprod,
+                   generator: torch.Generator, task_point: dict | None = None) -> dict[str, torch.Tensor]:
+    """All loss terms of ``recipe`` for one batch; returns per-term means and ``loss`` (the total).
+
+    ``batch``: z (B,4,h,w) at integer timesteps t (B,), cond/uncond embeddings, x0 (final latent),
+    guidance (B,), and for step distillation z_next/t_next (t_next = -1: the final latent).
+    ``targets``: pred_cond, pred_uncond, feats at (z, t) - offline from the shards or ``online_targets``.
+    ``task_point``: z/t/noise of the task loss; None draws fresh noise and timesteps from ``generator``.
+    """
+    z, t, cond, added = batch["z"], batch["t"], batch["cond"], batch.get("added")
+    alpha, sigma = D.alpha_sigma(alphas_cumprod, t)
+    terms: dict[str, torch.Tensor] = {}
+    feature_layers = dict(recipe.feature_weights)
+    pred, feats = student_forward(student, z, t, cond, added, features=bool(feature_layers))
+    if recipe.cfg_prob > 0 or recipe.step_weight > 0:
+        pred_u, _ = student_forward(student, z, t, batch["uncond"], batch.get("added_uncond"))
+    if recipe.output_weight > 0:
+        out = D.output_distill_loss(pred, targets["pred_cond"])
+        if recipe.cfg_prob > 0:  # SnapFusion: CFG-aware with probability p, w ~ U[range], per sample
+            use = torch.rand(z.shape[0], generator=generator) < recipe.cfg_prob
+            lo, hi = recipe.cfg_range
+            w = lo + (hi - lo) * torch.rand(z.shape[0], generator=generator)
+            cfg = D.cfg_distill_loss(pred, pred_u, targets["pred_cond"], targets["pred_uncond"], w.to(z.device))
+            out = torch.where(use.to(z.device), cfg, out)
+        terms["output"] = recipe.output_weight * out
+    if feature_layers:
+        terms["feature"] = D.feature_distill_loss(feats, targets["feats"], heads, feature_layers)
+    if recipe.step_weight > 0:
+        a_next, s_next = _alpha_sigma_or_final(alphas_cumprod, batch["t_next"], batch["final_alpha_cumprod"])
+        guided = D.cfg_combine(pred, pred_u, batch["guidance"])
+        terms["step"] = recipe.step_weight * D.step_distill_loss(guided, z, batch["z_next"], alpha, sigma, a_next, s_next,
+                                                                 recipe.prediction_type)
+    distill_total = sum(terms.values()) if terms else None
+    if recipe.task_weight > 0 or recipe.dynamic_gamma is not None:
+        if task_point is None:
+            x0 = batch["x0"]
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            t_task = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator).to(z.device)
+        else:
+            x0, noise, t_task = batch["x0"], task_point["noise"], task_point["t"]
+        a_task, s_task = D.alpha_sigma(alphas_cumprod, t_task)
+        z_task = a_task.view(-1, 1, 1, 1).to(x0) * x0 + s_task.view(-1, 1, 1, 1).to(x0) * noise
+        pred_task, _ = student_forward(student, z_task, t_task, cond, added)
+        task = D.task_loss(pred_task, x0, noise, a_task, s_task, recipe.prediction_type)
+        if recipe.timestep_aware and distill_total is not None:
+            terms = {k: D.timestep_aware_scale(v, task) for k, v in terms.items()}
+        weight = D.dynamic_gamma(distill_total, task, recipe.dynamic_gamma) if (
+            recipe.dynamic_gamma is not None and distill_total is not None) else recipe.task_weight
+        terms["task"] = weight * task
+    means = {k: v.mean() for k, v in terms.items()}
+    means["loss"] = sum(means.values())
+    return means
+
+
+def _alpha_sigma_or_final(alphas_cumprod, t_next, final_alpha_cumprod):
+    """(alpha, sigma) at the next trajectory point; t_next = -1 marks the final latent (DDIM's final alpha)."""
+    abar = alphas_cumprod.to(t_next.device)[t_next.clamp(min=0).long()]
+    abar = torch.where(t_next < 0, final_alpha_cumprod.to(abar), abar)
+    return abar.sqrt(), (1 - abar).clamp(min=0).sqrt()
