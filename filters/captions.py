@@ -1,0 +1,120 @@
+"""Caption rules as pure functions: decoding, normalisation, length, safety and size checks.
+
+Each ``check_*`` returns ``None`` when the record passes, or the reason (``filters.reasons``) of
+the first rule it fails, in a fixed order, so a record carries exactly one reason.
+
+    text, reject = decode_caption(raw)            # None/bytes/str -> (str, None) or (None, reason)
+    caption = normalize_caption(text)             # NFKC, controls removed, whitespace collapsed
+    reason = (check_length(caption, clip_token_count(caption), cfg)
+              or check_safety(punsafe, pwatermark, cfg) or check_size(width, height, cfg))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import unicodedata
+
+from filters import reasons
+from filters.config import CurateConfig
+
+
+def decode_caption(raw: object) -> tuple[str | None, str | None]:
+    """Turn a source's caption value into text, or say why it cannot be one.
+
+    Returns ``(text, None)`` or ``(None, reject_reason)``. Bytes must be strict UTF-8; a ``str``
+    holding lone surrogates (what ``errors="surrogateescape"`` makes of bad bytes) is not text
+    either. Float NaN is how pandas spells a null, so it counts as null.
+    """
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        return None, reasons.NULL_CAPTION
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(raw).decode("utf-8"), None
+        except UnicodeDecodeError:
+            return None, reasons.NON_UTF8_CAPTION
+    if isinstance(raw, str):
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, reasons.NON_UTF8_CAPTION
+        return raw, None
+    return None, reasons.CAPTION_NOT_TEXT
+
+
+def normalize_caption(text: str) -> str:
+    """NFKC, control characters to spaces, runs of whitespace to one space, stripped.
+
+    NFKC folds compatibility forms (full-width letters, ligatures, non-breaking spaces) so that
+    visually equal captions compare equal for exact dedup; ``str.split()`` splits on every Unicode
+    whitespace character.
+    """
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
+    return " ".join(text.split())
+
+
+def word_count(caption: str) -> int:
+    return len(caption.split())
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_bpe():
+    # open_clip's SimpleTokenizer is OpenAI CLIP's byte-level BPE (the one SD's text encoders use);
+    # building it reads the bundled vocabulary once per process.
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def clip_token_count(caption: str) -> int:
+    """CLIP BPE tokens in ``caption``, not counting the start/end tokens (SD's context holds 75)."""
+    return len(_clip_bpe().encode(caption))
+
+
+def check_length(caption: str, n_tokens: int, cfg: CurateConfig) -> str | None:
+    """Word bounds then CLIP-token bounds, all inclusive."""
+    n_words = word_count(caption)
+    if n_words < cfg.min_words:
+        return reasons.TOO_FEW_WORDS
+    if cfg.max_words is not None and n_words > cfg.max_words:
+        return reasons.TOO_MANY_WORDS
+    if n_tokens < cfg.min_clip_tokens:
+        return reasons.TOO_FEW_TOKENS
+    if cfg.max_clip_tokens is not None and n_tokens > cfg.max_clip_tokens:
+        return reasons.TOO_MANY_TOKENS
+    return None
+
+
+def _known(value: float | None) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def check_safety(punsafe: float | None, pwatermark: float | None, cfg: CurateConfig) -> str | None:
+    """LAION's per-sample probabilities; drop when strictly above the threshold. Unknown passes."""
+    if cfg.max_punsafe is not None and _known(punsafe) and punsafe > cfg.max_punsafe:
+        return reasons.UNSAFE
+    if cfg.max_pwatermark is not None and _known(pwatermark) and pwatermark > cfg.max_pwatermark:
+        return reasons.WATERMARK
+    return None
+
+
+def check_size(width: int | None, height: int | None, cfg: CurateConfig) -> str | None:
+    """Minimum shorter side and maximum long/short ratio, where both sides are known and positive."""
+    if not (_known(width) and _known(height)) or width <= 0 or height <= 0:
+        return None
+    short, long_ = min(width, height), max(width, height)
+    if short < cfg.min_image_side:
+        return reasons.IMAGE_TOO_SMALL
+    if cfg.max_aspect_ratio is not None and long_ / short > cfg.max_aspect_ratio:
+        return reasons.ASPECT_RATIO
+    return None
+
+
+def keep_priority(aesthetic: float | None, record_id: str) -> tuple[float, str]:
+    """Sort key of the member a duplicate group keeps: highest aesthetic score, then smallest id.
+
+    Unknown scores rank below every known one. Used by exact and semantic dedup alike.
+    """
+    score = aesthetic if _known(aesthetic) else -math.inf
+    return (-score, record_id)

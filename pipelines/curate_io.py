@@ -1,0 +1,91 @@
+"""Sinks of the curate job: atomic single-file Parquet (manifest, rejects) and sharded embeddings.
+
+Every file is written under a temporary name in its final folder and renamed into place when
+complete (Beam ``FileSystems``, so ``gs://`` works too): a reader never sees half a manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.curate_schema import EMBEDDING_FIELDS
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with FileSystems.create(tmp) as f:
+        f.write(data)
+    # Local rename (os.rename) replaces the old file atomically; object stores' rename is a copy
+    # that may refuse an existing target, so there the old file goes first.
+    if FileSystems.get_scheme(path) not in (None, "file") and FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def _id(row: dict) -> str:
+    return row["id"]
+
+
+def write_sorted_parquet(rows: list[dict], path: str, schema: pa.Schema) -> int:
+    """All ``rows`` sorted by id into one Parquet file at ``path`` (atomically); returns the count."""
+    table = pa.Table.from_pylist(sorted(rows, key=_id), schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=65_536)
+    atomic_write(path, buf.getvalue())
+    return table.num_rows
+
+
+class WriteSortedParquet(beam.PTransform):
+    """One Parquet file sorted by ``id``: the rows are gathered in one worker (no embeddings in
+    them: a few hundred bytes each), so the teacher dump's deterministic sharding sees the same
+    order on every run."""
+
+    def __init__(self, path: str, schema: pa.Schema):
+        super().__init__()
+        self.path = path
+        self.schema = schema
+
+    def expand(self, rows):
+        return (rows
+                | "Gather" >> beam.combiners.ToList()
+                | "WriteFile" >> beam.Map(write_sorted_parquet, self.path, self.schema))
+
+
+def _embedding_row(record: dict, field: str):
+    vector = record.get(field)
+    if vector is not None:
+        yield {"id": record["id"], "embedding": [float(v) for v in vector]}
+
+
+def embeddings_prefix(output_dir: str, modality: str) -> str:
+    return FileSystems.join(output_dir, "embeddings", modality)
+
+
+EMBEDDINGS_SCHEMA = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
+
+
+class WriteEmbeddings(beam.PTransform):
+    """``OUTPUT/embeddings/{text,image}-SSSSS-of-NNNNN.parquet``: (id, L2-normalised embedding).
+
+    Sharded by Beam (its file sink writes to a temporary folder and renames on finalisation), so
+    no worker holds all embeddings. Later jobs (dedup of dumps, retrieval) reuse them.
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self.output_dir = output_dir
+
+    def expand(self, records):
+        for modality, field in EMBEDDING_FIELDS.items():
+            (records
+             | f"Select{modality.title()}" >> beam.FlatMap(_embedding_row, field)
+             | f"Write{modality.title()}" >> beam.io.WriteToParquet(
+                 embeddings_prefix(self.output_dir, modality), EMBEDDINGS_SCHEMA, file_name_suffix=".parquet"))
+        return records

@@ -1,0 +1,208 @@
+"""The curate job's report: statistics gathered by a CombineFn, written as report.html + summary.json.
+
+``CurateStats`` folds every manifest and reject row into counts per (status, stage, reason), a
+bounded deterministic sample of scores (the rows with the smallest hash of id), cluster and
+duplicate-group sizes, and a few examples per reason, so no worker holds all rows. ``write_report``
+turns the result into ``OUTPUT/report.html`` (PNG plots inlined: funnel, score histograms with
+their thresholds, cluster sizes; example tables) and ``OUTPUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import html
+import io
+import json
+from collections import Counter
+
+import apache_beam as beam
+
+from pipelines.curate_io import atomic_write
+from pipelines.curate_schema import STAGES, effective_aesthetic, effective_clip_score
+
+SCORE_SAMPLE = 20_000  # scores kept per histogram
+STAGE_LABELS = {"read": "readable", "normalise": "caption decoded", "rules": "caption/size rules",
+                "exact_dedup": "exact dedup", "download": "downloaded", "images": "image decoded + size",
+                "aesthetic": "aesthetic", "clip_score": "CLIP score", "semdedup": "semantic dedup"}
+
+
+def _rank(record_id: str) -> int:
+    return int.from_bytes(hashlib.sha1(record_id.encode("utf-8")).digest()[:8], "big")
+
+
+def _example(kind: str, row: dict) -> dict:
+    keys = ("id", "caption", "source", "clip_score", "aesthetic_score", "laion_aesthetic", "duplicate_of",
+            "duplicate_similarity", "detail", "raw_caption")
+    return {k: row.get(k) for k in keys if row.get(k) is not None}
+
+
+class CurateStats(beam.CombineFn):
+    """Elements: ("manifest", manifest row) or ("reject", reject row)."""
+
+    def __init__(self, n_examples: int):
+        self.n_examples = n_examples
+
+    def create_accumulator(self):
+        return {"counts": Counter(), "aesthetic": [], "clip": [], "clusters": Counter(),
+                "groups": Counter(), "examples": {}}
+
+    def add_input(self, acc, element):
+        kind, row = element
+        rank = _rank(row["id"] or "")
+        if kind == "reject":
+            key, reason = ("rejected", row["stage"], row["reason"]), row["reason"]
+        else:
+            reason = row["drop_reason"] or "kept"
+            key = ("kept", None, None) if row["kept"] else ("filtered", row["drop_stage"], reason)
+            for name, value in (("aesthetic", effective_aesthetic(row)), ("clip", effective_clip_score(row))):
+                if value is not None:
+                    acc[name].append((rank, float(value)))
+            if row.get("cluster_id") is not None:
+                acc["clusters"][f"{row['dedup_on']}:{row['cluster_id']}"] += 1
+            if row["kept"] and row.get("n_duplicates"):
+                acc["groups"][row["n_duplicates"] + 1] += 1
+        acc["counts"][key] += 1
+        examples = acc["examples"].setdefault(reason, [])
+        examples.append((rank, row["id"] or "", _example(kind, row)))
+        if len(examples) > 2 * self.n_examples + 16:
+            acc["examples"][reason] = heapq.nsmallest(self.n_examples, examples, key=lambda t: t[:2])
+        if len(acc["clip"]) > 2 * SCORE_SAMPLE or len(acc["aesthetic"]) > 2 * SCORE_SAMPLE:
+            acc = self.compact(acc)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        out = self.create_accumulator()
+        for acc in accumulators:
+            out["counts"].update(acc["counts"])
+            out["clusters"].update(acc["clusters"])
+            out["groups"].update(acc["groups"])
+            out["aesthetic"] += acc["aesthetic"]
+            out["clip"] += acc["clip"]
+            for reason, items in acc["examples"].items():
+                out["examples"].setdefault(reason, []).extend(items)
+        return self.compact(out)
+
+    def compact(self, acc):
+        acc["aesthetic"] = heapq.nsmallest(SCORE_SAMPLE, acc["aesthetic"])
+        acc["clip"] = heapq.nsmallest(SCORE_SAMPLE, acc["clip"])
+        acc["examples"] = {r: heapq.nsmallest(self.n_examples, items, key=lambda t: t[:2])
+                           for r, items in acc["examples"].items()}
+        return acc
+
+    def extract_output(self, acc):
+        acc = self.compact(acc)
+        counts = {"kept": 0, "filtered": 0, "rejected": 0}
+        by_reason: dict[str, dict[str, int]] = {"filtered": {}, "rejected": {}}
+        by_stage: Counter = Counter()
+        for (status, stage, reason), n in acc["counts"].items():
+            counts[status] += n
+            if status != "kept":
+                by_reason[status][reason] = by_reason[status].get(reason, 0) + n
+                by_stage[stage] += n
+        remaining, funnel = sum(counts.values()), []
+        funnel.append(("input", remaining))
+        for stage in STAGES:
+            remaining -= by_stage.get(stage, 0)
+            funnel.append((STAGE_LABELS[stage], remaining))
+        return {"input": sum(counts.values()), **counts, "by_reason": by_reason, "funnel": funnel,
+                "aesthetic_scores": [v for _, v in acc["aesthetic"]], "clip_scores": [v for _, v in acc["clip"]],
+                "cluster_sizes": sorted(acc["clusters"].values()),
+                "duplicate_group_sizes": {str(k): v for k, v in sorted(acc["groups"].items())},
+                "examples": {r: [e for _, _, e in items] for r, items in sorted(acc["examples"].items())}}
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _histogram(ax, values, threshold, title):
+    if values:
+        ax.hist(values, bins=min(50, max(5, len(values) // 4)), color="#4878a8")
+    else:
+        ax.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax.transAxes)
+    if threshold is not None:
+        ax.axvline(threshold, color="#c03030", linestyle="--", label=f"threshold {threshold:.3g}")
+        ax.legend()
+    ax.set_title(title)
+
+
+def render_plots(stats: dict, aesthetic_threshold: float | None, clip_threshold: float | None) -> dict[str, str]:
+    """Base64 PNGs: funnel, aesthetic and CLIP-score histograms, cluster and group sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels, values = zip(*stats["funnel"])
+    ax.barh(range(len(values)), values, color="#4878a8")
+    ax.set_yticks(range(len(values)), labels)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v}", va="center")
+    ax.set_title("records remaining after each stage")
+    plots["funnel"] = _png(fig)
+    for key, title, threshold in (("aesthetic_scores", "aesthetic score", aesthetic_threshold),
+                                  ("clip_scores", "CLIP score (image-text cosine)", clip_threshold)):
+        fig, ax = plt.subplots(figsize=(6, 3))
+        _histogram(ax, stats[key], threshold, title)
+        plots[key] = _png(fig)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
+    _histogram(ax1, stats["cluster_sizes"], None, "k-means cluster sizes (records)")
+    groups = stats["duplicate_group_sizes"]
+    ax2.bar([int(k) for k in groups], list(groups.values()), color="#4878a8")
+    ax2.set_xticks([int(k) for k in groups])
+    ax2.set_title("duplicate group sizes (kept + dropped)")
+    plots["clusters"] = _png(fig)
+    plt.close("all")
+    return plots
+
+
+def _table(examples: list[dict]) -> str:
+    cols = sorted({k for e in examples for k in e}, key=lambda k: (k not in ("id", "caption"), k))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(e.get(c, ''))[:200])}</td>" for c in cols) + "</tr>"
+                   for e in examples)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(stats: dict, plots: dict[str, str], config: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{html.escape(r)}</td><td>{n}</td></tr>"
+                   for s in ("filtered", "rejected") for r, n in sorted(stats["by_reason"][s].items()))
+    images = "".join(f'<h3>{html.escape(k)}</h3><img alt="{k}" src="data:image/png;base64,{v}">' for k, v in plots.items())
+    examples = "".join(f"<h3>{html.escape(r)}</h3>{_table(e)}" for r, e in stats["examples"].items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>curate report</title>
+<style>body{{font-family:sans-serif;margin:2em}} td,th{{border:1px solid #ccc;padding:2px 6px;font-size:90%}}
+table{{border-collapse:collapse}}</style></head><body>
+<h1>Curate report</h1>
+<p>input {stats['input']} = kept {stats['kept']} + filtered {stats['filtered']} + rejected {stats['rejected']}</p>
+<h2>Reasons</h2><table><tr><th>status</th><th>reason</th><th>records</th></tr>{rows}</table>
+<h2>Plots</h2>{images}
+<h2>Examples (kept and per reason)</h2>{examples}
+<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=1))}</pre>
+</body></html>"""
+
+
+def write_report(stats: dict, output_dir: str, config: dict, clip_cutoff: float | None) -> dict:
+    """``report.html`` and ``summary.json`` in ``output_dir``; returns the summary."""
+    from apache_beam.io.filesystems import FileSystems
+
+    clip_threshold = config.get("clip_score_threshold")
+    clip_threshold = clip_cutoff if clip_threshold is None else clip_threshold
+    plots = render_plots(stats, config.get("aesthetic_threshold"), clip_threshold)
+    atomic_write(FileSystems.join(output_dir, "report.html"), render_html(stats, plots, config).encode("utf-8"))
+    summary = {k: stats[k] for k in ("input", "kept", "filtered", "rejected", "by_reason", "funnel",
+                                     "duplicate_group_sizes")}
+    summary.update(n_clusters=len(stats["cluster_sizes"]), clip_score_cutoff=clip_threshold, config=config)
+    atomic_write(FileSystems.join(output_dir, "summary.json"), json.dumps(summary, indent=1).encode("utf-8"))
+    return summary

@@ -1,0 +1,106 @@
+"""The curate job's outputs: manifest and rejects schemas, stage names, and record helpers.
+
+``OUTPUT/manifest.parquet`` (``MANIFEST_SCHEMA``): one row per valid input record, kept or not.
+The teacher dump job reads ``id``, ``caption`` and ``kept`` and generates the ``kept`` rows only;
+the other columns say where a row came from, every score it got, and why it was dropped.
+``OUTPUT/rejects.parquet`` (``REJECTS_SCHEMA``): one row per record that could not be judged.
+Both are sorted by ``id``. ``len(manifest) + len(rejects)`` equals the number of input records.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+
+# Stages in pipeline order; a dropped or rejected record names the stage that set it aside.
+STAGES = ("read", "normalise", "rules", "exact_dedup", "download", "images", "aesthetic", "clip_score", "semdedup")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()),  # unique, ASCII, no dots: <format>-<file tag>-<row or key>
+    ("caption", pa.string()),  # NFKC-normalised, whitespace collapsed
+    ("kept", pa.bool_()),  # True: the teacher dump generates this row
+    ("drop_stage", pa.string()),  # one of STAGES, null when kept
+    ("drop_reason", pa.string()),  # one of filters.reasons.DROP_REASONS, null when kept
+    ("source", pa.string()),  # laion | coco | txt | jsonl | wds
+    ("input", pa.string()),  # the file the record came from
+    ("source_id", pa.string()),  # the source's own id (SAMPLE_ID, COCO annotation id, line, key)
+    ("url", pa.string()),
+    ("width", pa.int64()),  # pixels, of the original image where known
+    ("height", pa.int64()),
+    ("has_image", pa.bool_()),  # an image was read and embedded
+    ("n_words", pa.int32()),
+    ("n_clip_tokens", pa.int32()),  # CLIP BPE tokens, without start/end
+    ("punsafe", pa.float64()),  # from the source (LAION), null if absent
+    ("pwatermark", pa.float64()),
+    ("nsfw", pa.string()),  # LAION's NSFW tag
+    ("laion_similarity", pa.float64()),  # LAION's CLIP ViT-B/32 image-text cosine
+    ("laion_aesthetic", pa.float64()),  # LAION-Aesthetics' AESTHETIC_SCORE
+    ("clip_score", pa.float32()),  # image-text cosine from this job's CLIP model
+    ("aesthetic_score", pa.float32()),  # aesthetic predictor on this job's image embedding
+    ("dedup_on", pa.string()),  # "image" | "text": the embedding SemDeDup compared
+    ("cluster_id", pa.int64()),  # k-means cluster (SemDeDup)
+    ("duplicate_of", pa.string()),  # id of the kept record this one duplicates (exact or semantic)
+    ("duplicate_similarity", pa.float32()),  # cosine to that record (semantic dedup)
+    ("n_duplicates", pa.int64()),  # on a kept record: how many records were dropped as its duplicates
+])
+
+REJECTS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),  # one of filters.reasons.REJECT_REASONS
+    ("detail", pa.string()),  # e.g. img2dataset's status and error_message
+    ("source", pa.string()),
+    ("input", pa.string()),
+    ("source_id", pa.string()),
+    ("url", pa.string()),
+    ("raw_caption", pa.string()),  # repr() of what the source held, truncated
+])
+
+EMBEDDING_FIELDS = {"text": "text_embedding", "image": "image_embedding"}
+
+
+def is_active(record: dict) -> bool:
+    return record.get("drop_reason") is None
+
+
+def dropped(record: dict, stage: str, reason: str, **fields) -> dict:
+    """A copy of ``record`` set aside by ``stage`` for ``reason`` (it stays in the manifest)."""
+    return {**record, **fields, "drop_stage": stage, "drop_reason": reason}
+
+
+def reject_row(record: dict, stage: str, reason: str, detail: str | None = None) -> dict:
+    raw = record.get("caption")
+    return {"id": record.get("id"), "stage": stage, "reason": reason, "detail": detail,
+            "source": record.get("source"), "input": record.get("input"), "source_id": record.get("source_id"),
+            "url": record.get("url"), "raw_caption": None if raw is None else repr(raw)[:300]}
+
+
+def effective_aesthetic(record: dict) -> float | None:
+    """This job's aesthetic score where an image was scored, else the source's (LAION-Aesthetics)."""
+    own = record.get("aesthetic_score")
+    return own if own is not None else record.get("laion_aesthetic")
+
+
+def effective_clip_score(record: dict) -> float | None:
+    """This job's image-text cosine where an image was embedded, else the source's (LAION similarity)."""
+    own = record.get("clip_score")
+    return own if own is not None else record.get("laion_similarity")
+
+
+def _clean(value, kind):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return kind(value)
+
+
+_KINDS = {f.name: (int if pa.types.is_integer(f.type) else float if pa.types.is_floating(f.type)
+                  else bool if pa.types.is_boolean(f.type) else str) for f in MANIFEST_SCHEMA}
+
+
+def manifest_row(record: dict) -> dict:
+    """The manifest columns of a record (embeddings and image bytes left out)."""
+    row = {name: _clean(record.get(name), kind) for name, kind in _KINDS.items()}
+    row["kept"] = record.get("drop_reason") is None
+    row["has_image"] = record.get("image_embedding") is not None
+    return row

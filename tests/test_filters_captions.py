@@ -1,0 +1,101 @@
+"""Caption rules on planted cases: decoding, NFKC/whitespace, word and CLIP-token bounds, safety,
+size, and the dedup keep rule."""
+
+import math
+
+import pytest
+
+from filters import reasons
+from filters.captions import (check_length, check_safety, check_size, clip_token_count, decode_caption,
+                              keep_priority, normalize_caption, word_count)
+from filters.config import CurateConfig, preset, validate, with_overrides
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (None, (None, reasons.NULL_CAPTION)),
+    (float("nan"), (None, reasons.NULL_CAPTION)),
+    (b"\xff\xfe not utf8", (None, reasons.NON_UTF8_CAPTION)),
+    ("bad \udcff surrogate", (None, reasons.NON_UTF8_CAPTION)),
+    (42, (None, reasons.CAPTION_NOT_TEXT)),
+    (["a", "list"], (None, reasons.CAPTION_NOT_TEXT)),
+    ("caf\u00e9".encode("utf-8"), ("caf\u00e9", None)),
+    ("plain text", ("plain text", None)),
+])
+def test_decode_caption(raw, expected):
+    assert decode_caption(raw) == expected
+
+
+def test_normalize_caption_nfkc_and_whitespace():
+    # full-width letters, ligature, no-break space, tabs/newlines, a control character, ideographic space
+    raw = "  \uff21\uff22\uff23\u00a0\ufb01ne\tday\n\x07end\u3000 "
+    assert normalize_caption(raw) == "ABC fine day end"
+    assert normalize_caption("e\u0301") == "\u00e9"  # composed form
+    assert normalize_caption(" \t\n ") == ""
+
+
+def test_word_and_token_counts():
+    assert word_count("a red  bicycle") == 3
+    # CLIP BPE: common words are one token each; punctuation is its own token
+    assert clip_token_count("a red bicycle") == 3
+    assert clip_token_count("a red bicycle.") == 4
+    assert clip_token_count("") == 0
+
+
+CFG = CurateConfig(min_words=2, max_words=5, min_clip_tokens=2, max_clip_tokens=6)
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("cat", reasons.TOO_FEW_WORDS),
+    ("one two three four five six", reasons.TOO_MANY_WORDS),
+    ("a b", None),
+    ("supercalifragilisticexpialidocious antidisestablishmentarianism", reasons.TOO_MANY_TOKENS),
+    ("a red bicycle", None),
+])
+def test_check_length(caption, expected):
+    assert check_length(caption, clip_token_count(caption), CFG) == expected
+
+
+def test_check_length_min_tokens():
+    cfg = CurateConfig(min_words=0, min_clip_tokens=1)
+    assert check_length("", 0, cfg) == reasons.TOO_FEW_TOKENS
+
+
+def test_check_safety_thresholds_are_strict_and_unknown_passes():
+    cfg = CurateConfig(max_punsafe=0.5, max_pwatermark=0.8)
+    assert check_safety(0.51, 0.0, cfg) == reasons.UNSAFE
+    assert check_safety(0.5, 0.0, cfg) is None  # equal to the threshold passes
+    assert check_safety(0.1, 0.81, cfg) == reasons.WATERMARK
+    assert check_safety(None, float("nan"), cfg) is None
+    assert check_safety(0.99, 0.99, CurateConfig(max_punsafe=None, max_pwatermark=None)) is None
+
+
+def test_check_size():
+    cfg = CurateConfig(min_image_side=256, max_aspect_ratio=2.0)
+    assert check_size(200, 800, cfg) == reasons.IMAGE_TOO_SMALL
+    assert check_size(300, 900, cfg) == reasons.ASPECT_RATIO
+    assert check_size(300, 600, cfg) is None  # ratio exactly 2 passes
+    assert check_size(None, 100, cfg) is None  # unknown size is not judged
+    assert check_size(0, 0, cfg) is None
+
+
+def test_keep_priority_highest_aesthetic_then_smallest_id():
+    members = [("b", 5.0), ("a", 5.0), ("c", 7.0), ("d", None), ("e", math.nan)]
+    order = sorted(members, key=lambda m: keep_priority(m[1], m[0]))
+    assert [m[0] for m in order] == ["c", "a", "b", "d", "e"]
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="max_punsafe.*1.5"):
+        validate(CurateConfig(max_punsafe=1.5))
+    with pytest.raises(ValueError, match="not both"):
+        validate(CurateConfig(clip_model="dd-tiny-clip", clip_weights="random", clip_score_threshold=0.2,
+                              clip_score_top_fraction=0.3))
+    with pytest.raises(ValueError, match="needs clip_weights"):
+        validate(CurateConfig(clip_model="ViT-L-14"))
+    with pytest.raises(ValueError, match="aesthetic_threshold=6.0 needs a CLIP model"):
+        validate(CurateConfig(aesthetic_threshold=6.0))
+    with pytest.raises(ValueError, match=r"unknown curate config key\(s\) \['min_wordz'\]"):
+        with_overrides(CurateConfig(), {"min_wordz": 3})
+    with pytest.raises(ValueError, match="unknown curate preset 'laion'"):
+        preset("laion")
+    assert validate(preset("tiny")).clip_model == "dd-tiny-clip"

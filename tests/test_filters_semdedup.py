@@ -1,0 +1,87 @@
+"""SemDeDup on planted near-duplicates with known cosine: exactly the planted groups are found,
+the member the rule says is kept, and the eps direction is cosine >= 1 - eps."""
+
+import numpy as np
+import pytest
+
+from filters.semdedup import assign_clusters, choose_n_clusters, find_duplicates, train_kmeans
+
+
+def planted(dim=64, n_groups=4, group_size=3, n_singles=5, cos=0.99, seed=0):
+    """Groups of unit vectors at cosine `cos` to a shared base (pairwise about cos**2 = 0.98);
+    bases and singles mutually near-orthogonal (random directions in 64-d: |cos| < 0.5)."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))  # orthonormal columns
+    vectors, ids, groups, col = [], [], [], 0
+    for g in range(n_groups):
+        base = q[:, col]
+        col += 1
+        members = []
+        for m in range(group_size):
+            u = q[:, col]  # orthogonal to base and to every other u
+            col += 1
+            vectors.append(cos * base + np.sqrt(1 - cos**2) * u)
+            ids.append(f"g{g}-m{m}")
+            members.append(len(ids) - 1)
+        groups.append(members)
+    for s in range(n_singles):
+        vectors.append(q[:, col])
+        col += 1
+        ids.append(f"single-{s}")
+    return ids, np.asarray(vectors, np.float32), groups
+
+
+def test_planted_groups_found_and_highest_aesthetic_kept():
+    ids, x, groups = planted()
+    scores = [None] * len(ids)
+    # group 0: member 2 has the highest score; group 1: tie on score -> smallest id (m0 vs m1: m0);
+    # group 2: no scores -> smallest id; group 3: one member scored -> it ranks above unknown ones
+    scores[groups[0][2]], scores[groups[0][0]] = 7.5, 6.0
+    scores[groups[1][1]], scores[groups[1][0]] = 5.0, 5.0
+    scores[groups[3][1]] = 4.0
+    found = find_duplicates(ids, x, scores, eps=0.05)
+    expected_keep = {groups[0][2], groups[1][0], groups[2][0], groups[3][1]} | set(range(12, 17))
+    assert set(np.flatnonzero(found.keep)) == expected_keep
+    for members in groups:
+        kept = [m for m in members if found.keep[m]]
+        assert len(kept) == 1
+        for m in members:
+            if m != kept[0]:
+                assert found.duplicate_of[m] == kept[0]
+                assert found.similarity[m] == pytest.approx(0.99**2, abs=1e-4)
+
+
+def test_eps_direction_cosine_at_least_one_minus_eps():
+    ids, x, _ = planted(n_groups=1, group_size=2, n_singles=0, cos=0.99)  # pair cosine 0.9801
+    assert find_duplicates(ids, x, [None, None], eps=0.02).keep.tolist() == [True, False]  # 0.9801 >= 0.98
+    assert find_duplicates(ids, x, [None, None], eps=0.019).keep.tolist() == [True, True]  # 0.9801 < 0.981
+    assert find_duplicates(ids, x, [None, None], eps=0.0).keep.tolist() == [True, True]
+    same = np.stack([x[0], x[0]])
+    assert find_duplicates(ids, same, [None, None], eps=0.0).keep.tolist() == [True, False]  # identical
+
+
+def test_blocks_give_the_same_answer():
+    ids, x, _ = planted(n_groups=6, group_size=4)
+    scores = list(np.random.default_rng(3).uniform(0, 10, len(ids)))
+    whole = find_duplicates(ids, x, scores, eps=0.05)
+    blocked = find_duplicates(ids, x, scores, eps=0.05, block=3)
+    assert whole.keep.tolist() == blocked.keep.tolist()
+    assert whole.duplicate_of.tolist() == blocked.duplicate_of.tolist()
+
+
+def test_kmeans_keeps_planted_groups_together():
+    ids, x, groups = planted(n_groups=4, group_size=3, n_singles=0)
+    centroids = train_kmeans(x, 4, niter=20, seed=0)
+    assert centroids.shape == (4, 64)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    clusters = assign_clusters(x, centroids)
+    assert len({clusters[m] for m in groups[0]}) == 1
+    assert sorted(len({clusters[m] for m in g}) for g in groups) == [1, 1, 1, 1]
+    assert len({clusters[g[0]] for g in groups}) == 4  # one cluster per planted group
+    assert train_kmeans(x, 4, seed=0).tolist() == centroids.tolist()  # deterministic
+
+
+def test_choose_n_clusters():
+    assert choose_n_clusters(10, 10, 1000) == 1
+    assert choose_n_clusters(1_000_000, 50_000, 1000) == 1000
+    assert choose_n_clusters(100_000_000, 50_000, 1000) == 1250  # capped: 40 sample points per centroid
