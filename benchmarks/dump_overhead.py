@@ -7,10 +7,10 @@ Both sides use the same teacher, steps, batch size, resolution and scheduler (DD
 The bare side calls ``StableDiffusionPipeline.__call__(..., output_type="latent")`` per batch and
 keeps nothing. The job side runs ``pipelines/teacher_dump.py`` on DirectRunner with the default
 recipe (every step recorded, cond and uncond predictions, ``mid_block`` and ``up_blocks.0`` at two
-feature steps, float16 shards with index and sha256). The job loads its own teacher in
-``DoFn.setup``; that one-off load is timed separately here and reported apart from the steady
-ratio (it is paid once per worker process, not per sample). Order: bare, job, bare again (the two
-bare timings bracket the job, so drift on a noisy machine shows).
+feature steps, float16 shards with index and sha256). Each side runs twice, over a small and a large
+prompt set; the ratio of the per-sample slopes (marginal cost) cancels the fixed costs a long run
+amortises (the job's teacher load in ``DoFn.setup``, Beam start-up, planning). The wall ratio of
+the large run is printed too.
 """
 
 from __future__ import annotations
@@ -44,53 +44,60 @@ def bare_loop(teacher, prompts, args) -> float:
     return time.perf_counter() - start
 
 
+def run_job(args, prompt_file: str, out: str) -> float:
+    from pipelines import teacher_dump
+
+    start = time.perf_counter()
+    teacher_dump.run(["--prompts", prompt_file, "--output", out, "--teacher", args.teacher,
+                      "--num_inference_steps", str(args.steps), "--resolution", str(args.resolution),
+                      "--batch_size", str(args.batch_size), "--samples_per_shard", "1000000",
+                      "--device", args.device, "--dtype", args.dtype, "--progress", "off"])
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default="sd15-random")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=16, help="the larger run; the smaller has a third of it")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
 
-    from pipelines import teacher_dump
     from teachers.load import load_teacher
 
-    prompts = [f"a photograph of object number {i} on a table, studio light" for i in range(args.samples)]
+    small = max(args.batch_size, (args.samples // 3) // args.batch_size * args.batch_size)
+    large = args.samples
     tmp = tempfile.mkdtemp(prefix="dump-overhead-")
-    prompt_file = os.path.join(tmp, "prompts.txt")
-    Path(prompt_file).write_text("\n".join(prompts) + "\n")
+    prompts = [f"a photograph of object number {i} on a table, studio light" for i in range(large)]
+    files = {}
+    for n in (small, large):
+        files[n] = os.path.join(tmp, f"prompts-{n}.txt")
+        Path(files[n]).write_text("\n".join(prompts[:n]) + "\n")
 
-    start = time.perf_counter()
+    # Bare: one teacher, the pipeline over `small` then `large` samples (after a warm-up batch).
     teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device)
-    load_s = time.perf_counter() - start
-    bare_loop(teacher, prompts[: args.batch_size], args)  # warm-up (allocator, kernels)
-    bare_1 = bare_loop(teacher, prompts, args)
+    bare_loop(teacher, prompts[: args.batch_size], args)
+    bare = {n: bare_loop(teacher, prompts[:n], args) for n in (small, large)}
     del teacher
-
-    start = time.perf_counter()
-    teacher_dump.run(["--prompts", prompt_file, "--output", os.path.join(tmp, "out"), "--teacher", args.teacher,
-                      "--num_inference_steps", str(args.steps), "--resolution", str(args.resolution),
-                      "--batch_size", str(args.batch_size), "--samples_per_shard", str(args.samples),
-                      "--device", args.device, "--dtype", args.dtype, "--progress", "off"])
-    job_s = time.perf_counter() - start
-
-    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device)
-    bare_2 = bare_loop(teacher, prompts, args)
-    out_bytes = sum(f.stat().st_size for f in Path(tmp, "out").glob("*.tar"))
+    # Job: two whole runs (each loads its own teacher in DoFn.setup), small then large.
+    job = {n: run_job(args, files[n], os.path.join(tmp, f"out-{n}")) for n in (small, large)}
+    out_bytes = sum(f.stat().st_size for f in Path(tmp, f"out-{large}").glob("*.tar"))
     shutil.rmtree(tmp)
 
-    bare = (bare_1 + bare_2) / 2
-    steady = job_s - load_s
+    # Marginal cost per sample (slope between the two sizes) cancels fixed costs: the teacher load,
+    # Beam start-up, the plan. It is what a long run pays per sample.
+    bare_per = (bare[large] - bare[small]) / (large - small)
+    job_per = (job[large] - job[small]) / (large - small)
     print(f"teacher {args.teacher} {args.dtype} on {args.device}, {args.resolution}px, {args.steps} steps, "
-          f"batch {args.batch_size}, {args.samples} samples")
-    print(f"bare diffusers pipeline : {args.samples / bare:8.3f} samples/s  ({bare_1:.1f} s, {bare_2:.1f} s)")
-    print(f"dump job (DirectRunner) : {args.samples / job_s:8.3f} samples/s  ({job_s:.1f} s wall, "
-          f"of which teacher load ~{load_s:.1f} s, {out_bytes / args.samples / 2**20:.2f} MiB/sample written)")
-    print(f"ratio job/bare, steady (wall - one teacher load): {steady / bare:.3f}")
-    print(f"ratio job/bare, wall incl. teacher load:          {job_s / bare:.3f}")
+          f"CFG 7.5, batch {args.batch_size}; runs of {small} and {large} samples")
+    print(f"bare diffusers pipeline : {bare[small]:7.1f} s / {bare[large]:7.1f} s -> {bare_per:6.2f} s per sample")
+    print(f"dump job (DirectRunner) : {job[small]:7.1f} s / {job[large]:7.1f} s -> {job_per:6.2f} s per sample "
+          f"(wall incl. teacher load and Beam start-up; {out_bytes / large / 2**20:.2f} MiB/sample written)")
+    print(f"ratio job/bare per sample (marginal): {job_per / bare_per:.3f}")
+    print(f"ratio job/bare wall, {large} samples:   {job[large] / bare[large]:.3f}")
     return 0
 
 

@@ -4,6 +4,7 @@ A checkpoint is a folder ``OUTPUT/checkpoints/step-NNNNNNN``:
 
     student/            save_pretrained of the student UNet
     ema/                save_pretrained of the EMA student (if EMA is on)
+    decoder/            save_pretrained of the small decoder (if one is distilled)
     distill_head.safetensors   the feature projections (dropped at export)
     trainer_state.pt    optimizer, LR scheduler, RNG states, step, data position (loaded weights_only=True)
     config.json         the TrainConfig and the DistillRecipe
@@ -45,7 +46,7 @@ def checkpoints(output: str) -> list[str]:
     return sorted(os.path.join(root, n) for n in os.listdir(root) if n.startswith("step-") and "tmp" not in n)
 
 
-def save(cfg, recipe, step, epoch, position, student, heads, ema, optimizer, scheduler, generator) -> str:
+def save(cfg, recipe, step, epoch, position, student, heads, ema, optimizer, scheduler, generator, decoder=None) -> str:
     from safetensors.torch import save_file
 
     root = os.path.join(cfg.output, CKPT_DIR)
@@ -55,6 +56,8 @@ def save(cfg, recipe, step, epoch, position, student, heads, ema, optimizer, sch
     student.save_pretrained(os.path.join(tmp, "student"))
     if ema is not None:
         ema.save_pretrained(os.path.join(tmp, "ema"))
+    if decoder is not None:
+        decoder.save_pretrained(os.path.join(tmp, "decoder"))
     save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(tmp, "distill_head.safetensors"))
     state = {
         "step": step, "epoch": epoch, "position": position,
@@ -74,7 +77,7 @@ def save(cfg, recipe, step, epoch, position, student, heads, ema, optimizer, sch
     return final
 
 
-def load_latest(output, student, heads, ema, optimizer, scheduler, generator) -> dict:
+def load_latest(output, student, heads, ema, optimizer, scheduler, generator, decoder=None) -> dict:
     """Restore the newest checkpoint in ``output`` into the given objects; returns its state ({} if none)."""
     from safetensors.torch import load_file
 
@@ -87,6 +90,8 @@ def load_latest(output, student, heads, ema, optimizer, scheduler, generator) ->
     if ema is not None and os.path.isdir(os.path.join(path, "ema")):
         ema.load_state_dict(cls.from_pretrained(os.path.join(path, "ema")).state_dict())
     heads.load_state_dict(load_file(os.path.join(path, "distill_head.safetensors")))
+    if decoder is not None:
+        decoder.load_state_dict(type(decoder).from_pretrained(os.path.join(path, "decoder")).state_dict())
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -127,6 +132,31 @@ class RunLog:
             self.writer.add_scalar("lr", lr, step)
             self.writer.add_scalar("grad_norm", grad_norm, step)
             self.writer.add_scalar("samples_per_s", samples_per_s, step)
+
+    def grid(self, step: int, student, ema, dataset: dict, urls: list[str], recipe) -> str:
+        """PNG grid: teacher at its steps, then the student (and its EMA) at the recipe's student steps."""
+        from students.data import record_pipeline
+        from students.grid import grid_png, sample_images
+        from teachers.load import load_teacher
+
+        if getattr(self, "_teacher", None) is None:
+            self._teacher = load_teacher(dataset["recipe"]["teacher"])
+            records = [r for _, r in zip(range(4), record_pipeline(urls[:1]))]
+            self._prompts = [r.caption for r in records]
+            self._seeds = list(range(len(records)))
+            self._teacher_images = sample_images(self._teacher.pipe, self._teacher.unet, self._prompts, self._seeds,
+                                                 dataset["recipe"]["num_inference_steps"])
+        steps = recipe.student_steps if recipe.step_weight > 0 else dataset["recipe"]["num_inference_steps"]
+        student.eval()
+        rows = [self._teacher_images, sample_images(self._teacher.pipe, student, self._prompts, self._seeds, steps)]
+        labels = [f"teacher {dataset['recipe']['num_inference_steps']} st", f"student {steps} st"]
+        if ema is not None:
+            rows.append(sample_images(self._teacher.pipe, ema, self._prompts, self._seeds, steps))
+            labels.append(f"EMA {steps} st")
+        student.train()
+        path = os.path.join(self.cfg.output, "grids", f"step-{step:07d}.png")
+        grid_png(rows, path, labels)
+        return path
 
     def close(self, stats) -> None:
         self.bar.close()

@@ -48,7 +48,7 @@ STATS = ReadStats()
 def dataset_shards(data_dir: str) -> list[str]:
     """Paths/URLs of a dataset's complete shards: those listed in ``dataset.json``, else those with an index."""
     fs, path = _fs(join(data_dir, "dataset.json"))
-    if fs.exists(path):
+    if fs.exists(path):  # noqa: SIM108
         with fs.open(path, "rb") as f:
             names = [s["shard"] for s in json.loads(f.read()).get("shards", [])]
     else:
@@ -64,6 +64,19 @@ def _count_tar_error(exn: Exception) -> bool:
     return True
 
 
+def fsspec_opener(shards):
+    """Pipeline stage: ``{"url": ...}`` -> ``{"url", "stream"}`` opened through fsspec; a failure is counted."""
+    import fsspec
+
+    for shard in shards:
+        try:
+            stream = fsspec.open(shard["url"], "rb").open()
+        except OSError as err:
+            STATS.skip("unreadable_shard", f"{shard['url']}: {err}")
+            continue
+        yield dict(shard, stream=stream)
+
+
 def decode_records(samples, stats: ReadStats | None = None):
     """Pipeline stage: raw WebDataset samples -> Records; corrupt ones skipped and counted."""
     stats = stats or STATS
@@ -77,15 +90,25 @@ def decode_records(samples, stats: ReadStats | None = None):
         yield rec
 
 
-def record_pipeline(urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True):
-    """A ``webdataset.DataPipeline`` over ``urls`` split by node and worker, optionally shuffled."""
-    import webdataset as wds
+def record_pipeline(urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
+                    resampled: bool = False):
+    """A ``webdataset.DataPipeline`` over ``urls`` split by node and worker, optionally shuffled.
 
+    ``resampled``: draw shards with replacement forever (webdataset's ``ResampledShards``, deterministic:
+    seeded by ``seed``, the rank and the DataLoader worker); the caller sets the epoch length.
+    """
+    from functools import partial
+
+    import webdataset as wds
+    from webdataset import tariterators
+
+    sources = [wds.ResampledShards(urls, seed=seed, deterministic=True)] if resampled else [wds.SimpleShardList(urls), wds.split_by_node,
+                                                                 wds.split_by_worker]
     stages = [
-        wds.SimpleShardList(urls),
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_count_tar_error),
+        *sources,
+        fsspec_opener,  # local paths and bucket URLs (gs://, s3://) alike
+        partial(tariterators.tar_file_expander, handler=_count_tar_error),
+        partial(tariterators.group_by_keys, handler=_count_tar_error),
     ]
     if shuffle_buffer > 0:
         import random
@@ -114,7 +137,8 @@ def _rows_for(meta: dict, recipe, seed: int, epoch: int, key: str) -> tuple[int,
     return choose_row(key, seed, epoch, list(range(len(recorded)))), None
 
 
-def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch: int, final_alpha_cumprod: float) -> dict:
+def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch: int, final_alpha_cumprod: float,
+                   with_images: bool = False) -> dict:
     """Records -> a float32 batch for ``students.objective.compute_losses`` (offline targets included)."""
     import numpy as np
     import torch
@@ -148,4 +172,33 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
                "feats": {k: f32(v) for k, v in feats.items()}}
     if cols["z_next"]:
         batch["z_next"], batch["t_next"] = f32(cols["z_next"]), torch.tensor(cols["t_next"])
+    if with_images:  # the teacher decoder's images, (B, 3, H, W) in [-1, 1]
+        batch["image"] = torch.stack([_png_to_tensor(rec) for rec in records])
     return {"batch": batch, "targets": targets}
+
+
+def read_dataset(data_dir: str):
+    """(dataset.json as a dict, the unconditional prompt embedding (77, D) float32), through fsspec."""
+    import numpy as np
+
+    fs, path = _fs(join(data_dir, "dataset.json"))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{data_dir!r} has no dataset.json: not a finished dump")
+    with fs.open(path, "rb") as f:
+        dataset = json.loads(f.read())
+    with fs.open(_fs(join(data_dir, dataset["shared"]["negative_prompt_embeds"]))[1], "rb") as f:
+        negative = record.load_npy(f.read()).astype(np.float32)
+    return dataset, negative
+
+
+def _png_to_tensor(rec):
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if rec.image_png is None:
+        raise ValueError(f"sample {rec.key!r} has no image: decoder distillation needs a dump made with --save_images")
+    image = np.asarray(Image.open(io.BytesIO(rec.image_png)).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(image).permute(2, 0, 1)

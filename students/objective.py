@@ -179,3 +179,35 @@ def _alpha_sigma_or_final(alphas_cumprod, t_next, final_alpha_cumprod):
     abar = alphas_cumprod.to(t_next.device)[t_next.clamp(min=0).long()]
     abar = torch.where(t_next < 0, final_alpha_cumprod.to(abar), abar)
     return abar.sqrt(), (1 - abar).clamp(min=0).sqrt()
+
+
+class robust_skip:
+    """SnapFusion robust training (sec. 3.2): for one step, skip each skippable block with probability p.
+
+    Skippable: transformer stages (output = input) and ResNet blocks whose input and output shapes
+    match (output = input, the identity of their residual path). Skipping is a forward hook that
+    returns the block's input, so the graph shape and the DDP bucket layout stay the same.
+    """
+
+    def __init__(self, model, p: float, generator: torch.Generator):
+        self.model, self.p, self.generator, self.handles = getattr(model, "module", model), p, generator, []
+
+    def _skippable(self):
+        from students.blocks import ResnetBlock, Transformer2D
+
+        for module in self.model.modules():
+            if isinstance(module, Transformer2D) or (isinstance(module, ResnetBlock) and module.conv_shortcut is None):
+                yield module
+
+    def __enter__(self):
+        if self.p > 0:
+            for module in self._skippable():
+                if float(torch.rand((), generator=self.generator)) < self.p:
+                    self.handles.append(module.register_forward_hook(lambda m, inputs, output: inputs[0]))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return False

@@ -21,8 +21,9 @@ import time
 import torch
 
 from students import checkpoint as ckpt
-from students.data import STATS, dataset_shards, record_pipeline, training_batch
-from students.objective import DistillRecipe, compute_losses, get_recipe, make_projections, online_targets
+from students.data import STATS, dataset_shards, read_dataset, record_pipeline, training_batch
+from students.distill import decoder_distill_loss
+from students.objective import DistillRecipe, compute_losses, get_recipe, make_projections, online_targets, robust_skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,11 +42,14 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the student (0 = off)
     seed: int = 0
     shuffle_buffer: int = 64  # samples in webdataset's shuffle buffer (0 = shard order)
+    epoch_length: int = 0  # 0: an epoch is one pass over this rank's shards; N: resampled shards, N samples per rank
     num_workers: int = 0  # DataLoader workers per rank
     checkpoint_every: int = 50  # steps between checkpoints
     keep_checkpoints: int = 2  # newest K kept
     log_every: int = 10  # steps between TensorBoard scalars
     image_every: int = 0  # steps between teacher/student PNG grids (0 = off)
+    decoder: str | None = None  # also distil a small decoder (students.vae preset: tiny | pruned); needs --save_images dumps
+    decoder_weight: float = 1.0  # weight of the decoder distillation term
     online_teacher: str | None = None  # teacher spec: compute targets online instead of reading them
     audit_keys: int = 0  # 1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)
     device: str = "cpu"
@@ -70,7 +74,8 @@ class Batches:
         self._it = self._epoch_iter(skip=position)
 
     def _epoch_iter(self, skip: int):
-        pipeline = record_pipeline(self.urls, shuffle_buffer=self.cfg.shuffle_buffer, seed=self.cfg.seed + self.epoch)
+        pipeline = record_pipeline(self.urls, shuffle_buffer=self.cfg.shuffle_buffer, seed=self.cfg.seed + self.epoch,
+                                   resampled=self.cfg.epoch_length > 0)
         loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=self.cfg.num_workers)
         it = iter(loader)
         for _ in range(skip):  # the loader's order is deterministic: skipping restores the position
@@ -81,6 +86,8 @@ class Batches:
         records = []
         while len(records) < self.cfg.batch_size:
             try:
+                if self.cfg.epoch_length and self.position >= self.cfg.epoch_length:
+                    raise StopIteration  # resampled mode: the epoch ends by count
                 records.append(next(self._it))
                 self.position += 1
                 if self.cfg.audit_keys:
@@ -118,11 +125,7 @@ def train(cfg: TrainConfig) -> list[float]:
     torch.manual_seed(cfg.seed)
     recipe: DistillRecipe = get_recipe(cfg.recipe)
     # 2. the dataset and what it stores once
-    with open(os.path.join(cfg.data, "dataset.json"), encoding="utf-8") as f:
-        dataset = json.load(f)
-    import numpy as np
-
-    negative = np.load(os.path.join(cfg.data, dataset["shared"]["negative_prompt_embeds"]), allow_pickle=False)
+    dataset, negative = read_dataset(cfg.data)
     noise_schedule = DDPMScheduler.from_config(dataset["scheduler_config"])
     alphas_cumprod = noise_schedule.alphas_cumprod.to(device)
     final_abar = 1.0 if dataset["scheduler_config"].get("set_alpha_to_one") else float(noise_schedule.alphas_cumprod[0])
@@ -141,12 +144,17 @@ def train(cfg: TrainConfig) -> list[float]:
         from teachers.load import load_teacher
 
         teacher_unet = load_teacher(cfg.online_teacher, device=str(device)).unet.requires_grad_(False).eval()
-    params = list(student.parameters()) + list(heads.parameters())
+    decoder = None
+    if cfg.decoder:
+        from students.vae import build_vae
+
+        decoder = build_vae(cfg.decoder).to(device).train()
+    params = list(student.parameters()) + list(heads.parameters()) + (list(decoder.parameters()) if decoder else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     # 4. resume from the newest checkpoint, if any
-    state = ckpt.load_latest(cfg.output, student, heads, ema_unet, optimizer, scheduler, generator)
+    state = ckpt.load_latest(cfg.output, student, heads, ema_unet, optimizer, scheduler, generator, decoder)
     step, epoch, position = state.get("step", 0), state.get("epoch", 0), state.get("position", 0)
     model = student
     if world > 1:
@@ -162,15 +170,19 @@ def train(cfg: TrainConfig) -> list[float]:
         for micro in range(cfg.grad_accum):
             records = batches.next()
             data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
-                                  final_alpha_cumprod=final_abar)
+                                  final_alpha_cumprod=final_abar, with_images=decoder is not None)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data["batch"].items()}
             targets = _to(data["targets"], device)
             if teacher_unet is not None:
                 targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers)
             sync = micro == cfg.grad_accum - 1 or world == 1
-            with (model.no_sync() if not sync else _null()), torch.autocast(device.type, torch.bfloat16,
-                                                                             enabled=cfg.mixed_precision == "bf16"):
+            with (model.no_sync() if not sync else _null()), robust_skip(model, recipe.robust_skip_prob, generator), \
+                    torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
                 terms = compute_losses(model, heads, batch, targets, recipe, alphas_cumprod, generator)
+                if decoder is not None:  # SnapFusion data distillation: small decoder vs teacher decoder image
+                    image = decoder.decode(batch["x0"] / decoder.config.scaling_factor).sample
+                    terms["decoder"] = cfg.decoder_weight * decoder_distill_loss(image, batch["image"]).mean()
+                    terms["loss"] = terms["loss"] + terms["decoder"]
                 (terms["loss"] / cfg.grad_accum).backward()
         if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
             for p in heads.parameters():
@@ -187,10 +199,12 @@ def train(cfg: TrainConfig) -> list[float]:
         if log is not None:
             log.step(step, {k: float(v.detach()) for k, v in terms.items()}, scheduler.get_last_lr()[0], float(grad_norm),
                      samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
+        if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
+            log.grid(step, student, ema_unet, dataset, urls, recipe)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             if rank == 0:
                 ckpt.save(cfg, recipe, step, batches.epoch, batches.position, student, heads, ema_unet, optimizer,
-                          scheduler, generator)
+                          scheduler, generator, decoder)
             if world > 1:
                 torch.distributed.barrier()
     if log is not None:

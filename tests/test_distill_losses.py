@@ -108,3 +108,30 @@ def test_dynamic_gamma_and_decoder_loss():
     assert math.isclose(D.dynamic_gamma(distill, task, 0.2).item(), 0.2 * 3.0 / 20.0, rel_tol=1e-6)
     a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)
     assert torch.allclose(D.decoder_distill_loss(a, b), torch.full((2,), 0.25))
+
+
+def test_robust_skip_makes_chosen_blocks_identity_and_removes_hooks():
+    from students.blocks import ResnetBlock, Transformer2D
+    from students.objective import robust_skip
+    from students.unet import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny").eval()
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        full = unet(x, t, c).sample
+        seen = {}
+        with robust_skip(unet, 1.0, torch.Generator().manual_seed(0)) as rs:
+            assert rs.handles
+            # observers registered after the skip hooks run after them: they see the final output
+            hooks = [m.register_forward_hook(lambda m, i, o: seen.__setitem__(m, (i[0], o))) for m in unet.modules()
+                     if isinstance(m, (Transformer2D, ResnetBlock))]
+            skipped = unet(x, t, c).sample
+            for h in hooks:
+                h.remove()
+        for m, (inp, out) in seen.items():
+            if isinstance(m, Transformer2D) or m.conv_shortcut is None:
+                assert out is inp  # p = 1: every skippable block returned its input
+        assert not torch.allclose(full, skipped)
+        assert all(not m._forward_hooks for m in unet.modules())
+        assert torch.equal(unet(x, t, c).sample, full)  # hooks gone: the model is whole again

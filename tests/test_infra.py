@@ -67,3 +67,21 @@ def test_short_runner_names_map_to_beam_classes():
     assert normalise_runner("Prism") == "PrismRunner"
     assert normalise_runner("my.pkg.CustomRunner") == "my.pkg.CustomRunner"
     assert normalise_argv(["--runner", "Direct", "--x=1"]) == ["--runner=DirectRunner", "--x=1"]
+
+
+def test_training_launchers_call_the_trainer_with_flags_it_accepts():
+    import yaml  # PyYAML comes with the dependencies (transformers, dask)
+
+    from students.train import parse_args
+
+    job = yaml.safe_load((ROOT / "infra/train/pytorchjob.yaml").read_text())
+    container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert container["command"] == ["torchrun"] and args[1:3] == ["-m", "students.train"]
+    cfg = parse_args(args[3:])
+    assert (cfg.data, cfg.device, cfg.mixed_precision) == ("gs://BUCKET/dump", "cuda", "bf16")
+    slurm = (ROOT / "infra/train/slurm.sbatch").read_text()
+    assert "-m students.train" in slurm and "--rdzv_backend=c10d" in slurm
+    flags = re.findall(r"(--[a-z_]+)", slurm.split("-m students.train", 1)[1])
+    parse_args([x for f in dict.fromkeys(flags) for x in (f, "1" if f not in ("--data", "--output") else "x")
+                if f not in ("--device", "--mixed_precision", "--preset", "--recipe")] )
