@@ -164,10 +164,18 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
         for name in feats:
             feats[name].append(rec.feats[name][meta["feature_steps"].index(step)])
     f32 = lambda xs: torch.from_numpy(np.stack(xs).astype(np.float32))  # noqa: E731
+    if not isinstance(negative_prompt_embeds, dict):
+        negative_prompt_embeds = {"negative_prompt_embeds": negative_prompt_embeds}
+    expand = lambda a: torch.from_numpy(np.asarray(a, np.float32))[None].expand(len(records), *np.shape(a))  # noqa: E731
     batch = {"keys": cols["keys"], "z": f32(cols["z"]), "t": torch.tensor(cols["t"]), "cond": f32(cols["cond"]),
              "x0": f32(cols["x0"]), "guidance": torch.tensor(cols["guidance"], dtype=torch.float32),
-             "uncond": torch.from_numpy(np.asarray(negative_prompt_embeds, np.float32))[None].expand(len(records), -1, -1),
+             "uncond": expand(negative_prompt_embeds["negative_prompt_embeds"]),
              "final_alpha_cumprod": torch.tensor(final_alpha_cumprod, dtype=torch.float32)}
+    if "pooled_prompt_embeds" in records[0].arrays:  # SDXL-style conditioning: pooled text embeds and time ids
+        time_ids = f32([rec.add_time_ids for rec in records])
+        batch["added"] = {"text_embeds": f32([rec.pooled_prompt_embeds for rec in records]), "time_ids": time_ids}
+        batch["added_uncond"] = {"text_embeds": expand(negative_prompt_embeds["negative_pooled_prompt_embeds"]),
+                                 "time_ids": time_ids}
     targets = {"pred_cond": f32(cols["pred_cond"]), "pred_uncond": f32(cols["pred_uncond"]),
                "feats": {k: f32(v) for k, v in feats.items()}}
     if cols["z_next"]:
@@ -178,7 +186,7 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
 
 
 def read_dataset(data_dir: str):
-    """(dataset.json as a dict, the unconditional prompt embedding (77, D) float32), through fsspec."""
+    """(dataset.json as a dict, {name: array} of what is stored once: the unconditional embeddings), through fsspec."""
     import numpy as np
 
     fs, path = _fs(join(data_dir, "dataset.json"))
@@ -186,8 +194,10 @@ def read_dataset(data_dir: str):
         raise FileNotFoundError(f"{data_dir!r} has no dataset.json: not a finished dump")
     with fs.open(path, "rb") as f:
         dataset = json.loads(f.read())
-    with fs.open(_fs(join(data_dir, dataset["shared"]["negative_prompt_embeds"]))[1], "rb") as f:
-        negative = record.load_npy(f.read()).astype(np.float32)
+    negative = {}
+    for name, file in dataset["shared"].items():  # negative_prompt_embeds (+ negative_pooled_prompt_embeds: SDXL)
+        with fs.open(_fs(join(data_dir, file))[1], "rb") as f:
+            negative[name] = record.load_npy(f.read()).astype(np.float32)
     return dataset, negative
 
 

@@ -171,10 +171,11 @@ def train(cfg: TrainConfig) -> list[float]:
             records = batches.next()
             data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
                                   final_alpha_cumprod=final_abar, with_images=decoder is not None)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in data["batch"].items()}
+            batch = _to(data["batch"], device)
             targets = _to(data["targets"], device)
             if teacher_unet is not None:
-                targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers)
+                targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
+                                         batch.get("added"), batch.get("added_uncond"))
             sync = micro == cfg.grad_accum - 1 or world == 1
             with (model.no_sync() if not sync else _null()), robust_skip(model, recipe.robust_skip_prob, generator), \
                     torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
