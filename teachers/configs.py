@@ -114,19 +114,8 @@ def clip_l_text_xl() -> dict:
 
 def clip_bigg_text() -> dict:
     """SDXL's second text encoder: OpenCLIP ViT-bigG/14 text tower with projection (695M)."""
-    return dict(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_hidden_layers=32,
-        num_attention_heads=20,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        hidden_act="gelu",
-        projection_dim=1280,
-        bos_token_id=CLIP_BOS_ID,
-        eos_token_id=CLIP_EOS_ID,
-        pad_token_id=1,
-    )
+    return dict(clip_l_text(), hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                hidden_act="gelu", projection_dim=1280)
 
 
 def sdxl_scheduler() -> dict:
@@ -170,19 +159,9 @@ def tiny_vae() -> dict:
 
 
 def tiny_text() -> dict:
-    return dict(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        hidden_act="quick_gelu",
-        projection_dim=32,
-        bos_token_id=CLIP_BOS_ID,
-        eos_token_id=CLIP_EOS_ID,
-        pad_token_id=1,
-    )
+    """CLIP-L's text tower shrunk to width 32, 2 layers (the real 49,408-token vocabulary and 77 positions)."""
+    return dict(clip_l_text(), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                projection_dim=32)
 
 
 def tiny_xl_unet() -> dict:

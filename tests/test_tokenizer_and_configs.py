@@ -44,11 +44,12 @@ def _count(build):
         ("sdxl_unet", 2_567_463_684),  # SDXL base UNet (2.6B)
         ("sd_vae", 83_653_863),  # KL-f8 autoencoder
         ("clip_l_text", 123_060_480),  # CLIP ViT-L/14 text tower
+        ("clip_bigg_text", 694_659_840),  # OpenCLIP ViT-bigG/14 text tower with projection (SDXL's second)
     ],
 )
 def test_full_architectures_have_published_parameter_counts(name, expected):
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = getattr(configs, name)()
     if "unet" in name:
@@ -56,5 +57,6 @@ def test_full_architectures_have_published_parameter_counts(name, expected):
     elif "vae" in name:
         build = lambda: AutoencoderKL(**cfg)  # noqa: E731
     else:
-        build = lambda: CLIPTextModel(CLIPTextConfig(**cfg))  # noqa: E731
+        cls = CLIPTextModelWithProjection if "bigg" in name else CLIPTextModel
+        build = lambda: cls(CLIPTextConfig(**cfg))  # noqa: E731
     assert _count(build) == expected
