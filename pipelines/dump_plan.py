@@ -205,3 +205,15 @@ def check_or_write_recipe(output: str, recipe: DumpRecipe) -> None:
         return
     fs.makedirs(p.rsplit("/", 1)[0] if "/" in p else ".", exist_ok=True)
     atomic_write_json(join(output, RECIPE), {"recipe": recipe.to_json(), "recipe_hash": recipe.hash})
+
+
+def write_rejects(output: str, name: str, rejects: list[dict]) -> dict[str, int]:
+    """Write ``rejects/<name>.jsonl`` atomically (one JSON object per line); returns counts by reason."""
+    fs, root = _fs(output)
+    fs.makedirs(join(root, "rejects"), exist_ok=True)
+    lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
+    atomic_write_bytes(join(output, f"rejects/{name}.jsonl"), lines.encode("utf-8"))
+    reasons: dict[str, int] = {}
+    for r in rejects:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return reasons

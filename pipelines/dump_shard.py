@@ -9,19 +9,18 @@ the rejects file is written before the shard is committed, so a complete shard a
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 from pipelines import dump_plan
 from teachers import record
-from teachers.shards import ShardWriter, _fs, atomic_write_bytes, join, shard_name
+from teachers.shards import ShardWriter, _fs, atomic_write_bytes, is_local, join, shard_name
 
 _CLIP_MAX_TOKENS = 77
 
 
 def _remove_stale_temporaries(output: str, shard: int) -> None:
     fs, root = _fs(output)
-    if "file" in fs.protocol:  # remote temporaries never reach the bucket: they are local files
+    if is_local(fs):  # remote temporaries never reach the bucket: they are local files
         for path in glob.glob(os.path.join(root, f".{shard_name(shard)}.tmp-*")):
             os.remove(path)
 
@@ -75,13 +74,7 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
                 writer.write(sample)
             if bar is not None:
                 bar.update(len(batch))
-        reasons: dict[str, int] = {}
-        for r in rejects:
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
-        fs, root = _fs(output)
-        fs.makedirs(join(root, "rejects"), exist_ok=True)
-        atomic_write_bytes(join(output, f"rejects/{shard:06d}.jsonl"), lines.encode("utf-8"))
+        reasons = dump_plan.write_rejects(output, f"{shard:06d}", rejects)
         writer.extra = dict(
             rejects=reasons, truncated_captions=int(truncated), fp32_fallbacks=fallbacks,
             shared=_write_shared(output, info) if info is not None else {},

@@ -23,9 +23,7 @@ DoFn instances (threads) in it.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 
@@ -36,7 +34,7 @@ from apache_beam.utils import shared
 
 from pipelines import dump_plan
 from pipelines.dump_plan import DumpRecipe
-from teachers.shards import _fs, atomic_write_bytes, atomic_write_json, join, shard_name
+from teachers.shards import _fs, atomic_write_json, join
 
 NAMESPACE = "teacher_dump"
 
@@ -87,7 +85,7 @@ def build_recipe(opts: TeacherDumpOptions) -> DumpRecipe:
     """Validate the options (naming the bad value) and resolve them into a recipe."""
     from teachers.load import DTYPES, teacher_geometry
     from teachers.record import STORAGE_DTYPES
-    from teachers.sampler import SCHEDULERS, SamplerConfig
+    from teachers.sampler import SCHEDULERS
 
     if not opts.prompts:
         raise ValueError("--prompts is required (a .txt/.jsonl prompt list or a .parquet manifest)")
@@ -108,7 +106,7 @@ def build_recipe(opts: TeacherDumpOptions) -> DumpRecipe:
     geometry = teacher_geometry(opts.teacher)
     size = opts.resolution or (geometry["resolution"] if geometry else 512)
     if geometry:
-        multiple = geometry["vae_scale_factor"] * 2 ** (geometry["levels"] - 1)
+        multiple = geometry["multiple"]
         if size <= 0 or size % multiple:
             raise ValueError(f"--resolution {size} is not possible for teacher {opts.teacher!r}: "
                              f"it needs a positive multiple of {multiple}")
@@ -273,12 +271,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     rows, not_kept = dump_plan.read_input(opts.prompts)
     planned_rows, prompt_rejects = dump_plan.plan(rows, recipe)
     num_shards = dump_plan.write_plan(opts.output, planned_rows)
-    reject_lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in prompt_rejects)
-    fs.makedirs(join(out, "rejects"), exist_ok=True)
-    atomic_write_bytes(join(opts.output, "rejects/input.jsonl"), reject_lines.encode("utf-8"))
-    reasons: dict[str, int] = {}
-    for r in prompt_rejects:
-        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    reasons = dump_plan.write_rejects(opts.output, "input", prompt_rejects)
     planned = dict(prompts_in=len(rows) + not_kept, not_kept=not_kept, prompts_rejected=len(prompt_rejects),
                    samples_planned=len(planned_rows), prompt_rejects=reasons)
     progress = opts.progress == "on" or (opts.progress == "auto" and _is_local_runner(options))

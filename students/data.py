@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 
 from teachers import record
@@ -55,7 +54,7 @@ def dataset_shards(data_dir: str) -> list[str]:
         names = [shard_name(i) for i in list_indexes(data_dir)]
     if not names:
         raise FileNotFoundError(f"no complete shards in {data_dir!r} (no dataset.json and no NNNNNN.json index)")
-    return [join(data_dir, n) if "://" in data_dir else os.path.join(data_dir, n) for n in names]
+    return [join(data_dir, n) for n in names]
 
 
 def _count_tar_error(exn: Exception) -> bool:

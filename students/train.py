@@ -11,8 +11,8 @@ resumed run computes the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig) -> list[float]:
                 targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
                                          batch.get("added"), batch.get("added_uncond"))
             sync = micro == cfg.grad_accum - 1 or world == 1
-            with (model.no_sync() if not sync else _null()), robust_skip(model, recipe.robust_skip_prob, generator), \
+            with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
                     torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
                 terms = compute_losses(model, heads, batch, targets, recipe, alphas_cumprod, generator)
                 if decoder is not None:  # SnapFusion data distillation: small decoder vs teacher decoder image
@@ -221,14 +221,6 @@ def _to(obj, device):
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _teacher_channels(data_dir: str, urls: list[str], layers: list[str]) -> dict[str, int]:

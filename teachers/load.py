@@ -60,12 +60,17 @@ class Teacher:
 
     def check_resolution(self, height: int, width: int) -> None:
         """Raise ``ValueError`` naming the value if the UNet cannot run at this image size."""
-        # Each UNet down-sampling halves the latent; the latent side must divide by 2**(stages-1).
-        multiple = self.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        multiple = resolution_multiple(self.pipe.vae.config, self.pipe.unet.config)
         for name, side in (("height", height), ("width", width)):
             if side <= 0 or side % multiple:
                 raise ValueError(f"{name}={side} is not possible for teacher {self.spec!r}: "
                                  f"image sides must be positive multiples of {multiple}")
+
+
+def resolution_multiple(vae_config, unet_config) -> int:
+    """Image sides must be multiples of this: the VAE factor times one halving per UNet down stage."""
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return vae_factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
 def torch_dtype(name: str):
@@ -101,6 +106,20 @@ def load_teacher(spec: str, dtype: str = "float32", device: str = "cpu", *, loca
 # ------------------------------------------------------------------------------------------
 
 
+def _builtin_configs(spec: str) -> dict:
+    """Configs of a built-in spec: ``unet``, ``vae``, ``text`` and, for SDXL shapes, ``text_2``."""
+    from teachers import configs
+
+    return {
+        "tiny": lambda: dict(unet=configs.tiny_unet(), vae=configs.tiny_vae(), text=configs.tiny_text()),
+        "tiny-xl": lambda: dict(unet=configs.tiny_xl_unet(), vae=configs.tiny_vae(), text=configs.tiny_text(),
+                                text_2=configs.tiny_xl_text_2()),
+        "sd15-random": lambda: dict(unet=configs.sd15_unet(), vae=configs.sd_vae(), text=configs.clip_l_text()),
+        "sdxl-random": lambda: dict(unet=configs.sdxl_unet(), vae=configs.sd_vae(1024, 0.13025),
+                                    text=configs.clip_l_text_xl(), text_2=configs.clip_bigg_text()),
+    }[spec]()
+
+
 def _build_builtin(spec: str):
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -112,25 +131,18 @@ def _build_builtin(spec: str):
     # fork_rng: building a teacher must not move the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_BUILD_SEED)
-        if spec == "tiny":
-            unet, vae, te = configs.tiny_unet(), configs.tiny_vae(), configs.tiny_text()
-        elif spec == "tiny-xl":
-            unet, vae, te, te2 = configs.tiny_xl_unet(), configs.tiny_vae(), configs.tiny_text(), configs.tiny_xl_text_2()
-        elif spec == "sd15-random":
-            unet, vae, te = configs.sd15_unet(), configs.sd_vae(), configs.clip_l_text()
-        else:  # sdxl-random
-            unet, vae, te, te2 = configs.sdxl_unet(), configs.sd_vae(1024, 0.13025), configs.clip_l_text_xl(), configs.clip_bigg_text()
+        cfg = _builtin_configs(spec)
         components = dict(
-            unet=UNet2DConditionModel(**unet),
-            vae=AutoencoderKL(**vae),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**te)),
+            unet=UNet2DConditionModel(**cfg["unet"]),
+            vae=AutoencoderKL(**cfg["vae"]),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text"])),
             tokenizer=clip_tokenizer(),
             scheduler=DDIMScheduler(**configs.sd15_scheduler(), clip_sample=False, set_alpha_to_one=False),
         )
-        if spec in ("tiny", "sd15-random"):
+        if "text_2" not in cfg:
             return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te2))
+        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"]))
         components["tokenizer_2"] = clip_tokenizer(pad_token="!")
         return StableDiffusionXLPipeline(**components)
 
@@ -209,18 +221,14 @@ def _load_hub(repo_id: str, tdtype, local_files_only: bool | None):
 
 
 def teacher_geometry(spec: str) -> dict | None:
-    """Shapes of a teacher without loading weights: ``{vae_scale_factor, levels, sample_size, is_xl}``.
+    """Shapes of a teacher without loading weights: ``{levels, resolution, multiple, is_xl}``.
 
     For validating a job's arguments before any worker starts. None for a hub id (unknown offline).
     Raises TeacherError for a spec that is neither built-in, a pipeline folder nor a hub id.
     """
-    from teachers import configs
-
     if spec in BUILTIN_SPECS:
-        unet = {"tiny": configs.tiny_unet, "tiny-xl": configs.tiny_xl_unet,
-                "sd15-random": configs.sd15_unet, "sdxl-random": configs.sdxl_unet}[spec]()
-        vae = configs.tiny_vae() if spec.startswith("tiny") else configs.sd_vae()
-        is_xl = spec in ("tiny-xl", "sdxl-random")
+        cfg = _builtin_configs(spec)
+        unet, vae, is_xl = cfg["unet"], cfg["vae"], "text_2" in cfg
     elif os.path.isdir(spec):
         try:
             with open(os.path.join(spec, "unet", "config.json"), encoding="utf-8") as f:
@@ -236,5 +244,5 @@ def teacher_geometry(spec: str) -> dict | None:
         raise TeacherError(f"unknown teacher {spec!r}: expected one of {', '.join(BUILTIN_SPECS)}, "
                            "a local diffusers folder, or a hub id such as org/name")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return dict(vae_scale_factor=factor, levels=len(unet["block_out_channels"]),
-                sample_size=int(unet["sample_size"]), is_xl=is_xl, resolution=int(unet["sample_size"]) * factor)
+    return dict(levels=len(unet["block_out_channels"]), resolution=int(unet["sample_size"]) * factor,
+                multiple=resolution_multiple(vae, unet), is_xl=is_xl)

@@ -44,6 +44,11 @@ def _fs(path: str):
     return fsspec.core.url_to_fs(path)
 
 
+def is_local(fs) -> bool:
+    """True for fsspec's local filesystem (whose ``protocol`` is a tuple such as ``("file", "local")``)."""
+    return "file" in fs.protocol
+
+
 def join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name if "://" in root else os.path.join(root, name)
 
@@ -67,7 +72,7 @@ class _HashingFile(io.RawIOBase):
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary name and a rename (local) or a whole upload."""
     fs, fpath = _fs(path)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if is_local(fs):
         tmp = f"{fpath}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -95,7 +100,7 @@ class ShardWriter:
         self.out_dir, self.shard_index, self.recipe_hash = out_dir, shard_index, recipe_hash
         self.extra = dict(extra or {})
         fs, root = _fs(out_dir)
-        self._local = "file" in fs.protocol
+        self._local = is_local(fs)
         if self._local:
             os.makedirs(root, exist_ok=True)
             self._tmp = os.path.join(root, f".{shard_name(shard_index)}.tmp-{uuid.uuid4().hex}")
