@@ -1,6 +1,5 @@
 """The teacher dump job on Beam: accounting, resume, kill-and-rerun, runners, bad arguments."""
 
-import filecmp
 import json
 import os
 import shutil

@@ -194,7 +194,6 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
 def test_sdxl_shaped_dump_trains_and_online_equals_offline(tmp_path, tiny_xl_teacher):
     from pipelines import teacher_dump
     from students.data import read_dataset
-    from students.unet import build_unet
 
     (tmp_path / "p.txt").write_text("".join(f"a {c} cube number {i}\n" for c in ("red", "blue") for i in range(4)))
     teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "d"), "--teacher", "tiny-xl",
