@@ -8,6 +8,7 @@ Modules (import the one you need; importing this package loads nothing heavy):
 - ``filters.clip_embed``: open_clip models (local weights or random), text/image embeddings, CLIP score.
 - ``filters.aesthetic``: the LAION aesthetic predictor v2 (MLP on CLIP ViT-L/14 image embeddings).
 - ``filters.semdedup``: SemDeDup (k-means with faiss, per-cluster duplicate groups).
+- ``filters.image_scores``: the scores of generated images (embedding, aesthetic, CLIP score) for the dump.
 
 The Beam job that strings them together is ``pipelines/curate.py``.
 """

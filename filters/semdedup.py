@@ -79,14 +79,22 @@ def train_kmeans(sample: np.ndarray, n_clusters: int, *, niter: int = 20, seed: 
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def assign_clusters(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (highest inner product) per row: (n, d), (k, d) -> (n,) int64."""
+def centroid_index(centroids: np.ndarray):
+    """A faiss inner-product index over (k, d) centroids, for ``assign_clusters`` (build once, reuse)."""
     import faiss
 
-    x = np.ascontiguousarray(l2_normalize(embeddings))
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    _, nearest = index.search(x, 1)
+    return index
+
+
+def assign_clusters(embeddings: np.ndarray, centroids: np.ndarray, index=None) -> np.ndarray:
+    """Index of the nearest centroid (highest inner product) per row: (n, d), (k, d) -> (n,) int64.
+
+    ``index``: a ``centroid_index(centroids)`` to reuse across calls.
+    """
+    x = np.ascontiguousarray(l2_normalize(embeddings))
+    _, nearest = (index or centroid_index(centroids)).search(x, 1)
     return nearest[:, 0].astype(np.int64)
 
 

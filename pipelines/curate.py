@@ -41,7 +41,7 @@ from filters.config import CurateConfig
 from pipelines.curate_dedup import SemanticDedup
 from pipelines.curate_download import DownloadBatch
 from pipelines.curate_io import WriteEmbeddings, WriteSortedParquet
-from pipelines.curate_models import AestheticHandler, ClipEmbeddingHandler
+from pipelines.curate_models import AestheticHandler, ClipEmbeddingHandler, check_models
 from pipelines.curate_report import CurateStats, write_report
 from pipelines.curate_schema import MANIFEST_SCHEMA, REJECTS_SCHEMA, is_active, manifest_row
 from pipelines.curate_sources import FORMATS, Split, plan_inputs
@@ -98,26 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_models(cfg: CurateConfig) -> None:
-    """Weights exist and fit together (the aesthetic MLP takes this CLIP's embedding width)."""
-    if not cfg.clip_model:
-        return
-    from filters.clip_embed import RANDOM_WEIGHTS, model_embed_dim
-
-    dim = model_embed_dim(cfg.clip_model)
-    if cfg.clip_weights != RANDOM_WEIGHTS and not FileSystems.exists(cfg.clip_weights):
-        raise ValueError(f"clip_weights {cfg.clip_weights!r} not found")
-    if cfg.aesthetic_weights is not None:
-        if not FileSystems.exists(cfg.aesthetic_weights):
-            raise ValueError(f"aesthetic_weights {cfg.aesthetic_weights!r} not found")
-        from filters.aesthetic import aesthetic_input_size
-
-        want = aesthetic_input_size(cfg.aesthetic_weights)
-        if want != dim:
-            raise ValueError(f"aesthetic_weights {cfg.aesthetic_weights!r} take {want}-d embeddings but "
-                             f"clip_model {cfg.clip_model!r} gives {dim}-d (the LAION predictor needs ViT-L-14)")
-
-
 def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
     """Job options and the remaining (Beam) flags; ``ValueError`` naming any bad value."""
     try:
@@ -140,7 +120,7 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
         cfg = config_lib.with_overrides(cfg, overrides)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(CurateConfig) if hasattr(args, f.name)}
     cfg = config_lib.validate(config_lib.with_overrides(cfg, flags))
-    _check_models(cfg)
+    check_models(cfg)
     splits = plan_inputs(args.input, args.input_format)
     opts = CurateOptions(inputs=tuple(args.input), input_format=args.input_format, output=args.output,
                          config=cfg, splits=tuple(splits))

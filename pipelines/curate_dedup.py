@@ -1,7 +1,7 @@
 """SemDeDup on Beam: k-means on a sample, nearest-centroid assignment, GroupByKey per cluster.
 
     sample (Top.Of by hash of id) --TrainKMeans--> centroids (side input)
-    records --BatchForAssignment--AssignClusters--> (cluster, record) --GroupByCluster--> DedupEachCluster
+    records --AssignClusters--> (cluster, record) --GroupByCluster--> DedupEachCluster
 
 Only the k-means sample is ever gathered in one place (``kmeans_sample_size`` embeddings); each
 cluster is deduplicated by the worker that receives it (``filters.semdedup.find_duplicates``).
@@ -55,10 +55,24 @@ def train_centroids(sample: list, n_total: int, cfg: CurateConfig) -> np.ndarray
     return semdedup.train_kmeans(vectors, k, niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
 
 
-def assign_batch(batch: list[dict], field: str, centroids: np.ndarray):
-    """list[record] -> (cluster id, record) pairs."""
-    clusters = semdedup.assign_clusters(np.stack([r[field] for r in batch]), centroids)
-    for record, cluster in zip(batch, clusters):
+class AssignClusterFn(beam.DoFn):
+    """record -> (nearest centroid, record), with the faiss index built once per centroids value.
+
+    One record per call rather than ``BatchElements`` batches: ``BatchElements`` emits its last batch
+    from ``finish_bundle``, whose output Beam's Dask runner drops (records went missing there). One
+    search of a (1, d) query against k centroids is k * d multiply-adds: small beside embedding it.
+    """
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def setup(self):
+        self._centroids = self._index = None
+
+    def process(self, record: dict, centroids: np.ndarray):
+        if centroids is not self._centroids:  # a side input is one object for a whole bundle
+            self._centroids, self._index = centroids, semdedup.centroid_index(centroids)
+        cluster = semdedup.assign_clusters(record[self.field][None], centroids, self._index)[0]
         yield int(cluster), record
 
 
@@ -100,11 +114,13 @@ class SemanticDedup(beam.PTransform):
         cfg = self.cfg
         sample = (records
                   | "RankForSample" >> beam.Map(_rank_and_vector, self.field, cfg.kmeans_seed)
-                  | "SampleForKMeans" >> beam.combiners.Top.Of(cfg.kmeans_sample_size, key=_rank, reverse=True))
+                  # CombineGlobally(TopCombineFn), not Top.Of: Top.Of emits from finish_bundle, which
+                  # Beam's Dask runner drops (the sample came out empty there); the result is the same.
+                  | "SampleForKMeans" >> beam.CombineGlobally(
+                      beam.combiners.TopCombineFn(cfg.kmeans_sample_size, key=_rank, reverse=True)))
         count = records | "CountRecords" >> beam.combiners.Count.Globally()
         centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
         return (records
-                | "BatchForAssignment" >> beam.BatchElements(min_batch_size=1, max_batch_size=1024)
-                | "AssignClusters" >> beam.FlatMap(assign_batch, self.field, beam.pvalue.AsSingleton(centroids))
+                | "AssignClusters" >> beam.ParDo(AssignClusterFn(self.field), beam.pvalue.AsSingleton(centroids))
                 | "GroupByCluster" >> beam.GroupByKey()
                 | "DedupEachCluster" >> beam.FlatMap(dedup_cluster, self.field, self.modality, cfg.semdedup_eps))

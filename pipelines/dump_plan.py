@@ -24,6 +24,49 @@ RECIPE = "recipe.json"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageScoring:
+    """How a dump scores the images it decodes (``--score_images``): the curate job's models."""
+
+    preset: str  # filters.config preset the CLIP model comes from ("tiny", "laion-aesthetics", ...)
+    clip_model: str  # open_clip architecture
+    clip_weights: str  # local checkpoint, or "random"
+    aesthetic_weights: str | None  # LAION aesthetic predictor state dict; None = no aesthetic score
+    embed_dim: int  # width of the stored image embeddings
+
+    def curate_config(self):
+        """The ``CurateConfig`` whose models these are (the filter job adds its thresholds to it)."""
+        from filters import config as config_lib
+
+        return config_lib.with_overrides(config_lib.preset(self.preset), {
+            "clip_model": self.clip_model, "clip_weights": self.clip_weights,
+            "aesthetic_weights": self.aesthetic_weights})
+
+
+def image_scoring(preset: str, clip_weights: str | None, aesthetic_weights: str | None) -> ImageScoring:
+    """``--score_images PRESET [--clip_weights P] [--aesthetic_weights P]`` -> checked ``ImageScoring``.
+
+    The preset names a ``filters.config`` preset with a CLIP model; the weight flags override its
+    (presets of real models leave weights unset: nothing is downloaded). ``ValueError`` naming the value.
+    """
+    from filters import config as config_lib
+    from filters.clip_embed import model_embed_dim
+    from pipelines.curate_models import check_models
+
+    cfg = config_lib.preset(preset)
+    if not cfg.clip_model:
+        raise ValueError(f"--score_images {preset!r}: that preset has no CLIP model; use one of "
+                         + ", ".join(n for n in config_lib.PRESETS if config_lib.preset(n).clip_model))
+    overrides = {k: v for k, v in (("clip_weights", clip_weights), ("aesthetic_weights", aesthetic_weights)) if v}
+    cfg = config_lib.with_overrides(cfg, overrides)
+    if cfg.clip_weights is None:
+        raise ValueError(f"--score_images {preset!r} needs --clip_weights: a local open_clip checkpoint for "
+                         f"{cfg.clip_model} (nothing is downloaded)")
+    check_models(cfg)
+    return ImageScoring(preset=preset, clip_model=cfg.clip_model, clip_weights=cfg.clip_weights,
+                        aesthetic_weights=cfg.aesthetic_weights, embed_dim=model_embed_dim(cfg.clip_model))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DumpRecipe:
     """Everything that decides the dump's bytes. Its hash guards an output folder against mixing."""
 
@@ -46,10 +89,14 @@ class DumpRecipe:
     batch_size: int  # samples per UNet batch (results agree to float tolerance across batch sizes)
     cpu_threads: int  # torch threads on CPU workers, 0 = default (CPU rounding depends on it)
     input_sha256: str  # the input file's content
+    score_images: ImageScoring | None = None  # score decoded images (CLIP, aesthetic); None = off
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["score_images"] is None:  # unscored recipes keep the hash they had before scoring existed
+            del out["score_images"]
+        return out
 
     @property
     def hash(self) -> str:
@@ -75,6 +122,7 @@ class InputRow:
     id: str
     caption: object  # str when valid; anything else is a reject
     guidance_scale: float | None = None
+    seed: object = None  # explicit noise seed of the row's first sample (int >= 0); None = from the key
 
 
 def _decode_line(raw: bytes):
@@ -108,7 +156,8 @@ def read_input(path: str) -> tuple[list[InputRow], int]:
                     rows.append(InputRow(f"p{i:07d}", raw))
                     continue
                 caption = obj.get("caption", obj.get("prompt", obj.get("text")))
-                rows.append(InputRow(str(obj.get("id", f"p{i:07d}")), caption, obj.get("guidance_scale")))
+                rows.append(InputRow(str(obj.get("id", f"p{i:07d}")), caption, obj.get("guidance_scale"),
+                                     obj.get("seed")))
         return rows, 0
     if ext == ".parquet":
         import pyarrow.parquet as pq
@@ -121,7 +170,8 @@ def read_input(path: str) -> tuple[list[InputRow], int]:
         cols = table.to_pydict()
         kept = cols.get("kept", [True] * table.num_rows)
         guid = cols.get("guidance_scale", [None] * table.num_rows)
-        rows = [InputRow(str(i), c, g) for i, c, k, g in zip(cols["id"], cols["caption"], kept, guid) if k]
+        seeds = cols.get("seed", [None] * table.num_rows)
+        rows = [InputRow(str(i), c, g, s) for i, c, k, g, s in zip(cols["id"], cols["caption"], kept, guid, seeds) if k]
         return rows, table.num_rows - len(rows)
     raise ValueError(f"--prompts {path!r}: unknown input kind {ext!r} (expected .txt, .jsonl or .parquet)")
 
@@ -139,6 +189,9 @@ def reject_reason(row: InputRow, seen_ids: set[str]) -> str | None:
         return "null_caption"
     if not row.caption.strip():
         return "empty_caption"
+    if row.seed is not None and (isinstance(row.seed, bool) or not isinstance(row.seed, int)
+                                 or not 0 <= row.seed < 2**63 - 2**16):
+        return "bad_seed"
     return None
 
 
@@ -154,7 +207,9 @@ def plan(rows: list[InputRow], recipe: DumpRecipe):
         seen.add(row.id)
         for k in range(recipe.seeds_per_prompt):
             key = f"{row.id}-s{k}"
-            samples.append((key, row.caption, sample_seed(key), row.guidance_scale))
+            # An explicit seed reproduces a generation (same prompt + seed = same sample under another id).
+            seed = sample_seed(key) if row.seed is None else row.seed + k
+            samples.append((key, row.caption, seed, row.guidance_scale))
     n = recipe.samples_per_shard
     return [(i // n, *s) for i, s in enumerate(samples)], rejects
 
@@ -200,7 +255,7 @@ def check_or_write_recipe(output: str, recipe: DumpRecipe) -> None:
             diff = {k: (old_recipe.get(k), new.get(k)) for k in sorted(set(old_recipe) | set(new))
                     if json.dumps(old_recipe.get(k)) != json.dumps(new.get(k))}
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"output {output!r} holds a dump made with another recipe ({changes}); "
+            raise ValueError(f"output {output!r} holds a dataset made with another recipe ({changes}); "
                              "use a new --output folder, or the original settings to resume")
         return
     fs.makedirs(p.rsplit("/", 1)[0] if "/" in p else ".", exist_ok=True)

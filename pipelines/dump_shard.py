@@ -4,25 +4,20 @@ Reads the shard's rows from the plan, samples them in batches across prompts, en
 with the record schema, and writes the shard atomically with its index. A sample whose teacher
 output is NaN/Inf (or that cannot be encoded) goes to ``rejects/NNNNNN.jsonl`` with its reason;
 the rejects file is written before the shard is committed, so a complete shard always has one.
+
+With a scorer (``--score_images``) each batch's decoded images are scored right after decoding,
+while they are in memory: the scores go into the sample's json and the shard index, the CLIP
+image embedding into the shard's ``NNNNNN.emb.npy`` (``teachers.shards``), so the filter job
+(``pipelines/filter_shards.py``) never decodes an image.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-
 from pipelines import dump_plan
 from teachers import record
-from teachers.shards import ShardWriter, _fs, atomic_write_bytes, is_local, join, shard_name
+from teachers.shards import ShardWriter, _fs, atomic_write_bytes, join, remove_stale_temporaries, shard_name
 
 _CLIP_MAX_TOKENS = 77
-
-
-def _remove_stale_temporaries(output: str, shard: int) -> None:
-    fs, root = _fs(output)
-    if is_local(fs):  # remote temporaries never reach the bucket: they are local files
-        for path in glob.glob(os.path.join(root, f".{shard_name(shard)}.tmp-*")):
-            os.remove(path)
 
 
 def _write_shared(output: str, info) -> dict:
@@ -41,10 +36,38 @@ def _write_shared(output: str, info) -> dict:
     return shared
 
 
-def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress: bool = False) -> dict:
+def _index_scores(image_scores: dict | None) -> dict | None:
+    """The per-key numbers the shard index holds (the model name is in the recipe)."""
+    if image_scores is None:
+        return None
+    return {"aesthetic_score": image_scores["aesthetic_score"], "clip_score": image_scores["clip_score"]}
+
+
+def _score(scorer, results) -> list:
+    """Per result: (image_scores dict, CLIP image embedding), or (None, None) without a scorer."""
+    from filters.image_scores import score_images
+
+    if scorer is None:
+        return [(None, None)] * len(results)
+    scores = score_images(scorer, [r.image for r in results], [r.prompt for r in results])
+    return [(scores.row(i, scorer.clip_model), scores.image_embeds[i]) for i in range(len(results))]
+
+
+def _check_scores(image_scores: dict | None, embedding) -> None:
+    import numpy as np
+
+    if image_scores is None:
+        return
+    values = [v for v in (image_scores["clip_score"], image_scores["aesthetic_score"]) if v is not None]
+    if not (np.isfinite(embedding).all() and np.isfinite(values).all()):
+        raise record.BadRecord("non_finite_score", "CLIP image embedding or score is NaN/Inf")
+
+
+def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress: bool = False,
+                   scorer=None) -> dict:
     from teachers.sampler import SampleRequest, sample_trajectories
 
-    _remove_stale_temporaries(output, shard)
+    remove_stale_temporaries(output, shard)
     rows = dump_plan.read_shard_plan(output, shard)
     requests = [SampleRequest(r["key"], r["prompt"], int(r["seed"]), r["guidance_scale"]) for r in rows]
     batches = [requests[i : i + recipe.batch_size] for i in range(0, len(requests), recipe.batch_size)]
@@ -63,15 +86,17 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
                         num_inference_steps=recipe.num_inference_steps, timesteps=info.timesteps,
                         recorded_steps=info.recorded_steps, feature_layers=list(recipe.feature_layers),
                         height=recipe.height, width=recipe.width, recipe_hash=recipe.hash)
-            for res in results:
+            for res, (image_scores, embedding) in zip(results, _score(scorer, results)):
                 try:
-                    sample, stats = record.encode_sample(res, meta, storage_dtype=recipe.storage_dtype)
+                    sample, stats = record.encode_sample(res, meta, storage_dtype=recipe.storage_dtype,
+                                                         image_scores=image_scores)
+                    _check_scores(image_scores, embedding)
                 except record.BadRecord as err:
                     rejects.append({"key": res.key, "reason": err.reason, "detail": str(err), "prompt": res.prompt})
                     continue
                 truncated += res.num_tokens > _CLIP_MAX_TOKENS
                 fallbacks += len(stats["fp32_fallback"])
-                writer.write(sample)
+                writer.write(sample, scores=_index_scores(image_scores), embedding=embedding)
             if bar is not None:
                 bar.update(len(batch))
         reasons = dump_plan.write_rejects(output, f"{shard:06d}", rejects)

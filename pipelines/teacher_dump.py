@@ -12,6 +12,10 @@ shard number; its worker reads its rows from the plan, generates the whole shard
 place with its index, so nothing heavy passes through a shuffle and a retried shard is
 byte-identical (noise seeded from the key, fixed tar headers).
 
+``--save_images --score_images PRESET`` also scores each decoded image with the curate job's models
+(``filters/image_scores.py``: CLIP image embedding, aesthetic score, CLIP score against its prompt),
+loaded once per worker process like the teacher; ``pipelines/filter_shards.py`` filters on them.
+
 Model loading: a ``DoFn`` whose ``setup()`` acquires the teacher through
 ``apache_beam.utils.shared.Shared``, rather than RunInference with a ``ModelHandler``. The unit of
 work is a whole shard (a few hundred samples batched across prompts, written to one tar with an
@@ -64,6 +68,12 @@ class TeacherDumpOptions(PipelineOptions):
         both("feature_layers", default="mid_block,up_blocks.0", help="comma-separated UNet blocks to capture ('' for none)")
         both("num_feature_steps", type=int, default=2, help="feature steps per sample (drawn from its seed)")
         both("save_images", action="store_true", help="decode and store the teacher image (png)")
+        both("score_images", default=None,
+             help="filters.config preset (tiny | laion-aesthetics | ...): score each decoded image with the curate "
+                  "job's CLIP and aesthetic models (json, index, NNNNNN.emb.npy); needs --save_images")
+        both("clip_weights", default=None, help="local open_clip checkpoint for --score_images (overrides the preset)")
+        both("aesthetic_weights", default=None,
+             help="LAION aesthetic predictor weights for --score_images (overrides the preset)")
         both("dtype", default="float32", help="float32 | float16 | bfloat16")
         both("device", default="cpu", help="cpu | cuda | cuda:N")
         both("batch_size", type=int, default=4, help="samples per UNet batch")
@@ -126,6 +136,7 @@ def build_recipe(opts: TeacherDumpOptions) -> DumpRecipe:
             raise ValueError(f"--guidance_range {opts.guidance_range!r} must be LO,HI") from None
         guidance_range = (lo, hi)
     record_steps = None if opts.record_steps in ("all", "") else tuple(int(x) for x in _csv(opts.record_steps))
+    scoring = _scoring(opts)
     recipe = DumpRecipe(
         teacher=opts.teacher, dtype=opts.dtype, device=opts.device, scheduler=opts.scheduler,
         num_inference_steps=opts.num_inference_steps, guidance_scale=opts.guidance_scale,
@@ -133,10 +144,22 @@ def build_recipe(opts: TeacherDumpOptions) -> DumpRecipe:
         feature_layers=layers, num_feature_steps=opts.num_feature_steps if layers else 0,
         save_images=opts.save_images, storage_dtype=opts.storage_dtype, seeds_per_prompt=opts.seeds_per_prompt,
         samples_per_shard=opts.samples_per_shard, batch_size=opts.batch_size, cpu_threads=opts.cpu_threads,
-        input_sha256=dump_plan.file_sha256(opts.prompts),
+        input_sha256=dump_plan.file_sha256(opts.prompts), score_images=scoring,
     )
     sampler_config(recipe)  # SamplerConfig validates steps, ranges and feature steps
     return recipe
+
+
+def _scoring(opts: TeacherDumpOptions):
+    """``--score_images`` and its weight flags -> ``ImageScoring`` or None; errors name the flag."""
+    if not opts.score_images:
+        given = [f"--{n}" for n in ("clip_weights", "aesthetic_weights") if getattr(opts, n)]
+        if given:
+            raise ValueError(f"{' and '.join(given)} only apply with --score_images PRESET")
+        return None
+    if not opts.save_images:
+        raise ValueError(f"--score_images {opts.score_images!r} scores the decoded images: it needs --save_images")
+    return dump_plan.image_scoring(opts.score_images, opts.clip_weights, opts.aesthetic_weights)
 
 
 def sampler_config(recipe: DumpRecipe):
@@ -163,11 +186,26 @@ class _TeacherBox:
         self.teacher = teacher
 
 
+class _ScorerBox:
+    """The same for the image scorer (CLIP + aesthetic MLP)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+
+def _load_scorer(recipe: DumpRecipe) -> _ScorerBox:
+    from filters.image_scores import load_image_scorer
+
+    return _ScorerBox(load_image_scorer(recipe.score_images.curate_config(), recipe.device))
+
+
 class GenerateShardFn(beam.DoFn):
     """Shard number -> the shard generated and committed (or verified and skipped) -> its summary."""
 
-    def __init__(self, output: str, recipe: DumpRecipe, shared_handle: shared.Shared, progress: bool):
+    def __init__(self, output: str, recipe: DumpRecipe, shared_handle: shared.Shared, progress: bool,
+                 scorer_handle: shared.Shared | None = None):
         self.output, self.recipe, self.shared_handle, self.progress = output, recipe, shared_handle, progress
+        self.scorer_handle = scorer_handle
         self.samples = Metrics.counter(NAMESPACE, "samples_written")
         self.shards = Metrics.counter(NAMESPACE, "shards_written")
         self.skipped = Metrics.counter(NAMESPACE, "shards_skipped")
@@ -186,6 +224,13 @@ class GenerateShardFn(beam.DoFn):
         self.box = self.shared_handle.acquire(
             lambda: _TeacherBox(load_teacher(recipe.teacher, dtype=recipe.dtype, device=recipe.device)),
             tag=f"{recipe.teacher}|{recipe.dtype}|{recipe.device}")
+        self.scorer = None
+        if recipe.score_images is not None:  # the curate job's CLIP + aesthetic MLP, once per process
+            scoring = recipe.score_images
+            self.scorer_box = self.scorer_handle.acquire(  # held: Shared keeps it only while referenced
+                lambda: _load_scorer(recipe),
+                tag=f"{scoring.clip_model}|{scoring.clip_weights}|{scoring.aesthetic_weights}|{recipe.device}")
+            self.scorer = self.scorer_box.scorer
         self.config = sampler_config(recipe)
 
     def process(self, shard: int):
@@ -196,7 +241,8 @@ class GenerateShardFn(beam.DoFn):
             self.skipped.inc()
             yield read_index(self.output, shard)
             return
-        index = generate_shard(self.box.teacher, self.config, self.recipe, self.output, shard, progress=self.progress)
+        index = generate_shard(self.box.teacher, self.config, self.recipe, self.output, shard, progress=self.progress,
+                               scorer=self.scorer)
         self.shards.inc()
         self.samples.inc(index["count"])
         self.rejected.inc(sum(index["rejects"].values()))
@@ -287,7 +333,8 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
         pipeline
         | "CreateShards" >> beam.Create(list(range(num_shards)))
         | "Reshuffle" >> beam.Reshuffle()  # spread shard numbers over workers (only ints cross it)
-        | "GenerateShards" >> beam.ParDo(GenerateShardFn(opts.output, recipe, shared.Shared(), progress))
+        | "GenerateShards" >> beam.ParDo(GenerateShardFn(opts.output, recipe, shared.Shared(), progress,
+                                                         shared.Shared()))
         | "CollectIndexes" >> beam.combiners.ToList()
         | "WriteDataset" >> beam.Map(write_dataset, opts.output, recipe, planned,
                                      beam.pvalue.AsSingleton(input_rejects))

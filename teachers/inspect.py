@@ -1,8 +1,9 @@
 """``distill inspect DIR [--verify] [--json]``: what a dataset of shards holds, and whether it is intact.
 
 Prints the shards, samples, bytes per sample by field, the recipe and the lineage from
-``dataset.json``. ``--verify`` re-reads every shard and checks size, sha256 and keys against its
-index; it exits 1 naming each bad shard.
+``dataset.json``: for a dataset written by the filter job, the chain of parents back to the dump,
+each step with its filter recipe. ``--verify`` re-reads every shard (and its embedding sidecar, in
+scored datasets) and checks size, sha256 and keys against its index; it exits 1 naming each bad shard.
 """
 
 from __future__ import annotations
@@ -32,7 +33,20 @@ def summarise(data_dir: str) -> dict:
     return dict(path=data_dir, shards=len(shards), samples=samples, bytes=total,
                 bytes_per_sample=total / samples if samples else 0.0, bytes_per_sample_by_field=per_sample,
                 recipe=dataset.get("recipe"), recipe_hash=dataset.get("recipe_hash"),
-                lineage=dataset.get("lineage", dataset.get("parent")), totals=dataset.get("totals"))
+                lineage=lineage_chain(dataset.get("lineage")), totals=dataset.get("totals"))
+
+
+def lineage_chain(lineage: dict | None) -> list[dict]:
+    """The filter job's nested ``lineage`` -> one entry per step, newest first, back to the dump."""
+    chain = []
+    while lineage:
+        recipe, parent = lineage.get("filter_recipe", {}), lineage.get("parent", {})
+        chain.append({"filter_recipe_hash": lineage.get("filter_recipe_hash"),
+                      "filter": {k: v for k, v in recipe.items() if v is not None and not k.startswith("parent_")},
+                      "parent": parent.get("path"), "parent_recipe_hash": parent.get("recipe_hash"),
+                      "parent_dataset_sha256": parent.get("dataset_sha256")})
+        lineage = parent.get("lineage")
+    return chain
 
 
 def _human(n: float) -> str:
@@ -65,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recipe {summary['recipe_hash']}:")
             for k, v in summary["recipe"].items():
                 print(f"  {k} = {v}")
-        if summary["lineage"]:
-            print(f"lineage: {json.dumps(summary['lineage'])}")
+        for depth, step in enumerate(summary["lineage"]):
+            if depth == 0:
+                print("lineage (newest first):")
+            settings = ", ".join(f"{k}={v}" for k, v in step["filter"].items())
+            print(f"  {'  ' * depth}<- filter {step['filter_recipe_hash']} ({settings})")
+            print(f"  {'  ' * depth}   of {step['parent']} (recipe {step['parent_recipe_hash']}, "
+                  f"dataset.json sha256 {str(step['parent_dataset_sha256'])[:16]})")
     if not args.verify:
         return 0
     bad = 0

@@ -14,6 +14,12 @@ One WebDataset sample = one (prompt, seed) generation. Members of a sample (``<k
     feats.<layer>.npy           (F, C, H, W) block outputs at the feature steps (cond branch)
     png                         decoded image (optional)
 
+With ``--score_images`` the json also holds ``image_scores``: ``{"clip_model", "clip_score",
+"aesthetic_score"}`` of the decoded image (CLIP image-text cosine against the sample's own prompt;
+the aesthetic score is null without aesthetic weights). The image embedding itself is not a member:
+it sits in the shard's ``NNNNNN.emb.npy`` sidecar (``teachers.shards``), where a filter reads it
+without touching the tar.
+
 The schema sketch in ARCHITECTURE.md called the predictions ``eps_*``; they are ``pred_*`` here
 because v-prediction teachers record v, and ``json["prediction_type"]`` says which.
 
@@ -44,6 +50,7 @@ PRED_COND = "pred_cond.npy"
 PRED_UNCOND = "pred_uncond.npy"
 FEATS_PREFIX = "feats."
 IMAGE = "png"
+IMAGE_SCORES = "image_scores"  # json field: scores of the decoded image
 
 # SampleResult attribute -> member extension, in the order members are written to the tar.
 ARRAY_FIELDS = {
@@ -118,10 +125,12 @@ def to_storage(name: str, array: np.ndarray, storage_dtype: str) -> tuple[np.nda
     return array.astype(np.float16), False
 
 
-def encode_sample(result, meta: dict, *, storage_dtype: str = "float16") -> tuple[dict[str, bytes], dict]:
+def encode_sample(result, meta: dict, *, storage_dtype: str = "float16",
+                  image_scores: dict | None = None) -> tuple[dict[str, bytes], dict]:
     """SampleResult + shared metadata -> (WebDataset sample dict, stats).
 
-    ``meta`` holds what the dump adds (teacher, dtype, scheduler, timesteps, recipe hash ...).
+    ``meta`` holds what the dump adds (teacher, dtype, scheduler, timesteps, recipe hash ...);
+    ``image_scores`` (scored dumps) goes into the json as ``image_scores``.
     stats: ``{"fp32_fallback": [array names stored as float32 because float16 overflowed]}``.
     """
     if storage_dtype not in STORAGE_DTYPES:
@@ -143,6 +152,8 @@ def encode_sample(result, meta: dict, *, storage_dtype: str = "float16") -> tupl
     info = dict(meta, schema_version=SCHEMA_VERSION, key=key, prompt=result.prompt, seed=int(result.seed),
                 guidance_scale=float(result.guidance_scale), num_tokens=int(result.num_tokens),
                 feature_steps=[int(s) for s in result.feature_steps], array_dtypes=dtypes, array_shapes=shapes)
+    if image_scores is not None:
+        info[IMAGE_SCORES] = image_scores
     sample[JSON] = json.dumps(info, sort_keys=True, ensure_ascii=True).encode("ascii")
     sample[TXT] = result.prompt.encode("utf-8")
     sample.update(encoded)

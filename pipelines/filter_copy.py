@@ -1,0 +1,122 @@
+"""Writing one output shard of the filter job (the body of its Beam work unit, free of Beam).
+
+The worker reads its rows from the plan (``pipelines.filter_plan``) and copies each kept sample
+from the parent's shard by its byte range (``offsets`` in the parent's index): the tar headers of
+the range are checked first (``teachers.shards.sample_members``: 512 bytes each, data skipped),
+then the member data is streamed in 1 MiB chunks through the same deterministic, atomic
+``ShardWriter`` as the dump. Member bytes are copied unchanged, never decoded or re-encoded, and
+never held whole in memory; kept samples are adjacent in the parent, so the reads are sequential.
+The scores and embeddings go along into the new index and sidecar, so the output can be
+inspected, trained on, or filtered again like a dump. Ranges the fast path cannot stream (pax
+headers for very long keys, indexes without ranges) are read whole and parsed by
+``teachers.shards.read_samples``.
+A sample whose members cannot be read (a truncated or overwritten parent shard) is left out and
+reported in the index's ``copy_rejects``; the job counts it as rejected at stage ``copy``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from pipelines import filter_plan
+from teachers.record import JSON
+from teachers.shards import (ShardWriter, _fs, join, read_embeddings, read_index, read_samples,
+                             remove_stale_temporaries, sample_members, shard_name)
+
+
+def _check_json(key: str, data: bytes) -> None:
+    """The json member must parse and name the key: a cheap guard against a shard overwritten in place."""
+    try:
+        meta = json.loads(data)
+    except ValueError as err:
+        raise ValueError(f"json member unreadable: {err}") from None
+    if meta.get("key") != key:
+        raise ValueError(f"json member names key {meta.get('key')!r}")
+
+
+def _stream_one(src, row: dict, writer: ShardWriter, scores: dict, embedding) -> None:
+    """The fast path: check the sample's headers and json, then stream its member data across.
+
+    ``ValueError`` (nothing written yet) when the range cannot be copied this way.
+    """
+    members = sample_members(src, row["key"], row["start"], row["end"])
+    for ext, offset, size in members:
+        if ext == JSON:
+            src.seek(offset)
+            _check_json(row["key"], src.read(size))
+    writer.copy_members(src, row["key"], members, scores=scores, embedding=embedding)
+
+
+def _read_one(parent: str, input_shard: int, rows: list[dict]):
+    """The general path (indexes without byte ranges, pax headers): whole samples parsed in memory."""
+    wanted = [(r["key"], None if r["start"] is None else [r["start"], r["end"]]) for r in rows]
+    for key, sample, problem in read_samples(parent, input_shard, wanted):
+        if sample is not None:
+            try:
+                _check_json(key, bytes(sample.get(JSON, b"")))
+            except ValueError as err:
+                sample, problem = None, str(err)
+        yield key, sample, problem
+
+
+def _copy_from(parent: str, input_shard: int, rows: list[dict], writer: ShardWriter) -> list[dict]:
+    """Append the samples of ``rows`` (one parent shard, in position order); returns the copy rejects."""
+    try:
+        embeds = read_embeddings(parent, input_shard, read_index(parent, input_shard))
+    except (ValueError, FileNotFoundError) as err:  # changed since ReadScores checked it
+        return [{"key": r["key"], "reason": filter_plan.CORRUPT_EMBEDDINGS, "detail": str(err)} for r in rows]
+    light = {r["key"]: ({"aesthetic_score": r["aesthetic_score"], "clip_score": r["clip_score"]},
+                        embeds[r["input_position"]]) for r in rows}
+    rejects = []
+    fs, path = _fs(join(parent, shard_name(input_shard)))
+    with fs.open(path, "rb") as src:
+        for row in rows:
+            if row["start"] is None:
+                continue
+            try:
+                _stream_one(src, row, writer, *light[row["key"]])
+            except ValueError:  # not streamable (pax headers, damage): read it whole, or learn why not
+                rejects += _copy_slow(parent, input_shard, [row], writer, light)
+    unranged = [r for r in rows if r["start"] is None]  # indexes written before byte ranges existed
+    return rejects + _copy_slow(parent, input_shard, unranged, writer, light)
+
+
+def _copy_slow(parent: str, input_shard: int, rows: list[dict], writer: ShardWriter, light: dict) -> list[dict]:
+    rejects = []
+    for key, sample, problem in _read_one(parent, input_shard, rows) if rows else ():
+        if sample is None:
+            rejects.append({"key": key, "reason": filter_plan.CORRUPT_MEMBER,
+                            "detail": f"{shard_name(input_shard)}: {problem}"})
+        else:
+            writer.write(sample, scores=light[key][0], embedding=light[key][1])
+    return rejects
+
+
+def copy_shard(parent: str, output: str, shard: int, recipe_hash: str, *, progress: bool = False) -> dict:
+    """Write output shard ``shard`` from the plan; returns its index (with ``copy_rejects``)."""
+    remove_stale_temporaries(output, shard)
+    rows = filter_plan.read_plan(output, shard)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
+    writer = ShardWriter(output, shard, recipe_hash=recipe_hash)
+    rejects = []
+    try:
+        for input_shard, group in itertools.groupby(rows, key=lambda r: r["input_shard"]):
+            group = list(group)
+            rejects += _copy_from(parent, input_shard, group, writer)
+            if bar is not None:
+                bar.update(len(group))
+        writer.extra = {"copy_rejects": rejects,
+                        "input_shards": sorted({r["input_shard"] for r in rows})}
+        index = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return index

@@ -1,0 +1,289 @@
+"""The filter job on a scored tiny dump with planted duplicates and low scores: exactly the planned keys
+kept, every input key in the manifest once, member bytes unchanged, byte-identical re-runs, lineage,
+the trainer reading the output, bad input counted or refused before work, and the Dask runner."""
+
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from filters.aesthetic import AestheticMLP
+from pipelines import filter_shards, teacher_dump
+from teachers import inspect as inspect_cli
+from teachers import shards
+
+DUMP = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2", "--samples_per_shard", "3",
+        "--batch_size", "3", "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
+        "--cpu_threads", "2"]
+BOAT, CAT, TREE = "a red boat at sea", "a cat on a mat", "a green tree on a hill"
+ROWS = [  # 3 samples per shard, one batch each
+    *({"id": f"{x}0", "caption": c, "seed": seed} for x, c, seed in (("a", BOAT, 1), ("b", CAT, 2), ("c", TREE, 3))),
+    *({"id": f"u{i}", "caption": f"a photo of thing number {i}"} for i in range(3)),
+    # shard 2 replays shard 0 under other ids: identical images and embeddings, across shards
+    *({"id": f"{x}1", "caption": c, "seed": seed} for x, c, seed in (("a", BOAT, 1), ("b", CAT, 2), ("c", TREE, 3))),
+    {"id": "u3", "caption": "a photo of thing number 3"}, {"id": "nan", "caption": "a dog", "guidance_scale": 1e38},
+    {"id": "null", "caption": None},  # rejected by the dump before planning
+    {"id": "u4", "caption": "a photo of thing number 4"},
+    {"id": "u5", "caption": "a photo of thing number 5"}, {"id": "u6", "caption": "a photo of thing number 6"},
+    {"id": "u7", "caption": "a photo of thing number 7"},
+]
+EPS = 0.002  # distinct tiny-teacher images are > 0.005 apart in 1 - cosine; planted ones are identical
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scored")
+    (tmp / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    torch.manual_seed(0)
+    torch.save(AestheticMLP(32).state_dict(), tmp / "aes.pth")
+    teacher_dump.run(["--prompts", str(tmp / "p.jsonl"), "--output", str(tmp / "dump"), *DUMP, "--save_images",
+                      "--score_images", "tiny", "--aesthetic_weights", str(tmp / "aes.pth")])
+    return str(tmp / "dump")
+
+
+def parent_samples(data_dir):
+    """key -> dict(aesthetic, clip, embedding, shard, position) from the indexes and sidecars."""
+    out = {}
+    for shard in shards.list_indexes(data_dir):
+        index = shards.read_index(data_dir, shard)
+        embeds = shards.read_embeddings(data_dir, shard, index)
+        for i, key in enumerate(index["keys"]):
+            out[key] = dict(aesthetic=index["scores"]["aesthetic_score"][i], clip=index["scores"]["clip_score"][i],
+                            embedding=embeds[i], shard=shard, position=i)
+    return out
+
+
+def reference_fates(samples, aesthetic_min, clip_min, eps):
+    """The expected fate of every generated key, computed independently of the job with numpy."""
+    fates = {}
+    for key, s in samples.items():
+        if aesthetic_min is not None and s["aesthetic"] < aesthetic_min:
+            fates[key] = ("filtered", "aesthetic_below_threshold", None)
+        elif clip_min is not None and s["clip"] < clip_min:
+            fates[key] = ("filtered", "clip_score_below_threshold", None)
+    kept = []
+    for key in sorted(set(samples) - set(fates), key=lambda k: (-samples[k]["aesthetic"], k)):
+        e = samples[key]["embedding"] / np.linalg.norm(samples[key]["embedding"])
+        sims = [float(e @ (samples[k]["embedding"] / np.linalg.norm(samples[k]["embedding"]))) for k in kept]
+        if sims and max(sims) >= 1 - eps - 1e-6:
+            fates[key] = ("duplicate", "semantic_duplicate", kept[int(np.argmax(sims))])
+        else:
+            kept.append(key)
+            fates[key] = ("kept", None, None)
+    return fates
+
+
+def midpoint_above(values, lowest):
+    """A threshold between ``lowest`` and the next larger value: exactly the keys at or below it fall."""
+    return (lowest + min(v for v in values if v > lowest)) / 2
+
+
+@pytest.fixture(scope="module")
+def filtered(dump, tmp_path_factory):
+    samples = parent_samples(dump)
+    unique = [k for k in samples if k.startswith("u")]
+    lowest = min(unique, key=lambda k: samples[k]["aesthetic"])
+    aesthetic_min = midpoint_above([s["aesthetic"] for s in samples.values()], samples[lowest]["aesthetic"])
+    survivors = [k for k in unique if samples[k]["aesthetic"] >= aesthetic_min]
+    low_clip = min(survivors, key=lambda k: samples[k]["clip"])
+    clip_min = midpoint_above([s["clip"] for s in samples.values()], samples[low_clip]["clip"])
+    out = str(tmp_path_factory.mktemp("filtered") / "final")
+    args = ["--input", dump, "--output", out, "--aesthetic_threshold", repr(aesthetic_min), "--clip_score_threshold",
+            repr(clip_min), "--semdedup_eps", str(EPS), "--samples_per_shard", "4", "--progress", "off"]
+    dataset = filter_shards.run(args)
+    expected = reference_fates(samples, aesthetic_min, clip_min, EPS)
+    return dict(out=out, args=args, dataset=dataset, expected=expected, samples=samples, planted=(lowest, low_clip))
+
+
+def manifest(out):
+    return pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
+
+
+def tree_bytes(root):
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root) for n in names}
+
+
+def tar_members(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, m.size, tar.extractfile(m).read()) for m in tar]
+
+
+def test_filter_keeps_exactly_the_planned_keys_and_every_input_key_has_one_fate(filtered):
+    out, expected, dataset = filtered["out"], filtered["expected"], filtered["dataset"]
+    lowest, low_clip = filtered["planted"]
+    rows = manifest(out)
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == 16  # 15 planned samples (14 written, 1 NaN) + the null-caption row
+    got = {r["key"]: (r["fate"], r["reason"], r["duplicate_of"]) for r in rows}
+    assert got["nan-s0"] == ("rejected", "non_finite", None) and got["null"] == ("rejected", "null_caption", None)
+    assert {k: v for k, v in got.items() if k not in ("nan-s0", "null")} == expected
+    # the planted cases are all exercised: low aesthetic, low CLIP score, duplicates across shards
+    assert expected[lowest][1] == "aesthetic_below_threshold" and expected[low_clip][1] == "clip_score_below_threshold"
+    dups = {k: of for k, (fate, _, of) in expected.items() if fate == "duplicate"}
+    # each duplicate is a replay of a shard-0 sample (equal scores: the smaller key is kept)
+    assert len(dups) >= 2 and all(k[0] in "abc" and of == k[0] + "0-s0" for k, of in dups.items())
+    totals = dataset["totals"]
+    assert totals["input"] == totals["kept"] + totals["filtered"] + totals["duplicate"] + totals["rejected"] == 16
+    kept = [r for r in rows if r["fate"] == "kept"]
+    assert totals["kept"] == len(kept) == sum(s["count"] for s in dataset["shards"])
+
+
+def test_scores_and_embeddings_are_read_without_the_tars(dump, tmp_path):
+    from pipelines import filter_plan
+
+    light = tmp_path / "light"  # the parent without any tar: the first half of the job reads only this
+    light.mkdir()
+    for name in os.listdir(dump):
+        if name.endswith((".json", ".emb.npy")):
+            shutil.copy(os.path.join(dump, name), light / name)
+    records = filter_plan.score_records(str(light), 2)
+    index = shards.read_index(dump, 2)
+    assert [r["id"] for r in records] == index["keys"] and all(r["drop_stage"] is None for r in records)
+    assert [r["offset"] for r in records] == index["offsets"]
+    assert np.array_equal(np.stack([r["image_embedding"] for r in records]), shards.read_embeddings(dump, 2, index))
+
+
+def test_output_shards_are_balanced_in_parent_order_and_hold_the_input_bytes(filtered, dump):
+    out, samples = filtered["out"], filtered["samples"]
+    kept = sorted((k for k, f in filtered["expected"].items() if f[0] == "kept"),
+                  key=lambda k: (samples[k]["shard"], samples[k]["position"]))
+    indexes = [shards.read_index(out, i) for i in shards.list_indexes(out)]
+    assert [k for ix in indexes for k in ix["keys"]] == kept
+    counts = [ix["count"] for ix in indexes]
+    assert len(counts) == -(-len(kept) // 4) and max(counts) - min(counts) <= 1
+    parent = {}
+    for shard in shards.list_indexes(dump):
+        for name, size, data in tar_members(os.path.join(dump, shards.shard_name(shard))):
+            parent[name] = (size, data)
+    for ix in indexes:
+        members = tar_members(os.path.join(out, ix["shard"]))
+        assert {n.split(".")[0] for n, _, _ in members} == set(ix["keys"])
+        for name, size, data in members:
+            assert parent[name] == (size, data)  # copied unchanged, never re-encoded
+        embeds = shards.read_embeddings(out, int(ix["shard"][:6]), ix)
+        for i, key in enumerate(ix["keys"]):
+            assert np.array_equal(embeds[i], samples[key]["embedding"])
+            assert ix["scores"]["aesthetic_score"][i] == samples[key]["aesthetic"]
+        assert shards.verify_shard(out, int(ix["shard"][:6])) == []
+
+
+def test_rerun_redoes_a_partial_shard_byte_identically_and_skips_complete_ones(filtered, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(filtered["out"], out)
+    before = tree_bytes(out)
+    mtime = os.stat(os.path.join(out, "000000.tar")).st_mtime_ns
+    os.remove(os.path.join(out, "000001.json"))  # index gone: shard 1 counts as incomplete
+    with open(os.path.join(out, "000002.tar"), "r+b") as f:  # a torn shard
+        f.truncate(2048)
+    filter_shards.run([out if a == filtered["out"] else a for a in filtered["args"]])
+    assert os.stat(os.path.join(out, "000000.tar")).st_mtime_ns == mtime  # verified and skipped
+    assert tree_bytes(out) == before  # shards 1 and 2 rewritten to the same bytes
+
+
+def test_dataset_json_keeps_what_the_trainer_needs_and_records_the_lineage(filtered, dump):
+    import hashlib
+
+    dataset, out = filtered["dataset"], filtered["out"]
+    parent = json.load(open(os.path.join(dump, "dataset.json")))
+    for key in ("recipe", "recipe_hash", "shared", "timesteps", "scheduler_config", "prediction_type"):
+        assert dataset[key] == parent[key]
+    assert open(os.path.join(out, "negative_prompt_embeds.npy"), "rb").read() == \
+        open(os.path.join(dump, "negative_prompt_embeds.npy"), "rb").read()
+    lineage = dataset["lineage"]
+    parent_sha = hashlib.sha256(open(os.path.join(dump, "dataset.json"), "rb").read()).hexdigest()
+    assert lineage["parent"] == {"path": dump, "recipe_hash": parent["recipe_hash"], "lineage": None,
+                                 "dataset_sha256": parent_sha}
+    assert lineage["filter_recipe"]["semdedup_eps"] == EPS and lineage["filter_recipe"]["samples_per_shard"] == 4
+    report = open(os.path.join(out, "report.html")).read()
+    assert report.count("data:image/png;base64,") == 2  # plots; image grid
+    for group in ("kept", "duplicate: semantic_duplicate", "filtered: aesthetic_below_threshold",
+                  "filtered: clip_score_below_threshold", "rejected: non_finite", "rejected: null_caption"):
+        assert f"<tr><td>{group}</td>" in report
+
+
+def test_trainer_reads_a_filtered_dataset_like_a_dump(filtered, tmp_path):
+    from students.train import TrainConfig, train
+
+    losses = train(TrainConfig(data=filtered["out"], output=str(tmp_path / "run"), preset="tiny", recipe="output_kd",
+                               batch_size=2, max_steps=2, warmup_steps=1, checkpoint_every=2, shuffle_buffer=0))
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_a_filtered_dataset_filters_again_and_inspect_shows_the_chain(filtered, dump, tmp_path, capsys):
+    out2 = str(tmp_path / "top")
+    second = filter_shards.run(["--input", filtered["out"], "--output", out2, "--clip_score_top_fraction", "0.5",
+                                "--semdedup_eps", "none", "--progress", "off"])
+    kept = filtered["dataset"]["totals"]["kept"]
+    assert second["totals"]["input"] == kept and second["totals"]["kept"] == -(-kept // 2)
+    assert inspect_cli.main([out2, "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert text.index(f"of {filtered['out']} ") < text.index(f"of {dump} ")  # newest first, back to the dump
+    chain = inspect_cli.summarise(out2)["lineage"]
+    assert [step["parent"] for step in chain] == [filtered["out"], dump]
+    assert chain[0]["filter"]["clip_score_top_fraction"] == 0.5
+
+
+def test_a_corrupt_member_is_rejected_with_its_reason_and_counted(filtered, dump, tmp_path):
+    bad = str(tmp_path / "bad")
+    shutil.copytree(dump, bad)
+    victim = next(k for k, f in sorted(filtered["expected"].items()) if f[0] == "kept")
+    s = filtered["samples"][victim]
+    start = shards.read_index(bad, s["shard"])["offsets"][s["position"]][0]
+    with open(os.path.join(bad, shards.shard_name(s["shard"])), "r+b") as f:  # same size, garbled header
+        f.seek(start)
+        f.write(b"\xff" * 100)
+    out = str(tmp_path / "out")
+    dataset = filter_shards.run([bad if a == dump else out if a == filtered["out"] else a for a in filtered["args"]])
+    row = next(r for r in manifest(out) if r["key"] == victim)
+    assert (row["fate"], row["stage"], row["reason"]) == ("rejected", "copy", "corrupt_member")
+    t = dataset["totals"]
+    assert t["kept"] == filtered["dataset"]["totals"]["kept"] - 1 == sum(s["count"] for s in dataset["shards"])
+    assert t["input"] == t["kept"] + t["filtered"] + t["duplicate"] + t["rejected"] == 16
+
+
+@pytest.fixture(scope="module")
+def unscored(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("unscored")
+    (tmp / "p.txt").write_text("a cat\n")
+    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "dump"), *DUMP])
+    return str(tmp / "dump")
+
+
+def test_bad_arguments_fail_before_any_work(dump, unscored, tmp_path):
+    def fails(args, message):
+        out = str(tmp_path / "o")
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            filter_shards.run(["--output", out, *args])
+        assert not os.path.exists(out)
+
+    fails(["--input", "/no/dump"], "--input '/no/dump' does not exist")
+    fails(["--input", unscored], "holds no image scores: make the dump with --save_images --score_images PRESET")
+    fails(["--input", dump, "--clip_score_top_fraction", "2"], r"clip_score_top_fraction must be in \(0, 1\]")
+    fails(["--input", dump, "--clip_score_threshold", "0.2", "--clip_score_top_fraction", "0.5"],
+          "give clip_score_threshold or clip_score_top_fraction, not both")
+    fails(["--input", dump, "--semdedup_eps", "x"], "argument --semdedup_eps")
+    with pytest.raises(ValueError, match="is the --input folder"):
+        filter_shards.run(["--input", dump, "--output", dump])
+    assert filter_shards.main(["--input", unscored, "--output", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.slow  # a Dask cluster of two worker processes: about 20 s here
+def test_dask_runner_gives_the_same_bytes_as_direct(filtered, tmp_path):
+    """A fresh run on another engine: the same bytes, report and manifest included."""
+    from distributed import LocalCluster
+
+    from diffusion_distill.beam_cli import main as beam_main
+
+    out = str(tmp_path / "dask")
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
+                      processes=True) as cluster:
+        beam_main(["run", "pipelines/filter_shards.py", "--runner=Dask",
+                   f"--dask_client_address={cluster.scheduler_address}",
+                   *[out if a == filtered["out"] else a for a in filtered["args"]]])
+    assert tree_bytes(out) == tree_bytes(filtered["out"])
