@@ -32,6 +32,7 @@ class TrainConfig:
     output: str  # run folder: checkpoints, TensorBoard logs, image grids
     preset: str = "tiny"  # student UNet preset (students.unet.PRESETS)
     recipe: str = "output_kd"  # distillation recipe (students.objective.RECIPES)
+    student_steps: int = 0  # step distillation: sampling steps the student is trained for (0 = the recipe's)
     max_steps: int = 100  # optimizer steps
     batch_size: int = 8  # samples per rank per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -123,7 +124,7 @@ def train(cfg: TrainConfig) -> list[float]:
     rank, world = setup_distributed(cfg)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cfg.device.startswith("cuda") else cfg.device)
     torch.manual_seed(cfg.seed)
-    recipe: DistillRecipe = get_recipe(cfg.recipe)
+    recipe: DistillRecipe = get_recipe(cfg.recipe, **({"student_steps": cfg.student_steps} if cfg.student_steps else {}))
     # 2. the dataset and what it stores once
     dataset, negative = read_dataset(cfg.data)
     noise_schedule = DDPMScheduler.from_config(dataset["scheduler_config"])

@@ -435,12 +435,34 @@ def tiny_xl() -> StudentUNetConfig:
     )
 
 
+def shapes() -> StudentUNetConfig:
+    """The mobile-class student of the ``shapes`` teacher (``teachers.shapes.model.unet_config()``:
+    8x8 latents, 48/96 channels, text width 64): the same widths with fewer transformers, separable
+    convs and ReLU shared-key-value attention at the low level, SwiGLU; under half the teacher's size."""
+    return StudentUNetConfig(
+        sample_size=8,
+        block_out_channels=(48, 96),
+        down_layouts=("R", "R T"),
+        mid_layout="R T",
+        up_layouts=("R T R T", "R R"),
+        conv_types=("dense", "separable"),
+        num_attention_heads=(2, 4),
+        shared_kv=True,
+        attention_kernel="relu",
+        ff_mult=2.0,
+        ff_activation="swiglu",
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+
+
 PRESETS = {
     "snapfusion": snapfusion,
     "mobilediffusion": mobilediffusion,
     "snapgen": snapgen,
     "tiny": tiny,
     "tiny_xl": tiny_xl,
+    "shapes": shapes,
     "sd15_reference": sd15_reference,
     "sdxl_reference": sdxl_reference,
 }

@@ -6,6 +6,8 @@
 Specs:
     tiny          SD-1.5-shaped pipeline from small configs (same weights on every machine)
     tiny-xl       SDXL-shaped: two text encoders, pooled embeddings, time ids
+    shapes        SD-1.5-shaped, 32 px, trained here on the shapes world (``teachers/shapes``):
+                  it draws what its captions say, so quality metrics mean something offline
     sd15-random   the full SD-1.5 architecture, random weights (cost measurement)
     sdxl-random   the full SDXL base architecture, random weights (cost measurement)
     PATH          a local diffusers pipeline folder (``model_index.json`` inside)
@@ -23,7 +25,7 @@ import socket
 import threading
 from urllib.parse import urlparse
 
-BUILTIN_SPECS = ("tiny", "tiny-xl", "sd15-random", "sdxl-random")
+BUILTIN_SPECS = ("tiny", "tiny-xl", "shapes", "sd15-random", "sdxl-random")
 DTYPES = ("float32", "float16", "bfloat16")
 _BUILD_SEED = 20240601  # weights of built-in specs: fixed, so every machine builds the same model
 
@@ -109,11 +111,13 @@ def load_teacher(spec: str, dtype: str = "float32", device: str = "cpu", *, loca
 def _builtin_configs(spec: str) -> dict:
     """Configs of a built-in spec: ``unet``, ``vae``, ``text`` and, for SDXL shapes, ``text_2``."""
     from teachers import configs
+    from teachers.shapes import model as shapes_model
 
     return {
         "tiny": lambda: dict(unet=configs.tiny_unet(), vae=configs.tiny_vae(), text=configs.tiny_text()),
         "tiny-xl": lambda: dict(unet=configs.tiny_xl_unet(), vae=configs.tiny_vae(), text=configs.tiny_text(),
                                 text_2=configs.tiny_xl_text_2()),
+        "shapes": lambda: shapes_model.configs_dict(),
         "sd15-random": lambda: dict(unet=configs.sd15_unet(), vae=configs.sd_vae(), text=configs.clip_l_text()),
         "sdxl-random": lambda: dict(unet=configs.sdxl_unet(), vae=configs.sd_vae(1024, 0.13025),
                                     text=configs.clip_l_text_xl(), text_2=configs.clip_bigg_text()),
@@ -126,6 +130,7 @@ def _build_builtin(spec: str):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from teachers import configs
+    from teachers.shapes import model as shapes_model
     from teachers.tokenizer import clip_tokenizer
 
     # fork_rng: building a teacher must not move the caller's global RNG.
@@ -137,8 +142,12 @@ def _build_builtin(spec: str):
             vae=AutoencoderKL(**cfg["vae"]),
             text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text"])),
             tokenizer=clip_tokenizer(),
-            scheduler=DDIMScheduler(**configs.sd15_scheduler(), clip_sample=False, set_alpha_to_one=False),
+            scheduler=DDIMScheduler(**(shapes_model.scheduler_config() if spec == "shapes" else
+                                       dict(configs.sd15_scheduler(), clip_sample=False, set_alpha_to_one=False))),
         )
+        if spec == "shapes":  # trained here: the committed weights replace the seeded init
+            shapes_model.load_weights(shapes_model.WEIGHTS_DIR, components["unet"], components["vae"],
+                                      components["text_encoder"])
         if "text_2" not in cfg:
             return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)

@@ -1,0 +1,144 @@
+"""The ``shapes`` teacher: a small SD-1.5-shaped pipeline trained here on the shapes world.
+
+Same parts as Stable Diffusion 1.5, scaled to 32 px images: a KL autoencoder with factor 4 (8x8x4
+latents), a cross-attention UNet, a CLIP text transformer over the real CLIP BPE vocabulary, and
+SD-1.5's noise schedule. ``python -m teachers.shapes.train`` trains it from scratch; its weights
+(float16 safetensors, a few MB) sit in ``teachers/shapes/weights/`` and ``load_teacher("shapes")``
+loads them.
+
+Only the few dozen token ids the world's captions use ever get a gradient, so the text encoder's
+token table is stored sparsely: the used rows and their ids. Every other row is zero at
+initialisation and stays zero in training (AdamW leaves a parameter with zero gradient and zero
+value where it is), so the sparse file reproduces the trained table exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+COMPONENTS = ("unet", "vae", "text_encoder")
+_TOKEN_SUFFIX = "embeddings.token_embedding.weight"  # transformers 4.x prefixes "text_model."
+
+
+def unet_config() -> dict:
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(48, 96),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def vae_config() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=1.0,  # set by training: 1 / std of the training latents
+    )
+
+
+def text_config() -> dict:
+    from teachers import configs
+
+    return dict(configs.clip_l_text(), hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=4, projection_dim=64)
+
+
+def scheduler_config() -> dict:
+    """SD-1.5's noise schedule with trailing timestep spacing (Lin et al. 2024, "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed"): the first step starts at t = 999 at any step count,
+    and an n-step schedule is every (N/n)-th step of an N-step one, so step-distilled students
+    sample exactly the timesteps they were trained on."""
+    from teachers import configs
+
+    return dict(configs.sd15_scheduler(), timestep_spacing="trailing", steps_offset=0, clip_sample=False,
+                set_alpha_to_one=False)
+
+
+def configs_dict() -> dict:
+    return dict(unet=unet_config(), vae=vae_config(), text=text_config())
+
+
+def world_token_ids(tokenizer) -> list[int]:
+    """Token ids the world's captions and the empty prompt use (BOS, EOS and padding included)."""
+    from teachers.shapes import world
+
+    texts = [world.caption(s) for s in world.all_scenes()] + [""]
+    ids = set()
+    for batch in (texts[i : i + 256] for i in range(0, len(texts), 256)):
+        ids.update(int(t) for row in tokenizer(batch, padding="max_length", max_length=77)["input_ids"] for t in row)
+    return sorted(ids)
+
+
+def _token_key(state: dict) -> str:
+    (key,) = [k for k in state if k.endswith(_TOKEN_SUFFIX)]
+    return key
+
+
+def save_weights(folder: str, unet, vae, text_encoder, token_ids: list[int], meta: dict) -> None:
+    """float16 safetensors per component (the text encoder's token table sparse) + ``weights.json``."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save as save_bytes
+
+    from teachers.shards import atomic_write_bytes, atomic_write_json
+
+    os.makedirs(folder, exist_ok=True)
+    digests = {}
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+        if name == "text_encoder":
+            key = _token_key(state)
+            table = state.pop(key)
+            ids = torch.tensor(token_ids, dtype=torch.int64)
+            rest = torch.ones(table.shape[0], dtype=torch.bool)
+            rest[ids] = False
+            if table[rest].abs().max() > 0:
+                raise ValueError("token rows outside the world's vocabulary are not zero: the sparse table would lose them")
+            state[key + ".ids"] = ids
+            state[key + ".rows"] = table[ids].contiguous()
+        data = save_bytes(state)
+        atomic_write_bytes(os.path.join(folder, f"{name}.safetensors"), data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    atomic_write_json(os.path.join(folder, "weights.json"), dict(meta, sha256=digests))
+
+
+def load_weights(folder: str, unet, vae, text_encoder) -> dict:
+    """Load the committed weights into freshly built modules (in place); returns ``weights.json``."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "weights.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no shapes teacher weights in {folder!r}: train them with "
+                                "`python -m teachers.shapes.train --output teachers/shapes/weights`")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        state = load_file(os.path.join(folder, f"{name}.safetensors"))
+        if name == "text_encoder":
+            key = _token_key(module.state_dict())
+            ids, rows = state.pop(key + ".ids"), state.pop(key + ".rows")
+            table = torch.zeros_like(module.state_dict()[key], dtype=torch.float16)
+            table[ids] = rows
+            state[key] = table
+        dtype = next(module.parameters()).dtype
+        module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+    return meta
