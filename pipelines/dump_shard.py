@@ -77,42 +77,38 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
 
         bar = tqdm(total=len(requests), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
     rejects, truncated, fallbacks, info = [], 0, 0, None
-    writer = ShardWriter(output, shard, recipe_hash=recipe.hash)
     try:
-        for batch in batches:
-            results, info = sample_trajectories(teacher, batch, config)
-            meta = dict(teacher=recipe.teacher, dtype=recipe.dtype, scheduler_class=info.scheduler_class,
-                        scheduler_config=info.scheduler_config, prediction_type=info.prediction_type,
-                        num_inference_steps=recipe.num_inference_steps, timesteps=info.timesteps,
-                        recorded_steps=info.recorded_steps, feature_layers=list(recipe.feature_layers),
-                        height=recipe.height, width=recipe.width, recipe_hash=recipe.hash)
-            for res, (image_scores, embedding) in zip(results, _score(scorer, results)):
-                try:
-                    sample, stats = record.encode_sample(res, meta, storage_dtype=recipe.storage_dtype,
-                                                         image_scores=image_scores)
-                    _check_scores(image_scores, embedding)
-                except record.BadRecord as err:
-                    rejects.append({"key": res.key, "reason": err.reason, "detail": str(err), "prompt": res.prompt})
-                    continue
-                truncated += res.num_tokens > _CLIP_MAX_TOKENS
-                fallbacks += len(stats["fp32_fallback"])
-                writer.write(sample, scores=_index_scores(image_scores), embedding=embedding)
-            if bar is not None:
-                bar.update(len(batch))
-        reasons = dump_plan.write_rejects(output, f"{shard:06d}", rejects)
-        writer.extra = dict(
-            rejects=reasons, truncated_captions=int(truncated), fp32_fallbacks=fallbacks,
-            shared=_write_shared(output, info) if info is not None else {},
-            timesteps=info.timesteps if info else None, recorded_steps=info.recorded_steps if info else None,
-            scheduler_class=info.scheduler_class if info else None,
-            scheduler_config=info.scheduler_config if info else None,
-            prediction_type=info.prediction_type if info else None,
-        )
-        index = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+        with ShardWriter(output, shard, recipe_hash=recipe.hash) as writer:
+            for batch in batches:
+                results, info = sample_trajectories(teacher, batch, config)
+                meta = dict(teacher=recipe.teacher, dtype=recipe.dtype, scheduler_class=info.scheduler_class,
+                            scheduler_config=info.scheduler_config, prediction_type=info.prediction_type,
+                            num_inference_steps=recipe.num_inference_steps, timesteps=info.timesteps,
+                            recorded_steps=info.recorded_steps, feature_layers=list(recipe.feature_layers),
+                            height=recipe.height, width=recipe.width, recipe_hash=recipe.hash)
+                for res, (image_scores, embedding) in zip(results, _score(scorer, results)):
+                    try:
+                        sample, stats = record.encode_sample(res, meta, storage_dtype=recipe.storage_dtype,
+                                                             image_scores=image_scores)
+                        _check_scores(image_scores, embedding)
+                    except record.BadRecord as err:
+                        rejects.append({"key": res.key, "reason": err.reason, "detail": str(err), "prompt": res.prompt})
+                        continue
+                    truncated += res.num_tokens > _CLIP_MAX_TOKENS
+                    fallbacks += len(stats["fp32_fallback"])
+                    writer.write(sample, scores=_index_scores(image_scores), embedding=embedding)
+                if bar is not None:
+                    bar.update(len(batch))
+            reasons = dump_plan.write_rejects(output, f"{shard:06d}", rejects)
+            writer.extra = dict(
+                rejects=reasons, truncated_captions=int(truncated), fp32_fallbacks=fallbacks,
+                shared=_write_shared(output, info) if info is not None else {},
+                timesteps=info.timesteps if info else None, recorded_steps=info.recorded_steps if info else None,
+                scheduler_class=info.scheduler_class if info else None,
+                scheduler_config=info.scheduler_config if info else None,
+                prediction_type=info.prediction_type if info else None,
+            )
     finally:
         if bar is not None:
             bar.close()
-    return index
+    return writer.index

@@ -102,21 +102,17 @@ def copy_shard(parent: str, output: str, shard: int, recipe_hash: str, *, progre
         from tqdm import tqdm
 
         bar = tqdm(total=len(rows), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
-    writer = ShardWriter(output, shard, recipe_hash=recipe_hash)
     rejects = []
     try:
-        for input_shard, group in itertools.groupby(rows, key=lambda r: r["input_shard"]):
-            group = list(group)
-            rejects += _copy_from(parent, input_shard, group, writer)
-            if bar is not None:
-                bar.update(len(group))
-        writer.extra = {"copy_rejects": rejects,
-                        "input_shards": sorted({r["input_shard"] for r in rows})}
-        index = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+        with ShardWriter(output, shard, recipe_hash=recipe_hash) as writer:
+            for input_shard, group in itertools.groupby(rows, key=lambda r: r["input_shard"]):
+                group = list(group)
+                rejects += _copy_from(parent, input_shard, group, writer)
+                if bar is not None:
+                    bar.update(len(group))
+            writer.extra = {"copy_rejects": rejects,
+                            "input_shards": sorted({r["input_shard"] for r in rows})}
     finally:
         if bar is not None:
             bar.close()
-    return index
+    return writer.index

@@ -266,8 +266,9 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Commit on success (the index is kept as ``self.index``); abort on any exception."""
         if exc_type is None:
-            self.commit()
+            self.index = self.commit()
         else:
             self.abort()
 
