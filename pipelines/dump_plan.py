@@ -16,7 +16,8 @@ import os
 import re
 
 from teachers.record import SCHEMA_VERSION
-from teachers.shards import _fs, atomic_write_bytes, atomic_write_json, join
+from teachers.fs import url_to_fs
+from teachers.shards import atomic_write_bytes, atomic_write_json, join
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 PLAN = "_plan/plan.parquet"
@@ -109,7 +110,7 @@ def sample_seed(key: str) -> int:
 
 
 def file_sha256(path: str) -> str:
-    fs, p = _fs(path)
+    fs, p = url_to_fs(path)
     digest = hashlib.sha256()
     with fs.open(p, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -134,7 +135,7 @@ def _decode_line(raw: bytes):
 
 def read_input(path: str) -> tuple[list[InputRow], int]:
     """Rows of a prompt list (.txt / .jsonl) or a curated manifest (.parquet). Returns (rows, not_kept)."""
-    fs, p = _fs(path)
+    fs, p = url_to_fs(path)
     if not fs.exists(p):
         raise FileNotFoundError(f"--prompts {path!r} does not exist")
     ext = os.path.splitext(p)[1].lower()
@@ -229,7 +230,7 @@ def write_plan(output: str, planned) -> int:
         for _, rows in itertools.groupby(planned, key=lambda r: r[0]):  # planned is in shard order
             writer.write_table(pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema))
             num_shards += 1
-    fs, p = _fs(join(output, PLAN))
+    fs, p = url_to_fs(join(output, PLAN))
     fs.makedirs(os.path.dirname(p), exist_ok=True)
     atomic_write_bytes(join(output, PLAN), buf.getvalue())
     return num_shards
@@ -238,14 +239,14 @@ def write_plan(output: str, planned) -> int:
 def read_shard_plan(output: str, shard: int) -> list[dict]:
     import pyarrow.parquet as pq
 
-    fs, p = _fs(join(output, PLAN))
+    fs, p = url_to_fs(join(output, PLAN))
     with fs.open(p, "rb") as f:
         return pq.ParquetFile(f).read_row_group(shard).to_pylist()
 
 
 def check_or_write_recipe(output: str, recipe: DumpRecipe) -> None:
     """Refuse an output folder made with another recipe; record the recipe in a new one."""
-    fs, p = _fs(join(output, RECIPE))
+    fs, p = url_to_fs(join(output, RECIPE))
     if fs.exists(p):
         with fs.open(p, "rb") as f:
             old = json.loads(f.read())
@@ -264,7 +265,7 @@ def check_or_write_recipe(output: str, recipe: DumpRecipe) -> None:
 
 def write_rejects(output: str, name: str, rejects: list[dict]) -> dict[str, int]:
     """Write ``rejects/<name>.jsonl`` atomically (one JSON object per line); returns counts by reason."""
-    fs, root = _fs(output)
+    fs, root = url_to_fs(output)
     fs.makedirs(join(root, "rejects"), exist_ok=True)
     lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
     atomic_write_bytes(join(output, f"rejects/{name}.jsonl"), lines.encode("utf-8"))

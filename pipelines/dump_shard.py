@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pipelines import dump_plan
 from teachers import record
-from teachers.shards import ShardWriter, _fs, atomic_write_bytes, join, remove_stale_temporaries, shard_name
+from teachers.fs import url_to_fs
+from teachers.shards import ShardWriter, atomic_write_bytes, join, remove_stale_temporaries, shard_name
 
 _CLIP_MAX_TOKENS = 77
 
@@ -29,7 +30,7 @@ def _write_shared(output: str, info) -> dict:
     if info.negative_pooled_prompt_embeds is not None:
         shared["negative_pooled_prompt_embeds"] = "negative_pooled_prompt_embeds.npy"
         arrays["negative_pooled_prompt_embeds"] = info.negative_pooled_prompt_embeds
-    fs, root = _fs(output)
+    fs, root = url_to_fs(output)
     for name, array in arrays.items():
         if not fs.exists(join(root, shared[name])):  # every shard computes the same bytes; first one writes
             atomic_write_bytes(join(output, shared[name]), record.npy_bytes(array.astype(np.float32)))

@@ -21,7 +21,8 @@ import json
 
 from pipelines import filter_plan
 from teachers.record import JSON
-from teachers.shards import (ShardWriter, _fs, join, read_embeddings, read_index, read_samples,
+from teachers.fs import url_to_fs
+from teachers.shards import (ShardWriter, join, read_embeddings, read_index, read_samples,
                              remove_stale_temporaries, sample_members, shard_name)
 
 
@@ -69,7 +70,7 @@ def _copy_from(parent: str, input_shard: int, rows: list[dict], writer: ShardWri
     light = {r["key"]: ({"aesthetic_score": r["aesthetic_score"], "clip_score": r["clip_score"]},
                         embeds[r["input_position"]]) for r in rows}
     rejects = []
-    fs, path = _fs(join(parent, shard_name(input_shard)))
+    fs, path = url_to_fs(join(parent, shard_name(input_shard)))
     with fs.open(path, "rb") as src:
         for row in rows:
             if row["start"] is None:

@@ -17,7 +17,8 @@ import json
 import os
 
 from teachers.record import SCHEMA_VERSION
-from teachers.shards import _fs, atomic_write_bytes, index_name, join, read_embeddings, read_index
+from teachers.fs import url_to_fs
+from teachers.shards import atomic_write_bytes, index_name, join, read_embeddings, read_index
 
 PLAN = "_plan/plan.parquet"
 MANIFEST = "manifest.parquet"
@@ -78,10 +79,10 @@ class FilterRecipe:
 
 def read_parent(data_dir: str) -> tuple[dict, str]:
     """(dataset.json, its sha256) of a finished dump or filtered dataset; errors name the problem."""
-    fs, root = _fs(data_dir)
+    fs, root = url_to_fs(data_dir)
     if not fs.exists(root):
         raise FileNotFoundError(f"--input {data_dir!r} does not exist")
-    fs, path = _fs(join(data_dir, "dataset.json"))
+    fs, path = url_to_fs(join(data_dir, "dataset.json"))
     if not fs.exists(path):
         raise FileNotFoundError(f"--input {data_dir!r} has no dataset.json: not a finished dump "
                                 "(re-run the dump job to complete it)")
@@ -136,7 +137,7 @@ def score_records(data_dir: str, shard: int) -> list[dict]:
 
 def dump_rejects(data_dir: str) -> list[dict]:
     """Fate rows of the dump's own rejects (``rejects/*.jsonl``): they count into the funnel."""
-    fs, root = _fs(join(data_dir, "rejects"))
+    fs, root = url_to_fs(join(data_dir, "rejects"))
     if not fs.exists(root):
         return []
     rows = []
@@ -236,7 +237,7 @@ def write_plan(output: str, rows: list[dict], num_shards: int) -> None:
     with pq.ParquetWriter(buf, schema) as writer:
         for group in by_shard:
             writer.write_table(pa.Table.from_pylist(group, schema), row_group_size=max(1, len(group)))
-    fs, p = _fs(join(output, PLAN))
+    fs, p = url_to_fs(join(output, PLAN))
     fs.makedirs(os.path.dirname(p), exist_ok=True)
     atomic_write_bytes(join(output, PLAN), buf.getvalue())
 
@@ -245,7 +246,7 @@ def read_plan(output: str, shard: int | None = None) -> list[dict]:
     """Rows of output shard ``shard`` (its row group), or every row of the plan."""
     import pyarrow.parquet as pq
 
-    fs, p = _fs(join(output, PLAN))
+    fs, p = url_to_fs(join(output, PLAN))
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)
         return (pf.read() if shard is None else pf.read_row_group(shard)).to_pylist()

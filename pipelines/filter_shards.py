@@ -40,7 +40,8 @@ from pipelines.curate_dedup import SemanticDedup
 from pipelines.curate_stages import ActiveOnly, FilterScores
 from pipelines.filter_plan import FilterRecipe
 from pipelines.teacher_dump import _is_local_runner
-from teachers.shards import _fs, atomic_write_bytes, atomic_write_json, index_name, join, list_indexes
+from teachers.fs import url_to_fs
+from teachers.shards import atomic_write_bytes, atomic_write_json, index_name, join, list_indexes
 
 NAMESPACE = "filter_shards"
 
@@ -199,7 +200,7 @@ class CopyShardFn(beam.DoFn):
 def _copy_shared(parent: str, output: str, shared: dict) -> None:
     """The arrays stored once per dataset (unconditional embeddings), copied byte for byte."""
     for name in shared.values():
-        fs, path = _fs(join(parent, name))
+        fs, path = url_to_fs(join(parent, name))
         with fs.open(path, "rb") as f:
             atomic_write_bytes(join(output, name), f.read())
 
@@ -262,7 +263,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     recipe, cfg, parent, parent_dataset = build_recipe(opts)
     options = PipelineOptions(beam_args)
     options.view_as(SetupOptions).save_main_session = False
-    fs, out = _fs(opts.output)
+    fs, out = url_to_fs(opts.output)
     fs.makedirs(out, exist_ok=True)
     dump_plan.check_or_write_recipe(opts.output, recipe)
     progress = opts.progress == "on" or (opts.progress == "auto" and _is_local_runner(options))

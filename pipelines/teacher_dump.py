@@ -38,7 +38,8 @@ from apache_beam.utils import shared
 
 from pipelines import dump_plan
 from pipelines.dump_plan import DumpRecipe
-from teachers.shards import _fs, atomic_write_json, join
+from teachers.fs import url_to_fs
+from teachers.shards import atomic_write_json, join
 
 NAMESPACE = "teacher_dump"
 
@@ -101,7 +102,7 @@ def build_recipe(opts: TeacherDumpOptions) -> DumpRecipe:
         raise ValueError("--prompts is required (a .txt/.jsonl prompt list or a .parquet manifest)")
     if not opts.output:
         raise ValueError("--output is required")
-    fs, p = _fs(opts.prompts)
+    fs, p = url_to_fs(opts.prompts)
     if not fs.exists(p):
         raise FileNotFoundError(f"--prompts {opts.prompts!r} does not exist")
     for name, value, allowed in (("dtype", opts.dtype, DTYPES), ("scheduler", opts.scheduler, tuple(SCHEDULERS)),
@@ -311,7 +312,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     opts = options.view_as(TeacherDumpOptions)
     options.view_as(SetupOptions).save_main_session = False
     recipe = build_recipe(opts)
-    fs, out = _fs(opts.output)
+    fs, out = url_to_fs(opts.output)
     fs.makedirs(out, exist_ok=True)
     dump_plan.check_or_write_recipe(opts.output, recipe)
     rows, not_kept = dump_plan.read_input(opts.prompts)

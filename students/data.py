@@ -18,7 +18,8 @@ import logging
 import time
 
 from teachers import record
-from teachers.shards import _fs, join, list_indexes, shard_name
+from teachers.fs import url_to_fs
+from teachers.shards import join, list_indexes, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ STATS = ReadStats()
 
 def dataset_shards(data_dir: str) -> list[str]:
     """Paths/URLs of a dataset's complete shards: those listed in ``dataset.json``, else those with an index."""
-    fs, path = _fs(join(data_dir, "dataset.json"))
+    fs, path = url_to_fs(join(data_dir, "dataset.json"))
     if fs.exists(path):  # noqa: SIM108
         with fs.open(path, "rb") as f:
             names = [s["shard"] for s in json.loads(f.read()).get("shards", [])]
@@ -188,14 +189,14 @@ def read_dataset(data_dir: str):
     """(dataset.json as a dict, {name: array} of what is stored once: the unconditional embeddings), through fsspec."""
     import numpy as np
 
-    fs, path = _fs(join(data_dir, "dataset.json"))
+    fs, path = url_to_fs(join(data_dir, "dataset.json"))
     if not fs.exists(path):
         raise FileNotFoundError(f"{data_dir!r} has no dataset.json: not a finished dump")
     with fs.open(path, "rb") as f:
         dataset = json.loads(f.read())
     negative = {}
     for name, file in dataset["shared"].items():  # negative_prompt_embeds (+ negative_pooled_prompt_embeds: SDXL)
-        with fs.open(_fs(join(data_dir, file))[1], "rb") as f:
+        with fs.open(url_to_fs(join(data_dir, file))[1], "rb") as f:
             negative[name] = record.load_npy(f.read()).astype(np.float32)
     return dataset, negative
 

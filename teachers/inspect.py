@@ -12,11 +12,12 @@ import argparse
 import json
 import sys
 
-from teachers.shards import _fs, index_name, join, list_indexes, read_index, shard_name, verify_shard
+from teachers.fs import url_to_fs
+from teachers.shards import index_name, join, list_indexes, read_index, shard_name, verify_shard
 
 
 def summarise(data_dir: str) -> dict:
-    fs, path = _fs(join(data_dir, "dataset.json"))
+    fs, path = url_to_fs(join(data_dir, "dataset.json"))
     dataset = {}
     if fs.exists(path):
         with fs.open(path, "rb") as f:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="check every shard's size, sha256 and keys")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
-    fs, root = _fs(args.data_dir)
+    fs, root = url_to_fs(args.data_dir)
     if not fs.isdir(root):
         print(f"distill inspect: {args.data_dir!r} is not a folder", file=sys.stderr)
         return 2

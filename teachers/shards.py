@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 import uuid
 
+from teachers.fs import atomic_write_bytes, atomic_write_json, is_local, join, url_to_fs  # noqa: F401 (re-exported)
 from teachers.record import SCHEMA_VERSION, field_of
 
 TAR_MTIME = 0  # fixed header time: re-running a shard must give the same bytes
@@ -48,21 +49,6 @@ def index_name(index: int) -> str:
 
 def embeds_name(index: int) -> str:
     return f"{index:06d}.emb.npy"
-
-
-def _fs(path: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(path)
-
-
-def is_local(fs) -> bool:
-    """True for fsspec's local filesystem (whose ``protocol`` is a tuple such as ``("file", "local")``)."""
-    return "file" in fs.protocol
-
-
-def join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name if "://" in root else os.path.join(root, name)
 
 
 class _HashingFile(io.RawIOBase):
@@ -113,24 +99,6 @@ class _Limited:
         return data
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name and a rename (local) or a whole upload."""
-    fs, fpath = _fs(path)
-    if is_local(fs):
-        tmp = f"{fpath}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, fpath)
-    else:
-        fs.pipe_file(fpath, data)
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
-
-
 class ShardWriter:
     """Writes one whole shard. Use as a context manager; an exception aborts and removes the temp.
 
@@ -143,7 +111,7 @@ class ShardWriter:
     def __init__(self, out_dir: str, shard_index: int, *, recipe_hash: str, extra: dict | None = None):
         self.out_dir, self.shard_index, self.recipe_hash = out_dir, shard_index, recipe_hash
         self.extra = dict(extra or {})
-        fs, root = _fs(out_dir)
+        fs, root = url_to_fs(out_dir)
         self._local = is_local(fs)
         if self._local:
             os.makedirs(root, exist_ok=True)
@@ -242,9 +210,9 @@ class ShardWriter:
             light = {"scores": self.scores, "embeddings": self._write_embeddings()}
         final = join(self.out_dir, shard_name(self.shard_index))
         if self._local:
-            os.replace(self._tmp, _fs(final)[1])
+            os.replace(self._tmp, url_to_fs(final)[1])
         else:
-            fs, fpath = _fs(final)
+            fs, fpath = url_to_fs(final)
             fs.put_file(self._tmp, fpath)
             os.remove(self._tmp)
         self.index = dict(self.extra, **light, shard=shard_name(self.shard_index), count=len(self.keys),
@@ -278,7 +246,7 @@ def remove_stale_temporaries(out_dir: str, shard_index: int) -> None:
     reach the bucket: they are local files)."""
     import glob
 
-    fs, root = _fs(out_dir)
+    fs, root = url_to_fs(out_dir)
     if is_local(fs):
         for path in glob.glob(os.path.join(root, f".{shard_name(shard_index)}.tmp-*")):
             os.remove(path)
@@ -286,7 +254,7 @@ def remove_stale_temporaries(out_dir: str, shard_index: int) -> None:
 
 def list_indexes(out_dir: str) -> list[int]:
     """Shard numbers that have an index in ``out_dir``, ascending."""
-    fs, root = _fs(out_dir)
+    fs, root = url_to_fs(out_dir)
     if not fs.exists(root):
         return []
     names = [os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
@@ -294,7 +262,7 @@ def list_indexes(out_dir: str) -> list[int]:
 
 
 def read_index(out_dir: str, shard_index: int) -> dict:
-    fs, path = _fs(join(out_dir, index_name(shard_index)))
+    fs, path = url_to_fs(join(out_dir, index_name(shard_index)))
     with fs.open(path, "rb") as f:
         return json.loads(f.read())
 
@@ -311,7 +279,7 @@ def read_embeddings(out_dir: str, shard_index: int, index: dict):
     entry = index.get("embeddings")
     if not entry:
         raise ValueError(f"{index_name(shard_index)} lists no embeddings (the shard was not scored)")
-    fs, path = _fs(join(out_dir, entry["file"]))
+    fs, path = url_to_fs(join(out_dir, entry["file"]))
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
@@ -401,7 +369,7 @@ def read_samples(out_dir: str, shard_index: int, wanted: list[tuple[str, list[in
     of kept samples reads the shard sequentially; nothing outside the wanted ranges is read. Member
     bytes come back unchanged. A sample that cannot be read yields its problem instead of raising.
     """
-    fs, path = _fs(join(out_dir, shard_name(shard_index)))
+    fs, path = url_to_fs(join(out_dir, shard_name(shard_index)))
     ranged = [(k, o) for k, o in wanted if o is not None]
     scan = {k for k, o in wanted if o is None}
     with fs.open(path, "rb") as f:
@@ -449,7 +417,7 @@ def _scan_samples(f, shard_index: int, keys: set[str]):
 
 
 def _sha256_of(out_dir: str, name: str) -> tuple[str, int, list[str]]:
-    fs, path = _fs(join(out_dir, name))
+    fs, path = url_to_fs(join(out_dir, name))
     digest, size = hashlib.sha256(), 0
     with fs.open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -473,7 +441,7 @@ def verify_shard(out_dir: str, shard_index: int, *, check_hash: bool = True, rec
     except ValueError as err:
         return [f"{index_name(shard_index)} unreadable: {err}"]
     name = shard_name(shard_index)
-    fs, path = _fs(join(out_dir, name))
+    fs, path = url_to_fs(join(out_dir, name))
     if not fs.exists(path):
         return [f"{name} missing"]
     problems = []
@@ -499,7 +467,7 @@ def _embedding_problems(out_dir: str, shard_index: int, index: dict, check_hash:
     if not entry:
         return []
     if not check_hash:
-        fs, path = _fs(join(out_dir, entry["file"]))
+        fs, path = url_to_fs(join(out_dir, entry["file"]))
         return [] if fs.exists(path) else [f"{entry['file']} missing"]
     try:
         read_embeddings(out_dir, shard_index, index)

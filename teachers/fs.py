@@ -1,0 +1,71 @@
+"""The one filesystem layer: every reader and writer in the project (shards, indexes, dataset.json,
+manifests, checkpoints, exports) goes through these helpers, so a local path and any fsspec URL
+(``gs://``, ``s3://``, ``memory://``) work the same everywhere.
+
+Writes are atomic: a local file is written to a temporary name beside its destination, fsynced and
+renamed into place; a remote object is uploaded whole (object stores make an object visible only
+when complete). Temporaries are named ``<name>.tmp-<uuid>`` so that ``remove_temporaries`` can find
+every kind a killed writer leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+TMP_MARK = ".tmp-"  # every temporary name made here contains this
+
+
+def url_to_fs(path: str):
+    """``(filesystem, path within it)`` for a local path or an fsspec URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def is_local(fs) -> bool:
+    """True for fsspec's local filesystem (whose ``protocol`` is a tuple such as ``("file", "local")``)."""
+    return "file" in fs.protocol
+
+
+def join(root: str, name: str) -> str:
+    """``root/name`` for a local path or a URL (URLs always take ``/``)."""
+    return root.rstrip("/") + "/" + name if "://" in root else os.path.join(root, name)
+
+
+def tmp_name(path: str) -> str:
+    return f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary name and a rename (local) or a whole upload."""
+    fs, fpath = url_to_fs(path)
+    if is_local(fs):
+        tmp = tmp_name(fpath)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, fpath)
+    else:
+        fs.pipe_file(fpath, data)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def read_bytes(path: str) -> bytes:
+    fs, fpath = url_to_fs(path)
+    with fs.open(fpath, "rb") as f:
+        return f.read()
+
+
+def read_json(path: str):
+    return json.loads(read_bytes(path))
+
+
+def exists(path: str) -> bool:
+    fs, fpath = url_to_fs(path)
+    return fs.exists(fpath)
