@@ -1,20 +1,27 @@
 """SemDeDup (Abbas et al., arXiv 2303.09540) as pure functions over embedding arrays.
 
 1. ``train_kmeans`` on a sample of the (L2-normalised) embeddings: spherical k-means with faiss;
-2. ``assign_clusters``: every embedding to its nearest centroid (faiss inner-product search);
-3. ``find_duplicates`` inside one cluster: two members are duplicates when their cosine
+2. ``assign_clusters``: every embedding to its nearest centroid (faiss inner-product search), and,
+   with ``margin > 0``, also to its second-nearest when that one is within ``margin`` of the
+   nearest in cosine, so near-duplicates on either side of a cluster border still meet;
+3. ``cluster_pairs`` inside one cluster: two members are duplicates when their cosine
    similarity is **>= 1 - eps** (eps = 0: only identical directions; larger eps: more duplicates),
-   compared with a 1e-6 allowance for float32 rounding.
+   compared with a 1e-6 allowance for float32 rounding. One matrix product per block of rows, a
+   threshold, and a sparse pair list;
+4. ``resolve_pairs``: the keep rule over the pair graph of the whole set (pairs from every
+   cluster, a pair seen in two clusters counted once), so a record in two clusters gets one fate.
 
 In a duplicate group one member is kept by a deterministic rule: highest aesthetic score, then
-smallest id (``filters.captions.keep_priority``). Members are visited in that order and each is
-compared with the members kept so far; one within the threshold of a kept member becomes its
-duplicate, otherwise it is kept. So kept members are pairwise below the threshold and every
-dropped member is within it of the member it names. (The paper's code instead drops a point
-similar to *any* earlier point, kept or not; on chains A~B~C with A !~ C it drops C as well.)
+smallest id (``filters.captions.keep_priority``). Members are visited in that order; one within the
+threshold of a member kept before it becomes the duplicate of the most similar such member,
+otherwise it is kept. So kept members are pairwise below the threshold and every dropped member is
+within it of the member it names. (The paper's code instead drops a point similar to *any* earlier
+point, kept or not; on chains A~B~C with A !~ C it drops C as well.)
 
-Pairs split across clusters are not compared: the price of never holding all embeddings at once,
-as in the paper. Cost is O(cluster size^2 * dim) per cluster, computed in blocks.
+``deduplicate`` runs the four steps over one array; ``find_duplicates`` is steps 3 and 4 for one
+cluster. Pairs whose members share no cluster (neither nearest nor, within the margin, second
+nearest) are not compared: the price of never holding all embeddings at once, as in the paper.
+Cost is O(cluster size^2 * dim) per cluster.
 """
 
 from __future__ import annotations
@@ -37,15 +44,22 @@ def choose_n_clusters(n_total: int, n_sample: int, target_cluster_size: int) -> 
     return max(1, min(wanted, n_sample // MIN_POINTS_PER_CENTROID))
 
 
+SEEDING_POINTS_PER_CENTROID = 16  # k-means++ seeds from at most this many points per centroid
+
+
 def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """Greedy k-means++ seeding (Arthur and Vassilvitskii, 2007; as in scikit-learn) on unit rows.
 
     Each step draws 2 + ln(k) candidates with probability proportional to their squared distance
     to the nearest seed so far and keeps the one that lowers the total most, so two seeds rarely
     start inside one tight group (faiss's default, k random points, splits well-separated groups
-    whenever two seeds land in the same one). (n, d) -> (k, d); O(k log k n d).
+    whenever two seeds land in the same one). (n, d) -> (k, d); O(k log k m d) for m =
+    min(n, 16 k) rows drawn from ``x``: seeding is k sequential passes, so it runs on a subsample
+    (the k-means iterations that follow use every row).
     """
     rng = np.random.default_rng(seed)
+    if x.shape[0] > SEEDING_POINTS_PER_CENTROID * k:
+        x = x[np.sort(rng.choice(x.shape[0], size=SEEDING_POINTS_PER_CENTROID * k, replace=False))]
     trials = 2 + int(np.log(k))
     seeds = [int(rng.integers(x.shape[0]))]
     dist = np.maximum(2.0 - 2.0 * (x @ x[seeds[0]]), 0.0)  # squared distance between unit vectors
@@ -88,14 +102,36 @@ def centroid_index(centroids: np.ndarray):
     return index
 
 
-def assign_clusters(embeddings: np.ndarray, centroids: np.ndarray, index=None) -> np.ndarray:
-    """Index of the nearest centroid (highest inner product) per row: (n, d), (k, d) -> (n,) int64.
+def assign_clusters(embeddings: np.ndarray, centroids: np.ndarray, index=None, *, margin: float = 0.0) -> np.ndarray:
+    """Nearest centroid (highest inner product) per row: (n, d), (k, d) -> (n,) int64; with
+    ``margin > 0``, (n, 2): the nearest, and the second nearest where its cosine is within
+    ``margin`` of the nearest's (else -1).
 
-    ``index``: a ``centroid_index(centroids)`` to reuse across calls.
+    Two near-duplicates x, y with cos(x, y) >= 1 - eps lie within a small angle of each other, so
+    their cosines to any centroid differ by at most about sqrt(2 eps); when they straddle a border,
+    each is close to it, and the second-nearest test with a margin of that order puts both in the
+    same cluster at least once. ``index``: a ``centroid_index(centroids)`` to reuse across calls.
     """
     x = np.ascontiguousarray(l2_normalize(embeddings))
-    _, nearest = (index or centroid_index(centroids)).search(x, 1)
-    return nearest[:, 0].astype(np.int64)
+    k = 2 if margin > 0 and centroids.shape[0] > 1 else 1
+    sims, nearest = (index or centroid_index(centroids)).search(x, k)
+    if margin <= 0:
+        return nearest[:, 0].astype(np.int64)
+    out = np.full((x.shape[0], 2), -1, np.int64)
+    out[:, 0] = nearest[:, 0]
+    if k == 2:
+        second = sims[:, 0] - sims[:, 1] <= margin
+        out[second, 1] = nearest[second, 1]
+    return out
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Duplicate pairs as a sparse list: ``i[p] < j[p]`` index rows, ``similarity[p]`` their cosine."""
+
+    i: np.ndarray  # (p,) int64
+    j: np.ndarray  # (p,) int64
+    similarity: np.ndarray  # (p,) float32
 
 
 @dataclass(frozen=True)
@@ -105,33 +141,95 @@ class Duplicates:
     similarity: np.ndarray  # (n,) float32: cosine to that kept member, NaN if kept
 
 
+def cluster_pairs(embeddings: np.ndarray, eps: float, block: int = 2048) -> Pairs:
+    """Every pair of rows with cosine >= 1 - eps: (n, d) -> ``Pairs`` with indices into the rows.
+
+    One (block, n) matrix product per block of rows, upper triangle only, thresholded into a
+    sparse list; memory O(block * n), no per-row Python loop.
+    """
+    x = l2_normalize(embeddings)
+    threshold = np.float32(1.0 - eps - SIM_TOLERANCE)
+    ii, jj, ss = [], [], []
+    for start in range(0, x.shape[0], block):
+        sims = x[start:start + block] @ x[start:].T  # (b, n - start): columns from this block on
+        r, c = np.nonzero(sims >= threshold)
+        upper = c > r  # column index start + c, row start + r: keep i < j
+        r, c = r[upper], c[upper]
+        ii.append(r + start), jj.append(c + start), ss.append(sims[r, c])
+    cat = np.concatenate
+    return Pairs(cat(ii).astype(np.int64), cat(jj).astype(np.int64), cat(ss).astype(np.float32))
+
+
+def resolve_pairs(ids: list[str], scores: list[float | None], pairs: Pairs) -> Duplicates:
+    """The keep rule (module docstring) over a pair graph: ``ids``/``scores`` (n,), pairs index them.
+
+    A pair listed twice (seen in two clusters) counts once. Members without an earlier-ranked
+    neighbour are kept without a visit; the rest are visited in priority order.
+    """
+    n = len(ids)
+    order = sorted(range(n), key=lambda i: keep_priority(scores[i], ids[i]))
+    rank = np.empty(n, np.int64)
+    rank[np.asarray(order, np.int64)] = np.arange(n)
+    dup_of = np.full(n, -1, np.int64)
+    sim = np.full(n, np.nan, np.float32)
+    if len(pairs.i):
+        a, b = rank[pairs.i], rank[pairs.j]
+        lo, hi = np.minimum(a, b), np.maximum(a, b)  # by rank: hi may be a duplicate of lo
+        by_hi = np.lexsort((lo, hi))  # visit later members in rank order, earlier neighbours in rank order
+        lo, hi, s = lo[by_hi], hi[by_hi], pairs.similarity[by_hi]
+        starts = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
+        ends = np.r_[starts[1:], len(hi)]
+        kept_rank = np.ones(n, bool)  # by rank
+        for st, en in zip(starts.tolist(), ends.tolist()):
+            nb, nbs = lo[st:en], s[st:en]
+            ok = kept_rank[nb]
+            if not ok.any():
+                continue
+            best = int(np.argmax(np.where(ok, nbs, -np.inf)))  # first maximum: the highest-ranked
+            kept_rank[hi[st]] = False
+            member = order[int(hi[st])]
+            dup_of[member], sim[member] = order[int(nb[best])], nbs[best]
+    return Duplicates(keep=dup_of < 0, duplicate_of=dup_of, similarity=sim)
+
+
 def find_duplicates(ids: list[str], embeddings: np.ndarray, scores: list[float | None], eps: float,
-                    block: int = 1024) -> Duplicates:
+                    block: int = 2048) -> Duplicates:
     """Duplicate groups within one cluster; duplicates have cosine similarity >= 1 - eps.
 
     ``ids`` (n,), ``embeddings`` (n, d), ``scores`` (n,) aesthetic scores or None. Indices in the
     result refer to the input order.
     """
-    n = len(ids)
-    order = sorted(range(n), key=lambda i: keep_priority(scores[i], ids[i]))
-    x = l2_normalize(embeddings)[order]
-    threshold = 1.0 - eps - SIM_TOLERANCE
-    kept: list[int] = []  # positions in `order`
-    dup_of = np.full(n, -1, np.int64)
-    sim = np.full(n, np.nan, np.float32)
-    for start in range(0, n, block):
-        rows = x[start:start + block]
-        to_kept = rows @ x[kept].T  # (b, kept so far)
-        within = rows @ rows.T  # (b, b)
-        kept_here: list[int] = []
-        for i in range(rows.shape[0]):
-            cand = np.concatenate([to_kept[i], within[i, kept_here]])
-            j = int(np.argmax(cand)) if cand.size else -1
-            if j >= 0 and cand[j] >= threshold:
-                rep = kept[j] if j < len(kept) else start + kept_here[j - len(kept)]
-                dup_of[order[start + i]] = order[rep]
-                sim[order[start + i]] = cand[j]
-            else:
-                kept_here.append(i)
-        kept.extend(start + i for i in kept_here)
-    return Duplicates(keep=dup_of < 0, duplicate_of=dup_of, similarity=sim)
+    return resolve_pairs(ids, scores, cluster_pairs(embeddings, eps, block))
+
+
+def deduplicate(embeddings: np.ndarray, ids: list[str], scores: list[float | None], eps: float, *,
+                sample_size: int = 50_000, target_cluster_size: int = 1000, n_clusters: int | None = None,
+                niter: int = 20, margin: float = 0.01, seed: int = 0) -> Duplicates:
+    """SemDeDup over one array of embeddings (n, d): k-means on a seeded sample of ``sample_size``
+    rows, assignment with a border ``margin``, pairs per cluster, one keep decision over all pairs."""
+    n = embeddings.shape[0]
+    rng = np.random.default_rng(seed)
+    sample = embeddings if n <= sample_size else embeddings[np.sort(rng.choice(n, size=sample_size, replace=False))]
+    k = n_clusters or choose_n_clusters(n, sample.shape[0], target_cluster_size)
+    centroids = train_kmeans(sample, k, niter=niter, seed=seed)
+    assigned = assign_clusters(embeddings, centroids, margin=margin).reshape(n, -1)
+    rows = np.concatenate([np.arange(n)] + [np.flatnonzero(assigned[:, 1] >= 0)] * (assigned.shape[1] > 1))
+    labels = np.concatenate([assigned[:, 0]] + [assigned[assigned[:, 1] >= 0, 1]] * (assigned.shape[1] > 1))
+    by_cluster = np.argsort(labels, kind="stable")
+    rows, labels = rows[by_cluster], labels[by_cluster]
+    bounds = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1], True])
+    ii, jj, ss = [], [], []
+    for st, en in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        members = rows[st:en]
+        if len(members) < 2:
+            continue
+        p = cluster_pairs(embeddings[members], eps)
+        ii.append(members[p.i]), jj.append(members[p.j]), ss.append(p.similarity)
+    if ii:
+        i, j, s = np.concatenate(ii), np.concatenate(jj), np.concatenate(ss)
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        _, first = np.unique(lo * n + hi, return_index=True)  # a pair met in two clusters, once
+        pairs = Pairs(lo[first], hi[first], s[first])
+    else:
+        pairs = Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    return resolve_pairs(ids, scores, pairs)

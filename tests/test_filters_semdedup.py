@@ -4,7 +4,8 @@ the member the rule says is kept, and the eps direction is cosine >= 1 - eps."""
 import numpy as np
 import pytest
 
-from filters.semdedup import assign_clusters, choose_n_clusters, find_duplicates, train_kmeans
+from filters.semdedup import (Pairs, assign_clusters, choose_n_clusters, cluster_pairs, deduplicate, find_duplicates,
+                              resolve_pairs, train_kmeans)
 
 
 def planted(dim=64, n_groups=4, group_size=3, n_singles=5, cos=0.99, seed=0):
@@ -85,3 +86,54 @@ def test_choose_n_clusters():
     assert choose_n_clusters(10, 10, 1000) == 1
     assert choose_n_clusters(1_000_000, 50_000, 1000) == 1000
     assert choose_n_clusters(100_000_000, 50_000, 1000) == 1250  # capped: 40 sample points per centroid
+
+
+def test_pairs_match_brute_force_and_blocks():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    x[100:150] = x[:50] + 0.05 * rng.normal(size=(50, 16)).astype(np.float32)  # 50 planted near copies
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = xn.astype(np.float64) @ xn.T.astype(np.float64)
+    want = {(i, j) for i in range(300) for j in range(i + 1, 300) if sims[i, j] >= 0.95 + 1e-4}
+    for block in (7, 2048):
+        p = cluster_pairs(x, 0.05, block=block)
+        got = set(zip(p.i.tolist(), p.j.tolist()))
+        assert want <= got  # every clear pair found ...
+        assert all(sims[i, j] >= 0.95 - 1e-4 for i, j in got)  # ... and nothing far below the threshold
+        np.testing.assert_allclose(p.similarity, sims[p.i, p.j], atol=1e-5)
+
+
+def test_resolve_counts_a_pair_seen_twice_once_and_matches_the_rule():
+    ids = ["a", "b", "c", "d"]
+    scores = [1.0, 9.0, 5.0, None]  # rank: b, c, a, d
+    pairs = Pairs(np.array([0, 0, 1, 2]), np.array([1, 1, 2, 3]), np.array([0.97, 0.97, 0.96, 0.99], np.float32))
+    found = resolve_pairs(ids, scores, pairs)
+    # b kept; c ~ b -> duplicate of b; a ~ b -> duplicate of b; d ~ c only, and c was dropped -> kept
+    assert found.keep.tolist() == [False, True, False, True]
+    assert found.duplicate_of.tolist() == [1, -1, 1, -1]
+
+
+def test_second_nearest_centroid_finds_a_pair_split_across_clusters():
+    """A planted pair straddling the border between two centroids: nearest-only assignment puts its
+    members in different clusters (so the pair is never compared); the margin puts them together."""
+    c0, c1 = np.eye(8, dtype=np.float32)[0], np.eye(8, dtype=np.float32)[1]
+    mid = (c0 + c1) / np.sqrt(2)
+    off = np.eye(8, dtype=np.float32)[2]
+    a = mid + 0.02 * (c0 - c1) + 0.01 * off  # a little closer to c0
+    b = mid - 0.02 * (c0 - c1) - 0.01 * off  # a little closer to c1
+    x = np.stack([a, b]).astype(np.float32)
+    centroids = np.stack([c0, c1])
+    nearest = assign_clusters(x, centroids)
+    assert nearest.tolist() == [0, 1]  # split
+    both = assign_clusters(x, centroids, margin=0.1)
+    assert both.tolist() == [[0, 1], [1, 0]]
+    found = deduplicate(x, ["a", "b"], [None, None], eps=0.05, n_clusters=2, margin=0.1)
+    assert found.keep.tolist() == [True, False]  # found, and one kept
+
+
+def test_deduplicate_keeps_exactly_one_per_planted_group():
+    ids, x, groups = planted(dim=64, n_groups=8, group_size=3, n_singles=20)
+    found = deduplicate(x, ids, [None] * len(ids), eps=0.05, n_clusters=4, margin=0.05)
+    for members in groups:
+        assert sum(found.keep[m] for m in members) == 1
+    assert found.keep[24:].all()  # singles

@@ -1,0 +1,239 @@
+"""Semantic dedup at scale: planted near-duplicates in CLIP-like embeddings, timed and scored.
+
+    python benchmarks/dedup.py [--n 1000000] [--dim 512] [--groups 50000] [--eps 0.05] [--paths bare,ivf]
+    python benchmarks/dedup.py --n 100000 --groups 5000          # a quick run
+
+The data: ``n`` unit vectors with a realistic non-duplicate similarity distribution (topics plus a
+shared direction, so that unrelated pairs have cosines around 0.2 to 0.5, as CLIP embeddings do),
+and ``groups`` planted near-duplicate groups (pairs and triples) whose member cosines are drawn
+around the threshold ``1 - eps``: most well inside, a fifth within 0.01 of it on either side.
+
+The truth: the planted pairs whose float64 cosine is >= 1 - eps. That no unplanted pair is that
+close is checked with an exact brute-force faiss range search on a random subset (``--check_subset``
+rows, all pairs inside it): the full 1M x 1M search is 5e14 multiply-adds, hours on 2 cores.
+
+Each path is timed (wall, and peak RSS of this process after it) and scored:
+- pair recall: true pairs that do not end with both members kept; at the boundary too (true pairs
+  within 0.01 of the threshold);
+- precision: reported (duplicate, kept) pairs whose float64 cosine is >= 1 - eps - 1e-6;
+- groups: planted groups all of whose pairs are true duplicates that keep exactly one member.
+
+Paths, all in this invocation and on the same data:
+- ``bare``: ``filters.semdedup.deduplicate`` (k-means on a sample, nearest-centroid assignment with
+  a border margin, per-cluster pairs, one global keep decision), the functions the jobs run;
+- ``ivf``: a faiss IVF range search over the whole set (the autofaiss / clip-retrieval approach),
+  then the same keep rule on its pairs;
+- ``beam``: the curation job's ``SemanticDedup`` transform on DirectRunner in process, fed the same
+  embeddings as records (``--paths bare,ivf,beam``; memory-heavy at 1M).
+One run, one machine: compare ratios between paths, not absolute times across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+BOUNDARY = 0.01  # a true pair within this cosine of the threshold counts as a boundary pair
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_data(n: int, dim: int, n_groups: int, eps: float, seed: int = 0):
+    """(embeddings (n, dim) float32 unit rows, groups: list of index arrays, scores (n,) float)."""
+    rng = np.random.default_rng(seed)
+    n_topics = max(1, n // 500)
+    topics = _unit(rng.standard_normal((n_topics, dim)).astype(np.float32))
+    shared = _unit(rng.standard_normal(dim).astype(np.float32))
+    x = np.empty((n, dim), np.float32)
+    chunk = 65536
+    for s in range(0, n, chunk):  # topic + shared direction + noise: unrelated cosines ~0.2-0.5
+        m = min(chunk, n - s)
+        t = topics[rng.integers(n_topics, size=m)]
+        x[s:s + m] = _unit(0.55 * t + 0.45 * shared + 0.75 * _unit(rng.standard_normal((m, dim)).astype(np.float32)))
+    threshold = 1.0 - eps
+    # group members: the base row and 1 or 2 others replaced by near copies of it
+    sizes = np.where(rng.random(n_groups) < 0.8, 2, 3)
+    rows = rng.permutation(n)[: int(sizes.sum())]
+    groups, pos = [], 0
+    for size in sizes:
+        members = rows[pos:pos + size]
+        pos += size
+        base = x[members[0]]
+        for m in members[1:]:
+            # cosine to the base: 80% inside (up to 1), 20% within BOUNDARY of the threshold
+            if rng.random() < 0.8:
+                c = rng.uniform(threshold + BOUNDARY, 1.0)
+            else:
+                c = rng.uniform(threshold - BOUNDARY, threshold + BOUNDARY)
+            u = rng.standard_normal(dim).astype(np.float32)
+            u = _unit(u - (u @ base) * base)
+            x[m] = _unit(c * base + np.sqrt(max(0.0, 1 - c * c)) * u)
+        groups.append(members)
+    scores = rng.uniform(3.0, 8.0, n)
+    return x, groups, scores
+
+
+def true_pairs(x: np.ndarray, groups, eps: float):
+    """{(i, j): cosine} for planted pairs with float64 cosine >= 1 - eps (i < j)."""
+    out = {}
+    for members in groups:
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                i, j = sorted((int(members[a]), int(members[b])))
+                c = float(np.dot(x[i].astype(np.float64), x[j].astype(np.float64)))
+                if c >= 1.0 - eps:
+                    out[(i, j)] = c
+    return out
+
+
+def check_background(x: np.ndarray, groups, eps: float, subset: int, seed: int = 1) -> tuple[int, int]:
+    """Exact range search on a random subset: (pairs found, of which not planted)."""
+    import faiss
+
+    planted = {int(m) for g in groups for m in g}
+    idx = np.sort(np.random.default_rng(seed).choice(x.shape[0], size=min(subset, x.shape[0]), replace=False))
+    sub = np.ascontiguousarray(x[idx])
+    index = faiss.IndexFlatIP(sub.shape[1])
+    index.add(sub)
+    lims, _, labels = index.range_search(sub, 1.0 - eps - 1e-6)
+    found = unplanted = 0
+    for q in range(len(idx)):
+        for t in labels[lims[q]:lims[q + 1]]:
+            if t > q:
+                found += 1
+                unplanted += not (int(idx[q]) in planted and int(idx[t]) in planted)
+    return found, unplanted
+
+
+def score(keep: np.ndarray, duplicate_of: np.ndarray, x: np.ndarray, truth: dict, groups, eps: float) -> dict:
+    threshold = 1.0 - eps
+    found = [p for p in truth if not (keep[p[0]] and keep[p[1]])]
+    boundary = [p for p, c in truth.items() if c < threshold + BOUNDARY]
+    boundary_found = [p for p in boundary if not (keep[p[0]] and keep[p[1]])]
+    dropped = np.flatnonzero(~keep)
+    good = 0
+    for d in dropped:
+        k = int(duplicate_of[d])
+        good += k >= 0 and float(np.dot(x[d].astype(np.float64), x[k].astype(np.float64))) >= threshold - 1e-6
+    exact = [g for g in groups if all((min(a, b), max(a, b)) in truth for i, a in enumerate(g) for b in g[i + 1:])]
+    one_kept = sum(int(keep[list(g)].sum()) == 1 for g in exact)
+    return {"pair_recall": len(found) / max(1, len(truth)),
+            "boundary_recall": len(boundary_found) / max(1, len(boundary)),
+            "precision": good / max(1, len(dropped)),
+            "groups_one_kept": one_kept / max(1, len(exact)),
+            "dropped": int(len(dropped)), "true_pairs": len(truth)}
+
+
+def run_bare(x, keys, scores, eps, args):
+    from filters import semdedup
+
+    result = semdedup.deduplicate(x, keys, list(scores), eps, sample_size=args.sample, target_cluster_size=args.cluster,
+                                  margin=args.margin, seed=0)
+    return result.keep, result.duplicate_of
+
+
+def run_ivf(x, keys, scores, eps, args):
+    """faiss IVF (inner product) range search over every row, then the same keep rule on its pairs."""
+    import faiss
+
+    from filters import semdedup
+
+    nlist = max(1, x.shape[0] // args.cluster)
+    quantizer = faiss.IndexFlatIP(x.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = x[np.random.default_rng(0).choice(x.shape[0], size=min(x.shape[0], args.sample), replace=False)]
+    index.train(np.ascontiguousarray(sample))
+    index.add(x)
+    index.nprobe = args.nprobe
+    ii, jj, ss = [], [], []
+    for s in range(0, x.shape[0], 65536):
+        q = x[s:s + 65536]
+        lims, sims, labels = index.range_search(q, 1.0 - eps - semdedup.SIM_TOLERANCE)
+        rows = np.repeat(np.arange(s, s + len(q)), np.diff(lims.astype(np.int64)))
+        keep = labels > rows
+        ii.append(rows[keep]), jj.append(labels[keep]), ss.append(sims[keep])
+    pairs = semdedup.Pairs(np.concatenate(ii), np.concatenate(jj), np.concatenate(ss).astype(np.float32))
+    result = semdedup.resolve_pairs(keys, list(scores), pairs)
+    return result.keep, result.duplicate_of
+
+
+def run_beam(x, keys, scores, eps, args):
+    import apache_beam as beam
+
+    from filters.config import preset
+    from pipelines.curate.dedup import SemanticDedup
+
+    cfg = preset("default").__class__(**{**preset("default").__dict__, "semdedup_eps": eps,
+                                         "kmeans_sample_size": args.sample, "target_cluster_size": args.cluster})
+    keep = np.zeros(len(keys), bool)
+    dup = np.full(len(keys), -1, np.int64)
+    where = {k: i for i, k in enumerate(keys)}
+    out = []
+    with beam.Pipeline() as p:
+        records = p | beam.Create([{"key": k, "clip_text_embedding": x[i], "aesthetic_score": float(scores[i])}
+                                   for i, k in enumerate(keys)])
+        _ = records | SemanticDedup("text", cfg) | beam.Map(out.append)
+    for r in out:
+        i = where[r["key"]]
+        keep[i] = r.get("fate", "kept") == "kept"
+        if not keep[i]:
+            dup[i] = where[r["duplicate_of"]]
+    return keep, dup
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--groups", type=int, default=50_000)
+    parser.add_argument("--eps", type=float, default=0.05)
+    parser.add_argument("--sample", type=int, default=50_000, help="k-means sample size")
+    parser.add_argument("--cluster", type=int, default=1000, help="target cluster size")
+    parser.add_argument("--margin", type=float, default=0.01, help="second-nearest-centroid margin (bare path)")
+    parser.add_argument("--nprobe", type=int, default=4, help="IVF lists searched per query")
+    parser.add_argument("--check_subset", type=int, default=40_000)
+    parser.add_argument("--paths", default="bare,ivf")
+    args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    x, groups, scores = make_data(args.n, args.dim, args.groups, args.eps)
+    truth = true_pairs(x, groups, args.eps)
+    keys = [f"{i:09d}" for i in range(args.n)]
+    print(f"data: {args.n} x {args.dim}, {len(groups)} planted groups, {len(truth)} true pairs, "
+          f"built in {time.perf_counter() - t0:.0f} s; peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    found, unplanted = check_background(x, groups, args.eps, args.check_subset)
+    print(f"background check (exact range search, {args.check_subset} rows): {found} pairs >= 1-eps, "
+          f"{unplanted} of them unplanted", flush=True)
+
+    runners = {"bare": run_bare, "ivf": run_ivf, "beam": run_beam}
+    rows, base = [], None
+    for name in args.paths.split(","):
+        start = time.perf_counter()
+        keep, dup = runners[name](x, keys, scores, args.eps, args)
+        wall = time.perf_counter() - start
+        base = base or wall
+        s = score(keep, dup, x, truth, groups, args.eps)
+        rows.append((name, wall, wall / base, peak_rss_gb(), s))
+        print(f"{name}: {wall:.1f} s ({wall / base:.2f}x bare), peak RSS so far {peak_rss_gb():.2f} GB, {s}", flush=True)
+    print("\n| path | wall s | x first path | peak RSS GB (process, so far) | pair recall | boundary recall | precision | groups with one kept |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, wall, ratio, rss, s in rows:
+        print(f"| {name} | {wall:.1f} | {ratio:.2f} | {rss:.2f} | {s['pair_recall']:.4f} | {s['boundary_recall']:.4f} "
+              f"| {s['precision']:.4f} | {s['groups_one_kept']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
