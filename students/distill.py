@@ -140,3 +140,50 @@ def decoder_distill_loss(student_image: torch.Tensor, teacher_image: torch.Tenso
     """SnapFusion data distillation of the decoder: MSE between the small and the teacher decoder's
     images from the same latent, both in [-1, 1], (batch, 3, H, W) -> (batch,)."""
     return per_sample_mse(student_image, teacher_image)
+
+
+# -- adversarial distillation (LADD, SDXL-Lightning, UFOGen; students/discriminator.py) -----------
+
+def hinge_discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Hinge loss of the discriminator (Lim & Ye 2017; LADD sec. 3, summed over its heads):
+    sum_heads mean(relu(1 - D(real))) + mean(relu(1 + D(fake))). Lists of (batch,) -> scalar."""
+    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real_logits, fake_logits))
+
+
+def hinge_generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Hinge loss of the generator (LADD): -sum_heads mean(D(fake)). List of (batch,) -> scalar."""
+    return -sum(f.mean() for f in fake_logits)
+
+
+def nonsaturating_discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Non-saturating GAN loss of the discriminator (Goodfellow et al. 2014; UFOGen eq. 4,
+    SDXL-Lightning): sum_heads mean(softplus(-D(real))) + mean(softplus(D(fake)))."""
+    return sum(F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(real_logits, fake_logits))
+
+
+def nonsaturating_generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Non-saturating generator loss: sum_heads mean(softplus(-D(fake)))."""
+    return sum(F.softplus(-f).mean() for f in fake_logits)
+
+
+def r1_penalty(real_logits: list[torch.Tensor], real_inputs: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018, eq. 9): 1/2 E ||grad_x D(x_real)||^2, summed over heads -> scalar.
+
+    ``real_inputs`` must have ``requires_grad=True`` when the logits were computed; the graph is
+    kept (``create_graph``) so the penalty trains the discriminator. Multiply by gamma outside.
+    """
+    (grad,) = torch.autograd.grad(sum(r.sum() for r in real_logits), real_inputs, create_graph=True)
+    return 0.5 * grad.float().pow(2).flatten(1).sum(dim=1).mean()
+
+
+def posterior_sample(x0: torch.Tensor, z_t: torch.Tensor, noise: torch.Tensor, alpha_t, sigma_t, alpha_s, sigma_s) -> torch.Tensor:
+    """A draw of q(z_s | z_t, x0) for s < t (DDPM eq. 6-7 in alpha/sigma form; UFOGen sec. 4 uses it
+    for both the real and the generated x0): mean = (alpha_{t|s} sigma_s^2 / sigma_t^2) z_t +
+    (alpha_s sigma_{t|s}^2 / sigma_t^2) x0, variance = sigma_{t|s}^2 sigma_s^2 / sigma_t^2, with
+    alpha_{t|s} = alpha_t / alpha_s and sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2. Per-sample
+    scalars (batch,); tensors (batch, 4, h, w)."""
+    a_ts = alpha_t / alpha_s
+    s2_ts = sigma_t ** 2 - a_ts ** 2 * sigma_s ** 2
+    mean = _bcast(a_ts * sigma_s ** 2 / sigma_t ** 2, z_t) * z_t + _bcast(alpha_s * s2_ts / sigma_t ** 2, z_t) * x0
+    std = _bcast((s2_ts * sigma_s ** 2 / sigma_t ** 2).clamp(min=0).sqrt(), z_t)
+    return mean + std * noise
