@@ -103,21 +103,21 @@ def run(output: str, *, train_steps: int = 800, seeds_per_prompt: int = 2, eval_
         raise ValueError(f"{output!r} already holds a demo run: pass a new --output")
     os.makedirs(output, exist_ok=True)
     seconds = {}
-    t = workflow._stage("1/5 curate the bundled captions (Beam, DirectRunner)")
+    t = workflow.stage("1/5 curate the bundled captions (Beam, DirectRunner)")
     curated = workflow.curate(workflow.bundled_captions(), os.path.join(output, "curate"))
     seconds["curate"] = time.monotonic() - t
-    t = workflow._stage("2/5 teacher dump: shapes teacher, full trajectories (Beam, DirectRunner)")
+    t = workflow.stage("2/5 teacher dump: shapes teacher, full trajectories (Beam, DirectRunner)")
     dataset = workflow.dump(os.path.join(output, "curate", "manifest.parquet"), os.path.join(output, "dump"),
                             seeds_per_prompt=seeds_per_prompt, samples_per_shard=256)
     seconds["dump"] = time.monotonic() - t
-    t = workflow._stage(f"3/5 step-distil the student for {student_steps} steps")
+    t = workflow.stage(f"3/5 step-distil the student for {student_steps} steps")
     workflow.train(os.path.join(output, "dump"), os.path.join(output, "train"), student_steps=student_steps,
                    max_steps=train_steps)
     seconds["train"] = time.monotonic() - t
-    t = workflow._stage("4/5 export a diffusers pipeline folder")
+    t = workflow.stage("4/5 export a diffusers pipeline folder")
     folder = export(os.path.join(output, "train"), os.path.join(output, "student"))
     seconds["export"] = time.monotonic() - t
-    t = workflow._stage("5/5 evaluate teacher and student on held-out captions")
+    t = workflow.stage("5/5 evaluate teacher and student on held-out captions")
     analyser = load_analyser()
     cfg = EvalConfig(output=os.path.join(output, "eval"), captions=_eval_captions(os.path.join(output, "eval_captions.txt"), eval_images),
                      student=folder, teacher=workflow.TEACHER, num_images=eval_images,

@@ -21,7 +21,8 @@ TEACHER = "shapes"
 TEACHER_STEPS = 40  # divisible by 8, 4 and 1: every student step spans a whole number of teacher steps
 
 
-def _stage(name: str):
+def stage(name: str):
+    """Print a stage banner; returns the start time."""
     print(f"\n=== {name} ===", flush=True)
     return time.monotonic()
 

@@ -24,7 +24,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from filters.aesthetic import AestheticMLP
 from filters.config import CurateConfig
 from pipelines import curate
-from pipelines.curate_sources import new_record, plan_inputs, read_split
+from pipelines.curate.sources import new_record, plan_inputs, read_split
 
 
 def noise_image(seed, size, fmt):

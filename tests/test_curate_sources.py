@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.curate_sources import detect_format, file_tag, plan_inputs, read_split
+from pipelines.curate.sources import detect_format, file_tag, plan_inputs, read_split
 
 
 def write_laion(path, with_optional=True, row_group_size=None):

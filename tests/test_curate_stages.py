@@ -12,8 +12,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from filters.config import CurateConfig
 from pipelines import curate
-from pipelines.curate_dedup import SemanticDedup
-from pipelines.curate_stages import FilterScores
+from pipelines.dedup import SemanticDedup
+from pipelines.stages import FilterScores
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_filters_semdedup import planted  # noqa: E402

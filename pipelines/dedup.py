@@ -1,4 +1,4 @@
-"""SemDeDup on Beam: k-means on a sample, nearest-centroid assignment, GroupByKey per cluster.
+"""SemDeDup on Beam (shared by the curate and filter jobs): k-means on a sample, nearest-centroid assignment, GroupByKey per cluster.
 
     sample (Top.Of by hash of id) --TrainKMeans--> centroids (side input)
     records --AssignClusters--> (cluster, record) --GroupByCluster--> DedupEachCluster
@@ -30,7 +30,7 @@ from apache_beam.metrics import Metrics
 
 from filters import reasons, semdedup
 from filters.config import CurateConfig
-from pipelines.curate_schema import EMBEDDING_FIELDS, dropped, effective_aesthetic
+from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
 
 
 def _sample_rank(seed: int, record_id: str) -> int:

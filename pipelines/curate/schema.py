@@ -57,35 +57,12 @@ REJECTS_SCHEMA = pa.schema([
     ("raw_caption", pa.string()),  # repr() of what the source held, truncated
 ])
 
-EMBEDDING_FIELDS = {"text": "text_embedding", "image": "image_embedding"}
-
-
-def is_active(record: dict) -> bool:
-    return record.get("drop_reason") is None
-
-
-def dropped(record: dict, stage: str, reason: str, **fields) -> dict:
-    """A copy of ``record`` set aside by ``stage`` for ``reason`` (it stays in the manifest)."""
-    return {**record, **fields, "drop_stage": stage, "drop_reason": reason}
-
 
 def reject_row(record: dict, stage: str, reason: str, detail: str | None = None) -> dict:
     raw = record.get("caption")
     return {"id": record.get("id"), "stage": stage, "reason": reason, "detail": detail,
             "source": record.get("source"), "input": record.get("input"), "source_id": record.get("source_id"),
             "url": record.get("url"), "raw_caption": None if raw is None else repr(raw)[:300]}
-
-
-def effective_aesthetic(record: dict) -> float | None:
-    """This job's aesthetic score where an image was scored, else the source's (LAION-Aesthetics)."""
-    own = record.get("aesthetic_score")
-    return own if own is not None else record.get("laion_aesthetic")
-
-
-def effective_clip_score(record: dict) -> float | None:
-    """This job's image-text cosine where an image was embedded, else the source's (LAION similarity)."""
-    own = record.get("clip_score")
-    return own if own is not None else record.get("laion_similarity")
 
 
 def _clean(value, kind):

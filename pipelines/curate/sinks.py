@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.curate_schema import EMBEDDING_FIELDS
+from pipelines.records import EMBEDDING_FIELDS
 
 
 def atomic_write(path: str, data: bytes) -> None:

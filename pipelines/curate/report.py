@@ -9,18 +9,18 @@ their thresholds, cluster sizes; example tables) and ``OUTPUT/summary.json``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import heapq
 import html
-import io
 import json
 from collections import Counter
 
 import apache_beam as beam
 
-from pipelines.curate_io import atomic_write
-from pipelines.curate_schema import STAGES, effective_aesthetic, effective_clip_score
+from pipelines.curate.schema import STAGES
+from pipelines.curate.sinks import atomic_write
+from pipelines.plots import histogram, png
+from pipelines.records import effective_aesthetic, effective_clip_score
 
 SCORE_SAMPLE = 20_000  # scores kept per histogram
 STAGE_LABELS = {"read": "readable", "normalise": "caption decoded", "rules": "caption/size rules",
@@ -118,23 +118,6 @@ class CurateStats(beam.CombineFn):
 # --------------------------------------------------------------------------------------------
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _histogram(ax, values, threshold, title):
-    if values:
-        ax.hist(values, bins=min(50, max(5, len(values) // 4)), color="#4878a8")
-    else:
-        ax.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax.transAxes)
-    if threshold is not None:
-        ax.axvline(threshold, color="#c03030", linestyle="--", label=f"threshold {threshold:.3g}")
-        ax.legend()
-    ax.set_title(title)
-
-
 def render_plots(stats: dict, aesthetic_threshold: float | None, clip_threshold: float | None) -> dict[str, str]:
     """Base64 PNGs: funnel, aesthetic and CLIP-score histograms, cluster and group sizes."""
     import matplotlib
@@ -151,19 +134,19 @@ def render_plots(stats: dict, aesthetic_threshold: float | None, clip_threshold:
     for i, v in enumerate(values):
         ax.text(v, i, f" {v}", va="center")
     ax.set_title("records remaining after each stage")
-    plots["funnel"] = _png(fig)
+    plots["funnel"] = png(fig)
     for key, title, threshold in (("aesthetic_scores", "aesthetic score", aesthetic_threshold),
                                   ("clip_scores", "CLIP score (image-text cosine)", clip_threshold)):
         fig, ax = plt.subplots(figsize=(6, 3))
-        _histogram(ax, stats[key], threshold, title)
-        plots[key] = _png(fig)
+        histogram(ax, stats[key], threshold, title)
+        plots[key] = png(fig)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
-    _histogram(ax1, stats["cluster_sizes"], None, "k-means cluster sizes (records)")
+    histogram(ax1, stats["cluster_sizes"], None, "k-means cluster sizes (records)")
     groups = stats["duplicate_group_sizes"]
     ax2.bar([int(k) for k in groups], list(groups.values()), color="#4878a8")
     ax2.set_xticks([int(k) for k in groups])
     ax2.set_title("duplicate group sizes (kept + dropped)")
-    plots["clusters"] = _png(fig)
+    plots["clusters"] = png(fig)
     plt.close("all")
     return plots
 

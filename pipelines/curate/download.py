@@ -30,7 +30,7 @@ from apache_beam.metrics import Metrics
 
 from filters import reasons
 from filters.config import CurateConfig
-from pipelines.curate_schema import reject_row
+from pipelines.curate.schema import reject_row
 
 _DRIVER = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
 

@@ -6,10 +6,10 @@
     beam run pipelines/curate.py ... --direct_running_mode=multi_processing
 
 Inputs: LAION Parquet, COCO caption JSON, .txt/.jsonl prompt lists, img2dataset webdataset shards
-(``pipelines.curate_sources``). Outputs in ``--output``:
+(``pipelines.curate.sources``). Outputs in ``--output``:
 
 - ``manifest.parquet``: every valid record with its scores, ``kept`` and ``drop_reason``
-  (``pipelines.curate_schema.MANIFEST_SCHEMA``); the teacher dump job reads it unchanged;
+  (``pipelines.curate.schema.MANIFEST_SCHEMA``); the teacher dump job reads it unchanged;
 - ``rejects.parquet``: records that could not be judged, with the reason;
 - ``embeddings/{text,image}-*.parquet``: CLIP embeddings (when a CLIP model is configured);
 - ``images/``: webdataset shards written by img2dataset (with ``--download_images true``);
@@ -38,15 +38,18 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from filters import config as config_lib
 from filters.config import CurateConfig
-from pipelines.curate_dedup import SemanticDedup
-from pipelines.curate_download import DownloadBatch
-from pipelines.curate_io import WriteEmbeddings, WriteSortedParquet
-from pipelines.curate_models import AestheticHandler, ClipEmbeddingHandler, check_models
-from pipelines.curate_report import CurateStats, write_report
-from pipelines.curate_schema import MANIFEST_SCHEMA, REJECTS_SCHEMA, is_active, manifest_row
-from pipelines.curate_sources import FORMATS, Split, plan_inputs
-from pipelines.curate_stages import (ActiveOnly, ApplyRules, DropExactDuplicates, FilterScores, LoadImage,
-                                     NormaliseCaption, ReadRecords)
+from pipelines import common
+from pipelines.curate.download import DownloadBatch
+from pipelines.curate.models import AestheticHandler, ClipEmbeddingHandler
+from pipelines.curate.report import CurateStats, write_report
+from pipelines.curate.schema import MANIFEST_SCHEMA, REJECTS_SCHEMA, manifest_row
+from pipelines.curate.sinks import WriteEmbeddings, WriteSortedParquet
+from pipelines.curate.sources import FORMATS, Split, plan_inputs
+from pipelines.curate.stages import ApplyRules, DropExactDuplicates, LoadImage, NormaliseCaption, ReadRecords
+from pipelines.dedup import SemanticDedup
+from pipelines.records import is_active
+from pipelines.scoring import check_models
+from pipelines.stages import ActiveOnly, FilterScores
 
 FIELD_HELP = {
     "semdedup_eps": "SemDeDup threshold: two records are duplicates when the cosine similarity of their "
