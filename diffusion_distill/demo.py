@@ -63,8 +63,8 @@ def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds:
                         f"<td>{r.get('exact', float('nan')):.3f}</td><td>{r.get('frechet_analyser', float('nan')):.2f}</td>"
                         f"<td>{r.get('latency_s', float('nan')) * 1000:.1f}</td></tr>")
     totals = dataset["totals"]
-    funnel = (f"captions in {curated['input']} = kept {curated['kept']} + filtered {curated['filtered']} + rejected "
-              f"{curated['rejected']}; dump: {totals['samples_written']} samples written, {totals['samples_rejected']} "
+    funnel = (f"captions in {curated['input']} = kept {curated['kept']} + filtered {curated['filtered']} + duplicate "
+              f"{curated['duplicate']} + rejected {curated['rejected']}; dump: {totals['samples_written']} samples written, {totals['samples_rejected']} "
               f"rejected, {totals['bytes'] / 2**20:.1f} MiB")
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>diffusion-distill demo</title>

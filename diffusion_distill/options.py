@@ -17,7 +17,7 @@ and gets its command line from it:
 
 Each field gives ``--snake_case`` and ``--kebab-case`` spellings. Types come from the annotations:
 ``str``, ``int``, ``float``, ``bool`` (``--flag``, ``--flag true|false``), ``X | None`` (``none``
-clears a number), and tuples
+clears it), and tuples
 (comma-separated values). A bad value or an unknown choice is a ``UserError`` naming the flag, so
 every command reports it as one line (``diffusion_distill.errors``). Validation of values against
 each other belongs in the dataclass's ``__post_init__``, which should raise ``UserError`` too.
@@ -81,7 +81,7 @@ def _scalar(tp):
 
 
 def _none_or(conv):
-    """An optional field's converter: ``none``/``null`` (any case) clear it, as in a JSON config."""
+    """An optional field's converter: ``none``/``null`` (any case) clear it, as ``null`` does in a JSON config."""
 
     def parse_optional(text):
         if str(text).strip().lower() in ("none", "null"):
@@ -95,7 +95,7 @@ def _none_or(conv):
 def _converter(tp, repeat: bool):
     """(argparse type, is_tuple) for an annotation."""
     tp, optional = _unwrap_optional(tp)
-    if optional and tp is not str and typing.get_origin(tp) is not tuple:
+    if optional and typing.get_origin(tp) is not tuple:
         return _none_or(_scalar(tp)), False
     if typing.get_origin(tp) is tuple:
         item = _scalar(typing.get_args(tp)[0])

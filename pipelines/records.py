@@ -1,7 +1,7 @@
 """The record dicts that flow through the scoring and dedup stages, shared by the curate and filter jobs.
 
 A record is a plain dict keyed by field name: ``key`` (its identifier), its scores and embeddings,
-and ``drop_stage``/``drop_reason``, which stay ``None`` while no stage has set it aside. A record a
+and ``stage``/``reason``, which stay ``None`` while no stage has set it aside. A record a
 stage drops keeps flowing with both set (``dropped``), and later stages skip it (``is_active``).
 """
 
@@ -11,12 +11,12 @@ EMBEDDING_FIELDS = {"text": "text_embedding", "image": "image_embedding"}
 
 
 def is_active(record: dict) -> bool:
-    return record.get("drop_reason") is None
+    return record.get("reason") is None
 
 
 def dropped(record: dict, stage: str, reason: str, **fields) -> dict:
     """A copy of ``record`` set aside by ``stage`` for ``reason`` (it stays in the manifest)."""
-    return {**record, **fields, "drop_stage": stage, "drop_reason": reason}
+    return {**record, **fields, "stage": stage, "reason": reason}
 
 
 def effective_aesthetic(record: dict) -> float | None:

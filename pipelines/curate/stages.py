@@ -1,7 +1,7 @@
 """Per-record stages of the curate job: caption normalisation, rules, exact dedup, images, scores.
 
 Every stage takes and returns record dicts (``pipelines.curate.sources.new_record``). A record a
-rule drops keeps flowing with ``drop_stage``/``drop_reason`` set and is skipped by later stages
+rule drops keeps flowing with ``stage``/``reason`` set and is skipped by later stages
 (``pipelines.stages.ActiveOnly``); a record that cannot be judged leaves through the ``rejects`` output of the
 stage that found the problem. Each stage counts what it did in the ``curate`` metrics namespace.
 """
@@ -51,11 +51,11 @@ class NormaliseCaption(beam.DoFn):
             _count(f"rejected_{reject}")
             yield beam.pvalue.TaggedOutput("rejects", reject_row(record, "normalise", reject))
             return
-        yield {**record, "caption": captions.normalize_caption(text), "drop_stage": None, "drop_reason": None}
+        yield {**record, "caption": captions.normalize_caption(text), "stage": None, "reason": None}
 
 
 class ApplyRules(beam.DoFn):
-    """Length (words, CLIP tokens), punsafe/pwatermark, and size where the source gives it."""
+    """Length (words, CLIP tokens), NSFW tag, punsafe/pwatermark, and size where the source gives it."""
 
     def __init__(self, cfg: CurateConfig):
         self.cfg = cfg
@@ -68,7 +68,7 @@ class ApplyRules(beam.DoFn):
         n_tokens = captions.clip_token_count(caption)
         record = {**record, "n_words": captions.word_count(caption), "n_clip_tokens": n_tokens}
         reason = (captions.check_length(caption, n_tokens, self.cfg)
-                  or captions.check_safety(record["punsafe"], record["pwatermark"], self.cfg)
+                  or captions.check_safety(record["punsafe"], record["pwatermark"], self.cfg, record.get("nsfw"))
                   or captions.check_size(record["width"], record["height"], self.cfg))
         if reason is not None:
             _count(f"filtered_{reason}")
@@ -83,11 +83,11 @@ def _caption_key(record: dict) -> tuple[str, dict]:
 def resolve_exact_duplicates(keyed) -> list[dict]:
     """(caption, records) -> the same records, all but the priority winner marked duplicates."""
     _, group = keyed
-    group = sorted(group, key=lambda r: captions.keep_priority(effective_aesthetic(r), r["id"]))
+    group = sorted(group, key=lambda r: captions.keep_priority(effective_aesthetic(r), r["key"]))
     out = [group[0]]
     for record in group[1:]:
         _count(f"filtered_{reasons.EXACT_DUPLICATE}")
-        out.append(dropped(record, "exact_dedup", reasons.EXACT_DUPLICATE, duplicate_of=group[0]["id"]))
+        out.append(dropped(record, "exact_dedup", reasons.EXACT_DUPLICATE, duplicate_of=group[0]["key"]))
     if len(group) > 1:
         out[0] = {**group[0], "n_duplicates": len(group) - 1}
     return out

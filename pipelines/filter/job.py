@@ -135,7 +135,7 @@ class ReadScoresFn(beam.DoFn):
         records = filter_plan.score_records(self.parent, shard)
         self.shards.inc()
         self.samples.inc(len(records))
-        self.rejected.inc(sum(r["drop_stage"] is not None for r in records))
+        self.rejected.inc(sum(r["stage"] is not None for r in records))
         yield from records
 
 

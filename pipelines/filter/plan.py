@@ -110,12 +110,12 @@ def scoring_of(dataset: dict, data_dir: str) -> dict:
 
 
 def _base(key: str, shard: int, position: int, offset) -> dict:
-    return {"id": key, "input_shard": shard, "input_position": position, "offset": offset,
-            "drop_stage": None, "drop_reason": None}
+    return {"key": key, "input_shard": shard, "input_position": position, "offset": offset,
+            "stage": None, "reason": None}
 
 
 def score_records(data_dir: str, shard: int) -> list[dict]:
-    """The curate-style records of one input shard: id (the key), scores, CLIP image embedding.
+    """The curate-style records of one input shard: key, scores, CLIP image embedding.
 
     Reads the shard's index and embedding sidecar only. A shard whose scores or embeddings cannot be
     read gives records rejected at stage ``scores`` (counted, never silently dropped).
@@ -132,7 +132,7 @@ def score_records(data_dir: str, shard: int) -> list[dict]:
         except ValueError as err:
             problem = (reasons.CORRUPT_EMBEDDINGS, str(err))
     if problem:
-        return [dict(_base(k, shard, i, offsets[i]), drop_stage="scores", drop_reason=problem[0], detail=problem[1])
+        return [dict(_base(k, shard, i, offsets[i]), stage="scores", reason=problem[0], detail=problem[1])
                 for i, k in enumerate(keys)]
     scores = index["scores"]
     return [dict(_base(k, shard, i, offsets[i]), aesthetic_score=scores["aesthetic_score"][i],
@@ -201,13 +201,13 @@ def empty_row(key: str, fate: str, stage: str | None = None, reason: str | None 
 
 def fate_row(record: dict) -> dict:
     """A record after the filter stages -> its plan/manifest row (the embedding is left behind)."""
-    stage = record.get("drop_stage")
+    stage = record.get("stage")
     offset = record.get("offset") or (None, None)
     fate = KEPT if stage is None else STAGE_FATES[stage]
     values = {k: record.get(k) for k in ("detail", "duplicate_of", "duplicate_similarity", "n_duplicates",
                                          "cluster_id", "aesthetic_score", "clip_score", "input_shard",
                                          "input_position")}
-    return empty_row(record["id"], fate, stage, record.get("drop_reason"), **values, start=offset[0], end=offset[1])
+    return empty_row(record["key"], fate, stage, record.get("reason"), **values, start=offset[0], end=offset[1])
 
 
 def layout(rows: list[dict], samples_per_shard: int) -> int:
