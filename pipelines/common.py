@@ -9,7 +9,7 @@ needs for that live here, once:
 - ``pipeline_options`` / ``is_local_runner`` / ``show_progress``: runner defaults;
 - ``recipe_hash`` and ``check_or_write_recipe``: an output folder holds one recipe's results;
 - ``write_plan`` / ``read_plan`` (``PLAN``): one Parquet row group per work unit, so a work unit
-  is a number and its rows never pass through the graph;
+  is a number and its rows never pass through the graph; ``work_unit``: the frame of one;
 - ``write_rejects``: ``rejects/<name>.jsonl`` and the counts by reason;
 - ``run_pipeline``: run the graph, wait, read back the summary the last step wrote.
 """
@@ -190,6 +190,27 @@ def write_rejects(output: str, name: str, rejects: list[dict]) -> dict[str, int]
     for r in rejects:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     return reasons
+
+
+@contextlib.contextmanager
+def work_unit(output: str, shard: int, progress: bool):
+    """The frame of a shard work unit (dump and filter): stale temporaries of an earlier attempt
+    removed, the unit's rows read from the plan, and a progress bar (None when off) closed however
+    the unit ends. Yields ``(rows, bar)``; the caller writes the shard with ``teachers.shards.ShardWriter``."""
+    from teachers.shards import remove_stale_temporaries, shard_name
+
+    remove_stale_temporaries(output, shard)
+    rows = read_plan(output, shard)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
+    try:
+        yield rows, bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ image embedding into the shard's ``NNNNNN.emb.npy`` (``teachers.shards``), so th
 from __future__ import annotations
 
 from filters import reasons
-from pipelines.common import read_plan, write_rejects
+from pipelines.common import work_unit, write_rejects
 from teachers import record
 from teachers.fs import url_to_fs
-from teachers.shards import ShardWriter, atomic_write_bytes, join, remove_stale_temporaries, shard_name
+from teachers.shards import ShardWriter, atomic_write_bytes, join
 
 _CLIP_MAX_TOKENS = 77
 
@@ -69,17 +69,10 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
                    scorer=None) -> dict:
     from teachers.sampler import SampleRequest, sample_trajectories
 
-    remove_stale_temporaries(output, shard)
-    rows = read_plan(output, shard)
-    requests = [SampleRequest(r["key"], r["caption"], int(r["seed"]), r["guidance_scale"]) for r in rows]
-    batches = [requests[i : i + recipe.batch_size] for i in range(0, len(requests), recipe.batch_size)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(requests), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
     rejects, truncated, fallbacks, info = [], 0, 0, None
-    try:
+    with work_unit(output, shard, progress) as (rows, bar):
+        requests = [SampleRequest(r["key"], r["caption"], int(r["seed"]), r["guidance_scale"]) for r in rows]
+        batches = [requests[i : i + recipe.batch_size] for i in range(0, len(requests), recipe.batch_size)]
         with ShardWriter(output, shard, recipe_hash=recipe.hash) as writer:
             for batch in batches:
                 results, info = sample_trajectories(teacher, batch, config)
@@ -110,7 +103,4 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
                 scheduler_config=info.scheduler_config if info else None,
                 prediction_type=info.prediction_type if info else None,
             )
-    finally:
-        if bar is not None:
-            bar.close()
     return writer.index

@@ -20,11 +20,10 @@ import itertools
 import json
 
 from filters import reasons
-from pipelines.common import read_plan
+from pipelines.common import work_unit
 from teachers.fs import url_to_fs
 from teachers.record import JSON
-from teachers.shards import (ShardWriter, join, read_embeddings, read_index, read_samples,
-                             remove_stale_temporaries, sample_members, shard_name)
+from teachers.shards import ShardWriter, join, read_embeddings, read_index, read_samples, sample_members, shard_name
 
 
 def _check_json(key: str, data: bytes) -> None:
@@ -97,15 +96,8 @@ def _copy_slow(parent: str, input_shard: int, rows: list[dict], writer: ShardWri
 
 def copy_shard(parent: str, output: str, shard: int, recipe_hash: str, *, progress: bool = False) -> dict:
     """Write output shard ``shard`` from the plan; returns its index (with ``copy_rejects``)."""
-    remove_stale_temporaries(output, shard)
-    rows = read_plan(output, shard)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(rows), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
     rejects = []
-    try:
+    with work_unit(output, shard, progress) as (rows, bar):
         with ShardWriter(output, shard, recipe_hash=recipe_hash) as writer:
             for input_shard, group in itertools.groupby(rows, key=lambda r: r["input_shard"]):
                 group = list(group)
@@ -114,7 +106,4 @@ def copy_shard(parent: str, output: str, shard: int, recipe_hash: str, *, progre
                     bar.update(len(group))
             writer.extra = {"copy_rejects": rejects,
                             "input_shards": sorted({r["input_shard"] for r in rows})}
-    finally:
-        if bar is not None:
-            bar.close()
     return writer.index
