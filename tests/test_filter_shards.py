@@ -144,7 +144,7 @@ def test_scores_and_embeddings_are_read_without_the_tars(dump, tmp_path):
             shutil.copy(os.path.join(dump, name), light / name)
     records = filter_plan.score_records(str(light), 2)
     index = shards.read_index(dump, 2)
-    assert [r["id"] for r in records] == index["keys"] and all(r["drop_stage"] is None for r in records)
+    assert [r["key"] for r in records] == index["keys"] and all(r["stage"] is None for r in records)
     assert [r["offset"] for r in records] == index["offsets"]
     assert np.array_equal(np.stack([r["image_embedding"] for r in records]), shards.read_embeddings(dump, 2, index))
 
