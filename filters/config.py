@@ -4,7 +4,7 @@
     cfg = with_overrides(cfg, {"min_image_side": 512})      # unknown keys are an error
     validate(cfg)                                            # ValueError naming the bad value
 
-The curate job (``pipelines/curate.py``) builds one from ``--preset``, ``--config file.json`` and
+The curate job (``pipelines/curate/``) builds one from ``--preset``, ``--config file.json`` and
 per-field flags, validates it before any work starts, and writes it into ``summary.json`` and the
 report. Every stage that a field feeds can be switched off by setting it to ``None`` (or ``""`` for
 ``clip_model``).

@@ -21,6 +21,7 @@ import pytest
 from diffusion_distill import beam_cli, cli
 from filters import reasons
 from pipelines import curate, dump, filter as filter_job
+from teachers.record import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--teacher", "tiny", "--num_inference_steps", "1", "--samples_per_shard", "4", "--batch_size", "4",
@@ -70,10 +71,14 @@ def files(tmp_path):
     f["listjson"] = str(tmp_path / "list.json")
     f["out"] = str(tmp_path / "out")
     # filter parents: no dataset.json; a corrupt one; an unscored one; a scored one without aesthetic weights
-    for name, content in (("broken", "{oops"), ("unscored", json.dumps({"recipe": {}, "recipe_hash": "h", "shards": []})),
-                          ("scored", json.dumps({"recipe": {"samples_per_shard": 4, "score_images": {
-                              "preset": "tiny", "clip_model": "dd-tiny-clip", "clip_weights": "random",
-                              "aesthetic_weights": None, "embed_dim": 32}}, "recipe_hash": "h", "shards": []}))):
+    scored = {"schema_version": SCHEMA_VERSION, "recipe_hash": "h", "shards": [], "recipe": {
+        "samples_per_shard": 4, "score_images": {"preset": "tiny", "clip_model": "dd-tiny-clip", "clip_weights": "random",
+                                                 "aesthetic_weights": None, "embed_dim": 32}}}
+    for name, content in (("broken", "{oops"),
+                          ("unscored", json.dumps({"schema_version": SCHEMA_VERSION, "recipe": {}, "recipe_hash": "h",
+                                                   "shards": []})),
+                          ("future", json.dumps({**scored, "schema_version": 99})),
+                          ("scored", json.dumps(scored))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "dataset.json").write_text(content)
         f[name] = str(tmp_path / name)
@@ -139,6 +144,7 @@ FILTER_CASES = {
     "input_not_a_dump": (lambda f: ["--input", f["folder"], "--output", f["out"]], "has no dataset.json"),
     "dataset_json_corrupt": (lambda f: ["--input", f["broken"], "--output", f["out"]], "dataset.json is not JSON"),
     "input_unscored": (lambda f: ["--input", f["unscored"], "--output", f["out"]], "holds no image scores"),
+    "schema_version_unknown": (lambda f: ["--input", f["future"], "--output", f["out"]], "has schema_version 99"),
     "output_is_a_file": (lambda f: ["--input", f["scored"], "--output", f["file"]], "is an existing file"),
     "output_is_the_input": (lambda f: ["--input", f["scored"], "--output", f["scored"]], "is the --input folder"),
     "eps_not_a_number": (lambda f: ["--input", f["scored"], "--output", f["out"], "--semdedup_eps", "abc"],

@@ -41,8 +41,8 @@ class DumpRecipe:
     device: str  # where the teacher runs (numerics differ across devices)
     scheduler: str  # ddim | euler | dpm++
     num_inference_steps: int  # teacher steps S
-    guidance_scale: float  # fixed CFG weight (when no range)
-    guidance_range: tuple[float, float] | None  # per-sample U[lo, hi] (SnapFusion CFG range)
+    guidance_scale: float  # fixed classifier-free guidance weight (when no range)
+    guidance_range: tuple[float, float] | None  # per-sample guidance weight ~ U[lo, hi] (SnapFusion)
     height: int  # image px
     width: int  # image px
     record_steps: tuple[int, ...] | None  # recorded step indices; None = all

@@ -92,6 +92,9 @@ def read_parent(data_dir: str) -> tuple[dict, str]:
         raise UserError(f"--input {data_dir!r}: dataset.json is not JSON ({err})") from None
     if not isinstance(dataset, dict) or not isinstance(dataset.get("shards"), list) or "recipe_hash" not in dataset:
         raise UserError(f"--input {data_dir!r}: dataset.json lacks 'shards' or 'recipe_hash': not a dump's")
+    if dataset.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"--input {data_dir!r}: dataset.json has schema_version {dataset.get('schema_version')!r}; "
+                        f"this version reads schema_version {SCHEMA_VERSION}")
     return dataset, hashlib.sha256(data).hexdigest()
 
 
