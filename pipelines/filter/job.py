@@ -102,13 +102,12 @@ def build_recipe(cfg: FilterConfig):
         raise UserError(f"--input {cfg.input!r} lacks the index of shard(s) "
                         f"{[index_name(i) for i in missing][:5]}: check it with distill inspect --verify")
     preset = ImageScoring(**scoring).curate_config()
+    knobs = ("kmeans_clusters", "target_cluster_size", "kmeans_sample_size")  # unset: the scoring preset's
     given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FilterRecipe) if hasattr(cfg, f.name)}
+    given = {k: v for k, v in given.items() if not (k in knobs and v is None)}
+    from_preset = {k: getattr(preset, k) for k in (*knobs, "kmeans_iterations", "kmeans_seed")}
     recipe = FilterRecipe(**{
-        **{k: getattr(preset, k) for k in ("kmeans_clusters", "target_cluster_size", "kmeans_sample_size",
-                                           "kmeans_iterations", "kmeans_seed")},
-        **{k: v for k, v in given.items() if v is not None or k not in ("kmeans_clusters", "target_cluster_size",
-                                                                         "kmeans_sample_size")},
-        "parent_recipe_hash": dataset["recipe_hash"], "parent_dataset_sha256": sha,
+        **from_preset, **given, "parent_recipe_hash": dataset["recipe_hash"], "parent_dataset_sha256": sha,
         "samples_per_shard": cfg.samples_per_shard or dataset["recipe"]["samples_per_shard"],
     })
     curate_config = recipe.curate_config(scoring)  # validates thresholds and dedup knobs, naming the field
