@@ -48,11 +48,12 @@ def bare_loop(teacher, prompts, args) -> float:
 def run_job(args, prompt_file: str, out: str) -> tuple[float, float]:
     """(wall seconds of the whole job, seconds inside its shard work units).
 
-    The work-unit time is taken by wrapping ``pipelines.dump_shard.generate_shard`` (DirectRunner runs
+    The work-unit time is taken by wrapping ``pipelines.dump.shard.generate_shard`` (DirectRunner runs
     it in this process): sampling, feature capture, encoding, hashing and writing the shard, without
     the one-off teacher load in ``DoFn.setup`` and Beam's start-up.
     """
-    from pipelines import dump_shard, teacher_dump
+    from pipelines import teacher_dump
+    from pipelines.dump import shard as dump_shard
 
     inside = []
     original = dump_shard.generate_shard

@@ -3,13 +3,13 @@
     python benchmarks/filter_throughput.py --samples 1536 --samples_per_shard 128 [--dump /tmp/ft/dump]
 
 1. A scored dump is synthesised with the real writers (``teachers.record.encode_sample``,
-   ``teachers.shards.ShardWriter``, ``pipelines.teacher_dump.write_dataset``) at SD-1.5 512 px
+   ``teachers.shards.ShardWriter``, ``pipelines.dump.job.write_dataset``) at SD-1.5 512 px
    geometry (an 8-step recorded trajectory, both predictions, ``mid_block`` features, a 256 px PNG:
    about 1.4 MiB per sample), so the bytes are what a real dump holds without running a teacher.
    Arrays cycle through a small pool (content does not matter to a copy); the embeddings are distinct.
 2. Baseline: GNU ``tar -cf`` of each shard's members (extracted beforehand, untimed) into a new
    tar, one ``tar`` process per shard: the same bytes read and written as the filter copies.
-3. The filter job (``pipelines/filter_shards.py``, DirectRunner in-process) over the whole dump with
+3. The filter job (``pipelines/filter``, DirectRunner in-process) over the whole dump with
    thresholds that keep every sample, so it copies every byte. Timed whole (Beam start-up, dedup,
    plan, report and ``dataset.json`` included) and inside its copy work units (``copy_shard``).
 4. The tar copy again (the machine is shared: the two tar runs show the drift).
@@ -36,7 +36,8 @@ STEPS = 8  # recorded steps (the lean recipe of BENCHMARKS.md)
 
 
 def _recipe(samples_per_shard: int):
-    from pipelines.dump_plan import DumpRecipe, ImageScoring
+    from pipelines.dump.plan import DumpRecipe
+    from pipelines.scoring import ImageScoring
 
     scoring = ImageScoring(preset="tiny", clip_model="dd-tiny-clip", clip_weights="random", aesthetic_weights=None,
                            embed_dim=32)
@@ -63,7 +64,7 @@ def synthesise_dump(out: str, samples: int, samples_per_shard: int) -> dict:
     """A scored dump of ``samples`` synthetic SD-1.5-sized records; returns its dataset.json."""
     import dataclasses
 
-    from pipelines.teacher_dump import write_dataset
+    from pipelines.dump.job import write_dataset
     from teachers import record
     from teachers.shards import ShardWriter, atomic_write_bytes, join
 
@@ -129,7 +130,7 @@ def extract(dump: str, extracted: str, num_shards: int) -> dict[int, list[str]]:
 
 def run_filter(dump: str, out: str) -> tuple[float, float]:
     """(wall seconds, seconds inside the copy work units) of the filter job keeping every sample."""
-    import pipelines.filter_copy as filter_copy
+    from pipelines.filter import shard as filter_copy
     from pipelines import filter_shards
 
     inside = [0.0]

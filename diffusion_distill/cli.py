@@ -1,6 +1,6 @@
 """The ``distill`` command: one verb per job, each dispatched lazily to its module's ``main(argv)``.
 
-    distill dump --prompts prompts.txt --output out/dump      # pipelines.teacher_dump
+    distill dump --prompts prompts.txt --output out/dump      # pipelines.dump
     distill inspect out/dump --verify                        # teachers.inspect
 
 Verbs are looked up in ``COMMANDS``; the module is imported only when its verb runs, so
@@ -12,13 +12,15 @@ from __future__ import annotations
 import importlib
 import sys
 
+from diffusion_distill.errors import UserError, run_main
+
 # verb -> ("module:function", one-line help). The function takes argv (list[str]) and returns an
 # exit code or None.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "dump": ("pipelines.teacher_dump:main", "run the teacher dump job (Beam) over prompts or a manifest"),
+    "dump": ("pipelines.dump:main", "run the teacher dump job (Beam) over prompts or a manifest"),
     "inspect": ("teachers.inspect:main", "summarise a dataset of shards; --verify checks every shard"),
     "curate": ("pipelines.curate:main", "curate captions/images into a manifest (Beam)"),
-    "filter": ("pipelines.filter_shards:main", "filter and deduplicate a dump into final shards (Beam)"),
+    "filter": ("pipelines.filter:main", "filter and deduplicate a dump into final shards (Beam)"),
     "train": ("students.train:main", "distil a student from shards"),
     "export": ("students.export:main", "turn a checkpoint into a diffusers pipeline folder"),
     "eval": ("students.evaluate:main", "evaluate a student against its teacher"),
@@ -34,15 +36,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dispatch(argv: list[str]) -> int:
+    """Run the verb's ``main(rest)``; an unknown or missing verb is a ``UserError``."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in COMMANDS:
-        print(f"distill: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown verb {verb!r}; verbs: {', '.join(COMMANDS)} (distill --help)")
     target, _ = COMMANDS[verb]
     module_name, func_name = target.split(":")
     try:
@@ -50,10 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        print(f"distill: verb {verb!r} is not available in this build ({module_name} missing)", file=sys.stderr)
-        return 2
+        raise UserError(f"verb {verb!r} is not available in this build ({module_name} missing)") from None
     code = getattr(module, func_name)(rest)
     return int(code or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # --debug stays in argv for the verb (each verb's own run_main reads it); only the dispatcher's
+    # own errors are handled here.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_main("distill", lambda _: dispatch(argv), argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ user would call it; each prints its progress.
 
 from __future__ import annotations
 
-import argparse
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -19,6 +19,8 @@ import sys
 import time
 
 from diffusion_distill import workflow
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import option, parse
 
 
 def _eval_captions(path: str, n: int, seed: int = 12_345) -> str:
@@ -63,8 +65,8 @@ def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds:
                         f"<td>{r.get('exact', float('nan')):.3f}</td><td>{r.get('frechet_analyser', float('nan')):.2f}</td>"
                         f"<td>{r.get('latency_s', float('nan')) * 1000:.1f}</td></tr>")
     totals = dataset["totals"]
-    funnel = (f"captions in {curated['input']} = kept {curated['kept']} + filtered {curated['filtered']} + rejected "
-              f"{curated['rejected']}; dump: {totals['samples_written']} samples written, {totals['samples_rejected']} "
+    funnel = (f"captions in {curated['input']} = kept {curated['kept']} + filtered {curated['filtered']} + duplicate "
+              f"{curated['duplicate']} + rejected {curated['rejected']}; dump: {totals['samples_written']} samples written, {totals['samples_rejected']} "
               f"rejected, {totals['bytes'] / 2**20:.1f} MiB")
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>diffusion-distill demo</title>
@@ -103,21 +105,21 @@ def run(output: str, *, train_steps: int = 800, seeds_per_prompt: int = 2, eval_
         raise ValueError(f"{output!r} already holds a demo run: pass a new --output")
     os.makedirs(output, exist_ok=True)
     seconds = {}
-    t = workflow._stage("1/5 curate the bundled captions (Beam, DirectRunner)")
+    t = workflow.stage("1/5 curate the bundled captions (Beam, DirectRunner)")
     curated = workflow.curate(workflow.bundled_captions(), os.path.join(output, "curate"))
     seconds["curate"] = time.monotonic() - t
-    t = workflow._stage("2/5 teacher dump: shapes teacher, full trajectories (Beam, DirectRunner)")
+    t = workflow.stage("2/5 teacher dump: shapes teacher, full trajectories (Beam, DirectRunner)")
     dataset = workflow.dump(os.path.join(output, "curate", "manifest.parquet"), os.path.join(output, "dump"),
                             seeds_per_prompt=seeds_per_prompt, samples_per_shard=256)
     seconds["dump"] = time.monotonic() - t
-    t = workflow._stage(f"3/5 step-distil the student for {student_steps} steps")
+    t = workflow.stage(f"3/5 step-distil the student for {student_steps} steps")
     workflow.train(os.path.join(output, "dump"), os.path.join(output, "train"), student_steps=student_steps,
                    max_steps=train_steps)
     seconds["train"] = time.monotonic() - t
-    t = workflow._stage("4/5 export a diffusers pipeline folder")
+    t = workflow.stage("4/5 export a diffusers pipeline folder")
     folder = export(os.path.join(output, "train"), os.path.join(output, "student"))
     seconds["export"] = time.monotonic() - t
-    t = workflow._stage("5/5 evaluate teacher and student on held-out captions")
+    t = workflow.stage("5/5 evaluate teacher and student on held-out captions")
     analyser = load_analyser()
     cfg = EvalConfig(output=os.path.join(output, "eval"), captions=_eval_captions(os.path.join(output, "eval_captions.txt"), eval_images),
                      student=folder, teacher=workflow.TEACHER, num_images=eval_images,
@@ -128,22 +130,32 @@ def run(output: str, *, train_steps: int = 800, seeds_per_prompt: int = 2, eval_
     return write_report(output, curated, dataset, metrics, seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="distill demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", required=True, help="new folder for every stage's output and report.html")
-    p.add_argument("--train_steps", type=int, default=800)
-    p.add_argument("--seeds_per_prompt", type=int, default=2)
-    p.add_argument("--eval_images", type=int, default=96)
-    args = p.parse_args(argv)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    output: str = option(help="new folder for every stage's output and report.html")
+    train_steps: int = option(800, help="student training steps")
+    seeds_per_prompt: int = option(2, help="teacher generations per caption")
+    eval_images: int = option(96, help="held-out captions evaluated (teacher and student)")
+
+    def __post_init__(self):
+        for name in ("train_steps", "seeds_per_prompt", "eval_images"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
+        if os.path.isfile(self.output):
+            raise UserError(f"--output {self.output!r} is an existing file: give a folder")
+
+
+def _main(argv: list[str]) -> int:
+    cfg, _ = parse(DemoConfig, argv, prog="distill demo", description=__doc__.split("\n\n")[0])
     start = time.monotonic()
-    try:
-        report = run(args.output, train_steps=args.train_steps, seeds_per_prompt=args.seeds_per_prompt,
-                     eval_images=args.eval_images)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"distill demo: {err}", file=sys.stderr)
-        return 2
+    report = run(cfg.output, train_steps=cfg.train_steps, seeds_per_prompt=cfg.seeds_per_prompt,
+                 eval_images=cfg.eval_images)
     print(f"\ndemo finished in {(time.monotonic() - start) / 60:.1f} min. Report: {os.path.abspath(report)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("distill demo", _main, argv)
 
 
 if __name__ == "__main__":

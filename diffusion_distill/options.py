@@ -16,7 +16,8 @@ and gets its command line from it:
     cfg = from_mapping(DumpConfig, pipeline_options.get_all_options())
 
 Each field gives ``--snake_case`` and ``--kebab-case`` spellings. Types come from the annotations:
-``str``, ``int``, ``float``, ``bool`` (``--flag``, ``--flag true|false``), ``X | None``, and tuples
+``str``, ``int``, ``float``, ``bool`` (``--flag``, ``--flag true|false``), ``X | None`` (``none``
+clears it), and tuples
 (comma-separated values). A bad value or an unknown choice is a ``UserError`` naming the flag, so
 every command reports it as one line (``diffusion_distill.errors``). Validation of values against
 each other belongs in the dataclass's ``__post_init__``, which should raise ``UserError`` too.
@@ -79,9 +80,23 @@ def _scalar(tp):
     raise TypeError(f"options: unsupported field type {tp!r}")
 
 
+def _none_or(conv):
+    """An optional field's converter: ``none``/``null`` (any case) clear it, as ``null`` does in a JSON config."""
+
+    def parse_optional(text):
+        if str(text).strip().lower() in ("none", "null"):
+            return None
+        return conv(text)
+
+    parse_optional.__name__ = conv.__name__
+    return parse_optional
+
+
 def _converter(tp, repeat: bool):
     """(argparse type, is_tuple) for an annotation."""
-    tp, _ = _unwrap_optional(tp)
+    tp, optional = _unwrap_optional(tp)
+    if optional and typing.get_origin(tp) is not tuple:
+        return _none_or(_scalar(tp)), False
     if typing.get_origin(tp) is tuple:
         item = _scalar(typing.get_args(tp)[0])
         if repeat:

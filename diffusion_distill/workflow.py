@@ -21,7 +21,8 @@ TEACHER = "shapes"
 TEACHER_STEPS = 40  # divisible by 8, 4 and 1: every student step spans a whole number of teacher steps
 
 
-def _stage(name: str):
+def stage(name: str):
+    """Print a stage banner; returns the start time."""
     print(f"\n=== {name} ===", flush=True)
     return time.monotonic()
 
@@ -48,7 +49,7 @@ def curate(captions: str, output: str, runner_args: list[str] = ()) -> dict:
 def dump(prompts: str, output: str, *, seeds_per_prompt: int = 1, samples_per_shard: int = 256, batch_size: int = 64,
          save_images: bool = True, cpu_threads: int = 0, guidance: float | None = None) -> dict:
     """The teacher dump on DirectRunner: full DDIM trajectories, no features (output and step KD need none)."""
-    from pipelines import teacher_dump
+    from pipelines import dump as job
 
     argv = ["--runner=DirectRunner", "--prompts", prompts, "--output", output, "--teacher", TEACHER,
             "--num_inference_steps", str(TEACHER_STEPS), "--scheduler", "ddim", "--record_steps", "all",
@@ -57,7 +58,7 @@ def dump(prompts: str, output: str, *, seeds_per_prompt: int = 1, samples_per_sh
             "--batch_size", str(batch_size), "--cpu_threads", str(cpu_threads)]
     if save_images:
         argv.append("--save_images")
-    return teacher_dump.run(argv)
+    return job.run(argv)
 
 
 def train(data: str, output: str, *, student_steps: int, max_steps: int, batch_size: int = 64, lr: float = 2e-3,

@@ -10,5 +10,5 @@ Modules (import the one you need; importing this package loads nothing heavy):
 - ``filters.semdedup``: SemDeDup (k-means with faiss, per-cluster duplicate groups).
 - ``filters.image_scores``: the scores of generated images (embedding, aesthetic, CLIP score) for the dump.
 
-The Beam job that strings them together is ``pipelines/curate.py``.
+The Beam job that strings them together is ``pipelines/curate/``; the filter job (``pipelines/filter/``) reuses the scoring and dedup parts.
 """

@@ -6,7 +6,7 @@ the first rule it fails, in a fixed order, so a record carries exactly one reaso
     text, reject = decode_caption(raw)            # None/bytes/str -> (str, None) or (None, reason)
     caption = normalize_caption(text)             # NFKC, controls removed, whitespace collapsed
     reason = (check_length(caption, clip_token_count(caption), cfg)
-              or check_safety(punsafe, pwatermark, cfg) or check_size(width, height, cfg))
+              or check_safety(punsafe, pwatermark, cfg, nsfw) or check_size(width, height, cfg))
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import unicodedata
 
 from filters import reasons
-from filters.config import CurateConfig
+from filters.config import NSFW_DROPS, CurateConfig
 
 
 def decode_caption(raw: object) -> tuple[str | None, str | None]:
@@ -90,8 +90,11 @@ def _known(value: float | None) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
-def check_safety(punsafe: float | None, pwatermark: float | None, cfg: CurateConfig) -> str | None:
-    """LAION's per-sample probabilities; drop when strictly above the threshold. Unknown passes."""
+def check_safety(punsafe: float | None, pwatermark: float | None, cfg: CurateConfig, nsfw: str | None = None) -> str | None:
+    """LAION's per-sample probabilities (drop when strictly above the threshold) and its ``NSFW``
+    tag (``NSFW`` / ``UNSURE`` / ``UNLIKELY``, dropped as ``cfg.nsfw`` says). Unknown passes."""
+    if isinstance(nsfw, str) and nsfw.strip().upper() in NSFW_DROPS[cfg.nsfw]:
+        return reasons.NSFW_TAG
     if cfg.max_punsafe is not None and _known(punsafe) and punsafe > cfg.max_punsafe:
         return reasons.UNSAFE
     if cfg.max_pwatermark is not None and _known(pwatermark) and pwatermark > cfg.max_pwatermark:

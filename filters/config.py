@@ -4,7 +4,7 @@
     cfg = with_overrides(cfg, {"min_image_side": 512})      # unknown keys are an error
     validate(cfg)                                            # ValueError naming the bad value
 
-The curate job (``pipelines/curate.py``) builds one from ``--preset``, ``--config file.json`` and
+The curate job (``pipelines/curate/``) builds one from ``--preset``, ``--config file.json`` and
 per-field flags, validates it before any work starts, and writes it into ``summary.json`` and the
 report. Every stage that a field feeds can be switched off by setting it to ``None`` (or ``""`` for
 ``clip_model``).
@@ -17,48 +17,55 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from diffusion_distill.options import option
+
 DEDUP_ON = ("auto", "text", "image")
+NSFW_POLICIES = ("drop-nsfw", "drop-unsure", "keep")  # the LAION NSFW tags each policy drops: see NSFW_DROPS
+NSFW_DROPS = {"drop-nsfw": ("NSFW",), "drop-unsure": ("NSFW", "UNSURE"), "keep": ()}
 
 
 @dataclass(frozen=True, kw_only=True)
 class CurateConfig:
     # -- caption rules ---------------------------------------------------------------------------
-    min_words: int = 2  # words (whitespace-separated) a caption needs, inclusive; DataComp's basic filter drops < 2
-    max_words: int | None = 60  # most words allowed, inclusive; None = no bound
-    min_clip_tokens: int = 1  # CLIP BPE tokens needed, not counting start/end tokens
-    max_clip_tokens: int | None = 75  # most CLIP BPE tokens, not counting start/end (77 positions - 2)
-    max_punsafe: float | None = 0.5  # drop when the source's punsafe (probability unsafe) > this
-    max_pwatermark: float | None = 0.5  # drop when the source's pwatermark (probability watermark) > this
-    min_image_side: int = 0  # pixels; drop when the shorter known side is smaller; 0 = off
-    max_aspect_ratio: float | None = 3.0  # long side / short side, where sizes are known; None = off
-    exact_dedup: bool = True  # drop repeats of the same normalised caption (one kept per caption)
+    min_words: int = option(2, help="words (whitespace-separated) a caption needs, inclusive; DataComp's basic filter drops < 2")
+    max_words: int | None = option(60, help="most words allowed, inclusive; None = no bound")
+    min_clip_tokens: int = option(1, help="CLIP BPE tokens needed, not counting start/end tokens")
+    max_clip_tokens: int | None = option(75, help="most CLIP BPE tokens, not counting start/end (77 positions - 2)")
+    max_punsafe: float | None = option(0.5, help="drop when the source's punsafe (probability unsafe) > this")
+    max_pwatermark: float | None = option(0.5, help="drop when the source's pwatermark (probability watermark) > this")
+    nsfw: str = option("drop-nsfw", choices=NSFW_POLICIES,
+                       help="LAION's NSFW tag: drop-nsfw drops NSFW (keeps UNSURE, UNLIKELY); drop-unsure drops "
+                            "NSFW and UNSURE; keep drops none")
+    min_image_side: int = option(0, help="pixels; drop when the shorter known side is smaller; 0 = off")
+    max_aspect_ratio: float | None = option(3.0, help="long side / short side, where sizes are known; None = off")
+    exact_dedup: bool = option(True, help="drop repeats of the same normalised caption (one kept per caption)")
     # -- CLIP embeddings (open_clip) -------------------------------------------------------------
-    clip_model: str = ""  # open_clip architecture name ("ViT-L-14", "ViT-B-32", "dd-tiny-clip"); "" = no CLIP stages
-    clip_weights: str | None = None  # local checkpoint path, or "random" for random weights (tests, timing)
-    clip_batch_size: int = 32  # records per RunInference batch
-    clip_device: str = "cpu"  # torch device for CLIP and the aesthetic MLP
+    clip_model: str = option("", help="open_clip architecture name ('ViT-L-14', 'ViT-B-32', 'dd-tiny-clip'); '' = no CLIP stages")
+    clip_weights: str | None = option(None, help="local checkpoint path, or 'random' for random weights (tests, timing)")
+    clip_batch_size: int = option(32, help="records per RunInference batch")
+    clip_device: str = option("cpu", help="torch device for CLIP and the aesthetic MLP")
     # -- aesthetic predictor (LAION aesthetic predictor v2) --------------------------------------
-    aesthetic_weights: str | None = None  # local .safetensors / .pth state dict; None = no aesthetic score
-    aesthetic_threshold: float | None = None  # keep score >= this (LAION-Aesthetics used 5, 6, 6.5)
+    aesthetic_weights: str | None = option(None, help="local .safetensors / .pth state dict; None = no aesthetic score")
+    aesthetic_threshold: float | None = option(None, help="keep score >= this (LAION-Aesthetics used 5, 6, 6.5)")
     # -- CLIP score (image-text cosine) ----------------------------------------------------------
-    clip_score_threshold: float | None = None  # keep cosine >= this (DataComp: 0.28 with ViT-B/32)
-    clip_score_top_fraction: float | None = None  # keep the top fraction by cosine (DataComp: 0.3 with ViT-L/14)
+    clip_score_threshold: float | None = option(None, help="keep cosine >= this (DataComp: 0.28 with ViT-B/32)")
+    clip_score_top_fraction: float | None = option(None, help="keep the top fraction by cosine (DataComp: 0.3 with ViT-L/14)")
     # -- semantic dedup (SemDeDup) ---------------------------------------------------------------
-    semdedup_eps: float | None = 0.05  # duplicates: cosine similarity >= 1 - eps; None = off
-    semdedup_on: str = "auto"  # "auto": image embeddings where images exist, text otherwise; "text"; "image"
-    kmeans_sample_size: int = 50_000  # embeddings sampled (deterministically) to train k-means
-    kmeans_clusters: int = 0  # k; 0 = ceil(records / target_cluster_size), capped by sample / 40
-    target_cluster_size: int = 1_000  # records per cluster aimed at when kmeans_clusters = 0
-    kmeans_iterations: int = 20  # Lloyd iterations (faiss)
-    kmeans_seed: int = 0  # seed of the k-means init and of the sample
+    semdedup_eps: float | None = option(0.05, help="duplicates: cosine similarity >= 1 - eps; None = off")
+    semdedup_on: str = option("auto", choices=DEDUP_ON, help="'auto': image embeddings where images exist, text otherwise; 'text'; 'image'")
+    kmeans_sample_size: int = option(50_000, help="embeddings sampled (deterministically) to train k-means")
+    kmeans_clusters: int = option(0, help="k; 0 = ceil(records / target_cluster_size), capped by sample / 40")
+    target_cluster_size: int = option(1_000, help="records per cluster aimed at when kmeans_clusters = 0")
+    kmeans_iterations: int = option(20, help="Lloyd iterations (faiss)")
+    kmeans_seed: int = option(0, help="seed of the k-means init and of the sample")
     # -- images ----------------------------------------------------------------------------------
-    download_images: bool = False  # fetch URLs with img2dataset (webdataset shards under OUTPUT/images)
-    download_image_size: int = 256  # pixels, img2dataset resize (keep_ratio: shorter side)
-    download_batch_size: int = 10_000  # URLs per img2dataset call
-    download_threads: int = 16  # img2dataset thread_count per call
-    download_timeout: float = 10.0  # seconds per URL
+    download_images: bool = option(False, help="fetch URLs with img2dataset (webdataset shards under OUTPUT/images)")
+    download_image_size: int = option(256, help="pixels, img2dataset resize (keep_ratio: shorter side)")
+    download_batch_size: int = option(10_000, help="URLs per img2dataset call")
+    download_threads: int = option(16, help="img2dataset thread_count per call")
+    download_timeout: float = option(10.0, help="seconds per URL")
     # -- report ----------------------------------------------------------------------------------
-    report_examples: int = 4  # examples shown per reason in report.html
+    report_examples: int = option(4, help="examples shown per reason in report.html")
 
 
 def default() -> CurateConfig:
@@ -152,6 +159,7 @@ def validate(cfg: CurateConfig) -> CurateConfig:
            f"clip_score_top_fraction must be in (0, 1], got {cfg.clip_score_top_fraction}")
     _check(cfg.semdedup_eps is None or 0.0 <= cfg.semdedup_eps < 2.0,
            f"semdedup_eps must be in [0, 2) (duplicates have cosine >= 1 - eps), got {cfg.semdedup_eps}")
+    _check(cfg.nsfw in NSFW_POLICIES, f"nsfw must be one of {NSFW_POLICIES}, got {cfg.nsfw!r}")
     _check(cfg.semdedup_on in DEDUP_ON, f"semdedup_on must be one of {DEDUP_ON}, got {cfg.semdedup_on!r}")
     _check(cfg.kmeans_sample_size >= 1, f"kmeans_sample_size must be >= 1, got {cfg.kmeans_sample_size}")
     _check(cfg.kmeans_clusters >= 0, f"kmeans_clusters must be >= 0 (0 = auto), got {cfg.kmeans_clusters}")

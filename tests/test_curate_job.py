@@ -24,7 +24,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from filters.aesthetic import AestheticMLP
 from filters.config import CurateConfig
 from pipelines import curate
-from pipelines.curate_sources import new_record, plan_inputs, read_split
+from pipelines.curate.sources import new_record, plan_inputs, read_split
 
 
 def noise_image(seed, size, fmt):
@@ -77,7 +77,7 @@ def server():
 
 
 def _json_line(record):
-    return json.dumps({k: record.get(k) for k in ("id", "caption", "url", "image_ref", "width", "height", "reason", "detail")})
+    return json.dumps({k: record.get(k) for k in ("key", "caption", "url", "image_ref", "width", "height", "reason", "detail")})
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def downloaded(server, tmp_path_factory):
     """The DownloadImages stage (real img2dataset, one batch) over every route."""
     out = tmp_path_factory.mktemp("download")
     records = [{**new_record("laion", "routes.parquet", i, caption, url=server + path), "caption": caption,
-                "drop_reason": None} for i, (path, (caption, *_)) in enumerate(ROUTES.items())]
+                "reason": None} for i, (path, (caption, *_)) in enumerate(ROUTES.items())]
     cfg = CurateConfig(download_image_size=32, download_threads=4, download_timeout=5)
     p = BeamTestPipeline()
     ok, failed = p | beam.Create(records) | curate.DownloadImages(str(out), cfg)
@@ -129,7 +129,7 @@ def test_wds_reader_on_img2dataset_shards(downloaded):
                                                       p not in ("/img/truncated.jpg", "/img/half.jpg", "/img/page.html")}
     red = by_caption["a noisy red test image"]
     assert red["url"].endswith("/img/red.jpg") and (red["width"], red["height"]) == (64, 48)
-    assert re.fullmatch(r"wds-[0-9a-f]{8}-\d+", red["id"])
+    assert re.fullmatch(r"wds-[0-9a-f]{8}-\d+", red["key"])
     with open(red["image_ref"]["path"], "rb") as f:
         f.seek(red["image_ref"]["offset"])
         assert f.read(2) == b"\xff\xd8"  # a JPEG
@@ -203,16 +203,16 @@ def job(downloaded, tmp_path_factory):
 def test_job_counts_add_up(job):
     manifest, rejects, summary = job["manifest"], job["rejects"], job["summary"]
     assert len(manifest) + len(rejects) == 33  # 8 LAION + 7 txt + 4 jsonl + 7 COCO + 5 img2dataset + 2 extra
-    assert (summary["input"], summary["kept"], summary["filtered"], summary["rejected"]) == (33, 14, 12, 7)
-    assert sum(r["kept"] for r in manifest) == 14
-    assert [r["id"] for r in manifest] == sorted(r["id"] for r in manifest)
-    assert len({r["id"] for r in manifest + rejects}) == 33
-    assert all("." not in r["id"] and r["id"].isascii() for r in manifest)
+    assert (summary["input"], summary["kept"], summary["filtered"], summary["duplicate"], summary["rejected"]) == (33, 14, 8, 4, 7)
+    assert sum((r["fate"] == "kept") for r in manifest) == 14
+    assert [r["key"] for r in manifest] == sorted(r["key"] for r in manifest)
+    assert len({r["key"] for r in manifest + rejects}) == 33
+    assert all("." not in r["key"] and r["key"].isascii() for r in manifest)
 
 
 def test_job_planted_reasons(job):
     by_caption = {r["caption"]: r for r in job["manifest"]}
-    reason = lambda c: by_caption[c]["drop_reason"]  # noqa: E731
+    reason = lambda c: by_caption[c]["reason"]  # noqa: E731
     assert reason("an unsafe picture description here") == "punsafe_above_threshold"
     assert reason("a watermarked stock photo of a beach") == "pwatermark_above_threshold"
     assert reason("a very tall narrow banner image") == "aspect_ratio_too_large"
@@ -223,26 +223,26 @@ def test_job_planted_reasons(job):
     assert reason("a tiny test image") == "image_too_small"
     # exact duplicates: LAION's copy with the higher AESTHETIC_SCORE (7.0 > 6.5) is kept
     cabins = [r for r in job["manifest"] if r["caption"] == "a cozy cabin in a snowy forest"]
-    kept = [r for r in cabins if r["kept"]]
+    kept = [r for r in cabins if (r["fate"] == "kept")]
     assert len(cabins) == 2 and len(kept) == 1 and kept[0]["laion_aesthetic"] == 7.0
-    dropped = [r for r in cabins if not r["kept"]][0]
-    assert dropped["drop_reason"] == "exact_duplicate" and dropped["duplicate_of"] == kept[0]["id"]
+    dropped = [r for r in cabins if not (r["fate"] == "kept")][0]
+    assert dropped["reason"] == "exact_duplicate" and dropped["duplicate_of"] == kept[0]["key"]
     bikes = [r for r in job["manifest"] if r["caption"] == "a red bicycle leaning on a wall"]
-    assert sorted(r["drop_reason"] or "kept" for r in bikes) == ["exact_duplicate", "kept"]
+    assert sorted(r["reason"] or "kept" for r in bikes) == ["exact_duplicate", "kept"]
     # semantic duplicate on text: CLIP's tokenizer lower-cases, so the embeddings are identical
     title = by_caption["A Red Bicycle leaning on a wall"]
-    assert title["drop_reason"] == "semantic_duplicate" and title["dedup_on"] == "text"
-    assert title["duplicate_of"] == [r for r in bikes if r["kept"]][0]["id"] and title["duplicate_similarity"] > 0.999
+    assert title["reason"] == "semantic_duplicate" and title["dedup_on"] == "text"
+    assert title["duplicate_of"] == [r for r in bikes if (r["fate"] == "kept")][0]["key"] and title["duplicate_similarity"] > 0.999
     # semantic duplicate on images: the same bytes at two URLs; smallest id kept (equal aesthetic)
     red, copy = by_caption["a noisy red test image"], by_caption["a copy of the red test image"]
-    first, second = sorted([red, copy], key=lambda r: r["id"])
-    assert first["kept"] and first["n_duplicates"] == 1 and first["dedup_on"] == "image"
-    assert second["drop_reason"] == "semantic_duplicate" and second["duplicate_of"] == first["id"]
+    first, second = sorted([red, copy], key=lambda r: r["key"])
+    assert (first["fate"] == "kept") and first["n_duplicates"] == 1 and first["dedup_on"] == "image"
+    assert second["reason"] == "semantic_duplicate" and second["duplicate_of"] == first["key"]
     assert first["aesthetic_score"] == pytest.approx(6.0) and first["has_image"]
-    assert by_caption["full width caption about a lighthouse"]["kept"]  # NFKC
-    assert by_caption["a caption only sample in a shard"]["kept"]
-    assert sum(r["source"] == "coco" and r["kept"] for r in job["manifest"]) == 6
-    assert {r["drop_stage"] for r in job["manifest"] if r["kept"]} == {None}
+    assert by_caption["full width caption about a lighthouse"]["fate"] == "kept"  # NFKC
+    assert by_caption["a caption only sample in a shard"]["fate"] == "kept"
+    assert sum(r["source"] == "coco" and (r["fate"] == "kept") for r in job["manifest"]) == 6
+    assert {r["stage"] for r in job["manifest"] if (r["fate"] == "kept")} == {None}
 
 
 def test_job_rejects_listed_with_reasons(job):
@@ -263,7 +263,7 @@ def test_job_embeddings_and_report(job):
     html = (out / "report.html").read_text()
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(pngs) == 4 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert "input 33 = kept 14 + filtered 12 + rejected 7" in html
+    assert "input 33 = kept 14 + filtered 8 + duplicate 4\n+ rejected 7" in html
     for reason in ("semantic_duplicate", "exact_duplicate", "broken_image", "kept"):
         assert f"<h3>{reason}</h3>" in html
     funnel = dict(json.loads((out / "summary.json").read_text())["funnel"])
@@ -305,9 +305,9 @@ def test_job_with_download_stage(server, tmp_path):
     rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
     assert sorted(r["detail"].split(":")[0] for r in rejects) == ["failed_to_download"] * 2 + ["failed_to_resize"] * 2
     manifest = {r["caption"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
-    assert (summary["input"], summary["kept"], summary["filtered"], summary["rejected"]) == (9, 2, 3, 4)
-    assert manifest["a very wide test image"]["drop_reason"] == "aspect_ratio_too_large"
-    assert manifest["a tiny test image"]["drop_reason"] == "image_too_small"
-    assert manifest["a copy of the red test image"]["drop_reason"] == "semantic_duplicate"  # larger id
-    assert manifest["a noisy red test image"]["has_image"] and manifest["a noisy blue test image"]["kept"]
+    assert (summary["input"], summary["kept"], summary["filtered"], summary["duplicate"], summary["rejected"]) == (9, 2, 2, 1, 4)
+    assert manifest["a very wide test image"]["reason"] == "aspect_ratio_too_large"
+    assert manifest["a tiny test image"]["reason"] == "image_too_small"
+    assert manifest["a copy of the red test image"]["reason"] == "semantic_duplicate"  # larger id
+    assert manifest["a noisy red test image"]["has_image"] and manifest["a noisy blue test image"]["fate"] == "kept"
     assert len(list((tmp_path / "out" / "images").glob("*/*.tar"))) == 1

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.curate_sources import detect_format, file_tag, plan_inputs, read_split
+from pipelines.curate.sources import detect_format, file_tag, plan_inputs, read_split
 
 
 def write_laion(path, with_optional=True, row_group_size=None):
@@ -39,7 +39,7 @@ def test_laion_parquet_real_columns(tmp_path):
     splits = plan_inputs([path])
     assert [(s.format, s.part) for s in splits] == [("laion", 0), ("laion", 1)]  # one split per row group
     records = read_all([path])
-    assert [r["id"] for r in records] == [f"laion-{file_tag(path)}-{i}" for i in range(4)]
+    assert [r["key"] for r in records] == [f"laion-{file_tag(path)}-{i}" for i in range(4)]
     first = records[0]
     assert first["caption"] == b"a cat" and first["url"] == "http://x/1.jpg"
     assert (first["width"], first["height"]) == (640, 480)
@@ -88,9 +88,9 @@ def test_coco_captions_join(tmp_path):
     nine = [r for r in records if r["url"] and r["url"].endswith("000000000009.jpg")]
     assert [r["caption"] for r in nine] == [f"caption {i} of nine" for i in range(5)]
     assert all((r["width"], r["height"]) == (640, 480) for r in nine)
-    assert records[5]["id"] == f"coco-{file_tag(str(path))}-700" and records[5]["width"] == 500
+    assert records[5]["key"] == f"coco-{file_tag(str(path))}-700" and records[5]["width"] == 500
     assert records[6]["caption"] is None
-    assert records[7]["url"] is None and records[7]["width"] is None  # image unknown: sizes unknown
+    assert records[7]["url"] is None and records[7]["error"] == "image_not_found: image_id 999 is not in 'images'"
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="other.json.*COCO"):

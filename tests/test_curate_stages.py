@@ -12,21 +12,21 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from filters.config import CurateConfig
 from pipelines import curate
-from pipelines.curate_dedup import SemanticDedup
-from pipelines.curate_stages import FilterScores
+from pipelines.dedup import SemanticDedup
+from pipelines.stages import FilterScores
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_filters_semdedup import planted  # noqa: E402
 
 
 def _summary(record):
-    return record["id"], record["drop_reason"], record.get("duplicate_of"), record.get("n_duplicates")
+    return record["key"], record["reason"], record.get("duplicate_of"), record.get("n_duplicates")
 
 
 def test_semantic_dedup_transform_finds_planted_groups():
     ids, x, groups = planted(n_groups=4, group_size=3, n_singles=5)
     scores = {ids[groups[0][1]]: 9.0, ids[groups[2][2]]: 8.0}  # these win their groups; others: smallest id
-    records = [{"id": i, "text_embedding": v, "aesthetic_score": scores.get(i), "drop_reason": None}
+    records = [{"key": i, "text_embedding": v, "aesthetic_score": scores.get(i), "reason": None}
                for i, v in zip(ids, x)]
     winners = {0: groups[0][1], 1: groups[1][0], 2: groups[2][2], 3: groups[3][0]}
     expected = [(i, None, None, None) for i in ids if i.startswith("single")]
@@ -43,26 +43,26 @@ def test_semantic_dedup_transform_finds_planted_groups():
 def test_semantic_dedup_sample_smaller_than_input():
     """k-means trains on a 12-record sample of 17; assignment and dedup still cover every record."""
     ids, x, groups = planted(n_groups=4, group_size=3, n_singles=5)
-    records = [{"id": i, "image_embedding": v, "drop_reason": None} for i, v in zip(ids, x)]
+    records = [{"key": i, "image_embedding": v, "reason": None} for i, v in zip(ids, x)]
     cfg = CurateConfig(kmeans_clusters=3, semdedup_eps=0.05, kmeans_sample_size=12)
     with BeamTestPipeline() as p:
         out = (p | beam.Create(records) | SemanticDedup("image", cfg)
-               | beam.Map(lambda r: (r["drop_reason"] is None, r["dedup_on"])) | beam.combiners.Count.PerElement())
+               | beam.Map(lambda r: (r["reason"] is None, r["dedup_on"])) | beam.combiners.Count.PerElement())
         # every planted group keeps one member (all 4 groups and 5 singles => 9 kept, 8 dropped),
         # unless k-means split a group, which three clusters over 9 directions must not do here
         assert_that(out, equal_to([((True, "image"), 9), ((False, "image"), 8)]))
 
 
 def _row(record):
-    return record["id"], record["drop_reason"]
+    return record["key"], record["reason"]
 
 
 def test_clip_score_top_fraction_and_fixed_threshold():
     # ten scores 0.0..0.9: five from this job's CLIP, five from LAION's similarity column
-    records = [{"id": f"r{i}", "drop_reason": None, "clip_score": i / 10 if i % 2 else None,
+    records = [{"key": f"r{i}", "reason": None, "clip_score": i / 10 if i % 2 else None,
                 "laion_similarity": None if i % 2 else i / 10} for i in range(10)]
-    records.append({"id": "dropped", "drop_reason": "too_few_words", "clip_score": 1.0})  # not counted
-    records.append({"id": "unscored", "drop_reason": None})  # no score: not judged
+    records.append({"key": "dropped", "reason": "too_few_words", "clip_score": 1.0})  # not counted
+    records.append({"key": "unscored", "reason": None})  # no score: not judged
     top = CurateConfig(clip_model="dd-tiny-clip", clip_weights="random", clip_score_top_fraction=0.3)
     with BeamTestPipeline() as p:
         filtered, cutoff = p | beam.Create(records) | FilterScores(top)
@@ -83,7 +83,7 @@ def test_multi_processing_mode_gives_the_same_manifest(tmp_path):
     a = curate.run(args + ["--output", str(tmp_path / "a")])
     b = curate.run(args + ["--output", str(tmp_path / "b"), "--direct_running_mode=multi_processing",
                            "--direct_num_workers=2"])
-    assert (a["kept"], a["filtered"], a["rejected"]) == (b["kept"], b["filtered"], b["rejected"]) == (2, 3, 0)
-    cols = ["id", "caption", "kept", "drop_reason", "duplicate_of"]
+    assert (a["kept"], a["filtered"] + a["duplicate"], a["rejected"]) == (b["kept"], b["filtered"] + b["duplicate"], b["rejected"]) == (2, 3, 0)
+    cols = ["key", "caption", "fate", "reason", "duplicate_of"]
     assert pq.read_table(tmp_path / "a" / "manifest.parquet", columns=cols).to_pylist() == \
         pq.read_table(tmp_path / "b" / "manifest.parquet", columns=cols).to_pylist()

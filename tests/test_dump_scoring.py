@@ -12,15 +12,17 @@ from PIL import Image
 
 from filters.aesthetic import AestheticMLP, aesthetic_scores, load_aesthetic_mlp
 from filters.clip_embed import embed_images, embed_texts, load_clip
-from pipelines import dump_plan, teacher_dump
+from pipelines import teacher_dump
+from pipelines.dump import plan as dump_plan
+from pipelines.scoring import image_scoring
 from teachers import shards
 
 BASE = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2", "--samples_per_shard", "2",
         "--batch_size", "2", "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
         "--cpu_threads", "2"]
 # Shard 1 replays shard 0 (same prompts and seeds, in the same batch positions) under other ids.
-ROWS = [{"id": "x0", "caption": "a red boat at sea", "seed": 5}, {"id": "y0", "caption": "a cat on a mat", "seed": 6},
-        {"id": "x1", "caption": "a red boat at sea", "seed": 5}, {"id": "y1", "caption": "a cat on a mat", "seed": 6}]
+ROWS = [{"key": "x0", "caption": "a red boat at sea", "seed": 5}, {"key": "y0", "caption": "a cat on a mat", "seed": 6},
+        {"key": "x1", "caption": "a red boat at sea", "seed": 5}, {"key": "y1", "caption": "a cat on a mat", "seed": 6}]
 
 
 def aesthetic_weights(path, dim=32):
@@ -114,7 +116,7 @@ def test_unscored_recipes_keep_their_hash():
         height=64, width=64, feature_layers=(), num_feature_steps=0, save_images=True, storage_dtype="float16",
         seeds_per_prompt=1, samples_per_shard=2, batch_size=2, cpu_threads=0, input_sha256="0" * 64, **fields)
     assert "score_images" not in recipe.to_json()  # dumps made before scoring existed still resume
-    scoring = dump_plan.image_scoring("tiny", None, None)
+    scoring = image_scoring("tiny", None, None)
     import dataclasses
 
     assert dataclasses.replace(recipe, score_images=scoring).hash != recipe.hash

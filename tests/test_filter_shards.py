@@ -22,15 +22,15 @@ DUMP = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2",
         "--cpu_threads", "2"]
 BOAT, CAT, TREE = "a red boat at sea", "a cat on a mat", "a green tree on a hill"
 ROWS = [  # 3 samples per shard, one batch each
-    *({"id": f"{x}0", "caption": c, "seed": seed} for x, c, seed in (("a", BOAT, 1), ("b", CAT, 2), ("c", TREE, 3))),
-    *({"id": f"u{i}", "caption": f"a photo of thing number {i}"} for i in range(3)),
+    *({"key": f"{x}0", "caption": c, "seed": seed} for x, c, seed in (("a", BOAT, 1), ("b", CAT, 2), ("c", TREE, 3))),
+    *({"key": f"u{i}", "caption": f"a photo of thing number {i}"} for i in range(3)),
     # shard 2 replays shard 0 under other ids: identical images and embeddings, across shards
-    *({"id": f"{x}1", "caption": c, "seed": seed} for x, c, seed in (("a", BOAT, 1), ("b", CAT, 2), ("c", TREE, 3))),
-    {"id": "u3", "caption": "a photo of thing number 3"}, {"id": "nan", "caption": "a dog", "guidance_scale": 1e38},
-    {"id": "null", "caption": None},  # rejected by the dump before planning
-    {"id": "u4", "caption": "a photo of thing number 4"},
-    {"id": "u5", "caption": "a photo of thing number 5"}, {"id": "u6", "caption": "a photo of thing number 6"},
-    {"id": "u7", "caption": "a photo of thing number 7"},
+    *({"key": f"{x}1", "caption": c, "seed": seed} for x, c, seed in (("a", BOAT, 1), ("b", CAT, 2), ("c", TREE, 3))),
+    {"key": "u3", "caption": "a photo of thing number 3"}, {"key": "nan", "caption": "a dog", "guidance_scale": 1e38},
+    {"key": "null", "caption": None},  # rejected by the dump before planning
+    {"key": "u4", "caption": "a photo of thing number 4"},
+    {"key": "u5", "caption": "a photo of thing number 5"}, {"key": "u6", "caption": "a photo of thing number 6"},
+    {"key": "u7", "caption": "a photo of thing number 7"},
 ]
 EPS = 0.002  # distinct tiny-teacher images are > 0.005 apart in 1 - cosine; planted ones are identical
 
@@ -135,7 +135,7 @@ def test_filter_keeps_exactly_the_planned_keys_and_every_input_key_has_one_fate(
 
 
 def test_scores_and_embeddings_are_read_without_the_tars(dump, tmp_path):
-    from pipelines import filter_plan
+    from pipelines.filter import plan as filter_plan
 
     light = tmp_path / "light"  # the parent without any tar: the first half of the job reads only this
     light.mkdir()
@@ -144,7 +144,7 @@ def test_scores_and_embeddings_are_read_without_the_tars(dump, tmp_path):
             shutil.copy(os.path.join(dump, name), light / name)
     records = filter_plan.score_records(str(light), 2)
     index = shards.read_index(dump, 2)
-    assert [r["id"] for r in records] == index["keys"] and all(r["drop_stage"] is None for r in records)
+    assert [r["key"] for r in records] == index["keys"] and all(r["stage"] is None for r in records)
     assert [r["offset"] for r in records] == index["offsets"]
     assert np.array_equal(np.stack([r["image_embedding"] for r in records]), shards.read_embeddings(dump, 2, index))
 

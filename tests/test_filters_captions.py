@@ -69,6 +69,15 @@ def test_check_safety_thresholds_are_strict_and_unknown_passes():
     assert check_safety(0.99, 0.99, CurateConfig(max_punsafe=None, max_pwatermark=None)) is None
 
 
+@pytest.mark.parametrize("policy,dropped", [("drop-nsfw", {"NSFW"}), ("drop-unsure", {"NSFW", "UNSURE"}), ("keep", set())])
+def test_laion_nsfw_tag_follows_the_policy(policy, dropped):
+    cfg = CurateConfig(nsfw=policy)
+    for tag in ("NSFW", "UNSURE", "UNLIKELY", "nsfw", None):
+        want = reasons.NSFW_TAG if tag is not None and tag.upper() in dropped else None
+        assert check_safety(0.0, 0.0, cfg, tag) == want, (policy, tag)
+    assert CurateConfig().nsfw == "drop-nsfw"  # the default drops NSFW and keeps UNSURE and UNLIKELY
+
+
 def test_check_size():
     cfg = CurateConfig(min_image_side=256, max_aspect_ratio=2.0)
     assert check_size(200, 800, cfg) == reasons.IMAGE_TOO_SMALL

@@ -68,20 +68,20 @@ def test_rejects_are_counted_and_input_adds_up(tmp_path):
     prompts.write_bytes(b"\n".join(lines) + b"\n")
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text("\n".join(json.dumps(o) for o in [
-        {"id": "ok", "caption": "a cat"}, {"id": "nan", "caption": "a dog", "guidance_scale": 1e38},
-        {"id": "null", "caption": None}, {"id": "bad.id", "caption": "dots"}]) + "\n")
+        {"key": "ok", "caption": "a cat"}, {"key": "nan", "caption": "a dog", "guidance_scale": 1e38},
+        {"key": "null", "caption": None}, {"key": "bad.id", "caption": "dots"}]) + "\n")
     a = dump(str(prompts), tmp_path / "a")
     t = a["totals"]
     assert t["prompts_in"] == 5 and t["prompts_rejected"] == 2 and t["samples_written"] == 3
-    assert a["rejects_by_reason"] == {"empty_caption": 1, "non_utf8": 1} and t["captions_truncated"] == 1
+    assert a["rejects_by_reason"] == {"empty_caption": 1, "non_utf8_caption": 1} and t["captions_truncated"] == 1
     b = dump(str(jsonl), tmp_path / "b", "--seeds_per_prompt", "2")
     t = b["totals"]
     # 4 prompts in: 2 rejected (null, bad id); 2 x 2 seeds planned = 2 written + 2 rejected (NaN from w=1e38)
     assert (t["prompts_in"], t["prompts_rejected"], t["samples_planned"], t["samples_written"], t["samples_rejected"]) == (4, 2, 4, 2, 2)
-    assert b["rejects_by_reason"] == {"null_caption": 1, "bad_id": 1, "non_finite": 2}
+    assert b["rejects_by_reason"] == {"null_caption": 1, "bad_key": 1, "non_finite": 2}
     rejected = [json.loads(line) for f in sorted((tmp_path / "b" / "rejects").iterdir()) for line in f.read_text().splitlines()]
-    assert sorted((r.get("key") or r["id"], r["reason"]) for r in rejected) == sorted(
-        [("nan-s0", "non_finite"), ("nan-s1", "non_finite"), ("null", "null_caption"), ("bad.id", "bad_id")])
+    assert sorted((r["key"], r["reason"]) for r in rejected) == sorted(
+        [("nan-s0", "non_finite"), ("nan-s1", "non_finite"), ("null", "null_caption"), ("bad.id", "bad_key")])
 
 
 def test_rerun_skips_complete_shards_and_redoes_partial_ones(reference, tmp_path):

@@ -15,7 +15,7 @@ that Parquet files have the required columns and that COCO files have the COCO s
 raises ``ValueError`` naming the bad value. It returns ``Split`` work units (a Parquet row group,
 or a whole file) that ``read_split`` turns into plain record dicts on the workers.
 
-Record ids are ``<format>-<8 hex of sha1(file path)>-<row or key>``: unique by construction,
+Record keys are ``<format>-<8 hex of sha1(file path)>-<row or native key>``: unique by construction,
 ASCII, no dots (webdataset splits keys on dots), and stable while the input paths stay the same.
 The source's own id (LAION ``SAMPLE_ID``, COCO annotation id, ...) is kept as ``source_id``.
 Captions stay raw here (str, bytes or None); ``decode_caption`` judges them in the next stage.
@@ -65,13 +65,13 @@ def file_tag(path: str) -> str:
     return hashlib.sha1(path.encode("utf-8")).hexdigest()[:8]
 
 
-def make_id(fmt: str, path: str, native: object) -> str:
+def make_key(fmt: str, path: str, native: object) -> str:
     return f"{fmt}-{file_tag(path)}-{re.sub(r'[^A-Za-z0-9_-]', '_', str(native))}"
 
 
 def new_record(fmt: str, path: str, native: object, caption: object, **fields) -> dict:
     """A record with every field the later stages read, unknown ones None."""
-    record = dict(id=make_id(fmt, path, native), source=fmt, input=path, source_id=str(native), caption=caption,
+    record = dict(key=make_key(fmt, path, native), source=fmt, input=path, source_id=str(native), caption=caption,
                   url=None, width=None, height=None, punsafe=None, pwatermark=None, laion_similarity=None,
                   laion_aesthetic=None, nsfw=None, image_ref=None, error=None)
     for key, value in fields.items():
@@ -116,7 +116,10 @@ def _parquet_plan(path: str) -> list[Split]:
     import pyarrow.parquet as pq
 
     with FileSystems.open(path) as f:
-        meta = pq.ParquetFile(f).metadata
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file; all mean "unreadable"
+            raise ValueError(f"input {path!r} is not a readable Parquet file ({type(err).__name__}: {err})") from None
         names = set(meta.schema.names)
     columns = []
     for field, options in {**LAION_REQUIRED, **LAION_OPTIONAL}.items():
@@ -201,8 +204,12 @@ def read_coco(split: Split) -> Iterator[dict]:
     images = {img.get("id"): img for img in data.get("images", []) if isinstance(img, dict)}
     for n, ann in enumerate(data.get("annotations", [])):
         ann = ann if isinstance(ann, dict) else {}
-        image = images.get(ann.get("image_id"), {})
         native = ann.get("id", f"n{n}")
+        image = images.get(ann.get("image_id"))
+        if image is None:  # an annotation of no listed image: no url, no size to judge
+            yield new_record("coco", split.path, native, ann.get("caption"),
+                             error=f"{reasons.IMAGE_NOT_FOUND}: image_id {ann.get('image_id')!r} is not in 'images'")
+            continue
         yield new_record("coco", split.path, native, ann.get("caption"), url=image.get("coco_url") or image.get("flickr_url"),
                          width=image.get("width"), height=image.get("height"))
 

@@ -2,7 +2,7 @@
 
 Models load in ``load_model()`` on the workers (never in ``__init__``), so the handlers pickle
 as a few strings. Both take and return record dicts, one output per input, in order.
-``check_models`` is the launcher-side check shared with the teacher dump's ``--score_images``.
+The launcher-side check of their weights is ``pipelines.scoring.check_models``.
 """
 
 from __future__ import annotations
@@ -12,31 +12,6 @@ from typing import Any, Iterable, Optional, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler
 from apache_beam.metrics import Metrics
-
-
-def check_models(cfg) -> None:
-    """Weights exist and fit together (the aesthetic MLP takes this CLIP's embedding width).
-
-    Runs on the launcher, before any worker starts; ``ValueError`` naming the bad value.
-    """
-    if not cfg.clip_model:
-        return
-    from apache_beam.io.filesystems import FileSystems
-
-    from filters.clip_embed import RANDOM_WEIGHTS, model_embed_dim
-
-    dim = model_embed_dim(cfg.clip_model)
-    if cfg.clip_weights != RANDOM_WEIGHTS and not FileSystems.exists(cfg.clip_weights):
-        raise ValueError(f"clip_weights {cfg.clip_weights!r} not found")
-    if cfg.aesthetic_weights is not None:
-        if not FileSystems.exists(cfg.aesthetic_weights):
-            raise ValueError(f"aesthetic_weights {cfg.aesthetic_weights!r} not found")
-        from filters.aesthetic import aesthetic_input_size
-
-        want = aesthetic_input_size(cfg.aesthetic_weights)
-        if want != dim:
-            raise ValueError(f"aesthetic_weights {cfg.aesthetic_weights!r} take {want}-d embeddings but "
-                             f"clip_model {cfg.clip_model!r} gives {dim}-d (the LAION predictor needs ViT-L-14)")
 
 
 class ClipEmbeddingHandler(ModelHandler[dict, dict, Any]):

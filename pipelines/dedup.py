@@ -1,11 +1,11 @@
-"""SemDeDup on Beam: k-means on a sample, nearest-centroid assignment, GroupByKey per cluster.
+"""SemDeDup on Beam (shared by the curate and filter jobs): k-means on a sample, nearest-centroid assignment, GroupByKey per cluster.
 
-    sample (Top.Of by hash of id) --TrainKMeans--> centroids (side input)
+    sample (Top.Of by hash of key) --TrainKMeans--> centroids (side input)
     records --AssignClusters--> (cluster, record) --GroupByCluster--> DedupEachCluster
 
 Only the k-means sample is ever gathered in one place (``kmeans_sample_size`` embeddings); each
 cluster is deduplicated by the worker that receives it (``filters.semdedup.find_duplicates``).
-The sample is the ``kmeans_sample_size`` records with the smallest ``sha1(seed, id)``: a uniform
+The sample is the ``kmeans_sample_size`` records with the smallest ``sha1(seed, key)``: a uniform
 sample that is the same on every run and runner, so clusters, and hence results, are reproducible.
 
 Choosing the knobs (``filters.config.CurateConfig``):
@@ -30,15 +30,15 @@ from apache_beam.metrics import Metrics
 
 from filters import reasons, semdedup
 from filters.config import CurateConfig
-from pipelines.curate_schema import EMBEDDING_FIELDS, dropped, effective_aesthetic
+from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
 
 
-def _sample_rank(seed: int, record_id: str) -> int:
-    return int.from_bytes(hashlib.sha1(f"{seed}:{record_id}".encode("utf-8")).digest()[:8], "big")
+def _sample_rank(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode("utf-8")).digest()[:8], "big")
 
 
 def _rank_and_vector(record: dict, field: str, seed: int) -> tuple[int, str, np.ndarray]:
-    return _sample_rank(seed, record["id"]), record["id"], record[field]
+    return _sample_rank(seed, record["key"]), record["key"], record[field]
 
 
 def _rank(item: tuple) -> int:
@@ -80,7 +80,7 @@ def dedup_cluster(keyed, field: str, modality: str, eps: float):
     """(cluster id, records) -> records annotated with cluster, duplicate_of, n_duplicates."""
     cluster, group = keyed
     group = list(group)
-    found = semdedup.find_duplicates([r["id"] for r in group], np.stack([r[field] for r in group]),
+    found = semdedup.find_duplicates([r["key"] for r in group], np.stack([r[field] for r in group]),
                                      [effective_aesthetic(r) for r in group], eps)
     n_dups = np.bincount(found.duplicate_of[found.duplicate_of >= 0], minlength=len(group))
     Metrics.distribution("curate", f"cluster_size_{modality}").update(len(group))
@@ -93,7 +93,7 @@ def dedup_cluster(keyed, field: str, modality: str, eps: float):
         else:
             Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
             yield dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE,
-                          duplicate_of=group[int(found.duplicate_of[i])]["id"],
+                          duplicate_of=group[int(found.duplicate_of[i])]["key"],
                           duplicate_similarity=float(found.similarity[i]))
 
 

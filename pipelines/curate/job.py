@@ -6,10 +6,10 @@
     beam run pipelines/curate.py ... --direct_running_mode=multi_processing
 
 Inputs: LAION Parquet, COCO caption JSON, .txt/.jsonl prompt lists, img2dataset webdataset shards
-(``pipelines.curate_sources``). Outputs in ``--output``:
+(``pipelines.curate.sources``). Outputs in ``--output``:
 
-- ``manifest.parquet``: every valid record with its scores, ``kept`` and ``drop_reason``
-  (``pipelines.curate_schema.MANIFEST_SCHEMA``); the teacher dump job reads it unchanged;
+- ``manifest.parquet``: every valid record with its scores, ``fate``, ``stage`` and ``reason``
+  (``pipelines.curate.schema.MANIFEST_SCHEMA``); the teacher dump job reads it unchanged;
 - ``rejects.parquet``: records that could not be judged, with the reason;
 - ``embeddings/{text,image}-*.parquet``: CLIP embeddings (when a CLIP model is configured);
 - ``images/``: webdataset shards written by img2dataset (with ``--download_images true``);
@@ -23,7 +23,6 @@ field overrides), then one flag per field (``--semdedup_eps 0.1``; ``none`` clea
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -34,32 +33,42 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
 
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import add_arguments, build_parser, from_mapping, option
 from filters import config as config_lib
 from filters.config import CurateConfig
-from pipelines.curate_dedup import SemanticDedup
-from pipelines.curate_download import DownloadBatch
-from pipelines.curate_io import WriteEmbeddings, WriteSortedParquet
-from pipelines.curate_models import AestheticHandler, ClipEmbeddingHandler, check_models
-from pipelines.curate_report import CurateStats, write_report
-from pipelines.curate_schema import MANIFEST_SCHEMA, REJECTS_SCHEMA, is_active, manifest_row
-from pipelines.curate_sources import FORMATS, Split, plan_inputs
-from pipelines.curate_stages import (ActiveOnly, ApplyRules, DropExactDuplicates, FilterScores, LoadImage,
-                                     NormaliseCaption, ReadRecords)
+from pipelines import common
+from pipelines.curate.download import DownloadBatch
+from pipelines.curate.models import AestheticHandler, ClipEmbeddingHandler
+from pipelines.curate.report import CurateStats, write_report
+from pipelines.curate.schema import MANIFEST_SCHEMA, REJECTS_SCHEMA, manifest_row
+from pipelines.curate.sinks import WriteEmbeddings, WriteSortedParquet
+from pipelines.curate.sources import FORMATS, Split, plan_inputs
+from pipelines.curate.stages import ApplyRules, DropExactDuplicates, LoadImage, NormaliseCaption, ReadRecords
+from pipelines.dedup import SemanticDedup
+from pipelines.records import is_active
+from pipelines.scoring import check_models
+from pipelines.stages import ActiveOnly, FilterScores
 
-FIELD_HELP = {
-    "semdedup_eps": "SemDeDup threshold: two records are duplicates when the cosine similarity of their "
-                    "embeddings is >= 1 - eps (eps 0: identical only; larger eps: more duplicates); none = off",
-    "clip_weights": "local open_clip checkpoint, or 'random' (random weights, for tests)",
-    "aesthetic_threshold": "keep aesthetic score >= this (LAION-Aesthetics: 5, 6, 6.5)",
-    "clip_score_threshold": "keep image-text cosine >= this (DataComp ViT-B/32: 0.28)",
-    "clip_score_top_fraction": "keep this top fraction by image-text cosine (DataComp ViT-L/14: 0.3)",
-}
+PROG = "distill curate"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurateJobConfig:
+    """The job's own flags; every ``filters.config.CurateConfig`` field is a flag too (``--min_words 3``)."""
+
+    input: tuple[str, ...] = option(help="file, folder or glob; repeatable", repeat=True)
+    input_format: str | None = option(None, help=f"one of {', '.join(FORMATS)} (default: from names)")
+    output: str = option(help="output folder (manifest.parquet, report.html, ...)")
+    preset: str = option("default", help=f"one of {', '.join(config_lib.PRESETS)}")
+    config: str | None = option(None, help="JSON file: an object of CurateConfig field overrides")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CurateOptions:
+    """The job as planned on the launcher: every input checked, thresholds resolved."""
+
     inputs: tuple[str, ...]  # --input values as given
     input_format: str | None  # one of FORMATS for every input, or None to recognise from names
     output: str  # output folder
@@ -67,62 +76,38 @@ class CurateOptions:
     splits: tuple[Split, ...]  # reading work units, planned (and checked) before the pipeline starts
 
 
-def _value_parser(type_text: str):
-    optional = "None" in type_text
-    base = type_text.replace(" | None", "").strip()
-
-    def parse(text: str):
-        if optional and text.strip().lower() in ("none", "null", ""):
-            return None
-        if base == "bool":
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"expected true/false, got {text!r}")
-            return text.lower() in ("true", "1", "yes")
-        return {"int": int, "float": float, "str": str}[base](text)
-
-    parse.__name__ = base  # argparse names it in "invalid <type> value"
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill curate", description=__doc__.split("\n\n")[0],
-                                     exit_on_error=False)
-    parser.add_argument("--input", action="append", default=[], help="file, folder or glob; repeatable")
-    parser.add_argument("--input_format", help=f"one of {', '.join(FORMATS)} (default: from names)")
-    parser.add_argument("--output", help="output folder (manifest.parquet, report.html, ...)")
-    parser.add_argument("--preset", default="default", help=f"one of {', '.join(config_lib.PRESETS)}")
-    parser.add_argument("--config", help="JSON file: an object of CurateConfig field overrides")
-    for field in dataclasses.fields(CurateConfig):
-        parser.add_argument(f"--{field.name}", type=_value_parser(str(field.type)), default=argparse.SUPPRESS,
-                            help=FIELD_HELP.get(field.name, f"CurateConfig.{field.name} (default {field.default!r})"))
-    return parser
+def _read_overrides(path: str) -> dict:
+    if not FileSystems.exists(path):
+        raise UserError(f"--config file {path!r} not found")
+    with FileSystems.open(path) as f:
+        try:
+            overrides = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"--config {path!r} is not JSON ({err})") from err
+    if not isinstance(overrides, dict):
+        raise UserError(f"--config {path!r} must hold a JSON object of CurateConfig fields")
+    return overrides
 
 
 def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
-    """Job options and the remaining (Beam) flags; ``ValueError`` naming any bad value."""
-    try:
-        args, beam_args = build_parser().parse_known_args(argv)
-    except argparse.ArgumentError as err:
-        raise ValueError(str(err)) from err
-    if not args.output:
-        raise ValueError("--output is required")
-    cfg = config_lib.preset(args.preset)
-    if args.config:
-        if not FileSystems.exists(args.config):
-            raise ValueError(f"--config file {args.config!r} not found")
-        with FileSystems.open(args.config) as f:
-            try:
-                overrides = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--config {args.config!r} is not JSON ({err})") from err
-        if not isinstance(overrides, dict):
-            raise ValueError(f"--config {args.config!r} must hold a JSON object of CurateConfig fields")
-        cfg = config_lib.with_overrides(cfg, overrides)
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(CurateConfig) if hasattr(args, f.name)}
-    cfg = config_lib.validate(config_lib.with_overrides(cfg, flags))
-    check_models(cfg)
-    splits = plan_inputs(args.input, args.input_format)
-    opts = CurateOptions(inputs=tuple(args.input), input_format=args.input_format, output=args.output,
+    """Job options and the remaining (Beam) flags; ``UserError`` naming any bad value.
+
+    Thresholds: the preset, then ``--config``, then one flag per ``CurateConfig`` field.
+    """
+    with common.launcher_checks():
+        parser = build_parser(CurateJobConfig, prog=PROG, description=__doc__.split("\n\n")[0])
+        add_arguments(parser, CurateConfig, defaults=False)  # unset: the preset's or --config's value
+        args, beam_args = parser.parse_known_args(argv)
+        job = from_mapping(CurateJobConfig, vars(args))
+        common.check_output(job.output)
+        cfg = config_lib.preset(job.preset)
+        if job.config:
+            cfg = config_lib.with_overrides(cfg, _read_overrides(job.config))
+        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(CurateConfig) if hasattr(args, f.name)}
+        cfg = config_lib.validate(config_lib.with_overrides(cfg, flags))
+        check_models(cfg)
+        splits = plan_inputs(list(job.input), job.input_format)
+    opts = CurateOptions(inputs=job.input, input_format=job.input_format, output=job.output,
                          config=cfg, splits=tuple(splits))
     return opts, beam_args
 
@@ -243,32 +228,31 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     """Parse, check, run, print the summary; returns ``summary.json``'s content."""
     opts, beam_args = parse_options(argv)
     _clear_stale_embeddings(opts.output)
-    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
     _ = pipeline | "Curate" >> Curate(opts)
-    result = pipeline.run()
-    result.wait_until_finish()
-    with FileSystems.open(FileSystems.join(opts.output, "summary.json")) as f:
-        summary = json.load(f)
+    summary, result = common.run_pipeline(pipeline, opts.output, "summary.json")
     read = _input_counter(result)
     print(f"curate: input {summary['input']} = kept {summary['kept']} + filtered {summary['filtered']} "
-          f"+ rejected {summary['rejected']}" + ("" if read is None else f" (records read: {read})"))
-    for status in ("filtered", "rejected"):
-        for reason, n in sorted(summary["by_reason"][status].items()):
-            print(f"  {status:<8} {reason:<28} {n}")
+          f"+ duplicate {summary['duplicate']} + rejected {summary['rejected']}"
+          + ("" if read is None else f" (records read: {read})"))
+    for fate, by in summary["by_reason"].items():
+        for reason, n in sorted(by.items()):
+            print(f"  {fate:<9} {reason:<28} {n}")
     print(f"curate: manifest {FileSystems.join(opts.output, 'manifest.parquet')}, "
           f"report {FileSystems.join(opts.output, 'report.html')}")
     if read is not None and read != summary["input"]:
-        raise RuntimeError(f"records read ({read}) != kept + filtered + rejected ({summary['input']})")
+        raise RuntimeError(f"records read ({read}) != kept + filtered + duplicate + rejected ({summary['input']})")
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except ValueError as err:
-        print(f"distill curate: {err}", file=sys.stderr)
-        return 2
+def _main(argv: list[str]) -> int:
+    run(argv)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``distill curate`` / ``python -m pipelines.curate``: a user error is one line on stderr and exit 2."""
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ byte ranges, scores in the shard index; CLIP image embeddings in ``NNNNNN.emb.np
 heavy members. The plan (``_plan/plan.parquet`` in the output) has one row per input key with its
 fate; row group ``j`` holds the kept rows of output shard ``j`` in copy order, the last row group
 the rest. A copy work unit reads only its row group, as the dump's shard workers read theirs
-(``pipelines/dump_plan.py``).
+(``pipelines/dump/plan.py``); both write it with ``pipelines.common.write_plan``.
 """
 
 from __future__ import annotations
@@ -16,22 +16,21 @@ import io
 import json
 import os
 
+from diffusion_distill.errors import UserError
+from filters import reasons
+from filters.reasons import DUPLICATE, FATES, FILTERED, KEPT, REJECTED
+from pipelines import common
+from pipelines.scoring import ImageScoring
+from teachers.fs import atomic_write_bytes, join, url_to_fs
 from teachers.record import SCHEMA_VERSION
-from teachers.fs import url_to_fs
-from teachers.shards import atomic_write_bytes, index_name, join, read_embeddings, read_index
+from teachers.shards import index_name, read_embeddings, read_index
 
-PLAN = "_plan/plan.parquet"
 MANIFEST = "manifest.parquet"
-
-KEPT, FILTERED, DUPLICATE, REJECTED = "kept", "filtered", "duplicate", "rejected"
-FATES = (KEPT, FILTERED, DUPLICATE, REJECTED)
 # Stage that set a record aside -> its fate. dump_input/dump: the dump's own rejects; scores: a shard
 # whose scores cannot be read; copy: a sample whose members cannot be read when its shard is written.
+DUMP_STAGES = ("dump_input", "dump")  # rejects the parent dump made itself (rejects/*.jsonl)
 STAGE_FATES = {"dump_input": REJECTED, "dump": REJECTED, "scores": REJECTED, "aesthetic": FILTERED,
                "clip_score": FILTERED, "semdedup": DUPLICATE, "copy": REJECTED}
-NO_SCORES = "no_scores"  # reject reason: a shard of a scored dump whose index has no scores
-CORRUPT_EMBEDDINGS = "corrupt_embeddings"  # reject reason: sidecar missing, or sha256/shape wrong
-CORRUPT_MEMBER = "corrupt_member"  # reject reason: a sample's tar members cannot be read
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,13 +56,12 @@ class FilterRecipe:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+        return common.recipe_hash(self.to_json())
 
     def curate_config(self, scoring: dict):
         """The curate job's config for ``FilterScores`` and ``SemanticDedup``: the dump's scoring
         models (``recipe.score_images``) plus these thresholds; ``ValueError`` naming a bad value."""
         from filters import config as config_lib
-        from pipelines.dump_plan import ImageScoring
 
         fields = ("aesthetic_threshold", "clip_score_threshold", "clip_score_top_fraction", "semdedup_eps",
                   "kmeans_sample_size", "kmeans_clusters", "target_cluster_size", "kmeans_iterations", "kmeans_seed")
@@ -81,21 +79,30 @@ def read_parent(data_dir: str) -> tuple[dict, str]:
     """(dataset.json, its sha256) of a finished dump or filtered dataset; errors name the problem."""
     fs, root = url_to_fs(data_dir)
     if not fs.exists(root):
-        raise FileNotFoundError(f"--input {data_dir!r} does not exist")
+        raise UserError(f"--input {data_dir!r} does not exist")
     fs, path = url_to_fs(join(data_dir, "dataset.json"))
     if not fs.exists(path):
-        raise FileNotFoundError(f"--input {data_dir!r} has no dataset.json: not a finished dump "
+        raise UserError(f"--input {data_dir!r} has no dataset.json: not a finished dump "
                                 "(re-run the dump job to complete it)")
     with fs.open(path, "rb") as f:
         data = f.read()
-    return json.loads(data), hashlib.sha256(data).hexdigest()
+    try:
+        dataset = json.loads(data)
+    except ValueError as err:
+        raise UserError(f"--input {data_dir!r}: dataset.json is not JSON ({err})") from None
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("shards"), list) or "recipe_hash" not in dataset:
+        raise UserError(f"--input {data_dir!r}: dataset.json lacks 'shards' or 'recipe_hash': not a dump's")
+    if dataset.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"--input {data_dir!r}: dataset.json has schema_version {dataset.get('schema_version')!r}; "
+                        f"this version reads schema_version {SCHEMA_VERSION}")
+    return dataset, hashlib.sha256(data).hexdigest()
 
 
 def scoring_of(dataset: dict, data_dir: str) -> dict:
     """The parent's ``score_images`` recipe entry; a dump made without it cannot be filtered."""
     scoring = (dataset.get("recipe") or {}).get("score_images")
     if not scoring:
-        raise ValueError(f"--input {data_dir!r} holds no image scores: make the dump with "
+        raise UserError(f"--input {data_dir!r} holds no image scores: make the dump with "
                          "--save_images --score_images PRESET (e.g. --score_images tiny for tests)")
     return scoring
 
@@ -106,12 +113,12 @@ def scoring_of(dataset: dict, data_dir: str) -> dict:
 
 
 def _base(key: str, shard: int, position: int, offset) -> dict:
-    return {"id": key, "input_shard": shard, "input_position": position, "offset": offset,
-            "drop_stage": None, "drop_reason": None}
+    return {"key": key, "input_shard": shard, "input_position": position, "offset": offset,
+            "stage": None, "reason": None}
 
 
 def score_records(data_dir: str, shard: int) -> list[dict]:
-    """The curate-style records of one input shard: id (the key), scores, CLIP image embedding.
+    """The curate-style records of one input shard: key, scores, CLIP image embedding.
 
     Reads the shard's index and embedding sidecar only. A shard whose scores or embeddings cannot be
     read gives records rejected at stage ``scores`` (counted, never silently dropped).
@@ -121,14 +128,14 @@ def score_records(data_dir: str, shard: int) -> list[dict]:
     offsets = index.get("offsets") or [None] * len(keys)
     problem = None
     if keys and not index.get("scores"):
-        problem = (NO_SCORES, f"{index_name(shard)} has no image scores")
+        problem = (reasons.NO_SCORES, f"{index_name(shard)} has no image scores")
     else:
         try:
             embeds = read_embeddings(data_dir, shard, index) if keys else None
         except ValueError as err:
-            problem = (CORRUPT_EMBEDDINGS, str(err))
+            problem = (reasons.CORRUPT_EMBEDDINGS, str(err))
     if problem:
-        return [dict(_base(k, shard, i, offsets[i]), drop_stage="scores", drop_reason=problem[0], detail=problem[1])
+        return [dict(_base(k, shard, i, offsets[i]), stage="scores", reason=problem[0], detail=problem[1])
                 for i, k in enumerate(keys)]
     scores = index["scores"]
     return [dict(_base(k, shard, i, offsets[i]), aesthetic_score=scores["aesthetic_score"][i],
@@ -197,13 +204,13 @@ def empty_row(key: str, fate: str, stage: str | None = None, reason: str | None 
 
 def fate_row(record: dict) -> dict:
     """A record after the filter stages -> its plan/manifest row (the embedding is left behind)."""
-    stage = record.get("drop_stage")
+    stage = record.get("stage")
     offset = record.get("offset") or (None, None)
     fate = KEPT if stage is None else STAGE_FATES[stage]
     values = {k: record.get(k) for k in ("detail", "duplicate_of", "duplicate_similarity", "n_duplicates",
                                          "cluster_id", "aesthetic_score", "clip_score", "input_shard",
                                          "input_position")}
-    return empty_row(record["id"], fate, stage, record.get("drop_reason"), **values, start=offset[0], end=offset[1])
+    return empty_row(record["key"], fate, stage, record.get("reason"), **values, start=offset[0], end=offset[1])
 
 
 def layout(rows: list[dict], samples_per_shard: int) -> int:
@@ -224,32 +231,12 @@ def layout(rows: list[dict], samples_per_shard: int) -> int:
 
 def write_plan(output: str, rows: list[dict], num_shards: int) -> None:
     """``_plan/plan.parquet``: row group j = output shard j in copy order; last row group: the rest."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = plan_schema()
     by_shard: list[list[dict]] = [[] for _ in range(num_shards + 1)]
     for row in rows:
         by_shard[num_shards if row["output_shard"] is None else row["output_shard"]].append(row)
     by_shard[:num_shards] = [sorted(g, key=lambda r: (r["input_shard"], r["input_position"])) for g in by_shard[:num_shards]]
     by_shard[num_shards].sort(key=lambda r: r["key"])
-    buf = io.BytesIO()
-    with pq.ParquetWriter(buf, schema) as writer:
-        for group in by_shard:
-            writer.write_table(pa.Table.from_pylist(group, schema), row_group_size=max(1, len(group)))
-    fs, p = url_to_fs(join(output, PLAN))
-    fs.makedirs(os.path.dirname(p), exist_ok=True)
-    atomic_write_bytes(join(output, PLAN), buf.getvalue())
-
-
-def read_plan(output: str, shard: int | None = None) -> list[dict]:
-    """Rows of output shard ``shard`` (its row group), or every row of the plan."""
-    import pyarrow.parquet as pq
-
-    fs, p = url_to_fs(join(output, PLAN))
-    with fs.open(p, "rb") as f:
-        pf = pq.ParquetFile(f)
-        return (pf.read() if shard is None else pf.read_row_group(shard)).to_pylist()
+    common.write_plan(output, plan_schema(), by_shard)
 
 
 def write_manifest(output: str, rows: list[dict]) -> None:

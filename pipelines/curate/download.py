@@ -30,28 +30,28 @@ from apache_beam.metrics import Metrics
 
 from filters import reasons
 from filters.config import CurateConfig
-from pipelines.curate_schema import reject_row
+from pipelines.curate.schema import reject_row
 
 _DRIVER = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
 
 
-def batch_folder(images_dir: str, ids: list[str]) -> str:
+def batch_folder(images_dir: str, keys: list[str]) -> str:
     """Deterministic folder of a batch: the same records land in the same place on a re-run."""
-    digest = hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:16]
+    digest = hashlib.sha1("\n".join(sorted(keys)).encode("utf-8")).hexdigest()[:16]
     return os.path.join(images_dir, digest)
 
 
 def run_img2dataset(rows: list[dict], folder: str, cfg: CurateConfig) -> None:
-    """Download ``rows`` ({id, url, caption}) into ``folder`` as webdataset shards."""
+    """Download ``rows`` ({record_key, url, caption}) into ``folder`` as webdataset shards."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with tempfile.TemporaryDirectory(prefix="dd-curate-urls-") as tmp:
         url_list = os.path.join(tmp, "urls.parquet")
         pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(
-            [("id", pa.string()), ("url", pa.string()), ("caption", pa.string())])), url_list)
+            [("record_key", pa.string()), ("url", pa.string()), ("caption", pa.string())])), url_list)
         kwargs = dict(url_list=url_list, input_format="parquet", url_col="url", caption_col="caption",
-                      save_additional_columns=["id"], output_format="webdataset", output_folder=folder,
+                      save_additional_columns=["record_key"], output_format="webdataset", output_folder=folder,
                       processes_count=1, thread_count=cfg.download_threads, timeout=cfg.download_timeout,
                       image_size=cfg.download_image_size, resize_mode="keep_ratio", retries=0,
                       number_sample_per_shard=max(len(rows), 1), enable_wandb=False, distributor="multiprocessing")
@@ -63,7 +63,7 @@ def run_img2dataset(rows: list[dict], folder: str, cfg: CurateConfig) -> None:
 
 
 def read_results(folder: str) -> dict[str, dict]:
-    """id -> img2dataset's row (status, error_message, key, original sizes) plus ``image_ref``."""
+    """record key -> img2dataset's row (status, error_message, key, original sizes) plus ``image_ref``."""
     import pyarrow.parquet as pq
 
     results: dict[str, dict] = {}
@@ -74,7 +74,7 @@ def read_results(folder: str) -> dict[str, dict]:
         offsets = _image_offsets(tar_path) if FileSystems.exists(tar_path) else {}
         for row in table.to_pylist():
             ref = offsets.get(row["key"]) if row["status"] == "success" else None
-            results[row["id"]] = {**row, "image_ref": ref}
+            results[row["record_key"]] = {**row, "image_ref": ref}
     return results
 
 
@@ -96,12 +96,12 @@ class DownloadBatch(beam.DoFn):
         self.cfg = cfg
 
     def process(self, batch):
-        folder = batch_folder(self.images_dir, [r["id"] for r in batch])
-        rows = [{"id": r["id"], "url": r["url"], "caption": r["caption"]} for r in batch]
+        folder = batch_folder(self.images_dir, [r["key"] for r in batch])
+        rows = [{"record_key": r["key"], "url": r["url"], "caption": r["caption"]} for r in batch]
         run_img2dataset(rows, folder, self.cfg)
         results = read_results(folder)
         for record in batch:
-            res = results.get(record["id"])
+            res = results.get(record["key"])
             status = "missing" if res is None else res["status"]
             Metrics.counter("curate", f"download_{status}").inc()
             if res is not None and res["image_ref"] is not None:

@@ -1,10 +1,13 @@
-"""The curate job's outputs: manifest and rejects schemas, stage names, and record helpers.
+"""The curate job's outputs: manifest and rejects schemas, stage names.
 
-``OUTPUT/manifest.parquet`` (``MANIFEST_SCHEMA``): one row per valid input record, kept or not.
-The teacher dump job reads ``id``, ``caption`` and ``kept`` and generates the ``kept`` rows only;
-the other columns say where a row came from, every score it got, and why it was dropped.
-``OUTPUT/rejects.parquet`` (``REJECTS_SCHEMA``): one row per record that could not be judged.
-Both are sorted by ``id``. ``len(manifest) + len(rejects)`` equals the number of input records.
+``OUTPUT/manifest.parquet`` (``MANIFEST_SCHEMA``): one row per valid input record, with its
+``fate`` (``kept``, ``filtered`` or ``duplicate``), and for the others the ``stage`` and ``reason``
+(``filters.reasons``) that set it aside: the same three columns as the filter job's manifest.
+The teacher dump job reads ``key``, ``caption`` and ``fate`` and generates the ``kept`` rows only;
+the other columns say where a row came from and every score it got.
+``OUTPUT/rejects.parquet`` (``REJECTS_SCHEMA``): one row per record that could not be judged
+(``fate`` ``rejected``). Both are sorted by ``key``. ``len(manifest) + len(rejects)`` equals the
+number of input records.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ import math
 
 import pyarrow as pa
 
+from filters import reasons
+
 # Stages in pipeline order; a dropped or rejected record names the stage that set it aside.
 STAGES = ("read", "normalise", "rules", "exact_dedup", "download", "images", "aesthetic", "clip_score", "semdedup")
 
 MANIFEST_SCHEMA = pa.schema([
-    ("id", pa.string()),  # unique, ASCII, no dots: <format>-<file tag>-<row or key>
+    ("key", pa.string()),  # unique, ASCII, no dots: <format>-<file tag>-<row or native key>
     ("caption", pa.string()),  # NFKC-normalised, whitespace collapsed
-    ("kept", pa.bool_()),  # True: the teacher dump generates this row
-    ("drop_stage", pa.string()),  # one of STAGES, null when kept
-    ("drop_reason", pa.string()),  # one of filters.reasons.DROP_REASONS, null when kept
+    ("fate", pa.string()),  # kept | filtered | duplicate (filters.reasons.FATES); the dump generates "kept"
+    ("stage", pa.string()),  # one of STAGES, null when kept
+    ("reason", pa.string()),  # one of filters.reasons.FILTER_REASONS or DUPLICATE_REASONS, null when kept
     ("source", pa.string()),  # laion | coco | txt | jsonl | wds
     ("input", pa.string()),  # the file the record came from
     ("source_id", pa.string()),  # the source's own id (SAMPLE_ID, COCO annotation id, line, key)
@@ -40,13 +45,14 @@ MANIFEST_SCHEMA = pa.schema([
     ("aesthetic_score", pa.float32()),  # aesthetic predictor on this job's image embedding
     ("dedup_on", pa.string()),  # "image" | "text": the embedding SemDeDup compared
     ("cluster_id", pa.int64()),  # k-means cluster (SemDeDup)
-    ("duplicate_of", pa.string()),  # id of the kept record this one duplicates (exact or semantic)
+    ("duplicate_of", pa.string()),  # key of the kept record this one duplicates (exact or semantic)
     ("duplicate_similarity", pa.float32()),  # cosine to that record (semantic dedup)
     ("n_duplicates", pa.int64()),  # on a kept record: how many records were dropped as its duplicates
 ])
 
 REJECTS_SCHEMA = pa.schema([
-    ("id", pa.string()),
+    ("key", pa.string()),
+    ("fate", pa.string()),  # always "rejected"
     ("stage", pa.string()),
     ("reason", pa.string()),  # one of filters.reasons.REJECT_REASONS
     ("detail", pa.string()),  # e.g. img2dataset's status and error_message
@@ -57,35 +63,12 @@ REJECTS_SCHEMA = pa.schema([
     ("raw_caption", pa.string()),  # repr() of what the source held, truncated
 ])
 
-EMBEDDING_FIELDS = {"text": "text_embedding", "image": "image_embedding"}
-
-
-def is_active(record: dict) -> bool:
-    return record.get("drop_reason") is None
-
-
-def dropped(record: dict, stage: str, reason: str, **fields) -> dict:
-    """A copy of ``record`` set aside by ``stage`` for ``reason`` (it stays in the manifest)."""
-    return {**record, **fields, "drop_stage": stage, "drop_reason": reason}
-
 
 def reject_row(record: dict, stage: str, reason: str, detail: str | None = None) -> dict:
     raw = record.get("caption")
-    return {"id": record.get("id"), "stage": stage, "reason": reason, "detail": detail,
+    return {"key": record.get("key"), "fate": reasons.REJECTED, "stage": stage, "reason": reason, "detail": detail,
             "source": record.get("source"), "input": record.get("input"), "source_id": record.get("source_id"),
             "url": record.get("url"), "raw_caption": None if raw is None else repr(raw)[:300]}
-
-
-def effective_aesthetic(record: dict) -> float | None:
-    """This job's aesthetic score where an image was scored, else the source's (LAION-Aesthetics)."""
-    own = record.get("aesthetic_score")
-    return own if own is not None else record.get("laion_aesthetic")
-
-
-def effective_clip_score(record: dict) -> float | None:
-    """This job's image-text cosine where an image was embedded, else the source's (LAION similarity)."""
-    own = record.get("clip_score")
-    return own if own is not None else record.get("laion_similarity")
 
 
 def _clean(value, kind):
@@ -101,6 +84,6 @@ _KINDS = {f.name: (int if pa.types.is_integer(f.type) else float if pa.types.is_
 def manifest_row(record: dict) -> dict:
     """The manifest columns of a record (embeddings and image bytes left out)."""
     row = {name: _clean(record.get(name), kind) for name, kind in _KINDS.items()}
-    row["kept"] = record.get("drop_reason") is None
+    row["fate"] = reasons.KEPT if record.get("reason") is None else reasons.fate_of(record["reason"])
     row["has_image"] = record.get("image_embedding") is not None
     return row

@@ -9,18 +9,20 @@ their thresholds, cluster sizes; example tables) and ``OUTPUT/summary.json``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import heapq
 import html
-import io
 import json
 from collections import Counter
 
 import apache_beam as beam
 
-from pipelines.curate_io import atomic_write
-from pipelines.curate_schema import STAGES, effective_aesthetic, effective_clip_score
+from filters import reasons
+
+from pipelines.curate.schema import STAGES
+from pipelines.curate.sinks import atomic_write
+from pipelines.plots import histogram, png
+from pipelines.records import effective_aesthetic, effective_clip_score
 
 SCORE_SAMPLE = 20_000  # scores kept per histogram
 STAGE_LABELS = {"read": "readable", "normalise": "caption decoded", "rules": "caption/size rules",
@@ -28,12 +30,12 @@ STAGE_LABELS = {"read": "readable", "normalise": "caption decoded", "rules": "ca
                 "aesthetic": "aesthetic", "clip_score": "CLIP score", "semdedup": "semantic dedup"}
 
 
-def _rank(record_id: str) -> int:
-    return int.from_bytes(hashlib.sha1(record_id.encode("utf-8")).digest()[:8], "big")
+def _rank(key: str) -> int:
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
 
 
 def _example(kind: str, row: dict) -> dict:
-    keys = ("id", "caption", "source", "clip_score", "aesthetic_score", "laion_aesthetic", "duplicate_of",
+    keys = ("key", "caption", "source", "clip_score", "aesthetic_score", "laion_aesthetic", "duplicate_of",
             "duplicate_similarity", "detail", "raw_caption")
     return {k: row.get(k) for k in keys if row.get(k) is not None}
 
@@ -50,22 +52,22 @@ class CurateStats(beam.CombineFn):
 
     def add_input(self, acc, element):
         kind, row = element
-        rank = _rank(row["id"] or "")
+        rank = _rank(row["key"] or "")
         if kind == "reject":
-            key, reason = ("rejected", row["stage"], row["reason"]), row["reason"]
+            key, reason = (reasons.REJECTED, row["stage"], row["reason"]), row["reason"]
         else:
-            reason = row["drop_reason"] or "kept"
-            key = ("kept", None, None) if row["kept"] else ("filtered", row["drop_stage"], reason)
+            reason = row["reason"] or reasons.KEPT
+            key = (row["fate"], row["stage"], row["reason"])
             for name, value in (("aesthetic", effective_aesthetic(row)), ("clip", effective_clip_score(row))):
                 if value is not None:
                     acc[name].append((rank, float(value)))
             if row.get("cluster_id") is not None:
                 acc["clusters"][f"{row['dedup_on']}:{row['cluster_id']}"] += 1
-            if row["kept"] and row.get("n_duplicates"):
+            if row["fate"] == reasons.KEPT and row.get("n_duplicates"):
                 acc["groups"][row["n_duplicates"] + 1] += 1
         acc["counts"][key] += 1
         examples = acc["examples"].setdefault(reason, [])
-        examples.append((rank, row["id"] or "", _example(kind, row)))
+        examples.append((rank, row["key"] or "", _example(kind, row)))
         if len(examples) > 2 * self.n_examples + 16:
             acc["examples"][reason] = heapq.nsmallest(self.n_examples, examples, key=lambda t: t[:2])
         if len(acc["clip"]) > 2 * SCORE_SAMPLE or len(acc["aesthetic"]) > 2 * SCORE_SAMPLE:
@@ -93,12 +95,12 @@ class CurateStats(beam.CombineFn):
 
     def extract_output(self, acc):
         acc = self.compact(acc)
-        counts = {"kept": 0, "filtered": 0, "rejected": 0}
-        by_reason: dict[str, dict[str, int]] = {"filtered": {}, "rejected": {}}
+        counts = {fate: 0 for fate in reasons.FATES}
+        by_reason: dict[str, dict[str, int]] = {fate: {} for fate in reasons.FATES if fate != reasons.KEPT}
         by_stage: Counter = Counter()
         for (status, stage, reason), n in acc["counts"].items():
             counts[status] += n
-            if status != "kept":
+            if status != reasons.KEPT:
                 by_reason[status][reason] = by_reason[status].get(reason, 0) + n
                 by_stage[stage] += n
         remaining, funnel = sum(counts.values()), []
@@ -118,23 +120,6 @@ class CurateStats(beam.CombineFn):
 # --------------------------------------------------------------------------------------------
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _histogram(ax, values, threshold, title):
-    if values:
-        ax.hist(values, bins=min(50, max(5, len(values) // 4)), color="#4878a8")
-    else:
-        ax.text(0.5, 0.5, "no scores", ha="center", va="center", transform=ax.transAxes)
-    if threshold is not None:
-        ax.axvline(threshold, color="#c03030", linestyle="--", label=f"threshold {threshold:.3g}")
-        ax.legend()
-    ax.set_title(title)
-
-
 def render_plots(stats: dict, aesthetic_threshold: float | None, clip_threshold: float | None) -> dict[str, str]:
     """Base64 PNGs: funnel, aesthetic and CLIP-score histograms, cluster and group sizes."""
     import matplotlib
@@ -151,25 +136,25 @@ def render_plots(stats: dict, aesthetic_threshold: float | None, clip_threshold:
     for i, v in enumerate(values):
         ax.text(v, i, f" {v}", va="center")
     ax.set_title("records remaining after each stage")
-    plots["funnel"] = _png(fig)
+    plots["funnel"] = png(fig)
     for key, title, threshold in (("aesthetic_scores", "aesthetic score", aesthetic_threshold),
                                   ("clip_scores", "CLIP score (image-text cosine)", clip_threshold)):
         fig, ax = plt.subplots(figsize=(6, 3))
-        _histogram(ax, stats[key], threshold, title)
-        plots[key] = _png(fig)
+        histogram(ax, stats[key], threshold, title)
+        plots[key] = png(fig)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
-    _histogram(ax1, stats["cluster_sizes"], None, "k-means cluster sizes (records)")
+    histogram(ax1, stats["cluster_sizes"], None, "k-means cluster sizes (records)")
     groups = stats["duplicate_group_sizes"]
     ax2.bar([int(k) for k in groups], list(groups.values()), color="#4878a8")
     ax2.set_xticks([int(k) for k in groups])
     ax2.set_title("duplicate group sizes (kept + dropped)")
-    plots["clusters"] = _png(fig)
+    plots["clusters"] = png(fig)
     plt.close("all")
     return plots
 
 
 def _table(examples: list[dict]) -> str:
-    cols = sorted({k for e in examples for k in e}, key=lambda k: (k not in ("id", "caption"), k))
+    cols = sorted({k for e in examples for k in e}, key=lambda k: (k not in ("key", "caption"), k))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(e.get(c, ''))[:200])}</td>" for c in cols) + "</tr>"
                    for e in examples)
@@ -178,14 +163,15 @@ def _table(examples: list[dict]) -> str:
 
 def render_html(stats: dict, plots: dict[str, str], config: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{html.escape(r)}</td><td>{n}</td></tr>"
-                   for s in ("filtered", "rejected") for r, n in sorted(stats["by_reason"][s].items()))
+                   for s in stats["by_reason"] for r, n in sorted(stats["by_reason"][s].items()))
     images = "".join(f'<h3>{html.escape(k)}</h3><img alt="{k}" src="data:image/png;base64,{v}">' for k, v in plots.items())
     examples = "".join(f"<h3>{html.escape(r)}</h3>{_table(e)}" for r, e in stats["examples"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>curate report</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{border:1px solid #ccc;padding:2px 6px;font-size:90%}}
 table{{border-collapse:collapse}}</style></head><body>
 <h1>Curate report</h1>
-<p>input {stats['input']} = kept {stats['kept']} + filtered {stats['filtered']} + rejected {stats['rejected']}</p>
+<p>input {stats['input']} = kept {stats['kept']} + filtered {stats['filtered']} + duplicate {stats['duplicate']}
++ rejected {stats['rejected']}</p>
 <h2>Reasons</h2><table><tr><th>status</th><th>reason</th><th>records</th></tr>{rows}</table>
 <h2>Plots</h2>{images}
 <h2>Examples (kept and per reason)</h2>{examples}
@@ -201,7 +187,7 @@ def write_report(stats: dict, output_dir: str, config: dict, clip_cutoff: float 
     clip_threshold = clip_cutoff if clip_threshold is None else clip_threshold
     plots = render_plots(stats, config.get("aesthetic_threshold"), clip_threshold)
     atomic_write(FileSystems.join(output_dir, "report.html"), render_html(stats, plots, config).encode("utf-8"))
-    summary = {k: stats[k] for k in ("input", "kept", "filtered", "rejected", "by_reason", "funnel",
+    summary = {k: stats[k] for k in ("input", "kept", "filtered", "duplicate", "rejected", "by_reason", "funnel",
                                      "duplicate_group_sizes")}
     summary.update(n_clusters=len(stats["cluster_sizes"]), clip_score_cutoff=clip_threshold, config=config)
     atomic_write(FileSystems.join(output_dir, "summary.json"), json.dumps(summary, indent=1).encode("utf-8"))

@@ -4,7 +4,7 @@ duplicate-group sizes, and grids of kept and dropped generated images per reason
 Written by the job's last step from the plan rows (light: keys, fates, scores) plus the PNG members of
 a few examples per reason, fetched by key from the parent's shards with one ranged read each. The
 examples are the keys with the smallest sha1 per reason, so the same dump gives the same report.
-House style of ``pipelines/curate_report.py``: matplotlib PNGs inlined in one HTML file.
+House style of the curate report (``pipelines/curate/report.py``): matplotlib PNGs inlined in one HTML file.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import io
 import itertools
 import json
 
-from pipelines import filter_plan
-from pipelines.curate_report import _histogram, _png  # the curate report's plot helpers, shared
+from pipelines.filter import plan as filter_plan
+from pipelines.plots import histogram, png
 from teachers.shards import atomic_write_bytes, join, read_samples
 
 # Funnel steps: label, stages whose records leave at that step.
@@ -99,7 +99,7 @@ def render_grids(examples: dict[str, list[dict]], images: dict) -> str | None:
                 ax.set_title(_caption(rows[i]), fontsize=7)
         line[0].text(-0.15, 0.5, label.replace(": ", ":\n"), transform=line[0].transAxes, ha="right", va="center",
                      fontsize=9)
-    out = _png(fig)
+    out = png(fig)
     plt.close(fig)
     return out
 
@@ -118,7 +118,7 @@ def render_plots(rows: list[dict], thresholds: dict) -> str:
     funnel_ax.set_title("funnel: samples remaining after each step")
     for ax, key, title in ((aes_ax, "aesthetic_score", "aesthetic score of the generated image"),
                            (clip_ax, "clip_score", "CLIP score (generated image vs its prompt)")):
-        _histogram(ax, [r[key] for r in rows if r[key] is not None], thresholds.get(key), title)
+        histogram(ax, [r[key] for r in rows if r[key] is not None], thresholds.get(key), title)
     sizes: dict[int, int] = {}
     for row in rows:
         if row["fate"] == filter_plan.KEPT and row["n_duplicates"]:
@@ -128,7 +128,7 @@ def render_plots(rows: list[dict], thresholds: dict) -> str:
     groups_ax.set_xlabel("samples in the group (kept + dropped)")
     groups_ax.set_title("duplicate groups by size" if sizes else "no duplicate groups")
     fig.tight_layout()
-    out = _png(fig)
+    out = png(fig)
     plt.close(fig)
     return out
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.curate_schema import EMBEDDING_FIELDS
+from pipelines.records import EMBEDDING_FIELDS
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -29,13 +29,13 @@ def atomic_write(path: str, data: bytes) -> None:
     FileSystems.rename([tmp], [path])
 
 
-def _id(row: dict) -> str:
-    return row["id"]
+def _key(row: dict) -> str:
+    return row["key"]
 
 
 def write_sorted_parquet(rows: list[dict], path: str, schema: pa.Schema) -> int:
-    """All ``rows`` sorted by id into one Parquet file at ``path`` (atomically); returns the count."""
-    table = pa.Table.from_pylist(sorted(rows, key=_id), schema=schema)
+    """All ``rows`` sorted by key into one Parquet file at ``path`` (atomically); returns the count."""
+    table = pa.Table.from_pylist(sorted(rows, key=_key), schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=65_536)
     atomic_write(path, buf.getvalue())
@@ -43,7 +43,7 @@ def write_sorted_parquet(rows: list[dict], path: str, schema: pa.Schema) -> int:
 
 
 class WriteSortedParquet(beam.PTransform):
-    """One Parquet file sorted by ``id``: the rows are gathered in one worker (no embeddings in
+    """One Parquet file sorted by ``key``: the rows are gathered in one worker (no embeddings in
     them: a few hundred bytes each), so the teacher dump's deterministic sharding sees the same
     order on every run."""
 
@@ -61,18 +61,18 @@ class WriteSortedParquet(beam.PTransform):
 def _embedding_row(record: dict, field: str):
     vector = record.get(field)
     if vector is not None:
-        yield {"id": record["id"], "embedding": [float(v) for v in vector]}
+        yield {"key": record["key"], "embedding": [float(v) for v in vector]}
 
 
 def embeddings_prefix(output_dir: str, modality: str) -> str:
     return FileSystems.join(output_dir, "embeddings", modality)
 
 
-EMBEDDINGS_SCHEMA = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32()))])
+EMBEDDINGS_SCHEMA = pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32()))])
 
 
 class WriteEmbeddings(beam.PTransform):
-    """``OUTPUT/embeddings/{text,image}-SSSSS-of-NNNNN.parquet``: (id, L2-normalised embedding).
+    """``OUTPUT/embeddings/{text,image}-SSSSS-of-NNNNN.parquet``: (key, L2-normalised embedding).
 
     Sharded by Beam (its file sink writes to a temporary folder and renames on finalisation), so
     no worker holds all embeddings. Later jobs (dedup of dumps, retrieval) reuse them.

@@ -1,6 +1,6 @@
 """Writing one output shard of the filter job (the body of its Beam work unit, free of Beam).
 
-The worker reads its rows from the plan (``pipelines.filter_plan``) and copies each kept sample
+The worker reads its rows from the plan (``pipelines.filter.plan``) and copies each kept sample
 from the parent's shard by its byte range (``offsets`` in the parent's index): the tar headers of
 the range are checked first (``teachers.shards.sample_members``: 512 bytes each, data skipped),
 then the member data is streamed in 1 MiB chunks through the same deterministic, atomic
@@ -19,11 +19,11 @@ from __future__ import annotations
 import itertools
 import json
 
-from pipelines import filter_plan
-from teachers.record import JSON
+from filters import reasons
+from pipelines.common import work_unit
 from teachers.fs import url_to_fs
-from teachers.shards import (ShardWriter, join, read_embeddings, read_index, read_samples,
-                             remove_stale_temporaries, sample_members, shard_name)
+from teachers.record import JSON
+from teachers.shards import ShardWriter, join, read_embeddings, read_index, read_samples, sample_members, shard_name
 
 
 def _check_json(key: str, data: bytes) -> None:
@@ -66,7 +66,7 @@ def _copy_from(parent: str, input_shard: int, rows: list[dict], writer: ShardWri
     try:
         embeds = read_embeddings(parent, input_shard, read_index(parent, input_shard))
     except (ValueError, FileNotFoundError) as err:  # changed since ReadScores checked it
-        return [{"key": r["key"], "reason": filter_plan.CORRUPT_EMBEDDINGS, "detail": str(err)} for r in rows]
+        return [{"key": r["key"], "reason": reasons.CORRUPT_EMBEDDINGS, "detail": str(err)} for r in rows]
     light = {r["key"]: ({"aesthetic_score": r["aesthetic_score"], "clip_score": r["clip_score"]},
                         embeds[r["input_position"]]) for r in rows}
     rejects = []
@@ -87,7 +87,7 @@ def _copy_slow(parent: str, input_shard: int, rows: list[dict], writer: ShardWri
     rejects = []
     for key, sample, problem in _read_one(parent, input_shard, rows) if rows else ():
         if sample is None:
-            rejects.append({"key": key, "reason": filter_plan.CORRUPT_MEMBER,
+            rejects.append({"key": key, "reason": reasons.CORRUPT_MEMBER,
                             "detail": f"{shard_name(input_shard)}: {problem}"})
         else:
             writer.write(sample, scores=light[key][0], embedding=light[key][1])
@@ -96,15 +96,8 @@ def _copy_slow(parent: str, input_shard: int, rows: list[dict], writer: ShardWri
 
 def copy_shard(parent: str, output: str, shard: int, recipe_hash: str, *, progress: bool = False) -> dict:
     """Write output shard ``shard`` from the plan; returns its index (with ``copy_rejects``)."""
-    remove_stale_temporaries(output, shard)
-    rows = filter_plan.read_plan(output, shard)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(rows), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
     rejects = []
-    try:
+    with work_unit(output, shard, progress) as (rows, bar):
         with ShardWriter(output, shard, recipe_hash=recipe_hash) as writer:
             for input_shard, group in itertools.groupby(rows, key=lambda r: r["input_shard"]):
                 group = list(group)
@@ -113,7 +106,4 @@ def copy_shard(parent: str, output: str, shard: int, recipe_hash: str, *, progre
                     bar.update(len(group))
             writer.extra = {"copy_rejects": rejects,
                             "input_shards": sorted({r["input_shard"] for r in rows})}
-    finally:
-        if bar is not None:
-            bar.close()
     return writer.index

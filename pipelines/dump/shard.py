@@ -8,15 +8,16 @@ the rejects file is written before the shard is committed, so a complete shard a
 With a scorer (``--score_images``) each batch's decoded images are scored right after decoding,
 while they are in memory: the scores go into the sample's json and the shard index, the CLIP
 image embedding into the shard's ``NNNNNN.emb.npy`` (``teachers.shards``), so the filter job
-(``pipelines/filter_shards.py``) never decodes an image.
+(``pipelines/filter``) never decodes an image.
 """
 
 from __future__ import annotations
 
-from pipelines import dump_plan
+from filters import reasons
+from pipelines.common import work_unit, write_rejects
 from teachers import record
 from teachers.fs import url_to_fs
-from teachers.shards import ShardWriter, atomic_write_bytes, join, remove_stale_temporaries, shard_name
+from teachers.shards import ShardWriter, atomic_write_bytes, join
 
 _CLIP_MAX_TOKENS = 77
 
@@ -61,24 +62,17 @@ def _check_scores(image_scores: dict | None, embedding) -> None:
         return
     values = [v for v in (image_scores["clip_score"], image_scores["aesthetic_score"]) if v is not None]
     if not (np.isfinite(embedding).all() and np.isfinite(values).all()):
-        raise record.BadRecord("non_finite_score", "CLIP image embedding or score is NaN/Inf")
+        raise record.BadRecord(reasons.NON_FINITE_SCORE, "CLIP image embedding or score is NaN/Inf")
 
 
 def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress: bool = False,
                    scorer=None) -> dict:
     from teachers.sampler import SampleRequest, sample_trajectories
 
-    remove_stale_temporaries(output, shard)
-    rows = dump_plan.read_shard_plan(output, shard)
-    requests = [SampleRequest(r["key"], r["prompt"], int(r["seed"]), r["guidance_scale"]) for r in rows]
-    batches = [requests[i : i + recipe.batch_size] for i in range(0, len(requests), recipe.batch_size)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(requests), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
     rejects, truncated, fallbacks, info = [], 0, 0, None
-    try:
+    with work_unit(output, shard, progress) as (rows, bar):
+        requests = [SampleRequest(r["key"], r["caption"], int(r["seed"]), r["guidance_scale"]) for r in rows]
+        batches = [requests[i : i + recipe.batch_size] for i in range(0, len(requests), recipe.batch_size)]
         with ShardWriter(output, shard, recipe_hash=recipe.hash) as writer:
             for batch in batches:
                 results, info = sample_trajectories(teacher, batch, config)
@@ -93,23 +87,20 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
                                                              image_scores=image_scores)
                         _check_scores(image_scores, embedding)
                     except record.BadRecord as err:
-                        rejects.append({"key": res.key, "reason": err.reason, "detail": str(err), "prompt": res.prompt})
+                        rejects.append({"key": res.key, "reason": err.reason, "detail": str(err), "caption": res.prompt})
                         continue
                     truncated += res.num_tokens > _CLIP_MAX_TOKENS
                     fallbacks += len(stats["fp32_fallback"])
                     writer.write(sample, scores=_index_scores(image_scores), embedding=embedding)
                 if bar is not None:
                     bar.update(len(batch))
-            reasons = dump_plan.write_rejects(output, f"{shard:06d}", rejects)
+            counts = write_rejects(output, f"{shard:06d}", rejects)
             writer.extra = dict(
-                rejects=reasons, truncated_captions=int(truncated), fp32_fallbacks=fallbacks,
+                rejects=counts, truncated_captions=int(truncated), fp32_fallbacks=fallbacks,
                 shared=_write_shared(output, info) if info is not None else {},
                 timesteps=info.timesteps if info else None, recorded_steps=info.recorded_steps if info else None,
                 scheduler_class=info.scheduler_class if info else None,
                 scheduler_config=info.scheduler_config if info else None,
                 prediction_type=info.prediction_type if info else None,
             )
-    finally:
-        if bar is not None:
-            bar.close()
     return writer.index

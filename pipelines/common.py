@@ -1,0 +1,227 @@
+"""What the Beam jobs share: launcher checks, runner defaults, the recipe guard, plans, rejects, the run tail.
+
+Each job (``pipelines.curate``, ``pipelines.dump``, ``pipelines.filter``) validates and plans on the
+launcher, then runs one Beam graph whose last step writes a summary file. The pieces every job
+needs for that live here, once:
+
+- ``launcher_checks()``: turns the errors of validation and planning into ``UserError`` (one line,
+  exit 2, before any worker starts); ``check_output`` refuses an ``--output`` that is a file;
+- ``pipeline_options`` / ``is_local_runner`` / ``show_progress``: runner defaults;
+- ``recipe_hash`` and ``check_or_write_recipe``: an output folder holds one recipe's results;
+- ``write_plan`` / ``read_plan`` (``PLAN``): one Parquet row group per work unit, so a work unit
+  is a number and its rows never pass through the graph; ``work_unit``: the frame of one;
+- ``write_rejects``: ``rejects/<name>.jsonl`` and the counts by reason;
+- ``run_pipeline``: run the graph, wait, read back the summary the last step wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+
+from diffusion_distill.errors import UserError
+from teachers.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
+
+PLAN = "_plan/plan.parquet"  # the launcher's plan inside the output folder
+RECIPE = "recipe.json"  # the recipe (and its hash) an output folder was started with
+REJECTS = "rejects"  # folder of rejects/<name>.jsonl
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher checks
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def launcher_checks():
+    """Validation and planning errors (bad values, missing files, unknown teachers) -> ``UserError``.
+
+    Used only around launcher-side code that reads arguments and input files: there a
+    ``ValueError`` or ``FileNotFoundError`` is the user's to fix. Errors inside the running graph
+    keep their tracebacks.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+        raise UserError(str(err)) from err
+
+
+def check_output(output: str | None, flag: str = "--output") -> str:
+    """An output folder: given, and not an existing file. Returns it unchanged."""
+    if not output:
+        raise UserError(f"{flag} is required")
+    fs, path = url_to_fs(output)
+    if fs.exists(path) and not fs.isdir(path):
+        raise UserError(f"{flag} {output!r} is an existing file: give a folder")
+    return output
+
+
+def check_input_file(path: str, flag: str) -> str:
+    """An input file that exists and is not a folder."""
+    fs, p = url_to_fs(path)
+    if not fs.exists(p):
+        raise UserError(f"{flag} {path!r} does not exist")
+    if fs.isdir(p):
+        raise UserError(f"{flag} {path!r} is a folder: give a file")
+    return path
+
+
+def file_sha256(path: str) -> str:
+    fs, p = url_to_fs(path)
+    digest = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# runner defaults
+# ---------------------------------------------------------------------------------------------
+
+
+def pipeline_options(beam_args: list[str]):
+    """Beam options from the flags the job did not consume; the main session is never pickled
+    (every stage is a module-level callable, imported by name on the workers)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+    options = PipelineOptions(beam_args)
+    options.view_as(SetupOptions).save_main_session = False
+    return options
+
+
+def is_local_runner(options) -> bool:
+    """DirectRunner (or no runner named): the job runs on this machine."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = str(options.view_as(StandardOptions).runner or "DirectRunner")
+    return "Direct" in runner or runner.lower() == "direct"
+
+
+def show_progress(progress: str, options) -> bool:
+    """``--progress auto|on|off``: auto shows bars on local runners only."""
+    return progress == "on" or (progress == "auto" and is_local_runner(options))
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def recipe_hash(recipe_json: dict) -> str:
+    """16 hex digits of the sha256 of the recipe's sorted JSON: what guards an output folder."""
+    return hashlib.sha256(json.dumps(recipe_json, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _has_results(output: str) -> bool:
+    """Whether the folder holds anything a recipe produced: a shard index or a dataset.json."""
+    from teachers.shards import list_indexes
+
+    fs, root = url_to_fs(output)
+    return fs.exists(join(root, "dataset.json")) or bool(list_indexes(output))
+
+
+def check_or_write_recipe(output: str, recipe) -> None:
+    """Refuse an output folder holding results of another recipe; record the recipe in a new one.
+
+    A folder whose recipe differs but that holds no result yet (a run that failed before its first
+    shard) is taken over: nothing in it would be mixed.
+    """
+    fs, p = url_to_fs(join(output, RECIPE))
+    if fs.exists(p):
+        with fs.open(p, "rb") as f:
+            old = json.loads(f.read())
+        new = recipe.to_json()
+        old_recipe = old.get("recipe", {})
+        if old.get("recipe_hash") == recipe.hash:
+            return
+        if _has_results(output):
+            diff = {k: (old_recipe.get(k), new.get(k)) for k in sorted(set(old_recipe) | set(new))
+                    if json.dumps(old_recipe.get(k)) != json.dumps(new.get(k))}
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise UserError(f"output {output!r} holds a dataset made with another recipe ({changes}); "
+                            "use a new --output folder, or the original settings to resume")
+    fs.makedirs(p.rsplit("/", 1)[0] if "/" in p else ".", exist_ok=True)
+    atomic_write_json(join(output, RECIPE), {"recipe": recipe.to_json(), "recipe_hash": recipe.hash})
+
+
+# ---------------------------------------------------------------------------------------------
+# plans and rejects
+# ---------------------------------------------------------------------------------------------
+
+
+def write_plan(output: str, schema, groups: list[list[dict]]) -> None:
+    """``_plan/plan.parquet``: row group ``i`` holds ``groups[i]`` (work unit ``i``'s rows)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    with pq.ParquetWriter(buf, schema) as writer:
+        for group in groups:
+            writer.write_table(pa.Table.from_pylist(group, schema), row_group_size=max(1, len(group)))
+    fs, p = url_to_fs(join(output, PLAN))
+    fs.makedirs(os.path.dirname(p), exist_ok=True)
+    atomic_write_bytes(join(output, PLAN), buf.getvalue())
+
+
+def read_plan(output: str, group: int | None = None) -> list[dict]:
+    """Rows of work unit ``group`` (its row group), or every row of the plan."""
+    import pyarrow.parquet as pq
+
+    fs, p = url_to_fs(join(output, PLAN))
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f)
+        return (pf.read() if group is None else pf.read_row_group(group)).to_pylist()
+
+
+def write_rejects(output: str, name: str, rejects: list[dict]) -> dict[str, int]:
+    """Write ``rejects/<name>.jsonl`` atomically (one JSON object per line); returns counts by reason."""
+    fs, root = url_to_fs(output)
+    fs.makedirs(join(root, REJECTS), exist_ok=True)
+    lines = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects)
+    atomic_write_bytes(join(output, f"{REJECTS}/{name}.jsonl"), lines.encode("utf-8"))
+    reasons: dict[str, int] = {}
+    for r in rejects:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return reasons
+
+
+@contextlib.contextmanager
+def work_unit(output: str, shard: int, progress: bool):
+    """The frame of a shard work unit (dump and filter): stale temporaries of an earlier attempt
+    removed, the unit's rows read from the plan, and a progress bar (None when off) closed however
+    the unit ends. Yields ``(rows, bar)``; the caller writes the shard with ``teachers.shards.ShardWriter``."""
+    from teachers.shards import remove_stale_temporaries, shard_name
+
+    remove_stale_temporaries(output, shard)
+    rows = read_plan(output, shard)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
+    try:
+        yield rows, bar
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run tail
+# ---------------------------------------------------------------------------------------------
+
+
+def run_pipeline(pipeline, output: str, summary: str = "dataset.json"):
+    """Run the built graph to completion; returns ``(the summary file's content, the Beam result)``."""
+    result = pipeline.run()
+    result.wait_until_finish()
+    fs, path = url_to_fs(join(output, summary))
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read()), result

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.curate.job import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.dump.job import main
+
+sys.exit(main())

@@ -1,0 +1,379 @@
+"""The teacher dump job: trajectories and feature targets from a diffusion teacher into WebDataset shards.
+
+    beam run pipelines/teacher_dump.py --prompts prompts.txt --output out/dump --teacher tiny
+    beam run pipelines/teacher_dump.py --runner=Dataflow --prompts gs://b/manifest.parquet \\
+        --output gs://b/dump --teacher /models/sd15 --device cuda --dtype bfloat16 [Dataflow flags]
+    python -m pipelines.teacher_dump ...   |   python -m pipelines.dump ...   |   distill dump ...
+
+Flags: ``DumpConfig`` (one field per flag); the rest go to Beam. Stages: the launcher validates
+and plans (``pipelines/dump/plan.py``: fix the recipe, read the input, partition the (caption,
+seed) pairs into shards); the Beam graph is ``CreateShards -> Reshuffle -> GenerateShards ->
+CollectIndexes -> WriteDataset``, plus ``CountInputRejects``. A work unit is a shard number; its
+worker reads its rows from the plan, generates the whole shard and renames it into place with its
+index (``pipelines/dump/shard.py``), so nothing heavy passes through a shuffle and a retried shard
+is byte-identical (noise seeded from the key, fixed tar headers).
+
+``--save_images --score_images PRESET`` also scores each decoded image with the curate job's models
+(``filters/image_scores.py``: CLIP image embedding, aesthetic score, CLIP score against its caption),
+loaded once per worker process like the teacher; the filter job (``pipelines/filter``) filters on them.
+
+Model loading: a ``DoFn`` whose ``setup()`` acquires the teacher through
+``apache_beam.utils.shared.Shared``, rather than RunInference with a ``ModelHandler``. The unit of
+work is a whole shard (a few hundred samples batched across captions, written to one tar with an
+index), not a stream of elements to batch; RunInference's per-element batching and result
+PCollection would push the heavy arrays through the graph, which the design forbids. ``Shared``
+gives the same guarantee RunInference relies on: one teacher per worker process, shared by the
+DoFn instances (threads) in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import option, parse
+from pipelines import common
+from pipelines.dump import plan as dump_plan
+from pipelines.dump.plan import DumpRecipe
+from pipelines.scoring import image_scoring
+from teachers.fs import atomic_write_json, join, url_to_fs
+
+NAMESPACE = "teacher_dump"
+PROG = "distill dump"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DumpConfig:
+    """The dump's flags. Fields with the same name as ``DumpRecipe``'s go into the recipe unchanged."""
+
+    prompts: str = option(help="prompt list (.txt, .jsonl) or curated manifest (.parquet: key, caption[, fate])")
+    output: str = option(help="output folder (local or gs://...)")
+    teacher: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                          help="tiny | tiny-xl | shapes | sd15-random | sdxl-random | local diffusers folder | hub id")
+    num_inference_steps: int = option(50, help="teacher steps")
+    scheduler: str = option("ddim", help="ddim | euler | dpm++")
+    guidance_scale: float = option(7.5, help="fixed classifier-free guidance weight")
+    guidance_range: tuple[float, ...] | None = option(
+        None, help="LO,HI: per-sample guidance weight ~ U[LO, HI] (SnapFusion: 2,14)")
+    resolution: int | None = option(None, help="image side in px (default: the teacher's native size)")
+    record_steps: str = option("all", help="'all', or comma-separated step indices to record")
+    feature_layers: tuple[str, ...] = option(("mid_block", "up_blocks.0"),
+                                             help="comma-separated UNet blocks to capture ('' for none)")
+    num_feature_steps: int = option(2, help="feature steps per sample (drawn from its seed)")
+    save_images: bool = option(False, help="decode and store the teacher image (png)")
+    score_images: str | None = option(
+        None, help="filters.config preset (tiny | laion-aesthetics | ...): score each decoded image with the curate "
+                   "job's CLIP and aesthetic models (json, index, NNNNNN.emb.npy); needs --save_images")
+    clip_weights: str | None = option(None, help="local open_clip checkpoint for --score_images (overrides the preset)")
+    aesthetic_weights: str | None = option(
+        None, help="LAION aesthetic predictor weights for --score_images (overrides the preset)")
+    dtype: str = option("float32", help="float32 | float16 | bfloat16")
+    device: str = option("cpu", help="cpu | cuda | cuda:N")
+    batch_size: int = option(4, help="samples per UNet batch")
+    storage_dtype: str = option("float16", help="float16 | float32 for stored arrays")
+    seeds_per_prompt: int = option(1, help="generations per caption")
+    samples_per_shard: int = option(256, help="samples per shard (the unit of work)")
+    cpu_threads: int = option(
+        0, help="torch intra-op threads on CPU workers (0 = the worker's default). CPU results depend on it "
+                "at float rounding level: pin it for byte-identical dumps across runners and machines")
+    progress: str = option("auto", help="progress bar: auto (local runners) | on | off", choices=("auto", "on", "off"))
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher side: validation and planning
+# ---------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def check_teacher(spec: str) -> dict | None:
+    """The teacher's geometry (``teachers.load.teacher_geometry``), resolved before anything is written.
+
+    A hub id is accepted when it is in the local hub cache, or when the hub may be reached
+    (``HF_HUB_OFFLINE`` unset); offline and uncached, it is refused here rather than on a worker.
+    """
+    from teachers.load import teacher_geometry
+
+    geometry = teacher_geometry(spec)  # TeacherError (a ValueError) for an unknown spec
+    if geometry is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(spec, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure of the cache lookup means "not available offline"
+            raise UserError(f"--teacher {spec!r} is not in the local hub cache and HF_HUB_OFFLINE is set: download "
+                            f"it where a network exists (huggingface-cli download {spec} --local-dir DIR) and pass "
+                            "that folder as --teacher") from None
+    return geometry
+
+
+def _feature_layers(cfg: DumpConfig, geometry: dict | None) -> tuple[str, ...]:
+    for layer in cfg.feature_layers:
+        kind, _, num = layer.partition(".")
+        ok = layer == "mid_block" or (kind in ("down_blocks", "up_blocks") and num.isdigit()
+                                      and (geometry is None or int(num) < geometry["levels"]))
+        _require(ok, f"--feature_layers: {layer!r} is not a block of teacher {cfg.teacher!r} "
+                     "(down_blocks.N, mid_block, up_blocks.N)")
+    return cfg.feature_layers
+
+
+def _record_steps(text: str) -> tuple[int, ...] | None:
+    if text in ("all", ""):
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--record_steps {text!r} must be 'all' or comma-separated step indices") from None
+
+
+def _scoring(cfg: DumpConfig):
+    """``--score_images`` and its weight flags -> ``ImageScoring`` or None; errors name the flag."""
+    if not cfg.score_images:
+        given = [f"--{n}" for n in ("clip_weights", "aesthetic_weights") if getattr(cfg, n)]
+        _require(not given, f"{' and '.join(given)} only apply with --score_images PRESET")
+        return None
+    _require(cfg.save_images, f"--score_images {cfg.score_images!r} scores the decoded images: it needs --save_images")
+    return image_scoring(cfg.score_images, cfg.clip_weights, cfg.aesthetic_weights)
+
+
+def build_recipe(cfg: DumpConfig) -> DumpRecipe:
+    """Validate the flags (naming the bad value) and resolve them into a recipe; writes nothing."""
+    from teachers.load import DTYPES
+    from teachers.record import STORAGE_DTYPES
+    from teachers.sampler import SCHEDULERS
+
+    common.check_input_file(cfg.prompts, "--prompts")
+    common.check_output(cfg.output)
+    for name, allowed in (("dtype", DTYPES), ("scheduler", tuple(SCHEDULERS)), ("storage_dtype", STORAGE_DTYPES)):
+        _require(getattr(cfg, name) in allowed, f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    for name in ("num_inference_steps", "batch_size", "seeds_per_prompt", "samples_per_shard"):
+        _require(getattr(cfg, name) >= 1, f"--{name} {getattr(cfg, name)} must be >= 1")
+    _require(cfg.cpu_threads >= 0, f"--cpu_threads {cfg.cpu_threads} must be >= 0")
+    _require(cfg.num_feature_steps >= 0, f"--num_feature_steps {cfg.num_feature_steps} must be >= 0")
+    _require(cfg.guidance_range is None or len(cfg.guidance_range) == 2,
+             f"--guidance_range {cfg.guidance_range} must be LO,HI")
+    geometry = check_teacher(cfg.teacher)
+    size = cfg.resolution or (geometry["resolution"] if geometry else 512)
+    if geometry:
+        _require(size > 0 and size % geometry["multiple"] == 0,
+                 f"--resolution {size} is not possible for teacher {cfg.teacher!r}: "
+                 f"it needs a positive multiple of {geometry['multiple']}")
+    layers = _feature_layers(cfg, geometry)
+    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DumpRecipe) if hasattr(cfg, f.name)}
+    recipe = DumpRecipe(**{
+        **same, "guidance_range": cfg.guidance_range, "height": size, "width": size,
+        "record_steps": _record_steps(cfg.record_steps), "feature_layers": layers,
+        "num_feature_steps": cfg.num_feature_steps if layers else 0,
+        "input_sha256": common.file_sha256(cfg.prompts), "score_images": _scoring(cfg),
+    })
+    recipe.sampler_config()  # SamplerConfig validates steps, ranges and feature steps (ValueError)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------
+
+
+class _TeacherBox:
+    """Weak-referenceable holder for ``Shared`` (it caches objects by weak reference)."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+
+class _ScorerBox:
+    """The same for the image scorer (CLIP + aesthetic MLP)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+
+def _load_scorer(recipe: DumpRecipe) -> _ScorerBox:
+    from filters.image_scores import load_image_scorer
+
+    return _ScorerBox(load_image_scorer(recipe.score_images.curate_config(), recipe.device))
+
+
+class GenerateShardFn(beam.DoFn):
+    """Shard number -> the shard generated and committed (or verified and skipped) -> its summary."""
+
+    def __init__(self, output: str, recipe: DumpRecipe, shared_handle: shared.Shared, progress: bool,
+                 scorer_handle: shared.Shared | None = None):
+        self.output, self.recipe, self.shared_handle, self.progress = output, recipe, shared_handle, progress
+        self.scorer_handle = scorer_handle
+        self.samples = Metrics.counter(NAMESPACE, "samples_written")
+        self.shards = Metrics.counter(NAMESPACE, "shards_written")
+        self.skipped = Metrics.counter(NAMESPACE, "shards_skipped")
+        self.rejected = Metrics.counter(NAMESPACE, "samples_rejected")
+        self.truncated = Metrics.counter(NAMESPACE, "captions_truncated")
+        self.bytes = Metrics.counter(NAMESPACE, "bytes_written")
+
+    def setup(self):
+        import torch
+
+        from teachers.load import load_teacher
+
+        recipe = self.recipe
+        if recipe.cpu_threads and not recipe.device.startswith("cuda"):
+            torch.set_num_threads(recipe.cpu_threads)  # Dask workers default to 1 (OMP_NUM_THREADS=1)
+        self.box = self.shared_handle.acquire(
+            lambda: _TeacherBox(load_teacher(recipe.teacher, dtype=recipe.dtype, device=recipe.device)),
+            tag=f"{recipe.teacher}|{recipe.dtype}|{recipe.device}")
+        self.scorer = None
+        if recipe.score_images is not None:  # the curate job's CLIP + aesthetic MLP, once per process
+            scoring = recipe.score_images
+            self.scorer_box = self.scorer_handle.acquire(  # held: Shared keeps it only while referenced
+                lambda: _load_scorer(recipe),
+                tag=f"{scoring.clip_model}|{scoring.clip_weights}|{scoring.aesthetic_weights}|{recipe.device}")
+            self.scorer = self.scorer_box.scorer
+        self.config = recipe.sampler_config()
+
+    def process(self, shard: int):
+        from pipelines.dump.shard import generate_shard
+        from teachers.shards import read_index, verify_shard
+
+        if not verify_shard(self.output, shard, recipe_hash=self.recipe.hash):
+            self.skipped.inc()
+            yield read_index(self.output, shard)
+            return
+        index = generate_shard(self.box.teacher, self.config, self.recipe, self.output, shard, progress=self.progress,
+                               scorer=self.scorer)
+        self.shards.inc()
+        self.samples.inc(index["count"])
+        self.rejected.inc(sum(index["rejects"].values()))
+        self.truncated.inc(index["truncated_captions"])
+        self.bytes.inc(index["bytes"])
+        yield index
+
+
+class CountInputRejectsFn(beam.DoFn):
+    """Counts the launcher's input rejects into Beam metrics (total and per reason); passes them on."""
+
+    def __init__(self):
+        self.rejected = Metrics.counter(NAMESPACE, "prompts_rejected")
+
+    def process(self, reject: dict):
+        self.rejected.inc()
+        Metrics.counter(NAMESPACE, f"prompts_rejected_{reject['reason']}").inc()
+        yield reject
+
+
+def write_dataset(indexes: list[dict], output: str, recipe: DumpRecipe, planned: dict, input_rejects: int) -> dict:
+    """The last step: ``dataset.json`` with recipe, totals, shard list and what is stored once."""
+    if input_rejects != planned["prompts_rejected"]:  # the Beam-counted rejects must match the plan's
+        raise RuntimeError(f"counted {input_rejects} input rejects, the plan has {planned['prompts_rejected']}")
+    indexes = sorted(indexes, key=lambda x: x["shard"])
+    rejects: dict[str, int] = dict(planned["prompt_rejects"])
+    for ix in indexes:
+        for reason, n in ix.get("rejects", {}).items():
+            rejects[reason] = rejects.get(reason, 0) + n
+    first = indexes[0] if indexes else {}
+    dataset = {
+        "schema_version": recipe.schema_version, "recipe": recipe.to_json(), "recipe_hash": recipe.hash,
+        "shards": [{k: ix[k] for k in ("shard", "count", "bytes", "sha256")} for ix in indexes],
+        "totals": {
+            "prompts_in": planned["prompts_in"], "prompts_not_kept_by_manifest": planned["not_kept"],
+            "prompts_rejected": planned["prompts_rejected"], "samples_planned": planned["samples_planned"],
+            "samples_written": sum(ix["count"] for ix in indexes),
+            "samples_rejected": sum(sum(ix.get("rejects", {}).values()) for ix in indexes),
+            "captions_truncated": sum(ix.get("truncated_captions", 0) for ix in indexes),
+            "fp32_fallbacks": sum(ix.get("fp32_fallbacks", 0) for ix in indexes),
+            "bytes": sum(ix["bytes"] for ix in indexes),
+        },
+        "rejects_by_reason": rejects,
+        "shared": first.get("shared", {}),
+        "timesteps": first.get("timesteps"), "recorded_steps": first.get("recorded_steps"),
+        "scheduler_class": first.get("scheduler_class"), "scheduler_config": first.get("scheduler_config"),
+        "prediction_type": first.get("prediction_type"),
+    }
+    atomic_write_json(join(output, "dataset.json"), dataset)
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare(argv: list[str] | None):
+    """The launcher's part: flags, recipe and input, all checked before anything is written.
+
+    Returns (config, recipe, input rows, Beam flags); ``UserError`` naming the problem.
+    """
+    with common.launcher_checks():
+        cfg, beam_args = parse(DumpConfig, argv, prog=PROG, known_only=True)
+        recipe = build_recipe(cfg)
+        found = dump_plan.read_input(cfg.prompts)
+    return cfg, recipe, found, beam_args
+
+
+def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
+    """Plan on the launcher, run the Beam job, write ``dataset.json``; returns the dataset summary."""
+    cfg, recipe, found, beam_args = prepare(argv)
+    options = common.pipeline_options(beam_args)
+    fs, out = url_to_fs(cfg.output)
+    fs.makedirs(out, exist_ok=True)
+    common.check_or_write_recipe(cfg.output, recipe)
+    planned_rows, input_rejects = dump_plan.plan(found.rows, recipe)
+    num_shards = dump_plan.write_plan(cfg.output, planned_rows)
+    counts = common.write_rejects(cfg.output, "input", input_rejects)
+    planned = dict(prompts_in=len(found.rows) + found.not_kept, not_kept=found.not_kept,
+                   prompts_rejected=len(input_rejects), samples_planned=len(planned_rows), prompt_rejects=counts)
+    progress = common.show_progress(cfg.progress, options)
+    start = time.monotonic()
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    n_rejects = (pipeline
+                 | "CreateInputRejects" >> beam.Create(input_rejects or [])
+                 | "CountInputRejects" >> beam.ParDo(CountInputRejectsFn())
+                 | "TotalInputRejects" >> beam.combiners.Count.Globally())
+    # One connected graph ending in WriteDataset: Beam's Dask runner computes only the last
+    # transform's bag, so a side branch would silently not run there.
+    _ = (
+        pipeline
+        | "CreateShards" >> beam.Create(list(range(num_shards)))
+        | "Reshuffle" >> beam.Reshuffle()  # spread shard numbers over workers (only ints cross it)
+        | "GenerateShards" >> beam.ParDo(GenerateShardFn(cfg.output, recipe, shared.Shared(), progress,
+                                                         shared.Shared()))
+        | "CollectIndexes" >> beam.combiners.ToList()
+        | "WriteDataset" >> beam.Map(write_dataset, cfg.output, recipe, planned, beam.pvalue.AsSingleton(n_rejects))
+    )
+    dataset, _ = common.run_pipeline(pipeline, cfg.output)
+    print_summary(dataset, cfg.output, time.monotonic() - start)
+    return dataset
+
+
+def print_summary(dataset: dict, output: str, seconds: float) -> None:
+    t = dataset["totals"]
+    per_sample = t["bytes"] / t["samples_written"] if t["samples_written"] else 0
+    print(f"teacher dump: {t['prompts_in']} prompts in = {t['prompts_in'] - t['prompts_rejected'] - t['prompts_not_kept_by_manifest']}"
+          f" planned + {t['prompts_rejected']} rejected + {t['prompts_not_kept_by_manifest']} not kept by the manifest; "
+          f"{t['samples_planned']} samples planned = {t['samples_written']} written + {t['samples_rejected']} rejected; "
+          f"{t['captions_truncated']} captions truncated to 77 tokens", file=sys.stderr)
+    print(f"teacher dump: {len(dataset['shards'])} shards, {per_sample / 2**20:.2f} MiB/sample, "
+          f"{t['samples_written'] / max(seconds, 1e-9):.2f} samples/s over {seconds:.1f} s "
+          f"(rejects by reason: {dataset['rejects_by_reason']}) -> {output}", file=sys.stderr)
+
+
+def _main(argv: list[str]) -> int:
+    run(argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``distill dump`` / ``python -m pipelines.dump``: a user error is one line on stderr and exit 2."""
+    return run_main(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.filter.job import main
+
+sys.exit(main())

@@ -1,0 +1,305 @@
+"""The filter job: thresholds and semantic dedup over a scored dump, then the final training shards.
+
+    beam run pipelines/filter_shards.py --input out/dump --output out/final \\
+        --aesthetic_threshold 5.5 --clip_score_threshold 0.2 --semdedup_eps 0.05
+    python -m pipelines.filter_shards ...   |   python -m pipelines.filter ...   |   distill filter ...
+
+The input is a dump made with ``--save_images --score_images PRESET`` (or a dataset this job wrote:
+filters chain). Graph: ``ListInputShards -> ReadScores -> FilterScores -> DropSemanticDuplicates ->
+ToFates -> GatherFates -> PlanOutputShards -> ListOutputShards -> CopyShards -> CollectIndexes ->
+WriteDataset``. The first half touches only light data: each input shard's index (keys, byte
+ranges, scores) and its ``NNNNNN.emb.npy`` embeddings, through the stages the curate job also runs
+(``pipelines.stages.FilterScores``: aesthetic and CLIP-score thresholds or top fraction;
+``pipelines.dedup.SemanticDedup``: faiss
+k-means, then duplicates per cluster, one kept per group: highest aesthetic, then smallest key),
+so duplicates are found across the whole dump. ``PlanOutputShards`` gathers the fates (about 200
+bytes per key) in one worker, assigns kept keys to balanced output shards in the parent's order
+and writes ``_plan/plan.parquet`` (``pipelines/filter/plan.py``). A copy work unit is an output shard number: it reads its rows
+from the plan and its members from the parent's shards by key, so heavy arrays never pass a shuffle.
+
+Outputs: ``NNNNNN.tar`` + index + ``.emb.npy`` (the dump's format: the trainer reads it unchanged),
+``manifest.parquet`` (every input key once with fate and reason: input = kept + filtered + duplicate
++ rejected, the dump's own rejects included), ``report.html``, and ``dataset.json`` with the parent's
+recipe, schedule and shared arrays, and ``lineage`` (this filter's recipe and the parent dataset).
+Re-running skips complete shards; the same input and flags give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import option, parse
+from pipelines import common
+from pipelines.dedup import SemanticDedup
+from pipelines.filter import plan as filter_plan
+from pipelines.filter.plan import FilterRecipe
+from pipelines.scoring import ImageScoring
+from pipelines.stages import ActiveOnly, FilterScores
+from teachers.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
+from teachers.shards import index_name, list_indexes
+
+NAMESPACE = "filter_shards"
+PROG = "distill filter"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FilterConfig:
+    """The filter job's flags; the thresholds and dedup knobs go into ``FilterRecipe`` by name."""
+
+    input: str = option(help="a scored dump (--save_images --score_images) or a filtered dataset")
+    output: str = option(help="output folder for the final shards (local or gs://...)")
+    aesthetic_threshold: float | None = option(None, help="keep aesthetic score >= this")
+    clip_score_threshold: float | None = option(None, help="keep the cosine of the generated image and its caption >= this")
+    clip_score_top_fraction: float | None = option(
+        None, help="keep this top fraction by CLIP score (instead of --clip_score_threshold)")
+    semdedup_eps: float | None = option(
+        0.05, help="duplicates: cosine of image embeddings >= 1 - eps (0: identical only); none = no dedup")
+    kmeans_clusters: int | None = option(None, help="SemDeDup k (default: the scoring preset's rule)")
+    target_cluster_size: int | None = option(None, help="samples per k-means cluster aimed at")
+    kmeans_sample_size: int | None = option(None, help="embeddings sampled to train k-means")
+    samples_per_shard: int = option(0, help="output shard size (0: the dump's)")
+    report_examples: int = option(6, help="images per reason in report.html")
+    progress: str = option("auto", help="progress bar: auto (local runners) | on | off", choices=("auto", "on", "off"))
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher side: validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _same_folder(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def build_recipe(cfg: FilterConfig):
+    """Validate the flags against the parent (naming the bad value).
+
+    Returns (filter recipe, the curate config its stages run with, parent entry of the lineage, the
+    parent's dataset.json); reads only the parent's dataset.json and its folder listing.
+    """
+    common.check_output(cfg.output)
+    if _same_folder(cfg.input, cfg.output):
+        raise UserError(f"--output {cfg.output!r} is the --input folder: write the filtered dataset elsewhere")
+    dataset, sha = filter_plan.read_parent(cfg.input)
+    scoring = filter_plan.scoring_of(dataset, cfg.input)
+    if cfg.aesthetic_threshold is not None and not scoring.get("aesthetic_weights"):
+        raise UserError(f"--aesthetic_threshold {cfg.aesthetic_threshold}: the dump in {cfg.input!r} has no "
+                        f"aesthetic scores (it was made with --score_images {scoring['preset']!r} and no "
+                        "--aesthetic_weights)")
+    if cfg.samples_per_shard < 0 or cfg.report_examples < 0:
+        raise UserError("--samples_per_shard and --report_examples must be >= 0")
+    missing = sorted({int(s["shard"][:-4]) for s in dataset["shards"]} - set(list_indexes(cfg.input)))
+    if missing:
+        raise UserError(f"--input {cfg.input!r} lacks the index of shard(s) "
+                        f"{[index_name(i) for i in missing][:5]}: check it with distill inspect --verify")
+    preset = ImageScoring(**scoring).curate_config()
+    knobs = ("kmeans_clusters", "target_cluster_size", "kmeans_sample_size")  # unset: the scoring preset's
+    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FilterRecipe) if hasattr(cfg, f.name)}
+    given = {k: v for k, v in given.items() if not (k in knobs and v is None)}
+    from_preset = {k: getattr(preset, k) for k in (*knobs, "kmeans_iterations", "kmeans_seed")}
+    recipe = FilterRecipe(**{
+        **from_preset, **given, "parent_recipe_hash": dataset["recipe_hash"], "parent_dataset_sha256": sha,
+        "samples_per_shard": cfg.samples_per_shard or dataset["recipe"]["samples_per_shard"],
+    })
+    curate_config = recipe.curate_config(scoring)  # validates thresholds and dedup knobs, naming the field
+    parent = {"path": cfg.input, "recipe_hash": dataset["recipe_hash"], "dataset_sha256": sha,
+              "lineage": dataset.get("lineage")}
+    return recipe, curate_config, parent, dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------
+
+
+class ReadScoresFn(beam.DoFn):
+    """Input shard number -> one record per sample: key, scores, byte range, CLIP image embedding."""
+
+    def __init__(self, parent: str):
+        self.parent = parent
+        self.shards = Metrics.counter(NAMESPACE, "input_shards_read")
+        self.samples = Metrics.counter(NAMESPACE, "samples_read")
+        self.rejected = Metrics.counter(NAMESPACE, "samples_rejected_unscored")
+
+    def process(self, shard: int):
+        records = filter_plan.score_records(self.parent, shard)
+        self.shards.inc()
+        self.samples.inc(len(records))
+        self.rejected.inc(sum(r["stage"] is not None for r in records))
+        yield from records
+
+
+def plan_output(fates: list[dict], parent: str, output: str, samples_per_shard: int) -> int:
+    """All fates (+ the dump's own rejects) -> ``_plan/plan.parquet``; returns the output shard count."""
+    rows = fates + filter_plan.dump_rejects(parent)
+    num_shards = filter_plan.layout(rows, samples_per_shard)
+    filter_plan.write_plan(output, rows, num_shards)
+    Metrics.counter(NAMESPACE, "samples_planned").inc(sum(r["fate"] == filter_plan.KEPT for r in rows))
+    return num_shards
+
+
+def shard_numbers(num_shards: int):
+    yield from range(num_shards)
+
+
+class CopyShardFn(beam.DoFn):
+    """Output shard number -> the shard copied from the parent and committed (or verified and skipped)."""
+
+    def __init__(self, parent: str, output: str, recipe_hash: str, progress: bool):
+        self.parent, self.output, self.recipe_hash, self.progress = parent, output, recipe_hash, progress
+        self.shards = Metrics.counter(NAMESPACE, "shards_written")
+        self.skipped = Metrics.counter(NAMESPACE, "shards_skipped")
+        self.samples = Metrics.counter(NAMESPACE, "samples_written")
+        self.bytes = Metrics.counter(NAMESPACE, "bytes_written")
+        self.rejected = Metrics.counter(NAMESPACE, "samples_rejected_copy")
+
+    def process(self, shard: int):
+        from pipelines.filter.shard import copy_shard
+        from teachers.shards import read_index, verify_shard
+
+        if not verify_shard(self.output, shard, recipe_hash=self.recipe_hash):
+            self.skipped.inc()
+            yield read_index(self.output, shard)
+            return
+        index = copy_shard(self.parent, self.output, shard, self.recipe_hash, progress=self.progress)
+        self.shards.inc()
+        self.samples.inc(index["count"])
+        self.bytes.inc(index["bytes"])
+        self.rejected.inc(len(index["copy_rejects"]))
+        yield index
+
+
+def _copy_shared(parent: str, output: str, shared: dict) -> None:
+    """The arrays stored once per dataset (unconditional embeddings), copied byte for byte."""
+    for name in shared.values():
+        fs, path = url_to_fs(join(parent, name))
+        with fs.open(path, "rb") as f:
+            atomic_write_bytes(join(output, name), f.read())
+
+
+def _check_accounting(rows: list[dict], parent_dataset: dict, written: int, kept: int) -> None:
+    """Every sample of the parent has one fate, and every kept one was written: a runner that loses or
+    repeats records (Beam's Dask runner drops ``finish_bundle`` output) fails here, not silently."""
+    in_shards = sum(s["count"] for s in parent_dataset["shards"])
+    judged = [r["key"] for r in rows if r["stage"] not in filter_plan.DUMP_STAGES]
+    if len(judged) != in_shards or len(set(judged)) != len(judged):
+        raise RuntimeError(f"the parent's shards hold {in_shards} samples but {len(judged)} were judged "
+                           f"({len(judged) - len(set(judged))} keys repeated): records were lost or repeated")
+    if written != kept:  # every kept key is in exactly one output shard
+        raise RuntimeError(f"{written} samples written, the manifest keeps {kept}")
+
+
+def write_dataset(indexes: list[dict], parent: dict, parent_dataset: dict, output: str, recipe: FilterRecipe,
+                  cutoff: float | None, report_examples: int) -> dict:
+    """The last step: manifest, shared arrays, report, then ``dataset.json`` (written last: it marks completion)."""
+    from pipelines.filter.report import write_report
+
+    rows = common.read_plan(output)
+    copy_rejects = {r["key"]: r for ix in indexes for r in ix.get("copy_rejects", [])}
+    for row in rows:
+        if row["key"] in copy_rejects and row["fate"] == filter_plan.KEPT:
+            row.update(fate=filter_plan.REJECTED, stage="copy", reason=copy_rejects[row["key"]]["reason"],
+                       detail=copy_rejects[row["key"]]["detail"], output_shard=None)
+    counts = filter_plan.count_fates(rows)
+    indexes = sorted(indexes, key=lambda x: x["shard"])
+    written = sum(ix["count"] for ix in indexes)
+    _check_accounting(rows, parent_dataset, written, counts["kept"])
+    filter_plan.write_manifest(output, rows)
+    _copy_shared(parent["path"], output, parent_dataset.get("shared", {}))
+    lineage = {"filter_recipe": recipe.to_json(), "filter_recipe_hash": recipe.hash, "parent": parent}
+    thresholds = {"aesthetic_score": recipe.aesthetic_threshold,
+                  "clip_score": recipe.clip_score_threshold if recipe.clip_score_threshold is not None else cutoff}
+    write_report(output, parent["path"], rows, counts, thresholds, {"lineage": lineage, "clip_score_cutoff": cutoff},
+                 report_examples)
+    keep = ("schema_version", "recipe", "recipe_hash", "shared", "timesteps", "recorded_steps", "scheduler_class",
+            "scheduler_config", "prediction_type")
+    dataset = {k: parent_dataset.get(k) for k in keep}
+    dataset.update(
+        shards=[{k: ix[k] for k in ("shard", "count", "bytes", "sha256")} for ix in indexes],
+        totals={**counts, "samples_written": written, "bytes": sum(ix["bytes"] for ix in indexes),
+                "clip_score_cutoff": cutoff},
+        lineage=lineage,
+    )
+    atomic_write_json(join(output, "dataset.json"), dataset)
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare(argv: list[str] | None):
+    """(config, recipe, curate config, parent, parent dataset, Beam flags), all checked; writes nothing."""
+    with common.launcher_checks():
+        cfg, beam_args = parse(FilterConfig, argv, prog=PROG, known_only=True)
+        return (cfg, *build_recipe(cfg), beam_args)
+
+
+def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
+    """Validate on the launcher, run the Beam job, return the output's ``dataset.json``."""
+    cfg, recipe, curate_config, parent, parent_dataset, beam_args = prepare(argv)
+    options = common.pipeline_options(beam_args)
+    fs, out = url_to_fs(cfg.output)
+    fs.makedirs(out, exist_ok=True)
+    common.check_or_write_recipe(cfg.output, recipe)
+    progress = common.show_progress(cfg.progress, options)
+    input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])
+    start = time.monotonic()
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    records = (pipeline
+               | "ListInputShards" >> beam.Create(input_shards)
+               | "SpreadInputShards" >> beam.Reshuffle()  # only shard numbers cross it
+               | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input)))
+    records, cutoff = records | "FilterScores" >> FilterScores(curate_config)
+    if curate_config.semdedup_eps is not None:
+        records = records | "DropSemanticDuplicates" >> ActiveOnly(SemanticDedup("image", curate_config))
+    # One connected graph ending in WriteDataset (Beam's Dask runner computes only the last bag).
+    _ = (records
+         | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key from here on
+         | "GatherFates" >> beam.combiners.ToList()
+         | "PlanOutputShards" >> beam.Map(plan_output, cfg.input, cfg.output, recipe.samples_per_shard)
+         | "ListOutputShards" >> beam.FlatMap(shard_numbers)
+         | "SpreadOutputShards" >> beam.Reshuffle()
+         | "CopyShards" >> beam.ParDo(CopyShardFn(cfg.input, cfg.output, recipe.hash, progress))
+         | "CollectIndexes" >> beam.combiners.ToList()
+         | "WriteDataset" >> beam.Map(write_dataset, parent, parent_dataset, cfg.output, recipe,
+                                      beam.pvalue.AsSingleton(cutoff), cfg.report_examples))
+    dataset, _ = common.run_pipeline(pipeline, cfg.output)
+    print_summary(dataset, cfg.output, time.monotonic() - start)
+    return dataset
+
+
+def print_summary(dataset: dict, output: str, seconds: float) -> None:
+    t = dataset["totals"]
+    print(f"filter: input {t['input']} = kept {t['kept']} + filtered {t['filtered']} + duplicate {t['duplicate']} "
+          f"+ rejected {t['rejected']}", file=sys.stderr)
+    for fate, by in t["by_reason"].items():
+        for reason, n in sorted(by.items()):
+            print(f"  {fate:<9} {reason:<28} {n}", file=sys.stderr)
+    print(f"filter: {len(dataset['shards'])} shards, {t['bytes'] / 2**20:.1f} MiB in {seconds:.1f} s "
+          f"({t['bytes'] / 2**20 / max(seconds, 1e-9):.1f} MiB/s) -> {output} (manifest.parquet, report.html)",
+          file=sys.stderr)
+
+
+def _main(argv: list[str]) -> int:
+    run(argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``distill filter`` / ``python -m pipelines.filter``: a user error is one line on stderr and exit 2."""
+    return run_main(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Bad input to the jobs (curate, dump, filter) and the launchers (``beam run``, ``distill``).
+
+Each kind either fails before any work with exit code 2 and exactly one stderr line naming the
+problem (no traceback, nothing written into the output folder), or is a counted rejection with
+the reason and the rest of the data intact. The table of kinds is ``docs/bad_input.md``.
+The commands run in-process through their ``main(argv)``; one case each runs ``beam`` and
+``distill`` as subprocesses.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from diffusion_distill import beam_cli, cli
+from filters import reasons
+from pipelines import curate, dump, filter as filter_job
+from teachers.record import SCHEMA_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--teacher", "tiny", "--num_inference_steps", "1", "--samples_per_shard", "4", "--batch_size", "4",
+        "--feature_layers", "", "--progress", "off", "--cpu_threads", "1"]
+NOISE = ("WARNING:root:apitools",)  # Beam's import-time warning where apitools is not installed
+
+
+def error_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(NOISE)]
+
+
+def assert_one_line(capsys, main, argv, prog, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"{prog}: error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# files the cases use
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path):
+    f = {}
+    (tmp_path / "p.txt").write_text("a red boat at sea\n")
+    f["prompts"] = str(tmp_path / "p.txt")
+    (tmp_path / "a_file").write_text("not a folder")
+    f["file"] = str(tmp_path / "a_file")
+    (tmp_path / "folder").mkdir()
+    f["folder"] = str(tmp_path / "folder")
+    (tmp_path / "p.csv").write_text("caption\nx\n")
+    f["csv"] = str(tmp_path / "p.csv")
+    pq.write_table(pa.table({"key": ["a", "b"], "caption": ["a cat", "a dog"]}), tmp_path / "good.parquet")
+    data = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "truncated.parquet").write_bytes(data[: len(data) // 2])
+    f["truncated"] = str(tmp_path / "truncated.parquet")
+    pq.write_table(pa.table({"key": ["a"], "text": ["x"]}), tmp_path / "nocaption.parquet")
+    f["nocaption"] = str(tmp_path / "nocaption.parquet")
+    (tmp_path / "bad.json").write_text("{not json")
+    f["badjson"] = str(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    f["listjson"] = str(tmp_path / "list.json")
+    f["out"] = str(tmp_path / "out")
+    # filter parents: no dataset.json; a corrupt one; an unscored one; a scored one without aesthetic weights
+    scored = {"schema_version": SCHEMA_VERSION, "recipe_hash": "h", "shards": [], "recipe": {
+        "samples_per_shard": 4, "score_images": {"preset": "tiny", "clip_model": "dd-tiny-clip", "clip_weights": "random",
+                                                 "aesthetic_weights": None, "embed_dim": 32}}}
+    for name, content in (("broken", "{oops"),
+                          ("unscored", json.dumps({"schema_version": SCHEMA_VERSION, "recipe": {}, "recipe_hash": "h",
+                                                   "shards": []})),
+                          ("future", json.dumps({**scored, "schema_version": 99})),
+                          ("scored", json.dumps(scored))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dataset.json").write_text(content)
+        f[name] = str(tmp_path / name)
+    return f
+
+
+def out_untouched(files) -> bool:
+    return not os.path.exists(files["out"]) or os.path.isfile(files["out"])
+
+
+# ---------------------------------------------------------------------------------------------
+# one line, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------
+
+DUMP_CASES = {
+    "prompts_missing": (lambda f: ["--prompts", f["prompts"] + ".nope", "--output", f["out"]], "does not exist"),
+    "prompts_is_a_folder": (lambda f: ["--prompts", f["folder"], "--output", f["out"]], "is a folder"),
+    "prompts_unknown_kind": (lambda f: ["--prompts", f["csv"], "--output", f["out"]], "unknown input kind '.csv'"),
+    "prompts_truncated_parquet": (lambda f: ["--prompts", f["truncated"], "--output", f["out"]],
+                                  "truncated.parquet' is not a readable Parquet file"),
+    "manifest_without_caption": (lambda f: ["--prompts", f["nocaption"], "--output", f["out"]],
+                                 "lacks column(s) ['caption']"),
+    "prompts_flag_missing": (lambda f: ["--output", f["out"]], "required: --prompts"),
+    "output_is_a_file": (lambda f: ["--prompts", f["prompts"], "--output", f["file"]], "is an existing file"),
+    "zero_steps": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--num_inference_steps", "0"],
+                   "--num_inference_steps 0 must be >= 1"),
+    "batch_size_not_a_number": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--batch_size", "x"],
+                                "invalid int value: 'x'"),
+    "guidance_range_one_value": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--guidance_range", "3"],
+                                 "must be LO,HI"),
+    "guidance_range_reversed": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--guidance_range", "9,2"],
+                                "guidance_range"),
+    "record_steps_not_numbers": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--record_steps", "a,b"],
+                                 "--record_steps 'a,b'"),
+    "unknown_teacher": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--teacher", "sd99"],
+                        "unknown teacher 'sd99'"),
+    "unknown_dtype": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--dtype", "float8"],
+                      "--dtype 'float8' is not one of"),
+    "impossible_resolution": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--resolution", "100"],
+                              "--resolution 100 is not possible"),
+    "unknown_progress_mode": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--progress", "maybe"],
+                              "invalid choice: 'maybe'"),
+}
+
+
+@pytest.mark.parametrize("case", DUMP_CASES)
+def test_dump_bad_input_is_one_line(capsys, files, case):
+    argv, needle = DUMP_CASES[case]
+    assert_one_line(capsys, dump.main, [*TINY, *argv(files)], "distill dump", needle)  # a later flag wins
+    assert out_untouched(files)
+
+
+def test_dump_offline_hub_teacher_is_refused_on_the_launcher_and_leaves_no_state(capsys, files, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(Path(files["out"]).parent / "hf"))  # an empty cache
+    assert_one_line(capsys, dump.main, [*TINY, "--prompts", files["prompts"], "--output", files["out"],
+                                        "--teacher", "org/name"], "distill dump", "'org/name' is not in the local hub cache")
+    assert not os.path.exists(files["out"])  # so the same command with --teacher tiny starts clean
+
+
+FILTER_CASES = {
+    "input_missing": (lambda f: ["--input", f["out"] + "_nope", "--output", f["out"]], "does not exist"),
+    "input_not_a_dump": (lambda f: ["--input", f["folder"], "--output", f["out"]], "has no dataset.json"),
+    "dataset_json_corrupt": (lambda f: ["--input", f["broken"], "--output", f["out"]], "dataset.json is not JSON"),
+    "input_unscored": (lambda f: ["--input", f["unscored"], "--output", f["out"]], "holds no image scores"),
+    "schema_version_unknown": (lambda f: ["--input", f["future"], "--output", f["out"]], "has schema_version 99"),
+    "output_is_a_file": (lambda f: ["--input", f["scored"], "--output", f["file"]], "is an existing file"),
+    "output_is_the_input": (lambda f: ["--input", f["scored"], "--output", f["scored"]], "is the --input folder"),
+    "eps_not_a_number": (lambda f: ["--input", f["scored"], "--output", f["out"], "--semdedup_eps", "abc"],
+                         "invalid float value: 'abc'"),
+    "top_fraction_above_one": (lambda f: ["--input", f["scored"], "--output", f["out"], "--clip_score_top_fraction", "2"],
+                               "clip_score_top_fraction"),
+    "aesthetic_without_scores": (lambda f: ["--input", f["scored"], "--output", f["out"], "--aesthetic_threshold", "5"],
+                                 "has no aesthetic scores"),
+    "negative_shard_size": (lambda f: ["--input", f["scored"], "--output", f["out"], "--samples_per_shard", "-1"],
+                            "must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("case", FILTER_CASES)
+def test_filter_bad_input_is_one_line(capsys, files, case):
+    argv, needle = FILTER_CASES[case]
+    assert_one_line(capsys, filter_job.main, argv(files), "distill filter", needle)
+    assert out_untouched(files)
+
+
+CURATE_CASES = {
+    "input_missing": (lambda f: ["--input", f["prompts"] + ".nope", "--output", f["out"]], "matches no file"),
+    "input_flag_missing": (lambda f: ["--output", f["out"]], "required: --input"),
+    "output_is_a_file": (lambda f: ["--input", f["prompts"], "--output", f["file"]], "is an existing file"),
+    "truncated_parquet": (lambda f: ["--input", f["truncated"], "--output", f["out"]],
+                          "truncated.parquet' is not a readable Parquet file"),
+    "parquet_without_text": (lambda f: ["--input", f["nocaption"], "--output", f["out"]], "has no 'URL' or 'url' column"),
+    "coco_not_json": (lambda f: ["--input", f["badjson"], "--input_format", "coco", "--output", f["out"]], "is not JSON"),
+    "config_not_json": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--config", f["badjson"]],
+                        "--config"),
+    "config_not_an_object": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--config", f["listjson"]],
+                             "must hold a JSON object"),
+    "punsafe_above_one": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--max_punsafe", "2"],
+                          "max_punsafe is a probability in [0, 1]"),
+    "unknown_nsfw_policy": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--nsfw", "maybe"],
+                            "invalid choice: 'maybe'"),
+    "unknown_preset": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--preset", "nope"],
+                       "unknown curate preset 'nope'"),
+    "unknown_input_format": (lambda f: ["--input", f["csv"], "--input_format", "csv", "--output", f["out"]],
+                             "unknown --input_format 'csv'"),
+}
+
+
+@pytest.mark.parametrize("case", CURATE_CASES)
+def test_curate_bad_input_is_one_line(capsys, files, case):
+    argv, needle = CURATE_CASES[case]
+    assert_one_line(capsys, curate.main, argv(files), "distill curate", needle)
+    assert out_untouched(files)
+
+
+BEAM_CASES = {
+    "not_a_python_file": (["run", "pipelines/teacher_dump.txt"], "is not a Python pipeline file"),
+    "no_such_pipeline": (["run", "pipelines/nope.py"], "no module 'pipelines.nope'"),
+    "no_run_subcommand": (["go", "pipelines/teacher_dump.py"], "usage: beam run"),
+    "job_flag_error": (["run", "pipelines/filter_shards.py", "--input"], "--input"),
+}
+
+
+@pytest.mark.parametrize("case", BEAM_CASES)
+def test_beam_run_launcher_errors_are_one_line(capsys, monkeypatch, case):
+    monkeypatch.chdir(ROOT)
+    argv, needle = BEAM_CASES[case]
+    assert_one_line(capsys, beam_cli.main, argv, "beam run", needle)
+
+
+def test_distill_unknown_verb_is_one_line(capsys):
+    assert_one_line(capsys, cli.main, ["dumpp"], "distill", "unknown verb 'dumpp'")
+
+
+def test_distill_subprocess_one_line_no_traceback(files):
+    proc = subprocess.run([sys.executable, "-m", "diffusion_distill.cli", "dump", "--prompts", files["folder"],
+                           "--output", files["out"]], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [
+        f"distill dump: error: --prompts {files['folder']!r} is a folder: give a file"], proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# counted rejections, the rest intact
+# ---------------------------------------------------------------------------------------------
+
+DUMP_ROWS = [
+    b'{"key": "ok1", "caption": "a red boat at sea"}',
+    b'{"key": "int", "caption": 7}',  # caption_not_text
+    b'{"key": "ok1", "caption": "the same key again"}',  # duplicate_key
+    b'{"key": "empty", "caption": "   "}',  # empty_caption
+    b'{"key": "bad.key", "caption": "dots"}',  # bad_key
+    b'{"key": "seed", "caption": "a seed", "seed": -3}',  # bad_seed
+    b'{"key": "null", "caption": null}',  # null_caption
+    b'{"key": "broken", "caption": ',  # bad_json
+    b'[1, 2]',  # bad_json (not an object)
+    '{"key": "latin", "caption": "caf\xe9"}'.encode("latin-1"),  # non_utf8_caption
+    b'{"id": "old", "prompt": "a cat on a mat"}',  # deprecated names: read, with one warning line
+]
+
+
+def test_dump_counts_every_bad_row_with_its_reason_and_keeps_the_rest(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_bytes(b"\n".join(DUMP_ROWS) + b"\n")
+    out = tmp_path / "out"
+    # a folder left by a run that failed before its first shard (another recipe, no results): taken over
+    out.mkdir()
+    (out / "recipe.json").write_text(json.dumps({"recipe": {"teacher": "org/name"}, "recipe_hash": "0" * 16}))
+    dataset = dump.run(["--prompts", str(tmp_path / "p.jsonl"), "--output", str(out), *TINY])
+    err = capsys.readouterr().err
+    assert dataset["rejects_by_reason"] == {
+        reasons.CAPTION_NOT_TEXT: 1, reasons.DUPLICATE_KEY: 1, reasons.EMPTY_CAPTION: 1, reasons.BAD_KEY: 1,
+        reasons.BAD_SEED: 1, reasons.NULL_CAPTION: 1, reasons.BAD_JSON: 2, reasons.NON_UTF8_CAPTION: 1}
+    assert dataset["totals"]["prompts_in"] == 11 and dataset["totals"]["samples_written"] == 2
+    assert [ln for ln in err.splitlines() if "deprecated" in ln] == [
+        f"teacher dump: warning: {tmp_path / 'p.jsonl'}: column 'id' is deprecated, read for 1 row(s); name it 'key'",
+        f"teacher dump: warning: {tmp_path / 'p.jsonl'}: column 'prompt' is deprecated, read for 1 row(s); "
+        "name it 'caption'"]
+    rejects = [json.loads(ln) for ln in (out / "rejects" / "input.jsonl").read_text().splitlines()]
+    assert {r["reason"] for r in rejects} <= set(reasons.ALL) and all("key" in r for r in rejects)
+    assert {r["key"] for r in rejects if r["reason"] == reasons.DUPLICATE_KEY} == {"ok1"}
+
+
+def test_curate_counts_nsfw_tags_and_orphan_annotations(tmp_path, capsys):
+    pq.write_table(pa.table({
+        "URL": [f"http://x/{i}.jpg" for i in range(4)],
+        "TEXT": ["a photo of a lake at dawn", "an explicit photo here", "an ambiguous photo here", "a dog in a park"],
+        "NSFW": ["UNLIKELY", "NSFW", "UNSURE", None],
+    }), tmp_path / "laion.parquet")
+    (tmp_path / "coco.json").write_text(json.dumps({
+        "images": [{"id": 1, "coco_url": "http://coco/1.jpg", "width": 64, "height": 64}],
+        "annotations": [{"id": 10, "image_id": 1, "caption": "a boat on a river"},
+                        {"id": 11, "image_id": 99, "caption": "an annotation of no image"}]}))
+    summary = curate.run(["--input", str(tmp_path / "laion.parquet"), "--input", str(tmp_path / "coco.json"),
+                          "--output", str(tmp_path / "out")])
+    assert (summary["input"], summary["kept"], summary["filtered"], summary["rejected"]) == (6, 4, 1, 1)
+    assert summary["by_reason"]["filtered"] == {reasons.NSFW_TAG: 1}
+    assert summary["by_reason"]["rejected"] == {reasons.IMAGE_NOT_FOUND: 1}
+    manifest = {r["caption"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
+    assert manifest["an explicit photo here"]["fate"] == "filtered" and manifest["an explicit photo here"]["nsfw"] == "NSFW"
+    assert manifest["an ambiguous photo here"]["fate"] == "kept"  # UNSURE is kept by the default policy
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert [(r["fate"], r["reason"], r["detail"]) for r in rejects] == [
+        ("rejected", reasons.IMAGE_NOT_FOUND, "image_id 99 is not in 'images'")]
+    # the curated manifest feeds the dump unchanged: it reads key, caption and fate
+    from pipelines.dump.plan import read_input
+
+    found = read_input(str(tmp_path / "out" / "manifest.parquet"))
+    assert (len(found.rows), found.not_kept, found.deprecated) == (4, 1, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# one home for reason codes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_reason_code_is_defined_once_in_filters_reasons():
+    codes = [v for k, v in vars(reasons).items() if k.isupper() and isinstance(v, str) and k not in
+             ("KEPT", "FILTERED", "DUPLICATE", "REJECTED")]
+    assert sorted(codes) == sorted(reasons.ALL) and len(set(codes)) == len(codes)
+    assert all(reasons.fate_of(code) in reasons.FATES for code in reasons.ALL)
+    # codes the dump passes on from the shard record (teachers.record.BadRecord) are listed too
+    record_codes = set(re.findall(r'BadRecord\("(\w+)"', (ROOT / "teachers" / "record.py").read_text()))
+    assert record_codes and record_codes <= set(reasons.ALL)
+    # no reason code is spelled as a string literal in the jobs or the filters ("schema_version" is
+    # also the name of a dataset.json field, which is not a reason)
+    codes = set(reasons.ALL) - {reasons.SCHEMA_VERSION}
+    for path in [*ROOT.glob("pipelines/**/*.py"), *ROOT.glob("filters/*.py")]:
+        if path.name != "reasons.py":
+            assert not set(re.findall(r'"(\w+)"', path.read_text())) & codes, path
