@@ -168,8 +168,6 @@ def encode_sample(result, meta: dict, *, storage_dtype: str = "float16",
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype {storage_dtype!r} is not one of {STORAGE_DTYPES}")
     key = check_key(result.key)
-    if getattr(result, "image_error", None):
-        raise BadRecord(result.image_error, f"sample {key!r}: the decoded image holds NaN or Inf")
     sample: dict[str, bytes] = {"__key__": key}
     fallback, dtypes, shapes = [], {}, {}
     arrays = [(attr, ext, getattr(result, attr)) for attr, ext in ARRAY_FIELDS.items()]
@@ -183,6 +181,8 @@ def encode_sample(result, meta: dict, *, storage_dtype: str = "float16",
             fallback.append(name)
         dtypes[name], shapes[name] = str(stored.dtype), list(stored.shape)
         encoded[ext] = npy_bytes(stored)
+    if getattr(result, "image_error", None):  # after the arrays: a NaN trajectory is reported as such
+        raise BadRecord(result.image_error, f"sample {key!r}: the decoded image holds NaN or Inf")
     info = dict(meta, schema_version=SCHEMA_VERSION, key=key, prompt=result.prompt, seed=int(result.seed),
                 guidance_scale=float(result.guidance_scale), num_tokens=int(result.num_tokens),
                 feature_steps=[int(s) for s in result.feature_steps], array_dtypes=dtypes, array_shapes=shapes)

@@ -117,8 +117,8 @@ class SampleResult:
     feats: dict[str, np.ndarray]  # layer -> (F, C, H, W)
     pooled_prompt_embeds: np.ndarray | None = None  # SDXL (D2,)
     add_time_ids: np.ndarray | None = None  # SDXL (6,)
-    image: np.ndarray | None = None  # (H, W, 3) uint8
-    image_error: str | None = None  # reason code when the decoded image was unusable (non-finite)
+    image: np.ndarray | None = None  # (H, W, 3) uint8; all zeros where image_error is set (never stored)
+    image_error: str | None = None  # reason code when the decoded image was unusable (non-finite): a rejection
     noise_schedule: "NoiseSchedule | None" = None  # timesteps and VP coefficients (json fields)
 
 
@@ -348,7 +348,7 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
                    for name in cfg.feature_layers} if feature_steps[b] else {},
             pooled_prompt_embeds=pooled[b].float().cpu().numpy() if pooled is not None else None,
             add_time_ids=time_ids[b].float().cpu().numpy() if time_ids is not None else None,
-            image=images[b] if images[b] is not None and np.isfinite(images[b]).all() else None,
+            image=_finite_or_blank(images[b]),
             image_error="non_finite_image" if images[b] is not None and not np.isfinite(images[b]).all() else None,
             noise_schedule=levels,
         ))
@@ -378,6 +378,15 @@ def _extra_step_kwargs(scheduler, generators, eta: float) -> dict:
 
 def pipe_device(teacher) -> str:
     return str(teacher.pipe.unet.device)
+
+
+def _finite_or_blank(image):
+    """A uint8 image as it is; a non-finite float image -> zeros of its shape, so per-batch consumers
+    (the image scorer) get a uint8 array; ``image_error`` marks the sample, which ``encode_sample``
+    rejects, so the blank is never stored."""
+    if image is None or image.dtype == np.uint8:
+        return image
+    return np.zeros(image.shape, np.uint8)
 
 
 def _decode(teacher, latents) -> list:

@@ -243,3 +243,27 @@ def test_long_prompt_reports_token_count(tiny_teacher):
     long = SampleRequest("l-s0", " ".join(["word"] * 100), 1)
     results, _ = sample_trajectories(tiny_teacher, [long], SamplerConfig(num_inference_steps=1, feature_layers=()))
     assert results[0].num_tokens == 102  # BOS + 100 + EOS: over 77, truncated by the pipeline's encoder
+
+
+def test_non_finite_decoded_image_is_flagged_not_cast(tiny_teacher):
+    import warnings
+
+    from teachers import record
+
+    cfg = SamplerConfig(num_inference_steps=1, feature_layers=(), save_image=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy warns when it casts NaN to uint8
+        results, _ = sample_trajectories(tiny_teacher, [SampleRequest("n-s0", "a dog", 1, 1e38), REQS[0]], cfg)
+    bad, good = results
+    assert bad.image_error == "non_finite_image" and bad.image.dtype == np.uint8 and not bad.image.any()
+    assert good.image_error is None and good.image.any()
+    # One step at w = 1e38: the final latent is huge (~1e35) but finite, its decoded image is NaN.
+    assert np.isfinite(bad.latents).all()
+    with pytest.raises(record.BadRecord) as err:
+        record.encode_sample(bad, {})
+    assert err.value.reason == "non_finite_image"
+    nan = bad.latents.copy()
+    nan[-1, 0, 0, 0] = np.nan
+    with pytest.raises(record.BadRecord) as err:  # a non-finite trajectory is reported as the cause
+        record.encode_sample(dataclasses.replace(bad, latents=nan), {})
+    assert err.value.reason == "non_finite"
