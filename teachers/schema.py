@@ -16,6 +16,7 @@ and the versions supported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 from diffusion_distill.errors import UserError
@@ -208,10 +209,14 @@ class ShardIndex:
         return {**self.extra, **d}
 
     def member_checksums(self, key: str) -> dict | None:
-        """``{ext: checksum}`` of sample ``key`` (``None`` for an index written before checksums)."""
-        if self.checksums is None:
-            return None
-        return self.checksums[self.keys.index(key)]
+        """``{ext: checksum}`` of sample ``key`` (``None`` for an index written before checksums, or
+        a key it does not list)."""
+        return self.checksums_by_key.get(key) if self.checksums is not None else None
+
+    @functools.cached_property
+    def checksums_by_key(self) -> dict:
+        """``{key: {ext: checksum}}`` (empty for an index written before checksums)."""
+        return dict(zip(self.keys, self.checksums)) if self.checksums is not None else {}
 
     @classmethod
     def read(cls, root: str, shard: int) -> "ShardIndex":

@@ -292,3 +292,15 @@ def test_unsupported_schema_versions_are_one_line_naming_file_and_versions(tmp_p
 def test_key_pattern_is_public():
     assert record.KEY_PATTERN.match("p0001-s2") and not record.KEY_PATTERN.match("a.b")
     assert record.check_key("p0001-s2") == "p0001-s2"
+
+
+def test_a_schema1_index_without_checksums_still_reads(tmp_path):
+    index = _write(tmp_path, 0, ["a-s0"])
+    old = {k: v for k, v in index.items() if k not in ("checksums", "checksum_algorithm", "offsets")}
+    (tmp_path / "000000.json").write_text(json.dumps(dict(old, schema_version=1)))
+    ix = shards.ShardIndex.read(str(tmp_path), 0)
+    assert ix.schema_version == 1 and ix.member_checksums("a-s0") is None and ix.offsets is None
+    assert shards.read_index(str(tmp_path), 0)["keys"] == ["a-s0"]
+    got = list(shards.read_samples(str(tmp_path), 0, [("a-s0", None)]))
+    assert got[0][0] == "a-s0" and got[0][1] is not None and got[0][2] is None
+    assert shards.verify_shard(str(tmp_path), 0) == []
