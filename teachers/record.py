@@ -214,7 +214,12 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def decode_sample(sample: dict[str, bytes]) -> Record:
-    """WebDataset sample dict (raw bytes per extension) -> Record. Raises BadRecord if malformed."""
+    """WebDataset sample dict (raw bytes per extension) -> Record.
+
+    ``BadRecord`` (a reason code for the reader to count) when the json is unreadable or of an
+    unsupported schema, a member does not parse, an array the json lists is missing or has another
+    shape, or an array holds NaN/Inf.
+    """
     try:
         meta = json.loads(sample[JSON])
     except (KeyError, ValueError) as err:
@@ -234,7 +239,16 @@ def decode_sample(sample: dict[str, bytes]) -> Record:
         caption = sample[TXT].decode("utf-8")
     except (KeyError, ValueError, UnicodeDecodeError) as err:
         raise BadRecord(CORRUPT_MEMBER, f"sample {sample.get('__key__')!r}: {err}") from None
-    bad = [name for name, a in [*arrays.items(), *feats.items()] if not np.isfinite(a).all()]
+    key = sample.get("__key__")
+    got = {**arrays, **{f"feats.{layer}": a for layer, a in feats.items()}}
+    shapes = meta.get("array_shapes") or {}
+    missing = sorted(set(shapes) - set(got))
+    if missing:  # a shard cut short, or a member lost: the json says what was stored
+        raise BadRecord(MISSING_MEMBER, f"sample {key!r}: {', '.join(missing)} missing (the json lists them)")
+    wrong = [name for name, shape in shapes.items() if list(got[name].shape) != list(shape)]
+    if wrong:
+        raise BadRecord(CORRUPT_MEMBER, f"sample {key!r}: {', '.join(wrong)} differ from the shapes in the json")
+    bad = [name for name, a in got.items() if not np.isfinite(a).all()]
     if bad:  # float16 storage of a finite value is finite (overflow falls back to float32): corruption
         raise BadRecord(NON_FINITE, f"sample {sample.get('__key__')!r}: {', '.join(bad)} hold NaN or Inf")
     return Record(key=sample.get("__key__", meta.get("key")), meta=meta, caption=caption, arrays=arrays,

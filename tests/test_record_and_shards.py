@@ -304,3 +304,14 @@ def test_a_schema1_index_without_checksums_still_reads(tmp_path):
     got = list(shards.read_samples(str(tmp_path), 0, [("a-s0", None)]))
     assert got[0][0] == "a-s0" and got[0][1] is not None and got[0][2] is None
     assert shards.verify_shard(str(tmp_path), 0) == []
+
+
+def test_a_sample_missing_or_reshaping_a_listed_member_is_a_bad_record():
+    sample = record.encode_sample(fake_result("m-s0"), {})[0]
+    with pytest.raises(record.BadRecord) as err:
+        record.decode_sample({k: v for k, v in sample.items() if k != "latents.npy"})
+    assert err.value.reason == "missing_member" and "latents" in str(err.value)
+    short = dict(sample, **{"latents.npy": record.npy_bytes(record.load_npy(sample["latents.npy"])[:2])})
+    with pytest.raises(record.BadRecord) as err:
+        record.decode_sample(short)
+    assert err.value.reason == "corrupt_member" and "latents" in str(err.value)
