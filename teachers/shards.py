@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -43,8 +44,8 @@ import zlib
 
 from teachers.fs import (TMP_MARK, atomic_write_bytes, atomic_write_json, is_local, join,  # noqa: F401 (re-exported)
                          remove_temporaries, tmp_name, url_to_fs)
-from teachers.record import (CHECKSUM_MISMATCH, NON_FINITE, BadRecord, field_of, load_npy, member_checksum,
-                             verify_members)
+from teachers.record import (CHECKSUM_MISMATCH, JSON, NON_FINITE, SUPPORTED_SCHEMA_VERSIONS, BadRecord, field_of,
+                             load_npy, member_checksum, verify_members)
 from teachers.schema import ShardIndex, index_name, new_index_fields
 
 TAR_MTIME = 0  # fixed header time: re-running a shard must give the same bytes
@@ -468,7 +469,8 @@ def _stream_check(f, index: dict) -> tuple[str, list[str], list[str]]:
     """One pass over an open shard: (its sha256, its keys in order, problems with its members).
 
     Problems: a member whose checksum differs from the index, a member the index does not list or
-    one it lists that is absent, an ``.npy`` member that does not parse or holds NaN/Inf.
+    one it lists that is absent, an ``.npy`` member that does not parse or holds NaN/Inf, a json
+    member that does not parse, names another key or has an unsupported schema version.
     """
     import numpy as np
 
@@ -499,6 +501,8 @@ def _stream_check(f, index: dict) -> tuple[str, list[str], list[str]]:
             seen[ext] = True
             if sums is not None and sums.get(key, {}).get(ext) != member_checksum(data):
                 problems.append(f"{CHECKSUM_MISMATCH}: sample {key!r} member {ext}")
+            if ext == JSON:
+                problems += _json_problems(key, data)
             if ext.endswith(".npy"):
                 try:
                     array = load_npy(data)
@@ -512,6 +516,18 @@ def _stream_check(f, index: dict) -> tuple[str, list[str], list[str]]:
     while chunk := f.read(1 << 20):  # what tarfile left unread (end-of-archive padding) is hashed too
         digest.update(chunk)
     return digest.hexdigest(), keys, problems
+
+
+def _json_problems(key: str, data: bytes) -> list[str]:
+    try:
+        meta = json.loads(data)
+    except ValueError as err:
+        return [f"sample {key!r} json does not parse: {err}"]
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        return [f"sample {key!r} json names key {meta.get('key') if isinstance(meta, dict) else None!r}"]
+    if meta.get("schema_version") not in SUPPORTED_SCHEMA_VERSIONS:
+        return [f"sample {key!r} json has schema_version {meta.get('schema_version')!r}"]
+    return []
 
 
 def verify_shard(out_dir: str, shard_index: int, *, check_hash: bool = True, recipe_hash: str | None = None) -> list[str]:
