@@ -167,8 +167,12 @@ def draw_guidance(cfg: SamplerConfig, seed: int) -> float:
 
 def applied_guidance(w: float) -> float:
     """The CFG weight the sampler applies for a requested ``w``: ``w`` rounded to float32, or 1.0
-    for ``w <= 1`` (diffusers runs no CFG there, and w = 1 is the weight meaning "cond alone")."""
-    return float(np.float32(w)) if w > 1 else 1.0
+    for ``w <= 1`` (diffusers runs no CFG there, and w = 1 is the weight meaning "cond alone").
+    NaN and huge weights stay NaN/inf, so that sample's trajectory is non-finite and rejected."""
+    if w <= 1:
+        return 1.0
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, rejected downstream as non_finite
+        return float(np.float32(w))
 
 
 def noise_schedule_of(scheduler, recorded: tuple[int, ...]) -> NoiseSchedule:
@@ -310,7 +314,7 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
             added = {"text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
         # CFG in float32 whatever the UNet's dtype, so the weight applied is the float32 weight recorded.
         w = torch.tensor(guidance, dtype=torch.float32, device=device).view(batch, 1, 1, 1)
-        cfg_on = torch.tensor([g > 1 for g in requested], device=device).view(batch, 1, 1, 1)
+        cfg_on = torch.tensor([not g <= 1 for g in requested], device=device).view(batch, 1, 1, 1)  # NaN: on
         want_feats = {s for fs in feature_steps for s in fs}
         capture = FeatureCapture(resolve_modules(pipe.unet, cfg.feature_layers), batch)
         rec_latents, rec_cond, rec_uncond, feats = [], [], [], {}

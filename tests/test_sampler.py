@@ -267,3 +267,13 @@ def test_non_finite_decoded_image_is_flagged_not_cast(tiny_teacher):
     with pytest.raises(record.BadRecord) as err:  # a non-finite trajectory is reported as the cause
         record.encode_sample(dataclasses.replace(bad, latents=nan), {})
     assert err.value.reason == "non_finite"
+
+
+def test_nan_or_overflowing_guidance_gives_a_non_finite_trajectory_not_an_unguided_one(tiny_teacher):
+    from teachers.sampler import applied_guidance
+
+    assert applied_guidance(0.5) == applied_guidance(1.0) == 1.0 and applied_guidance(7.3) == float(np.float32(7.3))
+    assert np.isnan(applied_guidance(float("nan"))) and applied_guidance(1e39) == float("inf")
+    cfg = SamplerConfig(num_inference_steps=2, feature_layers=())
+    results, _ = sample_trajectories(tiny_teacher, [SampleRequest("n-s0", "a dog", 1, float("nan"))], cfg)
+    assert not np.isfinite(results[0].latents[-1]).all()
