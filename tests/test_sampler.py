@@ -118,7 +118,7 @@ def test_every_latent_equals_pipeline_for_v_prediction_teacher(tiny_teacher, nam
     assert info.prediction_type == "v_prediction"
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm++"])
 def test_every_latent_equals_sdxl_pipeline(tiny_xl_teacher, name):
     cfg = SamplerConfig(num_inference_steps=3, scheduler=name, guidance_scale=5.0, feature_layers=())
     results, info = _assert_every_latent_equals_pipeline(tiny_xl_teacher, cfg, 5.0)
@@ -207,8 +207,10 @@ def test_per_sample_guidance_range_matches_pipeline_at_that_scale(tiny_teacher):
     assert scales == [draw_guidance(cfg, r.seed) for r in REQS]
     for req, res in zip(REQS, results):
         ref = _pipeline_latents(tiny_teacher, cfg, [req], res.guidance_scale)
-        # batch of 2 (ours) vs batch of 1 (pipeline): BLAS blocking differs, so float tolerance
-        np.testing.assert_allclose(res.latents[-1], ref[0], rtol=1e-5, atol=1e-4)
+        # batch of 2 (ours) vs batch of 1 (pipeline): float32 kernels block the sums differently;
+        # the same bound as test_sample_does_not_depend_on_its_batch (steps * (1 + 2w) * 1e-5 of the scale)
+        tol = cfg.num_inference_steps * (1 + 2 * res.guidance_scale) * 1e-5 * max(1.0, np.abs(ref[0]).max())
+        np.testing.assert_allclose(res.latents[-1], ref[0], rtol=0, atol=tol)
 
 
 def test_decoded_image_matches_pipeline_output(tiny_teacher):
