@@ -74,15 +74,18 @@ def _human(n: float) -> str:
 
 def verify(data_dir: str) -> tuple[int, list[str]]:
     """(shards ok, one line per bad shard). A shard is a number with an index, a tar, or an entry in
-    ``dataset.json``; each is ok or bad once."""
+    ``dataset.json``; each is ok or bad once. With a ``dataset.json``, every index must carry its
+    recipe hash (the filter recipe's, for a filtered dataset)."""
     fs, root = url_to_fs(data_dir)
     names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
     numbers = set(list_indexes(data_dir))
     numbers |= {int(n[:-4]) for n in names if n.endswith(".tar") and n[:-4].isdigit() and len(n) == 10}
-    listed = []
+    expected_recipe = None
     if DATASET_JSON in names:
-        listed = read_dataset_info(data_dir).shard_names
-        numbers |= {int(n[:-4]) for n in listed if n[:-4].isdigit()}
+        info = read_dataset_info(data_dir)
+        numbers |= {int(n[:-4]) for n in info.shard_names if n[:-4].isdigit()}
+        # A dump's shards carry its recipe hash; a filtered dataset's carry the filter recipe's.
+        expected_recipe = (info.lineage or {}).get("filter_recipe_hash") or info.recipe_hash
     if not numbers:
         raise UserError(f"{data_dir!r} holds no shards (no NNNNNN.tar, no NNNNNN.json index, no dataset.json entries)")
     ok, bad = 0, []
@@ -90,7 +93,7 @@ def verify(data_dir: str) -> tuple[int, list[str]]:
         if index_name(i) not in names and shard_name(i) in names:
             problems = ["no index (an incomplete write, or a deleted index)"]
         else:
-            problems = verify_shard(data_dir, i)
+            problems = verify_shard(data_dir, i, recipe_hash=expected_recipe)
         if problems:
             bad.append(f"BAD {shard_name(i)}: {'; '.join(problems)}")
         else:

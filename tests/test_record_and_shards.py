@@ -267,6 +267,12 @@ def test_unsupported_schema_versions_are_one_line_naming_file_and_versions(tmp_p
     again = schema.read_dataset_info(str(tmp_path))
     assert again == info and again.to_dict()["future_field"] == [1, 2]  # unknown fields round-trip
     assert main([str(tmp_path), "--verify"]) == 0
+    schema.write_dataset_info(str(tmp_path), dataclasses.replace(info, recipe_hash="r9"))
+    assert main([str(tmp_path), "--verify"]) == 1
+    assert "made with recipe r1, expected r9" in capsys.readouterr().err
+    schema.write_dataset_info(str(tmp_path), dataclasses.replace(info, recipe_hash="r9", lineage={"filter_recipe_hash": "r1"}))
+    assert main([str(tmp_path), "--verify"]) == 0
+    schema.write_dataset_info(str(tmp_path), info)
     d = json.loads((tmp_path / "dataset.json").read_text())
     (tmp_path / "dataset.json").write_text(json.dumps(dict(d, schema_version=99)))
     with pytest.raises(UserError, match=r"dataset.json has schema_version 99; .* reads 1, 2"):
