@@ -180,3 +180,35 @@ def test_recorded_guidance_is_the_weight_applied_in_bfloat16(tiny_teacher):
     want = a[1] * x0 + s[1] * guided
     # bfloat16 state: the step's result is rounded to 2^-8 of its value
     np.testing.assert_allclose(res.latents[1], want, rtol=0, atol=2 ** -7 * np.abs(want).max())
+
+
+def test_a_euler_dump_through_the_job_reads_back_as_vp_latents_with_exact_targets(tiny_teacher, tmp_path):
+    """The real writer path (the Beam dump job): an Euler dump's records, read as the trainer reads
+    them and converted with noise_levels, give the online teacher's predictions; its dataset.json
+    and indexes validate against teachers.schema."""
+    from pipelines import teacher_dump
+    from students.data import dataset_shards, read_dataset, record_pipeline
+    from teachers import schema, shards
+
+    (tmp_path / "p.txt").write_text("a photo of a cat\na red cube\n")
+    out = tmp_path / "out"
+    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(out), "--teacher", "tiny",
+                      "--scheduler", "euler", "--num_inference_steps", "3", "--samples_per_shard", "2",
+                      "--batch_size", "2", "--feature_layers", "mid_block", "--num_feature_steps", "1",
+                      "--storage_dtype", "float32", "--progress", "off", "--cpu_threads", "2"])
+    info = schema.read_dataset_info(str(out))
+    assert info.schema_version == record.SCHEMA_VERSION == 2 and info.scheduler_class == "EulerDiscreteScheduler"
+    index = schema.ShardIndex.read(str(out), 0)
+    assert index.checksum_algorithm == "crc32" and len(index.checksums) == index.count == 2
+    assert shards.verify_shard(str(out), 0, recipe_hash=info.recipe_hash) == []
+    _, shared = read_dataset(str(out))
+    negative = shared["negative_prompt_embeds"][None]
+    for rec in record_pipeline(dataset_shards(str(out))):
+        timesteps, alphas, sigmas = record.noise_levels(rec.meta)
+        assert 0.9 < float(np.std(rec.latents[0])) < 1.1  # VP z_t, not Euler's state (std ~ 4 here)
+        for i, t in enumerate(timesteps):
+            z = rec.latents[i][None]
+            for embeds, want in ((rec.prompt_embeds[None], rec.pred_cond[i]), (negative, rec.pred_uncond[i])):
+                got = _unet(tiny_teacher, z, t, embeds)[0]
+                # batch 1 here, 2 x 2 in the dump: float32 kernels, 1e-5 of the scale (see above)
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max()))
