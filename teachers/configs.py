@@ -118,10 +118,6 @@ def clip_bigg_text() -> dict:
                 hidden_act="gelu", projection_dim=1280)
 
 
-def sdxl_scheduler() -> dict:
-    return dict(sd15_scheduler(), timestep_spacing="leading")
-
-
 # --------------------------------------------------------------------------------------------
 # tiny: SD-shaped, a few hundred thousand UNet parameters, VAE factor 8 like the real ones
 # --------------------------------------------------------------------------------------------

@@ -69,3 +69,22 @@ def read_json(path: str):
 def exists(path: str) -> bool:
     fs, fpath = url_to_fs(path)
     return fs.exists(fpath)
+
+
+def remove_temporaries(root: str, prefix: str = "") -> list[str]:
+    """Delete the temporaries (``<name>.tmp-<uuid>``) that killed writers left in folder ``root``,
+    those whose name starts with ``prefix``; returns the names removed. Run it where no writer of a
+    matching name is live: a job's launcher before its workers start (prefix ``""``), or a shard's
+    worker for its own shard's names. Remote folders hold none (remote writes upload whole)."""
+    fs, path = url_to_fs(root)
+    if not is_local(fs) or not os.path.isdir(path):
+        return []
+    removed = []
+    for name in sorted(os.listdir(path)):
+        if name.startswith(prefix) and TMP_MARK in name:
+            try:
+                os.remove(os.path.join(path, name))
+            except FileNotFoundError:  # another cleaner got there first
+                continue
+            removed.append(name)
+    return removed

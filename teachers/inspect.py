@@ -3,29 +3,43 @@
 Prints the shards, samples, bytes per sample by field, the recipe and the lineage from
 ``dataset.json``: for a dataset written by the filter job, the chain of parents back to the dump,
 each step with its filter recipe. ``--verify`` re-reads every shard (and its embedding sidecar, in
-scored datasets) and checks size, sha256 and keys against its index; it exits 1 naming each bad shard.
+scored datasets) and checks its size, sha256, keys, every member's checksum and that every array is
+finite; it prints one line per bad shard (an index without its tar, a tar without its index, a shard
+``dataset.json`` lists that is absent) and ``verify: N ok, M bad``, and exits 1 if any is bad.
+A folder with no shards, or a ``dataset.json``/index of an unsupported schema, is one line and exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 
-from teachers.fs import url_to_fs
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import build_parser, from_mapping, option
+from teachers.fs import exists, url_to_fs
+from teachers.schema import DATASET_JSON, read_dataset_info
 from teachers.shards import index_name, join, list_indexes, read_index, shard_name, verify_shard
+
+PROG = "distill inspect"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InspectConfig:
+    data_dir: str | None = option(None, help="dataset folder, local path or fsspec URL (or give it as the first argument)")
+    verify: bool = option(False, help="check every shard's size, sha256, keys, member checksums and finiteness")
+    json: bool = option(False, help="print the summary as JSON")
 
 
 def summarise(data_dir: str) -> dict:
-    fs, path = url_to_fs(join(data_dir, "dataset.json"))
-    dataset = {}
-    if fs.exists(path):
-        with fs.open(path, "rb") as f:
-            dataset = json.loads(f.read())
+    dataset = read_dataset_info(data_dir).to_dict() if exists(join(data_dir, DATASET_JSON)) else {}
     shards = list_indexes(data_dir)
     samples, total, fields = 0, 0, {}
     for i in shards:
-        index = read_index(data_dir, i)
+        try:
+            index = read_index(data_dir, i)
+        except ValueError:  # an invalid or unsupported index: --verify names it; the summary skips it
+            continue
         samples += index["count"]
         total += index["bytes"]
         for field, n in index.get("field_bytes", {}).items():
@@ -58,51 +72,83 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def verify(data_dir: str) -> tuple[int, list[str]]:
+    """(shards ok, one line per bad shard). A shard is a number with an index, a tar, or an entry in
+    ``dataset.json``; each is ok or bad once. With a ``dataset.json``, every index must carry its
+    recipe hash (the filter recipe's, for a filtered dataset)."""
+    fs, root = url_to_fs(data_dir)
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    numbers = set(list_indexes(data_dir))
+    numbers |= {int(n[:-4]) for n in names if n.endswith(".tar") and n[:-4].isdigit() and len(n) == 10}
+    expected_recipe = None
+    if DATASET_JSON in names:
+        info = read_dataset_info(data_dir)
+        numbers |= {int(n[:-4]) for n in info.shard_names if n[:-4].isdigit()}
+        # A dump's shards carry its recipe hash; a filtered dataset's carry the filter recipe's.
+        expected_recipe = (info.lineage or {}).get("filter_recipe_hash") or info.recipe_hash
+    if not numbers:
+        raise UserError(f"{data_dir!r} holds no shards (no NNNNNN.tar, no NNNNNN.json index, no dataset.json entries)")
+    ok, bad = 0, []
+    for i in sorted(numbers):
+        if index_name(i) not in names and shard_name(i) in names:
+            problems = ["no index (an incomplete write, or a deleted index)"]
+        else:
+            problems = verify_shard(data_dir, i, recipe_hash=expected_recipe)
+        if problems:
+            bad.append(f"BAD {shard_name(i)}: {'; '.join(problems)}")
+        else:
+            ok += 1
+    return ok, bad
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distill inspect", description=__doc__.split("\n")[0])
-    parser.add_argument("data_dir", help="dataset folder (local path or fsspec URL)")
-    parser.add_argument("--verify", action="store_true", help="check every shard's size, sha256 and keys")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = parser.parse_args(argv)
-    fs, root = url_to_fs(args.data_dir)
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser(InspectConfig, prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("path", nargs="?", default=None, help="dataset folder (local path or fsspec URL)")
+    values = vars(parser.parse_args(argv))
+    path = values.pop("path")
+    if path is not None and values.get("data_dir") not in (None, path):
+        raise UserError(f"two dataset folders given: {path!r} and --data_dir {values['data_dir']!r}")
+    values["data_dir"] = values.get("data_dir") or path
+    cfg = from_mapping(InspectConfig, values)
+    if cfg.data_dir is None:
+        raise UserError("a dataset folder is required: distill inspect DIR [--verify] [--json]")
+    fs, root = url_to_fs(cfg.data_dir)
     if not fs.isdir(root):
-        print(f"distill inspect: {args.data_dir!r} is not a folder", file=sys.stderr)
-        return 2
-    summary = summarise(args.data_dir)
-    if args.json:
+        raise UserError(f"{cfg.data_dir!r} is not a folder")
+    summary = summarise(cfg.data_dir)
+    if cfg.json:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
-        print(f"{summary['path']}: {summary['shards']} shards, {summary['samples']} samples, "
-              f"{_human(summary['bytes'])} ({_human(summary['bytes_per_sample'])}/sample)")
-        for field, n in summary["bytes_per_sample_by_field"].items():
-            print(f"  {field:<28} {_human(n):>12}/sample")
-        if summary["recipe"]:
-            print(f"recipe {summary['recipe_hash']}:")
-            for k, v in summary["recipe"].items():
-                print(f"  {k} = {v}")
-        for depth, step in enumerate(summary["lineage"]):
-            if depth == 0:
-                print("lineage (newest first):")
-            settings = ", ".join(f"{k}={v}" for k, v in step["filter"].items())
-            print(f"  {'  ' * depth}<- filter {step['filter_recipe_hash']} ({settings})")
-            print(f"  {'  ' * depth}   of {step['parent']} (recipe {step['parent_recipe_hash']}, "
-                  f"dataset.json sha256 {str(step['parent_dataset_sha256'])[:16]})")
-    if not args.verify:
+        _print_summary(summary)
+    if not cfg.verify:
         return 0
-    bad = 0
-    for i in list_indexes(args.data_dir):
-        problems = verify_shard(args.data_dir, i)
-        for p in problems:
-            print(f"BAD {shard_name(i)}: {p}", file=sys.stderr)
-        bad += bool(problems)
-    # A tar without its index is an incomplete write (or a deleted index): report it too.
-    names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-    for name in sorted(n for n in names if n.endswith(".tar") and n[:-4].isdigit()):
-        if index_name(int(name[:-4])) not in names:
-            print(f"BAD {name}: no index", file=sys.stderr)
-            bad += 1
-    print(f"verify: {summary['shards'] - min(bad, summary['shards'])} ok, {bad} bad")
+    ok, bad = verify(cfg.data_dir)
+    for line in bad:
+        print(line, file=sys.stderr)
+    print(f"verify: {ok} ok, {len(bad)} bad")
     return 1 if bad else 0
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"{summary['path']}: {summary['shards']} shards, {summary['samples']} samples, "
+          f"{_human(summary['bytes'])} ({_human(summary['bytes_per_sample'])}/sample)")
+    for field, n in summary["bytes_per_sample_by_field"].items():
+        print(f"  {field:<28} {_human(n):>12}/sample")
+    if summary["recipe"]:
+        print(f"recipe {summary['recipe_hash']}:")
+        for k, v in summary["recipe"].items():
+            print(f"  {k} = {v}")
+    for depth, step in enumerate(summary["lineage"]):
+        if depth == 0:
+            print("lineage (newest first):")
+        settings = ", ".join(f"{k}={v}" for k, v in step["filter"].items())
+        print(f"  {'  ' * depth}<- filter {step['filter_recipe_hash']} ({settings})")
+        print(f"  {'  ' * depth}   of {step['parent']} (recipe {step['parent_recipe_hash']}, "
+              f"dataset.json sha256 {str(step['parent_dataset_sha256'])[:16]})")
 
 
 if __name__ == "__main__":

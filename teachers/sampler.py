@@ -5,7 +5,11 @@ the conditional and unconditional branches in one batched UNet call, and records
 
 - ``prompt_embeds`` (SDXL: ``pooled_prompt_embeds`` and ``add_time_ids`` too),
 - ``noise``: the initial Gaussian noise, drawn from the sample's own seed on the CPU,
-- ``latents``: the latent before each recorded step, and the final latent last,
+- ``latents``: the UNet's input latent at each recorded step (the scheduler's ``scale_model_input``
+  of the sampling state), and the final latent last,
+- ``timesteps`` (exact floats, all S steps of the schedule) and, per recorded step, ``alphas`` and
+  ``sigmas``: the variance-preserving coefficients of that input, ``latents[i] = alphas[i] x0 +
+  sigmas[i] eps`` (``final_alpha``/``final_sigma`` for the final latent),
 - ``pred_cond`` / ``pred_uncond``: the teacher's raw outputs (epsilon or v) at the recorded steps,
 - ``feats``: outputs of chosen UNet blocks (``down_blocks.N``, ``mid_block``, ``up_blocks.N``) from
   the conditional branch at a few feature steps drawn from the sample's seed,
@@ -15,6 +19,20 @@ The loop is diffusers' ``StableDiffusionPipeline.__call__`` / ``StableDiffusionX
 step for step (same prompt encoding, noise, scheduler calls and guidance arithmetic), so the final
 latent equals the pipeline's ``output_type="latent"`` result; tests check that. It differs only in
 what it records and in allowing a guidance scale per sample (SnapFusion's CFG range).
+
+One parameterisation whatever the scheduler. The UNet of a variance-preserving teacher is trained
+on ``z_t = alpha_t x0 + sigma_t eps`` (alpha_t^2 + sigma_t^2 = 1); that is what it receives at every
+step, so that is what is recorded. DDIM and DPM-Solver++ keep their state as z_t already
+(``scale_model_input`` is the identity). Euler keeps the variance-exploding ``x = x0 + s eps`` and
+feeds the UNet ``x / sqrt(s^2 + 1)``, which is z_t with alpha = 1/sqrt(s^2 + 1), sigma = s alpha
+(Karras et al. 2022, EDM, Table 1 "VP"); the record holds that scaled input, not the state.
+Readers convert through ``teachers.record.noise_levels``.
+
+Guidance: CFG is applied in float32 with the float32 weight recorded (``guidance_scale``), so the
+json holds the weight the arithmetic used even for bfloat16/float16 teachers. A weight at or
+below 1 disables CFG exactly as diffusers does (``do_classifier_free_guidance = guidance_scale >
+1``): that sample follows the conditional prediction alone and records ``guidance_scale = 1.0``,
+the weight for which the CFG formula gives that prediction (both branches are still recorded).
 """
 
 from __future__ import annotations
@@ -23,6 +41,8 @@ import dataclasses
 import hashlib
 
 import numpy as np
+
+from diffusion_distill.errors import UserError
 
 SCHEDULERS = {  # recipe name -> diffusers class name
     "ddim": "DDIMScheduler",
@@ -47,19 +67,24 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={self.num_inference_steps} must be >= 1")
+            raise UserError(f"num_inference_steps={self.num_inference_steps} must be >= 1")
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+            raise UserError(f"scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        # Weights at or below 1 are allowed and mean "no CFG", as in diffusers (module docstring);
+        # negative ones are refused: diffusers would silently treat them as 1 too.
+        if not self.guidance_scale >= 0:
+            raise UserError(f"guidance_scale={self.guidance_scale} must be >= 0 (at most 1 = no guidance, as diffusers)")
         if self.guidance_range is not None:
             lo, hi = self.guidance_range
             if not 0 <= lo <= hi:
-                raise ValueError(f"guidance_range={self.guidance_range} must satisfy 0 <= lo <= hi")
+                raise UserError(f"guidance_range={self.guidance_range} must satisfy 0 <= lo <= hi "
+                                "(draws at most 1 run without guidance, as diffusers does)")
         if self.record_steps is not None:
             bad = [s for s in self.record_steps if not 0 <= s < self.num_inference_steps]
             if bad or len(set(self.record_steps)) != len(self.record_steps) or not self.record_steps:
-                raise ValueError(f"record_steps={self.record_steps} must be distinct indices in [0, {self.num_inference_steps})")
+                raise UserError(f"record_steps={self.record_steps} must be distinct indices in [0, {self.num_inference_steps})")
         if self.num_feature_steps < 0 or (self.feature_layers and self.num_feature_steps > len(self.recorded_steps)):
-            raise ValueError(f"num_feature_steps={self.num_feature_steps} must be between 0 and the number of recorded steps")
+            raise UserError(f"num_feature_steps={self.num_feature_steps} must be between 0 and the number of recorded steps")
 
     @property
     def recorded_steps(self) -> tuple[int, ...]:
@@ -71,7 +96,7 @@ class SampleRequest:
     key: str  # the record's key
     prompt: str
     seed: int  # seeds the noise, the guidance draw and the feature steps
-    guidance_scale: float | None = None  # overrides the config's fixed/range guidance
+    guidance_scale: float | None = None  # overrides the config's fixed/range guidance (<= 1: no CFG)
 
 
 @dataclasses.dataclass
@@ -81,31 +106,49 @@ class SampleResult:
     key: str
     prompt: str
     seed: int
-    guidance_scale: float
+    guidance_scale: float  # the CFG weight applied (float32-exact; 1.0 where CFG was off)
     num_tokens: int  # prompt length in CLIP tokens incl. BOS/EOS; > 77 means truncated
     prompt_embeds: np.ndarray  # (77, D)
     noise: np.ndarray  # (4, h, w)
-    latents: np.ndarray  # (S_rec + 1, 4, h, w): before each recorded step, then the final latent
+    latents: np.ndarray  # (S_rec + 1, 4, h, w): UNet input (VP z_t) at each recorded step, then the final latent
     pred_cond: np.ndarray  # (S_rec, 4, h, w)
     pred_uncond: np.ndarray  # (S_rec, 4, h, w)
     feature_steps: list[int]  # step indices where features were captured
     feats: dict[str, np.ndarray]  # layer -> (F, C, H, W)
     pooled_prompt_embeds: np.ndarray | None = None  # SDXL (D2,)
     add_time_ids: np.ndarray | None = None  # SDXL (6,)
-    image: np.ndarray | None = None  # (H, W, 3) uint8
+    image: np.ndarray | None = None  # (H, W, 3) uint8; all zeros where image_error is set (never stored)
+    image_error: str | None = None  # reason code when the decoded image was unusable (non-finite): a rejection
+    noise_schedule: "NoiseSchedule | None" = None  # timesteps and VP coefficients (json fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """Where a trajectory's recorded latents sit: the json fields ``teachers.record.noise_levels`` reads."""
+
+    timesteps: list[float]  # all S UNet timesteps of the schedule, exact (Euler's are not integers)
+    recorded_steps: list[int]  # step indices kept; the rows of latents[:-1], pred_cond, pred_uncond
+    alphas: list[float]  # per recorded step: latents[i] = alphas[i] x0 + sigmas[i] eps
+    sigmas: list[float]  # per recorded step
+    final_alpha: float  # the final latent's coefficients (1, 0 unless DDIM stops at alphas_cumprod[0])
+    final_sigma: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
 class BatchInfo:
     """What is the same for every sample of a recipe (stored once per dataset)."""
 
-    timesteps: list[int]  # all S timesteps of the schedule
+    timesteps: list[float]  # all S timesteps of the schedule, exact
     recorded_steps: list[int]
     negative_prompt_embeds: np.ndarray  # (77, D) the unconditional embedding
     negative_pooled_prompt_embeds: np.ndarray | None
     scheduler_class: str
     scheduler_config: dict
     prediction_type: str
+    noise_schedule: NoiseSchedule | None = None
 
 
 def _sub_seed(seed: int, purpose: str) -> int:
@@ -114,11 +157,49 @@ def _sub_seed(seed: int, purpose: str) -> int:
 
 
 def draw_guidance(cfg: SamplerConfig, seed: int) -> float:
-    """The guidance scale for a sample: fixed, or U[lo, hi] drawn from its seed."""
+    """The guidance scale for a sample: fixed, or U[lo, hi] drawn from its seed; float32-exact
+    (the value the sampler's float32 arithmetic applies, see ``applied_guidance``)."""
     if cfg.guidance_range is None:
-        return float(cfg.guidance_scale)
+        return applied_guidance(cfg.guidance_scale)
     lo, hi = cfg.guidance_range
-    return float(np.random.default_rng(_sub_seed(seed, "guidance")).uniform(lo, hi))
+    return applied_guidance(np.random.default_rng(_sub_seed(seed, "guidance")).uniform(lo, hi))
+
+
+def applied_guidance(w: float) -> float:
+    """The CFG weight the sampler applies for a requested ``w``: ``w`` rounded to float32, or 1.0
+    for ``w <= 1`` (diffusers runs no CFG there, and w = 1 is the weight meaning "cond alone").
+    NaN and huge weights stay NaN/inf, so that sample's trajectory is non-finite and rejected."""
+    if w <= 1:
+        return 1.0
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, rejected downstream as non_finite
+        return float(np.float32(w))
+
+
+def noise_schedule_of(scheduler, recorded: tuple[int, ...]) -> NoiseSchedule:
+    """The VP coefficients of the UNet input at each step of a scheduler after ``set_timesteps``.
+
+    Euler and DPM-Solver keep a variance-exploding sigma s per step (``scheduler.sigmas``, S + 1
+    entries, the last for the final latent); their UNet input is z_t with alpha = 1/sqrt(1 + s^2),
+    sigma = s alpha (the scaling ``scale_model_input`` and DPM-Solver's ``_sigma_to_alpha_sigma_t``
+    apply). DDIM indexes ``alphas_cumprod`` at the integer timestep: alpha = sqrt(abar), sigma =
+    sqrt(1 - abar), and its final latent sits at ``final_alpha_cumprod``. Float64 throughout.
+    """
+    timesteps = [float(t) for t in scheduler.timesteps]
+    ve = getattr(scheduler, "sigmas", None)
+    if ve is not None and len(ve) == len(timesteps) + 1:
+        s = np.asarray(ve.double().cpu().numpy() if hasattr(ve, "double") else ve, np.float64)
+        alpha = 1.0 / np.sqrt(1.0 + s * s)
+        sigma = s * alpha
+    elif hasattr(scheduler, "final_alpha_cumprod"):
+        abar_all = np.asarray(scheduler.alphas_cumprod.double().cpu().numpy(), np.float64)
+        abar = np.append(abar_all[[int(round(t)) for t in timesteps]], float(scheduler.final_alpha_cumprod))
+        alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    else:
+        raise ValueError(f"{type(scheduler).__name__}: no per-step sigmas and no alphas_cumprod to record")
+    rows = list(recorded)
+    return NoiseSchedule(timesteps=timesteps, recorded_steps=rows, alphas=[float(alpha[i]) for i in rows],
+                         sigmas=[float(sigma[i]) for i in rows], final_alpha=float(alpha[-1]),
+                         final_sigma=float(sigma[-1]))
 
 
 def draw_feature_steps(cfg: SamplerConfig, seed: int) -> list[int]:
@@ -209,7 +290,8 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
     pipe, device, batch = teacher.pipe, pipe_device(teacher), len(requests)
     height, width = resolve_size(teacher, cfg)
     prompts = [r.prompt for r in requests]
-    guidance = [r.guidance_scale if r.guidance_scale is not None else draw_guidance(cfg, r.seed) for r in requests]
+    requested = [r.guidance_scale if r.guidance_scale is not None else draw_guidance(cfg, r.seed) for r in requests]
+    guidance = [applied_guidance(w) for w in requested]
     feature_steps = [draw_feature_steps(cfg, r.seed) for r in requests]
     recorded = cfg.recorded_steps
     # One forward at a time per teacher: feature hooks live on the shared UNet's modules, and a
@@ -219,6 +301,7 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
         scheduler = make_scheduler(teacher, cfg.scheduler)
         scheduler.set_timesteps(cfg.num_inference_steps, device=device)
         timesteps = scheduler.timesteps
+        levels = noise_schedule_of(scheduler, recorded)
         # Noise: one CPU generator per sample, as the pipeline does with a list of generators.
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         shape = (batch, pipe.unet.config.in_channels, height // teacher.vae_scale_factor, width // teacher.vae_scale_factor)
@@ -229,7 +312,9 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
         added = None
         if teacher.is_xl:
             added = {"text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
-        w = torch.tensor(guidance, dtype=cond.dtype, device=device).view(batch, 1, 1, 1)
+        # CFG in float32 whatever the UNet's dtype, so the weight applied is the float32 weight recorded.
+        w = torch.tensor(guidance, dtype=torch.float32, device=device).view(batch, 1, 1, 1)
+        cfg_on = torch.tensor([not g <= 1 for g in requested], device=device).view(batch, 1, 1, 1)  # NaN: on
         want_feats = {s for fs in feature_steps for s in fs}
         capture = FeatureCapture(resolve_modules(pipe.unet, cfg.feature_layers), batch)
         rec_latents, rec_cond, rec_uncond, feats = [], [], [], {}
@@ -239,18 +324,19 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
                 capture.active, capture.captured = i in want_feats, {}
                 out = pipe.unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
                 pred_uncond, pred_cond = out.chunk(2)
-                if i in recorded:
-                    rec_latents.append(latents.float().cpu())
+                if i in recorded:  # the UNet's input, i.e. VP z_t (module docstring); both halves are equal
+                    rec_latents.append(model_input[:batch].float().cpu())
                     rec_cond.append(pred_cond.float().cpu())
                     rec_uncond.append(pred_uncond.float().cpu())
                 if capture.active:
                     feats[i] = {k: v.float().cpu() for k, v in capture.captured.items()}
-                guided = pred_uncond + w * (pred_cond - pred_uncond)
+                pu, pc = pred_uncond.float(), pred_cond.float()
+                guided = torch.where(cfg_on, pu + w * (pc - pu), pc).to(out.dtype)
                 latents = scheduler.step(guided, t, latents, **extra_step_kwargs, return_dict=False)[0]
         finally:
             capture.remove()
         rec_latents.append(latents.float().cpu())
-        images = _decode(teacher, latents) if cfg.save_image else None
+        images = _decode(teacher, latents) if cfg.save_image else [None] * batch
     num_tokens = _num_tokens(pipe.tokenizer, prompts)
     results = []
     for b, r in enumerate(requests):
@@ -266,16 +352,19 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
                    for name in cfg.feature_layers} if feature_steps[b] else {},
             pooled_prompt_embeds=pooled[b].float().cpu().numpy() if pooled is not None else None,
             add_time_ids=time_ids[b].float().cpu().numpy() if time_ids is not None else None,
-            image=images[b] if images is not None else None,
+            image=_finite_or_blank(images[b]),
+            image_error="non_finite_image" if images[b] is not None and not np.isfinite(images[b]).all() else None,
+            noise_schedule=levels,
         ))
     info = BatchInfo(
-        timesteps=[int(t) for t in timesteps], recorded_steps=list(recorded),
+        timesteps=levels.timesteps, recorded_steps=list(recorded),
         negative_prompt_embeds=uncond[0].float().cpu().numpy(),
         negative_pooled_prompt_embeds=neg_pooled[0].float().cpu().numpy() if neg_pooled is not None else None,
         scheduler_class=type(scheduler).__name__,
         # Private keys ("_use_default_values") come from a set: their order changes run to run.
         scheduler_config={k: v for k, v in scheduler.config.items() if not k.startswith("_")},
         prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+        noise_schedule=levels,
     )
     return results, info
 
@@ -295,8 +384,19 @@ def pipe_device(teacher) -> str:
     return str(teacher.pipe.unet.device)
 
 
-def _decode(teacher, latents) -> np.ndarray:
-    """Final latents -> uint8 images (B, H, W, 3), as the pipeline's ``output_type="np"`` does."""
+def _finite_or_blank(image):
+    """A uint8 image as it is; a non-finite float image -> zeros of its shape, so per-batch consumers
+    (the image scorer) get a uint8 array; ``image_error`` marks the sample, which ``encode_sample``
+    rejects, so the blank is never stored."""
+    if image is None or image.dtype == np.uint8:
+        return image
+    return np.zeros(image.shape, np.uint8)
+
+
+def _decode(teacher, latents) -> list:
+    """Final latents -> per sample a uint8 image (H, W, 3), as the pipeline's ``output_type="np"``
+    does, or the float image where it holds NaN/Inf (never cast: NaN would become a plausible
+    uint8 value; the sample is then rejected as ``non_finite_image``)."""
     import torch
 
     vae = teacher.pipe.vae
@@ -306,5 +406,6 @@ def _decode(teacher, latents) -> np.ndarray:
     image = dec.decode(x, return_dict=False)[0]
     if upcast:
         vae.to(torch.float16)
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    image = (image.float() / 2 + 0.5).clamp(0, 1)  # clamp keeps NaN: checked below
+    arrays = image.permute(0, 2, 3, 1).cpu().numpy() * 255
+    return [a.round().astype(np.uint8) if np.isfinite(a).all() else a for a in arrays]

@@ -1,7 +1,8 @@
 """Shard I/O: a deterministic, atomic WebDataset tar writer, its index, and verification.
 
-A shard is ``NNNNNN.tar`` plus its index ``NNNNNN.json`` (keys, count, bytes, sha256, schema
-version, recipe hash, bytes per field, and each key's byte range in the tar). The writer streams
+A shard is ``NNNNNN.tar`` plus its index ``NNNNNN.json`` (``teachers.schema.ShardIndex``: keys,
+count, bytes, sha256, schema version, recipe hash, bytes per field, each key's byte range in the
+tar, and a checksum of each of its members' bytes). The writer streams
 the tar to a temporary name and renames it into place only when complete, then writes the index
 the same way, so a reader never sees a partial shard under a final name and "index present and
 matching" means "shard complete".
@@ -12,6 +13,15 @@ never reads the heavy members: per-key scores in the index (``scores``: name -> 
 key order; its sha256 in the index under ``embeddings``). The sidecar is written before the index,
 so the index still marks the shard complete. The byte ranges (``offsets``: ``[start, end)`` of a
 key's members, headers included) let a reader fetch one sample with one ranged read.
+
+Every reader checks what it reads: ``read_samples`` and ``ShardWriter.copy_members`` (given the
+index's checksums) refuse a sample whose member bytes differ from the index (``BadRecord``
+``checksum_mismatch``, naming the key), before anything is copied; ``verify_shard`` checks the
+tar's size and sha256, every member's checksum, and that every array is finite.
+
+Temporaries are named ``<name>.tmp-<uuid>`` (``teachers.fs.tmp_name``), whatever writes them (the
+tar, the index, the embedding sidecar, ``dataset.json``); ``remove_stale_temporaries`` and
+``teachers.fs.remove_temporaries`` remove what a killed writer left.
 
 Tar headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644, POSIX pax format) and members
 are written in the order given, so the same samples always give byte-identical shards. Stock
@@ -30,10 +40,13 @@ import os
 import re
 import tarfile
 import tempfile
-import uuid
+import zlib
 
-from teachers.fs import atomic_write_bytes, atomic_write_json, is_local, join, url_to_fs  # noqa: F401 (re-exported)
-from teachers.record import SCHEMA_VERSION, field_of
+from teachers.fs import (TMP_MARK, atomic_write_bytes, atomic_write_json, is_local, join,  # noqa: F401 (re-exported)
+                         remove_temporaries, tmp_name, url_to_fs)
+from teachers.record import (CHECKSUM_MISMATCH, JSON, NON_FINITE, SUPPORTED_SCHEMA_VERSIONS, BadRecord, field_of,
+                             load_npy, member_checksum, verify_members)
+from teachers.schema import ShardIndex, index_name, new_index_fields
 
 TAR_MTIME = 0  # fixed header time: re-running a shard must give the same bytes
 _SHARD_RE = re.compile(r"^(\d{6})\.json$")
@@ -41,10 +54,6 @@ _SHARD_RE = re.compile(r"^(\d{6})\.json$")
 
 def shard_name(index: int) -> str:
     return f"{index:06d}.tar"
-
-
-def index_name(index: int) -> str:
-    return f"{index:06d}.json"
 
 
 def embeds_name(index: int) -> str:
@@ -87,16 +96,25 @@ class _HashingFile(io.RawIOBase):
 
 class _Limited:
     """The next ``size`` bytes of ``src``, read in the chunks tarfile asks for (member data copied
-    without holding a whole member in memory)."""
+    without holding a whole member in memory), with their CRC-32 as they pass."""
 
     def __init__(self, src, size: int):
-        self._src, self._left = src, size
+        self._src, self._left, self.crc = src, size, 0
 
     def read(self, n: int = -1) -> bytes:
         n = self._left if n < 0 else min(n, self._left)
         data = self._src.read(n)
         self._left -= len(data)
+        self.crc = zlib.crc32(data, self.crc)
         return data
+
+
+def _crc_of_range(src, offset: int, size: int) -> str:
+    src.seek(offset)
+    part = _Limited(src, size)
+    while part.read(1 << 20):
+        pass
+    return f"{part.crc:08x}"
 
 
 class ShardWriter:
@@ -115,7 +133,7 @@ class ShardWriter:
         self._local = is_local(fs)
         if self._local:
             os.makedirs(root, exist_ok=True)
-            self._tmp = os.path.join(root, f".{shard_name(shard_index)}.tmp-{uuid.uuid4().hex}")
+            self._tmp = tmp_name(os.path.join(root, shard_name(shard_index)))
         else:
             fd, self._tmp = tempfile.mkstemp(suffix=".tar")
             os.close(fd)
@@ -130,6 +148,8 @@ class ShardWriter:
         self.field_bytes: dict[str, int] = {}
         self.scores: dict[str, list] | None = None  # name -> per-key values (scored shards)
         self.embeddings: list | None = None  # per-key (dim,) float32 rows (scored shards)
+        self.checksums: list[dict[str, str]] = []  # per key {ext: member_checksum}
+        self._current: dict[str, str] = {}
         self.index: dict | None = None
 
     def write(self, sample: dict[str, bytes], *, scores: dict[str, float | None] | None = None,
@@ -141,32 +161,46 @@ class ShardWriter:
         start = self._tar.offset
         for ext, data in sample.items():
             if not ext.startswith("__"):
-                self._add(key, ext, len(data), io.BytesIO(data))
+                self._add(key, ext, len(data), _Limited(io.BytesIO(data), len(data)))
         self._finish(key, start, scores, embedding)
 
     def copy_members(self, src, key: str, members: list[tuple[str, int, int]], *,
-                     scores: dict[str, float | None] | None = None, embedding=None) -> None:
+                     scores: dict[str, float | None] | None = None, embedding=None,
+                     checksums: dict[str, str] | None = None) -> None:
         """Append sample ``key`` by streaming its members' data from ``src``, an open source shard.
 
         ``members``: (ext, data offset, size) as ``sample_members`` finds them. The data is copied
         unchanged in 1 MiB chunks (never a whole sample in memory); the headers are this writer's.
+        ``checksums``: the source index's entry for ``key`` (``ShardIndex.member_checksums``): the
+        members are checked against it first, and a mismatch raises ``BadRecord``
+        (``checksum_mismatch`` / ``missing_member``) with nothing written.
         """
         self._check_light(key, scores, embedding)
+        if checksums is not None:
+            exts = {ext for ext, _, _ in members}
+            if exts != set(checksums):
+                verify_members(checksums, {"__key__": key, **{ext: b"" for ext in exts}})  # raises missing_member
+            for ext, offset, size in members:
+                if _crc_of_range(src, offset, size) != checksums[ext]:
+                    raise BadRecord(CHECKSUM_MISMATCH, f"sample {key!r}: member {ext} differs from its index checksum")
         start = self._tar.offset
         for ext, offset, size in members:
             src.seek(offset)
             self._add(key, ext, size, _Limited(src, size))
         self._finish(key, start, scores, embedding)
 
-    def _add(self, key: str, ext: str, size: int, data) -> None:
+    def _add(self, key: str, ext: str, size: int, data: _Limited) -> None:
         info = tarfile.TarInfo(f"{key}.{ext}")
         info.size, info.mtime, info.mode = size, TAR_MTIME, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         self._tar.addfile(info, data)
+        self._current[ext] = f"{data.crc:08x}"  # of the bytes written, as they streamed
         self.field_bytes[field_of(ext)] = self.field_bytes.get(field_of(ext), 0) + size
 
     def _finish(self, key: str, start: int, scores, embedding) -> None:
+        self.checksums.append(self._current)
+        self._current = {}
         self.keys.append(key)
         self._key_set.add(key)
         self.offsets.append([start, self._tar.offset])
@@ -215,11 +249,12 @@ class ShardWriter:
             fs, fpath = url_to_fs(final)
             fs.put_file(self._tmp, fpath)
             os.remove(self._tmp)
-        self.index = dict(self.extra, **light, shard=shard_name(self.shard_index), count=len(self.keys),
-                          keys=self.keys, offsets=self.offsets, bytes=self._hash.size,
-                          sha256=self._hash.sha256.hexdigest(), field_bytes=self.field_bytes,
-                          schema_version=SCHEMA_VERSION, recipe_hash=self.recipe_hash)
-        atomic_write_json(join(self.out_dir, index_name(self.shard_index)), self.index)
+        index = ShardIndex.from_dict(dict(
+            self.extra, **light, **new_index_fields(), shard=shard_name(self.shard_index), count=len(self.keys),
+            keys=self.keys, offsets=self.offsets, checksums=self.checksums, bytes=self._hash.size,
+            sha256=self._hash.sha256.hexdigest(), field_bytes=self.field_bytes, recipe_hash=self.recipe_hash))
+        index.write(self.out_dir, self.shard_index)
+        self.index = index.to_dict()
         return self.index
 
     def abort(self) -> None:
@@ -241,15 +276,13 @@ class ShardWriter:
             self.abort()
 
 
-def remove_stale_temporaries(out_dir: str, shard_index: int) -> None:
-    """Delete a killed writer's leftover temporaries of one shard (local folders; remote ones never
-    reach the bucket: they are local files)."""
-    import glob
-
-    fs, root = url_to_fs(out_dir)
-    if is_local(fs):
-        for path in glob.glob(os.path.join(root, f".{shard_name(shard_index)}.tmp-*")):
-            os.remove(path)
+def remove_stale_temporaries(out_dir: str, shard_index: int) -> list[str]:
+    """Delete every temporary a killed writer of shard ``shard_index`` left: the tar's, the index's
+    and the embedding sidecar's (``NNNNNN.*.tmp-<uuid>``; also the dot-prefixed tar temporaries of
+    earlier versions). Safe while other shards are being written: only this shard's names match.
+    Returns the names removed. (Remote writes leave none: they upload whole.)"""
+    prefix = f"{shard_index:06d}."
+    return remove_temporaries(out_dir, prefix) + remove_temporaries(out_dir, "." + prefix)
 
 
 def list_indexes(out_dir: str) -> list[int]:
@@ -262,9 +295,10 @@ def list_indexes(out_dir: str) -> list[int]:
 
 
 def read_index(out_dir: str, shard_index: int) -> dict:
-    fs, path = url_to_fs(join(out_dir, index_name(shard_index)))
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+    """The index of shard ``shard_index`` as a dict (``ShardIndex.to_dict``), validated: a
+    ``UserError`` names the file and the bad field or unsupported ``schema_version``;
+    ``FileNotFoundError`` when it is absent."""
+    return ShardIndex.read(out_dir, shard_index).to_dict()
 
 
 def read_embeddings(out_dir: str, shard_index: int, index: dict):
@@ -361,14 +395,29 @@ def _runs(wanted: list[tuple[str, list[int]]], max_bytes: int):
 
 
 def read_samples(out_dir: str, shard_index: int, wanted: list[tuple[str, list[int] | None]], *,
-                 max_read: int = 64 << 20):
+                 max_read: int = 64 << 20, index: dict | None = None):
     """Read whole samples by key from one shard -> yields ``(key, sample or None, problem or None)``.
 
     ``wanted``: (key, its ``[start, end)`` from the index's ``offsets``, or None to scan the tar).
     Adjacent ranges are fetched with one ranged read (at most ``max_read`` bytes), so copying a run
     of kept samples reads the shard sequentially; nothing outside the wanted ranges is read. Member
-    bytes come back unchanged. A sample that cannot be read yields its problem instead of raising.
+    bytes come back unchanged, checked against the index's checksums (``index``, or the shard's
+    index read here): a sample that cannot be read or does not match yields its problem instead of
+    raising, ``"<reason>: <detail>"`` with the reason code first (``checksum_mismatch``, ...).
     """
+    if index is None:
+        index = read_index(out_dir, shard_index)
+    sums = dict(zip(index["keys"], index["checksums"])) if index.get("checksums") is not None else {}
+    for key, sample, problem in _read_samples(out_dir, shard_index, wanted, max_read):
+        if sample is not None:
+            try:
+                verify_members(sums.get(key) if sums else None, sample)
+            except BadRecord as err:
+                sample, problem = None, f"{shard_name(shard_index)}: {err}"
+        yield key, sample, problem
+
+
+def _read_samples(out_dir: str, shard_index: int, wanted, max_read: int):
     fs, path = url_to_fs(join(out_dir, shard_name(shard_index)))
     ranged = [(k, o) for k, o in wanted if o is not None]
     scan = {k for k, o in wanted if o is None}
@@ -416,29 +465,82 @@ def _scan_samples(f, shard_index: int, keys: set[str]):
         yield key, None, problem or f"sample {key!r} not found in {shard_name(shard_index)}"
 
 
-def _sha256_of(out_dir: str, name: str) -> tuple[str, int, list[str]]:
-    fs, path = url_to_fs(join(out_dir, name))
-    digest, size = hashlib.sha256(), 0
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        keys = []
+def _stream_check(f, index: dict) -> tuple[str, list[str], list[str]]:
+    """One pass over an open shard: (its sha256, its keys in order, problems with its members).
+
+    Problems: a member whose checksum differs from the index, a member the index does not list or
+    one it lists that is absent, an ``.npy`` member that does not parse or holds NaN/Inf, a json
+    member that does not parse, names another key or has an unsupported schema version.
+    """
+    import numpy as np
+
+    digest = hashlib.sha256()
+
+    class _Tee:  # hashes exactly the bytes tarfile reads, in order
+        def read(self, n=-1):
+            data = f.read(n)
+            digest.update(data)
+            return data
+
+    sums = dict(zip(index["keys"], index["checksums"])) if index.get("checksums") is not None else None
+    keys, seen, problems = [], {}, []
+
+    def close_sample(key):
+        if sums is not None and key in sums and set(sums[key]) != set(seen):
+            problems.append(f"sample {key!r}: members {sorted(seen)}, index lists {sorted(sums[key])}")
+
+    with tarfile.open(fileobj=_Tee(), mode="r|") as tar:
         for member in tar:
-            key = member.name.split(".", 1)[0]
+            key, _, ext = member.name.partition(".")
             if not keys or keys[-1] != key:
+                if keys:
+                    close_sample(keys[-1])
                 keys.append(key)
-    return digest.hexdigest(), size, keys
+                seen = {}
+            data = tar.extractfile(member).read() if member.isfile() else b""
+            seen[ext] = True
+            if sums is not None and sums.get(key, {}).get(ext) != member_checksum(data):
+                problems.append(f"{CHECKSUM_MISMATCH}: sample {key!r} member {ext}")
+            if ext == JSON:
+                problems += _json_problems(key, data)
+            if ext.endswith(".npy"):
+                try:
+                    array = load_npy(data)
+                except ValueError as err:
+                    problems.append(f"sample {key!r} member {ext} does not parse: {err}")
+                    continue
+                if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                    problems.append(f"{NON_FINITE}: sample {key!r} member {ext} holds NaN or Inf")
+        if keys:
+            close_sample(keys[-1])
+    while chunk := f.read(1 << 20):  # what tarfile left unread (end-of-archive padding) is hashed too
+        digest.update(chunk)
+    return digest.hexdigest(), keys, problems
+
+
+def _json_problems(key: str, data: bytes) -> list[str]:
+    try:
+        meta = json.loads(data)
+    except ValueError as err:
+        return [f"sample {key!r} json does not parse: {err}"]
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        return [f"sample {key!r} json names key {meta.get('key') if isinstance(meta, dict) else None!r}"]
+    if meta.get("schema_version") not in SUPPORTED_SCHEMA_VERSIONS:
+        return [f"sample {key!r} json has schema_version {meta.get('schema_version')!r}"]
+    return []
 
 
 def verify_shard(out_dir: str, shard_index: int, *, check_hash: bool = True, recipe_hash: str | None = None) -> list[str]:
-    """Problems found with shard ``shard_index`` against its index; empty means complete and intact."""
+    """Problems found with shard ``shard_index`` against its index; empty means complete and intact.
+
+    Checks the tar's size and (``check_hash``) its sha256, keys, every member's checksum and that
+    every array member is finite, and the embedding sidecar of a scored shard.
+    """
     try:
         index = read_index(out_dir, shard_index)
     except FileNotFoundError:
         return [f"{index_name(shard_index)} missing"]
-    except ValueError as err:
+    except ValueError as err:  # UserError included: an invalid or unsupported index
         return [f"{index_name(shard_index)} unreadable: {err}"]
     name = shard_name(shard_index)
     fs, path = url_to_fs(join(out_dir, name))
@@ -452,13 +554,15 @@ def verify_shard(out_dir: str, shard_index: int, *, check_hash: bool = True, rec
         problems.append(f"{name} has {size} bytes, index says {index.get('bytes')}")
     elif check_hash:
         try:
-            sha, _, keys = _sha256_of(out_dir, name)
+            with fs.open(path, "rb") as f:
+                sha, keys, member_problems = _stream_check(f, index)
         except tarfile.TarError as err:
             return problems + [f"{name} is not a readable tar: {err}"]
         if sha != index.get("sha256"):
             problems.append(f"{name} sha256 {sha[:12]}... differs from index {str(index.get('sha256'))[:12]}...")
         if keys != index.get("keys"):
             problems.append(f"{name} holds keys that differ from its index")
+        problems += [f"{name}: {p}" for p in member_problems]
     return problems + _embedding_problems(out_dir, shard_index, index, check_hash)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from teachers import record, shards
+from teachers import record, schema, shards
 from teachers.sampler import SampleResult
 from students.data import ReadStats, dataset_shards, decode_records, record_pipeline
 
@@ -114,7 +114,7 @@ def test_writer_killed_mid_shard_leaves_nothing_under_the_final_name(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     names = os.listdir(tmp_path)
     assert "000003.tar" not in names and "000003.json" not in names
-    assert any(n.startswith(".000003.tar.tmp-") for n in names)  # the partial write, under a temporary name
+    assert any(n.startswith("000003.tar.tmp-") for n in names)  # the partial write, under a temporary name
     assert shards.list_indexes(str(tmp_path)) == []
     assert shards.verify_shard(str(tmp_path), 3) == ["000003.json missing"]
 
@@ -161,3 +161,163 @@ def test_corrupt_sample_is_skipped_and_counted():
     stats = ReadStats()
     out = list(decode_records([bad, good], stats))
     assert [r.key for r in out] == ["g-s0"] and stats.skipped == 1 and stats.reasons == {"corrupt_member": 1}
+
+
+def test_cleanup_removes_every_kind_of_temporary(tmp_path):
+    _write(tmp_path, 3, ["a-s0"])
+    planted = ["000003.tar.tmp-1a", "000003.json.tmp-2b", "000003.emb.npy.tmp-3c", ".000003.tar.tmp-4d"]
+    others = ["000004.json.tmp-5e", "dataset.json.tmp-6f", "negative_prompt_embeds.npy.tmp-7a"]
+    for name in planted + others:
+        (tmp_path / name).write_bytes(b"partial")
+    removed = shards.remove_stale_temporaries(str(tmp_path), 3)
+    assert sorted(removed) == sorted(planted)
+    names = set(os.listdir(tmp_path))
+    assert {"000003.tar", "000003.json"} <= names and set(others) <= names  # shard 4 may be live: untouched
+    from teachers.fs import remove_temporaries
+
+    assert sorted(remove_temporaries(str(tmp_path))) == sorted(others)  # the launcher, before workers start
+    assert sorted(os.listdir(tmp_path)) == ["000003.json", "000003.tar"]
+    assert shards.verify_shard(str(tmp_path), 3) == []
+
+
+def test_index_holds_a_checksum_per_member_and_readers_refuse_a_flipped_byte(tmp_path):
+    index = _write(tmp_path, 0, ["a-s0", "b-s0"])
+    assert index["schema_version"] == record.SCHEMA_VERSION and index["checksum_algorithm"] == "crc32"
+    sample = record.encode_sample(fake_result("b-s0", seed=hash("b-s0") % 1000), {})[0]
+    assert index["checksums"][1] == {ext: record.member_checksum(data) for ext, data in sample.items() if ext != "__key__"}
+    # Flip 8 bytes inside b-s0's latents member (the data, not a header): the tar still parses.
+    path = tmp_path / "000000.tar"
+    with open(path, "rb") as f:
+        members = shards.sample_members(f, "b-s0", *index["offsets"][1])
+    ext, offset, size = next(m for m in members if m[0] == "latents.npy")
+    data = bytearray(path.read_bytes())
+    data[offset + size - 16 : offset + size - 8] = bytes(b ^ 0xFF for b in data[offset + size - 16 : offset + size - 8])
+    path.write_bytes(bytes(data))
+    got = {k: (s is not None, p) for k, s, p in shards.read_samples(str(tmp_path), 0, [(k, o) for k, o in zip(index["keys"], index["offsets"])])}
+    assert got["a-s0"] == (True, None)
+    assert not got["b-s0"][0] and "checksum_mismatch" in got["b-s0"][1] and "'b-s0'" in got["b-s0"][1] and "latents.npy" in got["b-s0"][1]
+    # The filter's streaming copy, given the index's checksums, refuses before writing anything.
+    ix = shards.ShardIndex.read(str(tmp_path), 0)
+    with open(path, "rb") as f, shards.ShardWriter(str(tmp_path / "out"), 0, recipe_hash="r1") as w:
+        for key, rng in zip(ix.keys, ix.offsets):
+            try:
+                w.copy_members(f, key, shards.sample_members(f, key, *rng), checksums=ix.member_checksums(key))
+            except record.BadRecord as err:
+                assert err.reason == "checksum_mismatch" and key == "b-s0"
+    assert w.index["keys"] == ["a-s0"] and shards.verify_shard(str(tmp_path / "out"), 0) == []
+    problems = shards.verify_shard(str(tmp_path), 0)
+    assert any("checksum_mismatch: sample 'b-s0' member latents.npy" in p for p in problems), problems
+    assert record.check_sample(ix.member_checksums("a-s0"), dict(sample, __key__="a-s0")) == "checksum_mismatch"
+    assert record.check_sample(ix.member_checksums("b-s0"), sample) is None
+    assert record.check_sample(ix.member_checksums("b-s0"), {k: v for k, v in sample.items() if k != "txt"}) == "missing_member"
+
+
+def test_non_finite_arrays_are_refused_by_the_reader_and_verify(tmp_path):
+    sample = record.encode_sample(fake_result("n-s0"), {})[0]
+    latents = record.load_npy(sample["latents.npy"]).copy()
+    latents[0, 0, 0, 0] = np.nan
+    sample["latents.npy"] = record.npy_bytes(latents)  # as a corrupted writer might have stored it
+    with shards.ShardWriter(str(tmp_path), 0, recipe_hash="r1") as w:  # checksums agree: only finiteness catches it
+        w.write(sample)
+    assert record.nonfinite_members(sample) == ["latents.npy"]
+    with pytest.raises(record.BadRecord) as err:
+        record.decode_sample(sample)
+    assert err.value.reason == "non_finite" and "latents" in str(err.value)
+    assert any("non_finite: sample 'n-s0' member latents.npy" in p for p in shards.verify_shard(str(tmp_path), 0))
+    stats = ReadStats()
+    assert list(decode_records([sample], stats)) == [] and stats.reasons == {"non_finite": 1}
+
+
+def test_non_finite_image_is_a_rejection_not_a_png():
+    res = dataclasses.replace(fake_result(), image_error="non_finite_image")
+    with pytest.raises(record.BadRecord) as err:
+        record.encode_sample(res, {})
+    assert err.value.reason == "non_finite_image"
+    with pytest.raises(record.BadRecord, match="non_finite_image"):
+        record.png_bytes(np.full((4, 4, 3), np.nan, np.float32))
+
+
+def test_inspect_verify_reports_each_shard_once(tmp_path, capsys):
+    from teachers.inspect import main
+
+    _write(tmp_path, 0, ["a-s0"])
+    _write(tmp_path, 1, ["b-s0"])
+    os.remove(tmp_path / "000001.json")
+    assert main([str(tmp_path), "--verify"]) == 1
+    out, err = capsys.readouterr()
+    assert "verify: 1 ok, 1 bad" in out and "BAD 000001.tar: no index" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("distill inspect: error:") and "holds no shards" in err
+    assert main([]) == 2 and "a dataset folder is required" in capsys.readouterr().err
+
+
+def test_unsupported_schema_versions_are_one_line_naming_file_and_versions(tmp_path, capsys):
+    from diffusion_distill.errors import UserError
+    from teachers import schema
+    from teachers.inspect import main
+
+    index = _write(tmp_path, 0, ["a-s0"])
+    info = schema.DatasetInfo(schema_version=2, recipe={"teacher": "tiny"}, recipe_hash="r1",
+                              shards=[{k: index[k] for k in ("shard", "count", "bytes", "sha256")}],
+                              extra={"future_field": [1, 2]})
+    schema.write_dataset_info(str(tmp_path), info)
+    again = schema.read_dataset_info(str(tmp_path))
+    assert again == info and again.to_dict()["future_field"] == [1, 2]  # unknown fields round-trip
+    assert main([str(tmp_path), "--verify"]) == 0
+    schema.write_dataset_info(str(tmp_path), dataclasses.replace(info, recipe_hash="r9"))
+    assert main([str(tmp_path), "--verify"]) == 1
+    assert "made with recipe r1, expected r9" in capsys.readouterr().err
+    schema.write_dataset_info(str(tmp_path), dataclasses.replace(info, recipe_hash="r9", lineage={"filter_recipe_hash": "r1"}))
+    assert main([str(tmp_path), "--verify"]) == 0
+    schema.write_dataset_info(str(tmp_path), info)
+    d = json.loads((tmp_path / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps(dict(d, schema_version=99)))
+    with pytest.raises(UserError, match=r"dataset.json has schema_version 99; .* reads 1, 2"):
+        schema.read_dataset_info(str(tmp_path))
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "schema_version 99" in err and "dataset.json" in err
+    (tmp_path / "dataset.json").write_text(json.dumps(dict(d, shards="000000.tar")))
+    with pytest.raises(UserError, match="field 'shards' is str"):
+        schema.read_dataset_info(str(tmp_path))
+    ix = json.loads((tmp_path / "000000.json").read_text())
+    (tmp_path / "000000.json").write_text(json.dumps(dict(ix, schema_version=7)))
+    with pytest.raises(UserError, match=r"000000.json has schema_version 7"):
+        shards.read_index(str(tmp_path), 0)
+    (tmp_path / "000000.json").write_text(json.dumps(dict(ix, count=5)))
+    with pytest.raises(UserError, match="000000.json: field 'count' is 5 but 'keys' lists 1"):
+        shards.ShardIndex.read(str(tmp_path), 0)
+    assert "unreadable" in shards.verify_shard(str(tmp_path), 0)[0]
+    with pytest.raises(UserError, match="made with recipe 'r1', expected 'r2'"):
+        schema.check_recipe_hash(ix["recipe_hash"], "r2", "000000.json")
+
+
+def test_key_pattern_is_public():
+    assert record.KEY_PATTERN.match("p0001-s2") and not record.KEY_PATTERN.match("a.b")
+    assert record.check_key("p0001-s2") == "p0001-s2"
+
+
+def test_a_schema1_index_without_checksums_still_reads(tmp_path):
+    index = _write(tmp_path, 0, ["a-s0"])
+    old = {k: v for k, v in index.items() if k not in ("checksums", "checksum_algorithm", "offsets")}
+    (tmp_path / "000000.json").write_text(json.dumps(dict(old, schema_version=1)))
+    ix = shards.ShardIndex.read(str(tmp_path), 0)
+    assert ix.schema_version == 1 and ix.member_checksums("a-s0") is None and ix.offsets is None
+    assert shards.read_index(str(tmp_path), 0)["keys"] == ["a-s0"]
+    got = list(shards.read_samples(str(tmp_path), 0, [("a-s0", None)]))
+    assert got[0][0] == "a-s0" and got[0][1] is not None and got[0][2] is None
+    assert shards.verify_shard(str(tmp_path), 0) == []
+
+
+def test_a_sample_missing_or_reshaping_a_listed_member_is_a_bad_record():
+    sample = record.encode_sample(fake_result("m-s0"), {})[0]
+    with pytest.raises(record.BadRecord) as err:
+        record.decode_sample({k: v for k, v in sample.items() if k != "latents.npy"})
+    assert err.value.reason == "missing_member" and "latents" in str(err.value)
+    short = dict(sample, **{"latents.npy": record.npy_bytes(record.load_npy(sample["latents.npy"])[:2])})
+    with pytest.raises(record.BadRecord) as err:
+        record.decode_sample(short)
+    assert err.value.reason == "corrupt_member" and "latents" in str(err.value)

@@ -144,19 +144,6 @@ class AnalyserFrechet:
         self.real.append(self.analyser.read(truth)[0])
 
     def compute(self) -> dict:
-        return {"frechet_analyser": frechet_distance(np.concatenate(self.fake), np.concatenate(self.real))}
+        from teachers.frechet import frechet_distance_of_features
 
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to feature sets a and b (float64)."""
-    from scipy import linalg
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(len(mu_a)) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+        return {"frechet_analyser": frechet_distance_of_features(np.concatenate(self.fake), np.concatenate(self.real))}
