@@ -44,7 +44,7 @@ def test_offline_and_online_teachers_give_the_same_loss(tiny_dump, tiny_teacher)
     records = list(record_pipeline(dataset_shards(tiny_dump)[:1]))
     meta = json.load(open(os.path.join(tiny_dump, "dataset.json")))
     negative = np.load(os.path.join(tiny_dump, meta["shared"]["negative_prompt_embeds"]))
-    data = training_batch(records, negative, recipe, seed=0, epoch=0, final_alpha_cumprod=0.99915)
+    data = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=records[0].meta["scheduler_config"])
     batch, offline = data["batch"], data["targets"]
     online = online_targets(tiny_teacher.unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], ["mid_block", "up_blocks.0"])
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
     def held_out_loss(student):
         losses = []
         for epoch in range(4):  # several recorded points per sample
-            data = training_batch(held_out, negative, recipe, seed=1, epoch=epoch, final_alpha_cumprod=0.99915)
+            data = training_batch(held_out, negative, recipe, seed=1, epoch=epoch, scheduler_config=held_out[0].meta["scheduler_config"])
             with torch.no_grad():
                 losses.append(compute_losses(student, torch.nn.ModuleDict(), data["batch"], data["targets"], recipe,
                                              torch.tensor(np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)).float(),
@@ -176,7 +176,7 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
                       "--feature_layers", "", "--save_images", "--progress", "off"])
     records = list(record_pipeline(dataset_shards(str(tmp_path / "d"))))
     held_out = training_batch(records[-4:], np.zeros((77, 32)), get_recipe("output_kd"), seed=0, epoch=0,
-                              final_alpha_cumprod=0.99915, with_images=True)["batch"]
+                              scheduler_config=records[0].meta["scheduler_config"], with_images=True)["batch"]
 
     def held_out_loss(decoder):
         with torch.no_grad():
@@ -203,7 +203,7 @@ def test_sdxl_shaped_dump_trains_and_online_equals_offline(tmp_path, tiny_xl_tea
     assert set(shared) == {"negative_prompt_embeds", "negative_pooled_prompt_embeds"}
     recipe = get_recipe("snapgen_kd", feature_weights=(("mid_block", 1.0),))
     records = list(record_pipeline(dataset_shards(str(tmp_path / "d"))))[:4]
-    data = training_batch(records, shared, recipe, seed=0, epoch=0, final_alpha_cumprod=0.99915)
+    data = training_batch(records, shared, recipe, seed=0, epoch=0, scheduler_config=records[0].meta["scheduler_config"])
     batch = data["batch"]
     assert batch["added"]["text_embeds"].shape == (4, 32) and batch["added"]["time_ids"].shape == (4, 6)
     online = online_targets(tiny_xl_teacher.unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], ["mid_block"],
