@@ -253,52 +253,54 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     log = ckpt.RunLog(cfg, rank) if rank == 0 else None
     losses: list[float] = []
     start_step, t0 = step, time.monotonic()
-    while step < cfg.max_steps:
-        optimizer.zero_grad(set_to_none=True)
-        terms = {}
-        for micro in range(cfg.grad_accum):
-            records = batches.next()
-            data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
-                                  scheduler_config=dataset["scheduler_config"], with_images=decoder is not None)
-            batch, targets = _to(data["batch"], device), _to(data["targets"], device)
-            if teacher_unet is not None:
-                targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
-                                         batch.get("added"), batch.get("added_uncond"))
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
-                    torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-                terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
-                                       decoder_weight=cfg.decoder_weight)
-            _check_finite(terms, step + 1, batch["keys"], world, cfg.output)
-            (terms["loss"] / cfg.grad_accum).backward()
-        if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
-            for p in heads.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        optimizer.step()
-        scheduler.step()
-        if ema_unet is not None:
-            ckpt.update_ema(ema_unet, student, cfg.ema_decay)
-        step += 1
-        losses.append(float(terms["loss"].detach()))
+    try:
+        while step < cfg.max_steps:
+            optimizer.zero_grad(set_to_none=True)
+            terms = {}
+            for micro in range(cfg.grad_accum):
+                records = batches.next()
+                data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
+                                      scheduler_config=dataset["scheduler_config"], with_images=decoder is not None)
+                batch, targets = _to(data["batch"], device), _to(data["targets"], device)
+                if teacher_unet is not None:
+                    targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
+                                             batch.get("added"), batch.get("added_uncond"))
+                sync = micro == cfg.grad_accum - 1 or world == 1
+                with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
+                        torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                    terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
+                                           decoder_weight=cfg.decoder_weight)
+                _check_finite(terms, step + 1, batch["keys"], world, cfg.output)
+                (terms["loss"] / cfg.grad_accum).backward()
+            if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
+                for p in heads.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            optimizer.step()
+            scheduler.step()
+            if ema_unet is not None:
+                ckpt.update_ema(ema_unet, student, cfg.ema_decay)
+            step += 1
+            losses.append(float(terms["loss"].detach()))
+            if log is not None:
+                log.step(step, {k: float(v.detach()) for k, v in terms.items()}, scheduler.get_last_lr()[0], float(grad_norm),
+                         samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
+            if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
+                log.grid(step, student, ema_unet, dataset, urls, recipe)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                if rank == 0:
+                    log.flush()
+                    ckpt.save(cfg.output, state, step=step, keep=cfg.keep_checkpoints,
+                              config={"train": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe)})
+                if world > 1:
+                    torch.distributed.barrier()
+                if stop_after is not None and step >= stop_after:
+                    break
+    finally:
         if log is not None:
-            log.step(step, {k: float(v.detach()) for k, v in terms.items()}, scheduler.get_last_lr()[0], float(grad_norm),
-                     samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
-        if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
-            log.grid(step, student, ema_unet, dataset, urls, recipe)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            if rank == 0:
-                log.flush()
-                ckpt.save(cfg.output, state, step=step, keep=cfg.keep_checkpoints,
-                          config={"train": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe)})
-            if world > 1:
-                torch.distributed.barrier()
-            if stop_after is not None and step >= stop_after:
-                break
-    if log is not None:
-        log.close(batches.stats)
+            log.close(batches.stats)
     if cfg.audit_keys:
         ckpt.write_audit(cfg.output, rank, world, student, batches.seen)
     return losses
