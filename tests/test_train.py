@@ -146,8 +146,14 @@ def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
             (shutil.copytree if os.path.isdir(os.path.join(tiny_dump, name)) else shutil.copy)(os.path.join(tiny_dump, name), train_dir / name)
     meta["shards"] = meta["shards"][:3]
     (train_dir / "dataset.json").write_text(json.dumps(meta))
-    train(_cfg(str(train_dir), tmp_path / "run", recipe="output_kd", max_steps=60, lr=2e-3, warmup_steps=5,
-               checkpoint_every=60, ema_decay=0.0, image_every=60))
+    losses = train(_cfg(str(train_dir), tmp_path / "run", recipe="output_kd", max_steps=60, lr=2e-3, warmup_steps=5,
+                        checkpoint_every=60, ema_decay=0.0, image_every=60, audit_keys=1))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses  # the training loss fell
+    audit = json.load(open(tmp_path / "run" / "ranks" / "rank-0.json"))
+    shard_keys = [json.load(open(os.path.join(tiny_dump, f"{i:06d}.json")))["keys"] for i in range(3)]
+    for epoch, keys in audit["keys_by_epoch"].items():  # 60 steps x 4 = 20 epochs of 12: every shard, every sample
+        assert sorted(keys) == sorted(k for ks in shard_keys for k in ks), epoch
+    assert len(audit["keys_by_epoch"]) == 20
     from PIL import Image
     grid = Image.open(tmp_path / "run" / "grids" / "step-0000060.png")
     assert grid.size == (110 + 4 * 128, 2 * 128)  # 4 prompts; teacher row and student row (EMA off)
@@ -192,8 +198,11 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
     torch.manual_seed(0)
     from students.vae import build_vae
     before = held_out_loss(build_vae("tiny"))
-    train(_cfg(str(tmp_path / "d"), tmp_path / "run", recipe="output_kd", decoder="tiny", batch_size=2, max_steps=8,
-               lr=1e-3, warmup_steps=1, checkpoint_every=8, ema_decay=0.0))
+    losses = train(_cfg(str(tmp_path / "d"), tmp_path / "run", recipe="output_kd", decoder="tiny", batch_size=2, max_steps=8,
+                        lr=1e-3, warmup_steps=1, checkpoint_every=8, ema_decay=0.0, audit_keys=1))
+    assert losses[-1] < losses[0]
+    audit = json.load(open(tmp_path / "run" / "ranks" / "rank-0.json"))
+    assert sorted(audit["keys_by_epoch"]["0"]) == sorted(r.key for r in records)  # the one shard, every sample
     decoder = AutoencoderTiny.from_pretrained(str(tmp_path / "run" / "checkpoints" / "step-0000008" / "decoder"))
     assert held_out_loss(decoder) < 0.5 * before
 
