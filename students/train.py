@@ -256,22 +256,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     try:
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
-            terms = {}
-            for micro in range(cfg.grad_accum):
-                records = batches.next()
-                data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
-                                      scheduler_config=dataset["scheduler_config"], with_images=decoder is not None)
-                batch, targets = _to(data["batch"], device), _to(data["targets"], device)
-                if teacher_unet is not None:
-                    targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
-                                             batch.get("added"), batch.get("added_uncond"))
-                sync = micro == cfg.grad_accum - 1 or world == 1
-                with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
-                        torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-                    terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
-                                           decoder_weight=cfg.decoder_weight)
-                _check_finite(terms, step + 1, batch["keys"], world, cfg.output)
-                (terms["loss"] / cfg.grad_accum).backward()
+            terms = _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset,
+                                          train_schedule, generator, device, world, step + 1)
             if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
                 for p in heads.parameters():
                     if p.grad is not None:
@@ -304,6 +290,28 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     if cfg.audit_keys:
         ckpt.write_audit(cfg.output, rank, world, student, batches.seen)
     return losses
+
+
+def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset, train_schedule,
+                          generator, device, world, step) -> dict:
+    """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms."""
+    layers = [name for name, _ in recipe.feature_weights]
+    for micro in range(cfg.grad_accum):
+        records = batches.next()
+        data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
+                              scheduler_config=dataset["scheduler_config"], with_images=decoder is not None)
+        batch, targets = _to(data["batch"], device), _to(data["targets"], device)
+        if teacher_unet is not None:
+            targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
+                                     batch.get("added"), batch.get("added_uncond"))
+        sync = micro == cfg.grad_accum - 1 or world == 1
+        with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
+                torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
+                                   decoder_weight=cfg.decoder_weight)
+        _check_finite(terms, step, batch["keys"], world, cfg.output)
+        (terms["loss"] / cfg.grad_accum).backward()
+    return terms
 
 
 def _check_finite(terms: dict, step: int, keys: list[str], world: int, output: str) -> None:
