@@ -477,7 +477,8 @@ def parse_args(argv: list[str]) -> ExportConfig:
         raise UserError(f"expected CHECKPOINT OUTPUT, got {len(positional)} positional arguments: {positional}")
     names = ["--checkpoint", "--output"][: len(positional)]
     flat = [x for pair in zip(names, positional) for x in pair]
-    return parse(ExportConfig, flat + rest, prog="distill export", description=__doc__.split("\n")[0])[0]
+    description = __doc__.split("\n")[0] + " Usage: distill export CHECKPOINT OUTPUT [flags] (or --checkpoint, --output)."
+    return parse(ExportConfig, flat + rest, prog="distill export", description=description)[0]
 
 
 def _main(argv: list[str]) -> int:

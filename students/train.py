@@ -27,7 +27,7 @@ import torch
 from diffusion_distill.errors import UserError, run_main
 from diffusion_distill.options import option, parse
 from students import checkpoint as ckpt
-from students.data import ReadStats, dataset_shards, read_dataset, record_pipeline, training_batch
+from students.data import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline, training_batch
 from students.objective import RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections, online_targets, robust_skip
 from teachers.fs import url_to_fs
 
@@ -284,6 +284,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
                     torch.distributed.barrier()
                 if stop_after is not None and step >= stop_after:
                     break
+        if world > 1:
+            _gather_read_stats(batches.stats, rank, world)
     finally:
         if log is not None:
             log.close(batches.stats)
@@ -312,6 +314,21 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
         _check_finite(terms, step, batch["keys"], world, cfg.output)
         (terms["loss"] / cfg.grad_accum).backward()
     return terms
+
+
+def _gather_read_stats(stats: ReadStats, rank: int, world: int) -> None:
+    """Rank 0's ``stats`` += every other rank's (samples read, skips with keys), for the final summary."""
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, (stats.samples, stats.skipped, dict(stats.reasons), stats.skips))
+    if rank == 0:
+        for r, (samples, skipped, reasons, skips) in enumerate(gathered):
+            if r == 0:
+                continue
+            stats.samples += samples
+            stats.skipped += skipped
+            for reason, n in reasons.items():
+                stats.reasons[reason] = stats.reasons.get(reason, 0) + n
+            stats.skips.extend(skips[: max(0, MAX_LISTED_SKIPS - len(stats.skips))])
 
 
 def _check_finite(terms: dict, step: int, keys: list[str], world: int, output: str) -> None:
