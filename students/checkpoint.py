@@ -1,36 +1,43 @@
-"""Checkpoints (atomic, resumable), the student EMA, and what people watch during training.
+"""Checkpoints (atomic, resumable, through ``teachers.fs``), the student EMA, and what people watch during training.
 
-A checkpoint is a folder ``OUTPUT/checkpoints/step-NNNNNNN``:
+The trainer's state is a dict of stateful objects (torchtitan's pattern): each has ``state_dict()``
+and ``load_state_dict()``. ``save(output, state, step=..., config=...)`` writes it as a folder
+``OUTPUT/checkpoints/step-NNNNNNN``:
 
-    student/            save_pretrained of the student UNet
-    ema/                save_pretrained of the EMA student (if EMA is on)
-    decoder/            save_pretrained of the small decoder (if one is distilled)
-    distill_head.safetensors   the feature projections (dropped at export)
-    trainer_state.pt    optimizer, LR scheduler, RNG states, step, data position (loaded weights_only=True)
-    config.json         the TrainConfig and the DistillRecipe
+    student/, ema/, decoder/     save_pretrained of each diffusers model in ``state`` (EMA, decoder: if on)
+    distill_head.safetensors     any other ``nn.Module`` (the feature projections, dropped at export)
+    trainer_state.pt             every other object's state_dict (optimizer, LR scheduler, RNG states,
+                                 data position) and the step; tensors and plain values only (weights_only load)
+    config.json                  the TrainConfig and the DistillRecipe (written last: a folder without it is incomplete)
 
-It is written under a temporary name and renamed into place; the newest ``keep_checkpoints`` stay.
+Locally it is written under a temporary name and renamed into place; on an object store (``gs://``,
+``s3://``, ``memory://``) the files are uploaded with ``config.json`` last, and a folder without
+``config.json`` is ignored. The newest ``keep`` checkpoints stay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import json
 import os
 import random
 import shutil
+import tempfile
 import uuid
 
 import numpy as np
 import torch
 
+from teachers.fs import TMP_MARK, atomic_write_bytes, atomic_write_json, exists, is_local, join, url_to_fs
+
 CKPT_DIR = "checkpoints"
+CONFIG = "config.json"
+TRAINER_STATE = "trainer_state.pt"
 
 
 def make_ema(model):
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    return ema
+    return copy.deepcopy(model).requires_grad_(False).eval()
 
 
 @torch.no_grad()
@@ -39,90 +46,188 @@ def update_ema(ema, model, decay: float) -> None:
         e.lerp_(p.detach(), 1 - decay)
 
 
+class RNGState:
+    """Every random number generator the trainer draws from, as one stateful object: the global torch
+    (and CUDA) RNG, the trainer's own ``torch.Generator``, numpy's global RNG and Python's ``random``."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    @staticmethod
+    def seed_all(seed: int) -> None:
+        torch.manual_seed(seed)  # seeds CUDA too
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        state = {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                 "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+                 "numpy_gauss": torch.tensor([float(np_state[3]), float(np_state[4])], dtype=torch.float64),
+                 "python": torch.tensor(py_state[1], dtype=torch.int64)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        self.generator.set_state(state["generator"])
+        gauss = state.get("numpy_gauss", torch.zeros(2, dtype=torch.float64)).tolist()
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+                             int(gauss[0]), float(gauss[1])))
+        random.setstate((3, tuple(int(x) for x in state["python"]), None))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _kind(obj) -> str:
+    if hasattr(obj, "save_pretrained"):
+        return "pretrained"
+    if isinstance(obj, torch.nn.Module):
+        return "module"
+    return "state"
+
+
 def checkpoints(output: str) -> list[str]:
-    root = os.path.join(output, CKPT_DIR)
-    if not os.path.isdir(root):
+    """Complete checkpoint folders of a run, oldest first (local path or URL)."""
+    root = join(output, CKPT_DIR)
+    fs, path = url_to_fs(root)
+    if not fs.isdir(path):
         return []
-    return sorted(os.path.join(root, n) for n in os.listdir(root) if n.startswith("step-") and "tmp" not in n)
+    names = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return [join(root, n) for n in names if n.startswith("step-") and TMP_MARK not in n and exists(join(join(root, n), CONFIG))]
 
 
-def save(cfg, recipe, step, epoch, position, student, heads, ema, optimizer, scheduler, generator, decoder=None) -> str:
+def _write_local(folder: str, state: dict, step: int, config: dict) -> None:
     from safetensors.torch import save_file
 
-    root = os.path.join(cfg.output, CKPT_DIR)
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step-{step:07d}")
-    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-    student.save_pretrained(os.path.join(tmp, "student"))
-    if ema is not None:
-        ema.save_pretrained(os.path.join(tmp, "ema"))
-    if decoder is not None:
-        decoder.save_pretrained(os.path.join(tmp, "decoder"))
-    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(tmp, "distill_head.safetensors"))
-    state = {
-        "step": step, "epoch": epoch, "position": position,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(), "generator": generator.get_state(),
-        "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2]),
-        "python_rng": torch.tensor(random.getstate()[1], dtype=torch.int64),
-    }
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({"train": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe), "step": step}, f, indent=1)
-    if os.path.exists(final):  # a re-run reaching the same step: replace the old copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in checkpoints(cfg.output)[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old)
+    os.makedirs(folder, exist_ok=True)
+    plain = {"step": step}
+    for name, obj in state.items():
+        if obj is None:
+            continue
+        kind = _kind(obj)
+        if kind == "pretrained":
+            obj.save_pretrained(os.path.join(folder, name))
+        elif kind == "module":
+            save_file({k: v.contiguous() for k, v in obj.state_dict().items()}, os.path.join(folder, f"{name}.safetensors"))
+        else:
+            plain[name] = obj.state_dict()
+    torch.save(plain, os.path.join(folder, TRAINER_STATE))
+    with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as f:
+        json.dump(dict(config, step=step), f, indent=1)
+
+
+def save(output: str, state: dict, *, step: int, config: dict, keep: int = 2) -> str:
+    """Write ``state`` (name -> stateful object, None = absent) as ``OUTPUT/checkpoints/step-NNNNNNN``; returns its path.
+
+    ``config`` (JSON-able: the train config and recipe) goes into ``config.json`` with the step.
+    A checkpoint of the same step (a re-run reaching it again) is replaced; the newest ``keep`` stay.
+    """
+    root = join(output, CKPT_DIR)
+    final = join(root, f"step-{step:07d}")
+    fs, froot = url_to_fs(root)
+    if is_local(fs):
+        os.makedirs(froot, exist_ok=True)
+        ffinal = url_to_fs(final)[1]
+        tmp = f"{ffinal}{TMP_MARK}{uuid.uuid4().hex}"
+        try:
+            _write_local(tmp, state, step, config)
+            if os.path.exists(ffinal):
+                shutil.rmtree(ffinal)
+            os.replace(tmp, ffinal)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_local(tmp, state, step, config)
+            ffinal = url_to_fs(final)[1]
+            if fs.exists(ffinal):
+                fs.rm(ffinal, recursive=True)
+            files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fl in os.walk(tmp) for f in fl)
+            for rel in sorted(files, key=lambda r: r == CONFIG):  # config.json last: it marks the folder complete
+                with open(os.path.join(tmp, rel), "rb") as f:
+                    atomic_write_bytes(join(final, rel.replace(os.sep, "/")), f.read())
+    for old in checkpoints(output)[:-keep] if keep > 0 else []:
+        ofs, opath = url_to_fs(old)
+        ofs.rm(opath, recursive=True)
     return final
 
 
-def load_latest(output, student, heads, ema, optimizer, scheduler, generator, decoder=None) -> dict:
-    """Restore the newest checkpoint in ``output`` into the given objects; returns its state ({} if none)."""
+@contextlib.contextmanager
+def local_copy(path: str):
+    """A local folder with the contents of ``path`` (itself when local; a temporary download otherwise)."""
+    fs, fpath = url_to_fs(path)
+    if is_local(fs):
+        yield fpath
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get(fpath.rstrip("/") + "/", tmp + "/", recursive=True)
+        yield tmp
+
+
+def load(path: str, state: dict) -> int:
+    """Restore the checkpoint at ``path`` into ``state``'s objects; returns its step."""
     from safetensors.torch import load_file
 
+    with local_copy(path) as folder:
+        plain = torch.load(os.path.join(folder, TRAINER_STATE), weights_only=True)
+        for name, obj in state.items():
+            if obj is None:
+                continue
+            kind = _kind(obj)
+            if kind == "pretrained":
+                sub = os.path.join(folder, name)
+                if os.path.isdir(sub):
+                    obj.load_state_dict(type(obj).from_pretrained(sub).state_dict())
+            elif kind == "module":
+                obj.load_state_dict(load_file(os.path.join(folder, f"{name}.safetensors")))
+            elif name in plain:
+                obj.load_state_dict(plain[name])
+    return int(plain["step"])
+
+
+def load_latest(output: str, state: dict) -> int:
+    """Restore the newest checkpoint of ``output`` into ``state``; returns its step (0 if none)."""
     found = checkpoints(output)
-    if not found:
-        return {}
-    path = found[-1]
-    cls = type(student)
-    student.load_state_dict(cls.from_pretrained(os.path.join(path, "student")).state_dict())
-    if ema is not None and os.path.isdir(os.path.join(path, "ema")):
-        ema.load_state_dict(cls.from_pretrained(os.path.join(path, "ema")).state_dict())
-    heads.load_state_dict(load_file(os.path.join(path, "distill_head.safetensors")))
-    if decoder is not None:
-        decoder.load_state_dict(type(decoder).from_pretrained(os.path.join(path, "decoder")).state_dict())
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["generator"])
-    np.random.set_state(("MT19937", state["numpy_rng"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(int(x) for x in state["python_rng"]), None))
-    return state
+    return load(found[-1], state) if found else 0
 
 
 class RunLog:
-    """Progress bar (loss, samples/s) and TensorBoard scalars on rank 0."""
+    """Progress bar (loss, samples/s), ``losses.jsonl`` and TensorBoard scalars on rank 0."""
 
     def __init__(self, cfg, rank: int):
         from tqdm import tqdm
 
         self.cfg = cfg
-        os.makedirs(cfg.output, exist_ok=True)
+        self.path = join(cfg.output, "losses.jsonl")
+        fs, fpath = url_to_fs(cfg.output)
+        self.local = is_local(fs)
+        if self.local:
+            os.makedirs(fpath, exist_ok=True)
+        # an object store cannot append: the log is kept here and rewritten whole at each checkpoint
+        self.lines: list[str] = [] if self.local or not exists(self.path) else \
+            url_to_fs(self.path)[0].cat_file(url_to_fs(self.path)[1]).decode("utf-8").splitlines(keepends=True)
         self.bar = tqdm(total=cfg.max_steps, desc="train", unit="step", disable=rank != 0)
         self.writer = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if self.local:  # TensorBoard writes local files only
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(cfg.output, "tb"))
-        except ImportError:  # tensorboard is a declared dependency; without it, the bar still shows progress
-            self.writer = None
+                self.writer = SummaryWriter(os.path.join(fpath, "tb"))
+            except ImportError:  # tensorboard is a declared dependency; without it, the bar still shows progress
+                self.writer = None
 
     def step(self, step: int, terms: dict, lr: float, grad_norm: float, samples_per_s: float) -> None:
         # losses.jsonl: one line per step (a resumed run appends the steps it redoes, with the same values)
-        with open(os.path.join(self.cfg.output, "losses.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **terms, "lr": lr, "grad_norm": grad_norm}) + "\n")
+        line = json.dumps({"step": step, **terms, "lr": lr, "grad_norm": grad_norm}) + "\n"
+        if self.local:
+            with open(url_to_fs(self.path)[1], "a", encoding="utf-8") as f:
+                f.write(line)
+        else:
+            self.lines.append(line)
         if self.bar.n < step:
             self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{terms['loss']:.4f}", samples_s=f"{samples_per_s:.1f}")
@@ -132,6 +237,10 @@ class RunLog:
             self.writer.add_scalar("lr", lr, step)
             self.writer.add_scalar("grad_norm", grad_norm, step)
             self.writer.add_scalar("samples_per_s", samples_per_s, step)
+
+    def flush(self) -> None:
+        if not self.local:
+            atomic_write_bytes(self.path, "".join(self.lines).encode("utf-8"))
 
     def grid(self, step: int, student, ema, dataset: dict, urls: list[str], recipe) -> str:
         """PNG grid: teacher at its steps, then the student (and its EMA) at the recipe's student steps."""
@@ -154,14 +263,15 @@ class RunLog:
             rows.append(sample_images(self._teacher.pipe, ema, self._prompts, self._seeds, steps))
             labels.append(f"EMA {steps} st")
         student.train()
-        path = os.path.join(self.cfg.output, "grids", f"step-{step:07d}.png")
+        path = join(join(self.cfg.output, "grids"), f"step-{step:07d}.png")
         grid_png(rows, path, labels)
         return path
 
     def close(self, stats) -> None:
+        self.flush()
         self.bar.close()
         if stats.skipped:
-            print(f"train: skipped {stats.skipped} corrupt samples {stats.reasons}")
+            print(f"train: {stats.summary()}")
         if self.writer is not None:
             self.writer.close()
 
@@ -174,7 +284,9 @@ def write_audit(output: str, rank: int, world: int, model, seen: dict) -> None:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    os.makedirs(os.path.join(output, "ranks"), exist_ok=True)
-    with open(os.path.join(output, "ranks", f"rank-{rank}.json"), "w", encoding="utf-8") as f:
-        json.dump({"rank": rank, "world": world, "weights_sha256": digest.hexdigest(),
-                   "keys_by_epoch": {str(k): v for k, v in seen.items()}}, f)
+    fs, fpath = url_to_fs(join(output, "ranks"))
+    if is_local(fs):
+        os.makedirs(fpath, exist_ok=True)
+    atomic_write_json(join(join(output, "ranks"), f"rank-{rank}.json"),
+                      {"rank": rank, "world": world, "weights_sha256": digest.hexdigest(),
+                       "keys_by_epoch": {str(k): v for k, v in seen.items()}})

@@ -1,4 +1,4 @@
-"""Reading distillation shards: a WebDataset pipeline that yields decoded ``teachers.record.Record``s.
+"""Reading distillation shards: a WebDataset pipeline that yields checked ``teachers.record.Record``s.
 
     from students.data import dataset_shards, record_pipeline
     pipeline = record_pipeline(dataset_shards("out/dump"))
@@ -6,56 +6,228 @@
 
 Shards are split by node (``torch.distributed`` rank) and then by DataLoader worker, so every
 sample is read exactly once per epoch across all ranks and workers. Decoding goes through the
-schema module only. A corrupt sample is skipped, counted in ``ReadStats`` and logged at a limited
-rate; it never stops the reader and never passes silently.
+schema module only, and every sample passes ``check_sample`` (members present with their recorded
+shapes, per-member checksums when the shard index carries them, every array finite). A sample that
+fails is skipped and counted with its key and reason; it never stops the reader and never passes
+silently. With ``report_skips=True`` the pipeline yields ``Loaded(record, skips)`` items, so a
+consumer in the main process gathers the counts of every DataLoader worker (each worker counts in
+its own copy of this module's ``STATS``).
+
+Three functions are the trainer's only view of the dump's format, so a new schema changes them only:
+``read_dataset_info`` (``dataset.json``), ``check_sample`` (one sample) and ``noise_levels`` (the
+timesteps and noise coefficients of the recorded latents).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import time
 
+from diffusion_distill.errors import UserError
 from teachers import record
-from teachers.fs import url_to_fs
-from teachers.shards import join, list_indexes, shard_name
+from teachers.fs import exists, join, read_bytes, url_to_fs
+from teachers.shards import list_indexes, shard_name
 
 log = logging.getLogger(__name__)
+
+SUPPORTED_SCHEMA_VERSIONS = (1,)  # dataset.json / sample json versions this reader understands
+# Schedulers whose recorded latents are the variance-preserving z_t = alpha_t x0 + sigma_t eps in schema 1.
+# Schema 1 Euler dumps store the unscaled x0 + sigma eps with int-truncated timesteps: refused (issue 19).
+VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler")
+MAX_LISTED_SKIPS = 1000  # skips kept with their key and reason (all are counted)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    key: str | None  # sample key (None: a tar-level error before a key was known)
+    reason: str  # short code: corrupt_tar, unreadable_shard, missing_member, checksum, non_finite, ...
+    detail: str
 
 
 @dataclasses.dataclass
 class ReadStats:
-    """Per-process counters (each DataLoader worker holds its own copy)."""
+    """Samples read and skipped (with key and reason). Each DataLoader worker holds its own copy of
+    ``STATS``; ``record_pipeline(report_skips=True)`` hands a worker's new skips to the consumer."""
 
     samples: int = 0
     skipped: int = 0
     reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    skips: list[Skip] = dataclasses.field(default_factory=list)  # the first MAX_LISTED_SKIPS
+    pending: list[Skip] = dataclasses.field(default_factory=list)  # not yet handed to the consumer
     _last_log: float = 0.0
 
-    def skip(self, reason: str, detail: str, min_interval_s: float = 10.0) -> None:
+    def add(self, skip: Skip) -> None:
         self.skipped += 1
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.reasons[skip.reason] = self.reasons.get(skip.reason, 0) + 1
+        if len(self.skips) < MAX_LISTED_SKIPS:
+            self.skips.append(skip)
+
+    def skip(self, reason: str, detail: str, key: str | None = None, min_interval_s: float = 10.0) -> None:
+        skip = Skip(key, reason, detail)
+        self.add(skip)
+        self.pending.append(skip)
         now = time.monotonic()
         if now - self._last_log >= min_interval_s:  # rate-limited: a bad shard must not flood the log
-            log.warning("skipped corrupt sample (%s): %s [%d skipped so far]", reason, detail, self.skipped)
+            log.warning("skipped corrupt sample %s (%s): %s [%d skipped so far]", key, reason, detail, self.skipped)
             self._last_log = now
 
+    def drain(self) -> list[Skip]:
+        out, self.pending = self.pending, []
+        return out
 
-STATS = ReadStats()
+    def summary(self) -> str:
+        listed = ", ".join(f"{s.key}: {s.reason}" for s in self.skips[:20])
+        return f"skipped {self.skipped} corrupt sample(s) {dict(sorted(self.reasons.items()))} [{listed}]"
+
+
+STATS = ReadStats()  # this process's counters (a DataLoader worker's own copy in each worker)
+
+
+@dataclasses.dataclass
+class Loaded:
+    """An item of ``record_pipeline(report_skips=True)``: a record (None at the end) and the skips before it."""
+
+    record: object
+    skips: list[Skip]
+
+
+# ------------------------------------------------------------------------------------------
+# dataset.json and the list of shards
+# ------------------------------------------------------------------------------------------
+
+
+def read_dataset_info(data_dir: str) -> dict:
+    """``dataset.json`` of a dump as a dict, its schema version checked; ``UserError`` naming the file otherwise.
+
+    The one reader of ``dataset.json`` in students (at merge: ``teachers.record.read_dataset_info``).
+    """
+    path = join(data_dir, "dataset.json")
+    if not exists(path):
+        if not exists(data_dir):
+            raise UserError(f"--data {data_dir!r} does not exist")
+        raise UserError(f"{data_dir!r} has no dataset.json: not a finished dump")
+    try:
+        info = json.loads(read_bytes(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(info).__name__}")
+    version = info.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise UserError(f"{path}: schema_version {version!r} is not supported by this trainer "
+                        f"(supported: {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
+    for field in ("scheduler_class", "scheduler_config", "prediction_type", "recipe"):
+        if field not in info:
+            raise UserError(f"{path}: missing field {field!r}")
+    if info["scheduler_class"] not in VP_SCHEDULERS:
+        raise UserError(f"{path}: a schema {version} dump made with {info['scheduler_class']} stores latents this "
+                        f"trainer cannot read as z_t = alpha_t x0 + sigma_t eps (supported: {', '.join(VP_SCHEDULERS)})")
+    return info
 
 
 def dataset_shards(data_dir: str) -> list[str]:
     """Paths/URLs of a dataset's complete shards: those listed in ``dataset.json``, else those with an index."""
-    fs, path = url_to_fs(join(data_dir, "dataset.json"))
-    if fs.exists(path):  # noqa: SIM108
-        with fs.open(path, "rb") as f:
-            names = [s["shard"] for s in json.loads(f.read()).get("shards", [])]
+    if exists(join(data_dir, "dataset.json")):
+        names = [s["shard"] for s in read_dataset_info(data_dir).get("shards", [])]
+    elif not exists(data_dir):
+        raise UserError(f"--data {data_dir!r} does not exist")
     else:
         names = [shard_name(i) for i in list_indexes(data_dir)]
     if not names:
-        raise FileNotFoundError(f"no complete shards in {data_dir!r} (no dataset.json and no NNNNNN.json index)")
+        raise UserError(f"no complete shards in {data_dir!r} (its dataset.json lists none, or there is no "
+                        "dataset.json and no NNNNNN.json index): nothing to train on")
     return [join(data_dir, n) for n in names]
+
+
+def read_dataset(data_dir: str):
+    """(dataset.json as a dict, {name: array} of what is stored once: the unconditional embeddings), through fsspec."""
+    import numpy as np
+
+    dataset = read_dataset_info(data_dir)
+    negative = {}
+    for name, file in dataset.get("shared", {}).items():  # negative_prompt_embeds (+ negative_pooled_prompt_embeds: SDXL)
+        try:
+            negative[name] = record.load_npy(read_bytes(join(data_dir, file))).astype(np.float32)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{join(data_dir, file)}: cannot read the dump's {name} ({err})") from None
+        if not np.isfinite(negative[name]).all():
+            raise UserError(f"{join(data_dir, file)}: {name} contains NaN or Inf")
+    return dataset, negative
+
+
+# ------------------------------------------------------------------------------------------
+# one sample
+# ------------------------------------------------------------------------------------------
+
+
+def _member_digest(data: bytes, spec: str) -> tuple[str, str]:
+    """(expected, actual) for a checksum written ``algo:hex`` (sha256 when no prefix)."""
+    algo, _, want = spec.rpartition(":")
+    algo = algo or "sha256"
+    if algo == "crc32":
+        import zlib
+
+        return want, f"{zlib.crc32(data):08x}"
+    return want, hashlib.new(algo, data).hexdigest()
+
+
+def check_sample(sample: dict, index: dict | None = None):
+    """Raw WebDataset sample (member extension -> bytes) -> a checked ``Record``; ``record.BadRecord`` if not.
+
+    Checks, in order: the per-member checksums of the shard index (``index["checksums"][key][ext]``,
+    when the index has them), the decode, every member the json's ``array_shapes`` names present with
+    that shape, and every array finite. The one per-sample check of the trainer's loader (at merge:
+    ``teachers.record.check_sample``).
+    """
+    import numpy as np
+
+    key = sample.get("__key__")
+    sums = ((index or {}).get("checksums") or {}).get(key)
+    if sums:
+        for ext, spec in sums.items():
+            if ext not in sample:
+                raise record.BadRecord("missing_member", f"sample {key!r} has no {ext} (the index lists it)")
+            want, got = _member_digest(sample[ext], spec)
+            if want != got:
+                raise record.BadRecord("checksum", f"sample {key!r} member {ext}: checksum {got} != index {want}")
+    rec = record.decode_sample(sample)
+    shapes = rec.meta.get("array_shapes") or {}
+    for name in ("latents", "pred_cond", "pred_uncond", "prompt_embeds"):
+        if name not in rec.arrays and (name in shapes or not shapes):
+            raise record.BadRecord("missing_member", f"sample {key!r} has no {name} member (truncated shard?)")
+    arrays = {**rec.arrays, **{f"feats.{k}": v for k, v in rec.feats.items()}}
+    for name, shape in shapes.items():
+        if name not in arrays:
+            raise record.BadRecord("missing_member", f"sample {key!r} has no {name} member (truncated shard?)")
+        if list(arrays[name].shape) != list(shape):
+            raise record.BadRecord("bad_shape", f"sample {key!r} {name} has shape {list(arrays[name].shape)}, json says {shape}")
+    for name, array in arrays.items():
+        if not np.isfinite(array).all():
+            raise record.BadRecord("non_finite", f"sample {key!r} {name} contains NaN or Inf")
+    return rec
+
+
+# ------------------------------------------------------------------------------------------
+# the pipeline
+# ------------------------------------------------------------------------------------------
+
+
+_INDEXES: dict[str, dict | None] = {}  # shard URL -> its NNNNNN.json (this process's cache)
+
+
+def shard_index(url: str) -> dict | None:
+    """The index ``NNNNNN.json`` beside shard ``url`` (None if absent or unreadable: checksums then unchecked)."""
+    if url not in _INDEXES:
+        path = url[: -len(".tar")] + ".json" if url.endswith(".tar") else None
+        try:
+            _INDEXES[url] = json.loads(read_bytes(path)) if path and exists(path) else None
+        except (OSError, ValueError):  # the index is advisory here; the shard's members are still checked
+            _INDEXES[url] = None
+    return _INDEXES[url]
 
 
 def _count_tar_error(exn: Exception) -> bool:
@@ -66,11 +238,10 @@ def _count_tar_error(exn: Exception) -> bool:
 
 def fsspec_opener(shards):
     """Pipeline stage: ``{"url": ...}`` -> ``{"url", "stream"}`` opened through fsspec; a failure is counted."""
-    import fsspec
-
     for shard in shards:
         try:
-            stream = fsspec.open(shard["url"], "rb").open()
+            fs, path = url_to_fs(shard["url"])
+            stream = fs.open(path, "rb")
         except OSError as err:
             STATS.skip("unreadable_shard", f"{shard['url']}: {err}")
             continue
@@ -78,32 +249,41 @@ def fsspec_opener(shards):
 
 
 def decode_records(samples, stats: ReadStats | None = None):
-    """Pipeline stage: raw WebDataset samples -> Records; corrupt ones skipped and counted."""
+    """Pipeline stage: raw WebDataset samples -> checked Records; bad ones skipped and counted."""
     stats = stats or STATS
     for sample in samples:
+        url = sample.get("__url__")
         try:
-            rec = record.decode_sample(sample)
+            rec = check_sample(sample, shard_index(url) if isinstance(url, str) else None)
         except record.BadRecord as err:
-            stats.skip(err.reason, str(err))
+            stats.skip(err.reason, str(err), key=sample.get("__key__"))
             continue
         stats.samples += 1
         yield rec
 
 
+def report_skips_stage(records):
+    """Pipeline stage: Records -> ``Loaded(record, skips since the previous item)``, then ``Loaded(None, rest)``."""
+    for rec in records:
+        yield Loaded(rec, STATS.drain())
+    yield Loaded(None, STATS.drain())
+
+
 def record_pipeline(urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, decode: bool = True,
-                    resampled: bool = False):
+                    resampled: bool = False, report_skips: bool = False):
     """A ``webdataset.DataPipeline`` over ``urls`` split by node and worker, optionally shuffled.
 
     ``resampled``: draw shards with replacement forever (webdataset's ``ResampledShards``, deterministic:
     seeded by ``seed``, the rank and the DataLoader worker); the caller sets the epoch length.
+    ``report_skips``: yield ``Loaded`` items carrying the skips counted in the worker that read them.
     """
     from functools import partial
 
     import webdataset as wds
     from webdataset import tariterators
 
-    sources = [wds.ResampledShards(urls, seed=seed, deterministic=True)] if resampled else [wds.SimpleShardList(urls), wds.split_by_node,
-                                                                 wds.split_by_worker]
+    sources = [wds.ResampledShards(urls, seed=seed, deterministic=True)] if resampled else [
+        wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
     stages = [
         *sources,
         fsspec_opener,  # local paths and bucket URLs (gs://, s3://) alike
@@ -116,43 +296,111 @@ def record_pipeline(urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, 
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)))
     if decode:
         stages.append(decode_records)
+        if report_skips:
+            stages.append(report_skips_stage)
     return wds.DataPipeline(*stages)
 
 
+# ------------------------------------------------------------------------------------------
+# noise levels and training rows
+# ------------------------------------------------------------------------------------------
 
-def _rows_for(meta: dict, recipe, seed: int, epoch: int, key: str) -> tuple[int, int | None]:
-    """(row of the recorded trajectory to train on, row of its step-distillation target or None)."""
+
+def noise_levels(meta: dict, scheduler_config: dict):
+    """(timesteps, alphas, sigmas) of a sample's recorded latents: float64 arrays, shape (S,), aligned
+    with ``latents[:-1]`` and ``pred_cond``; latent row r is z = alphas[r] x0 + sigmas[r] eps at timesteps[r].
+
+    Schema 1 (VP schedulers only, see ``read_dataset_info``): the timesteps are the sampler's at
+    ``recorded_steps``, alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t) with the scheduler's alphas_cumprod.
+    The trainer's only source of noise levels (at merge: ``teachers.record.noise_levels``).
+    """
+    import numpy as np
+
+    timesteps = np.asarray([meta["timesteps"][s] for s in meta["recorded_steps"]], dtype=np.float64)
+    abar = alphas_cumprod(scheduler_config)
+    a = abar[timesteps.astype(np.int64)]
+    return timesteps, np.sqrt(a), np.sqrt(1.0 - a)
+
+
+def final_noise_level(scheduler_config: dict) -> tuple[float, float]:
+    """(alpha, sigma) of the final recorded latent ``latents[-1]``: DDIM's final alpha (1 with
+    ``set_alpha_to_one``, else abar_0)."""
+    import math
+
+    abar = 1.0 if scheduler_config.get("set_alpha_to_one") else float(alphas_cumprod(scheduler_config)[0])
+    return math.sqrt(abar), math.sqrt(max(0.0, 1.0 - abar))
+
+
+def alphas_cumprod(scheduler_config: dict):
+    """The training noise schedule abar_t, float64 (num_train_timesteps,), from a scheduler config."""
+    return _alphas_cumprod(json.dumps(scheduler_config, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _alphas_cumprod(config_json: str):
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    abar = DDPMScheduler.from_config(json.loads(config_json)).alphas_cumprod.double().numpy().astype(np.float64)
+    abar.setflags(write=False)
+    return abar
+
+
+def rows_for(meta: dict, recipe, seed: int, epoch: int, key: str) -> tuple[int, int | None]:
+    """(row of the recorded trajectory to train on, row of its step-distillation target or None).
+
+    A step-distilled student jumps k = S // student_steps teacher steps: start rows 0, k, 2k, ... with
+    r + k <= S (row S = the final latent). The one definition of those rows (``students.export``
+    derives the exported scheduler's timesteps from it).
+    """
     from students.objective import choose_row
 
     recorded = meta["recorded_steps"]
     if recipe.step_weight > 0:
         if recorded != list(range(meta["num_inference_steps"])):
-            raise ValueError("step distillation needs every teacher step recorded (dump with --record_steps all)")
-        k = max(1, len(recorded) // recipe.student_steps)  # teacher steps per student step
-        candidates = [r for r in range(0, len(recorded), k) if r + k <= len(recorded)]
+            raise UserError("step distillation needs every teacher step recorded (dump with --record_steps all)")
+        candidates = step_rows(len(recorded), recipe.student_steps)
         row = choose_row(key, seed, epoch, candidates)
-        return row, row + k
+        return row, row + step_stride(len(recorded), recipe.student_steps)
     if recipe.feature_weights:
         return recorded.index(choose_row(key, seed, epoch, meta["feature_steps"])), None
     return choose_row(key, seed, epoch, list(range(len(recorded)))), None
 
 
-def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch: int, final_alpha_cumprod: float,
+def step_stride(teacher_steps: int, student_steps: int) -> int:
+    """k: teacher steps per student step."""
+    return max(1, teacher_steps // student_steps)
+
+
+def step_rows(teacher_steps: int, student_steps: int) -> list[int]:
+    """Start rows of the student's jumps: 0, k, 2k, ... with r + k <= teacher_steps."""
+    k = step_stride(teacher_steps, student_steps)
+    return [r for r in range(0, teacher_steps, k) if r + k <= teacher_steps]
+
+
+def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch: int, scheduler_config: dict,
                    with_images: bool = False) -> dict:
-    """Records -> a float32 batch for ``students.objective.compute_losses`` (offline targets included)."""
+    """Records -> a float32 batch for ``students.objective.compute_losses`` (offline targets included).
+
+    ``batch``: keys, z (B,4,h,w), t (B,) float timesteps, alpha/sigma (B,) of z, cond, uncond, x0,
+    guidance (B,), and for step distillation z_next with alpha_next/sigma_next.
+    """
     import numpy as np
     import torch
 
-    cols: dict[str, list] = {k: [] for k in ("keys", "z", "t", "cond", "x0", "guidance", "pred_cond", "pred_uncond",
-                                             "z_next", "t_next")}
+    cols: dict[str, list] = {k: [] for k in ("keys", "z", "t", "alpha", "sigma", "cond", "x0", "guidance", "pred_cond",
+                                             "pred_uncond", "z_next", "alpha_next", "sigma_next")}
     feats: dict[str, list] = {name: [] for name, _ in recipe.feature_weights}
+    final = final_noise_level(scheduler_config)
     for rec in records:
         meta = rec.meta
-        row, nxt = _rows_for(meta, recipe, seed, epoch, rec.key)
-        step = meta["recorded_steps"][row]
+        row, nxt = rows_for(meta, recipe, seed, epoch, rec.key)
+        timesteps, alphas, sigmas = noise_levels(meta, scheduler_config)
         cols["keys"].append(rec.key)
         cols["z"].append(rec.latents[row])
-        cols["t"].append(meta["timesteps"][step])
+        cols["t"].append(timesteps[row])
+        cols["alpha"].append(alphas[row])
+        cols["sigma"].append(sigmas[row])
         cols["cond"].append(rec.prompt_embeds)
         cols["x0"].append(rec.latents[-1])
         cols["guidance"].append(meta["guidance_scale"])
@@ -160,17 +408,20 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
         cols["pred_uncond"].append(rec.pred_uncond[row])
         if nxt is not None:
             cols["z_next"].append(rec.latents[nxt])
-            cols["t_next"].append(meta["timesteps"][meta["recorded_steps"][nxt]] if nxt < len(meta["recorded_steps"]) else -1)
+            a_next, s_next = (alphas[nxt], sigmas[nxt]) if nxt < len(timesteps) else final
+            cols["alpha_next"].append(a_next)
+            cols["sigma_next"].append(s_next)
+        step = meta["recorded_steps"][row]
         for name in feats:
             feats[name].append(rec.feats[name][meta["feature_steps"].index(step)])
     f32 = lambda xs: torch.from_numpy(np.stack(xs).astype(np.float32))  # noqa: E731
+    vec = lambda xs: torch.tensor(np.asarray(xs, np.float64), dtype=torch.float32)  # noqa: E731
     if not isinstance(negative_prompt_embeds, dict):
         negative_prompt_embeds = {"negative_prompt_embeds": negative_prompt_embeds}
     expand = lambda a: torch.from_numpy(np.asarray(a, np.float32))[None].expand(len(records), *np.shape(a))  # noqa: E731
-    batch = {"keys": cols["keys"], "z": f32(cols["z"]), "t": torch.tensor(cols["t"]), "cond": f32(cols["cond"]),
-             "x0": f32(cols["x0"]), "guidance": torch.tensor(cols["guidance"], dtype=torch.float32),
-             "uncond": expand(negative_prompt_embeds["negative_prompt_embeds"]),
-             "final_alpha_cumprod": torch.tensor(final_alpha_cumprod, dtype=torch.float32)}
+    batch = {"keys": cols["keys"], "z": f32(cols["z"]), "t": vec(cols["t"]), "alpha": vec(cols["alpha"]),
+             "sigma": vec(cols["sigma"]), "cond": f32(cols["cond"]), "x0": f32(cols["x0"]),
+             "guidance": vec(cols["guidance"]), "uncond": expand(negative_prompt_embeds["negative_prompt_embeds"])}
     if "pooled_prompt_embeds" in records[0].arrays:  # SDXL-style conditioning: pooled text embeds and time ids
         time_ids = f32([rec.add_time_ids for rec in records])
         batch["added"] = {"text_embeds": f32([rec.pooled_prompt_embeds for rec in records]), "time_ids": time_ids}
@@ -179,26 +430,10 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
     targets = {"pred_cond": f32(cols["pred_cond"]), "pred_uncond": f32(cols["pred_uncond"]),
                "feats": {k: f32(v) for k, v in feats.items()}}
     if cols["z_next"]:
-        batch["z_next"], batch["t_next"] = f32(cols["z_next"]), torch.tensor(cols["t_next"])
+        batch["z_next"], batch["alpha_next"], batch["sigma_next"] = f32(cols["z_next"]), vec(cols["alpha_next"]), vec(cols["sigma_next"])
     if with_images:  # the teacher decoder's images, (B, 3, H, W) in [-1, 1]
         batch["image"] = torch.stack([_png_to_tensor(rec) for rec in records])
     return {"batch": batch, "targets": targets}
-
-
-def read_dataset(data_dir: str):
-    """(dataset.json as a dict, {name: array} of what is stored once: the unconditional embeddings), through fsspec."""
-    import numpy as np
-
-    fs, path = url_to_fs(join(data_dir, "dataset.json"))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{data_dir!r} has no dataset.json: not a finished dump")
-    with fs.open(path, "rb") as f:
-        dataset = json.loads(f.read())
-    negative = {}
-    for name, file in dataset["shared"].items():  # negative_prompt_embeds (+ negative_pooled_prompt_embeds: SDXL)
-        with fs.open(url_to_fs(join(data_dir, file))[1], "rb") as f:
-            negative[name] = record.load_npy(f.read()).astype(np.float32)
-    return dataset, negative
 
 
 def _png_to_tensor(rec):
@@ -209,6 +444,6 @@ def _png_to_tensor(rec):
     from PIL import Image
 
     if rec.image_png is None:
-        raise ValueError(f"sample {rec.key!r} has no image: decoder distillation needs a dump made with --save_images")
+        raise UserError(f"sample {rec.key!r} has no image: decoder distillation needs a dump made with --save_images")
     image = np.asarray(Image.open(io.BytesIO(rec.image_png)).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(image).permute(2, 0, 1)

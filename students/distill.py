@@ -25,7 +25,10 @@ def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_t, sigma_t), each (batch,), for integer ``timesteps`` (batch,) of a 1000-step schedule."""
+    """(alpha_t, sigma_t), each (batch,), for integer ``timesteps`` (batch,) of a 1000-step schedule.
+
+    Used for the task loss's freshly drawn training timesteps only; the noise levels of recorded
+    latents come from ``students.data.noise_levels``."""
     abar = alphas_cumprod.to(timesteps.device)[timesteps.long()]
     return abar.sqrt(), (1 - abar).sqrt()
 
@@ -95,19 +98,19 @@ def timestep_aware_scale(distill: torch.Tensor, task: torch.Tensor, eps: float =
     return distill * (task.detach() / (distill.detach() + eps))
 
 
-def cfg_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+def guidance_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
     """Classifier-free guided output w v(c) - (w - 1) v(empty) = v(empty) + w (v(c) - v(empty)); w (batch,)."""
     w = _bcast(guidance, pred_cond)
     return pred_uncond + w * (pred_cond - pred_uncond)
 
 
-def cfg_distill_loss(student_cond, student_uncond, teacher_cond, teacher_uncond, guidance) -> torch.Tensor:
+def guided_distill_loss(student_cond, student_uncond, teacher_cond, teacher_uncond, guidance) -> torch.Tensor:
     """CFG-aware output distillation (SnapFusion eq. 7-8): guided student vs guided teacher at the same w.
 
     At w = 1 this is the plain output distillation on the conditional branch. -> (batch,)
     """
-    return per_sample_mse(cfg_combine(student_cond, student_uncond, guidance),
-                          cfg_combine(teacher_cond, teacher_uncond, guidance))
+    return per_sample_mse(guidance_combine(student_cond, student_uncond, guidance),
+                          guidance_combine(teacher_cond, teacher_uncond, guidance))
 
 
 def step_distill_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s) -> torch.Tensor:

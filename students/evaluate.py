@@ -23,7 +23,6 @@ returns what ``metrics.json`` holds; ``extra_metrics`` takes objects of ``studen
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -31,34 +30,37 @@ import statistics
 import sys
 import time
 
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import option, parse
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 KNOWN_METRICS = ("clip", "fid")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    output: str  # folder for metrics.json, report.html, grid.png
-    captions: str  # COCO captions annotation JSON, or a .txt (one per line) / .jsonl ("caption" or "text") prompt file
-    student: str | None = None  # exported pipeline folder, checkpoint folder or training run folder; None = teacher only
-    teacher: str | None = None  # teacher spec (teachers.load); None = the one the student was distilled from
-    num_images: int = 5000  # captions (= generated images per model and step count); COCO: first N images by id
-    references: str | None = None  # folder of reference images (COCO: the val images, by "file_name"); needed for FID
-    teacher_steps: tuple[int, ...] = (50, 8, 4, 1)  # teacher step counts; () = no teacher rows
-    student_steps: tuple[int, ...] = ()  # student step counts; () = the student's own (inference.json)
-    guidance_scale: float | None = None  # CFG weight for every model; None = the student's recorded one, else 7.5
-    resolution: int | None = None  # image side in pixels; None = the student's recorded size, else the teacher's native
-    metrics: tuple[str, ...] | None = None  # from KNOWN_METRICS; None = clip if --clip_weights, fid if --references
-    clip_model: str = "ViT-L-14"  # open_clip architecture for the CLIP score
-    clip_weights: str | None = None  # local open_clip checkpoint, or "random" (tests)
-    inception_weights: str | None = None  # local torch-fidelity Inception-v3 state dict (.pth); needed for FID
-    fid_features: int = 2048  # Inception tap (64, 192, 768, 2048); 2048 is the standard FID
-    weights: str = "ema"  # ema | raw: which student weights, when --student is a checkpoint
-    batch_size: int = 8  # prompts per pipeline call
-    seed: int = 0  # image i uses torch.Generator().manual_seed(seed + i)
-    grid_images: int = 4  # first K prompts shown in the grid (0 = no grid)
-    latency_repeats: int = 3  # timed single-image generations per configuration after one warm-up (0 = skip)
-    device: str = "cpu"
-    dtype: str = "float32"
+    output: str = option(help="folder for metrics.json, report.html, grid.png")
+    captions: str = option(help="COCO captions annotation JSON, or a .txt (one per line) / .jsonl (\"caption\" or \"text\") prompt file")
+    student: str | None = option(None, help="exported pipeline folder, checkpoint folder or training run folder; None = teacher only")
+    teacher: str | None = option(None, help="teacher spec (teachers.load); None = the one the student was distilled from")
+    num_images: int = option(5000, help="captions (= generated images per model and step count); COCO: first N images by id")
+    references: str | None = option(None, help="folder of reference images (COCO: the val images, by \"file_name\"); needed for FID")
+    teacher_steps: tuple[int, ...] = option((50, 8, 4, 1), help="teacher step counts; () = no teacher rows")
+    student_steps: tuple[int, ...] = option((), help="student step counts; () = the student's own (inference.json)")
+    guidance_scale: float | None = option(None, help="CFG weight for every model; None = the student's recorded one, else 7.5")
+    resolution: int | None = option(None, help="image side in pixels; None = the student's recorded size, else the teacher's native")
+    metrics: tuple[str, ...] | None = option(None, help="from KNOWN_METRICS; None = clip if --clip_weights, fid if --references")
+    clip_model: str = option("ViT-L-14", help="open_clip architecture for the CLIP score")
+    clip_weights: str | None = option(None, help="local open_clip checkpoint, or \"random\" (tests)")
+    inception_weights: str | None = option(None, help="local torch-fidelity Inception-v3 state dict (.pth); needed for FID")
+    fid_features: int = option(2048, help="Inception tap (64, 192, 768, 2048); 2048 is the standard FID")
+    weights: str = option("ema", help="ema | raw: which student weights, when --student is a checkpoint", choices=("ema", "raw"))
+    batch_size: int = option(8, help="prompts per pipeline call")
+    seed: int = option(0, help="image i uses torch.Generator().manual_seed(seed + i)")
+    grid_images: int = option(4, help="first K prompts shown in the grid (0 = no grid)")
+    latency_repeats: int = option(3, help="timed single-image generations per configuration after one warm-up (0 = skip)")
+    device: str = option("cpu", help="cpu | cuda | cuda:N")
+    dtype: str = option("float32", help="weights and activations dtype", choices=("float32", "float16", "bfloat16"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -474,51 +476,28 @@ def _environment(cfg: EvalConfig) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-def _steps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of step counts") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
-
-
-def _field_help() -> dict[str, str]:
-    """EvalConfig's trailing field comments, as the flags' help."""
-    import inspect
-    import re
-
-    return dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", inspect.getsource(EvalConfig), flags=re.MULTILINE))
-
-
 def parse_args(argv=None) -> EvalConfig:
-    parser = argparse.ArgumentParser(prog="distill eval", description=__doc__.split("\n")[0])
-    helps = _field_help()
-    types = {"teacher_steps": _steps, "student_steps": _steps, "metrics": _names, "guidance_scale": float, "resolution": int}
-    for field in dataclasses.fields(EvalConfig):
-        name = field.name
-        kind = types.get(name) or {int: int, float: float}.get(type(field.default), str)
-        required = field.default is dataclasses.MISSING
-        parser.add_argument(f"--{name}", dest=name, type=kind, required=required, default=None if required else field.default,
-                            help=helps.get(name, "").replace("%", "%%"))
-    return EvalConfig(**vars(parser.parse_args(argv)))
+    return parse(EvalConfig, argv, prog="distill eval", description=__doc__.split("\n")[0])[0]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     cfg = parse_args(argv)
     try:
         validate(cfg)
-    except (ValueError, OSError) as err:  # bad arguments or inputs: one line before any work
-        print(f"distill eval: error: {err}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, OSError) as err:  # bad arguments or inputs (TeacherError, missing files): one line before any work
+        raise UserError(str(err)) from None
     payload = evaluate(cfg)
     for model, by_steps in payload["results"].items():
         for steps, row in by_steps.items():
             print(f"{model:>8} {steps:>3} steps: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
     print(f"wrote {os.path.join(cfg.output, 'metrics.json')} and report.html")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("distill eval", _main, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import between them made relative; they need only torch and diffusers.
 
 Scheduler: DDIM, deterministic (eta 0), with the teacher's noise schedule. A step-distilled student
 (``snapfusion_step``) was trained to jump from teacher timestep ``timesteps[r]`` to ``timesteps[r + k]``
-(k = teacher steps // student steps, ``students.data._rows_for``) with a DDIM update, so the exported
+(k = teacher steps // student steps, ``students.data.rows_for``) with a DDIM update, so the exported
 DDIMScheduler's spacing and ``steps_offset`` are chosen to reproduce exactly those timesteps and jumps
 where a DDIM configuration can (``inference.json``: ``timesteps_exact``), else the nearest one.
 A student distilled without step distillation keeps the teacher's scheduler at the teacher's steps.
@@ -32,14 +32,19 @@ A student distilled without step distillation keeps the teacher's scheduler at t
 
 from __future__ import annotations
 
-import argparse
+import atexit
 import dataclasses
 import json
 import os
 import re
 import shutil
 import sys
+import tempfile
 import uuid
+
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import option, parse
+from teachers.fs import atomic_write_bytes, exists, is_local, join, read_json, url_to_fs
 
 UNET_MODULE = "student_unet"  # unet/student_unet.py in the exported folder
 BLOCKS_MODULE = "student_blocks"  # unet/student_blocks.py, imported relatively by student_unet.py
@@ -48,7 +53,7 @@ INFERENCE_FILE = "inference.json"
 WEIGHTS = {"ema": "ema", "raw": "student"}  # --weights -> checkpoint subfolder
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A checkpoint or option that cannot be exported; the message names the value."""
 
 
@@ -56,12 +61,13 @@ class ExportError(ValueError):
 class RunInfo:
     """What a checkpoint says about its run: where it is, its configs and the dump it trained on."""
 
-    checkpoint: str  # .../checkpoints/step-NNNNNNN
+    checkpoint: str  # .../checkpoints/step-NNNNNNN (local path or URL)
     train: dict  # TrainConfig as saved
     recipe: dict  # DistillRecipe as saved
     step: int
     dataset: dict  # the dump's dataset.json
     teacher: str  # teacher spec (the dump's, or the override)
+    files: str = ""  # a local folder with the checkpoint's files (the checkpoint itself when local)
 
 
 # ------------------------------------------------------------------------------------------
@@ -71,15 +77,33 @@ class RunInfo:
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint folder itself, or a run folder -> its newest checkpoint; ``ExportError`` otherwise."""
-    from students.checkpoint import checkpoints
+    from students.checkpoint import CONFIG, checkpoints
 
-    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "student")):
+    fs, fpath = url_to_fs(path)
+    if fs.isfile(fpath):
+        raise ExportError(f"{path!r} is a file, not a checkpoint folder or a training output folder")
+    if fs.isfile(url_to_fs(join(path, CONFIG))[1]) and fs.isdir(url_to_fs(join(path, "student"))[1]):
         return path
-    found = checkpoints(path)
+    found = checkpoints(path) if fs.isdir(fpath) else []
     if found:
         return found[-1]
     raise ExportError(f"{path!r} is neither a checkpoint folder (config.json + student/) nor a training output "
                       "folder with checkpoints/step-NNNNNNN")
+
+
+_DOWNLOADS: list[str] = []  # local copies of remote checkpoints, removed at exit
+
+
+def _local_files(ckpt: str) -> str:
+    fs, fpath = url_to_fs(ckpt)
+    if is_local(fs):
+        return fpath
+    tmp = tempfile.mkdtemp(prefix="distill-ckpt-")
+    if not _DOWNLOADS:
+        atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _DOWNLOADS])
+    _DOWNLOADS.append(tmp)
+    fs.get(fpath.rstrip("/") + "/", tmp + "/", recursive=True)
+    return tmp
 
 
 def read_run(path: str, *, data: str | None = None, teacher: str | None = None) -> RunInfo:
@@ -88,19 +112,25 @@ def read_run(path: str, *, data: str | None = None, teacher: str | None = None) 
     ``data`` replaces the dump folder recorded in the checkpoint (moved or on another machine);
     ``teacher`` replaces the teacher spec recorded in the dump (a local copy of the same teacher).
     """
+    from students.data import read_dataset_info
+
     ckpt = resolve_checkpoint(path)
-    with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
-        saved = json.load(f)
-    data_dir = data or saved["train"]["data"]
-    dataset_json = os.path.join(data_dir, "dataset.json")
-    if not os.path.isfile(dataset_json):
-        raise ExportError(f"the dump this checkpoint trained on has no {dataset_json!r} (moved or on another machine?): "
-                          "pass --data with the dump folder (only its dataset.json is read)")
-    with open(dataset_json, encoding="utf-8") as f:
-        dataset = json.load(f)
+    config = join(ckpt, "config.json")
+    try:
+        saved = read_json(config)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{config}: cannot read the checkpoint's config ({err})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(saved.get("recipe"), dict):
+        raise ExportError(f"{config} is not a training checkpoint's config (no 'train' and 'recipe' sections): "
+                          "not a folder written by distill train")
+    data_dir = data or saved["train"].get("data")
+    if not data_dir or not exists(join(data_dir, "dataset.json")):
+        raise ExportError(f"the dump this checkpoint trained on has no {join(data_dir or '?', 'dataset.json')!r} "
+                          "(moved or on another machine?): pass --data with the dump folder (only its dataset.json is read)")
+    dataset = read_dataset_info(data_dir)
     spec = teacher or dataset["recipe"]["teacher"]
     return RunInfo(checkpoint=ckpt, train=saved["train"], recipe=saved["recipe"], step=int(saved.get("step", 0)),
-                   dataset=dataset, teacher=spec)
+                   dataset=dataset, teacher=spec, files=_local_files(ckpt))
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,27 +138,30 @@ def read_run(path: str, *, data: str | None = None, teacher: str | None = None) 
 # ------------------------------------------------------------------------------------------
 
 
-def teacher_timesteps(dataset: dict) -> list[int]:
+def teacher_timesteps(dataset: dict) -> list[float]:
     """The teacher's sampling timesteps in the dump (``dataset.json``; recomputed if an old dump lacks them)."""
     if dataset.get("timesteps"):
-        return [int(t) for t in dataset["timesteps"]]
+        return [float(t) for t in dataset["timesteps"]]
     import diffusers
 
     scheduler = getattr(diffusers, dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
     scheduler.set_timesteps(dataset["recipe"]["num_inference_steps"])
-    return [int(t) for t in scheduler.timesteps]
+    return [float(t) for t in scheduler.timesteps]
 
 
-def trained_jumps(dataset: dict, student_steps: int) -> tuple[list[int], list[int]]:
+def trained_jumps(dataset: dict, student_steps: int) -> tuple[list[float], list[float]]:
     """(timesteps, next timesteps) a step-distilled student was trained on; -1 = the final latent.
 
-    Mirrors ``students.data._rows_for``: k = S // student_steps teacher steps per student step, start
-    rows 0, k, 2k, ... with r + k <= S (a test keeps the two in step).
+    The rows are ``students.data.step_rows`` (what ``rows_for`` draws from) and their timesteps come from
+    ``students.data.noise_levels``, as in the trainer (a test keeps the two in step).
     """
-    ts = teacher_timesteps(dataset)
-    total = len(ts)
-    k = max(1, total // student_steps)
-    rows = [r for r in range(0, total, k) if r + k <= total]
+    from students.data import noise_levels, step_rows, step_stride
+
+    all_steps = teacher_timesteps(dataset)
+    meta = {"timesteps": all_steps, "recorded_steps": list(range(len(all_steps)))}
+    ts = [float(t) for t in noise_levels(meta, dataset["scheduler_config"])[0]]
+    total, k = len(ts), step_stride(len(ts), student_steps)
+    rows = step_rows(total, student_steps)
     return [ts[r] for r in rows], [ts[r + k] if r + k < total else -1 for r in rows]
 
 
@@ -188,7 +221,20 @@ def guidance_for(dataset: dict) -> float:
 # ------------------------------------------------------------------------------------------
 
 
+def _from_pretrained(cls, folder: str, what: str):
+    """``cls.from_pretrained(folder)`` with a missing or damaged weights file as one ``ExportError``."""
+    names = set(os.listdir(folder))
+    if "config.json" not in names or not names & {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"}:
+        raise ExportError(f"{folder!r} has no config.json and weights file (diffusion_pytorch_model.safetensors): "
+                          f"the checkpoint's {what} is incomplete or damaged")
+    try:
+        return cls.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ExportError(f"cannot load the checkpoint's {what} from {folder!r}: {type(err).__name__}: {err}") from None
+
+
 def load_student_unet(ckpt: str, weights: str = "ema"):
+    """The student UNet of a local checkpoint folder (``RunInfo.files``)."""
     from students.unet import EfficientUNet2DConditionModel
 
     if weights not in WEIGHTS:
@@ -196,7 +242,7 @@ def load_student_unet(ckpt: str, weights: str = "ema"):
     folder = os.path.join(ckpt, WEIGHTS[weights])
     if not os.path.isdir(folder):
         raise ExportError(f"checkpoint {ckpt!r} has no {WEIGHTS[weights]}/ (EMA off in that run?): use --weights raw")
-    return EfficientUNet2DConditionModel.from_pretrained(folder)
+    return _from_pretrained(EfficientUNet2DConditionModel, folder, f"{WEIGHTS[weights]} UNet")
 
 
 def load_decoder(ckpt: str):
@@ -206,9 +252,12 @@ def load_decoder(ckpt: str):
         return None
     import diffusers
 
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        cls_name = json.load(f)["_class_name"]
-    return getattr(diffusers, cls_name).from_pretrained(folder)
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            cls_name = json.load(f)["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ExportError(f"{folder!r}: the checkpoint's decoder has no readable config.json ({err})") from None
+    return _from_pretrained(getattr(diffusers, cls_name), folder, "decoder")
 
 
 def check_compatible(unet, teacher) -> None:
@@ -230,11 +279,16 @@ def assemble_pipeline(run: RunInfo, weights: str = "ema", device: str = "cpu", d
     its already loaded ``teacher`` (a ``teachers.load.Teacher``; its text encoder and VAE are shared)."""
     from teachers.load import load_teacher, torch_dtype
 
-    unet = load_student_unet(run.checkpoint, weights)
+    unet = load_student_unet(run.files or run.checkpoint, weights)
     if teacher is None:
-        teacher = load_teacher(run.teacher, dtype="float32", device="cpu")
+        from teachers.load import TeacherError
+
+        try:
+            teacher = load_teacher(run.teacher, dtype="float32", device="cpu")
+        except TeacherError as err:
+            raise ExportError(str(err)) from None
     check_compatible(unet, teacher)
-    decoder = load_decoder(run.checkpoint)
+    decoder = load_decoder(run.files or run.checkpoint)
     scheduler, info = student_scheduler(run.dataset, run.recipe)
     components = dict(teacher.pipe.components, unet=unet, scheduler=scheduler, vae=decoder or teacher.pipe.vae)
     extra = ({"force_zeros_for_empty_prompt": teacher.pipe.config.force_zeros_for_empty_prompt} if teacher.is_xl
@@ -310,35 +364,72 @@ def _patch_model_index(folder: str) -> None:
         json.dump(index, f, indent=2, sort_keys=True)
 
 
+def is_export(folder: str) -> bool:
+    """True for a folder written by ``distill export`` (``inference.json`` and ``model_index.json``)."""
+    return exists(join(folder, INFERENCE_FILE)) and exists(join(folder, "model_index.json"))
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """``output`` must be new, or (with ``overwrite``) a previous export; ``ExportError`` naming it otherwise."""
+    fs, fpath = url_to_fs(output)
+    if not fs.exists(fpath):
+        return
+    if not fs.isdir(fpath):
+        raise ExportError(f"{output!r} is an existing file, not an export folder")
+    if not overwrite:
+        raise ExportError(f"{output!r} exists: pass --overwrite to replace it")
+    if not is_export(output):
+        raise ExportError(f"{output!r} exists and is not a previous export (no {INFERENCE_FILE} and model_index.json): "
+                          "--overwrite replaces only a folder written by distill export")
+
+
+def _write_folder(pipe, info: dict, folder: str) -> None:
+    pipe.save_pretrained(folder)
+    _patch_model_index(folder)
+    for name, src in unet_code().items():
+        with open(os.path.join(folder, "unet", name), "w", encoding="utf-8") as f:
+            f.write(src)
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(_readme(info))
+    with open(os.path.join(folder, INFERENCE_FILE), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+
+
 def export(checkpoint: str, output: str, *, weights: str = "ema", teacher: str | None = None, data: str | None = None,
            dtype: str = "float32", overwrite: bool = False) -> str:
     """Write the pipeline folder for ``checkpoint`` (a checkpoint or a run folder) at ``output``; returns ``output``.
 
-    Written under a temporary name beside ``output`` and renamed into place when complete.
+    Local: written under a temporary name beside ``output`` and renamed into place when complete.
+    An fsspec URL (``gs://``, ``memory://``): uploaded with ``inference.json`` last (it marks the folder complete).
+    ``overwrite`` replaces only a previous export.
     """
-    output = os.path.abspath(output)
-    if os.path.exists(output) and not overwrite:
-        raise ExportError(f"{output!r} exists: pass --overwrite to replace it")
+    fs, fpath = url_to_fs(output)
+    local = is_local(fs)
+    if local:
+        output = fpath = os.path.abspath(fpath)
+    check_output(output, overwrite)
     if weights not in WEIGHTS:
         raise ExportError(f"--weights {weights!r} is not one of {sorted(WEIGHTS)}")
     run = read_run(checkpoint, data=data, teacher=teacher)
     pipe, info = assemble_pipeline(run, weights=weights, dtype=dtype)
     info["scheduler"] = type(pipe.scheduler).__name__
     info["load"] = "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)"
+    if not local:
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_folder(pipe, info, tmp)
+            if fs.exists(fpath):  # --overwrite of a previous export (checked above)
+                fs.rm(fpath, recursive=True)
+            files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fl in os.walk(tmp) for f in fl)
+            for rel in sorted(files, key=lambda r: r == INFERENCE_FILE):
+                with open(os.path.join(tmp, rel), "rb") as f:
+                    atomic_write_bytes(join(output, rel.replace(os.sep, "/")), f.read())
+        return output
     os.makedirs(os.path.dirname(output), exist_ok=True)
     tmp = f"{output}.tmp-{uuid.uuid4().hex}"
     try:
-        pipe.save_pretrained(tmp)
-        _patch_model_index(tmp)
-        for name, src in unet_code().items():
-            with open(os.path.join(tmp, "unet", name), "w", encoding="utf-8") as f:
-                f.write(src)
-        with open(os.path.join(tmp, INFERENCE_FILE), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1)
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_readme(info))
+        _write_folder(pipe, info, tmp)
         old = None
-        if os.path.exists(output):  # --overwrite: move the old folder aside, then swap
+        if os.path.exists(output):  # --overwrite of a previous export: move the old folder aside, then swap
             old = f"{output}.old-{uuid.uuid4().hex}"
             os.replace(output, old)
         os.replace(tmp, output)
@@ -352,33 +443,56 @@ def export(checkpoint: str, output: str, *, weights: str = "ema", teacher: str |
 
 def read_inference(folder: str) -> dict:
     """``inference.json`` of an exported folder ({} if absent: a folder not made by ``distill export``)."""
-    path = os.path.join(folder, INFERENCE_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    path = join(folder, INFERENCE_FILE)
+    return read_json(path) if exists(path) else {}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distill export", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint folder (checkpoints/step-N) or a training output folder (newest)")
-    parser.add_argument("output", help="the diffusers pipeline folder to write")
-    parser.add_argument("--weights", default="ema", choices=sorted(WEIGHTS), help="EMA (default) or the raw student weights")
-    parser.add_argument("--teacher", default=None, help="teacher spec for the text encoder and VAE (default: the dump's)")
-    parser.add_argument("--data", default=None, help="the dump folder, if it moved since training (reads its dataset.json)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="saved weights dtype")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    args = parser.parse_args(argv)
-    try:
-        path = export(args.checkpoint, args.output, weights=args.weights, teacher=args.teacher, data=args.data,
-                      dtype=args.dtype, overwrite=args.overwrite)
-    except ValueError as err:  # ExportError, TeacherError, bad configs: one line, no traceback
-        print(f"distill export: error: {err}", file=sys.stderr)
-        return 2
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    checkpoint: str = option(help="a checkpoint folder (checkpoints/step-N) or a training output folder (its newest)")
+    output: str = option(help="the diffusers pipeline folder to write (local path or fsspec URL)")
+    weights: str = option("ema", help="EMA or the raw student weights", choices=sorted(WEIGHTS))
+    teacher: str | None = option(None, help="teacher spec for the text encoder and VAE (default: the dump's)")
+    data: str | None = option(None, help="the dump folder, if it moved since training (reads its dataset.json)")
+    dtype: str = option("float32", help="saved weights dtype", choices=("float32", "float16", "bfloat16"))
+    overwrite: bool = option(False, help="replace OUTPUT if it is a previous export")
+
+
+def parse_args(argv: list[str]) -> ExportConfig:
+    """``CHECKPOINT OUTPUT [flags]``: the two positionals become --checkpoint/--output."""
+    positional = []
+    rest, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("-"):
+            rest.append(a)
+            bool_flag = a.lstrip("-").replace("-", "_").split("=")[0] == "overwrite"
+            if "=" not in a and not bool_flag and i + 1 < len(argv):
+                rest.append(argv[i + 1])
+                i += 1
+        else:
+            positional.append(a)
+        i += 1
+    if len(positional) > 2:
+        raise UserError(f"expected CHECKPOINT OUTPUT, got {len(positional)} positional arguments: {positional}")
+    names = ["--checkpoint", "--output"][: len(positional)]
+    flat = [x for pair in zip(names, positional) for x in pair]
+    description = __doc__.split("\n")[0] + " Usage: distill export CHECKPOINT OUTPUT [flags] (or --checkpoint, --output)."
+    return parse(ExportConfig, flat + rest, prog="distill export", description=description)[0]
+
+
+def _main(argv: list[str]) -> int:
+    cfg = parse_args(argv)
+    path = export(cfg.checkpoint, cfg.output, weights=cfg.weights, teacher=cfg.teacher, data=cfg.data, dtype=cfg.dtype,
+                  overwrite=cfg.overwrite)
     info = read_inference(path)
     print(f"wrote {path}: {info['pipeline']}, {info['num_inference_steps']} steps, guidance {info['guidance_scale']}; "
           f"load with DiffusionPipeline.from_pretrained({path!r}, trust_remote_code=True)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("distill export", _main, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,13 @@ def grid_png(rows: list[np.ndarray], path: str, labels: list[str]) -> None:
         draw.text((4, r * h + h // 2 - 6), label, fill="black")
         for i, image in enumerate(images):
             canvas.paste(Image.fromarray(image), (label_w + i * w, r * h))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    import io
+
+    from teachers.fs import atomic_write_bytes, is_local, url_to_fs
+
+    fs, fpath = url_to_fs(path)
+    if is_local(fs):
+        os.makedirs(os.path.dirname(fpath), exist_ok=True)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -20,6 +20,7 @@ import hashlib
 import torch
 from torch import nn
 
+from diffusion_distill.errors import UserError
 from students import distill as D
 
 
@@ -31,8 +32,8 @@ class DistillRecipe:
     output_weight: float = 1.0  # L_outKD at the recorded point
     feature_weights: tuple[tuple[str, float], ...] = ()  # L_featKD: (teacher block, weight) pairs
     timestep_aware: bool = False  # SnapGen: scale each distillation term to the task loss per sample
-    cfg_prob: float = 0.0  # SnapFusion p: probability of the CFG-aware output term
-    cfg_range: tuple[float, float] = (2.0, 14.0)  # w ~ U[lo, hi] for the CFG-aware output term
+    guidance_prob: float = 0.0  # SnapFusion p: probability of the guidance-aware (CFG) output term
+    guidance_range: tuple[float, float] = (2.0, 14.0)  # w ~ U[lo, hi] for the guidance-aware output term
     step_weight: float = 0.0  # SnapFusion step distillation term
     student_steps: int = 8  # sampling steps the step-distilled student is trained for
     dynamic_gamma: float | None = None  # SnapFusion: task weight = gamma * L_dstl / L_task (dynamic)
@@ -41,8 +42,8 @@ class DistillRecipe:
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
-        if not 0 <= self.cfg_prob <= 1 or not 0 <= self.robust_skip_prob < 1:
-            raise ValueError(f"cfg_prob={self.cfg_prob} / robust_skip_prob={self.robust_skip_prob} out of range")
+        if not 0 <= self.guidance_prob <= 1 or not 0 <= self.robust_skip_prob < 1:
+            raise ValueError(f"guidance_prob={self.guidance_prob} / robust_skip_prob={self.robust_skip_prob} out of range")
 
 
 def bk_sdm() -> DistillRecipe:
@@ -58,7 +59,7 @@ def snapgen_kd() -> DistillRecipe:
 
 def snapfusion_step(student_steps: int = 8) -> DistillRecipe:
     """SnapFusion: step distillation + CFG-aware output term (p = 0.1) + task loss at dynamic gamma 0.2."""
-    return DistillRecipe(name="snapfusion_step", output_weight=1.0, cfg_prob=0.1, step_weight=1.0,
+    return DistillRecipe(name="snapfusion_step", output_weight=1.0, guidance_prob=0.1, step_weight=1.0,
                          student_steps=student_steps, dynamic_gamma=0.2)
 
 
@@ -72,11 +73,11 @@ RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfu
 
 def get_recipe(name: str, **overrides) -> DistillRecipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown distillation recipe {name!r}; known: {sorted(RECIPES)}")
+        raise UserError(f"unknown distillation recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     base = RECIPES[name]()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(base)}
     if unknown:
-        raise ValueError(f"unknown recipe override(s) {sorted(unknown)}")
+        raise UserError(f"unknown recipe override(s) {sorted(unknown)}")
     return dataclasses.replace(base, **overrides)
 
 
@@ -121,64 +122,71 @@ def student_forward(student, z, t, cond, added=None, features=False):
 
 
 def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRecipe, alphas_cumprod,
-                   generator: torch.Generator, task_point: dict | None = None) -> dict[str, torch.Tensor]:
+                   generator: torch.Generator, task_point: dict | None = None, decoder=None,
+                   decoder_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """All loss terms of ``recipe`` for one batch; returns per-term means and ``loss`` (the total).
 
-    ``batch``: z (B,4,h,w) at integer timesteps t (B,), cond/uncond embeddings, x0 (final latent),
-    guidance (B,), and for step distillation z_next/t_next (t_next = -1: the final latent).
+    ``batch``: z (B,4,h,w) at float timesteps t (B,) with its noise level alpha, sigma (B,) (from
+    ``students.data.noise_levels``), cond/uncond embeddings, x0 (final latent), guidance (B,), and for
+    step distillation z_next with alpha_next, sigma_next; ``image`` (B,3,H,W) when a decoder is distilled.
     ``targets``: pred_cond, pred_uncond, feats at (z, t) - offline from the shards or ``online_targets``.
+    ``alphas_cumprod``: the training schedule, for the task loss's fresh timesteps only.
     ``task_point``: z/t/noise of the task loss; None draws fresh noise and timesteps from ``generator``.
+    ``decoder``: the small decoder of SnapFusion's data distillation (its term weighted ``decoder_weight``).
     """
     z, t, cond, added = batch["z"], batch["t"], batch["cond"], batch.get("added")
-    alpha, sigma = D.alpha_sigma(alphas_cumprod, t)
+    alpha, sigma = batch["alpha"].to(z), batch["sigma"].to(z)
     terms: dict[str, torch.Tensor] = {}
     feature_layers = dict(recipe.feature_weights)
     pred, feats = student_forward(student, z, t, cond, added, features=bool(feature_layers))
-    if recipe.cfg_prob > 0 or recipe.step_weight > 0:
+    if recipe.guidance_prob > 0 or recipe.step_weight > 0:
         pred_u, _ = student_forward(student, z, t, batch["uncond"], batch.get("added_uncond"))
     if recipe.output_weight > 0:
         out = D.output_distill_loss(pred, targets["pred_cond"])
-        if recipe.cfg_prob > 0:  # SnapFusion: CFG-aware with probability p, w ~ U[range], per sample
-            use = torch.rand(z.shape[0], generator=generator) < recipe.cfg_prob
-            lo, hi = recipe.cfg_range
+        if recipe.guidance_prob > 0:  # SnapFusion: guidance-aware with probability p, w ~ U[range], per sample
+            use = torch.rand(z.shape[0], generator=generator) < recipe.guidance_prob
+            lo, hi = recipe.guidance_range
             w = lo + (hi - lo) * torch.rand(z.shape[0], generator=generator)
-            cfg = D.cfg_distill_loss(pred, pred_u, targets["pred_cond"], targets["pred_uncond"], w.to(z.device))
-            out = torch.where(use.to(z.device), cfg, out)
+            guided = D.guided_distill_loss(pred, pred_u, targets["pred_cond"], targets["pred_uncond"], w.to(z.device))
+            out = torch.where(use.to(z.device), guided, out)
         terms["output"] = recipe.output_weight * out
     if feature_layers:
         terms["feature"] = D.feature_distill_loss(feats, targets["feats"], heads, feature_layers)
     if recipe.step_weight > 0:
-        a_next, s_next = _alpha_sigma_or_final(alphas_cumprod, batch["t_next"], batch["final_alpha_cumprod"])
-        guided = D.cfg_combine(pred, pred_u, batch["guidance"])
-        terms["step"] = recipe.step_weight * D.step_distill_loss(guided, z, batch["z_next"], alpha, sigma, a_next, s_next,
-                                                                 recipe.prediction_type)
+        guided_pred = D.guidance_combine(pred, pred_u, batch["guidance"])
+        terms["step"] = recipe.step_weight * D.step_distill_loss(
+            guided_pred, z, batch["z_next"], alpha, sigma, batch["alpha_next"].to(z), batch["sigma_next"].to(z),
+            recipe.prediction_type)
     distill_total = sum(terms.values()) if terms else None
     if recipe.task_weight > 0 or recipe.dynamic_gamma is not None:
-        if task_point is None:
-            x0 = batch["x0"]
-            noise = torch.randn(x0.shape, generator=generator).to(x0)
-            t_task = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator).to(z.device)
-        else:
-            x0, noise, t_task = batch["x0"], task_point["noise"], task_point["t"]
-        a_task, s_task = D.alpha_sigma(alphas_cumprod, t_task)
-        z_task = a_task.view(-1, 1, 1, 1).to(x0) * x0 + s_task.view(-1, 1, 1, 1).to(x0) * noise
-        pred_task, _ = student_forward(student, z_task, t_task, cond, added)
-        task = D.task_loss(pred_task, x0, noise, a_task, s_task, recipe.prediction_type)
-        if recipe.timestep_aware and distill_total is not None:
-            terms = {k: D.timestep_aware_scale(v, task) for k, v in terms.items()}
-        weight = D.dynamic_gamma(distill_total, task, recipe.dynamic_gamma) if (
-            recipe.dynamic_gamma is not None and distill_total is not None) else recipe.task_weight
-        terms["task"] = weight * task
+        terms["task"] = _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, distill_total, terms)
+    if decoder is not None:  # SnapFusion data distillation: small decoder vs the teacher decoder's image
+        image = decoder.decode(batch["x0"] / decoder.config.scaling_factor).sample
+        terms["decoder"] = decoder_weight * D.decoder_distill_loss(image, batch["image"])
     means = {k: v.mean() for k, v in terms.items()}
     means["loss"] = sum(means.values())
     return means
 
 
-def _alpha_sigma_or_final(alphas_cumprod, t_next, final_alpha_cumprod):
-    """(alpha, sigma) at the next trajectory point; t_next = -1 marks the final latent (DDIM's final alpha)."""
-    abar = alphas_cumprod.to(t_next.device)[t_next.clamp(min=0).long()]
-    abar = torch.where(t_next < 0, final_alpha_cumprod.to(abar), abar)
-    return abar.sqrt(), (1 - abar).clamp(min=0).sqrt()
+def _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, distill_total, terms):
+    """L_task at fresh noise on x0, weighted (fixed, or SnapFusion's dynamic gamma); with SnapGen's
+    timestep-aware scaling the distillation ``terms`` are rescaled to it in place. -> (batch,)"""
+    x0 = batch["x0"]
+    if task_point is None:
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        t_task = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator).to(x0.device)
+    else:
+        noise, t_task = task_point["noise"], task_point["t"]
+    a_task, s_task = D.alpha_sigma(alphas_cumprod, t_task)
+    z_task = a_task.view(-1, 1, 1, 1).to(x0) * x0 + s_task.view(-1, 1, 1, 1).to(x0) * noise
+    pred_task, _ = student_forward(student, z_task, t_task.to(x0.dtype), batch["cond"], batch.get("added"))
+    task = D.task_loss(pred_task, x0, noise, a_task, s_task, recipe.prediction_type)
+    if recipe.timestep_aware and distill_total is not None:
+        for k in list(terms):
+            terms[k] = D.timestep_aware_scale(terms[k], task)
+    weight = D.dynamic_gamma(distill_total, task, recipe.dynamic_gamma) if (
+        recipe.dynamic_gamma is not None and distill_total is not None) else recipe.task_weight
+    return weight * task
 
 
 class robust_skip:

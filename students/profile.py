@@ -17,15 +17,18 @@ by such a latency breakdown, arXiv 2306.00980 Sec. 3.2).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import option, parse
 
 # student -> (kind, teacher); teachers are measured whenever one of their students is.
 STUDENTS = {
@@ -402,63 +405,71 @@ def write_json(path: str, payload: dict) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _pixels_arg(text: str) -> dict:
+def _pixels_arg(flag: str, text: str) -> dict:
     """``"512"`` (every family) or ``"sdxl=512,sd15=256"`` -> {family or "*": pixels}."""
     table = {}
     for item in filter(None, text.split(",")):
         family, _, px = item.rpartition("=")
         family = family or "*"
         if family != "*" and family not in NATIVE_PIXELS:
-            raise argparse.ArgumentTypeError(f"unknown family {family!r} in {text!r}; known: {sorted(NATIVE_PIXELS)}")
+            raise UserError(f"--{flag}: unknown family {family!r} in {text!r}; known: {', '.join(sorted(NATIVE_PIXELS))}")
         if not px.isdigit() or int(px) < 64 or int(px) % 64:
-            raise argparse.ArgumentTypeError(f"resolution {px!r} in {text!r} must be a positive multiple of 64 pixels")
+            raise UserError(f"--{flag}: resolution {px!r} in {text!r} must be a positive multiple of 64 pixels")
         table[family] = int(px)
     return table
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProfileOptions:
+    presets: str = option(",".join(DEFAULT_PRESETS), help=f"comma-separated students or 'all' (known: {', '.join(STUDENTS)})")
+    batch_size: int = option(1, help="images per forward")
+    repeats: int = option(3, help="timed forwards per model after the warm-up")
+    warmup: int = option(1, help="untimed forwards before timing")
+    resolution: str = option("", help="pixels for MACs and latency: PX or family=PX,... (default: each family's native)")
+    latency_resolution: str = option("", help="pixels for latency only: PX or family=PX,...")
+    skip_latency: bool = option(False, help="parameters and MACs only")
+    no_blocks: bool = option(False, help="omit the per-block table")
+    device: str = option("cpu", help="cpu | cuda | cuda:N")
+    dtype: str = option("float32", help="weights and activations dtype", choices=DTYPES)
+    threads: int | None = option(None, help="torch.set_num_threads for CPU latency")
+    json: str | None = option(None, help="also write the figures to this path (local or fsspec URL)")
+
+    def __post_init__(self):
+        for flag in ("batch_size", "repeats"):
+            if getattr(self, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(self, flag)}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if not (self.device == "cpu" or self.device == "cuda" or re.fullmatch(r"cuda:\d+", self.device)):
+            raise UserError(f"--device {self.device!r} is not cpu or cuda[:N]")
+
+
 def parse_args(argv=None) -> tuple[ProfileConfig, str | None]:
-    parser = argparse.ArgumentParser(prog="distill profile", description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
-                        help=f"comma-separated students or 'all' (known: {', '.join(STUDENTS)})")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--resolution", type=_pixels_arg, default={}, help="pixels for MACs and latency: PX or family=PX,...")
-    parser.add_argument("--latency-resolution", type=_pixels_arg, default={}, help="pixels for latency only: PX or family=PX,...")
-    parser.add_argument("--skip-latency", action="store_true", help="parameters and MACs only")
-    parser.add_argument("--no-blocks", action="store_true", help="omit the per-block table")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU latency")
-    parser.add_argument("--json", default=None, help="also write the figures to this path (local or fsspec URL)")
-    args = parser.parse_args(argv)
+    args, _ = parse(ProfileOptions, argv, prog="distill profile", description=__doc__.split("\n")[0])
     presets = tuple(STUDENTS) if args.presets == "all" else tuple(p.strip() for p in args.presets.split(",") if p.strip())
     unknown = [p for p in presets if p not in STUDENTS]
     if unknown or not presets:
-        parser.error(f"unknown preset(s) {unknown or presets}; known: {', '.join(STUDENTS)}")
-    for flag in ("batch_size", "repeats"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+        raise UserError(f"--presets: unknown preset(s) {unknown or presets}; known: {', '.join(STUDENTS)}")
+    resolution = _pixels_arg("resolution", args.resolution)
+    latency_resolution = _pixels_arg("latency-resolution", args.latency_resolution)
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: no CUDA device is available")
-    elif args.device != "cpu":
-        parser.error(f"--device {args.device!r} is not cpu or cuda[:N]")
+            raise UserError(f"--device {args.device}: no CUDA device is available")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = ProfileConfig(presets=presets, batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
-                        resolution=args.resolution, latency_resolution=args.latency_resolution, skip_latency=args.skip_latency,
+                        resolution=resolution, latency_resolution=latency_resolution, skip_latency=args.skip_latency,
                         device=args.device, dtype=args.dtype, blocks=not args.no_blocks)
     return cfg, args.json
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     cfg, json_path = parse_args(argv)
     results = profile(cfg)
     print(format_report(results, cfg))
@@ -466,6 +477,10 @@ def main(argv=None) -> int:
         write_json(json_path, report_json(results, cfg))
         print(f"\nwrote {json_path}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main("distill profile", _main, argv)
 
 
 if __name__ == "__main__":

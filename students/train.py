@@ -4,13 +4,17 @@
     torchrun --nproc_per_node 8 -m students.train --data gs://b/dump --output gs://b/runs/s1 --preset snapgen ...
 
 Re-running the same command resumes from the newest checkpoint in ``--output`` exactly where it
-stopped (weights, EMA, optimizer, LR schedule, RNG states and data position), so a killed and
-resumed run computes the same losses as an uninterrupted one.
+stopped (weights, EMA, optimizer, LR schedule, the torch/numpy/Python RNG states and data position),
+so a killed and resumed run computes the same losses as an uninterrupted one. ``--data`` and
+``--output`` may be local paths or fsspec URLs (``gs://``, ``s3://``, ``memory://``).
+
+Bad flags, presets, recipes and datasets are reported as one line before any work (exit 2). A
+corrupt sample is skipped and counted with its key and reason. A NaN or Inf loss stops the run
+with an error naming the step and the batch's keys; the last good checkpoint stays as it was.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -20,41 +24,88 @@ import time
 
 import torch
 
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import option, parse
 from students import checkpoint as ckpt
-from students.data import STATS, dataset_shards, read_dataset, record_pipeline, training_batch
-from students.distill import decoder_distill_loss
-from students.objective import DistillRecipe, compute_losses, get_recipe, make_projections, online_targets, robust_skip
+from students.data import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline, training_batch
+from students.objective import RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections, online_targets, robust_skip
+from teachers.fs import url_to_fs
+
+MIXED_PRECISION = ("no", "bf16")
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: training stopped before the optimizer step, the last good checkpoint kept."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    data: str  # dataset folder (dump or filtered dump)
-    output: str  # run folder: checkpoints, TensorBoard logs, image grids
-    preset: str = "tiny"  # student UNet preset (students.unet.PRESETS)
-    recipe: str = "output_kd"  # distillation recipe (students.objective.RECIPES)
-    student_steps: int = 0  # step distillation: sampling steps the student is trained for (0 = the recipe's)
-    max_steps: int = 100  # optimizer steps
-    batch_size: int = 8  # samples per rank per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # peak AdamW learning rate
-    warmup_steps: int = 10  # linear warm-up, then cosine decay to 0 at max_steps
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0  # max global grad norm (0 = off)
-    ema_decay: float = 0.999  # EMA of the student (0 = off)
-    seed: int = 0
-    shuffle_buffer: int = 64  # samples in webdataset's shuffle buffer (0 = shard order)
-    epoch_length: int = 0  # 0: an epoch is one pass over this rank's shards; N: resampled shards, N samples per rank
-    num_workers: int = 0  # DataLoader workers per rank
-    checkpoint_every: int = 50  # steps between checkpoints
-    keep_checkpoints: int = 2  # newest K kept
-    log_every: int = 10  # steps between TensorBoard scalars
-    image_every: int = 0  # steps between teacher/student PNG grids (0 = off)
-    decoder: str | None = None  # also distil a small decoder (students.vae preset: tiny | pruned); needs --save_images dumps
-    decoder_weight: float = 1.0  # weight of the decoder distillation term
-    online_teacher: str | None = None  # teacher spec: compute targets online instead of reading them
-    audit_keys: int = 0  # 1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)
-    device: str = "cpu"
-    mixed_precision: str = "no"  # no | bf16 (autocast on GPUs that support it)
+    data: str = option(help="dataset folder: a dump or a filtered dump (local path or fsspec URL)")
+    output: str = option(help="run folder: checkpoints, losses.jsonl, TensorBoard logs, image grids (local or URL)")
+    preset: str = option("tiny", help="student UNet preset (students.unet.PRESETS)")
+    recipe: str = option("output_kd", help="distillation recipe", choices=sorted(RECIPES))
+    student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
+    max_steps: int = option(100, help="optimizer steps")
+    batch_size: int = option(8, help="samples per rank per micro-batch")
+    grad_accum: int = option(1, help="micro-batches per optimizer step")
+    lr: float = option(1e-4, help="peak AdamW learning rate")
+    warmup_steps: int = option(10, help="linear warm-up steps, then cosine decay to 0 at max_steps")
+    weight_decay: float = option(0.01, help="AdamW weight decay")
+    grad_clip: float = option(1.0, help="max global grad norm (0 = off)")
+    ema_decay: float = option(0.999, help="EMA decay of the student (0 = off)")
+    seed: int = option(0, help="seed of the torch, numpy and Python RNGs, the data order and the trajectory rows")
+    shuffle_buffer: int = option(64, help="samples in webdataset's shuffle buffer (0 = shard order)")
+    epoch_length: int = option(0, help="0: an epoch is one pass over this rank's shards; N: resampled shards, N samples per rank")
+    num_workers: int = option(0, help="DataLoader workers per rank")
+    checkpoint_every: int = option(50, help="steps between checkpoints")
+    keep_checkpoints: int = option(2, help="newest K checkpoints kept")
+    log_every: int = option(10, help="steps between TensorBoard scalars")
+    image_every: int = option(0, help="steps between teacher/student PNG grids (0 = off)")
+    decoder: str | None = option(None, help="also distil a small decoder (students.vae preset: tiny | pruned); needs a --save_images dump")
+    decoder_weight: float = option(1.0, help="weight of the decoder distillation term")
+    online_teacher: str | None = option(None, help="teacher spec: compute targets online instead of reading them")
+    audit_keys: int = option(0, help="1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)")
+    device: str = option("cpu", help="cpu | cuda | cuda:N")
+    mixed_precision: str = option("no", help="bf16: autocast on GPUs that support it", choices=MIXED_PRECISION)
+
+    def __post_init__(self):
+        positive = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("student_steps", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers", "image_every",
+                     "grad_clip", "weight_decay", "decoder_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.recipe not in RECIPES:
+            raise UserError(f"--recipe: unknown distillation recipe {self.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(f"--mixed_precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
+            raise UserError(f"--device {self.device!r} is not cpu, cuda, cuda:N or mps")
+        from students.unet import PRESETS
+
+        if self.preset not in PRESETS:
+            raise UserError(f"--preset: unknown student preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        if self.decoder is not None:
+            from students.vae import VAE_PRESETS
+
+            if self.decoder not in VAE_PRESETS:
+                raise UserError(f"--decoder: unknown decoder preset {self.decoder!r}; known: {', '.join(sorted(VAE_PRESETS))}")
+        if self.online_teacher is not None:
+            from teachers.load import TeacherError, teacher_geometry
+
+            try:
+                teacher_geometry(self.online_teacher)
+            except TeacherError as err:
+                raise UserError(f"--online_teacher: {err}") from None
+
+    def resolved_recipe(self) -> DistillRecipe:
+        return get_recipe(self.recipe, **({"student_steps": self.student_steps} if self.student_steps else {}))
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -67,23 +118,46 @@ def lr_lambda(cfg: TrainConfig):
 
 
 class Batches:
-    """Epoch-ordered micro-batches of records for this rank, resumable at (epoch, position)."""
+    """Epoch-ordered micro-batches of records for this rank, resumable at (epoch, position).
+
+    A stateful object of the trainer's state (``state_dict``: epoch and position). ``stats`` gathers
+    the skips counted in every DataLoader worker (they travel with the records, ``students.data.Loaded``).
+    """
 
     def __init__(self, cfg: TrainConfig, urls: list[str], epoch: int = 0, position: int = 0):
         self.cfg, self.urls, self.epoch, self.position = cfg, urls, epoch, position
         self.seen: dict[int, list[str]] = {}  # epoch -> keys read by this rank (with audit_keys)
-        self._it = self._epoch_iter(skip=position)
+        self.stats = ReadStats()
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._it = int(state["epoch"]), int(state["position"]), None
+
+    def _records(self):
+        # The loader's own generator: creating its iterator must not draw from the global torch RNG.
+        pipeline = record_pipeline(self.urls, shuffle_buffer=self.cfg.shuffle_buffer, seed=self.cfg.seed + self.epoch,
+                                   resampled=self.cfg.epoch_length > 0, report_skips=True)
+        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=self.cfg.num_workers,
+                                             generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
+        for item in loader:
+            for skip in item.skips:
+                self.stats.add(skip)
+            if item.record is not None:
+                self.stats.samples += 1
+                yield item.record
 
     def _epoch_iter(self, skip: int):
-        pipeline = record_pipeline(self.urls, shuffle_buffer=self.cfg.shuffle_buffer, seed=self.cfg.seed + self.epoch,
-                                   resampled=self.cfg.epoch_length > 0)
-        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=self.cfg.num_workers)
-        it = iter(loader)
+        it = self._records()
         for _ in range(skip):  # the loader's order is deterministic: skipping restores the position
             next(it)
         return it
 
     def next(self) -> list:
+        if self._it is None:
+            self._it = self._epoch_iter(skip=self.position)
         records = []
         while len(records) < self.cfg.batch_size:
             try:
@@ -95,7 +169,8 @@ class Batches:
                     self.seen.setdefault(self.epoch, []).append(records[-1].key)
             except StopIteration:
                 if not records and self.position == 0:
-                    raise RuntimeError(f"no samples for this rank in {len(self.urls)} shard(s)") from None
+                    raise UserError(f"no readable samples for this rank in {len(self.urls)} shard(s) "
+                                    f"({self.stats.summary()})") from None
                 self.epoch, self.position = self.epoch + 1, 0
                 self._it = self._epoch_iter(skip=0)
                 if records:  # an epoch ends on a partial batch: finish it, next batch starts the new epoch
@@ -114,37 +189,49 @@ def setup_distributed(cfg: TrainConfig):
     return rank, world
 
 
-def train(cfg: TrainConfig) -> list[float]:
-    """Run (or resume) training; returns the loss of every optimizer step run in this call (rank 0)."""
-    from diffusers import DDPMScheduler
+def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
+    """Everything that can be checked before any work: the output path and the dataset. -> (dataset, negative, urls)"""
+    fs, fpath = url_to_fs(cfg.output)
+    if fs.exists(fpath) and not fs.isdir(fpath):
+        raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
+    dataset, negative = read_dataset(cfg.data)
+    urls = dataset_shards(cfg.data)
+    if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
+        raise UserError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
+                        f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
+    recorded = dataset.get("recorded_steps")
+    if recipe.step_weight > 0 and recorded is not None and recorded != list(range(dataset["recipe"]["num_inference_steps"])):
+        raise UserError(f"recipe {recipe.name!r} (step distillation) needs every teacher step recorded; "
+                        f"{cfg.data!r} recorded steps {recorded} (dump with --record_steps all)")
+    if cfg.decoder and not dataset["recipe"].get("save_images", True):
+        raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
+    return dataset, negative, urls
 
+
+def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None) -> list[float]:
+    """Run (or resume) training; returns the loss of every optimizer step run in this call (rank 0).
+
+    ``recipe`` replaces ``cfg.recipe``'s preset (tests: a variant); ``stop_after`` stops after that
+    step's checkpoint as if the process had been killed there (tests of the resume).
+    """
     from students.unet import build_unet
 
-    # 1. processes, seeds, the recipe
+    # 1. seeds, the recipe, the inputs (before any process group or write)
+    recipe = recipe or cfg.resolved_recipe()
+    dataset, negative, urls = check_inputs(cfg, recipe)
     rank, world = setup_distributed(cfg)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cfg.device.startswith("cuda") else cfg.device)
-    torch.manual_seed(cfg.seed)
-    recipe: DistillRecipe = get_recipe(cfg.recipe, **({"student_steps": cfg.student_steps} if cfg.student_steps else {}))
-    # 2. the dataset and what it stores once
-    dataset, negative = read_dataset(cfg.data)
-    noise_schedule = DDPMScheduler.from_config(dataset["scheduler_config"])
-    alphas_cumprod = noise_schedule.alphas_cumprod.to(device)
-    final_abar = 1.0 if dataset["scheduler_config"].get("set_alpha_to_one") else float(noise_schedule.alphas_cumprod[0])
-    if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
-        raise ValueError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
-                         f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
-    urls = dataset_shards(cfg.data)
-    # 3. models: student, distillation head, EMA, optional online teacher
+    ckpt.RNGState.seed_all(cfg.seed)
+    from students.data import alphas_cumprod
+
+    train_schedule = torch.tensor(alphas_cumprod(dataset["scheduler_config"]), dtype=torch.float32, device=device)  # task loss only
+    # 2. models: student, distillation head, EMA, optional online teacher and decoder
     student = build_unet(cfg.preset).to(device)
     layers = [name for name, _ in recipe.feature_weights]
     teacher_channels = _teacher_channels(cfg.data, urls, layers)
     heads = make_projections({k: c for k, (c, _) in student.feature_info().items()}, teacher_channels, layers).to(device)
     ema_unet = ckpt.make_ema(student) if cfg.ema_decay > 0 else None
-    teacher_unet = None
-    if cfg.online_teacher:
-        from teachers.load import load_teacher
-
-        teacher_unet = load_teacher(cfg.online_teacher, device=str(device)).unet.requires_grad_(False).eval()
+    teacher_unet = _online_teacher(cfg, device)
     decoder = None
     if cfg.decoder:
         from students.vae import build_vae
@@ -154,66 +241,119 @@ def train(cfg: TrainConfig) -> list[float]:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    # 4. resume from the newest checkpoint, if any
-    state = ckpt.load_latest(cfg.output, student, heads, ema_unet, optimizer, scheduler, generator, decoder)
-    step, epoch, position = state.get("step", 0), state.get("epoch", 0), state.get("position", 0)
+    batches = Batches(cfg, urls)
+    # 3. the trainer's state: every stateful object, saved and restored together
+    state = {"student": student, "ema": ema_unet, "decoder": decoder, "distill_head": heads, "optimizer": optimizer,
+             "lr_scheduler": scheduler, "rng": ckpt.RNGState(generator), "data": batches}
+    step = ckpt.load_latest(cfg.output, state)
     model = student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    batches = Batches(cfg, urls, epoch, position)
-    # 5. observers: progress bar, TensorBoard, grids (rank 0)
+    # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
     log = ckpt.RunLog(cfg, rank) if rank == 0 else None
     losses: list[float] = []
     start_step, t0 = step, time.monotonic()
-    while step < cfg.max_steps:
-        optimizer.zero_grad(set_to_none=True)
-        terms = {}
-        for micro in range(cfg.grad_accum):
-            records = batches.next()
-            data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
-                                  final_alpha_cumprod=final_abar, with_images=decoder is not None)
-            batch = _to(data["batch"], device)
-            targets = _to(data["targets"], device)
-            if teacher_unet is not None:
-                targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
-                                         batch.get("added"), batch.get("added_uncond"))
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
-                    torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-                terms = compute_losses(model, heads, batch, targets, recipe, alphas_cumprod, generator)
-                if decoder is not None:  # SnapFusion data distillation: small decoder vs teacher decoder image
-                    image = decoder.decode(batch["x0"] / decoder.config.scaling_factor).sample
-                    terms["decoder"] = cfg.decoder_weight * decoder_distill_loss(image, batch["image"]).mean()
-                    terms["loss"] = terms["loss"] + terms["decoder"]
-                (terms["loss"] / cfg.grad_accum).backward()
-        if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
-            for p in heads.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        optimizer.step()
-        scheduler.step()
-        if ema_unet is not None:
-            ckpt.update_ema(ema_unet, student, cfg.ema_decay)
-        step += 1
-        losses.append(float(terms["loss"].detach()))
+    try:
+        while step < cfg.max_steps:
+            optimizer.zero_grad(set_to_none=True)
+            terms = _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset,
+                                          train_schedule, generator, device, world, step + 1)
+            if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
+                for p in heads.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            optimizer.step()
+            scheduler.step()
+            if ema_unet is not None:
+                ckpt.update_ema(ema_unet, student, cfg.ema_decay)
+            step += 1
+            losses.append(float(terms["loss"].detach()))
+            if log is not None:
+                log.step(step, {k: float(v.detach()) for k, v in terms.items()}, scheduler.get_last_lr()[0], float(grad_norm),
+                         samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
+            if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
+                log.grid(step, student, ema_unet, dataset, urls, recipe)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                if rank == 0:
+                    log.flush()
+                    ckpt.save(cfg.output, state, step=step, keep=cfg.keep_checkpoints,
+                              config={"train": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe)})
+                if world > 1:
+                    torch.distributed.barrier()
+                if stop_after is not None and step >= stop_after:
+                    break
+        if world > 1:
+            _gather_read_stats(batches.stats, rank, world)
+    finally:
         if log is not None:
-            log.step(step, {k: float(v.detach()) for k, v in terms.items()}, scheduler.get_last_lr()[0], float(grad_norm),
-                     samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
-        if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
-            log.grid(step, student, ema_unet, dataset, urls, recipe)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            if rank == 0:
-                ckpt.save(cfg, recipe, step, batches.epoch, batches.position, student, heads, ema_unet, optimizer,
-                          scheduler, generator, decoder)
-            if world > 1:
-                torch.distributed.barrier()
-    if log is not None:
-        log.close(STATS)
+            log.close(batches.stats)
     if cfg.audit_keys:
         ckpt.write_audit(cfg.output, rank, world, student, batches.seen)
     return losses
+
+
+def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset, train_schedule,
+                          generator, device, world, step) -> dict:
+    """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms."""
+    layers = [name for name, _ in recipe.feature_weights]
+    for micro in range(cfg.grad_accum):
+        records = batches.next()
+        data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
+                              scheduler_config=dataset["scheduler_config"], with_images=decoder is not None)
+        batch, targets = _to(data["batch"], device), _to(data["targets"], device)
+        if teacher_unet is not None:
+            targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
+                                     batch.get("added"), batch.get("added_uncond"))
+        sync = micro == cfg.grad_accum - 1 or world == 1
+        with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
+                torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
+                                   decoder_weight=cfg.decoder_weight)
+        _check_finite(terms, step, batch["keys"], world, cfg.output)
+        (terms["loss"] / cfg.grad_accum).backward()
+    return terms
+
+
+def _gather_read_stats(stats: ReadStats, rank: int, world: int) -> None:
+    """Rank 0's ``stats`` += every other rank's (samples read, skips with keys), for the final summary."""
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, (stats.samples, stats.skipped, dict(stats.reasons), stats.skips))
+    if rank == 0:
+        for r, (samples, skipped, reasons, skips) in enumerate(gathered):
+            if r == 0:
+                continue
+            stats.samples += samples
+            stats.skipped += skipped
+            for reason, n in reasons.items():
+                stats.reasons[reason] = stats.reasons.get(reason, 0) + n
+            stats.skips.extend(skips[: max(0, MAX_LISTED_SKIPS - len(stats.skips))])
+
+
+def _check_finite(terms: dict, step: int, keys: list[str], world: int, output: str) -> None:
+    """Stop on a NaN/Inf loss (every rank, so none waits in a collective), naming the step and the batch."""
+    finite = torch.isfinite(terms["loss"].detach()).float().reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if float(finite) < 1:
+        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        found = ckpt.checkpoints(output)
+        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        raise TrainingDiverged(f"non-finite loss at step {step} (terms {bad}) on the batch with keys {keys}; "
+                               f"training stopped before the optimizer step, {kept}")
+
+
+def _online_teacher(cfg: TrainConfig, device):
+    if not cfg.online_teacher:
+        return None
+    from teachers.load import TeacherError, load_teacher
+
+    try:
+        teacher = load_teacher(cfg.online_teacher, device=str(device))
+    except TeacherError as err:
+        raise UserError(f"--online_teacher: {err}") from None
+    return teacher.unet.requires_grad_(False).eval()
 
 
 def _to(obj, device):
@@ -225,31 +365,24 @@ def _to(obj, device):
 
 
 def _teacher_channels(data_dir: str, urls: list[str], layers: list[str]) -> dict[str, int]:
-    """Channels of each distilled teacher block, read off the first record (its ``array_shapes``)."""
+    """Channels of each distilled teacher block, read off the first readable record."""
     if not layers:
         return {}
-    from students.data import record_pipeline as pipe
-
-    rec = next(iter(pipe(urls[:1])))
+    rec = next(iter(record_pipeline(urls)), None)
+    if rec is None:
+        raise UserError(f"no readable sample in {data_dir!r}")
     missing = [l for l in layers if l not in rec.feats]
     if missing:
-        raise ValueError(f"the recipe distils features {missing} that the dump in {data_dir!r} did not record "
-                         f"(it has {sorted(rec.feats)})")
+        raise UserError(f"the recipe distils features {missing} that the dump in {data_dir!r} did not record "
+                        f"(it has {sorted(rec.feats)})")
     return {l: int(rec.feats[l].shape[1]) for l in layers}
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="distill train", description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(TrainConfig):
-        kind = {int: int, float: float}.get(type(field.default), str)
-        required = field.default is dataclasses.MISSING
-        parser.add_argument(f"--{field.name}", f"--{field.name.replace('_', '-')}", dest=field.name, type=kind,
-                            required=required, default=None if required else field.default)
-    args = parser.parse_args(argv)
-    return TrainConfig(**vars(args))
+    return parse(TrainConfig, argv, prog="distill train", description=__doc__.split("\n")[0])[0]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
@@ -257,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("distill train", _main, argv)
 
 
 if __name__ == "__main__":

@@ -72,14 +72,14 @@ def test_timestep_aware_scale_matches_task_value_and_keeps_distill_gradient():
     assert torch.allclose(distill.grad, task / distill.detach(), rtol=1e-6)
 
 
-def test_cfg_loss_reduces_to_plain_output_loss_at_w_1_and_matches_formula():
+def test_guided_loss_reduces_to_plain_output_loss_at_w_1_and_matches_formula():
     sc, su, tc, tu = (t64(B, 4, 2, 2) for _ in range(4))
     ones = torch.ones(B, dtype=torch.float64)
-    assert torch.allclose(D.cfg_distill_loss(sc, su, tc, tu, ones), D.output_distill_loss(sc, tc))
+    assert torch.allclose(D.guided_distill_loss(sc, su, tc, tu, ones), D.output_distill_loss(sc, tc))
     w = torch.tensor([2.0, 7.5, 14.0], dtype=torch.float64)
     guided = lambda c, u: w.view(-1, 1, 1, 1) * c - (w.view(-1, 1, 1, 1) - 1) * u  # noqa: E731
     expected = ((guided(sc, su) - guided(tc, tu)) ** 2).mean((1, 2, 3))
-    assert torch.allclose(D.cfg_distill_loss(sc, su, tc, tu, w).double(), expected)
+    assert torch.allclose(D.guided_distill_loss(sc, su, tc, tu, w).double(), expected)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

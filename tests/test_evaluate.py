@@ -101,11 +101,18 @@ def test_fid_and_clip_score_plumbing_on_random_weights(inception_weights):
     assert isinstance(fid, M.ReferenceMetric)
     fid.update_reference(x)
     fid.update(x, [""] * 6)
-    assert abs(fid.compute()["fid"]) < 1e-6  # a set against itself
+    fid_self = fid.compute()["fid"]
+    assert abs(fid_self) < 1e-6  # a set against itself
     fid.reset()  # forgets generated images, keeps the references
     fid.update(y, [""] * 6)
     other = fid.compute()["fid"]
     assert np.isfinite(other) and other > 1e-6
+    # the ordering FID exists for: the reference set against itself scores better than against noise
+    # (random Inception weights give no finer ordering: a slightly perturbed copy can score worse than noise)
+    fid.reset()
+    fid.update(torch.rand(6, 3, 48, 48, generator=gen), [""] * 6)
+    noise = fid.compute()["fid"]
+    assert 0 <= abs(fid_self) < 1e-6 < noise, (fid_self, noise)
     # CLIP score: the curate job's embedding and cosine, averaged
     clip = M.ClipScore.load("dd-tiny-clip", "random")
     assert isinstance(clip, M.Metric)
@@ -121,6 +128,35 @@ def test_fid_and_clip_score_plumbing_on_random_weights(inception_weights):
     fd.update_reference(x[3:])
     fd.update(y, captions)
     assert fd.compute()["colour_fd"] == pytest.approx(M.frechet_distance(extractor(x).double(), extractor(y).double()), rel=1e-9)
+
+
+def test_clip_score_ranks_matching_captions_above_mismatched_ones_and_noise():
+    """A planted CLIP (image embedding = mean colour, text embedding = the colour word) through ``ClipScore``:
+    images score higher against their own captions than against shuffled captions or than noise images."""
+    from types import SimpleNamespace
+
+    words = {"red": [1.0, 0.0, 0.0], "green": [0.0, 1.0, 0.0], "blue": [0.0, 0.0, 1.0]}
+    unit = lambda v: v / v.norm(dim=-1, keepdim=True)  # noqa: E731
+    model = SimpleNamespace(encode_image=lambda px, normalize=True: unit(px.mean(dim=(2, 3))),
+                            encode_text=lambda tokens, normalize=True: unit(tokens))
+    tokenizer = lambda texts: torch.tensor([next(words[w] for w in words if w in t) for t in texts])  # noqa: E731
+    preprocess = lambda im: torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)  # noqa: E731
+    clip = M.ClipScore(SimpleNamespace(model=model, tokenizer=tokenizer, preprocess=preprocess, device="cpu", embed_dim=3))
+    gen = torch.Generator().manual_seed(0)
+    colours = torch.eye(3)[[0, 1, 2, 0, 1, 2]].view(6, 3, 1, 1)
+    images = (0.8 * colours + 0.2 * torch.rand(6, 3, 16, 16, generator=gen)).clamp(0, 1)
+    captions = [f"a {c} square" for c in ("red", "green", "blue", "red", "green", "blue")]
+
+    def score(imgs, caps):
+        clip.reset()
+        clip.update(imgs, caps)
+        return clip.compute()["clip_score"]
+
+    matched = score(images, captions)
+    shuffled = score(images, captions[1:] + captions[:1])
+    noise = score(torch.rand(6, 3, 16, 16, generator=gen), captions)
+    assert matched > noise > shuffled, (matched, noise, shuffled)
+    assert matched > 0.9 and abs(noise - 3**-0.5) < 0.05  # grey noise: cosine 1/sqrt(3) with any colour word
 
 
 @pytest.fixture(scope="module")

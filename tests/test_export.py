@@ -170,14 +170,14 @@ def _dataset(steps, spacing="leading"):
 
 @pytest.mark.parametrize("teacher_steps,student_steps", [(8, 8), (16, 8), (40, 8), (32, 8), (50, 8), (4, 8)])
 def test_trained_jumps_are_the_trainer_rows(teacher_steps, student_steps):
-    from students.data import _rows_for
+    from students.data import rows_for
     from students.objective import get_recipe
 
     dataset = _dataset(teacher_steps)
     ts = export.teacher_timesteps(dataset)
     meta = {"recorded_steps": list(range(teacher_steps)), "num_inference_steps": teacher_steps}
     recipe = get_recipe("snapfusion_step", student_steps=student_steps)
-    pairs = {_rows_for(meta, recipe, 0, 0, f"k{i}") for i in range(400)}
+    pairs = {rows_for(meta, recipe, 0, 0, f"k{i}") for i in range(400)}
     want = sorted((ts[r], ts[n] if n < teacher_steps else -1) for r, n in pairs)
     got, nxt = export.trained_jumps(dataset, student_steps)
     assert sorted(zip(got, nxt)) == want

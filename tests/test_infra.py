@@ -69,19 +69,71 @@ def test_short_runner_names_map_to_beam_classes():
     assert normalise_argv(["--runner", "Direct", "--x=1"]) == ["--runner=DirectRunner", "--x=1"]
 
 
-def test_training_launchers_call_the_trainer_with_flags_it_accepts():
+def _flags(argv):
+    """``--name=value`` / ``--name value`` pairs of a command line -> {name: value} (every flag given once)."""
+    out, i = {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if not eq:
+            value, i = argv[i + 1], i + 1
+        assert name.startswith("--") and name[2:] not in out, argv[i]
+        out[name[2:]] = value
+        i += 1
+    return out
+
+
+def test_pytorchjob_passes_every_flag_the_trainer_understands():
     import yaml  # PyYAML comes with the dependencies (transformers, dask)
 
     from students.train import parse_args
 
     job = yaml.safe_load((ROOT / "infra/train/pytorchjob.yaml").read_text())
-    container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    container = worker["template"]["spec"]["containers"][0]
     args = container["args"]
-    assert container["command"] == ["torchrun"] and args[1:3] == ["-m", "students.train"]
-    cfg = parse_args(args[3:])
-    assert (cfg.data, cfg.device, cfg.mixed_precision) == ("gs://BUCKET/dump", "cuda", "bf16")
-    slurm = (ROOT / "infra/train/slurm.sbatch").read_text()
-    assert "-m students.train" in slurm and "--rdzv_backend=c10d" in slurm
-    flags = re.findall(r"(--[a-z_]+)", slurm.split("-m students.train", 1)[1])
-    parse_args([x for f in dict.fromkeys(flags) for x in (f, "1" if f not in ("--data", "--output") else "x")
-                if f not in ("--device", "--mixed_precision", "--preset", "--recipe")] )
+    assert container["command"] == ["torchrun"] and args[0] == "--nproc_per_node=8" and args[1:3] == ["-m", "students.train"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8  # one process per GPU
+    assert job["spec"]["elasticPolicy"]["rdzvBackend"] == "c10d" and worker["replicas"] == 2
+    flags = _flags(args[3:])
+    assert flags == {"data": "gs://BUCKET/dump", "output": "/runs/snapgen-1", "preset": "snapgen", "recipe": "snapgen_kd",
+                     "device": "cuda", "mixed_precision": "bf16", "num_workers": "8", "batch_size": "16",
+                     "max_steps": "100000", "checkpoint_every": "1000"}
+    cfg = parse_args(args[3:])  # every flag accepted, and each lands in the field of its name
+    assert (cfg.data, cfg.output, cfg.preset, cfg.recipe, cfg.device, cfg.mixed_precision) == (
+        "gs://BUCKET/dump", "/runs/snapgen-1", "snapgen", "snapgen_kd", "cuda", "bf16")
+    assert (cfg.num_workers, cfg.batch_size, cfg.max_steps, cfg.checkpoint_every) == (8, 16, 100000, 1000)
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/dev/shm", "/runs"}  # OUTPUT on the shared volume
+
+
+def test_slurm_script_runs_torchrun_with_every_flag(tmp_path):
+    """The script run with stand-ins for srun and scontrol that record what they are given."""
+    import json
+    import shlex
+
+    from students.train import parse_args
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\npython3 -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'node-a\\nnode-b\\n'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DATA": "gs://b/dump", "OUTPUT": "/shared/runs/s1",
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "42", "MAX_STEPS": "500"}
+    out = subprocess.run(["bash", str(ROOT / "infra/train/slurm.sbatch"), "--lr", "3e-4"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    argv = json.loads(out.strip().splitlines()[-1])
+    assert argv[0] == "torchrun"
+    cut = argv.index("-m")
+    assert argv[cut + 1] == "students.train"
+    assert _flags(argv[1:cut]) == {"nnodes": "2", "nproc_per_node": "8", "rdzv_id": "42", "rdzv_backend": "c10d",
+                                   "rdzv_endpoint": "node-a:29500"}
+    trainer = argv[cut + 2:]
+    assert _flags(trainer) == {"data": "gs://b/dump", "output": "/shared/runs/s1", "preset": "snapgen", "recipe": "snapgen_kd",
+                               "device": "cuda", "mixed_precision": "bf16", "num_workers": "8", "batch_size": "16",
+                               "max_steps": "500", "checkpoint_every": "1000", "lr": "3e-4"}
+    cfg = parse_args(trainer)
+    assert (cfg.data, cfg.output, cfg.max_steps, cfg.lr, cfg.batch_size, cfg.num_workers) == (
+        "gs://b/dump", "/shared/runs/s1", 500, 3e-4, 16, 8)
+    script = (ROOT / "infra/train/slurm.sbatch").read_text()
+    assert "export OMP_NUM_THREADS=8" in script and shlex.split("--requeue")[0] in script  # resubmission resumes

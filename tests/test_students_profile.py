@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from diffusion_distill.errors import UserError
 from students import profile as P
 
 CFG = P.ProfileConfig(skip_latency=True)
@@ -18,8 +19,11 @@ def macs():
 
 @pytest.mark.parametrize("name,anchor", [("sd15", 402), ("sdxl", 3381), ("sd_vae_decoder", 1257), ("vae_tiny", 71)])
 def test_mac_counts_match_published_anchors(macs, name, anchor):
-    """PAPERS.md: SD-1.5 UNet 402 GMACs at 512 px with attention products, SDXL 3,381 at 1024 px,
-    SD VAE decoder about 1,257 at 512 px, TAESD about 71."""
+    """Reference MAC counts (conv and linear layers plus the attention products QK^T and AV) of the
+    published architectures: SD-1.5 UNet (Rombach et al. 2022, arXiv 2112.10752) 402 GMACs at 512 px
+    (339 without the attention products), SDXL UNet (Podell et al. 2023, arXiv 2307.01952) 3,381 at
+    1024 px, the SD VAE decoder about 1,257 at 512 px, TAESD (madebyollin/taesd, diffusers'
+    ``AutoencoderTiny``) about 71."""
     assert abs(macs[name] / anchor - 1) < 0.01, f"{name}: {macs[name]:.1f} GMACs vs {anchor}"
 
 
@@ -79,6 +83,8 @@ def test_latency_resolution_per_family_and_bad_arguments(capsys):
     assert (cfg.pixels("sdxl"), cfg.pixels("sd15"), cfg.pixels("sdxl", latency=True)) == (768, 256, 128)
     for argv in (["--presets", "bogus"], ["--resolution", "500"], ["--latency-resolution", "xl=512"], ["--repeats", "0"],
                  ["--device", "tpu"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UserError):
             P.parse_args(argv)
-    assert "bogus" in capsys.readouterr().err
+    assert P.main(["--presets", "bogus"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "distill profile: error: --presets: unknown preset(s) ['bogus']; known: " + ", ".join(P.STUDENTS)]

@@ -51,7 +51,7 @@ def test_preset_parameter_count_within_5_percent_of_paper(name):
     assert abs(count / PAPER_PARAMS[name] - 1) <= 0.05, f"{name}: {count / 1e6:.1f}M vs paper {PAPER_PARAMS[name] / 1e6:.0f}M"
 
 
-@pytest.mark.xfail(strict=True, reason="SnapFusion's published per-stage block counts (PAPERS.md) give 759M, not the "
+@pytest.mark.xfail(strict=True, reason="SnapFusion's published per-stage block counts (Li et al. 2023, arXiv 2306.00980, sec. 3) give 759M, not the "
                    "848M its paper reports: +3 transformers at 1280 ch (+104M) against -5 ResNets at 1280 ch (-183M)")
 def test_snapfusion_parameter_count_within_5_percent_of_paper():
     assert abs(_n(_meta("snapfusion")) / SNAPFUSION_PAPER_PARAMS - 1) <= 0.05

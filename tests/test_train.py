@@ -17,6 +17,15 @@ from students.objective import compute_losses, get_recipe, make_projections, onl
 from students.train import TrainConfig, train
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is faster than two fighting for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_dump(tmp_path_factory):
     from pipelines import teacher_dump
@@ -44,7 +53,7 @@ def test_offline_and_online_teachers_give_the_same_loss(tiny_dump, tiny_teacher)
     records = list(record_pipeline(dataset_shards(tiny_dump)[:1]))
     meta = json.load(open(os.path.join(tiny_dump, "dataset.json")))
     negative = np.load(os.path.join(tiny_dump, meta["shared"]["negative_prompt_embeds"]))
-    data = training_batch(records, negative, recipe, seed=0, epoch=0, final_alpha_cumprod=0.99915)
+    data = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=records[0].meta["scheduler_config"])
     batch, offline = data["batch"], data["targets"]
     online = online_targets(tiny_teacher.unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], ["mid_block", "up_blocks.0"])
     torch.manual_seed(0)
@@ -64,29 +73,28 @@ def test_kill_then_resume_gives_the_identical_loss_sequence(tiny_dump, tmp_path)
     # and other tests in this process may have changed it.
     def args_for(out):
         return [sys.executable, "-m", "students.train", "--data", tiny_dump, "--output", str(out), "--preset", "tiny",
-                "--recipe", "snapgen_kd", "--batch_size", "4", "--max_steps", "10", "--warmup_steps", "2",
+                "--recipe", "snapgen_kd", "--batch_size", "4", "--max_steps", "8", "--warmup_steps", "2",
                 "--checkpoint_every", "2", "--shuffle_buffer", "8", "--lr", "1e-3"]
 
-    subprocess.run(args_for(tmp_path / "ref"), check=True, capture_output=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread each: tiny models, a shared 2-core machine
+    subprocess.run(args_for(tmp_path / "ref"), check=True, capture_output=True, env=env)
     ref = [json.loads(line)["loss"] for line in (tmp_path / "ref" / "losses.jsonl").read_text().splitlines()]
-    assert len(ref) == 10
+    assert len(ref) == 8
     out = tmp_path / "killed"
     args = args_for(out)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 180
     while not (out / "checkpoints" / "step-0000002").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "the first run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "checkpoints" / "step-0000010").exists(), "finished before the kill"
-    subprocess.run(args, check=True, capture_output=True)
-    logged = {}
-    for line in (out / "losses.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["step"] in logged:  # a step redone after the resume gives the same value
-            assert logged[row["step"]] == row["loss"]
-        logged[row["step"]] = row["loss"]
-    assert [logged[s] for s in range(1, 11)] == ref  # bitwise on CPU, one process
+    # killed mid-way: a checkpoint existed and the final one did not
+    assert (out / "checkpoints" / "step-0000002").exists() and not (out / "checkpoints" / "step-0000008").exists()
+    subprocess.run(args, check=True, capture_output=True, env=env)
+    assert [row["loss"] for row in _logged(out)] == ref
+    assert _logged(out) == _logged(tmp_path / "ref")  # every logged value, bitwise on CPU, one process each
+    _assert_same_state(_final_state(out, 8), _final_state(tmp_path / "ref", 8))  # weights, optimizer and RNG states
 
 
 def test_two_process_ddp_on_gloo(tiny_dump, tmp_path):
@@ -121,7 +129,7 @@ def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
     def held_out_loss(student):
         losses = []
         for epoch in range(4):  # several recorded points per sample
-            data = training_batch(held_out, negative, recipe, seed=1, epoch=epoch, final_alpha_cumprod=0.99915)
+            data = training_batch(held_out, negative, recipe, seed=1, epoch=epoch, scheduler_config=held_out[0].meta["scheduler_config"])
             with torch.no_grad():
                 losses.append(compute_losses(student, torch.nn.ModuleDict(), data["batch"], data["targets"], recipe,
                                              torch.tensor(np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)).float(),
@@ -139,8 +147,14 @@ def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
             (shutil.copytree if os.path.isdir(os.path.join(tiny_dump, name)) else shutil.copy)(os.path.join(tiny_dump, name), train_dir / name)
     meta["shards"] = meta["shards"][:3]
     (train_dir / "dataset.json").write_text(json.dumps(meta))
-    train(_cfg(str(train_dir), tmp_path / "run", recipe="output_kd", max_steps=60, lr=2e-3, warmup_steps=5,
-               checkpoint_every=60, ema_decay=0.0, image_every=60))
+    losses = train(_cfg(str(train_dir), tmp_path / "run", recipe="output_kd", max_steps=60, lr=2e-3, warmup_steps=5,
+                        checkpoint_every=60, ema_decay=0.0, image_every=60, audit_keys=1))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses  # the training loss fell
+    audit = json.load(open(tmp_path / "run" / "ranks" / "rank-0.json"))
+    shard_keys = [json.load(open(os.path.join(tiny_dump, f"{i:06d}.json")))["keys"] for i in range(3)]
+    for epoch, keys in audit["keys_by_epoch"].items():  # 60 steps x 4 = 20 epochs of 12: every shard, every sample
+        assert sorted(keys) == sorted(k for ks in shard_keys for k in ks), epoch
+    assert len(audit["keys_by_epoch"]) == 20
     from PIL import Image
     grid = Image.open(tmp_path / "run" / "grids" / "step-0000060.png")
     assert grid.size == (110 + 4 * 128, 2 * 128)  # 4 prompts; teacher row and student row (EMA off)
@@ -176,7 +190,7 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
                       "--feature_layers", "", "--save_images", "--progress", "off"])
     records = list(record_pipeline(dataset_shards(str(tmp_path / "d"))))
     held_out = training_batch(records[-4:], np.zeros((77, 32)), get_recipe("output_kd"), seed=0, epoch=0,
-                              final_alpha_cumprod=0.99915, with_images=True)["batch"]
+                              scheduler_config=records[0].meta["scheduler_config"], with_images=True)["batch"]
 
     def held_out_loss(decoder):
         with torch.no_grad():
@@ -185,8 +199,11 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
     torch.manual_seed(0)
     from students.vae import build_vae
     before = held_out_loss(build_vae("tiny"))
-    train(_cfg(str(tmp_path / "d"), tmp_path / "run", recipe="output_kd", decoder="tiny", batch_size=2, max_steps=8,
-               lr=1e-3, warmup_steps=1, checkpoint_every=8, ema_decay=0.0))
+    losses = train(_cfg(str(tmp_path / "d"), tmp_path / "run", recipe="output_kd", decoder="tiny", batch_size=2, max_steps=8,
+                        lr=1e-3, warmup_steps=1, checkpoint_every=8, ema_decay=0.0, audit_keys=1))
+    assert losses[-1] < losses[0]
+    audit = json.load(open(tmp_path / "run" / "ranks" / "rank-0.json"))
+    assert sorted(audit["keys_by_epoch"]["0"]) == sorted(r.key for r in records)  # the one shard, every sample
     decoder = AutoencoderTiny.from_pretrained(str(tmp_path / "run" / "checkpoints" / "step-0000008" / "decoder"))
     assert held_out_loss(decoder) < 0.5 * before
 
@@ -203,7 +220,7 @@ def test_sdxl_shaped_dump_trains_and_online_equals_offline(tmp_path, tiny_xl_tea
     assert set(shared) == {"negative_prompt_embeds", "negative_pooled_prompt_embeds"}
     recipe = get_recipe("snapgen_kd", feature_weights=(("mid_block", 1.0),))
     records = list(record_pipeline(dataset_shards(str(tmp_path / "d"))))[:4]
-    data = training_batch(records, shared, recipe, seed=0, epoch=0, final_alpha_cumprod=0.99915)
+    data = training_batch(records, shared, recipe, seed=0, epoch=0, scheduler_config=records[0].meta["scheduler_config"])
     batch = data["batch"]
     assert batch["added"]["text_embeds"].shape == (4, 32) and batch["added"]["time_ids"].shape == (4, 6)
     online = online_targets(tiny_xl_teacher.unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], ["mid_block"],
@@ -214,3 +231,186 @@ def test_sdxl_shaped_dump_trains_and_online_equals_offline(tmp_path, tiny_xl_tea
     losses = train(_cfg(str(tmp_path / "d"), tmp_path / "run", preset="tiny_xl", recipe="output_kd", max_steps=2,
                         batch_size=4, checkpoint_every=2))
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+# ------------------------------------------------------------------------------------------
+# corrupt data, non-finite losses, exact resume for every recipe, fsspec outputs
+# ------------------------------------------------------------------------------------------
+
+
+def _rewrite_member(shard, key, ext, change):
+    """Rewrite shard tar ``shard`` with member ``key.ext`` replaced by ``change(bytes)``."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name == f"{key}.{ext}":
+                data = change(data)
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def _corrupt_copy(tiny_dump, dst):
+    """A copy of the dump with one NaN latent, one checksum mismatch and one truncated shard; -> planted keys."""
+    import hashlib
+    import io
+    import shutil
+
+    from teachers import record
+
+    shutil.copytree(tiny_dump, dst)
+    keys = [json.load(open(dst / f"{i:06d}.json"))["keys"] for i in range(4)]
+
+    def plant_nan(data):
+        array = record.load_npy(data).copy()
+        array[1, 0, 0, 0] = np.nan
+        return record.npy_bytes(array)
+
+    _rewrite_member(dst / "000000.tar", keys[0][1], "latents.npy", plant_nan)
+    # per-member checksums in the index (what the dump will write): one member's bytes then flipped
+    index = json.load(open(dst / "000001.json"))
+    import tarfile
+    with tarfile.open(dst / "000001.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    index["checksums"] = {k: {n.split(".", 1)[1]: hashlib.sha256(d).hexdigest() for n, d in members.items()
+                              if n.startswith(k + ".")} for k in keys[1]}
+    (dst / "000001.json").write_text(json.dumps(index))
+
+    def flip(data):
+        buf = bytearray(data)
+        for i in range(len(buf) - 8, len(buf)):
+            buf[i] ^= 0x01  # the last 8 bytes of the array data: finite values still, only the checksum sees it
+        return bytes(buf)
+
+    _rewrite_member(dst / "000001.tar", keys[1][2], "pred_cond.npy", flip)
+    with open(dst / "000002.tar", "r+b") as f:  # truncated mid-file: its last sample loses members
+        f.truncate(os.path.getsize(dst / "000002.tar") // 2 + 700)
+    del io
+    return keys
+
+
+def test_corrupt_samples_are_skipped_and_counted_with_their_keys_from_every_worker(tiny_dump, tmp_path):
+    from students.train import Batches
+
+    keys = _corrupt_copy(tiny_dump, tmp_path / "d")
+    cfg = _cfg(str(tmp_path / "d"), tmp_path / "run", num_workers=2, batch_size=32, shuffle_buffer=0)
+    batches = Batches(cfg, dataset_shards(str(tmp_path / "d")))
+    seen = [r.key for r in batches.next()]  # the whole epoch: a partial batch ends it
+    assert batches.epoch == 1
+    stats = batches.stats  # gathered in the main process from both DataLoader workers
+    skipped = {s.key: s.reason for s in stats.skips if s.key is not None}
+    assert skipped[keys[0][1]] == "non_finite" and skipped[keys[1][2]] == "checksum"
+    # the truncated shard: its cut sample counted with its key (members missing), a tar error without one
+    assert set(skipped) - {keys[0][1], keys[1][2]} <= set(keys[2]) and stats.reasons.get("missing_member", 0) >= 1
+    assert stats.skipped == len(stats.skips) >= 3 and stats.samples == len(seen) == len(set(seen))
+    intact = {k for i in (0, 1, 3) for k in keys[i]} - set(skipped)
+    assert intact <= set(seen) and set(seen) <= intact | set(keys[2])  # every good sample read, once
+    losses = train(_cfg(str(tmp_path / "d"), tmp_path / "run", recipe="output_kd", max_steps=2, num_workers=2))
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_a_non_finite_loss_stops_training_after_the_last_good_checkpoint(tiny_dump, tmp_path, monkeypatch, capsys):
+    from students import train as T
+
+    real, calls = T.compute_losses, []
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # step 3
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(T, "compute_losses", poisoned)
+    out = tmp_path / "run"
+    argv = ["--data", tiny_dump, "--output", str(out), "--recipe", "output_kd", "--batch_size", "4", "--max_steps", "6",
+            "--checkpoint_every", "2", "--shuffle_buffer", "0"]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([l for l in err.splitlines() if "error" in l]) == 1
+    line = err.strip().splitlines()[-1]  # after the progress bar
+    assert line.startswith("distill train: error: non-finite loss at step 3")
+    assert "step-0000002" in line and "p00000" in line  # the last good checkpoint and the batch's keys
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-0000002"]
+    assert [json.loads(l)["step"] for l in (out / "losses.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def _final_state(out, step):
+    from safetensors.torch import load_file
+
+    folder = out / "checkpoints" / f"step-{step:07d}"
+    weights = {f"{sub}/{k}": v for sub in ("student", "ema") if (folder / sub).exists()
+               for k, v in load_file(folder / sub / "diffusion_pytorch_model.safetensors").items()}
+    if (folder / "distill_head.safetensors").exists():
+        weights.update({f"head/{k}": v for k, v in load_file(folder / "distill_head.safetensors").items()})
+    return weights, torch.load(folder / "trainer_state.pt", weights_only=True)
+
+
+def _assert_same_state(a, b):
+    (wa, sa), (wb, sb) = a, b
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sa["step"] == sb["step"] and sa["data"] == sb["data"]
+    for name, value in sa["rng"].items():  # torch, generator, numpy and python RNGs: the uninterrupted run's
+        assert torch.equal(value, sb["rng"][name]) if torch.is_tensor(value) else value == sb["rng"][name], name
+    flat = lambda s: [v for st in s["optimizer"]["state"].values() for v in st.values()]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(flat(sa), flat(sb)))
+
+
+def _logged(out):
+    rows = {}
+    for line in (out / "losses.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["step"] in rows:  # a step redone after a resume logs the same values
+            assert rows[row["step"]] == row
+        rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]
+
+
+@pytest.mark.parametrize("recipe_name", ["output_kd", "snapgen_kd", "snapfusion_step", "bk_sdm"])
+def test_stop_and_resume_equals_the_uninterrupted_run_for_every_recipe(recipe_name, tiny_dump, tmp_path):
+    import dataclasses
+
+    import random
+
+    recipe = get_recipe(recipe_name)
+    if recipe_name == "bk_sdm":  # the tiny teacher has two stages: distil the blocks the dump recorded
+        recipe = dataclasses.replace(recipe, feature_weights=(("mid_block", 1.0), ("up_blocks.0", 1.0)))
+    kw = dict(recipe=recipe_name, max_steps=3, checkpoint_every=1, keep_checkpoints=3, batch_size=2)
+    ref = train(_cfg(tiny_dump, tmp_path / "ref", **kw), recipe=recipe)
+    after_ref = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    first = train(_cfg(tiny_dump, tmp_path / "run", **kw), recipe=recipe, stop_after=1)
+    assert len(first) == 1 and sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step-0000001"]
+    rest = train(_cfg(tiny_dump, tmp_path / "run", **kw), recipe=recipe)
+    assert first + rest == ref and len(ref) == 3
+    assert torch.equal(torch.get_rng_state(), after_ref[0]) and np.array_equal(np.random.get_state()[1], after_ref[1])
+    assert random.getstate() == after_ref[2]  # the process RNGs end where the uninterrupted run's did
+    assert _logged(tmp_path / "run") == _logged(tmp_path / "ref")  # every logged value, every step
+    for step in (1, 2, 3):
+        _assert_same_state(_final_state(tmp_path / "run", step), _final_state(tmp_path / "ref", step))
+
+
+def test_train_and_export_to_an_fsspec_memory_filesystem(tiny_dump, tmp_path):
+    import fsspec
+
+    from students import export
+    from students.checkpoint import checkpoints
+
+    out = "memory://dd-run"
+    losses = train(_cfg(tiny_dump, out, recipe="output_kd", max_steps=2, checkpoint_every=1, keep_checkpoints=1))
+    fs = fsspec.filesystem("memory")
+    assert checkpoints(out) == ["memory://dd-run/checkpoints/step-0000002"]
+    assert fs.exists("/dd-run/checkpoints/step-0000002/student/diffusion_pytorch_model.safetensors")
+    assert [json.loads(l)["step"] for l in fs.cat_file("/dd-run/losses.jsonl").decode().splitlines()] == [1, 2]
+    more = train(_cfg(tiny_dump, out, recipe="output_kd", max_steps=3, checkpoint_every=1, keep_checkpoints=1))
+    assert len(losses) == 2 and len(more) == 1  # resumed from the memory checkpoint
+    path = export.export(out, "memory://dd-export")
+    assert path == "memory://dd-export" and export.read_inference(path)["step"] == 3
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/student_unet.py", "README.md"):
+        assert fs.exists(f"/dd-export/{name}"), name
+    with pytest.raises(export.ExportError, match="pass --overwrite"):
+        export.export(out, "memory://dd-export")
+    export.export(out, "memory://dd-export", overwrite=True, weights="raw")
+    assert export.read_inference("memory://dd-export")["weights"] == "raw"

@@ -1,0 +1,132 @@
+"""Bad input to ``distill train|export|eval|profile``: exit code 2 and exactly one stderr line naming
+the problem, no traceback, nothing written. Each case is planted by hand; ``CASES`` is the table in
+docs/bad_input.md (the students commands)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from students import evaluate, export, profile, train
+
+DDIM = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
+        "timestep_spacing": "leading"}
+
+
+def dataset(folder, **changes) -> str:
+    """A dump folder with a dataset.json (and no shard unless listed): enough for the checks before training."""
+    os.makedirs(folder, exist_ok=True)
+    info = {"schema_version": 1, "scheduler_class": "DDIMScheduler", "scheduler_config": DDIM, "prediction_type": "epsilon",
+            "recipe": {"teacher": "tiny", "num_inference_steps": 4}, "recorded_steps": [0, 1, 2, 3], "shared": {},
+            "shards": [{"shard": "000000.tar", "count": 4}]}
+    info.update(changes)
+    with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    return str(folder)
+
+
+def fake_checkpoint(folder, *, config=None, weights=True) -> str:
+    """A checkpoint folder: config.json (a run's, unless given) and student/ + ema/ (with or without weights)."""
+    os.makedirs(folder, exist_ok=True)
+    data = dataset(os.path.join(folder, "..", "dump"))
+    cfg = config if config is not None else {"train": {"data": data, "preset": "tiny"}, "recipe": {"name": "output_kd"}, "step": 1}
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    for sub in ("student", "ema"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        with open(os.path.join(folder, sub, "config.json"), "w", encoding="utf-8") as f:
+            json.dump({"_class_name": "EfficientUNet2DConditionModel"}, f)
+        if weights:
+            open(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors"), "wb").close()
+    return str(folder)
+
+
+def _train(tmp, *extra, data=None):
+    return ["--data", data or dataset(tmp / "d"), "--output", str(tmp / "run"), *extra]
+
+
+# (id, command, argv builder(tmp) -> argv, words the one line must contain)
+CASES = [
+    ("train preset typo", train, lambda t: _train(t, "--preset", "tinyy"), ["unknown student preset 'tinyy'"]),
+    ("train recipe typo", train, lambda t: _train(t, "--recipe", "snapgen"), ["--recipe", "invalid choice: 'snapgen'"]),
+    ("train batch size 0", train, lambda t: _train(t, "--batch_size", "0"), ["--batch_size must be at least 1, got 0"]),
+    ("train max steps -1", train, lambda t: _train(t, "--max_steps", "-1"), ["--max_steps must be at least 1, got -1"]),
+    ("train batch size not a number", train, lambda t: _train(t, "--batch_size", "eight"), ["--batch_size", "invalid int value"]),
+    ("train ema decay 1.5", train, lambda t: _train(t, "--ema_decay", "1.5"), ["--ema_decay must be in [0, 1)"]),
+    ("train no --data", train, lambda t: ["--output", str(t / "run")], ["required", "--data"]),
+    ("train unknown flag", train, lambda t: _train(t, "--bach_size", "4"), ["unrecognized arguments: --bach_size"]),
+    ("train --data missing", train, lambda t: _train(t, data=str(t / "nowhere")), ["does not exist"]),
+    ("train --data empty folder", train, lambda t: (os.makedirs(t / "empty"), _train(t, data=str(t / "empty")))[1],
+     ["has no dataset.json"]),
+    ("train zero shards", train, lambda t: _train(t, data=dataset(t / "z", shards=[])), ["no complete shards"]),
+    ("train schema_version 99", train, lambda t: _train(t, data=dataset(t / "v", schema_version=99)),
+     ["dataset.json", "schema_version 99", "supported: 1"]),
+    ("train dataset.json not JSON", train,
+     lambda t: (os.makedirs(t / "j"), (t / "j" / "dataset.json").write_text("{oops"), _train(t, data=str(t / "j")))[2],
+     ["dataset.json", "not valid JSON"]),
+    ("train Euler schema-1 dump", train, lambda t: _train(t, data=dataset(t / "e", scheduler_class="EulerDiscreteScheduler")),
+     ["EulerDiscreteScheduler", "cannot read"]),
+    ("train --output is a file", train,
+     lambda t: ((t / "file").write_text("x"), ["--data", dataset(t / "d"), "--output", str(t / "file")])[1],
+     ["--output", "is an existing file"]),
+    ("train unknown online teacher", train, lambda t: _train(t, "--online_teacher", "no-such-teacher"),
+     ["--online_teacher", "unknown teacher 'no-such-teacher'"]),
+    ("train unknown decoder", train, lambda t: _train(t, "--decoder", "huge"), ["unknown decoder preset 'huge'"]),
+    ("train v-prediction dump, epsilon recipe", train, lambda t: _train(t, data=dataset(t / "vp", prediction_type="v_prediction")),
+     ["trains a epsilon student on a v_prediction teacher"]),
+    ("train step distillation on a partial trajectory", train,
+     lambda t: _train(t, "--recipe", "snapfusion_step", data=dataset(t / "p", recorded_steps=[0, 2])),
+     ["needs every teacher step recorded"]),
+    ("export folder that is not a run", export,
+     lambda t: [fake_checkpoint(t / "ck", config={"_class_name": "StableDiffusionPipeline"}), str(t / "out")],
+     ["not a training checkpoint's config"]),
+    ("export checkpoint without weight files", export,
+     lambda t: [fake_checkpoint(t / "ck", weights=False), str(t / "out")], ["no config.json and weights file", "incomplete"]),
+    ("export nothing there", export, lambda t: [str(t / "nothing"), str(t / "out")], ["neither a checkpoint folder"]),
+    ("export --overwrite onto a shard dataset", export,
+     lambda t: [fake_checkpoint(t / "ck"), dataset(t / "dump2"), "--overwrite"], ["is not a previous export"]),
+    ("export output is a file", export,
+     lambda t: ((t / "f").write_text("x"), [fake_checkpoint(t / "ck"), str(t / "f")])[1], ["is an existing file"]),
+    ("export bad --weights", export, lambda t: [str(t / "a"), str(t / "b"), "--weights", "best"], ["invalid choice: 'best'"]),
+    ("export three positionals", export, lambda t: ["a", "b", "c"], ["expected CHECKPOINT OUTPUT"]),
+    ("eval no --captions", evaluate, lambda t: ["--output", str(t / "e")], ["required", "--captions"]),
+    ("eval steps not numbers", evaluate, lambda t: ["--output", str(t / "e"), "--captions", "c.txt", "--teacher_steps", "8,x"],
+     ["--teacher_steps", "invalid"]),
+    ("profile unknown preset", profile, lambda t: ["--presets", "bogus"], ["unknown preset(s) ['bogus']"]),
+    ("profile repeats 0", profile, lambda t: ["--repeats", "0"], ["--repeats must be >= 1"]),
+    ("profile bad resolution", profile, lambda t: ["--resolution", "500"], ["multiple of 64"]),
+]
+
+
+@pytest.mark.parametrize("name,module,argv,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(name, module, argv, words, tmp_path, capsys):
+    args = argv(tmp_path)
+    before = sorted(p for p in os.listdir(tmp_path))
+    assert module.main(args) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"distill {module.__name__.split('.')[-1].replace('evaluate', 'eval')}: error: ")
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written: no run folder, no export, no temporaries
+    if name == "export --overwrite onto a shard dataset":
+        assert (tmp_path / "dump2" / "dataset.json").exists()
+
+
+def test_bad_input_from_the_command_line_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "students.train", "--data", dataset(tmp_path / "d"), "--output",
+                           str(tmp_path / "run"), "--max_steps", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["distill train: error: --max_steps must be at least 1, got -1"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, capsys):
+    assert train.main(_train(tmp_path, "--batch_size", "0", "--debug")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == "distill train: error: --batch_size must be at least 1, got 0"
