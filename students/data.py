@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import time
 
 from diffusion_distill.errors import UserError
 from teachers import record
+from teachers.schema import ShardIndex
 from teachers.fs import exists, join, read_bytes, url_to_fs
 from teachers.shards import list_indexes, shard_name
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SCHEMA_VERSIONS = (1,)  # dataset.json / sample json versions this reader understands
+SUPPORTED_SCHEMA_VERSIONS = record.SUPPORTED_SCHEMA_VERSIONS  # dataset.json / sample json versions this reader understands
 # Schedulers whose recorded latents are the variance-preserving z_t = alpha_t x0 + sigma_t eps in schema 1.
 # Schema 1 Euler dumps store the unscaled x0 + sigma eps with int-truncated timesteps: refused (issue 19).
 VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler")
@@ -123,7 +123,7 @@ def read_dataset_info(data_dir: str) -> dict:
     for field in ("scheduler_class", "scheduler_config", "prediction_type", "recipe"):
         if field not in info:
             raise UserError(f"{path}: missing field {field!r}")
-    if info["scheduler_class"] not in VP_SCHEDULERS:
+    if version == 1 and info["scheduler_class"] not in VP_SCHEDULERS:
         raise UserError(f"{path}: a schema {version} dump made with {info['scheduler_class']} stores latents this "
                         f"trainer cannot read as z_t = alpha_t x0 + sigma_t eps (supported: {', '.join(VP_SCHEDULERS)})")
     return info
@@ -164,17 +164,6 @@ def read_dataset(data_dir: str):
 # ------------------------------------------------------------------------------------------
 
 
-def _member_digest(data: bytes, spec: str) -> tuple[str, str]:
-    """(expected, actual) for a checksum written ``algo:hex`` (sha256 when no prefix)."""
-    algo, _, want = spec.rpartition(":")
-    algo = algo or "sha256"
-    if algo == "crc32":
-        import zlib
-
-        return want, f"{zlib.crc32(data):08x}"
-    return want, hashlib.new(algo, data).hexdigest()
-
-
 def check_sample(sample: dict, index: dict | None = None):
     """Raw WebDataset sample (member extension -> bytes) -> a checked ``Record``; ``record.BadRecord`` if not.
 
@@ -186,14 +175,10 @@ def check_sample(sample: dict, index: dict | None = None):
     import numpy as np
 
     key = sample.get("__key__")
-    sums = ((index or {}).get("checksums") or {}).get(key)
-    if sums:
-        for ext, spec in sums.items():
-            if ext not in sample:
-                raise record.BadRecord("missing_member", f"sample {key!r} has no {ext} (the index lists it)")
-            want, got = _member_digest(sample[ext], spec)
-            if want != got:
-                raise record.BadRecord("checksum", f"sample {key!r} member {ext}: checksum {got} != index {want}")
+    if index is not None:  # per-member checksums of the shard index (None for an index written before them)
+        if isinstance(index, dict):
+            index = ShardIndex.from_dict(index)
+        record.verify_members(index.member_checksums(key), sample)
     rec = record.decode_sample(sample)
     shapes = rec.meta.get("array_shapes") or {}
     for name in ("latents", "pred_cond", "pred_uncond", "prompt_embeds"):
@@ -216,15 +201,15 @@ def check_sample(sample: dict, index: dict | None = None):
 # ------------------------------------------------------------------------------------------
 
 
-_INDEXES: dict[str, dict | None] = {}  # shard URL -> its NNNNNN.json (this process's cache)
+_INDEXES: dict[str, ShardIndex | None] = {}  # shard URL -> its NNNNNN.json (this process's cache)
 
 
-def shard_index(url: str) -> dict | None:
+def shard_index(url: str) -> ShardIndex | None:
     """The index ``NNNNNN.json`` beside shard ``url`` (None if absent or unreadable: checksums then unchecked)."""
     if url not in _INDEXES:
         path = url[: -len(".tar")] + ".json" if url.endswith(".tar") else None
         try:
-            _INDEXES[url] = json.loads(read_bytes(path)) if path and exists(path) else None
+            _INDEXES[url] = ShardIndex.from_dict(json.loads(read_bytes(path)), source=path) if path and exists(path) else None
         except (OSError, ValueError):  # the index is advisory here; the shard's members are still checked
             _INDEXES[url] = None
     return _INDEXES[url]
@@ -306,7 +291,7 @@ def record_pipeline(urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, 
 # ------------------------------------------------------------------------------------------
 
 
-def noise_levels(meta: dict, scheduler_config: dict):
+def noise_levels(meta: dict, scheduler_config: dict | None = None):
     """(timesteps, alphas, sigmas) of a sample's recorded latents: float64 arrays, shape (S,), aligned
     with ``latents[:-1]`` and ``pred_cond``; latent row r is z = alphas[r] x0 + sigmas[r] eps at timesteps[r].
 
@@ -314,20 +299,20 @@ def noise_levels(meta: dict, scheduler_config: dict):
     ``recorded_steps``, alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t) with the scheduler's alphas_cumprod.
     The trainer's only source of noise levels (at merge: ``teachers.record.noise_levels``).
     """
-    import numpy as np
-
-    timesteps = np.asarray([meta["timesteps"][s] for s in meta["recorded_steps"]], dtype=np.float64)
-    abar = alphas_cumprod(scheduler_config)
-    a = abar[timesteps.astype(np.int64)]
-    return timesteps, np.sqrt(a), np.sqrt(1.0 - a)
+    if "schema_version" not in meta:  # a bare {timesteps, recorded_steps}: schema 1 of a DDIM-family dump
+        meta = {"schema_version": 1, "scheduler_class": "DDIMScheduler", "scheduler_config": scheduler_config, **meta}
+    return record.noise_levels(meta)
 
 
-def final_noise_level(scheduler_config: dict) -> tuple[float, float]:
-    """(alpha, sigma) of the final recorded latent ``latents[-1]``: DDIM's final alpha (1 with
-    ``set_alpha_to_one``, else abar_0)."""
+def final_noise_level(meta_or_config: dict) -> tuple[float, float]:
+    """(alpha, sigma) of the final recorded latent ``latents[-1]`` of a sample (its json:
+    ``teachers.record.final_noise_level``), or, given a bare DDIM scheduler config, DDIM's final
+    alpha (1 with ``set_alpha_to_one``, else abar_0)."""
     import math
 
-    abar = 1.0 if scheduler_config.get("set_alpha_to_one") else float(alphas_cumprod(scheduler_config)[0])
+    if "schema_version" in meta_or_config:
+        return record.final_noise_level(meta_or_config)
+    abar = 1.0 if meta_or_config.get("set_alpha_to_one") else float(alphas_cumprod(meta_or_config)[0])
     return math.sqrt(abar), math.sqrt(max(0.0, 1.0 - abar))
 
 
@@ -391,9 +376,9 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
     cols: dict[str, list] = {k: [] for k in ("keys", "z", "t", "alpha", "sigma", "cond", "x0", "guidance", "pred_cond",
                                              "pred_uncond", "z_next", "alpha_next", "sigma_next")}
     feats: dict[str, list] = {name: [] for name, _ in recipe.feature_weights}
-    final = final_noise_level(scheduler_config)
     for rec in records:
         meta = rec.meta
+        final = final_noise_level(meta if "schema_version" in meta else scheduler_config)
         row, nxt = rows_for(meta, recipe, seed, epoch, rec.key)
         timesteps, alphas, sigmas = noise_levels(meta, scheduler_config)
         cols["keys"].append(rec.key)

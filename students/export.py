@@ -153,13 +153,11 @@ def trained_jumps(dataset: dict, student_steps: int) -> tuple[list[float], list[
     """(timesteps, next timesteps) a step-distilled student was trained on; -1 = the final latent.
 
     The rows are ``students.data.step_rows`` (what ``rows_for`` draws from) and their timesteps come from
-    ``students.data.noise_levels``, as in the trainer (a test keeps the two in step).
+    the dump's exact float timesteps, as in the trainer's ``noise_levels`` (a test keeps the two in step).
     """
-    from students.data import noise_levels, step_rows, step_stride
+    from students.data import step_rows, step_stride
 
-    all_steps = teacher_timesteps(dataset)
-    meta = {"timesteps": all_steps, "recorded_steps": list(range(len(all_steps)))}
-    ts = [float(t) for t in noise_levels(meta, dataset["scheduler_config"])[0]]
+    ts = teacher_timesteps(dataset)  # exact floats, as the record and the trainer's noise_levels have them
     total, k = len(ts), step_stride(len(ts), student_steps)
     rows = step_rows(total, student_steps)
     return [ts[r] for r in rows], [ts[r + k] if r + k < total else -1 for r in rows]

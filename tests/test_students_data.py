@@ -23,8 +23,12 @@ def abar64():
 
 
 def sample(key="k-s0", **meta):
+    # schema 2: the record carries the VP noise levels of its recorded rows (here DDIM's at 751, 251, 1)
+    a = np.sqrt(abar64()[[751, 251, 1]])
+    levels = {"alphas": a.tolist(), "sigmas": np.sqrt(1 - a**2).tolist(), "final_alpha": float(np.sqrt(abar64()[0])),
+              "final_sigma": float(np.sqrt(1 - abar64()[0]))}
     raw, _ = record.encode_sample(fake_result(key), {"timesteps": [751, 501, 251, 1], "recorded_steps": [0, 2, 3],
-                                                     "num_inference_steps": 4, **meta})
+                                                     "num_inference_steps": 4, **levels, **meta})
     return raw
 
 
