@@ -123,3 +123,18 @@ def test_adversarial_run_logs_every_term_trains_the_heads_and_resumes_exactly(re
     ra = load_file(str(tmp_path / "ref" / "checkpoints" / last / "disc_heads.safetensors"))
     rb = load_file(str(tmp_path / "run" / "checkpoints" / last / "disc_heads.safetensors"))
     assert all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+def test_bad_adversarial_flags_are_one_line_user_errors(tiny_dump):
+    from diffusion_distill.errors import UserError
+    from teachers.load import load_teacher
+
+    with pytest.raises(UserError, match="--disc_lr"):
+        _cfg(tiny_dump, "unused", recipe="ufogen", disc_lr=0.0)
+    with pytest.raises(UserError, match="--r1_every"):
+        _cfg(tiny_dump, "unused", recipe="ufogen", r1_every=0)
+    dataset, _ = read_dataset(tiny_dump)
+    for layers in ("up_blocks.0", "down_blocks.7"):
+        with pytest.raises(UserError, match="--disc_layers"):
+            adversarial.build(_cfg(tiny_dump, "unused", recipe="ufogen", disc_layers=layers), get_recipe("ufogen"),
+                              dataset, load_teacher("tiny").unet, torch.device("cpu"))
