@@ -38,12 +38,17 @@ class DistillRecipe:
     student_steps: int = 8  # sampling steps the step-distilled student is trained for
     dynamic_gamma: float | None = None  # SnapFusion: task weight = gamma * L_dstl / L_task (dynamic)
     robust_skip_prob: float = 0.0  # SnapFusion robust training: skip each attention block with this p
+    adversarial: str = ""  # "" | "ladd" (SnapGen: hinge, re-noised x0) | "ufogen" (non-saturating, posterior); students/adversarial.py
+    adv_weight: float = 0.0  # weight of the generator's adversarial term
+    recon_weight: float = 0.0  # UFOGen's reconstruction term ||x0_pred - x0||^2 against the recorded final latent
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
         if not 0 <= self.guidance_prob <= 1 or not 0 <= self.robust_skip_prob < 1:
             raise ValueError(f"guidance_prob={self.guidance_prob} / robust_skip_prob={self.robust_skip_prob} out of range")
+        if self.adversarial not in ("", "ladd", "ufogen"):
+            raise ValueError(f"adversarial {self.adversarial!r} is not '', 'ladd' or 'ufogen'")
 
 
 def bk_sdm() -> DistillRecipe:
@@ -68,7 +73,21 @@ def output_kd() -> DistillRecipe:
     return DistillRecipe(name="output_kd", task_weight=0.1)
 
 
-RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd}
+def snapgen_adv(student_steps: int = 4) -> DistillRecipe:
+    """SnapGen (Hu et al. 2024, sec. 4.3) adversarial step distillation: SnapFusion's step + CFG-aware
+    output KD + task terms, plus a LADD hinge term on the student's x0 re-noised (students/adversarial.py)."""
+    return dataclasses.replace(snapfusion_step(student_steps), name="snapgen_adv", adversarial="ladd", adv_weight=0.1)
+
+
+def ufogen(student_steps: int = 1) -> DistillRecipe:
+    """UFOGen (Xu et al. 2023) / MobileDiffusion's one-step diffusion-GAN: non-saturating GAN on the
+    posterior sample q(z_s | z_t, x0) plus the reconstruction term; the step term gives the jump's rows."""
+    return DistillRecipe(name="ufogen", task_weight=0.0, output_weight=0.0, step_weight=1.0, student_steps=student_steps,
+                         adversarial="ufogen", adv_weight=0.1, recon_weight=1.0)
+
+
+RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd,
+           "snapgen_adv": snapgen_adv, "ufogen": ufogen}
 
 
 def get_recipe(name: str, **overrides) -> DistillRecipe:
@@ -123,7 +142,7 @@ def student_forward(student, z, t, cond, added=None, features=False):
 
 def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRecipe, alphas_cumprod,
                    generator: torch.Generator, task_point: dict | None = None, decoder=None,
-                   decoder_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                   decoder_weight: float = 1.0, outputs: dict | None = None) -> dict[str, torch.Tensor]:
     """All loss terms of ``recipe`` for one batch; returns per-term means and ``loss`` (the total).
 
     ``batch``: z (B,4,h,w) at float timesteps t (B,) with its noise level alpha, sigma (B,) (from
@@ -133,6 +152,8 @@ def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRe
     ``alphas_cumprod``: the training schedule, for the task loss's fresh timesteps only.
     ``task_point``: z/t/noise of the task loss; None draws fresh noise and timesteps from ``generator``.
     ``decoder``: the small decoder of SnapFusion's data distillation (its term weighted ``decoder_weight``).
+    ``outputs``: if given, receives the student's ``x0`` at (z, t) (guided when the recipe runs the
+    unconditional branch), for the adversarial terms (``students.adversarial``).
     """
     z, t, cond, added = batch["z"], batch["t"], batch["cond"], batch.get("added")
     alpha, sigma = batch["alpha"].to(z), batch["sigma"].to(z)
@@ -157,6 +178,9 @@ def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRe
         terms["step"] = recipe.step_weight * D.step_distill_loss(
             guided_pred, z, batch["z_next"], alpha, sigma, batch["alpha_next"].to(z), batch["sigma_next"].to(z),
             recipe.prediction_type)
+    if outputs is not None:
+        guided = D.guidance_combine(pred, pred_u, batch["guidance"]) if recipe.guidance_prob > 0 or recipe.step_weight > 0 else pred
+        outputs["x0"] = D.pred_to_x0(guided, z, alpha, sigma, recipe.prediction_type)
     distill_total = sum(terms.values()) if terms else None
     if recipe.task_weight > 0 or recipe.dynamic_gamma is not None:
         terms["task"] = _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, distill_total, terms)

@@ -26,6 +26,7 @@ import torch
 
 from diffusion_distill.errors import UserError, run_main
 from diffusion_distill.options import option, parse
+from students import adversarial
 from students import checkpoint as ckpt
 from students.data import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline, training_batch
 from students.objective import RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections, online_targets, robust_skip
@@ -67,18 +68,26 @@ class TrainConfig:
     audit_keys: int = option(0, help="1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)")
     device: str = option("cpu", help="cpu | cuda | cuda:N")
     mixed_precision: str = option("no", help="bf16: autocast on GPUs that support it", choices=MIXED_PRECISION)
+    # adversarial recipes (snapgen_adv, ufogen; students/adversarial.py)
+    adv_weight: float = option(-1.0, help="weight of the generator's adversarial term (-1 = the recipe's)")
+    disc_layers: str = option("", help="teacher blocks the discriminator heads read, comma-separated ('' = last down block, mid_block)")
+    disc_lr: float = option(1e-4, help="AdamW learning rate of the discriminator heads")
+    r1_gamma: float = option(-1.0, help="R1 weight on real inputs (-1 = the recipe's source: ladd 0, ufogen 0.1)")
+    r1_every: int = option(16, help="steps between (lazy) R1 penalties")
+    adv_warmup: int = option(0, help="first steps without the generator's adversarial term (the discriminator trains)")
 
     def __post_init__(self):
-        positive = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every")
+        positive = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "r1_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ("student_steps", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers", "image_every",
-                     "grad_clip", "weight_decay", "decoder_weight"):
+                     "grad_clip", "weight_decay", "decoder_weight", "adv_warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("lr", "disc_lr"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} must be a positive number, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.recipe not in RECIPES:
@@ -105,7 +114,8 @@ class TrainConfig:
                 raise UserError(f"--online_teacher: {err}") from None
 
     def resolved_recipe(self) -> DistillRecipe:
-        return get_recipe(self.recipe, **({"student_steps": self.student_steps} if self.student_steps else {}))
+        return get_recipe(self.recipe, **({"student_steps": self.student_steps} if self.student_steps else {}),
+                          **({"adv_weight": self.adv_weight} if self.adv_weight >= 0 else {}))
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -243,8 +253,10 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     batches = Batches(cfg, urls)
     # 3. the trainer's state: every stateful object, saved and restored together
+    adversary = adversarial.build(cfg, recipe, dataset, teacher_unet, device) if recipe.adversarial else None
     state = {"student": student, "ema": ema_unet, "decoder": decoder, "distill_head": heads, "optimizer": optimizer,
-             "lr_scheduler": scheduler, "rng": ckpt.RNGState(generator), "data": batches}
+             "lr_scheduler": scheduler, "rng": ckpt.RNGState(generator), "data": batches,
+             **(adversary.state() if adversary else {})}
     step = ckpt.load_latest(cfg.output, state)
     model = student
     if world > 1:
@@ -257,7 +269,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
             terms = _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset,
-                                          train_schedule, generator, device, world, step + 1)
+                                          train_schedule, generator, device, world, step + 1, adversary)
             if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
                 for p in heads.parameters():
                     if p.grad is not None:
@@ -266,6 +278,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
             optimizer.step()
             scheduler.step()
+            if adversary is not None:  # then the discriminator, on this step's real and fake inputs
+                terms.update(adversary.discriminator_step(step + 1, world))
             if ema_unet is not None:
                 ckpt.update_ema(ema_unet, student, cfg.ema_decay)
             step += 1
@@ -295,7 +309,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
 
 def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset, train_schedule,
-                          generator, device, world, step) -> dict:
+                          generator, device, world, step, adversary=None) -> dict:
     """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms."""
     layers = [name for name, _ in recipe.feature_weights]
     for micro in range(cfg.grad_accum):
@@ -309,8 +323,11 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
         sync = micro == cfg.grad_accum - 1 or world == 1
         with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
                 torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            outputs = {} if adversary is not None else None
             terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
-                                   decoder_weight=cfg.decoder_weight)
+                                   decoder_weight=cfg.decoder_weight, outputs=outputs)
+            if adversary is not None:
+                terms = adversary.generator_terms(terms, outputs["x0"], batch, generator, step)
         _check_finite(terms, step, batch["keys"], world, cfg.output)
         (terms["loss"] / cfg.grad_accum).backward()
     return terms

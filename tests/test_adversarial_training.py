@@ -1,0 +1,140 @@
+"""Adversarial recipes in the trainer: snapgen_adv and ufogen run, log every term, keep the teacher
+backbone bit-identical while the heads train, reach the student through the backbone, and resume exactly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from students import adversarial
+from students.data import dataset_shards, read_dataset, record_pipeline, training_batch
+from students.objective import compute_losses, get_recipe
+from students.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dump(tmp_path_factory):
+    from pipelines import teacher_dump
+
+    tmp = tmp_path_factory.mktemp("dump")
+    (tmp / "p.txt").write_text("".join(f"a {c} {s} on a {b} background\n" for c in ("red", "blue") for s in
+                                       ("circle", "square") for b in ("white", "grey")))
+    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
+                      "--num_inference_steps", "4", "--samples_per_shard", "4", "--batch_size", "8",
+                      "--progress", "off", "--cpu_threads", "2"])
+    return str(tmp / "out")
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=data, output=str(out), preset="tiny", batch_size=2, max_steps=3, warmup_steps=1,
+                checkpoint_every=1, keep_checkpoints=3, shuffle_buffer=4, lr=1e-3, disc_lr=1e-2, r1_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def _logged(out):
+    """Step (from 1) -> its losses.jsonl row, by line order (the step-distillation term is also named "step")."""
+    with open(out / "losses.jsonl", encoding="utf-8") as f:
+        return {i + 1: json.loads(line) for i, line in enumerate(f)}
+
+
+def test_backbone_is_bit_identical_and_student_gets_gradient_from_the_adversarial_term_alone(tiny_dump):
+    from students.unet import build_unet
+    from teachers.load import load_teacher
+
+    dataset, negative = read_dataset(tiny_dump)
+    teacher_unet = load_teacher("tiny").unet
+    before = {k: v.clone() for k, v in teacher_unet.state_dict().items()}
+    for name in ("snapgen_adv", "ufogen"):
+        # every distillation term off: the adversarial term is the student's only loss
+        recipe = get_recipe(name, task_weight=0.0, output_weight=0.0, recon_weight=0.0,
+                            dynamic_gamma=None, guidance_prob=0.0, adv_weight=1.0)
+        cfg = _cfg(tiny_dump, "unused", recipe=name, r1_gamma=1.0, r1_every=1)
+        adv = adversarial.build(cfg, recipe, dataset, teacher_unet, torch.device("cpu"))
+        heads_before = {k: v.clone() for k, v in adv.disc.heads.state_dict().items()}
+        torch.manual_seed(0)
+        student = build_unet("tiny")
+        records = list(record_pipeline(dataset_shards(tiny_dump)))[:2]
+        data = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset["scheduler_config"])
+        gen = torch.Generator().manual_seed(0)
+        abar = adversarial.training_schedule(dataset, "cpu")
+        outputs = {}
+        compute_losses(student, torch.nn.ModuleDict(), data["batch"], data["targets"], recipe, abar, gen, outputs=outputs)
+        terms = adv.generator_terms({"loss": torch.zeros(())}, outputs["x0"], data["batch"], gen, step=1)
+        terms["loss/adv_g"].backward()
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert grads and sum(float(g.abs().sum()) for g in grads) > 0  # through the frozen backbone
+        assert all(p.grad is None for p in adv.disc.heads.parameters())  # the generator pass leaves the heads alone
+        logged = adv.discriminator_step(step=1)
+        assert set(logged) == {"loss/adv_d", "loss/r1", "disc/acc_real", "disc/acc_fake"}
+        assert all(torch.equal(before[k], v) for k, v in teacher_unet.state_dict().items())
+        assert all(p.grad is None for p in teacher_unet.parameters())
+        assert any(not torch.equal(heads_before[k], v) for k, v in adv.disc.heads.state_dict().items())
+
+
+def test_ufogen_posterior_inputs_share_noise_and_are_judged_at_the_next_level(tiny_dump):
+    """Real and fake posterior samples differ by exactly the x0 coefficient times (x0_pred - x0)."""
+    dataset, negative = read_dataset(tiny_dump)
+    recipe = get_recipe("ufogen")
+    cfg = _cfg(tiny_dump, "unused", recipe="ufogen")
+    from teachers.load import load_teacher
+
+    adv = adversarial.build(cfg, recipe, dataset, load_teacher("tiny").unet, torch.device("cpu"))
+    records = list(record_pipeline(dataset_shards(tiny_dump)))[:2]
+    batch = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset["scheduler_config"])["batch"]
+    x0_pred = torch.randn_like(batch["x0"])
+    fake, real, t = adv.discriminator_inputs(x0_pred, batch, torch.Generator().manual_seed(0))
+    a_t, s_t, a_s, s_s = (batch[k].double() for k in ("alpha", "sigma", "alpha_next", "sigma_next"))
+    coef = a_s * (s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2) / s_t ** 2
+    want = coef.view(-1, 1, 1, 1) * (x0_pred.double() - batch["x0"].double())
+    torch.testing.assert_close((fake - real).double(), want, rtol=1e-4, atol=1e-5)
+    abar = adversarial.training_schedule(dataset, "cpu")
+    assert torch.equal(t, abar.sub(a_s.float()[:, None] ** 2).abs().argmin(1).float())
+
+
+@pytest.mark.parametrize("recipe_name", ["snapgen_adv", "ufogen"])
+def test_adversarial_run_logs_every_term_trains_the_heads_and_resumes_exactly(recipe_name, tiny_dump, tmp_path):
+    kw = dict(recipe=recipe_name, r1_gamma=1.0, adv_warmup=1)
+    ref = train(_cfg(tiny_dump, tmp_path / "ref", **kw))
+    assert len(ref) == 3 and all(torch.isfinite(torch.tensor(ref)))
+    rows = _logged(tmp_path / "ref")
+    for row in rows.values():
+        for key in ("loss/adv_d", "disc/acc_real", "disc/acc_fake") + (("loss/recon",) if recipe_name == "ufogen" else ()):
+            assert key in row and torch.isfinite(torch.tensor(row[key]))
+    assert "loss/r1" in rows[2] and "loss/r1" not in rows[1] and "loss/r1" not in rows[3]  # lazy R1 every 2 steps
+    ckpts = sorted((tmp_path / "ref" / "checkpoints").iterdir())
+    first, last = load_file(str(ckpts[0] / "disc_heads.safetensors")), load_file(str(ckpts[-1] / "disc_heads.safetensors"))
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the heads train
+    first = train(_cfg(tiny_dump, tmp_path / "run", **kw), stop_after=1)
+    rest = train(_cfg(tiny_dump, tmp_path / "run", **kw))
+    assert first + rest == ref  # exact: the discriminator heads and their AdamW state resume too
+    a, b = _logged(tmp_path / "ref"), _logged(tmp_path / "run")
+    assert [a[s]["loss/adv_d"] for s in sorted(a)] == [b[s]["loss/adv_d"] for s in sorted(b)]
+    assert "loss/adv_g" not in a[1] and "loss/adv_g" in a[2]  # --adv_warmup 1
+    last = sorted((tmp_path / "ref" / "checkpoints").iterdir())[-1].name
+    ra = load_file(str(tmp_path / "ref" / "checkpoints" / last / "disc_heads.safetensors"))
+    rb = load_file(str(tmp_path / "run" / "checkpoints" / last / "disc_heads.safetensors"))
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+def test_bad_adversarial_flags_are_one_line_user_errors(tiny_dump):
+    from diffusion_distill.errors import UserError
+    from teachers.load import load_teacher
+
+    with pytest.raises(UserError, match="--disc_lr"):
+        _cfg(tiny_dump, "unused", recipe="ufogen", disc_lr=0.0)
+    with pytest.raises(UserError, match="--r1_every"):
+        _cfg(tiny_dump, "unused", recipe="ufogen", r1_every=0)
+    dataset, _ = read_dataset(tiny_dump)
+    for layers in ("up_blocks.0", "down_blocks.7"):
+        with pytest.raises(UserError, match="--disc_layers"):
+            adversarial.build(_cfg(tiny_dump, "unused", recipe="ufogen", disc_layers=layers), get_recipe("ufogen"),
+                              dataset, load_teacher("tiny").unet, torch.device("cpu"))
