@@ -3,8 +3,9 @@
     records --RankRows--> (rank, key, vector, score) --SampleForKMeans/TrainKMeans--> centroids (side input)
       --BucketRows--> (bucket, row) --GroupIntoBuckets--> AssignBlocks: one faiss search per batch of rows,
         nearest centroid and, within ``margin``, the second nearest --> (cluster, Block)
-      --GroupByCluster--> PairsInCluster: ``filters.semdedup.cluster_pairs`` --> pair blocks
-      --GatherPairs--> ResolvePairs: ``filters.semdedup.resolve_pairs`` over every pair --> (key, decision)
+      --GroupByCluster--> PairsInCluster: ``filters.semdedup.cluster_pairs``; duplicate groups seen whole
+        in the cluster are decided there (``resolve_pairs``) --> (key, decision); the rest --> border pairs
+      --GroupBorderPairs--> ResolveBorderPairs: ``resolve_pairs`` over every border pair --> (key, decision)
     records + home clusters + decisions --JoinByKey--> AnnotateRecords
 
 The same four steps as ``filters.semdedup.deduplicate``, and the same result on the same sample
@@ -15,10 +16,10 @@ The same four steps as ``filters.semdedup.deduplicate``, and the same result on 
   the row's sample rank, so they are even): assignment is one (batch, d) x (d, k) search, not one
   search per record;
 - one cluster's block (about ``target_cluster_size`` rows, times 1.1 for the margin copies);
-- the pairs, and only the pairs: records in no pair never reach the keep decision (they are kept).
-  Pairs are what dedup removes (a 1M set with 5% duplicates has about 60k), 24 bytes each plus
-  their keys; at 1B rows with 10% duplicates that is about 5 GB in the one ``ResolvePairs``
-  worker (BENCHMARKS.md, "Semantic dedup at 1B").
+- the border pairs: those of duplicate groups with a member in two clusters (the margin's copies,
+  about a tenth of the rows). A group none of whose members is shared is whole in its cluster and
+  decided there. Border pairs grow with N, but slowly: 24 bytes each plus their keys, under 1 GB
+  at 1B rows with 10% duplicates (BENCHMARKS.md, "Semantic dedup at 1B").
 
 Embeddings travel as ``WIRE_DTYPE`` (float16) rows inside blocks, not per-record dicts: 2 bytes
 per dimension. float16 moves a cosine by about 2e-5 in 512-d (a rounding of 2^-11 per component,
@@ -96,12 +97,14 @@ def _bucket_row(row: tuple, n_total: int, batch: int, wire_dtype: str):
 class Block:
     """Rows of one cluster, packed: ``keys`` (n,), ``vectors`` (n, d) wire dtype, ``scores`` (n,)
     float64 (NaN: unknown), ``home`` (n,) int64: each row's nearest cluster (the one it is
-    reported under; a margin copy has a different one)."""
+    reported under; a margin copy has a different one), ``shared`` (n,) bool: the row is in two
+    clusters."""
 
     keys: tuple
     vectors: np.ndarray
     scores: np.ndarray
     home: np.ndarray
+    shared: np.ndarray
 
 
 class AssignBlocksFn(beam.DoFn):
@@ -132,6 +135,7 @@ class AssignBlocksFn(beam.DoFn):
         assigned = semdedup.assign_clusters(vectors.astype(np.float32), self._centroids, self._index,
                                             margin=self.margin).reshape(len(chunk), -1)
         home = assigned[:, 0]
+        shared = assigned[:, 1] >= 0 if assigned.shape[1] > 1 else np.zeros(len(chunk), bool)
         rows = np.concatenate([np.arange(len(chunk))] + [np.flatnonzero(assigned[:, 1] >= 0)] * (assigned.shape[1] > 1))
         labels = np.concatenate([home] + [assigned[assigned[:, 1] >= 0, 1]] * (assigned.shape[1] > 1))
         Metrics.counter("curate", "semdedup_margin_copies").inc(int(len(rows) - len(chunk)))
@@ -140,17 +144,30 @@ class AssignBlocksFn(beam.DoFn):
         bounds = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1], True])
         for st, en in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
             r = rows[st:en]
-            yield int(labels[st]), Block(tuple(keys[r]), vectors[r], scores[r], home[r])
+            yield int(labels[st]), Block(tuple(keys[r]), vectors[r], scores[r], home[r], shared[r])
 
 
 def _concat(blocks) -> Block:
     blocks = list(blocks)
     return Block(sum((b.keys for b in blocks), ()), np.concatenate([b.vectors for b in blocks]),
-                 np.concatenate([b.scores for b in blocks]), np.concatenate([b.home for b in blocks]))
+                 np.concatenate([b.scores for b in blocks]), np.concatenate([b.home for b in blocks]),
+                 np.concatenate([b.shared for b in blocks]))
 
 
 def pairs_in_cluster(keyed, modality: str, eps: float):
-    """(cluster, Blocks) -> one pair block (keys, scores, i, j, similarity) over the members in a pair."""
+    """(cluster, Blocks) -> decisions for the duplicate groups this cluster sees whole, and one pair
+    block for the rest.
+
+    A connected group of pairs none of whose members is in a second cluster is whole here: each of
+    its members meets others only in this cluster. The keep rule looks only at a member's
+    neighbours, so resolving that group here gives what resolving every pair at once would. A
+    group with a member shared with another cluster may continue there: its pairs go on to
+    ``ResolvePairs`` as (keys, scores, i, j, similarity) over the members in them, so only the
+    border's pairs ever meet in one place.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     cluster, block = keyed[0], _concat(keyed[1])
     Metrics.distribution("curate", f"cluster_size_{modality}").update(len(block.keys))
     if len(block.keys) < 2:
@@ -158,9 +175,45 @@ def pairs_in_cluster(keyed, modality: str, eps: float):
     pairs = semdedup.cluster_pairs(block.vectors.astype(np.float32), eps)
     if len(pairs.i) == 0:
         return
-    members, inverse = np.unique(np.r_[pairs.i, pairs.j], return_inverse=True)
+    n = len(block.keys)
+    _, group = connected_components(coo_matrix((np.ones(len(pairs.i)), (pairs.i, pairs.j)), shape=(n, n)),
+                                    directed=False)
+    border_group = np.zeros(group.max() + 1, bool)
+    border_group[group[block.shared]] = True
+    border = border_group[group[pairs.i]]  # a pair's two members are in one group
+    Metrics.counter("curate", "semdedup_pairs_border").inc(int(border.sum()))
+    Metrics.counter("curate", "semdedup_pairs_local").inc(int(len(border) - border.sum()))
     keys = np.asarray(block.keys, object)
-    yield (keys[members], block.scores[members], inverse[:len(pairs.i)], inverse[len(pairs.i):], pairs.similarity)
+    for part, out in ((~border, _decide), (border, _pair_block)):
+        if part.any():
+            p = semdedup.Pairs(pairs.i[part], pairs.j[part], pairs.similarity[part])
+            members, inverse = np.unique(np.r_[p.i, p.j], return_inverse=True)
+            yield from out(keys[members], block.scores[members], inverse[:len(p.i)], inverse[len(p.i):], p.similarity)
+
+
+def _pair_block(keys, scores, i, j, similarity):
+    yield "pairs", (keys, scores, i, j, similarity)
+
+
+def _decide(keys, scores, i, j, similarity):
+    """The keep rule over these members' pairs -> ("decision", (key, decision)) per member it changes."""
+    ids = [str(k) for k in keys]
+    found = semdedup.resolve_pairs(ids, [None if math.isnan(s) else float(s) for s in scores],
+                                   semdedup.Pairs(i.astype(np.int64), j.astype(np.int64), similarity))
+    n_dups = np.bincount(found.duplicate_of[found.duplicate_of >= 0], minlength=len(ids))
+    for m, key in enumerate(ids):
+        if not found.keep[m]:
+            yield "decision", (key, ("duplicate", ids[int(found.duplicate_of[m])], float(found.similarity[m])))
+        elif n_dups[m]:
+            yield "decision", (key, ("kept", int(n_dups[m])))
+
+
+def is_pair_block(item) -> bool:
+    return item[0] == "pairs"
+
+
+def is_decision(item) -> bool:
+    return item[0] == "decision"
 
 
 def home_clusters(keyed):
@@ -172,14 +225,18 @@ def home_clusters(keyed):
                 yield key, cluster
 
 
-def _to_one_key(pair_block):
-    return None, pair_block
+def _to_one_key(item):
+    return None, item[1]
+
+
+def _untag(item):
+    return item[1]
 
 
 def resolve(keyed):
-    """(None, pair blocks) -> (key, ("duplicate", kept key, cosine)) per dropped record and
+    """(None, border pair blocks) -> (key, ("duplicate", kept key, cosine)) per dropped record and
     (key, ("kept", n dropped as its duplicates)) per kept record that has any: the keep rule over
-    every pair at once (``filters.semdedup.resolve_pairs``), a pair met in two clusters once."""
+    every border pair at once (``filters.semdedup.resolve_pairs``), a pair met in two clusters once."""
     blocks = list(keyed[1])
     if not blocks:
         return
@@ -193,15 +250,8 @@ def resolve(keyed):
     i, j = inverse[i], inverse[j]
     lo, hi = np.minimum(i, j), np.maximum(i, j)
     _, once = np.unique(lo * len(ids) + hi, return_index=True)
-    pairs = semdedup.Pairs(lo[once].astype(np.int64), hi[once].astype(np.int64), sim[once].astype(np.float32))
-    id_list = ids.tolist()
-    found = semdedup.resolve_pairs(id_list, [None if math.isnan(s) else float(s) for s in scores[first]], pairs)
-    n_dups = np.bincount(found.duplicate_of[found.duplicate_of >= 0], minlength=len(id_list))
-    for m, key in enumerate(id_list):
-        if not found.keep[m]:
-            yield key, ("duplicate", id_list[int(found.duplicate_of[m])], float(found.similarity[m]))
-        elif n_dups[m]:
-            yield key, ("kept", int(n_dups[m]))
+    for _, decision in _decide(ids, scores[first], lo[once], hi[once], sim[once].astype(np.float32)):
+        yield decision
 
 
 def _by_key(record: dict):
@@ -257,11 +307,17 @@ class SemanticDedup(beam.PTransform):
                     | "AssignBlocks" >> beam.ParDo(AssignBlocksFn(self.margin, self.batch),
                                                    beam.pvalue.AsSingleton(centroids))
                     | "GroupByCluster" >> beam.GroupByKey())
-        decisions = (clusters
-                     | "PairsInCluster" >> beam.FlatMap(pairs_in_cluster, self.modality, cfg.semdedup_eps)
-                     | "GatherPairs" >> beam.Map(_to_one_key)
-                     | "GroupPairs" >> beam.GroupByKey()
-                     | "ResolvePairs" >> beam.FlatMap(resolve))
+        # two Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
+        found = clusters | "PairsInCluster" >> beam.FlatMap(pairs_in_cluster, self.modality, cfg.semdedup_eps)
+        local = (found
+                 | "SelectLocalDecisions" >> beam.Filter(is_decision)
+                 | "UntagDecisions" >> beam.Map(_untag))
+        border = (found
+                  | "SelectBorderPairs" >> beam.Filter(is_pair_block)
+                  | "GatherBorderPairs" >> beam.Map(_to_one_key)
+                  | "GroupBorderPairs" >> beam.GroupByKey()
+                  | "ResolveBorderPairs" >> beam.FlatMap(resolve))
+        decisions = (local, border) | "GatherDecisions" >> beam.Flatten()
         homes = clusters | "HomeClusters" >> beam.FlatMap(home_clusters)
         keyed = records | "KeyRecords" >> beam.Map(_by_key)
         return ({"records": keyed, "clusters": homes, "decisions": decisions}

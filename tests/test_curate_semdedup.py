@@ -10,6 +10,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that
 
 from filters.config import CurateConfig
@@ -51,11 +52,14 @@ def save_rows(rows, path):
 def run_job(x, keys, scores, cfg, path, **kwargs):
     records = [{"key": k, "text_embedding": x[i], "aesthetic_score": scores[i], "stage": None, "reason": None}
                for i, k in enumerate(keys)]
-    with BeamTestPipeline() as p:
-        out = p | beam.Create(records) | dedup.SemanticDedup("text", cfg, **kwargs)
-        assert_that(out, partial(save_rows, path=str(path)))
+    p = BeamTestPipeline()
+    out = p | beam.Create(records) | dedup.SemanticDedup("text", cfg, **kwargs)
+    assert_that(out, partial(save_rows, path=str(path)))
+    result = p.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
     with open(path) as f:
-        return {r["key"]: r for r in json.load(f)}
+        return {r["key"]: r for r in json.load(f)}, counters
 
 
 def bare_on_the_jobs_sample(x, keys, scores, cfg):
@@ -74,7 +78,10 @@ def test_job_keeps_what_deduplicate_keeps(wire_dtype, tmp_path):
     cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=6, kmeans_sample_size=len(keys))
     want = bare_on_the_jobs_sample(x, keys, scores, cfg)
     # batch 64: 10 buckets of about 60 rows, so assignment runs in several batches
-    got = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype=wire_dtype, batch=64)
+    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype=wire_dtype, batch=64)
+    # both kinds of decision were made: groups whole in one cluster, and groups across a border
+    assert counters["semdedup_pairs_local"] > 0 and counters["semdedup_pairs_border"] > 0
+    assert counters["semdedup_margin_copies"] > 0
     assert sorted(got) == sorted(keys)  # every record once
     assert {k: r.get("duplicate_of") for k, r in got.items()} == want
     assert 40 <= sum(v is not None for v in want.values()) <= 120  # the planted groups were found
