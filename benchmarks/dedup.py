@@ -187,6 +187,7 @@ def run_beam(x, keys, scores, eps, args):
     import tempfile
 
     import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from filters.config import CurateConfig
@@ -200,11 +201,15 @@ def run_beam(x, keys, scores, eps, args):
         np.save(f"{tmp}/scores.npy", np.asarray(scores, np.float64))
         step = 10_000
         opts = PipelineOptions(["--direct_num_workers=1", "--direct_running_mode=in_memory"])
-        with beam.Pipeline(options=opts) as p:
-            _ = (p | beam.Create(list(range(0, len(keys), step)))
-                 | beam.FlatMap(records_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy")
-                 | SemanticDedup("text", cfg, margin=args.margin, wire_dtype=args.wire_dtype)
-                 | beam.Map(outcome_line) | beam.io.WriteToText(f"{tmp}/out"))
+        p = beam.Pipeline(options=opts)
+        _ = (p | beam.Create(list(range(0, len(keys), step)))
+             | beam.FlatMap(records_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy")
+             | SemanticDedup("text", cfg, margin=args.margin, wire_dtype=args.wire_dtype)
+             | beam.Map(outcome_line) | beam.io.WriteToText(f"{tmp}/out"))
+        result = p.run()
+        result.wait_until_finish()
+        counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
+        print("beam counters:", {k: v for k, v in sorted(counters.items()) if k.startswith("semdedup")}, flush=True)
         for name in glob.glob(f"{tmp}/out*"):
             with open(name) as f:
                 for line in f:
