@@ -135,9 +135,10 @@ class AssignBlocksFn(beam.DoFn):
         assigned = semdedup.assign_clusters(vectors.astype(np.float32), self._centroids, self._index,
                                             margin=self.margin).reshape(len(chunk), -1)
         home = assigned[:, 0]
-        shared = assigned[:, 1] >= 0 if assigned.shape[1] > 1 else np.zeros(len(chunk), bool)
-        rows = np.concatenate([np.arange(len(chunk))] + [np.flatnonzero(assigned[:, 1] >= 0)] * (assigned.shape[1] > 1))
-        labels = np.concatenate([home] + [assigned[assigned[:, 1] >= 0, 1]] * (assigned.shape[1] > 1))
+        second = assigned[:, 1] if assigned.shape[1] > 1 else np.full(len(chunk), -1)  # margin 0: nearest only
+        shared = second >= 0
+        rows = np.concatenate([np.arange(len(chunk)), np.flatnonzero(shared)])
+        labels = np.concatenate([home, second[shared]])
         Metrics.counter("curate", "semdedup_margin_copies").inc(int(len(rows) - len(chunk)))
         order = np.argsort(labels, kind="stable")
         rows, labels = rows[order], labels[order]

@@ -107,5 +107,10 @@ def test_assignment_is_one_search_per_batch(monkeypatch, tmp_path):
 
     monkeypatch.setattr(dedup.semdedup, "assign_clusters", counting)
     cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=3, kmeans_sample_size=200)
-    run_job(x, keys, scores, cfg, tmp_path / "out.json", batch=50)
+    got, _ = run_job(x, keys, scores, cfg, tmp_path / "out.json", batch=50, margin=0.0)  # nearest only
     assert sum(calls) == 200 and len(calls) <= 8  # 4 buckets of about 50 rows, not 200 searches
+    assert sorted(got) == sorted(keys)
+    order = sorted(range(len(keys)), key=lambda i: dedup.sample_rank(cfg.kmeans_seed, keys[i]))
+    found = deduplicate(x[order], [keys[i] for i in order], [scores[i] for i in order], EPS, sample_size=200,
+                        n_clusters=3, margin=0.0)
+    assert {keys[i] for i, k in zip(order, found.keep) if k} == {k for k, r in got.items() if not r["duplicate_of"]}
