@@ -23,8 +23,9 @@ Paths, all in this invocation and on the same data:
   a border margin, per-cluster pairs, one global keep decision), the functions the jobs run;
 - ``ivf``: a faiss IVF range search over the whole set (the autofaiss / clip-retrieval approach),
   then the same keep rule on its pairs;
-- ``beam``: the curation job's ``SemanticDedup`` transform on DirectRunner in process, fed the same
-  embeddings as records (``--paths bare,ivf,beam``; memory-heavy at 1M).
+- ``beam``: the jobs' ``pipelines.dedup.SemanticDedup`` transform on DirectRunner in process, fed
+  the same embeddings as records read from a memory-mapped ``.npy`` (``--paths bare,ivf,beam``).
+  Peak RSS is the process's so far: run ``--paths beam`` alone for the Beam path's own.
 One run, one machine: compare ratios between paths, not absolute times across machines.
 """
 
@@ -166,27 +167,55 @@ def run_ivf(x, keys, scores, eps, args):
     return result.keep, result.duplicate_of
 
 
+def records_from(start: int, path: str, step: int, scores_path: str):
+    """Records ``start`` to ``start + step`` of the saved embeddings (read memory-mapped, as a job
+    reads ``.emb.npy`` sidecars), so the pipeline graph does not carry the data."""
+    x = np.load(path, mmap_mode="r")
+    scores = np.load(scores_path, mmap_mode="r")
+    for i in range(start, min(start + step, x.shape[0])):
+        yield {"key": f"{i:09d}", "text_embedding": np.array(x[i]), "aesthetic_score": float(scores[i]),
+               "stage": None, "reason": None}
+
+
+def outcome_line(record: dict) -> str:
+    return f"{record['key']}\t{record.get('duplicate_of') or ''}"
+
+
 def run_beam(x, keys, scores, eps, args):
+    """``pipelines.dedup.SemanticDedup`` on DirectRunner in this process, records read in chunks."""
+    import glob
+    import tempfile
+
     import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
 
-    from filters.config import preset
-    from pipelines.curate.dedup import SemanticDedup
+    from filters.config import CurateConfig
+    from pipelines.dedup import SemanticDedup
 
-    cfg = preset("default").__class__(**{**preset("default").__dict__, "semdedup_eps": eps,
-                                         "kmeans_sample_size": args.sample, "target_cluster_size": args.cluster})
-    keep = np.zeros(len(keys), bool)
+    cfg = CurateConfig(semdedup_eps=eps, kmeans_sample_size=args.sample, target_cluster_size=args.cluster)
+    keep = np.ones(len(keys), bool)
     dup = np.full(len(keys), -1, np.int64)
-    where = {k: i for i, k in enumerate(keys)}
-    out = []
-    with beam.Pipeline() as p:
-        records = p | beam.Create([{"key": k, "clip_text_embedding": x[i], "aesthetic_score": float(scores[i])}
-                                   for i, k in enumerate(keys)])
-        _ = records | SemanticDedup("text", cfg) | beam.Map(out.append)
-    for r in out:
-        i = where[r["key"]]
-        keep[i] = r.get("fate", "kept") == "kept"
-        if not keep[i]:
-            dup[i] = where[r["duplicate_of"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/x.npy", x)
+        np.save(f"{tmp}/scores.npy", np.asarray(scores, np.float64))
+        step = 10_000
+        opts = PipelineOptions(["--direct_num_workers=1", "--direct_running_mode=in_memory"])
+        p = beam.Pipeline(options=opts)
+        _ = (p | beam.Create(list(range(0, len(keys), step)))
+             | beam.FlatMap(records_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy")
+             | SemanticDedup("text", cfg, margin=args.margin, wire_dtype=args.wire_dtype)
+             | beam.Map(outcome_line) | beam.io.WriteToText(f"{tmp}/out"))
+        result = p.run()
+        result.wait_until_finish()
+        counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
+        print("beam counters:", {k: v for k, v in sorted(counters.items()) if k.startswith("semdedup")}, flush=True)
+        for name in glob.glob(f"{tmp}/out*"):
+            with open(name) as f:
+                for line in f:
+                    key, of = line.rstrip("\n").split("\t")
+                    if of:
+                        keep[int(key)], dup[int(key)] = False, int(of)
     return keep, dup
 
 
@@ -202,10 +231,11 @@ def main(argv=None) -> None:
     parser.add_argument("--eps", type=float, default=0.05)
     parser.add_argument("--sample", type=int, default=50_000, help="k-means sample size")
     parser.add_argument("--cluster", type=int, default=1000, help="target cluster size")
-    parser.add_argument("--margin", type=float, default=0.01, help="second-nearest-centroid margin (bare path)")
+    parser.add_argument("--margin", type=float, default=0.01, help="second-nearest-centroid margin (bare and beam)")
     parser.add_argument("--nprobe", type=int, default=4, help="IVF lists searched per query")
     parser.add_argument("--check_subset", type=int, default=40_000)
-    parser.add_argument("--paths", default="bare,ivf")
+    parser.add_argument("--paths", default="bare,ivf", help="comma-separated: bare, ivf, beam")
+    parser.add_argument("--wire_dtype", default="float16", help="beam path: embeddings between stages")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()

@@ -121,3 +121,49 @@ def keep_priority(aesthetic: float | None, record_id: str) -> tuple[float, str]:
     """
     score = aesthetic if _known(aesthetic) else -math.inf
     return (-score, record_id)
+
+
+RULE_COLUMNS = ("caption", "n_clip_tokens", "punsafe", "pwatermark", "nsfw", "width", "height")
+
+
+def check_batch(batch, cfg: CurateConfig):
+    """``check_length``, ``check_safety`` and ``check_size`` over a pyarrow Table or RecordBatch of
+    normalised captions (columns ``RULE_COLUMNS``) -> a string Array: each row's first failing
+    reason, in the per-record order, or null where every rule passes. Vectorised with
+    ``pyarrow.compute``; token counts are an input (BPE runs per caption)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = batch.column
+    caption = col("caption")
+    n_words = pc.if_else(pc.equal(pc.utf8_length(caption), 0), 0,
+                         pc.list_value_length(pc.utf8_split_whitespace(caption)))
+    n_tokens = col("n_clip_tokens")
+
+    def known(name):  # null and NaN are unknown: the rule passes
+        values = pc.cast(col(name), pa.float64())
+        return pc.and_(pc.is_valid(values), pc.invert(pc.is_nan(pc.fill_null(values, 0.0)))), values
+
+    rules = [(pc.less(n_words, cfg.min_words), reasons.TOO_FEW_WORDS)]
+    if cfg.max_words is not None:
+        rules.append((pc.greater(n_words, cfg.max_words), reasons.TOO_MANY_WORDS))
+    rules.append((pc.less(n_tokens, cfg.min_clip_tokens), reasons.TOO_FEW_TOKENS))
+    if cfg.max_clip_tokens is not None:
+        rules.append((pc.greater(n_tokens, cfg.max_clip_tokens), reasons.TOO_MANY_TOKENS))
+    tag = pc.utf8_upper(pc.utf8_trim_whitespace(pc.cast(col("nsfw"), pa.string())))
+    rules.append((pc.is_in(tag, pa.array(sorted(NSFW_DROPS[cfg.nsfw]), pa.string())), reasons.NSFW_TAG))
+    for name, limit, reason in (("punsafe", cfg.max_punsafe, reasons.UNSAFE),
+                                ("pwatermark", cfg.max_pwatermark, reasons.WATERMARK)):
+        if limit is not None:
+            ok, values = known(name)
+            rules.append((pc.and_(ok, pc.greater(values, limit)), reason))
+    (w_ok, w), (h_ok, h) = known("width"), known("height")
+    sized = pc.and_(pc.and_(w_ok, h_ok), pc.and_(pc.greater(w, 0), pc.greater(h, 0)))
+    short, long_ = pc.min_element_wise(w, h), pc.max_element_wise(w, h)
+    rules.append((pc.and_(sized, pc.less(short, cfg.min_image_side)), reasons.IMAGE_TOO_SMALL))
+    if cfg.max_aspect_ratio is not None:
+        rules.append((pc.and_(sized, pc.greater(pc.divide(long_, short), cfg.max_aspect_ratio)), reasons.ASPECT_RATIO))
+    out = pa.nulls(len(caption), pa.string())
+    for mask, reason in reversed(rules):  # the first rule in order wins: apply it last
+        out = pc.if_else(pc.fill_null(mask, False), pa.scalar(reason, pa.string()), out)
+    return out

@@ -213,8 +213,9 @@ def deduplicate(embeddings: np.ndarray, ids: list[str], scores: list[float | Non
     k = n_clusters or choose_n_clusters(n, sample.shape[0], target_cluster_size)
     centroids = train_kmeans(sample, k, niter=niter, seed=seed)
     assigned = assign_clusters(embeddings, centroids, margin=margin).reshape(n, -1)
-    rows = np.concatenate([np.arange(n)] + [np.flatnonzero(assigned[:, 1] >= 0)] * (assigned.shape[1] > 1))
-    labels = np.concatenate([assigned[:, 0]] + [assigned[assigned[:, 1] >= 0, 1]] * (assigned.shape[1] > 1))
+    second = assigned[:, 1] if assigned.shape[1] > 1 else np.full(n, -1)  # margin 0: nearest only
+    rows = np.concatenate([np.arange(n), np.flatnonzero(second >= 0)])
+    labels = np.concatenate([assigned[:, 0], second[second >= 0]])
     by_cluster = np.argsort(labels, kind="stable")
     rows, labels = rows[by_cluster], labels[by_cluster]
     bounds = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1], True])

@@ -1,12 +1,35 @@
-"""SemDeDup on Beam (shared by the curate and filter jobs): k-means on a sample, nearest-centroid assignment, GroupByKey per cluster.
+"""SemDeDup on Beam (shared by the curate and filter jobs), in two shuffles of packed blocks and a keyed join.
 
-    sample (Top.Of by hash of key) --TrainKMeans--> centroids (side input)
-    records --AssignClusters--> (cluster, record) --GroupByCluster--> DedupEachCluster
+    records --RankRows--> (rank, key, vector, score) --SampleForKMeans/TrainKMeans--> centroids (side input)
+      --BucketRows--> (bucket, row) --GroupIntoBuckets--> AssignBlocks: one faiss search per batch of rows,
+        nearest centroid and, within ``margin``, the second nearest --> (cluster, Block)
+      --GroupByCluster--> PairsInCluster: ``filters.semdedup.cluster_pairs``; duplicate groups seen whole
+        in the cluster are decided there (``resolve_pairs``) --> (key, decision); the rest --> border pairs
+      --GroupBorderPairs--> ResolveBorderPairs: ``resolve_pairs`` over every border pair --> (key, decision)
+    records + home clusters + decisions --JoinByKey--> AnnotateRecords
 
-Only the k-means sample is ever gathered in one place (``kmeans_sample_size`` embeddings); each
-cluster is deduplicated by the worker that receives it (``filters.semdedup.find_duplicates``).
+The same four steps as ``filters.semdedup.deduplicate``, and the same result on the same sample
+(``tests/test_filters_semdedup.py`` checks that). What one worker holds at a time:
+
+- the k-means sample (``kmeans_sample_size`` vectors) and the centroids;
+- one bucket of about ``ASSIGN_BATCH`` rows (buckets = ceil(records / ``ASSIGN_BATCH``), keyed by
+  the row's sample rank, so they are even): assignment is one (batch, d) x (d, k) search, not one
+  search per record;
+- one cluster's block (about ``target_cluster_size`` rows, times 1.1 for the margin copies);
+- the border pairs: those of duplicate groups with a member in two clusters (the margin's copies,
+  about a tenth of the rows). A group none of whose members is shared is whole in its cluster and
+  decided there. Border pairs grow with N, but slowly: 24 bytes each plus their keys, under 1 GB
+  at 1B rows with 10% duplicates (BENCHMARKS.md, "Semantic dedup at 1B").
+
+Embeddings travel as ``WIRE_DTYPE`` (float16) rows inside blocks, not per-record dicts: 2 bytes
+per dimension. float16 moves a cosine by about 2e-5 in 512-d (a rounding of 2^-11 per component,
+averaged over 512 of them), so a pair within that of ``1 - eps`` may flip; ``wire_dtype="float32"``
+ships exact vectors.
+
 The sample is the ``kmeans_sample_size`` records with the smallest ``sha1(seed, key)``: a uniform
 sample that is the same on every run and runner, so clusters, and hence results, are reproducible.
+No step emits from ``finish_bundle`` (Beam's Dask runner drops that output: ``BatchElements`` and
+``Top.Of`` lost records there) and none has tagged outputs (Dask gives every element to each).
 
 Choosing the knobs (``filters.config.CurateConfig``):
 
@@ -18,11 +41,15 @@ Choosing the knobs (``filters.config.CurateConfig``):
 - ``semdedup_eps`` (duplicates: cosine >= 1 - eps) defaults to 0.05. The right value depends on
   the embedding model and on how much the dataset may shrink; the manifest's
   ``duplicate_similarity`` column and the report's group-size plot show what a given eps removed.
+- ``margin`` (a ``SemanticDedup`` argument, 0.01 as in ``deduplicate``): a row also goes to its
+  second-nearest centroid when that one's cosine is within ``margin`` of the nearest's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
@@ -32,13 +59,19 @@ from filters import reasons, semdedup
 from filters.config import CurateConfig
 from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
 
+ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16 = 12 MB
+WIRE_DTYPE = "float16"
+MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate's default
 
-def _sample_rank(seed: int, key: str) -> int:
+
+def sample_rank(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode("utf-8")).digest()[:8], "big")
 
 
-def _rank_and_vector(record: dict, field: str, seed: int) -> tuple[int, str, np.ndarray]:
-    return _sample_rank(seed, record["key"]), record["key"], record[field]
+def _rank_row(record: dict, field: str, seed: int) -> tuple[int, str, np.ndarray, float]:
+    score = effective_aesthetic(record)
+    return (sample_rank(seed, record["key"]), record["key"], np.asarray(record[field], np.float32),
+            math.nan if score is None else float(score))
 
 
 def _rank(item: tuple) -> int:
@@ -49,78 +82,245 @@ def train_centroids(sample: list, n_total: int, cfg: CurateConfig) -> np.ndarray
     """k-means centroids from the sample (sorted by rank for a stable order); None if empty."""
     if not sample:
         return None
-    vectors = np.stack([v for _, _, v in sorted(sample, key=_rank)])
+    vectors = np.stack([row[2] for row in sorted(sample, key=_rank)])
     k = cfg.kmeans_clusters or semdedup.choose_n_clusters(n_total, len(vectors), cfg.target_cluster_size)
     Metrics.distribution("curate", "kmeans_clusters").update(min(k, len(vectors)))
     return semdedup.train_kmeans(vectors, k, niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
 
 
-class AssignClusterFn(beam.DoFn):
-    """record -> (nearest centroid, record), with the faiss index built once per centroids value.
+def _bucket_row(row: tuple, n_total: int, batch: int, wire_dtype: str):
+    rank, key, vector, score = row
+    return rank % max(1, math.ceil(n_total / batch)), (key, vector.astype(wire_dtype), score)
 
-    One record per call rather than ``BatchElements`` batches: ``BatchElements`` emits its last batch
-    from ``finish_bundle``, whose output Beam's Dask runner drops (records went missing there). One
-    search of a (1, d) query against k centroids is k * d multiply-adds: small beside embedding it.
-    """
 
-    def __init__(self, field: str):
-        self.field = field
+@dataclass(frozen=True)
+class Block:
+    """Rows of one cluster, packed: ``keys`` (n,), ``vectors`` (n, d) wire dtype, ``scores`` (n,)
+    float64 (NaN: unknown), ``home`` (n,) int64: each row's nearest cluster (the one it is
+    reported under; a margin copy has a different one), ``shared`` (n,) bool: the row is in two
+    clusters."""
+
+    keys: tuple
+    vectors: np.ndarray
+    scores: np.ndarray
+    home: np.ndarray
+    shared: np.ndarray
+
+
+class AssignBlocksFn(beam.DoFn):
+    """(bucket, rows) -> (cluster, Block) per cluster met, one faiss search per ``batch`` rows."""
+
+    def __init__(self, margin: float, batch: int):
+        self.margin, self.batch = margin, batch
 
     def setup(self):
         self._centroids = self._index = None
 
-    def process(self, record: dict, centroids: np.ndarray):
+    def process(self, keyed, centroids: np.ndarray):
         if centroids is not self._centroids:  # a side input is one object for a whole bundle
             self._centroids, self._index = centroids, semdedup.centroid_index(centroids)
-        cluster = semdedup.assign_clusters(record[self.field][None], centroids, self._index)[0]
-        yield int(cluster), record
+        chunk = []
+        for row in keyed[1]:  # the grouped iterable may be lazy: hold one batch at a time
+            chunk.append(row)
+            if len(chunk) == self.batch:
+                yield from self._blocks(chunk)
+                chunk = []
+        if chunk:
+            yield from self._blocks(chunk)
+
+    def _blocks(self, chunk: list):
+        keys = np.asarray([k for k, _, _ in chunk], object)
+        vectors = np.stack([v for _, v, _ in chunk])
+        scores = np.asarray([s for _, _, s in chunk], np.float64)
+        assigned = semdedup.assign_clusters(vectors.astype(np.float32), self._centroids, self._index,
+                                            margin=self.margin).reshape(len(chunk), -1)
+        home = assigned[:, 0]
+        second = assigned[:, 1] if assigned.shape[1] > 1 else np.full(len(chunk), -1)  # margin 0: nearest only
+        shared = second >= 0
+        rows = np.concatenate([np.arange(len(chunk)), np.flatnonzero(shared)])
+        labels = np.concatenate([home, second[shared]])
+        Metrics.counter("curate", "semdedup_margin_copies").inc(int(len(rows) - len(chunk)))
+        order = np.argsort(labels, kind="stable")
+        rows, labels = rows[order], labels[order]
+        bounds = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1], True])
+        for st, en in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            r = rows[st:en]
+            yield int(labels[st]), Block(tuple(keys[r]), vectors[r], scores[r], home[r], shared[r])
 
 
-def dedup_cluster(keyed, field: str, modality: str, eps: float):
-    """(cluster id, records) -> records annotated with cluster, duplicate_of, n_duplicates."""
-    cluster, group = keyed
-    group = list(group)
-    found = semdedup.find_duplicates([r["key"] for r in group], np.stack([r[field] for r in group]),
-                                     [effective_aesthetic(r) for r in group], eps)
-    n_dups = np.bincount(found.duplicate_of[found.duplicate_of >= 0], minlength=len(group))
-    Metrics.distribution("curate", f"cluster_size_{modality}").update(len(group))
-    for i, record in enumerate(group):
+def _concat(blocks) -> Block:
+    blocks = list(blocks)
+    return Block(sum((b.keys for b in blocks), ()), np.concatenate([b.vectors for b in blocks]),
+                 np.concatenate([b.scores for b in blocks]), np.concatenate([b.home for b in blocks]),
+                 np.concatenate([b.shared for b in blocks]))
+
+
+def pairs_in_cluster(keyed, modality: str, eps: float):
+    """(cluster, Blocks) -> decisions for the duplicate groups this cluster sees whole, and one pair
+    block for the rest.
+
+    A connected group of pairs none of whose members is in a second cluster is whole here: each of
+    its members meets others only in this cluster. The keep rule looks only at a member's
+    neighbours, so resolving that group here gives what resolving every pair at once would. A
+    group with a member shared with another cluster may continue there: its pairs go on to
+    ``ResolvePairs`` as (keys, scores, i, j, similarity) over the members in them, so only the
+    border's pairs ever meet in one place.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    cluster, block = keyed[0], _concat(keyed[1])
+    Metrics.distribution("curate", f"cluster_size_{modality}").update(len(block.keys))
+    if len(block.keys) < 2:
+        return
+    pairs = semdedup.cluster_pairs(block.vectors.astype(np.float32), eps)
+    if len(pairs.i) == 0:
+        return
+    n = len(block.keys)
+    _, group = connected_components(coo_matrix((np.ones(len(pairs.i)), (pairs.i, pairs.j)), shape=(n, n)),
+                                    directed=False)
+    border_group = np.zeros(group.max() + 1, bool)
+    border_group[group[block.shared]] = True
+    border = border_group[group[pairs.i]]  # a pair's two members are in one group
+    Metrics.counter("curate", "semdedup_pairs_border").inc(int(border.sum()))
+    Metrics.counter("curate", "semdedup_pairs_local").inc(int(len(border) - border.sum()))
+    keys = np.asarray(block.keys, object)
+    for part, out in ((~border, _decide), (border, _pair_block)):
+        if part.any():
+            p = semdedup.Pairs(pairs.i[part], pairs.j[part], pairs.similarity[part])
+            members, inverse = np.unique(np.r_[p.i, p.j], return_inverse=True)
+            yield from out(keys[members], block.scores[members], inverse[:len(p.i)], inverse[len(p.i):], p.similarity)
+
+
+def _pair_block(keys, scores, i, j, similarity):
+    yield "pairs", (keys, scores, i, j, similarity)
+
+
+def _decide(keys, scores, i, j, similarity):
+    """The keep rule over these members' pairs -> ("decision", (key, decision)) per member it changes."""
+    ids = [str(k) for k in keys]
+    found = semdedup.resolve_pairs(ids, [None if math.isnan(s) else float(s) for s in scores],
+                                   semdedup.Pairs(i.astype(np.int64), j.astype(np.int64), similarity))
+    n_dups = np.bincount(found.duplicate_of[found.duplicate_of >= 0], minlength=len(ids))
+    for m, key in enumerate(ids):
+        if not found.keep[m]:
+            yield "decision", (key, ("duplicate", ids[int(found.duplicate_of[m])], float(found.similarity[m])))
+        elif n_dups[m]:
+            yield "decision", (key, ("kept", int(n_dups[m])))
+
+
+def is_pair_block(item) -> bool:
+    return item[0] == "pairs"
+
+
+def is_decision(item) -> bool:
+    return item[0] == "decision"
+
+
+def home_clusters(keyed):
+    """(cluster, Blocks) -> (key, cluster) for every row whose nearest cluster this is."""
+    cluster = keyed[0]
+    for block in keyed[1]:
+        for key, home in zip(block.keys, block.home.tolist()):
+            if home == cluster:
+                yield key, cluster
+
+
+def _to_one_key(item):
+    return None, item[1]
+
+
+def _untag(item):
+    return item[1]
+
+
+def resolve(keyed):
+    """(None, border pair blocks) -> (key, ("duplicate", kept key, cosine)) per dropped record and
+    (key, ("kept", n dropped as its duplicates)) per kept record that has any: the keep rule over
+    every border pair at once (``filters.semdedup.resolve_pairs``), a pair met in two clusters once."""
+    blocks = list(keyed[1])
+    if not blocks:
+        return
+    keys = np.concatenate([b[0] for b in blocks])
+    scores = np.concatenate([b[1] for b in blocks])
+    offsets = np.cumsum([0] + [len(b[0]) for b in blocks[:-1]])
+    i = np.concatenate([b[2] + o for b, o in zip(blocks, offsets)])
+    j = np.concatenate([b[3] + o for b, o in zip(blocks, offsets)])
+    sim = np.concatenate([b[4] for b in blocks])
+    ids, first, inverse = np.unique(keys.astype(str), return_index=True, return_inverse=True)
+    i, j = inverse[i], inverse[j]
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    _, once = np.unique(lo * len(ids) + hi, return_index=True)
+    for _, decision in _decide(ids, scores[first], lo[once], hi[once], sim[once].astype(np.float32)):
+        yield decision
+
+
+def _by_key(record: dict):
+    return record["key"], record
+
+
+def annotate(keyed, modality: str):
+    """(key, {records, clusters, decisions}) -> the records, annotated as the manifest needs."""
+    _, joined = keyed
+    cluster = next(iter(joined["clusters"]), None)
+    decision = next(iter(joined["decisions"]), None)
+    for record in joined["records"]:
         record = {**record, "dedup_on": modality, "cluster_id": cluster}
-        if found.keep[i]:
-            if n_dups[i]:
-                record["n_duplicates"] = int(n_dups[i]) + (record.get("n_duplicates") or 0)
+        if decision is None:
+            yield record
+        elif decision[0] == "kept":
+            record["n_duplicates"] = decision[1] + (record.get("n_duplicates") or 0)
             yield record
         else:
             Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
             yield dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE,
-                          duplicate_of=group[int(found.duplicate_of[i])]["key"],
-                          duplicate_similarity=float(found.similarity[i]))
+                          duplicate_of=decision[1], duplicate_similarity=decision[2])
 
 
 class SemanticDedup(beam.PTransform):
     """SemDeDup over the ``modality`` ("text" or "image") embedding of every input record.
 
     Duplicates: cosine similarity >= 1 - ``cfg.semdedup_eps``. Kept per duplicate group: highest
-    aesthetic score, then smallest id.
+    aesthetic score, then smallest id. ``margin``: second-nearest-centroid margin (0: nearest
+    only); ``wire_dtype``: how embeddings travel between stages; ``batch``: rows per assignment.
     """
 
-    def __init__(self, modality: str, cfg: CurateConfig):
+    def __init__(self, modality: str, cfg: CurateConfig, *, margin: float = MARGIN, wire_dtype: str = WIRE_DTYPE,
+                 batch: int = ASSIGN_BATCH):
         super().__init__()
         self.modality = modality
         self.field = EMBEDDING_FIELDS[modality]
         self.cfg = cfg
+        self.margin, self.wire_dtype, self.batch = margin, wire_dtype, batch
 
     def expand(self, records):
         cfg = self.cfg
-        sample = (records
-                  | "RankForSample" >> beam.Map(_rank_and_vector, self.field, cfg.kmeans_seed)
-                  # CombineGlobally(TopCombineFn), not Top.Of: Top.Of emits from finish_bundle, which
-                  # Beam's Dask runner drops (the sample came out empty there); the result is the same.
-                  | "SampleForKMeans" >> beam.CombineGlobally(
-                      beam.combiners.TopCombineFn(cfg.kmeans_sample_size, key=_rank, reverse=True)))
+        rows = records | "RankRows" >> beam.Map(_rank_row, self.field, cfg.kmeans_seed)
+        # CombineGlobally(TopCombineFn), not Top.Of: Top.Of emits from finish_bundle, which Beam's
+        # Dask runner drops (the sample came out empty there); the result is the same.
+        sample = rows | "SampleForKMeans" >> beam.CombineGlobally(
+            beam.combiners.TopCombineFn(cfg.kmeans_sample_size, key=_rank, reverse=True))
         count = records | "CountRecords" >> beam.combiners.Count.Globally()
         centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
-        return (records
-                | "AssignClusters" >> beam.ParDo(AssignClusterFn(self.field), beam.pvalue.AsSingleton(centroids))
-                | "GroupByCluster" >> beam.GroupByKey()
-                | "DedupEachCluster" >> beam.FlatMap(dedup_cluster, self.field, self.modality, cfg.semdedup_eps))
+        clusters = (rows
+                    | "BucketRows" >> beam.Map(_bucket_row, beam.pvalue.AsSingleton(count), self.batch, self.wire_dtype)
+                    | "GroupIntoBuckets" >> beam.GroupByKey()
+                    | "AssignBlocks" >> beam.ParDo(AssignBlocksFn(self.margin, self.batch),
+                                                   beam.pvalue.AsSingleton(centroids))
+                    | "GroupByCluster" >> beam.GroupByKey())
+        # two Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
+        found = clusters | "PairsInCluster" >> beam.FlatMap(pairs_in_cluster, self.modality, cfg.semdedup_eps)
+        local = (found
+                 | "SelectLocalDecisions" >> beam.Filter(is_decision)
+                 | "UntagDecisions" >> beam.Map(_untag))
+        border = (found
+                  | "SelectBorderPairs" >> beam.Filter(is_pair_block)
+                  | "GatherBorderPairs" >> beam.Map(_to_one_key)
+                  | "GroupBorderPairs" >> beam.GroupByKey()
+                  | "ResolveBorderPairs" >> beam.FlatMap(resolve))
+        decisions = (local, border) | "GatherDecisions" >> beam.Flatten()
+        homes = clusters | "HomeClusters" >> beam.FlatMap(home_clusters)
+        keyed = records | "KeyRecords" >> beam.Map(_by_key)
+        return ({"records": keyed, "clusters": homes, "decisions": decisions}
+                | "JoinByKey" >> beam.CoGroupByKey()
+                | "AnnotateRecords" >> beam.FlatMap(annotate, self.modality))

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from filters import reasons
-from filters.captions import (check_length, check_safety, check_size, clip_token_count, decode_caption,
+from filters.captions import (check_batch, check_length, check_safety, check_size, clip_token_count, decode_caption,
                               keep_priority, normalize_caption, word_count)
 from filters.config import CurateConfig, preset, validate, with_overrides
 
@@ -108,3 +108,26 @@ def test_config_validation_names_the_bad_value():
     with pytest.raises(ValueError, match="unknown curate preset 'laion'"):
         preset("laion")
     assert validate(preset("tiny")).clip_model == "dd-tiny-clip"
+
+
+def test_check_batch_matches_the_per_record_rules():
+    """Every combination of edge values, as a pyarrow table, gives each record's per-record reason."""
+    import itertools
+
+    import pyarrow as pa
+
+    cfg = CurateConfig(min_words=2, max_words=5, min_clip_tokens=2, max_clip_tokens=8, min_image_side=20,
+                       max_aspect_ratio=3.0, nsfw="drop-unsure")
+    captions_ = ["", "one", "two words", "a b c d e", "a b c d e f", "full\u3000width words"]
+    rows = list(itertools.product(captions_, [0, 2, 9], [None, float("nan"), 0.5, 0.9], [None, 0.95],
+                                  [None, "nsfw ", "UNSURE", "UNLIKELY"], [None, 0, 10, 100], [None, 40, 400]))
+    caps = [" ".join(c.split()) for c, *_ in rows]
+    table = pa.table({"caption": caps, "n_clip_tokens": [r[1] for r in rows], "punsafe": [r[2] for r in rows],
+                      "pwatermark": [r[3] for r in rows], "nsfw": [r[4] for r in rows],
+                      "width": pa.array([r[5] for r in rows], pa.int64()), "height": pa.array([r[6] for r in rows], pa.int64())})
+    want = [check_length(c, r[1], cfg) or check_safety(r[2], r[3], cfg, r[4]) or check_size(r[5], r[6], cfg)
+            for c, r in zip(caps, rows)]
+    assert check_batch(table, cfg).to_pylist() == want
+    assert set(want) == {None, reasons.TOO_FEW_WORDS, reasons.TOO_MANY_WORDS, reasons.TOO_FEW_TOKENS,
+                         reasons.TOO_MANY_TOKENS, reasons.NSFW_TAG, reasons.UNSAFE, reasons.WATERMARK,
+                         reasons.IMAGE_TOO_SMALL, reasons.ASPECT_RATIO}  # every rule fired somewhere, some pass

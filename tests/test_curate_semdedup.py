@@ -1,0 +1,116 @@
+"""The Beam SemDeDup path (``pipelines.dedup.SemanticDedup``) against the bare
+``filters.semdedup.deduplicate`` on the same data and the same k-means sample: the same records
+kept, each dropped one naming the same kept record, and batched assignment in buckets."""
+
+import json
+import math
+from functools import partial
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.testing.util import assert_that
+
+from filters.config import CurateConfig
+from filters.semdedup import deduplicate
+from pipelines import dedup
+
+EPS = 0.05
+
+
+def planted_rows(n=600, dim=32, n_groups=60, seed=0):
+    """Unit rows with cosines ~0.2-0.5 between unrelated ones, and planted pairs/triples whose
+    cosine to their base is 0.002 to 0.01 below ``1 - EPS`` or 0.002 and more above it: no pair
+    within float16's rounding (about 1e-4 in 32-d) of the threshold, so both wire dtypes agree."""
+    rng = np.random.default_rng(seed)
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    topics = unit(rng.normal(size=(6, dim)))
+    x = unit(0.6 * topics[rng.integers(6, size=n)] + 0.4 * unit(rng.normal(size=dim)) + 0.8 * unit(rng.normal(size=(n, dim))))
+    members = rng.permutation(n)[: 3 * n_groups].reshape(n_groups, 3)
+    for g in members:
+        for m in g[1: 2 + int(rng.random() < 0.5)]:
+            c = rng.choice([rng.uniform(1 - EPS + 0.002, 1.0), rng.uniform(1 - EPS - 0.01, 1 - EPS - 0.002)], p=[0.8, 0.2])
+            u = unit(rng.normal(size=dim))
+            u = unit(u - (u @ x[g[0]]) * x[g[0]])
+            x[m] = c * x[g[0]] + math.sqrt(1 - c * c) * u
+    keys = [f"k{i:05d}" for i in range(n)]
+    scores = [None if i % 7 == 0 else float(s) for i, s in enumerate(rng.uniform(3, 8, n))]
+    return x.astype(np.float32), keys, scores
+
+
+FIELDS = ("key", "duplicate_of", "duplicate_similarity", "n_duplicates", "cluster_id", "dedup_on", "reason")
+
+
+def save_rows(rows, path):
+    """An ``assert_that`` matcher that hands the output back: the pipeline runs on pickled copies."""
+    with open(path, "w") as f:
+        json.dump([{k: r.get(k) for k in FIELDS} for r in rows], f)
+
+
+def run_job(x, keys, scores, cfg, path, **kwargs):
+    records = [{"key": k, "text_embedding": x[i], "aesthetic_score": scores[i], "stage": None, "reason": None}
+               for i, k in enumerate(keys)]
+    p = BeamTestPipeline()
+    out = p | beam.Create(records) | dedup.SemanticDedup("text", cfg, **kwargs)
+    assert_that(out, partial(save_rows, path=str(path)))
+    result = p.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
+    with open(path) as f:
+        return {r["key"]: r for r in json.load(f)}, counters
+
+
+def bare_on_the_jobs_sample(x, keys, scores, cfg):
+    """``deduplicate`` on every row, rows in the job's sample order (sha1 rank): the same k-means input."""
+    order = sorted(range(len(keys)), key=lambda i: dedup.sample_rank(cfg.kmeans_seed, keys[i]))
+    found = deduplicate(x[order], [keys[i] for i in order], [scores[i] for i in order], EPS,
+                        sample_size=len(keys), n_clusters=cfg.kmeans_clusters, niter=cfg.kmeans_iterations,
+                        margin=dedup.MARGIN, seed=cfg.kmeans_seed)
+    ordered = [keys[i] for i in order]
+    return {ordered[m]: (None if found.keep[m] else ordered[int(found.duplicate_of[m])]) for m in range(len(order))}
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "float16"])
+def test_job_keeps_what_deduplicate_keeps(wire_dtype, tmp_path):
+    x, keys, scores = planted_rows()
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=6, kmeans_sample_size=len(keys))
+    want = bare_on_the_jobs_sample(x, keys, scores, cfg)
+    # batch 64: 10 buckets of about 60 rows, so assignment runs in several batches
+    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype=wire_dtype, batch=64)
+    # both kinds of decision were made: groups whole in one cluster, and groups across a border
+    assert counters["semdedup_pairs_local"] > 0 and counters["semdedup_pairs_border"] > 0
+    assert counters["semdedup_margin_copies"] > 0
+    assert sorted(got) == sorted(keys)  # every record once
+    assert {k: r.get("duplicate_of") for k, r in got.items()} == want
+    assert 40 <= sum(v is not None for v in want.values()) <= 120  # the planted groups were found
+    for k, r in got.items():
+        assert r["dedup_on"] == "text" and 0 <= r["cluster_id"] < 6
+        if r.get("duplicate_of"):
+            assert r["reason"] == "semantic_duplicate" and r["duplicate_similarity"] >= 1 - EPS - 1e-3
+    n_dropped_for = {}
+    for v in want.values():
+        if v is not None:
+            n_dropped_for[v] = n_dropped_for.get(v, 0) + 1
+    assert {k: r["n_duplicates"] for k, r in got.items() if r.get("n_duplicates")} == n_dropped_for
+
+
+def test_assignment_is_one_search_per_batch(monkeypatch, tmp_path):
+    x, keys, scores = planted_rows(n=200, n_groups=10)
+    calls = []
+    real = dedup.semdedup.assign_clusters
+
+    def counting(embeddings, *args, **kwargs):
+        calls.append(len(embeddings))
+        return real(embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(dedup.semdedup, "assign_clusters", counting)
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=3, kmeans_sample_size=200)
+    got, _ = run_job(x, keys, scores, cfg, tmp_path / "out.json", batch=50, margin=0.0)  # nearest only
+    assert sum(calls) == 200 and len(calls) <= 8  # 4 buckets of about 50 rows, not 200 searches
+    assert sorted(got) == sorted(keys)
+    order = sorted(range(len(keys)), key=lambda i: dedup.sample_rank(cfg.kmeans_seed, keys[i]))
+    found = deduplicate(x[order], [keys[i] for i in order], [scores[i] for i in order], EPS, sample_size=200,
+                        n_clusters=3, margin=0.0)
+    assert {keys[i] for i, k in zip(order, found.keep) if k} == {k for k, r in got.items() if not r["duplicate_of"]}
