@@ -52,6 +52,9 @@ class CurateConfig:
     clip_score_top_fraction: float | None = option(None, help="keep the top fraction by cosine (DataComp: 0.3 with ViT-L/14)")
     # -- semantic dedup (SemDeDup) ---------------------------------------------------------------
     semdedup_eps: float | None = option(0.05, help="duplicates: cosine similarity >= 1 - eps; None = off")
+    semdedup_margin: float = option(
+        0.01, help="also assign an embedding to its second-nearest k-means centroid when that centroid's cosine is "
+                   "within this of the nearest's, so near-duplicates on a cluster border meet (0 = nearest only)")
     semdedup_on: str = option("auto", choices=DEDUP_ON, help="'auto': image embeddings where images exist, text otherwise; 'text'; 'image'")
     kmeans_sample_size: int = option(50_000, help="embeddings sampled (deterministically) to train k-means")
     kmeans_clusters: int = option(0, help="k; 0 = ceil(records / target_cluster_size), capped by sample / 40")
@@ -159,6 +162,7 @@ def validate(cfg: CurateConfig) -> CurateConfig:
            f"clip_score_top_fraction must be in (0, 1], got {cfg.clip_score_top_fraction}")
     _check(cfg.semdedup_eps is None or 0.0 <= cfg.semdedup_eps < 2.0,
            f"semdedup_eps must be in [0, 2) (duplicates have cosine >= 1 - eps), got {cfg.semdedup_eps}")
+    _check(0.0 <= cfg.semdedup_margin < 2.0, f"semdedup_margin must be in [0, 2), got {cfg.semdedup_margin}")
     _check(cfg.nsfw in NSFW_POLICIES, f"nsfw must be one of {NSFW_POLICIES}, got {cfg.nsfw!r}")
     _check(cfg.semdedup_on in DEDUP_ON, f"semdedup_on must be one of {DEDUP_ON}, got {cfg.semdedup_on!r}")
     _check(cfg.kmeans_sample_size >= 1, f"kmeans_sample_size must be >= 1, got {cfg.kmeans_sample_size}")

@@ -282,15 +282,16 @@ class SemanticDedup(beam.PTransform):
 
     Duplicates: cosine similarity >= 1 - ``cfg.semdedup_eps``. Kept per duplicate group: highest
     aesthetic score, then smallest id. ``margin``: second-nearest-centroid margin (0: nearest
-    only); ``wire_dtype``: how embeddings travel between stages; ``batch``: rows per assignment.
+    only; default ``cfg.semdedup_margin``); ``wire_dtype``: how embeddings travel between stages; ``batch``: rows per assignment.
     """
 
-    def __init__(self, modality: str, cfg: CurateConfig, *, margin: float = MARGIN, wire_dtype: str = WIRE_DTYPE,
+    def __init__(self, modality: str, cfg: CurateConfig, *, margin: float | None = None, wire_dtype: str = WIRE_DTYPE,
                  batch: int = ASSIGN_BATCH):
         super().__init__()
         self.modality = modality
         self.field = EMBEDDING_FIELDS[modality]
         self.cfg = cfg
+        margin = getattr(cfg, "semdedup_margin", MARGIN) if margin is None else margin
         self.margin, self.wire_dtype, self.batch = margin, wire_dtype, batch
 
     def expand(self, records):
