@@ -1,0 +1,234 @@
+"""The GPU suite: the numbers a user asks first, in one command, as ratios and fractions of peak.
+
+    python benchmarks/gpu_suite.py                       # one H100/H200-class GPU, about 5 minutes
+    python benchmarks/gpu_suite.py --cpu_smoke           # the same code paths on tiny shapes, seconds
+
+It prints, each measured in this invocation:
+1. the teacher dump's sampler (``teachers.sampler.sample_trajectories``: CFG in one batched call,
+   every latent and prediction recorded, features captured) against the bare diffusers pipeline
+   call on the same teacher, prompts, steps and guidance: images/s of each, the ratio, and the MFU
+   of both (FLOPs of one UNet call counted by ``torch.utils.flop_counter`` times the calls made,
+   over the wall time and the stated peak);
+2. the same sampler with SDPA attention, ``channels_last`` and ``torch.compile`` switched on one at
+   a time (SDPA is diffusers' default; "off" means the classic attention processor);
+3. the trainer's step kernel for the ``mobilediffusion`` and ``snapgen`` students under bf16
+   autocast: forward, output-distillation loss, backward and AdamW step on a synthetic batch at the
+   students' native latent size, in samples/s (the data path is measured by
+   ``benchmarks/train_overhead.py``);
+4. each student's and decoder's latency against its teacher's (``students.profile``'s models).
+
+Defaults are the GPU settings (``sd15-random`` at 512 px, 50 steps, CFG 7.5, bf16, batch 4). Peak
+FLOP/s defaults to the H100 SXM's dense bf16 989 TFLOP/s (the H200 has the same compute); pass
+``--peak_tflops`` for another device. ``--cpu_smoke`` runs every path on the ``tiny`` teacher and
+the ``tiny`` student in float32 on the CPU, so the suite cannot rot while no GPU is at hand (the
+default test suite runs it); its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPTS = ["a red bicycle leaning on a brick wall", "a lighthouse at dusk, oil painting",
+           "a bowl of ramen, studio photo", "a fox in the snow, watercolour"]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def unet_flops(unet, batch: int, latent: int, device: str, dtype) -> float:
+    """FLOPs of one UNet forward at ``batch`` (flop_counter counts a multiply-add as 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = unet.config
+    x = torch.zeros(batch, cfg.in_channels, latent, latent, device=device, dtype=dtype)
+    ctx = torch.zeros(batch, 77, cfg.cross_attention_dim, device=device, dtype=dtype)
+    kwargs = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, pooled, device=device, dtype=dtype),
+                                       "time_ids": torch.zeros(batch, 6, device=device, dtype=dtype)}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, torch.full((batch,), 500, device=device), ctx, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def dump_vs_pipeline(args, variant: str = "default") -> dict:
+    """Images/s and MFU of the dump's sampler and of the bare pipeline call."""
+    import torch
+
+    from teachers.load import load_teacher
+    from teachers.sampler import SampleRequest, SamplerConfig, sample_trajectories
+
+    teacher = load_teacher(args.teacher, args.dtype, args.device)
+    pipe = teacher.pipe
+    pipe.set_progress_bar_config(disable=True)
+    if variant == "no_sdpa":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        pipe.unet.set_attn_processor(AttnProcessor())
+    elif variant == "channels_last":
+        pipe.unet.to(memory_format=torch.channels_last)
+    elif variant == "compile":
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if args.device != "cpu" else "default")
+    side = args.resolution or teacher.default_resolution
+    prompts = (PROMPTS * args.batch)[: args.batch]
+    cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, height=side, width=side,
+                        feature_layers=("mid_block",), num_feature_steps=1)
+    requests = [SampleRequest(key=f"k{i}", prompt=p, seed=i) for i, p in enumerate(prompts)]
+
+    def run_sampler():
+        with torch.no_grad():
+            sample_trajectories(teacher, requests, cfg)
+
+    def run_pipeline():
+        gens = [torch.Generator(args.device).manual_seed(i) for i in range(len(prompts))]
+        pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, height=side, width=side,
+             generator=gens, output_type="latent")
+
+    t_sampler = _timed(run_sampler, args.device, args.repeats)
+    t_pipe = _timed(run_pipeline, args.device, args.repeats)
+    base_unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    flops = unet_flops(base_unet, 2 * args.batch, side // teacher.vae_scale_factor, args.device,
+                       getattr(torch, args.dtype)) * args.steps  # CFG: cond + uncond in one call per step
+    peak = args.peak_tflops * 1e12
+    return {"variant": variant, "images_per_s_sampler": args.batch / t_sampler,
+            "images_per_s_pipeline": args.batch / t_pipe, "sampler_over_pipeline": t_pipe / t_sampler,
+            "mfu_sampler": flops / t_sampler / peak, "mfu_pipeline": flops / t_pipe / peak,
+            "unet_tflops_per_image": flops / args.batch / 1e12}
+
+
+def trainer_step(args, preset: str) -> dict:
+    """Samples/s of the trainer's step kernel (student forward, output KD, backward, AdamW) under autocast."""
+    import torch
+
+    from students import distill
+    from students.unet import build_unet
+
+    student = build_unet(preset).to(args.device).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    cfg = student.config
+    latent = args.train_latent or cfg.sample_size
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(args.train_batch, cfg.in_channels, latent, latent, generator=g).to(args.device)
+    ctx = torch.randn(args.train_batch, 77, cfg.cross_attention_dim, generator=g).to(args.device)
+    target = torch.randn_like(z)
+    t = torch.randint(0, 1000, (args.train_batch,), generator=g).to(args.device)
+    kwargs = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(args.train_batch, pooled).to(args.device),
+                                       "time_ids": torch.zeros(args.train_batch, 6).to(args.device)}
+    autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.train_dtype),
+                              enabled=args.train_dtype != "float32")
+
+    def step():
+        with autocast:
+            pred = student(z, t, ctx, **kwargs).sample
+        loss = distill.per_sample_mse(pred.float(), target).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    seconds = _timed(step, args.device, args.repeats)
+    return {"preset": preset, "samples_per_s": args.train_batch / seconds, "batch": args.train_batch,
+            "latent": latent, "dtype": args.train_dtype}
+
+
+def latencies(args) -> list[dict]:
+    """Forward latency of each student and decoder against its teacher's, same batch and device."""
+    import torch
+
+    from students import profile
+
+    rows = []
+    for student, teacher, pixels in args.latency_pairs:
+        times = {}
+        for name in (teacher, student):
+            model = profile.build_model(name, args.device, args.dtype)
+            a, kw = profile.make_inputs(name, model, 1, pixels, args.device, args.dtype)
+            with torch.no_grad():
+                times[name] = _timed(lambda: profile.forward(name, model, a, kw), args.device, args.repeats)
+            del model
+        rows.append({"student": student, "teacher": teacher, "pixels": pixels, "student_ms": times[student] * 1e3,
+                     "teacher_ms": times[teacher] * 1e3, "student_over_teacher": times[student] / times[teacher]})
+    return rows
+
+
+def settings(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU: checks the code paths")
+    parser.add_argument("--peak_tflops", type=float, default=989.0, help="device peak (dense, the dtype used)")
+    parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--skip_compile", action="store_true", help="leave out the torch.compile variant")
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        args.__dict__.update(teacher="tiny", device="cpu", dtype="float32", steps=2, guidance=7.5, batch=1,
+                             resolution=None, repeats=1, train_batch=2, train_latent=8, train_dtype="float32",
+                             presets=("tiny",), variants=("default", "no_sdpa", "channels_last"),
+                             latency_pairs=(("tiny", "tiny_teacher", 64),), peak_tflops=1.0)
+    else:
+        args.__dict__.update(teacher="sd15-random", device="cuda", dtype="bfloat16", steps=50, guidance=7.5, batch=4,
+                             resolution=512, repeats=3, train_batch=32, train_latent=None, train_dtype="bfloat16",
+                             presets=("mobilediffusion", "snapgen"),
+                             variants=("default", "no_sdpa", "channels_last") + (() if args.skip_compile else ("compile",)),
+                             latency_pairs=(("snapfusion", "sd15", 512), ("mobilediffusion", "sd15", 512),
+                                            ("snapgen", "sdxl", 1024), ("vae_tiny", "sd_vae_decoder", 512)))
+    return args
+
+
+def main(argv=None) -> dict:
+    args = settings(argv)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("gpu_suite: no CUDA device here; run with --cpu_smoke to check the code paths")
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"device: {device_name}; peak {args.peak_tflops} TFLOP/s; teacher {args.teacher} {args.dtype}", flush=True)
+    results = {"device": device_name, "dump": [], "trainer": [], "latency": []}
+    for variant in args.variants:
+        row = dump_vs_pipeline(args, variant)
+        results["dump"].append(row)
+        print(f"dump [{variant}]: sampler {row['images_per_s_sampler']:.3f} img/s, pipeline "
+              f"{row['images_per_s_pipeline']:.3f} img/s, ratio {row['sampler_over_pipeline']:.2f}, "
+              f"MFU {row['mfu_sampler']:.1%} (pipeline {row['mfu_pipeline']:.1%})", flush=True)
+    for preset in args.presets:
+        row = trainer_step(args, preset)
+        results["trainer"].append(row)
+        print(f"trainer step [{preset}, {row['dtype']}]: {row['samples_per_s']:.1f} samples/s", flush=True)
+    for row in latencies(args):
+        results["latency"].append(row)
+        print(f"latency {row['student']} vs {row['teacher']} @ {row['pixels']} px: {row['student_ms']:.1f} ms vs "
+              f"{row['teacher_ms']:.1f} ms ({row['student_over_teacher']:.2f}x)", flush=True)
+    if args.output:
+        from teachers.fs import atomic_write_json
+
+        atomic_write_json(args.output, results)
+    return results
+
+
+if __name__ == "__main__":
+    json.dumps(main())
