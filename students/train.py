@@ -42,7 +42,10 @@ class TrainingDiverged(UserError):
 class TrainConfig:
     data: str = option(help="dataset folder: a dump or a filtered dump (local path or fsspec URL)")
     output: str = option(help="run folder: checkpoints, losses.jsonl, TensorBoard logs, image grids (local or URL)")
-    preset: str = option("tiny", help="student UNet preset (students.unet.PRESETS)")
+    preset: str | None = option(None, help="student UNet preset (students.unet.PRESETS; default tiny)")
+    init_from_teacher: str | None = option(None, help="build the student as the teacher's UNet cut by this cut "
+                                           "(students.teacher_init.CUTS) and start it from the teacher's weights; "
+                                           "not with --preset")
     recipe: str = option("output_kd", help="distillation recipe", choices=sorted(RECIPES))
     student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
     max_steps: int = option(100, help="optimizer steps")
@@ -89,7 +92,17 @@ class TrainConfig:
             raise UserError(f"--device {self.device!r} is not cpu, cuda, cuda:N or mps")
         from students.unet import PRESETS
 
-        if self.preset not in PRESETS:
+        if self.init_from_teacher is not None:
+            from students.teacher_init import CUTS
+
+            if self.init_from_teacher not in CUTS:
+                raise UserError(f"--init_from_teacher: unknown cut {self.init_from_teacher!r}; known: {', '.join(CUTS)}")
+            if self.preset is not None:
+                raise UserError(f"--init_from_teacher builds the student from the teacher's blocks; --preset {self.preset!r} "
+                                "has blocks with no teacher counterpart (separable convs, other widths): pass one, not both")
+        elif self.preset is None:
+            object.__setattr__(self, "preset", "tiny")
+        if self.preset is not None and self.preset not in PRESETS:
             raise UserError(f"--preset: unknown student preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
         if self.decoder is not None:
             from students.vae import VAE_PRESETS
@@ -226,7 +239,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
     train_schedule = torch.tensor(alphas_cumprod(dataset["scheduler_config"]), dtype=torch.float32, device=device)  # task loss only
     # 2. models: student, distillation head, EMA, optional online teacher and decoder
-    student = build_unet(cfg.preset).to(device)
+    student = (build_unet(cfg.preset) if cfg.init_from_teacher is None else student_from_teacher(cfg, dataset)).to(device)
     layers = [name for name, _ in recipe.feature_weights]
     teacher_channels = _teacher_channels(cfg.data, urls, layers)
     heads = make_projections({k: c for k, (c, _) in student.feature_info().items()}, teacher_channels, layers).to(device)
@@ -271,7 +284,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
             step += 1
             losses.append(float(terms["loss"].detach()))
             if log is not None:
-                log.step(step, {k: float(v.detach()) for k, v in terms.items()}, scheduler.get_last_lr()[0], float(grad_norm),
+                log.step(step, log_terms(terms), scheduler.get_last_lr()[0], float(grad_norm),
                          samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
             if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
                 log.grid(step, student, ema_unet, dataset, urls, recipe)
@@ -292,6 +305,14 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     if cfg.audit_keys:
         ckpt.write_audit(cfg.output, rank, world, student, batches.seen)
     return losses
+
+
+def log_terms(terms: dict) -> dict[str, float]:
+    """The loss terms as ``losses.jsonl`` keys: the total as ``loss``, each term as ``loss/<term>``.
+
+    The prefix keeps a term's name (``step`` of step distillation, say) from overwriting the log's
+    own keys (``step``, ``lr``, ``grad_norm``)."""
+    return {("loss" if k == "loss" else f"loss/{k}"): float(v.detach()) for k, v in terms.items()}
 
 
 def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset, train_schedule,
@@ -342,6 +363,24 @@ def _check_finite(terms: dict, step: int, keys: list[str], world: int, output: s
         kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
         raise TrainingDiverged(f"non-finite loss at step {step} (terms {bad}) on the batch with keys {keys}; "
                                f"training stopped before the optimizer step, {kept}")
+
+
+def student_from_teacher(cfg: TrainConfig, dataset: dict):
+    """The teacher's UNet cut by ``cfg.init_from_teacher``, its kept blocks copied from the teacher
+    (BK-SDM sec. 3.1; ``students.teacher_init``). The teacher: ``--online_teacher``, else the dump's."""
+    from students.teacher_init import cut, family_config, init_from_teacher
+    from students.unet import EfficientUNet2DConditionModel
+    from teachers.load import TeacherError, load_teacher
+
+    spec = cfg.online_teacher or dataset["recipe"]["teacher"]
+    try:
+        teacher_unet = load_teacher(spec).unet
+        student_cfg, block_map = cut(family_config(teacher_unet), cfg.init_from_teacher)
+        student = EfficientUNet2DConditionModel.from_student_config(student_cfg)
+        init_from_teacher(student, teacher_unet, block_map)
+    except (TeacherError, ValueError) as err:
+        raise UserError(f"--init_from_teacher {cfg.init_from_teacher}: teacher {spec!r}: {err}") from None
+    return student
 
 
 def _online_teacher(cfg: TrainConfig, device):
