@@ -38,6 +38,7 @@ class DistillRecipe:
     student_steps: int = 8  # sampling steps the step-distilled student is trained for
     dynamic_gamma: float | None = None  # SnapFusion: task weight = gamma * L_dstl / L_task (dynamic)
     robust_skip_prob: float = 0.0  # SnapFusion robust training: skip each attention block with this p
+    two_step_teacher: bool = False  # progressive distillation: the step target is two DDIM steps of an online teacher
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -63,12 +64,21 @@ def snapfusion_step(student_steps: int = 8) -> DistillRecipe:
                          student_steps=student_steps, dynamic_gamma=0.2)
 
 
+def progressive(student_steps: int = 8) -> DistillRecipe:
+    """Progressive distillation (Salimans & Ho 2022, Algorithm 2): one student step t -> t'' matches two
+    DDIM steps of the teacher (the previous round's student, online) t -> t' -> t''; the step term alone.
+    Offline (no online teacher), the recorded trajectory k teacher steps later is the target."""
+    return DistillRecipe(name="progressive", task_weight=0.0, output_weight=0.0, step_weight=1.0,
+                         student_steps=student_steps, two_step_teacher=True)
+
+
 def output_kd() -> DistillRecipe:
     """Output distillation alone (plus the task loss): the smallest recipe, for tests and the demo."""
     return DistillRecipe(name="output_kd", task_weight=0.1)
 
 
-RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd}
+RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd,
+           "progressive": progressive}
 
 
 def get_recipe(name: str, **overrides) -> DistillRecipe:

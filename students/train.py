@@ -48,7 +48,9 @@ class TrainConfig:
                                            "not with --preset")
     recipe: str = option("output_kd", help="distillation recipe", choices=sorted(RECIPES))
     student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
-    max_steps: int = option(100, help="optimizer steps")
+    progressive_from: int = option(0, help="progressive distillation: rounds halving the steps from this many to "
+                                   "--student_steps, each round's student the next one's teacher (0 = one run)")
+    max_steps: int = option(100, help="optimizer steps (per progressive round)")
     batch_size: int = option(8, help="samples per rank per micro-batch")
     grad_accum: int = option(1, help="micro-batches per optimizer step")
     lr: float = option(1e-4, help="peak AdamW learning rate")
@@ -76,7 +78,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("student_steps", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers", "image_every",
+        for name in ("student_steps", "progressive_from", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers", "image_every",
                      "grad_clip", "weight_decay", "decoder_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
@@ -86,6 +88,12 @@ class TrainConfig:
             raise UserError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.recipe not in RECIPES:
             raise UserError(f"--recipe: unknown distillation recipe {self.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        if self.progressive_from:
+            from students.progressive import rounds
+
+            if self.recipe != "progressive" or not self.student_steps:
+                raise UserError("--progressive_from needs --recipe progressive and --student_steps")
+            rounds(self.progressive_from, self.student_steps)
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed_precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
@@ -221,11 +229,13 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
     return dataset, negative, urls
 
 
-def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None) -> list[float]:
+def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None,
+          teacher_unet=None, student=None) -> list[float]:
     """Run (or resume) training; returns the loss of every optimizer step run in this call (rank 0).
 
     ``recipe`` replaces ``cfg.recipe``'s preset (tests: a variant); ``stop_after`` stops after that
-    step's checkpoint as if the process had been killed there (tests of the resume).
+    step's checkpoint as if the process had been killed there (tests of the resume). ``teacher_unet``
+    replaces ``--online_teacher`` and ``student`` the built student (progressive rounds: the previous round's).
     """
     from students.unet import build_unet
 
@@ -239,12 +249,18 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
     train_schedule = torch.tensor(alphas_cumprod(dataset["scheduler_config"]), dtype=torch.float32, device=device)  # task loss only
     # 2. models: student, distillation head, EMA, optional online teacher and decoder
-    student = (build_unet(cfg.preset) if cfg.init_from_teacher is None else student_from_teacher(cfg, dataset)).to(device)
+    if student is None:
+        student = build_unet(cfg.preset) if cfg.init_from_teacher is None else student_from_teacher(cfg, dataset)
+    student = student.to(device)
     layers = [name for name, _ in recipe.feature_weights]
     teacher_channels = _teacher_channels(cfg.data, urls, layers)
     heads = make_projections({k: c for k, (c, _) in student.feature_info().items()}, teacher_channels, layers).to(device)
     ema_unet = ckpt.make_ema(student) if cfg.ema_decay > 0 else None
-    teacher_unet = _online_teacher(cfg, device)
+    teacher_unet = teacher_unet.to(device) if teacher_unet is not None else _online_teacher(cfg, device)
+    if recipe.two_step_teacher and teacher_unet is not None:
+        from students.progressive import check_round
+
+        check_round(dataset["recipe"]["num_inference_steps"], recipe.student_steps)
     decoder = None
     if cfg.decoder:
         from students.vae import build_vae
@@ -324,7 +340,13 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
         data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
                               scheduler_config=dataset["scheduler_config"], with_images=decoder is not None)
         batch, targets = _to(data["batch"], device), _to(data["targets"], device)
-        if teacher_unet is not None:
+        if recipe.two_step_teacher and teacher_unet is not None:  # progressive: the teacher's two DDIM steps
+            from students.progressive import midpoint_levels, teacher_z_next
+
+            mids = midpoint_levels(records, recipe, seed=cfg.seed, epoch=batches.epoch,
+                                   scheduler_config=dataset["scheduler_config"])
+            batch["z_next"] = teacher_z_next(teacher_unet, batch, mids, dataset["prediction_type"])
+        elif teacher_unet is not None:
             targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
                                      batch.get("added"), batch.get("added_uncond"))
         sync = micro == cfg.grad_accum - 1 or world == 1
@@ -424,7 +446,12 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
 def _main(argv: list[str]) -> int:
     cfg = parse_args(argv)
     try:
-        train(cfg)
+        if cfg.progressive_from:
+            from students.progressive import run_rounds
+
+            run_rounds(cfg)
+        else:
+            train(cfg)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
