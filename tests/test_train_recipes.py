@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffusion_distill.errors import UserError
+from students.objective import RECIPES
 from students.train import TrainConfig, train
 
 
@@ -39,7 +40,7 @@ def _cfg(data, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("recipe_name", ["output_kd", "snapgen_kd", "snapfusion_step", "bk_sdm"])
+@pytest.mark.parametrize("recipe_name", sorted(RECIPES))
 def test_losses_log_has_an_integer_step_on_every_line_for_every_recipe(recipe_name, tiny_dump, tmp_path):
     import dataclasses
 
