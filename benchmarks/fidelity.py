@@ -108,19 +108,20 @@ def main(argv=None) -> int:
                     r = _eval(args, ckpt, os.path.join(out, f"eval-{n}-at-{at}"), eval_captions, analyser, n)
                     curve.setdefault(n, {})[at] = next(iter(r["student"].values()))
                 curve.setdefault(n, {})[args.budget] = runs[n][0]
-    print(f"\n{'model':<14}{'steps':>6}{'adherence':>17}{'exact':>15}{'Frechet':>15}{'ms/img':>8}")
+    print(f"\n{'model':<14}{'steps':>6}{'adherence':>17} {'exact':>15} {'Frechet':>15}{'ms/img':>8}")
     for s in teacher_steps:
         r = table[f"teacher {s}"]
-        print(f"{'teacher':<14}{s:>6}{r['adherence']:>17.3f}{r['exact']:>15.3f}{r['frechet_analyser']:>15.2f}"
+        print(f"{'teacher':<14}{s:>6}{r['adherence']:>17.3f} {r['exact']:>15.3f} {r['frechet_analyser']:>15.2f}"
               f"{r['latency_s'] * 1000:>8.1f}")
     for n in steps_list:
-        cells = []
+        cells, row = [], dict(runs[n][0])  # the first seed's row, plus mean and spread over seeds
         for key in KEYS:
             vals = [r[key] for r in runs[n]]
             spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.fmean(vals):.3f}±{spread:.3f}")
-            table[f"student {n}"] = dict(runs[n][0], **{f"{key}_mean": statistics.fmean(vals), f"{key}_spread": spread})
-        print(f"{'student':<14}{n:>6}{cells[0]:>17}{cells[1]:>15}{cells[2]:>15}{runs[n][0]['latency_s'] * 1000:>8.1f}")
+            row.update({f"{key}_mean": statistics.fmean(vals), f"{key}_spread": spread})
+        table[f"student {n}"] = row
+        print(f"{'student':<14}{n:>6}{cells[0]:>17} {cells[1]:>15} {cells[2]:>15}{runs[n][0]['latency_s'] * 1000:>8.1f}")
     print("\ncurve (first seed): steps -> adherence / exact / Frechet")
     for n, by in curve.items():
         print(f"  {n}-step student: " + ", ".join(f"{at}: {r['adherence']:.3f}/{r['exact']:.3f}/{r['frechet_analyser']:.2f}"
