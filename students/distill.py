@@ -190,3 +190,27 @@ def posterior_sample(x0: torch.Tensor, z_t: torch.Tensor, noise: torch.Tensor, a
     mean = _bcast(a_ts * sigma_s ** 2 / sigma_t ** 2, z_t) * z_t + _bcast(alpha_s * s2_ts / sigma_t ** 2, z_t) * x0
     std = _bcast((s2_ts * sigma_s ** 2 / sigma_t ** 2).clamp(min=0).sqrt(), z_t)
     return mean + std * noise
+
+
+# -- progressive distillation (Salimans & Ho 2022, Algorithm 2) ----------------------------------
+
+def ddim_step(x0: torch.Tensor, z_t: torch.Tensor, alpha_t, sigma_t, alpha_s, sigma_s) -> torch.Tensor:
+    """One deterministic DDIM step t -> s given the clean estimate x0 (Song et al. 2021 eq. 12 at eta = 0;
+    Salimans & Ho 2022, Algorithm 2): z_s = alpha_s x0 + (sigma_s / sigma_t)(z_t - alpha_t x0).
+    Tensors (batch, 4, h, w); alpha/sigma (batch,)."""
+    return _bcast(alpha_s, z_t) * x0 + _bcast(sigma_s / sigma_t, z_t) * (z_t - _bcast(alpha_t, z_t) * x0)
+
+
+def two_step_landing(teacher_x0, z_t, t, alpha_t, sigma_t, t_mid, alpha_mid, sigma_mid, alpha_s, sigma_s) -> torch.Tensor:
+    """Where two DDIM steps of the teacher take z_t: t -> t' -> t'' (Salimans & Ho 2022, Algorithm 2,
+    the teacher's z_t' and z_t''). ``teacher_x0(z, t, alpha, sigma)`` is the teacher's clean estimate (guided, if the
+    student is). Here (t', t'') = (t_mid, s). -> z_s (batch, 4, h, w)"""
+    z_mid = ddim_step(teacher_x0(z_t, t, alpha_t, sigma_t), z_t, alpha_t, sigma_t, alpha_mid, sigma_mid)
+    return ddim_step(teacher_x0(z_mid, t_mid, alpha_mid, sigma_mid), z_mid, alpha_mid, sigma_mid, alpha_s, sigma_s)
+
+
+def progressive_target(teacher_x0, z_t, t, alpha_t, sigma_t, t_mid, alpha_mid, sigma_mid, alpha_s, sigma_s) -> torch.Tensor:
+    """Salimans & Ho 2022, Algorithm 2: x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t),
+    the x whose ONE student DDIM step t -> t'' lands where the teacher's two steps land. (batch, 4, h, w)"""
+    z_s = two_step_landing(teacher_x0, z_t, t, alpha_t, sigma_t, t_mid, alpha_mid, sigma_mid, alpha_s, sigma_s)
+    return step_distill_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)

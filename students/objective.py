@@ -41,6 +41,7 @@ class DistillRecipe:
     adversarial: str = ""  # "" | "ladd" (SnapGen: hinge, re-noised x0) | "ufogen" (non-saturating, posterior); students/adversarial.py
     adv_weight: float = 0.0  # weight of the generator's adversarial term
     recon_weight: float = 0.0  # UFOGen's reconstruction term ||x0_pred - x0||^2 against the recorded final latent
+    two_step_teacher: bool = False  # progressive distillation: the step target is two DDIM steps of an online teacher
 
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -68,6 +69,14 @@ def snapfusion_step(student_steps: int = 8) -> DistillRecipe:
                          student_steps=student_steps, dynamic_gamma=0.2)
 
 
+def progressive(student_steps: int = 8) -> DistillRecipe:
+    """Progressive distillation (Salimans & Ho 2022, Algorithm 2): one student step t -> t'' matches two
+    DDIM steps of the teacher (the previous round's student, online) t -> t' -> t''; the step term alone.
+    Offline (no online teacher), the recorded trajectory k teacher steps later is the target."""
+    return DistillRecipe(name="progressive", task_weight=0.0, output_weight=0.0, step_weight=1.0,
+                         student_steps=student_steps, two_step_teacher=True)
+
+
 def output_kd() -> DistillRecipe:
     """Output distillation alone (plus the task loss): the smallest recipe, for tests and the demo."""
     return DistillRecipe(name="output_kd", task_weight=0.1)
@@ -87,7 +96,8 @@ def ufogen(student_steps: int = 1) -> DistillRecipe:
 
 
 RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd,
-           "snapgen_adv": snapgen_adv, "ufogen": ufogen}
+           "snapgen_adv": snapgen_adv, "ufogen": ufogen,
+           "progressive": progressive}
 
 
 def get_recipe(name: str, **overrides) -> DistillRecipe:

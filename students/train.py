@@ -43,10 +43,15 @@ class TrainingDiverged(UserError):
 class TrainConfig:
     data: str = option(help="dataset folder: a dump or a filtered dump (local path or fsspec URL)")
     output: str = option(help="run folder: checkpoints, losses.jsonl, TensorBoard logs, image grids (local or URL)")
-    preset: str = option("tiny", help="student UNet preset (students.unet.PRESETS)")
+    preset: str | None = option(None, help="student UNet preset (students.unet.PRESETS; default tiny)")
+    init_from_teacher: str | None = option(None, help="build the student as the teacher's UNet cut by this cut "
+                                           "(students.teacher_init.CUTS) and start it from the teacher's weights; "
+                                           "not with --preset")
     recipe: str = option("output_kd", help="distillation recipe", choices=sorted(RECIPES))
     student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
-    max_steps: int = option(100, help="optimizer steps")
+    progressive_from: int = option(0, help="progressive distillation: rounds halving the steps from this many to "
+                                   "--student_steps, each round's student the next one's teacher (0 = one run)")
+    max_steps: int = option(100, help="optimizer steps (per progressive round)")
     batch_size: int = option(8, help="samples per rank per micro-batch")
     grad_accum: int = option(1, help="micro-batches per optimizer step")
     lr: float = option(1e-4, help="peak AdamW learning rate")
@@ -81,8 +86,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("student_steps", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers", "image_every",
-                     "grad_clip", "weight_decay", "decoder_weight", "adv_warmup"):
+        for name in ("student_steps", "progressive_from", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers",
+                     "image_every", "grad_clip", "weight_decay", "decoder_weight", "adv_warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
         for name in ("lr", "disc_lr"):
@@ -92,13 +97,29 @@ class TrainConfig:
             raise UserError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.recipe not in RECIPES:
             raise UserError(f"--recipe: unknown distillation recipe {self.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        if self.progressive_from:
+            from students.progressive import rounds
+
+            if self.recipe != "progressive" or not self.student_steps:
+                raise UserError("--progressive_from needs --recipe progressive and --student_steps")
+            rounds(self.progressive_from, self.student_steps)
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed_precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
             raise UserError(f"--device {self.device!r} is not cpu, cuda, cuda:N or mps")
         from students.unet import PRESETS
 
-        if self.preset not in PRESETS:
+        if self.init_from_teacher is not None:
+            from students.teacher_init import CUTS
+
+            if self.init_from_teacher not in CUTS:
+                raise UserError(f"--init_from_teacher: unknown cut {self.init_from_teacher!r}; known: {', '.join(CUTS)}")
+            if self.preset is not None:
+                raise UserError(f"--init_from_teacher builds the student from the teacher's blocks; --preset {self.preset!r} "
+                                "has blocks with no teacher counterpart (separable convs, other widths): pass one, not both")
+        elif self.preset is None:
+            object.__setattr__(self, "preset", "tiny")
+        if self.preset is not None and self.preset not in PRESETS:
             raise UserError(f"--preset: unknown student preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
         if self.decoder is not None:
             from students.vae import VAE_PRESETS
@@ -218,11 +239,13 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
     return dataset, negative, urls
 
 
-def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None) -> list[float]:
+def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None,
+          teacher_unet=None, student=None) -> list[float]:
     """Run (or resume) training; returns the loss of every optimizer step run in this call (rank 0).
 
     ``recipe`` replaces ``cfg.recipe``'s preset (tests: a variant); ``stop_after`` stops after that
-    step's checkpoint as if the process had been killed there (tests of the resume).
+    step's checkpoint as if the process had been killed there (tests of the resume). ``teacher_unet``
+    replaces ``--online_teacher`` and ``student`` the built student (progressive rounds: the previous round's).
     """
     from students.unet import build_unet
 
@@ -236,12 +259,18 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
     train_schedule = torch.tensor(alphas_cumprod(dataset["scheduler_config"]), dtype=torch.float32, device=device)  # task loss only
     # 2. models: student, distillation head, EMA, optional online teacher and decoder
-    student = build_unet(cfg.preset).to(device)
+    if student is None:
+        student = build_unet(cfg.preset) if cfg.init_from_teacher is None else student_from_teacher(cfg, dataset)
+    student = student.to(device)
     layers = [name for name, _ in recipe.feature_weights]
     teacher_channels = _teacher_channels(cfg.data, urls, layers)
     heads = make_projections({k: c for k, (c, _) in student.feature_info().items()}, teacher_channels, layers).to(device)
     ema_unet = ckpt.make_ema(student) if cfg.ema_decay > 0 else None
-    teacher_unet = _online_teacher(cfg, device)
+    teacher_unet = teacher_unet.to(device) if teacher_unet is not None else _online_teacher(cfg, device)
+    if recipe.two_step_teacher and teacher_unet is not None:
+        from students.progressive import check_round
+
+        check_round(dataset["recipe"]["num_inference_steps"], recipe.student_steps)
     decoder = None
     if cfg.decoder:
         from students.vae import build_vae
@@ -285,7 +314,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
             step += 1
             losses.append(float(terms["loss"].detach()))
             if log is not None:
-                log.step(step, {k: float(v.detach()) for k, v in terms.items()}, scheduler.get_last_lr()[0], float(grad_norm),
+                log.step(step, log_terms(terms), scheduler.get_last_lr()[0], float(grad_norm),
                          samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
             if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
                 log.grid(step, student, ema_unet, dataset, urls, recipe)
@@ -308,6 +337,15 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     return losses
 
 
+def log_terms(terms: dict) -> dict[str, float]:
+    """The loss terms as ``losses.jsonl`` keys: the total as ``loss``, each term as ``loss/<term>``.
+
+    The prefix keeps a term's name (``step`` of step distillation, say) from overwriting the log's
+    own keys (``step``, ``lr``, ``grad_norm``); a name that already has a namespace (the adversary's
+    ``loss/adv_g``, ``disc/acc_real``) is kept as it is."""
+    return {(k if k == "loss" or "/" in k else f"loss/{k}"): float(v.detach()) for k, v in terms.items()}
+
+
 def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset, train_schedule,
                           generator, device, world, step, adversary=None) -> dict:
     """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms."""
@@ -317,7 +355,13 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
         data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
                               scheduler_config=dataset["scheduler_config"], with_images=decoder is not None)
         batch, targets = _to(data["batch"], device), _to(data["targets"], device)
-        if teacher_unet is not None:
+        if recipe.two_step_teacher and teacher_unet is not None:  # progressive: the teacher's two DDIM steps
+            from students.progressive import midpoint_levels, teacher_z_next
+
+            mids = midpoint_levels(records, recipe, seed=cfg.seed, epoch=batches.epoch,
+                                   scheduler_config=dataset["scheduler_config"])
+            batch["z_next"] = teacher_z_next(teacher_unet, batch, mids, dataset["prediction_type"])
+        elif teacher_unet is not None:
             targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
                                      batch.get("added"), batch.get("added_uncond"))
         sync = micro == cfg.grad_accum - 1 or world == 1
@@ -361,6 +405,24 @@ def _check_finite(terms: dict, step: int, keys: list[str], world: int, output: s
                                f"training stopped before the optimizer step, {kept}")
 
 
+def student_from_teacher(cfg: TrainConfig, dataset: dict):
+    """The teacher's UNet cut by ``cfg.init_from_teacher``, its kept blocks copied from the teacher
+    (BK-SDM sec. 3.1; ``students.teacher_init``). The teacher: ``--online_teacher``, else the dump's."""
+    from students.teacher_init import cut, family_config, init_from_teacher
+    from students.unet import EfficientUNet2DConditionModel
+    from teachers.load import TeacherError, load_teacher
+
+    spec = cfg.online_teacher or dataset["recipe"]["teacher"]
+    try:
+        teacher_unet = load_teacher(spec).unet
+        student_cfg, block_map = cut(family_config(teacher_unet), cfg.init_from_teacher)
+        student = EfficientUNet2DConditionModel.from_student_config(student_cfg)
+        init_from_teacher(student, teacher_unet, block_map)
+    except (TeacherError, ValueError) as err:
+        raise UserError(f"--init_from_teacher {cfg.init_from_teacher}: teacher {spec!r}: {err}") from None
+    return student
+
+
 def _online_teacher(cfg: TrainConfig, device):
     if not cfg.online_teacher:
         return None
@@ -402,7 +464,12 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
 def _main(argv: list[str]) -> int:
     cfg = parse_args(argv)
     try:
-        train(cfg)
+        if cfg.progressive_from:
+            from students.progressive import run_rounds
+
+            run_rounds(cfg)
+        else:
+            train(cfg)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -89,6 +89,8 @@ def load_teacher(spec: str, dtype: str = "float32", device: str = "cpu", *, loca
     if spec in BUILTIN_SPECS:
         pipe = _build_builtin(spec)
         is_xl = spec in ("tiny-xl", "sdxl-random")
+    elif os.path.isdir(spec) and teacher_lineage(spec) is not None:
+        pipe, is_xl = load_exported_student(spec, tdtype)
     elif os.path.isdir(spec):
         pipe, is_xl = _load_folder(spec, tdtype)
     elif _looks_like_hub_id(spec):
@@ -180,6 +182,40 @@ def _load_folder(path: str, tdtype):
     cls, is_xl = _pipeline_class(class_name)
     kwargs = {} if is_xl else dict(safety_checker=None, requires_safety_checker=False)
     return cls.from_pretrained(path, torch_dtype=tdtype, **kwargs), is_xl
+
+
+STUDENT_INFERENCE_FILE = "inference.json"  # written by ``distill export`` next to model_index.json
+
+
+def teacher_lineage(spec: str) -> dict | None:
+    """For a folder written by ``distill export``: ``{"folder", "inference"}`` (its path and its
+    ``inference.json``: step count, timesteps, its own teacher, recipe, checkpoint), for a dump to
+    record which distilled student it came from. None for any other spec."""
+    path = os.path.join(spec, STUDENT_INFERENCE_FILE)
+    if not (os.path.isdir(spec) and os.path.isfile(path) and os.path.isfile(os.path.join(spec, "model_index.json"))):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            inference = json.load(f)
+    except ValueError as err:
+        raise TeacherError(f"exported student {spec!r}: {STUDENT_INFERENCE_FILE} does not parse ({err})") from None
+    return {"folder": os.path.abspath(spec), "inference": inference}
+
+
+def load_exported_student(path: str, tdtype):
+    """An exported student folder as a teacher pipeline (SnapFusion's chain: a distilled student
+    teaches the next stage). Its UNet class is the folder's own ``unet/student_unet.py``, which
+    diffusers runs only with ``trust_remote_code``: this loads it for folders that ``distill export``
+    wrote (``inference.json`` beside ``model_index.json``), which the user names as the teacher."""
+    from diffusers import DiffusionPipeline
+
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+        _, is_xl = _pipeline_class(json.load(f).get("_class_name", ""))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=tdtype, trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        raise TeacherError(f"exported student {path!r} does not load as a pipeline ({type(err).__name__}: {err})") from None
+    return pipe, is_xl
 
 
 def _looks_like_hub_id(spec: str) -> bool:

@@ -1,0 +1,267 @@
+"""SnapFusion-style ablation of step distillation on the ``shapes`` teacher: which start, which loss,
+which schedule of teachers gives the best few-step student.
+
+    python benchmarks/ablation.py --output out/ablation [--budget 900] [--seeds 3] [--eval_images 180]
+    python benchmarks/ablation.py --output out/ablation_quick --quick       # minutes, not hours
+
+One dump of the teacher (``--teacher_steps`` DDIM steps, trailing, every step recorded; 32 so that
+progressive rounds halve exactly down to 1), then, for each training seed, these student rows
+(the ``shapes`` preset unless said otherwise), at 8, 4 and 1 sampling steps:
+
+- ``direct (mixed loss)``: ``snapfusion_step`` as shipped: step distillation + the CFG-aware output
+  term with p = 0.1 (SnapFusion's mixed loss) + the task loss at dynamic gamma;
+- ``direct (vanilla loss)``: the same with p = 0 (output KD on the conditional branch only);
+- ``direct (CFG-aware loss)``: the same with p = 1;
+- ``teacher-initialised``: the teacher's own UNet cut ``mid_only`` (``--init_from_teacher``) starting
+  from its weights, the mixed loss;
+- ``progressive``: Salimans & Ho rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 (``--recipe progressive``),
+  ``--budget`` steps per round (its budget column counts every round up to that row);
+- ``two-stage chain`` (8 steps only): the teacher-architecture student step-distilled to 16 steps
+  (``--init_from_teacher none``), exported, dumped as the next teacher at its 16 steps, and the
+  efficient 8-step student distilled from that dump (SnapFusion's 50 -> 16 -> 8 chain, here 32 -> 16 -> 8).
+
+Every row is evaluated on the same held-out captions with the same image seeds (``students.evaluate``,
+the analyser's adherence, exact and Frechet distance); the teacher rows at 32/8/4/1 steps once.
+Rows report the mean and the spread (sample standard deviation) over training seeds. The direct
+8-step row is also evaluated at every checkpoint: the curve of adherence against training steps
+shows whether a gap is under-training (still rising) or a ceiling (flat).
+
+Writes ``ablation.json``, ``ablation.md`` (the table) and ``report.html`` (table + curve) in ``--output``.
+Re-running resumes: finished trainings and evaluations are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+STEPS = (8, 4, 1)
+LOSSES = {"vanilla": 0.0, "CFG-aware": 1.0, "mixed": 0.1}  # SnapFusion fig. (c): p of the CFG-aware term
+
+
+def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_prob=None, init=None, progressive_from=0,
+           budget=None):
+    """One training run (skipped when its last checkpoint exists) -> its run folder."""
+    from students.checkpoint import checkpoints
+    from students.objective import get_recipe
+    from students.progressive import run_rounds
+    from students.train import TrainConfig, train
+
+    budget = budget or args.budget
+    cfg = TrainConfig(data=data, output=out, preset=None if init else "shapes", init_from_teacher=init, recipe=recipe,
+                      student_steps=steps, progressive_from=progressive_from, max_steps=budget,
+                      batch_size=args.batch_size, lr=args.lr, warmup_steps=max(5, budget // 20), ema_decay=0.99,
+                      checkpoint_every=max(1, budget // args.curve_points), keep_checkpoints=args.curve_points + 1,
+                      log_every=50, shuffle_buffer=256, seed=seed)
+    if progressive_from:
+        run_rounds(cfg)
+        return out
+    if checkpoints(out) and checkpoints(out)[-1].endswith(f"{budget:07d}"):
+        return out
+    recipe_obj = get_recipe(recipe, student_steps=steps)
+    if guidance_prob is not None:
+        recipe_obj = dataclasses.replace(recipe_obj, guidance_prob=guidance_prob)
+    train(cfg, recipe=recipe_obj)
+    return out
+
+
+def _evaluate(args, student, out, steps, analyser, captions, teacher_steps=()):
+    from students.evaluate import EvalConfig, evaluate
+    from teachers.shapes.analyser import Adherence, AnalyserFrechet
+
+    path = os.path.join(out, "metrics.json")
+    if os.path.isfile(path):
+        return json.load(open(path, encoding="utf-8"))["results"]
+    cfg = EvalConfig(output=out, captions=captions, student=student, teacher="shapes", num_images=args.eval_images,
+                     teacher_steps=teacher_steps, student_steps=(steps,) if student else (), metrics=(),
+                     batch_size=60, grid_images=0, latency_repeats=0)
+    return evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)), progress=False)["results"]
+
+
+def _row(res: dict, model: str = "student") -> dict:
+    row = next(iter(res[model].values()))
+    return {k: float(row[k]) for k in ("adherence", "exact", "frechet_analyser")}
+
+
+def _dump(args, out, teacher, steps, prompts):
+    from pipelines import dump as job
+    from diffusion_distill.workflow import shapes_guidance
+
+    if not os.path.isfile(os.path.join(out, "dataset.json")):
+        job.run(["--runner=DirectRunner", "--prompts", prompts, "--output", out, "--teacher", teacher,
+                 "--num_inference_steps", str(steps), "--scheduler", "ddim", "--record_steps", "all",
+                 "--feature_layers", "", "--guidance_scale", str(shapes_guidance()), "--seeds_per_prompt",
+                 str(args.seeds_per_prompt), "--samples_per_shard", "256", "--batch_size", "64", "--cpu_threads", "0"])
+    return out
+
+
+def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> None:
+    """Every student row for one training seed; results[row][steps] -> list of metric dicts (+ budget)."""
+    from students.export import export
+
+    out = os.path.join(args.output, f"seed-{seed}")
+
+    def record(row, steps, student, budget):
+        metrics = _row(_evaluate(args, student, os.path.join(out, "eval", f"{row}-{steps}".replace(" ", "_"), ), steps,
+                                 analyser, captions))
+        results.setdefault(row, {}).setdefault(str(steps), []).append(dict(metrics, budget=budget, seed=seed))
+        _save(args, results)
+
+    for steps in args.steps:
+        for loss, p in LOSSES.items():
+            run = _train(args, data, os.path.join(out, f"direct-{loss}-{steps}"), steps=steps, seed=seed, guidance_prob=p)
+            record(f"direct ({loss} loss)", steps, run, args.budget)
+        run = _train(args, data, os.path.join(out, f"init-{steps}"), steps=steps, seed=seed, init="mid_only")
+        record("teacher-initialised", steps, run, args.budget)
+    prog = _train(args, data, os.path.join(out, "progressive"), steps=min(args.steps), seed=seed, recipe="progressive",
+                  progressive_from=args.teacher_steps)
+    from students.progressive import rounds
+
+    done = rounds(args.teacher_steps, min(args.steps))
+    for steps in args.steps:
+        record("progressive", steps, os.path.join(prog, f"round-{steps:02d}"), args.budget * (done.index(steps) + 1))
+    if 8 in args.steps and args.teacher_steps % 16 == 0:  # the two-stage chain: teacher arch at 16 -> export -> 8
+        stage1 = _train(args, data, os.path.join(out, "chain-16"), steps=16, seed=seed, init="none")
+        folder = os.path.join(out, "chain-16-export")
+        if not os.path.isdir(folder):
+            export(stage1, folder)
+        prompts = os.path.join(args.output, "chain_prompts.txt")
+        lines = open(os.path.join(args.output, "prompts.txt"), encoding="utf-8").read().splitlines()
+        with open(prompts, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines[: args.chain_prompts or None]) + "\n")
+        data2 = _dump(args, os.path.join(out, "chain-dump"), folder, 16, prompts)
+        run = _train(args, data2, os.path.join(out, "chain-8"), steps=8, seed=seed)
+        record("two-stage chain", 8, run, 2 * args.budget)
+    if seed == args.first_seed:  # the curve: the direct 8-step (mixed) run at each checkpoint
+        from students.checkpoint import checkpoints
+
+        steps = max(args.steps)
+        for ckpt in checkpoints(os.path.join(out, f"direct-mixed-{steps}")):
+            at = int(ckpt.rsplit("-", 1)[1])
+            res = _row(_evaluate(args, ckpt, os.path.join(out, "eval", f"curve-{at}"), steps, analyser, captions))
+            results.setdefault("_curve", {})[str(at)] = res
+        _save(args, results)
+
+
+def _save(args, results):
+    with open(os.path.join(args.output, "ablation.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(args=vars(args), results=results), f, indent=1)
+
+
+def _stat(values):
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def table(results: dict, teacher: dict) -> str:
+    """The markdown table: mean +- spread over seeds per (row, steps)."""
+    lines = ["| row | steps | train steps | seeds | adherence | exact | Frechet |", "|---|---|---|---|---|---|---|"]
+    for name, by_steps in teacher.items():
+        lines.append(f"| teacher | {name} | - | - | {by_steps['adherence']:.3f} | {by_steps['exact']:.3f} | "
+                     f"{by_steps['frechet_analyser']:.2f} |")
+    for row, by_steps in results.items():
+        if row.startswith("_"):
+            continue
+        for steps, runs in sorted(by_steps.items(), key=lambda kv: -int(kv[0])):
+            cells = []
+            for key, fmt in (("adherence", ".3f"), ("exact", ".3f"), ("frechet_analyser", ".2f")):
+                m, s = _stat([r[key] for r in runs])
+                cells.append(f"{m:{fmt}} ± {s:{fmt}}")
+            lines.append(f"| {row} | {steps} | {runs[0]['budget']} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str, md: str, curve: dict) -> str:
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = ""
+    if curve:
+        xs = sorted(int(k) for k in curve)
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot(xs, [curve[str(x)]["adherence"] for x in xs], marker="o")
+        ax.set_xlabel("training step"), ax.set_ylabel("adherence"), ax.set_title("direct student: adherence vs training")
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    rows = [line.strip("|").split("|") for line in md.strip().splitlines() if not line.startswith("|---")]
+    html = "".join("<tr>" + "".join(f"<td>{c.strip()}</td>" for c in r) + "</tr>" for r in rows)
+    path = os.path.join(out, "report.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"<html><body><h1>Step-distillation ablation (shapes)</h1><table border=1>{html}</table>{img}</body></html>")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", required=True)
+    p.add_argument("--budget", type=int, default=900, help="optimizer steps per training run (per progressive round)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per row (mean and spread reported)")
+    p.add_argument("--eval_images", type=int, default=180, help="held-out captions (= images per row)")
+    p.add_argument("--seeds_per_prompt", type=int, default=4, help="teacher dump: samples per caption")
+    p.add_argument("--teacher_steps", type=int, default=32, help="teacher DDIM steps in the dump")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--curve_points", type=int, default=4, help="checkpoints evaluated for the curve")
+    p.add_argument("--steps", default="8,4,1", help="student step counts")
+    p.add_argument("--first_seed", type=int, default=0)
+    p.add_argument("--train_prompts", type=int, default=0, help="about this many scene captions, evenly spaced, for the dump (0 = all 450)")
+    p.add_argument("--chain_prompts", type=int, default=0, help="captions the 16-step stage dumps (0 = all)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run meant to finish in about 30 min on 2 cores: budget 80, 3 seeds, 48 images, "
+                        "batch 16, 1 sample per caption, 150 training captions, 60 in the chain's second dump")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.budget, args.seeds, args.eval_images, args.seeds_per_prompt, args.batch_size = 80, 3, 48, 1, 16
+        args.curve_points, args.chain_prompts, args.train_prompts = 4, 60, 150
+    args.steps = tuple(int(s) for s in args.steps.split(","))
+
+    from diffusion_distill import workflow
+    from teachers.shapes import world
+    from teachers.shapes.analyser import load_analyser
+
+    os.makedirs(args.output, exist_ok=True)
+    t0 = time.monotonic()
+    prompts = os.path.join(args.output, "prompts.txt")
+    with open(prompts, "w", encoding="utf-8") as f:
+        scenes = list(world.all_scenes())
+        f.write("\n".join(world.caption(s) for s in scenes[:: max(1, len(scenes) // args.train_prompts)
+                                                            if args.train_prompts else 1]) + "\n")
+    if not os.path.isfile(os.path.join(args.output, "curate", "manifest.parquet")):
+        workflow.curate(prompts, os.path.join(args.output, "curate"))
+    data = _dump(args, os.path.join(args.output, "dump"), workflow.TEACHER, args.teacher_steps,
+                 os.path.join(args.output, "curate", "manifest.parquet"))
+    captions = os.path.join(args.output, "eval_captions.txt")
+    world.write_captions(captions, args.eval_images, seed=12_345)  # held out: the same for every row
+    analyser = load_analyser()
+    res = _evaluate(args, None, os.path.join(args.output, "eval-teacher"), 0, analyser, captions,
+                    teacher_steps=(args.teacher_steps, *args.steps))
+    teacher = {str(s): {k: float(v[k]) for k in ("adherence", "exact", "frechet_analyser")} for s, v in res["teacher"].items()}
+    results: dict = {"_teacher": teacher}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        run_seed(args, seed, data, analyser, captions, results)
+    md = table({k: v for k, v in results.items() if k != "_teacher"}, teacher)
+    with open(os.path.join(args.output, "ablation.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    write_report(args.output, md, results.get("_curve", {}))
+    print(md)
+    print(f"{(time.monotonic() - t0) / 60:.1f} min; {os.path.join(args.output, 'ablation.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Every recipe's losses log reads back (an integer step on every line), and a student cut from its
+teacher starts from the teacher's weights (``distill train --init_from_teacher``)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from diffusion_distill.errors import UserError
+from students.objective import RECIPES
+from students.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dump(tmp_path_factory):
+    from pipelines import teacher_dump
+
+    tmp = tmp_path_factory.mktemp("dump")
+    (tmp / "p.txt").write_text("".join(f"a {c} {s} on a white background\n" for c in ("red", "blue") for s in
+                                       ("circle", "square")))
+    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
+                      "--num_inference_steps", "4", "--samples_per_shard", "4", "--batch_size", "4",
+                      "--feature_layers", "mid_block,up_blocks.0", "--num_feature_steps", "2", "--progress", "off",
+                      "--cpu_threads", "1"])
+    return str(tmp / "out")
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=data, output=str(out), batch_size=2, max_steps=2, warmup_steps=2, checkpoint_every=1,
+                shuffle_buffer=4, lr=1e-3, ema_decay=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("recipe_name", sorted(RECIPES))
+def test_losses_log_has_an_integer_step_on_every_line_for_every_recipe(recipe_name, tiny_dump, tmp_path):
+    import dataclasses
+
+    from students.objective import get_recipe
+
+    recipe = get_recipe(recipe_name)
+    if recipe_name == "bk_sdm":  # the tiny teacher has two stages: distil the blocks the dump recorded
+        recipe = dataclasses.replace(recipe, feature_weights=(("mid_block", 1.0), ("up_blocks.0", 1.0)))
+    losses = train(_cfg(tiny_dump, tmp_path, recipe=recipe_name, preset="tiny"), recipe=recipe)
+    rows = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(type(r["step"]) is int for r in rows)
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-6)
+    for r in rows:  # every term under loss/..., none shadowing the log's own keys; they add up to the total
+        terms = {k: v for k, v in r.items() if k.startswith("loss/")}
+        assert set(r) == {"step", "loss", "lr", "grad_norm", *terms} and terms
+        assert sum(terms.values()) == pytest.approx(r["loss"], rel=1e-5)
+    if recipe.step_weight > 0:
+        assert all("loss/step" in r for r in rows)
+
+
+def test_a_preset_student_cannot_start_from_the_teacher(tiny_dump, tmp_path):
+    with pytest.raises(UserError, match="no teacher counterpart"):
+        _cfg(tiny_dump, tmp_path, preset="tiny", init_from_teacher="mid_only")
+    with pytest.raises(UserError, match="unknown cut"):
+        _cfg(tiny_dump, tmp_path, init_from_teacher="bk_huge")
+
+
+def test_init_from_teacher_starts_from_the_teachers_weights_and_exports(tiny_dump, tmp_path, tiny_teacher):
+    from students import export
+    from students.checkpoint import checkpoints
+    from students.teacher_init import cut, family_config, init_from_teacher
+    from students.unet import EfficientUNet2DConditionModel
+
+    cfg = _cfg(tiny_dump, tmp_path / "run", recipe="output_kd", init_from_teacher="mid_only")
+    train(cfg)
+    first = EfficientUNet2DConditionModel.from_pretrained(os.path.join(checkpoints(cfg.output)[0], "student"))
+    rand = EfficientUNet2DConditionModel.from_config(first.config)
+    copy = EfficientUNet2DConditionModel.from_config(first.config)
+    report = init_from_teacher(copy, tiny_teacher.unet, cut(family_config(tiny_teacher.unet), "mid_only")[1])
+    assert not report["fresh"] and "mid_block.resnets.0.conv1.weight" in report["copied"]
+    student, teacher, fresh = dict(first.named_parameters()), dict(copy.named_parameters()), dict(rand.named_parameters())
+    # One AdamW step moves a weight by at most lr_1 (|m/sqrt(v)| <= 1 at step 1) plus decay lr_1 wd |w|,
+    # with lr_1 = lr / warmup_steps the first step's learning rate.
+    lr_1 = cfg.lr / cfg.warmup_steps
+    for name in report["copied"]:
+        bound = lr_1 * (1 + cfg.weight_decay * teacher[name].abs()) * (1 + 1e-3)
+        assert ((student[name] - teacher[name]).abs() <= bound).all(), name
+    # a fresh initialisation is far from the teacher's weights: the check above could fail
+    assert (fresh["conv_in.weight"] - teacher["conv_in.weight"]).abs().max() > 10 * lr_1
+    assert len(first.mid_block.resnets) == 1  # the mid_only cut
+    folder = export.export(cfg.output, str(tmp_path / "export"), weights="raw")
+    assert export.read_inference(folder)["step"] == 2
