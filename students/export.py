@@ -292,10 +292,6 @@ def assemble_pipeline(run: RunInfo, weights: str = "ema", device: str = "cpu", d
     extra = ({"force_zeros_for_empty_prompt": teacher.pipe.config.force_zeros_for_empty_prompt} if teacher.is_xl
              else {"requires_safety_checker": False})
     pipe = type(teacher.pipe)(**components, **extra)
-    # StableDiffusionPipeline.__init__ rewrites a DDIM steps_offset other than 1 to 1 (a diffusers
-    # deprecation shim), which moves a leading-spacing student's timesteps off those it was trained
-    # on: register the scheduler built for the student again, unchanged.
-    pipe.register_modules(scheduler=scheduler)
     pipe.to(device)
     if dtype != "float32":  # built in float32; cast only when asked
         pipe.to(dtype=torch_dtype(dtype))
