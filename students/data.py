@@ -119,7 +119,7 @@ def read_dataset_info(data_dir: str) -> dict:
 
 def dataset_shards(data_dir: str) -> list[str]:
     """Paths/URLs of a dataset's complete shards: those listed in ``dataset.json``, else those with an index."""
-    if exists(join(data_dir, "dataset.json")):
+    if exists(join(data_dir, schema.DATASET_JSON)):
         names = [s["shard"] for s in read_dataset_info(data_dir).get("shards", [])]
     elif not exists(data_dir):
         raise UserError(f"--data {data_dir!r} does not exist")

@@ -43,7 +43,8 @@ from pipelines import common
 from pipelines.dump import plan as dump_plan
 from pipelines.dump.plan import DumpRecipe
 from pipelines.scoring import image_scoring
-from teachers.fs import atomic_write_json, join, url_to_fs
+from teachers.fs import remove_temporaries, url_to_fs
+from teachers.schema import write_dataset_info
 
 NAMESPACE = "teacher_dump"
 PROG = "distill dump"
@@ -297,8 +298,7 @@ def write_dataset(indexes: list[dict], output: str, recipe: DumpRecipe, planned:
         "scheduler_class": first.get("scheduler_class"), "scheduler_config": first.get("scheduler_config"),
         "prediction_type": first.get("prediction_type"),
     }
-    atomic_write_json(join(output, "dataset.json"), dataset)
-    return dataset
+    return write_dataset_info(output, dataset).to_dict()  # validated by teachers.schema.DatasetInfo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +324,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
+    remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
     common.check_or_write_recipe(cfg.output, recipe)
     planned_rows, input_rejects = dump_plan.plan(found.rows, recipe)
     num_shards = dump_plan.write_plan(cfg.output, planned_rows)
