@@ -29,7 +29,6 @@ DoFn instances (threads) in it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
@@ -100,22 +99,17 @@ def _require(ok: bool, message: str) -> None:
 def check_teacher(spec: str) -> dict | None:
     """The teacher's geometry (``teachers.load.teacher_geometry``), resolved before anything is written.
 
-    A hub id is accepted when it is in the local hub cache, or when the hub may be reached
-    (``HF_HUB_OFFLINE`` unset); offline and uncached, it is refused here rather than on a worker.
+    ``teachers.load.resolve_teacher`` finds the teacher without loading weights: a hub id must be in
+    the local hub cache or on a reachable hub (offline and uncached, it is refused here, not on a
+    worker, and the output folder stays untouched). ``TeacherError`` (one line) otherwise.
     """
-    from teachers.load import teacher_geometry
+    from teachers.load import resolve_teacher, teacher_geometry
 
-    geometry = teacher_geometry(spec)  # TeacherError (a ValueError) for an unknown spec
-    if geometry is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import snapshot_download
-
-        try:
-            snapshot_download(spec, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any failure of the cache lookup means "not available offline"
-            raise UserError(f"--teacher {spec!r} is not in the local hub cache and HF_HUB_OFFLINE is set: download "
-                            f"it where a network exists (huggingface-cli download {spec} --local-dir DIR) and pass "
-                            "that folder as --teacher") from None
-    return geometry
+    resolved = resolve_teacher(spec)
+    try:
+        return teacher_geometry(resolved)
+    except ValueError:  # a hub snapshot without unet/vae configs: shapes unknown until a worker loads it
+        return None
 
 
 def _feature_layers(cfg: DumpConfig, geometry: dict | None) -> tuple[str, ...]:
