@@ -168,10 +168,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         synthesise_dump(dump, args.samples, args.samples_per_shard)
         print(f"synthesised {dump} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    import json
+    from teachers.schema import read_dataset_info
 
-    dataset = json.load(open(os.path.join(dump, "dataset.json")))
-    num_shards, total = len(dataset["shards"]), sum(s["bytes"] for s in dataset["shards"])
+    dataset = read_dataset_info(dump)  # validated: the synthesised dump is a real schema-2 dataset
+    num_shards, total = len(dataset.shards), sum(s["bytes"] for s in dataset.shards)
     members = extract(dump, os.path.join(args.work, "extracted"), num_shards)
     for shard in range(num_shards):  # page cache warm for both sides
         with open(os.path.join(dump, f"{shard:06d}.tar"), "rb") as f:

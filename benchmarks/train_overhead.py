@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                       "--resolution", str(args.resolution), "--num_inference_steps", "4", "--samples_per_shard", "32",
                       "--batch_size", "16", "--progress", "off"])
     recipe = get_recipe(args.recipe)
-    forwards = 1 + (recipe.task_weight > 0) + (recipe.cfg_prob > 0 or recipe.step_weight > 0)
+    forwards = 1 + (recipe.task_weight > 0) + (recipe.guidance_prob > 0 or recipe.step_weight > 0)
     latent = args.resolution // 8
 
     bare_1 = bare_loop(args.preset, args.batch_size, latent, args.steps, forwards)

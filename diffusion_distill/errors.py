@@ -12,6 +12,7 @@ A traceback for a user error is printed only with ``--debug`` in argv or ``DISTI
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -23,12 +24,33 @@ class UserError(ValueError):
     """A problem the user can fix; its message is the whole story, on one line."""
 
 
+# Warnings a dependency logs on import that say nothing to the user of a command: Beam warns on
+# the root logger that the optional Google API client is absent (GCP IO is not used here).
+QUIET_WARNINGS = ("apitools not found",)
+
+
+class QuietKnownWarnings(logging.Filter):
+    """Root-logger filter dropping the records that start with one of ``QUIET_WARNINGS``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(QUIET_WARNINGS)
+
+
+def quiet_known_warnings() -> None:
+    """Install ``QuietKnownWarnings`` on the root logger once: where a command starts, before it
+    imports Beam, so a user error is really one line on stderr."""
+    root = logging.getLogger()
+    if not any(isinstance(f, QuietKnownWarnings) for f in root.filters):
+        root.addFilter(QuietKnownWarnings())
+
+
 def debug_requested(argv: list[str] | None) -> bool:
     return os.environ.get("DISTILL_DEBUG", "") not in ("", "0") or "--debug" in (argv or [])
 
 
 def run_main(prog: str, fn, argv: list[str] | None = None) -> int:
     """Call ``fn(argv)`` (``--debug`` removed); a ``UserError`` becomes ``prog: error: msg`` and exit 2."""
+    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]

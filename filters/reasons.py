@@ -38,6 +38,10 @@ NON_FINITE = "non_finite"  # the teacher produced NaN/Inf (teachers.record)
 NON_FINITE_SCORE = "non_finite_score"  # a CLIP image embedding or score is NaN/Inf
 SCHEMA_VERSION = "schema_version"  # a sample json of an unsupported schema (teachers.record)
 CORRUPT_MEMBER = "corrupt_member"  # a sample's tar members cannot be read (teachers.record, filter copy)
+CHECKSUM_MISMATCH = "checksum_mismatch"  # a member's bytes differ from the index's CRC-32 (teachers.record)
+MISSING_MEMBER = "missing_member"  # a member the index or the json lists is absent (teachers.record)
+NON_FINITE_IMAGE = "non_finite_image"  # the decoded image holds NaN/Inf (teachers.record, dump)
+UNREADABLE_SHARD = "unreadable_shard"  # a shard the trainer's loader cannot open (students.data)
 NO_SCORES = "no_scores"  # a shard of a scored dump whose index has no scores (filter)
 CORRUPT_EMBEDDINGS = "corrupt_embeddings"  # embedding sidecar missing, or its sha256/shape wrong (filter)
 
@@ -60,7 +64,8 @@ SEMANTIC_DUPLICATE = "semantic_duplicate"
 
 REJECT_REASONS = (NULL_CAPTION, NON_UTF8_CAPTION, CAPTION_NOT_TEXT, EMPTY_CAPTION, BAD_JSON, BAD_KEY, DUPLICATE_KEY,
                   BAD_SEED, CORRUPT_TAR, DOWNLOAD_FAILED, BROKEN_IMAGE, IMAGE_NOT_FOUND, NON_FINITE,
-                  NON_FINITE_SCORE, SCHEMA_VERSION, CORRUPT_MEMBER, NO_SCORES, CORRUPT_EMBEDDINGS)
+                  NON_FINITE_SCORE, SCHEMA_VERSION, CORRUPT_MEMBER, CHECKSUM_MISMATCH, MISSING_MEMBER,
+                  NON_FINITE_IMAGE, UNREADABLE_SHARD, NO_SCORES, CORRUPT_EMBEDDINGS)
 FILTER_REASONS = (TOO_FEW_WORDS, TOO_MANY_WORDS, TOO_FEW_TOKENS, TOO_MANY_TOKENS, UNSAFE, WATERMARK, NSFW_TAG,
                   IMAGE_TOO_SMALL, ASPECT_RATIO, LOW_AESTHETIC, LOW_CLIP_SCORE)
 DUPLICATE_REASONS = (EXACT_DUPLICATE, SEMANTIC_DUPLICATE)

@@ -23,6 +23,7 @@ import os
 
 from diffusion_distill.errors import UserError
 from teachers.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
+from teachers.schema import DATASET_JSON
 
 PLAN = "_plan/plan.parquet"  # the launcher's plan inside the output folder
 RECIPE = "recipe.json"  # the recipe (and its hash) an output folder was started with
@@ -122,7 +123,7 @@ def _has_results(output: str) -> bool:
     from teachers.shards import list_indexes
 
     fs, root = url_to_fs(output)
-    return fs.exists(join(root, "dataset.json")) or bool(list_indexes(output))
+    return fs.exists(join(root, DATASET_JSON)) or bool(list_indexes(output))
 
 
 def check_or_write_recipe(output: str, recipe) -> None:
@@ -218,7 +219,7 @@ def work_unit(output: str, shard: int, progress: bool):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_pipeline(pipeline, output: str, summary: str = "dataset.json"):
+def run_pipeline(pipeline, output: str, summary: str = DATASET_JSON):
     """Run the built graph to completion; returns ``(the summary file's content, the Beam result)``."""
     result = pipeline.run()
     result.wait_until_finish()

@@ -28,13 +28,13 @@ import time
 
 from diffusion_distill.errors import UserError
 from teachers import record
+from teachers import schema
 from teachers.schema import ShardIndex
 from teachers.fs import exists, join, read_bytes, url_to_fs
 from teachers.shards import list_indexes, shard_name
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SCHEMA_VERSIONS = record.SUPPORTED_SCHEMA_VERSIONS  # dataset.json / sample json versions this reader understands
 # Schedulers whose recorded latents are the variance-preserving z_t = alpha_t x0 + sigma_t eps in schema 1.
 # Schema 1 Euler dumps store the unscaled x0 + sigma eps with int-truncated timesteps: refused (issue 19).
 VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler")
@@ -44,7 +44,7 @@ MAX_LISTED_SKIPS = 1000  # skips kept with their key and reason (all are counted
 @dataclasses.dataclass(frozen=True)
 class Skip:
     key: str | None  # sample key (None: a tar-level error before a key was known)
-    reason: str  # short code: corrupt_tar, unreadable_shard, missing_member, checksum, non_finite, ...
+    reason: str  # a code of filters.reasons: corrupt_tar, unreadable_shard, missing_member, checksum_mismatch, ...
     detail: str
 
 
@@ -101,37 +101,25 @@ class Loaded:
 
 
 def read_dataset_info(data_dir: str) -> dict:
-    """``dataset.json`` of a dump as a dict, its schema version checked; ``UserError`` naming the file otherwise.
-
-    The one reader of ``dataset.json`` in students (at merge: ``teachers.record.read_dataset_info``).
-    """
-    path = join(data_dir, "dataset.json")
-    if not exists(path):
-        if not exists(data_dir):
-            raise UserError(f"--data {data_dir!r} does not exist")
-        raise UserError(f"{data_dir!r} has no dataset.json: not a finished dump")
-    try:
-        info = json.loads(read_bytes(path))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(info, dict):
-        raise UserError(f"{path}: expected a JSON object, found {type(info).__name__}")
-    version = info.get("schema_version")
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        raise UserError(f"{path}: schema_version {version!r} is not supported by this trainer "
-                        f"(supported: {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
-    for field in ("scheduler_class", "scheduler_config", "prediction_type", "recipe"):
-        if field not in info:
+    """``dataset.json`` of a dump as a dict, validated by ``teachers.schema.DatasetInfo`` (schema version,
+    field types) plus what the trainer needs; ``UserError`` naming the file otherwise."""
+    if not exists(data_dir):
+        raise UserError(f"--data {data_dir!r} does not exist")
+    path = join(data_dir, schema.DATASET_JSON)
+    info = schema.read_dataset_info(data_dir)
+    for field in ("scheduler_class", "scheduler_config", "prediction_type"):
+        if getattr(info, field) is None:
             raise UserError(f"{path}: missing field {field!r}")
-    if version == 1 and info["scheduler_class"] not in VP_SCHEDULERS:
-        raise UserError(f"{path}: a schema {version} dump made with {info['scheduler_class']} stores latents this "
-                        f"trainer cannot read as z_t = alpha_t x0 + sigma_t eps (supported: {', '.join(VP_SCHEDULERS)})")
-    return info
+    if info.schema_version == 1 and info.scheduler_class not in VP_SCHEDULERS:
+        raise UserError(f"{path}: a schema {info.schema_version} dump made with {info.scheduler_class} stores "
+                        "latents this trainer cannot read as z_t = alpha_t x0 + sigma_t eps (supported: "
+                        f"{', '.join(VP_SCHEDULERS)}); re-dump it with this version (schema 2)")
+    return info.to_dict()
 
 
 def dataset_shards(data_dir: str) -> list[str]:
     """Paths/URLs of a dataset's complete shards: those listed in ``dataset.json``, else those with an index."""
-    if exists(join(data_dir, "dataset.json")):
+    if exists(join(data_dir, schema.DATASET_JSON)):
         names = [s["shard"] for s in read_dataset_info(data_dir).get("shards", [])]
     elif not exists(data_dir):
         raise UserError(f"--data {data_dir!r} does not exist")
@@ -164,18 +152,17 @@ def read_dataset(data_dir: str):
 # ------------------------------------------------------------------------------------------
 
 
-def check_sample(sample: dict, index: dict | None = None):
+def check_sample(sample: dict, index: ShardIndex | dict | None = None):
     """Raw WebDataset sample (member extension -> bytes) -> a checked ``Record``; ``record.BadRecord`` if not.
 
-    Checks, in order: the per-member checksums of the shard index (``index["checksums"][key][ext]``,
-    when the index has them), the decode, every member the json's ``array_shapes`` names present with
-    that shape, and every array finite. The one per-sample check of the trainer's loader (at merge:
-    ``teachers.record.check_sample``).
+    Checks, in order: the sample's members against the shard index's per-member checksums
+    (``teachers.record.verify_members``: ``missing_member``, ``checksum_mismatch``; skipped for an index
+    written before checksums), then ``teachers.record.decode_sample`` (every member the json's
+    ``array_shapes`` lists present with that shape, every array finite: ``missing_member``,
+    ``corrupt_member``, ``non_finite``), then the members the trainer needs present.
     """
-    import numpy as np
-
     key = sample.get("__key__")
-    if index is not None:  # per-member checksums of the shard index (None for an index written before them)
+    if index is not None:
         if isinstance(index, dict):
             index = ShardIndex.from_dict(index)
         record.verify_members(index.member_checksums(key), sample)
@@ -183,16 +170,7 @@ def check_sample(sample: dict, index: dict | None = None):
     shapes = rec.meta.get("array_shapes") or {}
     for name in ("latents", "pred_cond", "pred_uncond", "prompt_embeds"):
         if name not in rec.arrays and (name in shapes or not shapes):
-            raise record.BadRecord("missing_member", f"sample {key!r} has no {name} member (truncated shard?)")
-    arrays = {**rec.arrays, **{f"feats.{k}": v for k, v in rec.feats.items()}}
-    for name, shape in shapes.items():
-        if name not in arrays:
-            raise record.BadRecord("missing_member", f"sample {key!r} has no {name} member (truncated shard?)")
-        if list(arrays[name].shape) != list(shape):
-            raise record.BadRecord("bad_shape", f"sample {key!r} {name} has shape {list(arrays[name].shape)}, json says {shape}")
-    for name, array in arrays.items():
-        if not np.isfinite(array).all():
-            raise record.BadRecord("non_finite", f"sample {key!r} {name} contains NaN or Inf")
+            raise record.BadRecord(record.MISSING_MEMBER, f"sample {key!r} has no {name} member (truncated shard?)")
     return rec
 
 

@@ -174,12 +174,7 @@ def _pipeline_class(class_name: str):
 
 
 def _load_folder(path: str, tdtype):
-    index = os.path.join(path, "model_index.json")
-    if not os.path.isfile(index):
-        raise TeacherError(f"teacher folder {path!r} has no model_index.json: not a diffusers pipeline folder")
-    with open(index, encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name", "")
-    cls, is_xl = _pipeline_class(class_name)
+    cls, is_xl = _folder_class(path)
     kwargs = {} if is_xl else dict(safety_checker=None, requires_safety_checker=False)
     return cls.from_pretrained(path, torch_dtype=tdtype, **kwargs), is_xl
 
@@ -245,23 +240,65 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
-def _load_hub(repo_id: str, tdtype, local_files_only: bool | None):
+def resolve_teacher(spec: str, local_files_only: bool | None = None) -> str:
+    """What ``load_teacher(spec)`` would load, found without loading any weights: the spec itself for
+    a built-in, the folder for a local pipeline folder (its ``model_index.json`` checked) and, for a
+    hub id, the folder of its snapshot (from the local hub cache, else configs only downloaded).
+
+    ``TeacherError`` (a ``ValueError``: one line saying what to do) when it cannot be resolved: an
+    unknown spec, a folder that is not a Stable Diffusion pipeline, a hub id neither cached nor
+    reachable (``local_files_only``, ``HF_HUB_OFFLINE`` or no network) or unknown to the hub. For a
+    job's launcher, so a bad teacher fails before any state is written.
+    """
+    if spec in BUILTIN_SPECS:
+        return spec
+    if os.path.isdir(spec):
+        _folder_class(spec)
+        return spec
+    if not _looks_like_hub_id(spec):
+        raise TeacherError(f"unknown teacher {spec!r}: expected one of {', '.join(BUILTIN_SPECS)}, "
+                           "a local diffusers folder, or a hub id such as org/name")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    hint = (f"download it where a network exists (`huggingface-cli download {repo_id} --local-dir DIR`) "
+    hint = (f"download it where a network exists (`huggingface-cli download {spec} --local-dir DIR`) "
             "and pass that folder as the teacher spec")
     try:  # a copy already in the local hub cache needs no network
-        folder = snapshot_download(repo_id, local_files_only=True)
+        return snapshot_download(spec, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
-        folder = None
-    if folder is None:
-        if local_files_only or not _hub_reachable():
-            raise TeacherError(f"teacher {repo_id!r} is not in the local cache and the hub cannot be reached: {hint}") from None
-        try:
-            folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+        pass
+    if local_files_only or not _hub_reachable():
+        raise TeacherError(f"teacher {spec!r} is not in the local hub cache and the hub cannot be reached "
+                           f"(HF_HUB_OFFLINE set or no network): {hint}")
+    try:  # configs only: enough to check the id and the teacher's shapes, no weights
+        return snapshot_download(spec, allow_patterns=["model_index.json", "*/config.json"])
+    except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise TeacherError(f"teacher {spec!r} could not be found on the hub ({type(err).__name__}: {err}); {hint}") from None
+
+
+def _folder_class(path: str) -> tuple[type, bool]:
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise TeacherError(f"teacher folder {path!r} has no model_index.json: not a diffusers pipeline folder")
+    try:
+        with open(index, encoding="utf-8") as f:
+            class_name = json.load(f).get("_class_name", "")
+    except (OSError, ValueError, AttributeError) as err:
+        raise TeacherError(f"teacher folder {path!r}: model_index.json is unreadable ({err})") from None
+    return _pipeline_class(class_name)
+
+
+def _load_hub(repo_id: str, tdtype, local_files_only: bool | None):
+    from huggingface_hub import snapshot_download
+
+    folder = resolve_teacher(repo_id, local_files_only)
+    if not os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")) and \
+            not os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.fp16.safetensors")):
+        try:  # resolved from configs only (or a partial cache): fetch the weights now
+            folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                                       local_files_only=bool(local_files_only))
         except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear message
-            raise TeacherError(f"teacher {repo_id!r} could not be downloaded ({type(err).__name__}: {err}); {hint}") from None
+            raise TeacherError(f"teacher {repo_id!r} could not be downloaded ({type(err).__name__}: {err})") from None
     return _load_folder(folder, tdtype)
 
 

@@ -413,7 +413,7 @@ def read_samples(out_dir: str, shard_index: int, wanted: list[tuple[str, list[in
             try:
                 verify_members(sums.get(key) if sums else None, sample)
             except BadRecord as err:
-                sample, problem = None, f"{shard_name(shard_index)}: {err}"
+                sample, problem = None, f"{err} (in {shard_name(shard_index)})"  # the reason code first
         yield key, sample, problem
 
 

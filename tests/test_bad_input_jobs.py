@@ -299,9 +299,22 @@ def test_every_reason_code_is_defined_once_in_filters_reasons():
              ("KEPT", "FILTERED", "DUPLICATE", "REJECTED")]
     assert sorted(codes) == sorted(reasons.ALL) and len(set(codes)) == len(codes)
     assert all(reasons.fate_of(code) in reasons.FATES for code in reasons.ALL)
-    # codes the dump passes on from the shard record (teachers.record.BadRecord) are listed too
-    record_codes = set(re.findall(r'BadRecord\("(\w+)"', (ROOT / "teachers" / "record.py").read_text()))
-    assert record_codes and record_codes <= set(reasons.ALL)
+    # codes the shard record and its readers emit are listed too: every BadRecord raised in teachers/,
+    # pipelines/, students/ (a literal or a teachers.record constant), every skip the trainer's loader counts
+    from teachers import record
+
+    emitted = set()
+    for path in [*ROOT.glob("teachers/**/*.py"), *ROOT.glob("pipelines/**/*.py"), *ROOT.glob("students/*.py")]:
+        text = path.read_text()
+        emitted |= set(re.findall(r'BadRecord\("(\w+)"', text))
+        emitted |= {getattr(record, name) for name in re.findall(r'BadRecord\((?:record\.)?([A-Z_]+)\b', text)}
+        emitted |= set(re.findall(r'\.skip\("(\w+)"', text))
+    assert {"checksum_mismatch", "missing_member", "non_finite_image", "corrupt_tar"} <= emitted
+    assert emitted <= set(reasons.ALL), emitted - set(reasons.ALL)
+    constants = {v for k, v in vars(record).items() if k.isupper() and isinstance(v, str) and k in (
+        "NON_FINITE", "NON_FINITE_IMAGE", "BAD_KEY", "BAD_JSON", "SCHEMA", "CORRUPT_MEMBER", "CHECKSUM_MISMATCH",
+        "MISSING_MEMBER")}
+    assert constants <= set(reasons.ALL)
     # no reason code is spelled as a string literal in the jobs or the filters ("schema_version" is
     # also the name of a dataset.json field, which is not a reason)
     codes = set(reasons.ALL) - {reasons.SCHEMA_VERSION}

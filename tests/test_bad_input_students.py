@@ -20,7 +20,7 @@ def dataset(folder, **changes) -> str:
     """A dump folder with a dataset.json (and no shard unless listed): enough for the checks before training."""
     os.makedirs(folder, exist_ok=True)
     info = {"schema_version": 1, "scheduler_class": "DDIMScheduler", "scheduler_config": DDIM, "prediction_type": "epsilon",
-            "recipe": {"teacher": "tiny", "num_inference_steps": 4}, "recorded_steps": [0, 1, 2, 3], "shared": {},
+            "recipe": {"teacher": "tiny", "num_inference_steps": 4}, "recipe_hash": "0" * 16, "recorded_steps": [0, 1, 2, 3], "shared": {},
             "shards": [{"shard": "000000.tar", "count": 4}]}
     info.update(changes)
     with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
@@ -60,10 +60,10 @@ CASES = [
     ("train unknown flag", train, lambda t: _train(t, "--bach_size", "4"), ["unrecognized arguments: --bach_size"]),
     ("train --data missing", train, lambda t: _train(t, data=str(t / "nowhere")), ["does not exist"]),
     ("train --data empty folder", train, lambda t: (os.makedirs(t / "empty"), _train(t, data=str(t / "empty")))[1],
-     ["has no dataset.json"]),
+     ["dataset.json missing", "not a finished dataset"]),
     ("train zero shards", train, lambda t: _train(t, data=dataset(t / "z", shards=[])), ["no complete shards"]),
     ("train schema_version 99", train, lambda t: _train(t, data=dataset(t / "v", schema_version=99)),
-     ["dataset.json", "schema_version 99", "supported: 1"]),
+     ["dataset.json", "schema_version 99", "reads 1, 2"]),
     ("train dataset.json not JSON", train,
      lambda t: (os.makedirs(t / "j"), (t / "j" / "dataset.json").write_text("{oops"), _train(t, data=str(t / "j")))[2],
      ["dataset.json", "not valid JSON"]),

@@ -83,6 +83,11 @@ def test_launcher_errors_are_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([BEAM, "run", str(ROOT / "pipelines" / "teacher_dump.py"), "--prompts",
                            str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o"), "--teacher", "tiny"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("WARNING:root:apitools")]  # Beam's import noise
+    # exactly one line: Beam's "apitools not found" import warning is silenced where the CLIs start
+    lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and lines == [f"beam run: error: --prompts '{tmp_path / 'missing.txt'}' does not exist"]
     assert not (tmp_path / "o").exists()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.filter", "--input", str(tmp_path / "nowhere"), "--output",
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"distill filter: error: --input '{tmp_path / 'nowhere'}' does not exist"]

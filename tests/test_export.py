@@ -204,6 +204,15 @@ def test_ddim_scheduler_steps_where_the_student_was_trained(teacher_steps, exact
             assert abs(int(t) - w) <= 16 and abs(t_next - w_next) <= 16  # the nearest DDIM configuration
 
 
+def test_teacher_timesteps_keep_the_dumps_exact_floats():
+    """Euler with linspace spacing or Karras sigmas runs at non-integer timesteps (issue 19): the
+    export's jumps are the dump's floats, never int(t)."""
+    dataset = {**_dataset(4), "timesteps": [799.2, 599.4, 399.6, 199.8], "recorded_steps": [0, 1, 2, 3]}
+    assert export.teacher_timesteps(dataset) == [799.2, 599.4, 399.6, 199.8]
+    got, nxt = export.trained_jumps(dataset, 2)
+    assert (got, nxt) == ([799.2, 399.6], [399.6, -1])  # stride 2: exact floats, the final latent as -1
+
+
 def test_student_without_step_distillation_keeps_the_teacher_sampler():
     scheduler, info = export.student_scheduler(_dataset(20), {"step_weight": 0.0, "student_steps": 8})
     assert type(scheduler).__name__ == "DDIMScheduler" and info["num_inference_steps"] == 20

@@ -72,3 +72,23 @@ def test_half_precision_dtypes_apply_to_every_component():
     assert {p.dtype for p in t.pipe.unet.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in t.pipe.text_encoder.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in t.pipe.vae.parameters()} == {torch.bfloat16}
+
+
+def test_resolve_teacher_finds_a_spec_without_loading_weights(tmp_path, monkeypatch):
+    from teachers.load import resolve_teacher
+
+    assert resolve_teacher("tiny") == "tiny"
+    (tmp_path / "pipe").mkdir()
+    with pytest.raises(TeacherError, match="no model_index.json"):
+        resolve_teacher(str(tmp_path / "pipe"))
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert resolve_teacher(str(tmp_path / "pipe")) == str(tmp_path / "pipe")  # no unet weights needed
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(TeacherError, match="not a Stable Diffusion"):
+        resolve_teacher(str(tmp_path / "pipe"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(TeacherError, match="'org/name' is not in the local hub cache"):
+        resolve_teacher("org/name")
+    with pytest.raises(TeacherError, match="unknown teacher 'sd99'"):
+        resolve_teacher("sd99")

@@ -1,7 +1,7 @@
 """The trainer's view of the record: ``check_sample`` (one sample), ``noise_levels`` (the recorded
 latents' noise), the step-distillation rows, and ``training_batch`` built from them."""
 
-import hashlib
+import dataclasses
 import zlib
 
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from students import data as SD
-from teachers import record
+from teachers import record, schema
 from test_record_and_shards import fake_result
 
 DDIM = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
@@ -87,21 +87,27 @@ def test_check_sample_accepts_a_good_sample_and_names_each_fault():
     nan = record.load_npy(good["latents.npy"]).copy()
     nan[0, 0, 0, 0] = np.inf
     fails(dict(good, **{"latents.npy": record.npy_bytes(nan)}), "non_finite")
-    fails(dict(good, **{"noise.npy": record.npy_bytes(np.zeros((4, 8, 9), np.float16))}), "bad_shape")
-    sums = {ext: hashlib.sha256(b).hexdigest() for ext, b in good.items() if not ext.startswith("__")}
-    assert SD.check_sample(good, {"checksums": {"k-s0": sums}}).key == "k-s0"
+    fails(dict(good, **{"noise.npy": record.npy_bytes(np.zeros((4, 8, 9), np.float16))}), "corrupt_member")
+    # the shard index's per-member CRC-32 (teachers.schema.ShardIndex), checked before the decode
+    sums = {ext: record.member_checksum(b) for ext, b in good.items() if not ext.startswith("__")}
+    index = schema.ShardIndex(shard="000000.tar", count=1, keys=["k-s0"], bytes=0, sha256="", recipe_hash="r",
+                              **schema.new_index_fields(), checksums=[sums])
+    assert SD.check_sample(good, index).key == "k-s0" and SD.check_sample(good, index.to_dict()).key == "k-s0"
     flipped = bytearray(good["pred_uncond.npy"])
     flipped[-1] ^= 1
-    fails(dict(good, **{"pred_uncond.npy": bytes(flipped)}), "checksum", {"checksums": {"k-s0": sums}})
-    crc = {"latents.npy": f"crc32:{zlib.crc32(good['latents.npy']):08x}"}
-    assert SD.check_sample(good, {"checksums": {"k-s0": crc}}).key == "k-s0"
-    fails(dict(good, **{"latents.npy": record.npy_bytes(np.zeros_like(nan))}), "checksum", {"checksums": {"k-s0": crc}})
+    fails(dict(good, **{"pred_uncond.npy": bytes(flipped)}), "checksum_mismatch", index)
+    fails({k: v for k, v in good.items() if k != "pred_cond.npy"}, "missing_member", index)
+    assert zlib.crc32(bytes(flipped)) != zlib.crc32(good["pred_uncond.npy"])
+    # a NaN written with a consistent index: the checksum passes, the decode's finiteness check catches it
+    planted = dict(good, **{"latents.npy": record.npy_bytes(nan)})
+    consistent = dataclasses.replace(index, checksums=[{**sums, "latents.npy": record.member_checksum(planted["latents.npy"])}])
+    fails(planted, "non_finite", consistent)
 
 
 def test_read_stats_keep_keys_and_hand_pending_skips_over_once():
     stats = SD.ReadStats()
     stats.skip("non_finite", "x", key="a")
-    stats.skip("checksum", "y", key="b")
-    assert [(s.key, s.reason) for s in stats.drain()] == [("a", "non_finite"), ("b", "checksum")]
-    assert stats.drain() == [] and stats.skipped == 2 and stats.reasons == {"non_finite": 1, "checksum": 1}
-    assert "a: non_finite" in stats.summary() and "b: checksum" in stats.summary()
+    stats.skip("checksum_mismatch", "y", key="b")
+    assert [(s.key, s.reason) for s in stats.drain()] == [("a", "non_finite"), ("b", "checksum_mismatch")]
+    assert stats.drain() == [] and stats.skipped == 2 and stats.reasons == {"non_finite": 1, "checksum_mismatch": 1}
+    assert "a: non_finite" in stats.summary() and "b: checksum_mismatch" in stats.summary()

@@ -1,5 +1,6 @@
 """The trainer: offline = online targets, DDP on two gloo processes, kill-and-resume, it learns."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -254,12 +255,16 @@ def _rewrite_member(shard, key, ext, change):
 
 
 def _corrupt_copy(tiny_dump, dst):
-    """A copy of the dump with one NaN latent, one checksum mismatch and one truncated shard; -> planted keys."""
-    import hashlib
-    import io
+    """A copy of the dump with planted faults; -> the keys of its 4 shards.
+
+    keys[0][1]: a NaN latent whose index checksum is rewritten to match (the loader's finiteness check
+    must catch it); keys[3][0]: a NaN latent with the index left alone (the CRC-32 catches it first);
+    keys[1][2]: 8 flipped bytes in pred_cond (finite values still: only the checksum sees it);
+    shard 2: truncated mid-file (its last sample loses members)."""
     import shutil
 
     from teachers import record
+    from teachers.schema import ShardIndex
 
     shutil.copytree(tiny_dump, dst)
     keys = [json.load(open(dst / f"{i:06d}.json"))["keys"] for i in range(4)]
@@ -270,14 +275,12 @@ def _corrupt_copy(tiny_dump, dst):
         return record.npy_bytes(array)
 
     _rewrite_member(dst / "000000.tar", keys[0][1], "latents.npy", plant_nan)
-    # per-member checksums in the index (what the dump will write): one member's bytes then flipped
-    index = json.load(open(dst / "000001.json"))
-    import tarfile
-    with tarfile.open(dst / "000001.tar") as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-    index["checksums"] = {k: {n.split(".", 1)[1]: hashlib.sha256(d).hexdigest() for n, d in members.items()
-                              if n.startswith(k + ".")} for k in keys[1]}
-    (dst / "000001.json").write_text(json.dumps(index))
+    index = ShardIndex.read(str(dst), 0)
+    assert index.checksums is not None  # the dump writes per-member CRC-32s
+    sums = [dict(c) for c in index.checksums]
+    sums[1]["latents.npy"] = record.member_checksum(plant_nan(_member(tiny_dump, 0, keys[0][1], "latents.npy")))
+    dataclasses.replace(index, checksums=sums).write(str(dst), 0)
+    _rewrite_member(dst / "000003.tar", keys[3][0], "latents.npy", plant_nan)
 
     def flip(data):
         buf = bytearray(data)
@@ -288,8 +291,14 @@ def _corrupt_copy(tiny_dump, dst):
     _rewrite_member(dst / "000001.tar", keys[1][2], "pred_cond.npy", flip)
     with open(dst / "000002.tar", "r+b") as f:  # truncated mid-file: its last sample loses members
         f.truncate(os.path.getsize(dst / "000002.tar") // 2 + 700)
-    del io
     return keys
+
+
+def _member(root, shard, key, ext):
+    import tarfile
+
+    with tarfile.open(os.path.join(root, f"{shard:06d}.tar")) as tar:
+        return tar.extractfile(f"{key}.{ext}").read()
 
 
 def test_corrupt_samples_are_skipped_and_counted_with_their_keys_from_every_worker(tiny_dump, tmp_path):
@@ -302,11 +311,13 @@ def test_corrupt_samples_are_skipped_and_counted_with_their_keys_from_every_work
     assert batches.epoch == 1
     stats = batches.stats  # gathered in the main process from both DataLoader workers
     skipped = {s.key: s.reason for s in stats.skips if s.key is not None}
-    assert skipped[keys[0][1]] == "non_finite" and skipped[keys[1][2]] == "checksum"
+    assert skipped[keys[0][1]] == "non_finite" and skipped[keys[1][2]] == "checksum_mismatch"
+    assert skipped[keys[3][0]] == "checksum_mismatch"
     # the truncated shard: its cut sample counted with its key (members missing), a tar error without one
-    assert set(skipped) - {keys[0][1], keys[1][2]} <= set(keys[2]) and stats.reasons.get("missing_member", 0) >= 1
-    assert stats.skipped == len(stats.skips) >= 3 and stats.samples == len(seen) == len(set(seen))
-    intact = {k for i in (0, 1, 3) for k in keys[i]} - set(skipped)
+    planted = {keys[0][1], keys[1][2], keys[3][0]}
+    assert set(skipped) - planted <= set(keys[2]) and stats.reasons.get("missing_member", 0) >= 1
+    assert stats.skipped == len(stats.skips) >= 4 and stats.samples == len(seen) == len(set(seen))
+    intact = {k for i in (0, 1, 3) for k in keys[i]} - planted
     assert intact <= set(seen) and set(seen) <= intact | set(keys[2])  # every good sample read, once
     losses = train(_cfg(str(tmp_path / "d"), tmp_path / "run", recipe="output_kd", max_steps=2, num_workers=2))
     assert len(losses) == 2 and all(np.isfinite(losses))

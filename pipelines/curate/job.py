@@ -50,6 +50,7 @@ from pipelines.dedup import SemanticDedup
 from pipelines.records import is_active
 from pipelines.scoring import check_models
 from pipelines.stages import ActiveOnly, FilterScores
+from teachers.fs import remove_temporaries
 
 PROG = "distill curate"
 
@@ -228,6 +229,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     """Parse, check, run, print the summary; returns ``summary.json``'s content."""
     opts, beam_args = parse_options(argv)
     _clear_stale_embeddings(opts.output)
+    remove_temporaries(opts.output)  # what killed writers left (issue 19): no worker runs yet
     pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
     _ = pipeline | "Curate" >> Curate(opts)
     summary, result = common.run_pipeline(pipeline, opts.output, "summary.json")

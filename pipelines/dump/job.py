@@ -29,7 +29,6 @@ DoFn instances (threads) in it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
@@ -43,7 +42,8 @@ from pipelines import common
 from pipelines.dump import plan as dump_plan
 from pipelines.dump.plan import DumpRecipe
 from pipelines.scoring import image_scoring
-from teachers.fs import atomic_write_json, join, url_to_fs
+from teachers.fs import remove_temporaries, url_to_fs
+from teachers.schema import write_dataset_info
 
 NAMESPACE = "teacher_dump"
 PROG = "distill dump"
@@ -99,22 +99,17 @@ def _require(ok: bool, message: str) -> None:
 def check_teacher(spec: str) -> dict | None:
     """The teacher's geometry (``teachers.load.teacher_geometry``), resolved before anything is written.
 
-    A hub id is accepted when it is in the local hub cache, or when the hub may be reached
-    (``HF_HUB_OFFLINE`` unset); offline and uncached, it is refused here rather than on a worker.
+    ``teachers.load.resolve_teacher`` finds the teacher without loading weights: a hub id must be in
+    the local hub cache or on a reachable hub (offline and uncached, it is refused here, not on a
+    worker, and the output folder stays untouched). ``TeacherError`` (one line) otherwise.
     """
-    from teachers.load import teacher_geometry
+    from teachers.load import resolve_teacher, teacher_geometry
 
-    geometry = teacher_geometry(spec)  # TeacherError (a ValueError) for an unknown spec
-    if geometry is None and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import snapshot_download
-
-        try:
-            snapshot_download(spec, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any failure of the cache lookup means "not available offline"
-            raise UserError(f"--teacher {spec!r} is not in the local hub cache and HF_HUB_OFFLINE is set: download "
-                            f"it where a network exists (huggingface-cli download {spec} --local-dir DIR) and pass "
-                            "that folder as --teacher") from None
-    return geometry
+    resolved = resolve_teacher(spec)
+    try:
+        return teacher_geometry(resolved)
+    except ValueError:  # a hub snapshot without unet/vae configs: shapes unknown until a worker loads it
+        return None
 
 
 def _feature_layers(cfg: DumpConfig, geometry: dict | None) -> tuple[str, ...]:
@@ -297,8 +292,7 @@ def write_dataset(indexes: list[dict], output: str, recipe: DumpRecipe, planned:
         "scheduler_class": first.get("scheduler_class"), "scheduler_config": first.get("scheduler_config"),
         "prediction_type": first.get("prediction_type"),
     }
-    atomic_write_json(join(output, "dataset.json"), dataset)
-    return dataset
+    return write_dataset_info(output, dataset).to_dict()  # validated by teachers.schema.DatasetInfo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +318,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
+    remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
     common.check_or_write_recipe(cfg.output, recipe)
     planned_rows, input_rejects = dump_plan.plan(found.rows, recipe)
     num_shards = dump_plan.write_plan(cfg.output, planned_rows)

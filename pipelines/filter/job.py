@@ -42,7 +42,8 @@ from pipelines.filter import plan as filter_plan
 from pipelines.filter.plan import FilterRecipe
 from pipelines.scoring import ImageScoring
 from pipelines.stages import ActiveOnly, FilterScores
-from teachers.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
+from teachers.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
+from teachers.schema import write_dataset_info
 from teachers.shards import index_name, list_indexes
 
 NAMESPACE = "filter_shards"
@@ -229,8 +230,7 @@ def write_dataset(indexes: list[dict], parent: dict, parent_dataset: dict, outpu
                 "clip_score_cutoff": cutoff},
         lineage=lineage,
     )
-    atomic_write_json(join(output, "dataset.json"), dataset)
-    return dataset
+    return write_dataset_info(output, dataset).to_dict()  # validated by teachers.schema.DatasetInfo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +251,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
+    remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
     common.check_or_write_recipe(cfg.output, recipe)
     progress = common.show_progress(cfg.progress, options)
     input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])

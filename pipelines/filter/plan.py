@@ -21,7 +21,8 @@ from filters import reasons
 from filters.reasons import DUPLICATE, FATES, FILTERED, KEPT, REJECTED
 from pipelines import common
 from pipelines.scoring import ImageScoring
-from teachers.fs import atomic_write_bytes, join, url_to_fs
+from teachers import schema
+from teachers.fs import atomic_write_bytes, join, read_bytes, url_to_fs
 from teachers.record import SCHEMA_VERSION
 from teachers.shards import index_name, read_embeddings, read_index
 
@@ -76,26 +77,26 @@ class FilterRecipe:
 
 
 def read_parent(data_dir: str) -> tuple[dict, str]:
-    """(dataset.json, its sha256) of a finished dump or filtered dataset; errors name the problem."""
+    """(dataset.json as a dict, its sha256) of a finished dump or filtered dataset, validated by
+    ``teachers.schema.DatasetInfo``; errors name the problem."""
     fs, root = url_to_fs(data_dir)
     if not fs.exists(root):
         raise UserError(f"--input {data_dir!r} does not exist")
-    fs, path = url_to_fs(join(data_dir, "dataset.json"))
-    if not fs.exists(path):
-        raise UserError(f"--input {data_dir!r} has no dataset.json: not a finished dump "
-                                "(re-run the dump job to complete it)")
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    path = join(data_dir, schema.DATASET_JSON)
     try:
-        dataset = json.loads(data)
+        data = read_bytes(path)
+    except FileNotFoundError:
+        raise UserError(f"--input {data_dir!r} has no dataset.json: not a finished dump "
+                        "(re-run the dump job to complete it)") from None
+    try:
+        d = json.loads(data)
     except ValueError as err:
         raise UserError(f"--input {data_dir!r}: dataset.json is not JSON ({err})") from None
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("shards"), list) or "recipe_hash" not in dataset:
-        raise UserError(f"--input {data_dir!r}: dataset.json lacks 'shards' or 'recipe_hash': not a dump's")
-    if dataset.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"--input {data_dir!r}: dataset.json has schema_version {dataset.get('schema_version')!r}; "
-                        f"this version reads schema_version {SCHEMA_VERSION}")
-    return dataset, hashlib.sha256(data).hexdigest()
+    info = schema.DatasetInfo.from_dict(d, source=path)  # schema version first, then every field
+    if info.schema_version != SCHEMA_VERSION:  # its output is written in this version: no mixed datasets
+        raise UserError(f"{path} has schema_version {info.schema_version!r}; the filter reads schema_version "
+                        f"{SCHEMA_VERSION} (re-make the dump with this version)")
+    return info.to_dict(), hashlib.sha256(data).hexdigest()
 
 
 def scoring_of(dataset: dict, data_dir: str) -> dict:

@@ -10,8 +10,11 @@ The scores and embeddings go along into the new index and sidecar, so the output
 inspected, trained on, or filtered again like a dump. Ranges the fast path cannot stream (pax
 headers for very long keys, indexes without ranges) are read whole and parsed by
 ``teachers.shards.read_samples``.
-A sample whose members cannot be read (a truncated or overwritten parent shard) is left out and
-reported in the index's ``copy_rejects``; the job counts it as rejected at stage ``copy``.
+Every sample's members are checked against the parent index's per-member CRC-32 before a byte is
+written (``ShardWriter.copy_members(checksums=...)``; the index is read once per input shard). A
+sample whose members differ (``checksum_mismatch``), are missing (``missing_member``) or cannot be
+read (``corrupt_member``: a truncated or overwritten parent shard) is left out and reported in the
+index's ``copy_rejects``; the job counts it as rejected at stage ``copy``, with its reason.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import json
 from filters import reasons
 from pipelines.common import work_unit
 from teachers.fs import url_to_fs
-from teachers.record import JSON
-from teachers.shards import ShardWriter, join, read_embeddings, read_index, read_samples, sample_members, shard_name
+from teachers.record import JSON, BadRecord
+from teachers.schema import ShardIndex
+from teachers.shards import ShardWriter, join, read_embeddings, read_samples, sample_members, shard_name
 
 
 def _check_json(key: str, data: bytes) -> None:
@@ -36,9 +40,11 @@ def _check_json(key: str, data: bytes) -> None:
         raise ValueError(f"json member names key {meta.get('key')!r}")
 
 
-def _stream_one(src, row: dict, writer: ShardWriter, scores: dict, embedding) -> None:
-    """The fast path: check the sample's headers and json, then stream its member data across.
+def _stream_one(src, row: dict, writer: ShardWriter, scores: dict, embedding, checksums: dict | None) -> None:
+    """The fast path: check the sample's headers and json, then stream its member data across,
+    checked against ``checksums`` (the parent index's entry for the key) before anything is written.
 
+    ``BadRecord`` (``checksum_mismatch``, ``missing_member``) when the members differ from the index;
     ``ValueError`` (nothing written yet) when the range cannot be copied this way.
     """
     members = sample_members(src, row["key"], row["start"], row["end"])
@@ -46,13 +52,14 @@ def _stream_one(src, row: dict, writer: ShardWriter, scores: dict, embedding) ->
         if ext == JSON:
             src.seek(offset)
             _check_json(row["key"], src.read(size))
-    writer.copy_members(src, row["key"], members, scores=scores, embedding=embedding)
+    writer.copy_members(src, row["key"], members, scores=scores, embedding=embedding, checksums=checksums)
 
 
-def _read_one(parent: str, input_shard: int, rows: list[dict]):
-    """The general path (indexes without byte ranges, pax headers): whole samples parsed in memory."""
+def _read_one(parent: str, input_shard: int, rows: list[dict], index: dict):
+    """The general path (indexes without byte ranges, pax headers): whole samples parsed in memory,
+    their members checked against ``index``'s checksums by ``read_samples``."""
     wanted = [(r["key"], None if r["start"] is None else [r["start"], r["end"]]) for r in rows]
-    for key, sample, problem in read_samples(parent, input_shard, wanted):
+    for key, sample, problem in read_samples(parent, input_shard, wanted, index=index):
         if sample is not None:
             try:
                 _check_json(key, bytes(sample.get(JSON, b"")))
@@ -64,7 +71,8 @@ def _read_one(parent: str, input_shard: int, rows: list[dict]):
 def _copy_from(parent: str, input_shard: int, rows: list[dict], writer: ShardWriter) -> list[dict]:
     """Append the samples of ``rows`` (one parent shard, in position order); returns the copy rejects."""
     try:
-        embeds = read_embeddings(parent, input_shard, read_index(parent, input_shard))
+        index = ShardIndex.read(parent, input_shard)  # once per input shard: its checksums guard every copy
+        embeds = read_embeddings(parent, input_shard, index.to_dict())
     except (ValueError, FileNotFoundError) as err:  # changed since ReadScores checked it
         return [{"key": r["key"], "reason": reasons.CORRUPT_EMBEDDINGS, "detail": str(err)} for r in rows]
     light = {r["key"]: ({"aesthetic_score": r["aesthetic_score"], "clip_score": r["clip_score"]},
@@ -76,18 +84,28 @@ def _copy_from(parent: str, input_shard: int, rows: list[dict], writer: ShardWri
             if row["start"] is None:
                 continue
             try:
-                _stream_one(src, row, writer, *light[row["key"]])
+                _stream_one(src, row, writer, *light[row["key"]], index.member_checksums(row["key"]))
+            except BadRecord as err:  # members differ from the parent's index: a counted rejection, never a copy
+                rejects.append({"key": row["key"], "reason": err.reason, "detail": f"{shard_name(input_shard)}: {err}"})
             except ValueError:  # not streamable (pax headers, damage): read it whole, or learn why not
-                rejects += _copy_slow(parent, input_shard, [row], writer, light)
+                rejects += _copy_slow(parent, input_shard, [row], writer, light, index)
     unranged = [r for r in rows if r["start"] is None]  # indexes written before byte ranges existed
-    return rejects + _copy_slow(parent, input_shard, unranged, writer, light)
+    return rejects + _copy_slow(parent, input_shard, unranged, writer, light, index)
 
 
-def _copy_slow(parent: str, input_shard: int, rows: list[dict], writer: ShardWriter, light: dict) -> list[dict]:
+def reason_of(problem: str) -> str:
+    """The reason code that starts a ``read_samples`` problem (``"checksum_mismatch: sample ..."``),
+    else ``corrupt_member`` (a range that does not parse, a shard cut short)."""
+    code = problem.split(": ", 1)[0]
+    return code if code in reasons.REJECT_REASONS else reasons.CORRUPT_MEMBER
+
+
+def _copy_slow(parent: str, input_shard: int, rows: list[dict], writer: ShardWriter, light: dict,
+               index: ShardIndex) -> list[dict]:
     rejects = []
-    for key, sample, problem in _read_one(parent, input_shard, rows) if rows else ():
+    for key, sample, problem in _read_one(parent, input_shard, rows, index.to_dict()) if rows else ():
         if sample is None:
-            rejects.append({"key": key, "reason": reasons.CORRUPT_MEMBER,
+            rejects.append({"key": key, "reason": reason_of(problem),
                             "detail": f"{shard_name(input_shard)}: {problem}"})
         else:
             writer.write(sample, scores=light[key][0], embedding=light[key][1])
