@@ -43,6 +43,7 @@ from pipelines.dump import plan as dump_plan
 from pipelines.dump.plan import DumpRecipe
 from pipelines.scoring import image_scoring
 from teachers.fs import remove_temporaries, url_to_fs
+from teachers.load import teacher_lineage
 from teachers.schema import write_dataset_info
 
 NAMESPACE = "teacher_dump"
@@ -292,6 +293,9 @@ def write_dataset(indexes: list[dict], output: str, recipe: DumpRecipe, planned:
         "scheduler_class": first.get("scheduler_class"), "scheduler_config": first.get("scheduler_config"),
         "prediction_type": first.get("prediction_type"),
     }
+    lineage = teacher_lineage(recipe.teacher)  # a distilled student as the teacher: which folder, which steps
+    if lineage is not None:
+        dataset["teacher_lineage"] = lineage
     return write_dataset_info(output, dataset).to_dict()  # validated by teachers.schema.DatasetInfo
 
 
