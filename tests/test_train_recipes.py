@@ -53,10 +53,12 @@ def test_losses_log_has_an_integer_step_on_every_line_for_every_recipe(recipe_na
     rows = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(type(r["step"]) is int for r in rows)
     assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-6)
-    for r in rows:  # every term under loss/..., none shadowing the log's own keys; they add up to the total
-        terms = {k: v for k, v in r.items() if k.startswith("loss/")}
-        assert set(r) == {"step", "loss", "lr", "grad_norm", *terms} and terms
-        assert sum(terms.values()) == pytest.approx(r["loss"], rel=1e-5)
+    disc_only = ("loss/adv_d", "loss/r1")  # the discriminator's own losses: logged, not part of the student's total
+    for r in rows:  # every term under loss/... (discriminator stats under disc/...), none shadowing the log's own keys
+        terms = {k: v for k, v in r.items() if k.startswith("loss/") and k not in disc_only}
+        stats = {k for k in r if k.startswith("disc/") or k in disc_only}
+        assert set(r) == {"step", "loss", "lr", "grad_norm", *terms, *stats} and terms
+        assert sum(terms.values()) == pytest.approx(r["loss"], rel=1e-5)  # the student's terms add up to its total
     if recipe.step_weight > 0:
         assert all("loss/step" in r for r in rows)
 
