@@ -100,7 +100,7 @@ def test_ufogen_posterior_inputs_share_noise_and_are_judged_at_the_next_level(ti
     assert torch.equal(t, abar.sub(a_s.float()[:, None] ** 2).abs().argmin(1).float())
 
 
-@pytest.mark.parametrize("recipe_name", ["snapgen_adv", pytest.param("ufogen", marks=pytest.mark.slow)])  # ufogen: ~25 s quiet
+@pytest.mark.parametrize("recipe_name", ["snapgen_adv", "ufogen"])
 def test_adversarial_run_logs_every_term_trains_the_heads_and_resumes_exactly(recipe_name, tiny_dump, tmp_path):
     kw = dict(recipe=recipe_name, r1_gamma=1.0, adv_warmup=1)
     ref = train(_cfg(tiny_dump, tmp_path / "ref", **kw))

@@ -89,7 +89,6 @@ def test_shapes_teacher_loads_with_the_trained_sparse_token_table(shapes_teacher
     assert table[rest].abs().max() == 0 and table[used].abs().sum(1).min() > 0
 
 
-@pytest.mark.slow  # 50 steps x 60 captions: ~25 s quiet; the analyser tests stay in the default run
 def test_shapes_teacher_draws_what_its_captions_say_at_50_steps(shapes_teacher):
     """Prompt adherence of the committed teacher, through the stock diffusers pipeline call."""
     from teachers.shapes.train import sample_images

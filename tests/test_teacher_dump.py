@@ -121,14 +121,12 @@ def test_sigkill_then_rerun_is_byte_identical(reference, tmp_path):
     assert tree_bytes(out) == tree_bytes(ref_out)
 
 
-@pytest.mark.slow  # worker processes; tests/test_beam_cli.py keeps a fast multi-process run in the default suite
 def test_multiprocessing_direct_runner_gives_the_same_bytes(reference, tmp_path):
     prompts, ref_out, _ = reference
     dump(prompts, tmp_path / "mp", "--direct_running_mode=multi_processing", "--direct_num_workers=2")
     assert tree_bytes(tmp_path / "mp") == tree_bytes(ref_out)
 
 
-@pytest.mark.slow  # a Dask LocalCluster: ~10 s quiet
 def test_dask_runner_gives_the_same_bytes_as_direct(reference, tmp_path):
     from distributed import LocalCluster
 

@@ -118,7 +118,6 @@ def test_two_process_ddp_on_gloo(tiny_dump, tmp_path):
     assert not set(k0) & set(k1) and sorted(k0 + k1) == sorted(all_keys) and len(k0) == len(k1) == 8
 
 
-@pytest.mark.slow  # ~40 s quiet; "trains" stays covered in the default run by the decoder and integrity runs
 def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
     from students.unet import EfficientUNet2DConditionModel, build_unet
 
