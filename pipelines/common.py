@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 
-from diffusion_distill.errors import UserError
+from diffusion_distill.errors import UserError, run_main
 from teachers.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
 from teachers.schema import DATASET_JSON
 
@@ -226,3 +226,12 @@ def run_pipeline(pipeline, output: str, summary: str = DATASET_JSON):
     fs, path = url_to_fs(join(output, summary))
     with fs.open(path, "rb") as f:
         return json.loads(f.read()), result
+
+
+def job_main(prog: str, run, argv: list[str] | None = None) -> int:
+    """A job's ``main``: ``run(argv)`` with a user error as one line on stderr and exit 2."""
+    def call(args: list[str]) -> int:
+        run(args)
+        return 0
+
+    return run_main(prog, call, argv)

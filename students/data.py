@@ -21,7 +21,6 @@ timesteps and noise coefficients of the recorded latents).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -295,18 +294,9 @@ def final_noise_level(meta_or_config: dict) -> tuple[float, float]:
 
 
 def alphas_cumprod(scheduler_config: dict):
-    """The training noise schedule abar_t, float64 (num_train_timesteps,), from a scheduler config."""
-    return _alphas_cumprod(json.dumps(scheduler_config, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _alphas_cumprod(config_json: str):
-    import numpy as np
-    from diffusers import DDPMScheduler
-
-    abar = DDPMScheduler.from_config(json.loads(config_json)).alphas_cumprod.double().numpy().astype(np.float64)
-    abar.setflags(write=False)
-    return abar
+    """The training noise schedule abar_t, float64 (num_train_timesteps,), from a scheduler config
+    (``teachers.record.alphas_cumprod``, cached by the config's sorted JSON)."""
+    return record.alphas_cumprod(json.dumps(scheduler_config, sort_keys=True))
 
 
 def rows_for(meta: dict, recipe, seed: int, epoch: int, key: str) -> tuple[int, int | None]:

@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import RunInference
 
-from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.errors import UserError
 from diffusion_distill.options import add_arguments, build_parser, from_mapping, option
 from filters import config as config_lib
 from filters.config import CurateConfig
@@ -247,14 +247,9 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     return summary
 
 
-def _main(argv: list[str]) -> int:
-    run(argv)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """``distill curate`` / ``python -m pipelines.curate``: a user error is one line on stderr and exit 2."""
-    return run_main(PROG, _main, argv)
+    return common.job_main(PROG, run, argv)
 
 
 if __name__ == "__main__":

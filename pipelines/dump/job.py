@@ -36,7 +36,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.errors import UserError
 from diffusion_distill.options import option, parse
 from pipelines import common
 from pipelines.dump import plan as dump_plan
@@ -364,14 +364,9 @@ def print_summary(dataset: dict, output: str, seconds: float) -> None:
           f"(rejects by reason: {dataset['rejects_by_reason']}) -> {output}", file=sys.stderr)
 
 
-def _main(argv: list[str]) -> int:
-    run(argv)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """``distill dump`` / ``python -m pipelines.dump``: a user error is one line on stderr and exit 2."""
-    return run_main(PROG, _main, argv)
+    return common.job_main(PROG, run, argv)
 
 
 if __name__ == "__main__":

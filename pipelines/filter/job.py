@@ -34,7 +34,7 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.errors import UserError
 from diffusion_distill.options import option, parse
 from pipelines import common
 from pipelines.dedup import SemanticDedup
@@ -292,14 +292,9 @@ def print_summary(dataset: dict, output: str, seconds: float) -> None:
           file=sys.stderr)
 
 
-def _main(argv: list[str]) -> int:
-    run(argv)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """``distill filter`` / ``python -m pipelines.filter``: a user error is one line on stderr and exit 2."""
-    return run_main(PROG, _main, argv)
+    return common.job_main(PROG, run, argv)
 
 
 if __name__ == "__main__":
