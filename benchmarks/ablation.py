@@ -48,7 +48,10 @@ LOSSES = {"vanilla": 0.0, "CFG-aware": 1.0, "mixed": 0.1}  # SnapFusion fig. (c)
 
 def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_prob=None, init=None, progressive_from=0,
            budget=None):
-    """One training run (skipped when its last checkpoint exists) -> its run folder."""
+    """One training run (skipped when its last checkpoint exists) -> its run folder.
+
+    Teacher-initialised runs (``init``) train at ``--init_lr``: they start at the teacher's weights, and the
+    from-scratch learning rate pulls them away from it (fine-tuning, not training)."""
     from students.checkpoint import checkpoints
     from students.objective import get_recipe
     from students.progressive import run_rounds
@@ -57,7 +60,7 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
     budget = budget or args.budget
     cfg = TrainConfig(data=data, output=out, preset=None if init else "shapes", init_from_teacher=init, recipe=recipe,
                       student_steps=steps, progressive_from=progressive_from, max_steps=budget,
-                      batch_size=args.batch_size, lr=args.lr, warmup_steps=max(5, budget // 20), ema_decay=0.99,
+                      batch_size=args.batch_size, lr=args.init_lr if init else args.lr, warmup_steps=max(5, budget // 20), ema_decay=0.99,
                       checkpoint_every=max(1, budget // args.curve_points), keep_checkpoints=args.curve_points + 1,
                       log_every=50, shuffle_buffer=256, seed=seed)
     if progressive_from:
@@ -104,8 +107,6 @@ def _dump(args, out, teacher, steps, prompts):
 
 def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> None:
     """Every student row for one training seed; results[row][steps] -> list of metric dicts (+ budget)."""
-    from students.export import export
-
     out = os.path.join(args.output, f"seed-{seed}")
 
     def record(row, steps, student, budget):
@@ -114,12 +115,32 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
         results.setdefault(row, {}).setdefault(str(steps), []).append(dict(metrics, budget=budget, seed=seed))
         _save(args, results)
 
+    init_dir = "init" if args.init_lr == 2e-3 else f"init-lr{args.init_lr:g}"  # the first quick run's folders: 2e-3
     for steps in args.steps:
-        for loss, p in LOSSES.items():
-            run = _train(args, data, os.path.join(out, f"direct-{loss}-{steps}"), steps=steps, seed=seed, guidance_prob=p)
-            record(f"direct ({loss} loss)", steps, run, args.budget)
-        run = _train(args, data, os.path.join(out, f"init-{steps}"), steps=steps, seed=seed, init="mid_only")
-        record("teacher-initialised", steps, run, args.budget)
+        if "direct" in args.rows:
+            for loss, p in LOSSES.items():
+                run = _train(args, data, os.path.join(out, f"direct-{loss}-{steps}"), steps=steps, seed=seed,
+                             guidance_prob=p)
+                record(f"direct ({loss} loss)", steps, run, args.budget)
+        if "init" in args.rows:
+            run = _train(args, data, os.path.join(out, f"{init_dir}-{steps}"), steps=steps, seed=seed, init="mid_only")
+            record(f"teacher-initialised (lr {args.init_lr:g})", steps, run, args.budget)
+    if "progressive" in args.rows:
+        _progressive(args, data, out, seed, record)
+    if "chain" in args.rows:
+        _chain(args, data, out, seed, record)
+    if seed == args.first_seed and "direct" in args.rows:  # the curve: the direct 8-step (mixed) run at each checkpoint
+        from students.checkpoint import checkpoints
+
+        steps = max(args.steps)
+        for ckpt in checkpoints(os.path.join(out, f"direct-mixed-{steps}")):
+            at = int(ckpt.rsplit("-", 1)[1])
+            res = _row(_evaluate(args, ckpt, os.path.join(out, "eval", f"curve-{at}"), steps, analyser, captions))
+            results.setdefault("_curve", {})[str(at)] = res
+        _save(args, results)
+
+
+def _progressive(args, data, out, seed, record):
     prog = _train(args, data, os.path.join(out, "progressive"), steps=min(args.steps), seed=seed, recipe="progressive",
                   progressive_from=args.teacher_steps)
     from students.progressive import rounds
@@ -127,6 +148,11 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
     done = rounds(args.teacher_steps, min(args.steps))
     for steps in args.steps:
         record("progressive", steps, os.path.join(prog, f"round-{steps:02d}"), args.budget * (done.index(steps) + 1))
+
+
+def _chain(args, data, out, seed, record):
+    from students.export import export
+
     if 8 in args.steps and args.teacher_steps % 16 == 0:  # the two-stage chain: teacher arch at 16 -> export -> 8
         stage1 = _train(args, data, os.path.join(out, "chain-16"), steps=16, seed=seed, init="none")
         folder = os.path.join(out, "chain-16-export")
@@ -139,15 +165,6 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
         data2 = _dump(args, os.path.join(out, "chain-dump"), folder, 16, prompts)
         run = _train(args, data2, os.path.join(out, "chain-8"), steps=8, seed=seed)
         record("two-stage chain", 8, run, 2 * args.budget)
-    if seed == args.first_seed:  # the curve: the direct 8-step (mixed) run at each checkpoint
-        from students.checkpoint import checkpoints
-
-        steps = max(args.steps)
-        for ckpt in checkpoints(os.path.join(out, f"direct-mixed-{steps}")):
-            at = int(ckpt.rsplit("-", 1)[1])
-            res = _row(_evaluate(args, ckpt, os.path.join(out, "eval", f"curve-{at}"), steps, analyser, captions))
-            results.setdefault("_curve", {})[str(at)] = res
-        _save(args, results)
 
 
 def _save(args, results):
@@ -215,7 +232,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds_per_prompt", type=int, default=4, help="teacher dump: samples per caption")
     p.add_argument("--teacher_steps", type=int, default=32, help="teacher DDIM steps in the dump")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the from-scratch students")
+    p.add_argument("--init_lr", type=float, default=1e-4,
+                   help="peak learning rate of the teacher-initialised students (fine-tuning; 2e-3 drifts off the teacher)")
+    p.add_argument("--rows", default="direct,init,progressive,chain", help="which row families to train and evaluate")
     p.add_argument("--curve_points", type=int, default=4, help="checkpoints evaluated for the curve")
     p.add_argument("--steps", default="8,4,1", help="student step counts")
     p.add_argument("--first_seed", type=int, default=0)
@@ -229,6 +249,10 @@ def main(argv=None) -> int:
         args.budget, args.seeds, args.eval_images, args.seeds_per_prompt, args.batch_size = 80, 3, 48, 1, 16
         args.curve_points, args.chain_prompts, args.train_prompts = 4, 60, 150
     args.steps = tuple(int(s) for s in args.steps.split(","))
+    args.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    unknown = set(args.rows) - {"direct", "init", "progressive", "chain"}
+    if unknown:
+        p.error(f"--rows: unknown row families {sorted(unknown)} (choose from direct, init, progressive, chain)")
 
     from diffusion_distill import workflow
     from teachers.shapes import world
