@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STEPS = (8, 4, 1)
 LOSSES = {"vanilla": 0.0, "CFG-aware": 1.0, "mixed": 0.1}  # SnapFusion fig. (c): p of the CFG-aware term
+ADVERSARIAL = {8: ("snapgen_adv",), 4: ("snapgen_adv",), 2: ("snapgen_adv", "ufogen"), 1: ("snapgen_adv", "ufogen")}
 
 
 def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_prob=None, init=None, progressive_from=0,
@@ -71,8 +72,28 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
     recipe_obj = get_recipe(recipe, student_steps=steps)
     if guidance_prob is not None:
         recipe_obj = dataclasses.replace(recipe_obj, guidance_prob=guidance_prob)
+    t0 = time.monotonic()
     train(cfg, recipe=recipe_obj)
+    with open(os.path.join(out, "step_time.json"), "w", encoding="utf-8") as f:  # seconds per optimizer step, this run
+        json.dump({"step_s": (time.monotonic() - t0) / budget}, f)
     return out
+
+
+def run_stats(run: str) -> dict:
+    """Seconds per optimizer step (when this invocation trained it) and the discriminator's accuracy on
+    real and fake inputs over the last quarter of ``losses.jsonl`` (adversarial runs; a collapse shows as
+    both near 1, or real near 0)."""
+    stats = {}
+    path = os.path.join(run, "step_time.json")
+    if os.path.isfile(path):
+        stats.update(json.load(open(path, encoding="utf-8")))
+    path = os.path.join(run, "losses.jsonl")
+    if os.path.isfile(path):
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+        rows = [r for r in rows[-max(1, len(rows) // 4):] if "disc/acc_real" in r]
+        if rows:
+            stats.update({k: sum(r[f"disc/{k}"] for r in rows) / len(rows) for k in ("acc_real", "acc_fake")})
+    return stats
 
 
 def _evaluate(args, student, out, steps, analyser, captions, teacher_steps=()):
@@ -112,7 +133,8 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
     def record(row, steps, student, budget):
         metrics = _row(_evaluate(args, student, os.path.join(out, "eval", f"{row}-{steps}".replace(" ", "_"), ), steps,
                                  analyser, captions))
-        results.setdefault(row, {}).setdefault(str(steps), []).append(dict(metrics, budget=budget, seed=seed))
+        stats = run_stats(student) if os.path.isdir(student) else {}
+        results.setdefault(row, {}).setdefault(str(steps), []).append(dict(metrics, **stats, budget=budget, seed=seed))
         _save(args, results)
 
     init_dir = "init" if args.init_lr == 2e-3 else f"init-lr{args.init_lr:g}"  # the first quick run's folders: 2e-3
@@ -125,15 +147,22 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
         if "init" in args.rows:
             run = _train(args, data, os.path.join(out, f"{init_dir}-{steps}"), steps=steps, seed=seed, init="mid_only")
             record(f"teacher-initialised (lr {args.init_lr:g})", steps, run, args.budget)
+        if "adv" in args.rows:  # LADD / UFOGen start from the teacher's weights too
+            for recipe in ADVERSARIAL[steps]:
+                run = _train(args, data, os.path.join(out, f"{recipe}-{init_dir}-{steps}"), steps=steps, seed=seed,
+                             init="mid_only", recipe=recipe)
+                record(f"{recipe} (teacher-initialised)", steps, run, args.budget)
     if "progressive" in args.rows:
         _progressive(args, data, out, seed, record)
     if "chain" in args.rows:
         _chain(args, data, out, seed, record)
-    if seed == args.first_seed and "direct" in args.rows:  # the curve: the direct 8-step (mixed) run at each checkpoint
+    if seed == args.first_seed and {"direct", "init"} & set(args.rows):  # the curve: one run at each checkpoint
         from students.checkpoint import checkpoints
 
         steps = max(args.steps)
-        for ckpt in checkpoints(os.path.join(out, f"direct-mixed-{steps}")):
+        curve_run = f"direct-mixed-{steps}" if "direct" in args.rows else f"{init_dir}-{steps}"
+        results["_curve_run"] = curve_run
+        for ckpt in checkpoints(os.path.join(out, curve_run)):
             at = int(ckpt.rsplit("-", 1)[1])
             res = _row(_evaluate(args, ckpt, os.path.join(out, "eval", f"curve-{at}"), steps, analyser, captions))
             results.setdefault("_curve", {})[str(at)] = res
@@ -178,11 +207,13 @@ def _stat(values):
 
 
 def table(results: dict, teacher: dict) -> str:
-    """The markdown table: mean +- spread over seeds per (row, steps)."""
-    lines = ["| row | steps | train steps | seeds | adherence | exact | Frechet |", "|---|---|---|---|---|---|---|"]
+    """The markdown table: mean +- spread over seeds per (row, steps), the seconds per optimizer step (mean
+    over the runs this invocation trained) and, for adversarial rows, the discriminator's accuracy."""
+    lines = ["| row | steps | train steps | seeds | adherence | exact | Frechet | s/step | D acc real/fake |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, by_steps in teacher.items():
         lines.append(f"| teacher | {name} | - | - | {by_steps['adherence']:.3f} | {by_steps['exact']:.3f} | "
-                     f"{by_steps['frechet_analyser']:.2f} |")
+                     f"{by_steps['frechet_analyser']:.2f} | - | - |")
     for row, by_steps in results.items():
         if row.startswith("_"):
             continue
@@ -191,6 +222,11 @@ def table(results: dict, teacher: dict) -> str:
             for key, fmt in (("adherence", ".3f"), ("exact", ".3f"), ("frechet_analyser", ".2f")):
                 m, s = _stat([r[key] for r in runs])
                 cells.append(f"{m:{fmt}} ± {s:{fmt}}")
+            timed = [r["step_s"] for r in runs if "step_s" in r]
+            cells.append(f"{statistics.fmean(timed):.3f}" if timed else "-")
+            acc = [(r["acc_real"], r["acc_fake"]) for r in runs if "acc_real" in r]
+            cells.append(f"{statistics.fmean(a for a, _ in acc):.2f} / {statistics.fmean(b for _, b in acc):.2f}"
+                         if acc else "-")
             lines.append(f"| {row} | {steps} | {runs[0]['budget']} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -235,7 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the from-scratch students")
     p.add_argument("--init_lr", type=float, default=1e-4,
                    help="peak learning rate of the teacher-initialised students (fine-tuning; 2e-3 drifts off the teacher)")
-    p.add_argument("--rows", default="direct,init,progressive,chain", help="which row families to train and evaluate")
+    p.add_argument("--rows", default="direct,init,progressive,chain,adv",
+                   help="which row families to train and evaluate (adv: snapgen_adv at every step count, ufogen at 2 and 1)")
     p.add_argument("--curve_points", type=int, default=4, help="checkpoints evaluated for the curve")
     p.add_argument("--steps", default="8,4,1", help="student step counts")
     p.add_argument("--first_seed", type=int, default=0)
@@ -243,16 +280,18 @@ def main(argv=None) -> int:
     p.add_argument("--chain_prompts", type=int, default=0, help="captions the 16-step stage dumps (0 = all)")
     p.add_argument("--quick", action="store_true",
                    help="a small run meant to finish in about 30 min on 2 cores: budget 80, 3 seeds, 48 images, "
-                        "batch 16, 1 sample per caption, 150 training captions, 60 in the chain's second dump")
+                        "batch 16, 1 sample per caption, 150 training captions, 60 in the chain's second dump "
+                        "(defaults: flags given explicitly override them)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--quick" in argv:  # the quick run's sizes are defaults: flags given explicitly still win
+        p.set_defaults(budget=80, seeds=3, eval_images=48, seeds_per_prompt=1, batch_size=16, curve_points=4,
+                       chain_prompts=60, train_prompts=150)
     args = p.parse_args(argv)
-    if args.quick:
-        args.budget, args.seeds, args.eval_images, args.seeds_per_prompt, args.batch_size = 80, 3, 48, 1, 16
-        args.curve_points, args.chain_prompts, args.train_prompts = 4, 60, 150
     args.steps = tuple(int(s) for s in args.steps.split(","))
     args.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    unknown = set(args.rows) - {"direct", "init", "progressive", "chain"}
+    unknown = set(args.rows) - {"direct", "init", "progressive", "chain", "adv"}
     if unknown:
-        p.error(f"--rows: unknown row families {sorted(unknown)} (choose from direct, init, progressive, chain)")
+        p.error(f"--rows: unknown row families {sorted(unknown)} (choose from direct, init, progressive, chain, adv)")
 
     from diffusion_distill import workflow
     from teachers.shapes import world

@@ -36,7 +36,7 @@ def _train(args, data, out, steps, seed):
         return
     init = args.init_from_teacher
     cfg = TrainConfig(data=data, output=out, preset=None if init else "shapes", init_from_teacher=init,
-                      recipe="snapfusion_step", student_steps=steps, max_steps=args.budget, batch_size=64, lr=2e-3,
+                      recipe="snapfusion_step", student_steps=steps, max_steps=args.budget, batch_size=64, lr=args.lr,
                       warmup_steps=max(10, args.budget // 20), ema_decay=0.99,
                       checkpoint_every=max(1, args.budget // args.curve_points), keep_checkpoints=args.curve_points + 1,
                       log_every=50, shuffle_buffer=256, seed=seed)
@@ -61,10 +61,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="training seeds per student row (mean and spread)")
     p.add_argument("--curve_points", type=int, default=4, help="checkpoints of the first seed evaluated for the curve")
     p.add_argument("--init_from_teacher", default=None, help="a students.teacher_init cut (default: the shapes preset)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 2e-3 from scratch, 1e-4 teacher-initialised: fine-tuning)")
     p.add_argument("--seeds_per_prompt", type=int, default=4)
     p.add_argument("--eval_images", type=int, default=240)
     p.add_argument("--student_steps", default="8,4,1")
     args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 1e-4 if args.init_from_teacher else 2e-3
 
     from diffusion_distill import workflow
     from students.checkpoint import checkpoints

@@ -276,17 +276,24 @@ class RunLog:
             self.writer.close()
 
 
-def write_audit(output: str, rank: int, world: int, model, seen: dict) -> None:
-    """``ranks/rank-R.json``: which keys this rank read in each epoch and a hash of its final weights."""
+def write_audit(output: str, rank: int, world: int, model, seen: dict, heads=None) -> None:
+    """``ranks/rank-R.json``: which keys this rank read in each epoch and a hash of its final weights (and
+    of the discriminator heads of an adversarial run, which DDP does not wrap: their gradients are averaged
+    by hand, so equal hashes on every rank check that)."""
     import hashlib
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    def sha(module) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     fs, fpath = url_to_fs(join(output, "ranks"))
     if is_local(fs):
         os.makedirs(fpath, exist_ok=True)
-    atomic_write_json(join(join(output, "ranks"), f"rank-{rank}.json"),
-                      {"rank": rank, "world": world, "weights_sha256": digest.hexdigest(),
-                       "keys_by_epoch": {str(k): v for k, v in seen.items()}})
+    record = {"rank": rank, "world": world, "weights_sha256": sha(model),
+              "keys_by_epoch": {str(k): v for k, v in seen.items()}}
+    if heads is not None:
+        record["disc_heads_sha256"] = sha(heads)
+    atomic_write_json(join(join(output, "ranks"), f"rank-{rank}.json"), record)

@@ -333,7 +333,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
         if log is not None:
             log.close(batches.stats)
     if cfg.audit_keys:
-        ckpt.write_audit(cfg.output, rank, world, student, batches.seen)
+        ckpt.write_audit(cfg.output, rank, world, student, batches.seen,
+                         heads=adversary.disc.heads if adversary is not None else None)
     return losses
 
 

@@ -138,3 +138,34 @@ def test_bad_adversarial_flags_are_one_line_user_errors(tiny_dump):
         with pytest.raises(UserError, match="--disc_layers"):
             adversarial.build(_cfg(tiny_dump, "unused", recipe="ufogen", disc_layers=layers), get_recipe("ufogen"),
                               dataset, load_teacher("tiny").unet, torch.device("cpu"))
+
+
+def test_two_process_ddp_with_grad_accumulation_keeps_ranks_and_discriminator_heads_equal(tiny_dump, tmp_path):
+    """The heads are outside DDP (their gradients are all-reduced by hand): if that averaging were missing,
+    the two ranks' heads would part after one step, since each rank judges different samples."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+                           "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "students.train", "--data", tiny_dump,
+                           "--output", str(out), "--preset", "tiny", "--recipe", "snapgen_adv", "--student_steps", "2",
+                           "--batch_size", "1", "--grad_accum", "2", "--max_steps", "2", "--warmup_steps", "1",
+                           "--disc_lr", "1e-2", "--checkpoint_every", "2", "--shuffle_buffer", "0", "--audit_keys", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.load(open(out / "ranks" / f"rank-{r}.json")) for r in (0, 1))
+    assert r0["weights_sha256"] == r1["weights_sha256"]
+    assert r0["disc_heads_sha256"] == r1["disc_heads_sha256"]
+    rows = _logged(out)
+    assert len(rows) == 2 and all("loss/adv_g" in row and "disc/acc_real" in row for row in rows.values())
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    heads = load_file(str(ckpt / "disc_heads.safetensors"))
+    assert all(torch.isfinite(v).all() for v in heads.values())
