@@ -2,7 +2,9 @@
 
 Bundled shapes-world captions -> the curation job (caption rules, exact dedup) -> the teacher dump
 with the ``shapes`` teacher on DirectRunner (full DDIM trajectories, images) -> step distillation of
-the ``shapes`` student for 8 steps -> export to a diffusers folder -> evaluation of the teacher and
+an 8-step student (by default the teacher's UNet cut ``mid_only`` and started from its weights, the
+best start in the ablation of BENCHMARKS.md; ``--init_from_teacher ''`` for the ``shapes`` preset from
+scratch) -> export to a diffusers folder -> evaluation of the teacher and
 the exported student (prompt adherence and Frechet distance from the shapes analyser, latency) ->
 ``DIR/report.html`` with the grids and the numbers. Every stage is the project's own job, called as a
 user would call it; each prints its progress.
@@ -21,6 +23,8 @@ import time
 from diffusion_distill import workflow
 from diffusion_distill.errors import UserError, run_main
 from diffusion_distill.options import option, parse
+
+INIT_FROM_TEACHER = "mid_only"  # the demo's student start: the best row of benchmarks/ablation.py
 
 
 def _eval_captions(path: str, n: int, seed: int = 12_345) -> str:
@@ -57,7 +61,15 @@ def _img(path: str | None) -> str:
         return f'<img src="data:image/png;base64,{base64.b64encode(f.read()).decode()}">'
 
 
-def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds: dict) -> str:
+def describe_student(init_from_teacher: str | None, student_steps: int) -> str:
+    if init_from_teacher:
+        return (f"the teacher's own UNet cut <code>{init_from_teacher}</code> and started from its weights "
+                f"(BK-SDM-style teacher initialisation), step-distilled for {student_steps} steps")
+    return f"the <code>shapes</code> preset from scratch, step-distilled for {student_steps} steps"
+
+
+def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds: dict,
+                 student: str = "the <code>shapes</code> preset, step-distilled for 8 steps") -> str:
     rows = []
     for model, by_steps in metrics["results"].items():
         for steps, r in by_steps.items():
@@ -74,7 +86,7 @@ def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>diffusion-distill demo</h1>
 <p>Teacher: <code>shapes</code> (trained here; DDIM, trailing spacing, guidance {metrics['protocol']['guidance_scale']}).
-Student: the <code>shapes</code> preset, step-distilled for 8 steps, exported to a diffusers folder.</p>
+Student: {student}, exported to a diffusers folder.</p>
 <h2>Funnel</h2><p>{html.escape(funnel)}</p>
 <h2>Quality and speed</h2>
 <p>Adherence: fraction of attributes (shape, colour, size, position, background) the analyser reads as the
@@ -96,7 +108,7 @@ caption says; exact: all five right; Frechet: analyser-feature distance to rende
 
 
 def run(output: str, *, train_steps: int = 800, seeds_per_prompt: int = 2, eval_images: int = 96,
-        student_steps: int = 8) -> str:
+        student_steps: int = 8, init_from_teacher: str | None = INIT_FROM_TEACHER) -> str:
     from students.evaluate import EvalConfig, evaluate
     from students.export import export
     from teachers.shapes.analyser import Adherence, AnalyserFrechet, load_analyser
@@ -114,7 +126,7 @@ def run(output: str, *, train_steps: int = 800, seeds_per_prompt: int = 2, eval_
     seconds["dump"] = time.monotonic() - t
     t = workflow.stage(f"3/5 step-distil the student for {student_steps} steps")
     workflow.train(os.path.join(output, "dump"), os.path.join(output, "train"), student_steps=student_steps,
-                   max_steps=train_steps)
+                   max_steps=train_steps, init_from_teacher=init_from_teacher)
     seconds["train"] = time.monotonic() - t
     t = workflow.stage("4/5 export a diffusers pipeline folder")
     folder = export(os.path.join(output, "train"), os.path.join(output, "student"))
@@ -127,13 +139,15 @@ def run(output: str, *, train_steps: int = 800, seeds_per_prompt: int = 2, eval_
                      metrics=(), batch_size=48, grid_images=8, latency_repeats=3)
     metrics = evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)))
     seconds["eval"] = time.monotonic() - t
-    return write_report(output, curated, dataset, metrics, seconds)
+    return write_report(output, curated, dataset, metrics, seconds, describe_student(init_from_teacher, student_steps))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     output: str = option(help="new folder for every stage's output and report.html")
     train_steps: int = option(800, help="student training steps")
+    init_from_teacher: str = option(INIT_FROM_TEACHER or "", help="start the student from the teacher's weights, cut "
+                                    "this way (students.teacher_init; '' = the shapes preset from scratch)")
     seeds_per_prompt: int = option(2, help="teacher generations per caption")
     eval_images: int = option(96, help="held-out captions evaluated (teacher and student)")
 
@@ -143,13 +157,17 @@ class DemoConfig:
                 raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
         if os.path.isfile(self.output):
             raise UserError(f"--output {self.output!r} is an existing file: give a folder")
+        from students.teacher_init import CUTS
+
+        if self.init_from_teacher and self.init_from_teacher not in CUTS:
+            raise UserError(f"--init_from_teacher {self.init_from_teacher!r} is not a cut ({', '.join(CUTS)}) or ''")
 
 
 def _main(argv: list[str]) -> int:
     cfg, _ = parse(DemoConfig, argv, prog="distill demo", description=__doc__.split("\n\n")[0])
     start = time.monotonic()
     report = run(cfg.output, train_steps=cfg.train_steps, seeds_per_prompt=cfg.seeds_per_prompt,
-                 eval_images=cfg.eval_images)
+                 eval_images=cfg.eval_images, init_from_teacher=cfg.init_from_teacher or None)
     print(f"\ndemo finished in {(time.monotonic() - start) / 60:.1f} min. Report: {os.path.abspath(report)}")
     return 0
 

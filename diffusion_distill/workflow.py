@@ -61,12 +61,18 @@ def dump(prompts: str, output: str, *, seeds_per_prompt: int = 1, samples_per_sh
     return job.run(argv)
 
 
-def train(data: str, output: str, *, student_steps: int, max_steps: int, batch_size: int = 64, lr: float = 2e-3,
-          image_every: int = 0, seed: int = 0) -> list[float]:
-    """Step-distil the ``shapes`` student preset for ``student_steps`` sampling steps."""
+def train(data: str, output: str, *, student_steps: int, max_steps: int, batch_size: int = 64, lr: float | None = None,
+          init_from_teacher: str | None = None, image_every: int = 0, seed: int = 0) -> list[float]:
+    """Step-distil a student for ``student_steps`` sampling steps: the ``shapes`` preset from scratch, or
+    with ``init_from_teacher`` (a ``students.teacher_init`` cut) the teacher's own UNet cut and started
+    from its weights. ``lr`` defaults to 2e-3 from scratch and 1e-4 teacher-initialised (fine-tuning: the
+    from-scratch rate pulls a teacher-initialised student away from the teacher; BENCHMARKS.md)."""
     from students.train import TrainConfig, train as run_train
 
-    cfg = TrainConfig(data=data, output=output, preset="shapes", recipe="snapfusion_step", student_steps=student_steps,
+    if lr is None:
+        lr = 1e-4 if init_from_teacher else 2e-3
+    cfg = TrainConfig(data=data, output=output, preset=None if init_from_teacher else "shapes",
+                      init_from_teacher=init_from_teacher, recipe="snapfusion_step", student_steps=student_steps,
                       max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=max(10, max_steps // 20),
                       ema_decay=0.99, checkpoint_every=max_steps, keep_checkpoints=1, log_every=50,
                       image_every=image_every, shuffle_buffer=256, seed=seed)
