@@ -1,4 +1,5 @@
-"""Shared fixtures: built-in tiny teachers (built once per session) and offline environment."""
+"""Shared fixtures: built-in tiny teachers and a tiny teacher dump (built once per session), one torch
+thread for modules of tiny models, and the offline environment."""
 
 import os
 
@@ -21,3 +22,31 @@ def tiny_xl_teacher():
     from teachers.load import load_teacher
 
     return load_teacher("tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is many times faster than two fighting for cores.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_dump(tmp_path_factory):
+    """The ``tiny`` teacher's dump of 16 captions (4 teacher steps, 4 shards of 4 samples, block outputs of
+    mid_block and up_blocks.0 at 2 steps): the trainer's tests' data."""
+    from pipelines import teacher_dump
+
+    tmp = tmp_path_factory.mktemp("dump")
+    (tmp / "p.txt").write_text("".join(f"a {c} {s} on a {b} background\n" for c in ("red", "blue") for s in
+                                       ("circle", "square") for b in ("white", "grey", "green", "black")))
+    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
+                      "--num_inference_steps", "4", "--samples_per_shard", "4", "--batch_size", "8",
+                      "--feature_layers", "mid_block,up_blocks.0", "--num_feature_steps", "2", "--progress", "off",
+                      "--cpu_threads", "2"])
+    return str(tmp / "out")

@@ -44,6 +44,9 @@ for folder in sys.argv[4:]:
 """
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def student_run(tmp_path_factory) -> str:
     """A tiny snapfusion_step run with a TAESD decoder and EMA, checkpoints at steps 1 and 2 (built once per session)."""
     from pipelines import teacher_dump
@@ -61,15 +64,6 @@ def student_run(tmp_path_factory) -> str:
                       decoder="tiny", batch_size=2, max_steps=2, warmup_steps=1, checkpoint_every=1, lr=1e-2))
     (root / "done").write_text("")
     return str(root / "run")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is many times faster than two fighting for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,27 +11,7 @@ from diffusion_distill.errors import UserError
 from students.objective import RECIPES
 from students.train import TrainConfig, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dump(tmp_path_factory):
-    from pipelines import teacher_dump
-
-    tmp = tmp_path_factory.mktemp("dump")
-    (tmp / "p.txt").write_text("".join(f"a {c} {s} on a white background\n" for c in ("red", "blue") for s in
-                                       ("circle", "square")))
-    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
-                      "--num_inference_steps", "4", "--samples_per_shard", "4", "--batch_size", "4",
-                      "--feature_layers", "mid_block,up_blocks.0", "--num_feature_steps", "2", "--progress", "off",
-                      "--cpu_threads", "1"])
-    return str(tmp / "out")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(data, out, **kw):
