@@ -26,7 +26,9 @@ Scheduler: DDIM, deterministic (eta 0), with the teacher's noise schedule. A ste
 (``snapfusion_step``) was trained to jump from teacher timestep ``timesteps[r]`` to ``timesteps[r + k]``
 (k = teacher steps // student steps, ``students.data.rows_for``) with a DDIM update, so the exported
 DDIMScheduler's spacing and ``steps_offset`` are chosen to reproduce exactly those timesteps and jumps
-where a DDIM configuration can (``inference.json``: ``timesteps_exact``), else the nearest one.
+where a DDIM configuration can (``inference.json``: ``timesteps_exact``), else the nearest one. A
+leading-spacing offset other than 1 (which diffusers resets to 1 on every load) is carried by
+``OffsetDDIMScheduler`` (``teachers/offset_scheduler.py``), copied into ``scheduler/`` like the UNet's code.
 A student distilled without step distillation keeps the teacher's scheduler at the teacher's steps.
 """
 
@@ -47,6 +49,7 @@ from diffusion_distill.options import option, parse
 from teachers.fs import atomic_write_bytes, exists, is_local, join, read_json, url_to_fs
 
 UNET_MODULE = "student_unet"  # unet/student_unet.py in the exported folder
+SCHEDULER_MODULE = "student_scheduler"  # scheduler/student_scheduler.py when the scheduler is OffsetDDIMScheduler
 BLOCKS_MODULE = "student_blocks"  # unet/student_blocks.py, imported relatively by student_unet.py
 UNET_CLASS = "EfficientUNet2DConditionModel"
 INFERENCE_FILE = "inference.json"
@@ -142,9 +145,9 @@ def teacher_timesteps(dataset: dict) -> list[float]:
     """The teacher's sampling timesteps in the dump (``dataset.json``; recomputed if an old dump lacks them)."""
     if dataset.get("timesteps"):
         return [float(t) for t in dataset["timesteps"]]
-    import diffusers
+    from teachers.sampler import scheduler_class
 
-    scheduler = getattr(diffusers, dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
+    scheduler = scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
     scheduler.set_timesteps(dataset["recipe"]["num_inference_steps"])
     return [float(t) for t in scheduler.timesteps]
 
@@ -174,11 +177,12 @@ def _ddim_jumps(scheduler, steps: int) -> tuple[list[int], list[int]]:
 def student_scheduler(dataset: dict, recipe: dict):
     """(scheduler, info) for sampling the student: see the module docstring. ``info`` has
     ``num_inference_steps``, ``timesteps``, ``trained_timesteps`` and ``timesteps_exact``."""
-    import diffusers
     from diffusers import DDIMScheduler
 
+    from teachers.sampler import scheduler_class
+
     if not recipe.get("step_weight"):  # not step-distilled: the teacher's own sampler and steps
-        scheduler = getattr(diffusers, dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
+        scheduler = scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
         steps = int(dataset["recipe"]["num_inference_steps"])
         scheduler.set_timesteps(steps)
         ts = [int(t) for t in scheduler.timesteps]
@@ -199,7 +203,15 @@ def student_scheduler(dataset: dict, recipe: dict):
         err = max(abs(a - b) for a, b in zip(ts + nxt, want + want_next))
         if best_err is None or err < best_err:
             best, best_err = overrides, err
-    scheduler = DDIMScheduler.from_config(base.config, **best)
+    if best["timestep_spacing"] == "leading" and best["steps_offset"] != 1:
+        # diffusers resets a steps_offset != 1 to 1 whenever a pipeline is built or loaded: carry the
+        # offset in OffsetDDIMScheduler's own field instead (teachers/offset_scheduler.py)
+        from teachers.offset_scheduler import OffsetDDIMScheduler
+
+        scheduler = OffsetDDIMScheduler.from_config(base.config, timestep_spacing="leading", steps_offset=1,
+                                                    timestep_offset=best["steps_offset"])
+    else:
+        scheduler = DDIMScheduler.from_config(base.config, **best)
     scheduler.set_timesteps(steps)
     return scheduler, dict(num_inference_steps=steps, timesteps=[int(t) for t in scheduler.timesteps],
                            trained_timesteps=want, timesteps_exact=best_err == 0)
@@ -353,11 +365,23 @@ The same values are in `{INFERENCE_FILE}`.
 """
 
 
-def _patch_model_index(folder: str) -> None:
+def scheduler_code() -> dict[str, str]:
+    """{file name: source} of ``OffsetDDIMScheduler`` for the exported ``scheduler/`` folder."""
+    from teachers import offset_scheduler
+
+    with open(offset_scheduler.__file__, encoding="utf-8") as f:
+        src = f.read()
+    header = "# Copied from diffusion-distill's teachers/offset_scheduler.py by `distill export` (trust_remote_code).\n"
+    return {f"{SCHEDULER_MODULE}.py": header + src}
+
+
+def _patch_model_index(folder: str, custom_scheduler: bool = False) -> None:
     path = os.path.join(folder, "model_index.json")
     with open(path, encoding="utf-8") as f:
         index = json.load(f)
     index["unet"] = [UNET_MODULE, UNET_CLASS]  # library = the .py file in unet/ (diffusers' custom component rule)
+    if custom_scheduler:
+        index["scheduler"] = [SCHEDULER_MODULE, "OffsetDDIMScheduler"]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, sort_keys=True)
 
@@ -383,9 +407,13 @@ def check_output(output: str, overwrite: bool) -> None:
 
 def _write_folder(pipe, info: dict, folder: str) -> None:
     pipe.save_pretrained(folder)
-    _patch_model_index(folder)
-    for name, src in unet_code().items():
-        with open(os.path.join(folder, "unet", name), "w", encoding="utf-8") as f:
+    custom_scheduler = type(pipe.scheduler).__name__ == "OffsetDDIMScheduler"
+    _patch_model_index(folder, custom_scheduler)
+    code = {("unet", name): src for name, src in unet_code().items()}
+    if custom_scheduler:
+        code.update({("scheduler", name): src for name, src in scheduler_code().items()})
+    for (sub, name), src in code.items():
+        with open(os.path.join(folder, sub, name), "w", encoding="utf-8") as f:
             f.write(src)
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(_readme(info))

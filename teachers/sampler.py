@@ -210,11 +210,28 @@ def draw_feature_steps(cfg: SamplerConfig, seed: int) -> list[int]:
     return sorted(int(s) for s in rng.choice(cfg.recorded_steps, size=cfg.num_feature_steps, replace=False))
 
 
+def scheduler_class(name: str):
+    """The scheduler class a dump or config names: diffusers' own, or this project's
+    ``OffsetDDIMScheduler`` (the exported scheduler of a step-distilled student; teachers/offset_scheduler.py)."""
+    import diffusers
+
+    if name == "OffsetDDIMScheduler":
+        from teachers.offset_scheduler import OffsetDDIMScheduler
+
+        return OffsetDDIMScheduler
+    return getattr(diffusers, name)
+
+
 def make_scheduler(teacher, name: str):
-    """A fresh scheduler of family ``name`` with the teacher's noise schedule (schedulers are stateful)."""
+    """A fresh scheduler of family ``name`` with the teacher's noise schedule (schedulers are stateful).
+    A teacher whose own scheduler subclasses that family (an exported student's ``OffsetDDIMScheduler``)
+    keeps its class, so its own timesteps."""
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[name])
+    own = type(teacher.pipe.scheduler)
+    if own is not cls and issubclass(own, cls):
+        cls = own
     extra = {"algorithm_type": "dpmsolver++"} if name == "dpm++" else {}
     return cls.from_config(teacher.pipe.scheduler.config, **extra)
 

@@ -60,10 +60,6 @@ def test_a_dump_made_with_an_exported_student(exported):
     assert len(records) == 2 and all(r.latents.shape[0] == 3 for r in records)  # 2 steps: 2 inputs + the final latent
 
 
-@pytest.mark.xfail(strict=True, reason="diffusers' StableDiffusionPipeline.__init__ resets a DDIM steps_offset != 1 to 1 "
-                          "on every load, so a student step-distilled on a leading-spacing dump (the tiny teacher's) "
-                          "samples at other timesteps than it was trained on; trailing spacing (the shapes teacher) "
-                          "is exact. Open: export such students with explicit timesteps")
 def test_the_exported_scheduler_samples_at_the_trained_timesteps(exported):
     from students.export import read_inference
     from teachers.load import load_teacher
