@@ -13,9 +13,12 @@ progressive rounds halve exactly down to 1), then, for each training seed, these
 - ``direct (vanilla loss)``: the same with p = 0 (output KD on the conditional branch only);
 - ``direct (CFG-aware loss)``: the same with p = 1;
 - ``teacher-initialised``: the teacher's own UNet cut ``mid_only`` (``--init_from_teacher``) starting
-  from its weights, the mixed loss;
-- ``progressive``: Salimans & Ho rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 (``--recipe progressive``),
-  ``--budget`` steps per round (its budget column counts every round up to that row);
+  from its weights, the mixed loss, at ``--init_lr`` (fine-tuning);
+- ``snapgen_adv`` / ``ufogen (teacher-initialised)`` (``adv``): the adversarial recipes from the same start;
+- ``progressive (teacher-initialised)``: Salimans & Ho rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
+  (``--recipe progressive``), round 1's student a copy of the teacher (cut ``mid_only``, as Algorithm 2
+  starts every student from its teacher), ``--budget`` steps per round (its budget column counts every
+  round up to that row);
 - ``two-stage chain`` (8 steps only): the teacher-architecture student step-distilled to 16 steps
   (``--init_from_teacher none``), exported, dumped as the next teacher at its 16 steps, and the
   efficient 8-step student distilled from that dump (SnapFusion's 50 -> 16 -> 8 chain, here 32 -> 16 -> 8).
@@ -171,13 +174,18 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
 
 
 def _progressive(args, data, out, seed, record):
-    prog = _train(args, data, os.path.join(out, "progressive"), steps=min(args.steps), seed=seed, recipe="progressive",
-                  progressive_from=args.teacher_steps)
+    """Salimans & Ho's Algorithm 2 starts each round's student as a copy of its teacher: round 1's
+    teacher is the dump's, so round 1 starts from the teacher's weights (the ``mid_only`` cut, as the
+    teacher-initialised direct row) at ``--init_lr``."""
+    init_dir = "init" if args.init_lr == 2e-3 else f"init-lr{args.init_lr:g}"
+    prog = _train(args, data, os.path.join(out, f"progressive-{init_dir}"), steps=min(args.steps), seed=seed,
+                  recipe="progressive", progressive_from=args.teacher_steps, init="mid_only")
     from students.progressive import rounds
 
     done = rounds(args.teacher_steps, min(args.steps))
     for steps in args.steps:
-        record("progressive", steps, os.path.join(prog, f"round-{steps:02d}"), args.budget * (done.index(steps) + 1))
+        record("progressive (teacher-initialised)", steps, os.path.join(prog, f"round-{steps:02d}"),
+               args.budget * (done.index(steps) + 1))
 
 
 def _chain(args, data, out, seed, record):
