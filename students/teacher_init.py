@@ -24,7 +24,11 @@ ResNets (R) and transformers (T) separately:
 - ``bk_tiny``: ``bk_small`` without the lowest level (its down stage and the first up stage; the
   level above loses its downsampler, whose output only that up stage read), BK-SDM-Tiny;
 - ``mid_only``: the mid stage cut to its first ResNet, nothing else (for teachers whose stages
-  hold one ResNet pair, such as ``shapes`` and ``tiny``).
+  hold one ResNet pair, such as ``shapes`` and ``tiny``);
+- ``snapfusion``: SnapFusion's per-stage finding (Sec. 3.2, its robust-training analysis): the
+  cross-attention transformers of the highest-resolution stage (down-1 and up-3 in SD-1.5's naming:
+  ``down_blocks.0`` and the last up block) cost the most latency for the least quality, so they go;
+  every ResNet and every other stage stays.
 
 Every block not in the map (none, for these cuts) keeps its fresh initialisation.
 """
@@ -38,7 +42,7 @@ import torch
 from students.blocks import parse_layout
 from students.unet import StudentUNetConfig
 
-CUTS = ("none", "bk_base", "bk_small", "bk_tiny", "mid_only")
+CUTS = ("none", "bk_base", "bk_small", "bk_tiny", "mid_only", "snapfusion")
 _TOP = ("conv_in", "time_embedding", "add_embedding", "conv_norm_out", "conv_out")  # copied one to one
 
 
@@ -97,10 +101,12 @@ def _pairs(tokens: list[str]) -> list[list[int]]:
     return units
 
 
-def _stage_keep(stage: str, tokens: list[str], name: str, n_resnets: int) -> list[int]:
-    """Positions (into ``tokens``) a cut keeps in one stage."""
+def _stage_keep(stage: str, tokens: list[str], name: str, n_resnets: int, highest_res: bool = False) -> list[int]:
+    """Positions (into ``tokens``) a cut keeps in one stage (``highest_res``: the stage at full resolution)."""
     units = _pairs(tokens)
     keep = list(units)
+    if name == "snapfusion" and highest_res and stage in ("down", "up"):
+        keep = [[u[0]] for u in units]  # the ResNets, without their transformers
     if name in ("bk_base", "bk_small", "bk_tiny"):
         if stage == "down" and n_resnets >= 2:
             keep = units[:1]
@@ -122,10 +128,10 @@ def cut(teacher_cfg: StudentUNetConfig, name: str) -> tuple[StudentUNetConfig, d
     block_map = {m: m for m in _TOP}
     new_down, new_up = [], []
 
-    def stage(kind, teacher_path, student_path, layout):
+    def stage(kind, teacher_path, student_path, layout, highest_res=False):
         tokens = _tokens(layout)
         n_r = tokens.count("R")
-        kept = _stage_keep(kind, tokens, name, n_r)
+        kept = _stage_keep(kind, tokens, name, n_r, highest_res)
         r_idx = [sum(t == "R" for t in tokens[:i]) for i in kept if tokens[i] == "R"]
         a_idx = [sum(t != "R" for t in tokens[:i]) for i in kept if tokens[i] != "R"]
         for s, t in enumerate(r_idx):
@@ -136,14 +142,14 @@ def cut(teacher_cfg: StudentUNetConfig, name: str) -> tuple[StudentUNetConfig, d
 
     kept_levels = levels - 1 if drop_lowest else levels
     for i in range(kept_levels):
-        new_down.append(stage("down", f"down_blocks.{i}", f"down_blocks.{i}", teacher_cfg.down_layouts[i]))
+        new_down.append(stage("down", f"down_blocks.{i}", f"down_blocks.{i}", teacher_cfg.down_layouts[i], i == 0))
         if i < kept_levels - 1:
             block_map[f"down_blocks.{i}.downsamplers"] = f"down_blocks.{i}.downsamplers"
     mid = stage("mid", "mid_block", "mid_block", teacher_cfg.mid_layout)
     first_up = 1 if drop_lowest else 0
     for j in range(first_up, levels):
         s = j - first_up
-        new_up.append(stage("up", f"up_blocks.{j}", f"up_blocks.{s}", teacher_cfg.up_layouts[j]))
+        new_up.append(stage("up", f"up_blocks.{j}", f"up_blocks.{s}", teacher_cfg.up_layouts[j], j == levels - 1))
         if levels - 1 - j > 0:
             block_map[f"up_blocks.{s}.upsamplers"] = f"up_blocks.{j}.upsamplers"
     per_level = lambda v: tuple(v)[:kept_levels]  # noqa: E731

@@ -32,7 +32,7 @@ def _block_output(module, x, temb, context):
     return module[0](x)  # down/upsamplers: a ModuleList of one
 
 
-@pytest.mark.parametrize("name", ["bk_base", "bk_small", "bk_tiny"])
+@pytest.mark.parametrize("name", ["bk_base", "bk_small", "bk_tiny", "snapfusion"])
 def test_copied_blocks_compute_what_their_teacher_blocks_compute(name):
     teacher = _teacher_4_levels()
     student_cfg, block_map = cut(family_config(teacher), name)
@@ -57,6 +57,9 @@ def test_copied_blocks_compute_what_their_teacher_blocks_compute(name):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5), s_path
         checked += 1
     assert checked >= 10
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+    with torch.no_grad():  # the cut student runs whole: its skips meet the widths they expect
+        assert student(x, t, ctx).sample.shape == teacher(x, t, ctx).sample.shape
 
 
 def test_identity_cut_is_the_teacher():
@@ -82,9 +85,14 @@ def test_cuts_remove_the_stated_blocks():
     tiny, m = cut(fam, "bk_tiny")
     assert len(tiny.block_out_channels) == 3 and tiny.up_layouts[0] == "R T R T"
     assert m["up_blocks.0.resnets.1"] == "up_blocks.1.resnets.2" and "down_blocks.2.downsamplers" not in m
+    snap, m = cut(fam, "snapfusion")  # no cross-attention at the highest resolution, nothing else removed
+    assert snap.down_layouts == ("R R",) + ("R T R T",) * 2 + ("R R",) and snap.mid_layout == "R T R"
+    assert snap.up_layouts == fam.up_layouts[:3] + ("R R R",) and fam.up_layouts[3] == "R T R T R T"
+    assert not any(k.startswith(("down_blocks.0.attentions", "up_blocks.3.attentions")) for k in m)
+    assert m["down_blocks.0.resnets.1"] == "down_blocks.0.resnets.1" and m["up_blocks.2.attentions.2"] == "up_blocks.2.attentions.2"
     with pytest.raises(ValueError, match="unknown cut"):
         cut(fam, "bk_huge")
-    assert set(CUTS) >= {"none", "bk_base", "bk_small", "bk_tiny", "mid_only"}
+    assert set(CUTS) >= {"none", "bk_base", "bk_small", "bk_tiny", "mid_only", "snapfusion"}
 
 
 def test_a_student_of_another_family_is_refused_by_name():
