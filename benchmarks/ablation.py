@@ -277,8 +277,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds_per_prompt", type=int, default=4, help="teacher dump: samples per caption")
     p.add_argument("--teacher_steps", type=int, default=32, help="teacher DDIM steps in the dump")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the from-scratch students")
-    p.add_argument("--init_lr", type=float, default=1e-4,
+    from diffusion_distill.workflow import INIT_LR, SCRATCH_LR
+
+    p.add_argument("--lr", type=float, default=SCRATCH_LR, help="peak learning rate of the from-scratch students")
+    p.add_argument("--init_lr", type=float, default=INIT_LR,
                    help="peak learning rate of the teacher-initialised students (fine-tuning; 2e-3 drifts off the teacher)")
     p.add_argument("--rows", default="direct,init,progressive,chain,adv",
                    help="which row families to train and evaluate (adv: snapgen_adv at every step count, ufogen at 2 and 1)")
@@ -289,13 +291,13 @@ def main(argv=None) -> int:
     p.add_argument("--train_prompts", type=int, default=0, help="about this many scene captions, evenly spaced, for the dump (0 = all 450)")
     p.add_argument("--chain_prompts", type=int, default=0, help="captions the 16-step stage dumps (0 = all)")
     p.add_argument("--quick", action="store_true",
-                   help="a small run meant to finish in about 30 min on 2 cores: budget 80, 3 seeds, 48 images, "
-                        "batch 16, 1 sample per caption, 150 training captions, 60 in the chain's second dump "
+                   help="a smaller run: budget 200, 3 seeds, 48 images, batch 16, 1 sample per caption (all 450 "
+                        "scene captions), 60 captions in the chain's second dump "
                         "(defaults: flags given explicitly override them)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--quick" in argv:  # the quick run's sizes are defaults: flags given explicitly still win
-        p.set_defaults(budget=80, seeds=3, eval_images=48, seeds_per_prompt=1, batch_size=16, curve_points=4,
-                       chain_prompts=60, train_prompts=150)
+        p.set_defaults(budget=200, seeds=3, eval_images=48, seeds_per_prompt=1, batch_size=16, curve_points=4,
+                       chain_prompts=60, train_prompts=0)
     args = p.parse_args(argv)
     args.steps = tuple(int(s) for s in args.steps.split(","))
     args.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())

@@ -62,13 +62,15 @@ def main(argv=None) -> int:
     p.add_argument("--curve_points", type=int, default=4, help="checkpoints of the first seed evaluated for the curve")
     p.add_argument("--init_from_teacher", default=None, help="a students.teacher_init cut (default: the shapes preset)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default 2e-3 from scratch, 1e-4 teacher-initialised: fine-tuning)")
+                   help="peak learning rate (default: workflow.SCRATCH_LR from scratch, INIT_LR teacher-initialised)")
     p.add_argument("--seeds_per_prompt", type=int, default=4)
     p.add_argument("--eval_images", type=int, default=240)
     p.add_argument("--student_steps", default="8,4,1")
     args = p.parse_args(argv)
     if args.lr is None:
-        args.lr = 1e-4 if args.init_from_teacher else 2e-3
+        from diffusion_distill import workflow
+
+        args.lr = workflow.INIT_LR if args.init_from_teacher else workflow.SCRATCH_LR
 
     from diffusion_distill import workflow
     from students.checkpoint import checkpoints

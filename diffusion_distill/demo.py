@@ -3,8 +3,8 @@
 Bundled shapes-world captions -> the curation job (caption rules, exact dedup) -> the teacher dump
 with the ``shapes`` teacher on DirectRunner (full DDIM trajectories, images) -> step distillation of
 an 8-step student (by default the teacher's UNet cut ``mid_only`` and started from its weights, the
-best start in the ablation of BENCHMARKS.md; ``--init_from_teacher ''`` for the ``shapes`` preset from
-scratch) -> export to a diffusers folder -> evaluation of the teacher and
+best start in the ablation of BENCHMARKS.md, at ``workflow.INIT_LR``; ``--init_from_teacher ''`` for the
+``shapes`` preset from scratch, with ``--train_steps 900`` or more) -> export to a diffusers folder -> evaluation of the teacher and
 the exported student (prompt adherence and Frechet distance from the shapes analyser, latency) ->
 ``DIR/report.html`` with the grids and the numbers. Every stage is the project's own job, called as a
 user would call it; each prints its progress.
@@ -107,7 +107,7 @@ caption says; exact: all five right; Frechet: analyser-feature distance to rende
     return path
 
 
-def run(output: str, *, train_steps: int = 800, seeds_per_prompt: int = 2, eval_images: int = 96,
+def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_images: int = 96,
         student_steps: int = 8, init_from_teacher: str | None = INIT_FROM_TEACHER) -> str:
     from students.evaluate import EvalConfig, evaluate
     from students.export import export
@@ -145,7 +145,8 @@ def run(output: str, *, train_steps: int = 800, seeds_per_prompt: int = 2, eval_
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     output: str = option(help="new folder for every stage's output and report.html")
-    train_steps: int = option(800, help="student training steps")
+    train_steps: int = option(300, help="student training steps (a teacher-initialised student converges in about "
+                              "200 at this batch; the shapes preset from scratch wants 900 or more)")
     init_from_teacher: str = option(INIT_FROM_TEACHER or "", help="start the student from the teacher's weights, cut "
                                     "this way (students.teacher_init; '' = the shapes preset from scratch)")
     seeds_per_prompt: int = option(2, help="teacher generations per caption")

@@ -19,6 +19,8 @@ from importlib import resources
 
 TEACHER = "shapes"
 TEACHER_STEPS = 40  # divisible by 8, 4 and 1: every student step spans a whole number of teacher steps
+SCRATCH_LR = 2e-3  # peak learning rate of a student trained from scratch (the shapes preset)
+INIT_LR = 3e-4  # of a teacher-initialised student: a fine-tune; 2e-3 pulls it off the teacher (BENCHMARKS.md)
 
 
 def stage(name: str):
@@ -65,12 +67,12 @@ def train(data: str, output: str, *, student_steps: int, max_steps: int, batch_s
           init_from_teacher: str | None = None, image_every: int = 0, seed: int = 0) -> list[float]:
     """Step-distil a student for ``student_steps`` sampling steps: the ``shapes`` preset from scratch, or
     with ``init_from_teacher`` (a ``students.teacher_init`` cut) the teacher's own UNet cut and started
-    from its weights. ``lr`` defaults to 2e-3 from scratch and 1e-4 teacher-initialised (fine-tuning: the
+    from its weights. ``lr`` defaults to ``SCRATCH_LR`` from scratch and ``INIT_LR`` teacher-initialised (fine-tuning: the
     from-scratch rate pulls a teacher-initialised student away from the teacher; BENCHMARKS.md)."""
     from students.train import TrainConfig, train as run_train
 
     if lr is None:
-        lr = 1e-4 if init_from_teacher else 2e-3
+        lr = INIT_LR if init_from_teacher else SCRATCH_LR
     cfg = TrainConfig(data=data, output=output, preset=None if init_from_teacher else "shapes",
                       init_from_teacher=init_from_teacher, recipe="snapfusion_step", student_steps=student_steps,
                       max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=max(10, max_steps // 20),
