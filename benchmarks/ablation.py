@@ -67,7 +67,8 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
                       student_steps=steps, progressive_from=progressive_from, max_steps=budget,
                       batch_size=args.batch_size, lr=args.init_lr if init else args.lr, warmup_steps=max(5, budget // 20), ema_decay=0.99,
                       checkpoint_every=max(1, budget // args.curve_points), keep_checkpoints=args.curve_points + 1,
-                      log_every=50, shuffle_buffer=256, seed=seed)
+                      log_every=50, shuffle_buffer=256, seed=seed,
+                      adv_weight=args.adv_weight if recipe in ("snapgen_adv", "ufogen") else -1.0)
     if progressive_from:
         run_rounds(cfg)
         return out
@@ -152,10 +153,12 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
             run = _train(args, data, os.path.join(out, f"{init_dir}-{steps}"), steps=steps, seed=seed, init="mid_only")
             record(f"teacher-initialised (lr {args.init_lr:g})", steps, run, args.budget)
         if "adv" in args.rows:  # LADD / UFOGen start from the teacher's weights too
+            weight = f"-w{args.adv_weight:g}" if args.adv_weight >= 0 else ""
             for recipe in ADVERSARIAL[steps]:
-                run = _train(args, data, os.path.join(out, f"{recipe}-{init_dir}-{steps}"), steps=steps, seed=seed,
-                             init="mid_only", recipe=recipe)
-                record(f"{recipe} (teacher-initialised)", steps, run, args.budget)
+                run = _train(args, data, os.path.join(out, f"{recipe}-{init_dir}{weight}-{steps}"), steps=steps,
+                             seed=seed, init="mid_only", recipe=recipe)
+                label = f", adversarial weight {args.adv_weight:g}" if weight else ""
+                record(f"{recipe} (teacher-initialised{label})", steps, run, args.budget)
     if "progressive" in args.rows:
         _progressive(args, data, out, seed, record)
     if "chain" in args.rows:
@@ -282,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=SCRATCH_LR, help="peak learning rate of the from-scratch students")
     p.add_argument("--init_lr", type=float, default=INIT_LR,
                    help="peak learning rate of the teacher-initialised students (fine-tuning; 2e-3 drifts off the teacher)")
+    p.add_argument("--adv_weight", type=float, default=-1.0,
+                   help="the generator's adversarial weight in the adv rows (-1 = the recipe's: 0.1)")
     p.add_argument("--rows", default="direct,init,progressive,chain,adv",
                    help="which row families to train and evaluate (adv: snapgen_adv at every step count, ufogen at 2 and 1)")
     p.add_argument("--curve_points", type=int, default=4, help="checkpoints evaluated for the curve")

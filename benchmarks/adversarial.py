@@ -38,7 +38,7 @@ def step_time_ratios(results: dict, regression: str) -> dict[str, dict[str, floa
 
     ratios: dict[str, dict[str, float]] = {}
     for row, by_steps in results.items():
-        if row.startswith("_") or row == regression or "(teacher-initialised)" not in row:
+        if row.startswith("_") or row == regression or "(teacher-initialised" not in row:
             continue
         for steps, runs in by_steps.items():
             base, mine = mean_step_s(results.get(regression, {}).get(steps, [])), mean_step_s(runs)
