@@ -58,7 +58,6 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
     Teacher-initialised runs (``init``) train at ``--init_lr``: they start at the teacher's weights, and the
     from-scratch learning rate pulls them away from it (fine-tuning, not training)."""
     from students.checkpoint import checkpoints
-    from students.objective import get_recipe
     from students.progressive import run_rounds
     from students.train import TrainConfig, train
 
@@ -74,7 +73,7 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
         return out
     if checkpoints(out) and checkpoints(out)[-1].endswith(f"{budget:07d}"):
         return out
-    recipe_obj = get_recipe(recipe, student_steps=steps)
+    recipe_obj = cfg.resolved_recipe()  # the recipe's preset with this run's steps and --adv_weight
     if guidance_prob is not None:
         recipe_obj = dataclasses.replace(recipe_obj, guidance_prob=guidance_prob)
     t0 = time.monotonic()
