@@ -14,6 +14,10 @@ progressive rounds halve exactly down to 1), then, for each training seed, these
 - ``direct (CFG-aware loss)``: the same with p = 1;
 - ``teacher-initialised``: the teacher's own UNet cut ``mid_only`` (``--init_from_teacher``) starting
   from its weights, the mixed loss, at ``--init_lr`` (fine-tuning);
+- ``teacher-initialised, v-prediction`` (``init_v``): the same start trained to predict v instead of the
+  teacher's epsilon (no output KD term, which needs the teacher's parameterisation): at t ~ T,
+  x0 = (z - sigma eps) / alpha multiplies an eps error by sigma / alpha (about 15 at SD's last
+  timestep), x0 = alpha z - sigma v by sigma (about 1);
 - ``snapgen_adv`` / ``ufogen (teacher-initialised)`` (``adv``): the adversarial recipes from the same start;
 - ``progressive (teacher-initialised)``: Salimans & Ho rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
   (``--recipe progressive``), round 1's student a copy of the teacher (cut ``mid_only``, as Algorithm 2
@@ -52,7 +56,7 @@ ADVERSARIAL = {8: ("snapgen_adv",), 4: ("snapgen_adv",), 2: ("snapgen_adv", "ufo
 
 
 def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_prob=None, init=None, progressive_from=0,
-           budget=None):
+           budget=None, prediction_type=None):
     """One training run (skipped when its last checkpoint exists) -> its run folder.
 
     Teacher-initialised runs (``init``) train at ``--init_lr``: they start at the teacher's weights, and the
@@ -76,6 +80,8 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
     recipe_obj = cfg.resolved_recipe()  # the recipe's preset with this run's steps and --adv_weight
     if guidance_prob is not None:
         recipe_obj = dataclasses.replace(recipe_obj, guidance_prob=guidance_prob)
+    if prediction_type is not None:  # another parameterisation than the teacher's: no output KD term
+        recipe_obj = dataclasses.replace(recipe_obj, prediction_type=prediction_type, output_weight=0.0)
     t0 = time.monotonic()
     train(cfg, recipe=recipe_obj)
     with open(os.path.join(out, "step_time.json"), "w", encoding="utf-8") as f:  # seconds per optimizer step, this run
@@ -151,6 +157,10 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
         if "init" in args.rows:
             run = _train(args, data, os.path.join(out, f"{init_dir}-{steps}"), steps=steps, seed=seed, init="mid_only")
             record(f"teacher-initialised (lr {args.init_lr:g})", steps, run, args.budget)
+        if "init_v" in args.rows:  # x0 = alpha z - sigma v: at t ~ T an eps error is not amplified by sigma/alpha
+            run = _train(args, data, os.path.join(out, f"{init_dir}-v-{steps}"), steps=steps, seed=seed, init="mid_only",
+                         prediction_type="v_prediction")
+            record(f"teacher-initialised, v-prediction (lr {args.init_lr:g})", steps, run, args.budget)
         if "adv" in args.rows:  # LADD / UFOGen start from the teacher's weights too
             weight = f"-w{args.adv_weight:g}" if args.adv_weight >= 0 else ""
             for recipe in ADVERSARIAL[steps]:
@@ -305,9 +315,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.steps = tuple(int(s) for s in args.steps.split(","))
     args.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    unknown = set(args.rows) - {"direct", "init", "progressive", "chain", "adv"}
+    unknown = set(args.rows) - {"direct", "init", "init_v", "progressive", "chain", "adv"}
     if unknown:
-        p.error(f"--rows: unknown row families {sorted(unknown)} (choose from direct, init, progressive, chain, adv)")
+        p.error(f"--rows: unknown row families {sorted(unknown)} (choose from direct, init, init_v, progressive, chain, adv)")
 
     from diffusion_distill import workflow
     from teachers.shapes import world

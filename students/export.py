@@ -181,8 +181,10 @@ def student_scheduler(dataset: dict, recipe: dict):
 
     from teachers.sampler import scheduler_class
 
+    # the student's own parameterisation (a v-prediction student of an epsilon teacher samples as v)
+    own_param = {"prediction_type": recipe["prediction_type"]} if recipe.get("prediction_type") else {}
     if not recipe.get("step_weight"):  # not step-distilled: the teacher's own sampler and steps
-        scheduler = scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
+        scheduler = scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"], **own_param)
         steps = int(dataset["recipe"]["num_inference_steps"])
         scheduler.set_timesteps(steps)
         ts = [int(t) for t in scheduler.timesteps]
@@ -190,7 +192,7 @@ def student_scheduler(dataset: dict, recipe: dict):
                                timesteps_exact=True)
     want, want_next = trained_jumps(dataset, int(recipe["student_steps"]))
     steps = len(want)
-    base = DDIMScheduler.from_config(dataset["scheduler_config"])
+    base = DDIMScheduler.from_config(dataset["scheduler_config"], **own_param)
     ratio = base.config.num_train_timesteps // steps
     # The teacher's own spacing first (a tie keeps the earlier candidate), then the other spacings.
     own = dict(timestep_spacing=base.config.timestep_spacing, steps_offset=base.config.steps_offset)

@@ -75,3 +75,22 @@ def test_init_from_teacher_starts_from_the_teachers_weights_and_exports(tiny_dum
     assert len(first.mid_block.resnets) == 1  # the mid_only cut
     folder = export.export(cfg.output, str(tmp_path / "export"), weights="raw")
     assert export.read_inference(folder)["step"] == 2
+
+
+def test_a_v_prediction_student_of_an_epsilon_teacher_exports_a_v_prediction_sampler(tiny_dump, tmp_path):
+    """The exported scheduler follows the student's parameterisation, not the teacher's: sampling a
+    v-prediction student as epsilon would read its v as noise."""
+    import dataclasses
+
+    from students import export
+    from students.objective import get_recipe
+
+    recipe = dataclasses.replace(get_recipe("snapfusion_step", student_steps=2), prediction_type="v_prediction",
+                                 output_weight=0.0)
+    cfg = _cfg(tiny_dump, tmp_path / "run", recipe="snapfusion_step", preset="tiny", student_steps=2)
+    train(cfg, recipe=recipe)
+    folder = export.export(cfg.output, str(tmp_path / "export"), weights="raw")
+    scheduler_config = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["prediction_type"] == "v_prediction"
+    assert json.loads(open(os.path.join(tiny_dump, "dataset.json")).read())["prediction_type"] == "epsilon"
+    assert export.read_inference(folder)["prediction_type"] == "v_prediction"
