@@ -179,8 +179,9 @@ def resolve_exact_table(keyed) -> pa.Table:
     """(bucket, tables of active rows) -> one table: per caption the ``keep_priority`` winner kept
     (with ``n_duplicates``), the others ``exact_duplicate`` of it."""
     table = pa.concat_tables(list(keyed[1]))
-    order = pc.sort_indices(table, sort_keys=[("caption", "ascending"), ("laion_aesthetic", "descending"),
-                                              ("key", "ascending")], null_placement="at_end")
+    order = pc.sort_indices(table, sort_keys=[("caption", "ascending", "at_end"),
+                                              ("laion_aesthetic", "descending", "at_end"),  # unknown ranks last
+                                              ("key", "ascending", "at_end")])
     table = table.take(order)
     caption = table.column("caption").combine_chunks()
     n = table.num_rows
