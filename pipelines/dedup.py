@@ -18,8 +18,10 @@ The same four steps as ``filters.semdedup.deduplicate``, and the same result on 
 - one cluster's block (about ``target_cluster_size`` rows, times 1.1 for the margin copies);
 - the border pairs: those of duplicate groups with a member in two clusters (the margin's copies,
   about a tenth of the rows). A group none of whose members is shared is whole in its cluster and
-  decided there. Border pairs grow with N, but slowly: 24 bytes each plus their keys, under 1 GB
-  at 1B rows with 10% duplicates (BENCHMARKS.md, "Semantic dedup at 1B").
+  decided there. Border pairs grow with N, but slowly: 24 bytes each plus their members' keys and
+  wire-dtype vectors (the keep rule compares a member with the kept member its dropped neighbours
+  name, a pair two clusters may both have missed): about 1.2 GB at 1B rows with 6% of rows in a
+  duplicate pair and 3% of pairs on a border (BENCHMARKS.md, "Cost model for 1B embeddings").
 
 Embeddings travel as ``WIRE_DTYPE`` (float16) rows inside blocks, not per-record dicts: 2 bytes
 per dimension. float16 moves a cosine by about 2e-5 in 512-d (a rounding of 2^-11 per component,
@@ -189,18 +191,22 @@ def pairs_in_cluster(keyed, modality: str, eps: float):
         if part.any():
             p = semdedup.Pairs(pairs.i[part], pairs.j[part], pairs.similarity[part])
             members, inverse = np.unique(np.r_[p.i, p.j], return_inverse=True)
-            yield from out(keys[members], block.scores[members], inverse[:len(p.i)], inverse[len(p.i):], p.similarity)
+            yield from out(keys[members], block.scores[members], inverse[:len(p.i)], inverse[len(p.i):], p.similarity,
+                           block.vectors[members], eps)
 
 
-def _pair_block(keys, scores, i, j, similarity):
-    yield "pairs", (keys, scores, i, j, similarity)
+def _pair_block(keys, scores, i, j, similarity, vectors, eps):
+    yield "pairs", (keys, scores, i, j, similarity, vectors)
 
 
-def _decide(keys, scores, i, j, similarity):
-    """The keep rule over these members' pairs -> ("decision", (key, decision)) per member it changes."""
+def _decide(keys, scores, i, j, similarity, vectors, eps):
+    """The keep rule over these members' pairs -> ("decision", (key, decision)) per member it changes.
+    ``vectors`` (wire dtype) let it compare a member with the kept member its dropped neighbours name
+    (``filters.semdedup.resolve_pairs``): pairs across clusters may be missing from the list."""
     ids = [str(k) for k in keys]
     found = semdedup.resolve_pairs(ids, [None if math.isnan(s) else float(s) for s in scores],
-                                   semdedup.Pairs(i.astype(np.int64), j.astype(np.int64), similarity))
+                                   semdedup.Pairs(i.astype(np.int64), j.astype(np.int64), similarity),
+                                   embeddings=vectors, eps=eps)
     n_dups = np.bincount(found.duplicate_of[found.duplicate_of >= 0], minlength=len(ids))
     for m, key in enumerate(ids):
         if not found.keep[m]:
@@ -234,7 +240,7 @@ def _untag(item):
     return item[1]
 
 
-def resolve(keyed):
+def resolve(keyed, eps: float):
     """(None, border pair blocks) -> (key, ("duplicate", kept key, cosine)) per dropped record and
     (key, ("kept", n dropped as its duplicates)) per kept record that has any: the keep rule over
     every border pair at once (``filters.semdedup.resolve_pairs``), a pair met in two clusters once."""
@@ -247,11 +253,12 @@ def resolve(keyed):
     i = np.concatenate([b[2] + o for b, o in zip(blocks, offsets)])
     j = np.concatenate([b[3] + o for b, o in zip(blocks, offsets)])
     sim = np.concatenate([b[4] for b in blocks])
+    vectors = np.concatenate([b[5] for b in blocks])
     ids, first, inverse = np.unique(keys.astype(str), return_index=True, return_inverse=True)
     i, j = inverse[i], inverse[j]
     lo, hi = np.minimum(i, j), np.maximum(i, j)
     _, once = np.unique(lo * len(ids) + hi, return_index=True)
-    for _, decision in _decide(ids, scores[first], lo[once], hi[once], sim[once].astype(np.float32)):
+    for _, decision in _decide(ids, scores[first], lo[once], hi[once], sim[once].astype(np.float32), vectors[first], eps):
         yield decision
 
 
@@ -318,7 +325,7 @@ class SemanticDedup(beam.PTransform):
                   | "SelectBorderPairs" >> beam.Filter(is_pair_block)
                   | "GatherBorderPairs" >> beam.Map(_to_one_key)
                   | "GroupBorderPairs" >> beam.GroupByKey()
-                  | "ResolveBorderPairs" >> beam.FlatMap(resolve))
+                  | "ResolveBorderPairs" >> beam.FlatMap(resolve, cfg.semdedup_eps))
         decisions = (local, border) | "GatherDecisions" >> beam.Flatten()
         homes = clusters | "HomeClusters" >> beam.FlatMap(home_clusters)
         keyed = records | "KeyRecords" >> beam.Map(_by_key)
