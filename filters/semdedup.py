@@ -1,6 +1,8 @@
 """SemDeDup (Abbas et al., arXiv 2303.09540) as pure functions over embedding arrays.
 
 1. ``train_kmeans`` on a sample of the (L2-normalised) embeddings: spherical k-means with faiss;
+   k is at most sample / 40, so where that leaves clusters above ``SPLIT_FACTOR`` x the target size,
+   a second level (``fine_centroids``) splits each such cluster by its own k-means;
 2. ``assign_clusters``: every embedding to its nearest centroid (faiss inner-product search), and,
    with ``margin > 0``, also to its second-nearest when that one is within ``margin`` of the
    nearest in cosine, so near-duplicates on either side of a cluster border still meet;
@@ -26,6 +28,7 @@ Cost is O(cluster size^2 * dim) per cluster.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -42,6 +45,40 @@ def choose_n_clusters(n_total: int, n_sample: int, target_cluster_size: int) -> 
     """k = ceil(n_total / target_cluster_size), at most n_sample / 40 (faiss's minimum), at least 1."""
     wanted = math.ceil(n_total / max(1, target_cluster_size))
     return max(1, min(wanted, n_sample // MIN_POINTS_PER_CENTROID))
+
+
+SPLIT_FACTOR = 4  # a cluster of more than SPLIT_FACTOR x target_cluster_size rows gets a second k-means level
+MAX_UNIT_ROWS_FACTOR = 8  # a cluster the second level leaves above this x target is compared in row blocks
+
+
+def sample_rank(seed: int, key: str) -> int:
+    """The rank that picks k-means samples: sha1(seed, key), so the same rows on every run and runner."""
+    return int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode("utf-8")).digest()[:8], "big")
+
+
+def fine_centroids(embeddings: np.ndarray, ids, target_cluster_size: int, *, sample_size: int, niter: int = 20,
+                   seed: int = 0) -> np.ndarray:
+    """The second k-means level inside one oversized cluster: k = ceil(m / target) centroids trained
+    on up to ``sample_size`` of its m rows, those of smallest ``sample_rank``, in rank order (so the
+    result does not depend on the order the rows arrive in). (m, d) -> (k, d)."""
+    ranks = np.fromiter((sample_rank(seed, str(k)) for k in ids), np.uint64, len(ids))
+    picked = np.argsort(ranks, kind="stable")[:sample_size]
+    k = choose_n_clusters(len(ids), len(picked), target_cluster_size)
+    return train_kmeans(np.asarray(embeddings[picked], np.float32), k, niter=niter, seed=seed)
+
+
+def members_by_cluster(assigned: np.ndarray) -> list[np.ndarray]:
+    """(n,) or (n, 2) assignment (``assign_clusters``; -1 = no second) -> row indices per cluster met,
+    in cluster order; a row with a second cluster is in both."""
+    assigned = assigned.reshape(assigned.shape[0], -1)
+    n = assigned.shape[0]
+    second = assigned[:, 1] if assigned.shape[1] > 1 else np.full(n, -1)
+    rows = np.concatenate([np.arange(n), np.flatnonzero(second >= 0)])
+    labels = np.concatenate([assigned[:, 0], second[second >= 0]])
+    by_cluster = np.argsort(labels, kind="stable")
+    rows, labels = rows[by_cluster], labels[by_cluster]
+    bounds = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1], True])
+    return [rows[st:en] for st, en in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
 
 SEEDING_POINTS_PER_CENTROID = 16  # k-means++ seeds from at most this many points per centroid
@@ -160,6 +197,14 @@ def cluster_pairs(embeddings: np.ndarray, eps: float, block: int = 2048) -> Pair
     return Pairs(cat(ii).astype(np.int64), cat(jj).astype(np.int64), cat(ss).astype(np.float32))
 
 
+def cross_pairs(a: np.ndarray, b: np.ndarray, eps: float) -> Pairs:
+    """Pairs between two row blocks with cosine >= 1 - eps: (na, d), (nb, d) -> ``Pairs`` with ``i``
+    indexing ``a`` and ``j`` indexing ``b`` (the blocks of one cluster too big to compare at once)."""
+    sims = l2_normalize(a) @ l2_normalize(b).T
+    r, c = np.nonzero(sims >= np.float32(1.0 - eps - SIM_TOLERANCE))
+    return Pairs(r.astype(np.int64), c.astype(np.int64), sims[r, c].astype(np.float32))
+
+
 def resolve_pairs(ids: list[str], scores: list[float | None], pairs: Pairs, *, embeddings: np.ndarray | None = None,
                   eps: float | None = None) -> Duplicates:
     """The keep rule (module docstring) over a pair graph: ``ids``/``scores`` (n,), pairs index them.
@@ -227,26 +272,32 @@ def deduplicate(embeddings: np.ndarray, ids: list[str], scores: list[float | Non
                 sample_size: int = 50_000, target_cluster_size: int = 1000, n_clusters: int | None = None,
                 niter: int = 20, margin: float = 0.01, seed: int = 0) -> Duplicates:
     """SemDeDup over one array of embeddings (n, d): k-means on a seeded sample of ``sample_size``
-    rows, assignment with a border ``margin``, pairs per cluster, one keep decision over all pairs."""
+    rows, assignment with a border ``margin``, pairs per cluster, one keep decision over all pairs.
+
+    Two levels where one is too coarse: k is at most ``sample_size`` / 40, so past about 40 x
+    ``target_cluster_size`` rows per sample row clusters outgrow the target; a cluster of more than
+    ``SPLIT_FACTOR`` x target rows is split by its own k-means (``fine_centroids``, assignment with
+    the same margin), so clusters stay near the target whatever n is (1B rows: about 1,250 coarse
+    clusters of 800k rows, each split into about 800)."""
     n = embeddings.shape[0]
     rng = np.random.default_rng(seed)
     sample = embeddings if n <= sample_size else embeddings[np.sort(rng.choice(n, size=sample_size, replace=False))]
     k = n_clusters or choose_n_clusters(n, sample.shape[0], target_cluster_size)
     centroids = train_kmeans(sample, k, niter=niter, seed=seed)
-    assigned = assign_clusters(embeddings, centroids, margin=margin).reshape(n, -1)
-    second = assigned[:, 1] if assigned.shape[1] > 1 else np.full(n, -1)  # margin 0: nearest only
-    rows = np.concatenate([np.arange(n), np.flatnonzero(second >= 0)])
-    labels = np.concatenate([assigned[:, 0], second[second >= 0]])
-    by_cluster = np.argsort(labels, kind="stable")
-    rows, labels = rows[by_cluster], labels[by_cluster]
-    bounds = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1], True])
     ii, jj, ss = [], [], []
-    for st, en in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        members = rows[st:en]
-        if len(members) < 2:
-            continue
-        p = cluster_pairs(embeddings[members], eps)
-        ii.append(members[p.i]), jj.append(members[p.j]), ss.append(p.similarity)
+    for members in members_by_cluster(assign_clusters(embeddings, centroids, margin=margin)):
+        if len(members) > SPLIT_FACTOR * target_cluster_size:
+            x = embeddings[members]
+            fine = fine_centroids(x, [ids[m] for m in members], target_cluster_size, sample_size=sample_size,
+                                  niter=niter, seed=seed)
+            parts = [members[f] for f in members_by_cluster(assign_clusters(x, fine, margin=margin))]
+        else:
+            parts = [members]
+        for part in parts:
+            if len(part) < 2:
+                continue
+            p = cluster_pairs(embeddings[part], eps)
+            ii.append(part[p.i]), jj.append(part[p.j]), ss.append(p.similarity)
     if ii:
         i, j, s = np.concatenate(ii), np.concatenate(jj), np.concatenate(ss)
         lo, hi = np.minimum(i, j), np.maximum(i, j)

@@ -4,7 +4,9 @@
       --BucketRows--> (bucket, row) --GroupIntoBuckets--> AssignBlocks: one faiss search per batch of rows,
         nearest centroid and, within ``margin``, the second nearest --> (cluster, Block)
       --GroupByCluster--> PairsInCluster: ``filters.semdedup.cluster_pairs``; duplicate groups seen whole
-        in the cluster are decided there (``resolve_pairs``) --> (key, decision); the rest --> border pairs
+        in the cluster are decided there (``resolve_pairs``) --> (key, decision); the rest --> border pairs;
+        an oversized cluster --> work units (second k-means level, row blocks) --SpreadWorkUnits-->
+        PairsInWorkUnit: the same per unit
       --GroupBorderPairs--> ResolveBorderPairs: ``resolve_pairs`` over every border pair --> (key, decision)
     records + home clusters + decisions --JoinByKey--> AnnotateRecords
 
@@ -38,8 +40,12 @@ Choosing the knobs (``filters.config.CurateConfig``):
 - k = ceil(records / ``target_cluster_size``) (default 1,000), so each cluster costs about
   1,000^2 cosines; faiss wants >= 39 sample points per centroid, so k <= sample / 40. The default
   sample of 50,000 (about 150 MB of 768-d float32 in one worker) allows k <= 1,250, which keeps
-  the target size up to about 1.25M records; above that, raise ``kmeans_sample_size`` or set
-  ``kmeans_clusters`` (SemDeDup clustered LAION-440M into 50,000 clusters).
+  the target size up to about 1.25M records; above that a cluster of more than
+  ``SPLIT_FACTOR`` (4) x the target is split in its worker by a second k-means level trained on
+  its own rows (``filters.semdedup.fine_centroids``: at 1B, 1,250 coarse clusters of 800k rows,
+  each into about 800), and the fine clusters go on as work units through a Reshuffle; a fine
+  cluster still above ``MAX_UNIT_ROWS_FACTOR`` (8) x the target is compared in row blocks, one
+  unit per pair of blocks, its pairs all resolved as border pairs.
 - ``semdedup_eps`` (duplicates: cosine >= 1 - eps) defaults to 0.05. The right value depends on
   the embedding model and on how much the dataset may shrink; the manifest's
   ``duplicate_similarity`` column and the report's group-size plot show what a given eps removed.
@@ -49,7 +55,6 @@ Choosing the knobs (``filters.config.CurateConfig``):
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -59,15 +64,12 @@ from apache_beam.metrics import Metrics
 
 from filters import reasons, semdedup
 from filters.config import CurateConfig
+from filters.semdedup import sample_rank
 from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
 
 ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16 = 12 MB
 WIRE_DTYPE = "float16"
 MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate's default
-
-
-def sample_rank(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode("utf-8")).digest()[:8], "big")
 
 
 def _rank_row(record: dict, field: str, seed: int) -> tuple[int, str, np.ndarray, float]:
@@ -157,22 +159,78 @@ def _concat(blocks) -> Block:
                  np.concatenate([b.shared for b in blocks]))
 
 
-def pairs_in_cluster(keyed, modality: str, eps: float):
-    """(cluster, Blocks) -> decisions for the duplicate groups this cluster sees whole, and one pair
-    block for the rest.
+def pairs_in_cluster(keyed, modality: str, cfg: CurateConfig, margin: float):
+    """(cluster, Blocks) -> decisions and border pairs (``pairs_of_block``); a cluster of more than
+    ``SPLIT_FACTOR`` x ``target_cluster_size`` rows -> work units instead: a second k-means level
+    inside it (``filters.semdedup.fine_centroids``, assignment with the same margin), one unit per
+    fine cluster, and a fine cluster still above ``MAX_UNIT_ROWS_FACTOR`` x target (rows k-means
+    cannot part, such as thousands of copies of one image) cut into row blocks, one unit per pair of
+    blocks. Units are spread over workers by a Reshuffle, so no cluster is one hot key."""
+    cluster, block = keyed[0], _concat(keyed[1])
+    Metrics.distribution("curate", f"cluster_size_{modality}").update(len(block.keys))
+    target = cfg.target_cluster_size
+    if len(block.keys) <= semdedup.SPLIT_FACTOR * target:
+        yield from pairs_of_block(block, cfg.semdedup_eps)
+        return
+    Metrics.counter("curate", "semdedup_split_clusters").inc()
+    x = block.vectors.astype(np.float32)
+    fine = semdedup.fine_centroids(x, block.keys, target, sample_size=cfg.kmeans_sample_size,
+                                   niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
+    assigned = semdedup.assign_clusters(x, fine, margin=margin).reshape(len(x), -1)
+    fine_shared = assigned[:, 1] >= 0 if assigned.shape[1] > 1 else np.zeros(len(x), bool)
+    keys = np.asarray(block.keys, object)
+    for rows in semdedup.members_by_cluster(assigned):
+        sub = Block(tuple(keys[rows]), block.vectors[rows], block.scores[rows], block.home[rows],
+                    block.shared[rows] | fine_shared[rows])  # in another fine or coarse cluster too
+        if len(rows) <= semdedup.MAX_UNIT_ROWS_FACTOR * target:
+            yield "unit", ("whole", sub, None)
+            continue
+        Metrics.counter("curate", "semdedup_block_split_clusters").inc()
+        size = semdedup.SPLIT_FACTOR * target
+        parts = [_take(sub, np.arange(st, min(st + size, len(rows)))) for st in range(0, len(rows), size)]
+        for a in range(len(parts)):
+            for b in range(a, len(parts)):
+                yield "unit", ("blocks", parts[a], parts[b] if b != a else None)
+
+
+def _take(block: Block, rows: np.ndarray) -> Block:
+    return Block(tuple(np.asarray(block.keys, object)[rows]), block.vectors[rows], block.scores[rows],
+                 block.home[rows], block.shared[rows])
+
+
+def pairs_of_unit(unit, eps: float):
+    """A work unit of a split cluster -> decisions and border pairs. A fine cluster is treated as a
+    cluster; the pairs of a pair of row blocks all go on as border pairs (their groups may span blocks)."""
+    kind, a, b = unit
+    if kind == "whole":
+        yield from pairs_of_block(a, eps)
+        return
+    if b is None:
+        pairs = semdedup.cluster_pairs(a.vectors.astype(np.float32), eps)
+        both = a
+    else:
+        p = semdedup.cross_pairs(a.vectors.astype(np.float32), b.vectors.astype(np.float32), eps)
+        pairs = semdedup.Pairs(p.i, p.j + len(a.keys), p.similarity)
+        both = _concat([a, b])
+    if len(pairs.i):
+        Metrics.counter("curate", "semdedup_pairs_border").inc(len(pairs.i))
+        yield from _members_out(both, pairs, np.ones(len(pairs.i), bool), eps)
+
+
+def pairs_of_block(block: Block, eps: float):
+    """One cluster's rows -> decisions for the duplicate groups it sees whole, and one pair block for
+    the rest.
 
     A connected group of pairs none of whose members is in a second cluster is whole here: each of
     its members meets others only in this cluster. The keep rule looks only at a member's
     neighbours, so resolving that group here gives what resolving every pair at once would. A
     group with a member shared with another cluster may continue there: its pairs go on to
-    ``ResolvePairs`` as (keys, scores, i, j, similarity) over the members in them, so only the
-    border's pairs ever meet in one place.
+    ``ResolveBorderPairs`` as (keys, scores, i, j, similarity, vectors) over the members in them, so
+    only the border's pairs ever meet in one place.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    cluster, block = keyed[0], _concat(keyed[1])
-    Metrics.distribution("curate", f"cluster_size_{modality}").update(len(block.keys))
     if len(block.keys) < 2:
         return
     pairs = semdedup.cluster_pairs(block.vectors.astype(np.float32), eps)
@@ -186,6 +244,10 @@ def pairs_in_cluster(keyed, modality: str, eps: float):
     border = border_group[group[pairs.i]]  # a pair's two members are in one group
     Metrics.counter("curate", "semdedup_pairs_border").inc(int(border.sum()))
     Metrics.counter("curate", "semdedup_pairs_local").inc(int(len(border) - border.sum()))
+    yield from _members_out(block, pairs, border, eps)
+
+
+def _members_out(block: Block, pairs, border: np.ndarray, eps: float):
     keys = np.asarray(block.keys, object)
     for part, out in ((~border, _decide), (border, _pair_block)):
         if part.any():
@@ -221,6 +283,10 @@ def is_pair_block(item) -> bool:
 
 def is_decision(item) -> bool:
     return item[0] == "decision"
+
+
+def is_unit(item) -> bool:
+    return item[0] == "unit"
 
 
 def home_clusters(keyed):
@@ -317,7 +383,13 @@ class SemanticDedup(beam.PTransform):
                                                    beam.pvalue.AsSingleton(centroids))
                     | "GroupByCluster" >> beam.GroupByKey())
         # two Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
-        found = clusters | "PairsInCluster" >> beam.FlatMap(pairs_in_cluster, self.modality, cfg.semdedup_eps)
+        found = clusters | "PairsInCluster" >> beam.FlatMap(pairs_in_cluster, self.modality, cfg, self.margin)
+        in_units = (found
+                    | "SelectWorkUnits" >> beam.Filter(is_unit)
+                    | "UntagWorkUnits" >> beam.Map(_untag)
+                    | "SpreadWorkUnits" >> beam.Reshuffle()
+                    | "PairsInWorkUnit" >> beam.FlatMap(pairs_of_unit, cfg.semdedup_eps))
+        found = (found, in_units) | "GatherFound" >> beam.Flatten()
         local = (found
                  | "SelectLocalDecisions" >> beam.Filter(is_decision)
                  | "UntagDecisions" >> beam.Map(_untag))

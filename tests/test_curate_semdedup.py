@@ -14,7 +14,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that
 
 from filters.config import CurateConfig
-from filters.semdedup import deduplicate
+from filters import semdedup
+from filters.semdedup import deduplicate, find_duplicates
 from pipelines import dedup
 
 EPS = 0.05
@@ -67,7 +68,7 @@ def bare_on_the_jobs_sample(x, keys, scores, cfg):
     order = sorted(range(len(keys)), key=lambda i: dedup.sample_rank(cfg.kmeans_seed, keys[i]))
     found = deduplicate(x[order], [keys[i] for i in order], [scores[i] for i in order], EPS,
                         sample_size=len(keys), n_clusters=cfg.kmeans_clusters, niter=cfg.kmeans_iterations,
-                        margin=dedup.MARGIN, seed=cfg.kmeans_seed)
+                        margin=dedup.MARGIN, seed=cfg.kmeans_seed, target_cluster_size=cfg.target_cluster_size)
     ordered = [keys[i] for i in order]
     return {ordered[m]: (None if found.keep[m] else ordered[int(found.duplicate_of[m])]) for m in range(len(order))}
 
@@ -114,3 +115,34 @@ def test_assignment_is_one_search_per_batch(monkeypatch, tmp_path):
     found = deduplicate(x[order], [keys[i] for i in order], [scores[i] for i in order], EPS, sample_size=200,
                         n_clusters=3, margin=0.0)
     assert {keys[i] for i, k in zip(order, found.keep) if k} == {k for k, r in got.items() if not r["duplicate_of"]}
+
+
+def test_two_levels_keep_clusters_near_the_target_and_find_every_pair(monkeypatch):
+    """One coarse cluster of 600 rows (k forced to 1, as when n outgrows sample / 40 x target): the
+    second level splits it into clusters of about 40 rows, and with the margin the result is the
+    exact one (every pair compared at once)."""
+    x, keys, scores = planted_rows()
+    sizes = []
+    real = semdedup.cluster_pairs
+    monkeypatch.setattr(semdedup, "cluster_pairs", lambda e, *a, **k: sizes.append(len(e)) or real(e, *a, **k))
+    found = deduplicate(x, keys, scores, EPS, n_clusters=1, target_cluster_size=10, sample_size=600, margin=0.05)
+    assert len(sizes) >= 12 and max(sizes) <= 150 and sum(sizes) < 2 * 600  # 15 fine clusters, margin copies
+    sizes.clear()
+    exact = find_duplicates(keys, x, scores, EPS)
+    assert sizes == [600]
+    assert found.keep.tolist() == exact.keep.tolist() and found.duplicate_of.tolist() == exact.duplicate_of.tolist()
+    assert 40 <= (~exact.keep).sum() <= 120
+
+
+def test_job_splits_oversized_clusters_and_keeps_what_deduplicate_keeps(tmp_path):
+    """Two coarse clusters of about 300 rows, target 5: each is split by a second k-means level
+    (k capped at 300 / 40: fine clusters of about 40) into work units, and fine clusters still above
+    8 x 5 rows are compared in row blocks of 20."""
+    x, keys, scores = planted_rows()
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=2, kmeans_sample_size=len(keys), target_cluster_size=5)
+    want = bare_on_the_jobs_sample(x, keys, scores, cfg)
+    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype="float32", batch=256)
+    assert counters["semdedup_split_clusters"] == 2 and counters["semdedup_block_split_clusters"] > 0
+    assert sorted(got) == sorted(keys)
+    assert {k: r.get("duplicate_of") for k, r in got.items()} == want
+    assert 40 <= sum(v is not None for v in want.values()) <= 120
