@@ -32,6 +32,10 @@ ships exact vectors.
 
 The sample is the ``kmeans_sample_size`` records with the smallest ``sha1(seed, key)``: a uniform
 sample that is the same on every run and runner, so clusters, and hence results, are reproducible.
+With ``sidecars`` (the ``.emb.npy`` files the filter job's records come from) it is drawn from
+those files instead (``sidecar_sample``: a hash of (seed, file, row) ranks the rows; each file
+yields the rows below a quantile, then the global top picks the sample), so the k-means input is
+read straight from storage, once, and the records carry no rank for it.
 No step emits from ``finish_bundle`` (Beam's Dask runner drops that output: ``BatchElements`` and
 ``Top.Of`` lost records there) and none has tagged outputs (Dask gives every element to each).
 
@@ -55,6 +59,7 @@ Choosing the knobs (``filters.config.CurateConfig``):
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
@@ -80,6 +85,31 @@ def _rank_row(record: dict, field: str, seed: int) -> tuple[int, str, np.ndarray
 
 def _rank(item: tuple) -> int:
     return item[0]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic): a fast, well-spread hash of row numbers."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sidecar_sample(path: str, n_total: int, size: int, seed: int):
+    """Rows of one ``.emb.npy`` sidecar for the k-means sample: those whose rank, a hash of (seed,
+    file, row), falls below the quantile that leaves about 2 x ``size`` rows of ``n_total`` (the
+    global top ``size`` then picks exactly ``size``). -> (rank, "file:row", vector, NaN) rows, as
+    ``RankRows`` makes them. Only the sidecar is read, none of the records."""
+    from teachers.fs import read_bytes
+
+    x = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+    salt = np.uint64(sample_rank(seed, path))
+    ranks = _mix64(np.arange(len(x), dtype=np.uint64) ^ salt)
+    cut = np.uint64(min(2**64 - 1, int(2 * size / max(1, n_total) * 2**64)))
+    picked = np.flatnonzero(ranks < cut) if 2 * size < n_total else np.arange(len(x))
+    Metrics.counter("curate", "kmeans_sample_sidecar_rows").inc(len(picked))
+    for r in picked.tolist():
+        yield int(ranks[r]), f"{path}:{r}", np.asarray(x[r], np.float32), math.nan
 
 
 def train_centroids(sample: list, n_total: int, cfg: CurateConfig) -> np.ndarray | None:
@@ -359,8 +389,9 @@ class SemanticDedup(beam.PTransform):
     """
 
     def __init__(self, modality: str, cfg: CurateConfig, *, margin: float | None = None, wire_dtype: str = WIRE_DTYPE,
-                 batch: int = ASSIGN_BATCH):
+                 batch: int = ASSIGN_BATCH, sidecars: tuple[str, ...] = ()):
         super().__init__()
+        self.sidecars = tuple(sidecars)  # .emb.npy files holding the same embeddings: the k-means sample comes from them
         self.modality = modality
         self.field = EMBEDDING_FIELDS[modality]
         self.cfg = cfg
@@ -372,9 +403,16 @@ class SemanticDedup(beam.PTransform):
         rows = records | "RankRows" >> beam.Map(_rank_row, self.field, cfg.kmeans_seed)
         # CombineGlobally(TopCombineFn), not Top.Of: Top.Of emits from finish_bundle, which Beam's
         # Dask runner drops (the sample came out empty there); the result is the same.
-        sample = rows | "SampleForKMeans" >> beam.CombineGlobally(
-            beam.combiners.TopCombineFn(cfg.kmeans_sample_size, key=_rank, reverse=True))
         count = records | "CountRecords" >> beam.combiners.Count.Globally()
+        candidates = rows
+        if self.sidecars:  # read the sidecars for the sample, not the records (which may still be arriving)
+            candidates = (records.pipeline
+                          | "ListSidecars" >> beam.Create(list(self.sidecars))
+                          | "SpreadSidecars" >> beam.Reshuffle()
+                          | "SampleSidecars" >> beam.FlatMap(sidecar_sample, beam.pvalue.AsSingleton(count),
+                                                             cfg.kmeans_sample_size, cfg.kmeans_seed))
+        sample = candidates | "SampleForKMeans" >> beam.CombineGlobally(
+            beam.combiners.TopCombineFn(cfg.kmeans_sample_size, key=_rank, reverse=True))
         centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
         clusters = (rows
                     | "BucketRows" >> beam.Map(_bucket_row, beam.pvalue.AsSingleton(count), self.batch, self.wire_dtype)
