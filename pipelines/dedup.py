@@ -77,10 +77,58 @@ WIRE_DTYPE = "float16"
 MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate's default
 
 
-def _rank_row(record: dict, field: str, seed: int) -> tuple[int, str, np.ndarray, float]:
+def _rank_row(record: dict, field: str, seed: int, wire_dtype: str) -> tuple[int, str, np.ndarray, float]:
     score = effective_aesthetic(record)
-    return (sample_rank(seed, record["key"]), record["key"], np.asarray(record[field], np.float32),
+    return (sample_rank(seed, record["key"]), record["key"], np.asarray(record[field]).astype(wire_dtype),
             math.nan if score is None else float(score))
+
+
+class SmallestRanks(beam.CombineFn):
+    """The ``size`` rows of smallest rank (``TopCombineFn``'s result) with a packed accumulator: rows
+    gather in lists and are compacted into (ranks, keys, vectors, scores) arrays, so an accumulator
+    pickles as a few arrays, not as one pickled vector per row (the sample is 50,000 rows)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def create_accumulator(self):
+        return [None, []]  # packed (ranks uint64, keys object, vectors, scores), rows not yet packed
+
+    def add_input(self, acc, row):
+        acc[1].append(row)
+        if len(acc[1]) >= 2 * self.size:
+            acc = self._compact(acc)
+        return acc
+
+    def _compact(self, acc):
+        packed, rows = acc
+        parts = [packed] if packed is not None else []
+        if rows:
+            parts.append((np.fromiter((r[0] for r in rows), np.uint64, len(rows)), np.asarray([r[1] for r in rows], object),
+                          np.stack([r[2] for r in rows]), np.asarray([r[3] for r in rows], np.float64)))
+        if not parts:
+            return [None, []]
+        ranks, keys, vectors, scores = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        if len(ranks) > self.size:
+            keep = np.argpartition(ranks, self.size - 1)[:self.size]
+            ranks, keys, vectors, scores = ranks[keep], keys[keep], vectors[keep], scores[keep]
+        return [(ranks, keys, vectors, scores), []]
+
+    def merge_accumulators(self, accumulators):
+        rows, packed = [], []
+        for acc in accumulators:
+            rows += acc[1]
+            if acc[0] is not None:
+                packed.append(acc[0])
+        merged = tuple(np.concatenate([p[i] for p in packed]) for i in range(4)) if packed else None
+        return self._compact([merged, rows])
+
+    def extract_output(self, acc):
+        packed, _ = self._compact(acc)
+        if packed is None:
+            return []
+        order = np.argsort(packed[0], kind="stable")
+        return [(int(packed[0][i]), packed[1][i], packed[2][i], float(packed[3][i])) for i in order.tolist()]
 
 
 def _rank(item: tuple) -> int:
@@ -116,15 +164,15 @@ def train_centroids(sample: list, n_total: int, cfg: CurateConfig) -> np.ndarray
     """k-means centroids from the sample (sorted by rank for a stable order); None if empty."""
     if not sample:
         return None
-    vectors = np.stack([row[2] for row in sorted(sample, key=_rank)])
+    vectors = np.stack([row[2] for row in sorted(sample, key=_rank)]).astype(np.float32)
     k = cfg.kmeans_clusters or semdedup.choose_n_clusters(n_total, len(vectors), cfg.target_cluster_size)
     Metrics.distribution("curate", "kmeans_clusters").update(min(k, len(vectors)))
     return semdedup.train_kmeans(vectors, k, niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
 
 
-def _bucket_row(row: tuple, n_total: int, batch: int, wire_dtype: str):
-    rank, key, vector, score = row
-    return rank % max(1, math.ceil(n_total / batch)), (key, vector.astype(wire_dtype), score)
+def _bucket_row(row: tuple, n_total: int, batch: int):
+    rank, key, vector, score = row  # vector: already the wire dtype (RankRows)
+    return rank % max(1, math.ceil(n_total / batch)), (key, vector, score)
 
 
 @dataclass(frozen=True)
@@ -400,8 +448,8 @@ class SemanticDedup(beam.PTransform):
 
     def expand(self, records):
         cfg = self.cfg
-        rows = records | "RankRows" >> beam.Map(_rank_row, self.field, cfg.kmeans_seed)
-        # CombineGlobally(TopCombineFn), not Top.Of: Top.Of emits from finish_bundle, which Beam's
+        rows = records | "RankRows" >> beam.Map(_rank_row, self.field, cfg.kmeans_seed, self.wire_dtype)
+        # A CombineFn (SmallestRanks), not Top.Of: Top.Of emits from finish_bundle, which Beam's
         # Dask runner drops (the sample came out empty there); the result is the same.
         count = records | "CountRecords" >> beam.combiners.Count.Globally()
         candidates = rows
@@ -411,11 +459,10 @@ class SemanticDedup(beam.PTransform):
                           | "SpreadSidecars" >> beam.Reshuffle()
                           | "SampleSidecars" >> beam.FlatMap(sidecar_sample, beam.pvalue.AsSingleton(count),
                                                              cfg.kmeans_sample_size, cfg.kmeans_seed))
-        sample = candidates | "SampleForKMeans" >> beam.CombineGlobally(
-            beam.combiners.TopCombineFn(cfg.kmeans_sample_size, key=_rank, reverse=True))
+        sample = candidates | "SampleForKMeans" >> beam.CombineGlobally(SmallestRanks(cfg.kmeans_sample_size))
         centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
         clusters = (rows
-                    | "BucketRows" >> beam.Map(_bucket_row, beam.pvalue.AsSingleton(count), self.batch, self.wire_dtype)
+                    | "BucketRows" >> beam.Map(_bucket_row, beam.pvalue.AsSingleton(count), self.batch)
                     | "GroupIntoBuckets" >> beam.GroupByKey()
                     | "AssignBlocks" >> beam.ParDo(AssignBlocksFn(self.margin, self.batch),
                                                    beam.pvalue.AsSingleton(centroids))
