@@ -217,17 +217,10 @@ class AssignBlocksFn(beam.DoFn):
         assigned = semdedup.assign_clusters(vectors.astype(np.float32), self._centroids, self._index,
                                             margin=self.margin).reshape(len(chunk), -1)
         home = assigned[:, 0]
-        second = assigned[:, 1] if assigned.shape[1] > 1 else np.full(len(chunk), -1)  # margin 0: nearest only
-        shared = second >= 0
-        rows = np.concatenate([np.arange(len(chunk)), np.flatnonzero(shared)])
-        labels = np.concatenate([home, second[shared]])
-        Metrics.counter("curate", "semdedup_margin_copies").inc(int(len(rows) - len(chunk)))
-        order = np.argsort(labels, kind="stable")
-        rows, labels = rows[order], labels[order]
-        bounds = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1], True])
-        for st, en in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            r = rows[st:en]
-            yield int(labels[st]), Block(tuple(keys[r]), vectors[r], scores[r], home[r], shared[r])
+        shared = (assigned[:, 1:] >= 0).any(axis=1)  # margin copies in other clusters (none with margin 0)
+        Metrics.counter("curate", "semdedup_margin_copies").inc(int((assigned[:, 1:] >= 0).sum()))
+        for cluster, r in semdedup.members_by_cluster(assigned):
+            yield cluster, Block(tuple(keys[r]), vectors[r], scores[r], home[r], shared[r])
 
 
 def _concat(blocks) -> Block:
@@ -255,9 +248,9 @@ def pairs_in_cluster(keyed, modality: str, cfg: CurateConfig, margin: float):
     fine = semdedup.fine_centroids(x, block.keys, target, sample_size=cfg.kmeans_sample_size,
                                    niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
     assigned = semdedup.assign_clusters(x, fine, margin=margin).reshape(len(x), -1)
-    fine_shared = assigned[:, 1] >= 0 if assigned.shape[1] > 1 else np.zeros(len(x), bool)
+    fine_shared = (assigned[:, 1:] >= 0).any(axis=1)
     keys = np.asarray(block.keys, object)
-    for rows in semdedup.members_by_cluster(assigned):
+    for _, rows in semdedup.members_by_cluster(assigned):
         sub = Block(tuple(keys[rows]), block.vectors[rows], block.scores[rows], block.home[rows],
                     block.shared[rows] | fine_shared[rows])  # in another fine or coarse cluster too
         if len(rows) <= semdedup.MAX_UNIT_ROWS_FACTOR * target:

@@ -158,3 +158,18 @@ def test_a_group_whose_pair_no_cluster_compared_keeps_one():
         assert found.duplicate_of.tolist() == [-1, 0, 0 if x is clique else -1]
         if x is clique:
             assert found.similarity[2] == pytest.approx(sims[0, 2], abs=1e-6)
+
+
+def test_margin_reaches_the_third_nearest_centroid():
+    """A pair whose clusters are not each other's second nearest: x is nearest A, then C, then B;
+    y is nearest B, then D. With the second nearest only they never meet (x: A, C; y: B, D); with
+    the next two nearest within the margin, x is also in B, where y is."""
+    e = np.eye(8, dtype=np.float32)
+    a, b, c, d = e[0], e[1], e[2], e[3]
+    x = 0.500 * a + 0.494 * b + 0.497 * c + 3.0 * e[4]
+    y = 0.400 * a + 0.500 * b + 0.497 * d + 3.0 * e[4]
+    x, y = x / np.linalg.norm(x), y / np.linalg.norm(y)
+    assert x @ y >= 0.95
+    centroids = np.stack([a, b, c, d])
+    assert assign_clusters(np.stack([x, y]), centroids, margin=0.01, neighbours=2).tolist() == [[0, 2], [1, 3]]
+    assert assign_clusters(np.stack([x, y]), centroids, margin=0.01).tolist() == [[0, 2, 1], [1, 3, -1]]
