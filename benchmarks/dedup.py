@@ -163,7 +163,7 @@ def run_ivf(x, keys, scores, eps, args):
         keep = labels > rows
         ii.append(rows[keep]), jj.append(labels[keep]), ss.append(sims[keep])
     pairs = semdedup.Pairs(np.concatenate(ii), np.concatenate(jj), np.concatenate(ss).astype(np.float32))
-    result = semdedup.resolve_pairs(keys, list(scores), pairs)
+    result = semdedup.resolve_pairs(keys, list(scores), pairs, embeddings=x, eps=eps)
     return result.keep, result.duplicate_of
 
 
