@@ -208,7 +208,9 @@ def run_beam(x, keys, scores, eps, args):
              | beam.Map(outcome_line) | beam.io.WriteToText(f"{tmp}/out"))
         result = p.run()
         result.wait_until_finish()
-        counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
+        counters = {}
+        for c in result.metrics().query(MetricsFilter())["counters"]:  # a name counted in several steps: summed
+            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (c.committed or 0)
         print("beam counters:", {k: v for k, v in sorted(counters.items()) if k.startswith("semdedup")}, flush=True)
         for name in glob.glob(f"{tmp}/out*"):
             with open(name) as f:
