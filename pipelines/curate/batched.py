@@ -70,9 +70,10 @@ class _Columns:
         d = self.data
         for name in _STRINGS:
             value = record.get(name)
-            d[name].append(None if value is None else str(value))
+            d[name].append(value if value is None or type(value) is str else str(value))
         for name in _FLOATS:
-            d[name].append(_number(record.get(name)))
+            value = record.get(name)
+            d[name].append(None if value is None else _number(value))
         d["caption"].append(caption)
         d["image_ref"].append(record.get("image_ref"))
         d["n_words"].append(len(caption.split()))
