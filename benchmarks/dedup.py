@@ -163,7 +163,7 @@ def run_ivf(x, keys, scores, eps, args):
         keep = labels > rows
         ii.append(rows[keep]), jj.append(labels[keep]), ss.append(sims[keep])
     pairs = semdedup.Pairs(np.concatenate(ii), np.concatenate(jj), np.concatenate(ss).astype(np.float32))
-    result = semdedup.resolve_pairs(keys, list(scores), pairs)
+    result = semdedup.resolve_pairs(keys, list(scores), pairs, embeddings=x, eps=eps)
     return result.keep, result.duplicate_of
 
 
@@ -208,7 +208,9 @@ def run_beam(x, keys, scores, eps, args):
              | beam.Map(outcome_line) | beam.io.WriteToText(f"{tmp}/out"))
         result = p.run()
         result.wait_until_finish()
-        counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
+        counters = {}
+        for c in result.metrics().query(MetricsFilter())["counters"]:  # a name counted in several steps: summed
+            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (c.committed or 0)
         print("beam counters:", {k: v for k, v in sorted(counters.items()) if k.startswith("semdedup")}, flush=True)
         for name in glob.glob(f"{tmp}/out*"):
             with open(name) as f:

@@ -128,16 +128,19 @@ RULE_COLUMNS = ("caption", "n_clip_tokens", "punsafe", "pwatermark", "nsfw", "wi
 
 def check_batch(batch, cfg: CurateConfig):
     """``check_length``, ``check_safety`` and ``check_size`` over a pyarrow Table or RecordBatch of
-    normalised captions (columns ``RULE_COLUMNS``) -> a string Array: each row's first failing
-    reason, in the per-record order, or null where every rule passes. Vectorised with
-    ``pyarrow.compute``; token counts are an input (BPE runs per caption)."""
+    normalised captions (columns ``RULE_COLUMNS``; ``n_words`` too where counted already) -> a string
+    Array: each row's first failing reason, in the per-record order, or null where every rule passes.
+    Vectorised with ``pyarrow.compute``; token counts are an input (BPE runs per caption)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     col = batch.column
     caption = col("caption")
-    n_words = pc.if_else(pc.equal(pc.utf8_length(caption), 0), 0,
-                         pc.list_value_length(pc.utf8_split_whitespace(caption)))
+    if "n_words" in batch.schema.names:  # counted with str.split(), as word_count does
+        n_words = col("n_words")
+    else:
+        n_words = pc.if_else(pc.equal(pc.utf8_length(caption), 0), 0,
+                             pc.list_value_length(pc.utf8_split_whitespace(caption)))
     n_tokens = col("n_clip_tokens")
 
     def known(name):  # null and NaN are unknown: the rule passes

@@ -57,8 +57,10 @@ class CurateConfig:
                    "within this of the nearest's, so near-duplicates on a cluster border meet (0 = nearest only)")
     semdedup_on: str = option("auto", choices=DEDUP_ON, help="'auto': image embeddings where images exist, text otherwise; 'text'; 'image'")
     kmeans_sample_size: int = option(50_000, help="embeddings sampled (deterministically) to train k-means")
-    kmeans_clusters: int = option(0, help="k; 0 = ceil(records / target_cluster_size), capped by sample / 40")
-    target_cluster_size: int = option(1_000, help="records per cluster aimed at when kmeans_clusters = 0")
+    kmeans_clusters: int = option(0, help="k; 0 = ceil(records / target_cluster_size), capped by sample / 40 (a "
+                                          "second level splits what that leaves too big)")
+    target_cluster_size: int = option(1_000, help="records per cluster aimed at; a cluster above 4 x this gets a second "
+                                                  "k-means level (and row blocks above 8 x), whatever k is")
     kmeans_iterations: int = option(20, help="Lloyd iterations (faiss)")
     kmeans_seed: int = option(0, help="seed of the k-means init and of the sample")
     # -- images ----------------------------------------------------------------------------------

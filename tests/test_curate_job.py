@@ -272,6 +272,17 @@ def test_job_embeddings_and_report(job):
     assert funnel["aesthetic"] == funnel["image decoded + size"] - 1
 
 
+def test_per_record_path_writes_the_same_outputs(job):
+    """The job above ran its caption stages on Arrow batches (the default); one record per element
+    (``--record_batch 0``, the reference path) writes the same manifest, rejects and summary."""
+    from test_curate_batched import assert_same, outputs
+
+    tmp = job["tmp"]
+    curate.run(job_args(tmp, job["inputs"], tmp / "per_record") + ["--record_batch", "0"],
+               test_pipeline=BeamTestPipeline())
+    assert_same(outputs(tmp / "per_record"), outputs(tmp / "out"))
+
+
 def test_bad_arguments_fail_before_the_pipeline(tmp_path, capsys):
     with pytest.raises(ValueError, match="nope.txt.*matches no file"):
         curate.run(["--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o")])

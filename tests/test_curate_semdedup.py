@@ -14,7 +14,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that
 
 from filters.config import CurateConfig
-from filters.semdedup import deduplicate
+from filters import semdedup
+from filters.semdedup import deduplicate, find_duplicates
 from pipelines import dedup
 
 EPS = 0.05
@@ -67,7 +68,7 @@ def bare_on_the_jobs_sample(x, keys, scores, cfg):
     order = sorted(range(len(keys)), key=lambda i: dedup.sample_rank(cfg.kmeans_seed, keys[i]))
     found = deduplicate(x[order], [keys[i] for i in order], [scores[i] for i in order], EPS,
                         sample_size=len(keys), n_clusters=cfg.kmeans_clusters, niter=cfg.kmeans_iterations,
-                        margin=dedup.MARGIN, seed=cfg.kmeans_seed)
+                        margin=dedup.MARGIN, seed=cfg.kmeans_seed, target_cluster_size=cfg.target_cluster_size)
     ordered = [keys[i] for i in order]
     return {ordered[m]: (None if found.keep[m] else ordered[int(found.duplicate_of[m])]) for m in range(len(order))}
 
@@ -114,3 +115,53 @@ def test_assignment_is_one_search_per_batch(monkeypatch, tmp_path):
     found = deduplicate(x[order], [keys[i] for i in order], [scores[i] for i in order], EPS, sample_size=200,
                         n_clusters=3, margin=0.0)
     assert {keys[i] for i, k in zip(order, found.keep) if k} == {k for k, r in got.items() if not r["duplicate_of"]}
+
+
+def test_two_levels_keep_clusters_near_the_target_and_find_every_pair(monkeypatch):
+    """One coarse cluster of 600 rows (k forced to 1, as when n outgrows sample / 40 x target): the
+    second level splits it into clusters of about 40 rows, and with the margin the result is the
+    exact one (every pair compared at once)."""
+    x, keys, scores = planted_rows()
+    sizes = []
+    real = semdedup.cluster_pairs
+    monkeypatch.setattr(semdedup, "cluster_pairs", lambda e, *a, **k: sizes.append(len(e)) or real(e, *a, **k))
+    found = deduplicate(x, keys, scores, EPS, n_clusters=1, target_cluster_size=10, sample_size=600, margin=0.05)
+    assert len(sizes) >= 12 and max(sizes) <= 150 and sum(sizes) < 2 * 600  # 15 fine clusters, margin copies
+    sizes.clear()
+    exact = find_duplicates(keys, x, scores, EPS)
+    assert sizes == [600]
+    assert found.keep.tolist() == exact.keep.tolist() and found.duplicate_of.tolist() == exact.duplicate_of.tolist()
+    assert 40 <= (~exact.keep).sum() <= 120
+
+
+def test_job_splits_oversized_clusters_and_keeps_what_deduplicate_keeps(tmp_path):
+    """Two coarse clusters of about 300 rows, target 5: each is split by a second k-means level
+    (k capped at 300 / 40: fine clusters of about 40) into work units, and fine clusters still above
+    8 x 5 rows are compared in row blocks of 20."""
+    x, keys, scores = planted_rows()
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=2, kmeans_sample_size=len(keys), target_cluster_size=5)
+    want = bare_on_the_jobs_sample(x, keys, scores, cfg)
+    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype="float32", batch=256)
+    assert counters["semdedup_split_clusters"] == 2 and counters["semdedup_block_split_clusters"] > 0
+    assert sorted(got) == sorted(keys)
+    assert {k: r.get("duplicate_of") for k, r in got.items()} == want
+    assert 40 <= sum(v is not None for v in want.values()) <= 120
+
+
+def test_kmeans_sample_from_emb_npy_sidecars(tmp_path):
+    """The sample read from ``.emb.npy`` sidecars (three files of the same embeddings, one for every
+    200 records): a sample of 250 rows of 600 trains the centroids, and the job gives the exact answer."""
+    x, keys, scores = planted_rows()
+    paths = []
+    for s in range(3):
+        paths.append(str(tmp_path / f"{s:06d}.emb.npy"))
+        np.save(paths[-1], x[200 * s: 200 * (s + 1)].astype(np.float16))
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=3, kmeans_sample_size=250)
+    # margin 2: every row in each of its 3 clusters, so every pair is compared whatever the clusters
+    # (faiss's threaded k-means may move a border between runs): the exact answer, deterministically
+    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", sidecars=tuple(paths), margin=2.0)
+    assert 300 <= counters["kmeans_sample_sidecar_rows"] <= 700  # about 2 x 250 candidates, then the top 250
+    assert counters["semdedup_margin_copies"] == 2 * len(keys)
+    exact = find_duplicates(keys, x, scores, EPS)  # every pair compared at once
+    want = {k: None if exact.keep[m] else keys[int(exact.duplicate_of[m])] for m, k in enumerate(keys)}
+    assert {k: r.get("duplicate_of") for k, r in got.items()} == want

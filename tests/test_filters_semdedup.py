@@ -137,3 +137,39 @@ def test_deduplicate_keeps_exactly_one_per_planted_group():
     for members in groups:
         assert sum(found.keep[m] for m in members) == 1
     assert found.keep[24:].all()  # singles
+
+
+def test_a_group_whose_pair_no_cluster_compared_keeps_one():
+    """A ~ B ~ C all within the threshold, but A-C was never compared (A and C share no cluster; B
+    was in both): with the embeddings the rule compares C with A, the member its neighbour B was
+    dropped for, so the group keeps one. A true chain (A !~ C) still keeps both ends."""
+    e = np.eye(8, dtype=np.float32)
+    clique = np.stack([e[0], 0.99 * e[0] + np.sqrt(1 - 0.99**2) * e[1], 0.99 * e[0] + np.sqrt(1 - 0.99**2) * e[2]])
+    t = np.arccos(0.97)
+    chain = np.stack([e[0], np.cos(t) * e[0] + np.sin(t) * e[1], np.cos(2 * t) * e[0] + np.sin(2 * t) * e[1]])
+    ids, scores = ["a", "b", "c"], [9.0, 8.0, 7.0]  # rank a, b, c
+    for x, kept in ((clique, [True, False, False]), (chain, [True, False, True])):
+        sims = x @ x.T
+        assert sims[0, 1] >= 0.95 and sims[1, 2] >= 0.95 and (sims[0, 2] >= 0.95) == (x is clique)
+        pairs = Pairs(np.array([0, 1]), np.array([1, 2]), np.array([sims[0, 1], sims[1, 2]], np.float32))  # no a-c
+        assert resolve_pairs(ids, scores, pairs).keep.tolist() == [True, False, True]  # pairs alone: two kept
+        found = resolve_pairs(ids, scores, pairs, embeddings=x, eps=0.05)
+        assert found.keep.tolist() == kept
+        assert found.duplicate_of.tolist() == [-1, 0, 0 if x is clique else -1]
+        if x is clique:
+            assert found.similarity[2] == pytest.approx(sims[0, 2], abs=1e-6)
+
+
+def test_margin_reaches_the_third_nearest_centroid():
+    """A pair whose clusters are not each other's second nearest: x is nearest A, then C, then B;
+    y is nearest B, then D. With the second nearest only they never meet (x: A, C; y: B, D); with
+    the next two nearest within the margin, x is also in B, where y is."""
+    e = np.eye(8, dtype=np.float32)
+    a, b, c, d = e[0], e[1], e[2], e[3]
+    x = 0.500 * a + 0.494 * b + 0.497 * c + 3.0 * e[4]
+    y = 0.400 * a + 0.500 * b + 0.497 * d + 3.0 * e[4]
+    x, y = x / np.linalg.norm(x), y / np.linalg.norm(y)
+    assert x @ y >= 0.95
+    centroids = np.stack([a, b, c, d])
+    assert assign_clusters(np.stack([x, y]), centroids, margin=0.01, neighbours=2).tolist() == [[0, 2], [1, 3]]
+    assert assign_clusters(np.stack([x, y]), centroids, margin=0.01).tolist() == [[0, 2, 1], [1, 3, -1]]

@@ -17,6 +17,10 @@ Inputs: LAION Parquet, COCO caption JSON, .txt/.jsonl prompt lists, img2dataset 
 
 Stages, in order: ReadInputs, NormaliseCaptions, ApplyRules, DropExactDuplicates, DownloadImages,
 LoadImages, EmbedWithClip, ScoreAesthetics, FilterScores, DropSemanticDuplicates, then the writers.
+The caption stages (read to exact dedup) run on Arrow tables of ``--record_batch`` rows
+(``pipelines.curate.batched``: ReadBatches, ApplyRuleColumns, DropExactDuplicateRows), and so do the
+manifest and report when no image or CLIP stage follows; ``--record_batch 0`` runs every stage one
+record at a time (the reference path; the outputs are the same).
 Thresholds live in ``filters.config.CurateConfig``: a preset, then ``--config`` (JSON object of
 field overrides), then one flag per field (``--semdedup_eps 0.1``; ``none`` clears an optional one).
 """
@@ -39,6 +43,7 @@ from diffusion_distill.options import add_arguments, build_parser, from_mapping,
 from filters import config as config_lib
 from filters.config import CurateConfig
 from pipelines import common
+from pipelines.curate.batched import DropExactDuplicateRows, ReadBatches, apply_rules, manifest_table, to_records
 from pipelines.curate.download import DownloadBatch
 from pipelines.curate.models import AestheticHandler, ClipEmbeddingHandler
 from pipelines.curate.report import CurateStats, write_report
@@ -64,6 +69,12 @@ class CurateJobConfig:
     output: str = option(help="output folder (manifest.parquet, report.html, ...)")
     preset: str = option("default", help=f"one of {', '.join(config_lib.PRESETS)}")
     config: str | None = option(None, help="JSON file: an object of CurateConfig field overrides")
+    record_batch: int = option(4096, help="records per Arrow batch in the caption stages (read, rules, exact dedup, "
+                                          "manifest); 0 = one record per element (the per-record reference path)")
+
+    def __post_init__(self):
+        if self.record_batch < 0:
+            raise UserError(f"--record_batch must be >= 0 (0 = per record), got {self.record_batch}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +86,7 @@ class CurateOptions:
     output: str  # output folder
     config: CurateConfig  # resolved thresholds
     splits: tuple[Split, ...]  # reading work units, planned (and checked) before the pipeline starts
+    record_batch: int = 4096  # rows per Arrow batch in the caption stages; 0 = per-record stages
 
 
 def _read_overrides(path: str) -> dict:
@@ -109,7 +121,7 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
         check_models(cfg)
         splits = plan_inputs(list(job.input), job.input_format)
     opts = CurateOptions(inputs=job.input, input_format=job.input_format, output=job.output,
-                         config=cfg, splits=tuple(splits))
+                         config=cfg, splits=tuple(splits), record_batch=job.record_batch)
     return opts, beam_args
 
 
@@ -163,23 +175,44 @@ def _tag(row: dict, kind: str) -> tuple[str, dict]:
 
 
 class Curate(beam.PTransform):
-    """The whole job, applied to the pipeline root; writes its outputs under ``opts.output``."""
+    """The whole job, applied to the pipeline root; writes its outputs under ``opts.output``.
+
+    With ``opts.record_batch`` > 0 the caption stages run on Arrow tables (``pipelines.curate.batched``)
+    and, when no later stage needs record dicts (images, CLIP), so do the manifest and the report;
+    with 0 every stage takes one record at a time. Both write the same outputs.
+    """
 
     def __init__(self, opts: CurateOptions):
         super().__init__()
         self.opts = opts
 
-    def expand(self, root):
-        cfg, out = self.opts.config, self.opts.output
-        records = (root
-                   | "ListInputs" >> beam.Create(list(self.opts.splits))
-                   | "SpreadInputs" >> beam.Reshuffle()
-                   | "ReadInputs" >> beam.ParDo(ReadRecords()))
+    def _needs_records(self) -> bool:
+        cfg = self.opts.config
+        return bool(cfg.download_images or cfg.clip_model or any(s.format == "wds" for s in self.opts.splits))
+
+    def _caption_stages(self, splits):
+        """Read, normalise, rules, exact dedup, one record per element -> (records, rejects)."""
+        cfg = self.opts.config
+        records = splits | "ReadInputs" >> beam.ParDo(ReadRecords())
         normalised = records | "NormaliseCaptions" >> beam.ParDo(NormaliseCaption()).with_outputs("rejects", main="records")
-        rejects = [normalised.rejects]
         records = normalised.records | "ApplyRules" >> beam.ParDo(ApplyRules(cfg))
         if cfg.exact_dedup:
             records = records | "DropExactDuplicates" >> ActiveOnly(DropExactDuplicates())
+        return records, normalised.rejects
+
+    def _caption_stages_batched(self, splits):
+        """The same on Arrow tables -> (tables, rejects)."""
+        cfg = self.opts.config
+        read = splits | "ReadBatches" >> beam.ParDo(ReadBatches(self.opts.record_batch)).with_outputs(
+            "rejects", main="tables")
+        tables = read.tables | "ApplyRuleColumns" >> beam.Map(apply_rules, cfg)
+        if cfg.exact_dedup:
+            tables = tables | "DropExactDuplicateRows" >> DropExactDuplicateRows()
+        return tables, read.rejects
+
+    def _record_stages(self, records, rejects):
+        """Downloads, images, CLIP, scores, SemDeDup, embeddings -> (manifest rows, cutoff)."""
+        cfg, out = self.opts.config, self.opts.output
         if cfg.download_images:
             records, failed = records | "DownloadImages" >> DownloadImages(out, cfg)
             rejects.append(failed)
@@ -198,12 +231,33 @@ class Curate(beam.PTransform):
             records = records | "DropSemanticDuplicates" >> DropSemanticDuplicates(cfg)
         if cfg.clip_model:
             records | "WriteEmbeddings" >> WriteEmbeddings(out)
-        rows = records | "ToManifestRows" >> beam.Map(manifest_row)
-        rows | "WriteManifest" >> WriteSortedParquet(FileSystems.join(out, "manifest.parquet"), MANIFEST_SCHEMA)
+        return records | "ToManifestRows" >> beam.Map(manifest_row), cutoff
+
+    def expand(self, root):
+        cfg, out = self.opts.config, self.opts.output
+        splits = (root
+                  | "ListInputs" >> beam.Create(list(self.opts.splits))
+                  | "SpreadInputs" >> beam.Reshuffle())
+        tables = None
+        if self.opts.record_batch:
+            tables, first_rejects = self._caption_stages_batched(splits)
+            records = (tables | "ToRecords" >> beam.FlatMap(to_records)) if self._needs_records() else None
+        else:
+            records, first_rejects = self._caption_stages(splits)
+        rejects = [first_rejects]
+        manifest = FileSystems.join(out, "manifest.parquet")
+        if records is not None:
+            rows, cutoff = self._record_stages(records, rejects)
+            rows | "WriteManifest" >> WriteSortedParquet(manifest, MANIFEST_SCHEMA)
+            tagged = rows | "TagManifest" >> beam.Map(_tag, "manifest")
+        else:  # batched all the way: no stage after exact dedup needs records, and no score applies
+            cutoff = root | "NoCutoff" >> beam.Create([None])
+            rows = tables | "ToManifestTables" >> beam.Map(manifest_table)
+            rows | "WriteManifest" >> WriteSortedParquet(manifest, MANIFEST_SCHEMA, tables=True)
+            tagged = rows | "TagManifest" >> beam.Map(_tag, "manifest_table")
         all_rejects = rejects | "GatherRejects" >> beam.Flatten()
         all_rejects | "WriteRejects" >> WriteSortedParquet(FileSystems.join(out, "rejects.parquet"), REJECTS_SCHEMA)
-        return ((rows | "TagManifest" >> beam.Map(_tag, "manifest"),
-                 all_rejects | "TagRejects" >> beam.Map(_tag, "reject"))
+        return ((tagged, all_rejects | "TagRejects" >> beam.Map(_tag, "reject"))
                 | "GatherRows" >> beam.Flatten()
                 | "ComputeStats" >> beam.CombineGlobally(CurateStats(cfg.report_examples))
                 | "WriteReport" >> beam.Map(write_report, out, dataclasses.asdict(cfg), beam.pvalue.AsSingleton(cutoff)))

@@ -52,6 +52,8 @@ class CurateStats(beam.CombineFn):
 
     def add_input(self, acc, element):
         kind, row = element
+        if kind == "manifest_table":
+            return self.add_table(acc, row)
         rank = _rank(row["key"] or "")
         if kind == "reject":
             key, reason = (reasons.REJECTED, row["stage"], row["reason"]), row["reason"]
@@ -73,6 +75,43 @@ class CurateStats(beam.CombineFn):
         if len(acc["clip"]) > 2 * SCORE_SAMPLE or len(acc["aesthetic"]) > 2 * SCORE_SAMPLE:
             acc = self.compact(acc)
         return acc
+
+    def add_table(self, acc, table):
+        """A pyarrow table of manifest rows at once: the same accumulator as adding them one by one."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        for item in table.group_by(["fate", "stage", "reason"]).aggregate([("key", "count")]).to_pylist():
+            acc["counts"][(item["fate"], item["stage"], item["reason"])] += item["key_count"]
+        keys = table.column("key").to_pylist()
+        rank = np.fromiter((_rank(k or "") for k in keys), np.uint64, len(keys))
+        reason = pc.fill_null(table.column("reason"), reasons.KEPT).to_numpy(zero_copy_only=False)
+        for name, values in (("aesthetic", pc.coalesce(table.column("aesthetic_score").cast("float64"),
+                                                       table.column("laion_aesthetic"))),
+                             ("clip", pc.coalesce(table.column("clip_score").cast("float64"),
+                                                  table.column("laion_similarity")))):
+            known = np.flatnonzero(pc.is_valid(values).to_numpy(zero_copy_only=False))
+            known = known[np.argsort(rank[known], kind="stable")[:SCORE_SAMPLE]]
+            vals = values.take(known).to_pylist()
+            acc[name] += [(int(r), float(v)) for r, v in zip(rank[known].tolist(), vals)]
+        with_cluster = table.filter(pc.is_valid(table.column("cluster_id")))
+        for on, cluster in zip(with_cluster.column("dedup_on").to_pylist(), with_cluster.column("cluster_id").to_pylist()):
+            acc["clusters"][f"{on}:{cluster}"] += 1
+        groups = table.filter(pc.and_(pc.equal(table.column("fate"), reasons.KEPT),
+                                      pc.fill_null(pc.greater(table.column("n_duplicates"), 0), False)))
+        for n in groups.column("n_duplicates").to_pylist():
+            acc["groups"][n + 1] += 1
+        for value in np.unique(reason):
+            rows = np.flatnonzero(reason == value)
+            examples = acc["examples"].setdefault(value, [])
+            if self.n_examples == 0:
+                continue
+            cut = np.partition(rank[rows], min(self.n_examples, len(rows)) - 1)[min(self.n_examples, len(rows)) - 1]
+            rows = rows[rank[rows] <= cut]  # the n smallest ranks, and any ties with the n-th
+            rows = np.asarray(sorted(rows.tolist(), key=lambda r: (int(rank[r]), keys[r] or ""))[:self.n_examples])
+            for r, row in zip(rows.tolist(), table.take(rows).to_pylist()):
+                examples.append((int(rank[r]), keys[r] or "", _example("manifest", row)))
+        return self.compact(acc) if len(acc["clip"]) > 2 * SCORE_SAMPLE or len(acc["aesthetic"]) > 2 * SCORE_SAMPLE else acc
 
     def merge_accumulators(self, accumulators):
         out = self.create_accumulator()

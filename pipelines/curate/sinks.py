@@ -42,20 +42,31 @@ def write_sorted_parquet(rows: list[dict], path: str, schema: pa.Schema) -> int:
     return table.num_rows
 
 
+def write_sorted_tables(tables: list[pa.Table], path: str, schema: pa.Schema) -> int:
+    """``write_sorted_parquet`` for rows that come as pyarrow tables (the batched caption stages)."""
+    table = pa.concat_tables(tables).sort_by("key") if tables else schema.empty_table()
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=65_536)
+    atomic_write(path, buf.getvalue())
+    return table.num_rows
+
+
 class WriteSortedParquet(beam.PTransform):
     """One Parquet file sorted by ``key``: the rows are gathered in one worker (no embeddings in
     them: a few hundred bytes each), so the teacher dump's deterministic sharding sees the same
     order on every run."""
 
-    def __init__(self, path: str, schema: pa.Schema):
+    def __init__(self, path: str, schema: pa.Schema, *, tables: bool = False):
         super().__init__()
         self.path = path
         self.schema = schema
+        self.tables = tables  # elements are pyarrow tables of rows, not row dicts
 
     def expand(self, rows):
         return (rows
                 | "Gather" >> beam.combiners.ToList()
-                | "WriteFile" >> beam.Map(write_sorted_parquet, self.path, self.schema))
+                | "WriteFile" >> beam.Map(write_sorted_tables if self.tables else write_sorted_parquet,
+                                          self.path, self.schema))
 
 
 def _embedding_row(record: dict, field: str):

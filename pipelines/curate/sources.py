@@ -23,6 +23,7 @@ Captions stay raw here (str, bytes or None); ``decode_caption`` judges them in t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -61,6 +62,7 @@ class Split:
     columns: tuple[tuple[str, str], ...] = ()  # Parquet: (record field, column name) pairs present
 
 
+@functools.lru_cache(maxsize=4096)  # called once per record: one sha1 per file, not per record
 def file_tag(path: str) -> str:
     return hashlib.sha1(path.encode("utf-8")).hexdigest()[:8]
 

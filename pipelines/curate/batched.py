@@ -1,0 +1,245 @@
+"""The curate job's caption stages on Arrow record batches: read, normalise, rules, exact dedup, manifest.
+
+The same decisions as the per-record stages (``pipelines.curate.stages``), made a batch of
+``record_batch`` rows at a time so that Beam's per-element cost is paid once per batch:
+
+- ``ReadBatches``: a ``Split`` -> pyarrow Tables of ``RECORD_SCHEMA`` (reader errors and undecodable
+  captions leave through ``rejects`` one row each, as in ``NormaliseCaption``). Decoding, NFKC and
+  whitespace normalisation, word and CLIP-token counts are per caption (Python; the bare loop pays the
+  same);
+- ``apply_rules``: ``filters.captions.check_batch`` (``pyarrow.compute``) sets ``stage``/``reason``;
+- ``DropExactDuplicateRows``: active rows keyed by ``crc32(caption) % buckets`` (buckets from the
+  active count, ``EXACT_BUCKET_ROWS`` rows each, so no key is hot), one GroupByKey of sub-tables, and
+  per bucket one sort by (caption, aesthetic descending with unknown last, key): the first row of each
+  caption is kept (``filters.captions.keep_priority``), the others name it in ``duplicate_of``;
+- ``manifest_table``: the manifest columns (``pipelines.curate.schema.MANIFEST_SCHEMA``) of a table,
+  as ``manifest_row`` gives them row by row.
+
+Stages that still work per record (downloads, images, CLIP, scores, SemDeDup) get the rows back as
+record dicts (``to_records``). ``tests/test_curate_batched.py`` checks that both paths write the same
+manifest, rejects and counts.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.metrics import Metrics
+
+from filters import captions, reasons
+from filters.config import CurateConfig
+from pipelines.curate.schema import MANIFEST_SCHEMA, reject_row
+from pipelines.curate.sources import read_split
+
+NAMESPACE = "curate"
+EXACT_BUCKET_ROWS = 262_144  # active rows per exact-dedup bucket (about 60 MB of captions and fields)
+
+_FLOATS = ("width", "height", "punsafe", "pwatermark", "laion_similarity", "laion_aesthetic")
+_STRINGS = ("key", "source", "input", "source_id", "url", "nsfw")
+IMAGE_REF = pa.struct([("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
+RECORD_SCHEMA = pa.schema(
+    [(name, pa.string()) for name in _STRINGS] + [("caption", pa.string())]
+    + [(name, pa.float64()) for name in _FLOATS]  # sizes too: the rules compare them as the source gave them
+    + [("image_ref", IMAGE_REF), ("n_words", pa.int32()), ("n_clip_tokens", pa.int32()),
+       ("stage", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string()), ("n_duplicates", pa.int64())])
+
+
+def _count(name: str, n: int = 1) -> None:
+    Metrics.counter(NAMESPACE, name).inc(n)
+
+
+def _number(value) -> float | None:
+    """A number the rules can compare; anything else (null, NaN, text) is unknown, which the rules pass."""
+    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        return float(value)
+    return None
+
+
+class _Columns:
+    """Column lists of normalised records, flushed as a ``RECORD_SCHEMA`` table."""
+
+    def __init__(self):
+        self.data = {name: [] for name in RECORD_SCHEMA.names}
+
+    def add(self, record: dict, caption: str) -> None:
+        d = self.data
+        for name in _STRINGS:
+            value = record.get(name)
+            d[name].append(value if value is None or type(value) is str else str(value))
+        for name in _FLOATS:
+            value = record.get(name)
+            d[name].append(None if value is None else _number(value))
+        d["caption"].append(caption)
+        d["image_ref"].append(record.get("image_ref"))
+        d["n_words"].append(len(caption.split()))
+        d["n_clip_tokens"].append(captions.clip_token_count(caption))
+
+    def __len__(self):
+        return len(self.data["key"])
+
+    def flush(self) -> pa.Table:
+        n = len(self)
+        for name in ("stage", "reason", "duplicate_of", "n_duplicates"):
+            self.data[name] = [None] * n
+        table = pa.table(self.data, schema=RECORD_SCHEMA)
+        self.data = {name: [] for name in RECORD_SCHEMA.names}
+        return table
+
+
+class ReadBatches(beam.DoFn):
+    """Split -> Tables of up to ``batch`` normalised records (word and CLIP-token counts filled in);
+    reader errors and undecodable captions to ``rejects``, as ``ReadRecords`` + ``NormaliseCaption``."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def setup(self):
+        captions.clip_token_count("warm up")  # loads the BPE vocabulary once per worker
+
+    def process(self, split):
+        columns, n_read = _Columns(), 0
+        for record in read_split(split):
+            n_read += 1
+            if record.get("error"):
+                reason, _, detail = record["error"].partition(": ")
+                _count(f"rejected_{reason}")
+                yield beam.pvalue.TaggedOutput("rejects", reject_row(record, "read", reason, detail or None))
+                continue
+            text, reject = captions.decode_caption(record["caption"])
+            if reject is not None:
+                _count(f"rejected_{reject}")
+                yield beam.pvalue.TaggedOutput("rejects", reject_row(record, "normalise", reject))
+                continue
+            columns.add(record, captions.normalize_caption(text))
+            if len(columns) == self.batch:
+                yield columns.flush()
+        if len(columns):
+            yield columns.flush()
+        _count("input", n_read)
+        _count(f"input_{split.format}", n_read)
+
+
+def _count_reasons(reason: pa.Array | pa.ChunkedArray, prefix: str) -> None:
+    for item in pc.value_counts(reason.drop_null()).to_pylist():
+        _count(f"{prefix}{item['values']}", item["counts"])
+
+
+def _set_dropped(table: pa.Table, mask, stage: str, reason_col) -> pa.Table:
+    """Rows where ``mask`` (and still active) get ``stage`` and the reason in ``reason_col``."""
+    mask = pc.and_(pc.fill_null(mask, False), pc.is_null(table.column("reason")))
+    stages = pc.if_else(mask, pa.scalar(stage), table.column("stage"))
+    reason = pc.if_else(mask, reason_col, table.column("reason"))
+    table = table.set_column(table.schema.get_field_index("stage"), "stage", stages)
+    return table.set_column(table.schema.get_field_index("reason"), "reason", reason)
+
+
+def apply_rules(table: pa.Table, cfg: CurateConfig) -> pa.Table:
+    """Length, safety and size rules (``filters.captions.check_batch``) on a table of active rows."""
+    found = captions.check_batch(table, cfg)
+    _count_reasons(found, "filtered_")
+    return _set_dropped(table, pc.is_valid(found), "rules", found)
+
+
+def is_active_rows(table: pa.Table) -> pa.Array:
+    return pc.is_null(table.column("reason"))
+
+
+def active_count(table: pa.Table) -> int:
+    return table.num_rows - table.column("reason").null_count
+
+
+def _bucket_rows(table: pa.Table, n_active: int):
+    """Active rows -> (bucket, sub-table) per bucket met; bucket = crc32(caption) mod the bucket count."""
+    active = table.filter(is_active_rows(table))
+    if active.num_rows == 0:
+        return
+    n_buckets = max(1, math.ceil(n_active / EXACT_BUCKET_ROWS))
+    if n_buckets == 1:
+        yield 0, active
+        return
+    bucket = np.fromiter((zlib.crc32(c.encode("utf-8")) % n_buckets for c in active.column("caption").to_pylist()),
+                         np.int64, active.num_rows)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, bucket[order][1:] != bucket[order][:-1], True])
+    for st, en in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        yield int(bucket[order[st]]), active.take(order[st:en])
+
+
+def _inactive_rows(table: pa.Table):
+    rest = table.filter(pc.invert(is_active_rows(table)))
+    if rest.num_rows:
+        yield rest
+
+
+def resolve_exact_table(keyed) -> pa.Table:
+    """(bucket, tables of active rows) -> one table: per caption the ``keep_priority`` winner kept
+    (with ``n_duplicates``), the others ``exact_duplicate`` of it."""
+    table = pa.concat_tables(list(keyed[1]))
+    order = pc.sort_indices(table, sort_keys=[("caption", "ascending", "at_end"),
+                                              ("laion_aesthetic", "descending", "at_end"),  # unknown ranks last
+                                              ("key", "ascending", "at_end")])
+    table = table.take(order)
+    caption = table.column("caption").combine_chunks()
+    n = table.num_rows
+    first = np.ones(n, bool)
+    if n > 1:
+        first[1:] = pc.not_equal(caption[1:], caption[:-1]).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(first)
+    group = np.cumsum(first) - 1
+    sizes = np.diff(np.r_[starts, n])
+    winner = pc.take(table.column("key"), pa.array(starts[group]))
+    dup = pa.array(~first)
+    n_dups = np.zeros(n, np.int64)
+    n_dups[starts] = sizes - 1
+    _count(f"filtered_{reasons.EXACT_DUPLICATE}", int(n - len(starts)))
+    table = _set_dropped(table, dup, "exact_dedup", pa.scalar(reasons.EXACT_DUPLICATE))
+    table = table.set_column(table.schema.get_field_index("duplicate_of"), "duplicate_of",
+                             pc.if_else(dup, winner, pa.nulls(n, pa.string())))
+    return table.set_column(table.schema.get_field_index("n_duplicates"), "n_duplicates",
+                            pa.array(n_dups, mask=~(first & (n_dups > 0))))
+
+
+class DropExactDuplicateRows(beam.PTransform):
+    """Tables -> tables with exact duplicates (same normalised caption) marked, one kept per caption."""
+
+    def expand(self, tables):
+        n_active = (tables
+                    | "CountActive" >> beam.Map(active_count)
+                    | "SumActive" >> beam.CombineGlobally(sum))
+        inactive = tables | "SelectInactiveRows" >> beam.FlatMap(_inactive_rows)
+        resolved = (tables
+                    | "BucketByCaption" >> beam.FlatMap(_bucket_rows, beam.pvalue.AsSingleton(n_active))
+                    | "GroupByBucket" >> beam.GroupByKey()
+                    | "KeepOnePerCaption" >> beam.Map(resolve_exact_table))
+        return (resolved, inactive) | "Rejoin" >> beam.Flatten()
+
+
+def to_records(table: pa.Table):
+    """A table's rows as the record dicts the per-record stages take."""
+    for record in table.to_pylist():
+        yield {**record, "error": None}
+
+
+def manifest_table(table: pa.Table) -> pa.Table:
+    """``MANIFEST_SCHEMA`` columns of a records table (no embeddings: ``has_image`` false), as
+    ``manifest_row`` would give for each row."""
+    n = table.num_rows
+    reason = table.column("reason").combine_chunks()
+    encoded = reason.dictionary_encode()
+    fates = pa.array([reasons.fate_of(r) for r in encoded.dictionary.to_pylist()], pa.string())
+    columns = {}
+    for field in MANIFEST_SCHEMA:
+        if field.name == "fate":
+            columns["fate"] = pc.fill_null(pc.take(fates, encoded.indices), reasons.KEPT)
+        elif field.name == "has_image":
+            columns["has_image"] = pa.array(np.zeros(n, bool))
+        elif field.name in table.schema.names:
+            columns[field.name] = pc.cast(table.column(field.name), field.type, safe=False)  # int(): truncates
+        else:
+            columns[field.name] = pa.nulls(n, field.type)
+    return pa.table(columns, schema=MANIFEST_SCHEMA)

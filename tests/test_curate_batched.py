@@ -1,0 +1,99 @@
+"""The batched caption stages (Arrow tables) against the per-record ones: the same manifest, rejects
+and counts on an input with exact-duplicate groups, every caption rule and unreadable rows (the
+acceptance inputs of ``test_curate_job`` are compared there, reusing its job)."""
+
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+
+from pipelines import curate
+from pipelines.curate import batched
+
+
+
+def outputs(out):
+    manifest = pq.read_table(out / "manifest.parquet")
+    rejects = pq.read_table(out / "rejects.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    return manifest, rejects, {k: v for k, v in summary.items() if k != "config"}
+
+
+def run_both(args, out_a, out_b, *extra):
+    curate.run(args(out_a) + ["--record_batch", "0", *extra], test_pipeline=BeamTestPipeline())
+    curate.run(args(out_b) + ["--record_batch", "3", *extra], test_pipeline=BeamTestPipeline())
+    return outputs(out_a), outputs(out_b)
+
+
+# CLIP's outputs depend on how RunInference batched the records (float32 sums in another order):
+# equal within a few float32 roundings of a unit-norm cosine, not bit for bit.
+MODEL_COLUMNS = ("clip_score", "aesthetic_score", "duplicate_similarity")
+
+
+def _stable(reject: dict) -> dict:
+    """PIL's message names the address of its BytesIO object, which differs from run to run."""
+    return {**reject, "detail": reject["detail"] and re.sub(r"0x[0-9a-f]+", "0x...", reject["detail"])}
+
+
+def assert_same(a, b):
+    (ma, ra, sa), (mb, rb, sb) = a, b
+    assert mb.schema == ma.schema
+    exact = [c for c in ma.column_names if c not in MODEL_COLUMNS]
+    assert mb.select(exact).to_pylist() == ma.select(exact).to_pylist()
+    for name in MODEL_COLUMNS:
+        assert mb.column(name).to_pylist() == pytest.approx(ma.column(name).to_pylist(), abs=1e-5, nan_ok=True)
+    assert [_stable(r) for r in rb.to_pylist()] == [_stable(r) for r in ra.to_pylist()]
+    assert sb == sa
+    assert sa["input"] == sa["kept"] + sa["filtered"] + sa["duplicate"] + sa["rejected"]
+
+
+def laion_rows(tmp_path, n=40):
+    """Every caption rule, exact-duplicate groups of 1 to 4 with score ties and unknown scores."""
+    caps = [f"a photo of house number {i % 13}" for i in range(n)]
+    caps[3], caps[4], caps[5] = "hi", " ".join(["w"] * 70), None
+    caps[6] = b"\xff\xfe not utf-8"
+    caps = [c.encode() if isinstance(c, str) else c for c in caps]
+    aesthetic = [None if i % 5 == 0 else float(i % 3) for i in range(n)]
+    ruled = lambda options, i, j: options[j % len(options)] if i % 2 == 0 else options[0]  # noqa: E731 (odd rows pass)
+    table = pa.table({"SAMPLE_ID": list(range(n)), "URL": [f"http://x/{i}.jpg" for i in range(n)],
+                      "TEXT": pa.array(caps, pa.binary()),
+                      "WIDTH": [ruled([640, 100, None, 640.5, 100], i, i // 2) for i in range(n)],
+                      "HEIGHT": [ruled([480, 1000, 480, 20, 1000], i, i // 2) for i in range(n)],
+                      "punsafe": [ruled([0.1, 0.9, None, float("nan"), 0.2], i, i // 2) for i in range(n)],
+                      "pwatermark": [ruled([0.1, 0.1, 0.95, 0.2], i, i // 2 % 7) for i in range(n)],
+                      "NSFW": [ruled(["UNLIKELY", "NSFW", None, "unsure"], i, i // 2 % 6) for i in range(n)],
+                      "AESTHETIC_SCORE": aesthetic, "similarity": [0.3] * n})
+    pq.write_table(table, tmp_path / "laion.parquet", row_group_size=16)
+    (tmp_path / "p.txt").write_text("a photo of house number 1\nA Photo  of house number 1\n\nshort\n")
+    return [str(tmp_path / "laion.parquet"), str(tmp_path / "p.txt")]
+
+
+def test_batched_caption_stages_match_the_per_record_ones(tmp_path, monkeypatch):
+    """No stage after exact dedup: the manifest and report come from tables too."""
+    inputs = laion_rows(tmp_path)
+    monkeypatch.setattr(batched, "EXACT_BUCKET_ROWS", 4)  # several exact-dedup buckets
+    args = lambda out: [a for i in inputs for a in ("--input", i)] + ["--output", str(out)]  # noqa: E731
+    a, b = run_both(args, tmp_path / "a", tmp_path / "b", "--min_image_side", "30")
+    assert_same(a, b)
+    found = {r["reason"] for r in a[0].to_pylist()}
+    assert {"exact_duplicate", "too_few_words", "too_many_words", "punsafe_above_threshold", "pwatermark_above_threshold",
+            "aspect_ratio_too_large", "image_too_small", "nsfw_tag", None} == found
+    assert (a[2]["rejected"], a[2]["duplicate"]) == (2, 10)
+
+
+def test_exact_dedup_table_keeps_the_priority_winner():
+    """Highest aesthetic first, unknown last, then smallest key: as ``keep_priority``."""
+    rows = [("k3", "cat", 5.0), ("k1", "cat", 5.0), ("k2", "cat", None), ("k0", "dog", None), ("k4", "cat", 6.0),
+            ("k5", "dog", None)]
+    table = pa.table({name: [None] * len(rows) for name in batched.RECORD_SCHEMA.names}, schema=batched.RECORD_SCHEMA)
+    for name, values in (("key", [r[0] for r in rows]), ("caption", [r[1] for r in rows]),
+                         ("laion_aesthetic", [r[2] for r in rows])):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
+    out = {r["key"]: (r["reason"], r["duplicate_of"], r["n_duplicates"])
+           for r in batched.resolve_exact_table((0, [table.slice(0, 3), table.slice(3)])).to_pylist()}
+    assert out == {"k4": (None, None, 3), "k1": ("exact_duplicate", "k4", None), "k3": ("exact_duplicate", "k4", None),
+                   "k2": ("exact_duplicate", "k4", None), "k0": (None, None, 1), "k5": ("exact_duplicate", "k0", None)}
