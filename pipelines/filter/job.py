@@ -263,7 +263,8 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
                | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input)))
     records, cutoff = records | "FilterScores" >> FilterScores(curate_config)
     if curate_config.semdedup_eps is not None:
-        records = records | "DropSemanticDuplicates" >> ActiveOnly(SemanticDedup("image", curate_config))
+        sidecars = tuple(join(cfg.input, f"{s:06d}.emb.npy") for s in input_shards)  # the k-means sample, from storage
+        records = records | "DropSemanticDuplicates" >> ActiveOnly(SemanticDedup("image", curate_config, sidecars=sidecars))
     # One connected graph ending in WriteDataset (Beam's Dask runner computes only the last bag).
     _ = (records
          | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key from here on
