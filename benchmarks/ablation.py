@@ -18,7 +18,8 @@ progressive rounds halve exactly down to 1), then, for each training seed, these
   teacher's epsilon (no output KD term, which needs the teacher's parameterisation): at t ~ T,
   x0 = (z - sigma eps) / alpha multiplies an eps error by sigma / alpha (about 15 at SD's last
   timestep), x0 = alpha z - sigma v by sigma (about 1);
-- ``snapgen_adv`` / ``ufogen (teacher-initialised)`` (``adv``): the adversarial recipes from the same start;
+- ``snapgen_adv`` / ``ufogen (teacher-initialised)`` (``adv``): the adversarial recipes from the same start
+  (``adv_v``: predicting v, their output KD term off);
 - ``progressive (teacher-initialised)``: Salimans & Ho rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
   (``--recipe progressive``), round 1's student a copy of the teacher (cut ``mid_only``, as Algorithm 2
   starts every student from its teacher), ``--budget`` steps per round (its budget column counts every
@@ -161,12 +162,14 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
             run = _train(args, data, os.path.join(out, f"{init_dir}-v-{steps}"), steps=steps, seed=seed, init="mid_only",
                          prediction_type="v_prediction")
             record(f"teacher-initialised, v-prediction (lr {args.init_lr:g})", steps, run, args.budget)
-        if "adv" in args.rows:  # LADD / UFOGen start from the teacher's weights too
+        for family, param in (("adv", None), ("adv_v", "v_prediction")):  # LADD / UFOGen start from the teacher too
+            if family not in args.rows:
+                continue
             weight = f"-w{args.adv_weight:g}" if args.adv_weight >= 0 else ""
             for recipe in ADVERSARIAL[steps]:
-                run = _train(args, data, os.path.join(out, f"{recipe}-{init_dir}{weight}-{steps}"), steps=steps,
-                             seed=seed, init="mid_only", recipe=recipe)
-                label = f", adversarial weight {args.adv_weight:g}" if weight else ""
+                run = _train(args, data, os.path.join(out, f"{recipe}-{init_dir}{weight}{'-v' if param else ''}-{steps}"),
+                             steps=steps, seed=seed, init="mid_only", recipe=recipe, prediction_type=param)
+                label = (f", adversarial weight {args.adv_weight:g}" if weight else "") + (", v-prediction" if param else "")
                 record(f"{recipe} (teacher-initialised{label})", steps, run, args.budget)
     if "progressive" in args.rows:
         _progressive(args, data, out, seed, record)
@@ -315,9 +318,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.steps = tuple(int(s) for s in args.steps.split(","))
     args.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    unknown = set(args.rows) - {"direct", "init", "init_v", "progressive", "chain", "adv"}
+    families = ("direct", "init", "init_v", "progressive", "chain", "adv", "adv_v")
+    unknown = set(args.rows) - set(families)
     if unknown:
-        p.error(f"--rows: unknown row families {sorted(unknown)} (choose from direct, init, init_v, progressive, chain, adv)")
+        p.error(f"--rows: unknown row families {sorted(unknown)} (choose from {', '.join(families)})")
 
     from diffusion_distill import workflow
     from teachers.shapes import world
