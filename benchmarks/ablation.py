@@ -72,7 +72,8 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
                       batch_size=args.batch_size, lr=args.init_lr if init else args.lr, warmup_steps=max(5, budget // 20), ema_decay=0.99,
                       checkpoint_every=max(1, budget // args.curve_points), keep_checkpoints=args.curve_points + 1,
                       log_every=50, shuffle_buffer=256, seed=seed,
-                      adv_weight=args.adv_weight if recipe in ("snapgen_adv", "ufogen") else -1.0)
+                      adv_weight=args.adv_weight if recipe in ("snapgen_adv", "ufogen") else -1.0,
+                      prediction_type=prediction_type or "")
     if progressive_from:
         run_rounds(cfg)
         return out
@@ -81,8 +82,6 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
     recipe_obj = cfg.resolved_recipe()  # the recipe's preset with this run's steps and --adv_weight
     if guidance_prob is not None:
         recipe_obj = dataclasses.replace(recipe_obj, guidance_prob=guidance_prob)
-    if prediction_type is not None:  # another parameterisation than the teacher's: no output KD term
-        recipe_obj = dataclasses.replace(recipe_obj, prediction_type=prediction_type, output_weight=0.0)
     t0 = time.monotonic()
     train(cfg, recipe=recipe_obj)
     with open(os.path.join(out, "step_time.json"), "w", encoding="utf-8") as f:  # seconds per optimizer step, this run

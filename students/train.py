@@ -73,6 +73,10 @@ class TrainConfig:
     audit_keys: int = option(0, help="1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)")
     device: str = option("cpu", help="cpu | cuda | cuda:N")
     mixed_precision: str = option("no", help="bf16: autocast on GPUs that support it", choices=MIXED_PRECISION)
+    prediction_type: str = option("", help="the student's parameterisation ('' = the recipe's, the teacher's): "
+                                  "v_prediction makes 1-step students far better (x0 = alpha z - sigma v does not "
+                                  "amplify errors at t ~ T); the output KD term, which compares with the teacher's "
+                                  "prediction, is then off", choices=("", "epsilon", "v_prediction"))
     # adversarial recipes (snapgen_adv, ufogen; students/adversarial.py)
     adv_weight: float = option(-1.0, help="weight of the generator's adversarial term (-1 = the recipe's)")
     disc_layers: str = option("", help="teacher blocks the discriminator heads read, comma-separated ('' = last down block, mid_block)")
@@ -135,8 +139,11 @@ class TrainConfig:
                 raise UserError(f"--online_teacher: {err}") from None
 
     def resolved_recipe(self) -> DistillRecipe:
-        return get_recipe(self.recipe, **({"student_steps": self.student_steps} if self.student_steps else {}),
-                          **({"adv_weight": self.adv_weight} if self.adv_weight >= 0 else {}))
+        recipe = get_recipe(self.recipe, **({"student_steps": self.student_steps} if self.student_steps else {}),
+                            **({"adv_weight": self.adv_weight} if self.adv_weight >= 0 else {}))
+        if self.prediction_type and self.prediction_type != recipe.prediction_type:
+            recipe = dataclasses.replace(recipe, prediction_type=self.prediction_type, output_weight=0.0)
+        return recipe
 
 
 def lr_lambda(cfg: TrainConfig):

@@ -80,15 +80,15 @@ def test_init_from_teacher_starts_from_the_teachers_weights_and_exports(tiny_dum
 def test_a_v_prediction_student_of_an_epsilon_teacher_exports_a_v_prediction_sampler(tiny_dump, tmp_path):
     """The exported scheduler follows the student's parameterisation, not the teacher's: sampling a
     v-prediction student as epsilon would read its v as noise."""
-    import dataclasses
-
     from students import export
     from students.objective import get_recipe
 
-    recipe = dataclasses.replace(get_recipe("snapfusion_step", student_steps=2), prediction_type="v_prediction",
-                                 output_weight=0.0)
-    cfg = _cfg(tiny_dump, tmp_path / "run", recipe="snapfusion_step", preset="tiny", student_steps=2)
-    train(cfg, recipe=recipe)
+    cfg = _cfg(tiny_dump, tmp_path / "run", recipe="snapfusion_step", preset="tiny", student_steps=2,
+               prediction_type="v_prediction")
+    recipe = cfg.resolved_recipe()  # --prediction_type turns the output KD term (the teacher's epsilon) off
+    assert recipe.prediction_type == "v_prediction" and recipe.output_weight == 0 and recipe.step_weight == 1
+    assert get_recipe("snapfusion_step").output_weight == 1
+    train(cfg)
     folder = export.export(cfg.output, str(tmp_path / "export"), weights="raw")
     scheduler_config = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["prediction_type"] == "v_prediction"
