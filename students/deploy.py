@@ -14,12 +14,12 @@ coefficients for the trained step count, the guidance weight, the noise rule and
 
 Every exported model is run in onnxruntime against the PyTorch module on the same inputs at export
 time; the errors (max abs, and max abs relative to the output's scale) go into ``deploy.json`` and an
-error above the bound of ``error_bound`` stops the export. fp16 variants: a module whose fp32 output
-exceeds the fp16 range (with a margin, ``FP16_LIMIT``) is kept in fp32 and named in ``kept_fp32``.
-
-A conversion failure names the block and the operator (``locate_failure``), not a converter stack trace.
-``--format coreml`` and ``--format executorch`` need packages that are not installable with torch 2.14.1
-here; they fail with one line naming the package (``docs/deploy.md``).
+error above ``students.onnx_convert.error_bound`` stops the export. fp16 variants: where a module's fp32
+output passes the fp16 range (with a margin), the innermost block around it whose output fits runs in
+fp32; ``deploy.json`` names both (``overflows``, ``kept_fp32``). A conversion failure names the block
+and the operator (``onnx_convert.locate_failure``), not a converter stack trace.
+``--format coreml`` and ``--format executorch`` need packages that are not installed beside torch 2.14.1;
+they fail with one line naming the package and why (``docs/deploy.md``).
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ from students.onnx_convert import OPSET, Component, convert
 from teachers.fs import atomic_write_bytes, atomic_write_json, exists, is_local, join, url_to_fs
 
 FORMATS = ("diffusers", "onnx", "coreml", "executorch")
-# Packages the other formats need, with the constraint that would fit torch 2.14.1 (docs/deploy.md).
+# Packages the other formats need and why they are not installed beside torch 2.14.1 (docs/deploy.md).
 MISSING_FORMATS = {
-    "coreml": "coremltools (no release supports torch 2.14; coremltools 9.0 is tested up to torch 2.7)",
-    "executorch": "executorch (each release pins one torch; none pins torch 2.14.1)",
+    "coreml": "coremltools (its newest release, 9.0, supports torch <= 2.7.0; this project pins torch 2.14.1)",
+    "executorch": "executorch (its newest release, 1.5.1, links its runtime against one torch build and pins torchao<0.19; "
+                  "not installed beside torch 2.14.1)",
 }
 
 
@@ -293,7 +294,7 @@ class DeployConfig:
 
 
 def check_format(fmt: str) -> None:
-    """``--format``: a ``UserError`` for an unknown one or one whose converter is not installable here."""
+    """``--format``: a ``UserError`` for an unknown one or one whose converter is not installed here."""
     import importlib.util
 
     if fmt not in FORMATS:

@@ -40,6 +40,7 @@ class Component:
     inputs: tuple  # example tensors (fixed shapes: the exported shapes)
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    dynamic_batch: bool = False  # the batch axis of every input and output symbolic (benchmarks); else all fixed
 
 
 
@@ -153,8 +154,10 @@ def export_model(component: Component, path: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and deprecation warnings about the TorchScript exporter
+            axes = {n: {0: "batch"} for n in component.input_names + component.output_names} if component.dynamic_batch else None
             torch.onnx.export(component.module, component.inputs, path, input_names=list(component.input_names),
-                              output_names=list(component.output_names), opset_version=OPSET, dynamo=False)
+                              output_names=list(component.output_names), opset_version=OPSET, dynamo=False,
+                              dynamic_axes=axes)
     except Exception as err:  # noqa: BLE001 (a converter failure of any kind becomes one message naming the block)
         op = failed_operator(err) or f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         where = locate_failure(component.module, component.inputs, err)
