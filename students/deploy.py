@@ -41,12 +41,6 @@ from students.onnx_convert import OPSET, Component, convert
 from teachers.fs import atomic_write_bytes, atomic_write_json, exists, is_local, join, url_to_fs
 
 FORMATS = ("diffusers", "onnx", "coreml", "executorch")
-# Packages the other formats need and why they are not installed beside torch 2.14.1 (docs/deploy.md).
-MISSING_FORMATS = {
-    "coreml": "coremltools (its newest release, 9.0, supports torch <= 2.7.0; this project pins torch 2.14.1)",
-    "executorch": "executorch (its newest release, 1.5.1, links its runtime against one torch build and pins torchao<0.19; "
-                  "not installed beside torch 2.14.1)",
-}
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,17 +188,22 @@ def write_tokenizer(tokenizer, folder: str) -> TokenizerSpec:
     return spec
 
 
-def build_manifest(pipe, info: dict, models: dict, tokenizer: TokenizerSpec, source: dict) -> DeployManifest:
+EXPORTERS = {"onnx": f"torch.onnx.export (TorchScript), opset {OPSET}",
+             "executorch": "torch.export + executorch to_edge_transform_and_lower (XNNPACK)",
+             "coreml": "torch.jit.trace + coremltools.convert (ML program, iOS16)"}
+
+
+def build_manifest(pipe, info: dict, models: dict, tokenizer: TokenizerSpec, source: dict, fmt: str = "onnx") -> DeployManifest:
     import torch
 
     shape = latent_shape(pipe, info)
     image = models["decoder"]["fp32"].outputs[0].shape
     return DeployManifest(
-        schema_version=SCHEMA_VERSION, format="onnx", pipeline=type(pipe).__name__, height=int(image[2]),
+        schema_version=SCHEMA_VERSION, format=fmt, pipeline=type(pipe).__name__, height=int(image[2]),
         width=int(image[3]), latent_shape=shape, guidance_scale=float(info["guidance_scale"]), negative_prompt="",
         cfg_batch=cfg_batch(info), noise=NOISE_RULE, postprocess=POSTPROCESS,
         scheduler=scheduler_spec(pipe.scheduler, int(info["num_inference_steps"])), tokenizer=tokenizer,
-        models=models, source=dict(source, torch=torch.__version__, exporter="torch.onnx.export (TorchScript)", opset=OPSET))
+        models=models, source=dict(source, torch=torch.__version__, exporter=EXPORTERS[fmt]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,13 +211,24 @@ def build_manifest(pipe, info: dict, models: dict, tokenizer: TokenizerSpec, sou
 # ------------------------------------------------------------------------------------------
 
 
-def write_deploy_folder(pipe, info: dict, folder: str, precisions=PRECISIONS, progress=None) -> DeployManifest:
+def converter(fmt: str):
+    """The per-component converter of a format: ``(component, folder, precision) -> ModelSpec``."""
+    if fmt == "onnx":
+        return convert
+    from students import device_formats
+
+    device_formats.check_available(fmt)
+    return {"executorch": device_formats.to_executorch, "coreml": device_formats.to_coreml}[fmt]
+
+
+def write_deploy_folder(pipe, info: dict, folder: str, precisions=PRECISIONS, progress=None, fmt: str = "onnx") -> DeployManifest:
     """Convert, check and describe the three models into the local ``folder`` (made if absent)."""
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise DeployError(f"--precisions {','.join(precisions)!r}: choose from {','.join(PRECISIONS)}")
     if "fp32" not in precisions:
         raise DeployError("--precisions must include fp32 (the reference the fp16 variant is checked against)")
+    to_format = converter(fmt)
     os.makedirs(folder, exist_ok=True)
     components = pipeline_components(pipe, info)
     models: dict = {c.name: {} for c in components}
@@ -226,10 +236,10 @@ def write_deploy_folder(pipe, info: dict, folder: str, precisions=PRECISIONS, pr
         for precision in precisions:
             if progress:
                 progress(f"{c.name} {precision}")
-            models[c.name][precision] = convert(c, folder, precision)
+            models[c.name][precision] = to_format(c, folder, precision)
     tokenizer = write_tokenizer(pipe.tokenizer, folder)
     keys = ("checkpoint", "step", "teacher", "preset", "recipe", "decoder", "weights", "teacher_steps", "timesteps_exact")
-    manifest = build_manifest(pipe, info, models, tokenizer, {k: info[k] for k in keys if k in info})
+    manifest = build_manifest(pipe, info, models, tokenizer, {k: info[k] for k in keys if k in info}, fmt)
     atomic_write_json(os.path.join(folder, DEPLOY_FILE), manifest_to_dict(manifest))
     return manifest
 
@@ -238,7 +248,8 @@ def is_deploy(folder: str) -> bool:
     return exists(join(folder, DEPLOY_FILE))
 
 
-def export_deploy(pipe, info: dict, output: str, *, precisions=PRECISIONS, overwrite: bool = False, progress=None) -> DeployManifest:
+def export_deploy(pipe, info: dict, output: str, *, precisions=PRECISIONS, overwrite: bool = False, progress=None,
+                  fmt: str = "onnx") -> DeployManifest:
     """Write the deploy folder at ``output`` (local path or fsspec URL), complete or not at all: built in a
     temporary folder, then renamed into place (local) or uploaded with ``deploy.json`` last (URL)."""
     fs, fpath = url_to_fs(output)
@@ -254,7 +265,7 @@ def export_deploy(pipe, info: dict, output: str, *, precisions=PRECISIONS, overw
         os.makedirs(parent, exist_ok=True)
     tmp = f"{os.path.abspath(fpath)}.tmp-{uuid.uuid4().hex}" if local else tempfile.mkdtemp(prefix="distill-deploy-")
     try:
-        manifest = write_deploy_folder(pipe, info, tmp, precisions=precisions, progress=progress)
+        manifest = write_deploy_folder(pipe, info, tmp, precisions=precisions, progress=progress, fmt=fmt)
         if local:
             old = None
             if os.path.exists(fpath):
@@ -295,14 +306,12 @@ class DeployConfig:
 
 def check_format(fmt: str) -> None:
     """``--format``: a ``UserError`` for an unknown one or one whose converter is not installed here."""
-    import importlib.util
-
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt in MISSING_FORMATS:
-        package = MISSING_FORMATS[fmt].split()[0]
-        state = "is not installed" if importlib.util.find_spec(package) is None else "is installed but not supported"
-        raise UserError(f"--format {fmt} needs {MISSING_FORMATS[fmt]}, which {state} here: use --format onnx")
+    if fmt in ("coreml", "executorch"):
+        from students.device_formats import check_available
+
+        check_available(fmt)
 
 
 def split_format(argv: list[str]) -> tuple[str, list[str]]:
@@ -328,6 +337,9 @@ def _export(argv: list[str]) -> int:
 
     fmt, rest = split_format(argv)
     if fmt == "diffusers":
+        if any(a in ("-h", "--help") for a in rest):
+            print("--format diffusers (default) | onnx | coreml | executorch: "
+                  "distill export --format onnx --help lists the device export's flags (docs/deploy.md)")
         return export.main(rest)
     check_format(fmt)
     flags, positional, i = [], [], 0
@@ -347,16 +359,17 @@ def _export(argv: list[str]) -> int:
                 description="Export a checkpoint for devices. Usage: distill export CHECKPOINT OUTPUT --format onnx")[0]
     run = export.read_run(cfg.checkpoint, data=cfg.data, teacher=cfg.teacher)
     pipe, info = export.assemble_pipeline(run, weights=cfg.weights)
-    manifest = export_deploy(pipe, info, cfg.output, precisions=cfg.precisions, overwrite=cfg.overwrite,
+    manifest = export_deploy(pipe, info, cfg.output, precisions=cfg.precisions, overwrite=cfg.overwrite, fmt=cfg.format,
                              progress=lambda what: print(f"converting {what}", file=sys.stderr, flush=True))
     for component in COMPONENTS:
         for precision, spec in manifest.models[component].items():
-            worst = max(r for _, _, r, _ in spec.parity)
+            parity = (f"parity {max(r for _, _, r, _ in spec.parity):.2g} of output scale" if spec.parity
+                      else "spec checked (Core ML runs only on Apple hardware: no parity here)")
             kept = f", kept in fp32: {', '.join(spec.kept_fp32)}" if spec.kept_fp32 else ""
-            print(f"{spec.file}: inputs {[(t.name, list(t.shape), t.dtype) for t in spec.inputs]}, "
-                  f"parity {worst:.2g} of output scale{kept}")
+            print(f"{spec.file}: inputs {[(t.name, list(t.shape), t.dtype) for t in spec.inputs]}, {parity}{kept}")
+    run_it = f'; run with: distill generate --onnx {cfg.output} "a caption"' if cfg.format == "onnx" else ""
     print(f"wrote {cfg.output}: {manifest.width}x{manifest.height}, {manifest.num_inference_steps} steps, guidance "
-          f"{manifest.guidance_scale}; run with: distill generate --onnx {cfg.output} \"a caption\"")
+          f"{manifest.guidance_scale}{run_it}")
     return 0
 
 

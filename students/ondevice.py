@@ -36,7 +36,7 @@ PRECISIONS = ("fp32", "fp16")
 COMPONENTS = ("text_encoder", "unet", "decoder")
 NOISE_RULE = "numpy.random.default_rng(seed).standard_normal(latent_shape, dtype=numpy.float32) * init_noise_sigma"
 POSTPROCESS = "uint8(round(clip(image / 2 + 0.5, 0, 1) * 255)), (batch, 3, height, width) -> (height, width, 3)"
-NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64"}
+NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32"}
 
 
 class DeployError(UserError):
@@ -52,7 +52,7 @@ class DeployError(UserError):
 class TensorSpec:
     name: str  # the ONNX input/output name
     shape: tuple[int, ...]  # fixed shape, (batch, channels, height, width) for images and latents
-    dtype: str  # float32 | float16 | int64
+    dtype: str  # float32 | float16 | int64 | int32 (Core ML's token ids)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,7 +90,7 @@ class TokenizerSpec:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeployManifest:
     schema_version: int  # SCHEMA_VERSION
-    format: str  # onnx
+    format: str  # onnx | executorch | coreml (distill generate runs onnx)
     pipeline: str  # the diffusers pipeline the models come from
     height: int  # image pixels
     width: int
@@ -233,6 +233,8 @@ class OnnxPipeline:
             raise DeployError(f"--precision {precision!r} is not one of {PRECISIONS}")
         self.folder, self.precision = folder, precision
         self.manifest = m = read_manifest(folder)
+        if m.format != "onnx":
+            raise DeployError(f"{folder!r} holds {m.format} models; distill generate runs an --format onnx export")
         tok_path = os.path.join(folder, m.tokenizer.file)
         if not os.path.isfile(tok_path):
             raise DeployError(f"{tok_path}: the tokenizer file named in {DEPLOY_FILE} is missing")

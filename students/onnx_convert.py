@@ -92,8 +92,9 @@ def _recorded_calls(module, inputs) -> dict:
     return calls
 
 
-def _export_call(sub, args, kwargs, f) -> None:
-    """Export ``sub(*args, **kwargs)`` alone: tensors anywhere in the arguments become the graph's inputs."""
+def call_module(sub, args, kwargs):
+    """(module, tensors): ``sub(*args, **kwargs)`` as a module whose inputs are the tensors found anywhere
+    in the arguments (nested lists, dicts), so any converter can take ``sub`` alone."""
     import torch
 
     leaves: list = []
@@ -108,7 +109,14 @@ def _export_call(sub, args, kwargs, f) -> None:
             a, kw = _unflatten(template, list(tensors))
             return self.sub(*a, **kw)
 
-    torch.onnx.export(Call(), tuple(leaves), f, opset_version=OPSET, dynamo=False)
+    return Call().eval(), tuple(leaves)
+
+
+def export_onnx_bytes(module, tensors) -> None:
+    """ONNX export into memory: the converter ``locate_failure`` tries on each block by default."""
+    import torch
+
+    torch.onnx.export(module, tensors, io.BytesIO(), opset_version=OPSET, dynamo=False)
 
 
 def failed_operator(err: BaseException) -> str | None:
@@ -117,10 +125,13 @@ def failed_operator(err: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
-def locate_failure(module, inputs, err: BaseException) -> tuple[str, str] | None:
-    """(block name, class) of the innermost submodule that fails to export alone with the same operator
-    (or the same error type when no operator is named), searching down from the top; None if none does."""
-    op = failed_operator(err)
+def locate_failure(module, inputs, err: BaseException, try_convert=export_onnx_bytes,
+                   operator=None) -> tuple[str, str] | None:
+    """(block name, class) of the innermost submodule that fails ``try_convert(module, tensors)`` alone with
+    the same operator (``operator(error)``, default ``failed_operator``; the same error type when it names
+    none), searching down from the top; None if no block fails alone."""
+    operator = operator or failed_operator
+    op = operator(err)
     calls = _recorded_calls(module, inputs)
     found, scope = None, module
     while True:
@@ -128,9 +139,9 @@ def locate_failure(module, inputs, err: BaseException) -> tuple[str, str] | None
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")
-                    _export_call(child, *calls[full], io.BytesIO())
+                    try_convert(*call_module(child, *calls[full]))
             except Exception as child_err:  # noqa: BLE001 (any converter failure of the child is a lead)
-                if (failed_operator(child_err) == op) if op else type(child_err) is type(err):
+                if (operator(child_err) == op) if op else type(child_err) is type(err):
                     found, scope = (full, type(child).__name__), child
                     break
         else:
@@ -321,7 +332,7 @@ def parity(sess, component: Component, reference: Component | None = None) -> li
 
 
 def tensor_specs(names, tensors) -> tuple[TensorSpec, ...]:
-    dtypes = {"torch.float32": "float32", "torch.float16": "float16", "torch.int64": "int64"}
+    dtypes = {"torch.float32": "float32", "torch.float16": "float16", "torch.int64": "int64", "torch.int32": "int32"}
     return tuple(TensorSpec(name=n, shape=tuple(t.shape), dtype=dtypes[str(t.dtype)]) for n, t in zip(names, tensors))
 
 
