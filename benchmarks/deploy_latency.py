@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from students import onnx_convert  # noqa: E402
 
-PRESETS = ("snapfusion", "mobilediffusion", "snapgen", "tiny", "tiny_xl", "shapes")
+PRESETS = ("tiny", "tiny_xl", "shapes", "mobilediffusion", "snapgen", "snapfusion")  # small first: rows print as measured
 DECODERS = ("pruned", "tiny")
 UNET_TARGET = 0.8  # ORT / eager ceiling for every preset's UNet (issue 15)
 
@@ -128,8 +128,21 @@ def measure(component: onnx_convert.Component, folder: str, repeats: int, thread
     return out
 
 
+class Rows(list):
+    """The table's rows, each printed (to stderr) as soon as it is measured."""
+
+    def append(self, row):
+        super().append(row)
+        print(format_latency([row], header=False), file=sys.stderr, flush=True)
+
+    def __iadd__(self, rows):
+        for row in rows:
+            self.append(row)
+        return self
+
+
 def latency(args) -> list[dict]:
-    rows = []
+    rows = Rows()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="deploy-latency-") as folder:
         decoder_times, text_times = {}, {}
@@ -163,12 +176,12 @@ def latency(args) -> list[dict]:
                                  parity=None, bound=None))
             print(f"{preset}: done ({r['export_s']:.0f} s export)", file=sys.stderr, flush=True)
             gc.collect()
-    return rows
+    return list(rows)
 
 
-def format_latency(rows: list[dict]) -> str:
+def format_latency(rows: list[dict], header: bool = True) -> str:
     lines = ["| model | latent | batch | PyTorch eager ms | ONNX Runtime ms | ORT / eager | fp32 parity (max err / scale) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"] if header else []
     for r in rows:
         ratio = r["ort"] / r["eager"]
         mark = " (miss)" if r["model"].endswith("unet") and ratio > UNET_TARGET else ""
