@@ -3,6 +3,7 @@
     nice -n 19 python benchmarks/deploy_latency.py                     # every preset and decoder, 128 px
     python benchmarks/deploy_latency.py --presets tiny,shapes --decoders tiny --repeats 5
     python benchmarks/deploy_latency.py --checkpoint out/run --data out/dump --captions 200   # + parity table
+    python benchmarks/deploy_latency.py --presets tiny --executorch tiny,shapes  # + ExecuTorch (optional extra)
 
 Latency: each student preset's UNet (random weights, seeded), both small decoders and the SD text
 encoders, exported as ``distill export --format onnx`` does (fp32, opset 17, TorchScript exporter; the
@@ -191,6 +192,34 @@ def format_latency(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
+def executorch_latency(args) -> list[dict]:
+    """ExecuTorch (XNNPACK, its Python runtime) against eager for ``--executorch`` presets and the tiny decoder:
+    one static program per batch (lowering a big preset takes many minutes here, so only small ones)."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+    from students.device_formats import executorch_program
+
+    torch.set_num_threads(args.threads)
+    components = [(f"{p} unet", unet_component(p, args.latent)) for p in args.executorch]
+    components.append(("decoder tiny", decoder_component("tiny", args.latent)))
+    rows = []
+    for label, component in components:
+        for b in (1, 2):
+            inputs = tuple(t.repeat(b, *[1] * (t.ndim - 1)) for t in component.inputs)
+            buffer = executorch_program(component.module, inputs).buffer  # must outlive the runtime reading it
+            runtime = _load_for_executorch_from_buffer(buffer)
+            with torch.inference_mode():
+                want = component.module(*inputs)
+                eager = timed(lambda: component.module(*inputs), args.repeats)
+            got = runtime.forward(inputs)[0]
+            rel = float((got - want).abs().max() / want.abs().max())
+            et = timed(lambda: runtime.forward(inputs), args.repeats)
+            rows.append(dict(model=label, latent=inputs[0].shape[-1], batch=b, eager=eager, ort=et, parity=rel,
+                             bound=onnx_convert.error_bound(component.module, "fp32")))
+            print(format_latency(rows[-1:], header=False), file=sys.stderr, flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------
 # parity of an exported student on shapes captions
 # ------------------------------------------------------------------------------------------
@@ -273,10 +302,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timed", type=int, default=10, help="captions timed end to end in the parity part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parity-only", action="store_true")
+    parser.add_argument("--executorch", default="", help="also time these presets' UNets in ExecuTorch (optional extra)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     args.presets = [p for p in args.presets.split(",") if p]
     args.decoders = [d for d in args.decoders.split(",") if d]
+    args.executorch = [p for p in args.executorch.split(",") if p]
     results = {}
     if not args.parity_only:
         results["latency"] = latency(args)
@@ -285,6 +316,10 @@ def main(argv=None) -> int:
         unets = [r for r in results["latency"] if r["model"].endswith("unet")]
         missed = [f"{r['model']} b{r['batch']}" for r in unets if r["ort"] / r["eager"] > UNET_TARGET]
         print(f"target ORT / eager <= {UNET_TARGET} for every UNet: " + ("met" if not missed else f"MISSED: {', '.join(missed)}"))
+    if args.executorch:
+        results["executorch"] = executorch_latency(args)
+        print(f"\nExecuTorch (XNNPACK) against PyTorch eager, {args.threads} threads, fastest of {args.repeats}")
+        print(format_latency(results["executorch"]).replace("ONNX Runtime ms", "ExecuTorch ms").replace("ORT / eager", "ET / eager"))
     if args.checkpoint:
         results["parity"] = parity(args)
         print("\nparity of the exported pipeline")

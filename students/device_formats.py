@@ -65,7 +65,7 @@ def _raise_located(component: Component, fmt: str, err: BaseException, try_conve
 # ------------------------------------------------------------------------------------------
 
 
-def _executorch_program(module, inputs):
+def executorch_program(module, inputs):
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -86,13 +86,14 @@ def to_executorch(component: Component, folder: str, precision: str) -> ModelSpe
     if precision == "fp16":
         component, over, keep = fp16_component(component)
     try:
-        program = _executorch_program(component.module, component.inputs)
+        program = executorch_program(component.module, component.inputs)
     except Exception as err:  # noqa: BLE001 (a converter failure of any kind becomes one message naming the block)
-        _raise_located(component, "ExecuTorch", err, _executorch_program)
+        _raise_located(component, "ExecuTorch", err, executorch_program)
     file = f"{component.name}.{precision}.pte"
     with open(os.path.join(folder, file), "wb") as f:
         f.write(program.buffer)
-    runtime = _load_for_executorch_from_buffer(program.buffer)
+    buffer = program.buffer  # the runtime reads this memory: it must outlive ``runtime``
+    runtime = _load_for_executorch_from_buffer(buffer)
     got = runtime.forward(tuple(component.inputs))[0]
     with torch.no_grad():
         want = fp32.module(*fp32.inputs)
