@@ -23,7 +23,6 @@ The loop is what diffusers' ``StableDiffusionPipeline`` does with a ``DDIMSchedu
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
