@@ -134,7 +134,9 @@ def latent_shape(pipe, info: dict) -> tuple[int, ...]:
 
 def scheduler_spec(scheduler, steps: int) -> SchedulerSpec:
     """The DDIM (eta 0) loop of ``scheduler`` at ``steps`` as numbers: what ``DDIMScheduler.step`` uses."""
-    if type(scheduler).__name__ != "DDIMScheduler":
+    from diffusers import DDIMScheduler
+
+    if not isinstance(scheduler, DDIMScheduler):  # OffsetDDIMScheduler (teachers/offset_scheduler.py) is one
         raise DeployError(f"the pipeline's scheduler is {type(scheduler).__name__}; the exported loop runs DDIMScheduler "
                           "only (a step-distilled student always has one; else export from a DDIM teacher)")
     cfg = scheduler.config
