@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("students.export:main", "turn a checkpoint into a diffusers pipeline folder"),
     "eval": ("students.evaluate:main", "evaluate a student against its teacher"),
     "profile": ("students.profile:main", "parameters, MACs and latency of students and teachers"),
+    "evolve": ("students.evolve:main", "evolve a student's blocks toward a latency target (SnapFusion Algorithm 1)"),
     "demo": ("diffusion_distill.demo:main", "run the whole pipeline end to end on bundled data"),
 }
 
