@@ -357,6 +357,7 @@ class EvolveConfig:
     lookup: str | None = option(None, help="latency lookup table (distill profile --lookup); None = measure the start UNet")
     lookup_batch: int = option(2, help="batch of the measured lookup (2 = one CFG step)")
     lookup_repeats: int = option(20, help="timed forwards of the measured lookup and of each measured latency")
+    lookup_statistic: str = option("median", help="median | min of the measured lookup's timed runs", choices=("median", "min"))
     iterations: int = option(4, help="training segments; the architecture evolves after each but the last")
     steps_per_iteration: int = option(100, help="robust-training optimizer steps per segment")
     max_actions: int = option(1, help="blocks removed or copied per evolution")
@@ -440,7 +441,8 @@ def _lookup(cfg: EvolveConfig, start) -> LookupTable:
         raise UserError(f"--lookup {cfg.lookup!r} not found")
     from students.lookup import measure_table
 
-    table = measure_table(start, LookupSettings(batch_size=cfg.lookup_batch, repeats=cfg.lookup_repeats), progress=True)
+    table = measure_table(start, LookupSettings(batch_size=cfg.lookup_batch, repeats=cfg.lookup_repeats,
+                                                  statistic=cfg.lookup_statistic), progress=True)
     table.save(path)
     return table
 
@@ -507,6 +509,7 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     train_cfg = cfg.train_config()
     recipe = dataclasses.replace(recipe or train_cfg.resolved_recipe(), robust_skip_prob=cfg.robust_skip_prob)
     rank, world = setup_distributed(train_cfg)
+    _makedirs(cfg.output)
     start = preset(cfg.preset)
     table = _lookup(cfg, start) if rank == 0 else None
     _barrier(world)
@@ -533,6 +536,14 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     if rank == 0:
         _finish(cfg, records, table, target)
     return records
+
+
+def _makedirs(path: str) -> None:
+    from teachers.fs import is_local, url_to_fs
+
+    fs, fpath = url_to_fs(path)
+    if is_local(fs):
+        os.makedirs(fpath, exist_ok=True)
 
 
 def _barrier(world: int) -> None:

@@ -3,7 +3,7 @@
     distill profile --lookup out/lookup.json --presets shapes --batch_size 2 --repeats 30
     distill profile --lookup out/lookup.json --unet_config runs/evo/student_config.json
 
-The table holds, for every block type of one UNet, its median latency on the runtime it was measured
+The table holds, for every block type of one UNet, its median (or minimum) latency on the runtime it was measured
 on (PyTorch on CPU here; any runtime can write the same format): a block type is a layout token
 (``R`` ResNet, ``T``/``C``/``S`` transformer with its depth) with its input and output channels at its
 level's resolution, so blocks that run the same computation share one entry. Each block is timed
@@ -30,6 +30,7 @@ from diffusion_distill.errors import UserError
 
 FORMAT = "distill-latency-lookup/1"
 LAYOUT_FIELDS = ("down_layouts", "mid_layout", "up_layouts")  # what evolution changes; the rest is the family
+STATISTICS = {"median": statistics.median, "min": min}
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,11 @@ class LookupSettings:
     warmup: int = 3  # untimed forwards first
     device: str = "cpu"
     dtype: str = "float32"
+    statistic: str = "median"  # median | min (min: robust to other processes' load on a shared machine)
 
     def __post_init__(self):
+        if self.statistic not in STATISTICS:
+            raise UserError(f"lookup settings: statistic {self.statistic!r} is not one of {', '.join(STATISTICS)}")
         if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0 or self.text_tokens < 1:
             raise UserError(f"lookup settings: batch_size={self.batch_size}, repeats={self.repeats} must be >= 1, "
                             f"warmup={self.warmup} >= 0")
@@ -235,7 +239,7 @@ def _sync(settings: LookupSettings):
 
 
 def measure_ms(cfg, settings: LookupSettings = LookupSettings(), model=None) -> float:
-    """Median milliseconds of a plain forward of ``cfg`` (random weights unless ``model`` is given)."""
+    """Milliseconds (the settings' statistic: median or min) of a plain forward of ``cfg`` (random weights unless ``model`` is given)."""
     import torch
 
     model = model if model is not None else _build(cfg, settings)
@@ -250,7 +254,7 @@ def measure_ms(cfg, settings: LookupSettings = LookupSettings(), model=None) -> 
             sync()
             if i >= settings.warmup:
                 runs.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(runs)
+    return STATISTICS[settings.statistic](runs)
 
 
 def measure_table(cfg, settings: LookupSettings = LookupSettings(), progress: bool = False) -> LookupTable:
@@ -309,8 +313,9 @@ def measure_table(cfg, settings: LookupSettings = LookupSettings(), progress: bo
         by_key.setdefault(key, []).extend(times[b.module])
         if b.stage not in stages.setdefault(key, []):
             stages[key].append(b.stage)
-    entries = {k: statistics.median(v) for k, v in by_key.items()}
-    measured = statistics.median(plain)
+    stat = STATISTICS[settings.statistic]
+    entries = {k: stat(v) for k, v in by_key.items()}
+    measured = stat(plain)
     rest = measured - sum(entries[b.key(side)] for b in blocks)
     env = {"runtime": f"torch-{settings.device}", "torch": torch.__version__, "diffusers": diffusers.__version__,
            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "processor": _processor()}
@@ -341,7 +346,7 @@ def settings_of(table: LookupTable) -> LookupSettings:
 def format_table(table: LookupTable) -> str:
     s = table.settings
     lines = [f"latency lookup: {s['runtime']} {s['dtype']}, batch {s['batch_size']}, latent side {s['side']}, "
-             f"{s['threads']} threads, median of {s['repeats']} after {s['warmup']} warm-up",
+             f"{s['threads']} threads, {s.get('statistic', 'median')} of {s['repeats']} after {s['warmup']} warm-up",
              f"  {'block type':<28} {'ms':>9} {'n':>4}  stages"]
     for key, ms in table.entries.items():
         lines.append(f"  {key:<28} {ms:>9.3f} {table.samples.get(key, 0):>4}  {', '.join(table.stages.get(key, []))}")

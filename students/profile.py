@@ -437,6 +437,8 @@ class ProfileOptions:
     # latency lookup table (students/lookup.py): one UNet, per block type
     lookup: str | None = option(None, help="write the latency lookup table of one UNet (--presets NAME or --unet_config) here")
     unet_config: str | None = option(None, help="with --lookup: a student UNet config.json (e.g. an evolved run's student_config.json)")
+    lookup_statistic: str = option("median", help="with --lookup: median | min of the timed runs (min resists other processes' load)",
+                                   choices=("median", "min"))
 
     def __post_init__(self):
         for flag in ("batch_size", "repeats"):
@@ -509,7 +511,8 @@ def _lookup_main(args: ProfileOptions) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = L.LookupSettings(batch_size=args.batch_size, side=int(args.resolution) // 8 if args.resolution else None,
-                                repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype)
+                                repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                                statistic=args.lookup_statistic)
     table = L.measure_table(cfg, settings, progress=True)
     print(L.format_table(table))
     predicted, measured = table.predict_ms(cfg), L.measure_ms(cfg, settings)

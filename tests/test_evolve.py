@@ -27,7 +27,7 @@ def tiny_dump(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dump")
     (tmp / "p.txt").write_text("".join(f"a {c} {s} on a {b} background\n" for c in ("red", "blue") for s in
-                                       ("circle", "square") for b in ("white", "grey", "green", "black")))
+                                       ("circle", "square") for b in ("white", "black")))
     teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
                       "--num_inference_steps", "4", "--samples_per_shard", "8", "--batch_size", "8",
                       "--feature_layers", "", "--progress", "off", "--cpu_threads", "1"])
@@ -297,7 +297,7 @@ def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
     table.settings = {"side": 16, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7}
     table.save(lookup)
     kw = dict(data=tiny_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, lookup=lookup, latency_target_ms=14.5,
-              iterations=3, steps_per_iteration=2, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.9, shuffle_buffer=8,
+              iterations=2, steps_per_iteration=2, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.9, shuffle_buffer=8,
               robust_skip_prob=0.2, lookup_repeats=1)
     whole = E.evolve(E.EvolveConfig(output=str(tmp_path / "whole"), **kw), metric=MeanPixel())
     part = E.EvolveConfig(output=str(tmp_path / "part"), **kw)
@@ -307,13 +307,13 @@ def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
     def strip(records):
         return [{k: v for k, v in r.items() if "measured" not in k and k != "after"} for r in records]
 
-    assert strip(resumed) == strip(whole) and len(whole) == 3
-    # 11 blocks: 7 R (7 ms) + 4 transformers (8 ms) + rest 1 = 16 ms; target 14.5: one removal per evolution
-    assert [len(r["actions"]) for r in whole] == [1, 0, 0] and whole[0]["predicted_ms"] == 16.0
+    assert strip(resumed) == strip(whole) and len(whole) == 2
+    # 11 blocks: 7 R (7 ms) + 4 transformers (8 ms) + rest 1 = 16 ms; target 14.5: one removal, then the last segment
+    assert [len(r["actions"]) for r in whole] == [1, 0] and whole[0]["predicted_ms"] == 16.0
     assert whole[1]["predicted_ms"] == 14.0 and whole[0]["actions"][0]["kind"] == "remove"
     final = json.load(open(tmp_path / "whole" / "student_config.json"))
     assert final["down_layouts"] == whole[-1]["layouts"]["down_layouts"] and final["mid_layout"] == whole[-1]["layouts"]["mid_layout"]
     for name in ("report.html", "report.png", "evolution.jsonl"):
         assert (tmp_path / "whole" / name).is_file()
     losses = _losses(tmp_path / "whole" / "run")
-    assert len(losses) == 6 and _losses(tmp_path / "part" / "run")[-4:] == losses[-4:]
+    assert len(losses) == 4 and _losses(tmp_path / "part" / "run")[-2:] == losses[-2:]
