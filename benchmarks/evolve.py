@@ -2,7 +2,8 @@
 removing blocks by hand?
 
     python benchmarks/evolve.py --output out/evolve                 # full: 4 x 200 steps at batch 64 per student
-    python benchmarks/evolve.py --output out/evolve_quick --quick   # about 20 minutes on 2 shared cores
+    python benchmarks/evolve.py --output out/evolve_quick --quick   # about 20 minutes on 2 quiet cores
+    python benchmarks/evolve.py --output out/lookup_check --lookup_only --statistic min   # part 1 only
 
 Part 1, the lookup (``students.lookup``): for each UNet preset in ``--lookup_presets`` (big ones at
 ``--lookup_pixels``), the table measured on the preset, then the predicted latency (sum of entries +
@@ -39,8 +40,34 @@ KEYS = ("adherence", "exact", "frechet_analyser")
 BIG = ("snapfusion", "mobilediffusion", "snapgen", "sd15_reference", "sdxl_reference")
 
 
+def paired_ms(cfgs: list, settings, rounds: int) -> list[list[float]]:
+    """Plain forward times of several UNets timed back to back in rotating order, ``rounds`` rounds
+    (after one warm-up round): per round, every model once, so load from other processes hits them alike."""
+    import torch
+
+    from students import lookup as L
+
+    models = [L._build(c, settings) for c in cfgs]
+    inputs = [L._inputs(m, settings, settings.side or c.sample_size) for m, c in zip(models, cfgs)]
+    times = [[] for _ in cfgs]
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for i in [(r + k) % len(cfgs) for k in range(len(cfgs))]:
+                t0 = time.perf_counter()
+                models[i](*inputs[i][0], **inputs[i][1])
+                if r:
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def lookup_check(args) -> list[dict]:
-    """Predicted against measured latency for each preset and a few evolved variants of it."""
+    """Predicted against measured latency for each preset and a few evolved variants of it.
+
+    ``measured_ms``: a fresh plain measurement (the settings' statistic). ``ratio``: the variant's time
+    over the preset's, timed back to back in the same rounds (median over rounds), against the predicted
+    ratio: the figure that survives load from other processes."""
+    import statistics
+
     from students import evolve as E
     from students import lookup as L
     from students.unet import preset
@@ -61,12 +88,16 @@ def lookup_check(args) -> list[dict]:
         if blocks:
             b = blocks[len(blocks) // 2]
             variants.append((f"+{b.module}", E.apply_actions(cfg, [E.Action("copy", b.module, 0, 0)])[0]))
-        for label, variant in variants:
-            predicted, measured = table.predict_ms(variant), L.measure_ms(variant, settings)
+        paired = paired_ms([v for _, v in variants], settings, repeats)
+        for (label, variant), runs in zip(variants, paired):
+            predicted, measured = table.predict_ms(variant), L.STATISTICS[settings.statistic](runs)
+            ratio = statistics.median(a / b for a, b in zip(runs, paired[0]))
+            predicted_ratio = predicted / table.predict_ms(cfg)
             rows.append({"preset": name, "variant": label, "latent_side": side, "predicted_ms": predicted,
-                         "measured_ms": measured, "error": predicted / measured - 1})
+                         "measured_ms": measured, "error": predicted / measured - 1, "ratio": ratio,
+                         "predicted_ratio": predicted_ratio, "ratio_error": predicted_ratio / ratio - 1})
             print(f"[lookup] {name:<16} {label:<32} side {side:>3}: predicted {predicted:9.2f} ms, measured {measured:9.2f} "
-                  f"({predicted / measured - 1:+.1%})", flush=True)
+                  f"({predicted / measured - 1:+.1%}); vs preset predicted {predicted_ratio:.3f}, measured {ratio:.3f}", flush=True)
         print(f"[lookup] {name}: {time.monotonic() - t0:.0f} s", flush=True)
     return rows
 
@@ -127,16 +158,17 @@ def _evaluate(args, student, out, captions, analyser):
 
 def table_md(rows: list[dict], lookup: list[dict]) -> str:
     lines = ["| student | layouts (down / mid / up) | blocks | predicted ms | measured ms | latency vs preset | adherence | exact | Frechet |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    base = next(r for r in rows if r["student"] == "unevolved")
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"] if rows else []
+    base = next((r for r in rows if r["student"] == "unevolved"), None)
     for r in rows:
         lines.append(f"| {r['student']} | {r['layouts']} | {r['blocks']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
                      f"{r['measured_ms'] / base['measured_ms']:.1%} | {r['adherence']:.3f} | {r['exact']:.3f} | "
                      f"{r['frechet_analyser']:.1f} |")
     if lookup:
-        lines += ["", "| preset | variant | latent side | predicted ms | measured ms | error |", "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "| preset | variant | latent side | predicted ms | measured ms | error | predicted / preset | "
+                  "measured / preset | error |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['preset']} | {r['variant']} | {r['latent_side']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
-                  f"{r['error']:+.1%} |" for r in lookup]
+                  f"{r['error']:+.1%} | {r['predicted_ratio']:.3f} | {r['ratio']:.3f} | {r['ratio_error']:+.1%} |" for r in lookup]
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--statistic", default="median", choices=("median", "min"),
                    help="latency statistic of the lookups and measurements (min resists other processes' load)")
     p.add_argument("--skip_lookup_check", action="store_true")
+    p.add_argument("--lookup_only", action="store_true", help="part 1 only: the lookup check, written to lookup_check.md")
     p.add_argument("--quick", action="store_true",
                    help="about 20 minutes on 2 shared cores: 4 x 50 steps at batch 32, 150 captions x 1 seed, 32 validation "
                         "and 96 evaluation captions, the lookup check on shapes, tiny, tiny_xl and mobilediffusion")
@@ -191,6 +224,13 @@ def main(argv=None) -> int:
     if lookup is None and not args.skip_lookup_check:
         lookup = lookup_check(args)
         json.dump({"args": vars(args), "lookup": lookup}, open(results_path, "w", encoding="utf-8"), indent=1)
+    if args.lookup_only:
+        md = table_md([], lookup or [])
+        with open(os.path.join(args.output, "lookup_check.md"), "w", encoding="utf-8") as f:
+            f.write(md)
+        print(md)
+        print(f"{(time.monotonic() - t0) / 60:.1f} min")
+        return 0
     # the dump: scene captions -> curation job -> teacher (40 trailing DDIM steps, all recorded)
     prompts = os.path.join(args.output, "prompts.txt")
     scenes = list(world.all_scenes())
