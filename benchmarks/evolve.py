@@ -122,7 +122,7 @@ def _train(args, data, out, student_cfg=None):
         return out
     cfg = TrainConfig(data=data, output=out, preset="shapes", recipe="snapfusion_step", student_steps=args.student_steps,
                       max_steps=total, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      ema_decay=0.99, checkpoint_every=total, keep_checkpoints=1, log_every=50, shuffle_buffer=256, seed=args.seed)
+                      ema_decay=0.99, checkpoint_every=args.steps_per_iteration, keep_checkpoints=1, log_every=50, shuffle_buffer=256, seed=args.seed)
     student = EfficientUNet2DConditionModel.from_student_config(student_cfg) if student_cfg is not None else None
     train(cfg, student=student)
     return out

@@ -81,11 +81,10 @@ class Action:
         return self.delta_metric / max(self.latency_ms, 1e-9)
 
 
-def _stages(cfg) -> dict[str, tuple[str, list]]:
-    """stage -> (layout field, [(token, source module)]) of every stage, in module order."""
-    blocks = unet_blocks(cfg)
+def _stages(cfg) -> dict[str, list]:
+    """stage -> [[token, source module], ...] of every stage, in layout order."""
     out = {}
-    for b in blocks:
+    for b in unet_blocks(cfg):
         out.setdefault(b.stage, []).append([b.token, b.module])
     return out
 
