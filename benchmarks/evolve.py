@@ -47,8 +47,8 @@ def paired_ms(cfgs: list, settings, rounds: int) -> list[list[float]]:
 
     from students import lookup as L
 
-    models = [L._build(c, settings) for c in cfgs]
-    inputs = [L._inputs(m, settings, settings.side or c.sample_size) for m, c in zip(models, cfgs)]
+    models = [L.build_random_unet(c, settings) for c in cfgs]
+    inputs = [L.unet_inputs(m, settings, settings.side or c.sample_size) for m, c in zip(models, cfgs)]
     times = [[] for _ in cfgs]
     with torch.inference_mode():
         for r in range(rounds + 1):

@@ -502,19 +502,20 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     ``stop_after_iteration`` stops after that iteration's record as if killed there (tests)."""
     from students import checkpoint as ckpt
     from students.lookup import measure_ms, settings_of
-    from students.train import setup_distributed, train
+    from students.train import check_inputs, setup_distributed, train
     from students.unet import preset
 
     train_cfg = cfg.train_config()
     recipe = dataclasses.replace(recipe or train_cfg.resolved_recipe(), robust_skip_prob=cfg.robust_skip_prob)
+    check_inputs(train_cfg, recipe)  # the dump and the output, before any work
     rank, world = setup_distributed(train_cfg)
+    scorer = Scorer(cfg, metric) if rank == 0 else None  # the validation captions, before any work
     _makedirs(cfg.output)
     start = preset(cfg.preset)
     table = _lookup(cfg, start) if rank == 0 else None
     _barrier(world)
     table = table or _lookup(cfg, start)
     target = target_ms(cfg, table, start)
-    scorer = Scorer(cfg, metric) if rank == 0 else None
     records = read_records(cfg.output)
     run = train_cfg.output
     for it in range(len(records) + 1, cfg.iterations + 1):

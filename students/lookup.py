@@ -198,7 +198,8 @@ def check_family(table: LookupTable, cfg) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _inputs(model, settings: LookupSettings, side: int):
+def unet_inputs(model, settings: LookupSettings, side: int):
+    """(args, kwargs) of one forward: random latents, timestep 500, text states (and SDXL's added conditions)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -219,7 +220,8 @@ def _inputs(model, settings: LookupSettings, side: int):
     return (rand(b, cfg.in_channels, side, side), timestep), kwargs
 
 
-def _build(cfg, settings: LookupSettings):
+def build_random_unet(cfg, settings: LookupSettings):
+    """``cfg`` with seeded random weights on the settings' device and dtype, in eval mode."""
     import torch
 
     from students.unet import EfficientUNet2DConditionModel
@@ -242,9 +244,9 @@ def measure_ms(cfg, settings: LookupSettings = LookupSettings(), model=None) -> 
     """Milliseconds (the settings' statistic: median or min) of a plain forward of ``cfg`` (random weights unless ``model`` is given)."""
     import torch
 
-    model = model if model is not None else _build(cfg, settings)
+    model = model if model is not None else build_random_unet(cfg, settings)
     side = settings.side or cfg.sample_size
-    args, kwargs = _inputs(model, settings, side)
+    args, kwargs = unet_inputs(model, settings, side)
     sync, runs = _sync(settings), []
     with torch.inference_mode():
         for i in range(settings.warmup + settings.repeats):
@@ -266,8 +268,8 @@ def measure_table(cfg, settings: LookupSettings = LookupSettings(), progress: bo
     side = settings.side or cfg.sample_size
     if side % (2 ** (len(cfg.block_out_channels) - 1)):
         raise UserError(f"latent side {side} is not divisible by {2 ** (len(cfg.block_out_channels) - 1)} for this UNet")
-    model = _build(cfg, settings)
-    args, kwargs = _inputs(model, settings, side)
+    model = build_random_unet(cfg, settings)
+    args, kwargs = unet_inputs(model, settings, side)
     blocks = unet_blocks(cfg)
     sync = _sync(settings)
     times: dict[str, list[float]] = {b.module: [] for b in blocks}

@@ -317,3 +317,13 @@ def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
         assert (tmp_path / "whole" / name).is_file()
     losses = _losses(tmp_path / "whole" / "run")
     assert len(losses) == 4 and _losses(tmp_path / "part" / "run")[-2:] == losses[-2:]
+
+
+def test_bad_evolve_flags_are_one_line_before_work(tiny_dump, tmp_path, capsys):
+    base = ["--data", tiny_dump, "--output", str(tmp_path / "e"), "--val_captions", str(tmp_path / "missing.txt")]
+    assert E.main(base) == 2
+    assert "exactly one of --latency_target_ms and --latency_target_ratio" in capsys.readouterr().err
+    assert E.main(base + ["--latency_target_ratio", "0.7"]) == 2
+    assert "--val_captions" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert E.main(base + ["--latency_target_ms", "5", "--preset", "nope"]) == 2
+    assert "unknown student preset" in capsys.readouterr().err
