@@ -195,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--lookup_variants", type=int, default=4, help="single-removal variants checked per preset")
     p.add_argument("--statistic", default="median", choices=("median", "min"),
                    help="latency statistic of the lookups and measurements (min resists other processes' load)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: tiny models on a shared machine run far faster than with 2 fighting for cores)")
     p.add_argument("--skip_lookup_check", action="store_true")
     p.add_argument("--lookup_only", action="store_true", help="part 1 only: the lookup check, written to lookup_check.md")
     p.add_argument("--quick", action="store_true",
@@ -216,6 +218,7 @@ def main(argv=None) -> int:
     from teachers.shapes import world
     from teachers.shapes.analyser import load_analyser
 
+    torch.set_num_threads(args.threads)
     os.makedirs(args.output, exist_ok=True)
     t0 = time.monotonic()
     results_path = os.path.join(args.output, "evolve_bench.json")
