@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("students.ondevice:main", "make an image with an exported ONNX pipeline (--onnx DIR; numpy + onnxruntime, no torch)"),
     "eval": ("students.evaluate:main", "evaluate a student against its teacher"),
     "profile": ("students.profile:main", "parameters, MACs and latency of students and teachers"),
+    "evolve": ("students.evolve:main", "evolve a student's blocks toward a latency target (SnapFusion Algorithm 1)"),
     "demo": ("diffusion_distill.demo:main", "run the whole pipeline end to end on bundled data"),
 }
 

@@ -4,6 +4,7 @@
     distill profile --presets mobilediffusion,vae_tiny --repeats 5 --json out/cost.json
     distill profile --latency-resolution sdxl=512                # SDXL family timed at 512 px
     distill profile --device cuda --dtype bfloat16
+    distill profile --lookup out/lookup.json --presets shapes --batch_size 2 --repeats 30   # students/lookup.py
 
 Each student is measured with its teacher in the same run: SD-1.5's UNet (``teachers.configs.sd15_unet()``)
 at 512 px (64x64 latents) for ``snapfusion``/``mobilediffusion``, SDXL's UNet at 1024 px for ``snapgen``,
@@ -433,6 +434,11 @@ class ProfileOptions:
     dtype: str = option("float32", help="weights and activations dtype", choices=DTYPES)
     threads: int | None = option(None, help="torch.set_num_threads for CPU latency")
     json: str | None = option(None, help="also write the figures to this path (local or fsspec URL)")
+    # latency lookup table (students/lookup.py): one UNet, per block type
+    lookup: str | None = option(None, help="write the latency lookup table of one UNet (--presets NAME or --unet_config) here")
+    unet_config: str | None = option(None, help="with --lookup: a student UNet config.json (e.g. an evolved run's student_config.json)")
+    lookup_statistic: str = option("median", help="with --lookup: median | min of the timed runs (min resists other processes' load)",
+                                   choices=("median", "min"))
 
     def __post_init__(self):
         for flag in ("batch_size", "repeats"):
@@ -469,7 +475,57 @@ def parse_args(argv=None) -> tuple[ProfileConfig, str | None]:
     return cfg, args.json
 
 
+def lookup_unet_config(args: ProfileOptions):
+    """The one UNet config a ``--lookup`` run measures: ``--unet_config`` or a single ``students.unet`` preset."""
+    from students.unet import PRESETS, StudentUNetConfig, preset
+
+    if args.unet_config:
+        from teachers.fs import exists, read_json
+
+        if not exists(args.unet_config):
+            raise UserError(f"--unet_config {args.unet_config!r} not found")
+        fields = {f.name for f in dataclasses.fields(StudentUNetConfig)}
+        raw = read_json(args.unet_config)
+        try:
+            return StudentUNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--unet_config {args.unet_config!r}: {err}") from None
+    names = [p.strip() for p in args.presets.split(",") if p.strip()]
+    if len(names) != 1 or names[0] not in PRESETS:
+        raise UserError(f"--lookup measures one UNet: pass --presets NAME (one of {', '.join(sorted(PRESETS))}) "
+                        f"or --unet_config PATH, got --presets {args.presets!r}")
+    return preset(names[0])
+
+
+def _lookup_main(args: ProfileOptions) -> int:
+    """``--lookup OUT.json``: the per-block latency table of one UNet, then predicted against a fresh measurement."""
+    import torch
+
+    from students import lookup as L
+
+    cfg = lookup_unet_config(args)
+    if args.resolution and (not args.resolution.isdigit() or int(args.resolution) % 8):
+        raise UserError(f"--resolution with --lookup is one pixel size (a multiple of 8), got {args.resolution!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = L.LookupSettings(batch_size=args.batch_size, side=int(args.resolution) // 8 if args.resolution else None,
+                                repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                                statistic=args.lookup_statistic)
+    table = L.measure_table(cfg, settings, progress=True)
+    print(L.format_table(table))
+    predicted, measured = table.predict_ms(cfg), L.measure_ms(cfg, settings)
+    print(f"\npredicted {predicted:.3f} ms, measured again {measured:.3f} ms ({predicted / measured - 1:+.1%})")
+    table.save(args.lookup)
+    print(f"wrote {args.lookup}")
+    return 0
+
+
 def _main(argv: list[str]) -> int:
+    args, _ = parse(ProfileOptions, argv, prog="distill profile", description=__doc__.split("\n")[0])
+    if args.lookup:
+        return _lookup_main(args)
     cfg, json_path = parse_args(argv)
     results = profile(cfg)
     print(format_report(results, cfg))

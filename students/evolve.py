@@ -1,0 +1,662 @@
+"""SnapFusion's architecture evolution (arXiv 2306.00980, Sec. 3.2, Algorithm 1) on a training checkpoint.
+
+    distill evolve --data out/dump --output runs/evo --preset shapes --recipe snapfusion_step --student_steps 8 \\
+        --latency_target_ratio 0.7 --iterations 4 --steps_per_iteration 200 --val_captions val.txt --metric adherence
+
+The loop: robust training for ``--steps_per_iteration`` steps (every skippable block skipped with
+``--robust_skip_prob``, ``students.objective.robust_skip``), then *score* every evolvable block: the
+drop of a metric on a fixed validation set (captions, image seeds) when the block is skipped
+(``delta_metric = M(full) - M(skipped)``; the shapes analyser's adherence, the CLIP score, or any
+``students.metrics.Metric``), and the latency it costs from a lookup table (``students.lookup``);
+then *evolve*: actions are sorted by ``value = delta_metric / delta_latency_ms``:
+
+- while the predicted latency is over the target: remove blocks in ascending value (ties: the one that
+  saves more latency first, then execution order), up to ``--max_actions`` per evolution, stopping as
+  soon as the target is met;
+- when it is at or under the target: copy blocks in descending value (ties: the cheaper first, then
+  execution order), each only if its skip costs metric (delta > 0) and the copy keeps the prediction
+  under the target, up to ``--max_actions``.
+
+Evolvable blocks are those whose removal is exactly a skip: transformer blocks (``T``/``C``/``S``
+tokens) anywhere, and mid-stage ResNets after the first. (A down-stage ResNet's removal also removes
+a skip connection and its up-stage consumer, and the first ResNet of a stage changes channels; those
+stay.) ``--keep_cross_attention K`` never removes the last K blocks with cross-attention.
+
+The architecture changes in place on the checkpoint at the iteration's last step (``evolve_checkpoint``):
+weights and EMA are carried over by block (a copy duplicates its source's weights), the AdamW state
+of removed parameters is dropped and that of copied ones duplicated, and the LR schedule, RNG states
+and data position are kept, so training resumes from it exactly as the trainer resumes any run.
+Outputs in ``--output``: ``run/`` (the trainer's run folder; its last checkpoint is the evolved
+student), ``student_config.json``, ``lookup.json``, ``evolution.jsonl`` (one line per iteration: the
+scores, the actions, predicted and measured latency, the metric) and ``report.html`` / ``report.png``
+(the path of latency against the metric). Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+
+from diffusion_distill.errors import UserError, run_main
+from diffusion_distill.options import option, parse
+from students.lookup import Block, LookupSettings, LookupTable, unet_blocks
+
+METRICS = ("adherence", "clip")
+METRIC_KEYS = {"adherence": "adherence", "clip": "clip_score"}
+EVOLUTION = "evolution.jsonl"
+
+
+# ------------------------------------------------------------------------------------------
+# architecture edits: which blocks can go or be copied, and the map from new blocks to old ones
+# ------------------------------------------------------------------------------------------
+
+
+def has_cross_attention(block: Block) -> bool:
+    return block.token[0] in ("T", "C")
+
+
+def evolvable(cfg) -> list[Block]:
+    """Blocks whose removal equals skipping them: transformers, and mid-stage ResNets after the first."""
+    return [b for b in unet_blocks(cfg) if not b.is_resnet or (b.stage == "mid_block" and b.position > 0)]
+
+
+def copyable(cfg) -> list[Block]:
+    """Blocks a copy can follow (input channels = output channels): transformers and mid-stage ResNets."""
+    return [b for b in unet_blocks(cfg) if not b.is_resnet or b.stage == "mid_block"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    kind: str  # "remove" | "copy"
+    module: str  # the block in the architecture before this evolution, e.g. "mid_block.attentions.0"
+    delta_metric: float  # M(full) - M(block skipped)
+    latency_ms: float  # lookup latency the action saves (remove) or adds (copy)
+
+    @property
+    def value(self) -> float:
+        """Score per latency (SnapFusion's delta-CLIP / delta-latency)."""
+        return self.delta_metric / max(self.latency_ms, 1e-9)
+
+
+def _stages(cfg) -> dict[str, list]:
+    """stage -> [[token, source module], ...] of every stage, in layout order."""
+    out = {}
+    for b in unet_blocks(cfg):
+        out.setdefault(b.stage, []).append([b.token, b.module])
+    return out
+
+
+def apply_actions(cfg, actions: list[Action]):
+    """(new config, {new module: old module}) after removing/copying blocks. A copy is inserted right
+    after its source, with the source's weights; modules not in the map are unchanged by name."""
+    from students.unet import override
+
+    stages = _stages(cfg)
+    where = {module: stage for stage, items in stages.items() for _, module in items}
+    for action in actions:
+        if action.module not in where:
+            raise ValueError(f"no block {action.module!r} in this UNet")
+        items = stages[where[action.module]]
+        index = next(i for i, (_, src) in enumerate(items) if src == action.module)
+        if action.kind == "remove":
+            items.pop(index)
+        elif action.kind == "copy":
+            items.insert(index + 1, [items[index][0], action.module])
+        else:
+            raise ValueError(f"action kind {action.kind!r} is not 'remove' or 'copy'")
+    layout = {stage: " ".join(token for token, _ in items) for stage, items in stages.items()}
+    levels = len(cfg.block_out_channels)
+    new = override(cfg, down_layouts=tuple(layout[f"down_blocks.{i}"] for i in range(levels)), mid_layout=layout["mid_block"],
+                   up_layouts=tuple(layout[f"up_blocks.{j}"] for j in range(levels)))
+    source = {}
+    for stage, items in stages.items():
+        counts = {"resnets": 0, "attentions": 0}
+        for token, src in items:
+            group = "resnets" if token == "R" else "attentions"
+            source[f"{stage}.{group}.{counts[group]}"] = src
+            counts[group] += 1
+    return new, source
+
+
+def source_name(name: str, source: dict[str, str]) -> str:
+    """The old parameter name a new one comes from (``mid_block.attentions.1.norm.weight`` -> ``...0...``)."""
+    parts = name.split(".")
+    if parts[0] == "mid_block":
+        prefix = ".".join(parts[:3])  # mid_block.attentions.0
+    elif parts[0] in ("down_blocks", "up_blocks"):
+        prefix = ".".join(parts[:4])  # down_blocks.1.attentions.0
+    else:
+        return name
+    return source[prefix] + name[len(prefix):] if prefix in source else name
+
+
+def evolve_model(model, actions: list[Action]):
+    """A new model with the actions applied and every weight carried over from ``model``."""
+    from students.unet import EfficientUNet2DConditionModel
+
+    new_cfg, source = apply_actions(model.student_config, actions)
+    new = EfficientUNet2DConditionModel.from_student_config(new_cfg)
+    old_state = model.state_dict()
+    new.load_state_dict({k: old_state[source_name(k, source)].clone() for k in new.state_dict()})
+    return new.to(next(model.parameters()).device).train(model.training), source
+
+
+def evolve_optimizer_state(state: dict, old_names: list[str], new_names: list[str], source: dict[str, str]) -> dict:
+    """AdamW (or any per-parameter) state of the old student -> the new one's.
+
+    The trainer's parameter list is the student's parameters, in ``named_parameters`` order, then the
+    other trained modules' (distillation heads, decoder): those keep their state and shift by the
+    change in count. Removed parameters' state is dropped; a copy gets a copy of its source's."""
+    import copy
+
+    groups = state["param_groups"]
+    if len(groups) != 1:
+        raise ValueError(f"expected one optimizer parameter group, found {len(groups)}")
+    n_old, total = len(old_names), len(groups[0]["params"])
+    if total < n_old:
+        raise ValueError(f"the optimizer has {total} parameters, fewer than the student's {n_old}")
+    old_index = {name: i for i, name in enumerate(old_names)}
+    per_param = state["state"]
+    new_state = {}
+    for i, name in enumerate(new_names):
+        src = old_index[source_name(name, source)]
+        if src in per_param:
+            new_state[i] = copy.deepcopy(per_param[src])
+    shift = len(new_names) - n_old
+    for i in range(n_old, total):
+        if i in per_param:
+            new_state[i + shift] = per_param[i]
+    new_groups = [dict(groups[0], params=list(range(total + shift)))]
+    return {"state": new_state, "param_groups": new_groups}
+
+
+@contextlib.contextmanager
+def skip_blocks(model, modules):
+    """Run ``model`` with the named blocks skipped: a forward hook returns the block's input, as
+    ``students.objective.robust_skip`` does in training."""
+    handles = [model.get_submodule(m).register_forward_hook(lambda mod, inputs, output: inputs[0]) for m in modules]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------
+# the checkpoint, evolved in place
+# ------------------------------------------------------------------------------------------
+
+
+class _Folder:
+    """A saved diffusers folder carried into the new checkpoint as it is."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def save_pretrained(self, dst):
+        import shutil
+
+        shutil.copytree(self.path, dst)
+
+
+class _Plain:
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
+def _tensors_module(tensors: dict):
+    import torch
+
+    class Tensors(torch.nn.Module):
+        def state_dict(self, *args, **kwargs):
+            return tensors
+
+    return Tensors()
+
+
+def load_student(folder: str):
+    from students.unet import EfficientUNet2DConditionModel
+
+    return EfficientUNet2DConditionModel.from_pretrained(folder)
+
+
+def evolve_checkpoint(path: str, output: str, actions: list[Action], record: dict, keep: int = 2) -> str:
+    """Rewrite the checkpoint at ``path`` (of the run folder ``output``) with the actions applied; the
+    same step, so the trainer resumes from it. ``record`` goes into its config.json as ``evolution``."""
+    import torch
+    from safetensors.torch import load_file
+
+    from students import checkpoint as ckpt
+
+    with ckpt.local_copy(path) as folder:
+        plain = torch.load(os.path.join(folder, ckpt.TRAINER_STATE), weights_only=True)
+        with open(os.path.join(folder, ckpt.CONFIG), encoding="utf-8") as f:
+            config = json.load(f)
+        state = {}
+        student = load_student(os.path.join(folder, "student"))
+        new_student, source = evolve_model(student, actions)
+        state["student"] = new_student
+        for name in sorted(os.listdir(folder)):
+            full = os.path.join(folder, name)
+            if name == "student" or not os.path.isdir(full):
+                continue
+            state[name] = evolve_model(load_student(full), actions)[0] if name == "ema" else _Folder(full)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                state[name[: -len(".safetensors")]] = _tensors_module(load_file(os.path.join(folder, name)))
+        old_names = [n for n, _ in student.named_parameters()]
+        new_names = [n for n, _ in new_student.named_parameters()]
+        for name, value in plain.items():
+            if name == "step":
+                continue
+            if name == "optimizer":
+                value = evolve_optimizer_state(value, old_names, new_names, source)
+            state[name] = _Plain(value)
+        step = int(plain["step"])
+        config.pop("step", None)
+        config["evolution"] = record
+        return ckpt.save(output, state, step=step, config=config, keep=keep)
+
+
+def student_at(run: str):
+    """(student model, its config) at the newest checkpoint of ``run``; (None, None) if there is none."""
+    from students import checkpoint as ckpt
+
+    found = ckpt.checkpoints(run)
+    if not found:
+        return None, None
+    with ckpt.local_copy(found[-1]) as folder:
+        model = load_student(os.path.join(folder, "student"))
+    return model, model.student_config
+
+
+# ------------------------------------------------------------------------------------------
+# scores and the plan
+# ------------------------------------------------------------------------------------------
+
+
+def metric_value(pipe, prompts, metric, key: str, *, steps: int, guidance: float, size: int, seed: int,
+                 batch_size: int, skip=()) -> float:
+    """``metric`` over the images the pipeline draws for ``prompts`` (seed + index), with ``skip`` blocks skipped."""
+    from students.evaluate import generate
+
+    metric.reset()
+    with skip_blocks(pipe.unet, skip):
+        for images, captions, _ in generate(pipe, prompts, steps, guidance, size, seed, batch_size):
+            metric.update(images, captions)
+    return float(metric.compute()[key])
+
+
+def score_blocks(pipe, cfg, table: LookupTable, measure) -> tuple[float, dict[str, dict]]:
+    """(M(full), {module: {delta_metric, latency_ms}}) for every evolvable or copyable block;
+    ``measure(skip)`` is the metric with those blocks skipped."""
+    full = measure(())
+    blocks = {b.module: b for b in evolvable(cfg) + copyable(cfg)}
+    scores = {}
+    for module, block in blocks.items():
+        scores[module] = {"delta_metric": full - measure((module,)), "latency_ms": table.block_ms(block), "token": block.token}
+    return full, scores
+
+
+def plan_actions(cfg, scores: dict[str, dict], table: LookupTable, target_ms: float, *, max_actions: int = 1,
+                 keep_cross_attention: int = 1) -> list[Action]:
+    """The evolution's actions (module doc): remove in ascending value while over the target, else
+    copy in descending value while the copy fits under it."""
+    predicted = table.predict_ms(cfg)
+    actions: list[Action] = []
+    order = {b.module: i for i, b in enumerate(unet_blocks(cfg))}
+    if predicted > target_ms:
+        removable = {b.module: b for b in evolvable(cfg)}
+        crossing = sum(has_cross_attention(b) for b in unet_blocks(cfg))
+        ranked = sorted((Action("remove", m, s["delta_metric"], s["latency_ms"]) for m, s in scores.items() if m in removable),
+                        key=lambda a: (a.value, -a.latency_ms, order[a.module]))
+        for action in ranked:
+            if len(actions) >= max_actions or predicted <= target_ms:
+                break
+            if has_cross_attention(removable[action.module]):
+                if crossing <= keep_cross_attention:
+                    continue
+                crossing -= 1
+            actions.append(action)
+            predicted -= action.latency_ms
+    else:
+        copies = {b.module for b in copyable(cfg)}
+        ranked = sorted((Action("copy", m, s["delta_metric"], s["latency_ms"]) for m, s in scores.items() if m in copies),
+                        key=lambda a: (-a.value, a.latency_ms, order[a.module]))
+        for action in ranked:
+            if len(actions) >= max_actions:
+                break
+            if action.delta_metric > 0 and predicted + action.latency_ms <= target_ms:
+                actions.append(action)
+                predicted += action.latency_ms
+    return actions
+
+
+# ------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvolveConfig:
+    data: str = option(help="dataset folder (a teacher dump), as for distill train")
+    output: str = option(help="evolution folder: run/, lookup.json, evolution.jsonl, student_config.json, report.html")
+    preset: str = option("tiny", help="the student UNet preset evolution starts from (students.unet.PRESETS)")
+    recipe: str = option("output_kd", help="distillation recipe (students.objective.RECIPES)")
+    student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
+    robust_skip_prob: float = option(0.1, help="robust training: probability of skipping each skippable block per step")
+    latency_target_ms: float = option(0.0, help="target UNet latency in ms on the lookup's runtime (or --latency_target_ratio)")
+    latency_target_ratio: float = option(0.0, help="target as a fraction of the starting UNet's predicted latency")
+    lookup: str | None = option(None, help="latency lookup table (distill profile --lookup); None = measure the start UNet")
+    lookup_batch: int = option(2, help="batch of the measured lookup (2 = one CFG step)")
+    lookup_repeats: int = option(20, help="timed forwards of the measured lookup and of each measured latency")
+    lookup_statistic: str = option("median", help="median | min of the measured lookup's timed runs", choices=("median", "min"))
+    iterations: int = option(4, help="training segments; the architecture evolves after each but the last")
+    steps_per_iteration: int = option(100, help="robust-training optimizer steps per segment")
+    max_actions: int = option(1, help="blocks removed or copied per evolution")
+    keep_cross_attention: int = option(1, help="never remove the last K blocks with cross-attention")
+    val_captions: str = option(help="validation captions (.txt / .jsonl / COCO .json) the blocks are scored on")
+    val_images: int = option(32, help="validation captions used (one image each, seed = --val_seed + index)")
+    val_seed: int = option(0, help="image seed of the first validation caption")
+    metric: str = option("adherence", help="adherence (shapes analyser) | clip (open_clip CLIP score)", choices=METRICS)
+    clip_model: str = option("ViT-L-14", help="open_clip architecture for --metric clip")
+    clip_weights: str | None = option(None, help="local open_clip checkpoint for --metric clip")
+    weights: str = option("ema", help="which student weights are scored", choices=("ema", "raw"))
+    eval_batch_size: int = option(64, help="prompts per pipeline call while scoring")
+    batch_size: int = option(8, help="training samples per step")
+    lr: float = option(1e-4, help="peak AdamW learning rate (cosine over all iterations)")
+    warmup_steps: int = option(10, help="linear warm-up steps")
+    ema_decay: float = option(0.999, help="EMA decay (0 = off)")
+    seed: int = option(0, help="trainer seed")
+    shuffle_buffer: int = option(64, help="samples in the shuffle buffer")
+    device: str = option("cpu", help="cpu | cuda | cuda:N")
+
+    def __post_init__(self):
+        from students.unet import PRESETS
+
+        for name in ("iterations", "steps_per_iteration", "max_actions", "val_images", "eval_batch_size", "lookup_batch",
+                     "lookup_repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.keep_cross_attention < 0:
+            raise UserError(f"--keep_cross_attention must not be negative, got {self.keep_cross_attention}")
+        if (self.latency_target_ms > 0) == (self.latency_target_ratio > 0):
+            raise UserError("give exactly one of --latency_target_ms and --latency_target_ratio (a positive number)")
+        if self.preset not in PRESETS:
+            raise UserError(f"--preset: unknown student preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        if not 0 <= self.robust_skip_prob < 1:
+            raise UserError(f"--robust_skip_prob must be in [0, 1), got {self.robust_skip_prob}")
+        if self.metric == "clip" and not self.clip_weights:
+            raise UserError("--metric clip needs --clip_weights (a local open_clip checkpoint, or 'random')")
+
+    def train_config(self):
+        from students.train import TrainConfig
+
+        return TrainConfig(data=self.data, output=_join(self.output, "run"), preset=self.preset, recipe=self.recipe,
+                           student_steps=self.student_steps, max_steps=self.iterations * self.steps_per_iteration,
+                           batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps, ema_decay=self.ema_decay,
+                           seed=self.seed, shuffle_buffer=self.shuffle_buffer, checkpoint_every=self.steps_per_iteration,
+                           keep_checkpoints=2, log_every=max(1, self.steps_per_iteration // 4), device=self.device)
+
+
+def _join(a, b):
+    from teachers.fs import join
+
+    return join(a, b)
+
+
+def read_records(output: str) -> list[dict]:
+    from teachers.fs import exists, read_bytes
+
+    path = _join(output, EVOLUTION)
+    if not exists(path):
+        return []
+    return [json.loads(line) for line in read_bytes(path).decode("utf-8").splitlines() if line.strip()]
+
+
+def write_records(output: str, records: list[dict]) -> None:
+    from teachers.fs import atomic_write_bytes
+
+    atomic_write_bytes(_join(output, EVOLUTION), "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+
+
+def layouts(cfg) -> dict:
+    return {"down_layouts": list(cfg.down_layouts), "mid_layout": cfg.mid_layout, "up_layouts": list(cfg.up_layouts)}
+
+
+def _lookup(cfg: EvolveConfig, start) -> LookupTable:
+    from teachers.fs import exists
+
+    path = cfg.lookup or _join(cfg.output, "lookup.json")
+    if exists(path):
+        return LookupTable.load(path)
+    if cfg.lookup:
+        raise UserError(f"--lookup {cfg.lookup!r} not found")
+    from students.lookup import measure_table
+
+    table = measure_table(start, LookupSettings(batch_size=cfg.lookup_batch, repeats=cfg.lookup_repeats,
+                                                  statistic=cfg.lookup_statistic), progress=True)
+    table.save(path)
+    return table
+
+
+def _build_metric(cfg: EvolveConfig):
+    if cfg.metric == "adherence":
+        from teachers.shapes.analyser import Adherence
+
+        return Adherence()
+    from students.metrics import ClipScore
+
+    return ClipScore.load(cfg.clip_model, cfg.clip_weights, cfg.device)
+
+
+class Scorer:
+    """The metric of a checkpoint's student on the fixed validation captions and seeds."""
+
+    def __init__(self, cfg: EvolveConfig, metric=None):
+        from students.evaluate import load_prompts
+
+        self.cfg = cfg
+        self.metric = metric if metric is not None else _build_metric(cfg)
+        self.key = METRIC_KEYS.get(getattr(self.metric, "name", ""), getattr(self.metric, "name", "metric"))
+        try:
+            self.prompts, _ = load_prompts(cfg.val_captions, cfg.val_images)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--val_captions: {err}") from None
+        self.teacher = None
+
+    def pipeline(self, checkpoint: str):
+        from students import export
+
+        run = export.read_run(checkpoint)
+        if self.teacher is None:  # loaded once: its text encoder and decoder serve every checkpoint
+            from teachers.load import load_teacher
+
+            self.teacher = load_teacher(run.teacher, device=self.cfg.device)
+        return export.assemble_pipeline(run, weights=self.cfg.weights if self.cfg.ema_decay > 0 else "raw",
+                                        device=self.cfg.device, teacher=self.teacher)
+
+    def measure_fn(self, pipe, info):
+        def measure(skip):
+            return metric_value(pipe, self.prompts, self.metric, self.key, steps=int(info["num_inference_steps"]),
+                                guidance=float(info["guidance_scale"]), size=int(info["height"]), seed=self.cfg.val_seed,
+                                batch_size=self.cfg.eval_batch_size, skip=skip)
+        return measure
+
+
+def target_ms(cfg: EvolveConfig, table: LookupTable, start) -> float:
+    return cfg.latency_target_ms or cfg.latency_target_ratio * table.predict_ms(start)
+
+
+def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration: int | None = None) -> list[dict]:
+    """Run (or resume) the evolution; returns the records of ``evolution.jsonl``.
+
+    ``metric``: a ``students.metrics.Metric`` object instead of ``--metric``; ``recipe``: a
+    ``DistillRecipe`` instead of ``--recipe`` (its robust_skip_prob is replaced by the config's);
+    ``stop_after_iteration`` stops after that iteration's record as if killed there (tests)."""
+    from students import checkpoint as ckpt
+    from students.lookup import measure_ms, settings_of
+    from students.train import check_inputs, setup_distributed, train
+    from students.unet import preset
+
+    train_cfg = cfg.train_config()
+    recipe = dataclasses.replace(recipe or train_cfg.resolved_recipe(), robust_skip_prob=cfg.robust_skip_prob)
+    check_inputs(train_cfg, recipe)  # the dump and the output, before any work
+    rank, world = setup_distributed(train_cfg)
+    scorer = Scorer(cfg, metric) if rank == 0 else None  # the validation captions, before any work
+    _makedirs(cfg.output)
+    start = preset(cfg.preset)
+    table = _lookup(cfg, start) if rank == 0 else None
+    _barrier(world)
+    table = table or _lookup(cfg, start)
+    target = target_ms(cfg, table, start)
+    records = read_records(cfg.output)
+    run = train_cfg.output
+    for it in range(len(records) + 1, cfg.iterations + 1):
+        boundary = it * cfg.steps_per_iteration
+        student, arch = student_at(run)
+        found = ckpt.checkpoints(run)
+        if not found or int(found[-1].rsplit("-", 1)[1]) < boundary:
+            train(train_cfg, recipe=recipe, stop_after=boundary, student=student)
+            student, arch = student_at(run)
+        if rank == 0:
+            records.append(_iteration(cfg, it, ckpt.checkpoints(run)[-1], arch, table, target, scorer,
+                                      measure_ms, settings_of(table)))
+            write_records(cfg.output, records)
+        _barrier(world)
+        records = read_records(cfg.output)
+        if stop_after_iteration is not None and it >= stop_after_iteration:
+            return records
+    if rank == 0:
+        _finish(cfg, records, table, target)
+    return records
+
+
+def _makedirs(path: str) -> None:
+    from teachers.fs import is_local, url_to_fs
+
+    fs, fpath = url_to_fs(path)
+    if is_local(fs):
+        os.makedirs(fpath, exist_ok=True)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch
+
+        torch.distributed.barrier()
+
+
+def _iteration(cfg, it, checkpoint, arch, table, target, scorer, measure_ms, settings) -> dict:
+    """Score the checkpoint's blocks, plan and apply the evolution (not after the last segment); the record."""
+    from teachers.fs import read_json
+
+    saved = read_json(_join(checkpoint, "config.json")).get("evolution")
+    if saved and saved.get("iteration") == it:  # evolved before a crash, its record not yet written
+        return saved
+    pipe, info = scorer.pipeline(checkpoint)
+    measure = scorer.measure_fn(pipe, info)
+    last = it == cfg.iterations
+    if last:
+        full, scores = measure(()), {}
+    else:
+        full, scores = score_blocks(pipe, arch, table, measure)
+    actions = [] if last else plan_actions(arch, scores, table, target, max_actions=cfg.max_actions,
+                                           keep_cross_attention=cfg.keep_cross_attention)
+    record = {"iteration": it, "step": int(checkpoint.rsplit("-", 1)[1]), "metric_name": scorer.key, "metric": full,
+              "layouts": layouts(arch), "predicted_ms": table.predict_ms(arch), "measured_ms": measure_ms(arch, settings),
+              "target_ms": target, "scores": scores,
+              "actions": [dict(dataclasses.asdict(a), value=a.value) for a in actions]}
+    if actions:
+        new_cfg, _ = apply_actions(arch, actions)
+        record["after"] = {"layouts": layouts(new_cfg), "predicted_ms": table.predict_ms(new_cfg),
+                           "measured_ms": measure_ms(new_cfg, settings)}
+        evolve_checkpoint(checkpoint, _join(cfg.output, "run"), actions, record)
+    print(f"evolve: iteration {it} step {record['step']}: {scorer.key} {full:.4f}, predicted {record['predicted_ms']:.3f} ms "
+          f"(measured {record['measured_ms']:.3f}, target {target:.3f}); actions "
+          + (", ".join(f"{a.kind} {a.module}" for a in actions) or "none"), flush=True)
+    return record
+
+
+def _finish(cfg: EvolveConfig, records: list[dict], table: LookupTable, target: float) -> None:
+    from teachers.fs import atomic_write_json
+
+    from students import checkpoint as ckpt
+
+    _, arch = student_at(_join(cfg.output, "run"))
+    atomic_write_json(_join(cfg.output, "student_config.json"), arch.to_dict())
+    write_report(cfg.output, records, target, ckpt.checkpoints(_join(cfg.output, "run"))[-1])
+
+
+def write_report(output: str, records: list[dict], target: float, checkpoint: str) -> None:
+    """``report.png`` (latency against the metric along the path) and ``report.html`` (it and the table)."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from teachers.fs import atomic_write_bytes
+
+    xs = [r["predicted_ms"] for r in records]
+    ys = [r["metric"] for r in records]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(xs, ys, marker="o")
+    for r in records:
+        ax.annotate(str(r["iteration"]), (r["predicted_ms"], r["metric"]), textcoords="offset points", xytext=(4, 4))
+    ax.axvline(target, color="grey", linestyle="--", label=f"target {target:.2f} ms")
+    name = records[0]["metric_name"] if records else "metric"
+    ax.set_xlabel("predicted UNet latency (ms, lookup)"), ax.set_ylabel(name), ax.legend()
+    ax.set_title("architecture evolution: latency vs metric (label = iteration)")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(_join(output, "report.png"), buf.getvalue())
+    rows = "".join(
+        f"<tr><td>{r['iteration']}</td><td>{r['step']}</td><td>{r['metric']:.4f}</td><td>{r['predicted_ms']:.3f}</td>"
+        f"<td>{r['measured_ms']:.3f}</td><td>{' / '.join(r['layouts']['down_layouts'])} | {r['layouts']['mid_layout']} | "
+        f"{' / '.join(r['layouts']['up_layouts'])}</td><td>{', '.join(a['kind'] + ' ' + a['module'] for a in r['actions'])}</td></tr>"
+        for r in records)
+    html = (f"<html><body><h1>Architecture evolution</h1><p>final checkpoint: {checkpoint}; target {target:.3f} ms</p>"
+            f"<img src=\"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}\"><table border=1>"
+            f"<tr><th>iteration</th><th>step</th><th>{name}</th><th>predicted ms</th><th>measured ms</th><th>layouts "
+            f"(down | mid | up)</th><th>actions</th></tr>{rows}</table></body></html>")
+    atomic_write_bytes(_join(output, "report.html"), html.encode("utf-8"))
+
+
+def parse_args(argv: list[str] | None) -> EvolveConfig:
+    return parse(EvolveConfig, argv, prog="distill evolve", description=__doc__.split("\n")[0])[0]
+
+
+def _main(argv: list[str]) -> int:
+    import torch
+
+    cfg = parse_args(argv)
+    try:
+        records = evolve(cfg)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if records:
+        last = records[-1]
+        print(f"evolve: {len(records)} iterations; final {last['metric_name']} {last['metric']:.4f} at "
+              f"{last['predicted_ms']:.3f} ms predicted ({last['measured_ms']:.3f} measured); "
+              f"{_join(cfg.output, 'student_config.json')}, {_join(cfg.output, 'report.html')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("distill evolve", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

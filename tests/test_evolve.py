@@ -1,0 +1,329 @@
+"""Architecture evolution: the latency lookup, skip == removal, the action order, exact resume of an evolved checkpoint."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from diffusion_distill.errors import UserError
+from students import evolve as E
+from students import lookup as L
+from students.unet import EfficientUNet2DConditionModel, preset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dump(tmp_path_factory):
+    from pipelines import teacher_dump
+
+    tmp = tmp_path_factory.mktemp("dump")
+    (tmp / "p.txt").write_text("".join(f"a {c} {s} on a {b} background\n" for c in ("red", "blue") for s in
+                                       ("circle", "square") for b in ("white", "black")))
+    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
+                      "--num_inference_steps", "4", "--samples_per_shard", "8", "--batch_size", "8",
+                      "--feature_layers", "", "--progress", "off", "--cpu_threads", "1"])
+    return str(tmp / "out")
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = EfficientUNet2DConditionModel.from_student_config(cfg).eval()
+    with torch.no_grad():  # zero-initialised projections would make some blocks identities already
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _inputs(cfg, batch=2):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(batch, 4, cfg.sample_size, cfg.sample_size, generator=g), torch.tensor([700, 30]),
+            torch.randn(batch, 7, cfg.cross_attention_dim, generator=g))
+
+
+# ------------------------------------------------------------------------------------------
+# lookup
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_xl", "shapes"])
+def test_block_list_matches_the_built_modules(name):
+    cfg = preset(name)
+    model = EfficientUNet2DConditionModel.from_student_config(cfg)
+    blocks = L.unet_blocks(cfg)
+    assert len(blocks) == len(model.student_config.down_layouts[0].split()) + sum(
+        len(x.split()) for x in (*cfg.down_layouts[1:], cfg.mid_layout, *cfg.up_layouts))
+    for b in blocks:
+        module = model.get_submodule(b.module)
+        if b.is_resnet:
+            assert (module.norm1.num_channels, module.time_emb_proj.out_features) == (b.in_channels, b.out_channels)
+        else:
+            assert module.norm.num_channels == b.in_channels and len(module.transformer_blocks) == int(b.token[1:] or 1)
+
+
+def test_lookup_round_trips_and_predicts_by_sum(tmp_path):
+    cfg = preset("tiny")
+    table = L.measure_table(cfg, L.LookupSettings(batch_size=1, repeats=2, warmup=0))
+    path = str(tmp_path / "lookup.json")
+    table.save(path)
+    loaded = L.LookupTable.load(path)
+    assert loaded == table and loaded.settings["side"] == cfg.sample_size and loaded.settings["runtime"] == "torch-cpu"
+    blocks = L.unet_blocks(cfg)
+    assert set(loaded.entries) == {b.key(cfg.sample_size) for b in blocks}
+    # the prediction is the sum of the entries plus the rest; the rest closes the measured forward
+    assert loaded.predict_ms(cfg) == pytest.approx(loaded.rest_ms + sum(loaded.entries[b.key(16)] for b in blocks))
+    assert loaded.predict_ms(cfg) == pytest.approx(loaded.measured_ms)
+    # an evolved UNet of the same family: one entry less, one more
+    t_block = next(b for b in blocks if b.module == "up_blocks.0.attentions.0")
+    removed, _ = E.apply_actions(cfg, [E.Action("remove", t_block.module, 0.0, 0.0)])
+    copied, _ = E.apply_actions(cfg, [E.Action("copy", t_block.module, 0.0, 0.0)])
+    entry = loaded.entries[t_block.key(16)]
+    assert loaded.predict_ms(removed) == pytest.approx(loaded.predict_ms(cfg) - entry)
+    assert loaded.predict_ms(copied) == pytest.approx(loaded.predict_ms(cfg) + entry)
+    with pytest.raises(UserError, match="another UNet family"):
+        loaded.predict_ms(preset("shapes"))
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(UserError, match="not a latency lookup table"):
+        L.LookupTable.load(str(tmp_path / "bad.json"))
+
+
+def test_profile_cli_writes_a_lookup(tmp_path, capsys):
+    from students import profile as P
+
+    out = tmp_path / "lk.json"
+    assert P.main(["--lookup", str(out), "--presets", "tiny", "--repeats", "2", "--warmup", "0", "--batch_size", "2"]) == 0
+    table = L.LookupTable.load(str(out))
+    assert table.settings["batch_size"] == 2 and "predicted" in capsys.readouterr().out
+    assert P.main(["--lookup", str(out)]) == 2  # the default preset list is not one UNet: one-line error
+    assert "--lookup measures one UNet" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# skip == removal; copies
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_xl"])
+def test_skipping_a_block_equals_removing_it(name):
+    cfg = dataclasses.replace(preset(name), mid_layout=preset(name).mid_layout + " R")  # a removable mid ResNet too
+    model = _model(cfg)
+    args = _inputs(cfg)
+    kwargs = {}
+    if cfg.addition_embed_type:
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32), "time_ids": torch.ones(2, 6)}
+    candidates = E.evolvable(cfg)
+    assert any(b.is_resnet for b in candidates) and not any(b.is_resnet and b.stage != "mid_block" for b in candidates)
+    full = model(*args, **kwargs).sample
+    for block in candidates:
+        with torch.no_grad(), E.skip_blocks(model, [block.module]):
+            skipped = model(*args, **kwargs).sample
+        evolved, _ = E.evolve_model(model, [E.Action("remove", block.module, 0.0, 0.0)])
+        with torch.no_grad():
+            removed = evolved(*args, **kwargs).sample
+        assert (skipped - full).abs().max() > 1e-4, block.module  # the block does something
+        torch.testing.assert_close(removed, skipped, rtol=0, atol=1e-6)
+
+
+def test_a_copy_duplicates_its_source_and_follows_it():
+    cfg = preset("tiny")
+    model = _model(cfg)
+    evolved, source = E.evolve_model(model, [E.Action("copy", "up_blocks.0.attentions.0", 1.0, 1.0)])
+    assert evolved.student_config.up_layouts[0] == "R T T R C"
+    assert source["up_blocks.0.attentions.1"] == "up_blocks.0.attentions.0"
+    assert source["up_blocks.0.attentions.2"] == "up_blocks.0.attentions.1"
+    old, new = model.state_dict(), evolved.state_dict()
+    for key, value in new.items():
+        torch.testing.assert_close(value, old[E.source_name(key, source)], rtol=0, atol=0)
+    assert torch.equal(new["up_blocks.0.attentions.1.proj_in.weight"], old["up_blocks.0.attentions.0.proj_in.weight"])
+
+
+# ------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------
+
+
+def _planted_table(cfg, ms: dict[str, float], rest: float = 1.0):
+    side = cfg.sample_size
+    entries = {b.key(side): ms.get(b.token, 1.0) for b in L.unet_blocks(cfg)}
+    return L.LookupTable(entries=entries, rest_ms=rest, family=L.family_of(cfg), unet=cfg.to_dict(),
+                         settings={"side": side}, measured_ms=0.0)
+
+
+def test_action_order_on_planted_scores():
+    # shapes: transformers down_blocks.1.attentions.0, mid_block.attentions.0, up_blocks.0.attentions.0/1 (all T, 2 ms)
+    cfg = preset("shapes")
+    table = _planted_table(cfg, {"R": 1.0, "T": 2.0})
+    full = table.predict_ms(cfg)  # 7 R + 4 T + rest = 7 + 8 + 1
+    assert full == 16.0
+    scores = {"down_blocks.1.attentions.0": 0.10, "mid_block.attentions.0": -0.02, "up_blocks.0.attentions.0": 0.02,
+              "up_blocks.0.attentions.1": 0.02, "mid_block.resnets.0": 0.5}
+    scores = {m: {"delta_metric": d, "latency_ms": 1.0 if "resnets" in m else 2.0} for m, d in scores.items()}
+    plan = lambda target, **kw: [(a.kind, a.module) for a in E.plan_actions(cfg, scores, table, target, **kw)]  # noqa: E731
+    # over the target: ascending delta / latency; the tie (0.01 each) in execution order; stop once met
+    assert plan(13.0, max_actions=4) == [("remove", "mid_block.attentions.0"), ("remove", "up_blocks.0.attentions.0")]
+    assert plan(10.0, max_actions=4, keep_cross_attention=1) == [
+        ("remove", "mid_block.attentions.0"), ("remove", "up_blocks.0.attentions.0"), ("remove", "up_blocks.0.attentions.1")]
+    assert plan(1.0, max_actions=4, keep_cross_attention=0)[-1] == ("remove", "down_blocks.1.attentions.0")
+    assert plan(13.0, max_actions=1) == [("remove", "mid_block.attentions.0")]
+    # the first mid ResNet is scored but is not removable (it starts the stage); it can be copied
+    assert all(m != "mid_block.resnets.0" for _, m in plan(1.0, max_actions=9, keep_cross_attention=0))
+    # at or under the target: copy the best value that fits (mid ResNet 0.5/ms, then down T 0.05/ms); negative never
+    assert plan(17.0, max_actions=2) == [("copy", "mid_block.resnets.0")]
+    assert plan(19.5, max_actions=3) == [("copy", "mid_block.resnets.0"), ("copy", "down_blocks.1.attentions.0")]
+    assert plan(16.0) == []
+
+
+# ------------------------------------------------------------------------------------------
+# the checkpoint, evolved in place, and exact resume
+# ------------------------------------------------------------------------------------------
+
+
+def _train_cfg(data, out, **kw):
+    from students.train import TrainConfig
+
+    base = dict(data=data, output=str(out), preset="tiny", recipe="output_kd", batch_size=4, max_steps=8,
+                warmup_steps=2, checkpoint_every=2, shuffle_buffer=8, lr=1e-3, ema_decay=0.9)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(out):
+    return [json.loads(x)["loss"] for x in open(os.path.join(out, "losses.jsonl"), encoding="utf-8")]
+
+
+def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump, tmp_path):
+    import shutil
+
+    from students import checkpoint as ckpt
+    from students.export import load_student_unet
+    from students.train import train
+
+    robust = dataclasses.replace(_train_cfg(tiny_dump, tmp_path).resolved_recipe(), robust_skip_prob=0.3)
+    plain = dataclasses.replace(robust, robust_skip_prob=0.0)
+    base = tmp_path / "base"
+    train(_train_cfg(tiny_dump, base), recipe=robust, stop_after=4)  # robust training to step 4
+    at4 = ckpt.checkpoints(str(base))[-1]
+    gone = "mid_block.attentions.0"
+    # reference: the old architecture trains on with the block skipped (an uninterrupted run of the evolved one)
+    ref = tmp_path / "ref"
+    shutil.copytree(base, ref)
+    old = E.load_student(os.path.join(at4, "student"))
+    with E.skip_blocks(old, [gone]):
+        train(_train_cfg(tiny_dump, ref), recipe=plain, student=old)
+    # evolved: the block removed on the checkpoint, training resumed from it
+    evo = tmp_path / "evo"
+    shutil.copytree(base, evo)
+    E.evolve_checkpoint(ckpt.checkpoints(str(evo))[-1], str(evo), [E.Action("remove", gone, 0.0, 1.0)], {"iteration": 1})
+    student, cfg = E.student_at(str(evo))
+    assert cfg.mid_layout == "R" and load_student_unet(ckpt.checkpoints(str(evo))[-1], "ema").student_config.mid_layout == "R"
+    train(_train_cfg(tiny_dump, evo), recipe=plain, student=student)
+    np_ref, np_evo = _losses(ref)[4:], _losses(evo)[4:]
+    assert len(np_evo) == 4
+    torch.testing.assert_close(torch.tensor(np_evo), torch.tensor(np_ref), rtol=1e-5, atol=1e-7)
+    final_ref, final_evo = (E.load_student(os.path.join(ckpt.checkpoints(str(d))[-1], "student")).state_dict() for d in (ref, evo))
+    for key, value in final_evo.items():
+        torch.testing.assert_close(value, final_ref[key], rtol=1e-5, atol=1e-6)
+    # a copy: the optimizer state is duplicated, and resuming in two pieces = in one
+    cop = tmp_path / "copy"
+    shutil.copytree(base, cop)
+    E.evolve_checkpoint(ckpt.checkpoints(str(cop))[-1], str(cop), [E.Action("copy", "up_blocks.0.attentions.1", 1.0, 1.0)], {})
+    opt = torch.load(os.path.join(ckpt.checkpoints(str(cop))[-1], ckpt.TRAINER_STATE), weights_only=True)["optimizer"]
+    student, cfg = E.student_at(str(cop))
+    names = [n for n, _ in student.named_parameters()]
+    src, dup = names.index("up_blocks.0.attentions.1.proj_in.weight"), names.index("up_blocks.0.attentions.2.proj_in.weight")
+    assert cfg.up_layouts[0] == "R T R C C"
+    torch.testing.assert_close(opt["state"][dup]["exp_avg"], opt["state"][src]["exp_avg"], rtol=0, atol=0)
+    assert len(opt["param_groups"][0]["params"]) == len(names)  # output_kd: no heads or decoder
+    twice = tmp_path / "copy2"
+    shutil.copytree(cop, twice)
+    train(_train_cfg(tiny_dump, cop), recipe=robust, student=student)
+    train(_train_cfg(tiny_dump, twice), recipe=robust, student=E.student_at(str(twice))[0], stop_after=6)
+    train(_train_cfg(tiny_dump, twice), recipe=robust, student=E.student_at(str(twice))[0])
+    assert _losses(twice)[4:] == _losses(cop)[4:]
+
+
+class MeanPixel:
+    """A planted metric: the mean pixel value of the generated images."""
+
+    name = "mean_pixel"
+
+    def reset(self):
+        self.values = []
+
+    def update(self, images, captions):
+        self.values.append(images.double().mean(dim=(1, 2, 3)))
+
+    def compute(self):
+        return {"mean_pixel": float(torch.cat(self.values).mean())}
+
+
+def test_scores_are_the_metric_drop_of_the_removed_architecture(tiny_dump, tmp_path):
+    from students import checkpoint as ckpt
+    from students.train import train
+
+    run = tmp_path / "run"
+    train(_train_cfg(tiny_dump, run, max_steps=2))
+    (tmp_path / "val.txt").write_text("a red circle on a white background\na blue square on a black background\n")
+    cfg = E.EvolveConfig(data=tiny_dump, output=str(tmp_path / "evo"), val_captions=str(tmp_path / "val.txt"), val_images=2,
+                         latency_target_ratio=0.5)
+    scorer = E.Scorer(cfg, MeanPixel())
+    pipe, info = scorer.pipeline(ckpt.checkpoints(str(run))[-1])
+    measure = scorer.measure_fn(pipe, info)
+    table = _planted_table(preset("tiny"), {"R": 1.0, "T": 2.0, "S": 3.0, "C": 4.0})
+    full, scores = E.score_blocks(pipe, preset("tiny"), table, measure)
+    assert set(scores) == {"down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.0",
+                           "up_blocks.0.attentions.1", "mid_block.resnets.0"}
+    assert scores["mid_block.attentions.0"]["latency_ms"] == 3.0 and scores["up_blocks.0.attentions.1"]["latency_ms"] == 4.0
+    unet = pipe.unet
+    for module in ("mid_block.attentions.0", "up_blocks.0.attentions.1"):
+        pipe.unet = E.evolve_model(unet, [E.Action("remove", module, 0.0, 0.0)])[0]
+        removed = measure(())
+        assert full - removed == pytest.approx(scores[module]["delta_metric"], abs=1e-6)
+    pipe.unet = unet
+    assert measure(()) == full
+
+
+def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
+    (tmp_path / "val.txt").write_text("a red circle on a white background\na blue square on a black background\n")
+    lookup = str(tmp_path / "lk.json")
+    table = _planted_table(preset("tiny"), {"R": 1.0, "T": 2.0, "S": 2.0, "C": 2.0})
+    table.settings = {"side": 16, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7}
+    table.save(lookup)
+    kw = dict(data=tiny_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, lookup=lookup, latency_target_ms=14.5,
+              iterations=2, steps_per_iteration=2, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.9, shuffle_buffer=8,
+              robust_skip_prob=0.2, lookup_repeats=1)
+    whole = E.evolve(E.EvolveConfig(output=str(tmp_path / "whole"), **kw), metric=MeanPixel())
+    part = E.EvolveConfig(output=str(tmp_path / "part"), **kw)
+    assert len(E.evolve(part, metric=MeanPixel(), stop_after_iteration=1)) == 1
+    resumed = E.evolve(part, metric=MeanPixel())
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if "measured" not in k and k != "after"} for r in records]
+
+    assert strip(resumed) == strip(whole) and len(whole) == 2
+    # 11 blocks: 7 R (7 ms) + 4 transformers (8 ms) + rest 1 = 16 ms; target 14.5: one removal, then the last segment
+    assert [len(r["actions"]) for r in whole] == [1, 0] and whole[0]["predicted_ms"] == 16.0
+    assert whole[1]["predicted_ms"] == 14.0 and whole[0]["actions"][0]["kind"] == "remove"
+    final = json.load(open(tmp_path / "whole" / "student_config.json"))
+    assert final["down_layouts"] == whole[-1]["layouts"]["down_layouts"] and final["mid_layout"] == whole[-1]["layouts"]["mid_layout"]
+    for name in ("report.html", "report.png", "evolution.jsonl"):
+        assert (tmp_path / "whole" / name).is_file()
+    losses = _losses(tmp_path / "whole" / "run")
+    assert len(losses) == 4 and _losses(tmp_path / "part" / "run")[-2:] == losses[-2:]
+
+
+def test_bad_evolve_flags_are_one_line_before_work(tiny_dump, tmp_path, capsys):
+    base = ["--data", tiny_dump, "--output", str(tmp_path / "e"), "--val_captions", str(tmp_path / "missing.txt")]
+    assert E.main(base) == 2
+    assert "exactly one of --latency_target_ms and --latency_target_ratio" in capsys.readouterr().err
+    assert E.main(base + ["--latency_target_ratio", "0.7"]) == 2
+    assert "--val_captions" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    assert E.main(base + ["--latency_target_ms", "5", "--preset", "nope"]) == 2
+    assert "unknown student preset" in capsys.readouterr().err
