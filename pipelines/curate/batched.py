@@ -35,6 +35,7 @@ from filters import captions, reasons
 from filters.config import CurateConfig
 from pipelines.curate.schema import MANIFEST_SCHEMA, reject_row
 from pipelines.curate.sources import read_split
+from pipelines.curate.stages import normalise_or_reject
 
 NAMESPACE = "curate"
 EXACT_BUCKET_ROWS = 262_144  # active rows per exact-dedup bucket (about 60 MB of captions and fields)
@@ -105,17 +106,11 @@ class ReadBatches(beam.DoFn):
         columns, n_read = _Columns(), 0
         for record in read_split(split):
             n_read += 1
-            if record.get("error"):
-                reason, _, detail = record["error"].partition(": ")
-                _count(f"rejected_{reason}")
-                yield beam.pvalue.TaggedOutput("rejects", reject_row(record, "read", reason, detail or None))
+            caption, rejected = normalise_or_reject(record)
+            if rejected is not None:
+                yield beam.pvalue.TaggedOutput("rejects", rejected)
                 continue
-            text, reject = captions.decode_caption(record["caption"])
-            if reject is not None:
-                _count(f"rejected_{reject}")
-                yield beam.pvalue.TaggedOutput("rejects", reject_row(record, "normalise", reject))
-                continue
-            columns.add(record, captions.normalize_caption(text))
+            columns.add(record, caption)
             if len(columns) == self.batch:
                 yield columns.flush()
         if len(columns):

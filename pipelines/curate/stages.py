@@ -37,21 +37,29 @@ class ReadRecords(beam.DoFn):
             yield record
 
 
+def normalise_or_reject(record: dict) -> tuple[str | None, dict | None]:
+    """(the caption NFKC'd with whitespace collapsed, None), or (None, its reject row, counted) for a
+    reader error or an undecodable caption. The per-record and the batched paths share it."""
+    if record.get("error"):
+        reason, _, detail = record["error"].partition(": ")
+        _count(f"rejected_{reason}")
+        return None, reject_row(record, "read", reason, detail or None)
+    text, reject = captions.decode_caption(record["caption"])
+    if reject is not None:
+        _count(f"rejected_{reject}")
+        return None, reject_row(record, "normalise", reject)
+    return captions.normalize_caption(text), None
+
+
 class NormaliseCaption(beam.DoFn):
     """Reader errors and undecodable captions to ``rejects``; the rest NFKC + whitespace."""
 
     def process(self, record):
-        if record.get("error"):
-            reason, _, detail = record["error"].partition(": ")
-            _count(f"rejected_{reason}")
-            yield beam.pvalue.TaggedOutput("rejects", reject_row(record, "read", reason, detail or None))
+        caption, rejected = normalise_or_reject(record)
+        if rejected is not None:
+            yield beam.pvalue.TaggedOutput("rejects", rejected)
             return
-        text, reject = captions.decode_caption(record["caption"])
-        if reject is not None:
-            _count(f"rejected_{reject}")
-            yield beam.pvalue.TaggedOutput("rejects", reject_row(record, "normalise", reject))
-            return
-        yield {**record, "caption": captions.normalize_caption(text), "stage": None, "reason": None}
+        yield {**record, "caption": caption, "stage": None, "reason": None}
 
 
 class ApplyRules(beam.DoFn):
