@@ -33,7 +33,7 @@ from apache_beam.metrics import Metrics
 
 from filters import captions, reasons
 from filters.config import CurateConfig
-from pipelines.curate.schema import MANIFEST_SCHEMA, reject_row
+from pipelines.curate.schema import MANIFEST_SCHEMA
 from pipelines.curate.sources import read_split
 from pipelines.curate.stages import normalise_or_reject
 
