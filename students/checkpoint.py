@@ -29,7 +29,7 @@ import uuid
 import numpy as np
 import torch
 
-from teachers.fs import TMP_MARK, atomic_write_bytes, atomic_write_json, exists, is_local, join, url_to_fs
+from teachers.fs import TMP_MARK, atomic_write_bytes, atomic_write_json, exists, is_local, join, publish_folder, url_to_fs
 
 CKPT_DIR = "checkpoints"
 CONFIG = "config.json"
@@ -134,22 +134,14 @@ def save(output: str, state: dict, *, step: int, config: dict, keep: int = 2) ->
         tmp = f"{ffinal}{TMP_MARK}{uuid.uuid4().hex}"
         try:
             _write_local(tmp, state, step, config)
-            if os.path.exists(ffinal):
-                shutil.rmtree(ffinal)
-            os.replace(tmp, ffinal)
+            publish_folder(tmp, ffinal, CONFIG)
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             _write_local(tmp, state, step, config)
-            ffinal = url_to_fs(final)[1]
-            if fs.exists(ffinal):
-                fs.rm(ffinal, recursive=True)
-            files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fl in os.walk(tmp) for f in fl)
-            for rel in sorted(files, key=lambda r: r == CONFIG):  # config.json last: it marks the folder complete
-                with open(os.path.join(tmp, rel), "rb") as f:
-                    atomic_write_bytes(join(final, rel.replace(os.sep, "/")), f.read())
+            publish_folder(tmp, final, CONFIG)  # config.json last: it marks the folder complete
     for old in checkpoints(output)[:-keep] if keep > 0 else []:
         ofs, opath = url_to_fs(old)
         ofs.rm(opath, recursive=True)

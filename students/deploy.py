@@ -38,7 +38,7 @@ from diffusion_distill.options import option, parse
 from students.ondevice import (COMPONENTS, DEPLOY_FILE, NOISE_RULE, POSTPROCESS, PRECISIONS, SCHEMA_VERSION, DeployError,
                                DeployManifest, SchedulerSpec, TokenizerSpec, manifest_to_dict)
 from students.onnx_convert import OPSET, Component, convert
-from teachers.fs import atomic_write_bytes, atomic_write_json, exists, is_local, join, url_to_fs
+from teachers.fs import atomic_write_json, exists, is_local, join, publish_folder, url_to_fs
 
 FORMATS = ("diffusers", "onnx", "coreml", "executorch")
 
@@ -268,21 +268,7 @@ def export_deploy(pipe, info: dict, output: str, *, precisions=PRECISIONS, overw
     tmp = f"{os.path.abspath(fpath)}.tmp-{uuid.uuid4().hex}" if local else tempfile.mkdtemp(prefix="distill-deploy-")
     try:
         manifest = write_deploy_folder(pipe, info, tmp, precisions=precisions, progress=progress, fmt=fmt)
-        if local:
-            old = None
-            if os.path.exists(fpath):
-                old = f"{fpath}.old-{uuid.uuid4().hex}"
-                os.replace(fpath, old)
-            os.replace(tmp, fpath)
-            if old:
-                shutil.rmtree(old)
-        else:
-            if fs.exists(fpath):
-                fs.rm(fpath, recursive=True)
-            files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fl in os.walk(tmp) for f in fl)
-            for rel in sorted(files, key=lambda r: r == DEPLOY_FILE):  # deploy.json last: it marks the folder complete
-                with open(os.path.join(tmp, rel), "rb") as f:
-                    atomic_write_bytes(join(output, rel.replace(os.sep, "/")), f.read())
+        publish_folder(tmp, fpath if local else output, DEPLOY_FILE)  # deploy.json last: it marks the folder complete
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

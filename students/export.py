@@ -46,7 +46,7 @@ import uuid
 
 from diffusion_distill.errors import UserError, run_main
 from diffusion_distill.options import option, parse
-from teachers.fs import atomic_write_bytes, exists, is_local, join, read_json, url_to_fs
+from teachers.fs import exists, is_local, join, publish_folder, read_json, url_to_fs
 
 UNET_MODULE = "student_unet"  # unet/student_unet.py in the exported folder
 SCHEDULER_MODULE = "student_scheduler"  # scheduler/student_scheduler.py when the scheduler is OffsetDDIMScheduler
@@ -445,24 +445,13 @@ def export(checkpoint: str, output: str, *, weights: str = "ema", teacher: str |
     if not local:
         with tempfile.TemporaryDirectory() as tmp:
             _write_folder(pipe, info, tmp)
-            if fs.exists(fpath):  # --overwrite of a previous export (checked above)
-                fs.rm(fpath, recursive=True)
-            files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fl in os.walk(tmp) for f in fl)
-            for rel in sorted(files, key=lambda r: r == INFERENCE_FILE):
-                with open(os.path.join(tmp, rel), "rb") as f:
-                    atomic_write_bytes(join(output, rel.replace(os.sep, "/")), f.read())
+            publish_folder(tmp, output, INFERENCE_FILE)  # replaces a previous export (--overwrite, checked above)
         return output
     os.makedirs(os.path.dirname(output), exist_ok=True)
     tmp = f"{output}.tmp-{uuid.uuid4().hex}"
     try:
         _write_folder(pipe, info, tmp)
-        old = None
-        if os.path.exists(output):  # --overwrite of a previous export: move the old folder aside, then swap
-            old = f"{output}.old-{uuid.uuid4().hex}"
-            os.replace(output, old)
-        os.replace(tmp, output)
-        if old:
-            shutil.rmtree(old)
+        publish_folder(tmp, output, INFERENCE_FILE)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

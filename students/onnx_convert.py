@@ -73,22 +73,30 @@ def _unflatten(template, leaves):
     return template
 
 
-def _recorded_calls(module, inputs) -> dict:
-    """{submodule name: (args, kwargs)} of each submodule's first call in one forward of ``module``."""
+def _forward_hooked(module, inputs, attach) -> None:
+    """One no-grad forward of ``module`` with ``attach(name, submodule) -> hook handle`` on every named
+    submodule; the hooks are removed after."""
     import torch
 
-    calls, handles = {}, []
-    for name, sub in module.named_modules():
-        if name:
-            def hook(mod, args, kwargs, name=name):
-                calls.setdefault(name, (args, kwargs))
-            handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
+    handles = [attach(name, sub) for name, sub in module.named_modules() if name]
     try:
         with torch.no_grad():
             module(*inputs)
     finally:
         for h in handles:
             h.remove()
+
+
+def _recorded_calls(module, inputs) -> dict:
+    """{submodule name: (args, kwargs)} of each submodule's first call in one forward of ``module``."""
+    calls = {}
+
+    def attach(name, sub):
+        def hook(mod, args, kwargs):
+            calls.setdefault(name, (args, kwargs))
+        return sub.register_forward_pre_hook(hook, with_kwargs=True)
+
+    _forward_hooked(module, inputs, attach)
     return calls
 
 
@@ -184,26 +192,19 @@ def export_model(component: Component, path: str) -> None:
 
 def output_peaks(module, inputs) -> dict[str, float]:
     """{submodule name: max |output|} over one fp32 forward (floating tensors of the output only)."""
-    import torch
-
-    peaks, handles = {}, []
+    peaks = {}
 
     def peak(obj) -> float:
         leaves: list = []
         _flatten(obj, leaves)
         return max((float(t.detach().abs().max()) for t in leaves if t.is_floating_point() and t.numel()), default=0.0)
 
-    for name, sub in module.named_modules():
-        if name:
-            def hook(mod, args, out, name=name):
-                peaks[name] = max(peaks.get(name, 0.0), peak(out))
-            handles.append(sub.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            module(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    def attach(name, sub):
+        def hook(mod, args, out):
+            peaks[name] = max(peaks.get(name, 0.0), peak(out))
+        return sub.register_forward_hook(hook)
+
+    _forward_hooked(module, inputs, attach)
     return peaks
 
 
@@ -230,8 +231,6 @@ def overflowing(module, inputs, limit: float = FP16_LIMIT) -> tuple[list[tuple[s
 
 
 def _cast(obj, dtype):
-    import torch
-
     leaves: list = []
     template = _flatten(obj, leaves)
     return _unflatten(template, [t.to(dtype) if t.is_floating_point() else t for t in leaves])

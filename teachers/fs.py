@@ -71,6 +71,33 @@ def exists(path: str) -> bool:
     return fs.exists(fpath)
 
 
+def publish_folder(built: str, dest: str, marker: str) -> None:
+    """Put the complete local folder ``built`` at ``dest`` (a local path or a URL), replacing what is there.
+
+    Local: renamed into place; a folder already at ``dest`` is first moved aside (``<dest>.old-<uuid>``:
+    not a temporary name, so ``remove_temporaries`` never deletes it in the moment before the swap) and
+    removed after. URL: what is there is removed, then every file uploaded, ``marker`` last (its presence
+    says the folder is complete); ``built`` stays for the caller to delete."""
+    import shutil
+
+    fs, fpath = url_to_fs(dest)
+    if is_local(fs):
+        old = None
+        if os.path.exists(fpath):
+            old = f"{fpath}.old-{uuid.uuid4().hex}"
+            os.replace(fpath, old)
+        os.replace(built, fpath)
+        if old:
+            shutil.rmtree(old)
+        return
+    if fs.exists(fpath):
+        fs.rm(fpath, recursive=True)
+    files = sorted(os.path.relpath(os.path.join(d, f), built) for d, _, names in os.walk(built) for f in names)
+    for rel in sorted(files, key=lambda r: r == marker):
+        with open(os.path.join(built, rel), "rb") as f:
+            atomic_write_bytes(join(dest, rel.replace(os.sep, "/")), f.read())
+
+
 def remove_temporaries(root: str, prefix: str = "") -> list[str]:
     """Delete the temporaries (``<name>.tmp-<uuid>``) that killed writers left in folder ``root``,
     those whose name starts with ``prefix``; returns the names removed. Run it where no writer of a
