@@ -36,6 +36,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def torchrun():
+    """(command prefix, environment) that launch two local gloo ranks. The rendezvous endpoint's port is 0, so
+    the c10d store binds a free port itself: picking a port here and releasing it before torchrun binds it
+    races with anything else on the machine that binds one in between."""
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [exe, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"]
+    return cmd, dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+
+
 @pytest.fixture(scope="session")
 def tiny_dump(tmp_path_factory):
     """The ``tiny`` teacher's dump of 16 captions (4 teacher steps, 4 shards of 4 samples, block outputs of

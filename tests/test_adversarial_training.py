@@ -121,22 +121,14 @@ def test_bad_adversarial_flags_are_one_line_user_errors(tiny_dump):
                               dataset, load_teacher("tiny").unet, torch.device("cpu"))
 
 
-def test_two_process_ddp_with_grad_accumulation_keeps_ranks_and_discriminator_heads_equal(tiny_dump, tmp_path):
+def test_two_process_ddp_with_grad_accumulation_keeps_ranks_and_discriminator_heads_equal(tiny_dump, tmp_path, torchrun):
     """The heads are outside DDP (their gradients are all-reduced by hand): if that averaging were missing,
     the two ranks' heads would part after one step, since each rank judges different samples."""
-    import os
-    import socket
     import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    launch, env = torchrun
     out = tmp_path / "ddp"
-    proc = subprocess.run([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-                           "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "students.train", "--data", tiny_dump,
+    proc = subprocess.run([*launch, "-m", "students.train", "--data", tiny_dump,
                            "--output", str(out), "--preset", "tiny", "--recipe", "snapgen_adv", "--student_steps", "2",
                            "--batch_size", "1", "--grad_accum", "2", "--max_steps", "2", "--warmup_steps", "1",
                            "--disc_lr", "1e-2", "--checkpoint_every", "2", "--shuffle_buffer", "0", "--audit_keys", "1"],

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -77,15 +76,10 @@ def test_kill_then_resume_gives_the_identical_loss_sequence(tiny_dump, tmp_path)
     _assert_same_state(_final_state(out, 8), _final_state(tmp_path / "ref", 8))  # weights, optimizer and RNG states
 
 
-def test_two_process_ddp_on_gloo(tiny_dump, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+def test_two_process_ddp_on_gloo(tiny_dump, tmp_path, torchrun):
+    launch, env = torchrun
     # 16 samples in 4 shards, 2 ranks x batch 4: 2 steps = one epoch.
-    proc = subprocess.run([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-                           "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "students.train", "--data", tiny_dump,
+    proc = subprocess.run([*launch, "-m", "students.train", "--data", tiny_dump,
                            "--output", str(tmp_path / "ddp"), "--preset", "tiny", "--recipe", "output_kd", "--batch_size", "4",
                            "--max_steps", "2", "--warmup_steps", "1", "--checkpoint_every", "2", "--shuffle_buffer", "0",
                            "--audit_keys", "1"], env=env, capture_output=True, text=True, timeout=300)
