@@ -18,9 +18,13 @@ then *evolve*: actions are sorted by ``value = delta_metric / delta_latency_ms``
   under the target, up to ``--max_actions``.
 
 Evolvable blocks are those whose removal is exactly a skip: transformer blocks (``T``/``C``/``S``
-tokens) anywhere, and mid-stage ResNets after the first. (A down-stage ResNet's removal also removes
-a skip connection and its up-stage consumer, and the first ResNet of a stage changes channels; those
-stay.) ``--keep_cross_attention K`` never removes the last K blocks with cross-attention.
+tokens) anywhere, and mid-stage ResNets (the mid stage runs at one width and feeds no skip connection;
+the planner keeps at least one block in it). Down- and up-stage ResNets stay: a down-stage ResNet
+feeds a skip connection (removing it also removes its up-stage consumer, which is no skip), an
+up-stage one concatenates a skip, and the first of each changes channels. ``--keep_cross_attention K``
+never removes the last K blocks with cross-attention. The start is ``--preset`` or, as for
+``distill train``, the teacher's UNet cut by ``--init_from_teacher`` and started from its weights (then
+``--lr`` defaults to ``workflow.INIT_LR``, a fine-tune).
 
 The architecture changes in place on the checkpoint at the iteration's last step (``evolve_checkpoint``):
 weights and EMA are carried over by block (a copy duplicates its source's weights), the AdamW state
@@ -41,12 +45,15 @@ import os
 import sys
 
 from diffusion_distill.errors import UserError, run_main
-from diffusion_distill.options import option, parse
+from diffusion_distill.options import option, parse, reuse
+from diffusion_distill.workflow import INIT_LR
 from students.lookup import Block, LookupSettings, LookupTable, unet_blocks
+from students.train import TrainConfig
 
 METRICS = ("adherence", "clip")
 METRIC_KEYS = {"adherence": "adherence", "clip": "clip_score"}
 EVOLUTION = "evolution.jsonl"
+_TRAIN_LR = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "lr")
 
 
 # ------------------------------------------------------------------------------------------
@@ -59,8 +66,9 @@ def has_cross_attention(block: Block) -> bool:
 
 
 def evolvable(cfg) -> list[Block]:
-    """Blocks whose removal equals skipping them: transformers, and mid-stage ResNets after the first."""
-    return [b for b in unet_blocks(cfg) if not b.is_resnet or (b.stage == "mid_block" and b.position > 0)]
+    """Blocks whose removal equals skipping them: transformers, and mid-stage ResNets (channel-preserving,
+    and no skip connection reads them); the planner never empties the mid stage."""
+    return [b for b in unet_blocks(cfg) if not b.is_resnet or b.stage == "mid_block"]
 
 
 def copyable(cfg) -> list[Block]:
@@ -314,15 +322,19 @@ def plan_actions(cfg, scores: dict[str, dict], table: LookupTable, target_ms: fl
     if predicted > target_ms:
         removable = {b.module: b for b in evolvable(cfg)}
         crossing = sum(has_cross_attention(b) for b in unet_blocks(cfg))
+        mid = sum(b.stage == "mid_block" for b in unet_blocks(cfg))
         ranked = sorted((Action("remove", m, s["delta_metric"], s["latency_ms"]) for m, s in scores.items() if m in removable),
                         key=lambda a: (a.value, -a.latency_ms, order[a.module]))
         for action in ranked:
             if len(actions) >= max_actions or predicted <= target_ms:
                 break
-            if has_cross_attention(removable[action.module]):
-                if crossing <= keep_cross_attention:
-                    continue
-                crossing -= 1
+            block = removable[action.module]
+            if has_cross_attention(block) and crossing <= keep_cross_attention:
+                continue
+            if block.stage == "mid_block" and mid <= 1:  # a stage keeps one block
+                continue
+            crossing -= has_cross_attention(block)
+            mid -= block.stage == "mid_block"
             actions.append(action)
             predicted -= action.latency_ms
     else:
@@ -343,13 +355,15 @@ def plan_actions(cfg, scores: dict[str, dict], table: LookupTable, target_ms: fl
 # ------------------------------------------------------------------------------------------
 
 
+#: TrainConfig's flags that ``distill evolve`` takes as they are (declared once, in students/train.py)
+TRAIN_FLAGS = ("data", "preset", "init_from_teacher", "recipe", "student_steps", "batch_size", "grad_accum", "warmup_steps",
+               "weight_decay", "grad_clip", "ema_decay", "seed", "shuffle_buffer", "num_workers", "device")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
+@reuse(TrainConfig, *TRAIN_FLAGS)
 class EvolveConfig:
-    data: str = option(help="dataset folder (a teacher dump), as for distill train")
     output: str = option(help="evolution folder: run/, lookup.json, evolution.jsonl, student_config.json, report.html")
-    preset: str = option("tiny", help="the student UNet preset evolution starts from (students.unet.PRESETS)")
-    recipe: str = option("output_kd", help="distillation recipe (students.objective.RECIPES)")
-    student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
     robust_skip_prob: float = option(0.1, help="robust training: probability of skipping each skippable block per step")
     latency_target_ms: float = option(0.0, help="target UNet latency in ms on the lookup's runtime (or --latency_target_ratio)")
     latency_target_ratio: float = option(0.0, help="target as a fraction of the starting UNet's predicted latency")
@@ -369,17 +383,10 @@ class EvolveConfig:
     clip_weights: str | None = option(None, help="local open_clip checkpoint for --metric clip")
     weights: str = option("ema", help="which student weights are scored", choices=("ema", "raw"))
     eval_batch_size: int = option(64, help="prompts per pipeline call while scoring")
-    batch_size: int = option(8, help="training samples per step")
-    lr: float = option(1e-4, help="peak AdamW learning rate (cosine over all iterations)")
-    warmup_steps: int = option(10, help="linear warm-up steps")
-    ema_decay: float = option(0.999, help="EMA decay (0 = off)")
-    seed: int = option(0, help="trainer seed")
-    shuffle_buffer: int = option(64, help="samples in the shuffle buffer")
-    device: str = option("cpu", help="cpu | cuda | cuda:N")
+    lr: float | None = option(None, help="peak AdamW learning rate, one cosine over all iterations (default: distill "
+                              f"train's {_TRAIN_LR:g} from a preset, workflow.INIT_LR = {INIT_LR:g} with --init_from_teacher)")
 
     def __post_init__(self):
-        from students.unet import PRESETS
-
         for name in ("iterations", "steps_per_iteration", "max_actions", "val_images", "eval_batch_size", "lookup_batch",
                      "lookup_repeats"):
             if getattr(self, name) < 1:
@@ -388,21 +395,21 @@ class EvolveConfig:
             raise UserError(f"--keep_cross_attention must not be negative, got {self.keep_cross_attention}")
         if (self.latency_target_ms > 0) == (self.latency_target_ratio > 0):
             raise UserError("give exactly one of --latency_target_ms and --latency_target_ratio (a positive number)")
-        if self.preset not in PRESETS:
-            raise UserError(f"--preset: unknown student preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
         if not 0 <= self.robust_skip_prob < 1:
             raise UserError(f"--robust_skip_prob must be in [0, 1), got {self.robust_skip_prob}")
         if self.metric == "clip" and not self.clip_weights:
             raise UserError("--metric clip needs --clip_weights (a local open_clip checkpoint, or 'random')")
+        if self.lr is None:  # a fine-tune from the teacher's weights, else distill train's rate
+            object.__setattr__(self, "lr", INIT_LR if self.init_from_teacher is not None else _TRAIN_LR)
+        train = self.train_config()  # the training flags, checked by their owner (a preset or a cut, the recipe, ...)
+        object.__setattr__(self, "preset", train.preset)
 
-    def train_config(self):
-        from students.train import TrainConfig
-
-        return TrainConfig(data=self.data, output=_join(self.output, "run"), preset=self.preset, recipe=self.recipe,
-                           student_steps=self.student_steps, max_steps=self.iterations * self.steps_per_iteration,
-                           batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps, ema_decay=self.ema_decay,
-                           seed=self.seed, shuffle_buffer=self.shuffle_buffer, checkpoint_every=self.steps_per_iteration,
-                           keep_checkpoints=2, log_every=max(1, self.steps_per_iteration // 4), device=self.device)
+    def train_config(self) -> TrainConfig:
+        """The trainer's config of the whole run: one cosine LR schedule over every iteration, a checkpoint at each boundary."""
+        return TrainConfig(**{name: getattr(self, name) for name in TRAIN_FLAGS}, output=_join(self.output, "run"),
+                           max_steps=self.iterations * self.steps_per_iteration, lr=self.lr,
+                           checkpoint_every=self.steps_per_iteration, keep_checkpoints=2,
+                           log_every=max(1, self.steps_per_iteration // 4))
 
 
 def _join(a, b):
@@ -490,6 +497,18 @@ class Scorer:
         return measure
 
 
+def start_config(cfg: EvolveConfig):
+    """The UNet evolution starts from: ``--preset``, or the teacher's UNet cut by ``--init_from_teacher``."""
+    if cfg.init_from_teacher is None:
+        from students.unet import preset
+
+        return preset(cfg.preset)
+    from students.data import read_dataset
+    from students.train import student_from_teacher
+
+    return student_from_teacher(cfg.train_config(), read_dataset(cfg.data)[0]).student_config
+
+
 def target_ms(cfg: EvolveConfig, table: LookupTable, start) -> float:
     return cfg.latency_target_ms or cfg.latency_target_ratio * table.predict_ms(start)
 
@@ -503,7 +522,6 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     from students import checkpoint as ckpt
     from students.lookup import measure_ms, settings_of
     from students.train import check_inputs, setup_distributed, train
-    from students.unet import preset
 
     train_cfg = cfg.train_config()
     recipe = dataclasses.replace(recipe or train_cfg.resolved_recipe(), robust_skip_prob=cfg.robust_skip_prob)
@@ -511,7 +529,7 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     rank, world = setup_distributed(train_cfg)
     scorer = Scorer(cfg, metric) if rank == 0 else None  # the validation captions, before any work
     _makedirs(cfg.output)
-    start = preset(cfg.preset)
+    start = start_config(cfg)
     table = _lookup(cfg, start) if rank == 0 else None
     _barrier(world)
     table = table or _lookup(cfg, start)
