@@ -357,7 +357,7 @@ def plan_actions(cfg, scores: dict[str, dict], table: LookupTable, target_ms: fl
 
 #: TrainConfig's flags that ``distill evolve`` takes as they are (declared once, in students/train.py)
 TRAIN_FLAGS = ("data", "preset", "init_from_teacher", "recipe", "student_steps", "batch_size", "grad_accum", "warmup_steps",
-               "weight_decay", "grad_clip", "ema_decay", "seed", "shuffle_buffer", "num_workers", "device")
+               "weight_decay", "grad_clip", "ema_decay", "seed", "shuffle_buffer", "num_workers", "audit_keys", "device")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

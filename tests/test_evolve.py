@@ -417,3 +417,61 @@ def test_evolve_takes_the_trainers_flags_as_declared_there(capsys):
         options.reuse(TrainConfig, "lr")(E.EvolveConfig)
     with pytest.raises(TypeError, match="no option field"):
         options.reuse(TrainConfig, "latency_target_ms")
+
+
+def _weights_sha256(state: dict) -> str:
+    """``students.checkpoint.write_audit``'s hash of a state dict (names and bytes, sorted by name)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow  # two torchrun processes each import torch and load the shapes teacher: about 30 s on 2 shared cores
+def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from pipelines import teacher_dump
+    from students import checkpoint as ckpt
+    from students.teacher_init import cut
+    from teachers.shapes import world
+
+    world.write_captions(str(tmp_path / "p.txt"), 8, seed=3)
+    world.write_captions(str(tmp_path / "val.txt"), 2, seed=4)
+    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "dump"), "--teacher", "shapes",
+                      "--num_inference_steps", "4", "--samples_per_shard", "2", "--batch_size", "8", "--feature_layers", "",
+                      "--progress", "off", "--cpu_threads", "1"])
+    start = cut(_shapes_teacher_family(), "mid_only")[0]
+    table = _planted_table(start, {"R": 1.0, "T": 2.0})
+    table.settings = {"side": 8, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7}
+    table.save(str(tmp_path / "lk.json"))
+    with socket.socket() as s:  # a free port, as the trainer's DDP test
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "evo"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    # 8 samples in 4 shards, 2 ranks x batch 2: every step reads new data on each rank; robust skips differ per rank
+    proc = subprocess.run([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+                           "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "students.evolve", "--data", str(tmp_path / "dump"),
+                           "--output", str(out), "--init_from_teacher", "mid_only", "--recipe", "output_kd",
+                           "--lookup", str(tmp_path / "lk.json"), "--latency_target_ms", str(table.predict_ms(start) - 0.5),
+                           "--iterations", "2", "--steps_per_iteration", "2", "--batch_size", "2", "--warmup_steps", "1",
+                           "--shuffle_buffer", "0", "--robust_skip_prob", "0.3", "--val_captions", str(tmp_path / "val.txt"),
+                           "--val_images", "2", "--eval_batch_size", "4", "--audit_keys", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    records = E.read_records(str(out))
+    assert [len(r["actions"]) for r in records] == [1, 0] and records[0]["layouts"] == E.layouts(start)
+    final = json.load(open(out / "student_config.json"))
+    assert records[1]["layouts"] == {k: final[k] for k in ("down_layouts", "mid_layout", "up_layouts")} != E.layouts(start)
+    # both ranks trained on in the evolved architecture and ended with the checkpoint's weights
+    r0, r1 = (json.load(open(out / "run" / "ranks" / f"rank-{r}.json")) for r in (0, 1))
+    last = ckpt.checkpoints(str(out / "run"))[-1]
+    assert last.endswith("step-0000004") and (r0["world"], r1["world"]) == (2, 2)
+    assert r0["weights_sha256"] == r1["weights_sha256"] == _weights_sha256(E.load_student(os.path.join(last, "student")).state_dict())
