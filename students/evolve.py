@@ -1,7 +1,7 @@
 """SnapFusion's architecture evolution (arXiv 2306.00980, Sec. 3.2, Algorithm 1) on a training checkpoint.
 
-    distill evolve --data out/dump --output runs/evo --preset shapes --recipe snapfusion_step --student_steps 8 \\
-        --latency_target_ratio 0.7 --iterations 4 --steps_per_iteration 200 --val_captions val.txt --metric adherence
+    distill evolve --data out/dump --output runs/evo --init_from_teacher none --recipe snapfusion_step --student_steps 4 \\
+        --latency_target_ratio 0.7 --iterations 10 --steps_per_iteration 80 --val_captions val.txt --metric adherence
 
 The loop: robust training for ``--steps_per_iteration`` steps (every skippable block skipped with
 ``--robust_skip_prob``, ``students.objective.robust_skip``), then *score* every evolvable block: the
