@@ -156,7 +156,7 @@ def start_model(args, data):
 def _train(args, data, out, removals=()):
     """Train the start (with ``removals`` applied to it first) for the evolution's total steps."""
     from students.checkpoint import checkpoints
-    from students.evolve import evolve_model
+    from students.evolve_edit import evolve_model
     from students.train import train
 
     total = args.iterations * args.steps_per_iteration

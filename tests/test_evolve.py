@@ -9,6 +9,7 @@ import torch
 
 from diffusion_distill.errors import UserError
 from students import evolve as E
+from students import evolve_edit as A
 from students import lookup as L
 from students.unet import EfficientUNet2DConditionModel, preset
 
@@ -141,26 +142,26 @@ def test_skipping_a_block_equals_removing_it(name):
     for group in groups:
         with torch.no_grad(), E.skip_blocks(model, group):
             skipped = model(*args, **kwargs).sample
-        evolved, _ = E.evolve_model(model, [E.Action("remove", m, 0.0, 0.0) for m in group])
+        evolved, _ = A.evolve_model(model, [E.Action("remove", m, 0.0, 0.0) for m in group])
         with torch.no_grad():
             removed = evolved(*args, **kwargs).sample
         assert (skipped - full).abs().max() > 1e-4, group  # the blocks do something
         torch.testing.assert_close(removed, skipped, rtol=0, atol=1e-6)
     # the whole mid stage but one transformer: a mid layout that starts with a transformer builds and runs
-    lean, _ = E.evolve_model(model, [E.Action("remove", m, 0.0, 0.0) for m in mid_resnets])
+    lean, _ = A.evolve_model(model, [E.Action("remove", m, 0.0, 0.0) for m in mid_resnets])
     assert lean.student_config.mid_layout.split()[0] != "R" and not len(lean.mid_block.resnets)
 
 
 def test_a_copy_duplicates_its_source_and_follows_it():
     cfg = preset("tiny")
     model = _model(cfg)
-    evolved, source = E.evolve_model(model, [E.Action("copy", "up_blocks.0.attentions.0", 1.0, 1.0)])
+    evolved, source = A.evolve_model(model, [E.Action("copy", "up_blocks.0.attentions.0", 1.0, 1.0)])
     assert evolved.student_config.up_layouts[0] == "R T T R C"
     assert source["up_blocks.0.attentions.1"] == "up_blocks.0.attentions.0"
     assert source["up_blocks.0.attentions.2"] == "up_blocks.0.attentions.1"
     old, new = model.state_dict(), evolved.state_dict()
     for key, value in new.items():
-        torch.testing.assert_close(value, old[E.source_name(key, source)], rtol=0, atol=0)
+        torch.testing.assert_close(value, old[A.source_name(key, source)], rtol=0, atol=0)
     assert torch.equal(new["up_blocks.0.attentions.1.proj_in.weight"], old["up_blocks.0.attentions.0.proj_in.weight"])
 
 
@@ -238,7 +239,7 @@ def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump,
     # reference: the old architecture trains on with the block skipped (an uninterrupted run of the evolved one)
     ref = tmp_path / "ref"
     shutil.copytree(base, ref)
-    old = E.load_student(os.path.join(at4, "student"))
+    old = A.load_student(os.path.join(at4, "student"))
     with E.skip_blocks(old, [gone]):
         train(_train_cfg(tiny_dump, ref), recipe=plain, student=old)
     # evolved: the block removed on the checkpoint, training resumed from it
@@ -251,7 +252,7 @@ def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump,
     np_ref, np_evo = _losses(ref)[4:], _losses(evo)[4:]
     assert len(np_evo) == 4
     torch.testing.assert_close(torch.tensor(np_evo), torch.tensor(np_ref), rtol=1e-5, atol=1e-7)
-    final_ref, final_evo = (E.load_student(os.path.join(ckpt.checkpoints(str(d))[-1], "student")).state_dict() for d in (ref, evo))
+    final_ref, final_evo = (A.load_student(os.path.join(ckpt.checkpoints(str(d))[-1], "student")).state_dict() for d in (ref, evo))
     for key, value in final_evo.items():
         torch.testing.assert_close(value, final_ref[key], rtol=1e-5, atol=1e-6)
     # a copy: the optimizer state is duplicated, and resuming in two pieces = in one
@@ -307,7 +308,7 @@ def test_scores_are_the_metric_drop_of_the_removed_architecture(tiny_dump, tmp_p
     assert scores["mid_block.attentions.0"]["latency_ms"] == 3.0 and scores["up_blocks.0.attentions.1"]["latency_ms"] == 4.0
     unet = pipe.unet
     for module in ("mid_block.attentions.0", "up_blocks.0.attentions.1"):
-        pipe.unet = E.evolve_model(unet, [E.Action("remove", module, 0.0, 0.0)])[0]
+        pipe.unet = A.evolve_model(unet, [E.Action("remove", module, 0.0, 0.0)])[0]
         removed = measure(())
         assert full - removed == pytest.approx(scores[module]["delta_metric"], abs=1e-6)
     pipe.unet = unet
@@ -390,7 +391,7 @@ def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(tiny_dump, tmp_p
     saved = json.load(open(os.path.join(first, "config.json")))["train"]
     assert (saved["init_from_teacher"], saved["lr"], saved["preset"]) == ("none", INIT_LR, None)
     # one AdamW step at lr_1 = INIT_LR / warmup moves a weight by at most lr_1 (1 + wd |w|)
-    student = E.load_student(os.path.join(first, "student")).state_dict()
+    student = A.load_student(os.path.join(first, "student")).state_dict()
     teacher = tiny_teacher.unet.state_dict()
     w = teacher["conv_in.weight"]
     assert ((student["conv_in.weight"] - w).abs() <= INIT_LR * (1 + 0.01 * w.abs()) * (1 + 1e-3)).all()
@@ -474,4 +475,4 @@ def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path
     r0, r1 = (json.load(open(out / "run" / "ranks" / f"rank-{r}.json")) for r in (0, 1))
     last = ckpt.checkpoints(str(out / "run"))[-1]
     assert last.endswith("step-0000004") and (r0["world"], r1["world"]) == (2, 2)
-    assert r0["weights_sha256"] == r1["weights_sha256"] == _weights_sha256(E.load_student(os.path.join(last, "student")).state_dict())
+    assert r0["weights_sha256"] == r1["weights_sha256"] == _weights_sha256(A.load_student(os.path.join(last, "student")).state_dict())
