@@ -240,6 +240,16 @@ def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump,
     ref = tmp_path / "ref"
     shutil.copytree(base, ref)
     old = A.load_student(os.path.join(at4, "student"))
+    # in the robust-trained model, skipping any evolvable block (the mid ResNets too) = the model without it
+    args, mode = _inputs(old.student_config), old.training
+    for block in E.evolvable(old.student_config):
+        with torch.no_grad(), E.skip_blocks(old.eval(), [block.module]):
+            skipped = old(*args).sample
+        with torch.no_grad():
+            removed = A.evolve_model(old, [E.Action("remove", block.module, 0.0, 0.0)])[0](*args).sample
+        torch.testing.assert_close(removed, skipped, rtol=0, atol=1e-6)
+    assert "mid_block.resnets.0" in {b.module for b in E.evolvable(old.student_config)}  # tiny's mid stage: R S
+    old.train(mode)
     with E.skip_blocks(old, [gone]):
         train(_train_cfg(tiny_dump, ref), recipe=plain, student=old)
     # evolved: the block removed on the checkpoint, training resumed from it
