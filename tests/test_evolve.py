@@ -441,7 +441,7 @@ def _weights_sha256(state: dict) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.slow  # two torchrun processes each import torch and load the shapes teacher: about 30 s on 2 shared cores
+@pytest.mark.slow  # two torchrun processes each import torch and load the shapes teacher: 28 to 45 s on 2 shared cores
 def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path):
     import socket
     import subprocess
