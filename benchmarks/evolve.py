@@ -1,8 +1,8 @@
 """Architecture evolution on the shapes teacher (issue 14): does the lookup predict, and does evolving beat
 removing blocks by hand?
 
-    python benchmarks/evolve.py --output out/evolve --skip_lookup_check   # the students: 5 x 80 steps at batch 16 each
-    python benchmarks/evolve.py --output out/evolve_quick --quick         # smaller, and the lookup check on 4 presets
+    python benchmarks/evolve.py --output out/evolve --skip_lookup_check --statistic min   # the students: 20 x 80 steps each
+    python benchmarks/evolve.py --output out/evolve_quick --quick         # 10 x 40 steps, and the lookup check on 4 presets
     python benchmarks/evolve.py --output out/lookup_check --lookup_only --statistic min   # part 1 only
 
 Part 1, the lookup (``students.lookup``): for each UNet preset in ``--lookup_presets`` (big ones at
@@ -218,9 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--init_from_teacher", default="none",
                    help="the start: a students.teacher_init cut of the teacher with its weights ('' = the shapes preset from scratch)")
-    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--steps_per_iteration", type=int, default=80)
-    p.add_argument("--max_actions", type=int, default=2, help="blocks removed or copied per evolution")
+    p.add_argument("--max_actions", type=int, default=1, help="blocks removed or copied per evolution")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default: workflow.INIT_LR from a cut, SCRATCH_LR from scratch")
     p.add_argument("--warmup_steps", type=int, default=20)
@@ -244,11 +244,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip_lookup_check", action="store_true")
     p.add_argument("--lookup_only", action="store_true", help="part 1 only: the lookup check, written to lookup_check.md")
     p.add_argument("--quick", action="store_true",
-                   help="smaller: 5 x 40 steps, 150 captions x 1 seed, 32 validation and 96 evaluation captions, the lookup "
+                   help="smaller: 10 x 40 steps, 150 captions x 1 seed, 32 validation and 96 evaluation captions, the lookup "
                         "check on shapes, tiny, tiny_xl and mobilediffusion")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps_per_iteration, args.warmup_steps, args.train_prompts = 40, 10, 150
+        args.iterations, args.steps_per_iteration, args.warmup_steps, args.train_prompts = 10, 40, 10, 150
         args.seeds_per_prompt, args.val_images, args.eval_images, args.lookup_repeats_big = 1, 32, 96, 2
         args.lookup_presets, args.lookup_variants = "shapes,tiny,tiny_xl,mobilediffusion", 2
     if args.lr is None:
