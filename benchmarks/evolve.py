@@ -1,8 +1,8 @@
 """Architecture evolution on the shapes teacher (issue 14): does the lookup predict, and does evolving beat
 removing blocks by hand?
 
-    python benchmarks/evolve.py --output out/evolve                 # full: 4 x 200 steps at batch 64 per student
-    python benchmarks/evolve.py --output out/evolve_quick --quick   # about 20 minutes on 2 quiet cores
+    python benchmarks/evolve.py --output out/evolve --skip_lookup_check --statistic min   # the students: 20 x 80 steps each
+    python benchmarks/evolve.py --output out/evolve_quick --quick         # 10 x 40 steps, and the lookup check on 4 presets
     python benchmarks/evolve.py --output out/lookup_check --lookup_only --statistic min   # part 1 only
 
 Part 1, the lookup (``students.lookup``): for each UNet preset in ``--lookup_presets`` (big ones at
@@ -10,19 +10,26 @@ Part 1, the lookup (``students.lookup``): for each UNet preset in ``--lookup_pre
 rest) against a fresh plain measurement of the preset and of variants of it (each evolvable block
 removed, one copied), all in this invocation. Target: within 10%.
 
-Part 2, the students (same dump, recipe, batch, learning rate, seed and total optimizer steps):
+Part 2, the students (same dump, recipe, batch, learning rate, seed, captions, image seeds and total
+optimizer steps), all started from the same UNet: the teacher's own UNet cut by ``--init_from_teacher``
+(default ``none``: the whole teacher, SnapFusion's start) with the teacher's weights, at
+``workflow.INIT_LR``; ``--init_from_teacher ''`` starts from the ``shapes`` preset, from scratch, at
+``workflow.SCRATCH_LR``:
 
-- ``evolved``: ``distill evolve`` from the ``shapes`` preset to ``--target_ratio`` of its predicted
-  latency: ``--iterations`` segments of ``--steps_per_iteration`` robust-training steps, scored on
-  ``--val_images`` validation captions (the analyser's adherence), one action per evolution;
-- ``unevolved``: the ``shapes`` preset trained for the same total steps (no skipping);
-- ``uniform``: the ``shapes`` preset with as many evolvable blocks removed as the evolution removed
-  in net, spread evenly over them in execution order, trained for the same total steps.
+- ``evolved``: ``distill evolve`` to ``--target_ratio`` of the start's latency (the lookup's prediction of
+  the start equals its measured forward): ``--iterations`` segments of ``--steps_per_iteration``
+  robust-training steps, scored on ``--val_images`` validation captions (the analyser's adherence),
+  up to ``--max_actions`` actions per evolution;
+- ``unevolved``: the start trained for the same total steps (no skipping);
+- ``uniform``: the start with as many evolvable blocks removed as the evolution removed in net, spread
+  evenly over them in execution order (by hand, the weights of the kept blocks as in the start),
+  trained for the same total steps.
 
 Each is evaluated on ``--eval_images`` held-out captions (other scenes than the validation ones, the same
-image seeds for every row) at ``--student_steps`` steps: adherence, exact, Frechet (analyser), and the
-predicted and measured UNet latency. Writes ``evolve_bench.json`` and ``evolve_bench.md``; re-running
-resumes (finished trainings and evaluations are kept).
+image seeds for every row) at ``--student_steps`` steps: adherence, exact, Frechet (analyser), the
+predicted and measured UNet latency, and the latency against the unevolved one's, timed back to back.
+Writes ``evolve_bench.json`` and ``evolve_bench.md``; re-running resumes (finished trainings and
+evaluations are kept).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -102,38 +110,71 @@ def lookup_check(args) -> list[dict]:
     return rows
 
 
-def uniform_removal(cfg, count: int):
-    """``count`` evolvable blocks removed, evenly spaced over them in execution order (by hand)."""
+def uniform_removal(cfg, count: int) -> list:
+    """The removals of ``count`` evolvable blocks, evenly spaced over them in execution order (by hand);
+    a pick that would empty the mid stage moves to the next block."""
     from students import evolve as E
 
     blocks = E.evolvable(cfg)
     count = min(count, len(blocks))
     picks = sorted({min(len(blocks) - 1, int((i + 0.5) * len(blocks) / count)) for i in range(count)}) if count else []
-    return E.apply_actions(cfg, [E.Action("remove", blocks[i].module, 0, 0) for i in picks])[0]
+    mid = sum(b.stage == "mid_block" for b in E.unet_blocks(cfg))
+    chosen = []
+    for i in picks:
+        while blocks[i].stage == "mid_block" and mid <= 1 or blocks[i].module in chosen:
+            i = (i + 1) % len(blocks)
+        mid -= blocks[i].stage == "mid_block"
+        chosen.append(blocks[i].module)
+    return [E.Action("remove", m, 0, 0) for m in chosen]
 
 
-def _train(args, data, out, student_cfg=None):
+def _train_config(args, data, out):
+    from students.train import TrainConfig
+
+    return TrainConfig(data=data, output=out, preset=None if args.init_from_teacher else "shapes",
+                       init_from_teacher=args.init_from_teacher or None, recipe="snapfusion_step",
+                       student_steps=args.student_steps, max_steps=args.iterations * args.steps_per_iteration,
+                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=0.99,
+                       checkpoint_every=args.steps_per_iteration, keep_checkpoints=1, log_every=50, shuffle_buffer=256,
+                       seed=args.seed)
+
+
+def start_model(args, data):
+    """The start UNet with its initial weights: the teacher cut (teacher weights) or the preset (seeded random)."""
+    import torch
+
+    from students.data import read_dataset
+    from students.train import student_from_teacher
+    from students.unet import build_unet
+
+    if args.init_from_teacher:
+        return student_from_teacher(_train_config(args, data, "unused"), read_dataset(data)[0])
+    torch.manual_seed(args.seed)
+    return build_unet("shapes")
+
+
+def _train(args, data, out, removals=()):
+    """Train the start (with ``removals`` applied to it first) for the evolution's total steps."""
     from students.checkpoint import checkpoints
-    from students.train import TrainConfig, train
-    from students.unet import EfficientUNet2DConditionModel
+    from students.evolve_edit import evolve_model
+    from students.train import train
 
     total = args.iterations * args.steps_per_iteration
     if checkpoints(out) and checkpoints(out)[-1].endswith(f"{total:07d}"):
         return out
-    cfg = TrainConfig(data=data, output=out, preset="shapes", recipe="snapfusion_step", student_steps=args.student_steps,
-                      max_steps=total, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      ema_decay=0.99, checkpoint_every=args.steps_per_iteration, keep_checkpoints=1, log_every=50, shuffle_buffer=256, seed=args.seed)
-    student = EfficientUNet2DConditionModel.from_student_config(student_cfg) if student_cfg is not None else None
-    train(cfg, student=student)
+    student = evolve_model(start_model(args, data), list(removals))[0] if removals else None
+    train(_train_config(args, data, out), student=student)
     return out
 
 
 def _evolve(args, data, out, val_captions):
     from students.evolve import EvolveConfig, evolve
 
-    cfg = EvolveConfig(data=data, output=out, preset="shapes", recipe="snapfusion_step", student_steps=args.student_steps,
-                       robust_skip_prob=args.robust_skip_prob, latency_target_ratio=args.target_ratio,
-                       iterations=args.iterations, steps_per_iteration=args.steps_per_iteration, max_actions=1,
+    cfg = EvolveConfig(data=data, output=out, preset=None if args.init_from_teacher else "shapes",
+                       init_from_teacher=args.init_from_teacher or None, recipe="snapfusion_step",
+                       student_steps=args.student_steps, robust_skip_prob=args.robust_skip_prob,
+                       latency_target_ratio=args.target_ratio, iterations=args.iterations,
+                       steps_per_iteration=args.steps_per_iteration, max_actions=args.max_actions,
                        val_captions=val_captions, val_images=args.val_images, metric="adherence", batch_size=args.batch_size,
                        lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=0.99, seed=args.seed, shuffle_buffer=256,
                        lookup_repeats=args.lookup_repeats, lookup_statistic=args.statistic)
@@ -157,12 +198,12 @@ def _evaluate(args, student, out, captions, analyser):
 
 
 def table_md(rows: list[dict], lookup: list[dict]) -> str:
-    lines = ["| student | layouts (down / mid / up) | blocks | predicted ms | measured ms | latency vs preset | adherence | exact | Frechet |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"] if rows else []
-    base = next((r for r in rows if r["student"] == "unevolved"), None)
+    lines = ["| student | layouts (down / mid / up) | blocks | predicted ms | measured ms | predicted vs start | "
+             "measured vs start (paired) | adherence | exact | Frechet |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"] if rows else []
     for r in rows:
         lines.append(f"| {r['student']} | {r['layouts']} | {r['blocks']} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
-                     f"{r['measured_ms'] / base['measured_ms']:.1%} | {r['adherence']:.3f} | {r['exact']:.3f} | "
+                     f"{r['predicted_ratio']:.1%} | {r['measured_ratio']:.1%} | {r['adherence']:.3f} | {r['exact']:.3f} | "
                      f"{r['frechet_analyser']:.1f} |")
     if lookup:
         lines += ["", "| preset | variant | latent side | predicted ms | measured ms | error | predicted / preset | "
@@ -175,12 +216,15 @@ def table_md(rows: list[dict], lookup: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True)
-    p.add_argument("--iterations", type=int, default=4)
-    p.add_argument("--steps_per_iteration", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup_steps", type=int, default=40)
-    p.add_argument("--student_steps", type=int, default=8)
+    p.add_argument("--init_from_teacher", default="none",
+                   help="the start: a students.teacher_init cut of the teacher with its weights ('' = the shapes preset from scratch)")
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--steps_per_iteration", type=int, default=80)
+    p.add_argument("--max_actions", type=int, default=1, help="blocks removed or copied per evolution")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None, help="default: workflow.INIT_LR from a cut, SCRATCH_LR from scratch")
+    p.add_argument("--warmup_steps", type=int, default=20)
+    p.add_argument("--student_steps", type=int, default=4)
     p.add_argument("--robust_skip_prob", type=float, default=0.1)
     p.add_argument("--target_ratio", type=float, default=0.7)
     p.add_argument("--val_images", type=int, default=48, help="validation captions the blocks are scored on")
@@ -200,21 +244,24 @@ def main(argv=None) -> int:
     p.add_argument("--skip_lookup_check", action="store_true")
     p.add_argument("--lookup_only", action="store_true", help="part 1 only: the lookup check, written to lookup_check.md")
     p.add_argument("--quick", action="store_true",
-                   help="about 20 minutes on 2 shared cores: 4 x 50 steps at batch 32, 150 captions x 1 seed, 32 validation "
-                        "and 96 evaluation captions, the lookup check on shapes, tiny, tiny_xl and mobilediffusion")
+                   help="smaller: 10 x 40 steps, 150 captions x 1 seed, 32 validation and 96 evaluation captions, the lookup "
+                        "check on shapes, tiny, tiny_xl and mobilediffusion")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps_per_iteration, args.batch_size, args.warmup_steps, args.train_prompts = 50, 32, 10, 150
+        args.iterations, args.steps_per_iteration, args.warmup_steps, args.train_prompts = 10, 40, 10, 150
         args.seeds_per_prompt, args.val_images, args.eval_images, args.lookup_repeats_big = 1, 32, 96, 2
         args.lookup_presets, args.lookup_variants = "shapes,tiny,tiny_xl,mobilediffusion", 2
+    if args.lr is None:
+        from diffusion_distill.workflow import INIT_LR, SCRATCH_LR
+
+        args.lr = INIT_LR if args.init_from_teacher else SCRATCH_LR
     args.lookup_presets = tuple(x.strip() for x in args.lookup_presets.split(",") if x.strip())
 
     import torch
 
     from diffusion_distill import workflow
     from students import lookup as L
-    from students.evolve import evolvable, layouts
-    from students.unet import preset
+    from students.evolve import apply_actions, evolvable, layouts
     from teachers.shapes import world
     from teachers.shapes.analyser import load_analyser
 
@@ -254,28 +301,32 @@ def main(argv=None) -> int:
     evo_dir = os.path.join(args.output, "evolved")
     records = _evolve(args, data, evo_dir, val_captions)
     print(f"[bench] evolved after {(time.monotonic() - t0) / 60:.1f} min", flush=True)
-    start = preset("shapes")
+    start = start_model(args, data).student_config
     final = json.load(open(os.path.join(evo_dir, "student_config.json"), encoding="utf-8"))
     evolved_cfg = dataclasses.replace(start, **{k: tuple(final[k]) if isinstance(final[k], list) else final[k]
                                                 for k in ("down_layouts", "mid_layout", "up_layouts")})
     removed = len(L.unet_blocks(start)) - len(L.unet_blocks(evolved_cfg))
-    uniform_cfg = uniform_removal(start, removed)
+    removals = uniform_removal(start, removed)
+    uniform_cfg = apply_actions(start, removals)[0]
     _train(args, data, os.path.join(args.output, "unevolved"))
     print(f"[bench] unevolved trained after {(time.monotonic() - t0) / 60:.1f} min", flush=True)
-    _train(args, data, os.path.join(args.output, "uniform"), uniform_cfg)
+    _train(args, data, os.path.join(args.output, "uniform"), removals)
     print(f"[bench] uniform trained after {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     table = L.LookupTable.load(os.path.join(evo_dir, "lookup.json"))
     settings = L.settings_of(table)
     analyser = load_analyser()
+    students = (("unevolved", start, "unevolved"), ("evolved", evolved_cfg, "evolved/run"), ("uniform", uniform_cfg, "uniform"))
+    paired = paired_ms([cfg for _, cfg, _ in students], settings, args.lookup_repeats)  # back to back, rotating
     rows = []
-    for name, cfg, run in (("unevolved", start, "unevolved"), ("evolved", evolved_cfg, "evolved/run"),
-                           ("uniform", uniform_cfg, "uniform")):
+    for (name, cfg, run), runs in zip(students, paired):
         metrics = _evaluate(args, os.path.join(args.output, run), os.path.join(args.output, "eval", name), eval_captions, analyser)
         lay = layouts(cfg)
         rows.append({"student": name, "layouts": f"{' / '.join(lay['down_layouts'])} | {lay['mid_layout']} | "
                                                  f"{' / '.join(lay['up_layouts'])}",
                      "blocks": len(L.unet_blocks(cfg)), "evolvable": len(evolvable(cfg)), "predicted_ms": table.predict_ms(cfg),
-                     "measured_ms": L.measure_ms(cfg, settings), **metrics})
+                     "predicted_ratio": table.predict_ms(cfg) / table.predict_ms(start),
+                     "measured_ms": L.STATISTICS[settings.statistic](runs),
+                     "measured_ratio": statistics.median(a / b for a, b in zip(runs, paired[0])), **metrics})
     md = table_md(rows, lookup or [])
     path_lines = ["", "Evolution path (validation adherence at the end of each segment, before its evolution):", ""]
     for r in records:

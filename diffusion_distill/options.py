@@ -15,6 +15,14 @@ and gets its command line from it:
     class DumpOptions(beam_options(DumpConfig)): ...              # the same flags as Beam PipelineOptions
     cfg = from_mapping(DumpConfig, pipeline_options.get_all_options())
 
+A command that shares flags with another declares them once, on one config, and reuses them on
+the other (the same type, default and help; ``reuse`` goes under ``@dataclasses.dataclass``)::
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    @reuse(TrainConfig, "batch_size", "seed")            # EvolveConfig.batch_size is TrainConfig's flag
+    class EvolveConfig:
+        iterations: int = option(4, help="...")
+
 Each field gives ``--snake_case`` and ``--kebab-case`` spellings. Types come from the annotations:
 ``str``, ``int``, ``float``, ``bool`` (``--flag``, ``--flag true|false``), ``X | None`` (``none``
 clears it), and tuples
@@ -41,6 +49,36 @@ def option(default=dataclasses.MISSING, *, help: str, choices=None, repeat: bool
     """
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "repeat": repeat}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def reuse(source, *names: str):
+    """Class decorator: the fields ``names`` of the config dataclass ``source`` declared on the
+    decorated class as well (same annotation, default and help metadata), after its own fields.
+
+    Validation stays with ``source`` (build one from the decorated config in ``__post_init__``).
+    A name ``source`` lacks, or one the class declares itself, is a ``TypeError`` at import time.
+    The decorated class's ``REUSED`` attribute lists the names (with those of an earlier ``reuse``).
+    """
+    hints = typing.get_type_hints(source)
+    fields = {f.name: f for f in dataclasses.fields(source)}
+    unknown = [n for n in names if n not in fields or "help" not in fields[n].metadata]
+    if unknown:
+        raise TypeError(f"reuse: {source.__name__} has no option field(s) {unknown}")
+
+    def decorate(cls):
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        clash = [n for n in names if n in own]
+        if clash:
+            raise TypeError(f"reuse: {cls.__name__} declares {clash} itself and reuses them from {source.__name__}")
+        for name in names:
+            f = fields[name]
+            own[name] = hints[name]
+            setattr(cls, name, dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+        cls.__annotations__ = own
+        cls.REUSED = tuple(getattr(cls, "REUSED", ())) + tuple(names)
+        return cls
+
+    return decorate
 
 
 class _Parser(argparse.ArgumentParser):

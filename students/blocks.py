@@ -309,13 +309,15 @@ class _Stage(nn.Module):
     """Blocks of one layout; ``resnets`` and ``attentions`` keep diffusers' module names. With
     ``enable_gradient_checkpointing()`` each block is recomputed in the backward pass."""
 
+    first_resnet = True  # the layout must start with R (not the mid stage: see parse_layout)
+
     def __init__(self, layout, in_channels, channels, cfg, level, temb_channels, skip_channels=None):
         super().__init__()
         conv = dict(conv_type=cfg.conv_types[level], conv_expansion=cfg.conv_expansion)
         attn = dict(heads=cfg.num_attention_heads[level], cross_attention_dim=cfg.cross_attention_dim, kv_heads=cfg.kv_heads,
                     shared_kv=cfg.shared_kv, kernel=cfg.attention_kernel, ff_mult=cfg.ff_mult, ff_activation=cfg.ff_activation)
         self.resnets, self.attentions, self.order = nn.ModuleList(), nn.ModuleList(), []
-        for kind, depth in parse_layout(layout):
+        for kind, depth in parse_layout(layout, first_resnet=self.first_resnet):
             if kind == "R":
                 skip = skip_channels.pop() if skip_channels is not None else 0
                 self.resnets.append(ResnetBlock(in_channels + skip, channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps, **conv))
@@ -363,6 +365,8 @@ class DownStage(_Stage):
 
 
 class MidStage(_Stage):
+    first_resnet = False  # at the lowest level's width already: may start with a transformer
+
     def forward(self, hidden_states, temb, encoder_hidden_states):
         for is_resnet, block in self._blocks():
             hidden_states = self._run(block, hidden_states, temb if is_resnet else encoder_hidden_states)
@@ -387,14 +391,20 @@ class UpStage(_Stage):
         return hidden_states
 
 
-def parse_layout(layout: str, where: str = "layout") -> list[tuple[str, int]]:
-    """``"R T2 R C"`` -> ``[("R", 1), ("T", 2), ("R", 1), ("C", 1)]``; a stage must start with a ResNet."""
+def parse_layout(layout: str, where: str = "layout", *, first_resnet: bool = True) -> list[tuple[str, int]]:
+    """``"R T2 R C"`` -> ``[("R", 1), ("T", 2), ("R", 1), ("C", 1)]``.
+
+    A down or up stage must start with a ResNet (its first one maps the incoming channels to the
+    level's); the mid stage (``first_resnet=False``) runs at the width it receives, so any non-empty
+    layout will do (architecture evolution may remove its first ResNet)."""
     blocks = []
     for token in str(layout).split():
         match = _TOKEN.match(token)
         if not match or (match.group(1) == "R" and match.group(2)) or int(match.group(2) or 1) < 1:
             raise ValueError(f"{where}: block {token!r} in {layout!r} is not R, T, C or S with an optional depth >= 1")
         blocks.append((match.group(1), int(match.group(2) or 1)))
-    if not blocks or blocks[0][0] != "R":
+    if not blocks:
+        raise ValueError(f"{where}: layout {layout!r} has no blocks")
+    if first_resnet and blocks[0][0] != "R":
         raise ValueError(f"{where}: layout {layout!r} must start with a ResNet block 'R'")
     return blocks

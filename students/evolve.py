@@ -1,7 +1,7 @@
 """SnapFusion's architecture evolution (arXiv 2306.00980, Sec. 3.2, Algorithm 1) on a training checkpoint.
 
-    distill evolve --data out/dump --output runs/evo --preset shapes --recipe snapfusion_step --student_steps 8 \\
-        --latency_target_ratio 0.7 --iterations 4 --steps_per_iteration 200 --val_captions val.txt --metric adherence
+    distill evolve --data out/dump --output runs/evo --init_from_teacher none --recipe snapfusion_step --student_steps 4 \\
+        --latency_target_ratio 0.7 --iterations 10 --steps_per_iteration 80 --val_captions val.txt --metric adherence
 
 The loop: robust training for ``--steps_per_iteration`` steps (every skippable block skipped with
 ``--robust_skip_prob``, ``students.objective.robust_skip``), then *score* every evolvable block: the
@@ -18,9 +18,13 @@ then *evolve*: actions are sorted by ``value = delta_metric / delta_latency_ms``
   under the target, up to ``--max_actions``.
 
 Evolvable blocks are those whose removal is exactly a skip: transformer blocks (``T``/``C``/``S``
-tokens) anywhere, and mid-stage ResNets after the first. (A down-stage ResNet's removal also removes
-a skip connection and its up-stage consumer, and the first ResNet of a stage changes channels; those
-stay.) ``--keep_cross_attention K`` never removes the last K blocks with cross-attention.
+tokens) anywhere, and mid-stage ResNets (the mid stage runs at one width and feeds no skip connection;
+the planner keeps at least one block in it). Down- and up-stage ResNets stay: a down-stage ResNet
+feeds a skip connection (removing it also removes its up-stage consumer, which is no skip), an
+up-stage one concatenates a skip, and the first of each changes channels. ``--keep_cross_attention K``
+never removes the last K blocks with cross-attention. The start is ``--preset`` or, as for
+``distill train``, the teacher's UNet cut by ``--init_from_teacher`` and started from its weights (then
+``--lr`` defaults to ``workflow.INIT_LR``, a fine-tune).
 
 The architecture changes in place on the checkpoint at the iteration's last step (``evolve_checkpoint``):
 weights and EMA are carried over by block (a copy duplicates its source's weights), the AdamW state
@@ -34,246 +38,23 @@ scores, the actions, predicted and measured latency, the metric) and ``report.ht
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import sys
 
 from diffusion_distill.errors import UserError, run_main
-from diffusion_distill.options import option, parse
-from students.lookup import Block, LookupSettings, LookupTable, unet_blocks
+from diffusion_distill.options import option, parse, reuse
+from diffusion_distill.workflow import INIT_LR
+from students.evolve_edit import (Action, apply_actions, copyable, evolvable, evolve_checkpoint, has_cross_attention,
+                                  skip_blocks, student_at)
+from students.lookup import LookupSettings, LookupTable, unet_blocks
+from students.train import TrainConfig
 
 METRICS = ("adherence", "clip")
 METRIC_KEYS = {"adherence": "adherence", "clip": "clip_score"}
 EVOLUTION = "evolution.jsonl"
-
-
-# ------------------------------------------------------------------------------------------
-# architecture edits: which blocks can go or be copied, and the map from new blocks to old ones
-# ------------------------------------------------------------------------------------------
-
-
-def has_cross_attention(block: Block) -> bool:
-    return block.token[0] in ("T", "C")
-
-
-def evolvable(cfg) -> list[Block]:
-    """Blocks whose removal equals skipping them: transformers, and mid-stage ResNets after the first."""
-    return [b for b in unet_blocks(cfg) if not b.is_resnet or (b.stage == "mid_block" and b.position > 0)]
-
-
-def copyable(cfg) -> list[Block]:
-    """Blocks a copy can follow (input channels = output channels): transformers and mid-stage ResNets."""
-    return [b for b in unet_blocks(cfg) if not b.is_resnet or b.stage == "mid_block"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Action:
-    kind: str  # "remove" | "copy"
-    module: str  # the block in the architecture before this evolution, e.g. "mid_block.attentions.0"
-    delta_metric: float  # M(full) - M(block skipped)
-    latency_ms: float  # lookup latency the action saves (remove) or adds (copy)
-
-    @property
-    def value(self) -> float:
-        """Score per latency (SnapFusion's delta-CLIP / delta-latency)."""
-        return self.delta_metric / max(self.latency_ms, 1e-9)
-
-
-def _stages(cfg) -> dict[str, list]:
-    """stage -> [[token, source module], ...] of every stage, in layout order."""
-    out = {}
-    for b in unet_blocks(cfg):
-        out.setdefault(b.stage, []).append([b.token, b.module])
-    return out
-
-
-def apply_actions(cfg, actions: list[Action]):
-    """(new config, {new module: old module}) after removing/copying blocks. A copy is inserted right
-    after its source, with the source's weights; modules not in the map are unchanged by name."""
-    from students.unet import override
-
-    stages = _stages(cfg)
-    where = {module: stage for stage, items in stages.items() for _, module in items}
-    for action in actions:
-        if action.module not in where:
-            raise ValueError(f"no block {action.module!r} in this UNet")
-        items = stages[where[action.module]]
-        index = next(i for i, (_, src) in enumerate(items) if src == action.module)
-        if action.kind == "remove":
-            items.pop(index)
-        elif action.kind == "copy":
-            items.insert(index + 1, [items[index][0], action.module])
-        else:
-            raise ValueError(f"action kind {action.kind!r} is not 'remove' or 'copy'")
-    layout = {stage: " ".join(token for token, _ in items) for stage, items in stages.items()}
-    levels = len(cfg.block_out_channels)
-    new = override(cfg, down_layouts=tuple(layout[f"down_blocks.{i}"] for i in range(levels)), mid_layout=layout["mid_block"],
-                   up_layouts=tuple(layout[f"up_blocks.{j}"] for j in range(levels)))
-    source = {}
-    for stage, items in stages.items():
-        counts = {"resnets": 0, "attentions": 0}
-        for token, src in items:
-            group = "resnets" if token == "R" else "attentions"
-            source[f"{stage}.{group}.{counts[group]}"] = src
-            counts[group] += 1
-    return new, source
-
-
-def source_name(name: str, source: dict[str, str]) -> str:
-    """The old parameter name a new one comes from (``mid_block.attentions.1.norm.weight`` -> ``...0...``)."""
-    parts = name.split(".")
-    if parts[0] == "mid_block":
-        prefix = ".".join(parts[:3])  # mid_block.attentions.0
-    elif parts[0] in ("down_blocks", "up_blocks"):
-        prefix = ".".join(parts[:4])  # down_blocks.1.attentions.0
-    else:
-        return name
-    return source[prefix] + name[len(prefix):] if prefix in source else name
-
-
-def evolve_model(model, actions: list[Action]):
-    """A new model with the actions applied and every weight carried over from ``model``."""
-    from students.unet import EfficientUNet2DConditionModel
-
-    new_cfg, source = apply_actions(model.student_config, actions)
-    new = EfficientUNet2DConditionModel.from_student_config(new_cfg)
-    old_state = model.state_dict()
-    new.load_state_dict({k: old_state[source_name(k, source)].clone() for k in new.state_dict()})
-    return new.to(next(model.parameters()).device).train(model.training), source
-
-
-def evolve_optimizer_state(state: dict, old_names: list[str], new_names: list[str], source: dict[str, str]) -> dict:
-    """AdamW (or any per-parameter) state of the old student -> the new one's.
-
-    The trainer's parameter list is the student's parameters, in ``named_parameters`` order, then the
-    other trained modules' (distillation heads, decoder): those keep their state and shift by the
-    change in count. Removed parameters' state is dropped; a copy gets a copy of its source's."""
-    import copy
-
-    groups = state["param_groups"]
-    if len(groups) != 1:
-        raise ValueError(f"expected one optimizer parameter group, found {len(groups)}")
-    n_old, total = len(old_names), len(groups[0]["params"])
-    if total < n_old:
-        raise ValueError(f"the optimizer has {total} parameters, fewer than the student's {n_old}")
-    old_index = {name: i for i, name in enumerate(old_names)}
-    per_param = state["state"]
-    new_state = {}
-    for i, name in enumerate(new_names):
-        src = old_index[source_name(name, source)]
-        if src in per_param:
-            new_state[i] = copy.deepcopy(per_param[src])
-    shift = len(new_names) - n_old
-    for i in range(n_old, total):
-        if i in per_param:
-            new_state[i + shift] = per_param[i]
-    new_groups = [dict(groups[0], params=list(range(total + shift)))]
-    return {"state": new_state, "param_groups": new_groups}
-
-
-@contextlib.contextmanager
-def skip_blocks(model, modules):
-    """Run ``model`` with the named blocks skipped: a forward hook returns the block's input, as
-    ``students.objective.robust_skip`` does in training."""
-    handles = [model.get_submodule(m).register_forward_hook(lambda mod, inputs, output: inputs[0]) for m in modules]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-
-
-# ------------------------------------------------------------------------------------------
-# the checkpoint, evolved in place
-# ------------------------------------------------------------------------------------------
-
-
-class _Folder:
-    """A saved diffusers folder carried into the new checkpoint as it is."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def save_pretrained(self, dst):
-        import shutil
-
-        shutil.copytree(self.path, dst)
-
-
-class _Plain:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-
-def _tensors_module(tensors: dict):
-    import torch
-
-    class Tensors(torch.nn.Module):
-        def state_dict(self, *args, **kwargs):
-            return tensors
-
-    return Tensors()
-
-
-def load_student(folder: str):
-    from students.unet import EfficientUNet2DConditionModel
-
-    return EfficientUNet2DConditionModel.from_pretrained(folder)
-
-
-def evolve_checkpoint(path: str, output: str, actions: list[Action], record: dict, keep: int = 2) -> str:
-    """Rewrite the checkpoint at ``path`` (of the run folder ``output``) with the actions applied; the
-    same step, so the trainer resumes from it. ``record`` goes into its config.json as ``evolution``."""
-    import torch
-    from safetensors.torch import load_file
-
-    from students import checkpoint as ckpt
-
-    with ckpt.local_copy(path) as folder:
-        plain = torch.load(os.path.join(folder, ckpt.TRAINER_STATE), weights_only=True)
-        with open(os.path.join(folder, ckpt.CONFIG), encoding="utf-8") as f:
-            config = json.load(f)
-        state = {}
-        student = load_student(os.path.join(folder, "student"))
-        new_student, source = evolve_model(student, actions)
-        state["student"] = new_student
-        for name in sorted(os.listdir(folder)):
-            full = os.path.join(folder, name)
-            if name == "student" or not os.path.isdir(full):
-                continue
-            state[name] = evolve_model(load_student(full), actions)[0] if name == "ema" else _Folder(full)
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".safetensors"):
-                state[name[: -len(".safetensors")]] = _tensors_module(load_file(os.path.join(folder, name)))
-        old_names = [n for n, _ in student.named_parameters()]
-        new_names = [n for n, _ in new_student.named_parameters()]
-        for name, value in plain.items():
-            if name == "step":
-                continue
-            if name == "optimizer":
-                value = evolve_optimizer_state(value, old_names, new_names, source)
-            state[name] = _Plain(value)
-        step = int(plain["step"])
-        config.pop("step", None)
-        config["evolution"] = record
-        return ckpt.save(output, state, step=step, config=config, keep=keep)
-
-
-def student_at(run: str):
-    """(student model, its config) at the newest checkpoint of ``run``; (None, None) if there is none."""
-    from students import checkpoint as ckpt
-
-    found = ckpt.checkpoints(run)
-    if not found:
-        return None, None
-    with ckpt.local_copy(found[-1]) as folder:
-        model = load_student(os.path.join(folder, "student"))
-    return model, model.student_config
+_TRAIN_LR = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "lr")
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,15 +95,19 @@ def plan_actions(cfg, scores: dict[str, dict], table: LookupTable, target_ms: fl
     if predicted > target_ms:
         removable = {b.module: b for b in evolvable(cfg)}
         crossing = sum(has_cross_attention(b) for b in unet_blocks(cfg))
+        mid = sum(b.stage == "mid_block" for b in unet_blocks(cfg))
         ranked = sorted((Action("remove", m, s["delta_metric"], s["latency_ms"]) for m, s in scores.items() if m in removable),
                         key=lambda a: (a.value, -a.latency_ms, order[a.module]))
         for action in ranked:
             if len(actions) >= max_actions or predicted <= target_ms:
                 break
-            if has_cross_attention(removable[action.module]):
-                if crossing <= keep_cross_attention:
-                    continue
-                crossing -= 1
+            block = removable[action.module]
+            if has_cross_attention(block) and crossing <= keep_cross_attention:
+                continue
+            if block.stage == "mid_block" and mid <= 1:  # a stage keeps one block
+                continue
+            crossing -= has_cross_attention(block)
+            mid -= block.stage == "mid_block"
             actions.append(action)
             predicted -= action.latency_ms
     else:
@@ -343,13 +128,15 @@ def plan_actions(cfg, scores: dict[str, dict], table: LookupTable, target_ms: fl
 # ------------------------------------------------------------------------------------------
 
 
+#: TrainConfig's flags that ``distill evolve`` takes as they are (declared once, in students/train.py)
+TRAIN_FLAGS = ("data", "preset", "init_from_teacher", "recipe", "student_steps", "batch_size", "grad_accum", "warmup_steps",
+               "weight_decay", "grad_clip", "ema_decay", "seed", "shuffle_buffer", "num_workers", "audit_keys", "device")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
+@reuse(TrainConfig, *TRAIN_FLAGS)
 class EvolveConfig:
-    data: str = option(help="dataset folder (a teacher dump), as for distill train")
     output: str = option(help="evolution folder: run/, lookup.json, evolution.jsonl, student_config.json, report.html")
-    preset: str = option("tiny", help="the student UNet preset evolution starts from (students.unet.PRESETS)")
-    recipe: str = option("output_kd", help="distillation recipe (students.objective.RECIPES)")
-    student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
     robust_skip_prob: float = option(0.1, help="robust training: probability of skipping each skippable block per step")
     latency_target_ms: float = option(0.0, help="target UNet latency in ms on the lookup's runtime (or --latency_target_ratio)")
     latency_target_ratio: float = option(0.0, help="target as a fraction of the starting UNet's predicted latency")
@@ -369,17 +156,10 @@ class EvolveConfig:
     clip_weights: str | None = option(None, help="local open_clip checkpoint for --metric clip")
     weights: str = option("ema", help="which student weights are scored", choices=("ema", "raw"))
     eval_batch_size: int = option(64, help="prompts per pipeline call while scoring")
-    batch_size: int = option(8, help="training samples per step")
-    lr: float = option(1e-4, help="peak AdamW learning rate (cosine over all iterations)")
-    warmup_steps: int = option(10, help="linear warm-up steps")
-    ema_decay: float = option(0.999, help="EMA decay (0 = off)")
-    seed: int = option(0, help="trainer seed")
-    shuffle_buffer: int = option(64, help="samples in the shuffle buffer")
-    device: str = option("cpu", help="cpu | cuda | cuda:N")
+    lr: float | None = option(None, help="peak AdamW learning rate, one cosine over all iterations (default: distill "
+                              f"train's {_TRAIN_LR:g} from a preset, workflow.INIT_LR = {INIT_LR:g} with --init_from_teacher)")
 
     def __post_init__(self):
-        from students.unet import PRESETS
-
         for name in ("iterations", "steps_per_iteration", "max_actions", "val_images", "eval_batch_size", "lookup_batch",
                      "lookup_repeats"):
             if getattr(self, name) < 1:
@@ -388,21 +168,21 @@ class EvolveConfig:
             raise UserError(f"--keep_cross_attention must not be negative, got {self.keep_cross_attention}")
         if (self.latency_target_ms > 0) == (self.latency_target_ratio > 0):
             raise UserError("give exactly one of --latency_target_ms and --latency_target_ratio (a positive number)")
-        if self.preset not in PRESETS:
-            raise UserError(f"--preset: unknown student preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
         if not 0 <= self.robust_skip_prob < 1:
             raise UserError(f"--robust_skip_prob must be in [0, 1), got {self.robust_skip_prob}")
         if self.metric == "clip" and not self.clip_weights:
             raise UserError("--metric clip needs --clip_weights (a local open_clip checkpoint, or 'random')")
+        if self.lr is None:  # a fine-tune from the teacher's weights, else distill train's rate
+            object.__setattr__(self, "lr", INIT_LR if self.init_from_teacher is not None else _TRAIN_LR)
+        train = self.train_config()  # the training flags, checked by their owner (a preset or a cut, the recipe, ...)
+        object.__setattr__(self, "preset", train.preset)
 
-    def train_config(self):
-        from students.train import TrainConfig
-
-        return TrainConfig(data=self.data, output=_join(self.output, "run"), preset=self.preset, recipe=self.recipe,
-                           student_steps=self.student_steps, max_steps=self.iterations * self.steps_per_iteration,
-                           batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps, ema_decay=self.ema_decay,
-                           seed=self.seed, shuffle_buffer=self.shuffle_buffer, checkpoint_every=self.steps_per_iteration,
-                           keep_checkpoints=2, log_every=max(1, self.steps_per_iteration // 4), device=self.device)
+    def train_config(self) -> TrainConfig:
+        """The trainer's config of the whole run: one cosine LR schedule over every iteration, a checkpoint at each boundary."""
+        return TrainConfig(**{name: getattr(self, name) for name in TRAIN_FLAGS}, output=_join(self.output, "run"),
+                           max_steps=self.iterations * self.steps_per_iteration, lr=self.lr,
+                           checkpoint_every=self.steps_per_iteration, keep_checkpoints=2,
+                           log_every=max(1, self.steps_per_iteration // 4))
 
 
 def _join(a, b):
@@ -490,6 +270,18 @@ class Scorer:
         return measure
 
 
+def start_config(cfg: EvolveConfig):
+    """The UNet evolution starts from: ``--preset``, or the teacher's UNet cut by ``--init_from_teacher``."""
+    if cfg.init_from_teacher is None:
+        from students.unet import preset
+
+        return preset(cfg.preset)
+    from students.data import read_dataset
+    from students.train import student_from_teacher
+
+    return student_from_teacher(cfg.train_config(), read_dataset(cfg.data)[0]).student_config
+
+
 def target_ms(cfg: EvolveConfig, table: LookupTable, start) -> float:
     return cfg.latency_target_ms or cfg.latency_target_ratio * table.predict_ms(start)
 
@@ -503,7 +295,6 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     from students import checkpoint as ckpt
     from students.lookup import measure_ms, settings_of
     from students.train import check_inputs, setup_distributed, train
-    from students.unet import preset
 
     train_cfg = cfg.train_config()
     recipe = dataclasses.replace(recipe or train_cfg.resolved_recipe(), robust_skip_prob=cfg.robust_skip_prob)
@@ -511,7 +302,7 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     rank, world = setup_distributed(train_cfg)
     scorer = Scorer(cfg, metric) if rank == 0 else None  # the validation captions, before any work
     _makedirs(cfg.output)
-    start = preset(cfg.preset)
+    start = start_config(cfg)
     table = _lookup(cfg, start) if rank == 0 else None
     _barrier(world)
     table = table or _lookup(cfg, start)

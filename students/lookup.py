@@ -67,7 +67,7 @@ def unet_blocks(cfg) -> list[Block]:
 
     def stage(name, layout, level, ch_in, skips=None):
         counts = {"R": 0, "A": 0}
-        for pos, (kind, depth) in enumerate(parse_layout(layout)):
+        for pos, (kind, depth) in enumerate(parse_layout(layout, first_resnet=name != "mid_block")):
             token = kind if depth == 1 else f"{kind}{depth}"
             group = "R" if kind == "R" else "A"
             module = f"{name}.{'resnets' if group == 'R' else 'attentions'}.{counts[group]}"

@@ -296,7 +296,9 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     step = ckpt.load_latest(cfg.output, state)
     model = student
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        # robust training skips blocks: their parameters get no gradient on that rank in that step
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                                          find_unused_parameters=recipe.robust_skip_prob > 0)
     # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
     log = ckpt.RunLog(cfg, rank) if rank == 0 else None
     losses: list[float] = []

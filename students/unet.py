@@ -100,7 +100,7 @@ class StudentUNetConfig:
         levels = len(self.block_out_channels)
         for level, layout in enumerate(self.down_layouts):
             parse_layout(layout, f"down_layouts[{level}]")
-        parse_layout(self.mid_layout, "mid_layout")
+        parse_layout(self.mid_layout, "mid_layout", first_resnet=False)
         for level in range(levels):
             skips = 1 + parse_layout(self.down_layouts[level]).count(("R", 1))  # conv_in or the downsampler
             up_index = levels - 1 - level

@@ -9,6 +9,7 @@ import torch
 
 from diffusion_distill.errors import UserError
 from students import evolve as E
+from students import evolve_edit as A
 from students import lookup as L
 from students.unet import EfficientUNet2DConditionModel, preset
 
@@ -106,37 +107,61 @@ def test_profile_cli_writes_a_lookup(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_xl"])
+def _shapes_teacher_family():
+    """The shapes teacher's UNet in the student family (the ``none`` cut): mid ``R T R``, dense convs."""
+    from diffusers import UNet2DConditionModel
+
+    from students.teacher_init import family_config
+    from teachers.shapes.model import unet_config
+
+    return family_config(UNet2DConditionModel(**unet_config()))
+
+
+def _start(name):
+    if name == "shapes_teacher":
+        return _shapes_teacher_family()
+    return dataclasses.replace(preset(name), mid_layout=preset(name).mid_layout + " R")  # a second mid ResNet too
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_xl", "shapes_teacher"])
 def test_skipping_a_block_equals_removing_it(name):
-    cfg = dataclasses.replace(preset(name), mid_layout=preset(name).mid_layout + " R")  # a removable mid ResNet too
+    cfg = _start(name)
     model = _model(cfg)
     args = _inputs(cfg)
     kwargs = {}
     if cfg.addition_embed_type:
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32), "time_ids": torch.ones(2, 6)}
     candidates = E.evolvable(cfg)
-    assert any(b.is_resnet for b in candidates) and not any(b.is_resnet and b.stage != "mid_block" for b in candidates)
+    mid_resnets = [b.module for b in candidates if b.is_resnet]
+    # every mid ResNet (the first too: the mid stage may start with a transformer), no other ResNet
+    assert mid_resnets == [f"mid_block.resnets.{i}" for i in range(cfg.mid_layout.split().count("R"))]
+    assert len(mid_resnets) >= 2
     full = model(*args, **kwargs).sample
-    for block in candidates:
-        with torch.no_grad(), E.skip_blocks(model, [block.module]):
+    groups = [[b.module] for b in candidates] + [mid_resnets, [m for m in (b.module for b in candidates) if "attentions" in m][:1]
+                                                 + mid_resnets[:1]]
+    for group in groups:
+        with torch.no_grad(), E.skip_blocks(model, group):
             skipped = model(*args, **kwargs).sample
-        evolved, _ = E.evolve_model(model, [E.Action("remove", block.module, 0.0, 0.0)])
+        evolved, _ = A.evolve_model(model, [E.Action("remove", m, 0.0, 0.0) for m in group])
         with torch.no_grad():
             removed = evolved(*args, **kwargs).sample
-        assert (skipped - full).abs().max() > 1e-4, block.module  # the block does something
+        assert (skipped - full).abs().max() > 1e-4, group  # the blocks do something
         torch.testing.assert_close(removed, skipped, rtol=0, atol=1e-6)
+    # the whole mid stage but one transformer: a mid layout that starts with a transformer builds and runs
+    lean, _ = A.evolve_model(model, [E.Action("remove", m, 0.0, 0.0) for m in mid_resnets])
+    assert lean.student_config.mid_layout.split()[0] != "R" and not len(lean.mid_block.resnets)
 
 
 def test_a_copy_duplicates_its_source_and_follows_it():
     cfg = preset("tiny")
     model = _model(cfg)
-    evolved, source = E.evolve_model(model, [E.Action("copy", "up_blocks.0.attentions.0", 1.0, 1.0)])
+    evolved, source = A.evolve_model(model, [E.Action("copy", "up_blocks.0.attentions.0", 1.0, 1.0)])
     assert evolved.student_config.up_layouts[0] == "R T T R C"
     assert source["up_blocks.0.attentions.1"] == "up_blocks.0.attentions.0"
     assert source["up_blocks.0.attentions.2"] == "up_blocks.0.attentions.1"
     old, new = model.state_dict(), evolved.state_dict()
     for key, value in new.items():
-        torch.testing.assert_close(value, old[E.source_name(key, source)], rtol=0, atol=0)
+        torch.testing.assert_close(value, old[A.source_name(key, source)], rtol=0, atol=0)
     assert torch.equal(new["up_blocks.0.attentions.1.proj_in.weight"], old["up_blocks.0.attentions.0.proj_in.weight"])
 
 
@@ -168,8 +193,13 @@ def test_action_order_on_planted_scores():
         ("remove", "mid_block.attentions.0"), ("remove", "up_blocks.0.attentions.0"), ("remove", "up_blocks.0.attentions.1")]
     assert plan(1.0, max_actions=4, keep_cross_attention=0)[-1] == ("remove", "down_blocks.1.attentions.0")
     assert plan(13.0, max_actions=1) == [("remove", "mid_block.attentions.0")]
-    # the first mid ResNet is scored but is not removable (it starts the stage); it can be copied
-    assert all(m != "mid_block.resnets.0" for _, m in plan(1.0, max_actions=9, keep_cross_attention=0))
+    # the mid ResNet is removable, but the mid stage keeps one block: its transformer went first here
+    everything = plan(1.0, max_actions=9, keep_cross_attention=0)
+    assert ("remove", "mid_block.attentions.0") in everything and ("remove", "mid_block.resnets.0") not in everything
+    cheap_r = dict(scores, **{"mid_block.resnets.0": {"delta_metric": -1.0, "latency_ms": 1.0}})
+    first = [(a.kind, a.module) for a in E.plan_actions(cfg, cheap_r, table, 1.0, max_actions=9, keep_cross_attention=0)]
+    assert first[0] == ("remove", "mid_block.resnets.0") and ("remove", "mid_block.attentions.0") not in first
+    assert len(first) == 4  # the mid ResNet and the three other transformers
     # at or under the target: copy the best value that fits (mid ResNet 0.5/ms, then down T 0.05/ms); negative never
     assert plan(17.0, max_actions=2) == [("copy", "mid_block.resnets.0")]
     assert plan(19.5, max_actions=3) == [("copy", "mid_block.resnets.0"), ("copy", "down_blocks.1.attentions.0")]
@@ -209,7 +239,17 @@ def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump,
     # reference: the old architecture trains on with the block skipped (an uninterrupted run of the evolved one)
     ref = tmp_path / "ref"
     shutil.copytree(base, ref)
-    old = E.load_student(os.path.join(at4, "student"))
+    old = A.load_student(os.path.join(at4, "student"))
+    # in the robust-trained model, skipping any evolvable block (the mid ResNets too) = the model without it
+    args, mode = _inputs(old.student_config), old.training
+    for block in E.evolvable(old.student_config):
+        with torch.no_grad(), E.skip_blocks(old.eval(), [block.module]):
+            skipped = old(*args).sample
+        with torch.no_grad():
+            removed = A.evolve_model(old, [E.Action("remove", block.module, 0.0, 0.0)])[0](*args).sample
+        torch.testing.assert_close(removed, skipped, rtol=0, atol=1e-6)
+    assert "mid_block.resnets.0" in {b.module for b in E.evolvable(old.student_config)}  # tiny's mid stage: R S
+    old.train(mode)
     with E.skip_blocks(old, [gone]):
         train(_train_cfg(tiny_dump, ref), recipe=plain, student=old)
     # evolved: the block removed on the checkpoint, training resumed from it
@@ -222,7 +262,7 @@ def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump,
     np_ref, np_evo = _losses(ref)[4:], _losses(evo)[4:]
     assert len(np_evo) == 4
     torch.testing.assert_close(torch.tensor(np_evo), torch.tensor(np_ref), rtol=1e-5, atol=1e-7)
-    final_ref, final_evo = (E.load_student(os.path.join(ckpt.checkpoints(str(d))[-1], "student")).state_dict() for d in (ref, evo))
+    final_ref, final_evo = (A.load_student(os.path.join(ckpt.checkpoints(str(d))[-1], "student")).state_dict() for d in (ref, evo))
     for key, value in final_evo.items():
         torch.testing.assert_close(value, final_ref[key], rtol=1e-5, atol=1e-6)
     # a copy: the optimizer state is duplicated, and resuming in two pieces = in one
@@ -278,7 +318,7 @@ def test_scores_are_the_metric_drop_of_the_removed_architecture(tiny_dump, tmp_p
     assert scores["mid_block.attentions.0"]["latency_ms"] == 3.0 and scores["up_blocks.0.attentions.1"]["latency_ms"] == 4.0
     unet = pipe.unet
     for module in ("mid_block.attentions.0", "up_blocks.0.attentions.1"):
-        pipe.unet = E.evolve_model(unet, [E.Action("remove", module, 0.0, 0.0)])[0]
+        pipe.unet = A.evolve_model(unet, [E.Action("remove", module, 0.0, 0.0)])[0]
         removed = measure(())
         assert full - removed == pytest.approx(scores[module]["delta_metric"], abs=1e-6)
     pipe.unet = unet
@@ -322,3 +362,127 @@ def test_bad_evolve_flags_are_one_line_before_work(tiny_dump, tmp_path, capsys):
     assert "--val_captions" in capsys.readouterr().err and not (tmp_path / "e").exists()
     assert E.main(base + ["--latency_target_ms", "5", "--preset", "nope"]) == 2
     assert "unknown student preset" in capsys.readouterr().err
+
+
+def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(tiny_dump, tmp_path, tiny_teacher):
+    from diffusion_distill.workflow import INIT_LR
+    from students import checkpoint as ckpt
+    from students.teacher_init import cut, family_config
+
+    (tmp_path / "val.txt").write_text("a red circle on a white background\na blue square on a black background\n")
+    base = dict(data=tiny_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, output=str(tmp_path / "e"))
+    # --lr: distill train's default from a preset, workflow.INIT_LR (a fine-tune) from a teacher cut, or as given
+    assert (E.EvolveConfig(latency_target_ratio=0.7, **base).lr, E.EvolveConfig(latency_target_ratio=0.7, **base).preset) == (1e-4, "tiny")
+    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", **base).lr == INIT_LR
+    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", lr=5e-4, **base).lr == 5e-4
+    with pytest.raises(UserError, match="--init_from_teacher builds the student"):
+        E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", preset="tiny", **base)
+    start = cut(family_config(tiny_teacher.unet), "none")[0]
+    lookup = str(tmp_path / "lk.json")
+    table = _planted_table(start, {"R": 1.0, "T": 2.0})
+    table.settings = {"side": start.sample_size, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32",
+                      "text_tokens": 7}
+    table.save(lookup)
+    full = table.predict_ms(start)
+    cfg = E.EvolveConfig(init_from_teacher="none", lookup=lookup, latency_target_ms=full - 0.5, iterations=2,
+                         steps_per_iteration=1, batch_size=4, warmup_steps=1, ema_decay=0.9, shuffle_buffer=8,
+                         lookup_repeats=1, **base)
+    assert E.start_config(cfg) == start
+    records = E.evolve(cfg, metric=MeanPixel())
+    # the first segment trained the teacher's own UNet from its weights at INIT_LR
+    assert records[0]["layouts"] == E.layouts(start) and records[0]["predicted_ms"] == full
+    assert [len(r["actions"]) for r in records] == [1, 0]
+    removed = records[0]["actions"][0]["module"]
+    assert any(removed == b.module for b in E.evolvable(start))
+    final = json.load(open(tmp_path / "e" / "student_config.json"))
+    assert len(L.unet_blocks(E.apply_actions(start, [E.Action("remove", removed, 0, 0)])[0])) == len(L.unet_blocks(start)) - 1
+    assert records[1]["layouts"] == {k: final[k] for k in ("down_layouts", "mid_layout", "up_layouts")}
+    first = ckpt.checkpoints(str(tmp_path / "e" / "run"))[0]
+    saved = json.load(open(os.path.join(first, "config.json")))["train"]
+    assert (saved["init_from_teacher"], saved["lr"], saved["preset"]) == ("none", INIT_LR, None)
+    # one AdamW step at lr_1 = INIT_LR / warmup moves a weight by at most lr_1 (1 + wd |w|)
+    student = A.load_student(os.path.join(first, "student")).state_dict()
+    teacher = tiny_teacher.unet.state_dict()
+    w = teacher["conv_in.weight"]
+    assert ((student["conv_in.weight"] - w).abs() <= INIT_LR * (1 + 0.01 * w.abs()) * (1 + 1e-3)).all()
+
+
+def test_evolve_takes_the_trainers_flags_as_declared_there(capsys):
+    from diffusion_distill import cli, options
+    from students.train import TrainConfig
+
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    evolve_fields = {f.name: f for f in dataclasses.fields(E.EvolveConfig)}
+    assert set(E.EvolveConfig.REUSED) == set(E.TRAIN_FLAGS) and "lr" not in E.TRAIN_FLAGS
+    for name in E.TRAIN_FLAGS:  # one declaration: the same default and help
+        assert (evolve_fields[name].default, evolve_fields[name].metadata) == (train_fields[name].default,
+                                                                               train_fields[name].metadata), name
+    for verb, expected in (("evolve", ["--init_from_teacher", "--batch_size", "--latency_target_ratio", "--warmup_steps"]),
+                           ("train", ["--init_from_teacher", "--batch_size", "--max_steps"])):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([verb, "--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and all(flag in out for flag in expected), verb
+        assert "samples per rank per micro-batch (default: 8)" in " ".join(out.split())
+    with pytest.raises(TypeError, match="declares \\['lr'\\] itself"):
+        options.reuse(TrainConfig, "lr")(E.EvolveConfig)
+    with pytest.raises(TypeError, match="no option field"):
+        options.reuse(TrainConfig, "latency_target_ms")
+
+
+def _weights_sha256(state: dict) -> str:
+    """``students.checkpoint.write_audit``'s hash of a state dict (names and bytes, sorted by name)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow  # two torchrun processes each import torch and load the shapes teacher: 28 to 45 s on 2 shared cores
+def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from pipelines import teacher_dump
+    from students import checkpoint as ckpt
+    from students.teacher_init import cut
+    from teachers.shapes import world
+
+    world.write_captions(str(tmp_path / "p.txt"), 8, seed=3)
+    world.write_captions(str(tmp_path / "val.txt"), 2, seed=4)
+    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "dump"), "--teacher", "shapes",
+                      "--num_inference_steps", "4", "--samples_per_shard", "2", "--batch_size", "8", "--feature_layers", "",
+                      "--progress", "off", "--cpu_threads", "1"])
+    start = cut(_shapes_teacher_family(), "mid_only")[0]
+    table = _planted_table(start, {"R": 1.0, "T": 2.0})
+    table.settings = {"side": 8, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7}
+    table.save(str(tmp_path / "lk.json"))
+    with socket.socket() as s:  # a free port, as the trainer's DDP test
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "evo"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    # 8 samples in 4 shards, 2 ranks x batch 2: every step reads new data on each rank; robust skips differ per rank
+    proc = subprocess.run([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+                           "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "students.evolve", "--data", str(tmp_path / "dump"),
+                           "--output", str(out), "--init_from_teacher", "mid_only", "--recipe", "output_kd",
+                           "--lookup", str(tmp_path / "lk.json"), "--latency_target_ms", str(table.predict_ms(start) - 0.5),
+                           "--iterations", "2", "--steps_per_iteration", "2", "--batch_size", "2", "--warmup_steps", "1",
+                           "--shuffle_buffer", "0", "--robust_skip_prob", "0.3", "--val_captions", str(tmp_path / "val.txt"),
+                           "--val_images", "2", "--eval_batch_size", "4", "--audit_keys", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    records = E.read_records(str(out))
+    assert [len(r["actions"]) for r in records] == [1, 0] and records[0]["layouts"] == E.layouts(start)
+    final = json.load(open(out / "student_config.json"))
+    assert records[1]["layouts"] == {k: final[k] for k in ("down_layouts", "mid_layout", "up_layouts")} != E.layouts(start)
+    # both ranks trained on in the evolved architecture and ended with the checkpoint's weights
+    r0, r1 = (json.load(open(out / "run" / "ranks" / f"rank-{r}.json")) for r in (0, 1))
+    last = ckpt.checkpoints(str(out / "run"))[-1]
+    assert last.endswith("step-0000004") and (r0["world"], r1["world"]) == (2, 2)
+    assert r0["weights_sha256"] == r1["weights_sha256"] == _weights_sha256(A.load_student(os.path.join(last, "student")).state_dict())

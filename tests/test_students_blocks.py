@@ -129,6 +129,13 @@ def test_layout_grammar():
     for bad in ("T R", "R X", "R2", "R T0", ""):
         with pytest.raises(ValueError, match="layout|block"):
             blocks.parse_layout(bad)
+    # the mid stage (first_resnet=False) may start with a transformer, never be empty
+    assert blocks.parse_layout("T R", first_resnet=False) == [("T", 1), ("R", 1)]
+    with pytest.raises(ValueError, match="no blocks"):
+        blocks.parse_layout("", first_resnet=False)
+    with pytest.raises(ValueError, match=r"down_layouts\[0\].*must start with a ResNet"):
+        override(StudentUNetConfig(), down_layouts=("T R T", "R T R T", "R T R T", "R R"))
+    assert override(StudentUNetConfig(), mid_layout="T").mid_layout == "T"
 
 
 def test_config_validation_names_the_bad_value():
