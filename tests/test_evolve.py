@@ -442,10 +442,8 @@ def _weights_sha256(state: dict) -> str:
 
 
 @pytest.mark.slow  # two torchrun processes each import torch and load the shapes teacher: 28 to 45 s on 2 shared cores
-def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path):
-    import socket
+def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path, torchrun):
     import subprocess
-    import sys
 
     from pipelines import teacher_dump
     from students import checkpoint as ckpt
@@ -461,15 +459,10 @@ def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path
     table = _planted_table(start, {"R": 1.0, "T": 2.0})
     table.settings = {"side": 8, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7}
     table.save(str(tmp_path / "lk.json"))
-    with socket.socket() as s:  # a free port, as the trainer's DDP test
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launch, env = torchrun
     out = tmp_path / "evo"
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     # 8 samples in 4 shards, 2 ranks x batch 2: every step reads new data on each rank; robust skips differ per rank
-    proc = subprocess.run([torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-                           "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "students.evolve", "--data", str(tmp_path / "dump"),
+    proc = subprocess.run([*launch, "-m", "students.evolve", "--data", str(tmp_path / "dump"),
                            "--output", str(out), "--init_from_teacher", "mid_only", "--recipe", "output_kd",
                            "--lookup", str(tmp_path / "lk.json"), "--latency_target_ms", str(table.predict_ms(start) - 0.5),
                            "--iterations", "2", "--steps_per_iteration", "2", "--batch_size", "2", "--warmup_steps", "1",
