@@ -10,8 +10,9 @@ starts, so bad arguments fail first.
 Inputs: ``.txt`` (one caption per line), ``.jsonl`` (``key``, ``caption``, optional
 ``guidance_scale``, ``seed`` and ``image``), or a curated manifest ``.parquet`` (``key``, ``caption``,
 ``fate``: only ``kept`` rows are generated; optional ``image``). ``image`` (a path or URL of a real
-image of the caption) is read only with ``--real_images`` (``teachers.real_image``). The names used before (``id``, ``prompt``, ``kept``)
-are still read, with a one-line deprecation notice and a count in ``dataset.json``.
+image of the caption) is read only with ``--real_images`` (``teachers.real_image``). The names used
+before (``id``, ``prompt``, ``kept``) are still read, with a one-line deprecation notice and a count
+in ``dataset.json``.
 """
 
 from __future__ import annotations
@@ -229,8 +230,6 @@ def reject_reason(row: InputRow, seen_keys: set[str]) -> str | None:
     if row.seed is not None and (isinstance(row.seed, bool) or not isinstance(row.seed, int)
                                  or not 0 <= row.seed < 2**63 - 2**16):
         return reasons.BAD_SEED
-    if row.image is not None and not isinstance(row.image, str):
-        return reasons.NO_REAL_IMAGE
     return None
 
 
@@ -239,6 +238,8 @@ def plan(rows: list[InputRow], recipe: DumpRecipe):
     samples, rejects, seen = [], [], set()
     for row in rows:
         reason = reject_reason(row, seen)
+        if not reason and recipe.real_images and row.image is not None and not isinstance(row.image, str):
+            reason = reasons.NO_REAL_IMAGE  # an image reference that is no path or URL
         if reason:
             rejects.append({"key": row.key, "reason": reason,
                             "caption": row.caption if isinstance(row.caption, str) else repr(row.caption)})
@@ -248,7 +249,8 @@ def plan(rows: list[InputRow], recipe: DumpRecipe):
             key = f"{row.key}-s{k}"
             # An explicit seed reproduces a generation (same caption + seed = same sample under another key).
             seed = sample_seed(key) if row.seed is None else row.seed + k
-            samples.append((key, row.caption, seed, row.guidance_scale, row.image or None))
+            image = (row.image or None) if recipe.real_images else None  # read only with --real_images
+            samples.append((key, row.caption, seed, row.guidance_scale, image))
     n = recipe.samples_per_shard
     return [(i // n, *s) for i, s in enumerate(samples)], rejects
 
