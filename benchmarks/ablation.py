@@ -19,7 +19,10 @@ progressive rounds halve exactly down to 1), then, for each training seed, these
   x0 = (z - sigma eps) / alpha multiplies an eps error by sigma / alpha (about 15 at SD's last
   timestep), x0 = alpha z - sigma v by sigma (about 1);
 - ``snapgen_adv`` / ``ufogen (teacher-initialised)`` (``adv``): the adversarial recipes from the same start
-  (``adv_v``: predicting v, their output KD term off);
+  (``adv_v``: predicting v, their output KD term off; ``adv_real``: the discriminator's "real" side is real
+  images of the captions, the shapes world's rendered truth VAE-encoded by the dump (``--real_images``,
+  ``distill train --adv_real image``), instead of the teacher's samples; ``--adv_warmup``, ``--disc_layers``
+  and ``--adv_weight`` vary every adversarial family);
 - ``progressive (teacher-initialised)``: Salimans & Ho rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
   (``--recipe progressive``), round 1's student a copy of the teacher (cut ``mid_only``, as Algorithm 2
   starts every student from its teacher), ``--budget`` steps per round (its budget column counts every
@@ -54,14 +57,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = (8, 4, 1)
 LOSSES = {"vanilla": 0.0, "CFG-aware": 1.0, "mixed": 0.1}  # SnapFusion fig. (c): p of the CFG-aware term
 ADVERSARIAL = {8: ("snapgen_adv",), 4: ("snapgen_adv",), 2: ("snapgen_adv", "ufogen"), 1: ("snapgen_adv", "ufogen")}
+ADVERSARIAL_RECIPES = ("snapgen_adv", "ufogen")
+ADVERSARIAL_FAMILIES = {"adv": (None, "teacher"), "adv_v": ("v_prediction", "teacher"), "adv_real": (None, "image")}
 
 
-def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_prob=None, init=None, progressive_from=0,
-           budget=None, prediction_type=None):
+def train_row(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_prob=None, init=None, progressive_from=0,
+              budget=None, prediction_type=None, adv_real="teacher"):
     """One training run (skipped when its last checkpoint exists) -> its run folder.
 
-    Teacher-initialised runs (``init``) train at ``--init_lr``: they start at the teacher's weights, and the
-    from-scratch learning rate pulls them away from it (fine-tuning, not training)."""
+    ``args``: this script's flags (``batch_size``, ``lr``, ``init_lr``, ``budget``, ``curve_points``, and for the
+    adversarial recipes ``adv_weight``, ``adv_warmup``, ``disc_layers``); ``benchmarks/fidelity.py`` trains its
+    rows through here too. Teacher-initialised runs (``init``) train at ``--init_lr``: they start at the teacher's
+    weights, and the from-scratch learning rate pulls them away from it (fine-tuning, not training)."""
     from students.checkpoint import checkpoints
     from students.progressive import run_rounds
     from students.train import TrainConfig, train
@@ -72,8 +79,9 @@ def _train(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_p
                       batch_size=args.batch_size, lr=args.init_lr if init else args.lr, warmup_steps=max(5, budget // 20), ema_decay=0.99,
                       checkpoint_every=max(1, budget // args.curve_points), keep_checkpoints=args.curve_points + 1,
                       log_every=50, shuffle_buffer=256, seed=seed,
-                      adv_weight=args.adv_weight if recipe in ("snapgen_adv", "ufogen") else -1.0,
-                      prediction_type=prediction_type or "")
+                      prediction_type=prediction_type or "",
+                      **(dict(adv_weight=args.adv_weight, adv_warmup=args.adv_warmup, disc_layers=args.disc_layers,
+                              adv_real=adv_real) if recipe in ADVERSARIAL_RECIPES else {}))
     if progressive_from:
         run_rounds(cfg)
         return out
@@ -124,7 +132,7 @@ def _row(res: dict, model: str = "student") -> dict:
     return {k: float(row[k]) for k in ("adherence", "exact", "frechet_analyser")}
 
 
-def _dump(args, out, teacher, steps, prompts):
+def _dump(args, out, teacher, steps, prompts, real_images=False):
     from pipelines import dump as job
     from diffusion_distill.workflow import shapes_guidance
 
@@ -132,7 +140,8 @@ def _dump(args, out, teacher, steps, prompts):
         job.run(["--runner=DirectRunner", "--prompts", prompts, "--output", out, "--teacher", teacher,
                  "--num_inference_steps", str(steps), "--scheduler", "ddim", "--record_steps", "all",
                  "--feature_layers", "", "--guidance_scale", str(shapes_guidance()), "--seeds_per_prompt",
-                 str(args.seeds_per_prompt), "--samples_per_shard", "256", "--batch_size", "64", "--cpu_threads", "0"])
+                 str(args.seeds_per_prompt), "--samples_per_shard", "256", "--batch_size", "64", "--cpu_threads", "0"]
+                + (["--real_images"] if real_images else []))
     return out
 
 
@@ -151,24 +160,25 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
     for steps in args.steps:
         if "direct" in args.rows:
             for loss, p in LOSSES.items():
-                run = _train(args, data, os.path.join(out, f"direct-{loss}-{steps}"), steps=steps, seed=seed,
-                             guidance_prob=p)
+                run = train_row(args, data, os.path.join(out, f"direct-{loss}-{steps}"), steps=steps, seed=seed,
+                                guidance_prob=p)
                 record(f"direct ({loss} loss)", steps, run, args.budget)
         if "init" in args.rows:
-            run = _train(args, data, os.path.join(out, f"{init_dir}-{steps}"), steps=steps, seed=seed, init="mid_only")
+            run = train_row(args, data, os.path.join(out, f"{init_dir}-{steps}"), steps=steps, seed=seed, init="mid_only")
             record(f"teacher-initialised (lr {args.init_lr:g})", steps, run, args.budget)
         if "init_v" in args.rows:  # x0 = alpha z - sigma v: at t ~ T an eps error is not amplified by sigma/alpha
-            run = _train(args, data, os.path.join(out, f"{init_dir}-v-{steps}"), steps=steps, seed=seed, init="mid_only",
-                         prediction_type="v_prediction")
+            run = train_row(args, data, os.path.join(out, f"{init_dir}-v-{steps}"), steps=steps, seed=seed, init="mid_only",
+                            prediction_type="v_prediction")
             record(f"teacher-initialised, v-prediction (lr {args.init_lr:g})", steps, run, args.budget)
-        for family, param in (("adv", None), ("adv_v", "v_prediction")):  # LADD / UFOGen start from the teacher too
+        for family, (param, real) in ADVERSARIAL_FAMILIES.items():  # LADD / UFOGen start from the teacher too
             if family not in args.rows:
                 continue
-            weight = f"-w{args.adv_weight:g}" if args.adv_weight >= 0 else ""
+            tag, label = adversarial_variant(args)
+            tag += ("-v" if param else "") + ("-real" if real == "image" else "")
+            label += (", v-prediction" if param else "") + (", real images as real" if real == "image" else "")
             for recipe in ADVERSARIAL[steps]:
-                run = _train(args, data, os.path.join(out, f"{recipe}-{init_dir}{weight}{'-v' if param else ''}-{steps}"),
-                             steps=steps, seed=seed, init="mid_only", recipe=recipe, prediction_type=param)
-                label = (f", adversarial weight {args.adv_weight:g}" if weight else "") + (", v-prediction" if param else "")
+                run = train_row(args, data, os.path.join(out, f"{recipe}-{init_dir}{tag}-{steps}"), steps=steps,
+                                seed=seed, init="mid_only", recipe=recipe, prediction_type=param, adv_real=real)
                 record(f"{recipe} (teacher-initialised{label})", steps, run, args.budget)
     if "progressive" in args.rows:
         _progressive(args, data, out, seed, record)
@@ -187,13 +197,21 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
         _save(args, results)
 
 
+def adversarial_variant(args) -> tuple[str, str]:
+    """(run-folder suffix, row-label suffix) of the adversarial flags that differ from the trainer's defaults."""
+    parts = [(f"-w{args.adv_weight:g}", f", adversarial weight {args.adv_weight:g}") if args.adv_weight >= 0 else None,
+             (f"-warm{args.adv_warmup}", f", adversarial term from step {args.adv_warmup + 1}") if args.adv_warmup else None,
+             (f"-D{args.disc_layers.replace(',', '+')}", f", discriminator on {args.disc_layers}") if args.disc_layers else None]
+    return "".join(p[0] for p in parts if p), "".join(p[1] for p in parts if p)
+
+
 def _progressive(args, data, out, seed, record):
     """Salimans & Ho's Algorithm 2 starts each round's student as a copy of its teacher: round 1's
     teacher is the dump's, so round 1 starts from the teacher's weights (the ``mid_only`` cut, as the
     teacher-initialised direct row) at ``--init_lr``."""
     init_dir = "init" if args.init_lr == 2e-3 else f"init-lr{args.init_lr:g}"
-    prog = _train(args, data, os.path.join(out, f"progressive-{init_dir}"), steps=min(args.steps), seed=seed,
-                  recipe="progressive", progressive_from=args.teacher_steps, init="mid_only")
+    prog = train_row(args, data, os.path.join(out, f"progressive-{init_dir}"), steps=min(args.steps), seed=seed,
+                     recipe="progressive", progressive_from=args.teacher_steps, init="mid_only")
     from students.progressive import rounds
 
     done = rounds(args.teacher_steps, min(args.steps))
@@ -206,7 +224,7 @@ def _chain(args, data, out, seed, record):
     from students.export import export
 
     if 8 in args.steps and args.teacher_steps % 16 == 0:  # the two-stage chain: teacher arch at 16 -> export -> 8
-        stage1 = _train(args, data, os.path.join(out, "chain-16"), steps=16, seed=seed, init="none")
+        stage1 = train_row(args, data, os.path.join(out, "chain-16"), steps=16, seed=seed, init="none")
         folder = os.path.join(out, "chain-16-export")
         if not os.path.isdir(folder):
             export(stage1, folder)
@@ -215,7 +233,7 @@ def _chain(args, data, out, seed, record):
         with open(prompts, "w", encoding="utf-8") as f:
             f.write("\n".join(lines[: args.chain_prompts or None]) + "\n")
         data2 = _dump(args, os.path.join(out, "chain-dump"), folder, 16, prompts)
-        run = _train(args, data2, os.path.join(out, "chain-8"), steps=8, seed=seed)
+        run = train_row(args, data2, os.path.join(out, "chain-8"), steps=8, seed=seed)
         record("two-stage chain", 8, run, 2 * args.budget)
 
 
@@ -298,8 +316,12 @@ def main(argv=None) -> int:
                    help="peak learning rate of the teacher-initialised students (fine-tuning; 2e-3 drifts off the teacher)")
     p.add_argument("--adv_weight", type=float, default=-1.0,
                    help="the generator's adversarial weight in the adv rows (-1 = the recipe's: 0.1)")
+    p.add_argument("--adv_warmup", type=int, default=0, help="the adversarial rows' --adv_warmup (steps without the "
+                   "generator's adversarial term)")
+    p.add_argument("--disc_layers", default="", help="the adversarial rows' --disc_layers ('' = the trainer's default)")
     p.add_argument("--rows", default="direct,init,progressive,chain,adv",
-                   help="which row families to train and evaluate (adv: snapgen_adv at every step count, ufogen at 2 and 1)")
+                   help="which row families to train and evaluate (adv: snapgen_adv at every step count, ufogen at 2 and 1; "
+                        "adv_real: the same with real images as the discriminator's real side, which dumps with --real_images)")
     p.add_argument("--curve_points", type=int, default=4, help="checkpoints evaluated for the curve")
     p.add_argument("--curve_steps", type=int, default=0, help="the student step count whose run is the curve (0 = the most)")
     p.add_argument("--steps", default="8,4,1", help="student step counts")
@@ -317,7 +339,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.steps = tuple(int(s) for s in args.steps.split(","))
     args.rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    families = ("direct", "init", "init_v", "progressive", "chain", "adv", "adv_v")
+    families = ("direct", "init", "init_v", "progressive", "chain", *ADVERSARIAL_FAMILIES)
     unknown = set(args.rows) - set(families)
     if unknown:
         p.error(f"--rows: unknown row families {sorted(unknown)} (choose from {', '.join(families)})")
@@ -336,7 +358,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(args.output, "curate", "manifest.parquet")):
         workflow.curate(prompts, os.path.join(args.output, "curate"))
     data = _dump(args, os.path.join(args.output, "dump"), workflow.TEACHER, args.teacher_steps,
-                 os.path.join(args.output, "curate", "manifest.parquet"))
+                 os.path.join(args.output, "curate", "manifest.parquet"), real_images="adv_real" in args.rows)
     captions = os.path.join(args.output, "eval_captions.txt")
     world.write_captions(captions, args.eval_images, seed=12_345)  # held out: the same for every row
     analyser = load_analyser()

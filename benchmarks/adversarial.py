@@ -15,7 +15,8 @@ last quarter of training (a collapse shows as both near 1, or real near 0), and 
 measured side by side in one process (``timed_step_s``: the three recipes interleaved on the same
 student and batch, set-up cancelled; the issue's target is at most 2x), saved as ``step_time.json``.
 
-Any other ``benchmarks/ablation.py`` flag passes through (``--batch_size``, ``--eval_images``, ...).
+Any other ``benchmarks/ablation.py`` flag passes through (``--batch_size``, ``--eval_images``, ``--rows init,adv,adv_real``
+for the rows whose discriminator takes real images as real, ``--adv_warmup``, ``--disc_layers``, ...).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--steps" not in argv:
         argv += ["--steps", "4,2,1"]
-    rc = ablation.main(argv + ["--rows", "init,adv"])
+    rc = ablation.main(argv + ([] if "--rows" in argv else ["--rows", "init,adv"]))
     out = argv[argv.index("--output") + 1]
     timing = timed_step_s(os.path.join(out, "dump"), out)
     base = timing["snapfusion_step"]

@@ -1,7 +1,8 @@
 """Fidelity of step-distilled students against the shapes teacher at 50, 8, 4 and 1 steps.
 
     python benchmarks/fidelity.py --output out/fidelity [--budget 1500] [--seeds 3] [--seeds_per_prompt 4] [--eval_images 240]
-        [--init_from_teacher mid_only] [--curve_points 4]
+        [--init_from_teacher mid_only] [--curve_points 4] [--recipes snapfusion_step,snapgen_adv,ufogen] [--adv_real image]
+    python benchmarks/fidelity.py --output out/fidelity_quick --quick      # minutes: a small run of every row
 
 Through the whole pipeline: every scene of the shapes world as a caption -> the curation job ->
 the teacher dump (40 DDIM steps, trailing, all steps recorded) -> one student per step count and
@@ -11,6 +12,12 @@ steps and each exported student at its own step count, on held-out captions with
 seeds for every row. Student rows are the mean and spread (sample standard deviation) over
 ``--seeds`` training seeds. The curve: the first seed's students evaluated at ``--curve_points``
 checkpoints, adherence/exact/Frechet against training steps (under-training or a ceiling).
+
+Beside each regression student (``snapfusion_step``), the adversarial students of the same start,
+budget and seeds (``--recipes``; issue 13): ``snapgen_adv`` at every step count and ``ufogen`` at 2 and 1
+steps, their discriminator's "real" side the teacher's final latents or, with ``--adv_real image``, real
+images of the captions (the dump then stores them VAE-encoded: ``--real_images``). Every row trains
+through ``benchmarks/ablation.py``'s ``train_row``, the ablation's own runs.
 Prints the table and the curve and writes ``fidelity.json``. The ablation table is ``benchmarks/ablation.py``.
 """
 
@@ -25,22 +32,24 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import ablation  # noqa: E402  (the rows' training: train_row)
+
 KEYS = ("adherence", "exact", "frechet_analyser")
 
 
-def _train(args, data, out, steps, seed):
-    from students.checkpoint import checkpoints
-    from students.train import TrainConfig, train
+REGRESSION = "snapfusion_step"
 
-    if checkpoints(out) and checkpoints(out)[-1].endswith(f"{args.budget:07d}"):
-        return
-    init = args.init_from_teacher
-    cfg = TrainConfig(data=data, output=out, preset=None if init else "shapes", init_from_teacher=init,
-                      recipe="snapfusion_step", student_steps=steps, max_steps=args.budget, batch_size=64, lr=args.lr,
-                      warmup_steps=max(10, args.budget // 20), ema_decay=0.99,
-                      checkpoint_every=max(1, args.budget // args.curve_points), keep_checkpoints=args.curve_points + 1,
-                      log_every=50, shuffle_buffer=256, seed=seed)
-    train(cfg)
+
+def _rows(args, steps_list) -> list[tuple[str, int]]:
+    """(recipe, student steps) of every student row, regression first at each step count."""
+    return [(recipe, n) for n in steps_list for recipe in args.recipes
+            if recipe == REGRESSION or recipe in ablation.ADVERSARIAL.get(n, ())]
+
+
+def _train(args, data, out, recipe, steps, seed):
+    """A row's training run through the ablation's ``train_row`` (its learning rate is this script's ``--lr``)."""
+    ablation.train_row(args, data, out, steps=steps, seed=seed, recipe=recipe, init=args.init_from_teacher,
+                       adv_real=args.adv_real)
 
 
 def _eval(args, student, out, captions, analyser, steps, teacher_steps=()):
@@ -66,11 +75,29 @@ def main(argv=None) -> int:
     p.add_argument("--seeds_per_prompt", type=int, default=4)
     p.add_argument("--eval_images", type=int, default=240)
     p.add_argument("--student_steps", default="8,4,1")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--recipes", default="snapfusion_step,snapgen_adv,ufogen",
+                   help="student rows: snapfusion_step (regression), snapgen_adv (every step count), ufogen (2 and 1 steps)")
+    p.add_argument("--adv_real", default="teacher", choices=("teacher", "image"),
+                   help="the adversarial rows' real side: the teacher's final latents, or real images (dumps --real_images)")
+    p.add_argument("--adv_weight", type=float, default=-1.0, help="the adversarial rows' --adv_weight (-1 = the recipe's)")
+    p.add_argument("--adv_warmup", type=int, default=0, help="the adversarial rows' --adv_warmup")
+    p.add_argument("--disc_layers", default="", help="the adversarial rows' --disc_layers")
+    p.add_argument("--quick", action="store_true", help="a small run of every row: budget 100, batch 16, 1 sample "
+                   "per caption, 48 held-out images, 4/2/1 steps, curve of 2 points (flags given explicitly win)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--quick" in argv:
+        p.set_defaults(budget=100, batch_size=16, seeds_per_prompt=1, eval_images=48, student_steps="4,2,1", curve_points=2)
     args = p.parse_args(argv)
+    args.recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    unknown = set(args.recipes) - {REGRESSION, *ablation.ADVERSARIAL_RECIPES}
+    if unknown:
+        p.error(f"--recipes: unknown {sorted(unknown)} (choose from {REGRESSION}, {', '.join(ablation.ADVERSARIAL_RECIPES)})")
     if args.lr is None:
         from diffusion_distill import workflow
 
         args.lr = workflow.INIT_LR if args.init_from_teacher else workflow.SCRATCH_LR
+    args.init_lr = args.lr  # train_row's rate for teacher-initialised rows: this script has one --lr
 
     from diffusion_distill import workflow
     from students.checkpoint import checkpoints
@@ -89,7 +116,7 @@ def main(argv=None) -> int:
     data = os.path.join(out, "dump")
     if not os.path.isfile(os.path.join(data, "dataset.json")):
         workflow.dump(os.path.join(out, "curate", "manifest.parquet"), data, seeds_per_prompt=args.seeds_per_prompt,
-                      save_images=False)
+                      save_images=False, real_images=args.adv_real == "image")
     steps_list = [int(s) for s in args.student_steps.split(",")]
     eval_captions = os.path.join(out, "eval_captions.txt")
     world.write_captions(eval_captions, args.eval_images, seed=12_345)
@@ -97,43 +124,49 @@ def main(argv=None) -> int:
     teacher_steps = (50, *steps_list)
     table = {f"{m} {s}": r for m, by in _eval(args, None, os.path.join(out, "eval-teacher"), eval_captions, analyser, 0,
                                               teacher_steps).items() for s, r in by.items()}
-    runs: dict[int, list[dict]] = {}
+    runs: dict[tuple[str, int], list[dict]] = {}
     curve: dict[int, dict[int, dict]] = {}
+    variant = ablation.adversarial_variant(args)[0] + ("-real" if args.adv_real == "image" else "")
     for seed in range(args.seeds):
-        for n in steps_list:
-            suffix = f"{n}" if seed == 0 else f"{n}-seed{seed}"
+        for recipe, n in _rows(args, steps_list):
+            # the regression rows keep the folder names of the runs before adversarial rows existed
+            name = f"{n}" if recipe == REGRESSION else f"{recipe}{variant}-{n}"
+            suffix = name if seed == 0 else f"{name}-seed{seed}"
             run_dir, folder = os.path.join(out, f"train-{suffix}"), os.path.join(out, f"student-{suffix}")
-            _train(args, data, run_dir, n, seed)
+            _train(args, data, run_dir, recipe, n, seed)
             if not os.path.isdir(folder):
                 export(run_dir, folder)
             res = _eval(args, folder, os.path.join(out, f"eval-{suffix}"), eval_captions, analyser, n)
-            runs.setdefault(n, []).append(next(iter(res["student"].values())))
-            if seed == 0:
+            runs.setdefault((recipe, n), []).append(dict(next(iter(res["student"].values())), **ablation.run_stats(run_dir)))
+            if seed == 0 and recipe == REGRESSION:
                 for ckpt in checkpoints(run_dir)[:-1]:  # the last one is the exported student's row
                     at = int(ckpt.rsplit("-", 1)[1])
                     r = _eval(args, ckpt, os.path.join(out, f"eval-{n}-at-{at}"), eval_captions, analyser, n)
                     curve.setdefault(n, {})[at] = next(iter(r["student"].values()))
-                curve.setdefault(n, {})[args.budget] = runs[n][0]
-    print(f"\n{'model':<14}{'steps':>6}{'adherence':>17} {'exact':>15} {'Frechet':>15}{'ms/img':>8}")
+                curve.setdefault(n, {})[args.budget] = runs[(recipe, n)][0]
+    print(f"\n{'model':<16}{'steps':>6}{'adherence':>17} {'exact':>15} {'Frechet':>15}{'ms/img':>8}{'D acc real/fake':>17}")
     for s in teacher_steps:
         r = table[f"teacher {s}"]
-        print(f"{'teacher':<14}{s:>6}{r['adherence']:>17.3f} {r['exact']:>15.3f} {r['frechet_analyser']:>15.2f}"
+        print(f"{'teacher':<16}{s:>6}{r['adherence']:>17.3f} {r['exact']:>15.3f} {r['frechet_analyser']:>15.2f}"
               f"{r['latency_s'] * 1000:>8.1f}")
-    for n in steps_list:
-        cells, row = [], dict(runs[n][0])  # the first seed's row, plus mean and spread over seeds
+    for (recipe, n), seeds in runs.items():
+        cells, row = [], dict(seeds[0])  # the first seed's row, plus mean and spread over seeds
         for key in KEYS:
-            vals = [r[key] for r in runs[n]]
+            vals = [r[key] for r in seeds]
             spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.fmean(vals):.3f}±{spread:.3f}")
             row.update({f"{key}_mean": statistics.fmean(vals), f"{key}_spread": spread})
-        table[f"student {n}"] = row
-        print(f"{'student':<14}{n:>6}{cells[0]:>17} {cells[1]:>15} {cells[2]:>15}{runs[n][0]['latency_s'] * 1000:>8.1f}")
+        label = recipe if recipe == REGRESSION else recipe + variant
+        table[f"{'student' if recipe == REGRESSION else label} {n}"] = row  # "student N": the regression row, as before
+        acc = [(r["acc_real"], r["acc_fake"]) for r in seeds if "acc_real" in r]
+        acc_cell = f"{statistics.fmean(a for a, _ in acc):.2f} / {statistics.fmean(b for _, b in acc):.2f}" if acc else "-"
+        print(f"{label:<16}{n:>6}{cells[0]:>17} {cells[1]:>15} {cells[2]:>15}{seeds[0]['latency_s'] * 1000:>8.1f}{acc_cell:>17}")
     print("\ncurve (first seed): steps -> adherence / exact / Frechet")
     for n, by in curve.items():
         print(f"  {n}-step student: " + ", ".join(f"{at}: {r['adherence']:.3f}/{r['exact']:.3f}/{r['frechet_analyser']:.2f}"
                                               for at, r in sorted(by.items())))
     with open(os.path.join(out, "fidelity.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(args=vars(args), table=table, seeds={str(n): v for n, v in runs.items()},
+        json.dump(dict(args=vars(args), table=table, seeds={f"{r} {n}": v for (r, n), v in runs.items()},
                        curve={str(n): {str(a): r for a, r in by.items()} for n, by in curve.items()},
                        minutes=(time.monotonic() - t0) / 60), f, indent=1)
     print(f"\n{(time.monotonic() - t0) / 60:.1f} min; {os.path.join(out, 'fidelity.json')}")

@@ -49,8 +49,9 @@ def curate(captions: str, output: str, runner_args: list[str] = ()) -> dict:
 
 
 def dump(prompts: str, output: str, *, seeds_per_prompt: int = 1, samples_per_shard: int = 256, batch_size: int = 64,
-         save_images: bool = True, cpu_threads: int = 0, guidance: float | None = None) -> dict:
-    """The teacher dump on DirectRunner: full DDIM trajectories, no features (output and step KD need none)."""
+         save_images: bool = True, cpu_threads: int = 0, guidance: float | None = None, real_images: bool = False) -> dict:
+    """The teacher dump on DirectRunner: full DDIM trajectories, no features (output and step KD need none);
+    ``real_images``: also each caption's rendered truth, VAE-encoded (the adversarial trainer's ``--adv_real image``)."""
     from pipelines import dump as job
 
     argv = ["--runner=DirectRunner", "--prompts", prompts, "--output", output, "--teacher", TEACHER,
@@ -60,6 +61,8 @@ def dump(prompts: str, output: str, *, seeds_per_prompt: int = 1, samples_per_sh
             "--batch_size", str(batch_size), "--cpu_threads", str(cpu_threads)]
     if save_images:
         argv.append("--save_images")
+    if real_images:
+        argv.append("--real_images")
     return job.run(argv)
 
 

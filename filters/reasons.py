@@ -41,6 +41,7 @@ CORRUPT_MEMBER = "corrupt_member"  # a sample's tar members cannot be read (teac
 CHECKSUM_MISMATCH = "checksum_mismatch"  # a member's bytes differ from the index's CRC-32 (teachers.record)
 MISSING_MEMBER = "missing_member"  # a member the index or the json lists is absent (teachers.record)
 NON_FINITE_IMAGE = "non_finite_image"  # the decoded image holds NaN/Inf (teachers.record, dump)
+NO_REAL_IMAGE = "no_real_image"  # dump --real_images: no image in the row and no rendered truth (teachers.record)
 UNREADABLE_SHARD = "unreadable_shard"  # a shard the trainer's loader cannot open (students.data)
 NO_SCORES = "no_scores"  # a shard of a scored dump whose index has no scores (filter)
 CORRUPT_EMBEDDINGS = "corrupt_embeddings"  # embedding sidecar missing, or its sha256/shape wrong (filter)
@@ -65,7 +66,7 @@ SEMANTIC_DUPLICATE = "semantic_duplicate"
 REJECT_REASONS = (NULL_CAPTION, NON_UTF8_CAPTION, CAPTION_NOT_TEXT, EMPTY_CAPTION, BAD_JSON, BAD_KEY, DUPLICATE_KEY,
                   BAD_SEED, CORRUPT_TAR, DOWNLOAD_FAILED, BROKEN_IMAGE, IMAGE_NOT_FOUND, NON_FINITE,
                   NON_FINITE_SCORE, SCHEMA_VERSION, CORRUPT_MEMBER, CHECKSUM_MISMATCH, MISSING_MEMBER,
-                  NON_FINITE_IMAGE, UNREADABLE_SHARD, NO_SCORES, CORRUPT_EMBEDDINGS)
+                  NON_FINITE_IMAGE, NO_REAL_IMAGE, UNREADABLE_SHARD, NO_SCORES, CORRUPT_EMBEDDINGS)
 FILTER_REASONS = (TOO_FEW_WORDS, TOO_MANY_WORDS, TOO_FEW_TOKENS, TOO_MANY_TOKENS, UNSAFE, WATERMARK, NSFW_TAG,
                   IMAGE_TOO_SMALL, ASPECT_RATIO, LOW_AESTHETIC, LOW_CLIP_SCORE)
 DUPLICATE_REASONS = (EXACT_DUPLICATE, SEMANTIC_DUPLICATE)

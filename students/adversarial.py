@@ -13,9 +13,14 @@ recorded trajectory point z_t (guided at the sample's recorded guidance, like th
   noise for the pair, s = the student's next step (the final latent's level for a one-step student),
   judged at s; non-saturating losses; plus the reconstruction term ||x0_pred - x0||^2.
 
-Offline (a teacher dump), the "real" samples are the dump's recorded final latents x0, the teacher's
-own samples: the discriminator learns the teacher's output distribution (the shape of AMD's LADD
-re-implementation: teacher images offline, only the discriminator online). The "fake" samples are the
+Offline (a teacher dump), the "real" samples are by default (``--adv_real teacher``) the dump's recorded
+final latents x0, the teacher's own samples: the discriminator learns the teacher's output distribution
+(the shape of AMD's LADD re-implementation: teacher images offline, only the discriminator online).
+With ``--adv_real image`` they are real images of the captions, VAE-encoded in a ``--real_images`` dump
+(``image_latents``; LADD sec. 3.3 and DMD2 sec. 4.3 train on real data so that the student can exceed its
+teacher): ``snapgen_adv`` re-noises them like the teacher's x0; ``ufogen`` noises them to the next level,
+z_s = alpha_s x0_real + sigma_s eps, the marginal q(z_s | x0_real) (the posterior q(z_s | z_t, x0) needs a
+z_t of the same x0, which the dump has only for the teacher's own samples). The "fake" samples are the
 student's predictions. The backbone is the frozen teacher UNet: ``--online_teacher``'s, or the dump's
 teacher (``dataset.json``'s recipe) loaded here; only the heads train, with their own AdamW.
 
@@ -81,8 +86,9 @@ class Adversary:
     """The discriminator (frozen teacher backbone + heads), its AdamW, and the per-step glue."""
 
     def __init__(self, recipe, disc: TeacherFeatureDiscriminator, optimizer, alphas_cumprod: torch.Tensor, *,
-                 r1_gamma: float, r1_every: int, warmup: int, mixed_precision: str = "no"):
+                 r1_gamma: float, r1_every: int, warmup: int, mixed_precision: str = "no", real: str = "teacher"):
         self.recipe, self.disc, self.optimizer, self.alphas_cumprod = recipe, disc, optimizer, alphas_cumprod
+        self.real = real  # "teacher": the dump's final latents; "image": its real images' latents
         self.r1_gamma = R1_GAMMA[recipe.adversarial] if r1_gamma < 0 else r1_gamma
         self.r1_every, self.warmup, self.mixed_precision = r1_every, warmup, mixed_precision
         self.g_loss, self.d_loss = LOSSES[recipe.adversarial]
@@ -93,8 +99,8 @@ class Adversary:
         return {"disc_heads": self.disc.heads, "disc_optimizer": self.optimizer}
 
     def discriminator_inputs(self, x0_pred, batch, generator):
-        """(fake, real, timesteps) the discriminator judges, per ``recipe.adversarial``."""
-        x0 = batch["x0"].to(x0_pred)
+        """(fake, real, timesteps) the discriminator judges, per ``recipe.adversarial`` and ``real``."""
+        x0 = batch["image_latents" if self.real == "image" else "x0"].to(x0_pred)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         if self.recipe.adversarial == "ladd":
             t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), generator=generator).to(x0.device)
@@ -102,7 +108,10 @@ class Adversary:
             return renoise(x0_pred, noise, alpha, sigma), renoise(x0, noise, alpha, sigma), t.to(x0.dtype)
         levels = [batch[k].to(x0) for k in ("alpha", "sigma", "alpha_next", "sigma_next")]
         fake = D.posterior_sample(x0_pred, batch["z"], noise, *levels)
-        real = D.posterior_sample(x0, batch["z"], noise, *levels)
+        if self.real == "image":  # no z_t of this x0 in the dump: the marginal q(z_s | x0) (module docstring)
+            real = renoise(x0, noise, levels[2], levels[3])
+        else:
+            real = D.posterior_sample(x0, batch["z"], noise, *levels)
         return fake, real, timestep_of(self.alphas_cumprod, levels[2])
 
     def generator_terms(self, terms: dict, x0_pred: torch.Tensor, batch: dict, generator: torch.Generator,
@@ -176,7 +185,7 @@ def build(cfg, recipe, dataset: dict, teacher_unet, device) -> Adversary:
         raise UserError(f"--disc_layers {cfg.disc_layers!r}: {err}") from None
     optimizer = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
     return Adversary(recipe, disc, optimizer, training_schedule(dataset, device), r1_gamma=cfg.r1_gamma, r1_every=cfg.r1_every,
-                     warmup=cfg.adv_warmup, mixed_precision=cfg.mixed_precision)
+                     warmup=cfg.adv_warmup, mixed_precision=cfg.mixed_precision, real=cfg.adv_real)
 
 
 def training_schedule(dataset: dict, device) -> torch.Tensor:

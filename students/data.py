@@ -332,11 +332,12 @@ def step_rows(teacher_steps: int, student_steps: int) -> list[int]:
 
 
 def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch: int, scheduler_config: dict,
-                   with_images: bool = False) -> dict:
+                   with_images: bool = False, with_image_latents: bool = False) -> dict:
     """Records -> a float32 batch for ``students.objective.compute_losses`` (offline targets included).
 
     ``batch``: keys, z (B,4,h,w), t (B,) float timesteps, alpha/sigma (B,) of z, cond, uncond, x0,
-    guidance (B,), and for step distillation z_next with alpha_next/sigma_next.
+    guidance (B,), and for step distillation z_next with alpha_next/sigma_next; ``image_latents`` (B,4,h,w),
+    the real images' latents of a ``--real_images`` dump, with ``with_image_latents``.
     """
     import numpy as np
     import torch
@@ -384,6 +385,12 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
                "feats": {k: f32(v) for k, v in feats.items()}}
     if cols["z_next"]:
         batch["z_next"], batch["alpha_next"], batch["sigma_next"] = f32(cols["z_next"]), vec(cols["alpha_next"]), vec(cols["sigma_next"])
+    if with_image_latents:  # the adversary's real side (--adv_real image)
+        missing = [rec.key for rec in records if "image_latents" not in rec.arrays]
+        if missing:
+            raise UserError(f"sample {missing[0]!r} has no image_latents member: --adv_real image needs a dump made "
+                            "with --real_images")
+        batch["image_latents"] = f32([rec.image_latents for rec in records])
     if with_images:  # the teacher decoder's images, (B, 3, H, W) in [-1, 1]
         batch["image"] = torch.stack([_png_to_tensor(rec) for rec in records])
     return {"batch": batch, "targets": targets}

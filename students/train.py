@@ -33,6 +33,7 @@ from students.objective import RECIPES, DistillRecipe, compute_losses, get_recip
 from teachers.fs import url_to_fs
 
 MIXED_PRECISION = ("no", "bf16")
+ADV_REAL = ("teacher", "image")  # --adv_real (students/adversarial.py)
 
 
 class TrainingDiverged(UserError):
@@ -84,6 +85,9 @@ class TrainConfig:
     r1_gamma: float = option(-1.0, help="R1 weight on real inputs (-1 = the recipe's source: ladd 0, ufogen 0.1)")
     r1_every: int = option(16, help="steps between (lazy) R1 penalties")
     adv_warmup: int = option(0, help="first steps without the generator's adversarial term (the discriminator trains)")
+    adv_real: str = option("teacher", help="what the discriminator takes as real: the dump's final teacher latents, or "
+                           "real images of the captions (image: a dump made with --real_images)",
+                           choices=ADV_REAL)
 
     def __post_init__(self):
         positive = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "r1_every")
@@ -107,6 +111,11 @@ class TrainConfig:
             if self.recipe != "progressive" or not self.student_steps:
                 raise UserError("--progressive_from needs --recipe progressive and --student_steps")
             rounds(self.progressive_from, self.student_steps)
+        if self.adv_real not in ADV_REAL:
+            raise UserError(f"--adv_real {self.adv_real!r} is not one of {', '.join(ADV_REAL)}")
+        if self.adv_real != "teacher" and not RECIPES[self.recipe]().adversarial:
+            raise UserError(f"--adv_real {self.adv_real} only applies to the adversarial recipes "
+                            f"({', '.join(n for n in sorted(RECIPES) if RECIPES[n]().adversarial)}), not {self.recipe!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed_precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
@@ -241,6 +250,9 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
     if recipe.step_weight > 0 and recorded is not None and recorded != list(range(dataset["recipe"]["num_inference_steps"])):
         raise UserError(f"recipe {recipe.name!r} (step distillation) needs every teacher step recorded; "
                         f"{cfg.data!r} recorded steps {recorded} (dump with --record_steps all)")
+    if cfg.adv_real == "image" and not dataset["recipe"].get("real_images"):
+        raise UserError(f"--adv_real image needs real-image latents: {cfg.data!r} was dumped without --real_images "
+                        "(re-dump with --real_images, or use --adv_real teacher)")
     if cfg.decoder and not dataset["recipe"].get("save_images", True):
         raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
     return dataset, negative, urls
@@ -363,7 +375,8 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
     for micro in range(cfg.grad_accum):
         records = batches.next()
         data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
-                              scheduler_config=dataset["scheduler_config"], with_images=decoder is not None)
+                              scheduler_config=dataset["scheduler_config"], with_images=decoder is not None,
+                              with_image_latents=adversary is not None and adversary.real == "image")
         batch, targets = _to(data["batch"], device), _to(data["targets"], device)
         if recipe.two_step_teacher and teacher_unet is not None:  # progressive: the teacher's two DDIM steps
             from students.progressive import midpoint_levels, teacher_z_next

@@ -23,6 +23,17 @@ latents were z_t already, at integer timesteps) are converted from their schedul
 and schema-1 Euler dumps (unscaled latents) are refused.
     feats.<layer>.npy           (F, C, H, W) block outputs at the feature steps (cond branch)
     png                         decoded image (optional)
+    image_latents.npy           (4, h, w) a real image of the caption encoded by the teacher's VAE
+                                (``--real_images``; optional, see below)
+
+With ``--real_images`` every sample also holds ``image_latents``: the teacher VAE's encoding (the
+posterior mean times ``scaling_factor``, the latents the teacher was trained on) of a real image of
+its caption, at the dump's resolution: the input row's ``image`` (a path or URL, read through
+``teachers.fs``), or, for the built-in ``shapes`` teacher, the ground-truth render of the caption
+(``teachers.shapes.world``, seeded by the sample's seed). An adversarial student's discriminator
+can take these as its "real" side (``distill train --adv_real image``). A sample whose real image
+is missing or unreadable is rejected (``no_real_image``, ``broken_image``), so every sample of such
+a dump has one; ``dataset.json``'s recipe says ``real_images: true``.
 
 With ``--score_images`` the json also holds ``image_scores``: ``{"clip_model", "clip_score",
 "aesthetic_score"}`` of the decoded image (CLIP image-text cosine against the sample's own prompt;
@@ -70,6 +81,7 @@ PRED_COND = "pred_cond.npy"
 PRED_UNCOND = "pred_uncond.npy"
 FEATS_PREFIX = "feats."
 IMAGE = "png"
+IMAGE_LATENTS = "image_latents.npy"  # --real_images: a real image of the caption, VAE-encoded
 IMAGE_SCORES = "image_scores"  # json field: scores of the decoded image
 
 # SampleResult attribute -> member extension, in the order members are written to the tar.
@@ -81,6 +93,7 @@ ARRAY_FIELDS = {
     "latents": LATENTS,
     "pred_cond": PRED_COND,
     "pred_uncond": PRED_UNCOND,
+    "image_latents": IMAGE_LATENTS,
 }
 STORAGE_DTYPES = ("float16", "float32")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")  # a sample key: ASCII letters, digits, '-', '_' (no dots)
@@ -90,6 +103,8 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 # Reason codes of BadRecord (filters/reasons.py lists every code a job emits).
 NON_FINITE = "non_finite"  # an array holds NaN/Inf (at encoding, or found by a reader)
 NON_FINITE_IMAGE = "non_finite_image"  # the decoded image holds NaN/Inf
+NO_REAL_IMAGE = "no_real_image"  # --real_images: the row has no image and the teacher renders no truth
+BROKEN_IMAGE = "broken_image"  # --real_images: the row's image cannot be read or decoded
 BAD_KEY = "bad_key"
 BAD_JSON = "bad_json"
 SCHEMA = "schema_version"
@@ -183,6 +198,9 @@ def encode_sample(result, meta: dict, *, storage_dtype: str = "float16",
         encoded[ext] = npy_bytes(stored)
     if getattr(result, "image_error", None):  # after the arrays: a NaN trajectory is reported as such
         raise BadRecord(result.image_error, f"sample {key!r}: the decoded image holds NaN or Inf")
+    if getattr(result, "real_image_error", None):
+        reason, _, detail = result.real_image_error.partition(": ")
+        raise BadRecord(reason, f"sample {key!r}: {detail or 'no real image'}")
     info = dict(meta, schema_version=SCHEMA_VERSION, key=key, prompt=result.prompt, seed=int(result.seed),
                 guidance_scale=float(result.guidance_scale), num_tokens=int(result.num_tokens),
                 feature_steps=[int(s) for s in result.feature_steps], array_dtypes=dtypes, array_shapes=shapes)

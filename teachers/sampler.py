@@ -13,7 +13,9 @@ the conditional and unconditional branches in one batched UNet call, and records
 - ``pred_cond`` / ``pred_uncond``: the teacher's raw outputs (epsilon or v) at the recorded steps,
 - ``feats``: outputs of chosen UNet blocks (``down_blocks.N``, ``mid_block``, ``up_blocks.N``) from
   the conditional branch at a few feature steps drawn from the sample's seed,
-- optionally the decoded image.
+- optionally the decoded image,
+- optionally (``real_images``) a real image of the caption encoded by the teacher's VAE
+  (``image_latents``; ``teachers.real_image``).
 
 The loop is diffusers' ``StableDiffusionPipeline.__call__`` / ``StableDiffusionXLPipeline.__call__``
 step for step (same prompt encoding, noise, scheduler calls and guidance arithmetic), so the final
@@ -64,6 +66,7 @@ class SamplerConfig:
     num_feature_steps: int = 2  # feature steps per sample, drawn from the recorded steps by seed
     save_image: bool = False  # decode the final latent with the teacher VAE
     eta: float = 0.0  # DDIM eta (0 = deterministic)
+    real_images: bool = False  # also encode a real image of each caption (teachers.real_image)
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -97,6 +100,7 @@ class SampleRequest:
     prompt: str
     seed: int  # seeds the noise, the guidance draw and the feature steps
     guidance_scale: float | None = None  # overrides the config's fixed/range guidance (<= 1: no CFG)
+    image: str | None = None  # path/URL of a real image of the prompt (real_images; teachers.real_image)
 
 
 @dataclasses.dataclass
@@ -120,6 +124,8 @@ class SampleResult:
     image: np.ndarray | None = None  # (H, W, 3) uint8; all zeros where image_error is set (never stored)
     image_error: str | None = None  # reason code when the decoded image was unusable (non-finite): a rejection
     noise_schedule: "NoiseSchedule | None" = None  # timesteps and VP coefficients (json fields)
+    image_latents: np.ndarray | None = None  # (4, h, w) a real image of the prompt, VAE-encoded (real_images)
+    real_image_error: str | None = None  # "reason: detail" when real_images found no usable image: a rejection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +360,8 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
             capture.remove()
         rec_latents.append(latents.float().cpu())
         images = _decode(teacher, latents) if cfg.save_image else [None] * batch
+        real_latents, real_errors = _real_latents(teacher, requests, height, width) if cfg.real_images else (
+            [None] * batch, [None] * batch)
     num_tokens = _num_tokens(pipe.tokenizer, prompts)
     results = []
     for b, r in enumerate(requests):
@@ -372,6 +380,7 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
             image=_finite_or_blank(images[b]),
             image_error="non_finite_image" if images[b] is not None and not np.isfinite(images[b]).all() else None,
             noise_schedule=levels,
+            image_latents=real_latents[b], real_image_error=real_errors[b],
         ))
     info = BatchInfo(
         timesteps=levels.timesteps, recorded_steps=list(recorded),
@@ -384,6 +393,19 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
         noise_schedule=levels,
     )
     return results, info
+
+
+def _real_latents(teacher, requests, height, width) -> tuple[list, list]:
+    """Per request: the VAE latents of its real image (or None) and the reason it has none (or None)."""
+    from teachers.real_image import encode_images, real_image
+
+    found = [real_image(teacher.spec, r.prompt, r.seed, r.image, height, width) for r in requests]
+    ok = [i for i, (image, _) in enumerate(found) if image is not None]
+    encoded = encode_images(teacher, [found[i][0] for i in ok]) if ok else []
+    latents = [None] * len(requests)
+    for i, z in zip(ok, encoded):
+        latents[i] = z
+    return latents, [error for _, error in found]
 
 
 def _extra_step_kwargs(scheduler, generators, eta: float) -> dict:

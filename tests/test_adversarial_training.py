@@ -183,3 +183,115 @@ def test_adversarial_recipes_lower_the_held_out_gap_to_the_teacher_on_a_tiny_bud
     train(cfg)
     ckpts = checkpoints(str(tmp_path / "run"))
     assert gap(ckpts[-1]) < 0.75 * gap(ckpts[0])  # measured: 0.45x (ufogen) and 0.51x (snapgen_adv) after 8 steps
+
+
+# ---------------------------------------------------------------------------------------------
+# real images as the discriminator's "real" side (dump --real_images, train --adv_real image)
+# ---------------------------------------------------------------------------------------------
+
+SHAPES_CAPTIONS = ("a large red circle in the center on a white background",
+                   "a large blue square at the top left on a black background",
+                   "a large yellow triangle at the bottom right on a grey background",
+                   "a large green square in the center on a black background")
+
+
+@pytest.fixture(scope="module")
+def shapes_real_dump(tmp_path_factory):
+    """The ``shapes`` teacher's dump of four captions (2 DDIM steps) with real-image latents, plus one
+    caption outside the shapes grammar (no truth to render: rejected)."""
+    from pipelines import teacher_dump
+
+    tmp = tmp_path_factory.mktemp("real")
+    (tmp / "p.txt").write_text("\n".join(SHAPES_CAPTIONS) + "\na photo of a cat\n")
+    summary = teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "shapes",
+                                "--num_inference_steps", "2", "--feature_layers", "", "--real_images",
+                                "--samples_per_shard", "8", "--progress", "off", "--cpu_threads", "1"])
+    return str(tmp / "out"), summary
+
+
+def test_real_image_latents_decode_to_the_caption_and_a_caption_without_truth_is_rejected(shapes_real_dump):
+    """Planted answer: each record's image_latents, decoded by the teacher's VAE, is read back by the
+    shapes analyser as its own caption (every attribute of every sample)."""
+    import numpy as np
+
+    from teachers.load import load_teacher
+    from teachers.shapes.analyser import Adherence, load_analyser
+
+    data, summary = shapes_real_dump
+    assert summary["recipe"]["real_images"] is True
+    assert summary["totals"]["samples_written"] == 4 and summary["rejects_by_reason"] == {"no_real_image": 1}
+    records = sorted(record_pipeline(dataset_shards(data)), key=lambda r: r.key)
+    assert [r.caption for r in records] == list(SHAPES_CAPTIONS)
+    vae = load_teacher("shapes").pipe.vae
+    z = torch.from_numpy(np.stack([r.image_latents for r in records]).astype(np.float32))
+    assert z.shape == (4, 4, 8, 8)
+    with torch.no_grad():
+        images = (vae.decode(z / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    metric = Adherence(load_analyser())
+    metric.update(images, [r.caption for r in records])
+    assert metric.compute()["exact"] == 1.0
+    # the real image is not the teacher's sample: its latents differ from the recorded final latent
+    assert all(not np.allclose(r.image_latents, r.latents[-1], atol=0.1) for r in records)
+
+
+def test_adv_real_image_without_real_latents_or_real_images_without_a_source_are_one_line_errors(tiny_dump, tmp_path):
+    from diffusion_distill.errors import UserError
+    from pipelines import teacher_dump
+
+    with pytest.raises(UserError, match="--adv_real image needs real-image latents.*--real_images"):
+        train(_cfg(tiny_dump, tmp_path / "run", recipe="snapgen_adv", adv_real="image"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(UserError, match="--adv_real image only applies to the adversarial recipes"):
+        _cfg(tiny_dump, tmp_path / "run", recipe="snapfusion_step", adv_real="image")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    with pytest.raises(UserError, match="--real_images: .* no 'image' column and teacher 'tiny' renders no ground truth"):
+        teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "dump"), "--teacher", "tiny",
+                          "--real_images"])
+    assert not (tmp_path / "dump").exists()
+
+
+@pytest.mark.parametrize("recipe_name", ["snapgen_adv", "ufogen"])
+def test_adversarial_step_with_real_images_judges_their_latents_trains_the_heads_and_keeps_the_backbone(
+        recipe_name, shapes_real_dump, tmp_path):
+    import os
+
+    from students.checkpoint import checkpoints
+    from teachers.load import load_teacher
+
+    data, _ = shapes_real_dump
+    dataset, negative = read_dataset(data)
+    teacher_unet = load_teacher("shapes").unet
+    before = {k: v.clone() for k, v in teacher_unet.state_dict().items()}
+    recipe = get_recipe(recipe_name, student_steps=2)
+    cfg = _cfg(data, tmp_path / "run", preset="shapes", recipe=recipe_name, student_steps=2, adv_real="image",
+               max_steps=2, r1_gamma=1.0, r1_every=1)
+    adv = adversarial.build(cfg, recipe, dataset, teacher_unet, torch.device("cpu"))
+    records = sorted(record_pipeline(dataset_shards(data)), key=lambda r: r.key)[:2]
+    batch = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset["scheduler_config"],
+                           with_image_latents=True)["batch"]
+    x0_pred = torch.randn_like(batch["x0"])
+    fake, real, t = adv.discriminator_inputs(x0_pred, batch, torch.Generator().manual_seed(0))
+    # the real side is the real image's latents noised with the fake side's noise: both are alpha x + sigma eps
+    # at one level for snapgen_adv; for ufogen the fake is the posterior sample, the real the marginal at s
+    noise = torch.randn(batch["x0"].shape, generator=torch.Generator().manual_seed(0))
+    if recipe_name == "snapgen_adv":
+        from students import distill
+
+        alpha, sigma = (v.view(-1, 1, 1, 1) for v in distill.alpha_sigma(adv.alphas_cumprod, t))
+        torch.testing.assert_close(real, alpha * batch["image_latents"] + sigma * noise, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fake - real, alpha * (x0_pred - batch["image_latents"]), rtol=1e-4, atol=1e-5)
+    else:
+        a_s, s_s = (batch[k].view(-1, 1, 1, 1) for k in ("alpha_next", "sigma_next"))
+        torch.testing.assert_close(real, a_s * batch["image_latents"] + s_s * noise, rtol=1e-5, atol=1e-5)
+    # one discriminator step on the real-image inputs: the heads change, the teacher backbone is bit-identical
+    heads_before = {k: v.clone() for k, v in adv.disc.heads.state_dict().items()}
+    adv.generator_terms({"loss": torch.zeros(())}, x0_pred, batch, torch.Generator().manual_seed(0), step=1)
+    logged = adv.discriminator_step(step=1)
+    assert torch.isfinite(logged["loss/adv_d"]) and "loss/r1" in logged
+    assert any(not torch.equal(heads_before[k], v) for k, v in adv.disc.heads.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in teacher_unet.state_dict().items())
+    # and the trainer runs end to end with --adv_real image (every term finite, the heads saved and trained)
+    losses = train(cfg)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    first, last = (load_file(os.path.join(c, "disc_heads.safetensors")) for c in checkpoints(str(tmp_path / "run"))[:2])
+    assert any(not torch.equal(first[k], last[k]) for k in first)

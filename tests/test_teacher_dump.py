@@ -172,3 +172,34 @@ def test_manifest_missing_column_is_named(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), tmp_path / "m.parquet")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['caption'\]"):
         teacher_dump.run(["--prompts", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "o"), *BASE])
+
+
+def test_real_images_from_the_input_column_are_encoded_by_the_teacher_vae_and_bad_ones_rejected(tmp_path):
+    """--real_images with a .jsonl ``image`` column: each stored image_latents equals the teacher VAE's
+    encoding of that file (centre-cropped and resized to the dump's size) up to float16 storage; a missing
+    file and bytes that are no image are rejected with their reasons, the rest of the shard is written."""
+    import torch
+    from PIL import Image
+
+    from teachers.load import load_teacher
+    from teachers.real_image import encode_images, real_image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)  # not square: the centre crop is exercised
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [{"key": "a", "caption": "a red circle", "image": str(tmp_path / "a.png")},
+            {"key": "missing", "caption": "a blue square", "image": str(tmp_path / "nope.png")},
+            {"key": "broken", "caption": "a green triangle", "image": str(tmp_path / "broken.png")}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = dump(str(tmp_path / "p.jsonl"), tmp_path / "out", "--real_images")
+    assert summary["rejects_by_reason"] == {"no_real_image": 1, "broken_image": 1}
+    (rec,) = list(record_pipeline(dataset_shards(str(tmp_path / "out"))))
+    teacher = load_teacher("tiny")
+    size = summary["recipe"]["height"]
+    image, error = real_image("tiny", "a red circle", 0, str(tmp_path / "a.png"), size, size)
+    assert error is None and image.shape == (size, size, 3)
+    with torch.no_grad():
+        want = encode_images(teacher, [image])[0]
+    assert rec.image_latents.dtype == np.float16 and rec.image_latents.shape == want.shape
+    np.testing.assert_allclose(rec.image_latents.astype(np.float32), want, rtol=2e-3, atol=2e-3)  # float16 storage

@@ -75,6 +75,10 @@ class DumpConfig:
     clip_weights: str | None = option(None, help="local open_clip checkpoint for --score_images (overrides the preset)")
     aesthetic_weights: str | None = option(
         None, help="LAION aesthetic predictor weights for --score_images (overrides the preset)")
+    real_images: bool = option(
+        False, help="also store each caption's real image encoded by the teacher's VAE (image_latents.npy): the "
+                    "input's 'image' column (path or URL), or the shapes teacher's rendered truth; the adversarial "
+                    "trainer's --adv_real image reads them")
     dtype: str = option("float32", help="float32 | float16 | bfloat16")
     device: str = option("cpu", help="cpu | cuda | cuda:N")
     batch_size: int = option(4, help="samples per UNet batch")
@@ -140,6 +144,15 @@ def _scoring(cfg: DumpConfig):
         return None
     _require(cfg.save_images, f"--score_images {cfg.score_images!r} scores the decoded images: it needs --save_images")
     return image_scoring(cfg.score_images, cfg.clip_weights, cfg.aesthetic_weights)
+
+
+def _check_real_images(cfg: DumpConfig, found) -> None:
+    """``--real_images`` needs an image per row or a teacher that renders its captions' truth."""
+    from teachers.real_image import RENDERS_TRUTH
+
+    _require(not cfg.real_images or cfg.teacher in RENDERS_TRUTH or any(r.image for r in found.rows),
+             f"--real_images: {cfg.prompts!r} has no 'image' column and teacher {cfg.teacher!r} renders no ground "
+             f"truth (built-in: {', '.join(RENDERS_TRUTH)}); give each row an image path or URL")
 
 
 def build_recipe(cfg: DumpConfig) -> DumpRecipe:
@@ -313,6 +326,7 @@ def prepare(argv: list[str] | None):
         cfg, beam_args = parse(DumpConfig, argv, prog=PROG, known_only=True)
         recipe = build_recipe(cfg)
         found = dump_plan.read_input(cfg.prompts)
+        _check_real_images(cfg, found)
     return cfg, recipe, found, beam_args
 
 

@@ -8,9 +8,11 @@ pipeline graph and heavy arrays never through a shuffle. Everything here runs be
 starts, so bad arguments fail first.
 
 Inputs: ``.txt`` (one caption per line), ``.jsonl`` (``key``, ``caption``, optional
-``guidance_scale`` and ``seed``), or a curated manifest ``.parquet`` (``key``, ``caption``,
-``fate``: only ``kept`` rows are generated). The names used before (``id``, ``prompt``, ``kept``)
-are still read, with a one-line deprecation notice and a count in ``dataset.json``.
+``guidance_scale``, ``seed`` and ``image``), or a curated manifest ``.parquet`` (``key``, ``caption``,
+``fate``: only ``kept`` rows are generated; optional ``image``). ``image`` (a path or URL of a real
+image of the caption) is read only with ``--real_images`` (``teachers.real_image``). The names used
+before (``id``, ``prompt``, ``kept``) are still read, with a one-line deprecation notice and a count
+in ``dataset.json``.
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ class DumpRecipe:
     cpu_threads: int  # torch threads on CPU workers, 0 = default (CPU rounding depends on it)
     input_sha256: str  # the input file's content
     score_images: ImageScoring | None = None  # score decoded images (CLIP, aesthetic); None = off
+    real_images: bool = False  # store each caption's real image VAE-encoded (image_latents; teachers.real_image)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         if out["score_images"] is None:  # unscored recipes keep the hash they had before scoring existed
             del out["score_images"]
+        if not out["real_images"]:  # the same for recipes without real images
+            del out["real_images"]
         return out
 
     @property
@@ -95,6 +100,7 @@ class InputRow:
     caption: object  # str when valid; anything else is a reject
     guidance_scale: float | None = None
     seed: object = None  # explicit noise seed of the row's first sample (int >= 0); None = from the key
+    image: object = None  # path/URL of a real image of the caption (--real_images), or None
     problem: str | None = None  # a reason (filters.reasons) found while reading: the row is rejected
 
 
@@ -145,7 +151,7 @@ def _read_jsonl(raw: bytes) -> InputRows:
                 deprecated[old] = deprecated.get(old, 0) + 1
         key = obj.get("key", obj.get("id", _line_key(i)))
         caption = obj.get("caption", obj.get("prompt", obj.get("text")))
-        rows.append(InputRow(str(key), caption, obj.get("guidance_scale"), obj.get("seed")))
+        rows.append(InputRow(str(key), caption, obj.get("guidance_scale"), obj.get("seed"), obj.get("image")))
     return InputRows(rows, deprecated=deprecated)
 
 
@@ -175,9 +181,9 @@ def _read_manifest(f, path: str) -> InputRows:
     else:
         kept = [True] * table.num_rows
     n = table.num_rows
-    guid, seeds = cols.get("guidance_scale", [None] * n), cols.get("seed", [None] * n)
-    rows = [InputRow(str(k), c, g, s) for k, c, ok, g, s in
-            zip(cols[columns["key"]], cols[columns["caption"]], kept, guid, seeds) if ok]
+    guid, seeds, images = (cols.get(name, [None] * n) for name in ("guidance_scale", "seed", "image"))
+    rows = [InputRow(str(k), c, g, s, i) for k, c, ok, g, s, i in
+            zip(cols[columns["key"]], cols[columns["caption"]], kept, guid, seeds, images) if ok]
     return InputRows(rows, n - len(rows), deprecated)
 
 
@@ -228,10 +234,12 @@ def reject_reason(row: InputRow, seen_keys: set[str]) -> str | None:
 
 
 def plan(rows: list[InputRow], recipe: DumpRecipe):
-    """-> (samples [(shard, key, caption, seed, guidance)], rejects [{key, reason, caption}])."""
+    """-> (samples [(shard, key, caption, seed, guidance, image)], rejects [{key, reason, caption}])."""
     samples, rejects, seen = [], [], set()
     for row in rows:
         reason = reject_reason(row, seen)
+        if not reason and recipe.real_images and row.image is not None and not isinstance(row.image, str):
+            reason = reasons.NO_REAL_IMAGE  # an image reference that is no path or URL
         if reason:
             rejects.append({"key": row.key, "reason": reason,
                             "caption": row.caption if isinstance(row.caption, str) else repr(row.caption)})
@@ -241,7 +249,8 @@ def plan(rows: list[InputRow], recipe: DumpRecipe):
             key = f"{row.key}-s{k}"
             # An explicit seed reproduces a generation (same caption + seed = same sample under another key).
             seed = sample_seed(key) if row.seed is None else row.seed + k
-            samples.append((key, row.caption, seed, row.guidance_scale))
+            image = (row.image or None) if recipe.real_images else None  # read only with --real_images
+            samples.append((key, row.caption, seed, row.guidance_scale, image))
     n = recipe.samples_per_shard
     return [(i // n, *s) for i, s in enumerate(samples)], rejects
 
@@ -250,7 +259,7 @@ def plan_schema():
     import pyarrow as pa
 
     return pa.schema([("shard", pa.int32()), ("key", pa.string()), ("caption", pa.string()),
-                      ("seed", pa.int64()), ("guidance_scale", pa.float64())])
+                      ("seed", pa.int64()), ("guidance_scale", pa.float64()), ("image", pa.string())])
 
 
 def write_plan(output: str, planned) -> int:

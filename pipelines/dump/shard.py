@@ -71,7 +71,8 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
 
     rejects, truncated, fallbacks, info = [], 0, 0, None
     with work_unit(output, shard, progress) as (rows, bar):
-        requests = [SampleRequest(r["key"], r["caption"], int(r["seed"]), r["guidance_scale"]) for r in rows]
+        requests = [SampleRequest(r["key"], r["caption"], int(r["seed"]), r["guidance_scale"], r.get("image"))
+                    for r in rows]
         batches = [requests[i : i + recipe.batch_size] for i in range(0, len(requests), recipe.batch_size)]
         with ShardWriter(output, shard, recipe_hash=recipe.hash) as writer:
             for batch in batches:
