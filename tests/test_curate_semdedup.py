@@ -165,3 +165,72 @@ def test_kmeans_sample_from_emb_npy_sidecars(tmp_path):
     exact = find_duplicates(keys, x, scores, EPS)  # every pair compared at once
     want = {k: None if exact.keep[m] else keys[int(exact.duplicate_of[m])] for m, k in enumerate(keys)}
     assert {k: r.get("duplicate_of") for k, r in got.items()} == want
+
+
+def save_fates(items, path):
+    """An ``assert_that`` matcher that hands ``(block id, Fates)`` back as plain lists."""
+    with open(path, "w") as f:
+        json.dump([[block, list(fates.keys), fates.cluster.tolist(), list(fates.duplicate_of),
+                    [None if math.isnan(s) else s for s in fates.similarity.tolist()], fates.n_duplicates.tolist()]
+                   for block, fates in items], f)
+
+
+def test_block_path_keeps_what_deduplicate_keeps(tmp_path):
+    """``SemanticDedupBlocks`` fed six ``Rows`` blocks of 100 rows (float16, as a source reading
+    ``.emb.npy`` files makes them) -> one ``Fates`` per block, in the block's row order, with the
+    bare functions' keep set on the same k-means sample."""
+    x, keys, scores = planted_rows()
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=6, kmeans_sample_size=len(keys))
+    want = bare_on_the_jobs_sample(x, keys, scores, cfg)
+    blocks = [dedup.Rows(b, tuple(keys[100 * b: 100 * (b + 1)]), x[100 * b: 100 * (b + 1)].astype(np.float16),
+                         np.asarray([math.nan if s is None else s for s in scores[100 * b: 100 * (b + 1)]]))
+              for b in range(6)]
+    p = BeamTestPipeline()
+    out = p | beam.Create(blocks) | dedup.SemanticDedupBlocks("text", cfg, batch=64)
+    assert_that(out, partial(save_fates, path=str(tmp_path / "fates.json")))
+    p.run().wait_until_finish()
+    with open(tmp_path / "fates.json") as f:
+        fates = sorted(json.load(f))
+    assert [b for b, *_ in fates] == list(range(6))
+    got, n_dups = {}, {}
+    for block, fkeys, cluster, duplicate_of, similarity, n_duplicates in fates:
+        assert fkeys == keys[100 * block: 100 * (block + 1)]  # the block's own row order
+        assert all(0 <= c < 6 for c in cluster)
+        for k, d, s, m in zip(fkeys, duplicate_of, similarity, n_duplicates):
+            got[k] = d
+            assert (d is None) == (s is None) and (s is None or s >= 1 - EPS - 1e-3)
+            if m:
+                n_dups[k] = m
+    assert got == want
+    assert 40 <= sum(v is not None for v in want.values()) <= 120
+    dropped_for = {}
+    for v in want.values():
+        if v is not None:
+            dropped_for[v] = dropped_for.get(v, 0) + 1
+    assert n_dups == dropped_for
+
+
+def test_records_come_out_as_they_went_in_but_for_the_annotations(tmp_path):
+    """The records travel with their arrays as bytes (no pickle); what comes out equals what went
+    in (the float32 embedding, a float64 array, nested values), plus the dedup fields."""
+    x, keys, scores = planted_rows(n=120, n_groups=10)
+    records = [{"key": k, "text_embedding": x[i], "aesthetic_score": scores[i], "stage": None, "reason": None,
+                "extra": np.arange(3, dtype=np.float64) * i, "tags": ["a", i], "n_duplicates": None}
+               for i, k in enumerate(keys)]
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=2, kmeans_sample_size=120)
+
+    def check(rows):
+        assert len(rows) == len(records)
+        by_key = {r["key"]: r for r in records}
+        for r in rows:
+            original = by_key[r["key"]]
+            assert list(r)[:len(original)] == list(original)  # field order kept
+            assert r["text_embedding"].dtype == np.float32 and np.array_equal(r["text_embedding"], original["text_embedding"])
+            assert r["extra"].dtype == np.float64 and np.array_equal(r["extra"], original["extra"])
+            assert r["tags"] == original["tags"] and r["dedup_on"] == "text"
+            assert r["text_embedding"].flags.writeable
+
+    p = BeamTestPipeline()
+    out = p | beam.Create(records) | dedup.SemanticDedup("text", cfg)
+    assert_that(out, check)
+    p.run().wait_until_finish()

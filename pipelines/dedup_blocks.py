@@ -1,0 +1,310 @@
+"""The per-block steps of SemDeDup on Beam (``pipelines.dedup``): every element is a block of rows.
+
+An element holds a block of rows as a few numpy arrays (pickled once per block: one copy of each
+array, not one pickle per record), so the cost Beam adds per record is a share of one element:
+
+    Rows (an input block: keys, wire-dtype vectors, scores) --AssignBlocksFn--> one faiss search per
+      ``batch`` rows --> ("cluster", (cluster, Block)) per cluster met + ("homes", (block id, keys, nearest))
+    (cluster, Blocks) --pairs_in_cluster--> ("decision", (block id, (key, decision))) for duplicate groups
+      seen whole in the cluster, ("pairs", pair block) for groups with a member in another cluster, or
+      ("unit", work unit) for an oversized cluster (second k-means level, row blocks) --pairs_of_unit-->
+    border pair blocks --resolve--> decisions
+    (block id, homes + decisions) --collect_fates--> (block id, Fates): each input row's nearest cluster
+      and fate, in the input block's row order
+
+Rows carry the id of the input block they came from (``Block.source``), so decisions go back to
+their block by a GroupByKey on block ids, not by a join over every record's key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from filters import semdedup
+
+
+@dataclass(frozen=True)
+class Rows:
+    """An input block: ``block`` its id (its fates come back under it), ``keys`` (n,), ``vectors``
+    (n, d) wire dtype, ``scores`` (n,) float64 (NaN: unknown)."""
+
+    block: int
+    keys: tuple
+    vectors: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows of one cluster, packed: ``keys`` (n,), ``vectors`` (n, d) wire dtype, ``scores`` (n,)
+    float64 (NaN: unknown), ``home`` (n,) int64: each row's nearest cluster (the one it is
+    reported under; a margin copy has a different one), ``shared`` (n,) bool: the row is in two
+    clusters, ``source`` (n,) int64: the input block (``Rows.block``) the row came from."""
+
+    keys: tuple
+    vectors: np.ndarray
+    scores: np.ndarray
+    home: np.ndarray
+    shared: np.ndarray
+    source: np.ndarray
+
+
+@dataclass(frozen=True)
+class Fates:
+    """What dedup decided for the rows of one input block, in its row order: ``keys`` (n,),
+    ``cluster`` (n,) int64 the nearest cluster, ``duplicate_of`` (n,) the key of the kept row a
+    dropped row duplicates (None: kept), ``similarity`` (n,) float64 its cosine to that row (NaN:
+    kept), ``n_duplicates`` (n,) int64 rows dropped as duplicates of a kept one."""
+
+    keys: tuple
+    cluster: np.ndarray
+    duplicate_of: tuple
+    similarity: np.ndarray
+    n_duplicates: np.ndarray
+
+
+class AssignBlocksFn(beam.DoFn):
+    """Rows -> ("cluster", (cluster, Block)) per cluster met and one ("homes", (block id, keys,
+    nearest cluster)), one faiss search per ``batch`` rows."""
+
+    def __init__(self, margin: float, batch: int):
+        self.margin, self.batch = margin, batch
+
+    def setup(self):
+        self._centroids = self._index = None
+
+    def process(self, rows: Rows, centroids: np.ndarray):
+        if centroids is not self._centroids:  # a side input is one object for a whole bundle
+            self._centroids, self._index = centroids, semdedup.centroid_index(centroids)
+        n = len(rows.keys)
+        keys = np.asarray(rows.keys, object)
+        source = np.full(n, rows.block, np.int64)
+        homes = []
+        for st in range(0, n, self.batch):
+            r = slice(st, min(st + self.batch, n))
+            vectors = rows.vectors[r]
+            assigned = semdedup.assign_clusters(vectors.astype(np.float32), self._centroids, self._index,
+                                                margin=self.margin).reshape(len(vectors), -1)
+            home = assigned[:, 0]
+            shared = (assigned[:, 1:] >= 0).any(axis=1)  # margin copies in other clusters (none with margin 0)
+            Metrics.counter("curate", "semdedup_margin_copies").inc(int((assigned[:, 1:] >= 0).sum()))
+            for cluster, m in semdedup.members_by_cluster(assigned):
+                yield "cluster", (cluster, Block(tuple(keys[r][m]), vectors[m], rows.scores[r][m], home[m], shared[m],
+                                                 source[r][m]))
+            homes.append(home)
+        yield "homes", (rows.block, (rows.keys, np.concatenate(homes) if homes else np.zeros(0, np.int64)))
+
+
+def _concat(blocks) -> Block:
+    blocks = list(blocks)
+    return Block(sum((b.keys for b in blocks), ()), *(np.concatenate([getattr(b, f) for b in blocks])
+                                                      for f in ("vectors", "scores", "home", "shared", "source")))
+
+
+def _take(block: Block, rows: np.ndarray) -> Block:
+    return Block(tuple(np.asarray(block.keys, object)[rows]), block.vectors[rows], block.scores[rows],
+                 block.home[rows], block.shared[rows], block.source[rows])
+
+
+def pairs_in_cluster(keyed, modality: str, cfg, margin: float):
+    """(cluster, Blocks) -> decisions and border pairs (``pairs_of_block``); a cluster of more than
+    ``SPLIT_FACTOR`` x ``target_cluster_size`` rows -> work units instead: a second k-means level
+    inside it (``filters.semdedup.fine_centroids``, assignment with the same margin), one unit per
+    fine cluster, and a fine cluster still above ``MAX_UNIT_ROWS_FACTOR`` x target (rows k-means
+    cannot part, such as thousands of copies of one image) cut into row blocks, one unit per pair of
+    blocks. Units are spread over workers by a Reshuffle, so no cluster is one hot key."""
+    block = _concat(keyed[1])
+    Metrics.distribution("curate", f"cluster_size_{modality}").update(len(block.keys))
+    target = cfg.target_cluster_size
+    if len(block.keys) <= semdedup.SPLIT_FACTOR * target:
+        yield from pairs_of_block(block, cfg.semdedup_eps)
+        return
+    Metrics.counter("curate", "semdedup_split_clusters").inc()
+    x = block.vectors.astype(np.float32)
+    fine = semdedup.fine_centroids(x, block.keys, target, sample_size=cfg.kmeans_sample_size,
+                                   niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
+    assigned = semdedup.assign_clusters(x, fine, margin=margin).reshape(len(x), -1)
+    fine_shared = (assigned[:, 1:] >= 0).any(axis=1)
+    block = Block(block.keys, block.vectors, block.scores, block.home, block.shared | fine_shared,
+                  block.source)  # a row in another fine or coarse cluster too is shared
+    for _, rows in semdedup.members_by_cluster(assigned):
+        sub = _take(block, rows)
+        if len(rows) <= semdedup.MAX_UNIT_ROWS_FACTOR * target:
+            yield "unit", ("whole", sub, None)
+            continue
+        Metrics.counter("curate", "semdedup_block_split_clusters").inc()
+        size = semdedup.SPLIT_FACTOR * target
+        parts = [_take(sub, np.arange(st, min(st + size, len(rows)))) for st in range(0, len(rows), size)]
+        for a in range(len(parts)):
+            for b in range(a, len(parts)):
+                yield "unit", ("blocks", parts[a], parts[b] if b != a else None)
+
+
+def pairs_of_unit(unit, eps: float):
+    """A work unit of a split cluster -> decisions and border pairs. A fine cluster is treated as a
+    cluster; the pairs of a pair of row blocks all go on as border pairs (their groups may span blocks)."""
+    kind, a, b = unit
+    if kind == "whole":
+        yield from pairs_of_block(a, eps)
+        return
+    if b is None:
+        pairs = semdedup.cluster_pairs(a.vectors.astype(np.float32), eps)
+        both = a
+    else:
+        p = semdedup.cross_pairs(a.vectors.astype(np.float32), b.vectors.astype(np.float32), eps)
+        pairs = semdedup.Pairs(p.i, p.j + len(a.keys), p.similarity)
+        both = _concat([a, b])
+    if len(pairs.i):
+        Metrics.counter("curate", "semdedup_pairs_border").inc(len(pairs.i))
+        yield from _members_out(both, pairs, np.ones(len(pairs.i), bool), eps)
+
+
+def pairs_of_block(block: Block, eps: float):
+    """One cluster's rows -> decisions for the duplicate groups it sees whole, and one pair block for
+    the rest.
+
+    A connected group of pairs none of whose members is in a second cluster is whole here: each of
+    its members meets others only in this cluster. The keep rule looks only at a member's
+    neighbours, so resolving that group here gives what resolving every pair at once would. A
+    group with a member shared with another cluster may continue there: its pairs go on to
+    ``ResolveBorderPairs`` as (keys, scores, sources, i, j, similarity, vectors) over the members in
+    them, so only the border's pairs ever meet in one place.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(block.keys) < 2:
+        return
+    pairs = semdedup.cluster_pairs(block.vectors.astype(np.float32), eps)
+    if len(pairs.i) == 0:
+        return
+    n = len(block.keys)
+    _, group = connected_components(coo_matrix((np.ones(len(pairs.i)), (pairs.i, pairs.j)), shape=(n, n)),
+                                    directed=False)
+    border_group = np.zeros(group.max() + 1, bool)
+    border_group[group[block.shared]] = True
+    border = border_group[group[pairs.i]]  # a pair's two members are in one group
+    Metrics.counter("curate", "semdedup_pairs_border").inc(int(border.sum()))
+    Metrics.counter("curate", "semdedup_pairs_local").inc(int(len(border) - border.sum()))
+    yield from _members_out(block, pairs, border, eps)
+
+
+def _members_out(block: Block, pairs, border: np.ndarray, eps: float):
+    keys = np.asarray(block.keys, object)
+    for part, out in ((~border, _decide), (border, _pair_block)):
+        if part.any():
+            p = semdedup.Pairs(pairs.i[part], pairs.j[part], pairs.similarity[part])
+            members, inverse = np.unique(np.r_[p.i, p.j], return_inverse=True)
+            yield from out(keys[members], block.scores[members], block.source[members], inverse[:len(p.i)],
+                           inverse[len(p.i):], p.similarity, block.vectors[members], eps)
+
+
+def _pair_block(keys, scores, sources, i, j, similarity, vectors, eps):
+    yield "pairs", (keys, scores, sources, i, j, similarity, vectors)
+
+
+def _decide(keys, scores, sources, i, j, similarity, vectors, eps):
+    """The keep rule over these members' pairs -> ("decision", (block id, (key, decision))) per member
+    it changes. ``vectors`` (wire dtype) let it compare a member with the kept member its dropped
+    neighbours name (``filters.semdedup.resolve_pairs``): pairs across clusters may be missing."""
+    ids = [str(k) for k in keys]
+    found = semdedup.resolve_pairs(ids, [None if math.isnan(s) else float(s) for s in scores],
+                                   semdedup.Pairs(i.astype(np.int64), j.astype(np.int64), similarity),
+                                   embeddings=vectors, eps=eps)
+    n_dups = np.bincount(found.duplicate_of[found.duplicate_of >= 0], minlength=len(ids))
+    for m, key in enumerate(ids):
+        if not found.keep[m]:
+            decision = ("duplicate", ids[int(found.duplicate_of[m])], float(found.similarity[m]))
+        elif n_dups[m]:
+            decision = ("kept", int(n_dups[m]))
+        else:
+            continue
+        yield "decision", (int(sources[m]), (key, decision))
+
+
+def is_pair_block(item) -> bool:
+    return item[0] == "pairs"
+
+
+def is_decision(item) -> bool:
+    return item[0] == "decision"
+
+
+def is_unit(item) -> bool:
+    return item[0] == "unit"
+
+
+def is_cluster(item) -> bool:
+    return item[0] == "cluster"
+
+
+def is_homes(item) -> bool:
+    return item[0] == "homes"
+
+
+def untag(item):
+    return item[1]
+
+
+def to_one_key(item):
+    return None, item[1]
+
+
+def resolve(keyed, eps: float):
+    """(None, border pair blocks) -> (block id, (key, decision)) per row whose fate they change:
+    the keep rule over every border pair at once (``filters.semdedup.resolve_pairs``), a pair met
+    in two clusters once."""
+    blocks = list(keyed[1])
+    if not blocks:
+        return
+    keys, scores, sources = (np.concatenate([b[f] for b in blocks]) for f in range(3))
+    offsets = np.cumsum([0] + [len(b[0]) for b in blocks[:-1]])
+    i = np.concatenate([b[3] + o for b, o in zip(blocks, offsets)])
+    j = np.concatenate([b[4] + o for b, o in zip(blocks, offsets)])
+    sim = np.concatenate([b[5] for b in blocks])
+    vectors = np.concatenate([b[6] for b in blocks])
+    ids, first, inverse = np.unique(keys.astype(str), return_index=True, return_inverse=True)
+    i, j = inverse[i], inverse[j]
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    _, once = np.unique(lo * len(ids) + hi, return_index=True)
+    for _, decision in _decide(ids, scores[first], sources[first], lo[once], hi[once], sim[once].astype(np.float32),
+                               vectors[first], eps):
+        yield decision
+
+
+def collect_fates(keyed) -> tuple[int, Fates]:
+    """(block id, [("homes", (keys, nearest)), ("decision", (key, decision)), ...]) -> (block id, Fates)."""
+    block, items = keyed
+    keys, homes, decisions = (), np.zeros(0, np.int64), {}
+    for kind, value in items:
+        if kind == "homes":
+            keys, homes = value
+        else:
+            decisions[value[0]] = value[1]
+    n = len(keys)
+    duplicate_of, similarity, n_dups = [None] * n, np.full(n, np.nan), np.zeros(n, np.int64)
+    if decisions:
+        for m, key in enumerate(keys):
+            decision = decisions.get(key)
+            if decision is None:
+                continue
+            if decision[0] == "kept":
+                n_dups[m] = decision[1]
+            else:
+                duplicate_of[m], similarity[m] = decision[1], decision[2]
+    return block, Fates(tuple(keys), np.asarray(homes, np.int64), tuple(duplicate_of), similarity, n_dups)
+
+
+def tag_homes(item):
+    block, value = item
+    return block, ("homes", value)
+
+
+def tag_decision(item):
+    block, value = item
+    return block, ("decision", value)
