@@ -27,9 +27,10 @@ Paths, all in this invocation and on the same data:
 - ``beam``: the jobs' ``pipelines.dedup.SemanticDedup`` transform (records in, records out) on
   DirectRunner in a spawned child process, fed the same embeddings as one record per row, read in
   chunks of 10,000 from a saved ``.npy`` (``--paths bare,ivf,beam``);
-- ``beam_blocks``: ``pipelines.dedup.SemanticDedupBlocks`` the same way, fed one ``Rows`` block
-  per chunk of 10,000 rows (float16, keys as one tuple), as a source reading ``.emb.npy`` files
-  makes them; its output is one ``Fates`` block per input block.
+- ``beam_blocks``: ``pipelines.dedup.SemanticDedupBlocks`` the same way, fed one ``EmbeddingRows``
+  block per chunk of 10,000 rows (keys as one tuple, the vectors read from the file in float16 by
+  the steps that need them), as a source over ``.emb.npy`` files makes them; its output is one
+  ``Fates`` block per input block.
 One run, one machine: compare ratios between paths, not absolute times across machines.
 """
 
@@ -189,13 +190,13 @@ def _chunk(path: str, start: int, step: int) -> np.ndarray:
 
 
 def rows_from(start: int, path: str, step: int, scores_path: str, wire_dtype: str):
-    """The block source: rows ``start`` to ``start + step`` as one ``Rows`` block (wire dtype), not
-    one record each."""
-    from pipelines.dedup import Rows
+    """The block source: rows ``start`` to ``start + step`` as one ``EmbeddingRows`` block (keys and
+    scores; the vectors stay in the file until a step reads them in the wire dtype), not one record each."""
+    from pipelines.dedup import EmbeddingRows
 
-    x = _chunk(path, start, step)
-    return Rows(start, tuple(f"{start + i:09d}" for i in range(len(x))), x.astype(wire_dtype),
-                np.asarray(_chunk(scores_path, start, step), np.float64))
+    scores = np.asarray(_chunk(scores_path, start, step), np.float64)
+    return EmbeddingRows(start, path, start, start + len(scores), tuple(f"{start + i:09d}" for i in range(len(scores))),
+                         scores, wire_dtype)
 
 
 def outcome_line(record: dict) -> str:

@@ -81,12 +81,13 @@ from filters import reasons, semdedup
 from filters.config import CurateConfig
 from filters.semdedup import sample_rank
 from pipelines import dedup_blocks as blocks_
-from pipelines.dedup_blocks import Fates, Rows
+from pipelines.dedup_blocks import EmbeddingRows, Fates, Rows  # noqa: F401 (the block types, for callers)
 from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
 
 ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16 = 12 MB
 WIRE_DTYPE = "float16"
 MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate's default
+CLUSTER_SHUFFLES = 8  # GroupByKeys the cluster shuffle is split into (see SemanticDedupBlocks.expand)
 
 
 
@@ -132,8 +133,10 @@ class SmallestRanks(beam.CombineFn):
         return tuple(a[order] for a in packed)
 
 
-def sample_candidates(rows: Rows, seed: int, size: int) -> tuple:
-    """A block's candidates for the k-means sample: its ``size`` rows of smallest ``sample_rank``."""
+def sample_candidates(rows, seed: int, size: int) -> tuple:
+    """A block's (``Rows`` or ``EmbeddingRows``) candidates for the k-means sample: its ``size`` rows
+    of smallest ``sample_rank``."""
+    rows = rows.load()
     ranks = np.fromiter((sample_rank(seed, k) for k in rows.keys), np.uint64, len(rows.keys))
     return _smallest((ranks, np.asarray(rows.keys, object), rows.vectors, rows.scores), size)
 
@@ -173,13 +176,13 @@ def train_centroids(sample: tuple | None, n_total: int, cfg: CurateConfig) -> np
     return semdedup.train_kmeans(vectors, k, niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
 
 
-def _n_rows(rows: Rows) -> int:
+def _n_rows(rows) -> int:
     return len(rows.keys)
 
 
 class SemanticDedupBlocks(beam.PTransform):
-    """SemDeDup over ``Rows`` blocks -> ``(block id, Fates)`` per input block (see the module
-    docstring). Duplicates: cosine similarity >= 1 - ``cfg.semdedup_eps``; kept per duplicate
+    """SemDeDup over ``Rows`` or ``EmbeddingRows`` blocks -> ``(block id, Fates)`` per input block
+    (see the module docstring). Duplicates: cosine similarity >= 1 - ``cfg.semdedup_eps``; kept per duplicate
     group: highest score, then smallest key. ``margin``: second-nearest-centroid margin (0: nearest
     only); ``batch``: rows per faiss search; ``sidecars``: ``.emb.npy`` files for the k-means sample."""
 
@@ -208,15 +211,20 @@ class SemanticDedupBlocks(beam.PTransform):
         assigned = rows | "AssignBlocks" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
                                                        beam.pvalue.AsSingleton(centroids))
         # Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
-        clusters = (assigned
-                    | "SelectClusterBlocks" >> beam.Filter(blocks_.is_cluster)
-                    | "UntagClusterBlocks" >> beam.Map(blocks_.untag)
-                    | "GroupByCluster" >> beam.GroupByKey())
         homes = (assigned
                  | "SelectHomes" >> beam.Filter(blocks_.is_homes)
                  | "UntagHomes" >> beam.Map(blocks_.untag)
                  | "TagHomes" >> beam.Map(blocks_.tag_homes))
-        found = clusters | "PairsInCluster" >> beam.FlatMap(blocks_.pairs_in_cluster, self.modality, cfg, self.margin)
+        # The cluster shuffle as CLUSTER_SHUFFLES GroupByKeys (by cluster id): a runner that groups
+        # a shuffle in one process (DirectRunner decodes all of it, then encodes it again into one
+        # buffer: three copies at once) then holds one part at a time; a distributed runner is unaffected
+        found = [assigned
+                 | f"SelectClusterBlocks{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
+                 | f"UntagClusterBlocks{g}" >> beam.Map(blocks_.untag)
+                 | f"GroupByCluster{g}" >> beam.GroupByKey()
+                 | f"PairsInCluster{g}" >> beam.FlatMap(blocks_.pairs_in_cluster, self.modality, cfg, self.margin)
+                 for g in range(CLUSTER_SHUFFLES)]
+        found = found | "GatherClusters" >> beam.Flatten()
         in_units = (found
                     | "SelectWorkUnits" >> beam.Filter(blocks_.is_unit)
                     | "UntagWorkUnits" >> beam.Map(blocks_.untag)

@@ -38,6 +38,50 @@ class Rows:
     vectors: np.ndarray
     scores: np.ndarray
 
+    def load(self) -> "Rows":
+        return self
+
+
+def read_npy_rows(path: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a saved (n, ...) ``.npy`` array, read without the rest of the file
+    (no memory map, no pickle): a seek past the header and one read."""
+    from teachers.fs import url_to_fs
+
+    fs, p = url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{path}: a C-ordered numeric array is needed, got {dtype} (fortran order {fortran})")
+        stop = min(stop, shape[0])
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        f.seek(f.tell() + start * row_bytes)
+        data = f.read(max(0, stop - start) * row_bytes)
+    return np.frombuffer(data, dtype).reshape((max(0, stop - start),) + tuple(shape[1:]))
+
+
+@dataclass(frozen=True)
+class EmbeddingRows:
+    """An input block that stays in storage until a step needs its vectors: rows [``start``,
+    ``stop``) of the ``.npy`` embeddings at ``path`` (one row per key), read in the wire dtype by
+    ``load``. Only keys and scores travel, so no step holds every vector between stages."""
+
+    block: int
+    path: str
+    start: int
+    stop: int
+    keys: tuple
+    scores: np.ndarray
+    wire_dtype: str = "float16"
+
+    def load(self) -> Rows:
+        vectors = read_npy_rows(self.path, self.start, self.stop).astype(self.wire_dtype)
+        if len(vectors) != len(self.keys):
+            raise ValueError(f"{self.path}: rows {self.start} to {self.stop} hold {len(vectors)} vectors for "
+                             f"{len(self.keys)} keys")
+        return Rows(self.block, self.keys, vectors, self.scores)
+
 
 @dataclass(frozen=True)
 class Block:
@@ -78,7 +122,8 @@ class AssignBlocksFn(beam.DoFn):
     def setup(self):
         self._centroids = self._index = None
 
-    def process(self, rows: Rows, centroids: np.ndarray):
+    def process(self, rows: Rows | EmbeddingRows, centroids: np.ndarray):
+        rows = rows.load()
         if centroids is not self._centroids:  # a side input is one object for a whole bundle
             self._centroids, self._index = centroids, semdedup.centroid_index(centroids)
         n = len(rows.keys)
@@ -239,8 +284,8 @@ def is_unit(item) -> bool:
     return item[0] == "unit"
 
 
-def is_cluster(item) -> bool:
-    return item[0] == "cluster"
+def is_cluster_part(item, part: int, parts: int) -> bool:
+    return item[0] == "cluster" and item[1][0] % parts == part
 
 
 def is_homes(item) -> bool:

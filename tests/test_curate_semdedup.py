@@ -58,7 +58,9 @@ def run_job(x, keys, scores, cfg, path, **kwargs):
     assert_that(out, partial(save_rows, path=str(path)))
     result = p.run()
     result.wait_until_finish()
-    counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
+    counters = {}
+    for c in result.metrics().query(MetricsFilter())["counters"]:  # a name counted in several steps: summed
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + c.committed
     with open(path) as f:
         return {r["key"]: r for r in json.load(f)}, counters
 
@@ -176,15 +178,22 @@ def save_fates(items, path):
 
 
 def test_block_path_keeps_what_deduplicate_keeps(tmp_path):
-    """``SemanticDedupBlocks`` fed six ``Rows`` blocks of 100 rows (float16, as a source reading
-    ``.emb.npy`` files makes them) -> one ``Fates`` per block, in the block's row order, with the
-    bare functions' keep set on the same k-means sample."""
+    """``SemanticDedupBlocks`` fed six blocks of 100 rows, three ``Rows`` (float16 in memory) and
+    three ``EmbeddingRows`` (rows of a saved ``.npy``, read when needed) -> one ``Fates`` per block,
+    in the block's row order, with the bare functions' keep set on the same k-means sample."""
     x, keys, scores = planted_rows()
     cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=6, kmeans_sample_size=len(keys))
     want = bare_on_the_jobs_sample(x, keys, scores, cfg)
-    blocks = [dedup.Rows(b, tuple(keys[100 * b: 100 * (b + 1)]), x[100 * b: 100 * (b + 1)].astype(np.float16),
-                         np.asarray([math.nan if s is None else s for s in scores[100 * b: 100 * (b + 1)]]))
-              for b in range(6)]
+    np.save(tmp_path / "x.npy", x)
+    blocks = []
+    for b in range(6):
+        rows = slice(100 * b, 100 * (b + 1))
+        block_scores = np.asarray([math.nan if s is None else s for s in scores[rows]])
+        if b < 3:  # packed in memory
+            blocks.append(dedup.Rows(b, tuple(keys[rows]), x[rows].astype(np.float16), block_scores))
+        else:  # read from the .npy file by the steps that need the vectors
+            blocks.append(dedup.EmbeddingRows(b, str(tmp_path / "x.npy"), rows.start, rows.stop, tuple(keys[rows]),
+                                              block_scores))
     p = BeamTestPipeline()
     out = p | beam.Create(blocks) | dedup.SemanticDedupBlocks("text", cfg, batch=64)
     assert_that(out, partial(save_fates, path=str(tmp_path / "fates.json")))
