@@ -58,7 +58,9 @@ Choosing the knobs (``filters.config.CurateConfig``):
   the target size up to about 1.25M records; above that a cluster of more than
   ``SPLIT_FACTOR`` (4) x the target is split in its worker by a second k-means level trained on
   its own rows (``filters.semdedup.fine_centroids``: at 1B, 1,250 coarse clusters of 800k rows,
-  each into about 800), and the fine clusters go on as work units through a Reshuffle; a fine
+  each into about 800), and the fine clusters are work units, spread over workers by a Reshuffle
+  when the coarse cluster holds more than ``SPREAD_FACTOR`` (64) x the target (below that its units
+  run where it was grouped: shipping its vectors again costs more than it spreads); a fine
   cluster still above ``MAX_UNIT_ROWS_FACTOR`` (8) x the target is compared in row blocks, one
   unit per pair of blocks, its pairs all resolved as border pairs.
 - ``semdedup_eps`` (duplicates: cosine >= 1 - eps) defaults to 0.05. The right value depends on
@@ -88,6 +90,7 @@ ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16
 WIRE_DTYPE = "float16"
 MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate's default
 CLUSTER_SHUFFLES = 8  # GroupByKeys the cluster shuffle is split into (see SemanticDedupBlocks.expand)
+SPREAD_FACTOR = 64  # a split cluster above this x target_cluster_size rows has its work units spread over workers
 
 
 
@@ -184,12 +187,15 @@ class SemanticDedupBlocks(beam.PTransform):
     """SemDeDup over ``Rows`` or ``EmbeddingRows`` blocks -> ``(block id, Fates)`` per input block
     (see the module docstring). Duplicates: cosine similarity >= 1 - ``cfg.semdedup_eps``; kept per duplicate
     group: highest score, then smallest key. ``margin``: second-nearest-centroid margin (0: nearest
-    only); ``batch``: rows per faiss search; ``sidecars``: ``.emb.npy`` files for the k-means sample."""
+    only); ``batch``: rows per faiss search; ``sidecars``: ``.emb.npy`` files for the k-means sample;
+    ``spread_factor``: a cluster split by the second k-means level spreads its work units over
+    workers when it holds more than this x ``target_cluster_size`` rows."""
 
     def __init__(self, modality: str, cfg: CurateConfig, *, margin: float | None = None, batch: int = ASSIGN_BATCH,
-                 sidecars: tuple[str, ...] = ()):
+                 sidecars: tuple[str, ...] = (), spread_factor: int = SPREAD_FACTOR):
         super().__init__()
         self.modality, self.cfg, self.batch, self.sidecars = modality, cfg, batch, tuple(sidecars)
+        self.spread_factor = spread_factor
         self.margin = getattr(cfg, "semdedup_margin", MARGIN) if margin is None else margin
 
     def expand(self, rows):
@@ -222,7 +228,8 @@ class SemanticDedupBlocks(beam.PTransform):
                  | f"SelectClusterBlocks{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
                  | f"UntagClusterBlocks{g}" >> beam.Map(blocks_.untag)
                  | f"GroupByCluster{g}" >> beam.GroupByKey()
-                 | f"PairsInCluster{g}" >> beam.FlatMap(blocks_.pairs_in_cluster, self.modality, cfg, self.margin)
+                 | f"PairsInCluster{g}" >> beam.FlatMap(blocks_.pairs_in_cluster, self.modality, cfg, self.margin,
+                                                                self.spread_factor)
                  for g in range(CLUSTER_SHUFFLES)]
         found = found | "GatherClusters" >> beam.Flatten()
         in_units = (found
@@ -327,12 +334,13 @@ class SemanticDedup(beam.PTransform):
     aesthetic score, then smallest id. ``margin``: second-nearest-centroid margin (0: nearest
     only; default ``cfg.semdedup_margin``); ``wire_dtype``: how embeddings travel between stages;
     ``batch``: rows per bucket and per assignment; ``sidecars``: ``.emb.npy`` files holding the same
-    embeddings, for the k-means sample.
+    embeddings, for the k-means sample; ``spread_factor``: as ``SemanticDedupBlocks``.
     """
 
     def __init__(self, modality: str, cfg: CurateConfig, *, margin: float | None = None, wire_dtype: str = WIRE_DTYPE,
-                 batch: int = ASSIGN_BATCH, sidecars: tuple[str, ...] = ()):
+                 batch: int = ASSIGN_BATCH, sidecars: tuple[str, ...] = (), spread_factor: int = SPREAD_FACTOR):
         super().__init__()
+        self.spread_factor = spread_factor
         self.modality, self.field, self.cfg = modality, EMBEDDING_FIELDS[modality], cfg
         self.margin, self.wire_dtype, self.batch, self.sidecars = margin, wire_dtype, batch, tuple(sidecars)
 
@@ -345,7 +353,7 @@ class SemanticDedup(beam.PTransform):
                  | "GroupIntoBuckets" >> beam.GroupByKey()
                  | "PackBuckets" >> beam.Map(_pack_bucket, self.wire_dtype)
                  | "DedupBlocks" >> SemanticDedupBlocks(self.modality, cfg, margin=self.margin, batch=self.batch,
-                                                        sidecars=self.sidecars))
+                                                        sidecars=self.sidecars, spread_factor=self.spread_factor))
         keyed = records | "KeyRecords" >> beam.Map(_keyed_record)
         by_key = fates | "FatesByKey" >> beam.FlatMap(_fates_by_key)
         return ((keyed, by_key)

@@ -156,13 +156,16 @@ def _take(block: Block, rows: np.ndarray) -> Block:
                  block.home[rows], block.shared[rows], block.source[rows])
 
 
-def pairs_in_cluster(keyed, modality: str, cfg, margin: float):
+def pairs_in_cluster(keyed, modality: str, cfg, margin: float, spread_factor: int):
     """(cluster, Blocks) -> decisions and border pairs (``pairs_of_block``); a cluster of more than
     ``SPLIT_FACTOR`` x ``target_cluster_size`` rows -> work units instead: a second k-means level
     inside it (``filters.semdedup.fine_centroids``, assignment with the same margin), one unit per
     fine cluster, and a fine cluster still above ``MAX_UNIT_ROWS_FACTOR`` x target (rows k-means
     cannot part, such as thousands of copies of one image) cut into row blocks, one unit per pair of
-    blocks. Units are spread over workers by a Reshuffle, so no cluster is one hot key."""
+    blocks. A cluster of more than ``spread_factor`` x target rows sends its units on ("unit", to be
+    spread over workers by a Reshuffle, so no cluster is one hot key: at 1B a coarse cluster holds
+    800k rows); a smaller one runs them here (``pairs_of_unit``), as its work fits one element and
+    shipping its vectors again would cost more than it spreads."""
     block = _concat(keyed[1])
     Metrics.distribution("curate", f"cluster_size_{modality}").update(len(block.keys))
     target = cfg.target_cluster_size
@@ -177,17 +180,29 @@ def pairs_in_cluster(keyed, modality: str, cfg, margin: float):
     fine_shared = (assigned[:, 1:] >= 0).any(axis=1)
     block = Block(block.keys, block.vectors, block.scores, block.home, block.shared | fine_shared,
                   block.source)  # a row in another fine or coarse cluster too is shared
+    spread = len(block.keys) > spread_factor * target
+    Metrics.counter("curate", "semdedup_spread_clusters").inc(int(spread))
+    for unit in _units(block, assigned, target):
+        if spread:
+            yield "unit", unit
+        else:
+            yield from pairs_of_unit(unit, cfg.semdedup_eps)
+
+
+def _units(block: Block, assigned: np.ndarray, target: int):
+    """The work units of a split cluster: ("whole", fine cluster, None), or ("blocks", a, b) for
+    each pair of row blocks of a fine cluster above ``MAX_UNIT_ROWS_FACTOR`` x target."""
     for _, rows in semdedup.members_by_cluster(assigned):
         sub = _take(block, rows)
         if len(rows) <= semdedup.MAX_UNIT_ROWS_FACTOR * target:
-            yield "unit", ("whole", sub, None)
+            yield "whole", sub, None
             continue
         Metrics.counter("curate", "semdedup_block_split_clusters").inc()
         size = semdedup.SPLIT_FACTOR * target
         parts = [_take(sub, np.arange(st, min(st + size, len(rows)))) for st in range(0, len(rows), size)]
         for a in range(len(parts)):
             for b in range(a, len(parts)):
-                yield "unit", ("blocks", parts[a], parts[b] if b != a else None)
+                yield "blocks", parts[a], parts[b] if b != a else None
 
 
 def pairs_of_unit(unit, eps: float):

@@ -136,15 +136,19 @@ def test_two_levels_keep_clusters_near_the_target_and_find_every_pair(monkeypatc
     assert 40 <= (~exact.keep).sum() <= 120
 
 
-def test_job_splits_oversized_clusters_and_keeps_what_deduplicate_keeps(tmp_path):
+@pytest.mark.parametrize("spread_factor", [1, 1000])
+def test_job_splits_oversized_clusters_and_keeps_what_deduplicate_keeps(spread_factor, tmp_path):
     """Two coarse clusters of about 300 rows, target 5: each is split by a second k-means level
     (k capped at 300 / 40: fine clusters of about 40) into work units, and fine clusters still above
-    8 x 5 rows are compared in row blocks of 20."""
+    8 x 5 rows are compared in row blocks of 20; the units spread over workers (spread factor 1) or
+    run where the cluster was grouped (1000)."""
     x, keys, scores = planted_rows()
     cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=2, kmeans_sample_size=len(keys), target_cluster_size=5)
     want = bare_on_the_jobs_sample(x, keys, scores, cfg)
-    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype="float32", batch=256)
+    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype="float32", batch=256,
+                            spread_factor=spread_factor)
     assert counters["semdedup_split_clusters"] == 2 and counters["semdedup_block_split_clusters"] > 0
+    assert counters["semdedup_spread_clusters"] == (2 if spread_factor == 1 else 0)
     assert sorted(got) == sorted(keys)
     assert {k: r.get("duplicate_of") for k, r in got.items()} == want
     assert 40 <= sum(v is not None for v in want.values()) <= 120
