@@ -2,9 +2,11 @@
 
 Two entry points, one algorithm:
 
-- ``SemanticDedupBlocks``: ``dedup_blocks.Rows`` blocks in (keys, wire-dtype vectors, scores; a
-  source that reads ``.emb.npy`` files makes one per file or chunk), ``(block id, Fates)`` out:
-  each row's nearest cluster and fate, in its block's row order. No step handles a single record.
+- ``SemanticDedupBlocks``: blocks in, ``(block id, Fates)`` out: each row's nearest cluster and
+  fate, in its block's row order. A block is ``dedup_blocks.Rows`` (keys, wire-dtype vectors,
+  scores) or ``dedup_blocks.EmbeddingRows`` (keys, scores and a row range of a ``.npy`` file, read
+  by the steps that need the vectors; what a source over ``.emb.npy`` sidecars makes, one per file
+  or chunk). No step handles a single record.
 - ``SemanticDedup``: records in, the same records annotated out (what the curate and filter jobs
   use). Records become rows of primitives (key, vector as bytes, score), are grouped into buckets
   of about ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
@@ -13,9 +15,10 @@ Two entry points, one algorithm:
     Rows --SampleCandidates/SampleForKMeans/TrainKMeans--> centroids (side input)
       --AssignBlocks: one faiss search per ``batch`` rows, nearest centroid and, within ``margin``,
         the next nearest --> (cluster, Block) + (block id, nearest clusters)
-      --GroupByCluster--> PairsInCluster: ``filters.semdedup.cluster_pairs``; duplicate groups seen whole
-        in the cluster are decided there (``resolve_pairs``) --> (block id, decision); the rest --> border
-        pairs; an oversized cluster --> work units (second k-means level, row blocks) --SpreadWorkUnits-->
+      --GroupByCluster (CLUSTER_SHUFFLES parts)--> PairsInCluster: ``filters.semdedup.cluster_pairs``;
+        duplicate groups seen whole in the cluster are decided there (``resolve_pairs``) --> (block id,
+        decision); the rest --> border pairs; an oversized cluster --> work units (second k-means
+        level, row blocks), run there or, above ``SPREAD_FACTOR`` x target, --SpreadWorkUnits-->
         PairsInWorkUnit: the same per unit
       --GroupBorderPairs--> ResolveBorderPairs: ``resolve_pairs`` over every border pair --> (block id, decision)
     nearest clusters + decisions --GroupFatesByBlock--> CollectFates --> (block id, Fates)
@@ -37,8 +40,9 @@ The same four steps as ``filters.semdedup.deduplicate``, and the same result on 
 Embeddings travel as ``WIRE_DTYPE`` (float16) rows inside blocks, not per-record dicts: 2 bytes
 per dimension. A block pickles as a few arrays; what travels per record (``SemanticDedup``'s rows
 and records) is made of Python primitives (str, float, bytes), which Beam's default coder writes
-without pickle (a numpy array inside a record dict is pickled at every stage boundary). float16 moves a cosine by about 2e-5 in 512-d (a rounding of 2^-11 per component,
-averaged over 512 of them), so a pair within that of ``1 - eps`` may flip; ``wire_dtype="float32"``
+without pickle (a numpy array inside a record dict is pickled at every stage boundary).
+float16 moves a cosine by about 2e-5 in 512-d (a rounding of 2^-11 per component, averaged over
+512 of them), so a pair within that of ``1 - eps`` may flip; ``wire_dtype="float32"``
 ships exact vectors.
 
 The sample is the ``kmeans_sample_size`` records with the smallest ``sha1(seed, key)``: a uniform
