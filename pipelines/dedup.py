@@ -20,7 +20,9 @@ Two entry points, one algorithm:
         decision); the rest --> border pairs; an oversized cluster --> work units (second k-means
         level, row blocks), run there or, above ``SPREAD_FACTOR`` x target, --SpreadWorkUnits-->
         PairsInWorkUnit: the same per unit
-      --GroupBorderPairs--> ResolveBorderPairs: ``resolve_pairs`` over every border pair --> (block id, decision)
+      --LabelBorderGroups (connected groups of the border pair graph, 16 bytes per pair in one step)-->
+        members, vectors and pairs routed to their group by key --GroupBorderGroups--> ResolveBorderGroups:
+        ``resolve_pairs`` per group --> (block id, decision)
     nearest clusters + decisions --GroupFatesByBlock--> CollectFates --> (block id, Fates)
 
 The same four steps as ``filters.semdedup.deduplicate``, and the same result on the same sample
@@ -245,11 +247,22 @@ class SemanticDedupBlocks(beam.PTransform):
         local = (found
                  | "SelectLocalDecisions" >> beam.Filter(blocks_.is_decision)
                  | "UntagDecisions" >> beam.Map(blocks_.untag))
-        border = (found
-                  | "SelectBorderPairs" >> beam.Filter(blocks_.is_pair_block)
-                  | "GatherBorderPairs" >> beam.Map(blocks_.to_one_key)
-                  | "GroupBorderPairs" >> beam.GroupByKey()
-                  | "ResolveBorderPairs" >> beam.FlatMap(blocks_.resolve, cfg.semdedup_eps))
+        pair_blocks = (found
+                       | "SelectBorderPairs" >> beam.Filter(blocks_.is_pair_block)
+                       | "UntagBorderPairs" >> beam.Map(blocks_.untag))
+        # Border pairs are resolved per connected group: one step labels the groups from 16 bytes per
+        # pair, then members, vectors and pairs go to their group by key, so no worker holds them all
+        labels = (pair_blocks
+                  | "BorderEdges" >> beam.Map(blocks_.border_edges)
+                  | "GatherBorderEdges" >> beam.GroupByKey()
+                  | "LabelBorderGroups" >> beam.FlatMap(blocks_.label_groups))
+        members = pair_blocks | "BorderMembers" >> beam.FlatMap(blocks_.border_members)
+        border = ((labels, members)
+                  | "GatherBorderMembers" >> beam.Flatten()
+                  | "GroupBorderMembers" >> beam.GroupByKey()
+                  | "RouteToGroups" >> beam.FlatMap(blocks_.route_to_group)
+                  | "GroupBorderGroups" >> beam.GroupByKey()
+                  | "ResolveBorderGroups" >> beam.FlatMap(blocks_.resolve_group, cfg.semdedup_eps))
         decisions = ((local, border)
                      | "GatherDecisions" >> beam.Flatten()
                      | "TagDecisions" >> beam.Map(blocks_.tag_decision))

@@ -8,7 +8,8 @@ array, not one pickle per record), so the cost Beam adds per record is a share o
     (cluster, Blocks) --pairs_in_cluster--> ("decision", (block id, (key, decision))) for duplicate groups
       seen whole in the cluster, ("pairs", pair block) for groups with a member in another cluster, or
       ("unit", work unit) for an oversized cluster (second k-means level, row blocks) --pairs_of_unit-->
-    border pair blocks --resolve--> decisions
+    border pair blocks --border_edges/label_groups--> each member's connected group
+      --border_members/route_to_group--> (group, members and pairs) --resolve_group--> decisions
     (block id, homes + decisions) --collect_fates--> (block id, Fates): each input row's nearest cluster
       and fate, in the input block's row order
 
@@ -311,14 +312,11 @@ def untag(item):
     return item[1]
 
 
-def to_one_key(item):
-    return None, item[1]
-
-
 def resolve(keyed, eps: float):
-    """(None, border pair blocks) -> (block id, (key, decision)) per row whose fate they change:
-    the keep rule over every border pair at once (``filters.semdedup.resolve_pairs``), a pair met
-    in two clusters once."""
+    """(any key, border pair blocks) -> (block id, (key, decision)) per row whose fate they change:
+    the keep rule over all their pairs at once (``filters.semdedup.resolve_pairs``), a pair met in
+    two clusters once. Resolving each connected group of pairs apart gives the same decisions: a
+    member's fate depends only on members it is joined to by pairs."""
     blocks = list(keyed[1])
     if not blocks:
         return
@@ -368,3 +366,79 @@ def tag_homes(item):
 def tag_decision(item):
     block, value = item
     return block, ("decision", value)
+
+
+# ---- border pairs, resolved per connected group of pairs (spread by group, not in one worker) ----
+
+def key_hashes(keys) -> np.ndarray:
+    """A stable 64-bit hash per key (sha1, as ``sample_rank``): the same in every worker. Two keys
+    sharing one only merge their groups, which are then resolved together: the same decisions."""
+    return np.fromiter((semdedup.sample_rank(0, str(k)) for k in keys), np.uint64, len(keys))
+
+
+def border_edges(item):
+    """A border pair block -> (None, (hash of i, hash of j)): the pair graph as 16 bytes per pair."""
+    keys, _, _, i, j, _, _ = item
+    h = key_hashes(keys)
+    return None, (h[i], h[j])
+
+
+def label_groups(keyed):
+    """(None, edge arrays) -> (key hash, ("group", group id)) per member: the connected groups of
+    the border pair graph (the only step that sees every border pair; it holds 16 bytes per pair)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    parts = list(keyed[1])
+    if not parts:
+        return
+    a, b = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    nodes, inverse = np.unique(np.r_[a, b], return_inverse=True)
+    n = len(nodes)
+    _, group = connected_components(coo_matrix((np.ones(len(a)), (inverse[:len(a)], inverse[len(a):])), shape=(n, n)),
+                                    directed=False)
+    Metrics.counter("curate", "semdedup_border_groups").inc(int(group.max()) + 1)
+    for h, g in zip(nodes.tolist(), group.tolist()):
+        yield h, ("group", g)
+
+
+def border_members(item):
+    """A border pair block -> (key hash, ("member", key, score, source, vector)) per member and
+    (key hash of i, ("edge", key i, key j, similarity)) per pair."""
+    keys, scores, sources, i, j, sim, vectors = item
+    h = key_hashes(keys).tolist()
+    for m, key in enumerate(keys):
+        yield h[m], ("member", str(key), float(scores[m]), int(sources[m]), vectors[m])
+    for p in range(len(i)):
+        yield h[int(i[p])], ("edge", str(keys[int(i[p])]), str(keys[int(j[p])]), float(sim[p]))
+
+
+def route_to_group(keyed):
+    """(key hash, [group label, member, edges]) -> (group id, item) for the member (once) and its edges."""
+    _, items = keyed
+    group = next(item[1] for item in items if item[0] == "group")
+    member = next((item for item in items if item[0] == "member"), None)
+    if member is not None:
+        yield group, member
+    for item in items:
+        if item[0] == "edge":
+            yield group, item
+
+
+def resolve_group(keyed, eps: float):
+    """(group id, members and edges) -> (block id, (key, decision)): ``resolve`` over one connected
+    group of border pairs (a pair met in two clusters once)."""
+    _, items = keyed
+    members, edges = {}, []
+    for item in items:
+        if item[0] == "member":
+            members.setdefault(item[1], item[2:])
+        else:
+            edges.append(item[1:])
+    keys = sorted(members)
+    index = {k: m for m, k in enumerate(keys)}
+    block = (np.asarray(keys, object), np.asarray([members[k][0] for k in keys], np.float64),
+             np.asarray([members[k][1] for k in keys], np.int64),
+             np.asarray([index[e[0]] for e in edges], np.int64), np.asarray([index[e[1]] for e in edges], np.int64),
+             np.asarray([e[2] for e in edges], np.float32), np.stack([members[k][2] for k in keys]))
+    yield from resolve((None, [block]), eps)

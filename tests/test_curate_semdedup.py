@@ -85,6 +85,7 @@ def test_job_keeps_what_deduplicate_keeps(wire_dtype, tmp_path):
     # both kinds of decision were made: groups whole in one cluster, and groups across a border
     assert counters["semdedup_pairs_local"] > 0 and counters["semdedup_pairs_border"] > 0
     assert counters["semdedup_margin_copies"] > 0
+    assert counters["semdedup_border_groups"] >= 1
     assert sorted(got) == sorted(keys)  # every record once
     assert {k: r.get("duplicate_of") for k, r in got.items()} == want
     assert 40 <= sum(v is not None for v in want.values()) <= 120  # the planted groups were found
@@ -149,6 +150,7 @@ def test_job_splits_oversized_clusters_and_keeps_what_deduplicate_keeps(spread_f
                             spread_factor=spread_factor)
     assert counters["semdedup_split_clusters"] == 2 and counters["semdedup_block_split_clusters"] > 0
     assert counters["semdedup_spread_clusters"] == (2 if spread_factor == 1 else 0)
+    assert counters["semdedup_border_groups"] > 10  # border pairs resolved group by group, not all at once
     assert sorted(got) == sorted(keys)
     assert {k: r.get("duplicate_of") for k, r in got.items()} == want
     assert 40 <= sum(v is not None for v in want.values()) <= 120
