@@ -220,23 +220,29 @@ class SemanticDedupBlocks(beam.PTransform):
         # Dask runner drops (the sample came out empty there)
         sample = candidates | "SampleForKMeans" >> beam.CombineGlobally(SmallestRanks(cfg.kmeans_sample_size))
         centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
-        assigned = rows | "AssignBlocks" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
-                                                       beam.pvalue.AsSingleton(centroids))
+        # Assignment and the cluster shuffle in CLUSTER_SHUFFLES parts (input blocks by id, clusters
+        # by id): a runner that runs a shuffle in one process (DirectRunner holds a stage's whole
+        # output, decodes all of a shuffle into a table and encodes it again into one buffer) then
+        # holds one part of each at a time; a distributed runner is unaffected.
         # Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
-        homes = (assigned
-                 | "SelectHomes" >> beam.Filter(blocks_.is_homes)
+        parts = range(CLUSTER_SHUFFLES)
+        assigned = [rows
+                    | f"SelectBlocks{a}" >> beam.Filter(blocks_.is_block_part, a, CLUSTER_SHUFFLES)
+                    | f"AssignBlocks{a}" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
+                                                       beam.pvalue.AsSingleton(centroids))
+                    for a in parts]
+        homes = ([part | f"SelectHomes{a}" >> beam.Filter(blocks_.is_homes) for a, part in enumerate(assigned)]
+                 | "GatherHomes" >> beam.Flatten()
                  | "UntagHomes" >> beam.Map(blocks_.untag)
                  | "TagHomes" >> beam.Map(blocks_.tag_homes))
-        # The cluster shuffle as CLUSTER_SHUFFLES GroupByKeys (by cluster id): a runner that groups
-        # a shuffle in one process (DirectRunner decodes all of it, then encodes it again into one
-        # buffer: three copies at once) then holds one part at a time; a distributed runner is unaffected
-        found = [assigned
-                 | f"SelectClusterBlocks{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
+        found = [[part | f"SelectClusterBlocks{a}_{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
+                  for a, part in enumerate(assigned)]
+                 | f"GatherClusterBlocks{g}" >> beam.Flatten()
                  | f"UntagClusterBlocks{g}" >> beam.Map(blocks_.untag)
                  | f"GroupByCluster{g}" >> beam.GroupByKey()
                  | f"PairsInCluster{g}" >> beam.FlatMap(blocks_.pairs_in_cluster, self.modality, cfg, self.margin,
-                                                                self.spread_factor)
-                 for g in range(CLUSTER_SHUFFLES)]
+                                                        self.spread_factor)
+                 for g in parts]
         found = found | "GatherClusters" >> beam.Flatten()
         in_units = (found
                     | "SelectWorkUnits" >> beam.Filter(blocks_.is_unit)
