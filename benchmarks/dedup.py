@@ -241,7 +241,7 @@ def beam_child(kind: str, tmp: str, eps: float, args: dict) -> None:
     for c in result.metrics().query(MetricsFilter())["counters"]:  # a name counted in several steps: summed
         counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (c.committed or 0)
     with open(f"{tmp}/child_{kind}.json", "w") as f:
-        json.dump({"counters": counters, "peak_rss_gb": peak_rss_gb()}, f)
+        json.dump({"counters": counters, "peak_rss_gb": own_peak_rss_gb()}, f)
 
 
 def run_beam_path(kind: str, x, keys, scores, eps, args):
@@ -290,6 +290,19 @@ def run_beam_blocks(x, keys, scores, eps, args):
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def own_peak_rss_gb() -> float:
+    """This process's own peak RSS (``VmHWM``, reset when a new program is exec'd). ``ru_maxrss``
+    is not: a spawned child starts from its forked parent's resident size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return peak_rss_gb()
 
 
 def main(argv=None) -> None:
