@@ -89,7 +89,7 @@ from filters import reasons, semdedup
 from filters.config import CurateConfig
 from filters.semdedup import sample_rank
 from pipelines import dedup_blocks as blocks_
-from pipelines.dedup_blocks import EmbeddingRows, Fates, Rows  # noqa: F401 (the block types, for callers)
+from pipelines.dedup_blocks import EmbeddingRows, Fates, Rows
 from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
 
 ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16 = 12 MB
@@ -97,6 +97,8 @@ WIRE_DTYPE = "float16"
 MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate's default
 CLUSTER_SHUFFLES = 8  # GroupByKeys the cluster shuffle is split into (see SemanticDedupBlocks.expand)
 SPREAD_FACTOR = 64  # a split cluster above this x target_cluster_size rows has its work units spread over workers
+
+__all__ = ["SemanticDedup", "SemanticDedupBlocks", "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
 
 
 
