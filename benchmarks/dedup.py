@@ -12,7 +12,8 @@ The truth: the planted pairs whose float64 cosine is >= 1 - eps. That no unplant
 close is checked with an exact brute-force faiss range search on a random subset (``--check_subset``
 rows, all pairs inside it): the full 1M x 1M search is 5e14 multiply-adds, hours on 2 cores.
 
-Each path is timed (wall, and peak RSS of this process after it) and scored:
+Each path is timed (wall, and peak RSS: the Beam paths' own, measured in the child process they
+run in; for ``bare`` and ``ivf`` this process's so far, which includes the data) and scored:
 - pair recall: true pairs that do not end with both members kept; at the boundary too (true pairs
   within 0.01 of the threshold);
 - precision: reported (duplicate, kept) pairs whose float64 cosine is >= 1 - eps - 1e-6;
@@ -23,9 +24,13 @@ Paths, all in this invocation and on the same data:
   a border margin, per-cluster pairs, one global keep decision), the functions the jobs run;
 - ``ivf``: a faiss IVF range search over the whole set (the autofaiss / clip-retrieval approach),
   then the same keep rule on its pairs;
-- ``beam``: the jobs' ``pipelines.dedup.SemanticDedup`` transform on DirectRunner in process, fed
-  the same embeddings as records read from a memory-mapped ``.npy`` (``--paths bare,ivf,beam``).
-  Peak RSS is the process's so far: run ``--paths beam`` alone for the Beam path's own.
+- ``beam``: the jobs' ``pipelines.dedup.SemanticDedup`` transform (records in, records out) on
+  DirectRunner in a spawned child process, fed the same embeddings as one record per row, read in
+  chunks of 10,000 from a saved ``.npy`` (``--paths bare,ivf,beam``);
+- ``beam_blocks``: ``pipelines.dedup.SemanticDedupBlocks`` the same way, fed one ``EmbeddingRows``
+  block per chunk of 10,000 rows (keys as one tuple, the vectors read from the file in float16 by
+  the steps that need them), as a source over ``.emb.npy`` files makes them; its output is one
+  ``Fates`` block per input block.
 One run, one machine: compare ratios between paths, not absolute times across machines.
 """
 
@@ -168,61 +173,136 @@ def run_ivf(x, keys, scores, eps, args):
 
 
 def records_from(start: int, path: str, step: int, scores_path: str):
-    """Records ``start`` to ``start + step`` of the saved embeddings (read memory-mapped, as a job
-    reads ``.emb.npy`` sidecars), so the pipeline graph does not carry the data."""
-    x = np.load(path, mmap_mode="r")
-    scores = np.load(scores_path, mmap_mode="r")
-    for i in range(start, min(start + step, x.shape[0])):
-        yield {"key": f"{i:09d}", "text_embedding": np.array(x[i]), "aesthetic_score": float(scores[i]),
+    """Records ``start`` to ``start + step`` of the saved embeddings (one chunk read at a time, as a
+    job reads ``.emb.npy`` sidecars), so the pipeline graph does not carry the data."""
+    x, scores = _chunk(path, start, step), _chunk(scores_path, start, step)
+    for i in range(len(x)):
+        yield {"key": f"{start + i:09d}", "text_embedding": x[i], "aesthetic_score": float(scores[i]),
                "stage": None, "reason": None}
+
+
+def _chunk(path: str, start: int, step: int) -> np.ndarray:
+    """Rows ``start`` to ``start + step`` of a saved array, copied out of a short-lived memory map."""
+    x = np.load(path, mmap_mode="r")
+    out = np.array(x[start:start + step])
+    del x
+    return out
+
+
+def rows_from(start: int, path: str, step: int, scores_path: str, wire_dtype: str):
+    """The block source: rows ``start`` to ``start + step`` as one ``EmbeddingRows`` block (keys and
+    scores; the vectors stay in the file until a step reads them in the wire dtype), not one record each."""
+    from pipelines.dedup import EmbeddingRows
+
+    scores = np.asarray(_chunk(scores_path, start, step), np.float64)
+    return EmbeddingRows(start, path, start, start + len(scores), tuple(f"{start + i:09d}" for i in range(len(scores))),
+                         scores, wire_dtype)
 
 
 def outcome_line(record: dict) -> str:
     return f"{record['key']}\t{record.get('duplicate_of') or ''}"
 
 
-def run_beam(x, keys, scores, eps, args):
-    """``pipelines.dedup.SemanticDedup`` on DirectRunner in this process, records read in chunks."""
-    import glob
-    import tempfile
+def outcome_lines(keyed) -> str:
+    _, fates = keyed
+    return "\n".join(f"{k}\t{d or ''}" for k, d in zip(fates.keys, fates.duplicate_of))
+
+
+def beam_child(kind: str, tmp: str, eps: float, args: dict) -> None:
+    """One Beam path on DirectRunner in this (child) process: ``beam`` = the jobs' records-in
+    ``SemanticDedup``, ``beam_blocks`` = ``SemanticDedupBlocks`` fed one ``Rows`` block per chunk.
+    Writes the outcome lines, the counters and this process's peak RSS under ``tmp``."""
+    import json
 
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from filters.config import CurateConfig
-    from pipelines.dedup import SemanticDedup
+    from pipelines.dedup import SemanticDedup, SemanticDedupBlocks
 
-    cfg = CurateConfig(semdedup_eps=eps, kmeans_sample_size=args.sample, target_cluster_size=args.cluster)
+    cfg = CurateConfig(semdedup_eps=eps, kmeans_sample_size=args["sample"], target_cluster_size=args["cluster"])
+    n, step = args["n"], 10_000
+    opts = PipelineOptions(["--direct_num_workers=1", "--direct_running_mode=in_memory"])
+    p = beam.Pipeline(options=opts)
+    starts = p | beam.Create(list(range(0, n, step)))
+    if kind == "beam":
+        lines = (starts | beam.FlatMap(records_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy")
+                 | SemanticDedup("text", cfg, margin=args["margin"], wire_dtype=args["wire_dtype"])
+                 | beam.Map(outcome_line))
+    else:
+        lines = (starts | beam.Map(rows_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy", args["wire_dtype"])
+                 | SemanticDedupBlocks("text", cfg, margin=args["margin"])
+                 | beam.Map(outcome_lines))
+    _ = lines | beam.io.WriteToText(f"{tmp}/out_{kind}")
+    result = p.run()
+    result.wait_until_finish()
+    counters = {}
+    for c in result.metrics().query(MetricsFilter())["counters"]:  # a name counted in several steps: summed
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (c.committed or 0)
+    with open(f"{tmp}/child_{kind}.json", "w") as f:
+        json.dump({"counters": counters, "peak_rss_gb": own_peak_rss_gb()}, f)
+
+
+def run_beam_path(kind: str, x, keys, scores, eps, args):
+    """A Beam path in a child process (spawned: its peak RSS is the path's own, without this
+    process's copy of the data), the embeddings handed over as ``.npy`` files."""
+    import glob
+    import json
+    import multiprocessing
+    import tempfile
+
     keep = np.ones(len(keys), bool)
     dup = np.full(len(keys), -1, np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/x.npy", x)
         np.save(f"{tmp}/scores.npy", np.asarray(scores, np.float64))
-        step = 10_000
-        opts = PipelineOptions(["--direct_num_workers=1", "--direct_running_mode=in_memory"])
-        p = beam.Pipeline(options=opts)
-        _ = (p | beam.Create(list(range(0, len(keys), step)))
-             | beam.FlatMap(records_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy")
-             | SemanticDedup("text", cfg, margin=args.margin, wire_dtype=args.wire_dtype)
-             | beam.Map(outcome_line) | beam.io.WriteToText(f"{tmp}/out"))
-        result = p.run()
-        result.wait_until_finish()
-        counters = {}
-        for c in result.metrics().query(MetricsFilter())["counters"]:  # a name counted in several steps: summed
-            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + (c.committed or 0)
-        print("beam counters:", {k: v for k, v in sorted(counters.items()) if k.startswith("semdedup")}, flush=True)
-        for name in glob.glob(f"{tmp}/out*"):
+        child = multiprocessing.get_context("spawn").Process(
+            target=beam_child, args=(kind, tmp, eps, {**vars(args), "n": len(keys)}))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"{kind}: the child process failed (exit code {child.exitcode})")
+        with open(f"{tmp}/child_{kind}.json") as f:
+            report = json.load(f)
+        print(f"{kind} counters:", {k: v for k, v in sorted(report["counters"].items()) if k.startswith("semdedup")},
+              f"child peak RSS {report['peak_rss_gb']:.2f} GB", flush=True)
+        for name in glob.glob(f"{tmp}/out_{kind}*"):
             with open(name) as f:
                 for line in f:
                     key, of = line.rstrip("\n").split("\t")
                     if of:
                         keep[int(key)], dup[int(key)] = False, int(of)
+    CHILD_RSS[kind] = report["peak_rss_gb"]
     return keep, dup
+
+
+CHILD_RSS: dict = {}
+
+
+def run_beam(x, keys, scores, eps, args):
+    return run_beam_path("beam", x, keys, scores, eps, args)
+
+
+def run_beam_blocks(x, keys, scores, eps, args):
+    return run_beam_path("beam_blocks", x, keys, scores, eps, args)
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def own_peak_rss_gb() -> float:
+    """This process's own peak RSS (``VmHWM``, reset when a new program is exec'd). ``ru_maxrss``
+    is not: a spawned child starts from its forked parent's resident size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return peak_rss_gb()
 
 
 def main(argv=None) -> None:
@@ -236,7 +316,7 @@ def main(argv=None) -> None:
     parser.add_argument("--margin", type=float, default=0.01, help="second-nearest-centroid margin (bare and beam)")
     parser.add_argument("--nprobe", type=int, default=4, help="IVF lists searched per query")
     parser.add_argument("--check_subset", type=int, default=40_000)
-    parser.add_argument("--paths", default="bare,ivf", help="comma-separated: bare, ivf, beam")
+    parser.add_argument("--paths", default="bare,ivf", help="comma-separated: bare, ivf, beam, beam_blocks")
     parser.add_argument("--wire_dtype", default="float16", help="beam path: embeddings between stages")
     args = parser.parse_args(argv)
 
@@ -250,7 +330,7 @@ def main(argv=None) -> None:
     print(f"background check (exact range search, {args.check_subset} rows): {found} pairs >= 1-eps, "
           f"{unplanted} of them unplanted", flush=True)
 
-    runners = {"bare": run_bare, "ivf": run_ivf, "beam": run_beam}
+    runners = {"bare": run_bare, "ivf": run_ivf, "beam": run_beam, "beam_blocks": run_beam_blocks}
     rows, base = [], None
     for name in args.paths.split(","):
         start = time.perf_counter()
@@ -258,9 +338,10 @@ def main(argv=None) -> None:
         wall = time.perf_counter() - start
         base = base or wall
         s = score(keep, dup, x, truth, groups, args.eps)
-        rows.append((name, wall, wall / base, peak_rss_gb(), s))
-        print(f"{name}: {wall:.1f} s ({wall / base:.2f}x bare), peak RSS so far {peak_rss_gb():.2f} GB, {s}", flush=True)
-    print("\n| path | wall s | x first path | peak RSS GB (process, so far) | pair recall | boundary recall | precision | groups with one kept |")
+        rss = CHILD_RSS.get(name, peak_rss_gb())
+        rows.append((name, wall, wall / base, rss, s))
+        print(f"{name}: {wall:.1f} s ({wall / base:.2f}x the first path), peak RSS {rss:.2f} GB, {s}", flush=True)
+    print("\n| path | wall s | x first path | peak RSS GB | pair recall | boundary recall | precision | groups with one kept |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, wall, ratio, rss, s in rows:
         print(f"| {name} | {wall:.1f} | {ratio:.2f} | {rss:.2f} | {s['pair_recall']:.4f} | {s['boundary_recall']:.4f} "

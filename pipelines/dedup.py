@@ -1,22 +1,36 @@
-"""SemDeDup on Beam (shared by the curate and filter jobs), in two shuffles of packed blocks and a keyed join.
+"""SemDeDup on Beam (shared by the curate and filter jobs): every element past the first step is a block of rows.
 
-    records --RankRows--> (rank, key, vector, score) --SampleForKMeans/TrainKMeans--> centroids (side input)
-      --BucketRows--> (bucket, row) --GroupIntoBuckets--> AssignBlocks: one faiss search per batch of rows,
-        nearest centroid and, within ``margin``, the second nearest --> (cluster, Block)
-      --GroupByCluster--> PairsInCluster: ``filters.semdedup.cluster_pairs``; duplicate groups seen whole
-        in the cluster are decided there (``resolve_pairs``) --> (key, decision); the rest --> border pairs;
-        an oversized cluster --> work units (second k-means level, row blocks) --SpreadWorkUnits-->
+Two entry points, one algorithm:
+
+- ``SemanticDedupBlocks``: blocks in, ``(block id, Fates)`` out: each row's nearest cluster and
+  fate, in its block's row order. A block is ``dedup_blocks.Rows`` (keys, wire-dtype vectors,
+  scores) or ``dedup_blocks.EmbeddingRows`` (keys, scores and a row range of a ``.npy`` file, read
+  by the steps that need the vectors; what a source over ``.emb.npy`` sidecars makes, one per file
+  or chunk). No step handles a single record.
+- ``SemanticDedup``: records in, the same records annotated out (what the curate and filter jobs
+  use). Records become rows of primitives (key, vector as bytes, score), are grouped into buckets
+  of about ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
+  back to the records by a join on the key, the records shipped with their arrays as bytes.
+
+    Rows --SampleCandidates/SampleForKMeans/TrainKMeans--> centroids (side input)
+      --AssignBlocks: one faiss search per ``batch`` rows, nearest centroid and, within ``margin``,
+        the next nearest --> (cluster, Block) + (block id, nearest clusters)
+      --GroupByCluster (CLUSTER_SHUFFLES parts)--> PairsInCluster: ``filters.semdedup.cluster_pairs``;
+        duplicate groups seen whole in the cluster are decided there (``resolve_pairs``) --> (block id,
+        decision); the rest --> border pairs; an oversized cluster --> work units (second k-means
+        level, row blocks), run there or, above ``SPREAD_FACTOR`` x target, --SpreadWorkUnits-->
         PairsInWorkUnit: the same per unit
-      --GroupBorderPairs--> ResolveBorderPairs: ``resolve_pairs`` over every border pair --> (key, decision)
-    records + home clusters + decisions --JoinByKey--> AnnotateRecords
+      --LabelBorderGroups (connected groups of the border pair graph, 16 bytes per pair in one step)-->
+        members, vectors and pairs routed to their group by key --GroupBorderGroups--> ResolveBorderGroups:
+        ``resolve_pairs`` per group --> (block id, decision)
+    nearest clusters + decisions --GroupFatesByBlock--> CollectFates --> (block id, Fates)
 
 The same four steps as ``filters.semdedup.deduplicate``, and the same result on the same sample
-(``tests/test_filters_semdedup.py`` checks that). What one worker holds at a time:
-
+(``tests/test_curate_semdedup.py`` checks that). What one worker holds at a time:
 - the k-means sample (``kmeans_sample_size`` vectors) and the centroids;
-- one bucket of about ``ASSIGN_BATCH`` rows (buckets = ceil(records / ``ASSIGN_BATCH``), keyed by
-  the row's sample rank, so they are even): assignment is one (batch, d) x (d, k) search, not one
-  search per record;
+- one input block (``SemanticDedup``: a bucket of about ``ASSIGN_BATCH`` rows, buckets =
+  ceil(records / ``ASSIGN_BATCH``) keyed by a hash of the key, so they are even): assignment is one
+  (batch, d) x (d, k) search per ``batch`` rows, not one search per record;
 - one cluster's block (about ``target_cluster_size`` rows, times 1.1 for the margin copies);
 - the border pairs: those of duplicate groups with a member in two clusters (the margin's copies,
   about a tenth of the rows). A group none of whose members is shared is whole in its cluster and
@@ -26,8 +40,11 @@ The same four steps as ``filters.semdedup.deduplicate``, and the same result on 
   duplicate pair and 3% of pairs on a border (BENCHMARKS.md, "Cost model for 1B embeddings").
 
 Embeddings travel as ``WIRE_DTYPE`` (float16) rows inside blocks, not per-record dicts: 2 bytes
-per dimension. float16 moves a cosine by about 2e-5 in 512-d (a rounding of 2^-11 per component,
-averaged over 512 of them), so a pair within that of ``1 - eps`` may flip; ``wire_dtype="float32"``
+per dimension. A block pickles as a few arrays; what travels per record (``SemanticDedup``'s rows
+and records) is made of Python primitives (str, float, bytes), which Beam's default coder writes
+without pickle (a numpy array inside a record dict is pickled at every stage boundary).
+float16 moves a cosine by about 2e-5 in 512-d (a rounding of 2^-11 per component, averaged over
+512 of them), so a pair within that of ``1 - eps`` may flip; ``wire_dtype="float32"``
 ships exact vectors.
 
 The sample is the ``kmeans_sample_size`` records with the smallest ``sha1(seed, key)``: a uniform
@@ -35,7 +52,7 @@ sample that is the same on every run and runner, so clusters, and hence results,
 With ``sidecars`` (the ``.emb.npy`` files the filter job's records come from) it is drawn from
 those files instead (``sidecar_sample``: a hash of (seed, file, row) ranks the rows; each file
 yields the rows below a quantile, then the global top picks the sample), so the k-means input is
-read straight from storage, once, and the records carry no rank for it.
+read straight from storage, once.
 No step emits from ``finish_bundle`` (Beam's Dask runner drops that output: ``BatchElements`` and
 ``Top.Of`` lost records there) and none has tagged outputs (Dask gives every element to each).
 
@@ -47,7 +64,9 @@ Choosing the knobs (``filters.config.CurateConfig``):
   the target size up to about 1.25M records; above that a cluster of more than
   ``SPLIT_FACTOR`` (4) x the target is split in its worker by a second k-means level trained on
   its own rows (``filters.semdedup.fine_centroids``: at 1B, 1,250 coarse clusters of 800k rows,
-  each into about 800), and the fine clusters go on as work units through a Reshuffle; a fine
+  each into about 800), and the fine clusters are work units, spread over workers by a Reshuffle
+  when the coarse cluster holds more than ``SPREAD_FACTOR`` (64) x the target (below that its units
+  run where it was grouped: shipping its vectors again costs more than it spreads); a fine
   cluster still above ``MAX_UNIT_ROWS_FACTOR`` (8) x the target is compared in row blocks, one
   unit per pair of blocks, its pairs all resolved as border pairs.
 - ``semdedup_eps`` (duplicates: cosine >= 1 - eps) defaults to 0.05. The right value depends on
@@ -61,7 +80,6 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
@@ -70,69 +88,68 @@ from apache_beam.metrics import Metrics
 from filters import reasons, semdedup
 from filters.config import CurateConfig
 from filters.semdedup import sample_rank
+from pipelines import dedup_blocks as blocks_
+from pipelines.dedup_blocks import EmbeddingRows, Fates, Rows
 from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
 
 ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16 = 12 MB
 WIRE_DTYPE = "float16"
 MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate's default
+CLUSTER_SHUFFLES = 8  # GroupByKeys the cluster shuffle is split into (see SemanticDedupBlocks.expand)
+SPREAD_FACTOR = 64  # a split cluster above this x target_cluster_size rows has its work units spread over workers
+
+__all__ = ["SemanticDedup", "SemanticDedupBlocks", "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
 
 
-def _rank_row(record: dict, field: str, seed: int, wire_dtype: str) -> tuple[int, str, np.ndarray, float]:
-    score = effective_aesthetic(record)
-    return (sample_rank(seed, record["key"]), record["key"], np.asarray(record[field]).astype(wire_dtype),
-            math.nan if score is None else float(score))
+
+# ---- the k-means sample: packed (ranks uint64, keys object, vectors, scores float64) arrays ----
+
+def _smallest(packed: tuple, size: int) -> tuple:
+    if len(packed[0]) <= size:
+        return packed
+    keep = np.argpartition(packed[0], size - 1)[:size]
+    return tuple(a[keep] for a in packed)
+
+
+def _cat(parts: list) -> tuple | None:
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4)) if parts else None
 
 
 class SmallestRanks(beam.CombineFn):
-    """The ``size`` rows of smallest rank (``TopCombineFn``'s result) with a packed accumulator: rows
-    gather in lists and are compacted into (ranks, keys, vectors, scores) arrays, so an accumulator
-    pickles as a few arrays, not as one pickled vector per row (the sample is 50,000 rows)."""
+    """The ``size`` rows of smallest rank over packed (ranks, keys, vectors, scores) parts, in rank
+    order (None if there are none). An accumulator is a list of packed parts, compacted to ``size``
+    rows when it holds twice that, so it pickles as a few arrays, never one object per row."""
 
     def __init__(self, size: int):
         self.size = size
 
     def create_accumulator(self):
-        return [None, []]  # packed (ranks uint64, keys object, vectors, scores), rows not yet packed
+        return []
 
-    def add_input(self, acc, row):
-        acc[1].append(row)
-        if len(acc[1]) >= 2 * self.size:
-            acc = self._compact(acc)
+    def add_input(self, acc, packed):
+        acc.append(_smallest(packed, self.size))
+        if sum(len(p[0]) for p in acc) >= 2 * self.size:
+            acc = [_smallest(_cat(acc), self.size)]
         return acc
 
-    def _compact(self, acc):
-        packed, rows = acc
-        parts = [packed] if packed is not None else []
-        if rows:
-            parts.append((np.fromiter((r[0] for r in rows), np.uint64, len(rows)), np.asarray([r[1] for r in rows], object),
-                          np.stack([r[2] for r in rows]), np.asarray([r[3] for r in rows], np.float64)))
-        if not parts:
-            return [None, []]
-        ranks, keys, vectors, scores = (np.concatenate([p[i] for p in parts]) for i in range(4))
-        if len(ranks) > self.size:
-            keep = np.argpartition(ranks, self.size - 1)[:self.size]
-            ranks, keys, vectors, scores = ranks[keep], keys[keep], vectors[keep], scores[keep]
-        return [(ranks, keys, vectors, scores), []]
-
     def merge_accumulators(self, accumulators):
-        rows, packed = [], []
-        for acc in accumulators:
-            rows += acc[1]
-            if acc[0] is not None:
-                packed.append(acc[0])
-        merged = tuple(np.concatenate([p[i] for p in packed]) for i in range(4)) if packed else None
-        return self._compact([merged, rows])
+        parts = [p for acc in accumulators for p in acc]
+        return [_smallest(_cat(parts), self.size)] if parts else []
 
     def extract_output(self, acc):
-        packed, _ = self._compact(acc)
-        if packed is None:
-            return []
+        if not acc:
+            return None
+        packed = _smallest(_cat(acc), self.size)
         order = np.argsort(packed[0], kind="stable")
-        return [(int(packed[0][i]), packed[1][i], packed[2][i], float(packed[3][i])) for i in order.tolist()]
+        return tuple(a[order] for a in packed)
 
 
-def _rank(item: tuple) -> int:
-    return item[0]
+def sample_candidates(rows, seed: int, size: int) -> tuple:
+    """A block's (``Rows`` or ``EmbeddingRows``) candidates for the k-means sample: its ``size`` rows
+    of smallest ``sample_rank``."""
+    rows = rows.load()
+    ranks = np.fromiter((sample_rank(seed, k) for k in rows.keys), np.uint64, len(rows.keys))
+    return _smallest((ranks, np.asarray(rows.keys, object), rows.vectors, rows.scores), size)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -146,8 +163,8 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def sidecar_sample(path: str, n_total: int, size: int, seed: int):
     """Rows of one ``.emb.npy`` sidecar for the k-means sample: those whose rank, a hash of (seed,
     file, row), falls below the quantile that leaves about 2 x ``size`` rows of ``n_total`` (the
-    global top ``size`` then picks exactly ``size``). -> (rank, "file:row", vector, NaN) rows, as
-    ``RankRows`` makes them. Only the sidecar is read, none of the records."""
+    global top ``size`` then picks exactly ``size``). -> one packed (ranks, "file:row" keys, float32
+    vectors, NaN scores). Only the sidecar is read, none of the records."""
     from teachers.fs import read_bytes
 
     x = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
@@ -156,269 +173,183 @@ def sidecar_sample(path: str, n_total: int, size: int, seed: int):
     cut = np.uint64(min(2**64 - 1, int(2 * size / max(1, n_total) * 2**64)))
     picked = np.flatnonzero(ranks < cut) if 2 * size < n_total else np.arange(len(x))
     Metrics.counter("curate", "kmeans_sample_sidecar_rows").inc(len(picked))
-    for r in picked.tolist():
-        yield int(ranks[r]), f"{path}:{r}", np.asarray(x[r], np.float32), math.nan
+    yield (ranks[picked], np.asarray([f"{path}:{r}" for r in picked.tolist()], object),
+           np.asarray(x[picked], np.float32), np.full(len(picked), math.nan))
 
 
-def train_centroids(sample: list, n_total: int, cfg: CurateConfig) -> np.ndarray | None:
-    """k-means centroids from the sample (sorted by rank for a stable order); None if empty."""
-    if not sample:
+def train_centroids(sample: tuple | None, n_total: int, cfg: CurateConfig) -> np.ndarray | None:
+    """k-means centroids from the packed sample (in rank order, so a stable input); None if empty."""
+    if sample is None or not len(sample[0]):
         return None
-    vectors = np.stack([row[2] for row in sorted(sample, key=_rank)]).astype(np.float32)
+    vectors = np.asarray(sample[2], np.float32)
     k = cfg.kmeans_clusters or semdedup.choose_n_clusters(n_total, len(vectors), cfg.target_cluster_size)
     Metrics.distribution("curate", "kmeans_clusters").update(min(k, len(vectors)))
     return semdedup.train_kmeans(vectors, k, niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
 
 
+def _n_rows(rows) -> int:
+    return len(rows.keys)
+
+
+class SemanticDedupBlocks(beam.PTransform):
+    """SemDeDup over ``Rows`` or ``EmbeddingRows`` blocks -> ``(block id, Fates)`` per input block
+    (see the module docstring). Duplicates: cosine similarity >= 1 - ``cfg.semdedup_eps``; kept per duplicate
+    group: highest score, then smallest key. ``margin``: second-nearest-centroid margin (0: nearest
+    only); ``batch``: rows per faiss search; ``sidecars``: ``.emb.npy`` files for the k-means sample;
+    ``spread_factor``: a cluster split by the second k-means level spreads its work units over
+    workers when it holds more than this x ``target_cluster_size`` rows."""
+
+    def __init__(self, modality: str, cfg: CurateConfig, *, margin: float | None = None, batch: int = ASSIGN_BATCH,
+                 sidecars: tuple[str, ...] = (), spread_factor: int = SPREAD_FACTOR):
+        super().__init__()
+        self.modality, self.cfg, self.batch, self.sidecars = modality, cfg, batch, tuple(sidecars)
+        self.spread_factor = spread_factor
+        self.margin = getattr(cfg, "semdedup_margin", MARGIN) if margin is None else margin
+
+    def expand(self, rows):
+        cfg = self.cfg
+        count = rows | "CountRows" >> beam.Map(_n_rows) | "SumRows" >> beam.CombineGlobally(sum)
+        if self.sidecars:  # read the sidecars for the sample, not the rows (which may still be arriving)
+            candidates = (rows.pipeline
+                          | "ListSidecars" >> beam.Create(list(self.sidecars))
+                          | "SpreadSidecars" >> beam.Reshuffle()
+                          | "SampleSidecars" >> beam.FlatMap(sidecar_sample, beam.pvalue.AsSingleton(count),
+                                                             cfg.kmeans_sample_size, cfg.kmeans_seed))
+        else:
+            candidates = rows | "SampleCandidates" >> beam.Map(sample_candidates, cfg.kmeans_seed,
+                                                               cfg.kmeans_sample_size)
+        # A CombineFn (SmallestRanks), not Top.Of: Top.Of emits from finish_bundle, which Beam's
+        # Dask runner drops (the sample came out empty there)
+        sample = candidates | "SampleForKMeans" >> beam.CombineGlobally(SmallestRanks(cfg.kmeans_sample_size))
+        centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
+        # Assignment and the cluster shuffle in CLUSTER_SHUFFLES parts (input blocks by id, clusters
+        # by id): a runner that runs a shuffle in one process (DirectRunner holds a stage's whole
+        # output, decodes all of a shuffle into a table and encodes it again into one buffer) then
+        # holds one part of each at a time; a distributed runner is unaffected.
+        # Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
+        parts = range(CLUSTER_SHUFFLES)
+        assigned = [rows
+                    | f"SelectBlocks{a}" >> beam.Filter(blocks_.is_block_part, a, CLUSTER_SHUFFLES)
+                    | f"AssignBlocks{a}" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
+                                                       beam.pvalue.AsSingleton(centroids))
+                    for a in parts]
+        homes = ([part | f"SelectHomes{a}" >> beam.Filter(blocks_.is_homes) for a, part in enumerate(assigned)]
+                 | "GatherHomes" >> beam.Flatten()
+                 | "UntagHomes" >> beam.Map(blocks_.untag)
+                 | "TagHomes" >> beam.Map(blocks_.tag_homes))
+        found = [[part | f"SelectClusterBlocks{a}_{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
+                  for a, part in enumerate(assigned)]
+                 | f"GatherClusterBlocks{g}" >> beam.Flatten()
+                 | f"UntagClusterBlocks{g}" >> beam.Map(blocks_.untag)
+                 | f"GroupByCluster{g}" >> beam.GroupByKey()
+                 | f"PairsInCluster{g}" >> beam.FlatMap(blocks_.pairs_in_cluster, self.modality, cfg, self.margin,
+                                                        self.spread_factor)
+                 for g in parts]
+        found = found | "GatherClusters" >> beam.Flatten()
+        in_units = (found
+                    | "SelectWorkUnits" >> beam.Filter(blocks_.is_unit)
+                    | "UntagWorkUnits" >> beam.Map(blocks_.untag)
+                    | "SpreadWorkUnits" >> beam.Reshuffle()
+                    | "PairsInWorkUnit" >> beam.FlatMap(blocks_.pairs_of_unit, cfg.semdedup_eps))
+        found = (found, in_units) | "GatherFound" >> beam.Flatten()
+        local = (found
+                 | "SelectLocalDecisions" >> beam.Filter(blocks_.is_decision)
+                 | "UntagDecisions" >> beam.Map(blocks_.untag))
+        pair_blocks = (found
+                       | "SelectBorderPairs" >> beam.Filter(blocks_.is_pair_block)
+                       | "UntagBorderPairs" >> beam.Map(blocks_.untag))
+        # Border pairs are resolved per connected group: one step labels the groups from 16 bytes per
+        # pair, then members, vectors and pairs go to their group by key, so no worker holds them all
+        labels = (pair_blocks
+                  | "BorderEdges" >> beam.Map(blocks_.border_edges)
+                  | "GatherBorderEdges" >> beam.GroupByKey()
+                  | "LabelBorderGroups" >> beam.FlatMap(blocks_.label_groups))
+        members = pair_blocks | "BorderMembers" >> beam.FlatMap(blocks_.border_members)
+        border = ((labels, members)
+                  | "GatherBorderMembers" >> beam.Flatten()
+                  | "GroupBorderMembers" >> beam.GroupByKey()
+                  | "RouteToGroups" >> beam.FlatMap(blocks_.route_to_group)
+                  | "GroupBorderGroups" >> beam.GroupByKey()
+                  | "ResolveBorderGroups" >> beam.FlatMap(blocks_.resolve_group, cfg.semdedup_eps))
+        decisions = ((local, border)
+                     | "GatherDecisions" >> beam.Flatten()
+                     | "TagDecisions" >> beam.Map(blocks_.tag_decision))
+        return ((homes, decisions)
+                | "GatherFates" >> beam.Flatten()
+                | "GroupFatesByBlock" >> beam.GroupByKey()
+                | "CollectFates" >> beam.Map(blocks_.collect_fates))
+
+
+# ---- records in, records out ----
+
+def _row_of(record: dict, field: str, seed: int, wire_dtype: str) -> tuple[int, str, bytes, float]:
+    """A record -> (hash < 2^62, key, its embedding in the wire dtype as bytes, score): primitives only."""
+    score = effective_aesthetic(record)
+    vector = np.ascontiguousarray(np.asarray(record[field]).astype(wire_dtype).reshape(-1))
+    return (sample_rank(seed, record["key"]) >> 2, record["key"], vector.tobytes(),
+            math.nan if score is None else float(score))
+
+
 def _bucket_row(row: tuple, n_total: int, batch: int):
-    rank, key, vector, score = row  # vector: already the wire dtype (RankRows)
-    return rank % max(1, math.ceil(n_total / batch)), (key, vector, score)
+    return row[0] % max(1, math.ceil(n_total / batch)), row[1:]
 
 
-@dataclass(frozen=True)
-class Block:
-    """Rows of one cluster, packed: ``keys`` (n,), ``vectors`` (n, d) wire dtype, ``scores`` (n,)
-    float64 (NaN: unknown), ``home`` (n,) int64: each row's nearest cluster (the one it is
-    reported under; a margin copy has a different one), ``shared`` (n,) bool: the row is in two
-    clusters."""
-
-    keys: tuple
-    vectors: np.ndarray
-    scores: np.ndarray
-    home: np.ndarray
-    shared: np.ndarray
+def _pack_bucket(keyed, wire_dtype: str) -> Rows:
+    bucket, rows = keyed
+    rows = list(rows)
+    vectors = np.frombuffer(b"".join(r[1] for r in rows), wire_dtype).reshape(len(rows), -1)
+    return Rows(int(bucket), tuple(r[0] for r in rows), vectors, np.fromiter((r[2] for r in rows), np.float64, len(rows)))
 
 
-class AssignBlocksFn(beam.DoFn):
-    """(bucket, rows) -> (cluster, Block) per cluster met, one faiss search per ``batch`` rows."""
-
-    def __init__(self, margin: float, batch: int):
-        self.margin, self.batch = margin, batch
-
-    def setup(self):
-        self._centroids = self._index = None
-
-    def process(self, keyed, centroids: np.ndarray):
-        if centroids is not self._centroids:  # a side input is one object for a whole bundle
-            self._centroids, self._index = centroids, semdedup.centroid_index(centroids)
-        chunk = []
-        for row in keyed[1]:  # the grouped iterable may be lazy: hold one batch at a time
-            chunk.append(row)
-            if len(chunk) == self.batch:
-                yield from self._blocks(chunk)
-                chunk = []
-        if chunk:
-            yield from self._blocks(chunk)
-
-    def _blocks(self, chunk: list):
-        keys = np.asarray([k for k, _, _ in chunk], object)
-        vectors = np.stack([v for _, v, _ in chunk])
-        scores = np.asarray([s for _, _, s in chunk], np.float64)
-        assigned = semdedup.assign_clusters(vectors.astype(np.float32), self._centroids, self._index,
-                                            margin=self.margin).reshape(len(chunk), -1)
-        home = assigned[:, 0]
-        shared = (assigned[:, 1:] >= 0).any(axis=1)  # margin copies in other clusters (none with margin 0)
-        Metrics.counter("curate", "semdedup_margin_copies").inc(int((assigned[:, 1:] >= 0).sum()))
-        for cluster, r in semdedup.members_by_cluster(assigned):
-            yield cluster, Block(tuple(keys[r]), vectors[r], scores[r], home[r], shared[r])
+def pack_record(record: dict) -> tuple[dict, tuple]:
+    """A record -> (the record with its numeric arrays set to None, ((field, dtype, shape, bytes), ...)):
+    what Beam's default coder writes without pickle. ``unpack_record`` gives back an equal record."""
+    arrays = tuple((name, v.dtype.str, v.shape, v.tobytes()) for name, v in record.items()
+                   if isinstance(v, np.ndarray) and v.dtype.kind in "biufc")
+    if not arrays:
+        return record, ()
+    names = {a[0] for a in arrays}
+    return {k: (None if k in names else v) for k, v in record.items()}, arrays
 
 
-def _concat(blocks) -> Block:
-    blocks = list(blocks)
-    return Block(sum((b.keys for b in blocks), ()), np.concatenate([b.vectors for b in blocks]),
-                 np.concatenate([b.scores for b in blocks]), np.concatenate([b.home for b in blocks]),
-                 np.concatenate([b.shared for b in blocks]))
+def unpack_record(packed: tuple) -> dict:
+    record, arrays = packed
+    if arrays:
+        record = dict(record)
+        for name, dtype, shape, data in arrays:
+            record[name] = np.frombuffer(data, dtype).reshape(shape).copy()
+    return record
 
 
-def pairs_in_cluster(keyed, modality: str, cfg: CurateConfig, margin: float):
-    """(cluster, Blocks) -> decisions and border pairs (``pairs_of_block``); a cluster of more than
-    ``SPLIT_FACTOR`` x ``target_cluster_size`` rows -> work units instead: a second k-means level
-    inside it (``filters.semdedup.fine_centroids``, assignment with the same margin), one unit per
-    fine cluster, and a fine cluster still above ``MAX_UNIT_ROWS_FACTOR`` x target (rows k-means
-    cannot part, such as thousands of copies of one image) cut into row blocks, one unit per pair of
-    blocks. Units are spread over workers by a Reshuffle, so no cluster is one hot key."""
-    cluster, block = keyed[0], _concat(keyed[1])
-    Metrics.distribution("curate", f"cluster_size_{modality}").update(len(block.keys))
-    target = cfg.target_cluster_size
-    if len(block.keys) <= semdedup.SPLIT_FACTOR * target:
-        yield from pairs_of_block(block, cfg.semdedup_eps)
-        return
-    Metrics.counter("curate", "semdedup_split_clusters").inc()
-    x = block.vectors.astype(np.float32)
-    fine = semdedup.fine_centroids(x, block.keys, target, sample_size=cfg.kmeans_sample_size,
-                                   niter=cfg.kmeans_iterations, seed=cfg.kmeans_seed)
-    assigned = semdedup.assign_clusters(x, fine, margin=margin).reshape(len(x), -1)
-    fine_shared = (assigned[:, 1:] >= 0).any(axis=1)
-    keys = np.asarray(block.keys, object)
-    for _, rows in semdedup.members_by_cluster(assigned):
-        sub = Block(tuple(keys[rows]), block.vectors[rows], block.scores[rows], block.home[rows],
-                    block.shared[rows] | fine_shared[rows])  # in another fine or coarse cluster too
-        if len(rows) <= semdedup.MAX_UNIT_ROWS_FACTOR * target:
-            yield "unit", ("whole", sub, None)
-            continue
-        Metrics.counter("curate", "semdedup_block_split_clusters").inc()
-        size = semdedup.SPLIT_FACTOR * target
-        parts = [_take(sub, np.arange(st, min(st + size, len(rows)))) for st in range(0, len(rows), size)]
-        for a in range(len(parts)):
-            for b in range(a, len(parts)):
-                yield "unit", ("blocks", parts[a], parts[b] if b != a else None)
+def _keyed_record(record: dict):
+    return record["key"], ("record", pack_record(record))
 
 
-def _take(block: Block, rows: np.ndarray) -> Block:
-    return Block(tuple(np.asarray(block.keys, object)[rows]), block.vectors[rows], block.scores[rows],
-                 block.home[rows], block.shared[rows])
-
-
-def pairs_of_unit(unit, eps: float):
-    """A work unit of a split cluster -> decisions and border pairs. A fine cluster is treated as a
-    cluster; the pairs of a pair of row blocks all go on as border pairs (their groups may span blocks)."""
-    kind, a, b = unit
-    if kind == "whole":
-        yield from pairs_of_block(a, eps)
-        return
-    if b is None:
-        pairs = semdedup.cluster_pairs(a.vectors.astype(np.float32), eps)
-        both = a
-    else:
-        p = semdedup.cross_pairs(a.vectors.astype(np.float32), b.vectors.astype(np.float32), eps)
-        pairs = semdedup.Pairs(p.i, p.j + len(a.keys), p.similarity)
-        both = _concat([a, b])
-    if len(pairs.i):
-        Metrics.counter("curate", "semdedup_pairs_border").inc(len(pairs.i))
-        yield from _members_out(both, pairs, np.ones(len(pairs.i), bool), eps)
-
-
-def pairs_of_block(block: Block, eps: float):
-    """One cluster's rows -> decisions for the duplicate groups it sees whole, and one pair block for
-    the rest.
-
-    A connected group of pairs none of whose members is in a second cluster is whole here: each of
-    its members meets others only in this cluster. The keep rule looks only at a member's
-    neighbours, so resolving that group here gives what resolving every pair at once would. A
-    group with a member shared with another cluster may continue there: its pairs go on to
-    ``ResolveBorderPairs`` as (keys, scores, i, j, similarity, vectors) over the members in them, so
-    only the border's pairs ever meet in one place.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if len(block.keys) < 2:
-        return
-    pairs = semdedup.cluster_pairs(block.vectors.astype(np.float32), eps)
-    if len(pairs.i) == 0:
-        return
-    n = len(block.keys)
-    _, group = connected_components(coo_matrix((np.ones(len(pairs.i)), (pairs.i, pairs.j)), shape=(n, n)),
-                                    directed=False)
-    border_group = np.zeros(group.max() + 1, bool)
-    border_group[group[block.shared]] = True
-    border = border_group[group[pairs.i]]  # a pair's two members are in one group
-    Metrics.counter("curate", "semdedup_pairs_border").inc(int(border.sum()))
-    Metrics.counter("curate", "semdedup_pairs_local").inc(int(len(border) - border.sum()))
-    yield from _members_out(block, pairs, border, eps)
-
-
-def _members_out(block: Block, pairs, border: np.ndarray, eps: float):
-    keys = np.asarray(block.keys, object)
-    for part, out in ((~border, _decide), (border, _pair_block)):
-        if part.any():
-            p = semdedup.Pairs(pairs.i[part], pairs.j[part], pairs.similarity[part])
-            members, inverse = np.unique(np.r_[p.i, p.j], return_inverse=True)
-            yield from out(keys[members], block.scores[members], inverse[:len(p.i)], inverse[len(p.i):], p.similarity,
-                           block.vectors[members], eps)
-
-
-def _pair_block(keys, scores, i, j, similarity, vectors, eps):
-    yield "pairs", (keys, scores, i, j, similarity, vectors)
-
-
-def _decide(keys, scores, i, j, similarity, vectors, eps):
-    """The keep rule over these members' pairs -> ("decision", (key, decision)) per member it changes.
-    ``vectors`` (wire dtype) let it compare a member with the kept member its dropped neighbours name
-    (``filters.semdedup.resolve_pairs``): pairs across clusters may be missing from the list."""
-    ids = [str(k) for k in keys]
-    found = semdedup.resolve_pairs(ids, [None if math.isnan(s) else float(s) for s in scores],
-                                   semdedup.Pairs(i.astype(np.int64), j.astype(np.int64), similarity),
-                                   embeddings=vectors, eps=eps)
-    n_dups = np.bincount(found.duplicate_of[found.duplicate_of >= 0], minlength=len(ids))
-    for m, key in enumerate(ids):
-        if not found.keep[m]:
-            yield "decision", (key, ("duplicate", ids[int(found.duplicate_of[m])], float(found.similarity[m])))
-        elif n_dups[m]:
-            yield "decision", (key, ("kept", int(n_dups[m])))
-
-
-def is_pair_block(item) -> bool:
-    return item[0] == "pairs"
-
-
-def is_decision(item) -> bool:
-    return item[0] == "decision"
-
-
-def is_unit(item) -> bool:
-    return item[0] == "unit"
-
-
-def home_clusters(keyed):
-    """(cluster, Blocks) -> (key, cluster) for every row whose nearest cluster this is."""
-    cluster = keyed[0]
-    for block in keyed[1]:
-        for key, home in zip(block.keys, block.home.tolist()):
-            if home == cluster:
-                yield key, cluster
-
-
-def _to_one_key(item):
-    return None, item[1]
-
-
-def _untag(item):
-    return item[1]
-
-
-def resolve(keyed, eps: float):
-    """(None, border pair blocks) -> (key, ("duplicate", kept key, cosine)) per dropped record and
-    (key, ("kept", n dropped as its duplicates)) per kept record that has any: the keep rule over
-    every border pair at once (``filters.semdedup.resolve_pairs``), a pair met in two clusters once."""
-    blocks = list(keyed[1])
-    if not blocks:
-        return
-    keys = np.concatenate([b[0] for b in blocks])
-    scores = np.concatenate([b[1] for b in blocks])
-    offsets = np.cumsum([0] + [len(b[0]) for b in blocks[:-1]])
-    i = np.concatenate([b[2] + o for b, o in zip(blocks, offsets)])
-    j = np.concatenate([b[3] + o for b, o in zip(blocks, offsets)])
-    sim = np.concatenate([b[4] for b in blocks])
-    vectors = np.concatenate([b[5] for b in blocks])
-    ids, first, inverse = np.unique(keys.astype(str), return_index=True, return_inverse=True)
-    i, j = inverse[i], inverse[j]
-    lo, hi = np.minimum(i, j), np.maximum(i, j)
-    _, once = np.unique(lo * len(ids) + hi, return_index=True)
-    for _, decision in _decide(ids, scores[first], lo[once], hi[once], sim[once].astype(np.float32), vectors[first], eps):
-        yield decision
-
-
-def _by_key(record: dict):
-    return record["key"], record
+def _fates_by_key(keyed):
+    _, fates = keyed
+    for m, key in enumerate(fates.keys):
+        yield key, ("fate", int(fates.cluster[m]), fates.duplicate_of[m], float(fates.similarity[m]),
+                    int(fates.n_duplicates[m]))
 
 
 def annotate(keyed, modality: str):
-    """(key, {records, clusters, decisions}) -> the records, annotated as the manifest needs."""
-    _, joined = keyed
-    cluster = next(iter(joined["clusters"]), None)
-    decision = next(iter(joined["decisions"]), None)
-    for record in joined["records"]:
-        record = {**record, "dedup_on": modality, "cluster_id": cluster}
-        if decision is None:
+    """(key, [("record", packed), ("fate", cluster, duplicate_of, similarity, n_duplicates)]) -> the
+    records, annotated as the manifest needs."""
+    _, items = keyed
+    fate = next((item for item in items if item[0] == "fate"), None)
+    for item in items:
+        if item[0] != "record":
+            continue
+        record = {**unpack_record(item[1]), "dedup_on": modality, "cluster_id": None if fate is None else fate[1]}
+        if fate is None or (fate[2] is None and not fate[4]):
             yield record
-        elif decision[0] == "kept":
-            record["n_duplicates"] = decision[1] + (record.get("n_duplicates") or 0)
+        elif fate[2] is None:
+            record["n_duplicates"] = fate[4] + (record.get("n_duplicates") or 0)
             yield record
         else:
             Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
             yield dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE,
-                          duplicate_of=decision[1], duplicate_similarity=decision[2])
+                          duplicate_of=fate[2], duplicate_similarity=fate[3])
 
 
 class SemanticDedup(beam.PTransform):
@@ -426,59 +357,31 @@ class SemanticDedup(beam.PTransform):
 
     Duplicates: cosine similarity >= 1 - ``cfg.semdedup_eps``. Kept per duplicate group: highest
     aesthetic score, then smallest id. ``margin``: second-nearest-centroid margin (0: nearest
-    only; default ``cfg.semdedup_margin``); ``wire_dtype``: how embeddings travel between stages; ``batch``: rows per assignment.
+    only; default ``cfg.semdedup_margin``); ``wire_dtype``: how embeddings travel between stages;
+    ``batch``: rows per bucket and per assignment; ``sidecars``: ``.emb.npy`` files holding the same
+    embeddings, for the k-means sample; ``spread_factor``: as ``SemanticDedupBlocks``.
     """
 
     def __init__(self, modality: str, cfg: CurateConfig, *, margin: float | None = None, wire_dtype: str = WIRE_DTYPE,
-                 batch: int = ASSIGN_BATCH, sidecars: tuple[str, ...] = ()):
+                 batch: int = ASSIGN_BATCH, sidecars: tuple[str, ...] = (), spread_factor: int = SPREAD_FACTOR):
         super().__init__()
-        self.sidecars = tuple(sidecars)  # .emb.npy files holding the same embeddings: the k-means sample comes from them
-        self.modality = modality
-        self.field = EMBEDDING_FIELDS[modality]
-        self.cfg = cfg
-        margin = getattr(cfg, "semdedup_margin", MARGIN) if margin is None else margin
-        self.margin, self.wire_dtype, self.batch = margin, wire_dtype, batch
+        self.spread_factor = spread_factor
+        self.modality, self.field, self.cfg = modality, EMBEDDING_FIELDS[modality], cfg
+        self.margin, self.wire_dtype, self.batch, self.sidecars = margin, wire_dtype, batch, tuple(sidecars)
 
     def expand(self, records):
         cfg = self.cfg
-        rows = records | "RankRows" >> beam.Map(_rank_row, self.field, cfg.kmeans_seed, self.wire_dtype)
-        # A CombineFn (SmallestRanks), not Top.Of: Top.Of emits from finish_bundle, which Beam's
-        # Dask runner drops (the sample came out empty there); the result is the same.
         count = records | "CountRecords" >> beam.combiners.Count.Globally()
-        candidates = rows
-        if self.sidecars:  # read the sidecars for the sample, not the records (which may still be arriving)
-            candidates = (records.pipeline
-                          | "ListSidecars" >> beam.Create(list(self.sidecars))
-                          | "SpreadSidecars" >> beam.Reshuffle()
-                          | "SampleSidecars" >> beam.FlatMap(sidecar_sample, beam.pvalue.AsSingleton(count),
-                                                             cfg.kmeans_sample_size, cfg.kmeans_seed))
-        sample = candidates | "SampleForKMeans" >> beam.CombineGlobally(SmallestRanks(cfg.kmeans_sample_size))
-        centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
-        clusters = (rows
-                    | "BucketRows" >> beam.Map(_bucket_row, beam.pvalue.AsSingleton(count), self.batch)
-                    | "GroupIntoBuckets" >> beam.GroupByKey()
-                    | "AssignBlocks" >> beam.ParDo(AssignBlocksFn(self.margin, self.batch),
-                                                   beam.pvalue.AsSingleton(centroids))
-                    | "GroupByCluster" >> beam.GroupByKey())
-        # two Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
-        found = clusters | "PairsInCluster" >> beam.FlatMap(pairs_in_cluster, self.modality, cfg, self.margin)
-        in_units = (found
-                    | "SelectWorkUnits" >> beam.Filter(is_unit)
-                    | "UntagWorkUnits" >> beam.Map(_untag)
-                    | "SpreadWorkUnits" >> beam.Reshuffle()
-                    | "PairsInWorkUnit" >> beam.FlatMap(pairs_of_unit, cfg.semdedup_eps))
-        found = (found, in_units) | "GatherFound" >> beam.Flatten()
-        local = (found
-                 | "SelectLocalDecisions" >> beam.Filter(is_decision)
-                 | "UntagDecisions" >> beam.Map(_untag))
-        border = (found
-                  | "SelectBorderPairs" >> beam.Filter(is_pair_block)
-                  | "GatherBorderPairs" >> beam.Map(_to_one_key)
-                  | "GroupBorderPairs" >> beam.GroupByKey()
-                  | "ResolveBorderPairs" >> beam.FlatMap(resolve, cfg.semdedup_eps))
-        decisions = (local, border) | "GatherDecisions" >> beam.Flatten()
-        homes = clusters | "HomeClusters" >> beam.FlatMap(home_clusters)
-        keyed = records | "KeyRecords" >> beam.Map(_by_key)
-        return ({"records": keyed, "clusters": homes, "decisions": decisions}
-                | "JoinByKey" >> beam.CoGroupByKey()
+        fates = (records
+                 | "RowsOfRecords" >> beam.Map(_row_of, self.field, cfg.kmeans_seed, self.wire_dtype)
+                 | "BucketRows" >> beam.Map(_bucket_row, beam.pvalue.AsSingleton(count), self.batch)
+                 | "GroupIntoBuckets" >> beam.GroupByKey()
+                 | "PackBuckets" >> beam.Map(_pack_bucket, self.wire_dtype)
+                 | "DedupBlocks" >> SemanticDedupBlocks(self.modality, cfg, margin=self.margin, batch=self.batch,
+                                                        sidecars=self.sidecars, spread_factor=self.spread_factor))
+        keyed = records | "KeyRecords" >> beam.Map(_keyed_record)
+        by_key = fates | "FatesByKey" >> beam.FlatMap(_fates_by_key)
+        return ((keyed, by_key)
+                | "GatherRecordsAndFates" >> beam.Flatten()
+                | "JoinByKey" >> beam.GroupByKey()
                 | "AnnotateRecords" >> beam.FlatMap(annotate, self.modality))

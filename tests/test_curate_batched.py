@@ -97,3 +97,35 @@ def test_exact_dedup_table_keeps_the_priority_winner():
            for r in batched.resolve_exact_table((0, [table.slice(0, 3), table.slice(3)])).to_pylist()}
     assert out == {"k4": (None, None, 3), "k1": ("exact_duplicate", "k4", None), "k3": ("exact_duplicate", "k4", None),
                    "k2": ("exact_duplicate", "k4", None), "k0": (None, None, 1), "k5": ("exact_duplicate", "k0", None)}
+
+
+TRICKY = ["", " ", "a b", "  hello \t  world  ", "tab\there", "nul\x00byte", "del\x7fchar", "fs\x1csep", "nel\x85line",
+          "nbsp\u00a0space", "line\u2028sep", "ogham\u1680mark", "ideo\u3000space", "\ufb01ligature", "\uff21wide",
+          "e\u0301combining", "zero\u200bwidth", "bom\ufeffinside", "emoji \U0001f600 face", "&amp; html", "\r\n crlf \r"]
+
+
+def test_normalise_texts_is_normalize_caption_on_every_caption():
+    """The batch normaliser (pyarrow for ASCII captions) against the per-caption function, on
+    controls, Unicode spaces, compatibility forms and random mixes of them."""
+    import random
+
+    from filters.captions import normalize_caption
+
+    rng = random.Random(0)
+    texts = TRICKY + ["".join(rng.choice(TRICKY + ["ab", "c"]) for _ in range(rng.randint(0, 6))) for _ in range(3000)]
+    got = batched.normalise_texts(texts)
+    assert got.to_pylist() == [normalize_caption(t) for t in texts]
+    assert batched.word_counts(got).to_pylist() == [len(normalize_caption(t).split()) for t in texts]
+
+
+def test_txt_read_straight_into_columns_matches_the_per_record_path(tmp_path):
+    """A .txt file with a byte order mark, CRLF and blank lines, a line that is not UTF-8, control
+    characters, Unicode spaces and compatibility forms, repeats, more lines than a batch holds:
+    the batched path (columns built from the file) writes what the per-record path writes."""
+    lines = [t.encode("utf-8") for t in TRICKY if t.strip()] + [b"\xff\xfe not utf-8", b"", b"   "]
+    lines += [f"a photo of house number {i % 5}".encode() for i in range(12)]
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\n")
+    args = lambda out: ["--input", str(tmp_path / "p.txt"), "--output", str(out), "--min_words", "1"]  # noqa: E731
+    a, b = run_both(args, tmp_path / "a", tmp_path / "b")
+    assert_same(a, b)
+    assert a[2]["rejected"] == 1 and a[2]["duplicate"] >= 7

@@ -58,7 +58,9 @@ def run_job(x, keys, scores, cfg, path, **kwargs):
     assert_that(out, partial(save_rows, path=str(path)))
     result = p.run()
     result.wait_until_finish()
-    counters = {c.key.metric.name: c.committed for c in result.metrics().query(MetricsFilter())["counters"]}
+    counters = {}
+    for c in result.metrics().query(MetricsFilter())["counters"]:  # a name counted in several steps: summed
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + c.committed
     with open(path) as f:
         return {r["key"]: r for r in json.load(f)}, counters
 
@@ -83,6 +85,7 @@ def test_job_keeps_what_deduplicate_keeps(wire_dtype, tmp_path):
     # both kinds of decision were made: groups whole in one cluster, and groups across a border
     assert counters["semdedup_pairs_local"] > 0 and counters["semdedup_pairs_border"] > 0
     assert counters["semdedup_margin_copies"] > 0
+    assert counters["semdedup_border_groups"] >= 1
     assert sorted(got) == sorted(keys)  # every record once
     assert {k: r.get("duplicate_of") for k, r in got.items()} == want
     assert 40 <= sum(v is not None for v in want.values()) <= 120  # the planted groups were found
@@ -134,15 +137,20 @@ def test_two_levels_keep_clusters_near_the_target_and_find_every_pair(monkeypatc
     assert 40 <= (~exact.keep).sum() <= 120
 
 
-def test_job_splits_oversized_clusters_and_keeps_what_deduplicate_keeps(tmp_path):
+@pytest.mark.parametrize("spread_factor", [1, 1000])
+def test_job_splits_oversized_clusters_and_keeps_what_deduplicate_keeps(spread_factor, tmp_path):
     """Two coarse clusters of about 300 rows, target 5: each is split by a second k-means level
     (k capped at 300 / 40: fine clusters of about 40) into work units, and fine clusters still above
-    8 x 5 rows are compared in row blocks of 20."""
+    8 x 5 rows are compared in row blocks of 20; the units spread over workers (spread factor 1) or
+    run where the cluster was grouped (1000)."""
     x, keys, scores = planted_rows()
     cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=2, kmeans_sample_size=len(keys), target_cluster_size=5)
     want = bare_on_the_jobs_sample(x, keys, scores, cfg)
-    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype="float32", batch=256)
+    got, counters = run_job(x, keys, scores, cfg, tmp_path / "out.json", wire_dtype="float32", batch=256,
+                            spread_factor=spread_factor)
     assert counters["semdedup_split_clusters"] == 2 and counters["semdedup_block_split_clusters"] > 0
+    assert counters["semdedup_spread_clusters"] == (2 if spread_factor == 1 else 0)
+    assert counters["semdedup_border_groups"] > 10  # border pairs resolved group by group, not all at once
     assert sorted(got) == sorted(keys)
     assert {k: r.get("duplicate_of") for k, r in got.items()} == want
     assert 40 <= sum(v is not None for v in want.values()) <= 120
@@ -165,3 +173,79 @@ def test_kmeans_sample_from_emb_npy_sidecars(tmp_path):
     exact = find_duplicates(keys, x, scores, EPS)  # every pair compared at once
     want = {k: None if exact.keep[m] else keys[int(exact.duplicate_of[m])] for m, k in enumerate(keys)}
     assert {k: r.get("duplicate_of") for k, r in got.items()} == want
+
+
+def save_fates(items, path):
+    """An ``assert_that`` matcher that hands ``(block id, Fates)`` back as plain lists."""
+    with open(path, "w") as f:
+        json.dump([[block, list(fates.keys), fates.cluster.tolist(), list(fates.duplicate_of),
+                    [None if math.isnan(s) else s for s in fates.similarity.tolist()], fates.n_duplicates.tolist()]
+                   for block, fates in items], f)
+
+
+def test_block_path_keeps_what_deduplicate_keeps(tmp_path):
+    """``SemanticDedupBlocks`` fed six blocks of 100 rows, three ``Rows`` (float16 in memory) and
+    three ``EmbeddingRows`` (rows of a saved ``.npy``, read when needed) -> one ``Fates`` per block,
+    in the block's row order, with the bare functions' keep set on the same k-means sample."""
+    x, keys, scores = planted_rows()
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=6, kmeans_sample_size=len(keys))
+    want = bare_on_the_jobs_sample(x, keys, scores, cfg)
+    np.save(tmp_path / "x.npy", x)
+    blocks = []
+    for b in range(6):
+        rows = slice(100 * b, 100 * (b + 1))
+        block_scores = np.asarray([math.nan if s is None else s for s in scores[rows]])
+        if b < 3:  # packed in memory
+            blocks.append(dedup.Rows(b, tuple(keys[rows]), x[rows].astype(np.float16), block_scores))
+        else:  # read from the .npy file by the steps that need the vectors
+            blocks.append(dedup.EmbeddingRows(b, str(tmp_path / "x.npy"), rows.start, rows.stop, tuple(keys[rows]),
+                                              block_scores))
+    p = BeamTestPipeline()
+    out = p | beam.Create(blocks) | dedup.SemanticDedupBlocks("text", cfg, batch=64)
+    assert_that(out, partial(save_fates, path=str(tmp_path / "fates.json")))
+    p.run().wait_until_finish()
+    with open(tmp_path / "fates.json") as f:
+        fates = sorted(json.load(f))
+    assert [b for b, *_ in fates] == list(range(6))
+    got, n_dups = {}, {}
+    for block, fkeys, cluster, duplicate_of, similarity, n_duplicates in fates:
+        assert fkeys == keys[100 * block: 100 * (block + 1)]  # the block's own row order
+        assert all(0 <= c < 6 for c in cluster)
+        for k, d, s, m in zip(fkeys, duplicate_of, similarity, n_duplicates):
+            got[k] = d
+            assert (d is None) == (s is None) and (s is None or s >= 1 - EPS - 1e-3)
+            if m:
+                n_dups[k] = m
+    assert got == want
+    assert 40 <= sum(v is not None for v in want.values()) <= 120
+    dropped_for = {}
+    for v in want.values():
+        if v is not None:
+            dropped_for[v] = dropped_for.get(v, 0) + 1
+    assert n_dups == dropped_for
+
+
+def test_records_come_out_as_they_went_in_but_for_the_annotations(tmp_path):
+    """The records travel with their arrays as bytes (no pickle); what comes out equals what went
+    in (the float32 embedding, a float64 array, nested values), plus the dedup fields."""
+    x, keys, scores = planted_rows(n=120, n_groups=10)
+    records = [{"key": k, "text_embedding": x[i], "aesthetic_score": scores[i], "stage": None, "reason": None,
+                "extra": np.arange(3, dtype=np.float64) * i, "tags": ["a", i], "n_duplicates": None}
+               for i, k in enumerate(keys)]
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=2, kmeans_sample_size=120)
+
+    def check(rows):
+        assert len(rows) == len(records)
+        by_key = {r["key"]: r for r in records}
+        for r in rows:
+            original = by_key[r["key"]]
+            assert list(r)[:len(original)] == list(original)  # field order kept
+            assert r["text_embedding"].dtype == np.float32 and np.array_equal(r["text_embedding"], original["text_embedding"])
+            assert r["extra"].dtype == np.float64 and np.array_equal(r["extra"], original["extra"])
+            assert r["tags"] == original["tags"] and r["dedup_on"] == "text"
+            assert r["text_embedding"].flags.writeable
+
+    p = BeamTestPipeline()
+    out = p | beam.Create(records) | dedup.SemanticDedup("text", cfg)
+    assert_that(out, check)
+    p.run().wait_until_finish()

@@ -4,9 +4,11 @@ The same decisions as the per-record stages (``pipelines.curate.stages``), made 
 ``record_batch`` rows at a time so that Beam's per-element cost is paid once per batch:
 
 - ``ReadBatches``: a ``Split`` -> pyarrow Tables of ``RECORD_SCHEMA`` (reader errors and undecodable
-  captions leave through ``rejects`` one row each, as in ``NormaliseCaption``). Decoding, NFKC and
-  whitespace normalisation, word and CLIP-token counts are per caption (Python; the bare loop pays the
-  same);
+  captions leave through ``rejects`` one row each, as in ``NormaliseCaption``). A ``.txt`` file goes
+  straight into columns (no record dict per line); other formats are read as records, decoded, and
+  gathered into columns. Then per batch: NFKC and whitespace normalisation in ``pyarrow.compute``
+  for ASCII captions (``normalise_texts``; others per caption), word counts from the normalised
+  captions, CLIP-token counts (BPE, Python) once per distinct caption;
 - ``apply_rules``: ``filters.captions.check_batch`` (``pyarrow.compute``) sets ``stage``/``reason``;
 - ``DropExactDuplicateRows``: active rows keyed by ``crc32(caption) % buckets`` (buckets from the
   active count, ``EXACT_BUCKET_ROWS`` rows each, so no key is hot), one GroupByKey of sub-tables, and
@@ -35,7 +37,7 @@ from filters import captions, reasons
 from filters.config import CurateConfig
 from pipelines.curate.schema import MANIFEST_SCHEMA
 from pipelines.curate.sources import read_split
-from pipelines.curate.stages import normalise_or_reject
+from pipelines.curate.stages import decode_or_reject
 
 NAMESPACE = "curate"
 EXACT_BUCKET_ROWS = 262_144  # active rows per exact-dedup bucket (about 60 MB of captions and fields)
@@ -61,13 +63,53 @@ def _number(value) -> float | None:
     return None
 
 
+_CONTROL_OR_SPACE = r"[\x00-\x20\x7f]+"  # ASCII: the Cc characters (C0 controls, DEL) and the space
+
+
+def normalise_texts(texts: list[str]) -> pa.Array:
+    """``filters.captions.normalize_caption`` over a batch of decoded captions -> a string Array.
+
+    ASCII captions (most of LAION's) are done in ``pyarrow.compute``: for them NFKC changes nothing,
+    the Cc characters are the C0 controls and DEL, and ``str.split()``'s whitespace is a subset of
+    those plus the space, so one regex replace of runs of [\x00-\x20\x7f] by a space and a trim of
+    spaces give what the per-caption function gives. Other captions go through that function."""
+    fast = pc.utf8_trim(pc.replace_substring_regex(pa.array(texts, pa.string()), _CONTROL_OR_SPACE, " "), " ")
+    other = [i for i, t in enumerate(texts) if not t.isascii()]
+    if not other:
+        return fast
+    slow = [None] * len(texts)
+    for i in other:
+        slow[i] = captions.normalize_caption(texts[i])
+    mask = np.zeros(len(texts), bool)
+    mask[other] = True
+    return pc.if_else(pa.array(mask), pa.array(slow, pa.string()), fast)
+
+
+def word_counts(caption: pa.Array) -> pa.Array:
+    """``len(caption.split())`` of normalised captions (words joined by one space) -> int32 Array."""
+    n = pc.add(pc.count_substring(caption, " "), 1)
+    return pc.cast(pc.if_else(pc.equal(pc.utf8_length(caption), 0), 0, n), pa.int32())
+
+
+def token_counts(caption: pa.Array) -> pa.Array:
+    """``filters.captions.clip_token_count`` per caption -> int32 Array, once per distinct caption
+    in the batch (BPE is per caption Python; repeats, which exact dedup drops later, reuse the count)."""
+    found = {}
+    values = caption.to_pylist()
+    for c in values:
+        if c not in found:
+            found[c] = captions.clip_token_count(c)
+    return pa.array([found[c] for c in values], pa.int32())
+
+
 class _Columns:
-    """Column lists of normalised records, flushed as a ``RECORD_SCHEMA`` table."""
+    """Column lists of decoded records, flushed as a ``RECORD_SCHEMA`` table (``caption_table``)."""
 
     def __init__(self):
-        self.data = {name: [] for name in RECORD_SCHEMA.names}
+        self.data = {name: [] for name in _STRINGS + _FLOATS + ("image_ref",)}
+        self.texts = []
 
-    def add(self, record: dict, caption: str) -> None:
+    def add(self, record: dict, text: str) -> None:
         d = self.data
         for name in _STRINGS:
             value = record.get(name)
@@ -75,26 +117,81 @@ class _Columns:
         for name in _FLOATS:
             value = record.get(name)
             d[name].append(None if value is None else _number(value))
-        d["caption"].append(caption)
         d["image_ref"].append(record.get("image_ref"))
-        d["n_words"].append(len(caption.split()))
-        d["n_clip_tokens"].append(captions.clip_token_count(caption))
+        self.texts.append(text)
 
     def __len__(self):
-        return len(self.data["key"])
+        return len(self.texts)
 
     def flush(self) -> pa.Table:
-        n = len(self)
-        for name in ("stage", "reason", "duplicate_of", "n_duplicates"):
-            self.data[name] = [None] * n
-        table = pa.table(self.data, schema=RECORD_SCHEMA)
-        self.data = {name: [] for name in RECORD_SCHEMA.names}
+        columns = {name: pa.array(values, RECORD_SCHEMA.field(name).type) for name, values in self.data.items()}
+        table = caption_table(columns, self.texts)
+        self.__init__()
         return table
+
+
+def caption_table(columns: dict, texts: list[str]) -> pa.Table:
+    """A ``RECORD_SCHEMA`` table from source columns (``_STRINGS``, ``_FLOATS``, ``image_ref``;
+    missing ones null) and the decoded captions: normalised, words and CLIP tokens counted, no
+    stage or reason yet."""
+    n = len(texts)
+    caption = normalise_texts(texts)
+    out = {}
+    for field in RECORD_SCHEMA:
+        if field.name == "caption":
+            out["caption"] = caption
+        elif field.name == "n_words":
+            out["n_words"] = word_counts(caption)
+        elif field.name == "n_clip_tokens":
+            out["n_clip_tokens"] = token_counts(caption)
+        else:
+            out[field.name] = columns.get(field.name, pa.nulls(n, field.type))
+    return pa.table(out, schema=RECORD_SCHEMA)
+
+
+def txt_tables(split, batch: int):
+    """A ``.txt`` split -> ``RECORD_SCHEMA`` tables of up to ``batch`` lines, built straight from the
+    file's lines (no record dict per line; ``sources.read_txt``'s keys, numbering and blank-line
+    rule), and ("rejects", row) for lines that are not UTF-8. -> (tables and rejects, lines read)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.curate.sources import file_tag, new_record
+
+    with FileSystems.open(split.path) as f:
+        data = f.read()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # UTF-8 byte order mark
+    prefix, path = f"txt-{file_tag(split.path)}-", split.path
+    numbers, texts, n_read = [], [], 0
+    for n, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        n_read += 1
+        try:
+            texts.append(line.decode("utf-8"))
+        except UnicodeDecodeError:  # decode_or_reject counts it and makes the reject row
+            yield "rejects", decode_or_reject(new_record("txt", path, n, line))[1]
+            continue
+        numbers.append(n)
+        if len(texts) == batch:
+            yield "table", _txt_table(prefix, path, numbers, texts)
+            numbers, texts = [], []
+    if texts:
+        yield "table", _txt_table(prefix, path, numbers, texts)
+    yield "read", n_read
+
+
+def _txt_table(prefix: str, path: str, numbers: list[int], texts: list[str]) -> pa.Table:
+    n = len(texts)
+    ids = [str(k) for k in numbers]  # a line number: make_key's character rule leaves it as it is
+    columns = {"key": pa.array([prefix + i for i in ids], pa.string()), "source": pa.array(["txt"] * n, pa.string()),
+               "input": pa.array([path] * n, pa.string()), "source_id": pa.array(ids, pa.string())}
+    return caption_table(columns, texts)
 
 
 class ReadBatches(beam.DoFn):
     """Split -> Tables of up to ``batch`` normalised records (word and CLIP-token counts filled in);
-    reader errors and undecodable captions to ``rejects``, as ``ReadRecords`` + ``NormaliseCaption``."""
+    reader errors and undecodable captions to ``rejects``, as ``ReadRecords`` + ``NormaliseCaption``.
+    A ``.txt`` split is read straight into columns (``txt_tables``)."""
 
     def __init__(self, batch: int):
         self.batch = batch
@@ -103,18 +200,28 @@ class ReadBatches(beam.DoFn):
         captions.clip_token_count("warm up")  # loads the BPE vocabulary once per worker
 
     def process(self, split):
-        columns, n_read = _Columns(), 0
-        for record in read_split(split):
-            n_read += 1
-            caption, rejected = normalise_or_reject(record)
-            if rejected is not None:
-                yield beam.pvalue.TaggedOutput("rejects", rejected)
-                continue
-            columns.add(record, caption)
-            if len(columns) == self.batch:
+        n_read = 0
+        if split.format == "txt":
+            for kind, value in txt_tables(split, self.batch):
+                if kind == "table":
+                    yield value
+                elif kind == "rejects":
+                    yield beam.pvalue.TaggedOutput("rejects", value)
+                else:
+                    n_read = value
+        else:
+            columns = _Columns()
+            for record in read_split(split):
+                n_read += 1
+                text, rejected = decode_or_reject(record)
+                if rejected is not None:
+                    yield beam.pvalue.TaggedOutput("rejects", rejected)
+                    continue
+                columns.add(record, text)
+                if len(columns) == self.batch:
+                    yield columns.flush()
+            if len(columns):
                 yield columns.flush()
-        if len(columns):
-            yield columns.flush()
         _count("input", n_read)
         _count(f"input_{split.format}", n_read)
 

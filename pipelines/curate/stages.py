@@ -37,9 +37,9 @@ class ReadRecords(beam.DoFn):
             yield record
 
 
-def normalise_or_reject(record: dict) -> tuple[str | None, dict | None]:
-    """(the caption NFKC'd with whitespace collapsed, None), or (None, its reject row, counted) for a
-    reader error or an undecodable caption. The per-record and the batched paths share it."""
+def decode_or_reject(record: dict) -> tuple[str | None, dict | None]:
+    """(the caption as text, None), or (None, its reject row, counted) for a reader error or an
+    undecodable caption. The per-record and the batched paths share it."""
     if record.get("error"):
         reason, _, detail = record["error"].partition(": ")
         _count(f"rejected_{reason}")
@@ -48,7 +48,13 @@ def normalise_or_reject(record: dict) -> tuple[str | None, dict | None]:
     if reject is not None:
         _count(f"rejected_{reject}")
         return None, reject_row(record, "normalise", reject)
-    return captions.normalize_caption(text), None
+    return text, None
+
+
+def normalise_or_reject(record: dict) -> tuple[str | None, dict | None]:
+    """``decode_or_reject``, then the caption NFKC'd with whitespace collapsed."""
+    text, rejected = decode_or_reject(record)
+    return (None, rejected) if rejected is not None else (captions.normalize_caption(text), None)
 
 
 class NormaliseCaption(beam.DoFn):
