@@ -9,4 +9,4 @@ exec .venv/bin/python -m pytest -q "$@" \
   tests/test_sampler.py tests/test_load.py tests/test_record_contract.py tests/test_students_blocks.py \
   tests/test_students_unet.py tests/test_students_vae.py tests/test_distill_losses.py tests/test_objective.py \
   tests/test_teacher_init.py tests/test_adversarial.py tests/test_progressive.py tests/test_export.py tests/test_evaluate.py \
-  tests/test_deploy.py tests/test_evolve.py
+  tests/test_deploy.py tests/test_evolve.py tests/test_adversarial_training.py
