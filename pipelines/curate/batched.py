@@ -153,18 +153,12 @@ def txt_tables(split, batch: int):
     """A ``.txt`` split -> ``RECORD_SCHEMA`` tables of up to ``batch`` lines, built straight from the
     file's lines (no record dict per line; ``sources.read_txt``'s keys, numbering and blank-line
     rule), and ("rejects", row) for lines that are not UTF-8. -> (tables and rejects, lines read)."""
-    from apache_beam.io.filesystems import FileSystems
+    from pipelines.curate.sources import make_key, new_record, txt_lines
 
-    from pipelines.curate.sources import file_tag, new_record
-
-    with FileSystems.open(split.path) as f:
-        data = f.read()
-    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # UTF-8 byte order mark
-    prefix, path = f"txt-{file_tag(split.path)}-", split.path
+    path = split.path
+    prefix = make_key("txt", path, "")  # + the line number, which make_key's character rule leaves as it is
     numbers, texts, n_read = [], [], 0
-    for n, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in txt_lines(split):
         n_read += 1
         try:
             texts.append(line.decode("utf-8"))
@@ -182,7 +176,7 @@ def txt_tables(split, batch: int):
 
 def _txt_table(prefix: str, path: str, numbers: list[int], texts: list[str]) -> pa.Table:
     n = len(texts)
-    ids = [str(k) for k in numbers]  # a line number: make_key's character rule leaves it as it is
+    ids = [str(k) for k in numbers]
     columns = {"key": pa.array([prefix + i for i in ids], pa.string()), "source": pa.array(["txt"] * n, pa.string()),
                "input": pa.array([path] * n, pa.string()), "source_id": pa.array(ids, pa.string())}
     return caption_table(columns, texts)

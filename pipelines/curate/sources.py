@@ -216,14 +216,21 @@ def read_coco(split: Split) -> Iterator[dict]:
                          width=image.get("width"), height=image.get("height"))
 
 
-def read_txt(split: Split) -> Iterator[dict]:
-    """One prompt per line; blank lines separate, they are not records. Bytes stay undecoded."""
+def txt_lines(split: Split) -> Iterator[tuple[int, bytes]]:
+    """(line number, undecoded line) of a ``.txt`` split's prompts: blank lines separate, they are not
+    prompts. ``read_txt`` and the batched reader (``pipelines.curate.batched.txt_tables``) share it."""
     with FileSystems.open(split.path) as f:
         data = f.read()
     data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # UTF-8 byte order mark
     for n, line in enumerate(data.splitlines(), start=1):
         if line.strip():
-            yield new_record("txt", split.path, n, line)
+            yield n, line
+
+
+def read_txt(split: Split) -> Iterator[dict]:
+    """One prompt per line; blank lines separate, they are not records. Bytes stay undecoded."""
+    for n, line in txt_lines(split):
+        yield new_record("txt", split.path, n, line)
 
 
 def read_jsonl(split: Split) -> Iterator[dict]:
