@@ -43,7 +43,7 @@ def real_image(teacher_spec: str, prompt: str, seed: int, image: str | None, hei
 
 
 def _read_image(url: str, height: int, width: int):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from teachers.fs import read_bytes
 
@@ -54,8 +54,10 @@ def _read_image(url: str, height: int, width: int):
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        return None, f"{BROKEN_IMAGE}: image {url!r} does not decode ({err})"
+    # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, DecompressionBombError), as in
+    # the curate job's image stage: every one means this sample's image is unusable, a reject, not a crash.
+    except Exception as err:  # noqa: BLE001
+        return None, f"{BROKEN_IMAGE}: image {url!r} does not decode ({type(err).__name__}: {err})"
     return _fit(rgb, height, width)
 
 
