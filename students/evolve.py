@@ -50,6 +50,7 @@ from students.evolve_edit import (Action, apply_actions, copyable, evolvable, ev
                                   skip_blocks, student_at)
 from students.lookup import LookupSettings, LookupTable, unet_blocks
 from students.train import TrainConfig
+from teachers.fs import join
 
 METRICS = ("adherence", "clip")
 METRIC_KEYS = {"adherence": "adherence", "clip": "clip_score"}
@@ -179,22 +180,16 @@ class EvolveConfig:
 
     def train_config(self) -> TrainConfig:
         """The trainer's config of the whole run: one cosine LR schedule over every iteration, a checkpoint at each boundary."""
-        return TrainConfig(**{name: getattr(self, name) for name in TRAIN_FLAGS}, output=_join(self.output, "run"),
+        return TrainConfig(**{name: getattr(self, name) for name in TRAIN_FLAGS}, output=join(self.output, "run"),
                            max_steps=self.iterations * self.steps_per_iteration, lr=self.lr,
                            checkpoint_every=self.steps_per_iteration, keep_checkpoints=2,
                            log_every=max(1, self.steps_per_iteration // 4))
 
 
-def _join(a, b):
-    from teachers.fs import join
-
-    return join(a, b)
-
-
 def read_records(output: str) -> list[dict]:
     from teachers.fs import exists, read_bytes
 
-    path = _join(output, EVOLUTION)
+    path = join(output, EVOLUTION)
     if not exists(path):
         return []
     return [json.loads(line) for line in read_bytes(path).decode("utf-8").splitlines() if line.strip()]
@@ -203,7 +198,7 @@ def read_records(output: str) -> list[dict]:
 def write_records(output: str, records: list[dict]) -> None:
     from teachers.fs import atomic_write_bytes
 
-    atomic_write_bytes(_join(output, EVOLUTION), "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+    atomic_write_bytes(join(output, EVOLUTION), "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
 
 
 def layouts(cfg) -> dict:
@@ -213,7 +208,7 @@ def layouts(cfg) -> dict:
 def _lookup(cfg: EvolveConfig, start) -> LookupTable:
     from teachers.fs import exists
 
-    path = cfg.lookup or _join(cfg.output, "lookup.json")
+    path = cfg.lookup or join(cfg.output, "lookup.json")
     if exists(path):
         return LookupTable.load(path)
     if cfg.lookup:
@@ -348,7 +343,7 @@ def _iteration(cfg, it, checkpoint, arch, table, target, scorer, measure_ms, set
     """Score the checkpoint's blocks, plan and apply the evolution (not after the last segment); the record."""
     from teachers.fs import read_json
 
-    saved = read_json(_join(checkpoint, "config.json")).get("evolution")
+    saved = read_json(join(checkpoint, "config.json")).get("evolution")
     if saved and saved.get("iteration") == it:  # evolved before a crash, its record not yet written
         return saved
     pipe, info = scorer.pipeline(checkpoint)
@@ -368,7 +363,7 @@ def _iteration(cfg, it, checkpoint, arch, table, target, scorer, measure_ms, set
         new_cfg, _ = apply_actions(arch, actions)
         record["after"] = {"layouts": layouts(new_cfg), "predicted_ms": table.predict_ms(new_cfg),
                            "measured_ms": measure_ms(new_cfg, settings)}
-        evolve_checkpoint(checkpoint, _join(cfg.output, "run"), actions, record)
+        evolve_checkpoint(checkpoint, join(cfg.output, "run"), actions, record)
     print(f"evolve: iteration {it} step {record['step']}: {scorer.key} {full:.4f}, predicted {record['predicted_ms']:.3f} ms "
           f"(measured {record['measured_ms']:.3f}, target {target:.3f}); actions "
           + (", ".join(f"{a.kind} {a.module}" for a in actions) or "none"), flush=True)
@@ -380,9 +375,9 @@ def _finish(cfg: EvolveConfig, records: list[dict], table: LookupTable, target: 
 
     from students import checkpoint as ckpt
 
-    _, arch = student_at(_join(cfg.output, "run"))
-    atomic_write_json(_join(cfg.output, "student_config.json"), arch.to_dict())
-    write_report(cfg.output, records, target, ckpt.checkpoints(_join(cfg.output, "run"))[-1])
+    _, arch = student_at(join(cfg.output, "run"))
+    atomic_write_json(join(cfg.output, "student_config.json"), arch.to_dict())
+    write_report(cfg.output, records, target, ckpt.checkpoints(join(cfg.output, "run"))[-1])
 
 
 def write_report(output: str, records: list[dict], target: float, checkpoint: str) -> None:
@@ -411,7 +406,7 @@ def write_report(output: str, records: list[dict], target: float, checkpoint: st
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(_join(output, "report.png"), buf.getvalue())
+    atomic_write_bytes(join(output, "report.png"), buf.getvalue())
     rows = "".join(
         f"<tr><td>{r['iteration']}</td><td>{r['step']}</td><td>{r['metric']:.4f}</td><td>{r['predicted_ms']:.3f}</td>"
         f"<td>{r['measured_ms']:.3f}</td><td>{' / '.join(r['layouts']['down_layouts'])} | {r['layouts']['mid_layout']} | "
@@ -421,7 +416,7 @@ def write_report(output: str, records: list[dict], target: float, checkpoint: st
             f"<img src=\"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}\"><table border=1>"
             f"<tr><th>iteration</th><th>step</th><th>{name}</th><th>predicted ms</th><th>measured ms</th><th>layouts "
             f"(down | mid | up)</th><th>actions</th></tr>{rows}</table></body></html>")
-    atomic_write_bytes(_join(output, "report.html"), html.encode("utf-8"))
+    atomic_write_bytes(join(output, "report.html"), html.encode("utf-8"))
 
 
 def parse_args(argv: list[str] | None) -> EvolveConfig:
@@ -441,7 +436,7 @@ def _main(argv: list[str]) -> int:
         last = records[-1]
         print(f"evolve: {len(records)} iterations; final {last['metric_name']} {last['metric']:.4f} at "
               f"{last['predicted_ms']:.3f} ms predicted ({last['measured_ms']:.3f} measured); "
-              f"{_join(cfg.output, 'student_config.json')}, {_join(cfg.output, 'report.html')}")
+              f"{join(cfg.output, 'student_config.json')}, {join(cfg.output, 'report.html')}")
     return 0
 
 
