@@ -78,7 +78,6 @@ Choosing the knobs (``filters.config.CurateConfig``):
 
 from __future__ import annotations
 
-import io
 import math
 
 import apache_beam as beam
@@ -166,8 +165,9 @@ def sidecar_sample(path: str, n_total: int, size: int, seed: int):
     global top ``size`` then picks exactly ``size``). -> one packed (ranks, "file:row" keys, float32
     vectors, NaN scores). Only the sidecar is read, none of the records."""
     from teachers.fs import read_bytes
+    from teachers.record import load_npy
 
-    x = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+    x = load_npy(read_bytes(path))
     salt = np.uint64(sample_rank(seed, path))
     ranks = _mix64(np.arange(len(x), dtype=np.uint64) ^ salt)
     cut = np.uint64(min(2**64 - 1, int(2 * size / max(1, n_total) * 2**64)))
