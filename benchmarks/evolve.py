@@ -48,13 +48,21 @@ KEYS = ("adherence", "exact", "frechet_analyser")
 BIG = ("snapfusion", "mobilediffusion", "snapgen", "sd15_reference", "sdxl_reference")
 
 
-def paired_ms(cfgs: list, settings, rounds: int) -> list[list[float]]:
-    """Plain forward times of several UNets timed back to back in rotating order, ``rounds`` rounds
-    (after one warm-up round): per round, every model once, so load from other processes hits them alike."""
+def paired_ms(cfgs: list, settings, rounds: int, resident: int = 0) -> tuple[list[list[float]], list[list[float]]]:
+    """Plain forward times of several UNets timed back to back in rotating order, ``rounds`` rounds (after
+    one warm-up round), so load from other processes hits them alike; in the lookup's allocator state.
+
+    With ``resident`` >= 2 and more UNets than that, each UNet is timed in its own rounds against the
+    first one, with only those two built: six 3 GB UNets resident at once put the process under memory
+    pressure that no single UNet sees. Returns (times per UNet, the first UNet's times in the same rounds)."""
     import torch
 
     from students import lookup as L
 
+    L.prepare_allocator(settings)
+    if resident >= 2 and len(cfgs) > resident:
+        pairs = [paired_ms([cfgs[0], c], settings, rounds)[0] for c in cfgs[1:]]  # [first's times, c's times]
+        return [pairs[0][0]] + [p[1] for p in pairs], [pairs[0][0]] + [p[0] for p in pairs]
     models = [L.build_random_unet(c, settings) for c in cfgs]
     inputs = [L.unet_inputs(m, settings, settings.side or c.sample_size) for m, c in zip(models, cfgs)]
     times = [[] for _ in cfgs]
@@ -65,7 +73,7 @@ def paired_ms(cfgs: list, settings, rounds: int) -> list[list[float]]:
                 models[i](*inputs[i][0], **inputs[i][1])
                 if r:
                     times[i].append((time.perf_counter() - t0) * 1e3)
-    return times
+    return times, [times[0]] * len(cfgs)
 
 
 def lookup_check(args) -> list[dict]:
@@ -96,10 +104,10 @@ def lookup_check(args) -> list[dict]:
         if blocks:
             b = blocks[len(blocks) // 2]
             variants.append((f"+{b.module}", E.apply_actions(cfg, [E.Action("copy", b.module, 0, 0)])[0]))
-        paired = paired_ms([v for _, v in variants], settings, repeats)
-        for (label, variant), runs in zip(variants, paired):
+        paired, base = paired_ms([v for _, v in variants], settings, repeats, resident=2 if name in BIG else 0)
+        for (label, variant), runs, base_runs in zip(variants, paired, base):
             predicted, measured = table.predict_ms(variant), L.STATISTICS[settings.statistic](runs)
-            ratio = statistics.median(a / b for a, b in zip(runs, paired[0]))
+            ratio = statistics.median(a / b for a, b in zip(runs, base_runs))
             predicted_ratio = predicted / table.predict_ms(cfg)
             rows.append({"preset": name, "variant": label, "latent_side": side, "predicted_ms": predicted,
                          "measured_ms": measured, "error": predicted / measured - 1, "ratio": ratio,
@@ -316,9 +324,9 @@ def main(argv=None) -> int:
     settings = L.settings_of(table)
     analyser = load_analyser()
     students = (("unevolved", start, "unevolved"), ("evolved", evolved_cfg, "evolved/run"), ("uniform", uniform_cfg, "uniform"))
-    paired = paired_ms([cfg for _, cfg, _ in students], settings, args.lookup_repeats)  # back to back, rotating
+    paired, base = paired_ms([cfg for _, cfg, _ in students], settings, args.lookup_repeats)  # back to back, rotating
     rows = []
-    for (name, cfg, run), runs in zip(students, paired):
+    for (name, cfg, run), runs, base_runs in zip(students, paired, base):
         metrics = _evaluate(args, os.path.join(args.output, run), os.path.join(args.output, "eval", name), eval_captions, analyser)
         lay = layouts(cfg)
         rows.append({"student": name, "layouts": f"{' / '.join(lay['down_layouts'])} | {lay['mid_layout']} | "
@@ -326,7 +334,7 @@ def main(argv=None) -> int:
                      "blocks": len(L.unet_blocks(cfg)), "evolvable": len(evolvable(cfg)), "predicted_ms": table.predict_ms(cfg),
                      "predicted_ratio": table.predict_ms(cfg) / table.predict_ms(start),
                      "measured_ms": L.STATISTICS[settings.statistic](runs),
-                     "measured_ratio": statistics.median(a / b for a, b in zip(runs, paired[0])), **metrics})
+                     "measured_ratio": statistics.median(a / b for a, b in zip(runs, base_runs)), **metrics})
     md = table_md(rows, lookup or [])
     path_lines = ["", "Evolution path (validation adherence at the end of each segment, before its evolution):", ""]
     for r in records:

@@ -17,6 +17,10 @@ then *evolve*: actions are sorted by ``value = delta_metric / delta_latency_ms``
   execution order), each only if its skip costs metric (delta > 0) and the copy keeps the prediction
   under the target, up to ``--max_actions``.
 
+Once the architecture is final (``is_final``: at or under the target and no copy fits, so nothing can
+change it again), the remaining segments fine-tune it plainly (``--final_robust_skip_prob``, default 0)
+and score no blocks.
+
 Evolvable blocks are those whose removal is exactly a skip: transformer blocks (``T``/``C``/``S``
 tokens) anywhere, and mid-stage ResNets (the mid stage runs at one width and feeds no skip connection;
 the planner keeps at least one block in it). Down- and up-stage ResNets stay: a down-stage ResNet
@@ -124,6 +128,13 @@ def plan_actions(cfg, scores: dict[str, dict], table: LookupTable, target_ms: fl
     return actions
 
 
+def is_final(cfg, table: LookupTable, target_ms: float) -> bool:
+    """No evolution can change ``cfg`` any more: it is at or under the target (so nothing is removed) and
+    no block's copy fits under it (a copy's latency comes from the table, not from training)."""
+    predicted = table.predict_ms(cfg)
+    return predicted <= target_ms and all(predicted + table.block_ms(b) > target_ms for b in copyable(cfg))
+
+
 # ------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------
@@ -139,12 +150,16 @@ TRAIN_FLAGS = ("data", "preset", "init_from_teacher", "recipe", "student_steps",
 class EvolveConfig:
     output: str = option(help="evolution folder: run/, lookup.json, evolution.jsonl, student_config.json, report.html")
     robust_skip_prob: float = option(0.1, help="robust training: probability of skipping each skippable block per step")
+    final_robust_skip_prob: float = option(0.0, help="skip probability once the architecture is final (at or under the "
+                                           "target, no copy fits): 0 = the evolved UNet is fine-tuned plainly, as SnapFusion does")
     latency_target_ms: float = option(0.0, help="target UNet latency in ms on the lookup's runtime (or --latency_target_ratio)")
     latency_target_ratio: float = option(0.0, help="target as a fraction of the starting UNet's predicted latency")
     lookup: str | None = option(None, help="latency lookup table (distill profile --lookup); None = measure the start UNet")
     lookup_batch: int = option(2, help="batch of the measured lookup (2 = one CFG step)")
     lookup_repeats: int = option(20, help="timed forwards of the measured lookup and of each measured latency")
     lookup_statistic: str = option("median", help="median | min of the measured lookup's timed runs", choices=("median", "min"))
+    lookup_allocator: str = option("steady", help="allocator state of the measured lookup and of every measured latency: steady "
+                                   "(glibc keeps freed memory; students/lookup.py) | default", choices=("steady", "default"))
     iterations: int = option(4, help="training segments; the architecture evolves after each but the last")
     steps_per_iteration: int = option(100, help="robust-training optimizer steps per segment")
     max_actions: int = option(1, help="blocks removed or copied per evolution")
@@ -169,8 +184,9 @@ class EvolveConfig:
             raise UserError(f"--keep_cross_attention must not be negative, got {self.keep_cross_attention}")
         if (self.latency_target_ms > 0) == (self.latency_target_ratio > 0):
             raise UserError("give exactly one of --latency_target_ms and --latency_target_ratio (a positive number)")
-        if not 0 <= self.robust_skip_prob < 1:
-            raise UserError(f"--robust_skip_prob must be in [0, 1), got {self.robust_skip_prob}")
+        for flag in ("robust_skip_prob", "final_robust_skip_prob"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise UserError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
         if self.metric == "clip" and not self.clip_weights:
             raise UserError("--metric clip needs --clip_weights (a local open_clip checkpoint, or 'random')")
         if self.lr is None:  # a fine-tune from the teacher's weights, else distill train's rate
@@ -216,7 +232,8 @@ def _lookup(cfg: EvolveConfig, start) -> LookupTable:
     from students.lookup import measure_table
 
     table = measure_table(start, LookupSettings(batch_size=cfg.lookup_batch, repeats=cfg.lookup_repeats,
-                                                  statistic=cfg.lookup_statistic), progress=True)
+                                                  statistic=cfg.lookup_statistic, allocator=cfg.lookup_allocator),
+                           progress=True)
     table.save(path)
     return table
 
@@ -308,12 +325,14 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
         boundary = it * cfg.steps_per_iteration
         student, arch = student_at(run)
         found = ckpt.checkpoints(run)
+        final = is_final(arch or start, table, target)  # from here on the architecture stays: fine-tune it
         if not found or int(found[-1].rsplit("-", 1)[1]) < boundary:
-            train(train_cfg, recipe=recipe, stop_after=boundary, student=student)
+            train(train_cfg, recipe=dataclasses.replace(recipe, robust_skip_prob=cfg.final_robust_skip_prob) if final else recipe,
+                  stop_after=boundary, student=student)
             student, arch = student_at(run)
         if rank == 0:
             records.append(_iteration(cfg, it, ckpt.checkpoints(run)[-1], arch, table, target, scorer,
-                                      measure_ms, settings_of(table)))
+                                      measure_ms, settings_of(table), final))
             write_records(cfg.output, records)
         _barrier(world)
         records = read_records(cfg.output)
@@ -339,8 +358,9 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _iteration(cfg, it, checkpoint, arch, table, target, scorer, measure_ms, settings) -> dict:
-    """Score the checkpoint's blocks, plan and apply the evolution (not after the last segment); the record."""
+def _iteration(cfg, it, checkpoint, arch, table, target, scorer, measure_ms, settings, final: bool) -> dict:
+    """Score the checkpoint's blocks, plan and apply the evolution (not after the last segment, nor once the
+    architecture is final: then only the metric); the record."""
     from teachers.fs import read_json
 
     saved = read_json(join(checkpoint, "config.json")).get("evolution")
@@ -348,7 +368,7 @@ def _iteration(cfg, it, checkpoint, arch, table, target, scorer, measure_ms, set
         return saved
     pipe, info = scorer.pipeline(checkpoint)
     measure = scorer.measure_fn(pipe, info)
-    last = it == cfg.iterations
+    last = it == cfg.iterations or final
     if last:
         full, scores = measure(()), {}
     else:
@@ -358,6 +378,7 @@ def _iteration(cfg, it, checkpoint, arch, table, target, scorer, measure_ms, set
     record = {"iteration": it, "step": int(checkpoint.rsplit("-", 1)[1]), "metric_name": scorer.key, "metric": full,
               "layouts": layouts(arch), "predicted_ms": table.predict_ms(arch), "measured_ms": measure_ms(arch, settings),
               "target_ms": target, "scores": scores,
+              "robust_skip_prob": cfg.final_robust_skip_prob if final else cfg.robust_skip_prob,  # of the segment before
               "actions": [dict(dataclasses.asdict(a), value=a.value) for a in actions]}
     if actions:
         new_cfg, _ = apply_actions(arch, actions)

@@ -439,6 +439,9 @@ class ProfileOptions:
     unet_config: str | None = option(None, help="with --lookup: a student UNet config.json (e.g. an evolved run's student_config.json)")
     lookup_statistic: str = option("median", help="with --lookup: median | min of the timed runs (min resists other processes' load)",
                                    choices=("median", "min"))
+    lookup_allocator: str = option("steady", help="with --lookup: steady (glibc keeps freed memory, so timed forwards pay no "
+                                   "page faults; students/lookup.py) | default (the allocator as the process has it)",
+                                   choices=("steady", "default"))
 
     def __post_init__(self):
         for flag in ("batch_size", "repeats"):
@@ -512,7 +515,7 @@ def _lookup_main(args: ProfileOptions) -> int:
         torch.set_num_threads(args.threads)
     settings = L.LookupSettings(batch_size=args.batch_size, side=int(args.resolution) // 8 if args.resolution else None,
                                 repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
-                                statistic=args.lookup_statistic)
+                                statistic=args.lookup_statistic, allocator=args.lookup_allocator)
     table = L.measure_table(cfg, settings, progress=True)
     print(L.format_table(table))
     predicted, measured = table.predict_ms(cfg), L.measure_ms(cfg, settings)

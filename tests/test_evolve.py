@@ -67,7 +67,8 @@ def test_block_list_matches_the_built_modules(name):
 
 def test_lookup_round_trips_and_predicts_by_sum(tmp_path):
     cfg = preset("tiny")
-    table = L.measure_table(cfg, L.LookupSettings(batch_size=1, repeats=2, warmup=0))
+    # allocator "default": the steady state is process-wide and would stay set in the test process
+    table = L.measure_table(cfg, L.LookupSettings(batch_size=1, repeats=2, warmup=0, allocator="default"))
     path = str(tmp_path / "lookup.json")
     table.save(path)
     loaded = L.LookupTable.load(path)
@@ -91,11 +92,50 @@ def test_lookup_round_trips_and_predicts_by_sum(tmp_path):
         L.LookupTable.load(str(tmp_path / "bad.json"))
 
 
+STEADY_PROBE = """
+import resource, sys
+import numpy as np
+from students import lookup as L
+
+def faults():  # minor page faults of 5 rounds of a fresh 64 MB array, after one untimed round
+    np.ones(8 << 20).sum()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        np.ones(8 << 20).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(L.prepare_allocator(L.LookupSettings(allocator="default")), faults(),
+      L.prepare_allocator(L.LookupSettings()), faults(), sep="|")
+"""
+
+
+def test_steady_allocator_reuses_freed_memory_and_is_recorded(tmp_path):
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the steady allocator state is glibc's mallopt")
+    # in a child: the state is process-wide. 64 MB is above glibc's largest mmap threshold, so by default every
+    # round maps fresh pages (16,384 faults of 4 KiB, fewer with transparent huge pages); steady reuses the heap.
+    out = subprocess.run([sys.executable, "-c", STEADY_PROBE], capture_output=True, text=True, check=True).stdout
+    default, default_faults, steady, steady_faults = out.strip().splitlines()[-1].split("|")
+    assert default == "default" and steady.startswith("steady: glibc") and "M_MMAP_MAX=0" in steady
+    assert int(default_faults) >= 5 * 32  # each default round faults in 64 MB afresh: at least 32 huge pages of 2 MiB
+    assert int(steady_faults) <= 64, (default_faults, steady_faults)  # steady: the heap's pages again, nothing new
+    table = L.measure_table(preset("tiny"), L.LookupSettings(batch_size=1, repeats=1, warmup=0, allocator="default"))
+    assert table.settings["allocator"] == "default" and table.settings["allocator_detail"] in ("default", steady)
+    assert L.settings_of(table).allocator == "default"
+    with pytest.raises(UserError, match="allocator 'jemalloc' is not one of steady, default"):
+        L.LookupSettings(allocator="jemalloc")
+
+
 def test_profile_cli_writes_a_lookup(tmp_path, capsys):
     from students import profile as P
 
     out = tmp_path / "lk.json"
-    assert P.main(["--lookup", str(out), "--presets", "tiny", "--repeats", "2", "--warmup", "0", "--batch_size", "2"]) == 0
+    assert P.main(["--lookup", str(out), "--presets", "tiny", "--repeats", "2", "--warmup", "0", "--batch_size", "2",
+                   "--lookup_allocator", "default"]) == 0
     table = L.LookupTable.load(str(out))
     assert table.settings["batch_size"] == 2 and "predicted" in capsys.readouterr().out
     assert P.main(["--lookup", str(out)]) == 2  # the default preset list is not one UNet: one-line error
@@ -175,6 +215,17 @@ def _planted_table(cfg, ms: dict[str, float], rest: float = 1.0):
     entries = {b.key(side): ms.get(b.token, 1.0) for b in L.unet_blocks(cfg)}
     return L.LookupTable(entries=entries, rest_ms=rest, family=L.family_of(cfg), unet=cfg.to_dict(),
                          settings={"side": side}, measured_ms=0.0)
+
+
+def test_an_architecture_is_final_when_under_the_target_and_no_copy_fits():
+    cfg = preset("shapes")
+    table = _planted_table(cfg, {"R": 1.0, "T": 2.0})  # 16 ms; the cheapest copy is a mid ResNet (1 ms)
+    assert not E.is_final(cfg, table, 15.9)  # over: removals to come
+    assert E.is_final(cfg, table, 16.5) and E.is_final(cfg, table, 16.0)  # under, a 1 ms copy would not fit
+    assert not E.is_final(cfg, table, 17.0)  # a mid ResNet's copy fits exactly: it may still be copied
+    dear_resnets = _planted_table(cfg, {"R": 3.0, "T": 2.0})  # 7 x 3 + 4 x 2 + 1 = 30 ms; the cheapest copy is a T
+    assert dear_resnets.predict_ms(cfg) == 30.0
+    assert E.is_final(cfg, dear_resnets, 31.5) and not E.is_final(cfg, dear_resnets, 32.0)
 
 
 def test_action_order_on_planted_scores():
@@ -329,7 +380,8 @@ def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
     (tmp_path / "val.txt").write_text("a red circle on a white background\na blue square on a black background\n")
     lookup = str(tmp_path / "lk.json")
     table = _planted_table(preset("tiny"), {"R": 1.0, "T": 2.0, "S": 2.0, "C": 2.0})
-    table.settings = {"side": 16, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7}
+    table.settings = {"side": 16, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7,
+                      "allocator": "default"}
     table.save(lookup)
     kw = dict(data=tiny_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, lookup=lookup, latency_target_ms=14.5,
               iterations=2, steps_per_iteration=2, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.9, shuffle_buffer=8,
@@ -346,6 +398,9 @@ def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
     # 11 blocks: 7 R (7 ms) + 4 transformers (8 ms) + rest 1 = 16 ms; target 14.5: one removal, then the last segment
     assert [len(r["actions"]) for r in whole] == [1, 0] and whole[0]["predicted_ms"] == 16.0
     assert whole[1]["predicted_ms"] == 14.0 and whole[0]["actions"][0]["kind"] == "remove"
+    # 14 ms: under the target and no copy fits (1 ms ResNet -> 15): final, so the second segment is plain fine-tuning
+    # (no robust skips) and its record scores nothing; the resumed run above took the same switch
+    assert [r["robust_skip_prob"] for r in whole] == [0.2, 0.0] and whole[0]["scores"] and whole[1]["scores"] == {}
     final = json.load(open(tmp_path / "whole" / "student_config.json"))
     assert final["down_layouts"] == whole[-1]["layouts"]["down_layouts"] and final["mid_layout"] == whole[-1]["layouts"]["mid_layout"]
     for name in ("report.html", "report.png", "evolution.jsonl"):
@@ -381,7 +436,7 @@ def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(tiny_dump, tmp_p
     lookup = str(tmp_path / "lk.json")
     table = _planted_table(start, {"R": 1.0, "T": 2.0})
     table.settings = {"side": start.sample_size, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32",
-                      "text_tokens": 7}
+                      "text_tokens": 7, "allocator": "default"}
     table.save(lookup)
     full = table.predict_ms(start)
     cfg = E.EvolveConfig(init_from_teacher="none", lookup=lookup, latency_target_ms=full - 0.5, iterations=2,
