@@ -185,7 +185,7 @@ def _evolve(args, data, out, val_captions):
                        steps_per_iteration=args.steps_per_iteration, max_actions=args.max_actions,
                        val_captions=val_captions, val_images=args.val_images, metric="adherence", batch_size=args.batch_size,
                        lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=0.99, seed=args.seed, shuffle_buffer=256,
-                       lookup_repeats=args.lookup_repeats, lookup_statistic=args.statistic)
+                       lookup_repeats=args.lookup_repeats, lookup_statistic=args.statistic, lookup=args.lookup)
     return evolve(cfg)
 
 
@@ -249,6 +249,9 @@ def main(argv=None) -> int:
                    help="latency statistic of the lookups and measurements (min resists other processes' load)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: tiny models on a shared machine run far faster than with 2 fighting for cores)")
+    p.add_argument("--lookup", default=None,
+                   help="the evolution's latency lookup (distill profile --lookup, or an earlier run's evolved/lookup.json); "
+                        "default: measured on the start in this run, which on a loaded machine can be far off")
     p.add_argument("--skip_lookup_check", action="store_true")
     p.add_argument("--lookup_only", action="store_true", help="part 1 only: the lookup check, written to lookup_check.md")
     p.add_argument("--quick", action="store_true",

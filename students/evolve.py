@@ -17,8 +17,8 @@ then *evolve*: actions are sorted by ``value = delta_metric / delta_latency_ms``
   execution order), each only if its skip costs metric (delta > 0) and the copy keeps the prediction
   under the target, up to ``--max_actions``.
 
-Once the architecture is final (``is_final``: at or under the target and no copy fits, so nothing can
-change it again), the remaining segments fine-tune it plainly (``--final_robust_skip_prob``, default 0)
+Once the architecture is final (``is_final``: no evolution can change it again: at or under the target
+no copy fits, or over it nothing may be removed), the remaining segments fine-tune it plainly (``--final_robust_skip_prob``, default 0)
 and score no blocks.
 
 Evolvable blocks are those whose removal is exactly a skip: transformer blocks (``T``/``C``/``S``
@@ -128,11 +128,13 @@ def plan_actions(cfg, scores: dict[str, dict], table: LookupTable, target_ms: fl
     return actions
 
 
-def is_final(cfg, table: LookupTable, target_ms: float) -> bool:
-    """No evolution can change ``cfg`` any more: it is at or under the target (so nothing is removed) and
-    no block's copy fits under it (a copy's latency comes from the table, not from training)."""
-    predicted = table.predict_ms(cfg)
-    return predicted <= target_ms and all(predicted + table.block_ms(b) > target_ms for b in copyable(cfg))
+def is_final(cfg, table: LookupTable, target_ms: float, keep_cross_attention: int = 1) -> bool:
+    """No evolution can change ``cfg`` any more, whatever the scores: over the target, no block may be
+    removed (the last cross-attention blocks and the mid stage's last block stay); at or under it, no
+    block's copy fits. The planner itself decides, on scores that would take any action allowed (a copy
+    needs a positive score; latency comes from the table, not from training)."""
+    anything = {b.module: {"delta_metric": 1.0, "latency_ms": table.block_ms(b)} for b in unet_blocks(cfg)}
+    return not plan_actions(cfg, anything, table, target_ms, keep_cross_attention=keep_cross_attention)
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
         boundary = it * cfg.steps_per_iteration
         student, arch = student_at(run)
         found = ckpt.checkpoints(run)
-        final = is_final(arch or start, table, target)  # from here on the architecture stays: fine-tune it
+        final = is_final(arch or start, table, target, cfg.keep_cross_attention)  # from here on the architecture stays: fine-tune it
         if not found or int(found[-1].rsplit("-", 1)[1]) < boundary:
             train(train_cfg, recipe=dataclasses.replace(recipe, robust_skip_prob=cfg.final_robust_skip_prob) if final else recipe,
                   stop_after=boundary, student=student)

@@ -226,6 +226,11 @@ def test_an_architecture_is_final_when_under_the_target_and_no_copy_fits():
     dear_resnets = _planted_table(cfg, {"R": 3.0, "T": 2.0})  # 7 x 3 + 4 x 2 + 1 = 30 ms; the cheapest copy is a T
     assert dear_resnets.predict_ms(cfg) == 30.0
     assert E.is_final(cfg, dear_resnets, 31.5) and not E.is_final(cfg, dear_resnets, 32.0)
+    # over a target nothing may reach: one cross-attention block and one mid block left, nothing removable
+    bare = E.apply_actions(cfg, [E.Action("remove", m, 0, 0) for m in ("mid_block.attentions.0", "up_blocks.0.attentions.0",
+                                                                         "up_blocks.0.attentions.1")])[0]
+    assert table.predict_ms(bare) == 10.0 and E.is_final(bare, table, 5.0)
+    assert not E.is_final(bare, table, 5.0, keep_cross_attention=0)  # unless the last cross-attention block may go
 
 
 def test_action_order_on_planted_scores():
