@@ -185,7 +185,7 @@ def _evolve(args, data, out, val_captions):
                        steps_per_iteration=args.steps_per_iteration, max_actions=args.max_actions,
                        val_captions=val_captions, val_images=args.val_images, metric="adherence", batch_size=args.batch_size,
                        lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=0.99, seed=args.seed, shuffle_buffer=256,
-                       lookup_repeats=args.lookup_repeats, lookup_statistic=args.statistic, lookup=args.lookup)
+                       lookup_repeats=args.lookup_repeats, lookup_statistic=args.statistic)
     return evolve(cfg)
 
 
@@ -310,6 +310,9 @@ def main(argv=None) -> int:
     world.write_captions(eval_captions, args.eval_images, seed=12_345)
     # the three students
     evo_dir = os.path.join(args.output, "evolved")
+    if args.lookup and not os.path.isfile(os.path.join(evo_dir, "lookup.json")):  # the evolution's own lookup, as if measured
+        os.makedirs(evo_dir, exist_ok=True)
+        L.LookupTable.load(args.lookup).save(os.path.join(evo_dir, "lookup.json"))
     records = _evolve(args, data, evo_dir, val_captions)
     print(f"[bench] evolved after {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     start = start_model(args, data).student_config
