@@ -7,8 +7,11 @@ Two entry points, one algorithm:
   scores) or ``dedup_blocks.EmbeddingRows`` (keys, scores and a row range of a ``.npy`` file, read
   by the steps that need the vectors; what a source over ``.emb.npy`` sidecars makes, one per file
   or chunk). No step handles a single record.
-- ``SemanticDedup``: records in, the same records annotated out (what the curate and filter jobs
-  use). Records become rows of primitives (key, vector as bytes, score), are grouped into buckets
+- ``SemanticDedupSidecars``: records in, the same records annotated out, for records whose
+  embeddings are rows of ``.emb.npy`` sidecars (the filter job's): no record carries a vector. The
+  records are grouped by shard, each group becomes one ``EmbeddingRows`` block of just its rows,
+  and each block's ``Fates`` join its shard's records (one join element per shard).
+- ``SemanticDedup``: records in, the same records annotated out (what the curate job uses). Records become rows of primitives (key, vector as bytes, score), are grouped into buckets
   of about ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
   back to the records by a join on the key, the records shipped with their arrays as bytes.
 
@@ -97,7 +100,7 @@ MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate
 CLUSTER_SHUFFLES = 8  # GroupByKeys the cluster shuffle is split into (see SemanticDedupBlocks.expand)
 SPREAD_FACTOR = 64  # a split cluster above this x target_cluster_size rows has its work units spread over workers
 
-__all__ = ["SemanticDedup", "SemanticDedupBlocks", "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
+__all__ = ["SemanticDedup", "SemanticDedupBlocks", "SemanticDedupSidecars", "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
 
 
 
@@ -332,24 +335,27 @@ def _fates_by_key(keyed):
                     int(fates.n_duplicates[m]))
 
 
+def annotate_record(record: dict, fate: tuple | None, modality: str) -> dict:
+    """A record and its fate, ("fate", cluster, duplicate_of, similarity, n_duplicates) or None (not
+    deduplicated) -> the record annotated as the manifest needs."""
+    record = {**record, "dedup_on": modality, "cluster_id": None if fate is None else fate[1]}
+    if fate is None or (fate[2] is None and not fate[4]):
+        return record
+    if fate[2] is None:
+        record["n_duplicates"] = fate[4] + (record.get("n_duplicates") or 0)
+        return record
+    Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
+    return dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE, duplicate_of=fate[2], duplicate_similarity=fate[3])
+
+
 def annotate(keyed, modality: str):
     """(key, [("record", packed), ("fate", cluster, duplicate_of, similarity, n_duplicates)]) -> the
     records, annotated as the manifest needs."""
     _, items = keyed
     fate = next((item for item in items if item[0] == "fate"), None)
     for item in items:
-        if item[0] != "record":
-            continue
-        record = {**unpack_record(item[1]), "dedup_on": modality, "cluster_id": None if fate is None else fate[1]}
-        if fate is None or (fate[2] is None and not fate[4]):
-            yield record
-        elif fate[2] is None:
-            record["n_duplicates"] = fate[4] + (record.get("n_duplicates") or 0)
-            yield record
-        else:
-            Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
-            yield dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE,
-                          duplicate_of=fate[2], duplicate_similarity=fate[3])
+        if item[0] == "record":
+            yield annotate_record(unpack_record(item[1]), fate, modality)
 
 
 class SemanticDedup(beam.PTransform):
@@ -385,3 +391,84 @@ class SemanticDedup(beam.PTransform):
                 | "GatherRecordsAndFates" >> beam.Flatten()
                 | "JoinByKey" >> beam.GroupByKey()
                 | "AnnotateRecords" >> beam.FlatMap(annotate, self.modality))
+
+
+# ---- records of ``.emb.npy``-sidecar shards in, records out: only keys, scores and fates travel ----
+
+def _shard_record(record: dict, shard_field: str) -> tuple[int, tuple]:
+    return int(record[shard_field]), pack_record(record)
+
+
+def _records_of_shard(keyed, position_field: str) -> list[dict]:
+    return sorted((unpack_record(p) for p in keyed[1]), key=lambda r: r[position_field])
+
+
+def shard_block(keyed, sidecars: dict, position_field: str, wire_dtype: str) -> EmbeddingRows:
+    """(shard, its records) -> one ``EmbeddingRows`` block: the records' rows of the shard's sidecar
+    (``sidecars[shard]``), in row order, with their keys and scores; no vector is read here."""
+    shard, packed = keyed
+    heads = sorted((p[0] for p in packed), key=lambda r: r[position_field])
+    rows = np.fromiter((r[position_field] for r in heads), np.int64, len(heads))
+    scores = np.fromiter((math.nan if (s := effective_aesthetic(r)) is None else float(s) for r in heads),
+                         np.float64, len(heads))
+    return EmbeddingRows(int(shard), sidecars[shard], int(rows[0]), int(rows[-1]) + 1,
+                         tuple(r["key"] for r in heads), scores, wire_dtype, rows)
+
+
+def _tag(item, kind: str):
+    return item[0], (kind, item[1])
+
+
+def annotate_shard(keyed, modality: str, position_field: str):
+    """(shard, [("records", packed records), ("fates", Fates)]) -> the shard's records annotated,
+    each with the fate of its row (the block's rows are the records in row order)."""
+    shard, items = keyed
+    packed = next((v for kind, v in items if kind == "records"), [])
+    fates = next((v for kind, v in items if kind == "fates"), None)
+    records = _records_of_shard((shard, packed), position_field)
+    if fates is None:  # nothing deduplicated (no k-means sample)
+        yield from (annotate_record(r, None, modality) for r in records)
+        return
+    if tuple(r["key"] for r in records) != tuple(fates.keys):
+        raise RuntimeError(f"shard {shard}: the fates name other keys than its records")
+    for m, record in enumerate(records):
+        yield annotate_record(record, ("fate", int(fates.cluster[m]), fates.duplicate_of[m],
+                                       float(fates.similarity[m]), int(fates.n_duplicates[m])), modality)
+
+
+class SemanticDedupSidecars(beam.PTransform):
+    """SemDeDup over records whose embeddings stay in ``.emb.npy`` sidecars (the filter job's):
+    records in, the same records annotated out, as ``SemanticDedup`` gives, without any record
+    carrying its embedding.
+
+    A record names its shard (``shard_field``) and its row in that shard's sidecar
+    (``position_field``); ``sidecars`` maps a shard number to its sidecar's path. The records of a
+    shard are grouped once by shard number (keys, scores, row numbers and the records' light fields;
+    a record that still carries arrays has them packed as bytes); each group becomes one
+    ``EmbeddingRows`` block (only those rows of the sidecar, read by the steps that need vectors),
+    ``SemanticDedupBlocks`` gives one ``Fates`` per block, and the fates join the shard's records
+    by shard number: one join element per shard, not one per record. The k-means sample is drawn
+    from all the sidecars (``sidecar_sample``), as ``SemanticDedup`` with ``sidecars`` draws it.
+    """
+
+    def __init__(self, modality: str, cfg: CurateConfig, sidecars: dict, *, shard_field: str = "input_shard",
+                 position_field: str = "input_position", margin: float | None = None, wire_dtype: str = WIRE_DTYPE,
+                 batch: int = ASSIGN_BATCH, spread_factor: int = SPREAD_FACTOR):
+        super().__init__()
+        self.modality, self.cfg, self.sidecars = modality, cfg, dict(sidecars)
+        self.shard_field, self.position_field = shard_field, position_field
+        self.margin, self.wire_dtype, self.batch, self.spread_factor = margin, wire_dtype, batch, spread_factor
+
+    def expand(self, records):
+        by_shard = (records
+                    | "KeyByShard" >> beam.Map(_shard_record, self.shard_field)
+                    | "GroupByShard" >> beam.GroupByKey())
+        fates = (by_shard
+                 | "ShardBlocks" >> beam.Map(shard_block, self.sidecars, self.position_field, self.wire_dtype)
+                 | "DedupBlocks" >> SemanticDedupBlocks(self.modality, self.cfg, margin=self.margin, batch=self.batch,
+                                                        sidecars=tuple(self.sidecars[s] for s in sorted(self.sidecars)),
+                                                        spread_factor=self.spread_factor))
+        return (((by_shard | "TagRecords" >> beam.Map(_tag, "records")), (fates | "TagFates" >> beam.Map(_tag, "fates")))
+                | "GatherRecordsAndFates" >> beam.Flatten()
+                | "JoinByShard" >> beam.GroupByKey()
+                | "AnnotateShards" >> beam.FlatMap(annotate_shard, self.modality, self.position_field))

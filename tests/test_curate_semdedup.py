@@ -249,3 +249,53 @@ def test_records_come_out_as_they_went_in_but_for_the_annotations(tmp_path):
     out = p | beam.Create(records) | dedup.SemanticDedup("text", cfg)
     assert_that(out, check)
     p.run().wait_until_finish()
+
+
+def test_sidecar_path_annotates_records_as_the_records_path_does(tmp_path):
+    """``SemanticDedupSidecars`` (records without embeddings, one ``EmbeddingRows`` block per shard
+    of the rows still active, fates joined back by shard) against ``SemanticDedup`` (each record
+    carrying its embedding) on the same records, with a fifth of each shard's rows already dropped
+    by earlier stages and the k-means sample from the same sidecars: every record annotated the same."""
+    x, keys, scores = planted_rows()
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=6, kmeans_sample_size=len(keys))
+    sidecars = {}
+    for shard in range(4):
+        sidecars[shard] = str(tmp_path / f"{shard:06d}.emb.npy")
+        np.save(sidecars[shard], x[150 * shard: 150 * (shard + 1)])
+    active = [i for i in range(len(keys)) if i % 5 != 3]  # rows the thresholds dropped never reach dedup
+    light = [{"key": keys[i], "aesthetic_score": scores[i], "input_shard": i // 150, "input_position": i % 150,
+              "offset": [i, i + 1], "stage": None, "reason": None} for i in active]
+    heavy = [{**r, "text_embedding": x[i]} for r, i in zip(light, active)]
+    fields = (*FIELDS, "input_shard", "input_position", "offset", "stage")
+
+    def run(records, stage, path):
+        p = BeamTestPipeline()
+        out = p | beam.Create(records) | stage
+        assert_that(out, partial(save_all, path=str(path), fields=fields))
+        p.run().wait_until_finish()
+        with open(path) as f:
+            return {r["key"]: r for r in json.load(f)}
+
+    old = run(heavy, dedup.SemanticDedup("text", cfg, sidecars=tuple(sidecars.values())), tmp_path / "old.json")
+    new = run(light, dedup.SemanticDedupSidecars("text", cfg, sidecars, batch=64), tmp_path / "new.json")
+    assert all(r.pop("has_embedding") for r in old.values()) and not any(r.pop("has_embedding") for r in new.values())
+    assert new == old and len(new) == len(active)
+    dropped = {k: r["duplicate_of"] for k, r in new.items() if r["reason"] is not None}
+    assert 30 <= len(dropped) and all(r["stage"] == "semdedup" for k, r in new.items() if k in dropped)
+    assert all(new[of]["reason"] is None and new[of]["n_duplicates"] for of in dropped.values())
+
+
+def save_all(rows, path, fields):
+    with open(path, "w") as f:
+        json.dump([{**{k: r.get(k) for k in fields}, "has_embedding": "text_embedding" in r} for r in rows], f)
+
+
+def test_embedding_rows_read_only_the_rows_asked_for(tmp_path):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.save(tmp_path / "x.npy", x)
+    rows = np.array([2, 3, 7])
+    got = dedup.EmbeddingRows(5, str(tmp_path / "x.npy"), 2, 8, ("a", "b", "c"), np.zeros(3), "float32", rows).load()
+    assert got.block == 5 and got.keys == ("a", "b", "c") and np.array_equal(got.vectors, x[rows])
+    with pytest.raises(ValueError, match="rows 2 to 12 asked for"):
+        dedup.EmbeddingRows(0, str(tmp_path / "x.npy"), 2, 13, ("a", "b"), np.zeros(2), "float32",
+                            np.array([2, 12])).load()

@@ -173,6 +173,24 @@ def test_output_shards_are_balanced_in_parent_order_and_hold_the_input_bytes(fil
         assert shards.verify_shard(out, int(ix["shard"][:6])) == []
 
 
+def test_sidecar_dedup_path_gives_the_records_paths_outputs(filtered, tmp_path):
+    """The default path (records without embeddings; one ``EmbeddingRows`` block per shard of the
+    rows the thresholds kept; fates joined back by shard) against the earlier one (every record
+    carries its embedding through ``SemanticDedup``): the same kept keys, the same duplicate_of, and
+    byte-identical shards, manifest and report."""
+    out = str(tmp_path / "records")
+    dataset = filter_shards.run([out if a == filtered["out"] else a for a in filtered["args"]], dedup="records")
+    old, new = manifest(out), manifest(filtered["out"])
+    pick = lambda rows, fate: {r["key"]: r["duplicate_of"] for r in rows if r["fate"] == fate}  # noqa: E731
+    assert pick(new, "kept") == pick(old, "kept") and len(pick(new, "kept")) >= 5
+    assert pick(new, "duplicate") == pick(old, "duplicate") and len(pick(new, "duplicate")) >= 2
+    assert [r["key"] for r in new if r["fate"] == "filtered"] == [r["key"] for r in old if r["fate"] == "filtered"] != []
+    assert dataset["totals"] == filtered["dataset"]["totals"]
+    t = dataset["totals"]
+    assert t["input"] == t["kept"] + t["filtered"] + t["duplicate"] + t["rejected"] == 16
+    assert tree_bytes(out) == tree_bytes(filtered["out"])
+
+
 def test_rerun_redoes_a_partial_shard_byte_identically_and_skips_complete_ones(filtered, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(filtered["out"], out)

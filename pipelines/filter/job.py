@@ -10,9 +10,11 @@ ToFates -> GatherFates -> PlanOutputShards -> ListOutputShards -> CopyShards -> 
 WriteDataset``. The first half touches only light data: each input shard's index (keys, byte
 ranges, scores) and its ``NNNNNN.emb.npy`` embeddings, through the stages the curate job also runs
 (``pipelines.stages.FilterScores``: aesthetic and CLIP-score thresholds or top fraction;
-``pipelines.dedup.SemanticDedup``: faiss
-k-means, then duplicates per cluster, one kept per group: highest aesthetic, then smallest key),
-so duplicates are found across the whole dump. ``PlanOutputShards`` gathers the fates (about 200
+``pipelines.dedup.SemanticDedupSidecars``: faiss k-means, then duplicates per cluster, one kept per
+group: highest aesthetic, then smallest key), so duplicates are found across the whole dump. The
+records carry no embedding: SemDeDup gets one block per input shard naming the sidecar rows the
+thresholds kept, reads them itself, and only the fates (key, cluster, duplicate_of, similarity)
+join the records, by shard. ``PlanOutputShards`` gathers the fates (about 200
 bytes per key) in one worker, assigns kept keys to balanced output shards in the parent's order
 and writes ``_plan/plan.parquet`` (``pipelines/filter/plan.py``). A copy work unit is an output shard number: it reads its rows
 from the plan and its members from the parent's shards by key, so heavy arrays never pass a shuffle.
@@ -37,14 +39,15 @@ from apache_beam.metrics import Metrics
 from diffusion_distill.errors import UserError
 from diffusion_distill.options import option, parse
 from pipelines import common
-from pipelines.dedup import SemanticDedup
+from pipelines.dedup import SemanticDedup, SemanticDedupSidecars
 from pipelines.filter import plan as filter_plan
 from pipelines.filter.plan import FilterRecipe
+from pipelines.records import EMBEDDING_FIELDS
 from pipelines.scoring import ImageScoring
 from pipelines.stages import ActiveOnly, FilterScores
 from teachers.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
 from teachers.schema import write_dataset_info
-from teachers.shards import index_name, list_indexes
+from teachers.shards import embeds_name, index_name, list_indexes
 
 NAMESPACE = "filter_shards"
 PROG = "distill filter"
@@ -123,16 +126,20 @@ def build_recipe(cfg: FilterConfig):
 
 
 class ReadScoresFn(beam.DoFn):
-    """Input shard number -> one record per sample: key, scores, byte range, CLIP image embedding."""
+    """Input shard number -> one record per sample: key, scores, byte range, and (``embeddings``)
+    its CLIP image embedding. The sidecar is read and checked either way (a bad one rejects the
+    shard's samples at stage ``scores``); without ``embeddings`` the vectors stay in it."""
 
-    def __init__(self, parent: str):
-        self.parent = parent
+    def __init__(self, parent: str, embeddings: bool = True):
+        self.parent, self.embeddings = parent, embeddings
         self.shards = Metrics.counter(NAMESPACE, "input_shards_read")
         self.samples = Metrics.counter(NAMESPACE, "samples_read")
         self.rejected = Metrics.counter(NAMESPACE, "samples_rejected_unscored")
 
     def process(self, shard: int):
         records = filter_plan.score_records(self.parent, shard)
+        if not self.embeddings:
+            records = [{k: v for k, v in r.items() if k != EMBEDDING_FIELDS["image"]} for r in records]
         self.shards.inc()
         self.samples.inc(len(records))
         self.rejected.inc(sum(r["stage"] is not None for r in records))
@@ -245,8 +252,19 @@ def prepare(argv: list[str] | None):
         return (cfg, *build_recipe(cfg), beam_args)
 
 
-def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
-    """Validate on the launcher, run the Beam job, return the output's ``dataset.json``."""
+DEDUP_PATHS = ("sidecars", "records")
+
+
+def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "sidecars") -> dict:
+    """Validate on the launcher, run the Beam job, return the output's ``dataset.json``.
+
+    ``dedup``: how SemDeDup gets the embeddings. "sidecars" (the default): records carry none; one
+    ``EmbeddingRows`` block per input shard (the rows of its ``.emb.npy`` that the thresholds kept)
+    goes through ``SemanticDedupBlocks`` and only the fates join the records, by shard
+    (``pipelines.dedup.SemanticDedupSidecars``). "records": each record carries its embedding
+    through ``SemanticDedup`` (the earlier path, kept to check the two give the same outputs)."""
+    if dedup not in DEDUP_PATHS:
+        raise ValueError(f"dedup={dedup!r}: one of {DEDUP_PATHS}")
     cfg, recipe, curate_config, parent, parent_dataset, beam_args = prepare(argv)
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
@@ -260,11 +278,15 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     records = (pipeline
                | "ListInputShards" >> beam.Create(input_shards)
                | "SpreadInputShards" >> beam.Reshuffle()  # only shard numbers cross it
-               | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input)))
+               | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input, embeddings=dedup == "records")))
     records, cutoff = records | "FilterScores" >> FilterScores(curate_config)
     if curate_config.semdedup_eps is not None:
-        sidecars = tuple(join(cfg.input, f"{s:06d}.emb.npy") for s in input_shards)  # the k-means sample, from storage
-        records = records | "DropSemanticDuplicates" >> ActiveOnly(SemanticDedup("image", curate_config, sidecars=sidecars))
+        sidecars = {s: join(cfg.input, embeds_name(s)) for s in input_shards}  # vectors and k-means sample, from storage
+        if dedup == "sidecars":
+            stage = SemanticDedupSidecars("image", curate_config, sidecars)
+        else:
+            stage = SemanticDedup("image", curate_config, sidecars=tuple(sidecars.values()))
+        records = records | "DropSemanticDuplicates" >> ActiveOnly(stage)
     # One connected graph ending in WriteDataset (Beam's Dask runner computes only the last bag).
     _ = (records
          | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key from here on
