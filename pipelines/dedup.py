@@ -7,10 +7,10 @@ Two entry points, one algorithm:
   scores) or ``dedup_blocks.EmbeddingRows`` (keys, scores and a row range of a ``.npy`` file, read
   by the steps that need the vectors; what a source over ``.emb.npy`` sidecars makes, one per file
   or chunk). No step handles a single record.
-- ``SemanticDedupSidecars``: records in, the same records annotated out, for records whose
-  embeddings are rows of ``.emb.npy`` sidecars (the filter job's): no record carries a vector. The
-  records are grouped by shard, each group becomes one ``EmbeddingRows`` block of just its rows,
-  and each block's ``Fates`` join its shard's records (one join element per shard).
+- ``SemanticDedupShards``: shards of records in, the same shards annotated out, for records whose
+  embeddings are rows of ``.emb.npy`` sidecars (the filter job's): no record carries a vector and
+  no step handles a single record. Each shard becomes one ``EmbeddingRows`` block of the rows of
+  its active records, and each block's ``Fates`` join its shard's records (one element per shard).
 - ``SemanticDedup``: records in, the same records annotated out (what the curate job uses). Records become rows of primitives (key, vector as bytes, score), are grouped into buckets
   of about ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
   back to the records by a join on the key, the records shipped with their arrays as bytes.
@@ -92,7 +92,7 @@ from filters.config import CurateConfig
 from filters.semdedup import sample_rank
 from pipelines import dedup_blocks as blocks_
 from pipelines.dedup_blocks import EmbeddingRows, Fates, Rows
-from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
+from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic, is_active
 
 ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16 = 12 MB
 WIRE_DTYPE = "float16"
@@ -100,7 +100,7 @@ MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate
 CLUSTER_SHUFFLES = 8  # GroupByKeys the cluster shuffle is split into (see SemanticDedupBlocks.expand)
 SPREAD_FACTOR = 64  # a split cluster above this x target_cluster_size rows has its work units spread over workers
 
-__all__ = ["SemanticDedup", "SemanticDedupBlocks", "SemanticDedupSidecars", "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
+__all__ = ["SemanticDedup", "SemanticDedupBlocks", "SemanticDedupShards", "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
 
 
 
@@ -393,82 +393,76 @@ class SemanticDedup(beam.PTransform):
                 | "AnnotateRecords" >> beam.FlatMap(annotate, self.modality))
 
 
-# ---- records of ``.emb.npy``-sidecar shards in, records out: only keys, scores and fates travel ----
+# ---- shards of records in (embeddings in ``.emb.npy`` sidecars), shards out: only keys, scores and fates travel ----
 
-def _shard_record(record: dict, shard_field: str) -> tuple[int, tuple]:
-    return int(record[shard_field]), pack_record(record)
-
-
-def _records_of_shard(keyed, position_field: str) -> list[dict]:
-    return sorted((unpack_record(p) for p in keyed[1]), key=lambda r: r[position_field])
-
-
-def shard_block(keyed, sidecars: dict, position_field: str, wire_dtype: str) -> EmbeddingRows:
-    """(shard, its records) -> one ``EmbeddingRows`` block: the records' rows of the shard's sidecar
-    (``sidecars[shard]``), in row order, with their keys and scores; no vector is read here."""
-    shard, packed = keyed
-    heads = sorted((p[0] for p in packed), key=lambda r: r[position_field])
-    rows = np.fromiter((r[position_field] for r in heads), np.int64, len(heads))
-    scores = np.fromiter((math.nan if (s := effective_aesthetic(r)) is None else float(s) for r in heads),
-                         np.float64, len(heads))
-    return EmbeddingRows(int(shard), sidecars[shard], int(rows[0]), int(rows[-1]) + 1,
-                         tuple(r["key"] for r in heads), scores, wire_dtype, rows)
+def shard_block(keyed, sidecars: dict, position_field: str, wire_dtype: str):
+    """(shard, its records) -> one ``EmbeddingRows`` block of its active records (none if none is
+    active): their rows of the shard's sidecar (``sidecars[shard]``) in row order, with their keys
+    and scores; no vector is read here."""
+    shard, records = keyed
+    active = sorted((r for r in records if is_active(r)), key=lambda r: r[position_field])
+    if not active:
+        return
+    rows = np.fromiter((r[position_field] for r in active), np.int64, len(active))
+    scores = np.fromiter((math.nan if (s := effective_aesthetic(r)) is None else float(s) for r in active),
+                         np.float64, len(active))
+    yield EmbeddingRows(int(shard), sidecars[shard], int(rows[0]), int(rows[-1]) + 1,
+                        tuple(r["key"] for r in active), scores, wire_dtype, rows)
 
 
 def _tag(item, kind: str):
     return item[0], (kind, item[1])
 
 
-def annotate_shard(keyed, modality: str, position_field: str):
-    """(shard, [("records", packed records), ("fates", Fates)]) -> the shard's records annotated,
-    each with the fate of its row (the block's rows are the records in row order)."""
+def annotate_shard(keyed, modality: str) -> tuple:
+    """(shard, [("records", its records), ("fates", Fates of its active ones)]) -> (shard, its
+    records, the active ones annotated as ``SemanticDedup`` annotates them, the rest unchanged)."""
     shard, items = keyed
-    packed = next((v for kind, v in items if kind == "records"), [])
+    records = next(v for kind, v in items if kind == "records")
     fates = next((v for kind, v in items if kind == "fates"), None)
-    records = _records_of_shard((shard, packed), position_field)
-    if fates is None:  # nothing deduplicated (no k-means sample)
-        yield from (annotate_record(r, None, modality) for r in records)
-        return
-    if tuple(r["key"] for r in records) != tuple(fates.keys):
-        raise RuntimeError(f"shard {shard}: the fates name other keys than its records")
-    for m, record in enumerate(records):
-        yield annotate_record(record, ("fate", int(fates.cluster[m]), fates.duplicate_of[m],
-                                       float(fates.similarity[m]), int(fates.n_duplicates[m])), modality)
+    row = {} if fates is None else {k: m for m, k in enumerate(fates.keys)}
+    out = []
+    for record in records:
+        if not is_active(record):
+            out.append(record)
+            continue
+        m = row.get(record["key"])
+        fate = None if m is None else ("fate", int(fates.cluster[m]), fates.duplicate_of[m],
+                                       float(fates.similarity[m]), int(fates.n_duplicates[m]))
+        out.append(annotate_record(record, fate, modality))
+    if fates is not None and len(row) != sum(is_active(r) for r in records):
+        raise RuntimeError(f"shard {shard}: {len(row)} fates for {sum(is_active(r) for r in records)} active records")
+    return shard, out
 
 
-class SemanticDedupSidecars(beam.PTransform):
-    """SemDeDup over records whose embeddings stay in ``.emb.npy`` sidecars (the filter job's):
-    records in, the same records annotated out, as ``SemanticDedup`` gives, without any record
-    carrying its embedding.
+class SemanticDedupShards(beam.PTransform):
+    """SemDeDup over shards of records whose embeddings are rows of ``.emb.npy`` sidecars (the filter
+    job's): (shard, records) in, (shard, records) out, the active records (no stage dropped them)
+    annotated as ``SemanticDedup`` annotates them, the others unchanged. No record carries a vector
+    and no step handles a single record.
 
-    A record names its shard (``shard_field``) and its row in that shard's sidecar
-    (``position_field``); ``sidecars`` maps a shard number to its sidecar's path. The records of a
-    shard are grouped once by shard number (keys, scores, row numbers and the records' light fields;
-    a record that still carries arrays has them packed as bytes); each group becomes one
-    ``EmbeddingRows`` block (only those rows of the sidecar, read by the steps that need vectors),
-    ``SemanticDedupBlocks`` gives one ``Fates`` per block, and the fates join the shard's records
-    by shard number: one join element per shard, not one per record. The k-means sample is drawn
-    from all the sidecars (``sidecar_sample``), as ``SemanticDedup`` with ``sidecars`` draws it.
+    A record names its row in its shard's sidecar (``position_field``); ``sidecars`` maps a shard
+    number to its sidecar's path. Each shard becomes one ``EmbeddingRows`` block (the rows of its
+    active records only, read by the steps that need vectors), ``SemanticDedupBlocks`` gives one
+    ``Fates`` per block, and the fates join the shard's records by shard number: one join element per
+    shard. The k-means sample is drawn from all the sidecars (``sidecar_sample``), as
+    ``SemanticDedup`` with ``sidecars`` draws it.
     """
 
-    def __init__(self, modality: str, cfg: CurateConfig, sidecars: dict, *, shard_field: str = "input_shard",
-                 position_field: str = "input_position", margin: float | None = None, wire_dtype: str = WIRE_DTYPE,
-                 batch: int = ASSIGN_BATCH, spread_factor: int = SPREAD_FACTOR):
+    def __init__(self, modality: str, cfg: CurateConfig, sidecars: dict, *, position_field: str = "input_position",
+                 margin: float | None = None, wire_dtype: str = WIRE_DTYPE, batch: int = ASSIGN_BATCH,
+                 spread_factor: int = SPREAD_FACTOR):
         super().__init__()
-        self.modality, self.cfg, self.sidecars = modality, cfg, dict(sidecars)
-        self.shard_field, self.position_field = shard_field, position_field
+        self.modality, self.cfg, self.sidecars, self.position_field = modality, cfg, dict(sidecars), position_field
         self.margin, self.wire_dtype, self.batch, self.spread_factor = margin, wire_dtype, batch, spread_factor
 
-    def expand(self, records):
-        by_shard = (records
-                    | "KeyByShard" >> beam.Map(_shard_record, self.shard_field)
-                    | "GroupByShard" >> beam.GroupByKey())
-        fates = (by_shard
-                 | "ShardBlocks" >> beam.Map(shard_block, self.sidecars, self.position_field, self.wire_dtype)
+    def expand(self, shards):
+        fates = (shards
+                 | "ShardBlocks" >> beam.FlatMap(shard_block, self.sidecars, self.position_field, self.wire_dtype)
                  | "DedupBlocks" >> SemanticDedupBlocks(self.modality, self.cfg, margin=self.margin, batch=self.batch,
                                                         sidecars=tuple(self.sidecars[s] for s in sorted(self.sidecars)),
                                                         spread_factor=self.spread_factor))
-        return (((by_shard | "TagRecords" >> beam.Map(_tag, "records")), (fates | "TagFates" >> beam.Map(_tag, "fates")))
+        return (((shards | "TagRecords" >> beam.Map(_tag, "records")), (fates | "TagFates" >> beam.Map(_tag, "fates")))
                 | "GatherRecordsAndFates" >> beam.Flatten()
                 | "JoinByShard" >> beam.GroupByKey()
-                | "AnnotateShards" >> beam.FlatMap(annotate_shard, self.modality, self.position_field))
+                | "AnnotateShards" >> beam.Map(annotate_shard, self.modality))

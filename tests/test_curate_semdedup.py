@@ -251,37 +251,46 @@ def test_records_come_out_as_they_went_in_but_for_the_annotations(tmp_path):
     p.run().wait_until_finish()
 
 
-def test_sidecar_path_annotates_records_as_the_records_path_does(tmp_path):
-    """``SemanticDedupSidecars`` (records without embeddings, one ``EmbeddingRows`` block per shard
-    of the rows still active, fates joined back by shard) against ``SemanticDedup`` (each record
-    carrying its embedding) on the same records, with a fifth of each shard's rows already dropped
-    by earlier stages and the k-means sample from the same sidecars: every record annotated the same."""
+def test_shard_path_annotates_records_as_the_records_path_does(tmp_path):
+    """``SemanticDedupShards`` ((shard, records) in and out; no record carries its embedding; one
+    ``EmbeddingRows`` block per shard of the rows still active; fates joined back by shard) against
+    ``SemanticDedup`` on the active records each carrying its embedding (``ActiveOnly``, as the
+    filter job ran it), a fifth of each shard's rows already dropped by an earlier stage and the
+    k-means sample from the same sidecars: every record the same, the dropped ones unchanged."""
+    from pipelines.stages import ActiveOnly
+
     x, keys, scores = planted_rows()
     cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=6, kmeans_sample_size=len(keys))
     sidecars = {}
     for shard in range(4):
         sidecars[shard] = str(tmp_path / f"{shard:06d}.emb.npy")
         np.save(sidecars[shard], x[150 * shard: 150 * (shard + 1)])
-    active = [i for i in range(len(keys)) if i % 5 != 3]  # rows the thresholds dropped never reach dedup
     light = [{"key": keys[i], "aesthetic_score": scores[i], "input_shard": i // 150, "input_position": i % 150,
-              "offset": [i, i + 1], "stage": None, "reason": None} for i in active]
-    heavy = [{**r, "text_embedding": x[i]} for r, i in zip(light, active)]
+              "offset": [i, i + 1], "stage": None, "reason": None} for i in range(len(keys))]
+    for r in light[3::5]:  # what the thresholds dropped: no fate from dedup, passed through as is
+        r.update(stage="aesthetic", reason="aesthetic_below_threshold")
+    heavy = [{**r, "text_embedding": x[i]} for i, r in enumerate(light)]
+    shards = [(shard, light[150 * shard: 150 * (shard + 1)]) for shard in range(4)]
     fields = (*FIELDS, "input_shard", "input_position", "offset", "stage")
 
-    def run(records, stage, path):
+    def run(elements, stage, path):
         p = BeamTestPipeline()
-        out = p | beam.Create(records) | stage
+        out = p | beam.Create(elements) | stage
+        if isinstance(elements[0], tuple):
+            out = out | beam.FlatMap(lambda kv: kv[1])
         assert_that(out, partial(save_all, path=str(path), fields=fields))
         p.run().wait_until_finish()
         with open(path) as f:
             return {r["key"]: r for r in json.load(f)}
 
-    old = run(heavy, dedup.SemanticDedup("text", cfg, sidecars=tuple(sidecars.values())), tmp_path / "old.json")
-    new = run(light, dedup.SemanticDedupSidecars("text", cfg, sidecars, batch=64), tmp_path / "new.json")
+    old = run(heavy, ActiveOnly(dedup.SemanticDedup("text", cfg, sidecars=tuple(sidecars.values()))),
+              tmp_path / "old.json")
+    new = run(shards, dedup.SemanticDedupShards("text", cfg, sidecars, batch=64), tmp_path / "new.json")
     assert all(r.pop("has_embedding") for r in old.values()) and not any(r.pop("has_embedding") for r in new.values())
-    assert new == old and len(new) == len(active)
-    dropped = {k: r["duplicate_of"] for k, r in new.items() if r["reason"] is not None}
-    assert 30 <= len(dropped) and all(r["stage"] == "semdedup" for k, r in new.items() if k in dropped)
+    assert new == old and len(new) == len(keys)
+    assert all(new[k] == {f: light[i].get(f) for f in fields} for i, k in enumerate(keys) if i % 5 == 3)
+    dropped = {k: r["duplicate_of"] for k, r in new.items() if r["reason"] == "semantic_duplicate"}
+    assert 30 <= len(dropped) and all(new[k]["stage"] == "semdedup" for k in dropped)
     assert all(new[of]["reason"] is None and new[of]["n_duplicates"] for of in dropped.values())
 
 

@@ -174,10 +174,11 @@ def test_output_shards_are_balanced_in_parent_order_and_hold_the_input_bytes(fil
 
 
 def test_sidecar_dedup_path_gives_the_records_paths_outputs(filtered, tmp_path):
-    """The default path (records without embeddings; one ``EmbeddingRows`` block per shard of the
-    rows the thresholds kept; fates joined back by shard) against the earlier one (every record
-    carries its embedding through ``SemanticDedup``): the same kept keys, the same duplicate_of, and
-    byte-identical shards, manifest and report."""
+    """The default path (one element per input shard, its records without embeddings, through the
+    thresholds and ``SemanticDedupShards``: one ``EmbeddingRows`` block per shard of the rows the
+    thresholds kept, fates joined back by shard) against the earlier one (one element per record,
+    each carrying its embedding through ``SemanticDedup``): the same kept keys, the same
+    duplicate_of, and byte-identical shards, manifest and report."""
     out = str(tmp_path / "records")
     dataset = filter_shards.run([out if a == filtered["out"] else a for a in filtered["args"]], dedup="records")
     old, new = manifest(out), manifest(filtered["out"])
