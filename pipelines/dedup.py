@@ -162,11 +162,13 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def sidecar_sample(path: str, n_total: int, size: int, seed: int):
+def sidecar_sample(path: str, n_total: int, size: int, seed: int, dtype: str = WIRE_DTYPE):
     """Rows of one ``.emb.npy`` sidecar for the k-means sample: those whose rank, a hash of (seed,
     file, row), falls below the quantile that leaves about 2 x ``size`` rows of ``n_total`` (the
-    global top ``size`` then picks exactly ``size``). -> one packed (ranks, "file:row" keys, float32
-    vectors, NaN scores). Only the sidecar is read, none of the records."""
+    global top ``size`` then picks exactly ``size``). -> one packed (ranks, "file:row" keys, vectors
+    in ``dtype``, NaN scores). Only the sidecar is read, none of the records. The vectors travel in
+    the wire dtype, as a block's own candidates do (``sample_candidates``): 2 x ``size`` rows of
+    them are held between the sample's two steps, half the bytes of float32."""
     from teachers.fs import read_bytes
     from teachers.record import load_npy
 
@@ -177,7 +179,7 @@ def sidecar_sample(path: str, n_total: int, size: int, seed: int):
     picked = np.flatnonzero(ranks < cut) if 2 * size < n_total else np.arange(len(x))
     Metrics.counter("curate", "kmeans_sample_sidecar_rows").inc(len(picked))
     yield (ranks[picked], np.asarray([f"{path}:{r}" for r in picked.tolist()], object),
-           np.asarray(x[picked], np.float32), np.full(len(picked), math.nan))
+           np.asarray(x[picked], dtype), np.full(len(picked), math.nan))
 
 
 def train_centroids(sample: tuple | None, n_total: int, cfg: CurateConfig) -> np.ndarray | None:
@@ -414,11 +416,27 @@ def _tag(item, kind: str):
     return item[0], (kind, item[1])
 
 
+_RECORDS_CODER = beam.coders.FastPrimitivesCoder()
+
+
+def pack_records(keyed) -> tuple:
+    """(shard, records) -> (shard, ("records", bytes)): the shard's records, their numeric arrays as
+    bytes (``pack_record``), encoded as one value with Beam's primitives coder. A runner that holds
+    a shuffle in one process (DirectRunner decodes all of a GroupByKey's input into a table) then
+    holds one bytes object per shard while SemDeDup runs, not a dict per record (a third of the memory)."""
+    shard, records = keyed
+    return shard, ("records", _RECORDS_CODER.encode([pack_record(r) for r in records]))
+
+
+def unpack_records(data: bytes) -> list[dict]:
+    return [unpack_record(p) for p in _RECORDS_CODER.decode(data)]
+
+
 def annotate_shard(keyed, modality: str) -> tuple:
-    """(shard, [("records", its records), ("fates", Fates of its active ones)]) -> (shard, its
-    records, the active ones annotated as ``SemanticDedup`` annotates them, the rest unchanged)."""
+    """(shard, [("records", ``pack_records`` bytes), ("fates", Fates of its active ones)]) -> (shard,
+    its records, the active ones annotated as ``SemanticDedup`` annotates them, the rest unchanged)."""
     shard, items = keyed
-    records = next(v for kind, v in items if kind == "records")
+    records = unpack_records(next(v for kind, v in items if kind == "records"))
     fates = next((v for kind, v in items if kind == "fates"), None)
     row = {} if fates is None else {k: m for m, k in enumerate(fates.keys)}
     out = []
@@ -462,7 +480,7 @@ class SemanticDedupShards(beam.PTransform):
                  | "DedupBlocks" >> SemanticDedupBlocks(self.modality, self.cfg, margin=self.margin, batch=self.batch,
                                                         sidecars=tuple(self.sidecars[s] for s in sorted(self.sidecars)),
                                                         spread_factor=self.spread_factor))
-        return (((shards | "TagRecords" >> beam.Map(_tag, "records")), (fates | "TagFates" >> beam.Map(_tag, "fates")))
+        return (((shards | "PackRecords" >> beam.Map(pack_records)), (fates | "TagFates" >> beam.Map(_tag, "fates")))
                 | "GatherRecordsAndFates" >> beam.Flatten()
                 | "JoinByShard" >> beam.GroupByKey()
                 | "AnnotateShards" >> beam.Map(annotate_shard, self.modality))
