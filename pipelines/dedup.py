@@ -421,15 +421,22 @@ _RECORDS_CODER = beam.coders.FastPrimitivesCoder()
 
 def pack_records(keyed) -> tuple:
     """(shard, records) -> (shard, ("records", bytes)): the shard's records, their numeric arrays as
-    bytes (``pack_record``), encoded as one value with Beam's primitives coder. A runner that holds
-    a shuffle in one process (DirectRunner decodes all of a GroupByKey's input into a table) then
-    holds one bytes object per shard while SemDeDup runs, not a dict per record (a third of the memory)."""
+    bytes (``pack_record``), encoded as one value with Beam's primitives coder, each record as its
+    values and the index of its field names in a table of the shard's distinct name tuples (a
+    field name is written once per shard, not once per record). A runner that holds a shuffle in
+    one process (DirectRunner: the join waits for SemDeDup) then holds one bytes object per shard,
+    not a dict per record. ``unpack_records`` gives back equal records, fields in the same order."""
     shard, records = keyed
-    return shard, ("records", _RECORDS_CODER.encode([pack_record(r) for r in records]))
+    names, rows = {}, []
+    for record in records:
+        fields, arrays = pack_record(record)
+        rows.append((names.setdefault(tuple(fields), len(names)), tuple(fields.values()), arrays))
+    return shard, ("records", _RECORDS_CODER.encode((tuple(names), rows)))
 
 
 def unpack_records(data: bytes) -> list[dict]:
-    return [unpack_record(p) for p in _RECORDS_CODER.decode(data)]
+    names, rows = _RECORDS_CODER.decode(data)
+    return [unpack_record((dict(zip(names[n], values)), arrays)) for n, values, arrays in rows]
 
 
 def annotate_shard(keyed, modality: str) -> tuple:

@@ -308,3 +308,19 @@ def test_embedding_rows_read_only_the_rows_asked_for(tmp_path):
     with pytest.raises(ValueError, match="rows 2 to 12 asked for"):
         dedup.EmbeddingRows(0, str(tmp_path / "x.npy"), 2, 13, ("a", "b"), np.zeros(2), "float32",
                             np.array([2, 12])).load()
+
+
+def test_packed_shard_records_come_back_equal():
+    """``pack_records`` / ``unpack_records`` (the shard join's encoding): records with different
+    field sets, arrays, nested values and None come back equal, fields in their order."""
+    records = [{"key": "a", "input_position": 0, "offset": [0, 5], "stage": None, "score": 1.5},
+               {"key": "b", "input_position": 1, "offset": [5, 9], "stage": "aesthetic", "reason": "low", "detail": "x"},
+               {"key": "c", "input_position": 2, "offset": [9, 12], "stage": None, "score": 2.0,
+                "e": np.arange(3, dtype=np.float16)}]
+    shard, (kind, data) = dedup.pack_records((7, records))
+    back = dedup.unpack_records(data)
+    assert (shard, kind, isinstance(data, bytes)) == (7, "records", True)
+    assert [list(r) for r in back] == [list(r) for r in records]
+    assert [{k: v for k, v in r.items() if k != "e"} for r in back] == [{k: v for k, v in r.items() if k != "e"}
+                                                                         for r in records]
+    assert back[2]["e"].dtype == np.float16 and np.array_equal(back[2]["e"], records[2]["e"])
