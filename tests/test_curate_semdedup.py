@@ -259,18 +259,18 @@ def test_shard_path_annotates_records_as_the_records_path_does(tmp_path):
     k-means sample from the same sidecars: every record the same, the dropped ones unchanged."""
     from pipelines.stages import ActiveOnly
 
-    x, keys, scores = planted_rows()
-    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=6, kmeans_sample_size=len(keys))
+    x, keys, scores = planted_rows(n=300, n_groups=30)
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=3, kmeans_sample_size=len(keys))
     sidecars = {}
     for shard in range(4):
         sidecars[shard] = str(tmp_path / f"{shard:06d}.emb.npy")
-        np.save(sidecars[shard], x[150 * shard: 150 * (shard + 1)])
-    light = [{"key": keys[i], "aesthetic_score": scores[i], "input_shard": i // 150, "input_position": i % 150,
+        np.save(sidecars[shard], x[75 * shard: 75 * (shard + 1)])
+    light = [{"key": keys[i], "aesthetic_score": scores[i], "input_shard": i // 75, "input_position": i % 75,
               "offset": [i, i + 1], "stage": None, "reason": None} for i in range(len(keys))]
     for r in light[3::5]:  # what the thresholds dropped: no fate from dedup, passed through as is
         r.update(stage="aesthetic", reason="aesthetic_below_threshold")
     heavy = [{**r, "text_embedding": x[i]} for i, r in enumerate(light)]
-    shards = [(shard, light[150 * shard: 150 * (shard + 1)]) for shard in range(4)]
+    shards = [(shard, light[75 * shard: 75 * (shard + 1)]) for shard in range(4)]
     fields = (*FIELDS, "input_shard", "input_position", "offset", "stage")
 
     def run(elements, stage, path):
@@ -290,7 +290,7 @@ def test_shard_path_annotates_records_as_the_records_path_does(tmp_path):
     assert new == old and len(new) == len(keys)
     assert all(new[k] == {f: light[i].get(f) for f in fields} for i, k in enumerate(keys) if i % 5 == 3)
     dropped = {k: r["duplicate_of"] for k, r in new.items() if r["reason"] == "semantic_duplicate"}
-    assert 30 <= len(dropped) and all(new[k]["stage"] == "semdedup" for k in dropped)
+    assert 15 <= len(dropped) and all(new[k]["stage"] == "semdedup" for k in dropped)
     assert all(new[of]["reason"] is None and new[of]["n_duplicates"] for of in dropped.values())
 
 
