@@ -168,11 +168,18 @@ def sidecar_sample(path: str, n_total: int, size: int, seed: int, dtype: str = W
     global top ``size`` then picks exactly ``size``). -> one packed (ranks, "file:row" keys, vectors
     in ``dtype``, NaN scores). Only the sidecar is read, none of the records. The vectors travel in
     the wire dtype, as a block's own candidates do (``sample_candidates``): 2 x ``size`` rows of
-    them are held between the sample's two steps, half the bytes of float32."""
+    them are held between the sample's two steps, half the bytes of float32. A file that cannot be
+    read as an array (missing, cut short) gives no rows and is counted
+    (``kmeans_sample_sidecars_unreadable``): the job that reads its records rejects them itself (the
+    filter job: stage ``scores``, ``corrupt_embeddings``)."""
     from teachers.fs import read_bytes
     from teachers.record import load_npy
 
-    x = load_npy(read_bytes(path))
+    try:
+        x = load_npy(read_bytes(path))
+    except (OSError, ValueError):
+        Metrics.counter("curate", "kmeans_sample_sidecars_unreadable").inc()
+        return
     salt = np.uint64(sample_rank(seed, path))
     ranks = _mix64(np.arange(len(x), dtype=np.uint64) ^ salt)
     cut = np.uint64(min(2**64 - 1, int(2 * size / max(1, n_total) * 2**64)))

@@ -248,6 +248,23 @@ def test_a_filtered_dataset_filters_again_and_inspect_shows_the_chain(filtered, 
     assert chain[0]["filter"]["clip_score_top_fraction"] == 0.5
 
 
+def test_a_truncated_sidecar_rejects_its_shard_and_the_job_finishes(filtered, dump, tmp_path):
+    """A shard whose ``.emb.npy`` is cut short: its samples are rejected at stage ``scores``
+    (``corrupt_embeddings``), the k-means sample skips the file, and the other shards are filtered."""
+    bad = str(tmp_path / "bad")
+    shutil.copytree(dump, bad)
+    with open(os.path.join(bad, shards.embeds_name(1)), "r+b") as f:
+        f.truncate(100)
+    out = str(tmp_path / "out")
+    dataset = filter_shards.run([bad if a == dump else out if a == filtered["out"] else a for a in filtered["args"]])
+    in_shard_1 = shards.read_index(bad, 1)["keys"]
+    rows = {r["key"]: r for r in manifest(out)}
+    assert {(rows[k]["fate"], rows[k]["stage"], rows[k]["reason"]) for k in in_shard_1} == \
+        {("rejected", "scores", "corrupt_embeddings")}
+    t = dataset["totals"]
+    assert t["input"] == t["kept"] + t["filtered"] + t["duplicate"] + t["rejected"] == 16 and t["duplicate"] >= 2
+
+
 def test_a_corrupt_member_is_rejected_with_its_reason_and_counted(filtered, dump, tmp_path):
     bad = str(tmp_path / "bad")
     shutil.copytree(dump, bad)
