@@ -234,24 +234,23 @@ class SemanticDedupBlocks(beam.PTransform):
         # Dask runner drops (the sample came out empty there)
         sample = candidates | "SampleForKMeans" >> beam.CombineGlobally(SmallestRanks(cfg.kmeans_sample_size))
         centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
-        # Assignment and the cluster shuffle in CLUSTER_SHUFFLES parts (input blocks by id, clusters
-        # by id): a runner that runs a shuffle in one process (DirectRunner holds a stage's whole
-        # output, decodes all of a shuffle into a table and encodes it again into one buffer) then
-        # holds one part of each at a time; a distributed runner is unaffected.
+        # The cluster shuffle in CLUSTER_SHUFFLES parts (clusters by id), all fed by one assignment
+        # step: a runner that runs a shuffle in one process (DirectRunner decodes a GroupByKey's
+        # input into a table as it arrives and encodes it again into one buffer when it is read)
+        # then re-encodes one part at a time; a distributed runner is unaffected. The assignment is
+        # not split too: parts of it would each feed every shuffle part through a Flatten, which
+        # DirectRunner materialises as one more encoded copy of every cluster block (measured at 1M:
+        # 4.36 GB peak with 8 assignment parts, 3.59 GB with one; BENCHMARKS.md).
         # Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
         parts = range(CLUSTER_SHUFFLES)
-        assigned = [rows
-                    | f"SelectBlocks{a}" >> beam.Filter(blocks_.is_block_part, a, CLUSTER_SHUFFLES)
-                    | f"AssignBlocks{a}" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
+        assigned = rows | "AssignBlocks" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
                                                        beam.pvalue.AsSingleton(centroids))
-                    for a in parts]
-        homes = ([part | f"SelectHomes{a}" >> beam.Filter(blocks_.is_homes) for a, part in enumerate(assigned)]
-                 | "GatherHomes" >> beam.Flatten()
+        homes = (assigned
+                 | "SelectHomes" >> beam.Filter(blocks_.is_homes)
                  | "UntagHomes" >> beam.Map(blocks_.untag)
                  | "TagHomes" >> beam.Map(blocks_.tag_homes))
-        found = [[part | f"SelectClusterBlocks{a}_{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
-                  for a, part in enumerate(assigned)]
-                 | f"GatherClusterBlocks{g}" >> beam.Flatten()
+        found = [assigned
+                 | f"SelectClusterBlocks{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
                  | f"UntagClusterBlocks{g}" >> beam.Map(blocks_.untag)
                  | f"GroupByCluster{g}" >> beam.GroupByKey()
                  | f"PairsInCluster{g}" >> beam.FlatMap(blocks_.pairs_in_cluster, self.modality, cfg, self.margin,

@@ -309,10 +309,6 @@ def is_unit(item) -> bool:
     return item[0] == "unit"
 
 
-def is_block_part(rows, part: int, parts: int) -> bool:
-    return rows.block % parts == part
-
-
 def is_cluster_part(item, part: int, parts: int) -> bool:
     return item[0] == "cluster" and item[1][0] % parts == part
 
