@@ -239,8 +239,8 @@ class SemanticDedupBlocks(beam.PTransform):
         # input into a table as it arrives and encodes it again into one buffer when it is read)
         # then re-encodes one part at a time; a distributed runner is unaffected. The assignment is
         # not split too: parts of it would each feed every shuffle part through a Flatten, which
-        # DirectRunner materialises as one more encoded copy of every cluster block (measured at 1M:
-        # 4.36 GB peak with 8 assignment parts, 3.59 GB with one; BENCHMARKS.md).
+        # DirectRunner materialises as one more encoded copy of every cluster block (benchmarks/dedup.py
+        # at 1M, the filter job's path: 4.36 GB peak with 8 assignment parts, 3.92 GB with one).
         # Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
         parts = range(CLUSTER_SHUFFLES)
         assigned = rows | "AssignBlocks" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
