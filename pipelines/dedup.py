@@ -11,8 +11,9 @@ Two entry points, one algorithm:
   embeddings are rows of ``.emb.npy`` sidecars (the filter job's): no record carries a vector and
   no step handles a single record. Each shard becomes one ``EmbeddingRows`` block of the rows of
   its active records, and each block's ``Fates`` join its shard's records (one element per shard).
-- ``SemanticDedup``: records in, the same records annotated out (what the curate job uses). Records become rows of primitives (key, vector as bytes, score), are grouped into buckets
-  of about ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
+- ``SemanticDedup``: records in, the same records annotated out (what the curate job uses).
+  Records become rows of primitives (key, vector as bytes, score), are grouped into buckets of about
+  ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
   back to the records by a join on the key, the records shipped with their arrays as bytes.
 
     Rows --SampleCandidates/SampleForKMeans/TrainKMeans--> centroids (side input)
@@ -100,7 +101,8 @@ MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate
 CLUSTER_SHUFFLES = 8  # GroupByKeys the cluster shuffle is split into (see SemanticDedupBlocks.expand)
 SPREAD_FACTOR = 64  # a split cluster above this x target_cluster_size rows has its work units spread over workers
 
-__all__ = ["SemanticDedup", "SemanticDedupBlocks", "SemanticDedupShards", "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
+__all__ = ["SemanticDedup", "SemanticDedupBlocks", "SemanticDedupShards",
+           "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
 
 
 
@@ -177,7 +179,7 @@ def sidecar_sample(path: str, n_total: int, size: int, seed: int, dtype: str = W
 
     try:
         x = load_npy(read_bytes(path))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, cut short or not an array: its records are rejected by their reader
         Metrics.counter("curate", "kmeans_sample_sidecars_unreadable").inc()
         return
     salt = np.uint64(sample_rank(seed, path))
@@ -489,7 +491,7 @@ class SemanticDedupShards(beam.PTransform):
 
     def expand(self, shards):
         fates = (shards
-                 | "ShardBlocks" >> beam.FlatMap(shard_block, self.sidecars, self.position_field, self.wire_dtype)
+                 | "MakeShardBlocks" >> beam.FlatMap(shard_block, self.sidecars, self.position_field, self.wire_dtype)
                  | "DedupBlocks" >> SemanticDedupBlocks(self.modality, self.cfg, margin=self.margin, batch=self.batch,
                                                         sidecars=tuple(self.sidecars[s] for s in sorted(self.sidecars)),
                                                         spread_factor=self.spread_factor))

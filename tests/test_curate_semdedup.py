@@ -314,7 +314,8 @@ def test_packed_shard_records_come_back_equal():
     """``pack_records`` / ``unpack_records`` (the shard join's encoding): records with different
     field sets, arrays, nested values and None come back equal, fields in their order."""
     records = [{"key": "a", "input_position": 0, "offset": [0, 5], "stage": None, "score": 1.5},
-               {"key": "b", "input_position": 1, "offset": [5, 9], "stage": "aesthetic", "reason": "low", "detail": "x"},
+               {"key": "b", "input_position": 1, "offset": [5, 9], "stage": "aesthetic", "reason": "low",
+                "detail": "x"},
                {"key": "c", "input_position": 2, "offset": [9, 12], "stage": None, "score": 2.0,
                 "e": np.arange(3, dtype=np.float16)}]
     shard, (kind, data) = dedup.pack_records((7, records))

@@ -180,7 +180,8 @@ class FilterShardScores(beam.PTransform):
             n_scores = scores | "CountScores" >> beam.combiners.Count.Globally()
             cutoff = (scores
                       | "ClipScoreQuantiles" >> beam.ApproximateQuantiles.Globally(FilterScores.N_QUANTILES)
-                      | "TopFractionCutoff" >> beam.Map(top_fraction_cutoff, fraction, beam.pvalue.AsSingleton(n_scores)))
+                      | "TopFractionCutoff" >> beam.Map(top_fraction_cutoff, fraction,
+                                                        beam.pvalue.AsSingleton(n_scores)))
         filtered = shards | "ApplyThresholds" >> beam.Map(_apply_score_rules_to_shard, self.cfg,
                                                           beam.pvalue.AsSingleton(cutoff))
         return filtered, cutoff
@@ -345,7 +346,7 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
             records = records | "DropSemanticDuplicates" >> ActiveOnly(
                 SemanticDedup("image", curate_config, sidecars=tuple(sidecars.values())))
         fates = (records
-                 | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key from here on
+                 | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key
                  | "GatherFates" >> beam.combiners.ToList())
     # One connected graph ending in WriteDataset (Beam's Dask runner computes only the last bag).
     _ = (fates
