@@ -30,7 +30,11 @@ Paths, all in this invocation and on the same data:
 - ``beam_blocks``: ``pipelines.dedup.SemanticDedupBlocks`` the same way, fed one ``EmbeddingRows``
   block per chunk of 10,000 rows (keys as one tuple, the vectors read from the file in float16 by
   the steps that need them), as a source over ``.emb.npy`` files makes them; its output is one
-  ``Fates`` block per input block.
+  ``Fates`` block per input block;
+- ``job``: what the filter job calls, ``pipelines.dedup.SemanticDedupShards``, the same way: the
+  embeddings saved as one ``NNNNNN.emb.npy`` sidecar per shard of 10,000 rows, and one element per
+  shard, its records as the filter job's ``ReadScores`` yields them (key, shard, row, scores, byte
+  range; no embedding); out comes each shard's records, annotated (``--paths bare,job``).
 One run, one machine: compare ratios between paths, not absolute times across machines.
 """
 
@@ -199,8 +203,25 @@ def rows_from(start: int, path: str, step: int, scores_path: str, wire_dtype: st
                          scores, wire_dtype)
 
 
+def job_shard_from(start: int, step: int, scores_path: str) -> tuple[int, list]:
+    """The filter job's element for one shard (rows ``start`` to ``start + step``): (shard, its
+    records) as its ``ReadScores`` yields them, everything but the embedding."""
+    scores = _chunk(scores_path, start, step)
+    return start // step, [{"key": f"{start + i:09d}", "input_shard": start // step, "input_position": i,
+                            "offset": [i, i + 1], "stage": None, "reason": None, "aesthetic_score": float(scores[i]),
+                            "clip_score": 0.3} for i in range(len(scores))]
+
+
+def sidecar_name(tmp: str, shard: int) -> str:
+    return f"{tmp}/{shard:06d}.emb.npy"
+
+
 def outcome_line(record: dict) -> str:
     return f"{record['key']}\t{record.get('duplicate_of') or ''}"
+
+
+def shard_outcome_lines(keyed) -> str:
+    return "\n".join(outcome_line(r) for r in keyed[1])
 
 
 def outcome_lines(keyed) -> str:
@@ -219,7 +240,7 @@ def beam_child(kind: str, tmp: str, eps: float, args: dict) -> None:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from filters.config import CurateConfig
-    from pipelines.dedup import SemanticDedup, SemanticDedupBlocks
+    from pipelines.dedup import SemanticDedup, SemanticDedupBlocks, SemanticDedupShards
 
     cfg = CurateConfig(semdedup_eps=eps, kmeans_sample_size=args["sample"], target_cluster_size=args["cluster"])
     n, step = args["n"], 10_000
@@ -230,6 +251,11 @@ def beam_child(kind: str, tmp: str, eps: float, args: dict) -> None:
         lines = (starts | beam.FlatMap(records_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy")
                  | SemanticDedup("text", cfg, margin=args["margin"], wire_dtype=args["wire_dtype"])
                  | beam.Map(outcome_line))
+    elif kind == "job":
+        sidecars = {s // step: sidecar_name(tmp, s // step) for s in range(0, n, step)}
+        lines = (starts | beam.Map(job_shard_from, step, f"{tmp}/scores.npy")
+                 | SemanticDedupShards("text", cfg, sidecars, margin=args["margin"], wire_dtype=args["wire_dtype"])
+                 | beam.Map(shard_outcome_lines))
     else:
         lines = (starts | beam.Map(rows_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy", args["wire_dtype"])
                  | SemanticDedupBlocks("text", cfg, margin=args["margin"])
@@ -255,8 +281,12 @@ def run_beam_path(kind: str, x, keys, scores, eps, args):
     keep = np.ones(len(keys), bool)
     dup = np.full(len(keys), -1, np.int64)
     with tempfile.TemporaryDirectory() as tmp:
-        np.save(f"{tmp}/x.npy", x)
+        if kind != "job":
+            np.save(f"{tmp}/x.npy", x)
         np.save(f"{tmp}/scores.npy", np.asarray(scores, np.float64))
+        if kind == "job":  # one sidecar per shard of 10,000 rows, as the dump writes them
+            for s in range(0, len(keys), 10_000):
+                np.save(sidecar_name(tmp, s // 10_000), x[s:s + 10_000])
         child = multiprocessing.get_context("spawn").Process(
             target=beam_child, args=(kind, tmp, eps, {**vars(args), "n": len(keys)}))
         child.start()
@@ -288,6 +318,10 @@ def run_beam_blocks(x, keys, scores, eps, args):
     return run_beam_path("beam_blocks", x, keys, scores, eps, args)
 
 
+def run_job(x, keys, scores, eps, args):
+    return run_beam_path("job", x, keys, scores, eps, args)
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -316,7 +350,7 @@ def main(argv=None) -> None:
     parser.add_argument("--margin", type=float, default=0.01, help="second-nearest-centroid margin (bare and beam)")
     parser.add_argument("--nprobe", type=int, default=4, help="IVF lists searched per query")
     parser.add_argument("--check_subset", type=int, default=40_000)
-    parser.add_argument("--paths", default="bare,ivf", help="comma-separated: bare, ivf, beam, beam_blocks")
+    parser.add_argument("--paths", default="bare,ivf", help="comma-separated: bare, ivf, beam, beam_blocks, job")
     parser.add_argument("--wire_dtype", default="float16", help="beam path: embeddings between stages")
     args = parser.parse_args(argv)
 
@@ -330,7 +364,7 @@ def main(argv=None) -> None:
     print(f"background check (exact range search, {args.check_subset} rows): {found} pairs >= 1-eps, "
           f"{unplanted} of them unplanted", flush=True)
 
-    runners = {"bare": run_bare, "ivf": run_ivf, "beam": run_beam, "beam_blocks": run_beam_blocks}
+    runners = {"bare": run_bare, "ivf": run_ivf, "beam": run_beam, "beam_blocks": run_beam_blocks, "job": run_job}
     rows, base = [], None
     for name in args.paths.split(","):
         start = time.perf_counter()

@@ -7,9 +7,13 @@ Two entry points, one algorithm:
   scores) or ``dedup_blocks.EmbeddingRows`` (keys, scores and a row range of a ``.npy`` file, read
   by the steps that need the vectors; what a source over ``.emb.npy`` sidecars makes, one per file
   or chunk). No step handles a single record.
-- ``SemanticDedup``: records in, the same records annotated out (what the curate and filter jobs
-  use). Records become rows of primitives (key, vector as bytes, score), are grouped into buckets
-  of about ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
+- ``SemanticDedupShards``: shards of records in, the same shards annotated out, for records whose
+  embeddings are rows of ``.emb.npy`` sidecars (the filter job's): no record carries a vector and
+  no step handles a single record. Each shard becomes one ``EmbeddingRows`` block of the rows of
+  its active records, and each block's ``Fates`` join its shard's records (one element per shard).
+- ``SemanticDedup``: records in, the same records annotated out (what the curate job uses).
+  Records become rows of primitives (key, vector as bytes, score), are grouped into buckets of about
+  ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
   back to the records by a join on the key, the records shipped with their arrays as bytes.
 
     Rows --SampleCandidates/SampleForKMeans/TrainKMeans--> centroids (side input)
@@ -89,7 +93,7 @@ from filters.config import CurateConfig
 from filters.semdedup import sample_rank
 from pipelines import dedup_blocks as blocks_
 from pipelines.dedup_blocks import EmbeddingRows, Fates, Rows
-from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic
+from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic, is_active
 
 ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16 = 12 MB
 WIRE_DTYPE = "float16"
@@ -97,7 +101,8 @@ MARGIN = 0.01  # second-nearest-centroid margin, as filters.semdedup.deduplicate
 CLUSTER_SHUFFLES = 8  # GroupByKeys the cluster shuffle is split into (see SemanticDedupBlocks.expand)
 SPREAD_FACTOR = 64  # a split cluster above this x target_cluster_size rows has its work units spread over workers
 
-__all__ = ["SemanticDedup", "SemanticDedupBlocks", "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
+__all__ = ["SemanticDedup", "SemanticDedupBlocks", "SemanticDedupShards",
+           "Rows", "EmbeddingRows", "Fates"]  # the block types, for callers
 
 
 
@@ -159,22 +164,31 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def sidecar_sample(path: str, n_total: int, size: int, seed: int):
+def sidecar_sample(path: str, n_total: int, size: int, seed: int, dtype: str = WIRE_DTYPE):
     """Rows of one ``.emb.npy`` sidecar for the k-means sample: those whose rank, a hash of (seed,
     file, row), falls below the quantile that leaves about 2 x ``size`` rows of ``n_total`` (the
-    global top ``size`` then picks exactly ``size``). -> one packed (ranks, "file:row" keys, float32
-    vectors, NaN scores). Only the sidecar is read, none of the records."""
+    global top ``size`` then picks exactly ``size``). -> one packed (ranks, "file:row" keys, vectors
+    in ``dtype``, NaN scores). Only the sidecar is read, none of the records. The vectors travel in
+    the wire dtype, as a block's own candidates do (``sample_candidates``): 2 x ``size`` rows of
+    them are held between the sample's two steps, half the bytes of float32. A file that cannot be
+    read as an array (missing, cut short) gives no rows and is counted
+    (``kmeans_sample_sidecars_unreadable``): the job that reads its records rejects them itself (the
+    filter job: stage ``scores``, ``corrupt_embeddings``)."""
     from teachers.fs import read_bytes
     from teachers.record import load_npy
 
-    x = load_npy(read_bytes(path))
+    try:
+        x = load_npy(read_bytes(path))
+    except (OSError, ValueError):  # missing, cut short or not an array: its records are rejected by their reader
+        Metrics.counter("curate", "kmeans_sample_sidecars_unreadable").inc()
+        return
     salt = np.uint64(sample_rank(seed, path))
     ranks = _mix64(np.arange(len(x), dtype=np.uint64) ^ salt)
     cut = np.uint64(min(2**64 - 1, int(2 * size / max(1, n_total) * 2**64)))
     picked = np.flatnonzero(ranks < cut) if 2 * size < n_total else np.arange(len(x))
     Metrics.counter("curate", "kmeans_sample_sidecar_rows").inc(len(picked))
     yield (ranks[picked], np.asarray([f"{path}:{r}" for r in picked.tolist()], object),
-           np.asarray(x[picked], np.float32), np.full(len(picked), math.nan))
+           np.asarray(x[picked], dtype), np.full(len(picked), math.nan))
 
 
 def train_centroids(sample: tuple | None, n_total: int, cfg: CurateConfig) -> np.ndarray | None:
@@ -222,24 +236,23 @@ class SemanticDedupBlocks(beam.PTransform):
         # Dask runner drops (the sample came out empty there)
         sample = candidates | "SampleForKMeans" >> beam.CombineGlobally(SmallestRanks(cfg.kmeans_sample_size))
         centroids = sample | "TrainKMeans" >> beam.Map(train_centroids, beam.pvalue.AsSingleton(count), cfg)
-        # Assignment and the cluster shuffle in CLUSTER_SHUFFLES parts (input blocks by id, clusters
-        # by id): a runner that runs a shuffle in one process (DirectRunner holds a stage's whole
-        # output, decodes all of a shuffle into a table and encodes it again into one buffer) then
-        # holds one part of each at a time; a distributed runner is unaffected.
+        # The cluster shuffle in CLUSTER_SHUFFLES parts (clusters by id), all fed by one assignment
+        # step: a runner that runs a shuffle in one process (DirectRunner decodes a GroupByKey's
+        # input into a table as it arrives and encodes it again into one buffer when it is read)
+        # then re-encodes one part at a time; a distributed runner is unaffected. The assignment is
+        # not split too: parts of it would each feed every shuffle part through a Flatten, which
+        # DirectRunner materialises as one more encoded copy of every cluster block (benchmarks/dedup.py
+        # at 1M, the filter job's path: 4.36 GB peak with 8 assignment parts, 3.92 GB with one).
         # Filters, not tagged outputs or a Partition: Beam's Dask runner gives every element to each
         parts = range(CLUSTER_SHUFFLES)
-        assigned = [rows
-                    | f"SelectBlocks{a}" >> beam.Filter(blocks_.is_block_part, a, CLUSTER_SHUFFLES)
-                    | f"AssignBlocks{a}" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
+        assigned = rows | "AssignBlocks" >> beam.ParDo(blocks_.AssignBlocksFn(self.margin, self.batch),
                                                        beam.pvalue.AsSingleton(centroids))
-                    for a in parts]
-        homes = ([part | f"SelectHomes{a}" >> beam.Filter(blocks_.is_homes) for a, part in enumerate(assigned)]
-                 | "GatherHomes" >> beam.Flatten()
+        homes = (assigned
+                 | "SelectHomes" >> beam.Filter(blocks_.is_homes)
                  | "UntagHomes" >> beam.Map(blocks_.untag)
                  | "TagHomes" >> beam.Map(blocks_.tag_homes))
-        found = [[part | f"SelectClusterBlocks{a}_{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
-                  for a, part in enumerate(assigned)]
-                 | f"GatherClusterBlocks{g}" >> beam.Flatten()
+        found = [assigned
+                 | f"SelectClusterBlocks{g}" >> beam.Filter(blocks_.is_cluster_part, g, CLUSTER_SHUFFLES)
                  | f"UntagClusterBlocks{g}" >> beam.Map(blocks_.untag)
                  | f"GroupByCluster{g}" >> beam.GroupByKey()
                  | f"PairsInCluster{g}" >> beam.FlatMap(blocks_.pairs_in_cluster, self.modality, cfg, self.margin,
@@ -332,24 +345,27 @@ def _fates_by_key(keyed):
                     int(fates.n_duplicates[m]))
 
 
+def annotate_record(record: dict, fate: tuple | None, modality: str) -> dict:
+    """A record and its fate, ("fate", cluster, duplicate_of, similarity, n_duplicates) or None (not
+    deduplicated) -> the record annotated as the manifest needs."""
+    record = {**record, "dedup_on": modality, "cluster_id": None if fate is None else fate[1]}
+    if fate is None or (fate[2] is None and not fate[4]):
+        return record
+    if fate[2] is None:
+        record["n_duplicates"] = fate[4] + (record.get("n_duplicates") or 0)
+        return record
+    Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
+    return dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE, duplicate_of=fate[2], duplicate_similarity=fate[3])
+
+
 def annotate(keyed, modality: str):
     """(key, [("record", packed), ("fate", cluster, duplicate_of, similarity, n_duplicates)]) -> the
     records, annotated as the manifest needs."""
     _, items = keyed
     fate = next((item for item in items if item[0] == "fate"), None)
     for item in items:
-        if item[0] != "record":
-            continue
-        record = {**unpack_record(item[1]), "dedup_on": modality, "cluster_id": None if fate is None else fate[1]}
-        if fate is None or (fate[2] is None and not fate[4]):
-            yield record
-        elif fate[2] is None:
-            record["n_duplicates"] = fate[4] + (record.get("n_duplicates") or 0)
-            yield record
-        else:
-            Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
-            yield dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE,
-                          duplicate_of=fate[2], duplicate_similarity=fate[3])
+        if item[0] == "record":
+            yield annotate_record(unpack_record(item[1]), fate, modality)
 
 
 class SemanticDedup(beam.PTransform):
@@ -385,3 +401,101 @@ class SemanticDedup(beam.PTransform):
                 | "GatherRecordsAndFates" >> beam.Flatten()
                 | "JoinByKey" >> beam.GroupByKey()
                 | "AnnotateRecords" >> beam.FlatMap(annotate, self.modality))
+
+
+# ---- shards of records in (embeddings in ``.emb.npy`` sidecars), shards out: only keys, scores and fates travel ----
+
+def shard_block(keyed, sidecars: dict, position_field: str, wire_dtype: str):
+    """(shard, its records) -> one ``EmbeddingRows`` block of its active records (none if none is
+    active): their rows of the shard's sidecar (``sidecars[shard]``) in row order, with their keys
+    and scores; no vector is read here."""
+    shard, records = keyed
+    active = sorted((r for r in records if is_active(r)), key=lambda r: r[position_field])
+    if not active:
+        return
+    rows = np.fromiter((r[position_field] for r in active), np.int64, len(active))
+    scores = np.fromiter((math.nan if (s := effective_aesthetic(r)) is None else float(s) for r in active),
+                         np.float64, len(active))
+    yield EmbeddingRows(int(shard), sidecars[shard], int(rows[0]), int(rows[-1]) + 1,
+                        tuple(r["key"] for r in active), scores, wire_dtype, rows)
+
+
+def _tag(item, kind: str):
+    return item[0], (kind, item[1])
+
+
+_RECORDS_CODER = beam.coders.FastPrimitivesCoder()
+
+
+def pack_records(keyed) -> tuple:
+    """(shard, records) -> (shard, ("records", bytes)): the shard's records, their numeric arrays as
+    bytes (``pack_record``), encoded as one value with Beam's primitives coder, each record as its
+    values and the index of its field names in a table of the shard's distinct name tuples (a
+    field name is written once per shard, not once per record). A runner that holds a shuffle in
+    one process (DirectRunner: the join waits for SemDeDup) then holds one bytes object per shard,
+    not a dict per record. ``unpack_records`` gives back equal records, fields in the same order."""
+    shard, records = keyed
+    names, rows = {}, []
+    for record in records:
+        fields, arrays = pack_record(record)
+        rows.append((names.setdefault(tuple(fields), len(names)), tuple(fields.values()), arrays))
+    return shard, ("records", _RECORDS_CODER.encode((tuple(names), rows)))
+
+
+def unpack_records(data: bytes) -> list[dict]:
+    names, rows = _RECORDS_CODER.decode(data)
+    return [unpack_record((dict(zip(names[n], values)), arrays)) for n, values, arrays in rows]
+
+
+def annotate_shard(keyed, modality: str) -> tuple:
+    """(shard, [("records", ``pack_records`` bytes), ("fates", Fates of its active ones)]) -> (shard,
+    its records, the active ones annotated as ``SemanticDedup`` annotates them, the rest unchanged)."""
+    shard, items = keyed
+    records = unpack_records(next(v for kind, v in items if kind == "records"))
+    fates = next((v for kind, v in items if kind == "fates"), None)
+    row = {} if fates is None else {k: m for m, k in enumerate(fates.keys)}
+    out = []
+    for record in records:
+        if not is_active(record):
+            out.append(record)
+            continue
+        m = row.get(record["key"])
+        fate = None if m is None else ("fate", int(fates.cluster[m]), fates.duplicate_of[m],
+                                       float(fates.similarity[m]), int(fates.n_duplicates[m]))
+        out.append(annotate_record(record, fate, modality))
+    if fates is not None and len(row) != sum(is_active(r) for r in records):
+        raise RuntimeError(f"shard {shard}: {len(row)} fates for {sum(is_active(r) for r in records)} active records")
+    return shard, out
+
+
+class SemanticDedupShards(beam.PTransform):
+    """SemDeDup over shards of records whose embeddings are rows of ``.emb.npy`` sidecars (the filter
+    job's): (shard, records) in, (shard, records) out, the active records (no stage dropped them)
+    annotated as ``SemanticDedup`` annotates them, the others unchanged. No record carries a vector
+    and no step handles a single record.
+
+    A record names its row in its shard's sidecar (``position_field``); ``sidecars`` maps a shard
+    number to its sidecar's path. Each shard becomes one ``EmbeddingRows`` block (the rows of its
+    active records only, read by the steps that need vectors), ``SemanticDedupBlocks`` gives one
+    ``Fates`` per block, and the fates join the shard's records by shard number: one join element per
+    shard. The k-means sample is drawn from all the sidecars (``sidecar_sample``), as
+    ``SemanticDedup`` with ``sidecars`` draws it.
+    """
+
+    def __init__(self, modality: str, cfg: CurateConfig, sidecars: dict, *, position_field: str = "input_position",
+                 margin: float | None = None, wire_dtype: str = WIRE_DTYPE, batch: int = ASSIGN_BATCH,
+                 spread_factor: int = SPREAD_FACTOR):
+        super().__init__()
+        self.modality, self.cfg, self.sidecars, self.position_field = modality, cfg, dict(sidecars), position_field
+        self.margin, self.wire_dtype, self.batch, self.spread_factor = margin, wire_dtype, batch, spread_factor
+
+    def expand(self, shards):
+        fates = (shards
+                 | "MakeShardBlocks" >> beam.FlatMap(shard_block, self.sidecars, self.position_field, self.wire_dtype)
+                 | "DedupBlocks" >> SemanticDedupBlocks(self.modality, self.cfg, margin=self.margin, batch=self.batch,
+                                                        sidecars=tuple(self.sidecars[s] for s in sorted(self.sidecars)),
+                                                        spread_factor=self.spread_factor))
+        return (((shards | "PackRecords" >> beam.Map(pack_records)), (fates | "TagFates" >> beam.Map(_tag, "fates")))
+                | "GatherRecordsAndFates" >> beam.Flatten()
+                | "JoinByShard" >> beam.GroupByKey()
+                | "AnnotateShards" >> beam.Map(annotate_shard, self.modality))

@@ -66,7 +66,9 @@ def read_npy_rows(path: str, start: int, stop: int) -> np.ndarray:
 class EmbeddingRows:
     """An input block that stays in storage until a step needs its vectors: rows [``start``,
     ``stop``) of the ``.npy`` embeddings at ``path`` (one row per key), read in the wire dtype by
-    ``load``. Only keys and scores travel, so no step holds every vector between stages."""
+    ``load``; with ``rows`` (int64 row numbers of the file, ascending, within [``start``,
+    ``stop``)), only those rows, one per key (the rows of a shard that earlier stages kept). Only
+    keys, scores and row numbers travel, so no step holds every vector between stages."""
 
     block: int
     path: str
@@ -75,9 +77,16 @@ class EmbeddingRows:
     keys: tuple
     scores: np.ndarray
     wire_dtype: str = "float16"
+    rows: np.ndarray | None = None
 
     def load(self) -> Rows:
-        vectors = read_npy_rows(self.path, self.start, self.stop).astype(self.wire_dtype)
+        vectors = read_npy_rows(self.path, self.start, self.stop)
+        if self.rows is not None:
+            if len(self.rows) and (self.rows[0] < self.start or self.rows[-1] - self.start >= len(vectors)):
+                raise ValueError(f"{self.path}: rows {int(self.rows[0])} to {int(self.rows[-1])} asked for, "
+                                 f"rows {self.start} to {self.start + len(vectors)} there")
+            vectors = vectors[np.asarray(self.rows, np.int64) - self.start]
+        vectors = vectors.astype(self.wire_dtype)
         if len(vectors) != len(self.keys):
             raise ValueError(f"{self.path}: rows {self.start} to {self.stop} hold {len(vectors)} vectors for "
                              f"{len(self.keys)} keys")
@@ -298,10 +307,6 @@ def is_decision(item) -> bool:
 
 def is_unit(item) -> bool:
     return item[0] == "unit"
-
-
-def is_block_part(rows, part: int, parts: int) -> bool:
-    return rows.block % parts == part
 
 
 def is_cluster_part(item, part: int, parts: int) -> bool:

@@ -249,3 +249,79 @@ def test_records_come_out_as_they_went_in_but_for_the_annotations(tmp_path):
     out = p | beam.Create(records) | dedup.SemanticDedup("text", cfg)
     assert_that(out, check)
     p.run().wait_until_finish()
+
+
+def test_shard_path_annotates_records_as_the_records_path_does(tmp_path):
+    """``SemanticDedupShards`` ((shard, records) in and out; no record carries its embedding; one
+    ``EmbeddingRows`` block per shard of the rows still active; fates joined back by shard) against
+    ``SemanticDedup`` on the active records each carrying its embedding (``ActiveOnly``, as the
+    filter job ran it), a fifth of each shard's rows already dropped by an earlier stage and the
+    k-means sample from the same sidecars: every record the same, the dropped ones unchanged."""
+    from pipelines.stages import ActiveOnly
+
+    x, keys, scores = planted_rows(n=300, n_groups=30)
+    cfg = CurateConfig(semdedup_eps=EPS, kmeans_clusters=3, kmeans_sample_size=len(keys))
+    sidecars = {}
+    for shard in range(4):
+        sidecars[shard] = str(tmp_path / f"{shard:06d}.emb.npy")
+        np.save(sidecars[shard], x[75 * shard: 75 * (shard + 1)])
+    light = [{"key": keys[i], "aesthetic_score": scores[i], "input_shard": i // 75, "input_position": i % 75,
+              "offset": [i, i + 1], "stage": None, "reason": None} for i in range(len(keys))]
+    for r in light[3::5]:  # what the thresholds dropped: no fate from dedup, passed through as is
+        r.update(stage="aesthetic", reason="aesthetic_below_threshold")
+    heavy = [{**r, "text_embedding": x[i]} for i, r in enumerate(light)]
+    shards = [(shard, light[75 * shard: 75 * (shard + 1)]) for shard in range(4)]
+    fields = (*FIELDS, "input_shard", "input_position", "offset", "stage")
+
+    def run(elements, stage, path):
+        p = BeamTestPipeline()
+        out = p | beam.Create(elements) | stage
+        if isinstance(elements[0], tuple):
+            out = out | beam.FlatMap(lambda kv: kv[1])
+        assert_that(out, partial(save_all, path=str(path), fields=fields))
+        p.run().wait_until_finish()
+        with open(path) as f:
+            return {r["key"]: r for r in json.load(f)}
+
+    old = run(heavy, ActiveOnly(dedup.SemanticDedup("text", cfg, sidecars=tuple(sidecars.values()))),
+              tmp_path / "old.json")
+    new = run(shards, dedup.SemanticDedupShards("text", cfg, sidecars, batch=64), tmp_path / "new.json")
+    assert all(r.pop("has_embedding") for r in old.values()) and not any(r.pop("has_embedding") for r in new.values())
+    assert new == old and len(new) == len(keys)
+    assert all(new[k] == {f: light[i].get(f) for f in fields} for i, k in enumerate(keys) if i % 5 == 3)
+    dropped = {k: r["duplicate_of"] for k, r in new.items() if r["reason"] == "semantic_duplicate"}
+    assert 15 <= len(dropped) and all(new[k]["stage"] == "semdedup" for k in dropped)
+    assert all(new[of]["reason"] is None and new[of]["n_duplicates"] for of in dropped.values())
+
+
+def save_all(rows, path, fields):
+    with open(path, "w") as f:
+        json.dump([{**{k: r.get(k) for k in fields}, "has_embedding": "text_embedding" in r} for r in rows], f)
+
+
+def test_embedding_rows_read_only_the_rows_asked_for(tmp_path):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.save(tmp_path / "x.npy", x)
+    rows = np.array([2, 3, 7])
+    got = dedup.EmbeddingRows(5, str(tmp_path / "x.npy"), 2, 8, ("a", "b", "c"), np.zeros(3), "float32", rows).load()
+    assert got.block == 5 and got.keys == ("a", "b", "c") and np.array_equal(got.vectors, x[rows])
+    with pytest.raises(ValueError, match="rows 2 to 12 asked for"):
+        dedup.EmbeddingRows(0, str(tmp_path / "x.npy"), 2, 13, ("a", "b"), np.zeros(2), "float32",
+                            np.array([2, 12])).load()
+
+
+def test_packed_shard_records_come_back_equal():
+    """``pack_records`` / ``unpack_records`` (the shard join's encoding): records with different
+    field sets, arrays, nested values and None come back equal, fields in their order."""
+    records = [{"key": "a", "input_position": 0, "offset": [0, 5], "stage": None, "score": 1.5},
+               {"key": "b", "input_position": 1, "offset": [5, 9], "stage": "aesthetic", "reason": "low",
+                "detail": "x"},
+               {"key": "c", "input_position": 2, "offset": [9, 12], "stage": None, "score": 2.0,
+                "e": np.arange(3, dtype=np.float16)}]
+    shard, (kind, data) = dedup.pack_records((7, records))
+    back = dedup.unpack_records(data)
+    assert (shard, kind, isinstance(data, bytes)) == (7, "records", True)
+    assert [list(r) for r in back] == [list(r) for r in records]
+    assert [{k: v for k, v in r.items() if k != "e"} for r in back] == [{k: v for k, v in r.items() if k != "e"}
+                                                                         for r in records]
+    assert back[2]["e"].dtype == np.float16 and np.array_equal(back[2]["e"], records[2]["e"])

@@ -173,6 +173,26 @@ def test_output_shards_are_balanced_in_parent_order_and_hold_the_input_bytes(fil
         assert shards.verify_shard(out, int(ix["shard"][:6])) == []
 
 
+def test_sidecar_dedup_path_gives_the_records_paths_outputs(filtered, tmp_path):
+    """The default path (one element per input shard, its records without embeddings, through the
+    thresholds and ``SemanticDedupShards``: one ``EmbeddingRows`` block per shard of the rows the
+    thresholds kept, fates joined back by shard) against the earlier one (one element per record,
+    each carrying its embedding through ``SemanticDedup``): the same kept keys, the same
+    duplicate_of, and byte-identical shards, manifest and report."""
+    out = str(tmp_path / "records")
+    dataset = filter_shards.run([out if a == filtered["out"] else a for a in filtered["args"]], dedup="records")
+    old, new = manifest(out), manifest(filtered["out"])
+    pick = lambda rows, fate: {r["key"]: r["duplicate_of"] for r in rows if r["fate"] == fate}  # noqa: E731
+    assert pick(new, "kept") == pick(old, "kept") and len(pick(new, "kept")) >= 5
+    assert pick(new, "duplicate") == pick(old, "duplicate") and len(pick(new, "duplicate")) >= 2
+    filtered_keys = [[r["key"] for r in rows if r["fate"] == "filtered"] for rows in (new, old)]
+    assert filtered_keys[0] == filtered_keys[1] != []
+    assert dataset["totals"] == filtered["dataset"]["totals"]
+    t = dataset["totals"]
+    assert t["input"] == t["kept"] + t["filtered"] + t["duplicate"] + t["rejected"] == 16
+    assert tree_bytes(out) == tree_bytes(filtered["out"])
+
+
 def test_rerun_redoes_a_partial_shard_byte_identically_and_skips_complete_ones(filtered, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(filtered["out"], out)
@@ -227,6 +247,23 @@ def test_a_filtered_dataset_filters_again_and_inspect_shows_the_chain(filtered, 
     chain = inspect_cli.summarise(out2)["lineage"]
     assert [step["parent"] for step in chain] == [filtered["out"], dump]
     assert chain[0]["filter"]["clip_score_top_fraction"] == 0.5
+
+
+def test_a_truncated_sidecar_rejects_its_shard_and_the_job_finishes(filtered, dump, tmp_path):
+    """A shard whose ``.emb.npy`` is cut short: its samples are rejected at stage ``scores``
+    (``corrupt_embeddings``), the k-means sample skips the file, and the other shards are filtered."""
+    bad = str(tmp_path / "bad")
+    shutil.copytree(dump, bad)
+    with open(os.path.join(bad, shards.embeds_name(1)), "r+b") as f:
+        f.truncate(100)
+    out = str(tmp_path / "out")
+    dataset = filter_shards.run([bad if a == dump else out if a == filtered["out"] else a for a in filtered["args"]])
+    in_shard_1 = shards.read_index(bad, 1)["keys"]
+    rows = {r["key"]: r for r in manifest(out)}
+    assert {(rows[k]["fate"], rows[k]["stage"], rows[k]["reason"]) for k in in_shard_1} == \
+        {("rejected", "scores", "corrupt_embeddings")}
+    t = dataset["totals"]
+    assert t["input"] == t["kept"] + t["filtered"] + t["duplicate"] + t["rejected"] == 16 and t["duplicate"] >= 2
 
 
 def test_a_corrupt_member_is_rejected_with_its_reason_and_counted(filtered, dump, tmp_path):

@@ -10,9 +10,12 @@ ToFates -> GatherFates -> PlanOutputShards -> ListOutputShards -> CopyShards -> 
 WriteDataset``. The first half touches only light data: each input shard's index (keys, byte
 ranges, scores) and its ``NNNNNN.emb.npy`` embeddings, through the stages the curate job also runs
 (``pipelines.stages.FilterScores``: aesthetic and CLIP-score thresholds or top fraction;
-``pipelines.dedup.SemanticDedup``: faiss
-k-means, then duplicates per cluster, one kept per group: highest aesthetic, then smallest key),
-so duplicates are found across the whole dump. ``PlanOutputShards`` gathers the fates (about 200
+``pipelines.dedup.SemanticDedupShards``: faiss k-means, then duplicates per cluster, one kept per
+group: highest aesthetic, then smallest key), so duplicates are found across the whole dump. An
+element is an input shard's records (``FilterShardScores`` applies the thresholds to a shard at a
+time), and no record carries its embedding: SemDeDup gets one block per input shard naming the
+sidecar rows the thresholds kept, reads them itself, and only the fates (key, cluster,
+duplicate_of, similarity) join the records, by shard. ``PlanOutputShards`` gathers the fates (about 200
 bytes per key) in one worker, assigns kept keys to balanced output shards in the parent's order
 and writes ``_plan/plan.parquet`` (``pipelines/filter/plan.py``). A copy work unit is an output shard number: it reads its rows
 from the plan and its members from the parent's shards by key, so heavy arrays never pass a shuffle.
@@ -37,14 +40,15 @@ from apache_beam.metrics import Metrics
 from diffusion_distill.errors import UserError
 from diffusion_distill.options import option, parse
 from pipelines import common
-from pipelines.dedup import SemanticDedup
+from pipelines.dedup import SemanticDedup, SemanticDedupShards
 from pipelines.filter import plan as filter_plan
 from pipelines.filter.plan import FilterRecipe
+from pipelines.records import EMBEDDING_FIELDS, effective_clip_score, is_active
 from pipelines.scoring import ImageScoring
-from pipelines.stages import ActiveOnly, FilterScores
+from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules, top_fraction_cutoff
 from teachers.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
 from teachers.schema import write_dataset_info
-from teachers.shards import index_name, list_indexes
+from teachers.shards import embeds_name, index_name, list_indexes
 
 NAMESPACE = "filter_shards"
 PROG = "distill filter"
@@ -123,20 +127,72 @@ def build_recipe(cfg: FilterConfig):
 
 
 class ReadScoresFn(beam.DoFn):
-    """Input shard number -> one record per sample: key, scores, byte range, CLIP image embedding."""
+    """Input shard number -> one record per sample: key, scores, byte range, and (``embeddings``)
+    its CLIP image embedding. The sidecar is read and checked either way (a bad one rejects the
+    shard's samples at stage ``scores``); without ``embeddings`` the vectors stay in it."""
 
-    def __init__(self, parent: str):
-        self.parent = parent
+    def __init__(self, parent: str, embeddings: bool = True, per_shard: bool = False):
+        self.parent, self.embeddings, self.per_shard = parent, embeddings, per_shard
         self.shards = Metrics.counter(NAMESPACE, "input_shards_read")
         self.samples = Metrics.counter(NAMESPACE, "samples_read")
         self.rejected = Metrics.counter(NAMESPACE, "samples_rejected_unscored")
 
     def process(self, shard: int):
         records = filter_plan.score_records(self.parent, shard)
+        if not self.embeddings:
+            records = [{k: v for k, v in r.items() if k != EMBEDDING_FIELDS["image"]} for r in records]
         self.shards.inc()
         self.samples.inc(len(records))
         self.rejected.inc(sum(r["stage"] is not None for r in records))
-        yield from records
+        if self.per_shard:
+            yield shard, records
+        else:
+            yield from records
+
+
+def _shard_clip_scores(shard_records):
+    for record in shard_records[1]:
+        score = effective_clip_score(record) if is_active(record) else None
+        if score is not None:
+            yield float(score)
+
+
+def _apply_score_rules_to_shard(shard_records, cfg, cutoff):
+    shard, records = shard_records
+    return shard, [apply_score_rules(r, cfg, cutoff) for r in records]
+
+
+class FilterShardScores(beam.PTransform):
+    """``pipelines.stages.FilterScores`` on (shard, records) elements: the same rules and the same
+    top-fraction cutoff (``ApproximateQuantiles`` over one element per score, as there), applied to
+    every record of a shard in one step. Output: (shards, cutoff)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, shards):
+        fraction = self.cfg.clip_score_top_fraction
+        if fraction is None:
+            cutoff = shards.pipeline | "NoCutoff" >> beam.Create([None])
+        else:
+            scores = shards | "ClipScores" >> beam.FlatMap(_shard_clip_scores)
+            n_scores = scores | "CountScores" >> beam.combiners.Count.Globally()
+            cutoff = (scores
+                      | "ClipScoreQuantiles" >> beam.ApproximateQuantiles.Globally(FilterScores.N_QUANTILES)
+                      | "TopFractionCutoff" >> beam.Map(top_fraction_cutoff, fraction,
+                                                        beam.pvalue.AsSingleton(n_scores)))
+        filtered = shards | "ApplyThresholds" >> beam.Map(_apply_score_rules_to_shard, self.cfg,
+                                                          beam.pvalue.AsSingleton(cutoff))
+        return filtered, cutoff
+
+
+def fate_rows_of_shard(shard_records) -> list[dict]:
+    return [filter_plan.fate_row(r) for r in shard_records[1]]
+
+
+def concat(lists: list[list]) -> list:
+    return [x for part in lists for x in part]
 
 
 def plan_output(fates: list[dict], parent: str, output: str, samples_per_shard: int) -> int:
@@ -245,8 +301,20 @@ def prepare(argv: list[str] | None):
         return (cfg, *build_recipe(cfg), beam_args)
 
 
-def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
-    """Validate on the launcher, run the Beam job, return the output's ``dataset.json``."""
+DEDUP_PATHS = ("sidecars", "records")
+
+
+def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "sidecars") -> dict:
+    """Validate on the launcher, run the Beam job, return the output's ``dataset.json``.
+
+    ``dedup``: how the first half runs. "sidecars" (the default): one element per input shard (its
+    records, without embeddings) through the thresholds (``FilterShardScores``) and SemDeDup
+    (``pipelines.dedup.SemanticDedupShards``: one ``EmbeddingRows`` block per shard, the rows of its
+    ``.emb.npy`` the thresholds kept; only the fates join the records, by shard). "records": one
+    element per record, each carrying its embedding through ``FilterScores`` and ``SemanticDedup``
+    (the earlier path, kept to check that both give the same outputs)."""
+    if dedup not in DEDUP_PATHS:
+        raise ValueError(f"dedup={dedup!r}: one of {DEDUP_PATHS}")
     cfg, recipe, curate_config, parent, parent_dataset, beam_args = prepare(argv)
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
@@ -257,18 +325,31 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])
     start = time.monotonic()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    records = (pipeline
-               | "ListInputShards" >> beam.Create(input_shards)
-               | "SpreadInputShards" >> beam.Reshuffle()  # only shard numbers cross it
-               | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input)))
-    records, cutoff = records | "FilterScores" >> FilterScores(curate_config)
-    if curate_config.semdedup_eps is not None:
-        sidecars = tuple(join(cfg.input, f"{s:06d}.emb.npy") for s in input_shards)  # the k-means sample, from storage
-        records = records | "DropSemanticDuplicates" >> ActiveOnly(SemanticDedup("image", curate_config, sidecars=sidecars))
+    shards = (pipeline
+              | "ListInputShards" >> beam.Create(input_shards)
+              | "SpreadInputShards" >> beam.Reshuffle())  # only shard numbers cross it
+    sidecars = {s: join(cfg.input, embeds_name(s)) for s in input_shards}  # vectors and k-means sample, from storage
+    dedup_on = curate_config.semdedup_eps is not None
+    if dedup == "sidecars":
+        shards = shards | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input, embeddings=False, per_shard=True))
+        shards, cutoff = shards | "FilterScores" >> FilterShardScores(curate_config)
+        if dedup_on:
+            shards = shards | "DropSemanticDuplicates" >> SemanticDedupShards("image", curate_config, sidecars)
+        fates = (shards
+                 | "ToFates" >> beam.Map(fate_rows_of_shard)  # ~200 bytes per key from here on
+                 | "GatherFates" >> beam.combiners.ToList()
+                 | "ConcatFates" >> beam.Map(concat))
+    else:
+        records = shards | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input))
+        records, cutoff = records | "FilterScores" >> FilterScores(curate_config)
+        if dedup_on:
+            records = records | "DropSemanticDuplicates" >> ActiveOnly(
+                SemanticDedup("image", curate_config, sidecars=tuple(sidecars.values())))
+        fates = (records
+                 | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key
+                 | "GatherFates" >> beam.combiners.ToList())
     # One connected graph ending in WriteDataset (Beam's Dask runner computes only the last bag).
-    _ = (records
-         | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key from here on
-         | "GatherFates" >> beam.combiners.ToList()
+    _ = (fates
          | "PlanOutputShards" >> beam.Map(plan_output, cfg.input, cfg.output, recipe.samples_per_shard)
          | "ListOutputShards" >> beam.FlatMap(shard_numbers)
          | "SpreadOutputShards" >> beam.Reshuffle()
