@@ -24,9 +24,10 @@ Paths, all in this invocation and on the same data:
   a border margin, per-cluster pairs, one global keep decision), the functions the jobs run;
 - ``ivf``: a faiss IVF range search over the whole set (the autofaiss / clip-retrieval approach),
   then the same keep rule on its pairs;
-- ``beam``: the jobs' ``pipelines.dedup.SemanticDedup`` transform (records in, records out) on
+- ``beam``: ``pipelines.dedup.SemanticDedup`` (records in, records out; the filter job's path before) on
   DirectRunner in a spawned child process, fed the same embeddings as one record per row, read in
-  chunks of 10,000 from a saved ``.npy`` (``--paths bare,ivf,beam``);
+  chunks of 10,000 from a saved ``.npy`` (``--paths bare,ivf,beam``); ``beam_light``: the same, the
+  records leaving without their vectors (``keep_vectors=False``, what the curate job calls);
 - ``beam_blocks``: ``pipelines.dedup.SemanticDedupBlocks`` the same way, fed one ``EmbeddingRows``
   block per chunk of 10,000 rows (keys as one tuple, the vectors read from the file in float16 by
   the steps that need them), as a source over ``.emb.npy`` files makes them; its output is one
@@ -247,9 +248,10 @@ def beam_child(kind: str, tmp: str, eps: float, args: dict) -> None:
     opts = PipelineOptions(["--direct_num_workers=1", "--direct_running_mode=in_memory"])
     p = beam.Pipeline(options=opts)
     starts = p | beam.Create(list(range(0, n, step)))
-    if kind == "beam":
+    if kind in ("beam", "beam_light"):  # beam_light: the records leave without their vectors (the curate job)
         lines = (starts | beam.FlatMap(records_from, f"{tmp}/x.npy", step, f"{tmp}/scores.npy")
-                 | SemanticDedup("text", cfg, margin=args["margin"], wire_dtype=args["wire_dtype"])
+                 | SemanticDedup("text", cfg, margin=args["margin"], wire_dtype=args["wire_dtype"],
+                                 keep_vectors=kind == "beam")
                  | beam.Map(outcome_line))
     elif kind == "job":
         sidecars = {s // step: sidecar_name(tmp, s // step) for s in range(0, n, step)}
@@ -314,6 +316,10 @@ def run_beam(x, keys, scores, eps, args):
     return run_beam_path("beam", x, keys, scores, eps, args)
 
 
+def run_beam_light(x, keys, scores, eps, args):
+    return run_beam_path("beam_light", x, keys, scores, eps, args)
+
+
 def run_beam_blocks(x, keys, scores, eps, args):
     return run_beam_path("beam_blocks", x, keys, scores, eps, args)
 
@@ -364,7 +370,7 @@ def main(argv=None) -> None:
     print(f"background check (exact range search, {args.check_subset} rows): {found} pairs >= 1-eps, "
           f"{unplanted} of them unplanted", flush=True)
 
-    runners = {"bare": run_bare, "ivf": run_ivf, "beam": run_beam, "beam_blocks": run_beam_blocks, "job": run_job}
+    runners = {"bare": run_bare, "ivf": run_ivf, "beam": run_beam, "beam_light": run_beam_light, "beam_blocks": run_beam_blocks, "job": run_job}
     rows, base = [], None
     for name in args.paths.split(","):
         start = time.perf_counter()

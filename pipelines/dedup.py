@@ -338,6 +338,20 @@ def _keyed_record(record: dict):
     return record["key"], ("record", pack_record(record))
 
 
+def without_vectors(record: dict) -> dict:
+    """The record without its embeddings, ``has_image`` saying whether it had an image embedding (what
+    the manifest keeps of them): what a job that has already written the embeddings ships onwards."""
+    if "has_image" in record and not any(f in record for f in EMBEDDING_FIELDS.values()):
+        return record
+    out = {k: v for k, v in record.items() if k not in EMBEDDING_FIELDS.values()}
+    out["has_image"] = record.get("image_embedding") is not None
+    return out
+
+
+def _keyed_light_record(record: dict):
+    return _keyed_record(without_vectors(record))
+
+
 def _fates_by_key(keyed):
     _, fates = keyed
     for m, key in enumerate(fates.keys):
@@ -375,13 +389,16 @@ class SemanticDedup(beam.PTransform):
     aesthetic score, then smallest id. ``margin``: second-nearest-centroid margin (0: nearest
     only; default ``cfg.semdedup_margin``); ``wire_dtype``: how embeddings travel between stages;
     ``batch``: rows per bucket and per assignment; ``sidecars``: ``.emb.npy`` files holding the same
-    embeddings, for the k-means sample; ``spread_factor``: as ``SemanticDedupBlocks``.
+    embeddings, for the k-means sample; ``spread_factor``: as ``SemanticDedupBlocks``;
+    ``keep_vectors=False``: the records come out ``without_vectors`` (the join that brings them
+    together with their fates then carries no embedding: for a job that wrote them before).
     """
 
     def __init__(self, modality: str, cfg: CurateConfig, *, margin: float | None = None, wire_dtype: str = WIRE_DTYPE,
-                 batch: int = ASSIGN_BATCH, sidecars: tuple[str, ...] = (), spread_factor: int = SPREAD_FACTOR):
+                 batch: int = ASSIGN_BATCH, sidecars: tuple[str, ...] = (), spread_factor: int = SPREAD_FACTOR,
+                 keep_vectors: bool = True):
         super().__init__()
-        self.spread_factor = spread_factor
+        self.spread_factor, self.keep_vectors = spread_factor, keep_vectors
         self.modality, self.field, self.cfg = modality, EMBEDDING_FIELDS[modality], cfg
         self.margin, self.wire_dtype, self.batch, self.sidecars = margin, wire_dtype, batch, tuple(sidecars)
 
@@ -395,7 +412,7 @@ class SemanticDedup(beam.PTransform):
                  | "PackBuckets" >> beam.Map(_pack_bucket, self.wire_dtype)
                  | "DedupBlocks" >> SemanticDedupBlocks(self.modality, cfg, margin=self.margin, batch=self.batch,
                                                         sidecars=self.sidecars, spread_factor=self.spread_factor))
-        keyed = records | "KeyRecords" >> beam.Map(_keyed_record)
+        keyed = records | "KeyRecords" >> beam.Map(_keyed_record if self.keep_vectors else _keyed_light_record)
         by_key = fates | "FatesByKey" >> beam.FlatMap(_fates_by_key)
         return ((keyed, by_key)
                 | "GatherRecordsAndFates" >> beam.Flatten()

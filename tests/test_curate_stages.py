@@ -40,6 +40,35 @@ def test_semantic_dedup_transform_finds_planted_groups():
         assert_that(out, equal_to(expected))
 
 
+def test_semantic_dedup_without_vectors_gives_the_same_records_less_their_embeddings():
+    ids, x, _ = planted(n_groups=4, group_size=3, n_singles=5)
+    records = [{"key": i, "image_embedding": v, "text_embedding": v[::-1].copy(), "aesthetic_score": float(n % 3),
+                "reason": None} for n, (i, v) in enumerate(zip(ids, x))]
+    cfg = CurateConfig(kmeans_clusters=4, semdedup_eps=0.05, kmeans_sample_size=100)
+
+    def light(record):  # what keep_vectors=False must give: the record less both embeddings, has_image set
+        return record["key"], sorted([(k, repr(v)) for k, v in record.items() if not k.endswith("_embedding")]
+                                     + [("has_image", "True")])
+
+    def shape(record):
+        return record["key"], sorted((k, repr(v)) for k, v in record.items())
+
+    def same(keyed):
+        key, (full, stripped) = keyed
+        return key, len(full) == len(stripped) == 1 and full[0] == stripped[0], any("duplicate_of" in f for f, _ in full[0])
+
+    with BeamTestPipeline() as p:
+        source = p | beam.Create(records)
+        full = source | "Full" >> SemanticDedup("image", cfg) | "Light" >> beam.Map(light)
+        stripped = source | "Stripped" >> SemanticDedup("image", cfg, keep_vectors=False) | "Shape" >> beam.Map(shape)
+        out = (full, stripped) | beam.CoGroupByKey() | beam.Map(same)
+        # every record the same, the 8 planted duplicates among them
+        assert_that(out | "Equal" >> beam.Map(lambda r: r[1]) | "CountEqual" >> beam.combiners.Count.PerElement(),
+                    equal_to([(True, len(ids))]), label="all_equal")
+        assert_that(out | "Dup" >> beam.Map(lambda r: r[2]) | "CountDup" >> beam.combiners.Count.PerElement(),
+                    equal_to([(True, 8), (False, len(ids) - 8)]), label="duplicates")
+
+
 def test_semantic_dedup_sample_smaller_than_input():
     """k-means trains on a 12-record sample of 17; assignment and dedup still cover every record."""
     ids, x, groups = planted(n_groups=4, group_size=3, n_singles=5)

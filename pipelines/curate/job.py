@@ -51,7 +51,7 @@ from pipelines.curate.schema import MANIFEST_SCHEMA, REJECTS_SCHEMA, manifest_ro
 from pipelines.curate.sinks import WriteEmbeddings, WriteSortedParquet
 from pipelines.curate.sources import FORMATS, Split, plan_inputs
 from pipelines.curate.stages import ApplyRules, DropExactDuplicates, LoadImage, NormaliseCaption, ReadRecords
-from pipelines.dedup import SemanticDedup
+from pipelines.dedup import SemanticDedup, without_vectors
 from pipelines.records import is_active
 from pipelines.scoring import check_models
 from pipelines.stages import ActiveOnly, FilterScores
@@ -159,14 +159,21 @@ def _dedup_modality(record: dict, n: int, on: str) -> int:
 
 
 class DropSemanticDuplicates(beam.PTransform):
-    def __init__(self, cfg: CurateConfig):
+    """SemDeDup of each record on its image embedding or its text embedding (``semdedup_on``).
+
+    ``keep_vectors=False``: every record comes out ``without_vectors`` (the job writes the embeddings
+    before this stage), so the join of records and fates carries no embedding."""
+
+    def __init__(self, cfg: CurateConfig, keep_vectors: bool = True):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.keep_vectors = cfg, keep_vectors
 
     def expand(self, records):
         image, text, rest = records | "SplitByModality" >> beam.Partition(_dedup_modality, 3, self.cfg.semdedup_on)
-        return ((image | "DedupImages" >> SemanticDedup("image", self.cfg),
-                 text | "DedupTexts" >> SemanticDedup("text", self.cfg), rest)
+        if not self.keep_vectors:
+            rest = rest | "StripVectors" >> beam.Map(without_vectors)
+        return ((image | "DedupImages" >> SemanticDedup("image", self.cfg, keep_vectors=self.keep_vectors),
+                 text | "DedupTexts" >> SemanticDedup("text", self.cfg, keep_vectors=self.keep_vectors), rest)
                 | "Rejoin" >> beam.Flatten())
 
 
@@ -227,10 +234,10 @@ class Curate(beam.PTransform):
             records = records | "ScoreAesthetics" >> ActiveOnly(RunInference(AestheticHandler(
                 cfg.aesthetic_weights, cfg.clip_device)))
         records, cutoff = records | "FilterScores" >> FilterScores(cfg)
-        if cfg.clip_model and cfg.semdedup_eps is not None:
-            records = records | "DropSemanticDuplicates" >> DropSemanticDuplicates(cfg)
-        if cfg.clip_model:
+        if cfg.clip_model:  # every record's embeddings, whatever its fate; then no stage needs them
             records | "WriteEmbeddings" >> WriteEmbeddings(out)
+        if cfg.clip_model and cfg.semdedup_eps is not None:
+            records = records | "DropSemanticDuplicates" >> DropSemanticDuplicates(cfg, keep_vectors=False)
         return records | "ToManifestRows" >> beam.Map(manifest_row), cutoff
 
     def expand(self, root):

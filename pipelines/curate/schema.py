@@ -85,5 +85,5 @@ def manifest_row(record: dict) -> dict:
     """The manifest columns of a record (embeddings and image bytes left out)."""
     row = {name: _clean(record.get(name), kind) for name, kind in _KINDS.items()}
     row["fate"] = reasons.KEPT if record.get("reason") is None else reasons.fate_of(record["reason"])
-    row["has_image"] = record.get("image_embedding") is not None
+    row["has_image"] = record["has_image"] if "has_image" in record else record.get("image_embedding") is not None
     return row
