@@ -77,29 +77,41 @@ def apply_score_rules(record: dict, cfg: CurateConfig, clip_cutoff: float | None
     return record
 
 
-class FilterScores(beam.PTransform):
-    """Aesthetic and CLIP-score thresholds; the top-fraction cutoff comes from Beam's
-    ``ApproximateQuantiles`` (1,001 quantiles: 0.1% rank resolution) so no worker holds all scores.
-
-    Output: (records, cutoff) where cutoff is a singleton PCollection (None without a top fraction).
-    """
+class ClipScoreCutoff(beam.PTransform):
+    """Elements -> a singleton PCollection: the CLIP-score cutoff of the top ``fraction`` of the scores
+    ``scores_of`` yields for each element (None without a fraction, and then no score is read). The
+    cutoff comes from Beam's ``ApproximateQuantiles`` (1,001 quantiles: 0.1% rank resolution), so no
+    worker holds all scores."""
 
     N_QUANTILES = 1001
 
-    def __init__(self, cfg: CurateConfig):
+    def __init__(self, fraction: float | None, scores_of):
         super().__init__()
-        self.cfg = cfg
+        self.fraction, self.scores_of = fraction, scores_of
 
-    def expand(self, records):
-        fraction = self.cfg.clip_score_top_fraction
-        if fraction is None:
-            cutoff = records.pipeline | "NoCutoff" >> beam.Create([None])
-        else:
-            scores = records | "ClipScores" >> beam.FlatMap(_effective_clip)
-            n_scores = scores | "CountScores" >> beam.combiners.Count.Globally()
-            cutoff = (scores
-                      | "ClipScoreQuantiles" >> beam.ApproximateQuantiles.Globally(self.N_QUANTILES)
-                      | "TopFractionCutoff" >> beam.Map(top_fraction_cutoff, fraction, beam.pvalue.AsSingleton(n_scores)))
-        filtered = records | "ApplyThresholds" >> beam.Map(apply_score_rules, self.cfg,
-                                                           beam.pvalue.AsSingleton(cutoff))
+    def expand(self, elements):
+        if self.fraction is None:
+            return elements.pipeline | "NoCutoff" >> beam.Create([None])
+        scores = elements | "ClipScores" >> beam.FlatMap(self.scores_of)
+        n_scores = scores | "CountScores" >> beam.combiners.Count.Globally()
+        return (scores
+                | "ClipScoreQuantiles" >> beam.ApproximateQuantiles.Globally(self.N_QUANTILES)
+                | "TopFractionCutoff" >> beam.Map(top_fraction_cutoff, self.fraction, beam.pvalue.AsSingleton(n_scores)))
+
+
+class FilterScores(beam.PTransform):
+    """Aesthetic and CLIP-score thresholds; the top-fraction cutoff from ``ClipScoreCutoff``.
+
+    Output: (elements, cutoff) where cutoff is a singleton PCollection (None without a top fraction).
+    The elements are records; another element type (the filter job's (shard, records)) names how to
+    read its CLIP scores (``scores_of``) and how to apply the rules to it (``apply(element, cfg, cutoff)``).
+    """
+
+    def __init__(self, cfg: CurateConfig, *, scores_of=None, apply=None):
+        super().__init__()
+        self.cfg, self.scores_of, self.apply = cfg, scores_of or _effective_clip, apply or apply_score_rules
+
+    def expand(self, elements):
+        cutoff = elements | "Cutoff" >> ClipScoreCutoff(self.cfg.clip_score_top_fraction, self.scores_of)
+        filtered = elements | "ApplyThresholds" >> beam.Map(self.apply, self.cfg, beam.pvalue.AsSingleton(cutoff))
         return filtered, cutoff

@@ -12,7 +12,7 @@ ranges, scores) and its ``NNNNNN.emb.npy`` embeddings, through the stages the cu
 (``pipelines.stages.FilterScores``: aesthetic and CLIP-score thresholds or top fraction;
 ``pipelines.dedup.SemanticDedupShards``: faiss k-means, then duplicates per cluster, one kept per
 group: highest aesthetic, then smallest key), so duplicates are found across the whole dump. An
-element is an input shard's records (``FilterShardScores`` applies the thresholds to a shard at a
+element is an input shard's records (``FilterScores`` applies the thresholds to a shard at a
 time), and no record carries its embedding: SemDeDup gets one block per input shard naming the
 sidecar rows the thresholds kept, reads them itself, and only the fates (key, cluster,
 duplicate_of, similarity) join the records, by shard. ``PlanOutputShards`` gathers the fates (about 200
@@ -45,7 +45,7 @@ from pipelines.filter import plan as filter_plan
 from pipelines.filter.plan import FilterRecipe
 from pipelines.records import EMBEDDING_FIELDS, effective_clip_score, is_active
 from pipelines.scoring import ImageScoring
-from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules, top_fraction_cutoff
+from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules
 from teachers.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
 from teachers.schema import write_dataset_info
 from teachers.shards import embeds_name, index_name, list_indexes
@@ -158,33 +158,10 @@ def _shard_clip_scores(shard_records):
 
 
 def _apply_score_rules_to_shard(shard_records, cfg, cutoff):
+    """``FilterScores``'s rules on (shard, records): the same rules and the same top-fraction cutoff
+    (``ClipScoreCutoff`` over one element per score, as for records), every record of a shard in one step."""
     shard, records = shard_records
     return shard, [apply_score_rules(r, cfg, cutoff) for r in records]
-
-
-class FilterShardScores(beam.PTransform):
-    """``pipelines.stages.FilterScores`` on (shard, records) elements: the same rules and the same
-    top-fraction cutoff (``ApproximateQuantiles`` over one element per score, as there), applied to
-    every record of a shard in one step. Output: (shards, cutoff)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-
-    def expand(self, shards):
-        fraction = self.cfg.clip_score_top_fraction
-        if fraction is None:
-            cutoff = shards.pipeline | "NoCutoff" >> beam.Create([None])
-        else:
-            scores = shards | "ClipScores" >> beam.FlatMap(_shard_clip_scores)
-            n_scores = scores | "CountScores" >> beam.combiners.Count.Globally()
-            cutoff = (scores
-                      | "ClipScoreQuantiles" >> beam.ApproximateQuantiles.Globally(FilterScores.N_QUANTILES)
-                      | "TopFractionCutoff" >> beam.Map(top_fraction_cutoff, fraction,
-                                                        beam.pvalue.AsSingleton(n_scores)))
-        filtered = shards | "ApplyThresholds" >> beam.Map(_apply_score_rules_to_shard, self.cfg,
-                                                          beam.pvalue.AsSingleton(cutoff))
-        return filtered, cutoff
 
 
 def fate_rows_of_shard(shard_records) -> list[dict]:
@@ -308,7 +285,7 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
     """Validate on the launcher, run the Beam job, return the output's ``dataset.json``.
 
     ``dedup``: how the first half runs. "sidecars" (the default): one element per input shard (its
-    records, without embeddings) through the thresholds (``FilterShardScores``) and SemDeDup
+    records, without embeddings) through the thresholds (``FilterScores`` per shard) and SemDeDup
     (``pipelines.dedup.SemanticDedupShards``: one ``EmbeddingRows`` block per shard, the rows of its
     ``.emb.npy`` the thresholds kept; only the fates join the records, by shard). "records": one
     element per record, each carrying its embedding through ``FilterScores`` and ``SemanticDedup``
@@ -332,7 +309,8 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
     dedup_on = curate_config.semdedup_eps is not None
     if dedup == "sidecars":
         shards = shards | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input, embeddings=False, per_shard=True))
-        shards, cutoff = shards | "FilterScores" >> FilterShardScores(curate_config)
+        shards, cutoff = shards | "FilterScores" >> FilterScores(curate_config, scores_of=_shard_clip_scores,
+                                                                 apply=_apply_score_rules_to_shard)
         if dedup_on:
             shards = shards | "DropSemanticDuplicates" >> SemanticDedupShards("image", curate_config, sidecars)
         fates = (shards
