@@ -352,11 +352,15 @@ def _keyed_light_record(record: dict):
     return _keyed_record(without_vectors(record))
 
 
+def fate_at(fates, m: int) -> tuple:
+    """Row ``m`` of a ``Fates`` block as ("fate", cluster, duplicate_of, similarity, n_duplicates)."""
+    return "fate", int(fates.cluster[m]), fates.duplicate_of[m], float(fates.similarity[m]), int(fates.n_duplicates[m])
+
+
 def _fates_by_key(keyed):
     _, fates = keyed
     for m, key in enumerate(fates.keys):
-        yield key, ("fate", int(fates.cluster[m]), fates.duplicate_of[m], float(fates.similarity[m]),
-                    int(fates.n_duplicates[m]))
+        yield key, fate_at(fates, m)
 
 
 def annotate_record(record: dict, fate: tuple | None, modality: str) -> dict:
@@ -477,8 +481,7 @@ def annotate_shard(keyed, modality: str) -> tuple:
             out.append(record)
             continue
         m = row.get(record["key"])
-        fate = None if m is None else ("fate", int(fates.cluster[m]), fates.duplicate_of[m],
-                                       float(fates.similarity[m]), int(fates.n_duplicates[m]))
+        fate = None if m is None else fate_at(fates, m)
         out.append(annotate_record(record, fate, modality))
     if fates is not None and len(row) != sum(is_active(r) for r in records):
         raise RuntimeError(f"shard {shard}: {len(row)} fates for {sum(is_active(r) for r in records)} active records")

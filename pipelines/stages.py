@@ -41,7 +41,8 @@ class ActiveOnly(beam.PTransform):
         return (active | "Stage" >> self.inner, inactive) | "Rejoin" >> beam.Flatten()
 
 
-def _effective_clip(record: dict):
+def clip_scores(record: dict):
+    """The active record's effective CLIP score, as a float (none if dropped or unscored)."""
     score = effective_clip_score(record) if is_active(record) else None
     if score is not None:
         yield float(score)
@@ -77,41 +78,30 @@ def apply_score_rules(record: dict, cfg: CurateConfig, clip_cutoff: float | None
     return record
 
 
-class ClipScoreCutoff(beam.PTransform):
-    """Elements -> a singleton PCollection: the CLIP-score cutoff of the top ``fraction`` of the scores
-    ``scores_of`` yields for each element (None without a fraction, and then no score is read). The
-    cutoff comes from Beam's ``ApproximateQuantiles`` (1,001 quantiles: 0.1% rank resolution), so no
-    worker holds all scores."""
-
-    N_QUANTILES = 1001
-
-    def __init__(self, fraction: float | None, scores_of):
-        super().__init__()
-        self.fraction, self.scores_of = fraction, scores_of
-
-    def expand(self, elements):
-        if self.fraction is None:
-            return elements.pipeline | "NoCutoff" >> beam.Create([None])
-        scores = elements | "ClipScores" >> beam.FlatMap(self.scores_of)
-        n_scores = scores | "CountScores" >> beam.combiners.Count.Globally()
-        return (scores
-                | "ClipScoreQuantiles" >> beam.ApproximateQuantiles.Globally(self.N_QUANTILES)
-                | "TopFractionCutoff" >> beam.Map(top_fraction_cutoff, self.fraction, beam.pvalue.AsSingleton(n_scores)))
-
-
 class FilterScores(beam.PTransform):
-    """Aesthetic and CLIP-score thresholds; the top-fraction cutoff from ``ClipScoreCutoff``.
+    """Aesthetic and CLIP-score thresholds; the top-fraction cutoff comes from Beam's
+    ``ApproximateQuantiles`` (1,001 quantiles: 0.1% rank resolution) so no worker holds all scores.
 
     Output: (elements, cutoff) where cutoff is a singleton PCollection (None without a top fraction).
     The elements are records; another element type (the filter job's (shard, records)) names how to
     read its CLIP scores (``scores_of``) and how to apply the rules to it (``apply(element, cfg, cutoff)``).
     """
 
-    def __init__(self, cfg: CurateConfig, *, scores_of=None, apply=None):
+    N_QUANTILES = 1001
+
+    def __init__(self, cfg: CurateConfig, *, scores_of=clip_scores, apply=apply_score_rules):
         super().__init__()
-        self.cfg, self.scores_of, self.apply = cfg, scores_of or _effective_clip, apply or apply_score_rules
+        self.cfg, self.scores_of, self.apply = cfg, scores_of, apply
 
     def expand(self, elements):
-        cutoff = elements | "Cutoff" >> ClipScoreCutoff(self.cfg.clip_score_top_fraction, self.scores_of)
+        fraction = self.cfg.clip_score_top_fraction
+        if fraction is None:
+            cutoff = elements.pipeline | "NoCutoff" >> beam.Create([None])
+        else:
+            scores = elements | "ClipScores" >> beam.FlatMap(self.scores_of)
+            n_scores = scores | "CountScores" >> beam.combiners.Count.Globally()
+            cutoff = (scores
+                      | "ClipScoreQuantiles" >> beam.ApproximateQuantiles.Globally(self.N_QUANTILES)
+                      | "TopFractionCutoff" >> beam.Map(top_fraction_cutoff, fraction, beam.pvalue.AsSingleton(n_scores)))
         filtered = elements | "ApplyThresholds" >> beam.Map(self.apply, self.cfg, beam.pvalue.AsSingleton(cutoff))
         return filtered, cutoff

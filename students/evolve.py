@@ -52,7 +52,7 @@ from diffusion_distill.options import option, parse, reuse
 from diffusion_distill.workflow import INIT_LR
 from students.evolve_edit import (Action, apply_actions, copyable, evolvable, evolve_checkpoint, has_cross_attention,
                                   skip_blocks, student_at)
-from students.lookup import LookupSettings, LookupTable, unet_blocks
+from students.lookup import ALLOCATORS, LookupSettings, LookupTable, unet_blocks
 from students.train import TrainConfig
 from teachers.fs import join
 
@@ -152,8 +152,8 @@ TRAIN_FLAGS = ("data", "preset", "init_from_teacher", "recipe", "student_steps",
 class EvolveConfig:
     output: str = option(help="evolution folder: run/, lookup.json, evolution.jsonl, student_config.json, report.html")
     robust_skip_prob: float = option(0.1, help="robust training: probability of skipping each skippable block per step")
-    final_robust_skip_prob: float = option(0.0, help="skip probability once the architecture is final (at or under the "
-                                           "target, no copy fits): 0 = the evolved UNet is fine-tuned plainly, as SnapFusion does")
+    final_robust_skip_prob: float = option(0.0, help="skip probability once the architecture is final (is_final: no "
+                                           "evolution can change it): 0 = the evolved UNet is fine-tuned plainly, as SnapFusion does")
     latency_target_ms: float = option(0.0, help="target UNet latency in ms on the lookup's runtime (or --latency_target_ratio)")
     latency_target_ratio: float = option(0.0, help="target as a fraction of the starting UNet's predicted latency")
     lookup: str | None = option(None, help="latency lookup table (distill profile --lookup); None = measure the start UNet")
@@ -161,7 +161,7 @@ class EvolveConfig:
     lookup_repeats: int = option(20, help="timed forwards of the measured lookup and of each measured latency")
     lookup_statistic: str = option("median", help="median | min of the measured lookup's timed runs", choices=("median", "min"))
     lookup_allocator: str = option("steady", help="allocator state of the measured lookup and of every measured latency: steady "
-                                   "(glibc keeps freed memory; students/lookup.py) | default", choices=("steady", "default"))
+                                   "(glibc keeps freed memory; students/lookup.py) | default", choices=ALLOCATORS)
     iterations: int = option(4, help="training segments; the architecture evolves after each but the last")
     steps_per_iteration: int = option(100, help="robust-training optimizer steps per segment")
     max_actions: int = option(1, help="blocks removed or copied per evolution")

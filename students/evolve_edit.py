@@ -38,8 +38,9 @@ def evolvable(cfg) -> list[Block]:
 
 
 def copyable(cfg) -> list[Block]:
-    """Blocks a copy can follow (input channels = output channels): transformers and mid-stage ResNets."""
-    return [b for b in unet_blocks(cfg) if not b.is_resnet or b.stage == "mid_block"]
+    """Blocks a copy can follow (input channels = output channels): the evolvable ones, transformers and
+    mid-stage ResNets."""
+    return evolvable(cfg)
 
 
 @dataclasses.dataclass(frozen=True)

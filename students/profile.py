@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from diffusion_distill.errors import UserError, run_main
 from diffusion_distill.options import option, parse
+from students.lookup import ALLOCATORS
 
 # student -> (kind, teacher); teachers are measured whenever one of their students is.
 STUDENTS = {
@@ -441,7 +442,7 @@ class ProfileOptions:
                                    choices=("median", "min"))
     lookup_allocator: str = option("steady", help="with --lookup: steady (glibc keeps freed memory, so timed forwards pay no "
                                    "page faults; students/lookup.py) | default (the allocator as the process has it)",
-                                   choices=("steady", "default"))
+                                   choices=ALLOCATORS)
 
     def __post_init__(self):
         for flag in ("batch_size", "repeats"):

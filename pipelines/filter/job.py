@@ -43,9 +43,9 @@ from pipelines import common
 from pipelines.dedup import SemanticDedup, SemanticDedupShards
 from pipelines.filter import plan as filter_plan
 from pipelines.filter.plan import FilterRecipe
-from pipelines.records import EMBEDDING_FIELDS, effective_clip_score, is_active
+from pipelines.records import EMBEDDING_FIELDS
 from pipelines.scoring import ImageScoring
-from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules
+from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules, clip_scores
 from teachers.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
 from teachers.schema import write_dataset_info
 from teachers.shards import embeds_name, index_name, list_indexes
@@ -152,14 +152,12 @@ class ReadScoresFn(beam.DoFn):
 
 def _shard_clip_scores(shard_records):
     for record in shard_records[1]:
-        score = effective_clip_score(record) if is_active(record) else None
-        if score is not None:
-            yield float(score)
+        yield from clip_scores(record)
 
 
 def _apply_score_rules_to_shard(shard_records, cfg, cutoff):
     """``FilterScores``'s rules on (shard, records): the same rules and the same top-fraction cutoff
-    (``ClipScoreCutoff`` over one element per score, as for records), every record of a shard in one step."""
+    (one element per score to ``ApproximateQuantiles``, as for records), every record of a shard in one step."""
     shard, records = shard_records
     return shard, [apply_score_rules(r, cfg, cutoff) for r in records]
 
