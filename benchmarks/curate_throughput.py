@@ -1,7 +1,7 @@
 """Captions per second: the curate job on DirectRunner vs the bare filter functions in a loop.
 
     python benchmarks/curate_throughput.py [--n 20000] [--preset default|tiny] [--paths batched,per_record]
-        [--fixed_n 1000] [--direct_running_mode multi_processing]
+        [--fixed_n 1000] [--direct_running_mode multi_processing] [--allocator steady|default]
 
 Both sides do the same caption work on the same synthetic prompts (about 10% exact repeats):
 decode, NFKC/whitespace normalisation, word and CLIP-token counts, length/safety rules, exact
@@ -10,8 +10,10 @@ SemDeDup, and the loop does the same through ``filters``. The job's time include
 construction, runner start-up and the report's plots (the fixed cost a user pays); a second run on
 ``--fixed_n`` captions measures that fixed cost, and the "marginal" ratio leaves it out (the rate
 a large input runs at). ``--paths`` times the batched caption stages (``--record_batch 4096``) and
-the per-record ones (``--record_batch 0``) in one invocation. One run, one machine: compare ratios,
-not absolutes.
+the per-record ones (``--record_batch 0``) in one invocation. With the default preset the job's own
+batched caption functions also run in a plain loop without Beam ("bare batched functions"): the job
+over that is what Beam and the job's outputs (Parquet, report) cost. One run, one machine: compare
+ratios, not absolutes.
 """
 
 from __future__ import annotations
@@ -78,6 +80,35 @@ def bare_loop(captions: list[str], preset: str) -> float:
     return time.perf_counter() - start
 
 
+def bare_batched(captions: list[str], preset: str, batch: int = 4096) -> float:
+    """The job's batched caption functions (``pipelines.curate.batched``) in a plain loop, no Beam:
+    read the .txt into tables, rules, exact dedup over all rows at once, manifest columns; returns
+    seconds. The job's time over this one is what Beam and the job's outputs cost."""
+    import pyarrow as pa
+
+    from filters import captions as rules
+    from filters.config import preset as get_preset
+    from pipelines.curate import batched
+    from pipelines.curate.sources import plan_inputs
+
+    cfg = get_preset(preset)
+    rules.clip_token_count("warm up")
+    with tempfile.TemporaryDirectory(prefix="dd-curate-bench-") as tmp:
+        path = os.path.join(tmp, "prompts.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(captions) + "\n")
+        start = time.perf_counter()
+        tables = [batched.apply_rules(value, cfg) for split in plan_inputs([path])
+                  for kind, value in batched.txt_tables(split, batch) if kind == "table"]
+        table = pa.concat_tables(tables)
+        active = table.filter(batched.is_active_rows(table))
+        resolved = batched.resolve_exact_table((0, [active]))
+        inactive = table.filter(pa.compute.invert(batched.is_active_rows(table)))
+        manifest = batched.manifest_table(pa.concat_tables([resolved, inactive]))
+        assert manifest.num_rows == len(captions) - captions.count("")
+        return time.perf_counter() - start
+
+
 def job(captions: list[str], preset: str, beam_flags: list[str]) -> float:
     """The curate job over the same captions written as a .txt; returns seconds of ``run``."""
     from pipelines import curate
@@ -98,15 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direct_running_mode", default="in_memory", help="in_memory | multi_processing")
     parser.add_argument("--paths", default="batched,per_record",
                         help="job paths to time: batched (--record_batch 4096, the default) and/or per_record (0)")
+    parser.add_argument("--allocator", default="steady",
+                        help="allocator state (diffusion_distill/allocator.py) set before anything is timed, so the "
+                             "loops and the jobs run in the same one; the jobs get --allocator with it")
     parser.add_argument("--fixed_n", type=int, default=1_000,
                         help="captions of a second, small job run that measures the fixed cost (0 = skip)")
     args = parser.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from diffusion_distill.allocator import set_allocator
+
+    allocator = set_allocator(args.allocator)
     captions = synthetic_captions(args.n)
-    flags = [f"--direct_running_mode={args.direct_running_mode}"]
+    flags = [f"--direct_running_mode={args.direct_running_mode}", "--allocator", args.allocator]
     if args.direct_running_mode == "multi_processing":
         flags.append(f"--direct_num_workers={os.cpu_count() or 1}")
     t_loop = bare_loop(captions, args.preset)
+    t_batched = bare_batched(captions, args.preset) if args.preset == "default" else None
     lines = []
     for path in args.paths.split(","):
         batch = {"batched": "4096", "per_record": "0"}[path]
@@ -119,12 +157,17 @@ def main(argv: list[str] | None = None) -> int:
             t_fixed = job(captions[:args.fixed_n], args.preset, path_flags)
             t_fixed -= t_loop * args.fixed_n / args.n  # its own per-caption work, at the loop's rate
             line += f"; fixed {t_fixed:.2f} s, marginal job / loop {t_loop / max(1e-9, t_job - t_fixed):.3f}"
+        if t_batched is not None and path == "batched":
+            line += f"; job / batched functions {t_batched / t_job:.3f}"
         lines.append(line)
     # The loop again after the jobs, so that a change in the machine's load shows: the ratios use the mean.
     t_after = bare_loop(captions, args.preset)
-    print(f"captions {args.n}, preset {args.preset}, DirectRunner {args.direct_running_mode}")
+    print(f"captions {args.n}, preset {args.preset}, DirectRunner {args.direct_running_mode}, allocator {allocator}")
     print(f"bare filter loop      : {args.n / t_loop:10.0f} captions/s ({t_loop:.2f} s before the jobs, "
           f"{t_after:.2f} s after; ratios below use the first, mean ratio x {(t_loop + t_after) / 2 / t_loop:.3f})")
+    if t_batched is not None:
+        print(f"bare batched functions: {args.n / t_batched:10.0f} captions/s ({t_batched:.2f} s: the job's caption "
+              f"functions without Beam or outputs; x {t_loop / t_batched:.2f} the loop)")
     print("\n".join(lines))
     return 0
 

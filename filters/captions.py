@@ -72,6 +72,55 @@ def clip_token_count(caption: str) -> int:
     return len(_clip_bpe().encode(caption))
 
 
+WORD_CACHE_SIZE = 1 << 20  # distinct words whose token counts ``clip_token_counts`` keeps (cleared when full)
+_word_tokens: dict[str, int] = {}
+
+
+def _word_token_count(word: str) -> int:
+    n = _word_tokens.get(word)
+    if n is None:
+        if len(_word_tokens) >= WORD_CACHE_SIZE:
+            _word_tokens.clear()
+        n = _word_tokens[word] = clip_token_count(word)
+    return n
+
+
+def clip_token_counts(caption):
+    """``clip_token_count`` of every normalised caption in a pyarrow string Array -> int32 Array.
+
+    For an ASCII caption without ``&`` the count is the sum of its space-separated words' counts:
+    open_clip's cleaning (ftfy, HTML unescape, whitespace, lower case) changes no such text, and
+    no piece of its split pattern spans a space, so the BPE sees the same pieces word by word. The
+    batch is split into words in ``pyarrow.compute``, each distinct word is counted once (and
+    remembered across batches), and the counts are summed per caption. Other captions (non-ASCII,
+    HTML entities) are counted whole, once per distinct caption.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    caption = pa.array(caption, pa.string()) if not isinstance(caption, (pa.Array, pa.ChunkedArray)) else caption
+    if isinstance(caption, pa.ChunkedArray):
+        caption = caption.combine_chunks()
+    n = len(caption)
+    if caption.null_count:
+        raise ValueError("clip_token_counts: captions must not be null")
+    words = pc.split_pattern(caption, " ")
+    flat = pc.list_flatten(words).dictionary_encode()
+    per_word = np.fromiter(map(_word_token_count, flat.dictionary.to_pylist()), np.int64, len(flat.dictionary))
+    counts = np.bincount(pc.list_parent_indices(words).to_numpy(), weights=per_word[flat.indices.to_numpy()],
+                         minlength=n).astype(np.int32)
+    whole = pc.or_(pc.invert(pc.string_is_ascii(caption)), pc.match_substring(caption, "&"))
+    other = np.flatnonzero(whole.to_numpy(zero_copy_only=False))
+    if len(other):
+        found = {}
+        for i, text in zip(other.tolist(), pc.take(caption, pa.array(other)).to_pylist()):
+            if text not in found:
+                found[text] = clip_token_count(text)
+            counts[i] = found[text]
+    return pa.array(counts, pa.int32())
+
+
 def check_length(caption: str, n_tokens: int, cfg: CurateConfig) -> str | None:
     """Word bounds then CLIP-token bounds, all inclusive."""
     n_words = word_count(caption)

@@ -24,7 +24,8 @@ as they are freed and takes fresh zeroed pages in the next forward: on the snapf
 256 px that is about 610,000 minor page faults and 1.1 s of system time per 3.6 s forward, an
 amount that depends on the process's history rather than on the UNet, which the additive model
 (block entries + rest) cannot represent. ``default`` leaves the allocator as the process has it.
-The state is process-wide and stays set; the table records it (``settings["allocator_detail"]``).
+The state is process-wide and stays set (``diffusion_distill.allocator``); the table records it
+(``settings["allocator_detail"]``).
 """
 
 from __future__ import annotations
@@ -35,13 +36,12 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from diffusion_distill.allocator import ALLOCATORS, set_allocator
 from diffusion_distill.errors import UserError
 
 FORMAT = "distill-latency-lookup/1"
 LAYOUT_FIELDS = ("down_layouts", "mid_layout", "up_layouts")  # what evolution changes; the rest is the family
 STATISTICS = {"median": statistics.median, "min": min}
-ALLOCATORS = ("steady", "default")
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -248,26 +248,10 @@ def build_random_unet(cfg, settings: LookupSettings):
     return model.eval()
 
 
-_STEADY: list[str] = []  # the detail of the steady state once set (it is process-wide and stays)
-
-
 def prepare_allocator(settings: LookupSettings) -> str:
-    """Put the process's allocator in the settings' state; returns what was done (recorded in the table)."""
-    if settings.allocator == "default":
-        return _STEADY[0] if _STEADY else "default"
-    if not _STEADY:
-        import ctypes
-        import platform
-
-        if platform.libc_ver()[0] != "glibc":
-            _STEADY.append(f"default (steady needs glibc; this is {platform.system()} {platform.libc_ver()[0] or 'without glibc'})")
-        else:
-            libc = ctypes.CDLL(None)
-            trim = 2**31 - 1
-            if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, trim) != 1:
-                raise RuntimeError("mallopt refused the steady allocator settings")
-            _STEADY.append(f"steady: glibc {platform.libc_ver()[1]} mallopt M_MMAP_MAX=0 M_TRIM_THRESHOLD={trim}")
-    return _STEADY[0]
+    """Put the process's allocator in the settings' state (``diffusion_distill.allocator``); returns
+    what was done (recorded in the table)."""
+    return set_allocator(settings.allocator)
 
 
 def _sync(settings: LookupSettings):

@@ -295,6 +295,8 @@ def test_bad_arguments_fail_before_the_pipeline(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a b c\n")
     with pytest.raises(ValueError, match="--min_words.*'many'"):
         curate.run(["--input", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), "--min_words", "many"])
+    with pytest.raises(ValueError, match="--allocator 'jemalloc' is not one of steady, default"):
+        curate.run(["--input", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), "--allocator", "jemalloc"])
     with pytest.raises(ValueError, match="semdedup_eps must be in"):
         curate.run(["--input", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), "--semdedup_eps", "-1"])
     with pytest.raises(ValueError, match="aesthetic_weights '/no/such.pth' not found"):

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from filters import reasons
-from filters.captions import (check_batch, check_length, check_safety, check_size, clip_token_count, decode_caption,
+from filters.captions import (check_batch, check_length, check_safety, check_size, clip_token_count, clip_token_counts,
+                              decode_caption,
                               keep_priority, normalize_caption, word_count)
 from filters.config import CurateConfig, preset, validate, with_overrides
 
@@ -39,6 +40,30 @@ def test_word_and_token_counts():
     assert clip_token_count("a red bicycle") == 3
     assert clip_token_count("a red bicycle.") == 4
     assert clip_token_count("") == 0
+
+
+def test_batch_token_counts_equal_the_per_caption_count():
+    """Word by word for ASCII captions without '&', whole otherwise: the same count as open_clip's
+    encode of the whole caption, on fuzzed ASCII (every printable character, so apostrophes,
+    digits, punctuation, '<...>' and case meet inside words), HTML entities and non-ASCII text."""
+    import random
+    import string
+
+    import pyarrow as pa
+
+    rng = random.Random(0)
+    alphabet = string.printable.replace("&", "") + "&"  # '&' rarely: those captions are counted whole
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    texts += ["", "a red bicycle.", "dog's ball 3.5kg!!", "I'LL  go", "<start_of_text>hi", "a &amp; b", "a&b",
+              "caf\u00e9 au lait", "\u00a0nbsp", "x" * 200, "1234567", "don't'll'sx", "a red bicycle."]
+    caps = [normalize_caption(t) for t in texts]
+    want = [clip_token_count(c) for c in caps]
+    assert clip_token_counts(pa.array(caps)).to_pylist() == want
+    assert clip_token_counts(pa.array(caps)).to_pylist() == want  # again, from the word cache
+    assert clip_token_counts(pa.chunked_array([caps[:10], caps[10:]])).to_pylist() == want
+    assert clip_token_counts(pa.array([], pa.string())).to_pylist() == []
+    with pytest.raises(ValueError, match="null"):
+        clip_token_counts(pa.array(["a", None]))
 
 
 CFG = CurateConfig(min_words=2, max_words=5, min_clip_tokens=2, max_clip_tokens=6)

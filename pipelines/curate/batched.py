@@ -8,7 +8,7 @@ The same decisions as the per-record stages (``pipelines.curate.stages``), made 
   straight into columns (no record dict per line); other formats are read as records, decoded, and
   gathered into columns. Then per batch: NFKC and whitespace normalisation in ``pyarrow.compute``
   for ASCII captions (``normalise_texts``; others per caption), word counts from the normalised
-  captions, CLIP-token counts (BPE, Python) once per distinct caption;
+  captions, CLIP-token counts once per distinct word (``filters.captions.clip_token_counts``);
 - ``apply_rules``: ``filters.captions.check_batch`` (``pyarrow.compute``) sets ``stage``/``reason``;
 - ``DropExactDuplicateRows``: active rows keyed by ``crc32(caption) % buckets`` (buckets from the
   active count, ``EXACT_BUCKET_ROWS`` rows each, so no key is hot), one GroupByKey of sub-tables, and
@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
+from diffusion_distill.allocator import set_allocator
 from filters import captions, reasons
 from filters.config import CurateConfig
 from pipelines.curate.schema import MANIFEST_SCHEMA
@@ -91,17 +92,6 @@ def word_counts(caption: pa.Array) -> pa.Array:
     return pc.cast(pc.if_else(pc.equal(pc.utf8_length(caption), 0), 0, n), pa.int32())
 
 
-def token_counts(caption: pa.Array) -> pa.Array:
-    """``filters.captions.clip_token_count`` per caption -> int32 Array, once per distinct caption
-    in the batch (BPE is per caption Python; repeats, which exact dedup drops later, reuse the count)."""
-    found = {}
-    values = caption.to_pylist()
-    for c in values:
-        if c not in found:
-            found[c] = captions.clip_token_count(c)
-    return pa.array([found[c] for c in values], pa.int32())
-
-
 class _Columns:
     """Column lists of decoded records, flushed as a ``RECORD_SCHEMA`` table (``caption_table``)."""
 
@@ -143,7 +133,7 @@ def caption_table(columns: dict, texts: list[str]) -> pa.Table:
         elif field.name == "n_words":
             out["n_words"] = word_counts(caption)
         elif field.name == "n_clip_tokens":
-            out["n_clip_tokens"] = token_counts(caption)
+            out["n_clip_tokens"] = captions.clip_token_counts(caption)
         else:
             out[field.name] = columns.get(field.name, pa.nulls(n, field.type))
     return pa.table(out, schema=RECORD_SCHEMA)
@@ -185,12 +175,14 @@ def _txt_table(prefix: str, path: str, numbers: list[int], texts: list[str]) -> 
 class ReadBatches(beam.DoFn):
     """Split -> Tables of up to ``batch`` normalised records (word and CLIP-token counts filled in);
     reader errors and undecodable captions to ``rejects``, as ``ReadRecords`` + ``NormaliseCaption``.
-    A ``.txt`` split is read straight into columns (``txt_tables``)."""
+    A ``.txt`` split is read straight into columns (``txt_tables``). ``allocator``: the worker's
+    ``diffusion_distill.allocator`` state, set once per worker."""
 
-    def __init__(self, batch: int):
-        self.batch = batch
+    def __init__(self, batch: int, allocator: str = "default"):
+        self.batch, self.allocator = batch, allocator
 
     def setup(self):
+        set_allocator(self.allocator)
         captions.clip_token_count("warm up")  # loads the BPE vocabulary once per worker
 
     def process(self, split):

@@ -38,6 +38,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import RunInference
 
+from diffusion_distill.allocator import ALLOCATORS, set_allocator
 from diffusion_distill.errors import UserError
 from diffusion_distill.options import add_arguments, build_parser, from_mapping, option
 from filters import config as config_lib
@@ -71,10 +72,15 @@ class CurateJobConfig:
     config: str | None = option(None, help="JSON file: an object of CurateConfig field overrides")
     record_batch: int = option(4096, help="records per Arrow batch in the caption stages (read, rules, exact dedup, "
                                           "manifest); 0 = one record per element (the per-record reference path)")
+    allocator: str = option("steady", help="allocator state of the launcher and the workers: steady (glibc keeps the "
+                                           "memory it frees, so the tables' copies between stages pay no page faults; "
+                                           "the process keeps its peak heap) | default (diffusion_distill/allocator.py)")
 
     def __post_init__(self):
         if self.record_batch < 0:
             raise UserError(f"--record_batch must be >= 0 (0 = per record), got {self.record_batch}")
+        if self.allocator not in ALLOCATORS:
+            raise UserError(f"--allocator {self.allocator!r} is not one of {', '.join(ALLOCATORS)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +93,7 @@ class CurateOptions:
     config: CurateConfig  # resolved thresholds
     splits: tuple[Split, ...]  # reading work units, planned (and checked) before the pipeline starts
     record_batch: int = 4096  # rows per Arrow batch in the caption stages; 0 = per-record stages
+    allocator: str = "steady"  # diffusion_distill.allocator state of the launcher and of the workers
 
 
 def _read_overrides(path: str) -> dict:
@@ -121,7 +128,8 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
         check_models(cfg)
         splits = plan_inputs(list(job.input), job.input_format)
     opts = CurateOptions(inputs=job.input, input_format=job.input_format, output=job.output,
-                         config=cfg, splits=tuple(splits), record_batch=job.record_batch)
+                         config=cfg, splits=tuple(splits), record_batch=job.record_batch,
+                         allocator=job.allocator)
     return opts, beam_args
 
 
@@ -200,7 +208,7 @@ class Curate(beam.PTransform):
     def _caption_stages(self, splits):
         """Read, normalise, rules, exact dedup, one record per element -> (records, rejects)."""
         cfg = self.opts.config
-        records = splits | "ReadInputs" >> beam.ParDo(ReadRecords())
+        records = splits | "ReadInputs" >> beam.ParDo(ReadRecords(self.opts.allocator))
         normalised = records | "NormaliseCaptions" >> beam.ParDo(NormaliseCaption()).with_outputs("rejects", main="records")
         records = normalised.records | "ApplyRules" >> beam.ParDo(ApplyRules(cfg))
         if cfg.exact_dedup:
@@ -210,7 +218,7 @@ class Curate(beam.PTransform):
     def _caption_stages_batched(self, splits):
         """The same on Arrow tables -> (tables, rejects)."""
         cfg = self.opts.config
-        read = splits | "ReadBatches" >> beam.ParDo(ReadBatches(self.opts.record_batch)).with_outputs(
+        read = splits | "ReadBatches" >> beam.ParDo(ReadBatches(self.opts.record_batch, self.opts.allocator)).with_outputs(
             "rejects", main="tables")
         tables = read.tables | "ApplyRuleColumns" >> beam.Map(apply_rules, cfg)
         if cfg.exact_dedup:
@@ -289,6 +297,7 @@ def _input_counter(result) -> int | None:
 def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     """Parse, check, run, print the summary; returns ``summary.json``'s content."""
     opts, beam_args = parse_options(argv)
+    allocator = set_allocator(opts.allocator)  # the launcher: DirectRunner's runner copies the elements here
     _clear_stale_embeddings(opts.output)
     remove_temporaries(opts.output)  # what killed writers left (issue 19): no worker runs yet
     pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
@@ -302,7 +311,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
         for reason, n in sorted(by.items()):
             print(f"  {fate:<9} {reason:<28} {n}")
     print(f"curate: manifest {FileSystems.join(opts.output, 'manifest.parquet')}, "
-          f"report {FileSystems.join(opts.output, 'report.html')}")
+          f"report {FileSystems.join(opts.output, 'report.html')}; allocator {allocator}")
     if read is not None and read != summary["input"]:
         raise RuntimeError(f"records read ({read}) != kept + filtered + duplicate + rejected ({summary['input']})")
     return summary
