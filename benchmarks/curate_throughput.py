@@ -2,6 +2,7 @@
 
     python benchmarks/curate_throughput.py [--n 20000] [--preset default|tiny] [--paths batched,per_record]
         [--fixed_n 1000] [--direct_running_mode multi_processing] [--allocator steady|default]
+        [--vocabulary 400000]
 
 Both sides do the same caption work on the same synthetic prompts (about 10% exact repeats):
 decode, NFKC/whitespace normalisation, word and CLIP-token counts, length/safety rules, exact
@@ -32,9 +33,24 @@ WORDS = ("a photo of the red blue green small large old new cat dog bicycle car 
          "beside wooden glass metal happy quiet busy").split()
 
 
-def synthetic_captions(n: int, seed: int = 0) -> list[str]:
+def synthetic_captions(n: int, seed: int = 0, vocabulary: int = 0) -> list[str]:
+    """``n`` captions of 3 to 14 words, every tenth a repeat of an earlier one. ``vocabulary`` 0: the
+    ``WORDS`` list (about 50 common words); N > 0: N random lower-case words drawn with Zipf's law
+    (exponent 1.1), a long tail like LAION's, where a per-word token cache hits far less often."""
     rng = random.Random(seed)
-    caps = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(n)]
+    if vocabulary:
+        import numpy as np
+
+        gen = np.random.default_rng(seed)
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        vocab = ["".join(gen.choice(letters, gen.integers(2, 12))) for _ in range(vocabulary)]
+        p = 1.0 / np.arange(1, vocabulary + 1) ** 1.1
+        lens = gen.integers(3, 15, n)
+        ids = gen.choice(vocabulary, int(lens.sum()), p=p / p.sum()).tolist()
+        ends = np.cumsum(lens).tolist()
+        caps = [" ".join(vocab[i] for i in ids[e - k:e]) for e, k in zip(ends, lens.tolist())]
+    else:
+        caps = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(n)]
     for i in range(0, n, 10):  # every tenth caption repeats an earlier one
         caps[i] = caps[rng.randrange(max(1, i))] if i else caps[i]
     return caps
@@ -48,6 +64,7 @@ def bare_loop(captions: list[str], preset: str) -> float:
     from filters.config import preset as get_preset
 
     cfg = get_preset(preset)
+    rules.reset_token_caches()  # every timed side starts from a fresh worker's caches
     rules.clip_token_count("warm up")
     clip = None
     if cfg.clip_model:
@@ -92,6 +109,7 @@ def bare_batched(captions: list[str], preset: str, batch: int = 4096) -> float:
     from pipelines.curate.sources import plan_inputs
 
     cfg = get_preset(preset)
+    rules.reset_token_caches()  # every timed side starts from a fresh worker's caches
     rules.clip_token_count("warm up")
     with tempfile.TemporaryDirectory(prefix="dd-curate-bench-") as tmp:
         path = os.path.join(tmp, "prompts.txt")
@@ -111,8 +129,10 @@ def bare_batched(captions: list[str], preset: str, batch: int = 4096) -> float:
 
 def job(captions: list[str], preset: str, beam_flags: list[str]) -> float:
     """The curate job over the same captions written as a .txt; returns seconds of ``run``."""
+    from filters.captions import reset_token_caches
     from pipelines import curate
 
+    reset_token_caches()  # a fresh worker's: the job builds the tokenizer in its ReadBatches.setup
     with tempfile.TemporaryDirectory(prefix="dd-curate-bench-") as tmp:
         path = os.path.join(tmp, "prompts.txt")
         with open(path, "w", encoding="utf-8") as f:
@@ -129,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direct_running_mode", default="in_memory", help="in_memory | multi_processing")
     parser.add_argument("--paths", default="batched,per_record",
                         help="job paths to time: batched (--record_batch 4096, the default) and/or per_record (0)")
+    parser.add_argument("--vocabulary", type=int, default=0,
+                        help="0: captions from about 50 common words; N: from N random words, Zipf-distributed")
     parser.add_argument("--allocator", default="steady",
                         help="allocator state (diffusion_distill/allocator.py) set before anything is timed, so the "
                              "loops and the jobs run in the same one; the jobs get --allocator with it")
@@ -139,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion_distill.allocator import set_allocator
 
     allocator = set_allocator(args.allocator)
-    captions = synthetic_captions(args.n)
+    captions = synthetic_captions(args.n, vocabulary=args.vocabulary)
     flags = [f"--direct_running_mode={args.direct_running_mode}", "--allocator", args.allocator]
     if args.direct_running_mode == "multi_processing":
         flags.append(f"--direct_num_workers={os.cpu_count() or 1}")
@@ -162,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
     # The loop again after the jobs, so that a change in the machine's load shows: the ratios use the mean.
     t_after = bare_loop(captions, args.preset)
-    print(f"captions {args.n}, preset {args.preset}, DirectRunner {args.direct_running_mode}, allocator {allocator}")
+    print(f"captions {args.n} (vocabulary {args.vocabulary or len(WORDS)}), preset {args.preset}, DirectRunner {args.direct_running_mode}, allocator {allocator}")
     print(f"bare filter loop      : {args.n / t_loop:10.0f} captions/s ({t_loop:.2f} s before the jobs, "
           f"{t_after:.2f} s after; ratios below use the first, mean ratio x {(t_loop + t_after) / 2 / t_loop:.3f})")
     if t_batched is not None:

@@ -85,6 +85,13 @@ def _word_token_count(word: str) -> int:
     return n
 
 
+def reset_token_caches() -> None:
+    """Forget the tokenizer (with open_clip's per-word BPE cache) and ``clip_token_counts``' word
+    counts: what a fresh worker starts from (benchmarks start every timed side from it)."""
+    _clip_bpe.cache_clear()
+    _word_tokens.clear()
+
+
 def clip_token_counts(caption):
     """``clip_token_count`` of every normalised caption in a pyarrow string Array -> int32 Array.
 
