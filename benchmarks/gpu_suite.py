@@ -10,11 +10,14 @@ It prints, each measured in this invocation:
    of both (FLOPs of one UNet call counted by ``torch.utils.flop_counter`` times the calls made,
    over the wall time and the stated peak);
 2. the same sampler with SDPA attention, ``channels_last`` and ``torch.compile`` switched on one at
-   a time (SDPA is diffusers' default; "off" means the classic attention processor);
+   a time (SDPA is diffusers' default; "off" means the classic attention processor). The compile
+   variant runs last, after everything else has printed: its warm-up compiles the UNet (minutes
+   on a first run), and a budget overrun then costs only that row;
 3. the trainer's step kernel for the ``mobilediffusion`` and ``snapgen`` students under bf16
    autocast: forward, output-distillation loss, backward and AdamW step on a synthetic batch at the
    students' native latent size, in samples/s (the data path is measured by
-   ``benchmarks/train_overhead.py``);
+   ``benchmarks/train_overhead.py``); snapgen's 128-px latent takes batch 8 (32 would hold about
+   125 GiB of activations), and a batch that runs out of memory is halved and retried;
 4. each student's and decoder's latency against its teacher's (``students.profile``'s models).
 
 Defaults are the GPU settings (``sd15-random`` at 512 px, 50 steps, CFG 7.5, bf16, batch 4). Peak
@@ -22,12 +25,17 @@ FLOP/s defaults to the H100 SXM's dense bf16 989 TFLOP/s (the H200 has the same 
 ``--peak_tflops`` for another device. ``--cpu_smoke`` runs every path on the ``tiny`` teacher and
 the ``tiny`` student in float32 on the CPU, so the suite cannot rot while no GPU is at hand (the
 default test suite runs it); its figures mean nothing.
+
+On a GPU a section that fails is recorded (``errors``) and the suite goes on to the next; the JSON
+(``--output``) is rewritten after every section, and the exit status is 1 if any section failed.
+With ``--cpu_smoke`` the first failure is raised, so the test suite sees it. cuDNN's autotuner is on
+(``torch.backends.cudnn.benchmark``) for every variant, so ``channels_last`` is compared with the
+convolution algorithms cuDNN picks for each layout.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -93,7 +101,9 @@ def dump_vs_pipeline(args, variant: str = "default") -> dict:
     elif variant == "channels_last":
         pipe.unet.to(memory_format=torch.channels_last)
     elif variant == "compile":
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if args.device != "cpu" else "default")
+        # mode "default": max-autotune would tune every matmul and conv shape of the UNet (many
+        # minutes); both calls below run under inference_mode, so one grad mode is compiled
+        pipe.unet = torch.compile(pipe.unet, mode="default")
     side = args.resolution or teacher.default_resolution
     prompts = (PROMPTS * args.batch)[: args.batch]
     cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, height=side, width=side,
@@ -101,13 +111,14 @@ def dump_vs_pipeline(args, variant: str = "default") -> dict:
     requests = [SampleRequest(key=f"k{i}", prompt=p, seed=i) for i, p in enumerate(prompts)]
 
     def run_sampler():
-        with torch.no_grad():
+        with torch.inference_mode():
             sample_trajectories(teacher, requests, cfg)
 
-    def run_pipeline():
-        gens = [torch.Generator(args.device).manual_seed(i) for i in range(len(prompts))]
-        pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, height=side, width=side,
-             generator=gens, output_type="latent")
+    def run_pipeline():  # CPU generators, one per sample, as the sampler draws its noise
+        gens = [torch.Generator("cpu").manual_seed(i) for i in range(len(prompts))]
+        with torch.inference_mode():
+            pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, height=side, width=side,
+                 generator=gens, output_type="latent")
 
     t_sampler = _timed(run_sampler, args.device, args.repeats)
     t_pipe = _timed(run_pipeline, args.device, args.repeats)
@@ -122,7 +133,23 @@ def dump_vs_pipeline(args, variant: str = "default") -> dict:
 
 
 def trainer_step(args, preset: str) -> dict:
-    """Samples/s of the trainer's step kernel (student forward, output KD, backward, AdamW) under autocast."""
+    """Samples/s of the trainer's step kernel (student forward, output KD, backward, AdamW) under
+    autocast, at the preset's batch (``args.train_batches``), halved while it runs out of memory."""
+    import torch
+
+    batch = args.train_batches.get(preset, args.train_batch)
+    while True:
+        try:
+            return _trainer_step(args, preset, batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            print(f"trainer step [{preset}]: batch {batch} ran out of memory; trying {batch // 2}", flush=True)
+            batch //= 2
+            torch.cuda.empty_cache()
+
+
+def _trainer_step(args, preset: str, batch: int) -> dict:
     import torch
 
     from students import distill
@@ -133,15 +160,15 @@ def trainer_step(args, preset: str) -> dict:
     cfg = student.config
     latent = args.train_latent or cfg.sample_size
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(args.train_batch, cfg.in_channels, latent, latent, generator=g).to(args.device)
-    ctx = torch.randn(args.train_batch, 77, cfg.cross_attention_dim, generator=g).to(args.device)
+    z = torch.randn(batch, cfg.in_channels, latent, latent, generator=g).to(args.device)
+    ctx = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(args.device)
     target = torch.randn_like(z)
-    t = torch.randint(0, 1000, (args.train_batch,), generator=g).to(args.device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(args.device)
     kwargs = {}
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(args.train_batch, pooled).to(args.device),
-                                       "time_ids": torch.zeros(args.train_batch, 6).to(args.device)}
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled).to(args.device),
+                                       "time_ids": torch.zeros(batch, 6).to(args.device)}
     autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.train_dtype),
                               enabled=args.train_dtype != "float32")
 
@@ -154,7 +181,7 @@ def trainer_step(args, preset: str) -> dict:
         opt.step()
 
     seconds = _timed(step, args.device, args.repeats)
-    return {"preset": preset, "samples_per_s": args.train_batch / seconds, "batch": args.train_batch,
+    return {"preset": preset, "samples_per_s": batch / seconds, "batch": batch,
             "latent": latent, "dtype": args.train_dtype}
 
 
@@ -171,7 +198,7 @@ def latencies(args) -> list[dict]:
             model = profile.build_model(name, args.device, args.dtype)
             a, kw = profile.make_inputs(name, model, 1, pixels, args.device, args.dtype)
             with torch.no_grad():
-                times[name] = _timed(lambda: profile.forward(name, model, a, kw), args.device, args.repeats)
+                times[name] = _timed(lambda m=model: profile.forward(name, m, a, kw), args.device, args.repeats)
             del model
         rows.append({"student": student, "teacher": teacher, "pixels": pixels, "student_ms": times[student] * 1e3,
                      "teacher_ms": times[teacher] * 1e3, "student_over_teacher": times[student] / times[teacher]})
@@ -187,17 +214,35 @@ def settings(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         args.__dict__.update(teacher="tiny", device="cpu", dtype="float32", steps=2, guidance=7.5, batch=1,
-                             resolution=None, repeats=1, train_batch=2, train_latent=8, train_dtype="float32",
+                             resolution=None, repeats=1, train_batch=2, train_batches={}, train_latent=8, train_dtype="float32",
                              presets=("tiny",), variants=("default", "no_sdpa", "channels_last"),
                              latency_pairs=(("tiny", "tiny_teacher", 64),), peak_tflops=1.0)
     else:
         args.__dict__.update(teacher="sd15-random", device="cuda", dtype="bfloat16", steps=50, guidance=7.5, batch=4,
-                             resolution=512, repeats=3, train_batch=32, train_latent=None, train_dtype="bfloat16",
+                             resolution=512, repeats=3, train_batch=32, train_batches={"snapgen": 8}, train_latent=None,
+                             train_dtype="bfloat16",
                              presets=("mobilediffusion", "snapgen"),
                              variants=("default", "no_sdpa", "channels_last") + (() if args.skip_compile else ("compile",)),
                              latency_pairs=(("snapfusion", "sd15", 512), ("mobilediffusion", "sd15", 512),
                                             ("snapgen", "sdxl", 1024), ("vae_tiny", "sd_vae_decoder", 512)))
     return args
+
+
+def _print_dump(row: dict) -> None:
+    print(f"dump [{row['variant']}]: sampler {row['images_per_s_sampler']:.3f} img/s, pipeline "
+          f"{row['images_per_s_pipeline']:.3f} img/s, ratio {row['sampler_over_pipeline']:.2f}, "
+          f"MFU {row['mfu_sampler']:.1%} (pipeline {row['mfu_pipeline']:.1%})", flush=True)
+
+
+def _print_trainer(row: dict) -> None:
+    print(f"trainer step [{row['preset']}, {row['dtype']}, batch {row['batch']}]: {row['samples_per_s']:.1f} samples/s",
+          flush=True)
+
+
+def _print_latencies(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"latency {row['student']} vs {row['teacher']} @ {row['pixels']} px: {row['student_ms']:.1f} ms vs "
+              f"{row['teacher_ms']:.1f} ms ({row['student_over_teacher']:.2f}x)", flush=True)
 
 
 def main(argv=None) -> dict:
@@ -206,29 +251,36 @@ def main(argv=None) -> dict:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_suite: no CUDA device here; run with --cpu_smoke to check the code paths")
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device: {device_name}; peak {args.peak_tflops} TFLOP/s; teacher {args.teacher} {args.dtype}", flush=True)
-    results = {"device": device_name, "dump": [], "trainer": [], "latency": []}
-    for variant in args.variants:
-        row = dump_vs_pipeline(args, variant)
-        results["dump"].append(row)
-        print(f"dump [{variant}]: sampler {row['images_per_s_sampler']:.3f} img/s, pipeline "
-              f"{row['images_per_s_pipeline']:.3f} img/s, ratio {row['sampler_over_pipeline']:.2f}, "
-              f"MFU {row['mfu_sampler']:.1%} (pipeline {row['mfu_pipeline']:.1%})", flush=True)
-    for preset in args.presets:
-        row = trainer_step(args, preset)
-        results["trainer"].append(row)
-        print(f"trainer step [{preset}, {row['dtype']}]: {row['samples_per_s']:.1f} samples/s", flush=True)
-    for row in latencies(args):
-        results["latency"].append(row)
-        print(f"latency {row['student']} vs {row['teacher']} @ {row['pixels']} px: {row['student_ms']:.1f} ms vs "
-              f"{row['teacher_ms']:.1f} ms ({row['student_over_teacher']:.2f}x)", flush=True)
-    if args.output:
-        from teachers.fs import atomic_write_json
+    results = {"device": device_name, "dump": [], "trainer": [], "latency": [], "errors": []}
+    sections = [("dump", v, lambda v=v: dump_vs_pipeline(args, v), _print_dump) for v in args.variants if v != "compile"]
+    sections += [("trainer", p, lambda p=p: trainer_step(args, p), _print_trainer) for p in args.presets]
+    sections.append(("latency", "pairs", lambda: latencies(args), _print_latencies))
+    if "compile" in args.variants:  # last: its first warm-up compiles the UNet
+        sections.append(("dump", "compile", lambda: dump_vs_pipeline(args, "compile"), _print_dump))
+    for kind, name, run, show in sections:
+        try:
+            out = run()
+        except Exception as err:  # a GPU run records the failure and goes on; the smoke test must see it
+            if args.cpu_smoke:
+                raise
+            results["errors"].append({"section": kind, "name": name, "error": f"{type(err).__name__}: {err}"})
+            print(f"{kind} [{name}] failed: {type(err).__name__}: {err}", flush=True)
+        else:
+            results[kind] += out if isinstance(out, list) else [out]
+            show(out)
+        finally:
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        if args.output:  # after every section: a run cut short keeps what it measured
+            from teachers.fs import atomic_write_json
 
-        atomic_write_json(args.output, results)
+            atomic_write_json(args.output, results)
     return results
 
 
 if __name__ == "__main__":
-    json.dumps(main())
+    sys.exit(1 if main()["errors"] else 0)

@@ -21,4 +21,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
             __import__("pytest").approx(row["images_per_s_sampler"] / row["images_per_s_pipeline"], rel=1e-9)
     assert out["trainer"][0]["preset"] == "tiny" and out["trainer"][0]["samples_per_s"] > 0
     assert out["latency"][0]["student_ms"] > 0 and out["latency"][0]["teacher_ms"] > 0
-    assert (tmp_path / "gpu.json").exists()
+    assert out["errors"] == []
+    written = __import__("json").loads((tmp_path / "gpu.json").read_text())  # rewritten after every section
+    assert [r["variant"] for r in written["dump"]] == ["default", "no_sdpa", "channels_last"]
+    assert written["trainer"][0]["batch"] == 2 and len(written["latency"]) == 1
