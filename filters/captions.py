@@ -72,7 +72,7 @@ def clip_token_count(caption: str) -> int:
     return len(_clip_bpe().encode(caption))
 
 
-WORD_CACHE_SIZE = 1 << 20  # distinct words whose token counts ``clip_token_counts`` keeps (cleared when full)
+WORD_CACHE_SIZE = 1 << 18  # distinct words whose token counts ``clip_token_counts`` keeps (cleared when full)
 _word_tokens: dict[str, int] = {}
 
 
