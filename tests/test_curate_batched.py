@@ -5,6 +5,7 @@ acceptance inputs of ``test_curate_job`` are compared there, reusing its job).""
 import json
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -129,3 +130,38 @@ def test_txt_read_straight_into_columns_matches_the_per_record_path(tmp_path):
     a, b = run_both(args, tmp_path / "a", tmp_path / "b")
     assert_same(a, b)
     assert a[2]["rejected"] == 1 and a[2]["duplicate"] >= 7
+
+
+def test_report_stats_from_tables_equal_the_per_row_stats():
+    """``CurateStats.add_table`` (the batched path) gives the report the per-row ``add_input`` gives:
+    the same counts, score samples, cluster and group sizes and examples, on planted manifest rows
+    with several reasons, ties and scores, split into tables at an odd size."""
+    import random
+
+    from filters import reasons
+    from pipelines.curate.report import CurateStats
+    from pipelines.curate.schema import MANIFEST_SCHEMA
+
+    rng = random.Random(0)
+    fates = [(reasons.KEPT, None, None), ("filtered", "rules", reasons.TOO_FEW_WORDS),
+             ("duplicate", "exact_dedup", reasons.EXACT_DUPLICATE), ("duplicate", "semdedup", reasons.SEMANTIC_DUPLICATE)]
+    rows = []
+    for i in range(500):
+        fate, stage, reason = rng.choice(fates)
+        row = {f.name: None for f in MANIFEST_SCHEMA}
+        row.update(key=f"txt-k-{rng.randrange(10**6):06d}-{i}", caption=f"caption {i}", fate=fate, stage=stage,
+                   reason=reason, source="txt", has_image=False,
+                   laion_aesthetic=rng.choice([None, rng.uniform(3, 8)]),
+                   clip_score=rng.choice([None, float(np.float32(rng.uniform(0.1, 0.4)))]),  # a float32 column
+                   dedup_on=rng.choice([None, "text"]), n_duplicates=rng.choice([None, 0, 1, 3]) if fate == "kept" else None)
+        row["cluster_id"] = None if row["dedup_on"] is None else rng.randrange(7)
+        rows.append(row)
+    stats = CurateStats(n_examples=3)
+    per_row = stats.create_accumulator()
+    for row in rows:
+        per_row = stats.add_input(per_row, ("manifest", row))
+    tables = stats.create_accumulator()
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    for start in range(0, len(rows), 77):
+        tables = stats.add_input(tables, ("manifest_table", table.slice(start, 77)))
+    assert stats.extract_output(tables) == stats.extract_output(per_row)

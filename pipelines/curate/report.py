@@ -85,7 +85,8 @@ class CurateStats(beam.CombineFn):
             acc["counts"][(item["fate"], item["stage"], item["reason"])] += item["key_count"]
         keys = table.column("key").to_pylist()
         rank = np.fromiter((_rank(k or "") for k in keys), np.uint64, len(keys))
-        reason = pc.fill_null(table.column("reason"), reasons.KEPT).to_numpy(zero_copy_only=False)
+        reason = pc.fill_null(table.column("reason"), reasons.KEPT).combine_chunks().dictionary_encode()
+        codes, names = reason.indices.to_numpy(zero_copy_only=False), reason.dictionary.to_pylist()
         for name, values in (("aesthetic", pc.coalesce(table.column("aesthetic_score").cast("float64"),
                                                        table.column("laion_aesthetic"))),
                              ("clip", pc.coalesce(table.column("clip_score").cast("float64"),
@@ -101,8 +102,8 @@ class CurateStats(beam.CombineFn):
                                       pc.fill_null(pc.greater(table.column("n_duplicates"), 0), False)))
         for n in groups.column("n_duplicates").to_pylist():
             acc["groups"][n + 1] += 1
-        for value in np.unique(reason):
-            rows = np.flatnonzero(reason == value)
+        for code in sorted(range(len(names)), key=names.__getitem__):  # in reason order, as np.unique gave
+            value, rows = names[code], np.flatnonzero(codes == code)
             examples = acc["examples"].setdefault(value, [])
             if self.n_examples == 0:
                 continue
