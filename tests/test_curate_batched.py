@@ -165,3 +165,5 @@ def test_report_stats_from_tables_equal_the_per_row_stats():
     for start in range(0, len(rows), 77):
         tables = stats.add_input(tables, ("manifest_table", table.slice(start, 77)))
     assert stats.extract_output(tables) == stats.extract_output(per_row)
+    whole = stats.add_input(stats.create_accumulator(), ("manifest_table", table))
+    assert stats.extract_output(whole) == stats.extract_output(per_row)
