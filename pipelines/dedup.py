@@ -12,9 +12,11 @@ Two entry points, one algorithm:
   no step handles a single record. Each shard becomes one ``EmbeddingRows`` block of the rows of
   its active records, and each block's ``Fates`` join its shard's records (one element per shard).
 - ``SemanticDedup``: records in, the same records annotated out (what the curate job uses).
-  Records become rows of primitives (key, vector as bytes, score), are grouped into buckets of about
-  ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
-  back to the records by a join on the key, the records shipped with their arrays as bytes.
+  Each record goes, as primitives (its row: key, vector as bytes, score; and the record packed,
+  its arrays as bytes), to a bucket of about ``ASSIGN_BATCH`` records: the one shuffle of single
+  records. A bucket's rows become one ``Rows`` block, deduplicated as above, and its records one
+  bytes value that meets the block's ``Fates`` by bucket (one join element per bucket, as
+  ``SemanticDedupShards`` joins per shard).
 
     Rows --SampleCandidates/SampleForKMeans/TrainKMeans--> centroids (side input)
       --AssignBlocks: one faiss search per ``batch`` rows, nearest centroid and, within ``margin``,
@@ -303,15 +305,28 @@ def _row_of(record: dict, field: str, seed: int, wire_dtype: str) -> tuple[int, 
             math.nan if score is None else float(score))
 
 
-def _bucket_row(row: tuple, n_total: int, batch: int):
-    return row[0] % max(1, math.ceil(n_total / batch)), row[1:]
+def _bucket_record(record: dict, n_total: int, batch: int, field: str, seed: int, wire_dtype: str,
+                   keep_vectors: bool) -> tuple[int, tuple]:
+    """A record -> (bucket, (its row: key, wire-dtype vector bytes, score; the record packed, without
+    its embeddings unless ``keep_vectors``)): primitives only. Buckets = ceil(n_total / batch), by a
+    hash of the key, so they are even and the same on every run."""
+    rank, *row = _row_of(record, field, seed, wire_dtype)
+    return rank % max(1, math.ceil(n_total / batch)), (tuple(row), pack_record(record if keep_vectors else
+                                                                               without_vectors(record)))
 
 
 def _pack_bucket(keyed, wire_dtype: str) -> Rows:
-    bucket, rows = keyed
-    rows = list(rows)
+    """(bucket, [(row, packed record)]) -> the bucket's ``Rows`` block (block id = bucket)."""
+    bucket, items = keyed
+    rows = [row for row, _ in items]
     vectors = np.frombuffer(b"".join(r[1] for r in rows), wire_dtype).reshape(len(rows), -1)
     return Rows(int(bucket), tuple(r[0] for r in rows), vectors, np.fromiter((r[2] for r in rows), np.float64, len(rows)))
+
+
+def _bucket_records(keyed) -> tuple:
+    """(bucket, [(row, packed record)]) -> (bucket, ("records", the records as one bytes value))."""
+    bucket, items = keyed
+    return bucket, ("records", _encode_packed([packed for _, packed in items]))
 
 
 def pack_record(record: dict) -> tuple[dict, tuple]:
@@ -334,10 +349,6 @@ def unpack_record(packed: tuple) -> dict:
     return record
 
 
-def _keyed_record(record: dict):
-    return record["key"], ("record", pack_record(record))
-
-
 def without_vectors(record: dict) -> dict:
     """The record without its embeddings, ``has_image`` saying whether it had an image embedding (what
     the manifest keeps of them): what a job that has already written the embeddings ships onwards."""
@@ -348,19 +359,9 @@ def without_vectors(record: dict) -> dict:
     return out
 
 
-def _keyed_light_record(record: dict):
-    return _keyed_record(without_vectors(record))
-
-
 def fate_at(fates, m: int) -> tuple:
     """Row ``m`` of a ``Fates`` block as ("fate", cluster, duplicate_of, similarity, n_duplicates)."""
     return "fate", int(fates.cluster[m]), fates.duplicate_of[m], float(fates.similarity[m]), int(fates.n_duplicates[m])
-
-
-def _fates_by_key(keyed):
-    _, fates = keyed
-    for m, key in enumerate(fates.keys):
-        yield key, fate_at(fates, m)
 
 
 def annotate_record(record: dict, fate: tuple | None, modality: str) -> dict:
@@ -374,16 +375,6 @@ def annotate_record(record: dict, fate: tuple | None, modality: str) -> dict:
         return record
     Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
     return dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE, duplicate_of=fate[2], duplicate_similarity=fate[3])
-
-
-def annotate(keyed, modality: str):
-    """(key, [("record", packed), ("fate", cluster, duplicate_of, similarity, n_duplicates)]) -> the
-    records, annotated as the manifest needs."""
-    _, items = keyed
-    fate = next((item for item in items if item[0] == "fate"), None)
-    for item in items:
-        if item[0] == "record":
-            yield annotate_record(unpack_record(item[1]), fate, modality)
 
 
 class SemanticDedup(beam.PTransform):
@@ -409,19 +400,23 @@ class SemanticDedup(beam.PTransform):
     def expand(self, records):
         cfg = self.cfg
         count = records | "CountRecords" >> beam.combiners.Count.Globally()
-        fates = (records
-                 | "RowsOfRecords" >> beam.Map(_row_of, self.field, cfg.kmeans_seed, self.wire_dtype)
-                 | "BucketRows" >> beam.Map(_bucket_row, beam.pvalue.AsSingleton(count), self.batch)
-                 | "GroupIntoBuckets" >> beam.GroupByKey()
+        # One shuffle of single records: each goes to its bucket as primitives (its row for the
+        # block, and the record itself, packed). Past it every element is a bucket: its Rows block
+        # is deduplicated, and its records, one bytes value, meet the block's Fates by bucket.
+        buckets = (records
+                   | "BucketRecords" >> beam.Map(_bucket_record, beam.pvalue.AsSingleton(count), self.batch, self.field,
+                                                 cfg.kmeans_seed, self.wire_dtype, self.keep_vectors)
+                   | "GroupIntoBuckets" >> beam.GroupByKey())
+        fates = (buckets
                  | "PackBuckets" >> beam.Map(_pack_bucket, self.wire_dtype)
                  | "DedupBlocks" >> SemanticDedupBlocks(self.modality, cfg, margin=self.margin, batch=self.batch,
                                                         sidecars=self.sidecars, spread_factor=self.spread_factor))
-        keyed = records | "KeyRecords" >> beam.Map(_keyed_record if self.keep_vectors else _keyed_light_record)
-        by_key = fates | "FatesByKey" >> beam.FlatMap(_fates_by_key)
-        return ((keyed, by_key)
+        return (((buckets | "PackBucketRecords" >> beam.Map(_bucket_records)),
+                 (fates | "TagFates" >> beam.Map(_tag, "fates")))
                 | "GatherRecordsAndFates" >> beam.Flatten()
-                | "JoinByKey" >> beam.GroupByKey()
-                | "AnnotateRecords" >> beam.FlatMap(annotate, self.modality))
+                | "JoinByBucket" >> beam.GroupByKey()
+                | "AnnotateBuckets" >> beam.Map(annotate_shard, self.modality)
+                | "Records" >> beam.FlatMap(_records_of))
 
 
 # ---- shards of records in (embeddings in ``.emb.npy`` sidecars), shards out: only keys, scores and fates travel ----
@@ -456,11 +451,15 @@ def pack_records(keyed) -> tuple:
     one process (DirectRunner: the join waits for SemDeDup) then holds one bytes object per shard,
     not a dict per record. ``unpack_records`` gives back equal records, fields in the same order."""
     shard, records = keyed
+    return shard, ("records", _encode_packed([pack_record(record) for record in records]))
+
+
+def _encode_packed(packed: list) -> bytes:
+    """``pack_record`` outputs -> one bytes value (``pack_records``' encoding)."""
     names, rows = {}, []
-    for record in records:
-        fields, arrays = pack_record(record)
+    for fields, arrays in packed:
         rows.append((names.setdefault(tuple(fields), len(names)), tuple(fields.values()), arrays))
-    return shard, ("records", _RECORDS_CODER.encode((tuple(names), rows)))
+    return _RECORDS_CODER.encode((tuple(names), rows))
 
 
 def unpack_records(data: bytes) -> list[dict]:
@@ -486,6 +485,10 @@ def annotate_shard(keyed, modality: str) -> tuple:
     if fates is not None and len(row) != sum(is_active(r) for r in records):
         raise RuntimeError(f"shard {shard}: {len(row)} fates for {sum(is_active(r) for r in records)} active records")
     return shard, out
+
+
+def _records_of(keyed) -> list[dict]:
+    return keyed[1]
 
 
 class SemanticDedupShards(beam.PTransform):
