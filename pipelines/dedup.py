@@ -12,11 +12,10 @@ Two entry points, one algorithm:
   no step handles a single record. Each shard becomes one ``EmbeddingRows`` block of the rows of
   its active records, and each block's ``Fates`` join its shard's records (one element per shard).
 - ``SemanticDedup``: records in, the same records annotated out (what the curate job uses).
-  Each record goes, as primitives (its row: key, vector as bytes, score; and the record packed,
-  its arrays as bytes), to a bucket of about ``ASSIGN_BATCH`` records: the one shuffle of single
-  records. A bucket's rows become one ``Rows`` block, deduplicated as above, and its records one
-  bytes value that meets the block's ``Fates`` by bucket (one join element per bucket, as
-  ``SemanticDedupShards`` joins per shard).
+  Records become rows of primitives (key, vector as bytes, score), are grouped into buckets of about
+  ``ASSIGN_BATCH`` rows by a hash of the key, packed into ``Rows`` and deduplicated as above; each
+  record, shipped with its arrays as bytes, goes to its bucket again and meets the bucket's
+  ``Fates`` there (one fates element per bucket, not one per key).
 
     Rows --SampleCandidates/SampleForKMeans/TrainKMeans--> centroids (side input)
       --AssignBlocks: one faiss search per ``batch`` rows, nearest centroid and, within ``margin``,
@@ -305,28 +304,27 @@ def _row_of(record: dict, field: str, seed: int, wire_dtype: str) -> tuple[int, 
             math.nan if score is None else float(score))
 
 
-def _bucket_record(record: dict, n_total: int, batch: int, field: str, seed: int, wire_dtype: str,
-                   keep_vectors: bool) -> tuple[int, tuple]:
-    """A record -> (bucket, (its row: key, wire-dtype vector bytes, score; the record packed, without
-    its embeddings unless ``keep_vectors``)): primitives only. Buckets = ceil(n_total / batch), by a
-    hash of the key, so they are even and the same on every run."""
-    rank, *row = _row_of(record, field, seed, wire_dtype)
-    return rank % max(1, math.ceil(n_total / batch)), (tuple(row), pack_record(record if keep_vectors else
-                                                                               without_vectors(record)))
+def _bucket(rank: int, n_total: int, batch: int) -> int:
+    """Buckets = ceil(n_total / batch), by a hash of the key: even, and the same on every run."""
+    return rank % max(1, math.ceil(n_total / batch))
+
+
+def _bucket_row(row: tuple, n_total: int, batch: int):
+    return _bucket(row[0], n_total, batch), row[1:]
 
 
 def _pack_bucket(keyed, wire_dtype: str) -> Rows:
-    """(bucket, [(row, packed record)]) -> the bucket's ``Rows`` block (block id = bucket)."""
-    bucket, items = keyed
-    rows = [row for row, _ in items]
+    """(bucket, rows) -> the bucket's ``Rows`` block (block id = bucket)."""
+    bucket, rows = keyed
+    rows = list(rows)
     vectors = np.frombuffer(b"".join(r[1] for r in rows), wire_dtype).reshape(len(rows), -1)
     return Rows(int(bucket), tuple(r[0] for r in rows), vectors, np.fromiter((r[2] for r in rows), np.float64, len(rows)))
 
 
-def _bucket_records(keyed) -> tuple:
-    """(bucket, [(row, packed record)]) -> (bucket, ("records", the records as one bytes value))."""
-    bucket, items = keyed
-    return bucket, ("records", _encode_packed([packed for _, packed in items]))
+def _bucket_record(record: dict, n_total: int, batch: int, seed: int, keep_vectors: bool) -> tuple[int, tuple]:
+    """A record -> (its bucket, ("record", packed)), without its embeddings unless ``keep_vectors``."""
+    packed = pack_record(record if keep_vectors else without_vectors(record))
+    return _bucket(sample_rank(seed, record["key"]) >> 2, n_total, batch), ("record", packed)
 
 
 def pack_record(record: dict) -> tuple[dict, tuple]:
@@ -400,23 +398,20 @@ class SemanticDedup(beam.PTransform):
     def expand(self, records):
         cfg = self.cfg
         count = records | "CountRecords" >> beam.combiners.Count.Globally()
-        # One shuffle of single records: each goes to its bucket as primitives (its row for the
-        # block, and the record itself, packed). Past it every element is a bucket: its Rows block
-        # is deduplicated, and its records, one bytes value, meet the block's Fates by bucket.
-        buckets = (records
-                   | "BucketRecords" >> beam.Map(_bucket_record, beam.pvalue.AsSingleton(count), self.batch, self.field,
-                                                 cfg.kmeans_seed, self.wire_dtype, self.keep_vectors)
-                   | "GroupIntoBuckets" >> beam.GroupByKey())
-        fates = (buckets
+        fates = (records
+                 | "RowsOfRecords" >> beam.Map(_row_of, self.field, cfg.kmeans_seed, self.wire_dtype)
+                 | "BucketRows" >> beam.Map(_bucket_row, beam.pvalue.AsSingleton(count), self.batch)
+                 | "GroupIntoBuckets" >> beam.GroupByKey()
                  | "PackBuckets" >> beam.Map(_pack_bucket, self.wire_dtype)
                  | "DedupBlocks" >> SemanticDedupBlocks(self.modality, cfg, margin=self.margin, batch=self.batch,
                                                         sidecars=self.sidecars, spread_factor=self.spread_factor))
-        return (((buckets | "PackBucketRecords" >> beam.Map(_bucket_records)),
-                 (fates | "TagFates" >> beam.Map(_tag, "fates")))
+        # The records meet their bucket's Fates, one block per bucket (not one fate per key)
+        keyed = records | "BucketRecords" >> beam.Map(_bucket_record, beam.pvalue.AsSingleton(count), self.batch,
+                                                     cfg.kmeans_seed, self.keep_vectors)
+        return ((keyed, fates | "TagFates" >> beam.Map(_tag, "fates"))
                 | "GatherRecordsAndFates" >> beam.Flatten()
                 | "JoinByBucket" >> beam.GroupByKey()
-                | "AnnotateBuckets" >> beam.Map(annotate_shard, self.modality)
-                | "Records" >> beam.FlatMap(_records_of))
+                | "AnnotateBuckets" >> beam.FlatMap(annotate_bucket, self.modality))
 
 
 # ---- shards of records in (embeddings in ``.emb.npy`` sidecars), shards out: only keys, scores and fates travel ----
@@ -451,15 +446,11 @@ def pack_records(keyed) -> tuple:
     one process (DirectRunner: the join waits for SemDeDup) then holds one bytes object per shard,
     not a dict per record. ``unpack_records`` gives back equal records, fields in the same order."""
     shard, records = keyed
-    return shard, ("records", _encode_packed([pack_record(record) for record in records]))
-
-
-def _encode_packed(packed: list) -> bytes:
-    """``pack_record`` outputs -> one bytes value (``pack_records``' encoding)."""
     names, rows = {}, []
-    for fields, arrays in packed:
+    for record in records:
+        fields, arrays = pack_record(record)
         rows.append((names.setdefault(tuple(fields), len(names)), tuple(fields.values()), arrays))
-    return _RECORDS_CODER.encode((tuple(names), rows))
+    return shard, ("records", _RECORDS_CODER.encode((tuple(names), rows)))
 
 
 def unpack_records(data: bytes) -> list[dict]:
@@ -473,6 +464,23 @@ def annotate_shard(keyed, modality: str) -> tuple:
     shard, items = keyed
     records = unpack_records(next(v for kind, v in items if kind == "records"))
     fates = next((v for kind, v in items if kind == "fates"), None)
+    return shard, _annotate(shard, records, fates, modality)
+
+
+def annotate_bucket(keyed, modality: str) -> list[dict]:
+    """(bucket, [("record", packed), ..., ("fates", Fates of the bucket)]) -> its records annotated."""
+    bucket, items = keyed
+    records, fates = [], None
+    for kind, value in items:
+        if kind == "record":
+            records.append(unpack_record(value))
+        else:
+            fates = value
+    return _annotate(bucket, records, fates, modality)
+
+
+def _annotate(shard, records: list[dict], fates, modality: str) -> list[dict]:
+    """Records and the ``Fates`` of their active ones -> the records, active ones annotated."""
     row = {} if fates is None else {k: m for m, k in enumerate(fates.keys)}
     out = []
     for record in records:
@@ -484,11 +492,7 @@ def annotate_shard(keyed, modality: str) -> tuple:
         out.append(annotate_record(record, fate, modality))
     if fates is not None and len(row) != sum(is_active(r) for r in records):
         raise RuntimeError(f"shard {shard}: {len(row)} fates for {sum(is_active(r) for r in records)} active records")
-    return shard, out
-
-
-def _records_of(keyed) -> list[dict]:
-    return keyed[1]
+    return out
 
 
 class SemanticDedupShards(beam.PTransform):
