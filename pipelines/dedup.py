@@ -13,9 +13,8 @@ Two entry points, one algorithm:
   its active records, and each block's ``Fates`` join its shard's records (one element per shard).
 - ``SemanticDedup``: records in, the same records annotated out (what the curate job uses).
   Records become rows of primitives (key, vector as bytes, score), are grouped into buckets of about
-  ``ASSIGN_BATCH`` rows by a hash of the key, packed into ``Rows`` and deduplicated as above; each
-  record, shipped with its arrays as bytes, goes to its bucket again and meets the bucket's
-  ``Fates`` there (one fates element per bucket, not one per key).
+  ``ASSIGN_BATCH`` rows, packed into ``Rows`` and deduplicated as above; the fates come
+  back to the records by a join on the key, the records shipped with their arrays as bytes.
 
     Rows --SampleCandidates/SampleForKMeans/TrainKMeans--> centroids (side input)
       --AssignBlocks: one faiss search per ``batch`` rows, nearest centroid and, within ``margin``,
@@ -304,27 +303,15 @@ def _row_of(record: dict, field: str, seed: int, wire_dtype: str) -> tuple[int, 
             math.nan if score is None else float(score))
 
 
-def _bucket(rank: int, n_total: int, batch: int) -> int:
-    """Buckets = ceil(n_total / batch), by a hash of the key: even, and the same on every run."""
-    return rank % max(1, math.ceil(n_total / batch))
-
-
 def _bucket_row(row: tuple, n_total: int, batch: int):
-    return _bucket(row[0], n_total, batch), row[1:]
+    return row[0] % max(1, math.ceil(n_total / batch)), row[1:]
 
 
 def _pack_bucket(keyed, wire_dtype: str) -> Rows:
-    """(bucket, rows) -> the bucket's ``Rows`` block (block id = bucket)."""
     bucket, rows = keyed
     rows = list(rows)
     vectors = np.frombuffer(b"".join(r[1] for r in rows), wire_dtype).reshape(len(rows), -1)
     return Rows(int(bucket), tuple(r[0] for r in rows), vectors, np.fromiter((r[2] for r in rows), np.float64, len(rows)))
-
-
-def _bucket_record(record: dict, n_total: int, batch: int, seed: int, keep_vectors: bool) -> tuple[int, tuple]:
-    """A record -> (its bucket, ("record", packed)), without its embeddings unless ``keep_vectors``."""
-    packed = pack_record(record if keep_vectors else without_vectors(record))
-    return _bucket(sample_rank(seed, record["key"]) >> 2, n_total, batch), ("record", packed)
 
 
 def pack_record(record: dict) -> tuple[dict, tuple]:
@@ -347,6 +334,10 @@ def unpack_record(packed: tuple) -> dict:
     return record
 
 
+def _keyed_record(record: dict):
+    return record["key"], ("record", pack_record(record))
+
+
 def without_vectors(record: dict) -> dict:
     """The record without its embeddings, ``has_image`` saying whether it had an image embedding (what
     the manifest keeps of them): what a job that has already written the embeddings ships onwards."""
@@ -357,9 +348,19 @@ def without_vectors(record: dict) -> dict:
     return out
 
 
+def _keyed_light_record(record: dict):
+    return _keyed_record(without_vectors(record))
+
+
 def fate_at(fates, m: int) -> tuple:
     """Row ``m`` of a ``Fates`` block as ("fate", cluster, duplicate_of, similarity, n_duplicates)."""
     return "fate", int(fates.cluster[m]), fates.duplicate_of[m], float(fates.similarity[m]), int(fates.n_duplicates[m])
+
+
+def _fates_by_key(keyed):
+    _, fates = keyed
+    for m, key in enumerate(fates.keys):
+        yield key, fate_at(fates, m)
 
 
 def annotate_record(record: dict, fate: tuple | None, modality: str) -> dict:
@@ -373,6 +374,16 @@ def annotate_record(record: dict, fate: tuple | None, modality: str) -> dict:
         return record
     Metrics.counter("curate", f"filtered_{reasons.SEMANTIC_DUPLICATE}").inc()
     return dropped(record, "semdedup", reasons.SEMANTIC_DUPLICATE, duplicate_of=fate[2], duplicate_similarity=fate[3])
+
+
+def annotate(keyed, modality: str):
+    """(key, [("record", packed), ("fate", cluster, duplicate_of, similarity, n_duplicates)]) -> the
+    records, annotated as the manifest needs."""
+    _, items = keyed
+    fate = next((item for item in items if item[0] == "fate"), None)
+    for item in items:
+        if item[0] == "record":
+            yield annotate_record(unpack_record(item[1]), fate, modality)
 
 
 class SemanticDedup(beam.PTransform):
@@ -405,13 +416,12 @@ class SemanticDedup(beam.PTransform):
                  | "PackBuckets" >> beam.Map(_pack_bucket, self.wire_dtype)
                  | "DedupBlocks" >> SemanticDedupBlocks(self.modality, cfg, margin=self.margin, batch=self.batch,
                                                         sidecars=self.sidecars, spread_factor=self.spread_factor))
-        # The records meet their bucket's Fates, one block per bucket (not one fate per key)
-        keyed = records | "BucketRecords" >> beam.Map(_bucket_record, beam.pvalue.AsSingleton(count), self.batch,
-                                                     cfg.kmeans_seed, self.keep_vectors)
-        return ((keyed, fates | "TagFates" >> beam.Map(_tag, "fates"))
+        keyed = records | "KeyRecords" >> beam.Map(_keyed_record if self.keep_vectors else _keyed_light_record)
+        by_key = fates | "FatesByKey" >> beam.FlatMap(_fates_by_key)
+        return ((keyed, by_key)
                 | "GatherRecordsAndFates" >> beam.Flatten()
-                | "JoinByBucket" >> beam.GroupByKey()
-                | "AnnotateBuckets" >> beam.FlatMap(annotate_bucket, self.modality))
+                | "JoinByKey" >> beam.GroupByKey()
+                | "AnnotateRecords" >> beam.FlatMap(annotate, self.modality))
 
 
 # ---- shards of records in (embeddings in ``.emb.npy`` sidecars), shards out: only keys, scores and fates travel ----
@@ -464,23 +474,6 @@ def annotate_shard(keyed, modality: str) -> tuple:
     shard, items = keyed
     records = unpack_records(next(v for kind, v in items if kind == "records"))
     fates = next((v for kind, v in items if kind == "fates"), None)
-    return shard, _annotate(shard, records, fates, modality)
-
-
-def annotate_bucket(keyed, modality: str) -> list[dict]:
-    """(bucket, [("record", packed), ..., ("fates", Fates of the bucket)]) -> its records annotated."""
-    bucket, items = keyed
-    records, fates = [], None
-    for kind, value in items:
-        if kind == "record":
-            records.append(unpack_record(value))
-        else:
-            fates = value
-    return _annotate(bucket, records, fates, modality)
-
-
-def _annotate(shard, records: list[dict], fates, modality: str) -> list[dict]:
-    """Records and the ``Fates`` of their active ones -> the records, active ones annotated."""
     row = {} if fates is None else {k: m for m, k in enumerate(fates.keys)}
     out = []
     for record in records:
@@ -492,7 +485,7 @@ def _annotate(shard, records: list[dict], fates, modality: str) -> list[dict]:
         out.append(annotate_record(record, fate, modality))
     if fates is not None and len(row) != sum(is_active(r) for r in records):
         raise RuntimeError(f"shard {shard}: {len(row)} fates for {sum(is_active(r) for r in records)} active records")
-    return out
+    return shard, out
 
 
 class SemanticDedupShards(beam.PTransform):
