@@ -2,9 +2,9 @@
 
     detail = set_allocator("steady")   # process-wide, never undone; returns what was done
 
-``steady`` sets glibc's ``mallopt(M_MMAP_MAX, 0)`` (no chunk is served by its own mmap) and an
-unbounded ``M_TRIM_THRESHOLD`` (the heap is never handed back), so memory freed by one step is reused
-by the next without page faults. Two users:
+``steady`` sets glibc's ``mallopt(M_MMAP_MAX, 0)`` (no chunk is served by its own mmap) and
+``M_TRIM_THRESHOLD`` to 2^31 - 1, the most it takes (a free top of the heap is handed back only over
+2 GiB), so memory freed by one step is reused by the next without page faults. Two users:
 
 - latency lookups (``students.lookup``): a forward's large activations would otherwise go back to
   the kernel and come back as fresh zeroed pages in the next forward, a cost that depends on the
@@ -14,7 +14,8 @@ by the next without page faults. Two users:
   element several times per stage boundary, into buffers of tens of MB that glibc mmaps fresh
   every time; steady halves the cost of a boundary (BENCHMARKS.md, curation throughput).
 
-The price: the process keeps its peak heap until it exits. ``default`` leaves the allocator as the
+The price: the process keeps its peak heap (each thread's malloc arena its own) until it exits; a
+worker that runs several threads beside a large model holds more than it would otherwise. ``default`` leaves the allocator as the
 process has it (and reports the steady state if something set it before). Without glibc, ``steady``
 falls back to the default and says so in the detail.
 """

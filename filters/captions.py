@@ -73,15 +73,18 @@ def clip_token_count(caption: str) -> int:
 
 
 WORD_CACHE_SIZE = 1 << 18  # distinct words whose token counts ``clip_token_counts`` keeps (cleared when full)
+WHOLE_OVER = 100_000  # characters: ``clip_token_counts`` counts a longer caption whole (ftfy cleans in 1M-character pieces)
 _word_tokens: dict[str, int] = {}
 
 
 def _word_token_count(word: str) -> int:
     n = _word_tokens.get(word)
     if n is None:
-        if len(_word_tokens) >= WORD_CACHE_SIZE:
-            _word_tokens.clear()
-        n = _word_tokens[word] = clip_token_count(word)
+        n = clip_token_count(word)
+        if len(word) <= 64:  # a longer word is rare: not worth its memory
+            if len(_word_tokens) >= WORD_CACHE_SIZE:
+                _word_tokens.clear()
+            _word_tokens[word] = n
     return n
 
 
@@ -93,14 +96,17 @@ def reset_token_caches() -> None:
 
 
 def clip_token_counts(caption):
-    """``clip_token_count`` of every normalised caption in a pyarrow string Array -> int32 Array.
+    """``clip_token_count`` of every caption in a pyarrow string Array -> int32 Array.
 
-    For an ASCII caption without ``&`` the count is the sum of its space-separated words' counts:
-    open_clip's cleaning (ftfy, HTML unescape, whitespace, lower case) changes no such text, and
-    no piece of its split pattern spans a space, so the BPE sees the same pieces word by word. The
+    For a caption of printable ASCII without ``&`` (what ``normalize_caption`` makes of most
+    captions) the count is the sum of its space-separated words' counts: open_clip's cleaning
+    (ftfy, HTML unescape, whitespace, lower case) changes nothing in such text but its case, and no
+    piece of its split pattern spans a space, so the BPE sees the same pieces word by word. The
     batch is split into words in ``pyarrow.compute``, each distinct word is counted once (and
     remembered across batches), and the counts are summed per caption. Other captions (non-ASCII,
-    HTML entities) are counted whole, once per distinct caption.
+    HTML entities, control characters, whose cleaning ftfy may do differently on a whole caption
+    than on its words, and any over ``WHOLE_OVER`` characters) are counted whole, once per
+    distinct caption.
     """
     import numpy as np
     import pyarrow as pa
@@ -112,13 +118,17 @@ def clip_token_counts(caption):
     n = len(caption)
     if caption.null_count:
         raise ValueError("clip_token_counts: captions must not be null")
-    words = pc.split_pattern(caption, " ")
-    flat = pc.list_flatten(words).dictionary_encode()
-    per_word = np.fromiter(map(_word_token_count, flat.dictionary.to_pylist()), np.int64, len(flat.dictionary))
-    counts = np.bincount(pc.list_parent_indices(words).to_numpy(), weights=per_word[flat.indices.to_numpy()],
-                         minlength=n).astype(np.int32)
-    whole = pc.or_(pc.invert(pc.string_is_ascii(caption)), pc.match_substring(caption, "&"))
-    other = np.flatnonzero(whole.to_numpy(zero_copy_only=False))
+    whole = pc.or_(pc.or_(pc.invert(pc.string_is_ascii(caption)), pc.match_substring_regex(caption, r"[\x00-\x1f\x7f&]")),
+                   pc.greater(pc.utf8_length(caption), WHOLE_OVER)).to_numpy(zero_copy_only=False)
+    counts = np.zeros(n, np.int32)
+    by_word = np.flatnonzero(~whole)
+    if len(by_word):
+        words = pc.split_pattern(caption if len(by_word) == n else pc.take(caption, pa.array(by_word)), " ")
+        flat = pc.list_flatten(words).dictionary_encode()
+        per_word = np.fromiter(map(_word_token_count, flat.dictionary.to_pylist()), np.int64, len(flat.dictionary))
+        counts[by_word] = np.bincount(pc.list_parent_indices(words).to_numpy(), weights=per_word[flat.indices.to_numpy()],
+                                      minlength=len(by_word))
+    other = np.flatnonzero(whole)
     if len(other):
         found = {}
         for i, text in zip(other.tolist(), pc.take(caption, pa.array(other)).to_pylist()):

@@ -43,9 +43,10 @@ def test_word_and_token_counts():
 
 
 def test_batch_token_counts_equal_the_per_caption_count():
-    """Word by word for ASCII captions without '&', whole otherwise: the same count as open_clip's
-    encode of the whole caption, on fuzzed ASCII (every printable character, so apostrophes,
-    digits, punctuation, '<...>' and case meet inside words), HTML entities and non-ASCII text."""
+    """Word by word for printable ASCII captions without '&', whole otherwise: the same count as
+    open_clip's encode of the whole caption, on fuzzed ASCII (every printable character, so
+    apostrophes, digits, punctuation, '<...>' and case meet inside words), HTML entities, non-ASCII
+    text, and captions no normalisation has seen (escape sequences, tabs, one of 120,000 characters)."""
     import random
     import string
 
@@ -56,7 +57,8 @@ def test_batch_token_counts_equal_the_per_caption_count():
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
     texts += ["", "a red bicycle.", "dog's ball 3.5kg!!", "I'LL  go", "<start_of_text>hi", "a &amp; b", "a&b",
               "caf\u00e9 au lait", "\u00a0nbsp", "x" * 200, "1234567", "don't'll'sx", "a red bicycle."]
-    caps = [normalize_caption(t) for t in texts]
+    raw = ["red \x1b[31mcar", "tab\there  two", "a " * 60_000 + "\x1b[31m"]  # not normalised: counted whole
+    caps = [normalize_caption(t) for t in texts] + raw
     want = [clip_token_count(c) for c in caps]
     assert clip_token_counts(pa.array(caps)).to_pylist() == want
     assert clip_token_counts(pa.array(caps)).to_pylist() == want  # again, from the word cache
