@@ -36,6 +36,7 @@ convolution algorithms cuDNN picks for each layout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -84,26 +85,60 @@ def unet_flops(unet, batch: int, latent: int, device: str, dtype) -> float:
     return float(counter.get_total_flops())
 
 
-def dump_vs_pipeline(args, variant: str = "default") -> dict:
-    """Images/s and MFU of the dump's sampler and of the bare pipeline call."""
+_TEACHER: dict = {}  # the one teacher the dump rows share: (spec, dtype, device) -> Teacher
+
+
+def _teacher(args):
+    """The teacher, built once per suite (a random SD-1.5 is about a billion parameters to
+    initialise on the CPU and copy to the device; each variant undoes its change after its row)."""
+    from teachers.load import load_teacher
+
+    key = (args.teacher, args.dtype, args.device)
+    if key not in _TEACHER:
+        _TEACHER.clear()
+        _TEACHER[key] = load_teacher(*key)
+    return _TEACHER[key]
+
+
+@contextlib.contextmanager
+def _variant(pipe, variant: str):
+    """The pipeline's UNet with one switch changed, restored on exit."""
     import torch
 
-    from teachers.load import load_teacher
+    unet, processors = pipe.unet, pipe.unet.attn_processors
+    try:
+        if variant == "no_sdpa":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            unet.set_attn_processor(AttnProcessor())
+        elif variant == "channels_last":
+            unet.to(memory_format=torch.channels_last)
+        elif variant == "compile":
+            # mode "default": max-autotune would tune every matmul and conv shape of the UNet (many
+            # minutes); both calls run under inference_mode, so one grad mode is compiled
+            pipe.unet = torch.compile(unet, mode="default")
+        elif variant != "default":
+            raise ValueError(f"unknown variant {variant!r}")
+        yield
+    finally:
+        pipe.unet = unet
+        unet.set_attn_processor(processors)
+        unet.to(memory_format=torch.contiguous_format)
+
+
+def dump_vs_pipeline(args, variant: str = "default") -> dict:
+    """Images/s and MFU of the dump's sampler and of the bare pipeline call."""
+    with _variant(_teacher(args).pipe, variant):
+        return {"variant": variant, **_dump_vs_pipeline(args, _teacher(args))}
+
+
+def _dump_vs_pipeline(args, teacher) -> dict:
+    import torch
+
     from teachers.sampler import SampleRequest, SamplerConfig, sample_trajectories
 
-    teacher = load_teacher(args.teacher, args.dtype, args.device)
     pipe = teacher.pipe
     pipe.set_progress_bar_config(disable=True)
-    if variant == "no_sdpa":
-        from diffusers.models.attention_processor import AttnProcessor
-
-        pipe.unet.set_attn_processor(AttnProcessor())
-    elif variant == "channels_last":
-        pipe.unet.to(memory_format=torch.channels_last)
-    elif variant == "compile":
-        # mode "default": max-autotune would tune every matmul and conv shape of the UNet (many
-        # minutes); both calls below run under inference_mode, so one grad mode is compiled
-        pipe.unet = torch.compile(pipe.unet, mode="default")
     side = args.resolution or teacher.default_resolution
     prompts = (PROMPTS * args.batch)[: args.batch]
     cfg = SamplerConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, height=side, width=side,
@@ -126,7 +161,7 @@ def dump_vs_pipeline(args, variant: str = "default") -> dict:
     flops = unet_flops(base_unet, 2 * args.batch, side // teacher.vae_scale_factor, args.device,
                        getattr(torch, args.dtype)) * args.steps  # CFG: cond + uncond in one call per step
     peak = args.peak_tflops * 1e12
-    return {"variant": variant, "images_per_s_sampler": args.batch / t_sampler,
+    return {"images_per_s_sampler": args.batch / t_sampler,
             "images_per_s_pipeline": args.batch / t_pipe, "sampler_over_pipeline": t_pipe / t_sampler,
             "mfu_sampler": flops / t_sampler / peak, "mfu_pipeline": flops / t_pipe / peak,
             "unet_tflops_per_image": flops / args.batch / 1e12}

@@ -15,7 +15,8 @@ def _suite():
 
 
 def test_gpu_suite_cpu_smoke(tmp_path):
-    out = _suite().main(["--cpu_smoke", "--output", str(tmp_path / "gpu.json")])
+    suite = _suite()
+    out = suite.main(["--cpu_smoke", "--output", str(tmp_path / "gpu.json")])
     assert [r["variant"] for r in out["dump"]] == ["default", "no_sdpa", "channels_last"]
     for row in out["dump"]:
         for key in ("images_per_s_sampler", "images_per_s_pipeline", "mfu_sampler", "mfu_pipeline"):
@@ -26,6 +27,10 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert out["trainer"][0]["preset"] == "tiny" and out["trainer"][0]["samples_per_s"] > 0
     assert out["latency"][0]["student_ms"] > 0 and out["latency"][0]["teacher_ms"] > 0
     assert out["errors"] == []
+    # the dump rows shared one teacher, each variant undoing its change: SDPA and contiguous weights again
+    (teacher,) = suite._TEACHER.values()
+    assert {type(p).__name__ for p in teacher.pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert all(w.is_contiguous() for w in teacher.pipe.unet.parameters())
     written = __import__("json").loads((tmp_path / "gpu.json").read_text())  # rewritten after every section
     assert [r["variant"] for r in written["dump"]] == ["default", "no_sdpa", "channels_last"]
     assert written["trainer"][0]["batch"] == 2 and len(written["latency"]) == 1
