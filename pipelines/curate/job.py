@@ -20,7 +20,10 @@ LoadImages, EmbedWithClip, ScoreAesthetics, FilterScores, DropSemanticDuplicates
 The caption stages (read to exact dedup) run on Arrow tables of ``--record_batch`` rows
 (``pipelines.curate.batched``: ReadBatches, ApplyRuleColumns, DropExactDuplicateRows), and so do the
 manifest and report when no image or CLIP stage follows; ``--record_batch 0`` runs every stage one
-record at a time (the reference path; the outputs are the same).
+record at a time (the reference path; the outputs are the same). ``--allocator steady`` (the
+default) puts the launcher and every worker in ``diffusion_distill.allocator``'s steady state: the
+runner's copies of the tables between stages then reuse memory instead of faulting in fresh pages
+(about half a stage boundary's cost); the processes keep their peak heap.
 Thresholds live in ``filters.config.CurateConfig``: a preset, then ``--config`` (JSON object of
 field overrides), then one flag per field (``--semdedup_eps 0.1``; ``none`` clears an optional one).
 """
