@@ -56,6 +56,14 @@ def synthetic_captions(n: int, seed: int = 0, vocabulary: int = 0) -> list[str]:
     return caps
 
 
+def prompts_file(folder: str, captions: list[str]) -> str:
+    """The captions as ``folder``/prompts.txt, one per line (what both the job and the batched loop read)."""
+    path = os.path.join(folder, "prompts.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(captions) + "\n")
+    return path
+
+
 def bare_loop(captions: list[str], preset: str) -> float:
     """The filter functions in a plain loop; returns seconds."""
     import numpy as np
@@ -112,9 +120,7 @@ def bare_batched(captions: list[str], preset: str, batch: int = 4096) -> float:
     rules.reset_token_caches()  # every timed side starts from a fresh worker's caches
     rules.clip_token_count("warm up")
     with tempfile.TemporaryDirectory(prefix="dd-curate-bench-") as tmp:
-        path = os.path.join(tmp, "prompts.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(captions) + "\n")
+        path = prompts_file(tmp, captions)
         start = time.perf_counter()
         tables = [batched.apply_rules(value, cfg) for split in plan_inputs([path])
                   for kind, value in batched.txt_tables(split, batch) if kind == "table"]
@@ -134,9 +140,7 @@ def job(captions: list[str], preset: str, beam_flags: list[str]) -> float:
 
     reset_token_caches()  # a fresh worker's: the job builds the tokenizer in its ReadBatches.setup
     with tempfile.TemporaryDirectory(prefix="dd-curate-bench-") as tmp:
-        path = os.path.join(tmp, "prompts.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(captions) + "\n")
+        path = prompts_file(tmp, captions)
         start = time.perf_counter()
         curate.run(["--input", path, "--output", os.path.join(tmp, "out"), "--preset", preset, *beam_flags])
         return time.perf_counter() - start

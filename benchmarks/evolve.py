@@ -57,9 +57,10 @@ def paired_ms(cfgs: list, settings, rounds: int, resident: int = 0) -> tuple[lis
     pressure that no single UNet sees. Returns (times per UNet, the first UNet's times in the same rounds)."""
     import torch
 
+    from diffusion_distill.allocator import set_allocator
     from students import lookup as L
 
-    L.prepare_allocator(settings)
+    set_allocator(settings.allocator)
     if resident >= 2 and len(cfgs) > resident:
         pairs = [paired_ms([cfgs[0], c], settings, rounds)[0] for c in cfgs[1:]]  # [first's times, c's times]
         return [pairs[0][0]] + [p[1] for p in pairs], [pairs[0][0]] + [p[0] for p in pairs]

@@ -93,7 +93,7 @@ from filters.config import CurateConfig
 from filters.semdedup import sample_rank
 from pipelines import dedup_blocks as blocks_
 from pipelines.dedup_blocks import EmbeddingRows, Fates, Rows
-from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic, is_active
+from pipelines.records import EMBEDDING_FIELDS, dropped, effective_aesthetic, has_image, is_active
 
 ASSIGN_BATCH = 8192  # rows per bucket, and per faiss search: 8192 x 768 float16 = 12 MB
 WIRE_DTYPE = "float16"
@@ -344,7 +344,7 @@ def without_vectors(record: dict) -> dict:
     if "has_image" in record and not any(f in record for f in EMBEDDING_FIELDS.values()):
         return record
     out = {k: v for k, v in record.items() if k not in EMBEDDING_FIELDS.values()}
-    out["has_image"] = record.get("image_embedding") is not None
+    out["has_image"] = has_image(record)
     return out
 
 
@@ -475,16 +475,17 @@ def annotate_shard(keyed, modality: str) -> tuple:
     records = unpack_records(next(v for kind, v in items if kind == "records"))
     fates = next((v for kind, v in items if kind == "fates"), None)
     row = {} if fates is None else {k: m for m, k in enumerate(fates.keys)}
-    out = []
+    out, n_active = [], 0
     for record in records:
         if not is_active(record):
             out.append(record)
             continue
+        n_active += 1
         m = row.get(record["key"])
         fate = None if m is None else fate_at(fates, m)
         out.append(annotate_record(record, fate, modality))
-    if fates is not None and len(row) != sum(is_active(r) for r in records):
-        raise RuntimeError(f"shard {shard}: {len(row)} fates for {sum(is_active(r) for r in records)} active records")
+    if fates is not None and len(row) != n_active:
+        raise RuntimeError(f"shard {shard}: {len(row)} fates for {n_active} active records")
     return shard, out
 
 

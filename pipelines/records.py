@@ -14,6 +14,12 @@ def is_active(record: dict) -> bool:
     return record.get("reason") is None
 
 
+def has_image(record: dict) -> bool:
+    """An image was read and embedded: its ``image_embedding``, or what a record shipped
+    ``without_vectors`` (``pipelines.dedup``) kept of it."""
+    return record["has_image"] if "has_image" in record else record.get("image_embedding") is not None
+
+
 def dropped(record: dict, stage: str, reason: str, **fields) -> dict:
     """A copy of ``record`` set aside by ``stage`` for ``reason`` (it stays in the manifest)."""
     return {**record, **fields, "stage": stage, "reason": reason}

@@ -248,12 +248,6 @@ def build_random_unet(cfg, settings: LookupSettings):
     return model.eval()
 
 
-def prepare_allocator(settings: LookupSettings) -> str:
-    """Put the process's allocator in the settings' state (``diffusion_distill.allocator``); returns
-    what was done (recorded in the table)."""
-    return set_allocator(settings.allocator)
-
-
 def _sync(settings: LookupSettings):
     import torch
 
@@ -264,7 +258,7 @@ def measure_ms(cfg, settings: LookupSettings = LookupSettings(), model=None) -> 
     """Milliseconds (the settings' statistic: median or min) of a plain forward of ``cfg`` (random weights unless ``model`` is given)."""
     import torch
 
-    prepare_allocator(settings)
+    set_allocator(settings.allocator)
     model = model if model is not None else build_random_unet(cfg, settings)
     side = settings.side or cfg.sample_size
     args, kwargs = unet_inputs(model, settings, side)
@@ -289,7 +283,7 @@ def measure_table(cfg, settings: LookupSettings = LookupSettings(), progress: bo
     side = settings.side or cfg.sample_size
     if side % (2 ** (len(cfg.block_out_channels) - 1)):
         raise UserError(f"latent side {side} is not divisible by {2 ** (len(cfg.block_out_channels) - 1)} for this UNet")
-    allocator = prepare_allocator(settings)
+    allocator = set_allocator(settings.allocator)  # recorded in the table
     model = build_random_unet(cfg, settings)
     args, kwargs = unet_inputs(model, settings, side)
     blocks = unet_blocks(cfg)

@@ -95,7 +95,7 @@ def test_lookup_round_trips_and_predicts_by_sum(tmp_path):
 STEADY_PROBE = """
 import resource, sys
 import numpy as np
-from students import lookup as L
+from diffusion_distill.allocator import set_allocator
 
 def faults():  # minor page faults of 5 rounds of a fresh 64 MB array, after one untimed round
     np.ones(8 << 20).sum()
@@ -104,8 +104,7 @@ def faults():  # minor page faults of 5 rounds of a fresh 64 MB array, after one
         np.ones(8 << 20).sum()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-print(L.prepare_allocator(L.LookupSettings(allocator="default")), faults(),
-      L.prepare_allocator(L.LookupSettings()), faults(), sep="|")
+print(set_allocator("default"), faults(), set_allocator("steady"), faults(), sep="|")
 """
 
 

@@ -172,19 +172,18 @@ def _dedup_modality(record: dict, n: int, on: str) -> int:
 class DropSemanticDuplicates(beam.PTransform):
     """SemDeDup of each record on its image embedding or its text embedding (``semdedup_on``).
 
-    ``keep_vectors=False``: every record comes out ``without_vectors`` (the job writes the embeddings
-    before this stage), so the join of records and fates carries no embedding."""
+    Every record comes out ``without_vectors`` (the job writes the embeddings before this stage), so
+    the join of records and fates carries no embedding."""
 
-    def __init__(self, cfg: CurateConfig, keep_vectors: bool = True):
+    def __init__(self, cfg: CurateConfig):
         super().__init__()
-        self.cfg, self.keep_vectors = cfg, keep_vectors
+        self.cfg = cfg
 
     def expand(self, records):
         image, text, rest = records | "SplitByModality" >> beam.Partition(_dedup_modality, 3, self.cfg.semdedup_on)
-        if not self.keep_vectors:
-            rest = rest | "StripVectors" >> beam.Map(without_vectors)
-        return ((image | "DedupImages" >> SemanticDedup("image", self.cfg, keep_vectors=self.keep_vectors),
-                 text | "DedupTexts" >> SemanticDedup("text", self.cfg, keep_vectors=self.keep_vectors), rest)
+        return ((image | "DedupImages" >> SemanticDedup("image", self.cfg, keep_vectors=False),
+                 text | "DedupTexts" >> SemanticDedup("text", self.cfg, keep_vectors=False),
+                 rest | "StripVectors" >> beam.Map(without_vectors))
                 | "Rejoin" >> beam.Flatten())
 
 
@@ -248,7 +247,7 @@ class Curate(beam.PTransform):
         if cfg.clip_model:  # every record's embeddings, whatever its fate; then no stage needs them
             records | "WriteEmbeddings" >> WriteEmbeddings(out)
         if cfg.clip_model and cfg.semdedup_eps is not None:
-            records = records | "DropSemanticDuplicates" >> DropSemanticDuplicates(cfg, keep_vectors=False)
+            records = records | "DropSemanticDuplicates" >> DropSemanticDuplicates(cfg)
         return records | "ToManifestRows" >> beam.Map(manifest_row), cutoff
 
     def expand(self, root):

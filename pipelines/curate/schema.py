@@ -17,6 +17,7 @@ import math
 import pyarrow as pa
 
 from filters import reasons
+from pipelines.records import has_image
 
 # Stages in pipeline order; a dropped or rejected record names the stage that set it aside.
 STAGES = ("read", "normalise", "rules", "exact_dedup", "download", "images", "aesthetic", "clip_score", "semdedup")
@@ -85,5 +86,5 @@ def manifest_row(record: dict) -> dict:
     """The manifest columns of a record (embeddings and image bytes left out)."""
     row = {name: _clean(record.get(name), kind) for name, kind in _KINDS.items()}
     row["fate"] = reasons.KEPT if record.get("reason") is None else reasons.fate_of(record["reason"])
-    row["has_image"] = record["has_image"] if "has_image" in record else record.get("image_embedding") is not None
+    row["has_image"] = has_image(record)
     return row
