@@ -47,12 +47,13 @@ import json
 import os
 import sys
 
+from diffusion_distill.allocator import ALLOCATORS
 from diffusion_distill.errors import UserError, run_main
 from diffusion_distill.options import option, parse, reuse
 from diffusion_distill.workflow import INIT_LR
 from students.evolve_edit import (Action, apply_actions, copyable, evolvable, evolve_checkpoint, has_cross_attention,
                                   skip_blocks, student_at)
-from students.lookup import ALLOCATORS, LookupSettings, LookupTable, unet_blocks
+from students.lookup import LookupSettings, LookupTable, unet_blocks
 from students.train import TrainConfig
 from teachers.fs import join
 
@@ -161,7 +162,7 @@ class EvolveConfig:
     lookup_repeats: int = option(20, help="timed forwards of the measured lookup and of each measured latency")
     lookup_statistic: str = option("median", help="median | min of the measured lookup's timed runs", choices=("median", "min"))
     lookup_allocator: str = option("steady", help="allocator state of the measured lookup and of every measured latency: steady "
-                                   "(glibc keeps freed memory; students/lookup.py) | default", choices=ALLOCATORS)
+                                   "(glibc keeps freed memory; diffusion_distill/allocator.py) | default", choices=ALLOCATORS)
     iterations: int = option(4, help="training segments; the architecture evolves after each but the last")
     steps_per_iteration: int = option(100, help="robust-training optimizer steps per segment")
     max_actions: int = option(1, help="blocks removed or copied per evolution")

@@ -28,9 +28,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from diffusion_distill.allocator import ALLOCATORS
 from diffusion_distill.errors import UserError, run_main
 from diffusion_distill.options import option, parse
-from students.lookup import ALLOCATORS
 
 # student -> (kind, teacher); teachers are measured whenever one of their students is.
 STUDENTS = {
@@ -441,7 +441,7 @@ class ProfileOptions:
     lookup_statistic: str = option("median", help="with --lookup: median | min of the timed runs (min resists other processes' load)",
                                    choices=("median", "min"))
     lookup_allocator: str = option("steady", help="with --lookup: steady (glibc keeps freed memory, so timed forwards pay no "
-                                   "page faults; students/lookup.py) | default (the allocator as the process has it)",
+                                   "page faults; diffusion_distill/allocator.py) | default (the allocator as the process has it)",
                                    choices=ALLOCATORS)
 
     def __post_init__(self):
