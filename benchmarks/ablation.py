@@ -31,7 +31,7 @@ progressive rounds halve exactly down to 1), then, for each training seed, these
   (``--init_from_teacher none``), exported, dumped as the next teacher at its 16 steps, and the
   efficient 8-step student distilled from that dump (SnapFusion's 50 -> 16 -> 8 chain, here 32 -> 16 -> 8).
 
-Every row is evaluated on the same held-out captions with the same image seeds (``students.evaluate``,
+Every row is evaluated on the same held-out captions with the same image seeds (``students.evaluation.evaluate``,
 the analyser's adherence, exact and Frechet distance); the teacher rows at 32/8/4/1 steps once.
 Rows report the mean and the spread (sample standard deviation) over training seeds. The direct
 8-step row (``--curve_steps``; the teacher-initialised one without direct rows) is also evaluated at every
@@ -69,9 +69,9 @@ def train_row(args, data, out, *, steps, seed, recipe="snapfusion_step", guidanc
     adversarial recipes ``adv_weight``, ``adv_warmup``, ``disc_layers``); ``benchmarks/fidelity.py`` trains its
     rows through here too. Teacher-initialised runs (``init``) train at ``--init_lr``: they start at the teacher's
     weights, and the from-scratch learning rate pulls them away from it (fine-tuning, not training)."""
-    from students.checkpoint import checkpoints
-    from students.progressive import run_rounds
-    from students.train import TrainConfig, train
+    from students.training.checkpoint import checkpoints
+    from students.training.rounds import run_rounds
+    from students.training.train import TrainConfig, train
 
     budget = budget or args.budget
     cfg = TrainConfig(data=data, output=out, preset=None if init else "shapes", init_from_teacher=init, recipe=recipe,
@@ -115,7 +115,7 @@ def run_stats(run: str) -> dict:
 
 
 def _evaluate(args, student, out, steps, analyser, captions, teacher_steps=()):
-    from students.evaluate import EvalConfig, evaluate
+    from students.evaluation.evaluate import EvalConfig, evaluate
     from teachers.shapes.analyser import Adherence, AnalyserFrechet
 
     path = os.path.join(out, "metrics.json")
@@ -134,7 +134,7 @@ def _row(res: dict, model: str = "student") -> dict:
 
 def _dump(args, out, teacher, steps, prompts, real_images=False):
     from pipelines import dump as job
-    from diffusion_distill.workflow import shapes_guidance
+    from diffusion_distill.kit import shapes_guidance
 
     if not os.path.isfile(os.path.join(out, "dataset.json")):
         job.run(["--runner=DirectRunner", "--prompts", prompts, "--output", out, "--teacher", teacher,
@@ -185,7 +185,7 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
     if "chain" in args.rows:
         _chain(args, data, out, seed, record)
     if seed == args.first_seed and {"direct", "init"} & set(args.rows):  # the curve: one run at each checkpoint
-        from students.checkpoint import checkpoints
+        from students.training.checkpoint import checkpoints
 
         steps = args.curve_steps or max(args.steps)
         curve_run = f"direct-mixed-{steps}" if "direct" in args.rows else f"{init_dir}-{steps}"
@@ -212,7 +212,7 @@ def _progressive(args, data, out, seed, record):
     init_dir = "init" if args.init_lr == 2e-3 else f"init-lr{args.init_lr:g}"
     prog = train_row(args, data, os.path.join(out, f"progressive-{init_dir}"), steps=min(args.steps), seed=seed,
                      recipe="progressive", progressive_from=args.teacher_steps, init="mid_only")
-    from students.progressive import rounds
+    from students.distill.progressive import rounds
 
     done = rounds(args.teacher_steps, min(args.steps))
     for steps in args.steps:
@@ -221,7 +221,7 @@ def _progressive(args, data, out, seed, record):
 
 
 def _chain(args, data, out, seed, record):
-    from students.export import export
+    from students.export.folder import export
 
     if 8 in args.steps and args.teacher_steps % 16 == 0:  # the two-stage chain: teacher arch at 16 -> export -> 8
         stage1 = train_row(args, data, os.path.join(out, "chain-16"), steps=16, seed=seed, init="none")
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds_per_prompt", type=int, default=4, help="teacher dump: samples per caption")
     p.add_argument("--teacher_steps", type=int, default=32, help="teacher DDIM steps in the dump")
     p.add_argument("--batch_size", type=int, default=64)
-    from diffusion_distill.workflow import INIT_LR, SCRATCH_LR
+    from students.training.train import INIT_LR, SCRATCH_LR
 
     p.add_argument("--lr", type=float, default=SCRATCH_LR, help="peak learning rate of the from-scratch students")
     p.add_argument("--init_lr", type=float, default=INIT_LR,
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--rows: unknown row families {sorted(unknown)} (choose from {', '.join(families)})")
 
-    from diffusion_distill import workflow
+    from diffusion_distill import kit as workflow
     from teachers.shapes import world
     from teachers.shapes.analyser import load_analyser
 

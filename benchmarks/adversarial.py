@@ -56,7 +56,7 @@ def timed_step_s(data: str, out: str, *, recipes=("snapfusion_step", "snapgen_ad
     import shutil
     import time
 
-    from students.train import TrainConfig, train
+    from students.training.train import TrainConfig, train
 
     def run(recipe, max_steps, tag):
         folder = os.path.join(out, f"timing-{recipe}-{tag}")

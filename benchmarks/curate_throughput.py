@@ -156,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocabulary", type=int, default=0,
                         help="0: captions from about 50 common words; N: from N random words, Zipf-distributed")
     parser.add_argument("--allocator", default="steady",
-                        help="allocator state (diffusion_distill/allocator.py) set before anything is timed, so the "
+                        help="allocator state (core/allocator.py) set before anything is timed, so the "
                              "loops and the jobs run in the same one; the jobs get --allocator with it")
     parser.add_argument("--fixed_n", type=int, default=1_000,
                         help="captions of a second, small job run that measures the fixed cost (0 = skip)")
     args = parser.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from diffusion_distill.allocator import set_allocator
+    from core.allocator import set_allocator
 
     allocator = set_allocator(args.allocator)
     captions = synthetic_captions(args.n, vocabulary=args.vocabulary)

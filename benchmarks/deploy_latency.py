@@ -16,8 +16,8 @@ measured end to end of a real exported pipeline is in the parity part. Every mod
 result is the ratio, not the absolute time. SDXL-shaped presets (snapgen, tiny_xl) are timed without
 a text encoder (``--format onnx`` exports SD-shaped pipelines; their UNet takes text_embeds and time_ids).
 
-Parity (``--checkpoint``): the checkpoint is exported with ``students.deploy`` (fp32 and fp16) and
-``--captions`` shapes-world captions are drawn by the ONNX pipeline (``students.ondevice``) and by the
+Parity (``--checkpoint``): the checkpoint is exported with ``students.export.deploy`` (fp32 and fp16) and
+``--captions`` shapes-world captions are drawn by the ONNX pipeline (``students.export.ondevice``) and by the
 PyTorch pipeline from the same numpy noise; printed: mean and max pixel differences and the fraction
 of captions on which the shapes analyser reads the same five attributes from both images.
 """
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from students import onnx_convert  # noqa: E402
+from students.export import onnx_convert  # noqa: E402
 
 PRESETS = ("tiny", "tiny_xl", "shapes", "mobilediffusion", "snapgen", "snapfusion")  # small first: rows print as measured
 DECODERS = ("pruned", "tiny")
@@ -57,8 +57,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def unet_component(preset: str, latent: int) -> onnx_convert.Component:
-    from students.deploy import wrappers
-    from students.unet import build_unet, preset as get_preset
+    from students.export.deploy import wrappers
+    from students.models.unet import build_unet, preset as get_preset
 
     cfg = get_preset(preset)
     side = min(latent, cfg.sample_size) if latent else cfg.sample_size
@@ -79,8 +79,8 @@ def unet_component(preset: str, latent: int) -> onnx_convert.Component:
 def text_component(preset: str) -> onnx_convert.Component | None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from students.deploy import wrappers
-    from students.unet import preset as get_preset
+    from students.export.deploy import wrappers
+    from students.models.unet import preset as get_preset
     from teachers import configs
     from teachers.shapes import model as shapes_model
 
@@ -90,15 +90,15 @@ def text_component(preset: str) -> onnx_convert.Component | None:
     text = {768: configs.clip_l_text, 32: configs.tiny_text, 64: shapes_model.text_config}[cfg.cross_attention_dim]()
     torch.manual_seed(0)
     encoder = CLIPTextModel(CLIPTextConfig(**text)).eval()
-    encoder.set_attn_implementation("eager")  # as students.deploy exports it
+    encoder.set_attn_implementation("eager")  # as students.export.deploy exports it
     ids = torch.randint(0, 49408, (1, 77), generator=torch.Generator().manual_seed(0))
     return onnx_convert.Component("text_encoder", wrappers()[1](encoder).eval(), (ids,), ("input_ids",),
                                   ("prompt_embeds",), dynamic_batch=True)
 
 
 def decoder_component(name: str, latent: int) -> onnx_convert.Component:
-    from students.deploy import wrappers
-    from students.vae import build_vae
+    from students.export.deploy import wrappers
+    from students.models.vae import build_vae
 
     torch.manual_seed(0)
     vae = build_vae(name).eval()
@@ -197,7 +197,7 @@ def executorch_latency(args) -> list[dict]:
     one static program per batch (lowering a big preset takes many minutes here, so only small ones)."""
     from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 
-    from students.device_formats import executorch_program
+    from students.export.device_formats import executorch_program
 
     torch.set_num_threads(args.threads)
     components = [(f"{p} unet", unet_component(p, args.latent)) for p in args.executorch]
@@ -226,12 +226,13 @@ def executorch_latency(args) -> list[dict]:
 
 
 def parity(args) -> dict:
-    from students import deploy, export, ondevice
+    from students.export import deploy, folder as export, ondevice
+    from students.training import runs as student_runs
     from teachers.shapes import world
     from teachers.shapes.analyser import load_analyser, truth_labels
 
     torch.set_num_threads(args.threads)
-    run = export.read_run(args.checkpoint, data=args.data)
+    run = student_runs.read_run(args.checkpoint, data=args.data)
     pipe, info = export.assemble_pipeline(run)
     captions = [world.caption(s) for s in world.random_scenes(np.random.default_rng(args.seed), args.captions)]
     with tempfile.TemporaryDirectory(prefix="deploy-parity-") as tmp:
@@ -290,8 +291,8 @@ def format_parity(r: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", default=",".join(PRESETS), help="UNet presets (students/unet.py)")
-    parser.add_argument("--decoders", default=",".join(DECODERS), help="decoder presets (students/vae.py)")
+    parser.add_argument("--presets", default=",".join(PRESETS), help="UNet presets (students/models/unet.py)")
+    parser.add_argument("--decoders", default=",".join(DECODERS), help="decoder presets (students/models/vae.py)")
     parser.add_argument("--latent", type=int, default=16, help="latent side for presets whose own is larger (0: their own)")
     parser.add_argument("--steps", type=int, default=8, help="UNet calls in the end-to-end sum")
     parser.add_argument("--repeats", type=int, default=3)

@@ -5,7 +5,7 @@ removing blocks by hand?
     python benchmarks/evolve.py --output out/evolve_quick --quick         # 10 x 40 steps, and the lookup check on 4 presets
     python benchmarks/evolve.py --output out/lookup_check --lookup_only --statistic min   # part 1 only
 
-Part 1, the lookup (``students.lookup``): for each UNet preset in ``--lookup_presets`` (big ones at
+Part 1, the lookup (``students.cost.lookup``): for each UNet preset in ``--lookup_presets`` (big ones at
 ``--lookup_pixels``), the table measured on the preset, then the predicted latency (sum of entries +
 rest) against a fresh plain measurement of the preset and of variants of it (each evolvable block
 removed, one copied), all in this invocation. Target: within 10%.
@@ -57,8 +57,8 @@ def paired_ms(cfgs: list, settings, rounds: int, resident: int = 0) -> tuple[lis
     pressure that no single UNet sees. Returns (times per UNet, the first UNet's times in the same rounds)."""
     import torch
 
-    from diffusion_distill.allocator import set_allocator
-    from students import lookup as L
+    from core.allocator import set_allocator
+    from students.cost import lookup as L
 
     set_allocator(settings.allocator)
     if resident >= 2 and len(cfgs) > resident:
@@ -85,9 +85,9 @@ def lookup_check(args) -> list[dict]:
     ratio: the figure that survives load from other processes."""
     import statistics
 
-    from students import evolve as E
-    from students import lookup as L
-    from students.unet import preset
+    from students.search import evolve as E
+    from students.cost import lookup as L
+    from students.models.unet import preset
 
     rows = []
     for name in args.lookup_presets:
@@ -122,7 +122,7 @@ def lookup_check(args) -> list[dict]:
 def uniform_removal(cfg, count: int) -> list:
     """The removals of ``count`` evolvable blocks, evenly spaced over them in execution order (by hand);
     a pick that would empty the mid stage moves to the next block."""
-    from students import evolve as E
+    from students.search import evolve as E
 
     blocks = E.evolvable(cfg)
     count = min(count, len(blocks))
@@ -138,7 +138,7 @@ def uniform_removal(cfg, count: int) -> list:
 
 
 def _train_config(args, data, out):
-    from students.train import TrainConfig
+    from students.training.train import TrainConfig
 
     return TrainConfig(data=data, output=out, preset=None if args.init_from_teacher else "shapes",
                        init_from_teacher=args.init_from_teacher or None, recipe="snapfusion_step",
@@ -152,9 +152,9 @@ def start_model(args, data):
     """The start UNet with its initial weights: the teacher cut (teacher weights) or the preset (seeded random)."""
     import torch
 
-    from students.data import read_dataset
-    from students.train import student_from_teacher
-    from students.unet import build_unet
+    from shards.loader import read_dataset
+    from students.training.train import student_from_teacher
+    from students.models.unet import build_unet
 
     if args.init_from_teacher:
         return student_from_teacher(_train_config(args, data, "unused"), read_dataset(data)[0])
@@ -164,9 +164,9 @@ def start_model(args, data):
 
 def _train(args, data, out, removals=()):
     """Train the start (with ``removals`` applied to it first) for the evolution's total steps."""
-    from students.checkpoint import checkpoints
-    from students.evolve_edit import evolve_model
-    from students.train import train
+    from students.training.checkpoint import checkpoints
+    from students.search.edit import evolve_model
+    from students.training.train import train
 
     total = args.iterations * args.steps_per_iteration
     if checkpoints(out) and checkpoints(out)[-1].endswith(f"{total:07d}"):
@@ -177,7 +177,7 @@ def _train(args, data, out, removals=()):
 
 
 def _evolve(args, data, out, val_captions):
-    from students.evolve import EvolveConfig, evolve
+    from students.search.evolve import EvolveConfig, evolve
 
     cfg = EvolveConfig(data=data, output=out, preset=None if args.init_from_teacher else "shapes",
                        init_from_teacher=args.init_from_teacher or None, recipe="snapfusion_step",
@@ -191,7 +191,7 @@ def _evolve(args, data, out, val_captions):
 
 
 def _evaluate(args, student, out, captions, analyser):
-    from students.evaluate import EvalConfig, evaluate
+    from students.evaluation.evaluate import EvalConfig, evaluate
     from teachers.shapes.analyser import Adherence, AnalyserFrechet
 
     path = os.path.join(out, "metrics.json")
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True)
     p.add_argument("--init_from_teacher", default="none",
-                   help="the start: a students.teacher_init cut of the teacher with its weights ('' = the shapes preset from scratch)")
+                   help="the start: a students.models.teacher_init cut of the teacher with its weights ('' = the shapes preset from scratch)")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--steps_per_iteration", type=int, default=80)
     p.add_argument("--max_actions", type=int, default=1, help="blocks removed or copied per evolution")
@@ -264,16 +264,16 @@ def main(argv=None) -> int:
         args.seeds_per_prompt, args.val_images, args.eval_images, args.lookup_repeats_big = 1, 32, 96, 2
         args.lookup_presets, args.lookup_variants = "shapes,tiny,tiny_xl,mobilediffusion", 2
     if args.lr is None:
-        from diffusion_distill.workflow import INIT_LR, SCRATCH_LR
+        from students.training.train import INIT_LR, SCRATCH_LR
 
         args.lr = INIT_LR if args.init_from_teacher else SCRATCH_LR
     args.lookup_presets = tuple(x.strip() for x in args.lookup_presets.split(",") if x.strip())
 
     import torch
 
-    from diffusion_distill import workflow
-    from students import lookup as L
-    from students.evolve import apply_actions, evolvable, layouts
+    from diffusion_distill import kit as workflow
+    from students.cost import lookup as L
+    from students.search.evolve import apply_actions, evolvable, layouts
     from teachers.shapes import world
     from teachers.shapes.analyser import load_analyser
 

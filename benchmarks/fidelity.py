@@ -53,8 +53,8 @@ def _train(args, data, out, recipe, steps, seed):
 
 
 def _eval(args, student, out, captions, analyser, steps, teacher_steps=()):
-    from diffusion_distill import workflow
-    from students.evaluate import EvalConfig, evaluate
+    from diffusion_distill import kit as workflow
+    from students.evaluation.evaluate import EvalConfig, evaluate
     from teachers.shapes.analyser import Adherence, AnalyserFrechet
 
     cfg = EvalConfig(output=out, captions=captions, student=student, teacher=workflow.TEACHER, num_images=args.eval_images,
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", "--train_steps", dest="budget", type=int, default=1500, help="optimizer steps per student")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per student row (mean and spread)")
     p.add_argument("--curve_points", type=int, default=4, help="checkpoints of the first seed evaluated for the curve")
-    p.add_argument("--init_from_teacher", default=None, help="a students.teacher_init cut (default: the shapes preset)")
+    p.add_argument("--init_from_teacher", default=None, help="a students.models.teacher_init cut (default: the shapes preset)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: workflow.SCRATCH_LR from scratch, INIT_LR teacher-initialised)")
     p.add_argument("--seeds_per_prompt", type=int, default=4)
@@ -94,14 +94,14 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--recipes: unknown {sorted(unknown)} (choose from {REGRESSION}, {', '.join(ablation.ADVERSARIAL_RECIPES)})")
     if args.lr is None:
-        from diffusion_distill import workflow
+        from students.training.train import INIT_LR, SCRATCH_LR
 
-        args.lr = workflow.INIT_LR if args.init_from_teacher else workflow.SCRATCH_LR
+        args.lr = INIT_LR if args.init_from_teacher else SCRATCH_LR
     args.init_lr = args.lr  # train_row's rate for teacher-initialised rows: this script has one --lr
 
-    from diffusion_distill import workflow
-    from students.checkpoint import checkpoints
-    from students.export import export
+    from diffusion_distill import kit as workflow
+    from students.training.checkpoint import checkpoints
+    from students.export.folder import export
     from teachers.shapes import world
     from teachers.shapes.analyser import load_analyser
 

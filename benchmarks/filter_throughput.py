@@ -2,8 +2,8 @@
 
     python benchmarks/filter_throughput.py --samples 1536 --samples_per_shard 128 [--dump /tmp/ft/dump]
 
-1. A scored dump is synthesised with the real writers (``teachers.record.encode_sample``,
-   ``teachers.shards.ShardWriter``, ``pipelines.dump.job.write_dataset``) at SD-1.5 512 px
+1. A scored dump is synthesised with the real writers (``shards.record.encode_sample``,
+   ``shards.writer.ShardWriter``, ``pipelines.dump.job.write_dataset``) at SD-1.5 512 px
    geometry (an 8-step recorded trajectory, both predictions, ``mid_block`` features, a 256 px PNG:
    about 1.4 MiB per sample), so the bytes are what a real dump holds without running a teacher.
    Arrays cycle through a small pool (content does not matter to a copy); the embeddings are distinct.
@@ -65,8 +65,9 @@ def synthesise_dump(out: str, samples: int, samples_per_shard: int) -> dict:
     import dataclasses
 
     from pipelines.dump.job import write_dataset
-    from teachers import record
-    from teachers.shards import ShardWriter, atomic_write_bytes, join
+    from shards import record
+    from shards.writer import ShardWriter
+    from core.fs import atomic_write_bytes, join
 
     rng = np.random.default_rng(0)
     recipe, pool = _recipe(samples_per_shard), _pool(rng)
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         synthesise_dump(dump, args.samples, args.samples_per_shard)
         print(f"synthesised {dump} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    from teachers.schema import read_dataset_info
+    from shards.schema import read_dataset_info
 
     dataset = read_dataset_info(dump)  # validated: the synthesised dump is a real schema-2 dataset
     num_shards, total = len(dataset.shards), sum(s["bytes"] for s in dataset.shards)

@@ -18,7 +18,7 @@ It prints, each measured in this invocation:
    students' native latent size, in samples/s (the data path is measured by
    ``benchmarks/train_overhead.py``); snapgen's 128-px latent takes batch 8 (32 would hold about
    125 GiB of activations), and a batch that runs out of memory is halved and retried;
-4. each student's and decoder's latency against its teacher's (``students.profile``'s models).
+4. each student's and decoder's latency against its teacher's (``students.cost.profile``'s models).
 
 Defaults are the GPU settings (``sd15-random`` at 512 px, 50 steps, CFG 7.5, bf16, batch 4). Peak
 FLOP/s defaults to the H100 SXM's dense bf16 989 TFLOP/s (the H200 has the same compute); pass
@@ -187,8 +187,8 @@ def trainer_step(args, preset: str) -> dict:
 def _trainer_step(args, preset: str, batch: int) -> dict:
     import torch
 
-    from students import distill
-    from students.unet import build_unet
+    from students.distill import losses as distill
+    from students.models.unet import build_unet
 
     student = build_unet(preset).to(args.device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
@@ -224,7 +224,7 @@ def latencies(args) -> list[dict]:
     """Forward latency of each student and decoder against its teacher's, same batch and device."""
     import torch
 
-    from students import profile
+    from students.cost import profile
 
     rows = []
     for student, teacher, pixels in args.latency_pairs:
@@ -322,7 +322,7 @@ def run_sections(sections, results: dict, *, strict: bool, output: str | None) -
             except RuntimeError:  # after a fatal CUDA error; the next section will say so
                 pass
         if output:
-            from teachers.fs import atomic_write_json
+            from core.fs import atomic_write_json
 
             atomic_write_json(output, results)
     return results

@@ -4,7 +4,7 @@
 
 Shapes come from the real architectures: the UNets are built on the ``meta`` device (no memory,
 no weights) and run once with forward hooks to read each block's output shape; the record is then
-encoded by the schema module itself (``teachers.record.encode_sample``) from zero arrays of those
+encoded by the schema module itself (``shards.record.encode_sample``) from zero arrays of those
 shapes, so the figures are the exact bytes the dump writes (npy headers and json included; the
 optional png is left out: its size depends on the image). This decides what a 1M-sample dataset costs.
 """
@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from teachers import configs, record  # noqa: E402
+from teachers import configs  # noqa: E402
+from shards import record
 from teachers.sampler import SampleResult  # noqa: E402
 
 ALL_LAYERS = tuple([f"down_blocks.{i}" for i in range(4)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(4)])

@@ -4,7 +4,7 @@
     python benchmarks/student_cost.py --json out/student_cost.json --repeats 3
     python benchmarks/student_cost.py --latency-resolution sdxl=512  # SDXL family timed at 512 px
 
-Takes the flags of ``python -m students.profile`` (``--presets``, ``--repeats``, ``--warmup``,
+Takes the flags of ``python -m students.cost.profile`` (``--presets``, ``--repeats``, ``--warmup``,
 ``--batch-size``, ``--resolution``, ``--latency-resolution``, ``--skip-latency``, ``--device``,
 ``--dtype``, ``--json``) and adds a verdict against the targets of issue 5. A target is a ceiling on
 student / teacher measured in this run; a miss is printed as a miss, with the figure.
@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from students import profile  # noqa: E402
+from students.cost import profile  # noqa: E402
 
 # (student, metric, ceiling of student / teacher, why)
 TARGETS = (

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def bare_loop(preset: str, batch: int, latent: int, steps: int, forwards: int) -> float:
     import torch
 
-    from students.unet import build_unet
+    from students.models.unet import build_unet
 
     torch.manual_seed(0)
     student = build_unet(preset)
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from pipelines import teacher_dump
-    from students.objective import get_recipe
-    from students.train import TrainConfig, train
+    from students.distill.recipes import get_recipe
+    from students.training.train import TrainConfig, train
 
     tmp = tempfile.mkdtemp(prefix="train-overhead-")
     n = args.batch_size * (args.steps + 2)
@@ -93,7 +93,7 @@ def train_first_steps_time(cfg) -> float:
     import dataclasses
     import shutil
 
-    from students.train import train
+    from students.training.train import train
 
     out = cfg.output + "-warm"
     start = time.perf_counter()

@@ -22,7 +22,7 @@ import importlib.util
 import os
 import sys
 
-from diffusion_distill.errors import UserError, run_main
+from core.errors import UserError, run_main
 
 RUNNERS = {
     "direct": "DirectRunner",

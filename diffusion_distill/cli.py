@@ -1,7 +1,7 @@
 """The ``distill`` command: one verb per job, each dispatched lazily to its module's ``main(argv)``.
 
     distill dump --prompts prompts.txt --output out/dump      # pipelines.dump
-    distill inspect out/dump --verify                        # teachers.inspect
+    distill inspect out/dump --verify                        # shards.inspect
 
 Verbs are looked up in ``COMMANDS``; the module is imported only when its verb runs, so
 ``distill --help`` stays fast and a verb's heavy dependencies are not loaded by the others.
@@ -12,21 +12,21 @@ from __future__ import annotations
 import importlib
 import sys
 
-from diffusion_distill.errors import UserError, run_main
+from core.errors import UserError, run_main
 
 # verb -> ("module:function", one-line help). The function takes argv (list[str]) and returns an
 # exit code or None.
 COMMANDS: dict[str, tuple[str, str]] = {
     "dump": ("pipelines.dump:main", "run the teacher dump job (Beam) over prompts or a manifest"),
-    "inspect": ("teachers.inspect:main", "summarise a dataset of shards; --verify checks every shard"),
+    "inspect": ("shards.inspect:main", "summarise a dataset of shards; --verify checks every shard"),
     "curate": ("pipelines.curate:main", "curate captions/images into a manifest (Beam)"),
     "filter": ("pipelines.filter:main", "filter and deduplicate a dump into final shards (Beam)"),
-    "train": ("students.train:main", "distil a student from shards"),
-    "export": ("students.deploy:export_main", "turn a checkpoint into a diffusers pipeline folder (--format onnx: device models)"),
-    "generate": ("students.ondevice:main", "make an image with an exported ONNX pipeline (--onnx DIR; numpy + onnxruntime, no torch)"),
-    "eval": ("students.evaluate:main", "evaluate a student against its teacher"),
-    "profile": ("students.profile:main", "parameters, MACs and latency of students and teachers"),
-    "evolve": ("students.evolve:main", "evolve a student's blocks toward a latency target (SnapFusion Algorithm 1)"),
+    "train": ("students.training.cli:main", "distil a student from shards"),
+    "export": ("students.export.deploy:export_main", "turn a checkpoint into a diffusers pipeline folder (--format onnx: device models)"),
+    "generate": ("students.export.ondevice:main", "make an image with an exported ONNX pipeline (--onnx DIR; numpy + onnxruntime, no torch)"),
+    "eval": ("students.evaluation.evaluate:main", "evaluate a student against its teacher"),
+    "profile": ("students.cost.profile:main", "parameters, MACs and latency of students and teachers"),
+    "evolve": ("students.search.evolve:main", "evolve a student's blocks toward a latency target (SnapFusion Algorithm 1)"),
     "demo": ("diffusion_distill.demo:main", "run the whole pipeline end to end on bundled data"),
 }
 

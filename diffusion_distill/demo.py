@@ -20,9 +20,9 @@ import os
 import sys
 import time
 
-from diffusion_distill import workflow
-from diffusion_distill.errors import UserError, run_main
-from diffusion_distill.options import option, parse
+from diffusion_distill import kit as workflow
+from core.errors import UserError, run_main
+from core.options import option, parse
 
 INIT_FROM_TEACHER = "mid_only"  # the demo's student start: the best row of benchmarks/ablation.py
 
@@ -109,8 +109,8 @@ caption says; exact: all five right; Frechet: analyser-feature distance to rende
 
 def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_images: int = 96,
         student_steps: int = 8, init_from_teacher: str | None = INIT_FROM_TEACHER) -> str:
-    from students.evaluate import EvalConfig, evaluate
-    from students.export import export
+    from students.evaluation.evaluate import EvalConfig, evaluate
+    from students.export.folder import export
     from teachers.shapes.analyser import Adherence, AnalyserFrechet, load_analyser
 
     if os.path.exists(os.path.join(output, "dump")) or os.path.exists(os.path.join(output, "train")):
@@ -148,7 +148,7 @@ class DemoConfig:
     train_steps: int = option(300, help="student training steps (a teacher-initialised student converges in about "
                               "200 at this batch; the shapes preset from scratch wants 900 or more)")
     init_from_teacher: str = option(INIT_FROM_TEACHER or "", help="start the student from the teacher's weights, cut "
-                                    "this way (students.teacher_init; '' = the shapes preset from scratch)")
+                                    "this way (students.models.teacher_init; '' = the shapes preset from scratch)")
     seeds_per_prompt: int = option(2, help="teacher generations per caption")
     eval_images: int = option(96, help="held-out captions evaluated (teacher and student)")
 
@@ -158,7 +158,7 @@ class DemoConfig:
                 raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
         if os.path.isfile(self.output):
             raise UserError(f"--output {self.output!r} is an existing file: give a folder")
-        from students.teacher_init import CUTS
+        from students.models.teacher_init import CUTS
 
         if self.init_from_teacher and self.init_from_teacher not in CUTS:
             raise UserError(f"--init_from_teacher {self.init_from_teacher!r} is not a cut ({', '.join(CUTS)}) or ''")

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion_distill.options import option
+from core.options import option
 
 DEDUP_ON = ("auto", "text", "image")
 NSFW_POLICIES = ("drop-nsfw", "drop-unsure", "keep")  # the LAION NSFW tags each policy drops: see NSFW_DROPS

@@ -34,15 +34,15 @@ BROKEN_IMAGE = "broken_image"  # image bytes that PIL cannot decode
 IMAGE_NOT_FOUND = "image_not_found"  # a COCO annotation whose image_id is not in "images"
 
 # -- rejects: generated samples and shards (teacher dump, filter) -------------------------------
-NON_FINITE = "non_finite"  # the teacher produced NaN/Inf (teachers.record)
+NON_FINITE = "non_finite"  # the teacher produced NaN/Inf (shards.record)
 NON_FINITE_SCORE = "non_finite_score"  # a CLIP image embedding or score is NaN/Inf
-SCHEMA_VERSION = "schema_version"  # a sample json of an unsupported schema (teachers.record)
-CORRUPT_MEMBER = "corrupt_member"  # a sample's tar members cannot be read (teachers.record, filter copy)
-CHECKSUM_MISMATCH = "checksum_mismatch"  # a member's bytes differ from the index's CRC-32 (teachers.record)
-MISSING_MEMBER = "missing_member"  # a member the index or the json lists is absent (teachers.record)
-NON_FINITE_IMAGE = "non_finite_image"  # the decoded image holds NaN/Inf (teachers.record, dump)
-NO_REAL_IMAGE = "no_real_image"  # dump --real_images: no image in the row and no rendered truth (teachers.record)
-UNREADABLE_SHARD = "unreadable_shard"  # a shard the trainer's loader cannot open (students.data)
+SCHEMA_VERSION = "schema_version"  # a sample json of an unsupported schema (shards.record)
+CORRUPT_MEMBER = "corrupt_member"  # a sample's tar members cannot be read (shards.record, filter copy)
+CHECKSUM_MISMATCH = "checksum_mismatch"  # a member's bytes differ from the index's CRC-32 (shards.record)
+MISSING_MEMBER = "missing_member"  # a member the index or the json lists is absent (shards.record)
+NON_FINITE_IMAGE = "non_finite_image"  # the decoded image holds NaN/Inf (shards.record, dump)
+NO_REAL_IMAGE = "no_real_image"  # dump --real_images: no image in the row and no rendered truth (shards.record)
+UNREADABLE_SHARD = "unreadable_shard"  # a shard the trainer's loader cannot open (shards.loader)
 NO_SCORES = "no_scores"  # a shard of a scored dump whose index has no scores (filter)
 CORRUPT_EMBEDDINGS = "corrupt_embeddings"  # embedding sidecar missing, or its sha256/shape wrong (filter)
 

@@ -4,7 +4,7 @@
 ``filter_shards.py`` are the documented entry points of the dump and filter jobs.
 """
 
-from diffusion_distill.errors import quiet_known_warnings
+from core.errors import quiet_known_warnings
 
 # Every job's entry point (``beam run``, ``python -m pipelines.<job>``, ``distill <job>``) imports this
 # package before Beam: Beam's import-time "apitools not found" warning must not precede a one-line error.

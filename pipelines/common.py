@@ -21,9 +21,9 @@ import hashlib
 import json
 import os
 
-from diffusion_distill.errors import UserError, run_main
-from teachers.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
-from teachers.schema import DATASET_JSON
+from core.errors import UserError, run_main
+from core.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
+from shards.schema import DATASET_JSON
 
 PLAN = "_plan/plan.parquet"  # the launcher's plan inside the output folder
 RECIPE = "recipe.json"  # the recipe (and its hash) an output folder was started with
@@ -120,7 +120,7 @@ def recipe_hash(recipe_json: dict) -> str:
 
 def _has_results(output: str) -> bool:
     """Whether the folder holds anything a recipe produced: a shard index or a dataset.json."""
-    from teachers.shards import list_indexes
+    from shards.reader import list_indexes
 
     fs, root = url_to_fs(output)
     return fs.exists(join(root, DATASET_JSON)) or bool(list_indexes(output))
@@ -197,8 +197,9 @@ def write_rejects(output: str, name: str, rejects: list[dict]) -> dict[str, int]
 def work_unit(output: str, shard: int, progress: bool):
     """The frame of a shard work unit (dump and filter): stale temporaries of an earlier attempt
     removed, the unit's rows read from the plan, and a progress bar (None when off) closed however
-    the unit ends. Yields ``(rows, bar)``; the caller writes the shard with ``teachers.shards.ShardWriter``."""
-    from teachers.shards import remove_stale_temporaries, shard_name
+    the unit ends. Yields ``(rows, bar)``; the caller writes the shard with ``shards.writer.ShardWriter``."""
+    from shards.writer import remove_stale_temporaries
+    from shards.schema import shard_name
 
     remove_stale_temporaries(output, shard)
     rows = read_plan(output, shard)

@@ -174,8 +174,8 @@ def sidecar_sample(path: str, n_total: int, size: int, seed: int, dtype: str = W
     read as an array (missing, cut short) gives no rows and is counted
     (``kmeans_sample_sidecars_unreadable``): the job that reads its records rejects them itself (the
     filter job: stage ``scores``, ``corrupt_embeddings``)."""
-    from teachers.fs import read_bytes
-    from teachers.record import load_npy
+    from core.fs import read_bytes
+    from shards.record import load_npy
 
     try:
         x = load_npy(read_bytes(path))

@@ -46,7 +46,7 @@ class Rows:
 def read_npy_rows(path: str, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a saved (n, ...) ``.npy`` array, read without the rest of the file
     (no memory map, no pickle): a seek past the header and one read."""
-    from teachers.fs import url_to_fs
+    from core.fs import url_to_fs
 
     fs, p = url_to_fs(path)
     with fs.open(p, "rb") as f:

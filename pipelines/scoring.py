@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from diffusion_distill.errors import UserError
+from core.errors import UserError
 
 
 def check_models(cfg) -> None:

@@ -6,7 +6,7 @@
 
 import sys
 
-from diffusion_distill.options import beam_options
+from core.options import beam_options
 from pipelines.dump.job import DumpConfig, main, run, write_dataset  # noqa: F401 (this module's interface)
 
 # The job's flags as Beam PipelineOptions, for code that reads them from a launcher's argv.

@@ -3,5 +3,5 @@ the sample record schema and shard I/O. Imports nothing heavy at import time.
 
     from teachers.load import load_teacher
     from teachers.sampler import SamplerConfig, SampleRequest, sample_trajectories
-    from teachers import record, shards
+    from shards import record
 """

@@ -1,4 +1,4 @@
-"""The Frechet distance between Gaussians: the one implementation behind FID (``students.metrics``)
+"""The Frechet distance between Gaussians: the one implementation behind FID (``students.evaluation.metrics``)
 and the shapes analyser's Frechet distance (``teachers.shapes.analyser``)."""
 
 from __future__ import annotations

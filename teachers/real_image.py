@@ -20,7 +20,7 @@ import io
 
 import numpy as np
 
-from teachers.record import BROKEN_IMAGE, NO_REAL_IMAGE
+from shards.record import BROKEN_IMAGE, NO_REAL_IMAGE
 
 RENDERS_TRUTH = ("shapes",)  # built-in teachers whose captions have a ground-truth render
 
@@ -45,7 +45,7 @@ def real_image(teacher_spec: str, prompt: str, seed: int, image: str | None, hei
 def _read_image(url: str, height: int, width: int):
     from PIL import Image
 
-    from teachers.fs import read_bytes
+    from core.fs import read_bytes
 
     try:
         data = read_bytes(url)

@@ -28,7 +28,7 @@ step, so that is what is recorded. DDIM and DPM-Solver++ keep their state as z_t
 (``scale_model_input`` is the identity). Euler keeps the variance-exploding ``x = x0 + s eps`` and
 feeds the UNet ``x / sqrt(s^2 + 1)``, which is z_t with alpha = 1/sqrt(s^2 + 1), sigma = s alpha
 (Karras et al. 2022, EDM, Table 1 "VP"); the record holds that scaled input, not the state.
-Readers convert through ``teachers.record.noise_levels``.
+Readers convert through ``shards.record.noise_levels``.
 
 Guidance: CFG is applied in float32 with the float32 weight recorded (``guidance_scale``), so the
 json holds the weight the arithmetic used even for bfloat16/float16 teachers. A weight at or
@@ -44,7 +44,7 @@ import hashlib
 
 import numpy as np
 
-from diffusion_distill.errors import UserError
+from core.errors import UserError
 
 SCHEDULERS = {  # recipe name -> diffusers class name
     "ddim": "DDIMScheduler",
@@ -130,7 +130,7 @@ class SampleResult:
 
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
-    """Where a trajectory's recorded latents sit: the json fields ``teachers.record.noise_levels`` reads."""
+    """Where a trajectory's recorded latents sit: the json fields ``shards.record.noise_levels`` reads."""
 
     timesteps: list[float]  # all S UNet timesteps of the schedule, exact (Euler's are not integers)
     recorded_steps: list[int]  # step indices kept; the rows of latents[:-1], pred_cond, pred_uncond

@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from students import adversarial
-from students.data import dataset_shards, read_dataset, record_pipeline, training_batch
-from students.objective import compute_losses, get_recipe
-from students.train import TrainConfig, train
+from students.distill import adversarial
+from shards.loader import dataset_shards, read_dataset, record_pipeline
+from students.distill.batches import training_batch
+from students.distill.recipes import compute_losses, get_recipe
+from students.training.train import TrainConfig, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]  # numerics: rerun on AVX2 kernels (CI)
 
 
 def _cfg(data, out, **kw):
@@ -28,7 +29,7 @@ def _logged(out):
 
 
 def test_backbone_is_bit_identical_and_student_gets_gradient_from_the_adversarial_term_alone(tiny_dump):
-    from students.unet import build_unet
+    from students.models.unet import build_unet
     from teachers.load import load_teacher
 
     dataset, negative = read_dataset(tiny_dump)
@@ -107,7 +108,7 @@ def test_adversarial_run_logs_every_term_trains_the_heads_and_resumes_exactly(re
 
 
 def test_bad_adversarial_flags_are_one_line_user_errors(tiny_dump):
-    from diffusion_distill.errors import UserError
+    from core.errors import UserError
     from teachers.load import load_teacher
 
     with pytest.raises(UserError, match="--disc_lr"):
@@ -128,7 +129,7 @@ def test_two_process_ddp_with_grad_accumulation_keeps_ranks_and_discriminator_he
 
     launch, env = torchrun
     out = tmp_path / "ddp"
-    proc = subprocess.run([*launch, "-m", "students.train", "--data", tiny_dump,
+    proc = subprocess.run([*launch, "-m", "students.training", "--data", tiny_dump,
                            "--output", str(out), "--preset", "tiny", "--recipe", "snapgen_adv", "--student_steps", "2",
                            "--batch_size", "1", "--grad_accum", "2", "--max_steps", "2", "--warmup_steps", "1",
                            "--disc_lr", "1e-2", "--checkpoint_every", "2", "--shuffle_buffer", "0", "--audit_keys", "1"],
@@ -153,8 +154,8 @@ def test_adversarial_recipes_lower_the_held_out_gap_to_the_teacher_on_a_tiny_bud
 
     import numpy as np
 
-    from students.checkpoint import checkpoints
-    from students.export import load_student_unet
+    from students.training.checkpoint import checkpoints
+    from students.training.runs import load_student_unet
 
     train_dir = tmp_path / "data"
     shutil.copytree(tiny_dump, train_dir)
@@ -235,7 +236,7 @@ def test_real_image_latents_decode_to_the_caption_and_a_caption_without_truth_is
 
 
 def test_adv_real_image_without_real_latents_or_real_images_without_a_source_are_one_line_errors(tiny_dump, tmp_path):
-    from diffusion_distill.errors import UserError
+    from core.errors import UserError
     from pipelines import teacher_dump
 
     with pytest.raises(UserError, match="--adv_real image needs real-image latents.*--real_images"):
@@ -255,7 +256,7 @@ def test_adversarial_step_with_real_images_judges_their_latents_trains_the_heads
         recipe_name, shapes_real_dump, tmp_path):
     import os
 
-    from students.checkpoint import checkpoints
+    from students.training.checkpoint import checkpoints
     from teachers.load import load_teacher
 
     data, _ = shapes_real_dump
@@ -275,7 +276,7 @@ def test_adversarial_step_with_real_images_judges_their_latents_trains_the_heads
     # at one level for snapgen_adv; for ufogen the fake is the posterior sample, the real the marginal at s
     noise = torch.randn(batch["x0"].shape, generator=torch.Generator().manual_seed(0))
     if recipe_name == "snapgen_adv":
-        from students import distill
+        from students.distill import losses as distill
 
         alpha, sigma = (v.view(-1, 1, 1, 1) for v in distill.alpha_sigma(adv.alphas_cumprod, t))
         torch.testing.assert_close(real, alpha * batch["image_latents"] + sigma * noise, rtol=1e-5, atol=1e-5)

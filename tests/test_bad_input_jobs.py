@@ -21,7 +21,7 @@ import pytest
 from diffusion_distill import beam_cli, cli
 from filters import reasons
 from pipelines import curate, dump, filter as filter_job
-from teachers.record import SCHEMA_VERSION
+from shards.record import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--teacher", "tiny", "--num_inference_steps", "1", "--samples_per_shard", "4", "--batch_size", "4",
@@ -299,12 +299,12 @@ def test_every_reason_code_is_defined_once_in_filters_reasons():
              ("KEPT", "FILTERED", "DUPLICATE", "REJECTED")]
     assert sorted(codes) == sorted(reasons.ALL) and len(set(codes)) == len(codes)
     assert all(reasons.fate_of(code) in reasons.FATES for code in reasons.ALL)
-    # codes the shard record and its readers emit are listed too: every BadRecord raised in teachers/,
-    # pipelines/, students/ (a literal or a teachers.record constant), every skip the trainer's loader counts
-    from teachers import record
+    # codes the shard record and its readers emit are listed too: every BadRecord raised in shards/, teachers/,
+    # pipelines/, students/ (a literal or a shards.record constant), every skip the trainer's loader counts
+    from shards import record
 
     emitted = set()
-    for path in [*ROOT.glob("teachers/**/*.py"), *ROOT.glob("pipelines/**/*.py"), *ROOT.glob("students/*.py")]:
+    for path in [p for package in ("shards", "teachers", "pipelines", "students") for p in ROOT.glob(f"{package}/**/*.py")]:
         text = path.read_text()
         emitted |= set(re.findall(r'BadRecord\("(\w+)"', text))
         emitted |= {getattr(record, name) for name in re.findall(r'BadRecord\((?:record\.)?([A-Z_]+)\b', text)}

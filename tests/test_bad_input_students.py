@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
-from students import evaluate, export, profile, train
+from students.evaluation import evaluate
+from students.cost import profile
+from students.export import folder as export
+from students.training import cli as train
 
 DDIM = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
         "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1,
@@ -109,7 +112,8 @@ def test_bad_input_is_one_line_and_exit_2(name, module, argv, words, tmp_path, c
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"distill {module.__name__.split('.')[-1].replace('evaluate', 'eval')}: error: ")
+    verb = {"cli": "train", "evaluate": "eval"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
+    assert lines[0].startswith(f"distill {verb}: error: ")
     assert "Traceback" not in err
     for word in words:
         assert word in lines[0], lines[0]
@@ -119,7 +123,7 @@ def test_bad_input_is_one_line_and_exit_2(name, module, argv, words, tmp_path, c
 
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "students.train", "--data", dataset(tmp_path / "d"), "--output",
+    proc = subprocess.run([sys.executable, "-m", "students.training", "--data", dataset(tmp_path / "d"), "--output",
                            str(tmp_path / "run"), "--max_steps", "-1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["distill train: error: --max_steps must be at least 1, got -1"]

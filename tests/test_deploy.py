@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from students import deploy, ondevice, onnx_convert
+from students.export import deploy, ondevice, onnx_convert
 
 CAPTION = "a small red circle at the top left on a white background"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]  # numerics: rerun on AVX2 kernels (CI)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory, one_thread):
     student, step-distilled to 4 steps from a 32-step dump of the shapes teacher (its dataset.json only)."""
     from diffusers import DDIMScheduler
 
-    from students.unet import build_unet
+    from students.models.unet import build_unet
     from teachers.shapes.model import scheduler_config
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -61,9 +61,10 @@ def exported(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def shapes_pipe(checkpoint):
     """The PyTorch pipeline the export came from: the shapes teacher with the student UNet and its scheduler."""
-    from students import export
+    from students.export import folder as export
+    from students.training import runs as student_runs
 
-    pipe, info = export.assemble_pipeline(export.read_run(checkpoint))
+    pipe, info = export.assemble_pipeline(student_runs.read_run(checkpoint))
     assert info["timesteps"] == [999, 749, 499, 249] and info["guidance_scale"] == 6.0
     return pipe, info
 

@@ -15,7 +15,10 @@ from filters.clip_embed import embed_images, embed_texts, load_clip
 from pipelines import teacher_dump
 from pipelines.dump import plan as dump_plan
 from pipelines.scoring import image_scoring
-from teachers import shards
+from shards import reader as shard_reader
+from shards import schema as shard_schema
+from shards import verify as shard_verify
+from shards import writer as shard_writer
 
 BASE = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2", "--samples_per_shard", "2",
         "--batch_size", "2", "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
@@ -58,10 +61,10 @@ def test_scores_are_the_curate_models_scores_of_the_stored_png(scored):
     assert dataset["recipe"]["score_images"] == {"preset": "tiny", "clip_model": "dd-tiny-clip", "clip_weights": "random",
                                                  "aesthetic_weights": weights, "embed_dim": 32}
     for shard in range(2):
-        index = shards.read_index(str(out), shard)
-        embeds = shards.read_embeddings(str(out), shard, index)
+        index = shard_reader.read_index(str(out), shard)
+        embeds = shard_reader.read_embeddings(str(out), shard, index)
         assert embeds.shape == (2, 32) and embeds.dtype == np.float32
-        members = read_tar(out / shards.shard_name(shard))
+        members = read_tar(out / shard_schema.shard_name(shard))
         for i, key in enumerate(index["keys"]):
             meta = json.loads(members[key]["json"])
             image = Image.open(io.BytesIO(members[key]["png"]))
@@ -73,17 +76,17 @@ def test_scores_are_the_curate_models_scores_of_the_stored_png(scored):
                                             "aesthetic_score": index["scores"]["aesthetic_score"][i]}
             assert index["scores"]["clip_score"][i] == pytest.approx(ref_clip, abs=1e-5)
             assert index["scores"]["aesthetic_score"][i] == pytest.approx(ref_aesthetic, abs=1e-5)
-        assert shards.verify_shard(str(out), shard) == []
+        assert shard_verify.verify_shard(str(out), shard) == []
 
 
 def test_byte_ranges_fetch_each_sample_alone(scored):
     out, _, _ = scored
-    index = shards.read_index(str(out), 1)
-    members = read_tar(out / shards.shard_name(1))
-    got = {key: sample for key, sample, problem in shards.read_samples(str(out), 1, [(k, o) for k, o in zip(
+    index = shard_reader.read_index(str(out), 1)
+    members = read_tar(out / shard_schema.shard_name(1))
+    got = {key: sample for key, sample, problem in shard_reader.read_samples(str(out), 1, [(k, o) for k, o in zip(
         index["keys"], index["offsets"])][::-1])}  # any order asked; each key read by its own range
     assert got == {k: {"__key__": k, **members[k]} for k in index["keys"]}
-    scanned = {k: s for k, s, _ in shards.read_samples(str(out), 1, [(k, None) for k in index["keys"]])}
+    scanned = {k: s for k, s, _ in shard_reader.read_samples(str(out), 1, [(k, None) for k in index["keys"]])}
     assert scanned == got  # the fallback for indexes without ranges agrees
 
 
@@ -91,8 +94,8 @@ def test_same_prompt_and_seed_under_two_ids_gives_identical_images_and_embedding
     out, _, _ = scored
     a, b = read_tar(out / "000000.tar"), read_tar(out / "000001.tar")
     assert a["x0-s0"]["png"] == b["x1-s0"]["png"] and a["y0-s0"]["png"] == b["y1-s0"]["png"]
-    ea = shards.read_embeddings(str(out), 0, shards.read_index(str(out), 0))
-    eb = shards.read_embeddings(str(out), 1, shards.read_index(str(out), 1))
+    ea = shard_reader.read_embeddings(str(out), 0, shard_reader.read_index(str(out), 0))
+    eb = shard_reader.read_embeddings(str(out), 1, shard_reader.read_index(str(out), 1))
     assert np.array_equal(ea, eb) and not np.array_equal(ea[0], ea[1])
 
 
@@ -101,12 +104,12 @@ def test_a_corrupt_sidecar_fails_verification(scored, tmp_path):
 
     out, _, _ = scored
     shutil.copytree(out, tmp_path / "d")
-    path = tmp_path / "d" / shards.embeds_name(0)
+    path = tmp_path / "d" / shard_schema.embeds_name(0)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert shards.verify_shard(str(tmp_path / "d"), 0) == ["000000.emb.npy sha256 differs from its index"]
-    assert shards.verify_shard(str(tmp_path / "d"), 1) == []
+    assert shard_verify.verify_shard(str(tmp_path / "d"), 0) == ["000000.emb.npy sha256 differs from its index"]
+    assert shard_verify.verify_shard(str(tmp_path / "d"), 1) == []
 
 
 def test_unscored_recipes_keep_their_hash():
@@ -123,7 +126,7 @@ def test_unscored_recipes_keep_their_hash():
 
 
 def test_shard_writer_refuses_a_mix_of_scored_and_unscored_samples(tmp_path):
-    writer = shards.ShardWriter(str(tmp_path), 0, recipe_hash="r")
+    writer = shard_writer.ShardWriter(str(tmp_path), 0, recipe_hash="r")
     writer.write({"__key__": "a", "txt": b"a"}, scores={"clip_score": 0.1}, embedding=np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="every sample of a shard has the same scores"):
         writer.write({"__key__": "b", "txt": b"b"})

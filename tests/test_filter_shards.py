@@ -14,8 +14,10 @@ import torch
 
 from filters.aesthetic import AestheticMLP
 from pipelines import filter_shards, teacher_dump
-from teachers import inspect as inspect_cli
-from teachers import shards
+from shards import inspect as inspect_cli
+from shards import reader as shard_reader
+from shards import schema as shard_schema
+from shards import verify as shard_verify
 
 DUMP = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2", "--samples_per_shard", "3",
         "--batch_size", "3", "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
@@ -49,9 +51,9 @@ def dump(tmp_path_factory):
 def parent_samples(data_dir):
     """key -> dict(aesthetic, clip, embedding, shard, position) from the indexes and sidecars."""
     out = {}
-    for shard in shards.list_indexes(data_dir):
-        index = shards.read_index(data_dir, shard)
-        embeds = shards.read_embeddings(data_dir, shard, index)
+    for shard in shard_reader.list_indexes(data_dir):
+        index = shard_reader.read_index(data_dir, shard)
+        embeds = shard_reader.read_embeddings(data_dir, shard, index)
         for i, key in enumerate(index["keys"]):
             out[key] = dict(aesthetic=index["scores"]["aesthetic_score"][i], clip=index["scores"]["clip_score"][i],
                             embedding=embeds[i], shard=shard, position=i)
@@ -143,34 +145,34 @@ def test_scores_and_embeddings_are_read_without_the_tars(dump, tmp_path):
         if name.endswith((".json", ".emb.npy")):
             shutil.copy(os.path.join(dump, name), light / name)
     records = filter_plan.score_records(str(light), 2)
-    index = shards.read_index(dump, 2)
+    index = shard_reader.read_index(dump, 2)
     assert [r["key"] for r in records] == index["keys"] and all(r["stage"] is None for r in records)
     assert [r["offset"] for r in records] == index["offsets"]
-    assert np.array_equal(np.stack([r["image_embedding"] for r in records]), shards.read_embeddings(dump, 2, index))
+    assert np.array_equal(np.stack([r["image_embedding"] for r in records]), shard_reader.read_embeddings(dump, 2, index))
 
 
 def test_output_shards_are_balanced_in_parent_order_and_hold_the_input_bytes(filtered, dump):
     out, samples = filtered["out"], filtered["samples"]
     kept = sorted((k for k, f in filtered["expected"].items() if f[0] == "kept"),
                   key=lambda k: (samples[k]["shard"], samples[k]["position"]))
-    indexes = [shards.read_index(out, i) for i in shards.list_indexes(out)]
+    indexes = [shard_reader.read_index(out, i) for i in shard_reader.list_indexes(out)]
     assert [k for ix in indexes for k in ix["keys"]] == kept
     counts = [ix["count"] for ix in indexes]
     assert len(counts) == -(-len(kept) // 4) and max(counts) - min(counts) <= 1
     parent = {}
-    for shard in shards.list_indexes(dump):
-        for name, size, data in tar_members(os.path.join(dump, shards.shard_name(shard))):
+    for shard in shard_reader.list_indexes(dump):
+        for name, size, data in tar_members(os.path.join(dump, shard_schema.shard_name(shard))):
             parent[name] = (size, data)
     for ix in indexes:
         members = tar_members(os.path.join(out, ix["shard"]))
         assert {n.split(".")[0] for n, _, _ in members} == set(ix["keys"])
         for name, size, data in members:
             assert parent[name] == (size, data)  # copied unchanged, never re-encoded
-        embeds = shards.read_embeddings(out, int(ix["shard"][:6]), ix)
+        embeds = shard_reader.read_embeddings(out, int(ix["shard"][:6]), ix)
         for i, key in enumerate(ix["keys"]):
             assert np.array_equal(embeds[i], samples[key]["embedding"])
             assert ix["scores"]["aesthetic_score"][i] == samples[key]["aesthetic"]
-        assert shards.verify_shard(out, int(ix["shard"][:6])) == []
+        assert shard_verify.verify_shard(out, int(ix["shard"][:6])) == []
 
 
 def test_sidecar_dedup_path_gives_the_records_paths_outputs(filtered, tmp_path):
@@ -228,7 +230,7 @@ def test_dataset_json_keeps_what_the_trainer_needs_and_records_the_lineage(filte
 
 
 def test_trainer_reads_a_filtered_dataset_like_a_dump(filtered, tmp_path):
-    from students.train import TrainConfig, train
+    from students.training.train import TrainConfig, train
 
     losses = train(TrainConfig(data=filtered["out"], output=str(tmp_path / "run"), preset="tiny", recipe="output_kd",
                                batch_size=2, max_steps=2, warmup_steps=1, checkpoint_every=2, shuffle_buffer=0))
@@ -254,11 +256,11 @@ def test_a_truncated_sidecar_rejects_its_shard_and_the_job_finishes(filtered, du
     (``corrupt_embeddings``), the k-means sample skips the file, and the other shards are filtered."""
     bad = str(tmp_path / "bad")
     shutil.copytree(dump, bad)
-    with open(os.path.join(bad, shards.embeds_name(1)), "r+b") as f:
+    with open(os.path.join(bad, shard_schema.embeds_name(1)), "r+b") as f:
         f.truncate(100)
     out = str(tmp_path / "out")
     dataset = filter_shards.run([bad if a == dump else out if a == filtered["out"] else a for a in filtered["args"]])
-    in_shard_1 = shards.read_index(bad, 1)["keys"]
+    in_shard_1 = shard_reader.read_index(bad, 1)["keys"]
     rows = {r["key"]: r for r in manifest(out)}
     assert {(rows[k]["fate"], rows[k]["stage"], rows[k]["reason"]) for k in in_shard_1} == \
         {("rejected", "scores", "corrupt_embeddings")}
@@ -271,8 +273,8 @@ def test_a_corrupt_member_is_rejected_with_its_reason_and_counted(filtered, dump
     shutil.copytree(dump, bad)
     victim = next(k for k, f in sorted(filtered["expected"].items()) if f[0] == "kept")
     s = filtered["samples"][victim]
-    start = shards.read_index(bad, s["shard"])["offsets"][s["position"]][0]
-    with open(os.path.join(bad, shards.shard_name(s["shard"])), "r+b") as f:  # same size, garbled header
+    start = shard_reader.read_index(bad, s["shard"])["offsets"][s["position"]][0]
+    with open(os.path.join(bad, shard_schema.shard_name(s["shard"])), "r+b") as f:  # same size, garbled header
         f.seek(start)
         f.write(b"\xff" * 100)
     out = str(tmp_path / "out")

@@ -85,13 +85,13 @@ def _flags(argv):
 def test_pytorchjob_passes_every_flag_the_trainer_understands():
     import yaml  # PyYAML comes with the dependencies (transformers, dask)
 
-    from students.train import parse_args
+    from students.training.cli import parse_args
 
     job = yaml.safe_load((ROOT / "infra/train/pytorchjob.yaml").read_text())
     worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
     container = worker["template"]["spec"]["containers"][0]
     args = container["args"]
-    assert container["command"] == ["torchrun"] and args[0] == "--nproc_per_node=8" and args[1:3] == ["-m", "students.train"]
+    assert container["command"] == ["torchrun"] and args[0] == "--nproc_per_node=8" and args[1:3] == ["-m", "students.training"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8  # one process per GPU
     assert job["spec"]["elasticPolicy"]["rdzvBackend"] == "c10d" and worker["replicas"] == 2
     flags = _flags(args[3:])
@@ -110,7 +110,7 @@ def test_slurm_script_runs_torchrun_with_every_flag(tmp_path):
     import json
     import shlex
 
-    from students.train import parse_args
+    from students.training.cli import parse_args
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -125,7 +125,7 @@ def test_slurm_script_runs_torchrun_with_every_flag(tmp_path):
     argv = json.loads(out.strip().splitlines()[-1])
     assert argv[0] == "torchrun"
     cut = argv.index("-m")
-    assert argv[cut + 1] == "students.train"
+    assert argv[cut + 1] == "students.training"
     assert _flags(argv[1:cut]) == {"nnodes": "2", "nproc_per_node": "8", "rdzv_id": "42", "rdzv_backend": "c10d",
                                    "rdzv_endpoint": "node-a:29500"}
     trainer = argv[cut + 2:]

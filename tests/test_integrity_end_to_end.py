@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import filter_shards, teacher_dump
-from students import data as SD
-from students import train as train_cli
-from teachers import inspect as inspect_cli
-from teachers import record
-from teachers.schema import ShardIndex
+from shards import loader as SD
+from students.training import cli as train_cli
+from shards import inspect as inspect_cli
+from shards import record
+from shards.schema import ShardIndex
 
 DUMP = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2", "--samples_per_shard", "2",
         "--batch_size", "2", "--feature_layers", "", "--progress", "off", "--cpu_threads", "2", "--save_images",

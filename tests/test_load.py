@@ -11,6 +11,8 @@ import torch
 from teachers.load import TeacherError, load_teacher
 from teachers.sampler import SampleRequest, SamplerConfig, sample_trajectories
 
+pytestmark = pytest.mark.numerics  # float32 tolerances: rerun on AVX2 kernels (CI)
+
 
 def test_tiny_is_the_same_model_every_time(tiny_teacher):
     again = load_teacher("tiny")

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from teachers import record, schema, shards
+from shards import reader as shard_reader
+from shards import record, schema
+from shards import verify as shard_verify
+from shards import writer as shard_writer
 from teachers.sampler import SampleResult
-from students.data import ReadStats, dataset_shards, decode_records, record_pipeline
+from shards.loader import ReadStats, dataset_shards, decode_records, record_pipeline
 
 
 def fake_result(key="k-s0", seed=0, *, image=False, scale=1.0) -> SampleResult:
@@ -77,7 +80,7 @@ def test_non_finite_outputs_and_bad_keys_are_bad_records():
 
 
 def _write(out, index, keys, **kw):
-    with shards.ShardWriter(str(out), index, recipe_hash="r1") as w:
+    with shard_writer.ShardWriter(str(out), index, recipe_hash="r1") as w:
         for i, key in enumerate(keys):
             w.write(record.encode_sample(fake_result(key, seed=hash(key) % 1000, **kw), {})[0])
     return w.index
@@ -96,7 +99,7 @@ def test_shards_are_deterministic_and_readable_by_stock_tools(tmp_path):
     got = [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in wds.WebDataset(str(tmp_path / "a" / "000000.tar"), shardshuffle=False)]
     assert [k for k, _ in got] == ["x-s0", "y-s0"]
     assert "feats.mid_block.npy" in got[0][1] and "latents.npy" in got[0][1]
-    assert shards.verify_shard(str(tmp_path / "a"), 0) == []
+    assert shard_verify.verify_shard(str(tmp_path / "a"), 0) == []
 
 
 def test_writer_killed_mid_shard_leaves_nothing_under_the_final_name(tmp_path):
@@ -104,8 +107,8 @@ def test_writer_killed_mid_shard_leaves_nothing_under_the_final_name(tmp_path):
         import os, signal, sys
         sys.path.insert(0, {os.getcwd()!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_record_and_shards import fake_result
-        from teachers import record, shards
-        w = shards.ShardWriter({str(tmp_path)!r}, 3, recipe_hash="r")
+        from shards import record
+        w = shard_writer.ShardWriter({str(tmp_path)!r}, 3, recipe_hash="r")
         for i in range(5):
             w.write(record.encode_sample(fake_result(f"k{{i}}-s0", i), {{}})[0])
         os.kill(os.getpid(), signal.SIGKILL)
@@ -115,20 +118,20 @@ def test_writer_killed_mid_shard_leaves_nothing_under_the_final_name(tmp_path):
     names = os.listdir(tmp_path)
     assert "000003.tar" not in names and "000003.json" not in names
     assert any(n.startswith("000003.tar.tmp-") for n in names)  # the partial write, under a temporary name
-    assert shards.list_indexes(str(tmp_path)) == []
-    assert shards.verify_shard(str(tmp_path), 3) == ["000003.json missing"]
+    assert shard_reader.list_indexes(str(tmp_path)) == []
+    assert shard_verify.verify_shard(str(tmp_path), 3) == ["000003.json missing"]
 
 
 def test_exception_inside_writer_removes_the_temporary(tmp_path):
     with pytest.raises(RuntimeError):
-        with shards.ShardWriter(str(tmp_path), 0, recipe_hash="r") as w:
+        with shard_writer.ShardWriter(str(tmp_path), 0, recipe_hash="r") as w:
             w.write(record.encode_sample(fake_result(), {})[0])
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
 
 
 def test_verify_names_a_corrupt_shard(tmp_path):
-    from teachers.inspect import main
+    from shards.inspect import main
 
     _write(tmp_path, 0, ["a-s0"])
     _write(tmp_path, 1, ["b-s0"])
@@ -137,8 +140,8 @@ def test_verify_names_a_corrupt_shard(tmp_path):
     data = bytearray(path.read_bytes())
     data[2000] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert shards.verify_shard(str(tmp_path), 0) == []
-    assert "sha256" in shards.verify_shard(str(tmp_path), 1)[0]
+    assert shard_verify.verify_shard(str(tmp_path), 0) == []
+    assert "sha256" in shard_verify.verify_shard(str(tmp_path), 1)[0]
     assert main([str(tmp_path), "--verify"]) == 1
 
 
@@ -169,15 +172,15 @@ def test_cleanup_removes_every_kind_of_temporary(tmp_path):
     others = ["000004.json.tmp-5e", "dataset.json.tmp-6f", "negative_prompt_embeds.npy.tmp-7a"]
     for name in planted + others:
         (tmp_path / name).write_bytes(b"partial")
-    removed = shards.remove_stale_temporaries(str(tmp_path), 3)
+    removed = shard_writer.remove_stale_temporaries(str(tmp_path), 3)
     assert sorted(removed) == sorted(planted)
     names = set(os.listdir(tmp_path))
     assert {"000003.tar", "000003.json"} <= names and set(others) <= names  # shard 4 may be live: untouched
-    from teachers.fs import remove_temporaries
+    from core.fs import remove_temporaries
 
     assert sorted(remove_temporaries(str(tmp_path))) == sorted(others)  # the launcher, before workers start
     assert sorted(os.listdir(tmp_path)) == ["000003.json", "000003.tar"]
-    assert shards.verify_shard(str(tmp_path), 3) == []
+    assert shard_verify.verify_shard(str(tmp_path), 3) == []
 
 
 def test_index_holds_a_checksum_per_member_and_readers_refuse_a_flipped_byte(tmp_path):
@@ -188,24 +191,24 @@ def test_index_holds_a_checksum_per_member_and_readers_refuse_a_flipped_byte(tmp
     # Flip 8 bytes inside b-s0's latents member (the data, not a header): the tar still parses.
     path = tmp_path / "000000.tar"
     with open(path, "rb") as f:
-        members = shards.sample_members(f, "b-s0", *index["offsets"][1])
+        members = shard_reader.sample_members(f, "b-s0", *index["offsets"][1])
     ext, offset, size = next(m for m in members if m[0] == "latents.npy")
     data = bytearray(path.read_bytes())
     data[offset + size - 16 : offset + size - 8] = bytes(b ^ 0xFF for b in data[offset + size - 16 : offset + size - 8])
     path.write_bytes(bytes(data))
-    got = {k: (s is not None, p) for k, s, p in shards.read_samples(str(tmp_path), 0, [(k, o) for k, o in zip(index["keys"], index["offsets"])])}
+    got = {k: (s is not None, p) for k, s, p in shard_reader.read_samples(str(tmp_path), 0, [(k, o) for k, o in zip(index["keys"], index["offsets"])])}
     assert got["a-s0"] == (True, None)
     assert not got["b-s0"][0] and "checksum_mismatch" in got["b-s0"][1] and "'b-s0'" in got["b-s0"][1] and "latents.npy" in got["b-s0"][1]
     # The filter's streaming copy, given the index's checksums, refuses before writing anything.
-    ix = shards.ShardIndex.read(str(tmp_path), 0)
-    with open(path, "rb") as f, shards.ShardWriter(str(tmp_path / "out"), 0, recipe_hash="r1") as w:
+    ix = schema.ShardIndex.read(str(tmp_path), 0)
+    with open(path, "rb") as f, shard_writer.ShardWriter(str(tmp_path / "out"), 0, recipe_hash="r1") as w:
         for key, rng in zip(ix.keys, ix.offsets):
             try:
-                w.copy_members(f, key, shards.sample_members(f, key, *rng), checksums=ix.member_checksums(key))
+                w.copy_members(f, key, shard_reader.sample_members(f, key, *rng), checksums=ix.member_checksums(key))
             except record.BadRecord as err:
                 assert err.reason == "checksum_mismatch" and key == "b-s0"
-    assert w.index["keys"] == ["a-s0"] and shards.verify_shard(str(tmp_path / "out"), 0) == []
-    problems = shards.verify_shard(str(tmp_path), 0)
+    assert w.index["keys"] == ["a-s0"] and shard_verify.verify_shard(str(tmp_path / "out"), 0) == []
+    problems = shard_verify.verify_shard(str(tmp_path), 0)
     assert any("checksum_mismatch: sample 'b-s0' member latents.npy" in p for p in problems), problems
     assert record.check_sample(ix.member_checksums("a-s0"), dict(sample, __key__="a-s0")) == "checksum_mismatch"
     assert record.check_sample(ix.member_checksums("b-s0"), sample) is None
@@ -217,13 +220,13 @@ def test_non_finite_arrays_are_refused_by_the_reader_and_verify(tmp_path):
     latents = record.load_npy(sample["latents.npy"]).copy()
     latents[0, 0, 0, 0] = np.nan
     sample["latents.npy"] = record.npy_bytes(latents)  # as a corrupted writer might have stored it
-    with shards.ShardWriter(str(tmp_path), 0, recipe_hash="r1") as w:  # checksums agree: only finiteness catches it
+    with shard_writer.ShardWriter(str(tmp_path), 0, recipe_hash="r1") as w:  # checksums agree: only finiteness catches it
         w.write(sample)
     assert record.nonfinite_members(sample) == ["latents.npy"]
     with pytest.raises(record.BadRecord) as err:
         record.decode_sample(sample)
     assert err.value.reason == "non_finite" and "latents" in str(err.value)
-    assert any("non_finite: sample 'n-s0' member latents.npy" in p for p in shards.verify_shard(str(tmp_path), 0))
+    assert any("non_finite: sample 'n-s0' member latents.npy" in p for p in shard_verify.verify_shard(str(tmp_path), 0))
     stats = ReadStats()
     assert list(decode_records([sample], stats)) == [] and stats.reasons == {"non_finite": 1}
 
@@ -238,7 +241,7 @@ def test_non_finite_image_is_a_rejection_not_a_png():
 
 
 def test_inspect_verify_reports_each_shard_once(tmp_path, capsys):
-    from teachers.inspect import main
+    from shards.inspect import main
 
     _write(tmp_path, 0, ["a-s0"])
     _write(tmp_path, 1, ["b-s0"])
@@ -255,9 +258,9 @@ def test_inspect_verify_reports_each_shard_once(tmp_path, capsys):
 
 
 def test_unsupported_schema_versions_are_one_line_naming_file_and_versions(tmp_path, capsys):
-    from diffusion_distill.errors import UserError
-    from teachers import schema
-    from teachers.inspect import main
+    from core.errors import UserError
+    from shards import schema
+    from shards.inspect import main
 
     index = _write(tmp_path, 0, ["a-s0"])
     info = schema.DatasetInfo(schema_version=2, recipe={"teacher": "tiny"}, recipe_hash="r1",
@@ -286,11 +289,11 @@ def test_unsupported_schema_versions_are_one_line_naming_file_and_versions(tmp_p
     ix = json.loads((tmp_path / "000000.json").read_text())
     (tmp_path / "000000.json").write_text(json.dumps(dict(ix, schema_version=7)))
     with pytest.raises(UserError, match=r"000000.json has schema_version 7"):
-        shards.read_index(str(tmp_path), 0)
+        shard_reader.read_index(str(tmp_path), 0)
     (tmp_path / "000000.json").write_text(json.dumps(dict(ix, count=5)))
     with pytest.raises(UserError, match="000000.json: field 'count' is 5 but 'keys' lists 1"):
-        shards.ShardIndex.read(str(tmp_path), 0)
-    assert "unreadable" in shards.verify_shard(str(tmp_path), 0)[0]
+        schema.ShardIndex.read(str(tmp_path), 0)
+    assert "unreadable" in shard_verify.verify_shard(str(tmp_path), 0)[0]
     with pytest.raises(UserError, match="made with recipe 'r1', expected 'r2'"):
         schema.check_recipe_hash(ix["recipe_hash"], "r2", "000000.json")
 
@@ -304,12 +307,12 @@ def test_a_schema1_index_without_checksums_still_reads(tmp_path):
     index = _write(tmp_path, 0, ["a-s0"])
     old = {k: v for k, v in index.items() if k not in ("checksums", "checksum_algorithm", "offsets")}
     (tmp_path / "000000.json").write_text(json.dumps(dict(old, schema_version=1)))
-    ix = shards.ShardIndex.read(str(tmp_path), 0)
+    ix = schema.ShardIndex.read(str(tmp_path), 0)
     assert ix.schema_version == 1 and ix.member_checksums("a-s0") is None and ix.offsets is None
-    assert shards.read_index(str(tmp_path), 0)["keys"] == ["a-s0"]
-    got = list(shards.read_samples(str(tmp_path), 0, [("a-s0", None)]))
+    assert shard_reader.read_index(str(tmp_path), 0)["keys"] == ["a-s0"]
+    got = list(shard_reader.read_samples(str(tmp_path), 0, [("a-s0", None)]))
     assert got[0][0] == "a-s0" and got[0][1] is not None and got[0][2] is None
-    assert shards.verify_shard(str(tmp_path), 0) == []
+    assert shard_verify.verify_shard(str(tmp_path), 0) == []
 
 
 def test_a_sample_missing_or_reshaping_a_listed_member_is_a_bad_record():

@@ -15,6 +15,8 @@ from teachers.sampler import (
     sample_trajectories,
 )
 
+pytestmark = pytest.mark.numerics  # float32 tolerances: rerun on AVX2 kernels (CI)
+
 REQS = [SampleRequest("a-s0", "a red cube on a table", 11), SampleRequest("b-s0", "two blue birds", 22)]
 
 
@@ -225,7 +227,7 @@ def test_decoded_image_matches_pipeline_output(tiny_teacher):
 
 
 def test_bad_sampler_settings_fail_naming_the_value(tiny_teacher):
-    from diffusion_distill.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="scheduler 'heun'"):
         SamplerConfig(scheduler="heun")
@@ -250,7 +252,7 @@ def test_long_prompt_reports_token_count(tiny_teacher):
 def test_non_finite_decoded_image_is_flagged_not_cast(tiny_teacher):
     import warnings
 
-    from teachers import record
+    from shards import record
 
     cfg = SamplerConfig(num_inference_steps=1, feature_layers=(), save_image=True)
     with warnings.catch_warnings():

@@ -11,8 +11,8 @@ import torch
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from pipelines import teacher_dump
-    from students import export
-    from students.train import TrainConfig, train
+    from students.export import folder as export
+    from students.training.train import TrainConfig, train
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("chain")
@@ -27,7 +27,7 @@ def exported(tmp_path_factory):
 
 
 def test_an_exported_student_loads_as_a_teacher_with_its_own_steps(exported):
-    from students.export import read_inference
+    from students.export.folder import read_inference
     from teachers.load import load_teacher, teacher_geometry, teacher_lineage
 
     tmp, folder = exported
@@ -42,8 +42,8 @@ def test_an_exported_student_loads_as_a_teacher_with_its_own_steps(exported):
 
 def test_a_dump_made_with_an_exported_student(exported):
     from pipelines import teacher_dump
-    from students.data import dataset_shards, record_pipeline
-    from students.export import read_inference
+    from shards.loader import dataset_shards, record_pipeline
+    from students.export.folder import read_inference
     from teachers.load import load_teacher
 
     tmp, folder = exported
@@ -61,7 +61,7 @@ def test_a_dump_made_with_an_exported_student(exported):
 
 
 def test_the_exported_scheduler_samples_at_the_trained_timesteps(exported):
-    from students.export import read_inference
+    from students.export.folder import read_inference
     from teachers.load import load_teacher
 
     tmp, folder = exported
@@ -80,7 +80,7 @@ def test_the_dump_records_the_students_lineage(exported):
 
 
 def test_an_exported_student_teaches_online(exported):
-    from students.train import TrainConfig, train
+    from students.training.train import TrainConfig, train
 
     tmp, folder = exported
     losses = train(TrainConfig(data=str(tmp / "dump"), output=str(tmp / "run_online"), recipe="output_kd",

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from students import data as SD
-from teachers import record, schema
+from shards import loader as SD
+from students.distill import batches
+from shards import record, schema
 from test_record_and_shards import fake_result
 
 DDIM = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
@@ -46,14 +47,14 @@ def test_noise_levels_are_the_schedule_at_the_recorded_timesteps():
 
 
 def test_training_batch_takes_noise_levels_and_rows_from_one_place():
-    from students.objective import get_recipe
+    from students.distill.recipes import get_recipe
 
     recs = [SD.check_sample(sample(f"k{i}-s0")) for i in range(4)]
     recipe = get_recipe("output_kd")
-    data = SD.training_batch(recs, np.zeros((77, 32), np.float32), recipe, seed=0, epoch=0, scheduler_config=DDIM)
+    data = batches.training_batch(recs, np.zeros((77, 32), np.float32), recipe, seed=0, epoch=0, scheduler_config=DDIM)
     batch = data["batch"]
     for i, rec in enumerate(recs):
-        row, _ = SD.rows_for(rec.meta, recipe, 0, 0, rec.key)
+        row, _ = batches.rows_for(rec.meta, recipe, 0, 0, rec.key)
         t, a, s = SD.noise_levels(rec.meta, DDIM)
         assert float(batch["t"][i]) == t[row] and float(batch["alpha"][i]) == pytest.approx(a[row], rel=1e-7)
         assert float(batch["sigma"][i]) == pytest.approx(s[row], rel=1e-7)
@@ -62,13 +63,13 @@ def test_training_batch_takes_noise_levels_and_rows_from_one_place():
 
 @pytest.mark.parametrize("teacher_steps,student_steps", [(8, 8), (16, 8), (50, 8), (4, 8), (40, 8)])
 def test_step_rows_are_the_rows_the_trainer_draws(teacher_steps, student_steps):
-    from students.objective import get_recipe
+    from students.distill.recipes import get_recipe
 
     recipe = get_recipe("snapfusion_step", student_steps=student_steps)
     meta = {"recorded_steps": list(range(teacher_steps)), "num_inference_steps": teacher_steps}
-    drawn = {SD.rows_for(meta, recipe, 0, 0, f"k{i}") for i in range(400)}
-    k = SD.step_stride(teacher_steps, student_steps)
-    assert drawn == {(r, r + k) for r in SD.step_rows(teacher_steps, student_steps)}
+    drawn = {batches.rows_for(meta, recipe, 0, 0, f"k{i}") for i in range(400)}
+    k = batches.step_stride(teacher_steps, student_steps)
+    assert drawn == {(r, r + k) for r in batches.step_rows(teacher_steps, student_steps)}
     assert max(r + k for r, _ in drawn) <= teacher_steps and min(r for r, _ in drawn) == 0
 
 
@@ -88,7 +89,7 @@ def test_check_sample_accepts_a_good_sample_and_names_each_fault():
     nan[0, 0, 0, 0] = np.inf
     fails(dict(good, **{"latents.npy": record.npy_bytes(nan)}), "non_finite")
     fails(dict(good, **{"noise.npy": record.npy_bytes(np.zeros((4, 8, 9), np.float16))}), "corrupt_member")
-    # the shard index's per-member CRC-32 (teachers.schema.ShardIndex), checked before the decode
+    # the shard index's per-member CRC-32 (shards.schema.ShardIndex), checked before the decode
     sums = {ext: record.member_checksum(b) for ext, b in good.items() if not ext.startswith("__")}
     index = schema.ShardIndex(shard="000000.tar", count=1, keys=["k-s0"], bytes=0, sha256="", recipe_hash="r",
                               **schema.new_index_fields(), checksums=[sums])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from diffusion_distill.errors import UserError
-from students import profile as P
+from core.errors import UserError
+from students.cost import profile as P
 
 CFG = P.ProfileConfig(skip_latency=True)
 
@@ -61,7 +61,7 @@ def test_cli_runs_latency_and_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     by_name = {m["name"]: m for m in report["measurements"]}
     assert set(by_name) == {"tiny_teacher", "tiny"}
-    from students.unet import build_unet
+    from students.models.unet import build_unet
 
     student = by_name["tiny"]
     assert student["params"] == sum(p.numel() for p in build_unet("tiny").parameters())

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipelines import teacher_dump
-from students.data import dataset_shards, record_pipeline
-from teachers.shards import verify_shard
+from shards.loader import dataset_shards, record_pipeline
+from shards.verify import verify_shard
 
 BASE = ["--teacher", "tiny", "--num_inference_steps", "2", "--samples_per_shard", "2", "--batch_size", "2",
         "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
@@ -127,6 +127,7 @@ def test_multiprocessing_direct_runner_gives_the_same_bytes(reference, tmp_path)
     assert tree_bytes(tmp_path / "mp") == tree_bytes(ref_out)
 
 
+@pytest.mark.slow  # a Dask cluster of two worker processes, like the filter job's twin test
 def test_dask_runner_gives_the_same_bytes_as_direct(reference, tmp_path):
     from distributed import LocalCluster
 

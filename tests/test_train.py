@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from students.data import dataset_shards, record_pipeline, training_batch
-from students.objective import compute_losses, get_recipe, make_projections, online_targets
-from students.train import TrainConfig, train
+from shards.loader import dataset_shards, record_pipeline
+from students.distill.batches import training_batch
+from students.distill.recipes import compute_losses, get_recipe, make_projections, online_targets
+from students.training.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,7 +27,7 @@ def _cfg(data, out, **kw):
 
 
 def test_offline_and_online_teachers_give_the_same_loss(tiny_dump, tiny_teacher):
-    from students.unet import build_unet
+    from students.models.unet import build_unet
 
     recipe = get_recipe("snapgen_kd")
     records = list(record_pipeline(dataset_shards(tiny_dump)[:1]))
@@ -51,7 +52,7 @@ def test_kill_then_resume_gives_the_identical_loss_sequence(tiny_dump, tmp_path)
     # Both runs are subprocesses with the same environment: CPU rounding depends on the thread count,
     # and other tests in this process may have changed it.
     def args_for(out):
-        return [sys.executable, "-m", "students.train", "--data", tiny_dump, "--output", str(out), "--preset", "tiny",
+        return [sys.executable, "-m", "students.training", "--data", tiny_dump, "--output", str(out), "--preset", "tiny",
                 "--recipe", "snapgen_kd", "--batch_size", "4", "--max_steps", "8", "--warmup_steps", "2",
                 "--checkpoint_every", "2", "--shuffle_buffer", "8", "--lr", "1e-3"]
 
@@ -79,7 +80,7 @@ def test_kill_then_resume_gives_the_identical_loss_sequence(tiny_dump, tmp_path)
 def test_two_process_ddp_on_gloo(tiny_dump, tmp_path, torchrun):
     launch, env = torchrun
     # 16 samples in 4 shards, 2 ranks x batch 4: 2 steps = one epoch.
-    proc = subprocess.run([*launch, "-m", "students.train", "--data", tiny_dump,
+    proc = subprocess.run([*launch, "-m", "students.training", "--data", tiny_dump,
                            "--output", str(tmp_path / "ddp"), "--preset", "tiny", "--recipe", "output_kd", "--batch_size", "4",
                            "--max_steps", "2", "--warmup_steps", "1", "--checkpoint_every", "2", "--shuffle_buffer", "0",
                            "--audit_keys", "1"], env=env, capture_output=True, text=True, timeout=300)
@@ -92,7 +93,7 @@ def test_two_process_ddp_on_gloo(tiny_dump, tmp_path, torchrun):
 
 
 def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
-    from students.unet import EfficientUNet2DConditionModel, build_unet
+    from students.models.unet import EfficientUNet2DConditionModel, build_unet
 
     urls = dataset_shards(tiny_dump)
     held_out = list(record_pipeline(urls[-1:]))
@@ -138,7 +139,7 @@ def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
 
 
 def test_resampled_epochs_have_the_set_length_and_replay_on_resume(tiny_dump, tmp_path):
-    from students.train import Batches
+    from students.training.train import Batches
 
     cfg = _cfg(tiny_dump, tmp_path, epoch_length=6, batch_size=4, shuffle_buffer=4)
     urls = dataset_shards(tiny_dump)
@@ -156,7 +157,7 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
     from diffusers import AutoencoderTiny
 
     from pipelines import teacher_dump
-    from students.distill import decoder_distill_loss
+    from students.distill.losses import decoder_distill_loss
 
     (tmp_path / "p.txt").write_text("".join(f"a {c} ball number {i}\n" for c in ("red", "blue") for i in range(6)))
     teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "d"), "--teacher", "tiny",
@@ -171,7 +172,7 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
             return float(decoder_distill_loss(decoder.decode(held_out["x0"]).sample, held_out["image"]).mean())
 
     torch.manual_seed(0)
-    from students.vae import build_vae
+    from students.models.vae import build_vae
     before = held_out_loss(build_vae("tiny"))
     losses = train(_cfg(str(tmp_path / "d"), tmp_path / "run", recipe="output_kd", decoder="tiny", batch_size=2, max_steps=8,
                         lr=1e-3, warmup_steps=1, checkpoint_every=8, ema_decay=0.0, audit_keys=1))
@@ -184,7 +185,7 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
 
 def test_sdxl_shaped_dump_trains_and_online_equals_offline(tmp_path, tiny_xl_teacher):
     from pipelines import teacher_dump
-    from students.data import read_dataset
+    from shards.loader import read_dataset
 
     (tmp_path / "p.txt").write_text("".join(f"a {c} cube number {i}\n" for c in ("red", "blue") for i in range(4)))
     teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "d"), "--teacher", "tiny-xl",
@@ -236,8 +237,8 @@ def _corrupt_copy(tiny_dump, dst):
     shard 2: truncated mid-file (its last sample loses members)."""
     import shutil
 
-    from teachers import record
-    from teachers.schema import ShardIndex
+    from shards import record
+    from shards.schema import ShardIndex
 
     shutil.copytree(tiny_dump, dst)
     keys = [json.load(open(dst / f"{i:06d}.json"))["keys"] for i in range(4)]
@@ -275,7 +276,7 @@ def _member(root, shard, key, ext):
 
 
 def test_corrupt_samples_are_skipped_and_counted_with_their_keys_from_every_worker(tiny_dump, tmp_path):
-    from students.train import Batches
+    from students.training.train import Batches
 
     keys = _corrupt_copy(tiny_dump, tmp_path / "d")
     cfg = _cfg(str(tmp_path / "d"), tmp_path / "run", num_workers=2, batch_size=32, shuffle_buffer=0)
@@ -297,7 +298,8 @@ def test_corrupt_samples_are_skipped_and_counted_with_their_keys_from_every_work
 
 
 def test_a_non_finite_loss_stops_training_after_the_last_good_checkpoint(tiny_dump, tmp_path, monkeypatch, capsys):
-    from students import train as T
+    from students.training import cli
+    from students.training import train as T
 
     real, calls = T.compute_losses, []
 
@@ -312,7 +314,7 @@ def test_a_non_finite_loss_stops_training_after_the_last_good_checkpoint(tiny_du
     out = tmp_path / "run"
     argv = ["--data", tiny_dump, "--output", str(out), "--recipe", "output_kd", "--batch_size", "4", "--max_steps", "6",
             "--checkpoint_every", "2", "--shuffle_buffer", "0"]
-    assert T.main(argv) == 2
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len([l for l in err.splitlines() if "error" in l]) == 1
     line = err.strip().splitlines()[-1]  # after the progress bar
@@ -379,8 +381,8 @@ def test_stop_and_resume_equals_the_uninterrupted_run_for_every_recipe(recipe_na
 def test_train_and_export_to_an_fsspec_memory_filesystem(tiny_dump, tmp_path):
     import fsspec
 
-    from students import export
-    from students.checkpoint import checkpoints
+    from students.export import folder as export
+    from students.training.checkpoint import checkpoints
 
     out = "memory://dd-run"
     losses = train(_cfg(tiny_dump, out, recipe="output_kd", max_steps=2, checkpoint_every=1, keep_checkpoints=1))

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from diffusion_distill.errors import UserError
-from students.objective import RECIPES
-from students.train import TrainConfig, train
+from core.errors import UserError
+from students.distill.recipes import RECIPES
+from students.training.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,7 @@ def _cfg(data, out, **kw):
 def test_losses_log_has_an_integer_step_on_every_line_for_every_recipe(recipe_name, tiny_dump, tmp_path):
     import dataclasses
 
-    from students.objective import get_recipe
+    from students.distill.recipes import get_recipe
 
     recipe = get_recipe(recipe_name)
     if recipe_name == "bk_sdm":  # the tiny teacher has two stages: distil the blocks the dump recorded
@@ -51,10 +51,10 @@ def test_a_preset_student_cannot_start_from_the_teacher(tiny_dump, tmp_path):
 
 
 def test_init_from_teacher_starts_from_the_teachers_weights_and_exports(tiny_dump, tmp_path, tiny_teacher):
-    from students import export
-    from students.checkpoint import checkpoints
-    from students.teacher_init import cut, family_config, init_from_teacher
-    from students.unet import EfficientUNet2DConditionModel
+    from students.export import folder as export
+    from students.training.checkpoint import checkpoints
+    from students.models.teacher_init import cut, family_config, init_from_teacher
+    from students.models.unet import EfficientUNet2DConditionModel
 
     cfg = _cfg(tiny_dump, tmp_path / "run", recipe="output_kd", init_from_teacher="mid_only")
     train(cfg)
@@ -80,8 +80,8 @@ def test_init_from_teacher_starts_from_the_teachers_weights_and_exports(tiny_dum
 def test_a_v_prediction_student_of_an_epsilon_teacher_exports_a_v_prediction_sampler(tiny_dump, tmp_path):
     """The exported scheduler follows the student's parameterisation, not the teacher's: sampling a
     v-prediction student as epsilon would read its v as noise."""
-    from students import export
-    from students.objective import get_recipe
+    from students.export import folder as export
+    from students.distill.recipes import get_recipe
 
     cfg = _cfg(tiny_dump, tmp_path / "run", recipe="snapfusion_step", preset="tiny", student_steps=2,
                prediction_type="v_prediction")

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
-from diffusion_distill.allocator import set_allocator
+from core.allocator import set_allocator
 from filters import captions, reasons
 from filters.config import CurateConfig
 from pipelines.curate.schema import MANIFEST_SCHEMA
@@ -176,7 +176,7 @@ class ReadBatches(beam.DoFn):
     """Split -> Tables of up to ``batch`` normalised records (word and CLIP-token counts filled in);
     reader errors and undecodable captions to ``rejects``, as ``ReadRecords`` + ``NormaliseCaption``.
     A ``.txt`` split is read straight into columns (``txt_tables``). ``allocator``: the worker's
-    ``diffusion_distill.allocator`` state, set once per worker."""
+    ``core.allocator`` state, set once per worker."""
 
     def __init__(self, batch: int, allocator: str = "default"):
         self.batch, self.allocator = batch, allocator

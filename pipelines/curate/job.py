@@ -21,7 +21,7 @@ The caption stages (read to exact dedup) run on Arrow tables of ``--record_batch
 (``pipelines.curate.batched``: ReadBatches, ApplyRuleColumns, DropExactDuplicateRows), and so do the
 manifest and report when no image or CLIP stage follows; ``--record_batch 0`` runs every stage one
 record at a time (the reference path; the outputs are the same). ``--allocator steady`` (the
-default) puts the launcher and every worker in ``diffusion_distill.allocator``'s steady state: the
+default) puts the launcher and every worker in ``core.allocator``'s steady state: the
 runner's copies of the tables between stages then reuse memory instead of faulting in fresh pages
 (about half a stage boundary's cost); the processes keep their peak heap.
 Thresholds live in ``filters.config.CurateConfig``: a preset, then ``--config`` (JSON object of
@@ -41,9 +41,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import RunInference
 
-from diffusion_distill.allocator import ALLOCATORS, set_allocator
-from diffusion_distill.errors import UserError
-from diffusion_distill.options import add_arguments, build_parser, from_mapping, option
+from core.allocator import ALLOCATORS, set_allocator
+from core.errors import UserError
+from core.options import add_arguments, build_parser, from_mapping, option
 from filters import config as config_lib
 from filters.config import CurateConfig
 from pipelines import common
@@ -59,7 +59,7 @@ from pipelines.dedup import SemanticDedup, without_vectors
 from pipelines.records import is_active
 from pipelines.scoring import check_models
 from pipelines.stages import ActiveOnly, FilterScores
-from teachers.fs import remove_temporaries
+from core.fs import remove_temporaries
 
 PROG = "distill curate"
 
@@ -77,7 +77,7 @@ class CurateJobConfig:
                                           "manifest); 0 = one record per element (the per-record reference path)")
     allocator: str = option("steady", help="allocator state of the launcher and the workers: steady (glibc keeps the "
                                            "memory it frees, so the tables' copies between stages pay no page faults; "
-                                           "the process keeps its peak heap) | default (diffusion_distill/allocator.py)")
+                                           "the process keeps its peak heap) | default (core/allocator.py)")
 
     def __post_init__(self):
         if self.record_batch < 0:
@@ -96,7 +96,7 @@ class CurateOptions:
     config: CurateConfig  # resolved thresholds
     splits: tuple[Split, ...]  # reading work units, planned (and checked) before the pipeline starts
     record_batch: int = 4096  # rows per Arrow batch in the caption stages; 0 = per-record stages
-    allocator: str = "steady"  # diffusion_distill.allocator state of the launcher and of the workers
+    allocator: str = "steady"  # core.allocator state of the launcher and of the workers
 
 
 def _read_overrides(path: str) -> dict:

@@ -13,7 +13,7 @@ import io
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from diffusion_distill.allocator import set_allocator
+from core.allocator import set_allocator
 from filters import captions, reasons
 from filters.config import CurateConfig
 from pipelines.curate.schema import reject_row
@@ -30,7 +30,7 @@ def _count(name: str) -> None:
 
 class ReadRecords(beam.DoFn):
     """Split -> records; counts every record read, per format. ``allocator``: the worker's
-    ``diffusion_distill.allocator`` state, set once per worker."""
+    ``core.allocator`` state, set once per worker."""
 
     def __init__(self, allocator: str = "default"):
         self.allocator = allocator

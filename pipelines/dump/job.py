@@ -36,15 +36,15 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from diffusion_distill.errors import UserError
-from diffusion_distill.options import option, parse
+from core.errors import UserError
+from core.options import option, parse
 from pipelines import common
 from pipelines.dump import plan as dump_plan
 from pipelines.dump.plan import DumpRecipe
 from pipelines.scoring import image_scoring
-from teachers.fs import remove_temporaries, url_to_fs
+from core.fs import remove_temporaries, url_to_fs
 from teachers.load import teacher_lineage
-from teachers.schema import write_dataset_info
+from shards.schema import write_dataset_info
 
 NAMESPACE = "teacher_dump"
 PROG = "distill dump"
@@ -158,7 +158,7 @@ def _check_real_images(cfg: DumpConfig, found) -> None:
 def build_recipe(cfg: DumpConfig) -> DumpRecipe:
     """Validate the flags (naming the bad value) and resolve them into a recipe; writes nothing."""
     from teachers.load import DTYPES
-    from teachers.record import STORAGE_DTYPES
+    from shards.record import STORAGE_DTYPES
     from teachers.sampler import SCHEDULERS
 
     common.check_input_file(cfg.prompts, "--prompts")
@@ -250,7 +250,8 @@ class GenerateShardFn(beam.DoFn):
 
     def process(self, shard: int):
         from pipelines.dump.shard import generate_shard
-        from teachers.shards import read_index, verify_shard
+        from shards.reader import read_index
+        from shards.verify import verify_shard
 
         if not verify_shard(self.output, shard, recipe_hash=self.recipe.hash):
             self.skipped.inc()
@@ -309,7 +310,7 @@ def write_dataset(indexes: list[dict], output: str, recipe: DumpRecipe, planned:
     lineage = teacher_lineage(recipe.teacher)  # a distilled student as the teacher: which folder, which steps
     if lineage is not None:
         dataset["teacher_lineage"] = lineage
-    return write_dataset_info(output, dataset).to_dict()  # validated by teachers.schema.DatasetInfo
+    return write_dataset_info(output, dataset).to_dict()  # validated by shards.schema.DatasetInfo
 
 
 # ---------------------------------------------------------------------------------------------

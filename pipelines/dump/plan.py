@@ -23,12 +23,12 @@ import json
 import os
 import sys
 
-from diffusion_distill.errors import UserError
+from core.errors import UserError
 from filters import reasons
 from pipelines.common import recipe_hash
 from pipelines.scoring import ImageScoring
-from teachers.fs import url_to_fs
-from teachers.record import SCHEMA_VERSION
+from core.fs import url_to_fs
+from shards.record import SCHEMA_VERSION
 
 # Column names of earlier versions, read for one more version: old name -> current name.
 DEPRECATED_COLUMNS = {"id": "key", "prompt": "caption"}
@@ -211,7 +211,7 @@ def read_input(path: str) -> InputRows:
 
 
 def reject_reason(row: InputRow, seen_keys: set[str]) -> str | None:
-    from teachers.record import BadRecord, check_key
+    from shards.record import BadRecord, check_key
 
     if row.problem is not None:
         return row.problem

@@ -7,7 +7,7 @@ the rejects file is written before the shard is committed, so a complete shard a
 
 With a scorer (``--score_images``) each batch's decoded images are scored right after decoding,
 while they are in memory: the scores go into the sample's json and the shard index, the CLIP
-image embedding into the shard's ``NNNNNN.emb.npy`` (``teachers.shards``), so the filter job
+image embedding into the shard's ``NNNNNN.emb.npy`` (``shards.writer``), so the filter job
 (``pipelines/filter``) never decodes an image.
 """
 
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from filters import reasons
 from pipelines.common import work_unit, write_rejects
-from teachers import record
-from teachers.fs import url_to_fs
-from teachers.shards import ShardWriter, atomic_write_bytes, join
+from shards import record
+from core.fs import url_to_fs
+from shards.writer import ShardWriter
+from core.fs import atomic_write_bytes, join
 
 _CLIP_MAX_TOKENS = 77
 

@@ -37,8 +37,8 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from diffusion_distill.errors import UserError
-from diffusion_distill.options import option, parse
+from core.errors import UserError
+from core.options import option, parse
 from pipelines import common
 from pipelines.dedup import SemanticDedup, SemanticDedupShards
 from pipelines.filter import plan as filter_plan
@@ -46,9 +46,10 @@ from pipelines.filter.plan import FilterRecipe
 from pipelines.records import EMBEDDING_FIELDS
 from pipelines.scoring import ImageScoring
 from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules, clip_scores
-from teachers.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
-from teachers.schema import write_dataset_info
-from teachers.shards import embeds_name, index_name, list_indexes
+from core.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
+from shards.schema import write_dataset_info
+from shards.schema import embeds_name, index_name
+from shards.reader import list_indexes
 
 NAMESPACE = "filter_shards"
 PROG = "distill filter"
@@ -196,7 +197,8 @@ class CopyShardFn(beam.DoFn):
 
     def process(self, shard: int):
         from pipelines.filter.shard import copy_shard
-        from teachers.shards import read_index, verify_shard
+        from shards.reader import read_index
+        from shards.verify import verify_shard
 
         if not verify_shard(self.output, shard, recipe_hash=self.recipe_hash):
             self.skipped.inc()
@@ -261,7 +263,7 @@ def write_dataset(indexes: list[dict], parent: dict, parent_dataset: dict, outpu
                 "clip_score_cutoff": cutoff},
         lineage=lineage,
     )
-    return write_dataset_info(output, dataset).to_dict()  # validated by teachers.schema.DatasetInfo
+    return write_dataset_info(output, dataset).to_dict()  # validated by shards.schema.DatasetInfo
 
 
 # ---------------------------------------------------------------------------------------------

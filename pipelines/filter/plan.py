@@ -16,15 +16,16 @@ import io
 import json
 import os
 
-from diffusion_distill.errors import UserError
+from core.errors import UserError
 from filters import reasons
 from filters.reasons import DUPLICATE, FATES, FILTERED, KEPT, REJECTED
 from pipelines import common
 from pipelines.scoring import ImageScoring
-from teachers import schema
-from teachers.fs import atomic_write_bytes, join, read_bytes, url_to_fs
-from teachers.record import SCHEMA_VERSION
-from teachers.shards import index_name, read_embeddings, read_index
+from shards import schema
+from core.fs import atomic_write_bytes, join, read_bytes, url_to_fs
+from shards.record import SCHEMA_VERSION
+from shards.schema import index_name
+from shards.reader import read_embeddings, read_index
 
 MANIFEST = "manifest.parquet"
 # Stage that set a record aside -> its fate. dump_input/dump: the dump's own rejects; scores: a shard
@@ -78,7 +79,7 @@ class FilterRecipe:
 
 def read_parent(data_dir: str) -> tuple[dict, str]:
     """(dataset.json as a dict, its sha256) of a finished dump or filtered dataset, validated by
-    ``teachers.schema.DatasetInfo``; errors name the problem."""
+    ``shards.schema.DatasetInfo``; errors name the problem."""
     fs, root = url_to_fs(data_dir)
     if not fs.exists(root):
         raise UserError(f"--input {data_dir!r} does not exist")

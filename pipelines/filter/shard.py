@@ -2,14 +2,14 @@
 
 The worker reads its rows from the plan (``pipelines.filter.plan``) and copies each kept sample
 from the parent's shard by its byte range (``offsets`` in the parent's index): the tar headers of
-the range are checked first (``teachers.shards.sample_members``: 512 bytes each, data skipped),
+the range are checked first (``shards.reader.sample_members``: 512 bytes each, data skipped),
 then the member data is streamed in 1 MiB chunks through the same deterministic, atomic
 ``ShardWriter`` as the dump. Member bytes are copied unchanged, never decoded or re-encoded, and
 never held whole in memory; kept samples are adjacent in the parent, so the reads are sequential.
 The scores and embeddings go along into the new index and sidecar, so the output can be
 inspected, trained on, or filtered again like a dump. Ranges the fast path cannot stream (pax
 headers for very long keys, indexes without ranges) are read whole and parsed by
-``teachers.shards.read_samples``.
+``shards.reader.read_samples``.
 Every sample's members are checked against the parent index's per-member CRC-32 before a byte is
 written (``ShardWriter.copy_members(checksums=...)``; the index is read once per input shard). A
 sample whose members differ (``checksum_mismatch``), are missing (``missing_member``) or cannot be
@@ -24,10 +24,13 @@ import json
 
 from filters import reasons
 from pipelines.common import work_unit
-from teachers.fs import url_to_fs
-from teachers.record import JSON, BadRecord
-from teachers.schema import ShardIndex
-from teachers.shards import ShardWriter, join, read_embeddings, read_samples, sample_members, shard_name
+from core.fs import url_to_fs
+from shards.record import JSON, BadRecord
+from shards.schema import ShardIndex
+from shards.writer import ShardWriter
+from core.fs import join
+from shards.reader import read_embeddings, read_samples, sample_members
+from shards.schema import shard_name
 
 
 def _check_json(key: str, data: bytes) -> None:

@@ -11,7 +11,7 @@ metrics come from it:
 - **Frechet distance in its feature space** (stand-in for FID): the 256-d penultimate features of
   generated images against those of rendered truth images for the same captions.
 
-Both follow the evaluation metric protocol of ``students.evaluate``: ``update(images, captions)``
+Both follow the evaluation metric protocol of ``students.evaluation.evaluate``: ``update(images, captions)``
 with float images [N, 3, H, W] in [0, 1], then ``compute() -> dict``.
 """
 

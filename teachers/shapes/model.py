@@ -97,7 +97,7 @@ def save_weights(folder: str, unet, vae, text_encoder, token_ids: list[int], met
     import torch
     from safetensors.torch import save as save_bytes
 
-    from teachers.shards import atomic_write_bytes, atomic_write_json
+    from core.fs import atomic_write_bytes, atomic_write_json
 
     os.makedirs(folder, exist_ok=True)
     digests = {}

@@ -242,7 +242,7 @@ def calibrate(folder: str, guidances=(1.5, 2.5, 4.0, 6.0, 8.0), n: int = 120, st
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from teachers.shards import atomic_write_json
+    from core.fs import atomic_write_json
     from teachers.tokenizer import clip_tokenizer
 
     unet, vae = UNet2DConditionModel(**M.unet_config()), AutoencoderKL(**M.vae_config())
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     acc = heldout_accuracy(analyser)
     from safetensors.torch import save as save_bytes
 
-    from teachers.shards import atomic_write_bytes
+    from core.fs import atomic_write_bytes
 
     atomic_write_bytes(os.path.join(args.output, "analyser.safetensors"),
                        save_bytes({k: v.to(torch.float16).contiguous() for k, v in analyser.state_dict().items()}))

@@ -1,0 +1,9 @@
+"""The ground floor: what every other package may import and that imports none of them.
+
+    core.errors     UserError (one line, exit 2), run_main, the known-warning filters
+    core.options    option() fields on frozen dataclasses, parse(), reuse()
+    core.fs         every file and folder operation, local or fsspec (gs://, s3://, memory://)
+    core.allocator  the glibc allocator state (steady | default) that timings and the curate job use
+
+Nothing heavy is imported here; nothing here parses arguments.
+"""

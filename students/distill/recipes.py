@@ -1,0 +1,255 @@
+"""The distillation objective: which loss terms with which weights (a frozen recipe), and their glue.
+
+A recipe preset names the terms of ``students/distill/losses.py`` to combine; ``compute_losses`` evaluates
+them for one batch, with the teacher's targets read from the shards (offline) or computed by a
+teacher UNet beside the student (online, BK-SDM style). Both paths feed the same loss functions.
+
+Offline targets come from one recorded trajectory point per sample (``z_t`` on the teacher's own
+sampling path, with its cond/uncond predictions and, at feature steps, its block outputs). The task
+loss uses fresh noise on the teacher's final latent. Step distillation matches one student DDIM step
+from ``z_t`` to the recorded latent ``k`` teacher steps later (SnapFusion's x-target); because the
+dump records guided trajectories, this target is CFG-aware at the sample's recorded guidance, and the
+student's output is guided with the same ``w``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+from students.distill import losses as D
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillRecipe:
+    name: str  # preset name, written into every checkpoint
+    prediction_type: str = "epsilon"  # the student's parameterisation (output/feature KD need the teacher's)
+    task_weight: float = 1.0  # L_task on the teacher's final latents with fresh noise
+    output_weight: float = 1.0  # L_outKD at the recorded point
+    feature_weights: tuple[tuple[str, float], ...] = ()  # L_featKD: (teacher block, weight) pairs
+    timestep_aware: bool = False  # SnapGen: scale each distillation term to the task loss per sample
+    guidance_prob: float = 0.0  # SnapFusion p: probability of the guidance-aware (CFG) output term
+    guidance_range: tuple[float, float] = (2.0, 14.0)  # w ~ U[lo, hi] for the guidance-aware output term
+    step_weight: float = 0.0  # SnapFusion step distillation term
+    student_steps: int = 8  # sampling steps the step-distilled student is trained for
+    dynamic_gamma: float | None = None  # SnapFusion: task weight = gamma * L_dstl / L_task (dynamic)
+    robust_skip_prob: float = 0.0  # SnapFusion robust training: skip each attention block with this p
+    adversarial: str = ""  # "" | "ladd" (SnapGen: hinge, re-noised x0) | "ufogen" (non-saturating, posterior); students/distill/adversarial.py
+    adv_weight: float = 0.0  # weight of the generator's adversarial term
+    recon_weight: float = 0.0  # UFOGen's reconstruction term ||x0_pred - x0||^2 against the recorded final latent
+    two_step_teacher: bool = False  # progressive distillation: the step target is two DDIM steps of an online teacher
+
+    def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
+        if not 0 <= self.guidance_prob <= 1 or not 0 <= self.robust_skip_prob < 1:
+            raise ValueError(f"guidance_prob={self.guidance_prob} / robust_skip_prob={self.robust_skip_prob} out of range")
+        if self.adversarial not in ("", "ladd", "ufogen"):
+            raise ValueError(f"adversarial {self.adversarial!r} is not '', 'ladd' or 'ufogen'")
+
+
+def bk_sdm() -> DistillRecipe:
+    """BK-SDM (Kim et al. 2023): task + output KD + feature KD over every stage, all weights 1."""
+    layers = tuple((f"{k}.{i}", 1.0) for k in ("down_blocks", "up_blocks") for i in range(4))
+    return DistillRecipe(name="bk_sdm", feature_weights=layers + (("mid_block", 1.0),))
+
+
+def snapgen_kd() -> DistillRecipe:
+    """SnapGen (Hu et al. 2024) multi-level KD: task + output + features, timestep-aware scaling."""
+    return DistillRecipe(name="snapgen_kd", feature_weights=(("mid_block", 1.0), ("up_blocks.0", 1.0)), timestep_aware=True)
+
+
+def snapfusion_step(student_steps: int = 8) -> DistillRecipe:
+    """SnapFusion: step distillation + CFG-aware output term (p = 0.1) + task loss at dynamic gamma 0.2."""
+    return DistillRecipe(name="snapfusion_step", output_weight=1.0, guidance_prob=0.1, step_weight=1.0,
+                         student_steps=student_steps, dynamic_gamma=0.2)
+
+
+def progressive(student_steps: int = 8) -> DistillRecipe:
+    """Progressive distillation (Salimans & Ho 2022, Algorithm 2): one student step t -> t'' matches two
+    DDIM steps of the teacher (the previous round's student, online) t -> t' -> t''; the step term alone.
+    Offline (no online teacher), the recorded trajectory k teacher steps later is the target."""
+    return DistillRecipe(name="progressive", task_weight=0.0, output_weight=0.0, step_weight=1.0,
+                         student_steps=student_steps, two_step_teacher=True)
+
+
+def output_kd() -> DistillRecipe:
+    """Output distillation alone (plus the task loss): the smallest recipe, for tests and the demo."""
+    return DistillRecipe(name="output_kd", task_weight=0.1)
+
+
+def snapgen_adv(student_steps: int = 4) -> DistillRecipe:
+    """SnapGen (Hu et al. 2024, sec. 4.3) adversarial step distillation: SnapFusion's step + CFG-aware
+    output KD + task terms, plus a LADD hinge term on the student's x0 re-noised (students/distill/adversarial.py)."""
+    return dataclasses.replace(snapfusion_step(student_steps), name="snapgen_adv", adversarial="ladd", adv_weight=0.1)
+
+
+def ufogen(student_steps: int = 1) -> DistillRecipe:
+    """UFOGen (Xu et al. 2023) / MobileDiffusion's one-step diffusion-GAN: non-saturating GAN on the
+    posterior sample q(z_s | z_t, x0) plus the reconstruction term; the step term gives the jump's rows."""
+    return DistillRecipe(name="ufogen", task_weight=0.0, output_weight=0.0, step_weight=1.0, student_steps=student_steps,
+                         adversarial="ufogen", adv_weight=0.1, recon_weight=1.0)
+
+
+RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd,
+           "snapgen_adv": snapgen_adv, "ufogen": ufogen,
+           "progressive": progressive}
+
+
+def get_recipe(name: str, **overrides) -> DistillRecipe:
+    if name not in RECIPES:
+        raise UserError(f"unknown distillation recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    base = RECIPES[name]()
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(base)}
+    if unknown:
+        raise UserError(f"unknown recipe override(s) {sorted(unknown)}")
+    return dataclasses.replace(base, **overrides)
+
+
+def head_key(layer: str) -> str:
+    return layer.replace(".", "_")
+
+
+def make_projections(student_channels: dict[str, int], teacher_channels: dict[str, int], layers) -> nn.ModuleDict:
+    """The distillation head: a 1x1 conv per level from student to teacher channels (dropped at export)."""
+    return nn.ModuleDict({head_key(l): nn.Conv2d(student_channels[l], teacher_channels[l], 1) for l in layers})
+
+
+def choose_row(key: str, seed: int, epoch: int, candidates: list[int]) -> int:
+    """A recorded row for this sample, the same on every rank, worker and resume (hash, not RNG state)."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()[:8], "little")
+    return candidates[h % len(candidates)]
+
+
+@torch.no_grad()
+def online_targets(teacher_unet, z, t, cond, uncond, layers, added=None, added_uncond=None) -> dict:
+    """Teacher predictions (cond, uncond) and cond-branch block outputs at (z, t), computed now."""
+    from teachers.sampler import FeatureCapture, resolve_modules
+
+    capture = FeatureCapture(resolve_modules(teacher_unet, layers), z.shape[0])
+    try:
+        capture.active = bool(layers)
+        extra = None
+        if added is not None:
+            extra = {k: torch.cat([added_uncond[k], added[k]]) for k in added}
+        out = teacher_unet(torch.cat([z, z]), t.repeat(2) if t.ndim else t, encoder_hidden_states=torch.cat([uncond, cond]),
+                           added_cond_kwargs=extra).sample
+    finally:
+        capture.remove()
+    pred_uncond, pred_cond = out.chunk(2)
+    return {"pred_cond": pred_cond, "pred_uncond": pred_uncond, "feats": dict(capture.captured)}
+
+
+def student_forward(student, z, t, cond, added=None, features=False):
+    out = student(z, t, encoder_hidden_states=cond, added_cond_kwargs=added, return_features=features) if features \
+        else student(z, t, encoder_hidden_states=cond, added_cond_kwargs=added)
+    return out.sample, (out.features if features else None)
+
+
+def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRecipe, alphas_cumprod,
+                   generator: torch.Generator, task_point: dict | None = None, decoder=None,
+                   decoder_weight: float = 1.0, outputs: dict | None = None) -> dict[str, torch.Tensor]:
+    """All loss terms of ``recipe`` for one batch; returns per-term means and ``loss`` (the total).
+
+    ``batch``: z (B,4,h,w) at float timesteps t (B,) with its noise level alpha, sigma (B,) (from
+    ``shards.loader.noise_levels``), cond/uncond embeddings, x0 (final latent), guidance (B,), and for
+    step distillation z_next with alpha_next, sigma_next; ``image`` (B,3,H,W) when a decoder is distilled.
+    ``targets``: pred_cond, pred_uncond, feats at (z, t) - offline from the shards or ``online_targets``.
+    ``alphas_cumprod``: the training schedule, for the task loss's fresh timesteps only.
+    ``task_point``: z/t/noise of the task loss; None draws fresh noise and timesteps from ``generator``.
+    ``decoder``: the small decoder of SnapFusion's data distillation (its term weighted ``decoder_weight``).
+    ``outputs``: if given, receives the student's ``x0`` at (z, t) (guided when the recipe runs the
+    unconditional branch), for the adversarial terms (``students.distill.adversarial``).
+    """
+    z, t, cond, added = batch["z"], batch["t"], batch["cond"], batch.get("added")
+    alpha, sigma = batch["alpha"].to(z), batch["sigma"].to(z)
+    terms: dict[str, torch.Tensor] = {}
+    feature_layers = dict(recipe.feature_weights)
+    pred, feats = student_forward(student, z, t, cond, added, features=bool(feature_layers))
+    if recipe.guidance_prob > 0 or recipe.step_weight > 0:
+        pred_u, _ = student_forward(student, z, t, batch["uncond"], batch.get("added_uncond"))
+    if recipe.output_weight > 0:
+        out = D.output_distill_loss(pred, targets["pred_cond"])
+        if recipe.guidance_prob > 0:  # SnapFusion: guidance-aware with probability p, w ~ U[range], per sample
+            use = torch.rand(z.shape[0], generator=generator) < recipe.guidance_prob
+            lo, hi = recipe.guidance_range
+            w = lo + (hi - lo) * torch.rand(z.shape[0], generator=generator)
+            guided = D.guided_distill_loss(pred, pred_u, targets["pred_cond"], targets["pred_uncond"], w.to(z.device))
+            out = torch.where(use.to(z.device), guided, out)
+        terms["output"] = recipe.output_weight * out
+    if feature_layers:
+        terms["feature"] = D.feature_distill_loss(feats, targets["feats"], heads, feature_layers)
+    if recipe.step_weight > 0:
+        guided_pred = D.guidance_combine(pred, pred_u, batch["guidance"])
+        terms["step"] = recipe.step_weight * D.step_distill_loss(
+            guided_pred, z, batch["z_next"], alpha, sigma, batch["alpha_next"].to(z), batch["sigma_next"].to(z),
+            recipe.prediction_type)
+    if outputs is not None:
+        guided = D.guidance_combine(pred, pred_u, batch["guidance"]) if recipe.guidance_prob > 0 or recipe.step_weight > 0 else pred
+        outputs["x0"] = D.pred_to_x0(guided, z, alpha, sigma, recipe.prediction_type)
+    distill_total = sum(terms.values()) if terms else None
+    if recipe.task_weight > 0 or recipe.dynamic_gamma is not None:
+        terms["task"] = _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, distill_total, terms)
+    if decoder is not None:  # SnapFusion data distillation: small decoder vs the teacher decoder's image
+        image = decoder.decode(batch["x0"] / decoder.config.scaling_factor).sample
+        terms["decoder"] = decoder_weight * D.decoder_distill_loss(image, batch["image"])
+    means = {k: v.mean() for k, v in terms.items()}
+    means["loss"] = sum(means.values())
+    return means
+
+
+def _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, distill_total, terms):
+    """L_task at fresh noise on x0, weighted (fixed, or SnapFusion's dynamic gamma); with SnapGen's
+    timestep-aware scaling the distillation ``terms`` are rescaled to it in place. -> (batch,)"""
+    x0 = batch["x0"]
+    if task_point is None:
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        t_task = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator).to(x0.device)
+    else:
+        noise, t_task = task_point["noise"], task_point["t"]
+    a_task, s_task = D.alpha_sigma(alphas_cumprod, t_task)
+    z_task = a_task.view(-1, 1, 1, 1).to(x0) * x0 + s_task.view(-1, 1, 1, 1).to(x0) * noise
+    pred_task, _ = student_forward(student, z_task, t_task.to(x0.dtype), batch["cond"], batch.get("added"))
+    task = D.task_loss(pred_task, x0, noise, a_task, s_task, recipe.prediction_type)
+    if recipe.timestep_aware and distill_total is not None:
+        for k in list(terms):
+            terms[k] = D.timestep_aware_scale(terms[k], task)
+    weight = D.dynamic_gamma(distill_total, task, recipe.dynamic_gamma) if (
+        recipe.dynamic_gamma is not None and distill_total is not None) else recipe.task_weight
+    return weight * task
+
+
+class robust_skip:
+    """SnapFusion robust training (sec. 3.2): for one step, skip each skippable block with probability p.
+
+    Skippable: transformer stages (output = input) and ResNet blocks whose input and output shapes
+    match (output = input, the identity of their residual path). Skipping is a forward hook that
+    returns the block's input, so the graph shape and the DDP bucket layout stay the same.
+    """
+
+    def __init__(self, model, p: float, generator: torch.Generator):
+        self.model, self.p, self.generator, self.handles = getattr(model, "module", model), p, generator, []
+
+    def _skippable(self):
+        from students.models.blocks import ResnetBlock, Transformer2D
+
+        for module in self.model.modules():
+            if isinstance(module, Transformer2D) or (isinstance(module, ResnetBlock) and module.conv_shortcut is None):
+                yield module
+
+    def __enter__(self):
+        if self.p > 0:
+            for module in self._skippable():
+                if float(torch.rand((), generator=self.generator)) < self.p:
+                    self.handles.append(module.register_forward_hook(lambda m, inputs, output: inputs[0]))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return False

@@ -1,0 +1,491 @@
+"""Distil a student UNet from teacher shards. One process or many (torchrun, DDP: NCCL on GPUs, gloo on CPU).
+
+    distill train --data out/dump --output runs/s1 --preset tiny --recipe output_kd --max_steps 200
+    torchrun --nproc_per_node 8 -m students.training --data gs://b/dump --output gs://b/runs/s1 --preset snapgen ...
+
+Re-running the same command resumes from the newest checkpoint in ``--output`` exactly where it
+stopped (weights, EMA, optimizer, LR schedule, the torch/numpy/Python RNG states and data position),
+so a killed and resumed run computes the same losses as an uninterrupted one. ``--data`` and
+``--output`` may be local paths or fsspec URLs (``gs://``, ``s3://``, ``memory://``).
+
+Bad flags, presets, recipes and datasets are reported as one line before any work (exit 2). A
+corrupt sample is skipped and counted with its key and reason. A NaN or Inf loss stops the run
+with an error naming the step and the batch's keys; the last good checkpoint stays as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+
+import torch
+
+from core.errors import UserError
+from core.options import option
+from students.distill import adversarial
+from students.training import checkpoint as ckpt
+from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline
+from students.distill.batches import training_batch
+from students.distill.inference import student_sampling
+from students.distill.recipes import (RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections,
+                                      online_targets, robust_skip)
+from core.fs import url_to_fs
+
+SCRATCH_LR = 2e-3  # peak learning rate of a student trained from scratch (the shapes preset)
+INIT_LR = 3e-4  # of a teacher-initialised student: a fine-tune; 2e-3 pulls it off the teacher (BENCHMARKS.md)
+MIXED_PRECISION = ("no", "bf16")
+ADV_REAL = ("teacher", "image")  # --adv_real (students/distill/adversarial.py)
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: training stopped before the optimizer step, the last good checkpoint kept."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    data: str = option(help="dataset folder: a dump or a filtered dump (local path or fsspec URL)")
+    output: str = option(help="run folder: checkpoints, losses.jsonl, TensorBoard logs, image grids (local or URL)")
+    preset: str | None = option(None, help="student UNet preset (students.models.unet.PRESETS; default tiny)")
+    init_from_teacher: str | None = option(None, help="build the student as the teacher's UNet cut by this cut "
+                                           "(students.models.teacher_init.CUTS) and start it from the teacher's weights; "
+                                           "not with --preset")
+    recipe: str = option("output_kd", help="distillation recipe", choices=sorted(RECIPES))
+    student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
+    progressive_from: int = option(0, help="progressive distillation: rounds halving the steps from this many to "
+                                   "--student_steps, each round's student the next one's teacher (0 = one run)")
+    max_steps: int = option(100, help="optimizer steps (per progressive round)")
+    batch_size: int = option(8, help="samples per rank per micro-batch")
+    grad_accum: int = option(1, help="micro-batches per optimizer step")
+    lr: float = option(1e-4, help="peak AdamW learning rate")
+    warmup_steps: int = option(10, help="linear warm-up steps, then cosine decay to 0 at max_steps")
+    weight_decay: float = option(0.01, help="AdamW weight decay")
+    grad_clip: float = option(1.0, help="max global grad norm (0 = off)")
+    ema_decay: float = option(0.999, help="EMA decay of the student (0 = off)")
+    seed: int = option(0, help="seed of the torch, numpy and Python RNGs, the data order and the trajectory rows")
+    shuffle_buffer: int = option(64, help="samples in webdataset's shuffle buffer (0 = shard order)")
+    epoch_length: int = option(0, help="0: an epoch is one pass over this rank's shards; N: resampled shards, N samples per rank")
+    num_workers: int = option(0, help="DataLoader workers per rank")
+    checkpoint_every: int = option(50, help="steps between checkpoints")
+    keep_checkpoints: int = option(2, help="newest K checkpoints kept")
+    log_every: int = option(10, help="steps between TensorBoard scalars")
+    image_every: int = option(0, help="steps between teacher/student PNG grids (0 = off)")
+    decoder: str | None = option(None, help="also distil a small decoder (students.models.vae preset: tiny | pruned); needs a --save_images dump")
+    decoder_weight: float = option(1.0, help="weight of the decoder distillation term")
+    online_teacher: str | None = option(None, help="teacher spec: compute targets online instead of reading them")
+    audit_keys: int = option(0, help="1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)")
+    device: str = option("cpu", help="cpu | cuda | cuda:N")
+    mixed_precision: str = option("no", help="bf16: autocast on GPUs that support it", choices=MIXED_PRECISION)
+    prediction_type: str = option("", help="the student's parameterisation ('' = the recipe's, the teacher's): "
+                                  "v_prediction makes 1-step students far better (x0 = alpha z - sigma v does not "
+                                  "amplify errors at t ~ T); the output KD term, which compares with the teacher's "
+                                  "prediction, is then off", choices=("", "epsilon", "v_prediction"))
+    # adversarial recipes (snapgen_adv, ufogen; students/distill/adversarial.py)
+    adv_weight: float = option(-1.0, help="weight of the generator's adversarial term (-1 = the recipe's)")
+    disc_layers: str = option("", help="teacher blocks the discriminator heads read, comma-separated ('' = last down block, mid_block)")
+    disc_lr: float = option(1e-4, help="AdamW learning rate of the discriminator heads")
+    r1_gamma: float = option(-1.0, help="R1 weight on real inputs (-1 = the recipe's source: ladd 0, ufogen 0.1)")
+    r1_every: int = option(16, help="steps between (lazy) R1 penalties")
+    adv_warmup: int = option(0, help="first steps without the generator's adversarial term (the discriminator trains)")
+    adv_real: str = option("teacher", help="what the discriminator takes as real: the dump's final teacher latents, or "
+                           "real images of the captions (image: a dump made with --real_images)",
+                           choices=ADV_REAL)
+
+    def __post_init__(self):
+        positive = ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "r1_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("student_steps", "progressive_from", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers",
+                     "image_every", "grad_clip", "weight_decay", "decoder_weight", "adv_warmup"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
+        for name in ("lr", "disc_lr"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} must be a positive number, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.recipe not in RECIPES:
+            raise UserError(f"--recipe: unknown distillation recipe {self.recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        if self.progressive_from:
+            from students.distill.progressive import rounds
+
+            if self.recipe != "progressive" or not self.student_steps:
+                raise UserError("--progressive_from needs --recipe progressive and --student_steps")
+            rounds(self.progressive_from, self.student_steps)
+        if self.adv_real not in ADV_REAL:
+            raise UserError(f"--adv_real {self.adv_real!r} is not one of {', '.join(ADV_REAL)}")
+        if self.adv_real != "teacher" and not RECIPES[self.recipe]().adversarial:
+            raise UserError(f"--adv_real {self.adv_real} only applies to the adversarial recipes "
+                            f"({', '.join(n for n in sorted(RECIPES) if RECIPES[n]().adversarial)}), not {self.recipe!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(f"--mixed_precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
+            raise UserError(f"--device {self.device!r} is not cpu, cuda, cuda:N or mps")
+        from students.models.unet import PRESETS
+
+        if self.init_from_teacher is not None:
+            from students.models.teacher_init import CUTS
+
+            if self.init_from_teacher not in CUTS:
+                raise UserError(f"--init_from_teacher: unknown cut {self.init_from_teacher!r}; known: {', '.join(CUTS)}")
+            if self.preset is not None:
+                raise UserError(f"--init_from_teacher builds the student from the teacher's blocks; --preset {self.preset!r} "
+                                "has blocks with no teacher counterpart (separable convs, other widths): pass one, not both")
+        elif self.preset is None:
+            object.__setattr__(self, "preset", "tiny")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise UserError(f"--preset: unknown student preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        if self.decoder is not None:
+            from students.models.vae import VAE_PRESETS
+
+            if self.decoder not in VAE_PRESETS:
+                raise UserError(f"--decoder: unknown decoder preset {self.decoder!r}; known: {', '.join(sorted(VAE_PRESETS))}")
+        if self.online_teacher is not None:
+            from teachers.load import TeacherError, teacher_geometry
+
+            try:
+                teacher_geometry(self.online_teacher)
+            except TeacherError as err:
+                raise UserError(f"--online_teacher: {err}") from None
+
+    def resolved_recipe(self) -> DistillRecipe:
+        recipe = get_recipe(self.recipe, **({"student_steps": self.student_steps} if self.student_steps else {}),
+                            **({"adv_weight": self.adv_weight} if self.adv_weight >= 0 else {}))
+        if self.prediction_type and self.prediction_type != recipe.prediction_type:
+            recipe = dataclasses.replace(recipe, prediction_type=self.prediction_type, output_weight=0.0)
+        return recipe
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class Batches:
+    """Epoch-ordered micro-batches of records for this rank, resumable at (epoch, position).
+
+    A stateful object of the trainer's state (``state_dict``: epoch and position). ``stats`` gathers
+    the skips counted in every DataLoader worker (they travel with the records, ``shards.loader.Loaded``).
+    """
+
+    def __init__(self, cfg: TrainConfig, urls: list[str], epoch: int = 0, position: int = 0):
+        self.cfg, self.urls, self.epoch, self.position = cfg, urls, epoch, position
+        self.seen: dict[int, list[str]] = {}  # epoch -> keys read by this rank (with audit_keys)
+        self.stats = ReadStats()
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._it = int(state["epoch"]), int(state["position"]), None
+
+    def _records(self):
+        # The loader's own generator: creating its iterator must not draw from the global torch RNG.
+        pipeline = record_pipeline(self.urls, shuffle_buffer=self.cfg.shuffle_buffer, seed=self.cfg.seed + self.epoch,
+                                   resampled=self.cfg.epoch_length > 0, report_skips=True)
+        loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=self.cfg.num_workers,
+                                             generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
+        for item in loader:
+            for skip in item.skips:
+                self.stats.add(skip)
+            if item.record is not None:
+                self.stats.samples += 1
+                yield item.record
+
+    def _epoch_iter(self, skip: int):
+        it = self._records()
+        for _ in range(skip):  # the loader's order is deterministic: skipping restores the position
+            next(it)
+        return it
+
+    def next(self) -> list:
+        if self._it is None:
+            self._it = self._epoch_iter(skip=self.position)
+        records = []
+        while len(records) < self.cfg.batch_size:
+            try:
+                if self.cfg.epoch_length and self.position >= self.cfg.epoch_length:
+                    raise StopIteration  # resampled mode: the epoch ends by count
+                records.append(next(self._it))
+                self.position += 1
+                if self.cfg.audit_keys:
+                    self.seen.setdefault(self.epoch, []).append(records[-1].key)
+            except StopIteration:
+                if not records and self.position == 0:
+                    raise UserError(f"no readable samples for this rank in {len(self.urls)} shard(s) "
+                                    f"({self.stats.summary()})") from None
+                self.epoch, self.position = self.epoch + 1, 0
+                self._it = self._epoch_iter(skip=0)
+                if records:  # an epoch ends on a partial batch: finish it, next batch starts the new epoch
+                    break
+        return records
+
+
+def setup_distributed(cfg: TrainConfig):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return rank, world
+
+
+def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
+    """Everything that can be checked before any work: the output path and the dataset. -> (dataset, negative, urls)"""
+    fs, fpath = url_to_fs(cfg.output)
+    if fs.exists(fpath) and not fs.isdir(fpath):
+        raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
+    dataset, negative = read_dataset(cfg.data)
+    urls = dataset_shards(cfg.data)
+    if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
+        raise UserError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
+                        f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
+    recorded = dataset.get("recorded_steps")
+    if recipe.step_weight > 0 and recorded is not None and recorded != list(range(dataset["recipe"]["num_inference_steps"])):
+        raise UserError(f"recipe {recipe.name!r} (step distillation) needs every teacher step recorded; "
+                        f"{cfg.data!r} recorded steps {recorded} (dump with --record_steps all)")
+    if cfg.adv_real == "image" and not dataset["recipe"].get("real_images"):
+        raise UserError(f"--adv_real image needs real-image latents: {cfg.data!r} was dumped without --real_images "
+                        "(re-dump with --real_images, or use --adv_real teacher)")
+    if cfg.decoder and not dataset["recipe"].get("save_images", True):
+        raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
+    return dataset, negative, urls
+
+
+def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None,
+          teacher_unet=None, student=None) -> list[float]:
+    """Run (or resume) training; returns the loss of every optimizer step run in this call (rank 0).
+
+    ``recipe`` replaces ``cfg.recipe``'s preset (tests: a variant); ``stop_after`` stops after that
+    step's checkpoint as if the process had been killed there (tests of the resume). ``teacher_unet``
+    replaces ``--online_teacher`` and ``student`` the built student (progressive rounds: the previous round's).
+    """
+    from students.models.unet import build_unet
+
+    # 1. seeds, the recipe, the inputs (before any process group or write)
+    recipe = recipe or cfg.resolved_recipe()
+    dataset, negative, urls = check_inputs(cfg, recipe)
+    rank, world = setup_distributed(cfg)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cfg.device.startswith("cuda") else cfg.device)
+    ckpt.RNGState.seed_all(cfg.seed)
+    from shards.loader import alphas_cumprod
+
+    train_schedule = torch.tensor(alphas_cumprod(dataset["scheduler_config"]), dtype=torch.float32, device=device)  # task loss only
+    # 2. models: student, distillation head, EMA, optional online teacher and decoder
+    if student is None:
+        student = build_unet(cfg.preset) if cfg.init_from_teacher is None else student_from_teacher(cfg, dataset)
+    student = student.to(device)
+    layers = [name for name, _ in recipe.feature_weights]
+    teacher_channels = _teacher_channels(cfg.data, urls, layers)
+    heads = make_projections({k: c for k, (c, _) in student.feature_info().items()}, teacher_channels, layers).to(device)
+    ema_unet = ckpt.make_ema(student) if cfg.ema_decay > 0 else None
+    teacher_unet = teacher_unet.to(device) if teacher_unet is not None else _online_teacher(cfg, device)
+    if recipe.two_step_teacher and teacher_unet is not None:
+        from students.distill.progressive import check_round
+
+        check_round(dataset["recipe"]["num_inference_steps"], recipe.student_steps)
+    decoder = None
+    if cfg.decoder:
+        from students.models.vae import build_vae
+
+        decoder = build_vae(cfg.decoder).to(device).train()
+    params = list(student.parameters()) + list(heads.parameters()) + (list(decoder.parameters()) if decoder else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    batches = Batches(cfg, urls)
+    # 3. the trainer's state: every stateful object, saved and restored together
+    adversary = adversarial.build(cfg, recipe, dataset, teacher_unet, device) if recipe.adversarial else None
+    state = {"student": student, "ema": ema_unet, "decoder": decoder, "distill_head": heads, "optimizer": optimizer,
+             "lr_scheduler": scheduler, "rng": ckpt.RNGState(generator), "data": batches,
+             **(adversary.state() if adversary else {})}
+    step = ckpt.load_latest(cfg.output, state)
+    model = student
+    if world > 1:
+        # robust training skips blocks: their parameters get no gradient on that rank in that step
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                                          find_unused_parameters=recipe.robust_skip_prob > 0)
+    # how the student samples, written into every checkpoint (export and eval read it from there)
+    sampler, sampling = student_sampling(dataset, dataclasses.asdict(recipe))
+    # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
+    log = ckpt.RunLog(cfg, rank) if rank == 0 else None
+    losses: list[float] = []
+    start_step, t0 = step, time.monotonic()
+    try:
+        while step < cfg.max_steps:
+            optimizer.zero_grad(set_to_none=True)
+            terms = _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset,
+                                          train_schedule, generator, device, world, step + 1, adversary)
+            if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
+                for p in heads.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            optimizer.step()
+            scheduler.step()
+            if adversary is not None:  # then the discriminator, on this step's real and fake inputs
+                terms.update(adversary.discriminator_step(step + 1, world))
+            if ema_unet is not None:
+                ckpt.update_ema(ema_unet, student, cfg.ema_decay)
+            step += 1
+            losses.append(float(terms["loss"].detach()))
+            if log is not None:
+                log.step(step, log_terms(terms), scheduler.get_last_lr()[0], float(grad_norm),
+                         samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
+            if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
+                log.grid(step, student, ema_unet, dataset, urls, recipe, decoder)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                if rank == 0:
+                    log.flush()
+                    ckpt.save(cfg.output, state, step=step, keep=cfg.keep_checkpoints, describe={"scheduler": sampler},
+                              config={"train": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe),
+                                      "dataset": dataset, "student": sampling})
+                if world > 1:
+                    torch.distributed.barrier()
+                if stop_after is not None and step >= stop_after:
+                    break
+        if world > 1:
+            _gather_read_stats(batches.stats, rank, world)
+    finally:
+        if log is not None:
+            log.close(batches.stats)
+    if cfg.audit_keys:
+        ckpt.write_audit(cfg.output, rank, world, student, batches.seen,
+                         heads=adversary.disc.heads if adversary is not None else None)
+    return losses
+
+
+def log_terms(terms: dict) -> dict[str, float]:
+    """The loss terms as ``losses.jsonl`` keys: the total as ``loss``, each term as ``loss/<term>``.
+
+    The prefix keeps a term's name (``step`` of step distillation, say) from overwriting the log's
+    own keys (``step``, ``lr``, ``grad_norm``); a name that already has a namespace (the adversary's
+    ``loss/adv_g``, ``disc/acc_real``) is kept as it is."""
+    return {(k if k == "loss" or "/" in k else f"loss/{k}"): float(v.detach()) for k, v in terms.items()}
+
+
+def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset, train_schedule,
+                          generator, device, world, step, adversary=None) -> dict:
+    """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms."""
+    layers = [name for name, _ in recipe.feature_weights]
+    for micro in range(cfg.grad_accum):
+        records = batches.next()
+        data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
+                              scheduler_config=dataset["scheduler_config"], with_images=decoder is not None,
+                              with_image_latents=adversary is not None and adversary.real == "image")
+        batch, targets = _to(data["batch"], device), _to(data["targets"], device)
+        if recipe.two_step_teacher and teacher_unet is not None:  # progressive: the teacher's two DDIM steps
+            from students.distill.progressive import midpoint_levels, teacher_z_next
+
+            mids = midpoint_levels(records, recipe, seed=cfg.seed, epoch=batches.epoch,
+                                   scheduler_config=dataset["scheduler_config"])
+            batch["z_next"] = teacher_z_next(teacher_unet, batch, mids, dataset["prediction_type"])
+        elif teacher_unet is not None:
+            targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
+                                     batch.get("added"), batch.get("added_uncond"))
+        sync = micro == cfg.grad_accum - 1 or world == 1
+        with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
+                torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            outputs = {} if adversary is not None else None
+            terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
+                                   decoder_weight=cfg.decoder_weight, outputs=outputs)
+            if adversary is not None:
+                terms = adversary.generator_terms(terms, outputs["x0"], batch, generator, step)
+        _check_finite(terms, step, batch["keys"], world, cfg.output)
+        (terms["loss"] / cfg.grad_accum).backward()
+    return terms
+
+
+def _gather_read_stats(stats: ReadStats, rank: int, world: int) -> None:
+    """Rank 0's ``stats`` += every other rank's (samples read, skips with keys), for the final summary."""
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, (stats.samples, stats.skipped, dict(stats.reasons), stats.skips))
+    if rank == 0:
+        for r, (samples, skipped, reasons, skips) in enumerate(gathered):
+            if r == 0:
+                continue
+            stats.samples += samples
+            stats.skipped += skipped
+            for reason, n in reasons.items():
+                stats.reasons[reason] = stats.reasons.get(reason, 0) + n
+            stats.skips.extend(skips[: max(0, MAX_LISTED_SKIPS - len(stats.skips))])
+
+
+def _check_finite(terms: dict, step: int, keys: list[str], world: int, output: str) -> None:
+    """Stop on a NaN/Inf loss (every rank, so none waits in a collective), naming the step and the batch."""
+    finite = torch.isfinite(terms["loss"].detach()).float().reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if float(finite) < 1:
+        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        found = ckpt.checkpoints(output)
+        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        raise TrainingDiverged(f"non-finite loss at step {step} (terms {bad}) on the batch with keys {keys}; "
+                               f"training stopped before the optimizer step, {kept}")
+
+
+def student_from_teacher(cfg: TrainConfig, dataset: dict):
+    """The teacher's UNet cut by ``cfg.init_from_teacher``, its kept blocks copied from the teacher
+    (BK-SDM sec. 3.1; ``students.models.teacher_init``). The teacher: ``--online_teacher``, else the dump's."""
+    from students.models.teacher_init import cut, family_config, init_from_teacher
+    from students.models.unet import EfficientUNet2DConditionModel
+    from teachers.load import TeacherError, load_teacher
+
+    spec = cfg.online_teacher or dataset["recipe"]["teacher"]
+    try:
+        teacher_unet = load_teacher(spec).unet
+        student_cfg, block_map = cut(family_config(teacher_unet), cfg.init_from_teacher)
+        student = EfficientUNet2DConditionModel.from_student_config(student_cfg)
+        init_from_teacher(student, teacher_unet, block_map)
+    except (TeacherError, ValueError) as err:
+        raise UserError(f"--init_from_teacher {cfg.init_from_teacher}: teacher {spec!r}: {err}") from None
+    return student
+
+
+def _online_teacher(cfg: TrainConfig, device):
+    if not cfg.online_teacher:
+        return None
+    from teachers.load import TeacherError, load_teacher
+
+    try:
+        teacher = load_teacher(cfg.online_teacher, device=str(device))
+    except TeacherError as err:
+        raise UserError(f"--online_teacher: {err}") from None
+    return teacher.unet.requires_grad_(False).eval()
+
+
+def _to(obj, device):
+    """A host batch onto the device. On CUDA the copy goes through pinned memory and does not block, so it
+    overlaps the kernels still queued from the previous step (the first use of the batch waits on the stream)."""
+    if torch.is_tensor(obj):
+        if device.type == "cuda" and obj.device.type == "cpu":
+            return obj.pin_memory().to(device, non_blocking=True)
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _teacher_channels(data_dir: str, urls: list[str], layers: list[str]) -> dict[str, int]:
+    """Channels of each distilled teacher block, read off the first readable record."""
+    if not layers:
+        return {}
+    rec = next(iter(record_pipeline(urls)), None)
+    if rec is None:
+        raise UserError(f"no readable sample in {data_dir!r}")
+    missing = [l for l in layers if l not in rec.feats]
+    if missing:
+        raise UserError(f"the recipe distils features {missing} that the dump in {data_dir!r} did not record "
+                        f"(it has {sorted(rec.feats)})")
+    return {l: int(rec.feats[l].shape[1]) for l in layers}
