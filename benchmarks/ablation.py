@@ -45,103 +45,46 @@ Re-running resumes: finished trainings and evaluations are kept.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusion_distill import kit
 
 STEPS = (8, 4, 1)
 LOSSES = {"vanilla": 0.0, "CFG-aware": 1.0, "mixed": 0.1}  # SnapFusion fig. (c): p of the CFG-aware term
-ADVERSARIAL = {8: ("snapgen_adv",), 4: ("snapgen_adv",), 2: ("snapgen_adv", "ufogen"), 1: ("snapgen_adv", "ufogen")}
-ADVERSARIAL_RECIPES = ("snapgen_adv", "ufogen")
 ADVERSARIAL_FAMILIES = {"adv": (None, "teacher"), "adv_v": ("v_prediction", "teacher"), "adv_real": (None, "image")}
 
 
 def train_row(args, data, out, *, steps, seed, recipe="snapfusion_step", guidance_prob=None, init=None, progressive_from=0,
               budget=None, prediction_type=None, adv_real="teacher"):
-    """One training run (skipped when its last checkpoint exists) -> its run folder.
+    """One training run of this benchmark (``kit.train_row``; skipped when its last checkpoint exists) -> its run folder.
 
     ``args``: this script's flags (``batch_size``, ``lr``, ``init_lr``, ``budget``, ``curve_points``, and for the
-    adversarial recipes ``adv_weight``, ``adv_warmup``, ``disc_layers``); ``benchmarks/fidelity.py`` trains its
-    rows through here too. Teacher-initialised runs (``init``) train at ``--init_lr``: they start at the teacher's
-    weights, and the from-scratch learning rate pulls them away from it (fine-tuning, not training)."""
-    from students.training.checkpoint import checkpoints
-    from students.training.rounds import run_rounds
-    from students.training.train import TrainConfig, train
-
-    budget = budget or args.budget
-    cfg = TrainConfig(data=data, output=out, preset=None if init else "shapes", init_from_teacher=init, recipe=recipe,
-                      student_steps=steps, progressive_from=progressive_from, max_steps=budget,
-                      batch_size=args.batch_size, lr=args.init_lr if init else args.lr, warmup_steps=max(5, budget // 20), ema_decay=0.99,
-                      checkpoint_every=max(1, budget // args.curve_points), keep_checkpoints=args.curve_points + 1,
-                      log_every=50, shuffle_buffer=256, seed=seed,
-                      prediction_type=prediction_type or "",
-                      **(dict(adv_weight=args.adv_weight, adv_warmup=args.adv_warmup, disc_layers=args.disc_layers,
-                              adv_real=adv_real) if recipe in ADVERSARIAL_RECIPES else {}))
-    if progressive_from:
-        run_rounds(cfg)
-        return out
-    if checkpoints(out) and checkpoints(out)[-1].endswith(f"{budget:07d}"):
-        return out
-    recipe_obj = cfg.resolved_recipe()  # the recipe's preset with this run's steps and --adv_weight
-    if guidance_prob is not None:
-        recipe_obj = dataclasses.replace(recipe_obj, guidance_prob=guidance_prob)
-    t0 = time.monotonic()
-    train(cfg, recipe=recipe_obj)
-    with open(os.path.join(out, "step_time.json"), "w", encoding="utf-8") as f:  # seconds per optimizer step, this run
-        json.dump({"step_s": (time.monotonic() - t0) / budget}, f)
-    return out
-
-
-def run_stats(run: str) -> dict:
-    """Seconds per optimizer step (when this invocation trained it) and the discriminator's accuracy on
-    real and fake inputs over the last quarter of ``losses.jsonl`` (adversarial runs; a collapse shows as
-    both near 1, or real near 0)."""
-    stats = {}
-    path = os.path.join(run, "step_time.json")
-    if os.path.isfile(path):
-        stats.update(json.load(open(path, encoding="utf-8")))
-    path = os.path.join(run, "losses.jsonl")
-    if os.path.isfile(path):
-        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
-        rows = [r for r in rows[-max(1, len(rows) // 4):] if "disc/acc_real" in r]
-        if rows:
-            stats.update({k: sum(r[f"disc/{k}"] for r in rows) / len(rows) for k in ("acc_real", "acc_fake")})
-    return stats
+    adversarial recipes ``adv_weight``, ``adv_warmup``, ``disc_layers``). Teacher-initialised runs (``init``)
+    train at ``--init_lr``: they start at the teacher's weights, and the from-scratch learning rate pulls them
+    away from it (fine-tuning, not training)."""
+    adv = (dict(adv_weight=args.adv_weight, adv_warmup=args.adv_warmup, disc_layers=args.disc_layers, adv_real=adv_real)
+           if recipe in kit.ADVERSARIAL_RECIPES else {})
+    return kit.train_row(data, out, student_steps=steps, max_steps=budget or args.budget, curve_points=args.curve_points,
+                         guidance_prob=guidance_prob, init_from_teacher=init, recipe=recipe,
+                         progressive_from=progressive_from, batch_size=args.batch_size,
+                         lr=args.init_lr if init else args.lr, seed=seed, prediction_type=prediction_type or "", **adv)
 
 
 def _evaluate(args, student, out, steps, analyser, captions, teacher_steps=()):
-    from students.evaluation.evaluate import EvalConfig, evaluate
-    from teachers.shapes.analyser import Adherence, AnalyserFrechet
-
-    path = os.path.join(out, "metrics.json")
-    if os.path.isfile(path):
-        return json.load(open(path, encoding="utf-8"))["results"]
-    cfg = EvalConfig(output=out, captions=captions, student=student, teacher="shapes", num_images=args.eval_images,
-                     teacher_steps=teacher_steps, student_steps=(steps,) if student else (), metrics=(),
-                     batch_size=60, grid_images=0, latency_repeats=0)
-    return evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)), progress=False)["results"]
-
-
-def _row(res: dict, model: str = "student") -> dict:
-    row = next(iter(res[model].values()))
-    return {k: float(row[k]) for k in ("adherence", "exact", "frechet_analyser")}
+    """Every row at the dump's guidance (the teacher's calibrated weight), teacher-only rows included."""
+    return kit.evaluate_row(out, captions=captions, num_images=args.eval_images, guidance_scale=kit.shapes_guidance(),
+                            student=student, student_steps=(steps,) if student else (), teacher_steps=teacher_steps,
+                            analyser=analyser)
 
 
 def _dump(args, out, teacher, steps, prompts, real_images=False):
-    from pipelines import dump as job
-    from diffusion_distill.kit import shapes_guidance
-
     if not os.path.isfile(os.path.join(out, "dataset.json")):
-        job.run(["--runner=DirectRunner", "--prompts", prompts, "--output", out, "--teacher", teacher,
-                 "--num_inference_steps", str(steps), "--scheduler", "ddim", "--record_steps", "all",
-                 "--feature_layers", "", "--guidance_scale", str(shapes_guidance()), "--seeds_per_prompt",
-                 str(args.seeds_per_prompt), "--samples_per_shard", "256", "--batch_size", "64", "--cpu_threads", "0"]
-                + (["--real_images"] if real_images else []))
+        kit.dump(prompts, out, teacher=teacher, steps=steps, seeds_per_prompt=args.seeds_per_prompt, save_images=False,
+                 real_images=real_images)
     return out
 
 
@@ -150,9 +93,9 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
     out = os.path.join(args.output, f"seed-{seed}")
 
     def record(row, steps, student, budget):
-        metrics = _row(_evaluate(args, student, os.path.join(out, "eval", f"{row}-{steps}".replace(" ", "_"), ), steps,
+        metrics = kit.row_metrics(_evaluate(args, student, os.path.join(out, "eval", f"{row}-{steps}".replace(" ", "_"), ), steps,
                                  analyser, captions))
-        stats = run_stats(student) if os.path.isdir(student) else {}
+        stats = kit.run_stats(student) if os.path.isdir(student) else {}
         results.setdefault(row, {}).setdefault(str(steps), []).append(dict(metrics, **stats, budget=budget, seed=seed))
         _save(args, results)
 
@@ -173,10 +116,10 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
         for family, (param, real) in ADVERSARIAL_FAMILIES.items():  # LADD / UFOGen start from the teacher too
             if family not in args.rows:
                 continue
-            tag, label = adversarial_variant(args)
+            tag, label = kit.adversarial_variant(args)
             tag += ("-v" if param else "") + ("-real" if real == "image" else "")
             label += (", v-prediction" if param else "") + (", real images as real" if real == "image" else "")
-            for recipe in ADVERSARIAL[steps]:
+            for recipe in kit.ADVERSARIAL[steps]:
                 run = train_row(args, data, os.path.join(out, f"{recipe}-{init_dir}{tag}-{steps}"), steps=steps,
                                 seed=seed, init="mid_only", recipe=recipe, prediction_type=param, adv_real=real)
                 record(f"{recipe} (teacher-initialised{label})", steps, run, args.budget)
@@ -192,17 +135,9 @@ def run_seed(args, seed: int, data: str, analyser, captions, results: dict) -> N
         results["_curve_run"] = curve_run
         for ckpt in checkpoints(os.path.join(out, curve_run)):
             at = int(ckpt.rsplit("-", 1)[1])
-            res = _row(_evaluate(args, ckpt, os.path.join(out, "eval", f"curve-{curve_run}-{at}"), steps, analyser, captions))
+            res = kit.row_metrics(_evaluate(args, ckpt, os.path.join(out, "eval", f"curve-{curve_run}-{at}"), steps, analyser, captions))
             results.setdefault("_curve", {})[str(at)] = res
         _save(args, results)
-
-
-def adversarial_variant(args) -> tuple[str, str]:
-    """(run-folder suffix, row-label suffix) of the adversarial flags that differ from the trainer's defaults."""
-    parts = [(f"-w{args.adv_weight:g}", f", adversarial weight {args.adv_weight:g}") if args.adv_weight >= 0 else None,
-             (f"-warm{args.adv_warmup}", f", adversarial term from step {args.adv_warmup + 1}") if args.adv_warmup else None,
-             (f"-D{args.disc_layers.replace(',', '+')}", f", discriminator on {args.disc_layers}") if args.disc_layers else None]
-    return "".join(p[0] for p in parts if p), "".join(p[1] for p in parts if p)
 
 
 def _progressive(args, data, out, seed, record):
@@ -344,7 +279,6 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--rows: unknown row families {sorted(unknown)} (choose from {', '.join(families)})")
 
-    from diffusion_distill import kit as workflow
     from teachers.shapes import world
     from teachers.shapes.analyser import load_analyser
 
@@ -356,8 +290,8 @@ def main(argv=None) -> int:
         f.write("\n".join(world.caption(s) for s in scenes[:: max(1, len(scenes) // args.train_prompts)
                                                             if args.train_prompts else 1]) + "\n")
     if not os.path.isfile(os.path.join(args.output, "curate", "manifest.parquet")):
-        workflow.curate(prompts, os.path.join(args.output, "curate"))
-    data = _dump(args, os.path.join(args.output, "dump"), workflow.TEACHER, args.teacher_steps,
+        kit.curate(prompts, os.path.join(args.output, "curate"))
+    data = _dump(args, os.path.join(args.output, "dump"), kit.TEACHER, args.teacher_steps,
                  os.path.join(args.output, "curate", "manifest.parquet"), real_images="adv_real" in args.rows)
     captions = os.path.join(args.output, "eval_captions.txt")
     world.write_captions(captions, args.eval_images, seed=12_345)  # held out: the same for every row

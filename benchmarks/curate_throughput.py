@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WORDS = ("a photo of the red blue green small large old new cat dog bicycle car house tree river mountain "
          "city street beach painting drawing portrait sunset morning night snow rain with on in under near "

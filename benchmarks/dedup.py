@@ -42,14 +42,10 @@ One run, one machine: compare ratios between paths, not absolute times across ma
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 BOUNDARY = 0.01  # a true pair within this cosine of the threshold counts as a boundary pair
 

@@ -32,12 +32,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from students.export import onnx_convert  # noqa: E402
+from students.export import onnx_convert
 
 PRESETS = ("tiny", "tiny_xl", "shapes", "mobilediffusion", "snapgen", "snapfusion")  # small first: rows print as measured
 DECODERS = ("pruned", "tiny")

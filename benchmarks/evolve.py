@@ -39,10 +39,8 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KEYS = ("adherence", "exact", "frechet_analyser")
 BIG = ("snapfusion", "mobilediffusion", "snapgen", "sd15_reference", "sdxl_reference")

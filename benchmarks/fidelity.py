@@ -30,9 +30,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import ablation  # noqa: E402  (the rows' training: train_row)
+from diffusion_distill import kit
 
 KEYS = ("adherence", "exact", "frechet_analyser")
 
@@ -43,24 +41,22 @@ REGRESSION = "snapfusion_step"
 def _rows(args, steps_list) -> list[tuple[str, int]]:
     """(recipe, student steps) of every student row, regression first at each step count."""
     return [(recipe, n) for n in steps_list for recipe in args.recipes
-            if recipe == REGRESSION or recipe in ablation.ADVERSARIAL.get(n, ())]
+            if recipe == REGRESSION or recipe in kit.ADVERSARIAL.get(n, ())]
 
 
 def _train(args, data, out, recipe, steps, seed):
-    """A row's training run through the ablation's ``train_row`` (its learning rate is this script's ``--lr``)."""
-    ablation.train_row(args, data, out, steps=steps, seed=seed, recipe=recipe, init=args.init_from_teacher,
-                       adv_real=args.adv_real)
+    """A row's training run (``kit.train_row``; this script has one ``--lr``)."""
+    adv = (dict(adv_weight=args.adv_weight, adv_warmup=args.adv_warmup, disc_layers=args.disc_layers, adv_real=args.adv_real)
+           if recipe in kit.ADVERSARIAL_RECIPES else {})
+    kit.train_row(data, out, student_steps=steps, max_steps=args.budget, curve_points=args.curve_points, recipe=recipe,
+                  init_from_teacher=args.init_from_teacher, batch_size=args.batch_size, lr=args.lr, seed=seed, **adv)
 
 
 def _eval(args, student, out, captions, analyser, steps, teacher_steps=()):
-    from diffusion_distill import kit as workflow
-    from students.evaluation.evaluate import EvalConfig, evaluate
-    from teachers.shapes.analyser import Adherence, AnalyserFrechet
-
-    cfg = EvalConfig(output=out, captions=captions, student=student, teacher=workflow.TEACHER, num_images=args.eval_images,
-                     teacher_steps=teacher_steps, student_steps=(steps,) if student else (), metrics=(),
-                     batch_size=60, grid_images=8, latency_repeats=3)
-    return evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)))["results"]
+    """Every row at the dump's guidance (the teacher's calibrated weight), teacher-only rows included."""
+    return kit.evaluate_row(out, captions=captions, num_images=args.eval_images, guidance_scale=kit.shapes_guidance(),
+                            student=student, student_steps=(steps,) if student else (), teacher_steps=teacher_steps,
+                            analyser=analyser, grid_images=8, latency_repeats=3)
 
 
 def main(argv=None) -> int:
@@ -71,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--curve_points", type=int, default=4, help="checkpoints of the first seed evaluated for the curve")
     p.add_argument("--init_from_teacher", default=None, help="a students.models.teacher_init cut (default: the shapes preset)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: workflow.SCRATCH_LR from scratch, INIT_LR teacher-initialised)")
+                   help="peak learning rate (default: kit.SCRATCH_LR from scratch, INIT_LR teacher-initialised)")
     p.add_argument("--seeds_per_prompt", type=int, default=4)
     p.add_argument("--eval_images", type=int, default=240)
     p.add_argument("--student_steps", default="8,4,1")
@@ -90,16 +86,15 @@ def main(argv=None) -> int:
         p.set_defaults(budget=100, batch_size=16, seeds_per_prompt=1, eval_images=48, student_steps="4,2,1", curve_points=2)
     args = p.parse_args(argv)
     args.recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
-    unknown = set(args.recipes) - {REGRESSION, *ablation.ADVERSARIAL_RECIPES}
+    unknown = set(args.recipes) - {REGRESSION, *kit.ADVERSARIAL_RECIPES}
     if unknown:
-        p.error(f"--recipes: unknown {sorted(unknown)} (choose from {REGRESSION}, {', '.join(ablation.ADVERSARIAL_RECIPES)})")
+        p.error(f"--recipes: unknown {sorted(unknown)} (choose from {REGRESSION}, {', '.join(kit.ADVERSARIAL_RECIPES)})")
     if args.lr is None:
         from students.training.train import INIT_LR, SCRATCH_LR
 
         args.lr = INIT_LR if args.init_from_teacher else SCRATCH_LR
     args.init_lr = args.lr  # train_row's rate for teacher-initialised rows: this script has one --lr
 
-    from diffusion_distill import kit as workflow
     from students.training.checkpoint import checkpoints
     from students.export.folder import export
     from teachers.shapes import world
@@ -112,10 +107,10 @@ def main(argv=None) -> int:
         f.write("\n".join(world.caption(s) for s in world.all_scenes()) + "\n")
     t0 = time.monotonic()
     if not os.path.isfile(os.path.join(out, "curate", "manifest.parquet")):
-        workflow.curate(captions, os.path.join(out, "curate"))
+        kit.curate(captions, os.path.join(out, "curate"))
     data = os.path.join(out, "dump")
     if not os.path.isfile(os.path.join(data, "dataset.json")):
-        workflow.dump(os.path.join(out, "curate", "manifest.parquet"), data, seeds_per_prompt=args.seeds_per_prompt,
+        kit.dump(os.path.join(out, "curate", "manifest.parquet"), data, seeds_per_prompt=args.seeds_per_prompt,
                       save_images=False, real_images=args.adv_real == "image")
     steps_list = [int(s) for s in args.student_steps.split(",")]
     eval_captions = os.path.join(out, "eval_captions.txt")
@@ -126,7 +121,7 @@ def main(argv=None) -> int:
                                               teacher_steps).items() for s, r in by.items()}
     runs: dict[tuple[str, int], list[dict]] = {}
     curve: dict[int, dict[int, dict]] = {}
-    variant = ablation.adversarial_variant(args)[0] + ("-real" if args.adv_real == "image" else "")
+    variant = kit.adversarial_variant(args)[0] + ("-real" if args.adv_real == "image" else "")
     for seed in range(args.seeds):
         for recipe, n in _rows(args, steps_list):
             # the regression rows keep the folder names of the runs before adversarial rows existed
@@ -137,7 +132,7 @@ def main(argv=None) -> int:
             if not os.path.isdir(folder):
                 export(run_dir, folder)
             res = _eval(args, folder, os.path.join(out, f"eval-{suffix}"), eval_captions, analyser, n)
-            runs.setdefault((recipe, n), []).append(dict(next(iter(res["student"].values())), **ablation.run_stats(run_dir)))
+            runs.setdefault((recipe, n), []).append(dict(next(iter(res["student"].values())), **kit.run_stats(run_dir)))
             if seed == 0 and recipe == REGRESSION:
                 for ckpt in checkpoints(run_dir)[:-1]:  # the last one is the exported student's row
                     at = int(ckpt.rsplit("-", 1)[1])

@@ -30,7 +30,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STEPS = 8  # recorded steps (the lean recipe of BENCHMARKS.md)
 

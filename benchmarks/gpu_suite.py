@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PROMPTS = ["a red bicycle leaning on a brick wall", "a lighthouse at dusk, oil painting",
            "a bowl of ramen, studio photo", "a fox in the snow, watercolour"]

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from teachers import configs  # noqa: E402
+from teachers import configs
 from shards import record
-from teachers.sampler import SampleResult  # noqa: E402
+from teachers.sampler import SampleResult
 
 ALL_LAYERS = tuple([f"down_blocks.{i}" for i in range(4)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(4)])
 

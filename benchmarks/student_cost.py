@@ -12,12 +12,9 @@ student / teacher measured in this run; a miss is printed as a miss, with the fi
 
 from __future__ import annotations
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from students.cost import profile  # noqa: E402
+from students.cost import profile
 
 # (student, metric, ceiling of student / teacher, why)
 TARGETS = (

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bare_loop(preset: str, batch: int, latent: int, steps: int, forwards: int) -> float:

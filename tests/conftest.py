@@ -48,17 +48,48 @@ def torchrun():
     return cmd, dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
 
 
+DUMP_DEFAULTS = {  # the tiny teacher's dump the trainer's tests share; a test overrides what it is about
+    "teacher": "tiny", "num_inference_steps": 4, "samples_per_shard": 4, "batch_size": 8,
+    "feature_layers": "mid_block,up_blocks.0", "num_feature_steps": 2, "progress": "off", "cpu_threads": 2,
+}
+SCENE_CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "blue") for s in ("circle", "square")
+                  for b in ("white", "grey", "green", "black")]
+
+
+def dump_argv(prompts, output, **overrides) -> list[str]:
+    """The teacher dump's argv: ``DUMP_DEFAULTS`` with ``overrides`` (``None`` drops a flag, ``True`` is a bare
+    flag such as ``save_images``; underscores are kept, as the jobs spell their flags)."""
+    flags = dict(DUMP_DEFAULTS, **overrides)
+    argv = ["--prompts", str(prompts), "--output", str(output)]
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return argv
+
+
+def run_dump(root, captions=SCENE_CAPTIONS, **overrides) -> str:
+    """Write ``captions`` to ``root/p.txt`` and dump them into ``root/out`` (``dump_argv``); -> the dump folder."""
+    from pipelines import teacher_dump
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "p.txt").write_text("".join(f"{c}\n" for c in captions))
+    teacher_dump.run(dump_argv(root / "p.txt", root / "out", **overrides))
+    return str(root / "out")
+
+
+@pytest.fixture
+def make_dump(tmp_path_factory):
+    """``make_dump(captions=..., **overrides) -> dump folder``: a fresh dump of the tiny teacher per call, with
+    ``DUMP_DEFAULTS`` overridden by flag name (``num_inference_steps=8``, ``save_images=True``, ``feature_layers=""``)."""
+    def make(captions=SCENE_CAPTIONS, **overrides) -> str:
+        return run_dump(tmp_path_factory.mktemp("dump"), captions, **overrides)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_dump(tmp_path_factory):
     """The ``tiny`` teacher's dump of 16 captions (4 teacher steps, 4 shards of 4 samples, block outputs of
     mid_block and up_blocks.0 at 2 steps): the trainer's tests' data."""
-    from pipelines import teacher_dump
-
-    tmp = tmp_path_factory.mktemp("dump")
-    (tmp / "p.txt").write_text("".join(f"a {c} {s} on a {b} background\n" for c in ("red", "blue") for s in
-                                       ("circle", "square") for b in ("white", "grey", "green", "black")))
-    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
-                      "--num_inference_steps", "4", "--samples_per_shard", "4", "--batch_size", "8",
-                      "--feature_layers", "mid_block,up_blocks.0", "--num_feature_steps", "2", "--progress", "off",
-                      "--cpu_threads", "2"])
-    return str(tmp / "out")
+    return run_dump(tmp_path_factory.mktemp("dump"))

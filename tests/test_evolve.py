@@ -18,16 +18,14 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]  # nu
 
 
 @pytest.fixture(scope="module")
-def tiny_dump(tmp_path_factory):
-    from pipelines import teacher_dump
+def evolve_dump(tmp_path_factory):
+    """8 captions in one shard, no block outputs: evolution scores architectures, it distils no features."""
+    from conftest import run_dump
 
-    tmp = tmp_path_factory.mktemp("dump")
-    (tmp / "p.txt").write_text("".join(f"a {c} {s} on a {b} background\n" for c in ("red", "blue") for s in
-                                       ("circle", "square") for b in ("white", "black")))
-    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
-                      "--num_inference_steps", "4", "--samples_per_shard", "8", "--batch_size", "8",
-                      "--feature_layers", "", "--progress", "off", "--cpu_threads", "1"])
-    return str(tmp / "out")
+    captions = [f"a {c} {s} on a {b} background" for c in ("red", "blue") for s in ("circle", "square")
+                for b in ("white", "black")]
+    return run_dump(tmp_path_factory.mktemp("dump"), captions, samples_per_shard=8, feature_layers="",
+                    num_feature_steps=None, cpu_threads=1)
 
 
 def _model(cfg, seed=0):
@@ -278,17 +276,17 @@ def _losses(out):
     return [json.loads(x)["loss"] for x in open(os.path.join(out, "losses.jsonl"), encoding="utf-8")]
 
 
-def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump, tmp_path):
+def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(evolve_dump, tmp_path):
     import shutil
 
     from students.training import checkpoint as ckpt
     from students.training.runs import load_student_unet
     from students.training.train import train
 
-    robust = dataclasses.replace(_train_cfg(tiny_dump, tmp_path).resolved_recipe(), robust_skip_prob=0.3)
+    robust = dataclasses.replace(_train_cfg(evolve_dump, tmp_path).resolved_recipe(), robust_skip_prob=0.3)
     plain = dataclasses.replace(robust, robust_skip_prob=0.0)
     base = tmp_path / "base"
-    train(_train_cfg(tiny_dump, base), recipe=robust, stop_after=4)  # robust training to step 4
+    train(_train_cfg(evolve_dump, base), recipe=robust, stop_after=4)  # robust training to step 4
     at4 = ckpt.checkpoints(str(base))[-1]
     gone = "mid_block.attentions.0"
     # reference: the old architecture trains on with the block skipped (an uninterrupted run of the evolved one)
@@ -306,14 +304,14 @@ def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump,
     assert "mid_block.resnets.0" in {b.module for b in E.evolvable(old.student_config)}  # tiny's mid stage: R S
     old.train(mode)
     with E.skip_blocks(old, [gone]):
-        train(_train_cfg(tiny_dump, ref), recipe=plain, student=old)
+        train(_train_cfg(evolve_dump, ref), recipe=plain, student=old)
     # evolved: the block removed on the checkpoint, training resumed from it
     evo = tmp_path / "evo"
     shutil.copytree(base, evo)
     E.evolve_checkpoint(ckpt.checkpoints(str(evo))[-1], str(evo), [E.Action("remove", gone, 0.0, 1.0)], {"iteration": 1})
     student, cfg = E.student_at(str(evo))
     assert cfg.mid_layout == "R" and load_student_unet(ckpt.checkpoints(str(evo))[-1], "ema").student_config.mid_layout == "R"
-    train(_train_cfg(tiny_dump, evo), recipe=plain, student=student)
+    train(_train_cfg(evolve_dump, evo), recipe=plain, student=student)
     np_ref, np_evo = _losses(ref)[4:], _losses(evo)[4:]
     assert len(np_evo) == 4
     torch.testing.assert_close(torch.tensor(np_evo), torch.tensor(np_ref), rtol=1e-5, atol=1e-7)
@@ -333,9 +331,9 @@ def test_removal_resumes_as_the_skipped_run_and_copies_resume_exactly(tiny_dump,
     assert len(opt["param_groups"][0]["params"]) == len(names)  # output_kd: no heads or decoder
     twice = tmp_path / "copy2"
     shutil.copytree(cop, twice)
-    train(_train_cfg(tiny_dump, cop), recipe=robust, student=student)
-    train(_train_cfg(tiny_dump, twice), recipe=robust, student=E.student_at(str(twice))[0], stop_after=6)
-    train(_train_cfg(tiny_dump, twice), recipe=robust, student=E.student_at(str(twice))[0])
+    train(_train_cfg(evolve_dump, cop), recipe=robust, student=student)
+    train(_train_cfg(evolve_dump, twice), recipe=robust, student=E.student_at(str(twice))[0], stop_after=6)
+    train(_train_cfg(evolve_dump, twice), recipe=robust, student=E.student_at(str(twice))[0])
     assert _losses(twice)[4:] == _losses(cop)[4:]
 
 
@@ -354,14 +352,14 @@ class MeanPixel:
         return {"mean_pixel": float(torch.cat(self.values).mean())}
 
 
-def test_scores_are_the_metric_drop_of_the_removed_architecture(tiny_dump, tmp_path):
+def test_scores_are_the_metric_drop_of_the_removed_architecture(evolve_dump, tmp_path):
     from students.training import checkpoint as ckpt
     from students.training.train import train
 
     run = tmp_path / "run"
-    train(_train_cfg(tiny_dump, run, max_steps=2))
+    train(_train_cfg(evolve_dump, run, max_steps=2))
     (tmp_path / "val.txt").write_text("a red circle on a white background\na blue square on a black background\n")
-    cfg = E.EvolveConfig(data=tiny_dump, output=str(tmp_path / "evo"), val_captions=str(tmp_path / "val.txt"), val_images=2,
+    cfg = E.EvolveConfig(data=evolve_dump, output=str(tmp_path / "evo"), val_captions=str(tmp_path / "val.txt"), val_images=2,
                          latency_target_ratio=0.5)
     scorer = E.Scorer(cfg, MeanPixel())
     pipe, info = scorer.pipeline(ckpt.checkpoints(str(run))[-1])
@@ -380,14 +378,14 @@ def test_scores_are_the_metric_drop_of_the_removed_architecture(tiny_dump, tmp_p
     assert measure(()) == full
 
 
-def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
+def test_evolve_runs_resumes_and_writes_its_outputs(evolve_dump, tmp_path):
     (tmp_path / "val.txt").write_text("a red circle on a white background\na blue square on a black background\n")
     lookup = str(tmp_path / "lk.json")
     table = _planted_table(preset("tiny"), {"R": 1.0, "T": 2.0, "S": 2.0, "C": 2.0})
     table.settings = {"side": 16, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7,
                       "allocator": "default"}
     table.save(lookup)
-    kw = dict(data=tiny_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, lookup=lookup, latency_target_ms=14.5,
+    kw = dict(data=evolve_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, lookup=lookup, latency_target_ms=14.5,
               iterations=2, steps_per_iteration=2, batch_size=4, lr=1e-3, warmup_steps=1, ema_decay=0.9, shuffle_buffer=8,
               robust_skip_prob=0.2, lookup_repeats=1)
     whole = E.evolve(E.EvolveConfig(output=str(tmp_path / "whole"), **kw), metric=MeanPixel())
@@ -413,8 +411,8 @@ def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
     assert len(losses) == 4 and _losses(tmp_path / "part" / "run")[-2:] == losses[-2:]
 
 
-def test_bad_evolve_flags_are_one_line_before_work(tiny_dump, tmp_path, capsys):
-    base = ["--data", tiny_dump, "--output", str(tmp_path / "e"), "--val_captions", str(tmp_path / "missing.txt")]
+def test_bad_evolve_flags_are_one_line_before_work(evolve_dump, tmp_path, capsys):
+    base = ["--data", evolve_dump, "--output", str(tmp_path / "e"), "--val_captions", str(tmp_path / "missing.txt")]
     assert E.main(base) == 2
     assert "exactly one of --latency_target_ms and --latency_target_ratio" in capsys.readouterr().err
     assert E.main(base + ["--latency_target_ratio", "0.7"]) == 2
@@ -423,13 +421,13 @@ def test_bad_evolve_flags_are_one_line_before_work(tiny_dump, tmp_path, capsys):
     assert "unknown student preset" in capsys.readouterr().err
 
 
-def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(tiny_dump, tmp_path, tiny_teacher):
+def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(evolve_dump, tmp_path, tiny_teacher):
     from students.training.train import INIT_LR
     from students.training import checkpoint as ckpt
     from students.models.teacher_init import cut, family_config
 
     (tmp_path / "val.txt").write_text("a red circle on a white background\na blue square on a black background\n")
-    base = dict(data=tiny_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, output=str(tmp_path / "e"))
+    base = dict(data=evolve_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, output=str(tmp_path / "e"))
     # --lr: distill train's default from a preset, workflow.INIT_LR (a fine-tune) from a teacher cut, or as given
     assert (E.EvolveConfig(latency_target_ratio=0.7, **base).lr, E.EvolveConfig(latency_target_ratio=0.7, **base).preset) == (1e-4, "tiny")
     assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", **base).lr == INIT_LR

@@ -230,6 +230,7 @@ def test_bad_inputs_fail_clearly_before_writing(run_dir, tmp_path, capsys):
     shutil.copytree(student_runs.resolve_checkpoint(run_dir), moved)
     cfg = json.loads((moved / "config.json").read_text())
     cfg["train"]["data"] = str(tmp_path / "gone")
+    del cfg["dataset"]  # a checkpoint from before checkpoints carried their dump's dataset.json
     (moved / "config.json").write_text(json.dumps(cfg))
     fails([str(moved), str(tmp_path / "o4")], "pass --data")
     shutil.rmtree(moved / "ema")
@@ -252,7 +253,7 @@ def test_v_prediction_step_student_grid_equals_its_export_and_export_needs_no_da
     out = tmp_path / "v"
     train(TrainConfig(data=dump, output=str(out), preset="tiny", recipe="snapfusion_step", student_steps=2,
                       prediction_type="v_prediction", decoder="tiny", batch_size=2, max_steps=1, warmup_steps=1,
-                      checkpoint_every=1, image_every=1, lr=1e-2, shuffle_buffer=0))
+                      checkpoint_every=1, image_every=1, lr=1e-4, shuffle_buffer=0))
     saved = json.load(open(out / "checkpoints" / "step-0000001" / ckpt.CONFIG))
     assert saved["student"]["prediction_type"] == "v_prediction" and saved["student"]["num_inference_steps"] == 2
     assert saved["dataset"] == json.load(open(os.path.join(dump, "dataset.json")))

@@ -108,6 +108,7 @@ def test_writer_killed_mid_shard_leaves_nothing_under_the_final_name(tmp_path):
         sys.path.insert(0, {os.getcwd()!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_record_and_shards import fake_result
         from shards import record
+        from shards import writer as shard_writer
         w = shard_writer.ShardWriter({str(tmp_path)!r}, 3, recipe_hash="r")
         for i in range(5):
             w.write(record.encode_sample(fake_result(f"k{{i}}-s0", i), {{}})[0])
