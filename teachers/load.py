@@ -99,7 +99,7 @@ def load_teacher(spec: str, dtype: str = "float32", device: str = "cpu", *, loca
         raise TeacherError(f"unknown teacher {spec!r}: expected one of {', '.join(BUILTIN_SPECS)}, "
                            "a local diffusers folder, or a hub id such as org/name")
     pipe.to(device)
-    if spec in BUILTIN_SPECS and dtype != "float32":  # folders were loaded with torch_dtype already
+    if spec in BUILTIN_SPECS and dtype != "float32":  # folders were loaded in that dtype already
         pipe.to(dtype=tdtype)
     pipe.set_progress_bar_config(disable=True)
     return Teacher(spec=spec, pipe=pipe, is_xl=is_xl, dtype=dtype, device=str(device))
@@ -177,7 +177,7 @@ def _pipeline_class(class_name: str):
 def _load_folder(path: str, tdtype):
     cls, is_xl = _folder_class(path)
     kwargs = {} if is_xl else dict(safety_checker=None, requires_safety_checker=False)
-    return cls.from_pretrained(path, torch_dtype=tdtype, **kwargs), is_xl
+    return cls.from_pretrained(path, dtype=tdtype, **kwargs), is_xl
 
 
 STUDENT_INFERENCE_FILE = "inference.json"  # written by ``distill export`` next to model_index.json
@@ -208,7 +208,7 @@ def load_exported_student(path: str, tdtype):
     with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
         _, is_xl = _pipeline_class(json.load(f).get("_class_name", ""))
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=tdtype, trust_remote_code=True)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=tdtype, trust_remote_code=True)
     except (OSError, ValueError) as err:
         raise TeacherError(f"exported student {path!r} does not load as a pipeline ({type(err).__name__}: {err})") from None
     return pipe, is_xl

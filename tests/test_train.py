@@ -400,3 +400,36 @@ def test_train_and_export_to_an_fsspec_memory_filesystem(tiny_dump, tmp_path):
         export.export(out, "memory://dd-export")
     export.export(out, "memory://dd-export", overwrite=True, weights="raw")
     assert export.read_inference("memory://dd-export")["weights"] == "raw"
+
+
+def test_init_from_starts_from_the_runs_weights_with_a_fresh_optimizer(tiny_dump, tmp_path):
+    """SnapGen's order as two commands: a feature-KD run, then a step-distillation run started from its EMA
+    weights. The second run is new: its optimizer and LR schedule start at step 0, only the weights come along."""
+    from safetensors.torch import load_file
+
+    from core.errors import UserError
+
+    first, second = tmp_path / "kd", tmp_path / "step"
+    train(_cfg(tiny_dump, first, max_steps=2, ema_decay=0.5))
+    source = first / "checkpoints" / "step-0000002"
+    start = load_file(str(source / "ema" / "diffusion_pytorch_model.safetensors"))
+    raw = load_file(str(source / "student" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(start[k], raw[k]) for k in start)  # EMA and raw differ: which one came along shows
+    from students.training.train import lr_lambda
+
+    cfg = _cfg(tiny_dump, second, preset=None, init_from=str(first), recipe="snapfusion_step", student_steps=2,
+               max_steps=1, checkpoint_every=1, weight_decay=0.01)
+    train(cfg)
+    state = torch.load(str(second / "checkpoints" / "step-0000001" / "trainer_state.pt"), weights_only=True)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {1}  # fresh AdamW: one step taken
+    assert state["lr_scheduler"]["last_epoch"] == 1  # the schedule restarted: one step into its warmup
+    lr_1 = cfg.lr * lr_lambda(cfg)(0)  # the rate of the new run's first step
+    after = load_file(str(second / "checkpoints" / "step-0000001" / "student" / "diffusion_pytorch_model.safetensors"))
+    # one AdamW step moves a weight by at most lr_1 (1 + wd |w|) (the update's elementwise size is <= 1)
+    for k, w in start.items():
+        assert ((after[k] - w).abs() <= lr_1 * (1 + 0.01 * w.abs()) * (1 + 1e-3) + 1e-7).all(), k
+    assert any(not torch.equal(after[k], start[k]) for k in start)
+    with pytest.raises(UserError, match="--init_from"):
+        _cfg(tiny_dump, tmp_path / "x", init_from=str(first))  # with --preset tiny: one or the other
+    with pytest.raises(UserError, match="neither a checkpoint folder"):
+        train(_cfg(tiny_dump, tmp_path / "y", preset=None, init_from=str(tmp_path / "nothing")))

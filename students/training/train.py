@@ -52,6 +52,9 @@ class TrainConfig:
     init_from_teacher: str | None = option(None, help="build the student as the teacher's UNet cut by this cut "
                                            "(students.models.teacher_init.CUTS) and start it from the teacher's weights; "
                                            "not with --preset")
+    init_from: str | None = option(None, help="start from another run's (or checkpoint's) student weights, EMA if it "
+                                   "kept one: a new run with a fresh optimizer and LR schedule (SnapGen's feature "
+                                   "KD first, then step distillation); replaces --preset and --init_from_teacher")
     recipe: str = option("output_kd", help="distillation recipe", choices=sorted(RECIPES))
     student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
     progressive_from: int = option(0, help="progressive distillation: rounds halving the steps from this many to "
@@ -126,6 +129,10 @@ class TrainConfig:
             raise UserError(f"--device {self.device!r} is not cpu, cuda, cuda:N or mps")
         from students.models.unet import PRESETS
 
+        if self.init_from is not None and (self.preset is not None or self.init_from_teacher is not None):
+            given = "--preset" if self.preset is not None else "--init_from_teacher"
+            raise UserError(f"--init_from takes the student's architecture and weights from {self.init_from!r}; "
+                            f"{given} builds another: pass one, not both")
         if self.init_from_teacher is not None:
             from students.models.teacher_init import CUTS
 
@@ -134,7 +141,7 @@ class TrainConfig:
             if self.preset is not None:
                 raise UserError(f"--init_from_teacher builds the student from the teacher's blocks; --preset {self.preset!r} "
                                 "has blocks with no teacher counterpart (separable convs, other widths): pass one, not both")
-        elif self.preset is None:
+        elif self.preset is None and self.init_from is None:
             object.__setattr__(self, "preset", "tiny")
         if self.preset is not None and self.preset not in PRESETS:
             raise UserError(f"--preset: unknown student preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
@@ -245,6 +252,10 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
     fs, fpath = url_to_fs(cfg.output)
     if fs.exists(fpath) and not fs.isdir(fpath):
         raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
+    if cfg.init_from is not None:
+        from students.training.runs import resolve_checkpoint
+
+        resolve_checkpoint(cfg.init_from)  # a RunError (one line) before any work when it is not a run
     dataset, negative = read_dataset(cfg.data)
     urls = dataset_shards(cfg.data)
     if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
@@ -283,7 +294,12 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     train_schedule = torch.tensor(alphas_cumprod(dataset["scheduler_config"]), dtype=torch.float32, device=device)  # task loss only
     # 2. models: student, distillation head, EMA, optional online teacher and decoder
     if student is None:
-        student = build_unet(cfg.preset) if cfg.init_from_teacher is None else student_from_teacher(cfg, dataset)
+        if cfg.init_from is not None:
+            student = student_from_run(cfg.init_from)
+        elif cfg.init_from_teacher is not None:
+            student = student_from_teacher(cfg, dataset)
+        else:
+            student = build_unet(cfg.preset)
     student = student.to(device)
     layers = [name for name, _ in recipe.feature_weights]
     teacher_channels = _teacher_channels(cfg.data, urls, layers)
@@ -433,6 +449,18 @@ def _check_finite(terms: dict, step: int, keys: list[str], world: int, output: s
         kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
         raise TrainingDiverged(f"non-finite loss at step {step} (terms {bad}) on the batch with keys {keys}; "
                                f"training stopped before the optimizer step, {kept}")
+
+
+def student_from_run(path: str):
+    """The student UNet of another run or checkpoint (its EMA weights when it kept them, else the raw
+    ones), to start a new run from; nothing else of that run (optimizer, schedule, data position) comes along."""
+    import os
+
+    from students.training.runs import load_student_unet, read_run
+
+    run = read_run(path)
+    weights = "ema" if os.path.isdir(os.path.join(run.files, "ema")) else "raw"
+    return load_student_unet(run.files, weights)
 
 
 def student_from_teacher(cfg: TrainConfig, dataset: dict):

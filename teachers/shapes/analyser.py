@@ -122,6 +122,11 @@ class Adherence:
         out = {f"acc_{name}": float(correct[:, i].mean()) for i, name in enumerate(world.ATTRIBUTES)}
         out["adherence"] = float(correct.mean())
         out["exact"] = float(correct.all(1).mean())
+        # standard errors of the two means over images (ddof 1): a difference between rows smaller than
+        # about twice these cannot be told from the choice of captions and seeds
+        n = len(correct)
+        out["adherence_se"] = float(correct.mean(1).std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+        out["exact_se"] = float(correct.all(1).std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
         return out
 
 
