@@ -20,7 +20,7 @@ import functools
 import json
 
 from core.errors import UserError
-from core.fs import atomic_write_json, join, read_bytes
+from core.fs import atomic_write_bytes, atomic_write_json, join, read_bytes
 from shards.record import CHECKSUM_ALGORITHM, SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS
 
 DATASET_JSON = "dataset.json"
@@ -141,10 +141,37 @@ def read_dataset_info(root: str) -> DatasetInfo:
     return DatasetInfo.from_dict(d, source=path)
 
 
+DATASET_CARD = "README.md"
+
+
+def dataset_card(info: DatasetInfo) -> str:
+    """A dataset card (the Hub's YAML metadata, then what the shards hold): ``configs``/``data_files`` name the
+    tars, so the Hub's viewer and ``datasets.load_dataset("webdataset", ...)`` find them."""
+    recipe = info.recipe
+    total = sum(int(s.get("count", 0)) for s in info.shards)
+    kind = "filtered teacher dump" if info.lineage else "teacher dump"
+    lines = ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train", '    path: "*.tar"',
+             "task_categories:", "- text-to-image", "tags:", "- webdataset", "- diffusion-distillation",
+             f"- {recipe.get('scheduler', 'ddim')}", "---", "",
+             f"# {kind.capitalize()}: {recipe.get('teacher', '?')}", "",
+             f"{total} samples in {len(info.shards)} WebDataset shards (`NNNNNN.tar`, each with its index `NNNNNN.json`), "
+             f"schema version {info.schema_version}, recipe hash `{info.recipe_hash}`.", "",
+             f"- teacher: `{recipe.get('teacher')}`, {recipe.get('num_inference_steps')} steps of "
+             f"`{info.scheduler_class}` ({info.prediction_type}), guidance "
+             f"{recipe.get('guidance_range') or recipe.get('guidance_scale')}",
+             f"- recorded steps: {len(info.recorded_steps or [])}; block outputs: "
+             f"{', '.join(recipe.get('feature_layers') or []) or 'none'}",
+             "", "The members of a sample and their shapes are described by the project's `shards/record.py`; "
+             "`dataset.json` holds the whole recipe. Read with `webdataset` or `tar`.", ""]
+    return "\n".join(lines)
+
+
 def write_dataset_info(root: str, info: DatasetInfo | dict) -> DatasetInfo:
-    """Validate and write ``root/dataset.json`` atomically; returns what was written."""
+    """Validate and write ``root/dataset.json`` atomically, after its dataset card ``README.md`` (dataset.json
+    marks the folder complete, so it goes last); returns what was written."""
     if isinstance(info, dict):
         info = DatasetInfo.from_dict(info, source=join(root, DATASET_JSON))
+    atomic_write_bytes(join(root, DATASET_CARD), dataset_card(info).encode("utf-8"))
     atomic_write_json(join(root, DATASET_JSON), info.to_dict())
     return info
 

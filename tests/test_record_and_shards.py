@@ -325,3 +325,11 @@ def test_a_sample_missing_or_reshaping_a_listed_member_is_a_bad_record():
     with pytest.raises(record.BadRecord) as err:
         record.decode_sample(short)
     assert err.value.reason == "corrupt_member" and "latents" in str(err.value)
+
+
+def test_every_dataset_gets_a_dataset_card_with_the_hubs_metadata(tiny_dump):
+    text = open(os.path.join(tiny_dump, "README.md"), encoding="utf-8").read()
+    assert text.startswith("---\nconfigs:\n- config_name: default\n  data_files:\n")
+    header = text.split("---")[1]
+    assert 'path: "*.tar"' in header and "- text-to-image" in header
+    assert "16 samples in 4 WebDataset shards" in text and "teacher: `tiny`, 4 steps" in text

@@ -145,8 +145,19 @@ def unet_code() -> dict[str, str]:
     return files
 
 
+def _card_header(info: dict) -> str:
+    """The Hub's model-card metadata (YAML front matter): what the folder is and what it came from."""
+    base = info["teacher"] if "/" in str(info["teacher"]) and not os.path.isabs(str(info["teacher"])) else None
+    lines = ["---", "library_name: diffusers", "pipeline_tag: text-to-image", "license: apache-2.0"]
+    if base:  # a hub id: the Hub links the card to its base model
+        lines.append(f"base_model: {base}")
+    lines += ["tags:", "- text-to-image", "- diffusers", "- distillation", f"- {info['recipe']}",
+              f"- {info['num_inference_steps']}-step", "---", ""]
+    return "\n".join(lines)
+
+
 def _readme(info: dict) -> str:
-    return f"""# Distilled student ({info['pipeline']})
+    return _card_header(info) + f"""# Distilled student ({info['pipeline']})
 
 Exported by `distill export` from `{info['checkpoint']}` (step {info['step']}, {info['weights']} weights).
 Teacher `{info['teacher']}`; recipe `{info['recipe']}`; student preset `{info['preset']}`; decoder: {info['decoder']}.
@@ -165,6 +176,10 @@ image = pipe("a photo of a red bicycle", num_inference_steps={info['num_inferenc
 Scheduler: {info['scheduler']} with timesteps {info['timesteps']} at {info['num_inference_steps']} steps
 (trained on {info['trained_timesteps']}; exact match: {info['timesteps_exact']}).
 The same values are in `{INFERENCE_FILE}`.
+
+Loading prints diffusers' `Expected types for unet ... got EfficientUNet2DConditionModel`: the pipeline
+class declares `UNet2DConditionModel`, and this folder's UNet is the student's own class (same inputs
+and outputs), so the warning is expected and harmless.
 """
 
 
