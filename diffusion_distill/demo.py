@@ -107,57 +107,108 @@ caption says; exact: all five right; Frechet: analyser-feature distance to rende
     return path
 
 
+DEMO_JSON = "demo.json"  # the settings of the demo in a folder: a re-run continues it only with the same ones
+
+
+def _settings_guard(output: str, settings: dict) -> None:
+    """A re-run into a folder continues the demo there only with the same settings (one line otherwise)."""
+    path = os.path.join(output, DEMO_JSON)
+    if os.path.isfile(path):
+        found = json.load(open(path, encoding="utf-8"))
+        differ = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+        if differ:
+            raise UserError(f"{output!r} holds a demo run with other settings ({', '.join(differ)}): re-run with "
+                            "the same flags to continue it, or pass a new --output")
+        print(f"continuing the demo in {output} (each stage resumes where it stopped)", flush=True)
+        return
+    if os.path.isdir(output) and os.listdir(output):
+        raise UserError(f"--output {output!r} is a folder that holds something else than a demo run: pass a new one")
+    os.makedirs(output, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _done(path: str) -> dict | None:
+    return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else None
+
+
 def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_images: int = 96,
-        student_steps: int = 8, init_from_teacher: str | None = INIT_FROM_TEACHER) -> str:
+        student_steps: int = 8, init_from_teacher: str | None = INIT_FROM_TEACHER, captions: str | None = None,
+        checkpoint_every: int = 50) -> str:
+    """Every stage of the demo into ``output``. Re-running the same call into the same folder continues it:
+    finished stages are read back, the dump job resumes its shards, training resumes from its newest
+    checkpoint (every ``checkpoint_every`` steps, exactly: the trainer restores every RNG), export and
+    evaluation rerun only when their outputs are missing."""
     from students.evaluation.evaluate import EvalConfig, evaluate
     from students.export.folder import export
+    from students.training.checkpoint import checkpoints
     from teachers.shapes.analyser import Adherence, AnalyserFrechet, load_analyser
 
-    if os.path.exists(os.path.join(output, "dump")) or os.path.exists(os.path.join(output, "train")):
-        raise ValueError(f"{output!r} already holds a demo run: pass a new --output")
-    os.makedirs(output, exist_ok=True)
+    captions = captions or workflow.bundled_captions()
+    _settings_guard(output, dict(train_steps=train_steps, seeds_per_prompt=seeds_per_prompt, eval_images=eval_images,
+                                 student_steps=student_steps, init_from_teacher=init_from_teacher,
+                                 captions=os.path.abspath(captions), checkpoint_every=checkpoint_every))
     seconds = {}
-    t = workflow.stage("1/5 curate the bundled captions (Beam, DirectRunner)")
-    curated = workflow.curate(workflow.bundled_captions(), os.path.join(output, "curate"))
+    t = workflow.stage("1/5 curate the captions (Beam, DirectRunner)")
+    curated = _done(os.path.join(output, "curate", "summary.json")) or \
+        workflow.curate(captions, os.path.join(output, "curate"))
     seconds["curate"] = time.monotonic() - t
     t = workflow.stage("2/5 teacher dump: shapes teacher, full trajectories (Beam, DirectRunner)")
-    dataset = workflow.dump(os.path.join(output, "curate", "manifest.parquet"), os.path.join(output, "dump"),
-                            seeds_per_prompt=seeds_per_prompt, samples_per_shard=256)
+    dataset = _done(os.path.join(output, "dump", "dataset.json")) or \
+        workflow.dump(os.path.join(output, "curate", "manifest.parquet"), os.path.join(output, "dump"),
+                      seeds_per_prompt=seeds_per_prompt, samples_per_shard=256)
     seconds["dump"] = time.monotonic() - t
     t = workflow.stage(f"3/5 step-distil the student for {student_steps} steps")
-    workflow.train(os.path.join(output, "dump"), os.path.join(output, "train"), student_steps=student_steps,
-                   max_steps=train_steps, init_from_teacher=init_from_teacher)
+    run_dir = os.path.join(output, "train")
+    found = checkpoints(run_dir)
+    if not (found and found[-1].endswith(f"step-{train_steps:07d}")):
+        workflow.train(os.path.join(output, "dump"), run_dir, student_steps=student_steps, max_steps=train_steps,
+                       init_from_teacher=init_from_teacher, checkpoint_every=min(checkpoint_every, train_steps),
+                       keep_checkpoints=2)
     seconds["train"] = time.monotonic() - t
     t = workflow.stage("4/5 export a diffusers pipeline folder")
-    folder = export(os.path.join(output, "train"), os.path.join(output, "student"))
+    folder = os.path.join(output, "student")
+    if not os.path.isfile(os.path.join(folder, "inference.json")):
+        export(run_dir, folder)
     seconds["export"] = time.monotonic() - t
     t = workflow.stage("5/5 evaluate teacher and student on held-out captions")
-    analyser = load_analyser()
-    cfg = EvalConfig(output=os.path.join(output, "eval"), captions=_eval_captions(os.path.join(output, "eval_captions.txt"), eval_images),
-                     student=folder, teacher=workflow.TEACHER, num_images=eval_images,
-                     teacher_steps=(workflow.TEACHER_STEPS, student_steps), student_steps=(student_steps,),
-                     metrics=(), batch_size=48, grid_images=8, latency_repeats=3)
-    metrics = evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)))
+    metrics = _done(os.path.join(output, "eval", "metrics.json"))
+    if metrics is None:
+        analyser = load_analyser()
+        cfg = EvalConfig(output=os.path.join(output, "eval"),
+                         captions=_eval_captions(os.path.join(output, "eval_captions.txt"), eval_images),
+                         student=folder, teacher=workflow.TEACHER, num_images=eval_images,
+                         teacher_steps=(workflow.TEACHER_STEPS, student_steps), student_steps=(student_steps,),
+                         guidance_scale=float(dataset["recipe"]["guidance_scale"]),  # every row at the dump's
+                         metrics=(), batch_size=48, grid_images=8, latency_repeats=3)
+        metrics = evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)))
     seconds["eval"] = time.monotonic() - t
     return write_report(output, curated, dataset, metrics, seconds, describe_student(init_from_teacher, student_steps))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    output: str = option(help="new folder for every stage's output and report.html")
+    output: str = option(help="folder for every stage's output and report.html; re-running into it continues the demo")
     train_steps: int = option(300, help="student training steps (a teacher-initialised student converges in about "
                               "200 at this batch; the shapes preset from scratch wants 900 or more)")
     init_from_teacher: str = option(INIT_FROM_TEACHER or "", help="start the student from the teacher's weights, cut "
                                     "this way (students.models.teacher_init; '' = the shapes preset from scratch)")
     seeds_per_prompt: int = option(2, help="teacher generations per caption")
     eval_images: int = option(96, help="held-out captions evaluated (teacher and student)")
+    captions: str | None = option(None, help="captions file to curate (default: the bundled shapes-world captions)")
+    checkpoint_every: int = option(50, help="training checkpoints: a killed demo re-run with the same flags resumes "
+                                   "from the newest")
 
     def __post_init__(self):
-        for name in ("train_steps", "seeds_per_prompt", "eval_images"):
+        for name in ("train_steps", "seeds_per_prompt", "eval_images", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
         if os.path.isfile(self.output):
             raise UserError(f"--output {self.output!r} is an existing file: give a folder")
+        if self.captions is not None and not os.path.isfile(self.captions):
+            raise UserError(f"--captions {self.captions!r}: no such file")
         from students.models.teacher_init import CUTS
 
         if self.init_from_teacher and self.init_from_teacher not in CUTS:
@@ -168,7 +219,8 @@ def _main(argv: list[str]) -> int:
     cfg, _ = parse(DemoConfig, argv, prog="distill demo", description=__doc__.split("\n\n")[0])
     start = time.monotonic()
     report = run(cfg.output, train_steps=cfg.train_steps, seeds_per_prompt=cfg.seeds_per_prompt,
-                 eval_images=cfg.eval_images, init_from_teacher=cfg.init_from_teacher or None)
+                 eval_images=cfg.eval_images, init_from_teacher=cfg.init_from_teacher or None, captions=cfg.captions,
+                 checkpoint_every=cfg.checkpoint_every)
     print(f"\ndemo finished in {(time.monotonic() - start) / 60:.1f} min. Report: {os.path.abspath(report)}")
     return 0
 
