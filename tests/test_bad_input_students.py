@@ -112,7 +112,7 @@ def test_bad_input_is_one_line_and_exit_2(name, module, argv, words, tmp_path, c
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    verb = {"cli": "train", "evaluate": "eval"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
+    verb = {"cli": "train", "folder": "export", "evaluate": "eval"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
     assert lines[0].startswith(f"distill {verb}: error: ")
     assert "Traceback" not in err
     for word in words:

@@ -132,7 +132,7 @@ def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
     assert len(audit["keys_by_epoch"]) == 20
     from PIL import Image
     grid = Image.open(tmp_path / "run" / "grids" / "step-0000060.png")
-    assert grid.size == (110 + 4 * 128, 2 * 128)  # 4 prompts; teacher row and student row (EMA off)
+    assert grid.size == (110 + 4 * 128, 2 * 128 + 44)  # 4 prompts; teacher row and student row (EMA off); captions
     student = EfficientUNet2DConditionModel.from_pretrained(str(tmp_path / "run" / "checkpoints" / "step-0000060" / "student"))
     after = held_out_loss(student)
     assert after < 0.5 * before, (before, after)
