@@ -60,7 +60,7 @@ CASES = [
     ("train batch size not a number", train, lambda t: _train(t, "--batch_size", "eight"), ["--batch_size", "invalid int value"]),
     ("train ema decay 1.5", train, lambda t: _train(t, "--ema_decay", "1.5"), ["--ema_decay must be in [0, 1)"]),
     ("train no --data", train, lambda t: ["--output", str(t / "run")], ["required", "--data"]),
-    ("train unknown flag", train, lambda t: _train(t, "--bach_size", "4"), ["unrecognized arguments: --bach_size"]),
+    ("train unknown flag", train, lambda t: _train(t, "--bach_size", "4"), ["unrecognized arguments: --bach_size", "(did you mean --batch_size?)"]),
     ("train --data missing", train, lambda t: _train(t, data=str(t / "nowhere")), ["does not exist"]),
     ("train --data empty folder", train, lambda t: (os.makedirs(t / "empty"), _train(t, data=str(t / "empty")))[1],
      ["dataset.json missing", "not a finished dataset"]),
