@@ -31,6 +31,11 @@ def dataset(folder, **changes) -> str:
     return str(folder)
 
 
+def eight_steps(folder) -> str:
+    """A dump of 8 recorded teacher steps (``dataset``'s is 4)."""
+    return dataset(folder, recipe={"teacher": "tiny", "num_inference_steps": 8}, recorded_steps=list(range(8)))
+
+
 def fake_checkpoint(folder, *, config=None, weights=True) -> str:
     """A checkpoint folder: config.json (a run's, unless given) and student/ + ema/ (with or without weights)."""
     os.makedirs(folder, exist_ok=True)
@@ -83,6 +88,20 @@ CASES = [
     ("train step distillation on a partial trajectory", train,
      lambda t: _train(t, "--recipe", "snapfusion_step", data=dataset(t / "p", recorded_steps=[0, 2])),
      ["needs every teacher step recorded"]),
+    ("train progressive from 16 on an 8-step dump", train,
+     lambda t: _train(t, "--recipe", "progressive", "--progressive_from", "16", "--student_steps", "4", data=eight_steps(t / "d8")),
+     ["--progressive_from 16 is not the 8 teacher steps", "pass --progressive_from 8"]),
+    ("train progressive from 6 to 3 on an 8-step dump", train,
+     lambda t: _train(t, "--recipe", "progressive", "--progressive_from", "6", "--student_steps", "3", data=eight_steps(t / "d8")),
+     ["--progressive_from 6 is not the 8 teacher steps"]),
+    ("train 3 student steps on an 8-step dump", train,
+     lambda t: _train(t, "--recipe", "snapfusion_step", "--student_steps", "3", data=eight_steps(t / "d8")),
+     ["--student_steps 3 does not divide the 8 teacher steps", "it would train 4 jumps"]),
+    ("train 16 student steps on an 8-step dump", train,
+     lambda t: _train(t, "--recipe", "snapfusion_step", "--student_steps", "16", data=eight_steps(t / "d8")),
+     ["--student_steps 16 is more than the 8 teacher steps"]),
+    ("train the recipe's 8 student steps on a 4-step dump", train, lambda t: _train(t, "--recipe", "snapfusion_step"),
+     ["--student_steps 8 (the default of recipe 'snapfusion_step') is more than the 4 teacher steps"]),
     ("export folder that is not a run", export,
      lambda t: [fake_checkpoint(t / "ck", config={"_class_name": "StableDiffusionPipeline"}), str(t / "out")],
      ["not a training checkpoint's config"]),

@@ -28,7 +28,7 @@ from core.options import option
 from students.distill import adversarial
 from students.training import checkpoint as ckpt
 from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline
-from students.distill.batches import training_batch
+from students.distill.batches import step_rows, training_batch
 from students.distill.inference import student_sampling
 from students.distill.recipes import (RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections,
                                       online_targets, robust_skip)
@@ -254,12 +254,40 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
     if recipe.step_weight > 0 and recorded is not None and recorded != list(range(dataset["recipe"]["num_inference_steps"])):
         raise UserError(f"recipe {recipe.name!r} (step distillation) needs every teacher step recorded; "
                         f"{cfg.data!r} recorded steps {recorded} (dump with --record_steps all)")
+    check_step_counts(cfg, recipe, dataset["recipe"]["num_inference_steps"])
     if cfg.adv_real == "image" and not dataset["recipe"].get("real_images"):
         raise UserError(f"--adv_real image needs real-image latents: {cfg.data!r} was dumped without --real_images "
                         "(re-dump with --real_images, or use --adv_real teacher)")
     if cfg.decoder and not dataset["recipe"].get("save_images", True):
         raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
     return dataset, negative, urls
+
+
+def check_step_counts(cfg: TrainConfig, recipe: DistillRecipe, teacher_steps: int) -> None:
+    """Student step counts that fit the dump's ``teacher_steps``, or a one-line ``UserError`` naming both.
+
+    A step-distilled student jumps k = teacher_steps / student_steps recorded steps at a time
+    (``students.distill.batches.step_stride``): a count that does not divide them would train and
+    export a student of another step count (3 on 8 steps: 4 jumps of 2; 16 on 8: 8 jumps of 1).
+    Progressive rounds start from the dump itself: round 1's target is two recorded steps, so
+    ``--progressive_from`` is the dump's step count (the rounds then halve it down to
+    ``--student_steps``, a power of two below it: ``students.distill.progressive.rounds``).
+    """
+    if cfg.progressive_from and cfg.progressive_from != teacher_steps:
+        raise UserError(f"--progressive_from {cfg.progressive_from} is not the {teacher_steps} teacher steps of "
+                        f"{cfg.data!r}: round 1 halves the dump's own trajectory, so pass --progressive_from "
+                        f"{teacher_steps} (or dump {cfg.progressive_from} steps)")
+    if recipe.step_weight <= 0:
+        return
+    n = recipe.student_steps
+    flag = f"--student_steps {n}" + ("" if cfg.student_steps else f" (the default of recipe {recipe.name!r})")
+    if n > teacher_steps:
+        raise UserError(f"{flag} is more than the {teacher_steps} teacher steps of {cfg.data!r}: a student "
+                        "step jumps one or more recorded teacher steps")
+    if teacher_steps % n:
+        raise UserError(f"{flag} does not divide the {teacher_steps} teacher steps of {cfg.data!r}: each "
+                        f"student step jumps a whole number of recorded steps (it would train "
+                        f"{len(step_rows(teacher_steps, n))} jumps); use a divisor of {teacher_steps}")
 
 
 def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None,
