@@ -36,6 +36,16 @@ def eight_steps(folder) -> str:
     return dataset(folder, recipe={"teacher": "tiny", "num_inference_steps": 8}, recorded_steps=list(range(8)))
 
 
+def with_index(folder, text: str | None = None, **changes) -> str:
+    """``dataset`` with the index 000000.json of its one listed shard: valid, with ``changes``, or ``text`` as is."""
+    data = dataset(folder)
+    index = {"shard": "000000.tar", "count": 0, "keys": [], "bytes": 0, "sha256": "0" * 64, "schema_version": 2,
+             "recipe_hash": "0" * 16, **changes}
+    with open(os.path.join(folder, "000000.json"), "w", encoding="utf-8") as f:
+        f.write(text if text is not None else json.dumps(index))
+    return data
+
+
 def fake_checkpoint(folder, *, config=None, weights=True) -> str:
     """A checkpoint folder: config.json (a run's, unless given) and student/ + ema/ (with or without weights)."""
     os.makedirs(folder, exist_ok=True)
@@ -102,6 +112,11 @@ CASES = [
      ["--student_steps 16 is more than the 8 teacher steps"]),
     ("train the recipe's 8 student steps on a 4-step dump", train, lambda t: _train(t, "--recipe", "snapfusion_step"),
      ["--student_steps 8 (the default of recipe 'snapfusion_step') is more than the 4 teacher steps"]),
+    ("train a shard without its index", train, lambda t: _train(t), ["shard ", "000000.tar", "000000.json is missing"]),
+    ("train a shard index not JSON", train, lambda t: _train(t, data=with_index(t / "d", "{oops")),
+     ["shard ", "000000.json is unreadable"]),
+    ("train a shard index of schema_version 99", train, lambda t: _train(t, data=with_index(t / "d", schema_version=99)),
+     ["shard ", "000000.json has schema_version 99", "reads 1, 2"]),
     ("export folder that is not a run", export,
      lambda t: [fake_checkpoint(t / "ck", config={"_class_name": "StableDiffusionPipeline"}), str(t / "out")],
      ["not a training checkpoint's config"]),

@@ -241,12 +241,12 @@ def setup_distributed(cfg: TrainConfig):
 
 
 def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
-    """Everything that can be checked before any work: the output path and the dataset. -> (dataset, negative, urls)"""
+    """Everything that can be checked before any work: the output path, the dataset against the flags, then
+    every listed shard's index (``dataset_shards``). -> (dataset, negative, urls)"""
     fs, fpath = url_to_fs(cfg.output)
     if fs.exists(fpath) and not fs.isdir(fpath):
         raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
     dataset, negative = read_dataset(cfg.data)
-    urls = dataset_shards(cfg.data)
     if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
         raise UserError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
                         f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
@@ -260,7 +260,7 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
                         "(re-dump with --real_images, or use --adv_real teacher)")
     if cfg.decoder and not dataset["recipe"].get("save_images", True):
         raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
-    return dataset, negative, urls
+    return dataset, negative, dataset_shards(cfg.data)
 
 
 def check_step_counts(cfg: TrainConfig, recipe: DistillRecipe, teacher_steps: int) -> None:
