@@ -338,6 +338,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
              "lr_scheduler": scheduler, "rng": ckpt.RNGState(generator), "data": batches,
              **(adversary.state() if adversary else {})}
     step = ckpt.load_latest(cfg.output, state)
+    if rank == 0:
+        ckpt.remove_stale(cfg.output)  # what a kill during a save left: never resumed from, never removed else
     model = student
     if world > 1:
         # robust training skips blocks: their parameters get no gradient on that rank in that step
@@ -346,7 +348,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     # how the student samples, written into every checkpoint (export and eval read it from there)
     sampler, sampling = student_sampling(dataset, dataclasses.asdict(recipe))
     # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
-    log = ckpt.RunLog(cfg, rank) if rank == 0 else None
+    log = ckpt.RunLog(cfg, rank, resume_step=step) if rank == 0 else None  # drops the lines after `step`
     losses: list[float] = []
     start_step, t0 = step, time.monotonic()
     try:
