@@ -99,18 +99,25 @@ def publish_folder(built: str, dest: str, marker: str) -> None:
 
 
 def remove_temporaries(root: str, prefix: str = "") -> list[str]:
-    """Delete the temporaries (``<name>.tmp-<uuid>``) that killed writers left in folder ``root``,
-    those whose name starts with ``prefix``; returns the names removed. Run it where no writer of a
-    matching name is live: a job's launcher before its workers start (prefix ``""``), or a shard's
-    worker for its own shard's names. Remote folders hold none (remote writes upload whole)."""
+    """Delete the temporaries (``<name>.tmp-<uuid>``: files, or folders such as a checkpoint's) that
+    killed writers left in folder ``root``, those whose name starts with ``prefix``; returns the names
+    removed. Run it where no writer of a matching name is live: a job's launcher before its workers
+    start (prefix ``""``), a shard's worker for its own shard's names, the trainer's rank 0 before
+    its first step. Remote folders hold none (remote writes upload whole)."""
+    import shutil
+
     fs, path = url_to_fs(root)
     if not is_local(fs) or not os.path.isdir(path):
         return []
     removed = []
     for name in sorted(os.listdir(path)):
         if name.startswith(prefix) and TMP_MARK in name:
+            full = os.path.join(path, name)
             try:
-                os.remove(os.path.join(path, name))
+                if os.path.isdir(full) and not os.path.islink(full):
+                    shutil.rmtree(full)
+                else:
+                    os.remove(full)
             except FileNotFoundError:  # another cleaner got there first
                 continue
             removed.append(name)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 
@@ -81,11 +82,30 @@ def reuse(source, *names: str):
     return decorate
 
 
+def did_you_mean(name: str, known) -> str:
+    """`` (did you mean --x?)`` naming the known flag nearest to ``name``, or "" when none is near."""
+    close = difflib.get_close_matches(name, [k for k in known if k not in ("-h", "--help")], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def flags_of(parser: argparse.ArgumentParser) -> list[str]:
+    """Every spelling of every flag a parser declares (``--snake_case``, ``--kebab-case``, ``-h``)."""
+    return list(parser._option_string_actions)  # argparse's registry of flags
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ``UserError`` instead of printing usage and exiting."""
 
     def error(self, message):  # noqa: D401 (argparse's hook)
         raise UserError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse's own message, plus the flag meant: a typo is the usual unknown flag
+        ns, rest = self.parse_known_args(args, namespace)
+        if rest:
+            first = next((a.split("=", 1)[0] for a in rest if a.startswith("-")), "")
+            raise UserError(f"unrecognized arguments: {' '.join(rest)}{did_you_mean(first, flags_of(self))}")
+        return ns
 
 
 def parse_bool(text) -> bool:
@@ -214,22 +234,30 @@ def from_mapping(cls, values: dict, **overrides):
     return cls(**kwargs)
 
 
-def build_parser(cls, *, prog: str, description: str | None = None, defaults: bool = True) -> argparse.ArgumentParser:
+def build_parser(cls, *, prog: str, description: str | None = None, defaults: bool = True,
+                 passthrough: bool = False) -> argparse.ArgumentParser:
+    """A parser of ``cls``'s flags. ``passthrough`` (a job that hands unknown flags on): no flag is
+    required by the parser, so the unknown ones can be vetted first (a missing ``--prompts`` may be
+    a misspelt one); ``from_mapping`` then reports a required flag still missing."""
     parser = _Parser(prog=prog, description=description)
-    add_arguments(parser, cls, defaults=defaults)
+    add_arguments(parser, cls, defaults=defaults, shared=passthrough)
     return parser
 
 
-def parse(cls, argv: list[str] | None, *, prog: str, description: str | None = None, known_only: bool = False):
+def parse(cls, argv: list[str] | None, *, prog: str, description: str | None = None, known_only: bool = False,
+          check_unknown=None):
     """Parse ``argv`` into ``cls``; returns ``(config, unknown args)``.
 
-    Unknown flags are an error unless ``known_only`` (Beam jobs pass runner flags through).
+    Unknown flags are an error unless ``known_only`` (Beam jobs pass runner flags through); then
+    ``check_unknown(unknown args, the parser's flags)`` vets them before the config is built
+    (``pipelines.common.check_beam_args``: each must be one of Beam's).
     """
-    parser = build_parser(cls, prog=prog, description=description)
-    if known_only:
-        ns, rest = parser.parse_known_args(argv)
-    else:
-        ns, rest = parser.parse_args(argv), []
+    if not known_only:
+        return from_mapping(cls, vars(build_parser(cls, prog=prog, description=description).parse_args(argv))), []
+    parser = build_parser(cls, prog=prog, description=description, passthrough=True)
+    ns, rest = parser.parse_known_args(argv)
+    if check_unknown is not None:
+        check_unknown(rest, flags_of(parser))
     return from_mapping(cls, vars(ns)), rest
 
 

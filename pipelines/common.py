@@ -6,6 +6,8 @@ needs for that live here, once:
 
 - ``launcher_checks()``: turns the errors of validation and planning into ``UserError`` (one line,
   exit 2, before any worker starts); ``check_output`` refuses an ``--output`` that is a file;
+- ``check_beam_args``: a flag the job does not declare must be one of Beam's, else a one-line
+  error naming the nearest flag (a typo must not run the job with a default);
 - ``pipeline_options`` / ``is_local_runner`` / ``show_progress``: runner defaults;
 - ``recipe_hash`` and ``check_or_write_recipe``: an output folder holds one recipe's results;
 - ``write_plan`` / ``read_plan`` (``PLAN``): one Parquet row group per work unit, so a work unit
@@ -17,12 +19,14 @@ needs for that live here, once:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 
 from core.errors import UserError, run_main
 from core.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
+from core.options import did_you_mean
 from shards.schema import DATASET_JSON
 
 PLAN = "_plan/plan.parquet"  # the launcher's plan inside the output folder
@@ -78,6 +82,65 @@ def file_sha256(path: str) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# the flags a job hands to Beam
+# ---------------------------------------------------------------------------------------------
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+@functools.lru_cache(maxsize=1)
+def beam_flags() -> dict[str, bool]:
+    """Every flag Beam's pipeline options declare -> whether it takes a value.
+
+    Read from the options classes themselves (each ``PipelineOptions`` subclass adds its flags to a
+    parser), so a Beam upgrade brings its new flags along. The Dask runner's module is imported for
+    its ``--dask_*`` flags: Beam imports a runner only when the pipeline runs, after this check.
+    Subclasses from outside Beam are left out: they declare jobs' flags, and another job's flag
+    given to this one is a mistake too.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    with contextlib.suppress(ImportError):  # dask is an optional extra
+        import apache_beam.runners.dask.dask_runner  # noqa: F401 (declares DaskOptions)
+    flags: dict[str, bool] = {}
+    for cls in _subclasses(PipelineOptions):
+        if not cls.__module__.startswith("apache_beam."):
+            continue
+        parser = _BeamArgumentParser(allow_abbrev=False)  # one each: a subclass may inherit its parent's flags
+        cls._add_argparse_args(parser)
+        for action in parser._actions:
+            flags.update((name, action.nargs != 0) for name in action.option_strings)
+    return flags
+
+
+def check_beam_args(rest: list[str], job_flags: list[str]) -> list[str]:
+    """The arguments a job's parser left (``parse_known_args``), each a Beam flag (or its value); returns them.
+
+    Beam itself only logs ``Discarding unparseable args`` and runs on, so a misspelt job flag would
+    run the job with its default: here it is a one-line ``UserError`` naming the nearest flag of
+    the job or of Beam, before anything is written.
+    """
+    known = beam_flags() if rest else {}
+    value_due = False  # the previous argument was a Beam flag waiting for its value
+    for arg in rest:
+        if value_due and not arg.startswith("--"):
+            value_due = False
+            continue
+        if not arg.startswith("-"):
+            raise UserError(f"unexpected argument {arg!r}: it is neither a flag nor a flag's value")
+        name, eq, _ = arg.partition("=")
+        if name not in known:
+            raise UserError(f"unknown flag {name}{did_you_mean(name, [*job_flags, *known])}: neither a flag "
+                            "of this job nor a Beam pipeline option")
+        value_due = known[name] and not eq
+    return rest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,10 @@ def read_dataset_info(data_dir: str) -> dict:
 
 
 def dataset_shards(data_dir: str) -> list[str]:
-    """Paths/URLs of a dataset's complete shards: those listed in ``dataset.json``, else those with an index."""
+    """Paths/URLs of a dataset's complete shards: those listed in ``dataset.json``, else those with an index.
+
+    Each one's index is read and checked here (``read_shard_index``), so a missing or unsupported index
+    is refused before any work rather than read past; the indexes are kept for ``shard_index``."""
     if exists(join(data_dir, schema.DATASET_JSON)):
         names = [s["shard"] for s in read_dataset_info(data_dir).get("shards", [])]
     elif not exists(data_dir):
@@ -128,7 +131,35 @@ def dataset_shards(data_dir: str) -> list[str]:
     if not names:
         raise UserError(f"no complete shards in {data_dir!r} (its dataset.json lists none, or there is no "
                         "dataset.json and no NNNNNN.json index): nothing to train on")
-    return [join(data_dir, n) for n in names]
+    urls = [join(data_dir, n) for n in names]
+    for url in urls:
+        _INDEXES[url] = read_shard_index(url)
+    return urls
+
+
+def read_shard_index(url: str) -> ShardIndex:
+    """The index ``NNNNNN.json`` of listed shard ``url``, validated; a one-line ``UserError`` naming the
+    shard when it is missing, unreadable or of a schema this version does not read.
+
+    Without its index a shard's samples would be read with no checksum check and no skip counted,
+    so every listed shard must have one before the first step (``dataset_shards``).
+    """
+    path = _index_path(url)
+    if not exists(path):
+        raise UserError(f"shard {url}: its index {path} is missing (a shard is complete only with its index): "
+                        "re-make the dataset or check it with distill inspect --verify")
+    try:
+        d = json.loads(read_bytes(path))
+    except (OSError, ValueError) as err:
+        raise UserError(f"shard {url}: its index {path} is unreadable ({err})") from None
+    try:
+        return ShardIndex.from_dict(d, source=path)
+    except UserError as err:  # schema_version 99, a field of the wrong type: it names the file and the field
+        raise UserError(f"shard {url}: {err}") from None
+
+
+def _index_path(url: str) -> str:
+    return url[: -len(".tar")] + ".json" if url.endswith(".tar") else url + ".json"
 
 
 def read_dataset(data_dir: str):
@@ -183,7 +214,8 @@ _INDEXES: dict[str, ShardIndex | None] = {}  # shard URL -> its NNNNNN.json (thi
 
 
 def shard_index(url: str) -> ShardIndex | None:
-    """The index ``NNNNNN.json`` beside shard ``url`` (None if absent or unreadable: checksums then unchecked)."""
+    """The index ``NNNNNN.json`` beside shard ``url``, as ``dataset_shards`` checked it; in a worker that
+    did not inherit that check (a spawned DataLoader worker), read again, None if it has gone since."""
     if url not in _INDEXES:
         path = url[: -len(".tar")] + ".json" if url.endswith(".tar") else None
         try:

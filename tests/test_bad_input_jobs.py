@@ -121,6 +121,14 @@ DUMP_CASES = {
                               "--resolution 100 is not possible"),
     "unknown_progress_mode": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--progress", "maybe"],
                               "invalid choice: 'maybe'"),
+    "flag_typo": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--num_inferance_steps", "4"],
+                  "unknown flag --num_inferance_steps (did you mean --num_inference_steps?)"),
+    "typo_of_a_required_flag": (lambda f: ["--promts", f["prompts"], "--output", f["out"]],
+                                "unknown flag --promts (did you mean --prompts?)"),  # not "required: --prompts"
+    "beam_flag_typo": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--direct_num_worker=1"],
+                       "unknown flag --direct_num_worker (did you mean --direct_num_workers?)"),
+    "stray_argument": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--save_main_session", "yes"],
+                       "unexpected argument 'yes'"),  # a Beam flag that takes no value
 }
 
 
@@ -155,6 +163,8 @@ FILTER_CASES = {
                                  "has no aesthetic scores"),
     "negative_shard_size": (lambda f: ["--input", f["scored"], "--output", f["out"], "--samples_per_shard", "-1"],
                             "must be >= 0"),
+    "flag_typo": (lambda f: ["--input", f["scored"], "--output", f["out"], "--semdedup_epz", "0.1"],
+                  "unknown flag --semdedup_epz (did you mean --semdedup_eps?)"),
 }
 
 
@@ -185,6 +195,8 @@ CURATE_CASES = {
                        "unknown curate preset 'nope'"),
     "unknown_input_format": (lambda f: ["--input", f["csv"], "--input_format", "csv", "--output", f["out"]],
                              "unknown --input_format 'csv'"),
+    "flag_typo": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--max_pusnafe", "0.5"],
+                  "unknown flag --max_pusnafe (did you mean --max_punsafe?)"),
 }
 
 
@@ -208,6 +220,51 @@ def test_beam_run_launcher_errors_are_one_line(capsys, monkeypatch, case):
     monkeypatch.chdir(ROOT)
     argv, needle = BEAM_CASES[case]
     assert_one_line(capsys, beam_cli.main, argv, "beam run", needle)
+
+
+TYPO = ("--num_inferance_steps", "4")
+TYPO_LINE = "unknown flag --num_inferance_steps (did you mean --num_inference_steps?)"
+
+
+def test_a_job_flag_typo_is_refused_through_distill_and_beam_run(capsys, files, monkeypatch):
+    """Beam would log "Discarding unparseable args" and run the job with 50 steps."""
+    job = [*TINY, "--prompts", files["prompts"], "--output", files["out"]]
+    assert_one_line(capsys, cli.main, ["dump", *job, *TYPO], "distill dump", TYPO_LINE)
+    assert not os.path.exists(files["out"])
+    monkeypatch.chdir(ROOT)
+    assert_one_line(capsys, beam_cli.main, ["run", "pipelines/teacher_dump.py", *job, *TYPO], "beam run", TYPO_LINE)
+    assert not os.path.exists(files["out"])
+
+
+def test_a_job_flag_typo_is_refused_through_python_m(files):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.dump", *TINY, "--prompts", files["prompts"],
+                           "--output", files["out"], *TYPO], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [f"distill dump: error: {TYPO_LINE}: neither a flag "
+                                                                 "of this job nor a Beam pipeline option"], proc.stderr
+    assert not os.path.exists(files["out"])
+
+
+BEAM_FLAGS = ["--runner=DirectRunner", "--direct_num_workers=1", "--direct_running_mode", "in_memory",
+              "--temp_location=/tmp/x", "--project", "p", "--region=r", "--setup_file=./setup.py",
+              "--experiments=no_use_multiple_sdk_containers", "--sdk_container_image=img",
+              "--worker_machine_type=g2-standard-8", "--dataflow_service_options=worker_accelerator=type:nvidia-l4",
+              "--number_of_worker_harness_threads=1", "--save_main_session", "--requirements_file=r.txt"]
+
+
+def test_beam_options_pass_through_to_beam_by_name(files):
+    from apache_beam.options.pipeline_options import DirectOptions, GoogleCloudOptions
+
+    from pipelines import common
+
+    from pipelines.dump.job import prepare
+
+    cfg, _, _, beam_args = prepare([*TINY, "--prompts", files["prompts"], "--output", files["out"], *BEAM_FLAGS])
+    assert beam_args == BEAM_FLAGS and cfg.num_inference_steps == 1
+    options = common.pipeline_options(beam_args)
+    assert options.view_as(DirectOptions).direct_num_workers == 1
+    assert options.view_as(DirectOptions).direct_running_mode == "in_memory"
+    assert options.view_as(GoogleCloudOptions).project == "p"
+    assert not os.path.exists(files["out"])  # prepare writes nothing
 
 
 def test_distill_unknown_verb_is_one_line(capsys):

@@ -31,6 +31,21 @@ def dataset(folder, **changes) -> str:
     return str(folder)
 
 
+def eight_steps(folder) -> str:
+    """A dump of 8 recorded teacher steps (``dataset``'s is 4)."""
+    return dataset(folder, recipe={"teacher": "tiny", "num_inference_steps": 8}, recorded_steps=list(range(8)))
+
+
+def with_index(folder, text: str | None = None, **changes) -> str:
+    """``dataset`` with the index 000000.json of its one listed shard: valid, with ``changes``, or ``text`` as is."""
+    data = dataset(folder)
+    index = {"shard": "000000.tar", "count": 0, "keys": [], "bytes": 0, "sha256": "0" * 64, "schema_version": 2,
+             "recipe_hash": "0" * 16, **changes}
+    with open(os.path.join(folder, "000000.json"), "w", encoding="utf-8") as f:
+        f.write(text if text is not None else json.dumps(index))
+    return data
+
+
 def fake_checkpoint(folder, *, config=None, weights=True) -> str:
     """A checkpoint folder: config.json (a run's, unless given) and student/ + ema/ (with or without weights)."""
     os.makedirs(folder, exist_ok=True)
@@ -60,7 +75,7 @@ CASES = [
     ("train batch size not a number", train, lambda t: _train(t, "--batch_size", "eight"), ["--batch_size", "invalid int value"]),
     ("train ema decay 1.5", train, lambda t: _train(t, "--ema_decay", "1.5"), ["--ema_decay must be in [0, 1)"]),
     ("train no --data", train, lambda t: ["--output", str(t / "run")], ["required", "--data"]),
-    ("train unknown flag", train, lambda t: _train(t, "--bach_size", "4"), ["unrecognized arguments: --bach_size"]),
+    ("train unknown flag", train, lambda t: _train(t, "--bach_size", "4"), ["unrecognized arguments: --bach_size", "(did you mean --batch_size?)"]),
     ("train --data missing", train, lambda t: _train(t, data=str(t / "nowhere")), ["does not exist"]),
     ("train --data empty folder", train, lambda t: (os.makedirs(t / "empty"), _train(t, data=str(t / "empty")))[1],
      ["dataset.json missing", "not a finished dataset"]),
@@ -83,6 +98,25 @@ CASES = [
     ("train step distillation on a partial trajectory", train,
      lambda t: _train(t, "--recipe", "snapfusion_step", data=dataset(t / "p", recorded_steps=[0, 2])),
      ["needs every teacher step recorded"]),
+    ("train progressive from 16 on an 8-step dump", train,
+     lambda t: _train(t, "--recipe", "progressive", "--progressive_from", "16", "--student_steps", "4", data=eight_steps(t / "d8")),
+     ["--progressive_from 16 is not the 8 teacher steps", "pass --progressive_from 8"]),
+    ("train progressive from 6 to 3 on an 8-step dump", train,
+     lambda t: _train(t, "--recipe", "progressive", "--progressive_from", "6", "--student_steps", "3", data=eight_steps(t / "d8")),
+     ["--progressive_from 6 is not the 8 teacher steps"]),
+    ("train 3 student steps on an 8-step dump", train,
+     lambda t: _train(t, "--recipe", "snapfusion_step", "--student_steps", "3", data=eight_steps(t / "d8")),
+     ["--student_steps 3 does not divide the 8 teacher steps", "it would train 4 jumps"]),
+    ("train 16 student steps on an 8-step dump", train,
+     lambda t: _train(t, "--recipe", "snapfusion_step", "--student_steps", "16", data=eight_steps(t / "d8")),
+     ["--student_steps 16 is more than the 8 teacher steps"]),
+    ("train the recipe's 8 student steps on a 4-step dump", train, lambda t: _train(t, "--recipe", "snapfusion_step"),
+     ["--student_steps 8 (the default of recipe 'snapfusion_step') is more than the 4 teacher steps"]),
+    ("train a shard without its index", train, lambda t: _train(t), ["shard ", "000000.tar", "000000.json is missing"]),
+    ("train a shard index not JSON", train, lambda t: _train(t, data=with_index(t / "d", "{oops")),
+     ["shard ", "000000.json is unreadable"]),
+    ("train a shard index of schema_version 99", train, lambda t: _train(t, data=with_index(t / "d", schema_version=99)),
+     ["shard ", "000000.json has schema_version 99", "reads 1, 2"]),
     ("export folder that is not a run", export,
      lambda t: [fake_checkpoint(t / "ck", config={"_class_name": "StableDiffusionPipeline"}), str(t / "out")],
      ["not a training checkpoint's config"]),
@@ -112,7 +146,7 @@ def test_bad_input_is_one_line_and_exit_2(name, module, argv, words, tmp_path, c
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    verb = {"cli": "train", "evaluate": "eval", "folder": "export"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
+    verb = {"cli": "train", "folder": "export", "evaluate": "eval"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
     assert lines[0].startswith(f"distill {verb}: error: ")
     assert "Traceback" not in err
     for word in words:

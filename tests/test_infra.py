@@ -39,6 +39,13 @@ def test_dataflow_flags_parse_into_the_intended_options():
     job = options.view_as(TeacherDumpOptions)
     assert (job.prompts, job.output, job.device, job.dtype, job.num_inference_steps) == (
         "gs://b/m.parquet", "gs://b/dump", "cuda", "bfloat16", 30)
+    # and the job hands every flag it does not declare to Beam: each is one of Beam's, none refused
+    from core.options import parse
+    from pipelines import common
+    from pipelines.dump.job import DumpConfig
+
+    cfg, rest = parse(DumpConfig, argv, prog="beam run", known_only=True, check_unknown=common.check_beam_args)
+    assert cfg.num_inference_steps == 30 and "--runner=DataflowRunner" in rest and "--prompts" not in rest
 
 
 def test_accelerator_type_and_count_follow_the_environment():

@@ -29,6 +29,8 @@ def test_losses_log_has_an_integer_step_on_every_line_for_every_recipe(recipe_na
     recipe = get_recipe(recipe_name)
     if recipe_name == "bk_sdm":  # the tiny teacher has two stages: distil the blocks the dump recorded
         recipe = dataclasses.replace(recipe, feature_weights=(("mid_block", 1.0), ("up_blocks.0", 1.0)))
+    if recipe.step_weight > 0 and 4 % recipe.student_steps:  # the tiny dump has 4 teacher steps: 8 is refused
+        recipe = dataclasses.replace(recipe, student_steps=2)
     losses = train(_cfg(tiny_dump, tmp_path, recipe=recipe_name, preset="tiny"), recipe=recipe)
     rows = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(type(r["step"]) is int for r in rows)

@@ -43,7 +43,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from core.allocator import ALLOCATORS, set_allocator
 from core.errors import UserError
-from core.options import add_arguments, build_parser, from_mapping, option
+from core.options import add_arguments, build_parser, flags_of, from_mapping, option
 from filters import config as config_lib
 from filters.config import CurateConfig
 from pipelines import common
@@ -118,9 +118,10 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
     Thresholds: the preset, then ``--config``, then one flag per ``CurateConfig`` field.
     """
     with common.launcher_checks():
-        parser = build_parser(CurateJobConfig, prog=PROG, description=__doc__.split("\n\n")[0])
+        parser = build_parser(CurateJobConfig, prog=PROG, description=__doc__.split("\n\n")[0], passthrough=True)
         add_arguments(parser, CurateConfig, defaults=False)  # unset: the preset's or --config's value
         args, beam_args = parser.parse_known_args(argv)
+        common.check_beam_args(beam_args, flags_of(parser))
         job = from_mapping(CurateJobConfig, vars(args))
         common.check_output(job.output)
         cfg = config_lib.preset(job.preset)

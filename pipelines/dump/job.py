@@ -324,7 +324,7 @@ def prepare(argv: list[str] | None):
     Returns (config, recipe, input rows, Beam flags); ``UserError`` naming the problem.
     """
     with common.launcher_checks():
-        cfg, beam_args = parse(DumpConfig, argv, prog=PROG, known_only=True)
+        cfg, beam_args = parse(DumpConfig, argv, prog=PROG, known_only=True, check_unknown=common.check_beam_args)
         recipe = build_recipe(cfg)
         found = dump_plan.read_input(cfg.prompts)
         _check_real_images(cfg, found)

@@ -274,7 +274,7 @@ def write_dataset(indexes: list[dict], parent: dict, parent_dataset: dict, outpu
 def prepare(argv: list[str] | None):
     """(config, recipe, curate config, parent, parent dataset, Beam flags), all checked; writes nothing."""
     with common.launcher_checks():
-        cfg, beam_args = parse(FilterConfig, argv, prog=PROG, known_only=True)
+        cfg, beam_args = parse(FilterConfig, argv, prog=PROG, known_only=True, check_unknown=common.check_beam_args)
         return (cfg, *build_recipe(cfg), beam_args)
 
 

@@ -33,7 +33,8 @@ import uuid
 import numpy as np
 import torch
 
-from core.fs import TMP_MARK, atomic_write_bytes, atomic_write_json, exists, is_local, join, publish_folder, url_to_fs
+from core.fs import (TMP_MARK, atomic_write_bytes, atomic_write_json, exists, is_local, join, publish_folder,
+                     read_bytes, remove_temporaries, url_to_fs)
 
 CKPT_DIR = "checkpoints"
 CONFIG = "config.json"
@@ -195,10 +196,30 @@ def load_latest(output: str, state: dict) -> int:
     return load(found[-1], state) if found else 0
 
 
+def remove_stale(output: str) -> list[str]:
+    """Delete the ``checkpoints/step-N.tmp-<uuid>`` folders a killed save left; returns their names.
+    Rank 0 only, before its first step: the one writer of checkpoints is not saving then."""
+    return remove_temporaries(join(output, CKPT_DIR))
+
+
+def _lines_up_to(lines: list[str], step: int) -> list[str]:
+    """The ``losses.jsonl`` lines of steps 1..``step``: a resumed run redoes and logs again the later ones.
+    A line a kill cut short (not JSON) goes too; a complete last line gets back its newline."""
+    kept = []
+    for line in lines:
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if logged <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
 class RunLog:
     """Progress bar (loss, samples/s), ``losses.jsonl`` and TensorBoard scalars on rank 0."""
 
-    def __init__(self, cfg, rank: int):
+    def __init__(self, cfg, rank: int, resume_step: int = 0):
         from tqdm import tqdm
 
         self.cfg = cfg
@@ -207,9 +228,7 @@ class RunLog:
         self.local = is_local(fs)
         if self.local:
             os.makedirs(fpath, exist_ok=True)
-        # an object store cannot append: the log is kept here and rewritten whole at each checkpoint
-        self.lines: list[str] = [] if self.local or not exists(self.path) else \
-            url_to_fs(self.path)[0].cat_file(url_to_fs(self.path)[1]).decode("utf-8").splitlines(keepends=True)
+        self._truncate(resume_step)
         self.bar = tqdm(total=cfg.max_steps, desc="train", unit="step", disable=rank != 0)
         self.writer = None
         if self.local:  # TensorBoard writes local files only
@@ -220,8 +239,18 @@ class RunLog:
             except ImportError:  # tensorboard is a declared dependency; without it, the bar still shows progress
                 self.writer = None
 
+    def _truncate(self, step: int) -> None:
+        """Keep the logged lines of steps up to ``step`` (the checkpoint resumed from), so that each step
+        has one line. Local: rewritten atomically, then appended to. An object store cannot append: the
+        lines are kept here (``self.lines``) and the file rewritten whole at each checkpoint."""
+        found = read_bytes(self.path).decode("utf-8").splitlines(keepends=True) if exists(self.path) else []
+        kept = _lines_up_to(found, step)
+        self.lines: list[str] = [] if self.local else kept
+        if self.local and kept != found:
+            atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
+
     def step(self, step: int, terms: dict, lr: float, grad_norm: float, samples_per_s: float) -> None:
-        # losses.jsonl: one line per step (a resumed run appends the steps it redoes, with the same values)
+        # losses.jsonl: one line per step (a resumed run has dropped the lines after its checkpoint)
         line = json.dumps({"step": step, **terms, "lr": lr, "grad_norm": grad_norm}) + "\n"
         if self.local:
             with open(url_to_fs(self.path)[1], "a", encoding="utf-8") as f:

@@ -15,10 +15,11 @@ def run_rounds(cfg) -> list[str]:
     """Train every round of ``cfg`` (a TrainConfig with ``progressive_from``); -> the rounds' run folders."""
     from students.training import checkpoint as ckpt
     from students.training.runs import load_student_unet
-    from students.training.train import train
+    from students.training.train import check_inputs, train
     from students.models.unet import EfficientUNet2DConditionModel
     from core.fs import join
 
+    check_inputs(cfg, cfg.resolved_recipe())  # every round's step counts fit the dump, before round 1 starts
     folders, previous = [], None
     for n in rounds(cfg.progressive_from, cfg.student_steps):
         round_cfg = dataclasses.replace(cfg, output=join(cfg.output, f"round-{n:02d}"), student_steps=n,

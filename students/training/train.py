@@ -28,7 +28,7 @@ from core.options import option
 from students.distill import adversarial
 from students.training import checkpoint as ckpt
 from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline
-from students.distill.batches import training_batch
+from students.distill.batches import step_rows, training_batch
 from students.distill.inference import student_sampling
 from students.distill.recipes import (RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections,
                                       online_targets, robust_skip)
@@ -248,7 +248,8 @@ def setup_distributed(cfg: TrainConfig):
 
 
 def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
-    """Everything that can be checked before any work: the output path and the dataset. -> (dataset, negative, urls)"""
+    """Everything that can be checked before any work: the output path, the dataset against the flags, then
+    every listed shard's index (``dataset_shards``). -> (dataset, negative, urls)"""
     fs, fpath = url_to_fs(cfg.output)
     if fs.exists(fpath) and not fs.isdir(fpath):
         raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
@@ -257,7 +258,6 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
 
         resolve_checkpoint(cfg.init_from)  # a RunError (one line) before any work when it is not a run
     dataset, negative = read_dataset(cfg.data)
-    urls = dataset_shards(cfg.data)
     if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
         raise UserError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
                         f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
@@ -265,12 +265,40 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
     if recipe.step_weight > 0 and recorded is not None and recorded != list(range(dataset["recipe"]["num_inference_steps"])):
         raise UserError(f"recipe {recipe.name!r} (step distillation) needs every teacher step recorded; "
                         f"{cfg.data!r} recorded steps {recorded} (dump with --record_steps all)")
+    check_step_counts(cfg, recipe, dataset["recipe"]["num_inference_steps"])
     if cfg.adv_real == "image" and not dataset["recipe"].get("real_images"):
         raise UserError(f"--adv_real image needs real-image latents: {cfg.data!r} was dumped without --real_images "
                         "(re-dump with --real_images, or use --adv_real teacher)")
     if cfg.decoder and not dataset["recipe"].get("save_images", True):
         raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
-    return dataset, negative, urls
+    return dataset, negative, dataset_shards(cfg.data)
+
+
+def check_step_counts(cfg: TrainConfig, recipe: DistillRecipe, teacher_steps: int) -> None:
+    """Student step counts that fit the dump's ``teacher_steps``, or a one-line ``UserError`` naming both.
+
+    A step-distilled student jumps k = teacher_steps / student_steps recorded steps at a time
+    (``students.distill.batches.step_stride``): a count that does not divide them would train and
+    export a student of another step count (3 on 8 steps: 4 jumps of 2; 16 on 8: 8 jumps of 1).
+    Progressive rounds start from the dump itself: round 1's target is two recorded steps, so
+    ``--progressive_from`` is the dump's step count (the rounds then halve it down to
+    ``--student_steps``, a power of two below it: ``students.distill.progressive.rounds``).
+    """
+    if cfg.progressive_from and cfg.progressive_from != teacher_steps:
+        raise UserError(f"--progressive_from {cfg.progressive_from} is not the {teacher_steps} teacher steps of "
+                        f"{cfg.data!r}: round 1 halves the dump's own trajectory, so pass --progressive_from "
+                        f"{teacher_steps} (or dump {cfg.progressive_from} steps)")
+    if recipe.step_weight <= 0:
+        return
+    n = recipe.student_steps
+    flag = f"--student_steps {n}" + ("" if cfg.student_steps else f" (the default of recipe {recipe.name!r})")
+    if n > teacher_steps:
+        raise UserError(f"{flag} is more than the {teacher_steps} teacher steps of {cfg.data!r}: a student "
+                        "step jumps one or more recorded teacher steps")
+    if teacher_steps % n:
+        raise UserError(f"{flag} does not divide the {teacher_steps} teacher steps of {cfg.data!r}: each "
+                        f"student step jumps a whole number of recorded steps (it would train "
+                        f"{len(step_rows(teacher_steps, n))} jumps); use a divisor of {teacher_steps}")
 
 
 def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None,
@@ -326,6 +354,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
              "lr_scheduler": scheduler, "rng": ckpt.RNGState(generator), "data": batches,
              **(adversary.state() if adversary else {})}
     step = ckpt.load_latest(cfg.output, state)
+    if rank == 0:
+        ckpt.remove_stale(cfg.output)  # what a kill during a save left: never resumed from, never removed else
     model = student
     if world > 1:
         # robust training skips blocks: their parameters get no gradient on that rank in that step
@@ -334,7 +364,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     # how the student samples, written into every checkpoint (export and eval read it from there)
     sampler, sampling = student_sampling(dataset, dataclasses.asdict(recipe))
     # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
-    log = ckpt.RunLog(cfg, rank) if rank == 0 else None
+    log = ckpt.RunLog(cfg, rank, resume_step=step) if rank == 0 else None  # drops the lines after `step`
     losses: list[float] = []
     start_step, t0 = step, time.monotonic()
     try:
