@@ -324,8 +324,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     try:
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
-            terms = _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset,
-                                          train_schedule, generator, device, world, step + 1, adversary)
+            terms, raw = _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset,
+                                               train_schedule, generator, device, world, step + 1, adversary)
             if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
                 for p in heads.parameters():
                     if p.grad is not None:
@@ -341,7 +341,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
             step += 1
             losses.append(float(terms["loss"].detach()))
             if log is not None:
-                log.step(step, log_terms(terms), scheduler.get_last_lr()[0], float(grad_norm),
+                log.step(step, log_terms(terms, raw), scheduler.get_last_lr()[0], float(grad_norm),
                          samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
             if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
                 log.grid(step, student, ema_unet, dataset, urls, recipe, decoder)
@@ -366,18 +366,31 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     return losses
 
 
-def log_terms(terms: dict) -> dict[str, float]:
-    """The loss terms as ``losses.jsonl`` keys: the total as ``loss``, each term as ``loss/<term>``.
+def log_terms(terms: dict, raw: dict | None = None) -> dict[str, float]:
+    """The loss terms as ``losses.jsonl`` keys: the total as ``loss``; each term of the student's total
+    as ``loss/<term>``, its raw value (``raw``: the loss function's, before weights and scaling), and as
+    ``loss_scaled/<term>``, what it adds to ``loss`` (so ``loss`` is the sum of the ``loss_scaled/`` keys).
 
-    The prefix keeps a term's name (``step`` of step distillation, say) from overwriting the log's
-    own keys (``step``, ``lr``, ``grad_norm``); a name that already has a namespace (the adversary's
-    ``loss/adv_g``, ``disc/acc_real``) is kept as it is."""
-    return {(k if k == "loss" or "/" in k else f"loss/{k}"): float(v.detach()) for k, v in terms.items()}
+    Both are needed: ``snapgen_kd``'s timestep-aware scaling brings every distillation term to the
+    task loss per sample, so its scaled terms are all equal and only the raw ones show which term
+    moves. The prefix keeps a term's name (``step`` of step distillation, say) from overwriting the
+    log's own keys (``step``, ``lr``, ``grad_norm``); a name that already has a namespace (the
+    discriminator's ``loss/adv_d``, ``disc/acc_real``) is kept as it is."""
+    raw = raw or {}
+    logged = {}
+    for k, v in terms.items():
+        if k == "loss" or "/" in k:
+            logged[k] = float(v.detach())
+        else:
+            logged[f"loss/{k}"] = float(raw.get(k, v).detach())
+            logged[f"loss_scaled/{k}"] = float(v.detach())
+    return logged
 
 
 def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset, train_schedule,
                           generator, device, world, step, adversary=None) -> dict:
-    """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms."""
+    """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms
+    and their raw values (``compute_losses``'s ``raw``)."""
     layers = [name for name, _ in recipe.feature_weights]
     for micro in range(cfg.grad_accum):
         records = batches.next()
@@ -398,13 +411,14 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
         with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
                 torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
             outputs = {} if adversary is not None else None
+            raw = {}
             terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
-                                   decoder_weight=cfg.decoder_weight, outputs=outputs)
+                                   decoder_weight=cfg.decoder_weight, outputs=outputs, raw=raw)
             if adversary is not None:
-                terms = adversary.generator_terms(terms, outputs["x0"], batch, generator, step)
+                terms = adversary.generator_terms(terms, outputs["x0"], batch, generator, step, raw=raw)
         _check_finite(terms, step, batch["keys"], world, cfg.output)
         (terms["loss"] / cfg.grad_accum).backward()
-    return terms
+    return terms, raw
 
 
 def _gather_read_stats(stats: ReadStats, rank: int, world: int) -> None:
