@@ -31,6 +31,18 @@ def dataset(folder, **changes) -> str:
     return str(folder)
 
 
+def with_negatives(folder, **arrays) -> str:
+    """A ``dataset`` whose unconditional embeddings (stored once) have these shapes: what sets the dump's
+    text conditioning for the checks before training (no shard needed)."""
+    import numpy as np
+
+    names = {name: f"{name}.npy" for name in arrays}
+    dataset(folder, shared=names)
+    for name, shape in arrays.items():
+        np.save(os.path.join(folder, names[name]), np.zeros(shape, np.float32))
+    return str(folder)
+
+
 def fake_checkpoint(folder, *, config=None, weights=True) -> str:
     """A checkpoint folder: config.json (a run's, unless given) and student/ + ema/ (with or without weights)."""
     os.makedirs(folder, exist_ok=True)
@@ -83,6 +95,13 @@ CASES = [
     ("train step distillation on a partial trajectory", train,
      lambda t: _train(t, "--recipe", "snapfusion_step", data=dataset(t / "p", recorded_steps=[0, 2])),
      ["needs every teacher step recorded"]),
+    ("train preset of another text width", train,  # the shapes teacher's text width: 64; tiny's: 32
+     lambda t: _train(t, "--preset", "tiny", data=with_negatives(t / "w", negative_prompt_embeds=(77, 64))),
+     ["--preset tiny has cross_attention_dim 32", "prompt embeddings of width 64", "presets that fit: shapes"]),
+    ("train SD preset on an SDXL-shaped dump", train,
+     lambda t: _train(t, "--preset", "shapes", data=with_negatives(t / "x", negative_prompt_embeds=(77, 64),
+                                                                   negative_pooled_prompt_embeds=(32,))),
+     ["--preset shapes is SD-shaped", "is SDXL-shaped (with pooled text embeddings)", "presets that fit: tiny_xl"]),
     ("export folder that is not a run", export,
      lambda t: [fake_checkpoint(t / "ck", config={"_class_name": "StableDiffusionPipeline"}), str(t / "out")],
      ["not a training checkpoint's config"]),
@@ -112,7 +131,7 @@ def test_bad_input_is_one_line_and_exit_2(name, module, argv, words, tmp_path, c
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    verb = {"cli": "train", "evaluate": "eval"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
+    verb = {"cli": "train", "folder": "export", "evaluate": "eval"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
     assert lines[0].startswith(f"distill {verb}: error: ")
     assert "Traceback" not in err
     for word in words:

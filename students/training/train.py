@@ -240,8 +240,10 @@ def setup_distributed(cfg: TrainConfig):
     return rank, world
 
 
-def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
-    """Everything that can be checked before any work: the output path and the dataset. -> (dataset, negative, urls)"""
+def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
+    """Everything that can be checked before any work: the output path, the dataset, and whether the
+    student (``student_config``, else ``--preset``'s) and the decoder fit the dump's conditioning and
+    latents. -> (dataset, negative, urls, decoder kwargs for ``students.models.vae.build_vae``)"""
     fs, fpath = url_to_fs(cfg.output)
     if fs.exists(fpath) and not fs.isdir(fpath):
         raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
@@ -259,7 +261,96 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
                         "(re-dump with --real_images, or use --adv_real teacher)")
     if cfg.decoder and not dataset["recipe"].get("save_images", True):
         raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
-    return dataset, negative, urls
+    first = _FirstRecord(urls)
+    if student_config is None and cfg.init_from_teacher is None:  # a cut is the teacher's UNet: it fits by construction
+        from students.models.unet import preset
+
+        student_config = preset(cfg.preset)
+    if student_config is not None:
+        check_conditioning(student_config, _dump_conditioning(negative, first), cfg, dataset)
+    return dataset, negative, urls, (_decoder_fit(cfg, dataset, first) if cfg.decoder else {})
+
+
+class _FirstRecord:
+    """The dump's first readable record, read once and only if a check needs it (None: none readable)."""
+
+    def __init__(self, urls: list[str]):
+        self.urls, self._read, self._rec = urls, False, None
+
+    def get(self):
+        if not self._read:
+            self._read, self._rec = True, next(iter(record_pipeline(self.urls)), None)
+        return self._rec
+
+
+def _dump_conditioning(negative: dict, first: _FirstRecord) -> dict:
+    """What the dump conditions on: ``text_dim`` (prompt embeddings' width), ``pooled_dim`` (SDXL's pooled
+    text embeddings; None for SD-shaped teachers) and ``time_ids`` (SDXL's size/crop ids per sample), from
+    the unconditional embeddings stored once, else the first record; None where unknown."""
+    shape = lambda a: tuple(a.shape) if a is not None else None  # noqa: E731
+    text, pooled, time_ids = shape(negative.get("negative_prompt_embeds")), shape(negative.get("negative_pooled_prompt_embeds")), None
+    rec = first.get() if text is None or pooled is not None else None
+    if rec is not None:
+        text = text or shape(rec.arrays.get("prompt_embeds"))
+        pooled = pooled or shape(rec.arrays.get("pooled_prompt_embeds"))
+        time_ids = shape(rec.arrays.get("add_time_ids"))
+    return {"text_dim": text[-1] if text else None, "pooled_dim": pooled[-1] if pooled else None,
+            "time_ids": time_ids[-1] if time_ids else None}
+
+
+def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: dict) -> None:
+    """The student takes the dump's text conditioning (``_dump_conditioning``): its cross-attention width,
+    and for SDXL-shaped teachers the pooled embeddings and time ids; else one line naming the preset,
+    its value, the dump's and the presets that would fit."""
+    from students.models.unet import PRESETS
+
+    who = f"--preset {cfg.preset}" if cfg.init_from_teacher is None else "the student"
+    where = f"the dump {cfg.data!r} (teacher {dataset['recipe'].get('teacher', '?')!r})"
+    xl_student, xl_dump = student_config.addition_embed_type == "text_time", dump["pooled_dim"] is not None
+
+    def fitting() -> str:
+        names = [n for n, f in sorted(PRESETS.items()) if f().cross_attention_dim == dump["text_dim"]
+                 and (f().addition_embed_type == "text_time") == xl_dump]
+        return f"; presets that fit: {', '.join(names)}" if names else ""
+
+    if dump["text_dim"] is not None and student_config.cross_attention_dim != dump["text_dim"]:
+        raise UserError(f"{who} has cross_attention_dim {student_config.cross_attention_dim} but {where} has prompt "
+                        f"embeddings of width {dump['text_dim']}{fitting()}")
+    if dump["text_dim"] is not None and xl_student != xl_dump:
+        raise UserError(f"{who} is {'SDXL' if xl_student else 'SD'}-shaped (addition_embed_type="
+                        f"{student_config.addition_embed_type!r}) but {where} is {'SDXL' if xl_dump else 'SD'}-shaped "
+                        f"({'with' if xl_dump else 'without'} pooled text embeddings){fitting()}")
+    if xl_student and xl_dump and dump["time_ids"] is not None:
+        want = dump["time_ids"] * student_config.addition_time_embed_dim + dump["pooled_dim"]
+        if student_config.projection_class_embeddings_input_dim != want:
+            raise UserError(f"{who} has projection_class_embeddings_input_dim "
+                            f"{student_config.projection_class_embeddings_input_dim} but {where} gives {dump['time_ids']} "
+                            f"time ids x addition_time_embed_dim {student_config.addition_time_embed_dim} + pooled width "
+                            f"{dump['pooled_dim']} = {want}")
+
+
+def _decoder_fit(cfg: TrainConfig, dataset: dict, first: _FirstRecord) -> dict:
+    """``students.models.vae.build_vae`` kwargs that make ``--decoder`` decode the dump's latents to its
+    images' size: the teacher VAE's upsamplings (image side / latent side, a power of 2) and latent channels."""
+    from students.models.vae import VAE_PRESETS
+
+    rec = first.get()
+    if rec is None:
+        return {}  # nothing readable: the loader names the skipped samples when training starts
+    channels, side = int(rec.latents.shape[1]), int(rec.latents.shape[-1])
+    image = int(rec.meta.get("width") or dataset["recipe"].get("width") or 0)
+    factor = image // side if side and image % side == 0 else 0
+    upsamplings = factor.bit_length() - 1
+    if factor < 2 or factor != 2 ** upsamplings:
+        raise UserError(f"--decoder {cfg.decoder}: {cfg.data!r} has {image} px images from {side} px latents, not a "
+                        "power-of-2 factor a decoder can upsample by")
+    kwargs = {"upsamplings": upsamplings, "latent_channels": channels}
+    try:
+        VAE_PRESETS[cfg.decoder](**kwargs)
+    except ValueError as err:
+        raise UserError(f"--decoder {cfg.decoder} cannot decode the teacher's factor-{factor} latents of {cfg.data!r}: "
+                        f"{err}") from None
+    return kwargs
 
 
 def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None,
@@ -274,7 +365,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
     # 1. seeds, the recipe, the inputs (before any process group or write)
     recipe = recipe or cfg.resolved_recipe()
-    dataset, negative, urls = check_inputs(cfg, recipe)
+    dataset, negative, urls, decoder_kwargs = check_inputs(cfg, recipe, getattr(student, "student_config", None))
     rank, world = setup_distributed(cfg)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cfg.device.startswith("cuda") else cfg.device)
     ckpt.RNGState.seed_all(cfg.seed)
@@ -298,7 +389,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     if cfg.decoder:
         from students.models.vae import build_vae
 
-        decoder = build_vae(cfg.decoder).to(device).train()
+        decoder = build_vae(cfg.decoder, **decoder_kwargs).to(device).train()  # at the teacher VAE's factor
     params = list(student.parameters()) + list(heads.parameters()) + (list(decoder.parameters()) if decoder else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
