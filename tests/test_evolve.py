@@ -147,7 +147,7 @@ def test_profile_cli_writes_a_lookup(tmp_path, capsys):
 
 
 def _shapes_teacher_family():
-    """The shapes teacher's UNet in the student family (the ``none`` cut): mid ``R T R``, dense convs."""
+    """The shapes teacher's UNet in the student family (the ``full`` cut): mid ``R T R``, dense convs."""
     from diffusers import UNet2DConditionModel
 
     from students.models.teacher_init import family_config
@@ -432,18 +432,18 @@ def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(tiny_dump, tmp_p
     base = dict(data=tiny_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, output=str(tmp_path / "e"))
     # --lr: distill train's default from a preset, workflow.INIT_LR (a fine-tune) from a teacher cut, or as given
     assert (E.EvolveConfig(latency_target_ratio=0.7, **base).lr, E.EvolveConfig(latency_target_ratio=0.7, **base).preset) == (1e-4, "tiny")
-    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", **base).lr == INIT_LR
-    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", lr=5e-4, **base).lr == 5e-4
+    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="full", **base).lr == INIT_LR
+    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="full", lr=5e-4, **base).lr == 5e-4
     with pytest.raises(UserError, match="--init_from_teacher builds the student"):
-        E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", preset="tiny", **base)
-    start = cut(family_config(tiny_teacher.unet), "none")[0]
+        E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="full", preset="tiny", **base)
+    start = cut(family_config(tiny_teacher.unet), "full")[0]
     lookup = str(tmp_path / "lk.json")
     table = _planted_table(start, {"R": 1.0, "T": 2.0})
     table.settings = {"side": start.sample_size, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32",
                       "text_tokens": 7, "allocator": "default"}
     table.save(lookup)
     full = table.predict_ms(start)
-    cfg = E.EvolveConfig(init_from_teacher="none", lookup=lookup, latency_target_ms=full - 0.5, iterations=2,
+    cfg = E.EvolveConfig(init_from_teacher="full", lookup=lookup, latency_target_ms=full - 0.5, iterations=2,
                          steps_per_iteration=1, batch_size=4, warmup_steps=1, ema_decay=0.9, shuffle_buffer=8,
                          lookup_repeats=1, **base)
     assert E.start_config(cfg) == start
@@ -458,7 +458,7 @@ def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(tiny_dump, tmp_p
     assert records[1]["layouts"] == {k: final[k] for k in ("down_layouts", "mid_layout", "up_layouts")}
     first = ckpt.checkpoints(str(tmp_path / "e" / "run"))[0]
     saved = json.load(open(os.path.join(first, "config.json")))["train"]
-    assert (saved["init_from_teacher"], saved["lr"], saved["preset"]) == ("none", INIT_LR, None)
+    assert (saved["init_from_teacher"], saved["lr"], saved["preset"]) == ("full", INIT_LR, None)
     # one AdamW step at lr_1 = INIT_LR / warmup moves a weight by at most lr_1 (1 + wd |w|)
     student = A.load_student(os.path.join(first, "student")).state_dict()
     teacher = tiny_teacher.unet.state_dict()

@@ -1,6 +1,6 @@
 """SnapFusion's architecture evolution (arXiv 2306.00980, Sec. 3.2, Algorithm 1) on a training checkpoint.
 
-    distill evolve --data out/dump --output runs/evo --init_from_teacher none --recipe snapfusion_step --student_steps 4 \\
+    distill evolve --data out/dump --output runs/evo --init_from_teacher full --recipe snapfusion_step --student_steps 4 \\
         --latency_target_ratio 0.7 --iterations 10 --steps_per_iteration 80 --val_captions val.txt --metric adherence
 
 The loop: robust training for ``--steps_per_iteration`` steps (every skippable block skipped with

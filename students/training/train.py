@@ -50,8 +50,8 @@ class TrainConfig:
     output: str = option(help="run folder: checkpoints, losses.jsonl, TensorBoard logs, image grids (local or URL)")
     preset: str | None = option(None, help="student UNet preset (students.models.unet.PRESETS; default tiny)")
     init_from_teacher: str | None = option(None, help="build the student as the teacher's UNet cut by this cut "
-                                           "(students.models.teacher_init.CUTS) and start it from the teacher's weights; "
-                                           "not with --preset")
+                                           "(students.models.teacher_init.CUTS; full = the whole UNet) and start it from "
+                                           "the teacher's weights; not with --preset (none = from --preset)")
     recipe: str = option("output_kd", help="distillation recipe", choices=sorted(RECIPES))
     student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
     progressive_from: int = option(0, help="progressive distillation: rounds halving the steps from this many to "
@@ -127,10 +127,10 @@ class TrainConfig:
         from students.models.unet import PRESETS
 
         if self.init_from_teacher is not None:
-            from students.models.teacher_init import CUTS
+            from students.models.teacher_init import CUTS, unknown_cut
 
             if self.init_from_teacher not in CUTS:
-                raise UserError(f"--init_from_teacher: unknown cut {self.init_from_teacher!r}; known: {', '.join(CUTS)}")
+                raise UserError(f"--init_from_teacher: {unknown_cut(self.init_from_teacher)}")
             if self.preset is not None:
                 raise UserError(f"--init_from_teacher builds the student from the teacher's blocks; --preset {self.preset!r} "
                                 "has blocks with no teacher counterpart (separable convs, other widths): pass one, not both")
