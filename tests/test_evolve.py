@@ -409,8 +409,35 @@ def test_evolve_runs_resumes_and_writes_its_outputs(tiny_dump, tmp_path):
     assert final["down_layouts"] == whole[-1]["layouts"]["down_layouts"] and final["mid_layout"] == whole[-1]["layouts"]["mid_layout"]
     for name in ("report.html", "report.png", "evolution.jsonl"):
         assert (tmp_path / "whole" / name).is_file()
+    assert "latency target met: 14.000 ms predicted &lt;= target 14.500 ms" in (tmp_path / "whole" / "report.html").read_text()
     losses = _losses(tmp_path / "whole" / "run")
     assert len(losses) == 4 and _losses(tmp_path / "part" / "run")[-2:] == losses[-2:]
+
+
+def test_an_evolve_that_misses_its_target_says_so_in_its_last_line_and_its_report(tmp_path, monkeypatch, capsys):
+    """Planted records: the last one's predicted 12.5 ms against a 10 ms target is a miss (2.5 ms over);
+    at 9.75 ms the same run meets it."""
+    from html import escape
+
+    def record(it, predicted):
+        return {"iteration": it, "step": 2 * it, "metric_name": "adherence", "metric": 0.5, "layouts": layouts,
+                "predicted_ms": predicted, "measured_ms": predicted + 0.1, "target_ms": 10.0, "scores": {}, "actions": []}
+
+    layouts = {"down_layouts": ["R"], "mid_layout": "R", "up_layouts": ["R R"]}
+    (tmp_path / "val.txt").write_text("a red circle\n")
+    argv = ["--data", "d", "--output", str(tmp_path / "evo"), "--latency_target_ms", "10", "--val_captions",
+            str(tmp_path / "val.txt")]
+    for last, words in ((12.5, "latency target MISSED: 12.500 ms predicted > target 10.000 ms (2.500 ms over"),
+                        (9.75, "latency target met: 9.750 ms predicted <= target 10.000 ms")):
+        records = [record(1, 15.0), record(2, last)]
+        monkeypatch.setattr(E, "evolve", lambda cfg, records=records: records)
+        assert E.main(argv) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == f"evolve: {E.target_verdict(records[-1])[1]}"
+        assert words in E.target_verdict(records[-1])[1]
+        E.write_report(str(tmp_path), records, 10.0, "ckpt")
+        html = (tmp_path / "report.html").read_text()
+        assert escape(words) in html
+        assert ("MISSED" in html) == (last > 10.0)
 
 
 def test_bad_evolve_flags_are_one_line_before_work(tiny_dump, tmp_path, capsys):
