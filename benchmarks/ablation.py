@@ -28,7 +28,7 @@ progressive rounds halve exactly down to 1), then, for each training seed, these
   starts every student from its teacher), ``--budget`` steps per round (its budget column counts every
   round up to that row);
 - ``two-stage chain`` (8 steps only): the teacher-architecture student step-distilled to 16 steps
-  (``--init_from_teacher none``), exported, dumped as the next teacher at its 16 steps, and the
+  (``--init_from_teacher full``), exported, dumped as the next teacher at its 16 steps, and the
   efficient 8-step student distilled from that dump (SnapFusion's 50 -> 16 -> 8 chain, here 32 -> 16 -> 8).
 
 Every row is evaluated on the same held-out captions with the same image seeds (``students.evaluation.evaluate``,
@@ -159,7 +159,7 @@ def _chain(args, data, out, seed, record):
     from students.export.folder import export
 
     if 8 in args.steps and args.teacher_steps % 16 == 0:  # the two-stage chain: teacher arch at 16 -> export -> 8
-        stage1 = train_row(args, data, os.path.join(out, "chain-16"), steps=16, seed=seed, init="none")
+        stage1 = train_row(args, data, os.path.join(out, "chain-16"), steps=16, seed=seed, init="full")
         folder = os.path.join(out, "chain-16-export")
         if not os.path.isdir(folder):
             export(stage1, folder)

@@ -12,7 +12,7 @@ removed, one copied), all in this invocation. Target: within 10%.
 
 Part 2, the students (same dump, recipe, batch, learning rate, seed, captions, image seeds and total
 optimizer steps), all started from the same UNet: the teacher's own UNet cut by ``--init_from_teacher``
-(default ``none``: the whole teacher, SnapFusion's start) with the teacher's weights, at
+(default ``full``: the whole teacher, SnapFusion's start) with the teacher's weights, at
 ``workflow.INIT_LR``; ``--init_from_teacher ''`` starts from the ``shapes`` preset, from scratch, at
 ``workflow.SCRATCH_LR``:
 
@@ -223,7 +223,7 @@ def table_md(rows: list[dict], lookup: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True)
-    p.add_argument("--init_from_teacher", default="none",
+    p.add_argument("--init_from_teacher", default="full",
                    help="the start: a students.models.teacher_init cut of the teacher with its weights ('' = the shapes preset from scratch)")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--steps_per_iteration", type=int, default=80)

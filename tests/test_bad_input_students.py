@@ -46,6 +46,18 @@ def with_index(folder, text: str | None = None, **changes) -> str:
     return data
 
 
+def with_negatives(folder, **arrays) -> str:
+    """A ``dataset`` whose unconditional embeddings (stored once) have these shapes: what sets the dump's
+    text conditioning for the checks before training (no shard needed)."""
+    import numpy as np
+
+    names = {name: f"{name}.npy" for name in arrays}
+    dataset(folder, shared=names)
+    for name, shape in arrays.items():
+        np.save(os.path.join(folder, names[name]), np.zeros(shape, np.float32))
+    return str(folder)
+
+
 def fake_checkpoint(folder, *, config=None, weights=True) -> str:
     """A checkpoint folder: config.json (a run's, unless given) and student/ + ema/ (with or without weights)."""
     os.makedirs(folder, exist_ok=True)
@@ -117,6 +129,13 @@ CASES = [
      ["shard ", "000000.json is unreadable"]),
     ("train a shard index of schema_version 99", train, lambda t: _train(t, data=with_index(t / "d", schema_version=99)),
      ["shard ", "000000.json has schema_version 99", "reads 1, 2"]),
+    ("train preset of another text width", train,  # the shapes teacher's text width: 64; tiny's: 32
+     lambda t: _train(t, "--preset", "tiny", data=with_negatives(t / "w", negative_prompt_embeds=(77, 64))),
+     ["--preset tiny has cross_attention_dim 32", "prompt embeddings of width 64", "presets that fit: shapes"]),
+    ("train SD preset on an SDXL-shaped dump", train,
+     lambda t: _train(t, "--preset", "shapes", data=with_negatives(t / "x", negative_prompt_embeds=(77, 64),
+                                                                   negative_pooled_prompt_embeds=(32,))),
+     ["--preset shapes is SD-shaped", "is SDXL-shaped (with pooled text embeddings)", "presets that fit: tiny_xl"]),
     ("export folder that is not a run", export,
      lambda t: [fake_checkpoint(t / "ck", config={"_class_name": "StableDiffusionPipeline"}), str(t / "out")],
      ["not a training checkpoint's config"]),

@@ -206,6 +206,37 @@ def test_eval_runs_teacher_and_student_and_writes_metrics_report_and_grid(tmp_pa
     assert row["clip_score"] == pytest.approx(payload["results"]["student"]["8"]["clip_score"], abs=1e-5)
 
 
+def test_eval_metrics_adherence_on_the_shapes_teacher_equals_the_python_extra_metric(tmp_path, capsys):
+    """``--metrics adherence`` loads the committed analyser and scores what ``extra_metrics=[Adherence]``
+    scores for the same captions, seeds and steps; another teacher, or a caption outside the shapes
+    grammar, is one line before any work."""
+    from teachers.shapes import world
+    from teachers.shapes.analyser import Adherence, load_analyser
+
+    world.write_captions(str(tmp_path / "c.txt"), 4, seed=5)
+    common = dict(captions=str(tmp_path / "c.txt"), teacher="shapes", teacher_steps=(2,), num_images=4, batch_size=4,
+                  grid_images=0, latency_repeats=0)
+    argv = ["--captions", common["captions"], "--teacher", "shapes", "--teacher_steps", "2", "--num_images", "4",
+            "--batch_size", "4", "--grid_images", "0", "--latency_repeats", "0"]
+    assert E.main(argv + ["--metrics", "adherence", "--output", str(tmp_path / "cli")]) == 0
+    row = json.loads((tmp_path / "cli" / "metrics.json").read_text())["results"]["teacher"]["2"]
+    assert 0.0 <= row["adherence"] <= 1.0 and 0.0 <= row["exact"] <= row["adherence"]
+    ref = E.evaluate(E.EvalConfig(**common, metrics=(), output=str(tmp_path / "py")), extra_metrics=[Adherence(load_analyser())],
+                     progress=False)["results"]["teacher"]["2"]
+    assert {k: row[k] for k in ref if k.startswith(("acc_", "adherence", "exact"))} == \
+        {k: v for k, v in ref.items() if k.startswith(("acc_", "adherence", "exact"))}
+    capsys.readouterr()
+    bad = argv + ["--output", str(tmp_path / "bad")]
+    assert E.main([a if a != "shapes" else "tiny" for a in bad] + ["--metrics", "adherence"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "distill eval: error: --metrics adherence reads images of the shapes world with its analyser: it needs the shapes "
+        "teacher (or a student of it), not teacher 'tiny'"]
+    (tmp_path / "cat.txt").write_text("a photo of a cat\n" * 4)
+    assert E.main([a if a != common["captions"] else str(tmp_path / "cat.txt") for a in bad] + ["--metrics", "frechet_analyser"]) == 2
+    assert "not in the shapes world's grammar, first 'a photo of a cat'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_inputs_fail_before_any_work(tmp_path, coco, inception_weights, capsys):
     base = ["--teacher", "tiny", "--teacher_steps", "2", "--num_images", "2", "--output", str(tmp_path / "out")]
 

@@ -145,7 +145,7 @@ def test_profile_cli_writes_a_lookup(tmp_path, capsys):
 
 
 def _shapes_teacher_family():
-    """The shapes teacher's UNet in the student family (the ``none`` cut): mid ``R T R``, dense convs."""
+    """The shapes teacher's UNet in the student family (the ``full`` cut): mid ``R T R``, dense convs."""
     from diffusers import UNet2DConditionModel
 
     from students.models.teacher_init import family_config
@@ -407,8 +407,35 @@ def test_evolve_runs_resumes_and_writes_its_outputs(evolve_dump, tmp_path):
     assert final["down_layouts"] == whole[-1]["layouts"]["down_layouts"] and final["mid_layout"] == whole[-1]["layouts"]["mid_layout"]
     for name in ("report.html", "report.png", "evolution.jsonl"):
         assert (tmp_path / "whole" / name).is_file()
+    assert "latency target met: 14.000 ms predicted &lt;= target 14.500 ms" in (tmp_path / "whole" / "report.html").read_text()
     losses = _losses(tmp_path / "whole" / "run")
     assert len(losses) == 4 and _losses(tmp_path / "part" / "run")[-2:] == losses[-2:]
+
+
+def test_an_evolve_that_misses_its_target_says_so_in_its_last_line_and_its_report(tmp_path, monkeypatch, capsys):
+    """Planted records: the last one's predicted 12.5 ms against a 10 ms target is a miss (2.5 ms over);
+    at 9.75 ms the same run meets it."""
+    from html import escape
+
+    def record(it, predicted):
+        return {"iteration": it, "step": 2 * it, "metric_name": "adherence", "metric": 0.5, "layouts": layouts,
+                "predicted_ms": predicted, "measured_ms": predicted + 0.1, "target_ms": 10.0, "scores": {}, "actions": []}
+
+    layouts = {"down_layouts": ["R"], "mid_layout": "R", "up_layouts": ["R R"]}
+    (tmp_path / "val.txt").write_text("a red circle\n")
+    argv = ["--data", "d", "--output", str(tmp_path / "evo"), "--latency_target_ms", "10", "--val_captions",
+            str(tmp_path / "val.txt")]
+    for last, words in ((12.5, "latency target MISSED: 12.500 ms predicted > target 10.000 ms (2.500 ms over"),
+                        (9.75, "latency target met: 9.750 ms predicted <= target 10.000 ms")):
+        records = [record(1, 15.0), record(2, last)]
+        monkeypatch.setattr(E, "evolve", lambda cfg, records=records: records)
+        assert E.main(argv) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == f"evolve: {E.target_verdict(records[-1])[1]}"
+        assert words in E.target_verdict(records[-1])[1]
+        E.write_report(str(tmp_path), records, 10.0, "ckpt")
+        html = (tmp_path / "report.html").read_text()
+        assert escape(words) in html
+        assert ("MISSED" in html) == (last > 10.0)
 
 
 def test_bad_evolve_flags_are_one_line_before_work(evolve_dump, tmp_path, capsys):
@@ -430,18 +457,18 @@ def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(evolve_dump, tmp
     base = dict(data=evolve_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, output=str(tmp_path / "e"))
     # --lr: distill train's default from a preset, workflow.INIT_LR (a fine-tune) from a teacher cut, or as given
     assert (E.EvolveConfig(latency_target_ratio=0.7, **base).lr, E.EvolveConfig(latency_target_ratio=0.7, **base).preset) == (1e-4, "tiny")
-    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", **base).lr == INIT_LR
-    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", lr=5e-4, **base).lr == 5e-4
+    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="full", **base).lr == INIT_LR
+    assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="full", lr=5e-4, **base).lr == 5e-4
     with pytest.raises(UserError, match="--init_from_teacher builds the student"):
-        E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="none", preset="tiny", **base)
-    start = cut(family_config(tiny_teacher.unet), "none")[0]
+        E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="full", preset="tiny", **base)
+    start = cut(family_config(tiny_teacher.unet), "full")[0]
     lookup = str(tmp_path / "lk.json")
     table = _planted_table(start, {"R": 1.0, "T": 2.0})
     table.settings = {"side": start.sample_size, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32",
                       "text_tokens": 7, "allocator": "default"}
     table.save(lookup)
     full = table.predict_ms(start)
-    cfg = E.EvolveConfig(init_from_teacher="none", lookup=lookup, latency_target_ms=full - 0.5, iterations=2,
+    cfg = E.EvolveConfig(init_from_teacher="full", lookup=lookup, latency_target_ms=full - 0.5, iterations=2,
                          steps_per_iteration=1, batch_size=4, warmup_steps=1, ema_decay=0.9, shuffle_buffer=8,
                          lookup_repeats=1, **base)
     assert E.start_config(cfg) == start
@@ -456,7 +483,7 @@ def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(evolve_dump, tmp
     assert records[1]["layouts"] == {k: final[k] for k in ("down_layouts", "mid_layout", "up_layouts")}
     first = ckpt.checkpoints(str(tmp_path / "e" / "run"))[0]
     saved = json.load(open(os.path.join(first, "config.json")))["train"]
-    assert (saved["init_from_teacher"], saved["lr"], saved["preset"]) == ("none", INIT_LR, None)
+    assert (saved["init_from_teacher"], saved["lr"], saved["preset"]) == ("full", INIT_LR, None)
     # one AdamW step at lr_1 = INIT_LR / warmup moves a weight by at most lr_1 (1 + wd |w|)
     student = A.load_student(os.path.join(first, "student")).state_dict()
     teacher = tiny_teacher.unet.state_dict()

@@ -84,3 +84,23 @@ def test_tiny_decoder_save_pretrained_round_trip(tmp_path):
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(vae.decode(z).sample, loaded.decode(z).sample)
+
+
+@pytest.mark.parametrize("teacher", ["tiny", "shapes"])  # factor 8 (4 levels) and factor 4 (3 levels)
+@pytest.mark.parametrize("name,kw", [("tiny", {}), ("pruned", {"channel_ratio": 0.25})])
+def test_student_decoder_fit_to_a_teacher_vae_gives_the_teachers_image_size(teacher, name, kw):
+    from diffusers import AutoencoderKL
+
+    from teachers import configs
+    from teachers.shapes import model as shapes
+
+    vae_config = configs.tiny_vae() if teacher == "tiny" else shapes.vae_config()
+    torch.manual_seed(0)
+    teacher_vae, student = AutoencoderKL(**vae_config).eval(), V.build_vae(name, **kw, **V.fit(vae_config)).eval()
+    z = torch.randn(1, vae_config["latent_channels"], 4, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = V.decode(teacher_vae, z).shape, V.decode(student, z).shape
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    assert got == want == (1, 3, 4 * factor, 6 * factor)
+    with pytest.raises(ValueError, match="upsamplings=4"):
+        V.pruned(upsamplings=4)  # SD's VAE has 4 levels: at most factor 8

@@ -66,7 +66,7 @@ def test_copied_blocks_compute_what_their_teacher_blocks_compute(name):
 
 def test_identity_cut_is_the_teacher():
     teacher = _teacher_4_levels()
-    cfg, block_map = cut(family_config(teacher), "none")
+    cfg, block_map = cut(family_config(teacher), "full")
     student = EfficientUNet2DConditionModel.from_student_config(cfg).eval()
     init_from_teacher(student, teacher, block_map)
     torch.manual_seed(2)
@@ -94,13 +94,35 @@ def test_cuts_remove_the_stated_blocks():
     assert m["down_blocks.0.resnets.1"] == "down_blocks.0.resnets.1" and m["up_blocks.2.attentions.2"] == "up_blocks.2.attentions.2"
     with pytest.raises(ValueError, match="unknown cut"):
         cut(fam, "bk_huge")
-    assert set(CUTS) >= {"none", "bk_base", "bk_small", "bk_tiny", "mid_only", "snapfusion"}
+    with pytest.raises(ValueError, match="the cut 'none' is now 'full'"):  # the command line reads none as unset
+        cut(fam, "none")
+    assert set(CUTS) >= {"full", "bk_base", "bk_small", "bk_tiny", "mid_only", "snapfusion"}
 
 
 def test_a_student_of_another_family_is_refused_by_name():
     torch.manual_seed(0)
     teacher = UNet2DConditionModel(**configs.tiny_unet()).eval()
-    _, block_map = cut(family_config(teacher), "none")
+    _, block_map = cut(family_config(teacher), "full")
     other = build_unet("tiny")  # separable convs, ReLU shared-KV attention, SwiGLU
     with pytest.raises(ValueError, match="not of the teacher's family"):
         init_from_teacher(other, teacher, block_map)
+
+
+def test_the_whole_teacher_cut_is_reachable_from_the_command_line(tmp_path):
+    """``core.options`` reads ``none`` as "unset" for optional flags: the whole-UNet cut is ``full``, so
+    ``--init_from_teacher full`` reaches it on both commands, and ``none`` starts from the preset."""
+    from core.errors import UserError
+    from students.search import evolve
+    from students.training import cli
+    from students.training.train import TrainConfig
+
+    common = ["--data", str(tmp_path / "d"), "--output", str(tmp_path / "o")]
+    train = cli.parse_args(common + ["--init_from_teacher", "full"])
+    assert (train.init_from_teacher, train.preset) == ("full", None)
+    assert (cli.parse_args(common + ["--init_from_teacher", "none"]).init_from_teacher,
+            cli.parse_args(common + ["--init_from_teacher", "none"]).preset) == (None, "tiny")
+    evo = evolve.parse_args(common + ["--init_from_teacher", "full", "--latency_target_ratio", "0.7",
+                                      "--val_captions", str(tmp_path / "v.txt")])
+    assert (evo.init_from_teacher, evo.train_config().init_from_teacher, evo.preset) == ("full", "full", None)
+    with pytest.raises(UserError, match="unknown cut 'none' \\(the cut 'none' is now 'full'\\)"):
+        TrainConfig(data="d", output="o", init_from_teacher="none")  # the old name, from Python

@@ -183,6 +183,37 @@ def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
     assert held_out_loss(decoder) < 0.5 * before
 
 
+def test_shapes_dump_refuses_a_preset_of_another_text_width_and_its_decoders_follow_the_f4_vae(tmp_path):
+    """The ``shapes`` teacher: text width 64 and an f4 VAE (8x8 latents, 32 px images). ``--preset tiny``
+    (width 32) is one line before anything is written; ``--decoder tiny``/``pruned`` train at factor 4 and
+    decode the dump's latents to the teacher's image size."""
+    from core.errors import UserError
+    from diffusers import AutoencoderKL, AutoencoderTiny
+    from pipelines import teacher_dump
+    from students.models.vae import decode
+    from teachers.shapes import world
+
+    world.write_captions(str(tmp_path / "p.txt"), 4, seed=3)
+    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "d"), "--teacher", "shapes",
+                      "--num_inference_steps", "2", "--samples_per_shard", "4", "--batch_size", "4", "--feature_layers", "",
+                      "--save_images", "--progress", "off", "--cpu_threads", "1"])
+    data = str(tmp_path / "d")
+    with pytest.raises(UserError, match=r"--preset tiny has cross_attention_dim 32 but .* prompt embeddings of width 64; "
+                                        r"presets that fit: shapes"):
+        train(_cfg(data, tmp_path / "wrong", preset="tiny", recipe="output_kd"))
+    assert not (tmp_path / "wrong").exists()
+    z = torch.from_numpy(next(iter(record_pipeline(dataset_shards(data)))).latents[-1:].astype(np.float32))
+    assert z.shape == (1, 4, 8, 8)
+    for name, cls in (("tiny", AutoencoderTiny), ("pruned", AutoencoderKL)):
+        out = tmp_path / name
+        losses = train(_cfg(data, out, preset="shapes", recipe="output_kd", decoder=name, batch_size=2, max_steps=1,
+                            checkpoint_every=1, ema_decay=0.0))
+        assert len(losses) == 1 and np.isfinite(losses[0])
+        decoder = cls.from_pretrained(str(out / "checkpoints" / "step-0000001" / "decoder")).eval()
+        with torch.no_grad():
+            assert decode(decoder, z).shape == (1, 3, 32, 32)  # the teacher's images: 4x the 8x8 latent
+
+
 def test_sdxl_shaped_dump_trains_and_online_equals_offline(tmp_path, tiny_xl_teacher):
     from pipelines import teacher_dump
     from shards.loader import read_dataset

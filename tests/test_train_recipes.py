@@ -36,13 +36,42 @@ def test_losses_log_has_an_integer_step_on_every_line_for_every_recipe(recipe_na
     assert [r["step"] for r in rows] == [1, 2] and all(type(r["step"]) is int for r in rows)
     assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-6)
     disc_only = ("loss/adv_d", "loss/r1")  # the discriminator's own losses: logged, not part of the student's total
-    for r in rows:  # every term under loss/... (discriminator stats under disc/...), none shadowing the log's own keys
-        terms = {k: v for k, v in r.items() if k.startswith("loss/") and k not in disc_only}
+    for r in rows:  # every term raw under loss/... and as added to the total under loss_scaled/... (discriminator
+        # stats under disc/...), none shadowing the log's own keys
+        scaled = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("loss_scaled/")}
+        raw = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("loss/") and k not in disc_only}
         stats = {k for k in r if k.startswith("disc/") or k in disc_only}
-        assert set(r) == {"step", "loss", "lr", "grad_norm", *terms, *stats} and terms
-        assert sum(terms.values()) == pytest.approx(r["loss"], rel=1e-5)  # the student's terms add up to its total
+        assert set(raw) == set(scaled) and scaled
+        assert set(r) == {"step", "loss", "lr", "grad_norm", *stats} | {f"loss/{k}" for k in raw} | \
+            {f"loss_scaled/{k}" for k in scaled}
+        assert sum(scaled.values()) == pytest.approx(r["loss"], rel=1e-5)  # the student's terms add up to its total
     if recipe.step_weight > 0:
         assert all("loss/step" in r for r in rows)
+
+
+def test_snapgen_kd_logs_raw_terms_that_differ_and_scaled_ones_that_add_up_to_the_total(tiny_dump, tmp_path):
+    """Timestep-aware scaling makes each distillation term equal the raw task loss per sample:
+    s_k,b = raw_k,b * stopgrad(task_b / (raw_k,b + 1e-8)), so mean_b s_k,b = mean_b task_b up to
+    1e-8 / raw (raw here ~1e-2 or more: 1e-6 relative at most). Hence, with task weight 1 and the
+    terms output and feature,
+        loss = s_output + s_feature + 1 * task = 3 * loss/task,
+    while the raw output and feature terms are the loss functions' own values, all different."""
+    train(_cfg(tiny_dump, tmp_path / "kd", recipe="snapgen_kd", preset="tiny"))
+    rows = [json.loads(line) for line in (tmp_path / "kd" / "losses.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        raw = [r["loss/output"], r["loss/feature"], r["loss/task"]]
+        assert min(abs(a - b) / max(a, b) for i, a in enumerate(raw) for b in raw[i + 1:]) > 1e-3  # they differ
+        for term in ("output", "feature", "task"):  # what each adds to the total: the raw task loss
+            assert r[f"loss_scaled/{term}"] == pytest.approx(r["loss/task"], rel=1e-5)
+        assert r["loss"] == pytest.approx(3 * r["loss/task"], rel=1e-5)
+        assert r["loss"] == pytest.approx(sum(r[f"loss_scaled/{t}"] for t in ("output", "feature", "task")), rel=1e-6)
+    # without the scaling (output_kd: output weight 1, task weight 0.1) the total is the weighted raw sum
+    train(_cfg(tiny_dump, tmp_path / "out", recipe="output_kd", preset="tiny"))
+    for line in (tmp_path / "out" / "losses.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert r["loss"] == pytest.approx(1.0 * r["loss/output"] + 0.1 * r["loss/task"], rel=1e-6)
+        assert r["loss_scaled/task"] == pytest.approx(0.1 * r["loss/task"], rel=1e-6)
 
 
 def test_a_preset_student_cannot_start_from_the_teacher(tiny_dump, tmp_path):

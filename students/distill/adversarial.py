@@ -28,8 +28,9 @@ Per optimizer step: the generator's terms (``generator_terms``, inside each micr
 off for the first ``--adv_warmup`` steps) and then one discriminator update (``discriminator_step``)
 on the same micro-batches' real and (detached) fake inputs, with lazy R1 (StyleGAN2, Karras et al.
 2020, sec. 3.1) on the real inputs every ``--r1_every`` steps at ``--r1_gamma`` (DDGAN and UFOGen
-use R1; LADD does not). Logged: ``loss/adv_g``, ``loss/recon``, ``loss/adv_d``, ``loss/r1``,
-``disc/acc_real``, ``disc/acc_fake`` (the fraction of logits on the right side of 0, over heads).
+use R1; LADD does not). Logged: ``loss/adv_g``, ``loss/recon`` (unweighted; weighted as
+``loss_scaled/...``), ``loss/adv_d``, ``loss/r1``, ``disc/acc_real``, ``disc/acc_fake`` (the fraction of
+logits on the right side of 0, over heads).
 """
 
 from __future__ import annotations
@@ -115,13 +116,16 @@ class Adversary:
         return fake, real, timestep_of(self.alphas_cumprod, levels[2])
 
     def generator_terms(self, terms: dict, x0_pred: torch.Tensor, batch: dict, generator: torch.Generator,
-                        step: int) -> dict:
-        """``terms`` (from ``compute_losses``) plus recon and the generator's adversarial term, ``loss``
-        updated; keeps this micro-batch's discriminator inputs. ``step``: the optimizer step, from 1."""
-        terms = dict(terms)
+                        step: int, raw: dict | None = None) -> dict:
+        """``terms`` (from ``compute_losses``) plus recon and the generator's adversarial term (weighted),
+        ``loss`` updated; ``raw`` receives them unweighted, as ``compute_losses``'s does. Keeps this
+        micro-batch's discriminator inputs. ``step``: the optimizer step, from 1."""
+        terms, raw = dict(terms), raw if raw is not None else {}
         if self.recipe.recon_weight > 0:
-            terms["loss/recon"] = self.recipe.recon_weight * D.per_sample_mse(x0_pred, batch["x0"]).mean()
-            terms["loss"] = terms["loss"] + terms["loss/recon"]
+            raw["recon"] = D.per_sample_mse(x0_pred, batch["x0"]).mean()
+            terms["recon"] = self.recipe.recon_weight * raw["recon"]
+            terms["loss"] = terms["loss"] + terms["recon"]
+            raw["recon"] = raw["recon"].detach()
         fake, real, t = self.discriminator_inputs(x0_pred, batch, generator)
         if step > self.warmup and self.recipe.adv_weight > 0:
             self.disc.heads.requires_grad_(False)  # the generator's backward needs no head gradients
@@ -129,8 +133,10 @@ class Adversary:
                 logits = self.disc(fake, t, batch["cond"], batch.get("added"))
             finally:
                 self.disc.heads.requires_grad_(True)
-            terms["loss/adv_g"] = self.recipe.adv_weight * self.g_loss(logits)
-            terms["loss"] = terms["loss"] + terms["loss/adv_g"]
+            adv_g = self.g_loss(logits)
+            raw["adv_g"] = adv_g.detach()
+            terms["adv_g"] = self.recipe.adv_weight * adv_g
+            terms["loss"] = terms["loss"] + terms["adv_g"]
         self.pending.append(Pending(real.detach(), fake.detach(), t, batch["cond"], batch.get("added")))
         return terms
 

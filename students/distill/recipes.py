@@ -152,8 +152,13 @@ def student_forward(student, z, t, cond, added=None, features=False):
 
 def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRecipe, alphas_cumprod,
                    generator: torch.Generator, task_point: dict | None = None, decoder=None,
-                   decoder_weight: float = 1.0, outputs: dict | None = None) -> dict[str, torch.Tensor]:
+                   decoder_weight: float = 1.0, outputs: dict | None = None,
+                   raw: dict | None = None) -> dict[str, torch.Tensor]:
     """All loss terms of ``recipe`` for one batch; returns per-term means and ``loss`` (the total).
+
+    A returned term is what it adds to ``loss``: the loss function's value times the recipe's weight,
+    and for ``snapgen_kd`` rescaled to the task loss per sample (timestep-aware), so those terms alone
+    do not tell the terms apart.
 
     ``batch``: z (B,4,h,w) at float timesteps t (B,) with its noise level alpha, sigma (B,) (from
     ``shards.loader.noise_levels``), cond/uncond embeddings, x0 (final latent), guidance (B,), and for
@@ -164,10 +169,13 @@ def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRe
     ``decoder``: the small decoder of SnapFusion's data distillation (its term weighted ``decoder_weight``).
     ``outputs``: if given, receives the student's ``x0`` at (z, t) (guided when the recipe runs the
     unconditional branch), for the adversarial terms (``students.distill.adversarial``).
+    ``raw``: if given, receives each term's batch mean before any weight or scaling (detached): the
+    loss functions' own values, comparable across recipes and steps (what ``losses.jsonl`` logs as ``loss/<term>``).
     """
     z, t, cond, added = batch["z"], batch["t"], batch["cond"], batch.get("added")
     alpha, sigma = batch["alpha"].to(z), batch["sigma"].to(z)
     terms: dict[str, torch.Tensor] = {}
+    unweighted: dict[str, torch.Tensor] = {}  # the same terms before weights and scaling, per sample
     feature_layers = dict(recipe.feature_weights)
     pred, feats = student_forward(student, z, t, cond, added, features=bool(feature_layers))
     if recipe.guidance_prob > 0 or recipe.step_weight > 0:
@@ -180,23 +188,28 @@ def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRe
             w = lo + (hi - lo) * torch.rand(z.shape[0], generator=generator)
             guided = D.guided_distill_loss(pred, pred_u, targets["pred_cond"], targets["pred_uncond"], w.to(z.device))
             out = torch.where(use.to(z.device), guided, out)
+        unweighted["output"] = out
         terms["output"] = recipe.output_weight * out
     if feature_layers:
-        terms["feature"] = D.feature_distill_loss(feats, targets["feats"], heads, feature_layers)
+        terms["feature"] = unweighted["feature"] = D.feature_distill_loss(feats, targets["feats"], heads, feature_layers)
     if recipe.step_weight > 0:
         guided_pred = D.guidance_combine(pred, pred_u, batch["guidance"])
-        terms["step"] = recipe.step_weight * D.step_distill_loss(
-            guided_pred, z, batch["z_next"], alpha, sigma, batch["alpha_next"].to(z), batch["sigma_next"].to(z),
-            recipe.prediction_type)
+        unweighted["step"] = D.step_distill_loss(guided_pred, z, batch["z_next"], alpha, sigma, batch["alpha_next"].to(z),
+                                                 batch["sigma_next"].to(z), recipe.prediction_type)
+        terms["step"] = recipe.step_weight * unweighted["step"]
     if outputs is not None:
         guided = D.guidance_combine(pred, pred_u, batch["guidance"]) if recipe.guidance_prob > 0 or recipe.step_weight > 0 else pred
         outputs["x0"] = D.pred_to_x0(guided, z, alpha, sigma, recipe.prediction_type)
     distill_total = sum(terms.values()) if terms else None
     if recipe.task_weight > 0 or recipe.dynamic_gamma is not None:
-        terms["task"] = _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, distill_total, terms)
+        terms["task"], unweighted["task"] = _task_term(student, batch, recipe, alphas_cumprod, generator, task_point,
+                                                       distill_total, terms)
     if decoder is not None:  # SnapFusion data distillation: small decoder vs the teacher decoder's image
         image = decoder.decode(batch["x0"] / decoder.config.scaling_factor).sample
-        terms["decoder"] = decoder_weight * D.decoder_distill_loss(image, batch["image"])
+        unweighted["decoder"] = D.decoder_distill_loss(image, batch["image"])
+        terms["decoder"] = decoder_weight * unweighted["decoder"]
+    if raw is not None:
+        raw.update({k: v.detach().mean() for k, v in unweighted.items()})
     means = {k: v.mean() for k, v in terms.items()}
     means["loss"] = sum(means.values())
     return means
@@ -204,7 +217,7 @@ def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRe
 
 def _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, distill_total, terms):
     """L_task at fresh noise on x0, weighted (fixed, or SnapFusion's dynamic gamma); with SnapGen's
-    timestep-aware scaling the distillation ``terms`` are rescaled to it in place. -> (batch,)"""
+    timestep-aware scaling the distillation ``terms`` are rescaled to it in place. -> (weighted, unweighted), (batch,) each"""
     x0 = batch["x0"]
     if task_point is None:
         noise = torch.randn(x0.shape, generator=generator).to(x0)
@@ -220,7 +233,7 @@ def _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, di
             terms[k] = D.timestep_aware_scale(terms[k], task)
     weight = D.dynamic_gamma(distill_total, task, recipe.dynamic_gamma) if (
         recipe.dynamic_gamma is not None and distill_total is not None) else recipe.task_weight
-    return weight * task
+    return weight * task, task
 
 
 class robust_skip:

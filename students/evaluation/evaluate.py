@@ -13,7 +13,9 @@ per caption (seed = ``--seed`` + index, the same noise for every model and step 
 with those images from ``--references`` (resized on the short side and center-cropped to the
 generated size). FID is torchmetrics' ``FrechetInceptionDistance`` (torch-fidelity's Inception, local weights);
 CLIP score the mean image-caption cosine under an open_clip model (``students.evaluation.metrics``). A plain
-captions file (``.txt`` or ``.jsonl``) and reference-free runs (CLIP score only) work too.
+captions file (``.txt`` or ``.jsonl``) and reference-free runs (CLIP score only) work too. For the ``shapes``
+teacher (or a student of it), ``--metrics adherence,frechet_analyser`` are its offline stand-ins (the committed
+analyser: ``teachers.shapes.analyser``); ``METRICS`` is the registry of names.
 
 ``--student`` is a folder made by ``distill export`` or a training checkpoint / run folder; the teacher
 defaults to the one it was distilled from. Outputs in ``--output``: ``metrics.json``, ``report.html``
@@ -34,7 +36,6 @@ from core.errors import UserError, run_main
 from core.options import option, parse
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-KNOWN_METRICS = ("clip", "fid")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,7 +50,8 @@ class EvalConfig:
     student_steps: tuple[int, ...] = option((), help="student step counts; () = the student's own (inference.json)")
     guidance_scale: float | None = option(None, help="CFG weight for every model; None = the student's recorded one, else 7.5")
     resolution: int | None = option(None, help="image side in pixels; None = the student's recorded size, else the teacher's native")
-    metrics: tuple[str, ...] | None = option(None, help="from KNOWN_METRICS; None = clip if --clip_weights, fid if --references")
+    metrics: tuple[str, ...] | None = option(None, help="names from METRICS: clip, fid, and for the shapes teacher adherence, "
+                                             "frechet_analyser; None = clip if --clip_weights, fid if --references")
     clip_model: str = option("ViT-L-14", help="open_clip architecture for the CLIP score")
     clip_weights: str | None = option(None, help="local open_clip checkpoint, or \"random\" (tests)")
     inception_weights: str | None = option(None, help="local torch-fidelity Inception-v3 state dict (.pth); needed for FID")
@@ -275,16 +277,108 @@ def latency(pipe, steps: int, guidance: float, size: int, repeats: int, device: 
 # ------------------------------------------------------------------------------------------
 
 
-def build_metrics(cfg: EvalConfig) -> list:
-    from students.evaluation.metrics import ClipScore, InceptionFID
+@dataclasses.dataclass(frozen=True)
+class MetricEntry:
+    """A metric ``--metrics`` can name: ``build(cfg, shared)`` makes it (``shared``: models loaded once
+    for every metric of the run, such as the shapes analyser), ``check(cfg)`` names a missing flag or file
+    before any work, and ``world``, if set, is the teacher whose images it can read (``shapes``)."""
 
-    names = resolve_metrics(cfg)
-    metrics = []
-    if "clip" in names:
-        metrics.append(ClipScore.load(cfg.clip_model, cfg.clip_weights, cfg.device))
-    if "fid" in names:
-        metrics.append(InceptionFID(cfg.inception_weights, cfg.fid_features, cfg.device))
-    return metrics
+    build: object
+    check: object = None
+    world: str | None = None
+
+
+def _check_clip(cfg: EvalConfig) -> None:
+    from filters.clip_embed import RANDOM_WEIGHTS, model_embed_dim
+
+    if cfg.clip_weights is None:
+        raise ValueError(f"the CLIP score needs --clip_weights (a local {cfg.clip_model} checkpoint, or 'random')")
+    if cfg.clip_weights != RANDOM_WEIGHTS and not os.path.isfile(cfg.clip_weights):
+        raise FileNotFoundError(f"CLIP weights {cfg.clip_weights!r} not found (nothing is downloaded here)")
+    model_embed_dim(cfg.clip_model)  # names an unknown architecture
+
+
+def _check_fid(cfg: EvalConfig) -> None:
+    from students.evaluation.metrics import FID_FEATURES
+
+    if not cfg.inception_weights:
+        raise ValueError("FID needs --inception_weights: a local torch-fidelity Inception-v3 state dict "
+                         "(weights-inception-2015-12-05-6726825d.pth); nothing is downloaded here")
+    if not os.path.isfile(cfg.inception_weights):
+        raise FileNotFoundError(f"Inception weights {cfg.inception_weights!r} not found")
+    if cfg.fid_features not in FID_FEATURES:
+        raise ValueError(f"fid_features={cfg.fid_features} is not one of {FID_FEATURES}")
+    if cfg.num_images < 2:
+        raise ValueError(f"FID needs at least 2 images, got --num_images {cfg.num_images}")
+
+
+def _check_frechet_analyser(cfg: EvalConfig) -> None:
+    if cfg.num_images < 2:
+        raise ValueError(f"frechet_analyser needs at least 2 images, got --num_images {cfg.num_images}")
+
+
+def _analyser(shared: dict):
+    """The committed shapes analyser (``teachers/shapes/weights``), loaded once for every metric that reads it."""
+    if "analyser" not in shared:
+        from teachers.shapes.analyser import load_analyser
+
+        shared["analyser"] = load_analyser()
+    return shared["analyser"]
+
+
+def _clip(cfg, shared):
+    from students.evaluation.metrics import ClipScore
+
+    return ClipScore.load(cfg.clip_model, cfg.clip_weights, cfg.device)
+
+
+def _fid(cfg, shared):
+    from students.evaluation.metrics import InceptionFID
+
+    return InceptionFID(cfg.inception_weights, cfg.fid_features, cfg.device)
+
+
+def _adherence(cfg, shared):
+    from teachers.shapes.analyser import Adherence
+
+    return Adherence(_analyser(shared))
+
+
+def _frechet_analyser(cfg, shared):
+    from teachers.shapes.analyser import AnalyserFrechet
+
+    return AnalyserFrechet(_analyser(shared))
+
+
+#: the metrics ``--metrics`` names; from Python, ``extra_metrics`` takes any other Metric object
+METRICS = {
+    "clip": MetricEntry(_clip, _check_clip),  # CLIP score (open_clip)
+    "fid": MetricEntry(_fid, _check_fid),  # FID (torch-fidelity's Inception)
+    "adherence": MetricEntry(_adherence, world="shapes"),  # the shapes analyser's prompt adherence (offline CLIP score)
+    "frechet_analyser": MetricEntry(_frechet_analyser, _check_frechet_analyser, world="shapes"),  # (offline FID)
+}
+KNOWN_METRICS = tuple(METRICS)
+
+
+def build_metrics(cfg: EvalConfig) -> list:
+    """The ``--metrics`` objects, in the order named (``METRICS``)."""
+    shared: dict = {}
+    return [METRICS[name].build(cfg, shared) for name in resolve_metrics(cfg)]
+
+
+def teacher_world(spec: str | None) -> str | None:
+    """``shapes`` for the shapes teacher or a student exported from it (however many distillations
+    deep: ``teachers.load.teacher_lineage``); None otherwise."""
+    from teachers.load import teacher_lineage
+
+    for _ in range(16):  # a lineage is a chain of exports; the bound only guards a folder naming itself
+        if spec == "shapes":
+            return "shapes"
+        lineage = teacher_lineage(spec) if spec and os.path.isdir(spec) else None
+        if lineage is None:
+            return None
+        spec = lineage["inference"].get("teacher")
+    return None
 
 
 def resolve_metrics(cfg: EvalConfig) -> tuple[str, ...]:
@@ -296,8 +390,7 @@ def resolve_metrics(cfg: EvalConfig) -> tuple[str, ...]:
 def validate(cfg: EvalConfig, extra_metrics=()) -> dict:
     """Check everything that can be checked before work; returns the plan (prompts, references, ...).
     Raises ValueError / FileNotFoundError naming the bad value."""
-    from filters.clip_embed import RANDOM_WEIGHTS, model_embed_dim
-    from students.evaluation.metrics import FID_FEATURES, Metric
+    from students.evaluation.metrics import Metric
     from teachers.load import DTYPES, teacher_geometry
 
     if cfg.num_images < 1 or cfg.batch_size < 1 or cfg.grid_images < 0 or cfg.latency_repeats < 0:
@@ -316,26 +409,13 @@ def validate(cfg: EvalConfig, extra_metrics=()) -> dict:
     names = resolve_metrics(cfg)
     unknown = [n for n in names if n not in KNOWN_METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; known: {KNOWN_METRICS}")
+        raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(KNOWN_METRICS)}")
     for m in extra_metrics:
         if not isinstance(m, Metric):
             raise TypeError(f"{m!r} is not a students.evaluation.metrics.Metric (name, reset, update, compute)")
-    if "clip" in names:
-        if cfg.clip_weights is None:
-            raise ValueError(f"the CLIP score needs --clip_weights (a local {cfg.clip_model} checkpoint, or 'random')")
-        if cfg.clip_weights != RANDOM_WEIGHTS and not os.path.isfile(cfg.clip_weights):
-            raise FileNotFoundError(f"CLIP weights {cfg.clip_weights!r} not found (nothing is downloaded here)")
-        model_embed_dim(cfg.clip_model)  # names an unknown architecture
-    if "fid" in names:
-        if not cfg.inception_weights:
-            raise ValueError("FID needs --inception_weights: a local torch-fidelity Inception-v3 state dict "
-                             "(weights-inception-2015-12-05-6726825d.pth); nothing is downloaded here")
-        if not os.path.isfile(cfg.inception_weights):
-            raise FileNotFoundError(f"Inception weights {cfg.inception_weights!r} not found")
-        if cfg.fid_features not in FID_FEATURES:
-            raise ValueError(f"fid_features={cfg.fid_features} is not one of {FID_FEATURES}")
-        if cfg.num_images < 2:
-            raise ValueError(f"FID needs at least 2 images, got --num_images {cfg.num_images}")
+    for name in names:
+        if METRICS[name].check is not None:
+            METRICS[name].check(cfg)
     needs_refs = "fid" in names or any(hasattr(m, "update_reference") for m in extra_metrics)
     if needs_refs and not cfg.references:
         raise ValueError("FID (and any reference metric) needs --references: a folder of reference images")
@@ -350,6 +430,19 @@ def validate(cfg: EvalConfig, extra_metrics=()) -> dict:
     if not cfg.teacher_steps and not cfg.student:
         raise ValueError("nothing to evaluate: give --student and/or --teacher_steps")
     geometry = teacher_geometry(teacher) if teacher else None  # raises TeacherError for an unknown spec
+    world = teacher_world(teacher)
+    for name in names:
+        needs = METRICS[name].world
+        if needs and world != needs:
+            raise ValueError(f"--metrics {name} reads images of the {needs} world with its analyser: it needs the "
+                             f"{needs} teacher (or a student of it), not teacher {teacher!r}")
+    if world == "shapes" and any(METRICS[n].world == "shapes" for n in names):
+        from teachers.shapes import world as shapes_world
+
+        outside = [p.caption for p in prompts if shapes_world.parse_caption(p.caption) is None]
+        if outside:
+            raise ValueError(f"--metrics {','.join(n for n in names if METRICS[n].world)}: {len(outside)} caption(s) of "
+                             f"{cfg.captions!r} are not in the shapes world's grammar, first {outside[0]!r}")
     size = cfg.resolution or info.get("height") or (geometry or {}).get("resolution")
     if not size:
         raise ValueError("cannot tell the image size (hub teacher without --student): pass --resolution")

@@ -14,7 +14,8 @@ copy and cannot start this way: ``init_from_teacher`` says so and names the firs
 Cuts (``CUTS``), applied to the teacher's layouts; a stage's blocks are counted in execution order,
 ResNets (R) and transformers (T) separately:
 
-- ``none``: the teacher itself (a check that the mapping is exact);
+- ``full``: the teacher's whole UNet (a check that the mapping is exact; SnapFusion's start). It was
+  called ``none``, which the command line reads as "no cut" (``core.options``: from the ``--preset``);
 - ``bk_base``: in each down stage with two or more ResNets keep only the first ResNet and its
   transformer; in each up stage with three or more, drop the second ResNet and its transformer
   (kept up ResNets then meet the same skip widths as in the teacher: BK-SDM's "fewer blocks in the
@@ -42,7 +43,8 @@ import torch
 from students.models.blocks import parse_layout
 from students.models.unet import StudentUNetConfig
 
-CUTS = ("none", "bk_base", "bk_small", "bk_tiny", "mid_only", "snapfusion")
+CUTS = ("full", "bk_base", "bk_small", "bk_tiny", "mid_only", "snapfusion")
+RENAMED = {"none": "full"}  # old cut names -> new, named in the unknown-cut error
 _TOP = ("conv_in", "time_embedding", "add_embedding", "conv_norm_out", "conv_out")  # copied one to one
 
 
@@ -86,6 +88,12 @@ def family_config(unet) -> StudentUNetConfig:
         projection_class_embeddings_input_dim=c.projection_class_embeddings_input_dim)
 
 
+def unknown_cut(name: str) -> str:
+    """The unknown-cut message: the known cuts, and the new name of a renamed one."""
+    renamed = f" (the cut {name!r} is now {RENAMED[name]!r})" if name in RENAMED else ""
+    return f"unknown cut {name!r}{renamed}; known: {', '.join(CUTS)}"
+
+
 def _tokens(layout: str) -> list[str]:
     return [kind if depth == 1 else f"{kind}{depth}" for kind, depth in parse_layout(layout)]
 
@@ -120,7 +128,7 @@ def _stage_keep(stage: str, tokens: list[str], name: str, n_resnets: int, highes
 def cut(teacher_cfg: StudentUNetConfig, name: str) -> tuple[StudentUNetConfig, dict[str, str]]:
     """The student config of cut ``name`` and its block map (student module path -> teacher module path)."""
     if name not in CUTS:
-        raise ValueError(f"unknown cut {name!r}; known: {', '.join(CUTS)}")
+        raise ValueError(unknown_cut(name))
     levels = len(teacher_cfg.block_out_channels)
     drop_lowest = name == "bk_tiny"
     if drop_lowest and levels < 3:

@@ -12,7 +12,10 @@ set as ``pipe.vae = build_vae("tiny")`` or passed to a pipeline's constructor, a
 - ``tiny``: TAESD (madebyollin/taesd, 1.22M decoder parameters), which diffusers ships as
   ``AutoencoderTiny``. TAESD decodes the UNet-space latents directly, hence ``scaling_factor`` 1.0.
 
-Presets return the keyword arguments of the diffusers class, like ``teachers/configs.py``.
+Both follow the teacher's autoencoder: ``upsamplings`` (its ``len(block_out_channels) - 1``; 3 = SD's
+factor 8, 2 = the ``shapes`` teacher's factor 4) and ``latent_channels``, which ``fit`` reads off a
+teacher VAE config and the trainer off the dump, so the student decodes the teacher's latents to the
+teacher's image size. Presets return the keyword arguments of the diffusers class, like ``teachers/configs.py``.
 """
 
 from __future__ import annotations
@@ -27,31 +30,44 @@ def _prune(channels: int, ratio: float, groups: int) -> int:
     return max(groups, int(round(channels * ratio / groups)) * groups)
 
 
-def pruned(channel_ratio: float = 0.5, scaling_factor: float = SD_SCALING_FACTOR, sample_size: int = 512) -> dict:
+def _check_upsamplings(upsamplings: int, most: int) -> None:
+    if not 1 <= upsamplings <= most:
+        raise ValueError(f"upsamplings={upsamplings!r} must be in [1, {most}] (image side = latent side * 2^upsamplings)")
+
+
+def pruned(channel_ratio: float = 0.5, scaling_factor: float = SD_SCALING_FACTOR, sample_size: int = 512,
+           upsamplings: int = 3, latent_channels: int = 4) -> dict:
     """``AutoencoderKL`` kwargs: SD's VAE with widths (128, 256, 512, 512) scaled by ``channel_ratio``
-    (SnapFusion: 0.5 -> (64, 128, 256, 256), 12.4M decoder parameters). The latent space (4 channels,
-    factor 8) is unchanged, so it decodes the teacher's latents."""
+    (SnapFusion: 0.5 -> (64, 128, 256, 256), 12.4M decoder parameters). At SD's factor 8 (3 upsamplings)
+    and 4 latent channels its latent space is SD's, so it decodes the teacher's latents; a teacher with
+    fewer upsamplings keeps SD's first ``upsamplings + 1`` levels (factor 4: (64, 128, 256))."""
     if not 0 < channel_ratio <= 1:
         raise ValueError(f"channel_ratio={channel_ratio!r} must be in (0, 1]")
     cfg = sd_vae(sample_size=sample_size, scaling_factor=scaling_factor)
+    _check_upsamplings(upsamplings, len(cfg["block_out_channels"]) - 1)
+    levels = upsamplings + 1  # diffusers' Encoder/Decoder resample between consecutive levels
     groups = 32  # SD VAE's GroupNorm groups (diffusers' default norm_num_groups)
-    cfg["block_out_channels"] = tuple(_prune(c, channel_ratio, groups) for c in cfg["block_out_channels"])
+    cfg["block_out_channels"] = tuple(_prune(c, channel_ratio, groups) for c in cfg["block_out_channels"][:levels])
+    cfg["down_block_types"], cfg["up_block_types"] = cfg["down_block_types"][:levels], cfg["up_block_types"][:levels]
     cfg["norm_num_groups"] = groups
+    cfg["latent_channels"] = latent_channels
     return cfg
 
 
-def tiny(latent_channels: int = 4) -> dict:
-    """``AutoencoderTiny`` kwargs: TAESD's architecture (diffusers' defaults spelled out)."""
+def tiny(latent_channels: int = 4, upsamplings: int = 3) -> dict:
+    """``AutoencoderTiny`` kwargs: TAESD's architecture (diffusers' defaults spelled out); at another
+    factor its stages of 3 blocks number ``upsamplings`` (TAESD: 3), then its last single block."""
+    _check_upsamplings(upsamplings, 6)
     return dict(
         in_channels=3,
         out_channels=3,
-        encoder_block_out_channels=(64, 64, 64, 64),
-        decoder_block_out_channels=(64, 64, 64, 64),
+        encoder_block_out_channels=(64,) * (upsamplings + 1),
+        decoder_block_out_channels=(64,) * (upsamplings + 1),
         act_fn="relu",
         latent_channels=latent_channels,
         upsampling_scaling_factor=2,
-        num_encoder_blocks=(1, 3, 3, 3),
-        num_decoder_blocks=(3, 3, 3, 1),
+        num_encoder_blocks=(1,) + (3,) * upsamplings,
+        num_decoder_blocks=(3,) * upsamplings + (1,),
         latent_magnitude=3,
         latent_shift=0.5,
         force_upcast=False,
@@ -60,6 +76,11 @@ def tiny(latent_channels: int = 4) -> dict:
 
 
 VAE_PRESETS = {"pruned": pruned, "tiny": tiny}
+
+
+def fit(vae_config: dict) -> dict:
+    """The preset kwargs that make a student decoder take this teacher VAE's latents to its image size."""
+    return {"upsamplings": len(vae_config["block_out_channels"]) - 1, "latent_channels": int(vae_config["latent_channels"])}
 
 
 def build_vae(name: str, **preset_kwargs):
@@ -87,5 +108,6 @@ def decoder_parameters(vae) -> int:
 
 
 def decode(vae, latents):
-    """The pipelines' decode step: UNet-space ``latents (B, 4, h, w)`` -> image ``(B, 3, 8h, 8w)`` in about [-1, 1]."""
+    """The pipelines' decode step: UNet-space ``latents (B, C, h, w)`` -> image ``(B, 3, 2^u h, 2^u w)`` in about
+    [-1, 1] (u: the preset's upsamplings; SD's 3)."""
     return vae.decode(latents / vae.config.scaling_factor).sample

@@ -1,6 +1,6 @@
 """SnapFusion's architecture evolution (arXiv 2306.00980, Sec. 3.2, Algorithm 1) on a training checkpoint.
 
-    distill evolve --data out/dump --output runs/evo --init_from_teacher none --recipe snapfusion_step --student_steps 4 \\
+    distill evolve --data out/dump --output runs/evo --init_from_teacher full --recipe snapfusion_step --student_steps 4 \\
         --latency_target_ratio 0.7 --iterations 10 --steps_per_iteration 80 --val_captions val.txt --metric adherence
 
 The loop: robust training for ``--steps_per_iteration`` steps (every skippable block skipped with
@@ -405,10 +405,22 @@ def _finish(cfg: EvolveConfig, records: list[dict], table: LookupTable, target: 
     write_report(cfg.output, records, target, ckpt.checkpoints(join(cfg.output, "run"))[-1])
 
 
+def target_verdict(record: dict) -> tuple[bool, str]:
+    """(met, words): whether the evolved UNet's predicted latency (the planner's measure) is at or under the
+    target, said so that a miss cannot be read as a success."""
+    predicted, target = record["predicted_ms"], record["target_ms"]
+    if predicted <= target:
+        return True, f"latency target met: {predicted:.3f} ms predicted <= target {target:.3f} ms"
+    return False, (f"latency target MISSED: {predicted:.3f} ms predicted > target {target:.3f} ms "
+                   f"({predicted - target:.3f} ms over; more --iterations or --max_actions, or a lower "
+                   "--keep_cross_attention, let it remove more)")
+
+
 def write_report(output: str, records: list[dict], target: float, checkpoint: str) -> None:
     """``report.png`` (latency against the metric along the path) and ``report.html`` (it and the table)."""
     import base64
     import io
+    from html import escape
 
     import matplotlib
 
@@ -426,7 +438,9 @@ def write_report(output: str, records: list[dict], target: float, checkpoint: st
     ax.axvline(target, color="grey", linestyle="--", label=f"target {target:.2f} ms")
     name = records[0]["metric_name"] if records else "metric"
     ax.set_xlabel("predicted UNet latency (ms, lookup)"), ax.set_ylabel(name), ax.legend()
-    ax.set_title("architecture evolution: latency vs metric (label = iteration)")
+    met, verdict = target_verdict(records[-1]) if records else (True, "")
+    ax.set_title("architecture evolution: latency vs metric (label = iteration)"
+                 + ("" if met else "\nlatency target MISSED"), color="black" if met else "red")
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
@@ -437,7 +451,9 @@ def write_report(output: str, records: list[dict], target: float, checkpoint: st
         f"<td>{r['measured_ms']:.3f}</td><td>{' / '.join(r['layouts']['down_layouts'])} | {r['layouts']['mid_layout']} | "
         f"{' / '.join(r['layouts']['up_layouts'])}</td><td>{', '.join(a['kind'] + ' ' + a['module'] for a in r['actions'])}</td></tr>"
         for r in records)
+    style = "" if met else " style=\"color:red;font-weight:bold\""
     html = (f"<html><body><h1>Architecture evolution</h1><p>final checkpoint: {checkpoint}; target {target:.3f} ms</p>"
+            f"<p{style}>{escape(verdict)}</p>"
             f"<img src=\"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}\"><table border=1>"
             f"<tr><th>iteration</th><th>step</th><th>{name}</th><th>predicted ms</th><th>measured ms</th><th>layouts "
             f"(down | mid | up)</th><th>actions</th></tr>{rows}</table></body></html>")
@@ -461,7 +477,8 @@ def _main(argv: list[str]) -> int:
         last = records[-1]
         print(f"evolve: {len(records)} iterations; final {last['metric_name']} {last['metric']:.4f} at "
               f"{last['predicted_ms']:.3f} ms predicted ({last['measured_ms']:.3f} measured); "
-              f"{join(cfg.output, 'student_config.json')}, {join(cfg.output, 'report.html')}")
+              f"{join(cfg.output, 'student_config.json')}, {join(cfg.output, 'report.html')}", flush=True)
+        print(f"evolve: {target_verdict(last)[1]}")  # last: a miss is the line a reader sees
     return 0
 
 

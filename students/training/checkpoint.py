@@ -262,7 +262,7 @@ class RunLog:
         self.bar.set_postfix(loss=f"{terms['loss']:.4f}", samples_s=f"{samples_per_s:.1f}")
         if self.writer is not None and (step % self.cfg.log_every == 0 or step == 1):
             for k, v in terms.items():
-                self.writer.add_scalar(k, v, step)  # already namespaced: loss, loss/<term>, disc/<stat>
+                self.writer.add_scalar(k, v, step)  # already namespaced: loss, loss/<term>, loss_scaled/<term>, disc/<stat>
             self.writer.add_scalar("lr", lr, step)
             self.writer.add_scalar("grad_norm", grad_norm, step)
             self.writer.add_scalar("samples_per_s", samples_per_s, step)

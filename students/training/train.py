@@ -50,8 +50,8 @@ class TrainConfig:
     output: str = option(help="run folder: checkpoints, losses.jsonl, TensorBoard logs, image grids (local or URL)")
     preset: str | None = option(None, help="student UNet preset (students.models.unet.PRESETS; default tiny)")
     init_from_teacher: str | None = option(None, help="build the student as the teacher's UNet cut by this cut "
-                                           "(students.models.teacher_init.CUTS) and start it from the teacher's weights; "
-                                           "not with --preset")
+                                           "(students.models.teacher_init.CUTS; full = the whole UNet) and start it from "
+                                           "the teacher's weights; not with --preset (none = from --preset)")
     init_from: str | None = option(None, help="start from another run's (or checkpoint's) student weights, EMA if it "
                                    "kept one: a new run with a fresh optimizer and LR schedule (SnapGen's feature "
                                    "KD first, then step distillation); replaces --preset and --init_from_teacher")
@@ -134,10 +134,10 @@ class TrainConfig:
             raise UserError(f"--init_from takes the student's architecture and weights from {self.init_from!r}; "
                             f"{given} builds another: pass one, not both")
         if self.init_from_teacher is not None:
-            from students.models.teacher_init import CUTS
+            from students.models.teacher_init import CUTS, unknown_cut
 
             if self.init_from_teacher not in CUTS:
-                raise UserError(f"--init_from_teacher: unknown cut {self.init_from_teacher!r}; known: {', '.join(CUTS)}")
+                raise UserError(f"--init_from_teacher: {unknown_cut(self.init_from_teacher)}")
             if self.preset is not None:
                 raise UserError(f"--init_from_teacher builds the student from the teacher's blocks; --preset {self.preset!r} "
                                 "has blocks with no teacher counterpart (separable convs, other widths): pass one, not both")
@@ -247,9 +247,11 @@ def setup_distributed(cfg: TrainConfig):
     return rank, world
 
 
-def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
-    """Everything that can be checked before any work: the output path, the dataset against the flags, then
-    every listed shard's index (``dataset_shards``). -> (dataset, negative, urls)"""
+def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
+    """Everything that can be checked before any work: the output path, the dataset, and whether the
+    student (``student_config``, else ``--preset``'s) and the decoder fit the dump's conditioning and
+    latents, the step counts, and every listed shard's index (``dataset_shards``). -> (dataset, negative,
+    urls, decoder kwargs for ``students.models.vae.build_vae``)"""
     fs, fpath = url_to_fs(cfg.output)
     if fs.exists(fpath) and not fs.isdir(fpath):
         raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
@@ -271,7 +273,16 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe):
                         "(re-dump with --real_images, or use --adv_real teacher)")
     if cfg.decoder and not dataset["recipe"].get("save_images", True):
         raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
-    return dataset, negative, dataset_shards(cfg.data)
+    urls = dataset_shards(cfg.data)
+    first = _FirstRecord(urls)
+    if student_config is None and cfg.init_from_teacher is None and cfg.init_from is None:  # a cut is the teacher's UNet: it fits by construction
+        from students.models.unet import preset
+
+        student_config = preset(cfg.preset)
+    if student_config is not None:
+        check_conditioning(student_config, _dump_conditioning(negative, first), cfg, dataset)
+    return dataset, negative, urls, (_decoder_fit(cfg, dataset, first) if cfg.decoder else {})
+
 
 
 def check_step_counts(cfg: TrainConfig, recipe: DistillRecipe, teacher_steps: int) -> None:
@@ -301,6 +312,88 @@ def check_step_counts(cfg: TrainConfig, recipe: DistillRecipe, teacher_steps: in
                         f"{len(step_rows(teacher_steps, n))} jumps); use a divisor of {teacher_steps}")
 
 
+class _FirstRecord:
+    """The dump's first readable record, read once and only if a check needs it (None: none readable)."""
+
+    def __init__(self, urls: list[str]):
+        self.urls, self._read, self._rec = urls, False, None
+
+    def get(self):
+        if not self._read:
+            self._read, self._rec = True, next(iter(record_pipeline(self.urls)), None)
+        return self._rec
+
+
+def _dump_conditioning(negative: dict, first: _FirstRecord) -> dict:
+    """What the dump conditions on: ``text_dim`` (prompt embeddings' width), ``pooled_dim`` (SDXL's pooled
+    text embeddings; None for SD-shaped teachers) and ``time_ids`` (SDXL's size/crop ids per sample), from
+    the unconditional embeddings stored once, else the first record; None where unknown."""
+    shape = lambda a: tuple(a.shape) if a is not None else None  # noqa: E731
+    text, pooled, time_ids = shape(negative.get("negative_prompt_embeds")), shape(negative.get("negative_pooled_prompt_embeds")), None
+    rec = first.get() if text is None or pooled is not None else None
+    if rec is not None:
+        text = text or shape(rec.arrays.get("prompt_embeds"))
+        pooled = pooled or shape(rec.arrays.get("pooled_prompt_embeds"))
+        time_ids = shape(rec.arrays.get("add_time_ids"))
+    return {"text_dim": text[-1] if text else None, "pooled_dim": pooled[-1] if pooled else None,
+            "time_ids": time_ids[-1] if time_ids else None}
+
+
+def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: dict) -> None:
+    """The student takes the dump's text conditioning (``_dump_conditioning``): its cross-attention width,
+    and for SDXL-shaped teachers the pooled embeddings and time ids; else one line naming the preset,
+    its value, the dump's and the presets that would fit."""
+    from students.models.unet import PRESETS
+
+    who = f"--preset {cfg.preset}" if cfg.init_from_teacher is None else "the student"
+    where = f"the dump {cfg.data!r} (teacher {dataset['recipe'].get('teacher', '?')!r})"
+    xl_student, xl_dump = student_config.addition_embed_type == "text_time", dump["pooled_dim"] is not None
+
+    def fitting() -> str:
+        names = [n for n, f in sorted(PRESETS.items()) if f().cross_attention_dim == dump["text_dim"]
+                 and (f().addition_embed_type == "text_time") == xl_dump]
+        return f"; presets that fit: {', '.join(names)}" if names else ""
+
+    if dump["text_dim"] is not None and student_config.cross_attention_dim != dump["text_dim"]:
+        raise UserError(f"{who} has cross_attention_dim {student_config.cross_attention_dim} but {where} has prompt "
+                        f"embeddings of width {dump['text_dim']}{fitting()}")
+    if dump["text_dim"] is not None and xl_student != xl_dump:
+        raise UserError(f"{who} is {'SDXL' if xl_student else 'SD'}-shaped (addition_embed_type="
+                        f"{student_config.addition_embed_type!r}) but {where} is {'SDXL' if xl_dump else 'SD'}-shaped "
+                        f"({'with' if xl_dump else 'without'} pooled text embeddings){fitting()}")
+    if xl_student and xl_dump and dump["time_ids"] is not None:
+        want = dump["time_ids"] * student_config.addition_time_embed_dim + dump["pooled_dim"]
+        if student_config.projection_class_embeddings_input_dim != want:
+            raise UserError(f"{who} has projection_class_embeddings_input_dim "
+                            f"{student_config.projection_class_embeddings_input_dim} but {where} gives {dump['time_ids']} "
+                            f"time ids x addition_time_embed_dim {student_config.addition_time_embed_dim} + pooled width "
+                            f"{dump['pooled_dim']} = {want}")
+
+
+def _decoder_fit(cfg: TrainConfig, dataset: dict, first: _FirstRecord) -> dict:
+    """``students.models.vae.build_vae`` kwargs that make ``--decoder`` decode the dump's latents to its
+    images' size: the teacher VAE's upsamplings (image side / latent side, a power of 2) and latent channels."""
+    from students.models.vae import VAE_PRESETS
+
+    rec = first.get()
+    if rec is None:
+        return {}  # nothing readable: the loader names the skipped samples when training starts
+    channels, side = int(rec.latents.shape[1]), int(rec.latents.shape[-1])
+    image = int(rec.meta.get("width") or dataset["recipe"].get("width") or 0)
+    factor = image // side if side and image % side == 0 else 0
+    upsamplings = factor.bit_length() - 1
+    if factor < 2 or factor != 2 ** upsamplings:
+        raise UserError(f"--decoder {cfg.decoder}: {cfg.data!r} has {image} px images from {side} px latents, not a "
+                        "power-of-2 factor a decoder can upsample by")
+    kwargs = {"upsamplings": upsamplings, "latent_channels": channels}
+    try:
+        VAE_PRESETS[cfg.decoder](**kwargs)
+    except ValueError as err:
+        raise UserError(f"--decoder {cfg.decoder} cannot decode the teacher's factor-{factor} latents of {cfg.data!r}: "
+                        f"{err}") from None
+    return kwargs
+
+
 def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: int | None = None,
           teacher_unet=None, student=None) -> list[float]:
     """Run (or resume) training; returns the loss of every optimizer step run in this call (rank 0).
@@ -313,7 +406,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
     # 1. seeds, the recipe, the inputs (before any process group or write)
     recipe = recipe or cfg.resolved_recipe()
-    dataset, negative, urls = check_inputs(cfg, recipe)
+    dataset, negative, urls, decoder_kwargs = check_inputs(cfg, recipe, getattr(student, "student_config", None))
     rank, world = setup_distributed(cfg)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cfg.device.startswith("cuda") else cfg.device)
     ckpt.RNGState.seed_all(cfg.seed)
@@ -342,7 +435,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     if cfg.decoder:
         from students.models.vae import build_vae
 
-        decoder = build_vae(cfg.decoder).to(device).train()
+        decoder = build_vae(cfg.decoder, **decoder_kwargs).to(device).train()  # at the teacher VAE's factor
     params = list(student.parameters()) + list(heads.parameters()) + (list(decoder.parameters()) if decoder else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -370,8 +463,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     try:
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
-            terms = _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset,
-                                          train_schedule, generator, device, world, step + 1, adversary)
+            terms, raw = _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset,
+                                               train_schedule, generator, device, world, step + 1, adversary)
             if world > 1:  # the head is not wrapped in DDP: average its gradients by hand
                 for p in heads.parameters():
                     if p.grad is not None:
@@ -387,7 +480,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
             step += 1
             losses.append(float(terms["loss"].detach()))
             if log is not None:
-                log.step(step, log_terms(terms), scheduler.get_last_lr()[0], float(grad_norm),
+                log.step(step, log_terms(terms, raw), scheduler.get_last_lr()[0], float(grad_norm),
                          samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
             if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
                 log.grid(step, student, ema_unet, dataset, urls, recipe, decoder)
@@ -412,18 +505,31 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     return losses
 
 
-def log_terms(terms: dict) -> dict[str, float]:
-    """The loss terms as ``losses.jsonl`` keys: the total as ``loss``, each term as ``loss/<term>``.
+def log_terms(terms: dict, raw: dict | None = None) -> dict[str, float]:
+    """The loss terms as ``losses.jsonl`` keys: the total as ``loss``; each term of the student's total
+    as ``loss/<term>``, its raw value (``raw``: the loss function's, before weights and scaling), and as
+    ``loss_scaled/<term>``, what it adds to ``loss`` (so ``loss`` is the sum of the ``loss_scaled/`` keys).
 
-    The prefix keeps a term's name (``step`` of step distillation, say) from overwriting the log's
-    own keys (``step``, ``lr``, ``grad_norm``); a name that already has a namespace (the adversary's
-    ``loss/adv_g``, ``disc/acc_real``) is kept as it is."""
-    return {(k if k == "loss" or "/" in k else f"loss/{k}"): float(v.detach()) for k, v in terms.items()}
+    Both are needed: ``snapgen_kd``'s timestep-aware scaling brings every distillation term to the
+    task loss per sample, so its scaled terms are all equal and only the raw ones show which term
+    moves. The prefix keeps a term's name (``step`` of step distillation, say) from overwriting the
+    log's own keys (``step``, ``lr``, ``grad_norm``); a name that already has a namespace (the
+    discriminator's ``loss/adv_d``, ``disc/acc_real``) is kept as it is."""
+    raw = raw or {}
+    logged = {}
+    for k, v in terms.items():
+        if k == "loss" or "/" in k:
+            logged[k] = float(v.detach())
+        else:
+            logged[f"loss/{k}"] = float(raw.get(k, v).detach())
+            logged[f"loss_scaled/{k}"] = float(v.detach())
+    return logged
 
 
 def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batches, negative, dataset, train_schedule,
                           generator, device, world, step, adversary=None) -> dict:
-    """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms."""
+    """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms
+    and their raw values (``compute_losses``'s ``raw``)."""
     layers = [name for name, _ in recipe.feature_weights]
     for micro in range(cfg.grad_accum):
         records = batches.next()
@@ -444,13 +550,14 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
         with (model.no_sync() if not sync else contextlib.nullcontext()), robust_skip(model, recipe.robust_skip_prob, generator), \
                 torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
             outputs = {} if adversary is not None else None
+            raw = {}
             terms = compute_losses(model, heads, batch, targets, recipe, train_schedule, generator, decoder=decoder,
-                                   decoder_weight=cfg.decoder_weight, outputs=outputs)
+                                   decoder_weight=cfg.decoder_weight, outputs=outputs, raw=raw)
             if adversary is not None:
-                terms = adversary.generator_terms(terms, outputs["x0"], batch, generator, step)
+                terms = adversary.generator_terms(terms, outputs["x0"], batch, generator, step, raw=raw)
         _check_finite(terms, step, batch["keys"], world, cfg.output)
         (terms["loss"] / cfg.grad_accum).backward()
-    return terms
+    return terms, raw
 
 
 def _gather_read_stats(stats: ReadStats, rank: int, world: int) -> None:
