@@ -122,3 +122,85 @@ def remove_temporaries(root: str, prefix: str = "") -> list[str]:
                 continue
             removed.append(name)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per output
+# ---------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".distill.lock"  # in the output folder while a job or trainer writes it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+class OutputLock:
+    """An exclusive lock on an output folder: ``OUTPUT/.distill.lock`` created atomically (``O_EXCL``)
+    with the holder's host, pid, start time and command; released at exit. A second writer is refused
+    in one line naming the holder; a lock whose holder is gone (same host, no such pid) is stale and
+    taken over with a message. Local folders only: object stores (``gs://``, ``s3://``) have no
+    atomic create-if-absent through fsspec, so a remote output is unguarded (README)."""
+
+    def __init__(self, path: str, info: dict):
+        self.path, self.info = path, info
+
+    @classmethod
+    def acquire(cls, root: str, what: str) -> "OutputLock | None":
+        import atexit
+        import socket
+        import sys
+        import time
+
+        from core.errors import UserError
+
+        fs, froot = url_to_fs(root)
+        if not is_local(fs):
+            return None
+        os.makedirs(froot, exist_ok=True)
+        path = os.path.join(froot, LOCK_FILE)
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "what": what}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        holder = json.load(f)
+                except (OSError, ValueError):  # being written this instant, or damaged: look again
+                    holder = None
+                if holder is None:
+                    time.sleep(0.05)
+                    continue
+                mine = holder.get("host") == info["host"]
+                if mine and (holder.get("pid") == info["pid"] or not _alive(int(holder.get("pid", -1)))):
+                    if holder.get("pid") != info["pid"]:
+                        print(f"{what}: taking over the stale lock of {holder.get('what')} (pid {holder.get('pid')}, "
+                              f"no longer running) on {root}", file=sys.stderr)
+                    os.remove(path)
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                raise UserError(f"{root!r} is being written by {holder.get('what')} (pid {holder.get('pid')} on "
+                                f"{holder.get('host')}, since {since}): one writer per output; wait for it or pass "
+                                f"another output (remove {path} if that process is gone)") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(info, f)
+            lock = cls(path, info)
+            atexit.register(lock.release)
+            return lock
+        raise UserError(f"cannot lock {root!r}: {path} keeps changing")
+
+    def release(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                if json.load(f).get("pid") != self.info["pid"]:
+                    return  # taken over: not ours any more
+            os.remove(self.path)
+        except (OSError, ValueError):  # already gone
+            pass

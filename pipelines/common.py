@@ -283,13 +283,27 @@ def work_unit(output: str, shard: int, progress: bool):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_pipeline(pipeline, output: str, summary: str = DATASET_JSON):
-    """Run the built graph to completion; returns ``(the summary file's content, the Beam result)``."""
-    result = pipeline.run()
-    result.wait_until_finish()
-    fs, path = url_to_fs(join(output, summary))
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read()), result
+def run_pipeline(pipeline, output: str, summary: str = DATASET_JSON, lock=None):
+    """Run the built graph to completion; returns ``(the summary file's content, the Beam result)``.
+    ``lock`` (``lock_output``'s) is released when the graph has finished, or failed."""
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+        fs, path = url_to_fs(join(output, summary))
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read()), result
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_output(output: str, prog: str):
+    """The job's exclusive lock on ``output`` (``core.fs.OutputLock``), taken on the launcher before it
+    removes stale temporaries or writes anything: a second launcher into the same output is refused in
+    one line and never deletes or mixes the first one's files. None for object stores (unguarded)."""
+    from core.fs import OutputLock
+
+    return OutputLock.acquire(output, prog)
 
 
 def job_main(prog: str, run, argv: list[str] | None = None) -> int:

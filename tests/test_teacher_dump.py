@@ -204,3 +204,26 @@ def test_real_images_from_the_input_column_are_encoded_by_the_teacher_vae_and_ba
         want = encode_images(teacher, [image])[0]
     assert rec.image_latents.dtype == np.float16 and rec.image_latents.shape == want.shape
     np.testing.assert_allclose(rec.image_latents.astype(np.float32), want, rtol=2e-3, atol=2e-3)  # float16 storage
+
+
+def test_a_second_dump_into_one_folder_is_refused_and_the_first_finishes_as_a_lone_run(reference, tmp_path):
+    """Two launchers, one output: the second is one line and exit 2 while the first runs, deletes none of
+    its files, and the first's dump equals a lone run's, byte for byte."""
+    from core.fs import LOCK_FILE
+
+    prompts, ref_out, _ = reference
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "pipelines.teacher_dump", "--prompts", prompts, "--output", str(out),
+                              *BASE], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_FILE).exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first dump ended before it was seen"
+        time.sleep(0.01)
+    second = subprocess.run([sys.executable, "-m", "pipelines.teacher_dump", "--prompts", prompts, "--output", str(out),
+                             *BASE], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert "is being written by" in second.stderr and f"pid {first.pid}" in second.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert not (out / LOCK_FILE).exists()
+    assert tree_bytes(out) == tree_bytes(ref_out)

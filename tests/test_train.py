@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import os
 import signal
 import subprocess
@@ -486,3 +487,45 @@ def test_a_kill_during_a_save_leaves_nothing_after_the_resume(tiny_dump, tmp_pat
     lines = (run / "losses.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     assert lines == (tmp_path / "ref" / "losses.jsonl").read_text().splitlines()
+
+
+def test_a_rerun_with_another_recipe_is_refused_and_a_finished_run_says_so(tiny_dump, tmp_path, capsys):
+    from core.errors import UserError
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_dump, out, recipe="output_kd", max_steps=2))
+    for change, words in ((dict(recipe="snapgen_kd"), "--recipe 'output_kd' -> 'snapgen_kd'"),
+                          (dict(lr=5e-4), "--lr 0.001 -> 0.0005"),
+                          (dict(max_steps=4), "started with --max_steps 2, not 4"),
+                          (dict(max_steps=1), "at step 2, past --max_steps 1")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            train(_cfg(tiny_dump, out, **dict(dict(recipe="output_kd", max_steps=2), **change)))
+    assert train(_cfg(tiny_dump, out, recipe="output_kd", max_steps=2)) == []  # finished: nothing to do
+    assert "is finished (step 2 of --max_steps 2)" in capsys.readouterr().err
+    assert len(train(_cfg(tiny_dump, out, recipe="output_kd", max_steps=3, extend=True))) == 1  # on purpose
+
+
+def test_a_second_trainer_into_one_run_folder_is_refused_and_a_stale_lock_is_taken_over(tiny_dump, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from core.errors import UserError
+    from core.fs import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live writer on this host holds the folder
+        (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": 0,
+                                                 "what": "distill train"}))
+        with pytest.raises(UserError, match=f"being written by distill train \\(pid {holder.pid}"):
+            train(_cfg(tiny_dump, out, max_steps=1))
+        assert sorted(os.listdir(out)) == [LOCK_FILE]  # nothing written beside the other writer's files
+    finally:
+        holder.kill()
+        holder.wait()
+    capsys.readouterr()
+    assert len(train(_cfg(tiny_dump, out, max_steps=1))) == 1  # its holder is gone: the lock is stale
+    assert f"taking over the stale lock of distill train (pid {holder.pid}" in capsys.readouterr().err
+    assert not (out / LOCK_FILE).exists()  # released at the end

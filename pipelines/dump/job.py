@@ -337,6 +337,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
+    lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
     remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
     common.check_or_write_recipe(cfg.output, recipe)
     planned_rows, input_rejects = dump_plan.plan(found.rows, recipe)
@@ -362,7 +363,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
         | "CollectIndexes" >> beam.combiners.ToList()
         | "WriteDataset" >> beam.Map(write_dataset, cfg.output, recipe, planned, beam.pvalue.AsSingleton(n_rejects))
     )
-    dataset, _ = common.run_pipeline(pipeline, cfg.output)
+    dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
     print_summary(dataset, cfg.output, time.monotonic() - start)
     return dataset
 

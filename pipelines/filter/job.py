@@ -296,6 +296,7 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
+    lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
     remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
     common.check_or_write_recipe(cfg.output, recipe)
     progress = common.show_progress(cfg.progress, options)
@@ -335,7 +336,7 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
          | "CollectIndexes" >> beam.combiners.ToList()
          | "WriteDataset" >> beam.Map(write_dataset, parent, parent_dataset, cfg.output, recipe,
                                       beam.pvalue.AsSingleton(cutoff), cfg.report_examples))
-    dataset, _ = common.run_pipeline(pipeline, cfg.output)
+    dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
     print_summary(dataset, cfg.output, time.monotonic() - start)
     return dataset
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -32,7 +34,7 @@ from students.distill.batches import step_rows, training_batch
 from students.distill.inference import student_sampling
 from students.distill.recipes import (RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections,
                                       online_targets, robust_skip)
-from core.fs import url_to_fs
+from core.fs import join, read_bytes, url_to_fs
 
 SCRATCH_LR = 2e-3  # peak learning rate of a student trained from scratch (the shapes preset)
 INIT_LR = 3e-4  # of a teacher-initialised student: a fine-tune; 2e-3 pulls it off the teacher (BENCHMARKS.md)
@@ -60,6 +62,8 @@ class TrainConfig:
     progressive_from: int = option(0, help="progressive distillation: rounds halving the steps from this many to "
                                    "--student_steps, each round's student the next one's teacher (0 = one run)")
     max_steps: int = option(100, help="optimizer steps (per progressive round)")
+    extend: bool = option(False, help="re-running a run with another --max_steps: train it on (or stop it) at the new "
+                          "count on purpose (the LR schedule follows --max_steps); without it such a re-run is refused")
     batch_size: int = option(8, help="samples per rank per micro-batch")
     grad_accum: int = option(1, help="micro-batches per optimizer step")
     lr: float = option(1e-4, help="peak AdamW learning rate")
@@ -255,6 +259,7 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
     fs, fpath = url_to_fs(cfg.output)
     if fs.exists(fpath) and not fs.isdir(fpath):
         raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
+    check_rerun(cfg)
     if cfg.init_from is not None:
         from students.training.runs import resolve_checkpoint
 
@@ -273,16 +278,50 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
                         "(re-dump with --real_images, or use --adv_real teacher)")
     if cfg.decoder and not dataset["recipe"].get("save_images", True):
         raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
-    urls = dataset_shards(cfg.data)
-    first = _FirstRecord(urls)
+    first = _FirstRecord(lambda: dataset_shards(cfg.data))  # the flags against the dump first, then every index
     if student_config is None and cfg.init_from_teacher is None and cfg.init_from is None:  # a cut is the teacher's UNet: it fits by construction
         from students.models.unet import preset
 
         student_config = preset(cfg.preset)
     if student_config is not None:
         check_conditioning(student_config, _dump_conditioning(negative, first), cfg, dataset)
-    return dataset, negative, urls, (_decoder_fit(cfg, dataset, first) if cfg.decoder else {})
+    decoder_kwargs = _decoder_fit(cfg, dataset, first) if cfg.decoder else {}
+    return dataset, negative, dataset_shards(cfg.data), decoder_kwargs
 
+
+
+# TrainConfig fields a re-run may change without changing what the run is (where and how it logs and saves)
+RERUN_FREE = ("output", "max_steps", "extend", "checkpoint_every", "keep_checkpoints", "log_every", "image_every",
+              "num_workers", "device", "audit_keys")
+
+
+def check_rerun(cfg: TrainConfig) -> None:
+    """A re-run into a folder that holds a run resumes it only with the same recipe: every ``TrainConfig``
+    field but ``RERUN_FREE`` as the newest checkpoint saved it, else one line naming the fields that differ
+    (the dump's guard does the same for its recipe). ``--max_steps`` may change only with ``--extend``; a
+    finished run says it is finished."""
+    from students.training.runs import resolve_checkpoint
+
+    found = ckpt.checkpoints(cfg.output)
+    if not found:
+        return
+    saved = json.loads(read_bytes(join(resolve_checkpoint(cfg.output), ckpt.CONFIG)))
+    old, step = saved.get("train", {}), int(saved.get("step", 0))
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as saved
+    differ = sorted(k for k in set(old) | set(new) if k not in RERUN_FREE and old.get(k) != new.get(k))
+    if differ:
+        shown = ", ".join(f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
+        raise UserError(f"{cfg.output!r} holds a run made with another recipe ({shown}"
+                        f"{', ...' if len(differ) > 4 else ''}): re-run with its flags to resume it, or pass a new --output")
+    if step > cfg.max_steps and not cfg.extend:
+        raise UserError(f"{cfg.output!r} is at step {step}, past --max_steps {cfg.max_steps}: pass --extend to stop "
+                        "it there on purpose, or a new --output")
+    if old.get("max_steps") not in (None, cfg.max_steps) and not cfg.extend:
+        raise UserError(f"{cfg.output!r} was started with --max_steps {old['max_steps']}, not {cfg.max_steps} (its LR "
+                        "schedule follows it): pass --extend to change it on purpose")
+    if step >= cfg.max_steps:
+        print(f"distill train: {cfg.output} is finished (step {step} of --max_steps {cfg.max_steps}); "
+              "pass a larger --max_steps with --extend to train on", file=sys.stderr, flush=True)
 
 
 def check_step_counts(cfg: TrainConfig, recipe: DistillRecipe, teacher_steps: int) -> None:
@@ -315,12 +354,12 @@ def check_step_counts(cfg: TrainConfig, recipe: DistillRecipe, teacher_steps: in
 class _FirstRecord:
     """The dump's first readable record, read once and only if a check needs it (None: none readable)."""
 
-    def __init__(self, urls: list[str]):
-        self.urls, self._read, self._rec = urls, False, None
+    def __init__(self, list_shards):
+        self.list_shards, self._read, self._rec = list_shards, False, None
 
     def get(self):
         if not self._read:
-            self._read, self._rec = True, next(iter(record_pipeline(self.urls)), None)
+            self._read, self._rec = True, next(iter(record_pipeline(self.list_shards())), None)
         return self._rec
 
 
@@ -329,14 +368,19 @@ def _dump_conditioning(negative: dict, first: _FirstRecord) -> dict:
     text embeddings; None for SD-shaped teachers) and ``time_ids`` (SDXL's size/crop ids per sample), from
     the unconditional embeddings stored once, else the first record; None where unknown."""
     shape = lambda a: tuple(a.shape) if a is not None else None  # noqa: E731
-    text, pooled, time_ids = shape(negative.get("negative_prompt_embeds")), shape(negative.get("negative_pooled_prompt_embeds")), None
-    rec = first.get() if text is None or pooled is not None else None
+    text, pooled = shape(negative.get("negative_prompt_embeds")), shape(negative.get("negative_pooled_prompt_embeds"))
+    rec = first.get() if text is None else None
     if rec is not None:
         text = text or shape(rec.arrays.get("prompt_embeds"))
         pooled = pooled or shape(rec.arrays.get("pooled_prompt_embeds"))
-        time_ids = shape(rec.arrays.get("add_time_ids"))
+
+    def time_ids():  # read only for an SDXL student on an SDXL dump, the one check that needs a record
+        found = first.get()
+        ids = shape(found.arrays.get("add_time_ids")) if found is not None else None
+        return ids[-1] if ids else None
+
     return {"text_dim": text[-1] if text else None, "pooled_dim": pooled[-1] if pooled else None,
-            "time_ids": time_ids[-1] if time_ids else None}
+            "time_ids": time_ids}
 
 
 def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: dict) -> None:
@@ -361,11 +405,12 @@ def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: di
         raise UserError(f"{who} is {'SDXL' if xl_student else 'SD'}-shaped (addition_embed_type="
                         f"{student_config.addition_embed_type!r}) but {where} is {'SDXL' if xl_dump else 'SD'}-shaped "
                         f"({'with' if xl_dump else 'without'} pooled text embeddings){fitting()}")
-    if xl_student and xl_dump and dump["time_ids"] is not None:
-        want = dump["time_ids"] * student_config.addition_time_embed_dim + dump["pooled_dim"]
+    n_ids = dump["time_ids"]() if xl_student and xl_dump else None
+    if n_ids is not None:
+        want = n_ids * student_config.addition_time_embed_dim + dump["pooled_dim"]
         if student_config.projection_class_embeddings_input_dim != want:
             raise UserError(f"{who} has projection_class_embeddings_input_dim "
-                            f"{student_config.projection_class_embeddings_input_dim} but {where} gives {dump['time_ids']} "
+                            f"{student_config.projection_class_embeddings_input_dim} but {where} gives {n_ids} "
                             f"time ids x addition_time_embed_dim {student_config.addition_time_embed_dim} + pooled width "
                             f"{dump['pooled_dim']} = {want}")
 
@@ -446,6 +491,11 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     state = {"student": student, "ema": ema_unet, "decoder": decoder, "distill_head": heads, "optimizer": optimizer,
              "lr_scheduler": scheduler, "rng": ckpt.RNGState(generator), "data": batches,
              **(adversary.state() if adversary else {})}
+    lock = None
+    if rank == 0:  # one writer per run folder; the other ranks write nothing but through rank 0
+        from core.fs import OutputLock
+
+        lock = OutputLock.acquire(cfg.output, "distill train")
     step = ckpt.load_latest(cfg.output, state)
     if rank == 0:
         ckpt.remove_stale(cfg.output)  # what a kill during a save left: never resumed from, never removed else
@@ -499,6 +549,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     finally:
         if log is not None:
             log.close(batches.stats)
+        if lock is not None:
+            lock.release()
     if cfg.audit_keys:
         ckpt.write_audit(cfg.output, rank, world, student, batches.seen,
                          heads=adversary.disc.heads if adversary is not None else None)
