@@ -8,6 +8,8 @@ Specs:
     tiny-xl       SDXL-shaped: two text encoders, pooled embeddings, time ids
     shapes        SD-1.5-shaped, 32 px, trained here on the shapes world (``teachers/shapes``):
                   it draws what its captions say, so quality metrics mean something offline
+    shapes-sd15   the same world with SD-1.5's UNet layout (three levels, two ResNet+transformer
+                  pairs per stage) and scheduler, trained on the training split only
     sd15-random   the full SD-1.5 architecture, random weights (cost measurement)
     sdxl-random   the full SDXL base architecture, random weights (cost measurement)
     PATH          a local diffusers pipeline folder (``model_index.json`` inside)
@@ -25,7 +27,8 @@ import socket
 import threading
 from urllib.parse import urlparse
 
-BUILTIN_SPECS = ("tiny", "tiny-xl", "shapes", "sd15-random", "sdxl-random")
+BUILTIN_SPECS = ("tiny", "tiny-xl", "shapes", "shapes-sd15", "sd15-random", "sdxl-random")
+SHAPES_ARCHS = {"shapes": "shapes", "shapes-sd15": "sd15"}  # built-ins trained here: spec -> teachers.shapes arch
 DTYPES = ("float32", "float16", "bfloat16")
 _BUILD_SEED = 20240601  # weights of built-in specs: fixed, so every machine builds the same model
 
@@ -120,6 +123,7 @@ def _builtin_configs(spec: str) -> dict:
         "tiny-xl": lambda: dict(unet=configs.tiny_xl_unet(), vae=configs.tiny_vae(), text=configs.tiny_text(),
                                 text_2=configs.tiny_xl_text_2()),
         "shapes": lambda: shapes_model.configs_dict(),
+        "shapes-sd15": lambda: shapes_model.configs_dict("sd15"),
         "sd15-random": lambda: dict(unet=configs.sd15_unet(), vae=configs.sd_vae(), text=configs.clip_l_text()),
         "sdxl-random": lambda: dict(unet=configs.sdxl_unet(), vae=configs.sd_vae(1024, 0.13025),
                                     text=configs.clip_l_text_xl(), text_2=configs.clip_bigg_text()),
@@ -145,12 +149,13 @@ def _build_builtin(spec: str):
             vae=AutoencoderKL(**cfg["vae"]),
             text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text"])),
             tokenizer=clip_tokenizer(),
-            scheduler=DDIMScheduler(**(shapes_model.scheduler_config() if spec == "shapes" else
+            scheduler=DDIMScheduler(**(shapes_model.scheduler_config(SHAPES_ARCHS[spec]) if spec in SHAPES_ARCHS else
                                        dict(configs.sd15_scheduler(), clip_sample=False, set_alpha_to_one=False))),
         )
-        if spec == "shapes":  # trained here: the committed weights replace the seeded init
-            shapes_model.load_weights(shapes_model.WEIGHTS_DIR, components["unet"], components["vae"],
-                                      components["text_encoder"])
+        if spec in SHAPES_ARCHS:  # trained here: the committed weights replace the seeded init
+            arch = SHAPES_ARCHS[spec]
+            shapes_model.load_weights(shapes_model.WEIGHTS_DIRS[arch], components["unet"], components["vae"],
+                                      components["text_encoder"], arch)
         if "text_2" not in cfg:
             return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)

@@ -10,6 +10,17 @@ Only the few dozen token ids the world's captions use ever get a gradient, so th
 token table is stored sparsely: the used rows and their ids. Every other row is zero at
 initialisation and stays zero in training (AdamW leaves a parameter with zero gradient and zero
 value where it is), so the sparse file reproduces the trained table exactly.
+
+Two architectures (``ARCHS``) share the autoencoder, the text encoder's shape and the analyser:
+
+- ``shapes`` (``weights/``, ``load_teacher("shapes")``): two levels, one ResNet per stage, trailing
+  timestep spacing; trained on all 450 scenes;
+- ``sd15`` (``weights_sd15/``, ``load_teacher("shapes-sd15")``): SD-1.5's UNet layout scaled down
+  (three levels, cross-attention in the two upper ones, two ResNet+transformer pairs per down stage
+  and three per up stage, a cross-attention mid stage) and SD-1.5's own scheduler (leading spacing,
+  ``steps_offset=1``), so BK-SDM's and SnapFusion's block cuts apply to it as to SD-1.5; it reuses
+  the ``shapes`` autoencoder and analyser and trains its UNet and text encoder on the training split
+  only (``world.train_scenes``), so ``world.heldout_scenes`` are captions it never saw.
 """
 
 from __future__ import annotations
@@ -18,11 +29,27 @@ import json
 import os
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+WEIGHTS_DIR_SD15 = os.path.join(os.path.dirname(__file__), "weights_sd15")
+ARCHS = ("shapes", "sd15")
+WEIGHTS_DIRS = {"shapes": WEIGHTS_DIR, "sd15": WEIGHTS_DIR_SD15}
+TRAIN_COMMANDS = {
+    "shapes": "python -m teachers.shapes.train --output teachers/shapes/weights",
+    "sd15": "python -m teachers.shapes.train --arch sd15 --split train --output teachers/shapes/weights_sd15 "
+            "--reuse_vae teachers/shapes/weights",
+}
 COMPONENTS = ("unet", "vae", "text_encoder")
 _TOKEN_SUFFIX = "embeddings.token_embedding.weight"  # transformers 4.x prefixes "text_model."
 
 
-def unet_config() -> dict:
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"shapes teacher arch {arch!r} is not one of {', '.join(ARCHS)}")
+
+
+def unet_config(arch: str = "shapes") -> dict:
+    _check_arch(arch)
+    if arch == "sd15":
+        return unet_config_sd15()
     return dict(
         sample_size=8,
         in_channels=4,
@@ -33,6 +60,27 @@ def unet_config() -> dict:
         layers_per_block=1,
         cross_attention_dim=64,
         attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def unet_config_sd15() -> dict:
+    """SD-1.5's UNet (``teachers.configs.sd15_unet``) with its lowest level removed and narrow widths
+    for 8x8 latents: levels at 8x8, 4x4 and 2x2, the same block types and ``layers_per_block=2`` as
+    SD-1.5's last three levels, and the last two widths equal as in SD-1.5 (so ``bk_tiny``'s mid
+    stage still meets its widths). 2.2M parameters, the size of the ``shapes`` UNet, in more and
+    narrower blocks (a training step costs about twice as much)."""
+    from teachers import configs
+
+    return dict(
+        configs.sd15_unet(),
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        cross_attention_dim=64,
+        attention_head_dim=8,  # SD-1.5's value; diffusers reads it as the number of heads
         norm_num_groups=16,
     )
 
@@ -59,29 +107,38 @@ def text_config() -> dict:
                 num_attention_heads=4, projection_dim=64)
 
 
-def scheduler_config() -> dict:
-    """SD-1.5's noise schedule with trailing timestep spacing (Lin et al. 2024, "Common Diffusion
+def scheduler_config(arch: str = "shapes") -> dict:
+    """``sd15``: SD-1.5's own DDIM configuration (``leading`` spacing, ``steps_offset=1``, as its
+    ``scheduler_config.json``). ``shapes``: SD-1.5's noise schedule with trailing timestep spacing (Lin et al. 2024, "Common Diffusion
     Noise Schedules and Sample Steps are Flawed"): the first step starts at t = 999 at any step count,
     and an n-step schedule is every (N/n)-th step of an N-step one, so step-distilled students
     sample exactly the timesteps they were trained on."""
     from teachers import configs
 
+<<<<<<< HEAD
     # steps_offset 1 (SD-1.5's own): trailing spacing ignores it in DDIM, Euler and DPM-Solver++ (their
     # trailing timesteps are round(T - k T / n) - 1), and diffusers warns on every pipeline built with any
     # other value
     return dict(configs.sd15_scheduler(), timestep_spacing="trailing", steps_offset=1, clip_sample=False,
+=======
+    _check_arch(arch)
+    if arch == "sd15":
+        return dict(configs.sd15_scheduler(), clip_sample=False, set_alpha_to_one=False)
+    return dict(configs.sd15_scheduler(), timestep_spacing="trailing", steps_offset=0, clip_sample=False,
+>>>>>>> issue28-teacher
                 set_alpha_to_one=False)
 
 
-def configs_dict() -> dict:
-    return dict(unet=unet_config(), vae=vae_config(), text=text_config())
+def configs_dict(arch: str = "shapes") -> dict:
+    return dict(unet=unet_config(arch), vae=vae_config(), text=text_config())
 
 
-def world_token_ids(tokenizer) -> list[int]:
-    """Token ids the world's captions and the empty prompt use (BOS, EOS and padding included)."""
+def world_token_ids(tokenizer, scenes=None) -> list[int]:
+    """Token ids the world's captions (of ``scenes``; default all) and the empty prompt use (BOS, EOS
+    and padding included)."""
     from teachers.shapes import world
 
-    texts = [world.caption(s) for s in world.all_scenes()] + [""]
+    texts = [world.caption(s) for s in (world.all_scenes() if scenes is None else scenes)] + [""]
     ids = set()
     for batch in (texts[i : i + 256] for i in range(0, len(texts), 256)):
         ids.update(int(t) for row in tokenizer(batch, padding="max_length", max_length=77)["input_ids"] for t in row)
@@ -122,15 +179,15 @@ def save_weights(folder: str, unet, vae, text_encoder, token_ids: list[int], met
     atomic_write_json(os.path.join(folder, "weights.json"), dict(meta, sha256=digests))
 
 
-def load_weights(folder: str, unet, vae, text_encoder) -> dict:
-    """Load the committed weights into freshly built modules (in place); returns ``weights.json``."""
+def load_weights(folder: str, unet, vae, text_encoder, arch: str = "shapes") -> dict:
+    """Load the committed weights into freshly built modules (in place); returns ``weights.json``.
+    ``arch`` only names the training command in the error when ``folder`` holds no weights."""
     import torch
     from safetensors.torch import load_file
 
     path = os.path.join(folder, "weights.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no shapes teacher weights in {folder!r}: train them with "
-                                "`python -m teachers.shapes.train --output teachers/shapes/weights`")
+        raise FileNotFoundError(f"no shapes teacher weights in {folder!r}: train them with `{TRAIN_COMMANDS[arch]}`")
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):

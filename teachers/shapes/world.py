@@ -12,6 +12,10 @@ so two images of one caption differ like two photographs of one scene. ``parse_c
 from pixels, which is how prompt adherence is measured without CLIP.
 
 Everything is a pure function of a ``numpy.random.Generator``: the same seed gives the same images.
+
+The 450 scenes split into ``train`` (405) and ``heldout`` (45, see ``heldout_scenes``): a teacher
+trained on the training split alone is evaluated on captions it never saw, whose every value, pair,
+triple and four of five attributes it did see together.
 """
 
 from __future__ import annotations
@@ -106,7 +110,76 @@ def all_scenes() -> list[Scene]:
     return [Scene(*combo) for combo in itertools.product(*(VALUES[name] for name in ATTRIBUTES))]
 
 
-def random_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
+# ------------------------------------------------------------------------------------------
+# the held-out split
+# ------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "heldout")
+
+
+def heldout_scenes() -> list[Scene]:
+    """The 45 held-out scenes (10% of the world), in a fixed order.
+
+    A closed-form balanced design, not a random draw, so it never changes: one held-out scene per
+    (shape s, colour c, background b) triple, at position ``(c + s + 3b) mod 5`` and size
+    ``(s + c + b) mod 2`` (indices into ``VALUES``). So each shape and background is held out 15
+    times, each colour and position 9 times, each size 22 or 23; every pair of attribute values is
+    held out the floor or ceiling of its fair share (10% of its scenes); and no two
+    held-out scenes agree on four attributes. Hence the training split keeps every value, every pair,
+    every triple and, for each held-out scene, each of its five four-attribute sub-combinations (the
+    scene with any one attribute changed is a training scene): held out is only the composition.
+    """
+    out = []
+    for s in range(len(SHAPES)):
+        for c in range(len(COLOURS)):
+            for b in range(len(BACKGROUNDS)):
+                p, z = (c + s + 3 * b) % len(POSITIONS), (s + c + b) % len(SIZES)
+                out.append(Scene.from_labels((s, c, z, p, b)))
+    return out
+
+
+_HELDOUT = frozenset(heldout_scenes())
+
+
+def split_of(scene: Scene) -> str:
+    """``"heldout"`` or ``"train"``."""
+    return "heldout" if scene in _HELDOUT else "train"
+
+
+def train_scenes() -> list[Scene]:
+    """The 405 training scenes, in ``all_scenes`` order."""
+    return [s for s in all_scenes() if s not in _HELDOUT]
+
+
+def split_scenes(split: str | None) -> list[Scene]:
+    """The scenes of ``split`` (``"train"``, ``"heldout"``; ``None`` or ``"all"``: every scene)."""
+    if split in (None, "all"):
+        return all_scenes()
+    if split == "train":
+        return train_scenes()
+    if split == "heldout":
+        return heldout_scenes()
+    raise ValueError(f"split {split!r} is not one of all, {', '.join(SPLITS)}")
+
+
+def write_split_captions(folder: str) -> dict[str, str]:
+    """``captions_train.txt`` and ``captions_heldout.txt`` in ``folder``: each scene of the split once,
+    one caption a line. Returns ``{split: path}``."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for split in SPLITS:
+        paths[split] = os.path.join(folder, f"captions_{split}.txt")
+        with open(paths[split], "w", encoding="utf-8") as f:
+            f.write("\n".join(caption(s) for s in split_scenes(split)) + "\n")
+    return paths
+
+
+def random_scenes(rng: np.random.Generator, n: int, scenes: list[Scene] | None = None) -> list[Scene]:
+    """``n`` scenes drawn uniformly: every attribute independently, or from ``scenes`` when given."""
+    if scenes is not None:
+        return [scenes[int(i)] for i in rng.integers(0, len(scenes), n)]
     idx = np.stack([rng.integers(0, len(VALUES[name]), n) for name in ATTRIBUTES], axis=1)
     return [Scene.from_labels(row) for row in idx]
 
@@ -144,9 +217,9 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
     return np.asarray(img.resize((size, size), Image.BOX), dtype=np.uint8)
 
 
-def sample_batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE):
-    """``(images uint8 [n, size, size, 3], scenes)`` of ``n`` random scenes."""
-    scenes = random_scenes(rng, n)
+def sample_batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE, scenes: list[Scene] | None = None):
+    """``(images uint8 [n, size, size, 3], scenes)`` of ``n`` random scenes (drawn from ``scenes`` if given)."""
+    scenes = random_scenes(rng, n, scenes)
     return np.stack([render(s, rng, size) for s in scenes]), scenes
 
 
@@ -157,10 +230,26 @@ def to_tensor(images: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def write_captions(path: str, n: int, seed: int = 0) -> list[str]:
-    """A captions file of ``n`` random scenes (one per line): input for the curation job and the dump."""
+def write_captions(path: str, n: int, seed: int = 0, split: str | None = None) -> list[str]:
+    """A captions file of ``n`` random scenes (one per line): input for the curation job and the dump.
+    ``split`` (``"train"``, ``"heldout"``) draws them from that split only."""
     rng = np.random.default_rng(seed)
-    lines = [caption(s) for s in random_scenes(rng, n)]
+    lines = [caption(s) for s in random_scenes(rng, n, None if split in (None, "all") else split_scenes(split))]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write the shapes world's split caption files.")
+    p.add_argument("folder", help="writes captions_train.txt and captions_heldout.txt here")
+    args = p.parse_args(argv)
+    for split, path in write_split_captions(args.folder).items():
+        print(f"{split}: {len(split_scenes(split))} captions -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
