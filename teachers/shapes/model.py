@@ -115,17 +115,13 @@ def scheduler_config(arch: str = "shapes") -> dict:
     sample exactly the timesteps they were trained on."""
     from teachers import configs
 
-<<<<<<< HEAD
+    _check_arch(arch)
+    if arch == "sd15":
+        return dict(configs.sd15_scheduler(), clip_sample=False, set_alpha_to_one=False)
     # steps_offset 1 (SD-1.5's own): trailing spacing ignores it in DDIM, Euler and DPM-Solver++ (their
     # trailing timesteps are round(T - k T / n) - 1), and diffusers warns on every pipeline built with any
     # other value
     return dict(configs.sd15_scheduler(), timestep_spacing="trailing", steps_offset=1, clip_sample=False,
-=======
-    _check_arch(arch)
-    if arch == "sd15":
-        return dict(configs.sd15_scheduler(), clip_sample=False, set_alpha_to_one=False)
-    return dict(configs.sd15_scheduler(), timestep_spacing="trailing", steps_offset=0, clip_sample=False,
->>>>>>> issue28-teacher
                 set_alpha_to_one=False)
 
 
