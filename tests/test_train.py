@@ -422,7 +422,8 @@ def test_train_and_export_to_an_fsspec_memory_filesystem(tiny_dump, tmp_path):
     assert [json.loads(l)["step"] for l in fs.cat_file("/dd-run/losses.jsonl").decode().splitlines()] == [1, 2]
     stale = fs.cat_file("/dd-run/losses.jsonl") + b'{"step": 3, "loss": 9.0}\n'  # logged, then killed before step 3's checkpoint
     fs.pipe_file("/dd-run/losses.jsonl", stale)
-    more = train(_cfg(tiny_dump, out, recipe="output_kd", max_steps=3, checkpoint_every=1, keep_checkpoints=1))
+    more = train(_cfg(tiny_dump, out, recipe="output_kd", max_steps=3, checkpoint_every=1, keep_checkpoints=1,
+                       extend=True))  # on purpose: one step more than the run was started with
     assert len(losses) == 2 and len(more) == 1  # resumed from the memory checkpoint
     rows = [json.loads(l) for l in fs.cat_file("/dd-run/losses.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == more[0]  # the stale line replaced, not kept

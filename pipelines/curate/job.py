@@ -302,11 +302,16 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     opts, beam_args = parse_options(argv)
     allocator = set_allocator(opts.allocator)  # the launcher: DirectRunner's runner copies the elements here
     lock = common.lock_output(opts.output, PROG)  # one writer per output, before anything is removed or written
-    _clear_stale_embeddings(opts.output)
-    remove_temporaries(opts.output)  # what killed writers left (issue 19): no worker runs yet
-    pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
-    _ = pipeline | "Curate" >> Curate(opts)
-    summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock)
+    try:
+        _clear_stale_embeddings(opts.output)
+        remove_temporaries(opts.output)  # what killed writers left (issue 19): no worker runs yet
+        pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
+        _ = pipeline | "Curate" >> Curate(opts)
+        summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock)
+    except BaseException:  # refused or failed before the graph ran: the next writer may go
+        if lock is not None:
+            lock.release()
+        raise
     read = _input_counter(result)
     print(f"curate: input {summary['input']} = kept {summary['kept']} + filtered {summary['filtered']} "
           f"+ duplicate {summary['duplicate']} + rejected {summary['rejected']}"

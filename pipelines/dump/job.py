@@ -338,32 +338,37 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
     lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
-    remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
-    common.check_or_write_recipe(cfg.output, recipe)
-    planned_rows, input_rejects = dump_plan.plan(found.rows, recipe)
-    num_shards = dump_plan.write_plan(cfg.output, planned_rows)
-    counts = common.write_rejects(cfg.output, "input", input_rejects)
-    planned = dict(prompts_in=len(found.rows) + found.not_kept, not_kept=found.not_kept,
-                   prompts_rejected=len(input_rejects), samples_planned=len(planned_rows), prompt_rejects=counts)
-    progress = common.show_progress(cfg.progress, options)
-    start = time.monotonic()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    n_rejects = (pipeline
-                 | "CreateInputRejects" >> beam.Create(input_rejects or [])
-                 | "CountInputRejects" >> beam.ParDo(CountInputRejectsFn())
-                 | "TotalInputRejects" >> beam.combiners.Count.Globally())
-    # One connected graph ending in WriteDataset: Beam's Dask runner computes only the last
-    # transform's bag, so a side branch would silently not run there.
-    _ = (
-        pipeline
-        | "CreateShards" >> beam.Create(list(range(num_shards)))
-        | "Reshuffle" >> beam.Reshuffle()  # spread shard numbers over workers (only ints cross it)
-        | "GenerateShards" >> beam.ParDo(GenerateShardFn(cfg.output, recipe, shared.Shared(), progress,
-                                                         shared.Shared()))
-        | "CollectIndexes" >> beam.combiners.ToList()
-        | "WriteDataset" >> beam.Map(write_dataset, cfg.output, recipe, planned, beam.pvalue.AsSingleton(n_rejects))
-    )
-    dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
+    try:
+        remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
+        common.check_or_write_recipe(cfg.output, recipe)
+        planned_rows, input_rejects = dump_plan.plan(found.rows, recipe)
+        num_shards = dump_plan.write_plan(cfg.output, planned_rows)
+        counts = common.write_rejects(cfg.output, "input", input_rejects)
+        planned = dict(prompts_in=len(found.rows) + found.not_kept, not_kept=found.not_kept,
+                       prompts_rejected=len(input_rejects), samples_planned=len(planned_rows), prompt_rejects=counts)
+        progress = common.show_progress(cfg.progress, options)
+        start = time.monotonic()
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        n_rejects = (pipeline
+                     | "CreateInputRejects" >> beam.Create(input_rejects or [])
+                     | "CountInputRejects" >> beam.ParDo(CountInputRejectsFn())
+                     | "TotalInputRejects" >> beam.combiners.Count.Globally())
+        # One connected graph ending in WriteDataset: Beam's Dask runner computes only the last
+        # transform's bag, so a side branch would silently not run there.
+        _ = (
+            pipeline
+            | "CreateShards" >> beam.Create(list(range(num_shards)))
+            | "Reshuffle" >> beam.Reshuffle()  # spread shard numbers over workers (only ints cross it)
+            | "GenerateShards" >> beam.ParDo(GenerateShardFn(cfg.output, recipe, shared.Shared(), progress,
+                                                             shared.Shared()))
+            | "CollectIndexes" >> beam.combiners.ToList()
+            | "WriteDataset" >> beam.Map(write_dataset, cfg.output, recipe, planned, beam.pvalue.AsSingleton(n_rejects))
+        )
+        dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
+    except BaseException:  # refused or failed before the graph ran: the next writer may go
+        if lock is not None:
+            lock.release()
+        raise
     print_summary(dataset, cfg.output, time.monotonic() - start)
     return dataset
 

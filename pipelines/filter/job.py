@@ -297,46 +297,51 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
     lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
-    remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
-    common.check_or_write_recipe(cfg.output, recipe)
-    progress = common.show_progress(cfg.progress, options)
-    input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])
-    start = time.monotonic()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    shards = (pipeline
-              | "ListInputShards" >> beam.Create(input_shards)
-              | "SpreadInputShards" >> beam.Reshuffle())  # only shard numbers cross it
-    sidecars = {s: join(cfg.input, embeds_name(s)) for s in input_shards}  # vectors and k-means sample, from storage
-    dedup_on = curate_config.semdedup_eps is not None
-    if dedup == "sidecars":
-        shards = shards | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input, embeddings=False, per_shard=True))
-        shards, cutoff = shards | "FilterScores" >> FilterScores(curate_config, scores_of=_shard_clip_scores,
-                                                                 apply=_apply_score_rules_to_shard)
-        if dedup_on:
-            shards = shards | "DropSemanticDuplicates" >> SemanticDedupShards("image", curate_config, sidecars)
-        fates = (shards
-                 | "ToFates" >> beam.Map(fate_rows_of_shard)  # ~200 bytes per key from here on
-                 | "GatherFates" >> beam.combiners.ToList()
-                 | "ConcatFates" >> beam.Map(concat))
-    else:
-        records = shards | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input))
-        records, cutoff = records | "FilterScores" >> FilterScores(curate_config)
-        if dedup_on:
-            records = records | "DropSemanticDuplicates" >> ActiveOnly(
-                SemanticDedup("image", curate_config, sidecars=tuple(sidecars.values())))
-        fates = (records
-                 | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key
-                 | "GatherFates" >> beam.combiners.ToList())
-    # One connected graph ending in WriteDataset (Beam's Dask runner computes only the last bag).
-    _ = (fates
-         | "PlanOutputShards" >> beam.Map(plan_output, cfg.input, cfg.output, recipe.samples_per_shard)
-         | "ListOutputShards" >> beam.FlatMap(shard_numbers)
-         | "SpreadOutputShards" >> beam.Reshuffle()
-         | "CopyShards" >> beam.ParDo(CopyShardFn(cfg.input, cfg.output, recipe.hash, progress))
-         | "CollectIndexes" >> beam.combiners.ToList()
-         | "WriteDataset" >> beam.Map(write_dataset, parent, parent_dataset, cfg.output, recipe,
-                                      beam.pvalue.AsSingleton(cutoff), cfg.report_examples))
-    dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
+    try:
+        remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
+        common.check_or_write_recipe(cfg.output, recipe)
+        progress = common.show_progress(cfg.progress, options)
+        input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])
+        start = time.monotonic()
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        shards = (pipeline
+                  | "ListInputShards" >> beam.Create(input_shards)
+                  | "SpreadInputShards" >> beam.Reshuffle())  # only shard numbers cross it
+        sidecars = {s: join(cfg.input, embeds_name(s)) for s in input_shards}  # vectors and k-means sample, from storage
+        dedup_on = curate_config.semdedup_eps is not None
+        if dedup == "sidecars":
+            shards = shards | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input, embeddings=False, per_shard=True))
+            shards, cutoff = shards | "FilterScores" >> FilterScores(curate_config, scores_of=_shard_clip_scores,
+                                                                     apply=_apply_score_rules_to_shard)
+            if dedup_on:
+                shards = shards | "DropSemanticDuplicates" >> SemanticDedupShards("image", curate_config, sidecars)
+            fates = (shards
+                     | "ToFates" >> beam.Map(fate_rows_of_shard)  # ~200 bytes per key from here on
+                     | "GatherFates" >> beam.combiners.ToList()
+                     | "ConcatFates" >> beam.Map(concat))
+        else:
+            records = shards | "ReadScores" >> beam.ParDo(ReadScoresFn(cfg.input))
+            records, cutoff = records | "FilterScores" >> FilterScores(curate_config)
+            if dedup_on:
+                records = records | "DropSemanticDuplicates" >> ActiveOnly(
+                    SemanticDedup("image", curate_config, sidecars=tuple(sidecars.values())))
+            fates = (records
+                     | "ToFates" >> beam.Map(filter_plan.fate_row)  # embeddings stay behind: ~200 bytes per key
+                     | "GatherFates" >> beam.combiners.ToList())
+        # One connected graph ending in WriteDataset (Beam's Dask runner computes only the last bag).
+        _ = (fates
+             | "PlanOutputShards" >> beam.Map(plan_output, cfg.input, cfg.output, recipe.samples_per_shard)
+             | "ListOutputShards" >> beam.FlatMap(shard_numbers)
+             | "SpreadOutputShards" >> beam.Reshuffle()
+             | "CopyShards" >> beam.ParDo(CopyShardFn(cfg.input, cfg.output, recipe.hash, progress))
+             | "CollectIndexes" >> beam.combiners.ToList()
+             | "WriteDataset" >> beam.Map(write_dataset, parent, parent_dataset, cfg.output, recipe,
+                                          beam.pvalue.AsSingleton(cutoff), cfg.report_examples))
+        dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
+    except BaseException:  # refused or failed before the graph ran: the next writer may go
+        if lock is not None:
+            lock.release()
+        raise
     print_summary(dataset, cfg.output, time.monotonic() - start)
     return dataset
 
