@@ -13,8 +13,8 @@ removed, one copied), all in this invocation. Target: within 10%.
 Part 2, the students (same dump, recipe, batch, learning rate, seed, captions, image seeds and total
 optimizer steps), all started from the same UNet: the teacher's own UNet cut by ``--init_from_teacher``
 (default ``full``: the whole teacher, SnapFusion's start) with the teacher's weights, at
-``workflow.INIT_LR``; ``--init_from_teacher ''`` starts from the ``shapes`` preset, from scratch, at
-``workflow.SCRATCH_LR``:
+``students.training.train.INIT_LR``; ``--init_from_teacher ''`` starts from the ``shapes`` preset, from scratch, at
+``SCRATCH_LR``:
 
 - ``evolved``: ``distill evolve`` to ``--target_ratio`` of the start's latency (the lookup's prediction of
   the start equals its measured forward): ``--iterations`` segments of ``--steps_per_iteration``
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps_per_iteration", type=int, default=80)
     p.add_argument("--max_actions", type=int, default=1, help="blocks removed or copied per evolution")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default: workflow.INIT_LR from a cut, SCRATCH_LR from scratch")
+    p.add_argument("--lr", type=float, default=None, help="default: INIT_LR from a cut, SCRATCH_LR from scratch")
     p.add_argument("--warmup_steps", type=int, default=20)
     p.add_argument("--student_steps", type=int, default=4)
     p.add_argument("--robust_skip_prob", type=float, default=0.1)
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from diffusion_distill import kit as workflow
+    from diffusion_distill import kit
     from students.cost import lookup as L
     from students.search.evolve import apply_actions, evolvable, layouts
     from teachers.shapes import world
@@ -298,10 +298,10 @@ def main(argv=None) -> int:
         f.write("\n".join(world.caption(s) for s in scenes[:: max(1, len(scenes) // args.train_prompts)
                                                           if args.train_prompts else 1]) + "\n")
     if not os.path.isfile(os.path.join(args.output, "curate", "manifest.parquet")):
-        workflow.curate(prompts, os.path.join(args.output, "curate"))
+        kit.curate(prompts, os.path.join(args.output, "curate"))
     data = os.path.join(args.output, "dump")
     if not os.path.isfile(os.path.join(data, "dataset.json")):
-        workflow.dump(os.path.join(args.output, "curate", "manifest.parquet"), data, seeds_per_prompt=args.seeds_per_prompt,
+        kit.dump(os.path.join(args.output, "curate", "manifest.parquet"), data, seeds_per_prompt=args.seeds_per_prompt,
                       save_images=False)
     print(f"[bench] dump ready after {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     val_captions, eval_captions = os.path.join(args.output, "val_captions.txt"), os.path.join(args.output, "eval_captions.txt")

@@ -3,7 +3,7 @@
 Bundled shapes-world captions -> the curation job (caption rules, exact dedup) -> the teacher dump
 with the ``shapes`` teacher on DirectRunner (full DDIM trajectories, images) -> step distillation of
 an 8-step student (by default the teacher's UNet cut ``mid_only`` and started from its weights, the
-best start in the ablation of BENCHMARKS.md, at ``workflow.INIT_LR``; ``--init_from_teacher ''`` for the
+best start in the ablation of BENCHMARKS.md, at ``students.training.train.INIT_LR``; ``--init_from_teacher ''`` for the
 ``shapes`` preset from scratch, with ``--train_steps 900`` or more) -> export to a diffusers folder -> evaluation of the teacher and
 the exported student (prompt adherence and Frechet distance from the shapes analyser, latency) ->
 ``DIR/report.html`` with the grids and the numbers. Every stage is the project's own job, called as a
@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from diffusion_distill import kit as workflow
+from diffusion_distill import kit
 from core.errors import UserError, run_main
 from core.options import option, parse
 
@@ -146,41 +146,41 @@ def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_
     from students.training.checkpoint import checkpoints
     from teachers.shapes.analyser import Adherence, AnalyserFrechet, load_analyser
 
-    captions = captions or workflow.bundled_captions()
+    captions = captions or kit.bundled_captions()
     _settings_guard(output, dict(train_steps=train_steps, seeds_per_prompt=seeds_per_prompt, eval_images=eval_images,
                                  student_steps=student_steps, init_from_teacher=init_from_teacher,
                                  captions=os.path.abspath(captions), checkpoint_every=checkpoint_every))
     seconds = {}
-    t = workflow.stage("1/5 curate the captions (Beam, DirectRunner)")
+    t = kit.stage("1/5 curate the captions (Beam, DirectRunner)")
     curated = _done(os.path.join(output, "curate", "summary.json")) or \
-        workflow.curate(captions, os.path.join(output, "curate"))
+        kit.curate(captions, os.path.join(output, "curate"))
     seconds["curate"] = time.monotonic() - t
-    t = workflow.stage("2/5 teacher dump: shapes teacher, full trajectories (Beam, DirectRunner)")
+    t = kit.stage("2/5 teacher dump: shapes teacher, full trajectories (Beam, DirectRunner)")
     dataset = _done(os.path.join(output, "dump", "dataset.json")) or \
-        workflow.dump(os.path.join(output, "curate", "manifest.parquet"), os.path.join(output, "dump"),
+        kit.dump(os.path.join(output, "curate", "manifest.parquet"), os.path.join(output, "dump"),
                       seeds_per_prompt=seeds_per_prompt, samples_per_shard=256)
     seconds["dump"] = time.monotonic() - t
-    t = workflow.stage(f"3/5 step-distil the student for {student_steps} steps")
+    t = kit.stage(f"3/5 step-distil the student for {student_steps} steps")
     run_dir = os.path.join(output, "train")
     found = checkpoints(run_dir)
     if not (found and found[-1].endswith(f"step-{train_steps:07d}")):
-        workflow.train(os.path.join(output, "dump"), run_dir, student_steps=student_steps, max_steps=train_steps,
+        kit.train(os.path.join(output, "dump"), run_dir, student_steps=student_steps, max_steps=train_steps,
                        init_from_teacher=init_from_teacher, checkpoint_every=min(checkpoint_every, train_steps),
                        keep_checkpoints=2)
     seconds["train"] = time.monotonic() - t
-    t = workflow.stage("4/5 export a diffusers pipeline folder")
+    t = kit.stage("4/5 export a diffusers pipeline folder")
     folder = os.path.join(output, "student")
     if not os.path.isfile(os.path.join(folder, "inference.json")):
         export(run_dir, folder)
     seconds["export"] = time.monotonic() - t
-    t = workflow.stage("5/5 evaluate teacher and student on held-out captions")
+    t = kit.stage("5/5 evaluate teacher and student on held-out captions")
     metrics = _done(os.path.join(output, "eval", "metrics.json"))
     if metrics is None:
         analyser = load_analyser()
         cfg = EvalConfig(output=os.path.join(output, "eval"),
                          captions=_eval_captions(os.path.join(output, "eval_captions.txt"), eval_images),
-                         student=folder, teacher=workflow.TEACHER, num_images=eval_images,
-                         teacher_steps=(workflow.TEACHER_STEPS, student_steps), student_steps=(student_steps,),
+                         student=folder, teacher=kit.TEACHER, num_images=eval_images,
+                         teacher_steps=(kit.TEACHER_STEPS, student_steps), student_steps=(student_steps,),
                          guidance_scale=float(dataset["recipe"]["guidance_scale"]),  # every row at the dump's
                          metrics=(), batch_size=48, grid_images=8, latency_repeats=3)
         metrics = evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)))

@@ -455,7 +455,7 @@ def test_evolve_starts_from_a_teacher_cut_as_distill_train_does(evolve_dump, tmp
 
     (tmp_path / "val.txt").write_text("a red circle on a white background\na blue square on a black background\n")
     base = dict(data=evolve_dump, val_captions=str(tmp_path / "val.txt"), val_images=2, output=str(tmp_path / "e"))
-    # --lr: distill train's default from a preset, workflow.INIT_LR (a fine-tune) from a teacher cut, or as given
+    # --lr: distill train's default from a preset, INIT_LR (a fine-tune) from a teacher cut, or as given
     assert (E.EvolveConfig(latency_target_ratio=0.7, **base).lr, E.EvolveConfig(latency_target_ratio=0.7, **base).preset) == (1e-4, "tiny")
     assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="full", **base).lr == INIT_LR
     assert E.EvolveConfig(latency_target_ratio=0.7, init_from_teacher="full", lr=5e-4, **base).lr == 5e-4

@@ -28,7 +28,7 @@ feeds a skip connection (removing it also removes its up-stage consumer, which i
 up-stage one concatenates a skip, and the first of each changes channels. ``--keep_cross_attention K``
 never removes the last K blocks with cross-attention. The start is ``--preset`` or, as for
 ``distill train``, the teacher's UNet cut by ``--init_from_teacher`` and started from its weights (then
-``--lr`` defaults to ``workflow.INIT_LR``, a fine-tune).
+``--lr`` defaults to ``students.training.train.INIT_LR``, a fine-tune).
 
 The architecture changes in place on the checkpoint at the iteration's last step (``evolve_checkpoint``):
 weights and EMA are carried over by block (a copy duplicates its source's weights), the AdamW state
@@ -176,7 +176,7 @@ class EvolveConfig:
     weights: str = option("ema", help="which student weights are scored", choices=("ema", "raw"))
     eval_batch_size: int = option(64, help="prompts per pipeline call while scoring")
     lr: float | None = option(None, help="peak AdamW learning rate, one cosine over all iterations (default: distill "
-                              f"train's {_TRAIN_LR:g} from a preset, workflow.INIT_LR = {INIT_LR:g} with --init_from_teacher)")
+                              f"train's {_TRAIN_LR:g} from a preset, INIT_LR = {INIT_LR:g} with --init_from_teacher)")
 
     def __post_init__(self):
         for name in ("iterations", "steps_per_iteration", "max_actions", "val_images", "eval_batch_size", "lookup_batch",
