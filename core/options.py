@@ -273,3 +273,9 @@ def beam_options(cls):
     _Options.__name__ = f"{cls.__name__}Options"
     _Options.__qualname__ = _Options.__name__
     return _Options
+
+
+def differing_fields(old: dict, new: dict, ignore=()) -> list[str]:
+    """Sorted keys whose values differ between two saved settings (a key missing on one side differs),
+    leaving out ``ignore``: what every re-run guard names in its one-line refusal."""
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))

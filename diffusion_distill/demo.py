@@ -22,7 +22,7 @@ import time
 
 from diffusion_distill import kit
 from core.errors import UserError, run_main
-from core.options import option, parse
+from core.options import differing_fields, option, parse
 
 INIT_FROM_TEACHER = "mid_only"  # the demo's student start: the best row of benchmarks/ablation.py
 
@@ -115,7 +115,7 @@ def _settings_guard(output: str, settings: dict) -> None:
     path = os.path.join(output, DEMO_JSON)
     if os.path.isfile(path):
         found = json.load(open(path, encoding="utf-8"))
-        differ = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+        differ = differing_fields(found, settings)
         if differ:
             raise UserError(f"{output!r} holds a demo run with other settings ({', '.join(differ)}): re-run with "
                             "the same flags to continue it, or pass a new --output")

@@ -20,6 +20,8 @@ import os
 import time
 from importlib import resources
 
+from core.options import differing_fields
+
 TEACHER = "shapes"
 TEACHER_STEPS = 40  # divisible by 8, 4 and 1: every student step spans a whole number of teacher steps
 
@@ -203,7 +205,7 @@ def cached_row(output: str, settings: dict) -> dict | None:
     if not os.path.isfile(metrics):
         return None
     found = json.load(open(saved, encoding="utf-8")) if os.path.isfile(saved) else {}
-    differ = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+    differ = differing_fields(found, settings)
     if differ:
         raise StaleRow(f"{output}: cached results were made with other settings ({', '.join(differ)}); "
                        "delete the folder to re-measure")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from core.allocator import ALLOCATORS, set_allocator
 from core.errors import UserError
+from core.options import differing_fields
 
 FORMAT = "distill-latency-lookup/1"
 LAYOUT_FIELDS = ("down_layouts", "mid_layout", "up_layouts")  # what evolution changes; the rest is the family
@@ -201,7 +202,7 @@ def _plain(value):
 
 def check_family(table: LookupTable, cfg) -> None:
     fam = family_of(cfg)
-    diff = sorted(k for k in set(fam) | set(table.family) if fam.get(k) != table.family.get(k))
+    diff = differing_fields(fam, table.family)
     if diff:
         raise UserError(f"the latency lookup was measured on another UNet family: {diff} differ "
                         f"(lookup {[table.family.get(k) for k in diff]}, this UNet {[fam.get(k) for k in diff]})")

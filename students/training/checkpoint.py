@@ -271,18 +271,17 @@ class RunLog:
         if not self.local:
             atomic_write_bytes(self.path, "".join(self.lines).encode("utf-8"))
 
-    def grid(self, step: int, student, ema, dataset: dict, urls: list[str], recipe, decoder=None) -> str:
+    def grid(self, step: int, student, ema, dataset: dict, urls: list[str], sampler, sampling: dict, decoder=None) -> str:
         """PNG grid (and TensorBoard image): the teacher as the dump ran it (its scheduler, steps and guidance),
         then the student (and its EMA) as ``distill export`` will sample it (``student_sampling``: its own
-        scheduler, trained timesteps, parameterisation and the dump's guidance; its decoder if one is trained)."""
-        import dataclasses
-
+        scheduler, trained timesteps, parameterisation and the dump's guidance; its decoder if one is trained):
+        ``sampler`` and ``sampling`` are what the loop computed once and writes into every checkpoint."""
         from shards.loader import record_pipeline
-        from students.distill.inference import student_pipeline, student_sampling, teacher_sampler
+        from students.distill.inference import student_pipeline, teacher_sampler
         from students.training.grid import grid_png, sample_images
         from teachers.load import load_teacher
 
-        guidance = student_sampling(dataset, dataclasses.asdict(recipe))[1]["guidance_scale"]
+        guidance = sampling["guidance_scale"]
         if getattr(self, "_teacher", None) is None:
             self._teacher = load_teacher(dataset["recipe"]["teacher"])
             records = [r for _, r in zip(range(4), record_pipeline(urls[:1]))]
@@ -296,10 +295,9 @@ class RunLog:
         for name, unet in (("student", student), ("EMA", ema)):
             if unet is None:
                 continue
-            scheduler, info = student_sampling(dataset, dataclasses.asdict(recipe))
-            pipe = student_pipeline(self._teacher, unet, scheduler, decoder)
-            rows.append(sample_images(pipe, self._prompts, self._seeds, info["num_inference_steps"], guidance))
-            labels.append(f"{name} {info['num_inference_steps']} st")
+            pipe = student_pipeline(self._teacher, unet, sampler, decoder)
+            rows.append(sample_images(pipe, self._prompts, self._seeds, sampling["num_inference_steps"], guidance))
+            labels.append(f"{name} {sampling['num_inference_steps']} st")
         student.train()
         if decoder is not None:
             decoder.train()

@@ -26,7 +26,7 @@ import time
 import torch
 
 from core.errors import UserError
-from core.options import option
+from core.options import differing_fields, option
 from students.distill import adversarial
 from students.training import checkpoint as ckpt
 from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline
@@ -308,7 +308,7 @@ def check_rerun(cfg: TrainConfig) -> None:
     saved = json.loads(read_bytes(join(resolve_checkpoint(cfg.output), ckpt.CONFIG)))
     old, step = saved.get("train", {}), int(saved.get("step", 0))
     new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as saved
-    differ = sorted(k for k in set(old) | set(new) if k not in RERUN_FREE and old.get(k) != new.get(k))
+    differ = differing_fields(old, new, ignore=RERUN_FREE)
     if differ:
         shown = ", ".join(f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
         raise UserError(f"{cfg.output!r} holds a run made with another recipe ({shown}"
@@ -533,7 +533,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
                 log.step(step, log_terms(terms, raw), scheduler.get_last_lr()[0], float(grad_norm),
                          samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
             if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
-                log.grid(step, student, ema_unet, dataset, urls, recipe, decoder)
+                log.grid(step, student, ema_unet, dataset, urls, sampler, sampling, decoder)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 if rank == 0:
                     log.flush()
