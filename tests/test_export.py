@@ -200,6 +200,21 @@ def test_ddim_scheduler_steps_where_the_student_was_trained(teacher_steps, exact
             assert abs(int(t) - w) <= 16 and abs(t_next - w_next) <= 16  # the nearest DDIM configuration
 
 
+@pytest.mark.parametrize("steps", [3, 8])
+def test_leading_offsets_shift_the_offset_zero_timesteps(steps):
+    """student_scheduler computes leading spacing at every offset from one scheduler: diffusers' own
+    set_timesteps at each offset gives the same timesteps."""
+    from diffusers import DDIMScheduler
+
+    base = DDIMScheduler(timestep_spacing="leading", steps_offset=0)
+    base.set_timesteps(steps)
+    ratio = 1000 // steps
+    for offset in range(ratio + 1):
+        sched = DDIMScheduler(timestep_spacing="leading", steps_offset=offset)
+        sched.set_timesteps(steps)
+        assert [int(t) for t in sched.timesteps] == [int(t) + offset for t in base.timesteps]
+
+
 def test_teacher_timesteps_keep_the_dumps_exact_floats():
     """Euler with linspace spacing or Karras sigmas runs at non-integer timesteps (issue 19): the
     export's jumps are the dump's floats, never int(t)."""

@@ -63,11 +63,20 @@ def student_scheduler(dataset: dict, recipe: dict):
     # The teacher's own spacing first (a tie keeps the earlier candidate), then the other spacings.
     own = dict(timestep_spacing=base.config.timestep_spacing, steps_offset=base.config.steps_offset)
     candidates = [own] + [dict(timestep_spacing="trailing", steps_offset=0), dict(timestep_spacing="linspace", steps_offset=0)]
+    # leading spacing at offset o is leading at offset 0 shifted by o (DDIMScheduler.set_timesteps adds
+    # steps_offset last): one scheduler gives all ratio + 1 offsets (one per offset took seconds)
+    leading, _ = _ddim_jumps(DDIMScheduler.from_config(base.config, timestep_spacing="leading", steps_offset=0), steps)
+    jumps = {}
+    for o in range(ratio + 1):
+        shifted = [t + o for t in leading]
+        jumps[("leading", o)] = (shifted, [t - ratio if t - ratio >= 0 else -1 for t in shifted])
     candidates += [dict(timestep_spacing="leading", steps_offset=o) for o in range(ratio + 1)]
     best, best_err = None, None
     for overrides in candidates:
-        scheduler = DDIMScheduler.from_config(base.config, **overrides)
-        ts, nxt = _ddim_jumps(scheduler, steps)
+        key = (overrides["timestep_spacing"], overrides["steps_offset"])
+        if key not in jumps:
+            jumps[key] = _ddim_jumps(DDIMScheduler.from_config(base.config, **overrides), steps)
+        ts, nxt = jumps[key]
         err = max(abs(a - b) for a, b in zip(ts + nxt, want + want_next))
         if best_err is None or err < best_err:
             best, best_err = overrides, err

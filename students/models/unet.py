@@ -457,6 +457,28 @@ def shapes() -> StudentUNetConfig:
     )
 
 
+def shapes_small() -> StudentUNetConfig:
+    """The cheapest student of both shapes teachers (``teachers.shapes.model.unet_config("shapes")`` and
+    ``("sd15")``: 8x8 latents, text width 64) that keeps a UNet: two levels of 32/64 channels, one ResNet
+    per down stage, text attention only at the lowest resolution and cross-attention only there
+    (MobileDiffusion's and SnapGen's choices: self-attention and the high-resolution transformer go first),
+    dense convolutions (at 8x8 latents a separable conv's extra operations cost more time than its MACs
+    save, ``benchmarks/student_candidates.py``). Its cost against each teacher is in BENCHMARKS.md."""
+    return StudentUNetConfig(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        down_layouts=("R", "R C"),
+        mid_layout="C",
+        up_layouts=("R C R", "R R"),
+        conv_types=("dense", "dense"),
+        num_attention_heads=(2, 4),
+        ff_mult=2.0,
+        ff_activation="swiglu",
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+
+
 PRESETS = {
     "snapfusion": snapfusion,
     "mobilediffusion": mobilediffusion,
@@ -464,6 +486,7 @@ PRESETS = {
     "tiny": tiny,
     "tiny_xl": tiny_xl,
     "shapes": shapes,
+    "shapes_small": shapes_small,
     "sd15_reference": sd15_reference,
     "sdxl_reference": sdxl_reference,
 }

@@ -47,8 +47,7 @@ def make_ema(model):
 
 @torch.no_grad()
 def update_ema(ema, model, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)  # one call, not one per tensor
 
 
 class RNGState:

@@ -85,6 +85,12 @@ class TrainConfig:
     audit_keys: int = option(0, help="1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)")
     device: str = option("cpu", help="cpu | cuda | cuda:N")
     mixed_precision: str = option("no", help="bf16: autocast on GPUs that support it", choices=MIXED_PRECISION)
+    channels_last: bool = option(True, help="keep the student and its latents in channels-last memory format: faster "
+                                 "convolutions in oneDNN (CPU) and cuDNN (GPU); results equal to rounding")
+    fused_optimizer: bool = option(True, help="AdamW's fused kernel (one call per step instead of one per parameter); "
+                                   "results equal to rounding")
+    compile: bool = option(False, help="torch.compile the student's forward (inductor: CPU and GPU); the first steps "
+                           "compile it (minutes on a small CPU), then each step is faster; not with robust training")
     prediction_type: str = option("", help="the student's parameterisation ('' = the recipe's, the teacher's): "
                                   "v_prediction makes 1-step students far better (x0 = alpha z - sigma v does not "
                                   "amplify errors at t ~ T); the output KD term, which compares with the teacher's "
@@ -161,6 +167,7 @@ class TrainConfig:
                 teacher_geometry(self.online_teacher)
             except TeacherError as err:
                 raise UserError(f"--online_teacher: {err}") from None
+
 
     def resolved_recipe(self) -> DistillRecipe:
         recipe = get_recipe(self.recipe, **({"student_steps": self.student_steps} if self.student_steps else {}),
@@ -292,7 +299,7 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
 
 # TrainConfig fields a re-run may change without changing what the run is (where and how it logs and saves)
 RERUN_FREE = ("output", "max_steps", "extend", "checkpoint_every", "keep_checkpoints", "log_every", "image_every",
-              "num_workers", "device", "audit_keys")
+              "num_workers", "device", "audit_keys", "channels_last", "fused_optimizer", "compile")
 
 
 def check_rerun(cfg: TrainConfig) -> None:
@@ -451,6 +458,9 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
     # 1. seeds, the recipe, the inputs (before any process group or write)
     recipe = recipe or cfg.resolved_recipe()
+    if cfg.compile and recipe.robust_skip_prob > 0:
+        raise UserError("--compile: this recipe skips blocks at random (robust training), which a compiled graph "
+                        "cannot do; train it without --compile")
     dataset, negative, urls, decoder_kwargs = check_inputs(cfg, recipe, getattr(student, "student_config", None))
     rank, world = setup_distributed(cfg)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cfg.device.startswith("cuda") else cfg.device)
@@ -466,7 +476,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
             student = student_from_teacher(cfg, dataset)
         else:
             student = build_unet(cfg.preset)
-    student = student.to(device)
+    student = student.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     layers = [name for name, _ in recipe.feature_weights]
     teacher_channels = _teacher_channels(cfg.data, urls, layers)
     heads = make_projections({k: c for k, (c, _) in student.feature_info().items()}, teacher_channels, layers).to(device)
@@ -482,7 +492,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
         decoder = build_vae(cfg.decoder, **decoder_kwargs).to(device).train()  # at the teacher VAE's factor
     params = list(student.parameters()) + list(heads.parameters()) + (list(decoder.parameters()) if decoder else [])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_kernel(cfg, params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     batches = Batches(cfg, urls)
@@ -504,6 +514,8 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
         # robust training skips blocks: their parameters get no gradient on that rank in that step
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
                                                           find_unused_parameters=recipe.robust_skip_prob > 0)
+    if cfg.compile:  # after DDP, as torch recommends (its optimizer splits the graph at the gradient buckets)
+        model = torch.compile(model)
     # how the student samples, written into every checkpoint (export and eval read it from there)
     sampler, sampling = student_sampling(dataset, dataclasses.asdict(recipe))
     # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
@@ -555,6 +567,17 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
         ckpt.write_audit(cfg.output, rank, world, student, batches.seen,
                          heads=adversary.disc.heads if adversary is not None else None)
     return losses
+
+
+def optimizer_kernel(cfg: TrainConfig, params) -> dict:
+    """AdamW's kernel: fused (one call per step) where torch has it for these parameters (float32/16 on CPU or
+    CUDA), else foreach; ``--fused_optimizer false`` keeps torch's default (one call per parameter on CPU)."""
+    if not cfg.fused_optimizer:
+        return {}
+    devices = {p.device.type for p in params}
+    if devices <= {"cpu", "cuda"} and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def log_terms(terms: dict, raw: dict | None = None) -> dict[str, float]:
