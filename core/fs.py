@@ -125,6 +125,53 @@ def remove_temporaries(root: str, prefix: str = "") -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# outputs checked before the work
+# ---------------------------------------------------------------------------------------------
+
+# What marks a folder as another command's output: marker -> what it is. An output folder of one kind
+# is never written into by a command of another (its files would be mixed).
+OUTPUT_KINDS = {
+    "dataset.json": "a shard dataset (dataset.json)",
+    "checkpoints": "a training run (checkpoints/)",
+    "model_index.json": "an exported pipeline (model_index.json)",
+    "deploy.json": "an on-device export (deploy.json)",
+    "evolution.jsonl": "an evolution (evolution.jsonl)",
+    "metrics.json": "an evaluation (metrics.json)",
+}
+
+
+def check_output_file(path: str, flag: str) -> str:
+    """A file a command will write: not a folder, and (local) in a folder that exists; else a
+    ``UserError`` naming the flag, before the work that would end in writing it."""
+    from core.errors import UserError
+
+    fs, fpath = url_to_fs(path)
+    if fs.isdir(fpath):
+        raise UserError(f"{flag} {path!r} is a folder: give the path of a file to write")
+    if is_local(fs):
+        parent = os.path.dirname(os.path.abspath(fpath))
+        if not os.path.isdir(parent):
+            raise UserError(f"{flag} {path!r}: its folder {parent!r} does not exist (create it first)")
+    return path
+
+
+def check_output_folder(path: str, flag: str, own: str) -> str:
+    """A folder a command will write into: not a file, and not holding another command's output
+    (``OUTPUT_KINDS``; ``own``: the marker of this command's, which it may write over or resume)."""
+    from core.errors import UserError
+
+    fs, fpath = url_to_fs(path)
+    if fs.exists(fpath) and not fs.isdir(fpath):
+        raise UserError(f"{flag} {path!r} is an existing file: give a folder")
+    if fs.isdir(fpath):
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(fpath, detail=False)}
+        other = [what for marker, what in OUTPUT_KINDS.items() if marker in names and marker != own]
+        if other and own not in names:
+            raise UserError(f"{flag} {path!r} holds {other[0]}: give a new folder, not another command's output")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # one writer per output
 # ---------------------------------------------------------------------------------------------
 

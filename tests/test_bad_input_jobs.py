@@ -74,6 +74,11 @@ def files(tmp_path):
     scored = {"schema_version": SCHEMA_VERSION, "recipe_hash": "h", "shards": [], "recipe": {
         "samples_per_shard": 4, "score_images": {"preset": "tiny", "clip_model": "dd-tiny-clip", "clip_weights": "random",
                                                  "aesthetic_weights": None, "embed_dim": 32}}}
+    (tmp_path / "badindex").mkdir()  # a scored dump listing one shard whose index is not JSON
+    (tmp_path / "badindex" / "dataset.json").write_text(json.dumps({**scored, "shards": [
+        {"shard": "000000.tar", "count": 1, "bytes": 1024, "sha256": "0" * 64}]}))
+    (tmp_path / "badindex" / "000000.json").write_text("{oops")
+    f["badindex"] = str(tmp_path / "badindex")
     for name, content in (("broken", "{oops"),
                           ("unscored", json.dumps({"schema_version": SCHEMA_VERSION, "recipe": {}, "recipe_hash": "h",
                                                    "shards": []})),
@@ -129,7 +134,23 @@ DUMP_CASES = {
                        "unknown flag --direct_num_worker (did you mean --direct_num_workers?)"),
     "stray_argument": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--save_main_session", "yes"],
                        "unexpected argument 'yes'"),  # a Beam flag that takes no value
+    "guidance_range_infinite": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--guidance_range", "2,inf"],
+                                "--guidance_range 2.0,inf must be two finite numbers LO,HI"),  # OverflowError on a worker
+    "guidance_scale_infinite": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--guidance_scale", "inf"],
+                                "--guidance_scale inf must be a finite number"),  # every sample rejected non_finite
+    "guidance_scale_nan": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--guidance_scale", "nan"],
+                           "--guidance_scale nan must be a finite number"),
+    "steps_beyond_the_schedule": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--num_inference_steps",
+                                             "1000000000000"],
+                                  "--num_inference_steps 1000000000000 is more than the 1000 training timesteps"),  # MemoryError
+    "unknown_runner": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--runner=Bogus"],
+                       "--runner 'Bogus': Unexpected pipeline runner: Bogus. Valid values are"),
+    "device_not_a_device": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--device", "gpu"],
+                            "--device 'gpu' is not cpu, cuda, cuda:N or mps"),
 }
+if not __import__("torch").cuda.is_available():  # a worker's RuntimeError "Found no NVIDIA driver", the folder made first
+    DUMP_CASES["device_cuda_without_a_gpu"] = (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--device", "cuda"],
+                                               "--device cuda: no CUDA GPU is visible on this machine")
 
 
 @pytest.mark.parametrize("case", DUMP_CASES)
@@ -163,6 +184,8 @@ FILTER_CASES = {
                                  "has no aesthetic scores"),
     "negative_shard_size": (lambda f: ["--input", f["scored"], "--output", f["out"], "--samples_per_shard", "-1"],
                             "must be >= 0"),
+    "shard_index_not_json": (lambda f: ["--input", f["badindex"], "--output", f["out"]],
+                             "the index 000000.json is unreadable: "),  # a worker's traceback after an ERROR log
     "flag_typo": (lambda f: ["--input", f["scored"], "--output", f["out"], "--semdedup_epz", "0.1"],
                   "unknown flag --semdedup_epz (did you mean --semdedup_eps?)"),
 }
@@ -197,6 +220,7 @@ CURATE_CASES = {
                              "unknown --input_format 'csv'"),
     "flag_typo": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--max_pusnafe", "0.5"],
                   "unknown flag --max_pusnafe (did you mean --max_punsafe?)"),
+    "unknown_runner": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--runner", "Bogus"], "--runner 'Bogus'"),
 }
 
 
@@ -212,6 +236,8 @@ BEAM_CASES = {
     "no_such_pipeline": (["run", "pipelines/nope.py"], "no module 'pipelines.nope'"),
     "no_run_subcommand": (["go", "pipelines/teacher_dump.py"], "usage: beam run"),
     "job_flag_error": (["run", "pipelines/filter_shards.py", "--input"], "--input"),
+    "unknown_runner": (["run", "pipelines/teacher_dump.py", "--prompts", "p.txt", "--output", "/nonexistent/o", "--runner=Bogus"],
+                       "--runner 'Bogus': Unexpected pipeline runner"),
 }
 
 
@@ -276,6 +302,35 @@ def test_distill_subprocess_one_line_no_traceback(files):
                            "--output", files["out"]], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and error_lines(proc.stderr) == [
         f"distill dump: error: --prompts {files['folder']!r} is a folder: give a file"], proc.stderr
+
+
+def test_ctrl_c_in_a_dump_is_one_line_exit_130_and_leaves_what_a_kill_leaves(tmp_path):
+    """It ended in ``RuntimeError: KeyboardInterrupt [while running 'GenerateShards']`` and Beam's
+    logged traceback. Now: one line, exit 130, every shard written so far complete and intact, no
+    dataset.json (the dump is not finished), the lock released, so the same command resumes."""
+    import signal
+    import time
+
+    from shards.reader import list_indexes
+    from shards.verify import verify_shard
+
+    (tmp_path / "p.txt").write_text("".join(f"a photo of thing number {i}\n" for i in range(24)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion_distill.cli", "dump", "--prompts", str(tmp_path / "p.txt"),
+                             "--output", str(out), *TINY, "--num_inference_steps", "8", "--samples_per_shard", "1",
+                             "--batch_size", "1"], stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own Ctrl-C, not the test runner's
+    deadline = time.monotonic() + 120
+    while not (out / "000000.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and error_lines(err) == [
+        "distill dump: interrupted: what was written stays as a kill leaves it (complete shards and checkpoints; the "
+        "same command resumes)"], err
+    done = list_indexes(str(out))
+    assert 1 <= len(done) < 24 and all(verify_shard(str(out), i) == [] for i in done)
+    assert not (out / "dataset.json").exists() and not (out / ".distill.lock").exists()
 
 
 # ---------------------------------------------------------------------------------------------

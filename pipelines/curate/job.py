@@ -130,6 +130,7 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
         flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(CurateConfig) if hasattr(args, f.name)}
         cfg = config_lib.validate(config_lib.with_overrides(cfg, flags))
         check_models(cfg)
+        common.check_local_device(cfg.clip_device, beam_args, "--clip_device")
         splits = plan_inputs(list(job.input), job.input_format)
     opts = CurateOptions(inputs=job.input, input_format=job.input_format, output=job.output,
                          config=cfg, splits=tuple(splits), record_batch=job.record_batch,

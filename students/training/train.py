@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from core.devices import check_device
 from core.errors import UserError
 from core.options import differing_fields, option
 from students.distill import adversarial
@@ -107,8 +108,10 @@ class TrainConfig:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ("student_steps", "progressive_from", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers",
                      "image_every", "grad_clip", "weight_decay", "decoder_weight", "adv_warmup"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):  # nan < 0 is False
+                raise UserError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.adv_weight):
+            raise UserError(f"--adv_weight must be a finite number, got {self.adv_weight}")
         for name in ("lr", "disc_lr"):
             if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
                 raise UserError(f"--{name} must be a positive number, got {getattr(self, name)}")
@@ -259,6 +262,7 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
     fs, fpath = url_to_fs(cfg.output)
     if fs.exists(fpath) and not fs.isdir(fpath):
         raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
+    check_device(cfg.device)  # before the output folder or a process group exists
     check_rerun(cfg)
     if cfg.init_from is not None:
         from students.training.runs import resolve_checkpoint
