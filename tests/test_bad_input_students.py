@@ -92,7 +92,7 @@ def planted_evolution(tmp, *extra, records: int = 1, finished: bool = False) -> 
     argv = _evolve(tmp, *extra)
     out = tmp / "evo"
     out.mkdir()
-    (out / evolve.SETTINGS).write_text(json.dumps(evolve.settings_of(evolve.parse_args(argv))))
+    (out / evolve.SETTINGS).write_text(json.dumps(evolve.evolve_settings(evolve.parse_args(argv))))
     record = {"metric_name": "adherence", "metric": 0.5, "predicted_ms": 4.0, "measured_ms": 4.1, "target_ms": 5.0}
     (out / evolve.EVOLUTION).write_text("".join(json.dumps(dict(record, iteration=i + 1)) + "\n" for i in range(records)))
     if finished:

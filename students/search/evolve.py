@@ -210,7 +210,7 @@ class EvolveConfig:
                            log_every=max(1, self.steps_per_iteration // 4))
 
 
-def settings_of(cfg: EvolveConfig) -> dict:
+def evolve_settings(cfg: EvolveConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as saved
 
 
@@ -228,7 +228,7 @@ def check_rerun(cfg: EvolveConfig) -> bool:
     fs, fpath = url_to_fs(cfg.output)
     records = read_records(cfg.output)
     if exists(join(cfg.output, SETTINGS)):
-        old, new = read_json(join(cfg.output, SETTINGS)), settings_of(cfg)
+        old, new = read_json(join(cfg.output, SETTINGS)), evolve_settings(cfg)
         differ = differing_fields(old, new, ignore=RERUN_FREE)
         if differ:
             shown = ", ".join(f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
@@ -359,7 +359,7 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     scorer = Scorer(cfg, metric) if rank == 0 else None  # the validation captions, before any work
     _makedirs(cfg.output)
     if rank == 0 and not exists(join(cfg.output, SETTINGS)):
-        atomic_write_json(join(cfg.output, SETTINGS), settings_of(cfg))
+        atomic_write_json(join(cfg.output, SETTINGS), evolve_settings(cfg))
     start = start_config(cfg)
     table = _lookup(cfg, start) if rank == 0 else None
     _barrier(world)
