@@ -304,6 +304,19 @@ def test_distill_subprocess_one_line_no_traceback(files):
         f"distill dump: error: --prompts {files['folder']!r} is a folder: give a file"], proc.stderr
 
 
+def test_a_dump_rerun_removes_stale_temporaries_in_the_whole_output(files):
+    """The launcher cleaned only the output's top level: a kill's temporaries in _plan/ and rejects/ stayed."""
+    argv = [*TINY, "--prompts", files["prompts"], "--output", files["out"]]
+    first = dump.run(argv)
+    out = Path(files["out"])
+    planted = [out / "_plan" / "plan.parquet.tmp-0a1b", out / "rejects" / "input.jsonl.tmp-2c3d", out / "x.json.tmp-4e5f"]
+    for path in planted:
+        path.write_bytes(b"partial")
+    again = dump.run(argv)
+    assert not any(path.exists() for path in planted)
+    assert again["shards"] == first["shards"] and (out / "_plan" / "plan.parquet").is_file()
+
+
 def test_ctrl_c_in_a_dump_is_one_line_exit_130_and_leaves_what_a_kill_leaves(tmp_path):
     """It ended in ``RuntimeError: KeyboardInterrupt [while running 'GenerateShards']`` and Beam's
     logged traceback. Now: one line, exit 130, every shard written so far complete and intact, no

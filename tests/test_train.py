@@ -490,6 +490,21 @@ def test_a_kill_during_a_save_leaves_nothing_after_the_resume(tiny_dump, tmp_pat
     assert lines == (tmp_path / "ref" / "losses.jsonl").read_text().splitlines()
 
 
+def test_a_kill_inside_a_checkpoint_swap_resumes_from_the_swapped_out_checkpoint(tiny_dump, tmp_path):
+    """Killed between ``publish_folder``'s two renames while saving step 4 again: ``step-0000004`` is
+    ``step-0000004.old-<uuid>`` (the only complete copy) beside the new one's temporary. The re-run puts
+    it back and resumes from step 4, the temporary gone."""
+    kw = dict(recipe="output_kd", max_steps=6, checkpoint_every=2, keep_checkpoints=3, batch_size=2)
+    train(_cfg(tiny_dump, tmp_path / "ref", **kw))
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    train(_cfg(tiny_dump, run, **kw), stop_after=4)
+    os.rename(ckpts / "step-0000004", ckpts / f"step-0000004.old-{'c' * 32}")
+    (ckpts / "step-0000004.tmp-def").mkdir()
+    assert len(train(_cfg(tiny_dump, run, **kw))) == 2  # steps 5 and 6: resumed from step 4
+    assert sorted(os.listdir(ckpts)) == ["step-0000002", "step-0000004", "step-0000006"]
+    assert (run / "losses.jsonl").read_text().splitlines() == (tmp_path / "ref" / "losses.jsonl").read_text().splitlines()
+
+
 def test_a_rerun_with_another_recipe_is_refused_and_a_finished_run_says_so(tiny_dump, tmp_path, capsys):
     from core.errors import UserError
 

@@ -305,7 +305,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     lock = common.lock_output(opts.output, PROG)  # one writer per output, before anything is removed or written
     try:
         _clear_stale_embeddings(opts.output)
-        remove_temporaries(opts.output)  # what killed writers left (issue 19): no worker runs yet
+        remove_temporaries(opts.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
         _ = pipeline | "Curate" >> Curate(opts)
         summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock)

@@ -350,7 +350,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     fs.makedirs(out, exist_ok=True)
     lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
     try:
-        remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
+        remove_temporaries(cfg.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         common.check_or_write_recipe(cfg.output, recipe)
         planned_rows, input_rejects = dump_plan.plan(found.rows, recipe)
         num_shards = dump_plan.write_plan(cfg.output, planned_rows)

@@ -320,7 +320,7 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
     fs.makedirs(out, exist_ok=True)
     lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
     try:
-        remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
+        remove_temporaries(cfg.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         common.check_or_write_recipe(cfg.output, recipe)
         progress = common.show_progress(cfg.progress, options)
         input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])

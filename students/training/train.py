@@ -500,9 +500,10 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
         from core.fs import OutputLock
 
         lock = OutputLock.acquire(cfg.output, "distill train")
+        ckpt.remove_stale(cfg.output)  # what a kill left (before the resume: a swapped-out checkpoint comes back)
+    if world > 1:
+        torch.distributed.barrier()  # every rank resumes from the folder rank 0 has cleaned
     step = ckpt.load_latest(cfg.output, state)
-    if rank == 0:
-        ckpt.remove_stale(cfg.output)  # what a kill during a save left: never resumed from, never removed else
     model = student
     if world > 1:
         # robust training skips blocks: their parameters get no gradient on that rank in that step
