@@ -392,26 +392,34 @@ def test_curate_counts_nsfw_tags_and_orphan_annotations(tmp_path, capsys):
         "TEXT": ["a photo of a lake at dawn", "an explicit photo here", "an ambiguous photo here", "a dog in a park"],
         "NSFW": ["UNLIKELY", "NSFW", "UNSURE", None],
     }), tmp_path / "laion.parquet")
+    pq.write_table(pa.table({  # values outside NSFW/UNSURE/UNLIKELY were kept as safe
+        "URL": ["http://x/5.jpg", "http://x/6.jpg", "http://x/7.jpg"],
+        "TEXT": ["a tagged photo of a cat", "another tagged photo", "a third tagged photo"],
+        "NSFW": ["MAYBE", "unlikely", "SAFE"],
+    }), tmp_path / "laion2.parquet")
     (tmp_path / "coco.json").write_text(json.dumps({
         "images": [{"id": 1, "coco_url": "http://coco/1.jpg", "width": 64, "height": 64}],
         "annotations": [{"id": 10, "image_id": 1, "caption": "a boat on a river"},
                         {"id": 11, "image_id": 99, "caption": "an annotation of no image"}]}))
     summary = curate.run(["--input", str(tmp_path / "laion.parquet"), "--input", str(tmp_path / "coco.json"),
-                          "--output", str(tmp_path / "out")])
-    assert (summary["input"], summary["kept"], summary["filtered"], summary["rejected"]) == (6, 4, 1, 1)
+                          "--input", str(tmp_path / "laion2.parquet"), "--output", str(tmp_path / "out")])
+    assert (summary["input"], summary["kept"], summary["filtered"], summary["rejected"]) == (9, 5, 1, 3)
     assert summary["by_reason"]["filtered"] == {reasons.NSFW_TAG: 1}
-    assert summary["by_reason"]["rejected"] == {reasons.IMAGE_NOT_FOUND: 1}
+    assert summary["by_reason"]["rejected"] == {reasons.IMAGE_NOT_FOUND: 1, reasons.BAD_NSFW_TAG: 2}
     manifest = {r["caption"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
     assert manifest["an explicit photo here"]["fate"] == "filtered" and manifest["an explicit photo here"]["nsfw"] == "NSFW"
     assert manifest["an ambiguous photo here"]["fate"] == "kept"  # UNSURE is kept by the default policy
+    assert manifest["another tagged photo"]["fate"] == "kept"  # a tag in another case is the tag
     rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
-    assert [(r["fate"], r["reason"], r["detail"]) for r in rejects] == [
+    assert sorted((r["fate"], r["reason"], r["detail"]) for r in rejects) == [
+        ("rejected", reasons.BAD_NSFW_TAG, "NSFW 'MAYBE' is none of NSFW, UNSURE, UNLIKELY"),
+        ("rejected", reasons.BAD_NSFW_TAG, "NSFW 'SAFE' is none of NSFW, UNSURE, UNLIKELY"),
         ("rejected", reasons.IMAGE_NOT_FOUND, "image_id 99 is not in 'images'")]
     # the curated manifest feeds the dump unchanged: it reads key, caption and fate
     from pipelines.dump.plan import read_input
 
     found = read_input(str(tmp_path / "out" / "manifest.parquet"))
-    assert (len(found.rows), found.not_kept, found.deprecated) == (4, 1, {})
+    assert (len(found.rows), found.not_kept, found.deprecated) == (5, 1, {})
 
 
 # ---------------------------------------------------------------------------------------------
