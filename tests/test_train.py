@@ -505,6 +505,26 @@ def test_a_kill_inside_a_checkpoint_swap_resumes_from_the_swapped_out_checkpoint
     assert (run / "losses.jsonl").read_text().splitlines() == (tmp_path / "ref" / "losses.jsonl").read_text().splitlines()
 
 
+def test_a_batch_larger_than_the_data_is_said_and_its_speed_counts_what_was_read(tiny_dump, tmp_path, capsys, monkeypatch):
+    """``--batch_size 1000`` on 16 samples logged samples_s as if 1000 had been read."""
+    from students.training import train as train_module
+
+    taken = []
+    real_next = train_module.Batches.next
+
+    def next_batch(self):
+        records = real_next(self)
+        taken.append((len(records), self.taken))
+        return records
+
+    monkeypatch.setattr(train_module.Batches, "next", next_batch)  # the real batches, seen as they pass
+    losses = train(_cfg(tiny_dump, tmp_path / "run", recipe="output_kd", batch_size=1000, max_steps=1, shuffle_buffer=0))
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    assert taken == [(16, 16)]  # the whole epoch, counted as 16
+    assert (f"distill train: warning: --batch_size 1000 is more than the 16 samples of {tiny_dump!r}: each batch is "
+            "the whole epoch (16 samples or fewer)") in capsys.readouterr().err.splitlines()
+
+
 def test_a_rerun_with_another_recipe_is_refused_and_a_finished_run_says_so(tiny_dump, tmp_path, capsys):
     from core.errors import UserError
 

@@ -193,6 +193,7 @@ class Batches:
         self.cfg, self.urls, self.epoch, self.position = cfg, urls, epoch, position
         self.seen: dict[int, list[str]] = {}  # epoch -> keys read by this rank (with audit_keys)
         self.stats = ReadStats()
+        self.taken = 0  # records handed out by next() in this process (a batch that ends an epoch is short)
         self._it = None
 
     def state_dict(self) -> dict:
@@ -240,6 +241,7 @@ class Batches:
                 self._it = self._epoch_iter(skip=0)
                 if records:  # an epoch ends on a partial batch: finish it, next batch starts the new epoch
                     break
+        self.taken += len(records)
         return records
 
 
@@ -512,9 +514,13 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     # how the student samples, written into every checkpoint (export and eval read it from there)
     sampler, sampling = student_sampling(dataset, dataclasses.asdict(recipe))
     # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
+    in_data = sum(int(s.get("count", 0)) for s in dataset.get("shards", []))
+    if rank == 0 and not cfg.epoch_length and 0 < in_data < cfg.batch_size:
+        print(f"distill train: warning: --batch_size {cfg.batch_size} is more than the {in_data} samples of {cfg.data!r}: "
+              f"each batch is the whole epoch ({in_data} samples or fewer)", file=sys.stderr, flush=True)
     log = ckpt.RunLog(cfg, rank, resume_step=step) if rank == 0 else None  # drops the lines after `step`
     losses: list[float] = []
-    start_step, t0 = step, time.monotonic()
+    start_step, t0, taken0 = step, time.monotonic(), batches.taken
     try:
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
@@ -536,7 +542,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
             losses.append(float(terms["loss"].detach()))
             if log is not None:
                 log.step(step, log_terms(terms, raw), scheduler.get_last_lr()[0], float(grad_norm),
-                         samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
+                         samples_per_s=(batches.taken - taken0) * world / (time.monotonic() - t0))  # read, not asked for
             if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
                 log.grid(step, student, ema_unet, dataset, urls, sampler, sampling, decoder)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
