@@ -293,6 +293,36 @@ def test_beam_options_pass_through_to_beam_by_name(files):
     assert not os.path.exists(files["out"])  # prepare writes nothing
 
 
+def test_a_prefix_of_a_flag_never_selects_it(capsys, files):
+    """argparse's allow_abbrev took ``--num_inference 4`` for ``--num_inference_steps`` (and ``--max_step``
+    for ``--max_steps``): a prefix is a typo like any other, refused in one line naming the flag."""
+    from shards import inspect as inspect_cli
+    from students.training import cli as train_cli
+
+    assert_one_line(capsys, dump.main, [*TINY, "--prompts", files["prompts"], "--output", files["out"],
+                                        "--num_inference", "4"], "distill dump",
+                    "unknown flag --num_inference (did you mean --num_inference_steps?)")
+    assert_one_line(capsys, train_cli.main, ["--data", files["scored"], "--output", files["out"], "--max_step", "3"],
+                    "distill train", "unrecognized arguments: --max_step 3 (did you mean --max_steps?)")
+    assert_one_line(capsys, inspect_cli.main, [files["scored"], "--ver"], "distill inspect", "unrecognized arguments: --ver")
+    assert not os.path.exists(files["out"])
+
+
+def test_every_argparse_parser_refuses_abbreviations():
+    """Every parser the project builds: ``core.options`` (all commands and jobs) and the scripts' own."""
+    from core.options import build_parser
+
+    from pipelines.dump.job import DumpConfig
+
+    assert build_parser(DumpConfig, prog="x").allow_abbrev is False
+    sources = [p for d in ("core", "pipelines", "shards", "students", "teachers", "filters", "diffusion_distill",
+                           "benchmarks", "scripts", "infra") for p in ROOT.glob(f"{d}/**/*.py")]
+    made = [(p, line) for p in sources for line in p.read_text().splitlines()
+            if re.search(r"(ArgumentParser|_Parser)\(", line) and "class " not in line]
+    assert len(made) >= 15 and all("allow_abbrev=False" in line for _, line in made), \
+        [f"{p.relative_to(ROOT)}: {line.strip()}" for p, line in made if "allow_abbrev=False" not in line]
+
+
 def test_distill_unknown_verb_is_one_line(capsys):
     assert_one_line(capsys, cli.main, ["dumpp"], "distill", "unknown verb 'dumpp'")
 
