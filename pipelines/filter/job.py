@@ -161,7 +161,7 @@ class ReadScoresFn(beam.DoFn):
         self.rejected = Metrics.counter(NAMESPACE, "samples_rejected_unscored")
 
     def process(self, shard: int):
-        records = filter_plan.score_records(self.parent, shard)
+        records = filter_plan.without_tar(self.parent, shard, filter_plan.score_records(self.parent, shard))
         if not self.embeddings:
             records = [{k: v for k, v in r.items() if k != EMBEDDING_FIELDS["image"]} for r in records]
         self.shards.inc()

@@ -132,8 +132,6 @@ def score_records(data_dir: str, shard: int) -> list[dict]:
     problem = None
     if keys and not index.get("scores"):
         problem = (reasons.NO_SCORES, f"{index_name(shard)} has no image scores")
-    elif keys and not exists(join(data_dir, shard_name(shard))):  # nothing to copy: counted, not a crash later
-        problem = (reasons.UNREADABLE_SHARD, f"{shard_name(shard)} is missing (its index {index_name(shard)} is there)")
     else:
         try:
             embeds = read_embeddings(data_dir, shard, index) if keys else None
@@ -153,6 +151,17 @@ def score_records(data_dir: str, shard: int) -> list[dict]:
                           detail=f"{bad} of {keys[i]!r} (row {i} of {embeds_name(shard)}) is not finite")
         records.append(record)
     return records
+
+
+def without_tar(data_dir: str, shard: int, records: list[dict]) -> list[dict]:
+    """``records`` of an input shard, each rejected at stage ``scores`` (``unreadable_shard``) when the
+    shard's tar is missing though its index is there: nothing of it could be copied (it failed in
+    CopyShards after other output shards were written). One stat per shard; the scores are read without it."""
+    if not records or exists(join(data_dir, shard_name(shard))):
+        return records
+    detail = f"{shard_name(shard)} is missing (its index {index_name(shard)} is there)"
+    return [r if r["stage"] is not None else dict(r, stage="scores", reason=reasons.UNREADABLE_SHARD, detail=detail)
+            for r in records]
 
 
 def _non_finite(record: dict, embedding) -> str | None:
