@@ -236,7 +236,7 @@ def write_report(out: str, md: str, curve: dict, curve_run: str = "") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True)
     p.add_argument("--budget", type=int, default=900, help="optimizer steps per training run (per progressive round)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per row (mean and spread reported)")

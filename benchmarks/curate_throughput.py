@@ -146,7 +146,7 @@ def job(captions: list[str], preset: str, beam_flags: list[str]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20_000, help="captions")
     parser.add_argument("--preset", default="default", help="curate preset: default (rules only) or tiny (+CLIP)")
     parser.add_argument("--direct_running_mode", default="in_memory", help="in_memory | multi_processing")

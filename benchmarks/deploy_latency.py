@@ -289,7 +289,7 @@ def format_parity(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default=",".join(PRESETS), help="UNet presets (students/models/unet.py)")
     parser.add_argument("--decoders", default=",".join(DECODERS), help="decoder presets (students/models/vae.py)")
     parser.add_argument("--latent", type=int, default=16, help="latent side for presets whose own is larger (0: their own)")

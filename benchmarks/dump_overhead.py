@@ -76,7 +76,7 @@ def run_job(args, prompt_file: str, out: str) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default="sd15-random")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)

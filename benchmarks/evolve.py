@@ -221,7 +221,7 @@ def table_md(rows: list[dict], lookup: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True)
     p.add_argument("--init_from_teacher", default="full",
                    help="the start: a students.models.teacher_init cut of the teacher with its weights ('' = the shapes preset from scratch)")

@@ -60,7 +60,7 @@ def _eval(args, student, out, captions, analyser, steps, teacher_steps=()):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True)
     p.add_argument("--budget", "--train_steps", dest="budget", type=int, default=1500, help="optimizer steps per student")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per student row (mean and spread)")

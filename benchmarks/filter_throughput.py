@@ -157,7 +157,7 @@ def run_filter(dump: str, out: str) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=1536)
     parser.add_argument("--samples_per_shard", type=int, default=128)
     parser.add_argument("--work", default="/tmp/filter_throughput", help="scratch folder (dump, copies)")

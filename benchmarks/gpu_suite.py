@@ -239,7 +239,7 @@ def latencies(args) -> list[dict]:
 
 
 def settings(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu_smoke", action="store_true", help="tiny shapes on the CPU: checks the code paths")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="device peak (dense, the dtype used)")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")

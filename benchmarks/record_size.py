@@ -74,7 +74,7 @@ def record_bytes(name: str, unet_cfg: dict, latent: int, text_dim: int, xl: bool
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--feature_layers", default="mid_block,up_blocks.0")
     parser.add_argument("--num_feature_steps", type=int, default=2)

@@ -33,7 +33,7 @@ def macs(model, args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher_arch", default="sd15", choices=("sd15", "shapes"))
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--presets", default="shapes,shapes_small", help="comma-separated student presets")

@@ -23,7 +23,7 @@ from diffusion_distill import kit
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True)
     p.add_argument("--teacher", default=kit.TEACHER)
     p.add_argument("--steps", default="50,8,4,2,1", help="teacher DDIM step counts")

@@ -44,7 +44,7 @@ def bare_loop(preset: str, batch: int, latent: int, steps: int, forwards: int) -
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--recipe", default="output_kd")
     parser.add_argument("--resolution", type=int, default=256)

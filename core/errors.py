@@ -2,7 +2,7 @@
 
 Libraries raise ``UserError`` (or a subclass) for what the person at the keyboard can fix: a bad
 flag, a missing or wrong-schema file, an output path that is a file, an unknown preset. Everything
-else is a bug and keeps its traceback. ``run_main`` is the wrapper each entry point's ``main`` uses:
+else is a bug and keeps its traceback. ``run_main`` is the wrapper each entry point's ``main`` uses (Ctrl-C there is one line too, exit 130):
 
     def main(argv=None):
         return run_main("distill train", _main, argv)
@@ -18,6 +18,7 @@ import sys
 import traceback
 
 EXIT_USAGE = 2  # argparse's own code for bad arguments; every user error uses it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 class UserError(ValueError):
@@ -62,3 +63,9 @@ def run_main(prog: str, fn, argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line, whatever the message held
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted: what was written stays as a kill leaves it (complete shards and checkpoints; "
+              "the same command resumes)", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -98,30 +98,108 @@ def publish_folder(built: str, dest: str, marker: str) -> None:
             atomic_write_bytes(join(dest, rel.replace(os.sep, "/")), f.read())
 
 
-def remove_temporaries(root: str, prefix: str = "") -> list[str]:
-    """Delete the temporaries (``<name>.tmp-<uuid>``: files, or folders such as a checkpoint's) that
-    killed writers left in folder ``root``, those whose name starts with ``prefix``; returns the names
-    removed. Run it where no writer of a matching name is live: a job's launcher before its workers
-    start (prefix ``""``), a shard's worker for its own shard's names, the trainer's rank 0 before
-    its first step. Remote folders hold none (remote writes upload whole)."""
+OLD_MARK = ".old-"  # publish_folder's moved-aside folder: <dest>.old-<32 hex>
+
+
+def _old_of(name: str) -> str | None:
+    """The destination name of a ``publish_folder`` leftover ``<dest>.old-<uuid hex>`` (else None)."""
+    dest, mark, tail = name.rpartition(OLD_MARK)
+    return dest if mark and dest and len(tail) == 32 and all(c in "0123456789abcdef" for c in tail) else None
+
+
+def _remove(full: str) -> bool:
     import shutil
 
+    try:
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        else:
+            os.remove(full)
+    except FileNotFoundError:  # another cleaner got there first
+        return False
+    return True
+
+
+def remove_temporaries(root: str, prefix: str = "", *, recursive: bool = False) -> list[str]:
+    """Delete the temporaries (``<name>.tmp-<uuid>``: files, or folders such as a checkpoint's) that
+    killed writers left in folder ``root``, those whose name starts with ``prefix``; returns the names
+    removed (paths relative to ``root``). ``recursive``: in every folder under ``root`` too (``_plan/``,
+    ``rejects/``, ``checkpoints/``; links are not followed). A ``publish_folder`` leftover
+    ``<dest>.old-<uuid>`` is removed when ``<dest>`` is there, and renamed back to ``<dest>`` when a
+    kill came between the two renames (it is then the only complete copy). Run it where no writer of
+    a matching name is live: a job's launcher before its workers start (prefix ``""``, the whole
+    tree), a shard's worker for its own shard's names, the trainer's rank 0 before its first step.
+    Remote folders hold none (remote writes upload whole)."""
     fs, path = url_to_fs(root)
     if not is_local(fs) or not os.path.isdir(path):
         return []
     removed = []
     for name in sorted(os.listdir(path)):
-        if name.startswith(prefix) and TMP_MARK in name:
-            full = os.path.join(path, name)
-            try:
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full)
-                else:
-                    os.remove(full)
-            except FileNotFoundError:  # another cleaner got there first
-                continue
-            removed.append(name)
+        full = os.path.join(path, name)
+        if not name.startswith(prefix):
+            continue
+        if TMP_MARK in name:
+            if _remove(full):
+                removed.append(name)
+            continue
+        dest = _old_of(name)
+        if dest is not None:
+            if os.path.lexists(os.path.join(path, dest)):
+                if _remove(full):
+                    removed.append(name)
+            else:
+                os.replace(full, os.path.join(path, dest))
+            continue
+        if recursive and os.path.isdir(full) and not os.path.islink(full):
+            removed += [f"{name}/{sub}" for sub in remove_temporaries(full, recursive=True)]
     return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs checked before the work
+# ---------------------------------------------------------------------------------------------
+
+# What marks a folder as another command's output: marker -> what it is. An output folder of one kind
+# is never written into by a command of another (its files would be mixed).
+OUTPUT_KINDS = {
+    "dataset.json": "a shard dataset (dataset.json)",
+    "checkpoints": "a training run (checkpoints/)",
+    "model_index.json": "an exported pipeline (model_index.json)",
+    "deploy.json": "an on-device export (deploy.json)",
+    "evolution.jsonl": "an evolution (evolution.jsonl)",
+    "metrics.json": "an evaluation (metrics.json)",
+}
+
+
+def check_output_file(path: str, flag: str) -> str:
+    """A file a command will write: not a folder, and (local) in a folder that exists; else a
+    ``UserError`` naming the flag, before the work that would end in writing it."""
+    from core.errors import UserError
+
+    fs, fpath = url_to_fs(path)
+    if fs.isdir(fpath):
+        raise UserError(f"{flag} {path!r} is a folder: give the path of a file to write")
+    if is_local(fs):
+        parent = os.path.dirname(os.path.abspath(fpath))
+        if not os.path.isdir(parent):
+            raise UserError(f"{flag} {path!r}: its folder {parent!r} does not exist (create it first)")
+    return path
+
+
+def check_output_folder(path: str, flag: str, own: str) -> str:
+    """A folder a command will write into: not a file, and not holding another command's output
+    (``OUTPUT_KINDS``; ``own``: the marker of this command's, which it may write over or resume)."""
+    from core.errors import UserError
+
+    fs, fpath = url_to_fs(path)
+    if fs.exists(fpath) and not fs.isdir(fpath):
+        raise UserError(f"{flag} {path!r} is an existing file: give a folder")
+    if fs.isdir(fpath):
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(fpath, detail=False)}
+        other = [what for marker, what in OUTPUT_KINDS.items() if marker in names and marker != own]
+        if other and own not in names:
+            raise UserError(f"{flag} {path!r} holds {other[0]}: give a new folder, not another command's output")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

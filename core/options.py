@@ -239,7 +239,7 @@ def build_parser(cls, *, prog: str, description: str | None = None, defaults: bo
     """A parser of ``cls``'s flags. ``passthrough`` (a job that hands unknown flags on): no flag is
     required by the parser, so the unknown ones can be vetted first (a missing ``--prompts`` may be
     a misspelt one); ``from_mapping`` then reports a required flag still missing."""
-    parser = _Parser(prog=prog, description=description)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False)  # a prefix never selects a flag
     add_arguments(parser, cls, defaults=defaults, shared=passthrough)
     return parser
 

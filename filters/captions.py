@@ -156,6 +156,19 @@ def _known(value: float | None) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
+NSFW_TAGS = ("NSFW", "UNSURE", "UNLIKELY")  # the values of LAION's NSFW column (null: unknown)
+
+
+def nsfw_tag_problem(nsfw) -> str | None:
+    """Why a LAION ``NSFW`` value is none of ``NSFW_TAGS`` (None when it is one, or null/empty): such
+    a record is rejected, never kept as safe by a policy that only drops the tags it knows."""
+    if nsfw is None or (isinstance(nsfw, float) and math.isnan(nsfw)):
+        return None
+    if isinstance(nsfw, str) and nsfw.strip().upper() in NSFW_TAGS + ("",):
+        return None
+    return f"NSFW {nsfw!r} is none of {', '.join(NSFW_TAGS)}"
+
+
 def check_safety(punsafe: float | None, pwatermark: float | None, cfg: CurateConfig, nsfw: str | None = None) -> str | None:
     """LAION's per-sample probabilities (drop when strictly above the threshold) and its ``NSFW``
     tag (``NSFW`` / ``UNSURE`` / ``UNLIKELY``, dropped as ``cfg.nsfw`` says). Unknown passes."""

@@ -32,6 +32,7 @@ CORRUPT_TAR = "corrupt_tar"  # a webdataset shard that cannot be read past some 
 DOWNLOAD_FAILED = "download_failed"  # img2dataset status other than "success" (detail: its error)
 BROKEN_IMAGE = "broken_image"  # image bytes that PIL cannot decode
 IMAGE_NOT_FOUND = "image_not_found"  # a COCO annotation whose image_id is not in "images"
+BAD_NSFW_TAG = "bad_nsfw_tag"  # LAION's NSFW column holds a value other than NSFW, UNSURE, UNLIKELY (or null)
 
 # -- rejects: generated samples and shards (teacher dump, filter) -------------------------------
 NON_FINITE = "non_finite"  # the teacher produced NaN/Inf (shards.record)
@@ -64,7 +65,7 @@ EXACT_DUPLICATE = "exact_duplicate"
 SEMANTIC_DUPLICATE = "semantic_duplicate"
 
 REJECT_REASONS = (NULL_CAPTION, NON_UTF8_CAPTION, CAPTION_NOT_TEXT, EMPTY_CAPTION, BAD_JSON, BAD_KEY, DUPLICATE_KEY,
-                  BAD_SEED, CORRUPT_TAR, DOWNLOAD_FAILED, BROKEN_IMAGE, IMAGE_NOT_FOUND, NON_FINITE,
+                  BAD_SEED, CORRUPT_TAR, DOWNLOAD_FAILED, BROKEN_IMAGE, IMAGE_NOT_FOUND, BAD_NSFW_TAG, NON_FINITE,
                   NON_FINITE_SCORE, SCHEMA_VERSION, CORRUPT_MEMBER, CHECKSUM_MISMATCH, MISSING_MEMBER,
                   NON_FINITE_IMAGE, NO_REAL_IMAGE, UNREADABLE_SHARD, NO_SCORES, CORRUPT_EMBEDDINGS)
 FILTER_REASONS = (TOO_FEW_WORDS, TOO_MANY_WORDS, TOO_FEW_TOKENS, TOO_MANY_TOKENS, UNSAFE, WATERMARK, NSFW_TAG,

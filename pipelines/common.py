@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 
 from core.errors import UserError, run_main
@@ -140,7 +141,32 @@ def check_beam_args(rest: list[str], job_flags: list[str]) -> list[str]:
             raise UserError(f"unknown flag {name}{did_you_mean(name, [*job_flags, *known])}: neither a flag "
                             "of this job nor a Beam pipeline option")
         value_due = known[name] and not eq
+    check_runner(rest)
     return rest
+
+
+def check_runner(beam_args: list[str]) -> None:
+    """``--runner`` must name a runner Beam can make (Beam would raise ``ValueError: Unexpected
+    pipeline runner`` from inside the launch, after the output folder was created)."""
+    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+        return
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.runners.runner import create_runner
+
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    try:
+        create_runner(runner)
+    except (ValueError, ImportError) as err:
+        raise UserError(f"--runner {runner!r}: {' '.join(str(err).split())}") from None
+
+
+def check_local_device(device: str, beam_args: list[str], flag: str = "--device") -> None:
+    """On a local runner the workers are this machine: its ``device`` must exist here
+    (``core.devices.check_device``). A remote runner's workers are checked where they run."""
+    from core.devices import check_device
+
+    if is_local_runner(pipeline_options(beam_args)):
+        check_device(device, flag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,14 +313,55 @@ def run_pipeline(pipeline, output: str, summary: str = DATASET_JSON, lock=None):
     """Run the built graph to completion; returns ``(the summary file's content, the Beam result)``.
     ``lock`` (``lock_output``'s) is released when the graph has finished, or failed."""
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with _interrupts() as interrupted:
+            try:
+                result = pipeline.run()
+                result.wait_until_finish()
+            except Exception:
+                if interrupted:  # Beam re-raises a worker's KeyboardInterrupt as RuntimeError
+                    raise KeyboardInterrupt from None
+                raise
         fs, path = url_to_fs(join(output, summary))
         with fs.open(path, "rb") as f:
             return json.loads(f.read()), result
     finally:
         if lock is not None:
             lock.release()
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """A list that holds a mark once SIGINT arrived while the graph runs (the signal still interrupts
+    as before): so the launcher can tell Ctrl-C from a failure of the graph."""
+    import signal
+    import threading
+
+    marks: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield marks
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    beam_log = logging.getLogger("apache_beam")
+    level = beam_log.level
+
+    def handler(signum, frame):
+        marks.append(signum)
+        beam_log.setLevel(logging.CRITICAL + 1)  # Beam logs the interrupted bundle's traceback: Ctrl-C is one line
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    if previous in (signal.SIG_IGN, None):  # Ctrl-C ignored (a background job): leave it so
+        yield marks
+        return
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield marks
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        beam_log.setLevel(level)
 
 
 def lock_output(output: str, prog: str):

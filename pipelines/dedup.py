@@ -172,8 +172,9 @@ def sidecar_sample(path: str, n_total: int, size: int, seed: int, dtype: str = W
     the wire dtype, as a block's own candidates do (``sample_candidates``): 2 x ``size`` rows of
     them are held between the sample's two steps, half the bytes of float32. A file that cannot be
     read as an array (missing, cut short) gives no rows and is counted
-    (``kmeans_sample_sidecars_unreadable``): the job that reads its records rejects them itself (the
-    filter job: stage ``scores``, ``corrupt_embeddings``)."""
+    (``kmeans_sample_sidecars_unreadable``), and a row holding NaN/Inf is left out: the job that reads
+    its records rejects them itself (the filter job: stage ``scores``, ``corrupt_embeddings`` or
+    ``non_finite_score``)."""
     from core.fs import read_bytes
     from shards.record import load_npy
 
@@ -186,6 +187,8 @@ def sidecar_sample(path: str, n_total: int, size: int, seed: int, dtype: str = W
     ranks = _mix64(np.arange(len(x), dtype=np.uint64) ^ salt)
     cut = np.uint64(min(2**64 - 1, int(2 * size / max(1, n_total) * 2**64)))
     picked = np.flatnonzero(ranks < cut) if 2 * size < n_total else np.arange(len(x))
+    if x.ndim == 2 and len(picked):  # a NaN/Inf row would make every centroid NaN: its record is rejected by its reader
+        picked = picked[np.isfinite(x[picked]).all(axis=1)]
     Metrics.counter("curate", "kmeans_sample_sidecar_rows").inc(len(picked))
     yield (ranks[picked], np.asarray([f"{path}:{r}" for r in picked.tolist()], object),
            np.asarray(x[picked], dtype), np.full(len(picked), math.nan))

@@ -3,8 +3,9 @@
 Prints the shards, samples, bytes per sample by field, the recipe and the lineage from
 ``dataset.json``: for a dataset written by the filter job, the chain of parents back to the dump,
 each step with its filter recipe. ``--verify`` re-reads every shard (and its embedding sidecar, in
-scored datasets) and checks its size, sha256, keys, every member's checksum and that every array is
-finite; it prints one line per bad shard (an index without its tar, a tar without its index, a shard
+scored datasets) and checks its size, sha256, keys, every member's checksum, that every array is
+finite and of the shape its sample's json lists, that the sidecar's rows are finite, and that every
+tar member is a sample's regular file (no absolute path, ``..``, symlink or hard link); it prints one line per bad shard (an index without its tar, a tar without its index, a shard
 ``dataset.json`` lists that is absent) and ``verify: N ok, M bad``, and exits 1 if any is bad.
 A folder with no shards, or a ``dataset.json``/index of an unsupported schema, is one line and exit 2.
 """
@@ -30,7 +31,8 @@ PROG = "distill inspect"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InspectConfig:
     data_dir: str | None = option(None, help="dataset folder, local path or fsspec URL (or give it as the first argument)")
-    verify: bool = option(False, help="check every shard's size, sha256, keys, member checksums and finiteness")
+    verify: bool = option(False, help="check every shard's size, sha256, keys, member checksums, finiteness, "
+                                       "array shapes and tar members")
     json: bool = option(False, help="print the summary as JSON")
 
 

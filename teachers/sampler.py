@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import numpy as np
 
@@ -75,12 +76,12 @@ class SamplerConfig:
             raise UserError(f"scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         # Weights at or below 1 are allowed and mean "no CFG", as in diffusers (module docstring);
         # negative ones are refused: diffusers would silently treat them as 1 too.
-        if not self.guidance_scale >= 0:
-            raise UserError(f"guidance_scale={self.guidance_scale} must be >= 0 (at most 1 = no guidance, as diffusers)")
+        if not 0 <= self.guidance_scale < math.inf:
+            raise UserError(f"guidance_scale={self.guidance_scale} must be finite and >= 0 (at most 1 = no guidance, as diffusers)")
         if self.guidance_range is not None:
             lo, hi = self.guidance_range
-            if not 0 <= lo <= hi:
-                raise UserError(f"guidance_range={self.guidance_range} must satisfy 0 <= lo <= hi "
+            if not 0 <= lo <= hi < math.inf:
+                raise UserError(f"guidance_range={self.guidance_range} must satisfy 0 <= lo <= hi < inf "
                                 "(draws at most 1 run without guidance, as diffusers does)")
         if self.record_steps is not None:
             bad = [s for s in self.record_steps if not 0 <= s < self.num_inference_steps]

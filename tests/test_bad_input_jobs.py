@@ -74,6 +74,11 @@ def files(tmp_path):
     scored = {"schema_version": SCHEMA_VERSION, "recipe_hash": "h", "shards": [], "recipe": {
         "samples_per_shard": 4, "score_images": {"preset": "tiny", "clip_model": "dd-tiny-clip", "clip_weights": "random",
                                                  "aesthetic_weights": None, "embed_dim": 32}}}
+    (tmp_path / "badindex").mkdir()  # a scored dump listing one shard whose index is not JSON
+    (tmp_path / "badindex" / "dataset.json").write_text(json.dumps({**scored, "shards": [
+        {"shard": "000000.tar", "count": 1, "bytes": 1024, "sha256": "0" * 64}]}))
+    (tmp_path / "badindex" / "000000.json").write_text("{oops")
+    f["badindex"] = str(tmp_path / "badindex")
     for name, content in (("broken", "{oops"),
                           ("unscored", json.dumps({"schema_version": SCHEMA_VERSION, "recipe": {}, "recipe_hash": "h",
                                                    "shards": []})),
@@ -129,7 +134,23 @@ DUMP_CASES = {
                        "unknown flag --direct_num_worker (did you mean --direct_num_workers?)"),
     "stray_argument": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--save_main_session", "yes"],
                        "unexpected argument 'yes'"),  # a Beam flag that takes no value
+    "guidance_range_infinite": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--guidance_range", "2,inf"],
+                                "--guidance_range 2.0,inf must be two finite numbers LO,HI"),  # OverflowError on a worker
+    "guidance_scale_infinite": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--guidance_scale", "inf"],
+                                "--guidance_scale inf must be a finite number"),  # every sample rejected non_finite
+    "guidance_scale_nan": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--guidance_scale", "nan"],
+                           "--guidance_scale nan must be a finite number"),
+    "steps_beyond_the_schedule": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--num_inference_steps",
+                                             "1000000000000"],
+                                  "--num_inference_steps 1000000000000 is more than the 1000 training timesteps"),  # MemoryError
+    "unknown_runner": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--runner=Bogus"],
+                       "--runner 'Bogus': Unexpected pipeline runner: Bogus. Valid values are"),
+    "device_not_a_device": (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--device", "gpu"],
+                            "--device 'gpu' is not cpu, cuda, cuda:N or mps"),
 }
+if not __import__("torch").cuda.is_available():  # a worker's RuntimeError "Found no NVIDIA driver", the folder made first
+    DUMP_CASES["device_cuda_without_a_gpu"] = (lambda f: ["--prompts", f["prompts"], "--output", f["out"], "--device", "cuda"],
+                                               "--device cuda: no CUDA GPU is visible on this machine")
 
 
 @pytest.mark.parametrize("case", DUMP_CASES)
@@ -163,6 +184,8 @@ FILTER_CASES = {
                                  "has no aesthetic scores"),
     "negative_shard_size": (lambda f: ["--input", f["scored"], "--output", f["out"], "--samples_per_shard", "-1"],
                             "must be >= 0"),
+    "shard_index_not_json": (lambda f: ["--input", f["badindex"], "--output", f["out"]],
+                             "the index 000000.json is unreadable: "),  # a worker's traceback after an ERROR log
     "flag_typo": (lambda f: ["--input", f["scored"], "--output", f["out"], "--semdedup_epz", "0.1"],
                   "unknown flag --semdedup_epz (did you mean --semdedup_eps?)"),
 }
@@ -197,6 +220,7 @@ CURATE_CASES = {
                              "unknown --input_format 'csv'"),
     "flag_typo": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--max_pusnafe", "0.5"],
                   "unknown flag --max_pusnafe (did you mean --max_punsafe?)"),
+    "unknown_runner": (lambda f: ["--input", f["prompts"], "--output", f["out"], "--runner", "Bogus"], "--runner 'Bogus'"),
 }
 
 
@@ -212,6 +236,8 @@ BEAM_CASES = {
     "no_such_pipeline": (["run", "pipelines/nope.py"], "no module 'pipelines.nope'"),
     "no_run_subcommand": (["go", "pipelines/teacher_dump.py"], "usage: beam run"),
     "job_flag_error": (["run", "pipelines/filter_shards.py", "--input"], "--input"),
+    "unknown_runner": (["run", "pipelines/teacher_dump.py", "--prompts", "p.txt", "--output", "/nonexistent/o", "--runner=Bogus"],
+                       "--runner 'Bogus': Unexpected pipeline runner"),
 }
 
 
@@ -267,6 +293,36 @@ def test_beam_options_pass_through_to_beam_by_name(files):
     assert not os.path.exists(files["out"])  # prepare writes nothing
 
 
+def test_a_prefix_of_a_flag_never_selects_it(capsys, files):
+    """argparse's allow_abbrev took ``--num_inference 4`` for ``--num_inference_steps`` (and ``--max_step``
+    for ``--max_steps``): a prefix is a typo like any other, refused in one line naming the flag."""
+    from shards import inspect as inspect_cli
+    from students.training import cli as train_cli
+
+    assert_one_line(capsys, dump.main, [*TINY, "--prompts", files["prompts"], "--output", files["out"],
+                                        "--num_inference", "4"], "distill dump",
+                    "unknown flag --num_inference (did you mean --num_inference_steps?)")
+    assert_one_line(capsys, train_cli.main, ["--data", files["scored"], "--output", files["out"], "--max_step", "3"],
+                    "distill train", "unrecognized arguments: --max_step 3 (did you mean --max_steps?)")
+    assert_one_line(capsys, inspect_cli.main, [files["scored"], "--ver"], "distill inspect", "unrecognized arguments: --ver")
+    assert not os.path.exists(files["out"])
+
+
+def test_every_argparse_parser_refuses_abbreviations():
+    """Every parser the project builds: ``core.options`` (all commands and jobs) and the scripts' own."""
+    from core.options import build_parser
+
+    from pipelines.dump.job import DumpConfig
+
+    assert build_parser(DumpConfig, prog="x").allow_abbrev is False
+    sources = [p for d in ("core", "pipelines", "shards", "students", "teachers", "filters", "diffusion_distill",
+                           "benchmarks", "scripts", "infra") for p in ROOT.glob(f"{d}/**/*.py")]
+    made = [(p, line) for p in sources for line in p.read_text().splitlines()
+            if re.search(r"(ArgumentParser|_Parser)\(", line) and "class " not in line]
+    assert len(made) >= 15 and all("allow_abbrev=False" in line for _, line in made), \
+        [f"{p.relative_to(ROOT)}: {line.strip()}" for p, line in made if "allow_abbrev=False" not in line]
+
+
 def test_distill_unknown_verb_is_one_line(capsys):
     assert_one_line(capsys, cli.main, ["dumpp"], "distill", "unknown verb 'dumpp'")
 
@@ -276,6 +332,48 @@ def test_distill_subprocess_one_line_no_traceback(files):
                            "--output", files["out"]], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and error_lines(proc.stderr) == [
         f"distill dump: error: --prompts {files['folder']!r} is a folder: give a file"], proc.stderr
+
+
+def test_a_dump_rerun_removes_stale_temporaries_in_the_whole_output(files):
+    """The launcher cleaned only the output's top level: a kill's temporaries in _plan/ and rejects/ stayed."""
+    argv = [*TINY, "--prompts", files["prompts"], "--output", files["out"]]
+    first = dump.run(argv)
+    out = Path(files["out"])
+    planted = [out / "_plan" / "plan.parquet.tmp-0a1b", out / "rejects" / "input.jsonl.tmp-2c3d", out / "x.json.tmp-4e5f"]
+    for path in planted:
+        path.write_bytes(b"partial")
+    again = dump.run(argv)
+    assert not any(path.exists() for path in planted)
+    assert again["shards"] == first["shards"] and (out / "_plan" / "plan.parquet").is_file()
+
+
+def test_ctrl_c_in_a_dump_is_one_line_exit_130_and_leaves_what_a_kill_leaves(tmp_path):
+    """It ended in ``RuntimeError: KeyboardInterrupt [while running 'GenerateShards']`` and Beam's
+    logged traceback. Now: one line, exit 130, every shard written so far complete and intact, no
+    dataset.json (the dump is not finished), the lock released, so the same command resumes."""
+    import signal
+    import time
+
+    from shards.reader import list_indexes
+    from shards.verify import verify_shard
+
+    (tmp_path / "p.txt").write_text("".join(f"a photo of thing number {i}\n" for i in range(24)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion_distill.cli", "dump", "--prompts", str(tmp_path / "p.txt"),
+                             "--output", str(out), *TINY, "--num_inference_steps", "8", "--samples_per_shard", "1",
+                             "--batch_size", "1"], stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own Ctrl-C, not the test runner's
+    deadline = time.monotonic() + 120
+    while not (out / "000000.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and error_lines(err) == [
+        "distill dump: interrupted: what was written stays as a kill leaves it (complete shards and checkpoints; the "
+        "same command resumes)"], err
+    done = list_indexes(str(out))
+    assert 1 <= len(done) < 24 and all(verify_shard(str(out), i) == [] for i in done)
+    assert not (out / "dataset.json").exists() and not (out / ".distill.lock").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,26 +422,34 @@ def test_curate_counts_nsfw_tags_and_orphan_annotations(tmp_path, capsys):
         "TEXT": ["a photo of a lake at dawn", "an explicit photo here", "an ambiguous photo here", "a dog in a park"],
         "NSFW": ["UNLIKELY", "NSFW", "UNSURE", None],
     }), tmp_path / "laion.parquet")
+    pq.write_table(pa.table({  # values outside NSFW/UNSURE/UNLIKELY were kept as safe
+        "URL": ["http://x/5.jpg", "http://x/6.jpg", "http://x/7.jpg"],
+        "TEXT": ["a tagged photo of a cat", "another tagged photo", "a third tagged photo"],
+        "NSFW": ["MAYBE", "unlikely", "SAFE"],
+    }), tmp_path / "laion2.parquet")
     (tmp_path / "coco.json").write_text(json.dumps({
         "images": [{"id": 1, "coco_url": "http://coco/1.jpg", "width": 64, "height": 64}],
         "annotations": [{"id": 10, "image_id": 1, "caption": "a boat on a river"},
                         {"id": 11, "image_id": 99, "caption": "an annotation of no image"}]}))
     summary = curate.run(["--input", str(tmp_path / "laion.parquet"), "--input", str(tmp_path / "coco.json"),
-                          "--output", str(tmp_path / "out")])
-    assert (summary["input"], summary["kept"], summary["filtered"], summary["rejected"]) == (6, 4, 1, 1)
+                          "--input", str(tmp_path / "laion2.parquet"), "--output", str(tmp_path / "out")])
+    assert (summary["input"], summary["kept"], summary["filtered"], summary["rejected"]) == (9, 5, 1, 3)
     assert summary["by_reason"]["filtered"] == {reasons.NSFW_TAG: 1}
-    assert summary["by_reason"]["rejected"] == {reasons.IMAGE_NOT_FOUND: 1}
+    assert summary["by_reason"]["rejected"] == {reasons.IMAGE_NOT_FOUND: 1, reasons.BAD_NSFW_TAG: 2}
     manifest = {r["caption"]: r for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()}
     assert manifest["an explicit photo here"]["fate"] == "filtered" and manifest["an explicit photo here"]["nsfw"] == "NSFW"
     assert manifest["an ambiguous photo here"]["fate"] == "kept"  # UNSURE is kept by the default policy
+    assert manifest["another tagged photo"]["fate"] == "kept"  # a tag in another case is the tag
     rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
-    assert [(r["fate"], r["reason"], r["detail"]) for r in rejects] == [
+    assert sorted((r["fate"], r["reason"], r["detail"]) for r in rejects) == [
+        ("rejected", reasons.BAD_NSFW_TAG, "NSFW 'MAYBE' is none of NSFW, UNSURE, UNLIKELY"),
+        ("rejected", reasons.BAD_NSFW_TAG, "NSFW 'SAFE' is none of NSFW, UNSURE, UNLIKELY"),
         ("rejected", reasons.IMAGE_NOT_FOUND, "image_id 99 is not in 'images'")]
     # the curated manifest feeds the dump unchanged: it reads key, caption and fate
     from pipelines.dump.plan import read_input
 
     found = read_input(str(tmp_path / "out" / "manifest.parquet"))
-    assert (len(found.rows), found.not_kept, found.deprecated) == (4, 1, {})
+    assert (len(found.rows), found.not_kept, found.deprecated) == (5, 1, {})
 
 
 # ---------------------------------------------------------------------------------------------

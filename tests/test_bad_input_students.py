@@ -12,6 +12,8 @@ import pytest
 from students.evaluation import evaluate
 from students.cost import profile
 from students.export import folder as export
+from students.export import ondevice as generate
+from students.search import evolve
 from students.training import cli as train
 
 DDIM = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
@@ -78,6 +80,37 @@ def _train(tmp, *extra, data=None):
     return ["--data", data or dataset(tmp / "d"), "--output", str(tmp / "run"), *extra]
 
 
+def _evolve(tmp, *extra, output=None):
+    (tmp / "v.txt").write_text("a red circle on a white background\n")
+    return ["--data", dataset(tmp / "d"), "--output", output or str(tmp / "evo"), "--val_captions", str(tmp / "v.txt"),
+            "--latency_target_ms", "5", *extra]
+
+
+def planted_evolution(tmp, *extra, records: int = 1, finished: bool = False) -> list[str]:
+    """An evolution folder as ``distill evolve`` leaves it (evolve.json of ``_evolve(tmp, *extra)``'s settings,
+    ``records`` iterations in evolution.jsonl, student_config.json when ``finished``); -> that argv."""
+    argv = _evolve(tmp, *extra)
+    out = tmp / "evo"
+    out.mkdir()
+    (out / evolve.SETTINGS).write_text(json.dumps(evolve.evolve_settings(evolve.parse_args(argv))))
+    record = {"metric_name": "adherence", "metric": 0.5, "predicted_ms": 4.0, "measured_ms": 4.1, "target_ms": 5.0}
+    (out / evolve.EVOLUTION).write_text("".join(json.dumps(dict(record, iteration=i + 1)) + "\n" for i in range(records)))
+    if finished:
+        (out / "student_config.json").write_text("{}")
+    return argv
+
+
+def _latin1(tmp) -> str:
+    (tmp / "captions.txt").write_bytes("a caf\xe9 at night\n".encode("latin-1"))
+    return str(tmp / "captions.txt")
+
+
+def _eval(tmp, *extra):
+    (tmp / "c.txt").write_text("a red circle\n")
+    return ["--teacher", "tiny", "--teacher_steps", "1", "--num_images", "1", "--captions", str(tmp / "c.txt"),
+            "--output", str(tmp / "e"), *extra]
+
+
 # (id, command, argv builder(tmp) -> argv, words the one line must contain)
 CASES = [
     ("train preset typo", train, lambda t: _train(t, "--preset", "tinyy"), ["unknown student preset 'tinyy'"]),
@@ -136,6 +169,9 @@ CASES = [
      lambda t: _train(t, "--preset", "shapes", data=with_negatives(t / "x", negative_prompt_embeds=(77, 64),
                                                                    negative_pooled_prompt_embeds=(32,))),
      ["--preset shapes is SD-shaped", "is SDXL-shaped (with pooled text embeddings)", "presets that fit: tiny_xl"]),
+    ("train weight decay nan", train, lambda t: _train(t, "--weight_decay", "nan"),
+     ["--weight_decay must be a finite number >= 0, got nan"]),
+    ("train grad clip inf", train, lambda t: _train(t, "--grad_clip", "inf"), ["--grad_clip must be a finite number >= 0, got inf"]),
     ("export folder that is not a run", export,
      lambda t: [fake_checkpoint(t / "ck", config={"_class_name": "StableDiffusionPipeline"}), str(t / "out")],
      ["not a training checkpoint's config"]),
@@ -151,6 +187,34 @@ CASES = [
     ("eval no --captions", evaluate, lambda t: ["--output", str(t / "e")], ["required", "--captions"]),
     ("eval steps not numbers", evaluate, lambda t: ["--output", str(t / "e"), "--captions", "c.txt", "--teacher_steps", "8,x"],
      ["--teacher_steps", "invalid"]),
+    ("eval guidance scale nan", evaluate, lambda t: _eval(t, "--guidance_scale", "nan"),
+     ["--guidance_scale nan must be a finite number >= 0"]),
+    ("eval output is a file", evaluate, lambda t: ((t / "f").write_text("x"), _eval(t, "--output", str(t / "f")))[1],
+     ["--output", "is an existing file"]),
+    ("eval output is a dump", evaluate, lambda t: _eval(t, "--output", dataset(t / "dump")),
+     ["--output", "holds a shard dataset (dataset.json)"]),
+    ("eval non-UTF-8 captions", evaluate, lambda t: _eval(t, "--captions", _latin1(t)),
+     ["--captions", "captions.txt' is not UTF-8 text (byte 5: invalid continuation byte)"]),
+    ("evolve output is a file", evolve, lambda t: ((t / "f").write_text("x"), _evolve(t, output=str(t / "f")))[1],
+     ["--output", "is an existing file"]),
+    ("evolve output is a training run", evolve,
+     lambda t: (os.makedirs(t / "run" / "checkpoints"), _evolve(t, output=str(t / "run")))[1],
+     ["--output", "holds a training run (checkpoints/)"]),
+    ("evolve over an evolution of other settings", evolve,
+     lambda t: (planted_evolution(t, "--iterations", "3"), _evolve(t, "--iterations", "5", "--max_actions", "2"))[1],
+     ["holds an evolution made with other settings (--iterations 3 -> 5, --max_actions 1 -> 2)", "new --output"]),
+    ("generate seed -1", generate, lambda t: ["--onnx", str(t / "x"), "a cat", "--seed", "-1", "--output", str(t / "i.png")],
+     ["--seed must be an integer in [0, 2**63), got -1"]),
+    ("generate output is a folder", generate, lambda t: (os.makedirs(t / "o"), ["--onnx", str(t / "x"), "a cat", "--output", str(t / "o")])[1],
+     ["--output", "is a folder: give the path of a file to write"]),
+    ("generate into a missing folder", generate, lambda t: ["--onnx", str(t / "x"), "a cat", "--output", str(t / "no" / "i.png")],
+     ["--output", "its folder", "does not exist"]),
+    ("profile --json is a folder", profile, lambda t: (os.makedirs(t / "o"), ["--presets", "tiny", "--json", str(t / "o")])[1],
+     ["--json", "is a folder"]),
+    ("profile --json into a missing folder", profile, lambda t: ["--presets", "tiny", "--json", str(t / "no" / "c.json")],
+     ["--json", "does not exist"]),
+    ("profile --lookup is a folder", profile, lambda t: (os.makedirs(t / "o"), ["--presets", "tiny", "--lookup", str(t / "o")])[1],
+     ["--lookup", "is a folder"]),
     ("profile unknown preset", profile, lambda t: ["--presets", "bogus"], ["unknown preset(s) ['bogus']"]),
     ("profile repeats 0", profile, lambda t: ["--repeats", "0"], ["--repeats must be >= 1"]),
     ("profile bad resolution", profile, lambda t: ["--resolution", "500"], ["multiple of 64"]),
@@ -165,7 +229,7 @@ def test_bad_input_is_one_line_and_exit_2(name, module, argv, words, tmp_path, c
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    verb = {"cli": "train", "folder": "export", "evaluate": "eval"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
+    verb = {"cli": "train", "folder": "export", "evaluate": "eval", "ondevice": "generate"}.get(module.__name__.split(".")[-1], module.__name__.split(".")[-1])
     assert lines[0].startswith(f"distill {verb}: error: ")
     assert "Traceback" not in err
     for word in words:
@@ -187,3 +251,31 @@ def test_debug_flag_shows_the_traceback(tmp_path, capsys):
     assert train.main(_train(tmp_path, "--batch_size", "0", "--debug")) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1] == "distill train: error: --batch_size must be at least 1, got 0"
+
+
+def test_a_finished_evolution_says_so_and_runs_nothing(tmp_path, capsys):
+    """It printed the old run's result as if it were new."""
+    argv = planted_evolution(tmp_path, records=4, finished=True)  # --iterations 4, the default
+    before = sorted(os.listdir(tmp_path / "evo"))
+    assert evolve.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [f"distill evolve: {tmp_path / 'evo'} is finished (4 of --iterations 4); nothing "
+                                        "was run: the result below is that evolution's (pass a new --output to evolve again)"]
+    assert out.startswith("evolve: 4 iterations (finished earlier); final adherence 0.5000")
+    assert sorted(os.listdir(tmp_path / "evo")) == before
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine with a GPU runs --device cuda")
+@pytest.mark.parametrize("module,argv", [
+    (train, lambda t: _train(t, "--device", "cuda")),
+    (evaluate, lambda t: _eval(t, "--device", "cuda")),
+    (evolve, lambda t: _evolve(t, "--device", "cuda")),
+    (profile, lambda t: ["--presets", "tiny", "--device", "cuda:0"]),
+], ids=["train", "eval", "evolve", "profile"])
+def test_device_cuda_without_a_gpu_is_one_line_before_the_output_exists(module, argv, tmp_path, capsys):
+    args = argv(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert module.main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU is visible on this machine" in lines[0] and "pass --device cpu" in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == before  # no run/eval/evolution folder

@@ -174,6 +174,24 @@ def test_generate_cli_writes_the_png_without_importing_torch(exported, tmp_path)
     assert np.array_equal(image, ondevice.OnnxPipeline(folder, threads=1)(CAPTION, seed=1))
 
 
+def test_generate_on_a_truncated_onnx_model_is_one_line(exported, tmp_path, capsys):
+    """onnxruntime's InvalidProtobuf traceback: now the file, the component and what to do, before any output."""
+    import shutil
+
+    folder, manifest = exported
+    cut = str(tmp_path / "cut")
+    shutil.copytree(folder, cut)
+    unet = os.path.join(cut, manifest.model("unet", "fp32").file)
+    with open(unet, "r+b") as f:
+        f.truncate(os.path.getsize(unet) // 2)
+    png = tmp_path / "i.png"
+    assert ondevice.main(["--onnx", cut, CAPTION, "--output", str(png)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distill generate: error: {unet}: the fp32 unet is not a loadable "
+                                                   "ONNX model ("), lines
+    assert lines[0].endswith("re-export it (distill export --format onnx)") and not png.exists()
+
+
 class FourierMix(torch.nn.Module):
     """A block using an operator the TorchScript ONNX exporter does not have (aten::fft_fft)."""
 

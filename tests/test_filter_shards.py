@@ -286,6 +286,151 @@ def test_a_corrupt_member_is_rejected_with_its_reason_and_counted(filtered, dump
     assert t["input"] == t["kept"] + t["filtered"] + t["duplicate"] + t["rejected"] == 16
 
 
+def plant_nan_row(data_dir, shard, row):
+    """Row ``row`` of the shard's ``.emb.npy`` set to NaN, the index's sha256 of the sidecar updated to
+    match (so only a finiteness check can tell)."""
+    import hashlib
+    import io
+
+    path = os.path.join(data_dir, shard_schema.embeds_name(shard))
+    x = np.load(path)
+    x[row] = np.nan
+    buf = io.BytesIO()
+    np.save(buf, x)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    index_path = os.path.join(data_dir, shard_schema.index_name(shard))
+    with open(index_path) as f:
+        index = json.load(f)
+    index["embeddings"]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    return index["keys"][row]
+
+
+def test_a_nan_sidecar_row_is_a_counted_rejection_and_inspect_flags_it(filtered, dump, tmp_path, capsys):
+    """SemDeDup's k-means and search would meet NaN (an IndexError in DedupBlocks/AssignBlocks): the
+    sample is rejected at stage ``scores`` with ``non_finite_score``, the k-means sample skips the row,
+    the shard's other samples go on; ``inspect --verify`` reports the shard bad."""
+    bad = str(tmp_path / "bad")
+    shutil.copytree(dump, bad)
+    victim = plant_nan_row(bad, 1, 1)
+    out = str(tmp_path / "out")
+    dataset = filter_shards.run([bad if a == dump else out if a == filtered["out"] else a for a in filtered["args"]])
+    rows = {r["key"]: r for r in manifest(out)}
+    assert (rows[victim]["fate"], rows[victim]["stage"], rows[victim]["reason"]) == \
+        ("rejected", "scores", "non_finite_score")
+    assert "image embedding" in rows[victim]["detail"] and "row 1 of 000001.emb.npy" in rows[victim]["detail"]
+    others = {k: f for k, f in filtered["expected"].items() if k != victim}
+    assert {k: rows[k]["fate"] for k in others} == {k: f[0] for k, f in others.items()}  # the rest as before
+    t = dataset["totals"]
+    assert t["input"] == t["kept"] + t["filtered"] + t["duplicate"] + t["rejected"] == 16
+    assert t["by_reason"]["rejected"]["non_finite_score"] == 1
+    capsys.readouterr()
+    assert inspect_cli.main([bad, "--verify"]) == 1
+    out_text, err = capsys.readouterr()
+    assert f"BAD 000001.tar: non_finite: 000001.emb.npy row(s) [1] (sample(s) [{victim!r}]) hold NaN or Inf" in err
+    assert "verify: 4 ok, 1 bad" in out_text
+
+
+def test_a_listed_shard_without_its_tar_is_a_counted_rejection(filtered, dump, tmp_path):
+    """The index and sidecar are there, the tar is not: its samples are rejected at stage ``scores``
+    (``unreadable_shard``) before any output shard is written; the other shards are filtered."""
+    bad = str(tmp_path / "bad")
+    shutil.copytree(dump, bad)
+    os.remove(os.path.join(bad, shard_schema.shard_name(3)))
+    out = str(tmp_path / "out")
+    dataset = filter_shards.run([bad if a == dump else out if a == filtered["out"] else a for a in filtered["args"]])
+    gone = shard_reader.read_index(bad, 3)["keys"]
+    rows = {r["key"]: r for r in manifest(out)}
+    assert {(rows[k]["fate"], rows[k]["stage"], rows[k]["reason"], rows[k]["detail"]) for k in gone} == \
+        {("rejected", "scores", "unreadable_shard", "000003.tar is missing (its index 000003.json is there)")}
+    kept_before = {k for k, f in filtered["expected"].items() if f[0] == "kept"}
+    assert {k for k, r in rows.items() if r["fate"] == "kept"} == kept_before - set(gone)
+    t = dataset["totals"]
+    assert t["input"] == t["kept"] + t["filtered"] + t["duplicate"] + t["rejected"] == 16
+    assert t["kept"] == sum(s["count"] for s in dataset["shards"]) and t["by_reason"]["rejected"]["unreadable_shard"] == len(gone)
+
+
+def rewrite_shard(data_dir, shard, change):
+    """Shard ``shard`` rebuilt member by member through ``change(name, data, tar, index)`` (returning the
+    bytes to store, or None to leave the member out; it may add members), its index's size and sha256
+    updated to match."""
+    import hashlib
+    import io
+
+    tar_path = os.path.join(data_dir, shard_schema.shard_name(shard))
+    index_path = os.path.join(data_dir, shard_schema.index_name(shard))
+    with open(index_path) as f:
+        index = json.load(f)
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            data = change(member.name, data, tar, index)
+            if data is not None:
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    with open(tar_path, "wb") as f:
+        f.write(buf.getvalue())
+    index.update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    return index
+
+
+def test_inspect_verify_checks_array_shapes_against_the_json(dump, tmp_path, capsys):
+    """A latents member of another shape, its checksum updated (so it reads as intact): the trainer
+    would skip it as ``corrupt_member``; ``inspect --verify`` names it."""
+    import io
+
+    from shards.record import load_npy, member_checksum
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(dump, bad)
+
+    def halve_latents(name, data, tar, index):
+        if name == f"{index['keys'][0]}.latents.npy":
+            buf = io.BytesIO()
+            np.save(buf, load_npy(data).reshape(-1)[:10])
+            data = buf.getvalue()
+            index["checksums"][0]["latents.npy"] = member_checksum(data)
+        return data
+
+    index = rewrite_shard(bad, 0, halve_latents)
+    assert inspect_cli.main([bad, "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert f"corrupt_member: sample {index['keys'][0]!r} member latents.npy has shape [10], its json lists [" in err
+    assert err.count("BAD ") == 1
+
+
+def test_inspect_verify_reports_an_absolute_path_and_a_symlink_member_as_bad(dump, tmp_path, capsys):
+    """Members no writer of this project makes (it died with EOFError on such a tar): each reported,
+    never read or followed."""
+    import io
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(dump, bad)
+
+    def add_strangers(name, data, tar, index):
+        if name == f"{index['keys'][-1]}.txt":
+            info = tarfile.TarInfo("/etc/evil.txt")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+            link = tarfile.TarInfo(f"{index['keys'][-1]}.link")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+        return data
+
+    last = rewrite_shard(bad, 0, add_strangers)["keys"][-1]
+    assert inspect_cli.main([bad, "--verify"]) == 1
+    out, err = capsys.readouterr()
+    assert "bad member '/etc/evil.txt': an absolute path" in err
+    assert f"bad member '{last}.link': a symlink to '/etc/passwd'" in err
+    assert "verify: 4 ok, 1 bad" in out
+
+
 @pytest.fixture(scope="module")
 def unscored(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("unscored")

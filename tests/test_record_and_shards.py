@@ -184,6 +184,28 @@ def test_cleanup_removes_every_kind_of_temporary(tmp_path):
     assert shard_verify.verify_shard(str(tmp_path), 3) == []
 
 
+def test_launcher_cleanup_walks_the_whole_output_and_puts_back_a_swapped_out_checkpoint(tmp_path):
+    """A kill leaves temporaries in _plan/, rejects/ and checkpoints/ too, and ``publish_folder``'s
+    ``<dest>.old-<uuid>``: stale beside its ``<dest>``, the only copy without it."""
+    from core.fs import remove_temporaries
+    from students.training.checkpoint import remove_stale
+
+    hex_a, hex_b = "a" * 32, "b" * 32
+    for rel in ("_plan/plan.parquet.tmp-1a", "rejects/input.jsonl.tmp-2b", "checkpoints/step-0000002.tmp-3c/config.json",
+                "deep/er/x.npy.tmp-4d", f"checkpoints/step-0000004.old-{hex_a}/config.json", "checkpoints/step-0000004/config.json",
+                f"checkpoints/step-0000006.old-{hex_b}/config.json", "_plan/plan.parquet", "rejects/input.jsonl",
+                "checkpoints/step-0000008.old-notauuid/keep", "top.json.tmp-5e"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    assert remove_temporaries(str(tmp_path)) == ["top.json.tmp-5e"]  # the top level only, as before
+    removed = remove_stale(str(tmp_path))  # the trainer's rank 0, and the launchers with recursive=True
+    assert sorted(removed) == ["_plan/plan.parquet.tmp-1a", "checkpoints/step-0000002.tmp-3c",
+                               f"checkpoints/step-0000004.old-{hex_a}", "deep/er/x.npy.tmp-4d", "rejects/input.jsonl.tmp-2b"]
+    left = sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, names in os.walk(tmp_path) for f in names)
+    assert left == ["_plan/plan.parquet", "checkpoints/step-0000004/config.json", "checkpoints/step-0000006/config.json",
+                    "checkpoints/step-0000008.old-notauuid/keep", "rejects/input.jsonl"]  # step 6 renamed back
+
+
 def test_index_holds_a_checksum_per_member_and_readers_refuse_a_flipped_byte(tmp_path):
     index = _write(tmp_path, 0, ["a-s0", "b-s0"])
     assert index["schema_version"] == record.SCHEMA_VERSION and index["checksum_algorithm"] == "crc32"

@@ -490,6 +490,41 @@ def test_a_kill_during_a_save_leaves_nothing_after_the_resume(tiny_dump, tmp_pat
     assert lines == (tmp_path / "ref" / "losses.jsonl").read_text().splitlines()
 
 
+def test_a_kill_inside_a_checkpoint_swap_resumes_from_the_swapped_out_checkpoint(tiny_dump, tmp_path):
+    """Killed between ``publish_folder``'s two renames while saving step 4 again: ``step-0000004`` is
+    ``step-0000004.old-<uuid>`` (the only complete copy) beside the new one's temporary. The re-run puts
+    it back and resumes from step 4, the temporary gone."""
+    kw = dict(recipe="output_kd", max_steps=6, checkpoint_every=2, keep_checkpoints=3, batch_size=2)
+    train(_cfg(tiny_dump, tmp_path / "ref", **kw))
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    train(_cfg(tiny_dump, run, **kw), stop_after=4)
+    os.rename(ckpts / "step-0000004", ckpts / f"step-0000004.old-{'c' * 32}")
+    (ckpts / "step-0000004.tmp-def").mkdir()
+    assert len(train(_cfg(tiny_dump, run, **kw))) == 2  # steps 5 and 6: resumed from step 4
+    assert sorted(os.listdir(ckpts)) == ["step-0000002", "step-0000004", "step-0000006"]
+    assert (run / "losses.jsonl").read_text().splitlines() == (tmp_path / "ref" / "losses.jsonl").read_text().splitlines()
+
+
+def test_a_batch_larger_than_the_data_is_said_and_its_speed_counts_what_was_read(tiny_dump, tmp_path, capsys, monkeypatch):
+    """``--batch_size 1000`` on 16 samples logged samples_s as if 1000 had been read."""
+    from students.training import train as train_module
+
+    taken = []
+    real_next = train_module.Batches.next
+
+    def next_batch(self):
+        records = real_next(self)
+        taken.append((len(records), self.taken))
+        return records
+
+    monkeypatch.setattr(train_module.Batches, "next", next_batch)  # the real batches, seen as they pass
+    losses = train(_cfg(tiny_dump, tmp_path / "run", recipe="output_kd", batch_size=1000, max_steps=1, shuffle_buffer=0))
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    assert taken == [(16, 16)]  # the whole epoch, counted as 16
+    assert (f"distill train: warning: --batch_size 1000 is more than the 16 samples of {tiny_dump!r}: each batch is "
+            "the whole epoch (16 samples or fewer)") in capsys.readouterr().err.splitlines()
+
+
 def test_a_rerun_with_another_recipe_is_refused_and_a_finished_run_says_so(tiny_dump, tmp_path, capsys):
     from core.errors import UserError
 

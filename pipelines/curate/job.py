@@ -130,6 +130,7 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
         flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(CurateConfig) if hasattr(args, f.name)}
         cfg = config_lib.validate(config_lib.with_overrides(cfg, flags))
         check_models(cfg)
+        common.check_local_device(cfg.clip_device, beam_args, "--clip_device")
         splits = plan_inputs(list(job.input), job.input_format)
     opts = CurateOptions(inputs=job.input, input_format=job.input_format, output=job.output,
                          config=cfg, splits=tuple(splits), record_batch=job.record_batch,
@@ -304,7 +305,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     lock = common.lock_output(opts.output, PROG)  # one writer per output, before anything is removed or written
     try:
         _clear_stale_embeddings(opts.output)
-        remove_temporaries(opts.output)  # what killed writers left (issue 19): no worker runs yet
+        remove_temporaries(opts.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
         _ = pipeline | "Curate" >> Curate(opts)
         summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock)

@@ -56,6 +56,10 @@ def decode_or_reject(record: dict) -> tuple[str | None, dict | None]:
     if reject is not None:
         _count(f"rejected_{reject}")
         return None, reject_row(record, "normalise", reject)
+    bad_tag = captions.nsfw_tag_problem(record.get("nsfw"))
+    if bad_tag is not None:  # an unknown tag is not "safe": the --nsfw policy cannot judge it
+        _count(f"rejected_{reasons.BAD_NSFW_TAG}")
+        return None, reject_row(record, "normalise", reasons.BAD_NSFW_TAG, bad_tag)
     return text, None
 
 

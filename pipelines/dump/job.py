@@ -29,6 +29,7 @@ DoFn instances (threads) in it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 
@@ -94,6 +95,9 @@ class DumpConfig:
 # ---------------------------------------------------------------------------------------------
 # launcher side: validation and planning
 # ---------------------------------------------------------------------------------------------
+
+
+MAX_TEACHER_STEPS = 1000  # num_train_timesteps of every supported scheduler: more steps repeat timesteps
 
 
 def _require(ok: bool, message: str) -> None:
@@ -169,8 +173,14 @@ def build_recipe(cfg: DumpConfig) -> DumpRecipe:
         _require(getattr(cfg, name) >= 1, f"--{name} {getattr(cfg, name)} must be >= 1")
     _require(cfg.cpu_threads >= 0, f"--cpu_threads {cfg.cpu_threads} must be >= 0")
     _require(cfg.num_feature_steps >= 0, f"--num_feature_steps {cfg.num_feature_steps} must be >= 0")
+    _require(cfg.num_inference_steps <= MAX_TEACHER_STEPS,
+             f"--num_inference_steps {cfg.num_inference_steps} is more than the {MAX_TEACHER_STEPS} training timesteps "
+             "of a diffusion scheduler: one step per timestep at most")
+    _require(math.isfinite(cfg.guidance_scale), f"--guidance_scale {cfg.guidance_scale} must be a finite number")
     _require(cfg.guidance_range is None or len(cfg.guidance_range) == 2,
              f"--guidance_range {cfg.guidance_range} must be LO,HI")
+    _require(cfg.guidance_range is None or all(math.isfinite(g) for g in cfg.guidance_range),
+             f"--guidance_range {','.join(map(str, cfg.guidance_range or ()))} must be two finite numbers LO,HI")
     geometry = check_teacher(cfg.teacher)
     size = cfg.resolution or (geometry["resolution"] if geometry else 512)
     if geometry:
@@ -326,6 +336,7 @@ def prepare(argv: list[str] | None):
     with common.launcher_checks():
         cfg, beam_args = parse(DumpConfig, argv, prog=PROG, known_only=True, check_unknown=common.check_beam_args)
         recipe = build_recipe(cfg)
+        common.check_local_device(cfg.device, beam_args)
         found = dump_plan.read_input(cfg.prompts)
         _check_real_images(cfg, found)
     return cfg, recipe, found, beam_args
@@ -339,7 +350,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     fs.makedirs(out, exist_ok=True)
     lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
     try:
-        remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
+        remove_temporaries(cfg.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         common.check_or_write_recipe(cfg.output, recipe)
         planned_rows, input_rejects = dump_plan.plan(found.rows, recipe)
         num_shards = dump_plan.write_plan(cfg.output, planned_rows)

@@ -49,7 +49,7 @@ from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules, clip_s
 from core.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
 from shards.schema import write_dataset_info
 from shards.schema import embeds_name, index_name
-from shards.reader import list_indexes
+from shards.reader import list_indexes, read_index
 
 NAMESPACE = "filter_shards"
 PROG = "distill filter"
@@ -86,6 +86,27 @@ def _same_folder(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _check_indexes(data_dir: str, shards: list[int]) -> None:
+    """Every listed shard's index parses and is of a supported schema, read on the launcher (small
+    files, a few at a time): a bad one is one line here, not a worker's traceback after an ERROR log."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(shard: int) -> str | None:
+        try:
+            read_index(data_dir, shard)
+        except ValueError as err:  # UserError included: not JSON, a bad field, an unsupported schema_version
+            return " ".join(str(err).split())
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
+        bad = [(s, p) for s, p in zip(shards, pool.map(problem, shards)) if p]
+    if bad:
+        shard, why = bad[0]
+        more = f" (and {len(bad) - 1} more shard(s))" if len(bad) > 1 else ""
+        raise UserError(f"--input {data_dir!r}: the index {index_name(shard)} is unreadable: {why}{more}; check the "
+                        "dump with distill inspect --verify")
+
+
 def build_recipe(cfg: FilterConfig):
     """Validate the flags against the parent (naming the bad value).
 
@@ -107,6 +128,7 @@ def build_recipe(cfg: FilterConfig):
     if missing:
         raise UserError(f"--input {cfg.input!r} lacks the index of shard(s) "
                         f"{[index_name(i) for i in missing][:5]}: check it with distill inspect --verify")
+    _check_indexes(cfg.input, sorted(int(s["shard"][:-4]) for s in dataset["shards"]))
     preset = ImageScoring(**scoring).curate_config()
     knobs = ("kmeans_clusters", "target_cluster_size", "kmeans_sample_size")  # unset: the scoring preset's
     given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FilterRecipe) if hasattr(cfg, f.name)}
@@ -139,7 +161,7 @@ class ReadScoresFn(beam.DoFn):
         self.rejected = Metrics.counter(NAMESPACE, "samples_rejected_unscored")
 
     def process(self, shard: int):
-        records = filter_plan.score_records(self.parent, shard)
+        records = filter_plan.without_tar(self.parent, shard, filter_plan.score_records(self.parent, shard))
         if not self.embeddings:
             records = [{k: v for k, v in r.items() if k != EMBEDDING_FIELDS["image"]} for r in records]
         self.shards.inc()
@@ -298,7 +320,7 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
     fs.makedirs(out, exist_ok=True)
     lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
     try:
-        remove_temporaries(cfg.output)  # what killed writers left (issue 19): no worker runs yet
+        remove_temporaries(cfg.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         common.check_or_write_recipe(cfg.output, recipe)
         progress = common.show_progress(cfg.progress, options)
         input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])

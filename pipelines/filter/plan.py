@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 
 from core.errors import UserError
@@ -22,9 +23,9 @@ from filters.reasons import DUPLICATE, FATES, FILTERED, KEPT, REJECTED
 from pipelines import common
 from pipelines.scoring import ImageScoring
 from shards import schema
-from core.fs import atomic_write_bytes, join, read_bytes, url_to_fs
+from core.fs import atomic_write_bytes, exists, join, read_bytes, url_to_fs
 from shards.record import SCHEMA_VERSION
-from shards.schema import index_name
+from shards.schema import embeds_name, index_name, shard_name
 from shards.reader import read_embeddings, read_index
 
 MANIFEST = "manifest.parquet"
@@ -140,8 +141,40 @@ def score_records(data_dir: str, shard: int) -> list[dict]:
         return [dict(_base(k, shard, i, offsets[i]), stage="scores", reason=problem[0], detail=problem[1])
                 for i, k in enumerate(keys)]
     scores = index["scores"]
-    return [dict(_base(k, shard, i, offsets[i]), aesthetic_score=scores["aesthetic_score"][i],
-                 clip_score=scores["clip_score"][i], image_embedding=embeds[i]) for i, k in enumerate(keys)]
+    records = []
+    for i, k in enumerate(keys):
+        record = dict(_base(k, shard, i, offsets[i]), aesthetic_score=scores["aesthetic_score"][i],
+                      clip_score=scores["clip_score"][i], image_embedding=embeds[i])
+        bad = _non_finite(record, embeds[i])
+        if bad:  # a NaN/Inf row would poison k-means and the similarity search: set aside, counted
+            record.update(stage="scores", reason=reasons.NON_FINITE_SCORE,
+                          detail=f"{bad} of {keys[i]!r} (row {i} of {embeds_name(shard)}) is not finite")
+        records.append(record)
+    return records
+
+
+def without_tar(data_dir: str, shard: int, records: list[dict]) -> list[dict]:
+    """``records`` of an input shard, each rejected at stage ``scores`` (``unreadable_shard``) when the
+    shard's tar is missing though its index is there: nothing of it could be copied (it failed in
+    CopyShards after other output shards were written). One stat per shard; the scores are read without it."""
+    if not records or exists(join(data_dir, shard_name(shard))):
+        return records
+    detail = f"{shard_name(shard)} is missing (its index {index_name(shard)} is there)"
+    return [r if r["stage"] is not None else dict(r, stage="scores", reason=reasons.UNREADABLE_SHARD, detail=detail)
+            for r in records]
+
+
+def _non_finite(record: dict, embedding) -> str | None:
+    """What of a record's scores and embedding row is NaN/Inf (None when all is finite)."""
+    import numpy as np
+
+    if not np.isfinite(embedding).all():
+        return "the image embedding"
+    for name in ("aesthetic_score", "clip_score"):
+        value = record.get(name)
+        if value is not None and not math.isfinite(value):
+            return f"the {name}"
+    return None
 
 
 def dump_rejects(data_dir: str) -> list[dict]:

@@ -82,7 +82,12 @@ def _copy_from(parent: str, input_shard: int, rows: list[dict], writer: ShardWri
                         embeds[r["input_position"]]) for r in rows}
     rejects = []
     fs, path = url_to_fs(join(parent, shard_name(input_shard)))
-    with fs.open(path, "rb") as src:
+    try:
+        src = fs.open(path, "rb")
+    except FileNotFoundError:  # removed since ReadScores found it
+        return [{"key": r["key"], "reason": reasons.UNREADABLE_SHARD, "detail": f"{shard_name(input_shard)} is missing"}
+                for r in rows]
+    with src:
         for row in rows:
             if row["start"] is None:
                 continue

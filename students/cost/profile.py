@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 from core.allocator import ALLOCATORS
+from core.devices import check_device
 from core.errors import UserError, run_main
 from core.options import option, parse
 
@@ -464,11 +465,7 @@ def parse_args(argv=None) -> tuple[ProfileConfig, str | None]:
         raise UserError(f"--presets: unknown preset(s) {unknown or presets}; known: {', '.join(STUDENTS)}")
     resolution = _pixels_arg("resolution", args.resolution)
     latency_resolution = _pixels_arg("latency-resolution", args.latency_resolution)
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: no CUDA device is available")
+    check_device(args.device)
     if args.threads is not None:
         import torch
 
@@ -510,8 +507,7 @@ def _lookup_main(args: ProfileOptions) -> int:
     cfg = lookup_unet_config(args)
     if args.resolution and (not args.resolution.isdigit() or int(args.resolution) % 8):
         raise UserError(f"--resolution with --lookup is one pixel size (a multiple of 8), got {args.resolution!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA device is available")
+    check_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = L.LookupSettings(batch_size=args.batch_size, side=int(args.resolution) // 8 if args.resolution else None,
@@ -527,7 +523,13 @@ def _lookup_main(args: ProfileOptions) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from core.fs import check_output_file
+
     args, _ = parse(ProfileOptions, argv, prog="distill profile", description=__doc__.split("\n")[0])
+    for flag in ("json", "lookup"):  # before the models are built and timed
+        if getattr(args, flag):
+            check_output_file(getattr(args, flag), f"--{flag}")
+    check_device(args.device)
     if args.lookup:
         return _lookup_main(args)
     cfg, json_path = parse_args(argv)

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
 import time
 
+from core.devices import check_device
 from core.errors import UserError, run_main
+from core.fs import check_output_folder
 from core.options import option, parse
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -129,11 +132,18 @@ def load_prompts(path: str, num_images: int) -> tuple[list[Prompt], str]:
     """(prompts, "coco" | "plain") from a COCO annotation ``.json`` or a ``.txt``/``.jsonl`` file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"captions file {path!r} not found")
-    if path.endswith(".json"):
-        return coco_prompts(path, num_images), "coco"
-    if path.endswith((".txt", ".jsonl")):
+    if not path.endswith((".json", ".txt", ".jsonl")):
+        raise ValueError(f"captions file {path!r}: expected a COCO annotation .json, a .txt or a .jsonl")
+    try:
+        if path.endswith(".json"):
+            return coco_prompts(path, num_images), "coco"
         return plain_prompts(path, num_images), "plain"
-    raise ValueError(f"captions file {path!r}: expected a COCO annotation .json, a .txt or a .jsonl")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--captions {path!r} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                         "save it as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--captions {path!r} is not valid JSON{' Lines' if path.endswith('.jsonl') else ''} "
+                         f"(line {err.lineno}: {err.msg})") from None
 
 
 def reference_paths(prompts: list[Prompt], folder: str) -> list[str]:
@@ -401,11 +411,10 @@ def validate(cfg: EvalConfig, extra_metrics=()) -> dict:
         raise ValueError(f"step counts must be >= 1, got {bad_steps}")
     if cfg.dtype not in DTYPES or cfg.weights not in ("ema", "raw"):
         raise ValueError(f"dtype={cfg.dtype!r} (one of {DTYPES}) / weights={cfg.weights!r} (ema | raw)")
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {cfg.device!r}: no CUDA device is available")
+    if cfg.guidance_scale is not None and not 0 <= cfg.guidance_scale < math.inf:  # nan would turn CFG off silently
+        raise ValueError(f"--guidance_scale {cfg.guidance_scale} must be a finite number >= 0")
+    check_device(cfg.device)
+    check_output_folder(cfg.output, "--output", own="metrics.json")
     names = resolve_metrics(cfg)
     unknown = [n for n in names if n not in KNOWN_METRICS]
     if unknown:

@@ -250,7 +250,12 @@ class OnnxPipeline:
             if not os.path.isfile(path):
                 raise DeployError(f"{path}: the {precision} {component} named in {DEPLOY_FILE} is missing")
             self.specs[component] = spec
-            self.sessions[component] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            try:
+                self.sessions[component] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            except Exception as err:  # onnxruntime's Fail / InvalidProtobuf / ...: a truncated or foreign file
+                reason = " ".join(str(err).split())[:200]
+                raise DeployError(f"{path}: the {precision} {component} is not a loadable ONNX model ({reason}); "
+                                  "re-export it (distill export --format onnx)") from None
 
     def run(self, component: str, *arrays):
         """One model on float32/int64 arrays (cast to the model's input dtypes) -> its first output as float32."""
@@ -328,6 +333,13 @@ def _main(argv: list[str]) -> int:
     cfg = parse(GenerateConfig, rest, prog="distill generate",
                 description="Make an image with an exported ONNX pipeline (numpy + onnxruntime, no torch). "
                             'Usage: distill generate --onnx DIR "caption" [--seed N] [--output image.png]')[0]
+    from core.fs import check_output_file
+
+    if not 0 <= cfg.seed < 2**63:  # numpy's default_rng takes no negative seed
+        raise UserError(f"--seed must be an integer in [0, 2**63), got {cfg.seed}")
+    if cfg.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {cfg.threads}")
+    check_output_file(cfg.output, "--output")  # before the models load and run
     pipe = OnnxPipeline(cfg.onnx, precision=cfg.precision, threads=cfg.threads)
     write_png(pipe(cfg.prompt, seed=cfg.seed), cfg.output)
     print(f"wrote {cfg.output}: {pipe.manifest.width}x{pipe.manifest.height}, {pipe.manifest.num_inference_steps} steps, "

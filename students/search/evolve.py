@@ -37,7 +37,9 @@ and data position are kept, so training resumes from it exactly as the trainer r
 Outputs in ``--output``: ``run/`` (the trainer's run folder; its last checkpoint is the evolved
 student), ``student_config.json``, ``lookup.json``, ``evolution.jsonl`` (one line per iteration: the
 scores, the actions, predicted and measured latency, the metric) and ``report.html`` / ``report.png``
-(the path of latency against the metric). Re-running the same command resumes.
+(the path of latency against the metric), ``evolve.json`` (the settings it was started with).
+Re-running the same command resumes; another setting over an existing evolution is refused in one line
+naming the fields that differ, and a finished one says so instead of running again (``check_rerun``).
 """
 
 from __future__ import annotations
@@ -55,11 +57,14 @@ from students.search.edit import (Action, apply_actions, copyable, evolvable, ev
                                   skip_blocks, student_at)
 from students.cost.lookup import LookupSettings, LookupTable, unet_blocks
 from students.training.train import TrainConfig
-from core.fs import join
+from core.fs import join, url_to_fs
 
 METRICS = ("adherence", "clip")
 METRIC_KEYS = {"adherence": "adherence", "clip": "clip_score"}
 EVOLUTION = "evolution.jsonl"
+SETTINGS = "evolve.json"  # the EvolveConfig an evolution folder was started with (its re-run guard)
+# EvolveConfig fields a re-run may change without changing what the evolution is (as distill train's RERUN_FREE)
+RERUN_FREE = ("output", "num_workers", "audit_keys", "device")
 _TRAIN_LR = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "lr")
 
 
@@ -205,6 +210,37 @@ class EvolveConfig:
                            log_every=max(1, self.steps_per_iteration // 4))
 
 
+def evolve_settings(cfg: EvolveConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as saved
+
+
+def check_rerun(cfg: EvolveConfig) -> bool:
+    """A re-run into a folder that holds an evolution resumes it only with the settings it was started
+    with (``evolve.json``: every ``EvolveConfig`` field but ``RERUN_FREE``), else one line naming the
+    fields that differ, before any work; returns whether that evolution is finished (every iteration
+    recorded and ``student_config.json`` written), which a re-run then says instead of redoing it."""
+    from core.fs import exists, read_json
+    from core.options import differing_fields
+
+    from core.fs import check_output_folder
+
+    check_output_folder(cfg.output, "--output", own=EVOLUTION)  # not a file, nor a dump, run or export
+    fs, fpath = url_to_fs(cfg.output)
+    records = read_records(cfg.output)
+    if exists(join(cfg.output, SETTINGS)):
+        old, new = read_json(join(cfg.output, SETTINGS)), evolve_settings(cfg)
+        differ = differing_fields(old, new, ignore=RERUN_FREE)
+        if differ:
+            shown = ", ".join(f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
+            raise UserError(f"{cfg.output!r} holds an evolution made with other settings ({shown}"
+                            f"{', ...' if len(differ) > 4 else ''}): re-run with its flags to resume it, or pass a "
+                            "new --output")
+    elif records or fs.exists(join(fpath, "run")):
+        raise UserError(f"{cfg.output!r} holds an evolution without its {SETTINGS} (another version's, or not "
+                        "distill evolve's): pass a new --output")
+    return len(records) >= cfg.iterations and exists(join(cfg.output, "student_config.json"))
+
+
 def read_records(output: str) -> list[dict]:
     from core.fs import exists, read_bytes
 
@@ -312,12 +348,18 @@ def evolve(cfg: EvolveConfig, *, metric=None, recipe=None, stop_after_iteration:
     from students.cost.lookup import measure_ms, settings_of
     from students.training.train import check_inputs, setup_distributed, train
 
+    from core.fs import atomic_write_json, exists
+
+    if check_rerun(cfg):  # finished: nothing to redo
+        return read_records(cfg.output)
     train_cfg = cfg.train_config()
     recipe = dataclasses.replace(recipe or train_cfg.resolved_recipe(), robust_skip_prob=cfg.robust_skip_prob)
     check_inputs(train_cfg, recipe)  # the dump and the output, before any work
     rank, world = setup_distributed(train_cfg)
     scorer = Scorer(cfg, metric) if rank == 0 else None  # the validation captions, before any work
     _makedirs(cfg.output)
+    if rank == 0 and not exists(join(cfg.output, SETTINGS)):
+        atomic_write_json(join(cfg.output, SETTINGS), evolve_settings(cfg))
     start = start_config(cfg)
     table = _lookup(cfg, start) if rank == 0 else None
     _barrier(world)
@@ -468,14 +510,18 @@ def _main(argv: list[str]) -> int:
     import torch
 
     cfg = parse_args(argv)
+    finished = check_rerun(cfg)
     try:
         records = evolve(cfg)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if finished:
+        print(f"distill evolve: {cfg.output} is finished ({len(records)} of --iterations {cfg.iterations}); nothing "
+              "was run: the result below is that evolution's (pass a new --output to evolve again)", file=sys.stderr)
     if records:
         last = records[-1]
-        print(f"evolve: {len(records)} iterations; final {last['metric_name']} {last['metric']:.4f} at "
+        print(f"evolve: {len(records)} iterations{' (finished earlier)' if finished else ''}; final {last['metric_name']} {last['metric']:.4f} at "
               f"{last['predicted_ms']:.3f} ms predicted ({last['measured_ms']:.3f} measured); "
               f"{join(cfg.output, 'student_config.json')}, {join(cfg.output, 'report.html')}", flush=True)
         print(f"evolve: {target_verdict(last)[1]}")  # last: a miss is the line a reader sees

@@ -196,9 +196,12 @@ def load_latest(output: str, state: dict) -> int:
 
 
 def remove_stale(output: str) -> list[str]:
-    """Delete the ``checkpoints/step-N.tmp-<uuid>`` folders a killed save left; returns their names.
-    Rank 0 only, before its first step: the one writer of checkpoints is not saving then."""
-    return remove_temporaries(join(output, CKPT_DIR))
+    """Delete what killed writers left in the run folder, the whole tree: ``checkpoints/step-N.tmp-<uuid>``
+    folders of a killed save, ``*.tmp-<uuid>`` files (a ``losses.jsonl`` rewrite), and a replaced
+    checkpoint's ``step-N.old-<uuid>`` (renamed back to ``step-N`` when the kill came between the
+    swap's two renames); returns their paths relative to the run folder. Rank 0 only, before it
+    resumes: the one writer of the folder is not saving then."""
+    return remove_temporaries(output, recursive=True)
 
 
 def _lines_up_to(lines: list[str], step: int) -> list[str]:

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from core.devices import check_device
 from core.errors import UserError
 from core.options import differing_fields, option
 from students.distill import adversarial
@@ -113,8 +114,10 @@ class TrainConfig:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ("student_steps", "progressive_from", "warmup_steps", "shuffle_buffer", "epoch_length", "num_workers",
                      "image_every", "grad_clip", "weight_decay", "decoder_weight", "adv_warmup"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):  # nan < 0 is False
+                raise UserError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.adv_weight):
+            raise UserError(f"--adv_weight must be a finite number, got {self.adv_weight}")
         for name in ("lr", "disc_lr"):
             if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
                 raise UserError(f"--{name} must be a positive number, got {getattr(self, name)}")
@@ -197,6 +200,7 @@ class Batches:
         self.cfg, self.urls, self.epoch, self.position = cfg, urls, epoch, position
         self.seen: dict[int, list[str]] = {}  # epoch -> keys read by this rank (with audit_keys)
         self.stats = ReadStats()
+        self.taken = 0  # records handed out by next() in this process (a batch that ends an epoch is short)
         self._it = None
 
     def state_dict(self) -> dict:
@@ -244,6 +248,7 @@ class Batches:
                 self._it = self._epoch_iter(skip=0)
                 if records:  # an epoch ends on a partial batch: finish it, next batch starts the new epoch
                     break
+        self.taken += len(records)
         return records
 
 
@@ -266,6 +271,7 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
     fs, fpath = url_to_fs(cfg.output)
     if fs.exists(fpath) and not fs.isdir(fpath):
         raise UserError(f"--output {cfg.output!r} is an existing file, not a run folder")
+    check_device(cfg.device)  # before the output folder or a process group exists
     check_rerun(cfg)
     if cfg.init_from is not None:
         from students.training.runs import resolve_checkpoint
@@ -506,9 +512,10 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
         from core.fs import OutputLock
 
         lock = OutputLock.acquire(cfg.output, "distill train")
+        ckpt.remove_stale(cfg.output)  # what a kill left (before the resume: a swapped-out checkpoint comes back)
+    if world > 1:
+        torch.distributed.barrier()  # every rank resumes from the folder rank 0 has cleaned
     step = ckpt.load_latest(cfg.output, state)
-    if rank == 0:
-        ckpt.remove_stale(cfg.output)  # what a kill during a save left: never resumed from, never removed else
     model = student
     if world > 1:
         # robust training skips blocks: their parameters get no gradient on that rank in that step
@@ -519,9 +526,13 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     # how the student samples, written into every checkpoint (export and eval read it from there)
     sampler, sampling = student_sampling(dataset, dataclasses.asdict(recipe))
     # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
+    in_data = sum(int(s.get("count", 0)) for s in dataset.get("shards", []))
+    if rank == 0 and not cfg.epoch_length and 0 < in_data < cfg.batch_size:
+        print(f"distill train: warning: --batch_size {cfg.batch_size} is more than the {in_data} samples of {cfg.data!r}: "
+              f"each batch is the whole epoch ({in_data} samples or fewer)", file=sys.stderr, flush=True)
     log = ckpt.RunLog(cfg, rank, resume_step=step) if rank == 0 else None  # drops the lines after `step`
     losses: list[float] = []
-    start_step, t0 = step, time.monotonic()
+    start_step, t0, taken0 = step, time.monotonic(), batches.taken
     try:
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
@@ -543,7 +554,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
             losses.append(float(terms["loss"].detach()))
             if log is not None:
                 log.step(step, log_terms(terms, raw), scheduler.get_last_lr()[0], float(grad_norm),
-                         samples_per_s=(step - start_step) * cfg.batch_size * cfg.grad_accum * world / (time.monotonic() - t0))
+                         samples_per_s=(batches.taken - taken0) * world / (time.monotonic() - t0))  # read, not asked for
             if rank == 0 and cfg.image_every and (step % cfg.image_every == 0 or step == cfg.max_steps):
                 log.grid(step, student, ema_unet, dataset, urls, sampler, sampling, decoder)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:

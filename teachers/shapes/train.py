@@ -407,7 +407,7 @@ def _reuse(folder: str, output: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=M.ARCHS, default="shapes",
                    help="shapes: the 2-level teacher (weights/); sd15: SD-1.5's UNet layout and scheduler (weights_sd15/)")
     p.add_argument("--output", default=None, help="weights folder (default: the arch's committed folder)")

@@ -243,7 +243,7 @@ def write_captions(path: str, n: int, seed: int = 0, split: str | None = None) -
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description="Write the shapes world's split caption files.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Write the shapes world's split caption files.")
     p.add_argument("folder", help="writes captions_train.txt and captions_heldout.txt here")
     args = p.parse_args(argv)
     for split, path in write_split_captions(args.folder).items():
