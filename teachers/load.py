@@ -266,9 +266,16 @@ def _pipeline_class(class_name: str):
     raise TeacherError(f"pipeline class {class_name!r} is not a Stable Diffusion (1.x/2.x/XL/3) text-to-image pipeline")
 
 
+SD3_OPTIONAL = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")  # None where a folder lacks them
+
+
 def _load_folder(path: str, tdtype):
     cls, is_xl = _folder_class(path)
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if cls.__name__ == "StableDiffusionPipeline" else {}
+    if cls.__name__ == "StableDiffusion3Pipeline":  # no T5 (diffusers saves none for text_encoder_3=None): None
+        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+        kwargs = {name: None for name in SD3_OPTIONAL if not any(index.get(name) or [None])}
     return cls.from_pretrained(path, dtype=tdtype, **kwargs), is_xl
 
 
