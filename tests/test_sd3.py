@@ -266,3 +266,20 @@ def test_dump_of_tiny_sd3_verifies_and_holds_the_pipelines_latents(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "flow dumps need a flow recipe" in err[0], err
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--teacher", "tiny-sd3", "--scheduler", "ddim"], "--scheduler 'ddim' does not sample teacher 'tiny-sd3'"),
+    (["--teacher", "tiny", "--scheduler", "flow-euler"], "--scheduler 'flow-euler' does not sample teacher 'tiny'"),
+    (["--teacher", "tiny-sd3", "--feature_layers", "mid_block"], "'mid_block' is not a block of teacher 'tiny-sd3' (transformer_blocks.N, N < 4)"),
+    (["--teacher", "tiny-sd3", "--feature_layers", "transformer_blocks.4"], "'transformer_blocks.4' is not a block"),
+    (["--teacher", "tiny-sd3", "--resolution", "272"], "covers sides up to 256"),
+])
+def test_dump_refuses_flags_the_flow_or_unet_teacher_cannot_take(tmp_path, flags, words):
+    from pipelines import teacher_dump
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(UserError) as err:
+        teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "out"), *flags])
+    assert words in str(err.value)
+    assert not os.path.exists(tmp_path / "out")
