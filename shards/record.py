@@ -4,13 +4,13 @@ One WebDataset sample = one (prompt, seed) generation. Members of a sample (``<k
 
     json                        metadata: prompt, seed, guidance, teacher, scheduler, noise levels, shapes
     txt                         the caption (UTF-8)
-    prompt_embeds.npy           (77, D) text encoder hidden states
-    pooled_prompt_embeds.npy    (D2,) SDXL only
+    prompt_embeds.npy           (L, D) text encoder hidden states (L = 77; SD3: 77 CLIP + 256 T5 tokens)
+    pooled_prompt_embeds.npy    (D2,) SDXL and SD3 only
     add_time_ids.npy            (6,) SDXL only
-    noise.npy                   (4, h, w) initial noise
-    latents.npy                 (S + 1, 4, h, w) the UNet's input z_t at each recorded step, then the final latent
-    pred_cond.npy               (S, 4, h, w) teacher output (epsilon or v: json "prediction_type") with the prompt
-    pred_uncond.npy             (S, 4, h, w) teacher output with the empty prompt
+    noise.npy                   (C, h, w) initial noise (C = 4; SD3: 16)
+    latents.npy                 (S + 1, C, h, w) the denoiser's input z_t at each recorded step, then the final latent
+    pred_cond.npy               (S, C, h, w) teacher output (epsilon, v or flow velocity: json "prediction_type")
+    pred_uncond.npy             (S, C, h, w) teacher output with the empty prompt
 
 Schema 2, one parameterisation whatever the scheduler: ``latents[i]`` is the variance-preserving
 ``z_t = alphas[i] x0 + sigmas[i] eps`` that the UNet received at recorded step i (for Euler, the
@@ -21,6 +21,16 @@ final latent. ``guidance_scale`` is the float32 weight applied (1.0 where CFG wa
 Every reader converts through ``noise_levels(meta)``; schema-1 DDIM and DPM-Solver++ dumps (whose
 latents were z_t already, at integer timesteps) are converted from their scheduler config there,
 and schema-1 Euler dumps (unscaled latents) are refused.
+
+Schema 3 adds flow-matching teachers (SD3: ``StableDiffusion3Pipeline``). ``prediction_type`` is
+one of ``PREDICTION_TYPES``: ``epsilon`` and ``v_prediction`` (variance-preserving, alpha^2 + sigma^2
+= 1, as in schema 2) or ``flow``: rectified flow, ``latents[i] = alphas[i] x0 + sigmas[i] eps`` with
+alpha = 1 - sigma (the Euler state the transformer received; ``alphas[0]`` is 0 at sigma = 1) and
+``pred_*`` the velocity v = eps - x0 (so x0 = z - sigma v, eps = z + alpha v). Features of a
+transformer teacher are ``feats.transformer_blocks.N``: its image tokens as (C, h/p, w/p) maps over
+the patch grid. ``noise_process(meta)`` says which: schema 1 and 2 records are variance-preserving
+(nothing else could be dumped then), so they read unchanged as schema 3 ones. The version moved so
+that readers of schema 2 refuse flow records instead of reading velocities as epsilon.
     feats.<layer>.npy           (F, C, H, W) block outputs at the feature steps (cond branch)
     png                         decoded image (optional)
     image_latents.npy           (4, h, w) a real image of the caption encoded by the teacher's VAE
@@ -67,8 +77,13 @@ import numpy as np
 
 from core.errors import UserError
 
-SCHEMA_VERSION = 2  # of the sample json, the shard index and dataset.json
-SUPPORTED_SCHEMA_VERSIONS = (1, 2)  # what readers accept (1: see noise_levels)
+SCHEMA_VERSION = 3  # of the sample json, the shard index and dataset.json
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)  # what readers accept (1: see noise_levels; 1, 2: see noise_process)
+
+FLOW = "flow"  # prediction_type of rectified-flow (SD3) teachers: the velocity v = eps - x0
+PREDICTION_TYPES = ("epsilon", "v_prediction", FLOW)
+VARIANCE_PRESERVING = "variance_preserving"  # z = alpha x0 + sigma eps, alpha^2 + sigma^2 = 1
+RECTIFIED_FLOW = "rectified_flow"  # z = (1 - sigma) x0 + sigma eps
 
 JSON = "json"
 TXT = "txt"
@@ -291,7 +306,8 @@ def noise_levels(meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     Row i goes with ``latents[i]``, ``pred_cond[i]``, ``pred_uncond[i]``:
     ``latents[i] = alphas[i] x0 + sigmas[i] eps`` and the UNet ran at ``timesteps[i]``.
-    ``meta`` is the sample's json (``Record.meta``). Schema 2 stores these; schema 1 DDIM and
+    ``meta`` is the sample's json (``Record.meta``). Schemas 2 and 3 store these (a schema-3 flow
+    record's alphas are 1 - sigmas: ``noise_process``); schema 1 DDIM and
     DPM-Solver++ records are converted from their scheduler config (integer timesteps,
     ``alphas_cumprod``); anything else is a ``UserError`` saying why and to re-dump.
     """
@@ -301,11 +317,11 @@ def noise_levels(meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         timesteps = np.asarray(meta["timesteps"], np.float64)[recorded]
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise UserError(f"sample {key!r}: no usable timesteps/recorded_steps in its json ({err})") from None
-    if version == 2:
+    if version in (2, 3):
         try:
             alphas, sigmas = np.asarray(meta["alphas"], np.float64), np.asarray(meta["sigmas"], np.float64)
         except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"sample {key!r}: schema-2 json without alphas/sigmas ({err})") from None
+            raise UserError(f"sample {key!r}: schema-{version} json without alphas/sigmas ({err})") from None
         if alphas.shape != timesteps.shape or sigmas.shape != timesteps.shape:
             raise UserError(f"sample {key!r}: {alphas.size} alphas and {sigmas.size} sigmas for "
                             f"{timesteps.size} recorded steps")
@@ -320,7 +336,7 @@ def noise_levels(meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def final_noise_level(meta: dict) -> tuple[float, float]:
     """(alpha, sigma) of a record's final latent ``latents[-1]``: (1, 0) except where DDIM ends at
     ``alphas_cumprod[0]`` (``set_alpha_to_one=False``, as Stable Diffusion's config has it)."""
-    if meta.get("schema_version") == 2:
+    if meta.get("schema_version") in (2, 3):
         return float(meta["final_alpha"]), float(meta["final_sigma"])
     abar = _schema1_alphas_cumprod(meta)
     config = meta["scheduler_config"]
@@ -329,6 +345,19 @@ def final_noise_level(meta: dict) -> tuple[float, float]:
     else:
         final = 1.0 if config.get("final_sigmas_type", "zero") == "zero" else float(abar[0])
     return float(np.sqrt(final)), float(np.sqrt(1.0 - final))
+
+
+def noise_process(meta: dict) -> str:
+    """``VARIANCE_PRESERVING`` or ``RECTIFIED_FLOW``: how a record's (or ``dataset.json``'s) latents
+    mix x0 and eps and what its predictions are (module docstring). The conversion for older
+    versions: schema 1 and 2 only knew variance-preserving teachers, whatever their json says."""
+    version, kind = meta.get("schema_version"), meta.get("prediction_type") or "epsilon"
+    if version in (1, 2):
+        return VARIANCE_PRESERVING
+    if kind not in PREDICTION_TYPES:
+        raise UserError(f"{meta.get('key') or 'dataset'!r}: prediction_type {kind!r} is not one of "
+                        f"{', '.join(PREDICTION_TYPES)}")
+    return RECTIFIED_FLOW if kind == FLOW else VARIANCE_PRESERVING
 
 
 def _schema1_alphas_cumprod(meta: dict) -> np.ndarray:

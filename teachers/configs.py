@@ -3,7 +3,8 @@
 ``sd15_*`` and ``sdxl_*`` are the published architectures of Stable Diffusion 1.5
 (runwayml/stable-diffusion-v1-5 ``unet/config.json``, ``vae/config.json``, ``text_encoder``
 = OpenAI CLIP ViT-L/14 text tower) and SDXL base 1.0 (``unet`` with ``text_time`` conditioning,
-two text encoders: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14). ``tiny_*`` are the same shapes
+two text encoders: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14); ``sd3_*`` is Stable Diffusion 3 Medium
+(an MMDiT flow-matching transformer, below). ``tiny_*`` are the same shapes
 scaled down for tests (after diffusers' ``get_dummy_components``), with the real CLIP vocabulary.
 
 Each function returns a fresh dict, so callers may ``dict(cfg, key=value)`` without aliasing.
@@ -182,3 +183,75 @@ def tiny_xl_unet() -> dict:
 
 def tiny_xl_text_2() -> dict:
     return dict(tiny_text(), hidden_act="gelu")
+
+
+# --------------------------------------------------------------------------------------------
+# Stable Diffusion 3 (Medium): an MMDiT flow-matching transformer
+# --------------------------------------------------------------------------------------------
+# stabilityai/stable-diffusion-3-medium-diffusers: ``transformer/config.json`` (24 joint blocks of
+# width 24 x 64 = 1536 over 2x2 patches of 16-channel latents, about 2B parameters; Esser et al.
+# 2024, "Scaling Rectified Flow Transformers", depth 24), ``vae/config.json`` (the 16-channel KL-f8
+# autoencoder with a shift factor), ``scheduler`` (FlowMatchEulerDiscreteScheduler, shift 3.0), and
+# the text encoders CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, both with projection (pooled 768 + 1280
+# = 2048). The T5-XXL encoder (text_encoder_3) is optional in diffusers and left out here: its
+# place in the prompt embeddings is zeros, as StableDiffusion3Pipeline fills it without T5.
+
+
+def sd3_medium_transformer() -> dict:
+    return dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+    )
+
+
+def sd3_vae() -> dict:
+    """SD3's 16-channel KL-f8 autoencoder (no quant convs; latents = (mean - shift) * scale)."""
+    return dict(sd_vae(1024, 1.5305), latent_channels=16, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False)
+
+
+def sd3_scheduler() -> dict:
+    """SD3's rectified-flow schedule: sigma = shift s / (1 + (shift - 1) s) of the uniform s (shift 3)."""
+    return dict(num_train_timesteps=1000, shift=3.0)
+
+
+def sd3_clip_l_text() -> dict:
+    """SD3's first text encoder: CLIP ViT-L/14 with its projection (pooled 768)."""
+    return clip_l_text()
+
+
+def sd3_clip_g_text() -> dict:
+    """SD3's second text encoder: OpenCLIP ViT-bigG/14 with its projection (pooled 1280)."""
+    return clip_bigg_text()
+
+
+def tiny_sd3_transformer() -> dict:
+    """SD3's layout shrunk: 4 joint blocks of width 4 x 8 = 32, 2x2 patches of 16-channel latents.
+    ``joint_attention_dim`` 96 > 32 + 32, so the CLIP states are zero-padded as SD3's 2048 are to 4096."""
+    return dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=96,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # 32 + 32 pooled, concatenated
+        out_channels=16,
+        pos_embed_max_size=16,  # latent sides up to 32 (256 px)
+    )
+
+
+def tiny_sd3_vae() -> dict:
+    return dict(tiny_vae(), latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                use_post_quant_conv=False)

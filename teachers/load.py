@@ -1,7 +1,7 @@
 """Load a diffusion teacher: built-in offline specs, a local diffusers folder, or a hub id.
 
     teacher = load_teacher("tiny", dtype="float32", device="cpu")
-    teacher.pipe        # a diffusers StableDiffusionPipeline / StableDiffusionXLPipeline
+    teacher.pipe        # a diffusers StableDiffusionPipeline / StableDiffusionXLPipeline / StableDiffusion3Pipeline
 
 Specs:
     tiny          SD-1.5-shaped pipeline from small configs (same weights on every machine)
@@ -12,10 +12,22 @@ Specs:
                   pairs per stage) and scheduler, trained on the training split only
     sd15-random   the full SD-1.5 architecture, random weights (cost measurement)
     sdxl-random   the full SDXL base architecture, random weights (cost measurement)
-    PATH          a local diffusers pipeline folder (``model_index.json`` inside)
+    tiny-sd3      SD3-shaped: an MMDiT flow-matching transformer (SD3Transformer2DModel), the
+                  FlowMatchEulerDiscreteScheduler with SD3's shift 3, two CLIP text encoders with
+                  projection, no T5 (text_encoder_3=None, as diffusers allows), 16-channel KL-f8 VAE
+    sd3-random    SD3-Medium's architecture (2B transformer, CLIP-L and bigG, no T5), random weights:
+                  for cost only (about 11 GB in float32; build it on the meta device to count)
+    PATH          a local diffusers pipeline folder (``model_index.json`` inside): SD 1.x/2.x, SDXL
+                  or SD3 (``_class_name`` StableDiffusion3Pipeline; a T5 encoder is loaded if present)
     ORG/NAME      a hub id: loaded where a network exists; offline it fails within seconds
 
 Every built-in uses the real CLIP BPE tokenizer made offline (``teachers.tokenizer``).
+
+Flux does not fit this path without special cases, so it is refused (one line): FluxPipeline packs
+2x2 latent patches into a token sequence in the pipeline (``_pack_latents``) with latent image ids,
+its released models are guidance-distilled (the weight is a transformer input, not CFG's two
+branches), its T5 encoder is required, and its shift is resolution-dependent. SD3 and SD3.5
+pipelines (same class, ``dual_attention_layers`` and ``qk_norm`` in the transformer's config) fit.
 """
 
 from __future__ import annotations
@@ -27,7 +39,8 @@ import socket
 import threading
 from urllib.parse import urlparse
 
-BUILTIN_SPECS = ("tiny", "tiny-xl", "shapes", "shapes-sd15", "sd15-random", "sdxl-random")
+BUILTIN_SPECS = ("tiny", "tiny-xl", "shapes", "shapes-sd15", "sd15-random", "sdxl-random", "tiny-sd3", "sd3-random")
+SD3_SPECS = ("tiny-sd3", "sd3-random")  # flow-matching transformer teachers (StableDiffusion3Pipeline)
 SHAPES_ARCHS = {"shapes": "shapes", "shapes-sd15": "sd15"}  # built-ins trained here: spec -> teachers.shapes arch
 DTYPES = ("float32", "float16", "bfloat16")
 _BUILD_SEED = 20240601  # weights of built-in specs: fixed, so every machine builds the same model
@@ -40,15 +53,25 @@ class TeacherError(ValueError):
 @dataclasses.dataclass
 class Teacher:
     spec: str  # what the user asked for
-    pipe: object  # diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
+    pipe: object  # diffusers StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusion3Pipeline
     is_xl: bool  # SDXL-style conditioning (two text encoders, pooled embeds, time ids)
     dtype: str  # one of DTYPES
     device: str
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
+    def is_flow(self) -> bool:
+        """A rectified-flow transformer teacher (StableDiffusion3Pipeline): velocity outputs, no UNet."""
+        return type(self.pipe).__name__.startswith("StableDiffusion3")
+
+    @property
     def unet(self):
         return self.pipe.unet
+
+    @property
+    def denoiser(self):
+        """The network the sampler steps: the UNet, or an SD3 teacher's transformer."""
+        return self.pipe.transformer if self.is_flow else self.pipe.unet
 
     @property
     def vae_scale_factor(self) -> int:
@@ -56,26 +79,48 @@ class Teacher:
 
     @property
     def default_resolution(self) -> int:
-        """Image side the UNet was configured for (``sample_size`` latents x VAE factor)."""
-        return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+        """Image side the denoiser was configured for (``sample_size`` latents x VAE factor)."""
+        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
     @property
     def prediction_type(self) -> str:
+        """``epsilon`` / ``v_prediction`` (the scheduler's), or ``flow`` for a rectified-flow teacher:
+        the velocity v = eps - x0 of z_t = (1 - sigma) x0 + sigma eps."""
+        if self.is_flow:
+            return FLOW_PREDICTION
         return self.pipe.scheduler.config.get("prediction_type", "epsilon")
 
     def check_resolution(self, height: int, width: int) -> None:
-        """Raise ``ValueError`` naming the value if the UNet cannot run at this image size."""
-        multiple = resolution_multiple(self.pipe.vae.config, self.pipe.unet.config)
+        """Raise ``ValueError`` naming the value if the denoiser cannot run at this image size."""
+        multiple = resolution_multiple(self.pipe.vae.config, self.denoiser.config)
+        limit = max_resolution(self.pipe.vae.config, self.denoiser.config)
         for name, side in (("height", height), ("width", width)):
             if side <= 0 or side % multiple:
                 raise ValueError(f"{name}={side} is not possible for teacher {self.spec!r}: "
                                  f"image sides must be positive multiples of {multiple}")
+            if limit is not None and side > limit:
+                raise ValueError(f"{name}={side} is not possible for teacher {self.spec!r}: its transformer's "
+                                 f"position table covers image sides up to {limit}")
+
+
+FLOW_PREDICTION = "flow"  # prediction_type of rectified-flow teachers: the velocity eps - x0
 
 
 def resolution_multiple(vae_config, unet_config) -> int:
-    """Image sides must be multiples of this: the VAE factor times one halving per UNet down stage."""
+    """Image sides must be multiples of this: the VAE factor times one halving per UNet down stage
+    (for a transformer, times its patch size)."""
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if "patch_size" in unet_config:
+        return vae_factor * int(unet_config["patch_size"])
     return vae_factor * 2 ** (len(unet_config["block_out_channels"]) - 1)
+
+
+def max_resolution(vae_config, denoiser_config) -> int | None:
+    """The largest image side an SD3 transformer's cropped position table covers (None: no limit)."""
+    size = denoiser_config.get("pos_embed_max_size") if "patch_size" in denoiser_config else None
+    if not size:
+        return None
+    return int(size) * int(denoiser_config["patch_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def torch_dtype(name: str):
@@ -90,7 +135,7 @@ def load_teacher(spec: str, dtype: str = "float32", device: str = "cpu", *, loca
     """Build or load the teacher named by ``spec`` (see the module docstring)."""
     tdtype = torch_dtype(dtype)
     if spec in BUILTIN_SPECS:
-        pipe = _build_builtin(spec)
+        pipe = _build_builtin(spec) if spec not in SD3_SPECS else build_sd3(spec)
         is_xl = spec in ("tiny-xl", "sdxl-random")
     elif os.path.isdir(spec) and teacher_lineage(spec) is not None:
         pipe, is_xl = load_exported_student(spec, tdtype)
@@ -127,7 +172,44 @@ def _builtin_configs(spec: str) -> dict:
         "sd15-random": lambda: dict(unet=configs.sd15_unet(), vae=configs.sd_vae(), text=configs.clip_l_text()),
         "sdxl-random": lambda: dict(unet=configs.sdxl_unet(), vae=configs.sd_vae(1024, 0.13025),
                                     text=configs.clip_l_text_xl(), text_2=configs.clip_bigg_text()),
+        "tiny-sd3": lambda: dict(transformer=configs.tiny_sd3_transformer(), vae=configs.tiny_sd3_vae(),
+                                 text=configs.tiny_text(), text_2=configs.tiny_xl_text_2(),
+                                 scheduler=configs.sd3_scheduler()),
+        "sd3-random": lambda: dict(transformer=configs.sd3_medium_transformer(), vae=configs.sd3_vae(),
+                                   text=configs.sd3_clip_l_text(), text_2=configs.sd3_clip_g_text(),
+                                   scheduler=configs.sd3_scheduler()),
     }[spec]()
+
+
+def build_sd3(spec: str, device: str | None = None):
+    """An SD3-shaped built-in as diffusers' own ``StableDiffusion3Pipeline``: ``SD3Transformer2DModel``,
+    ``FlowMatchEulerDiscreteScheduler`` (SD3's shift), two ``CLIPTextModelWithProjection`` encoders with
+    the real CLIP BPE tokenizers, no T5 (``text_encoder_3=None``), the 16-channel VAE. Seeded weights.
+
+    ``device="meta"`` builds every module without memory or initialisation (shapes and parameter
+    counts of ``sd3-random``'s 2B transformer in a second; such a pipeline cannot run)."""
+    import contextlib
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from teachers.tokenizer import clip_tokenizer
+
+    cfg = _builtin_configs(spec)
+    place = torch.device(device) if device else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), place:  # building must not move the caller's global RNG
+        torch.manual_seed(_BUILD_SEED)
+        return StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**cfg["transformer"]),
+            vae=AutoencoderKL(**cfg["vae"]),
+            text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text"])),
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])),
+            tokenizer_2=clip_tokenizer(pad_token="!"),  # OpenCLIP bigG pads with "!", as in SDXL
+            text_encoder_3=None, tokenizer_3=None,
+            scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+        )
 
 
 def _build_builtin(spec: str):
@@ -170,18 +252,30 @@ def _build_builtin(spec: str):
 
 
 def _pipeline_class(class_name: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if class_name.startswith("StableDiffusion3"):  # SD3 and SD3.5 share the class
+        return StableDiffusion3Pipeline, False
+    if class_name.startswith("Flux"):
+        raise TeacherError(f"pipeline class {class_name!r}: Flux teachers are not supported (packed latent tokens, "
+                           "guidance as a transformer input instead of CFG, T5 required); SD3/SD3.5 folders are")
     if "XL" in class_name:
         return StableDiffusionXLPipeline, True
     if class_name.startswith("StableDiffusion"):
         return StableDiffusionPipeline, False
-    raise TeacherError(f"pipeline class {class_name!r} is not a Stable Diffusion (1.x/2.x/XL) text-to-image pipeline")
+    raise TeacherError(f"pipeline class {class_name!r} is not a Stable Diffusion (1.x/2.x/XL/3) text-to-image pipeline")
+
+
+SD3_OPTIONAL = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")  # None where a folder lacks them
 
 
 def _load_folder(path: str, tdtype):
     cls, is_xl = _folder_class(path)
-    kwargs = {} if is_xl else dict(safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False) if cls.__name__ == "StableDiffusionPipeline" else {}
+    if cls.__name__ == "StableDiffusion3Pipeline":  # no T5 (diffusers saves none for text_encoder_3=None): None
+        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+        kwargs = {name: None for name in SD3_OPTIONAL if not any(index.get(name) or [None])}
     return cls.from_pretrained(path, dtype=tdtype, **kwargs), is_xl
 
 
@@ -309,17 +403,20 @@ def _load_hub(repo_id: str, tdtype, local_files_only: bool | None):
 
 
 def teacher_geometry(spec: str) -> dict | None:
-    """Shapes of a teacher without loading weights: ``{levels, resolution, multiple, is_xl}``.
+    """Shapes of a teacher without loading weights: ``{levels, resolution, multiple, is_xl}``; an SD3
+    (flow) teacher adds ``is_flow`` True, ``blocks`` (its joint transformer blocks; ``levels`` is None)
+    and ``max_resolution`` (the image side its position table covers).
 
     For validating a job's arguments before any worker starts. None for a hub id (unknown offline).
     Raises TeacherError for a spec that is neither built-in, a pipeline folder nor a hub id.
     """
     if spec in BUILTIN_SPECS:
         cfg = _builtin_configs(spec)
-        unet, vae, is_xl = cfg["unet"], cfg["vae"], "text_2" in cfg
+        unet, vae, is_xl = cfg.get("unet", cfg.get("transformer")), cfg["vae"], "unet" in cfg and "text_2" in cfg
     elif os.path.isdir(spec):
+        is_flow = _folder_class(spec)[0].__name__ == "StableDiffusion3Pipeline"
         try:
-            with open(os.path.join(spec, "unet", "config.json"), encoding="utf-8") as f:
+            with open(os.path.join(spec, "transformer" if is_flow else "unet", "config.json"), encoding="utf-8") as f:
                 unet = json.load(f)
             with open(os.path.join(spec, "vae", "config.json"), encoding="utf-8") as f:
                 vae = json.load(f)
@@ -332,5 +429,8 @@ def teacher_geometry(spec: str) -> dict | None:
         raise TeacherError(f"unknown teacher {spec!r}: expected one of {', '.join(BUILTIN_SPECS)}, "
                            "a local diffusers folder, or a hub id such as org/name")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return dict(levels=len(unet["block_out_channels"]), resolution=int(unet["sample_size"]) * factor,
-                multiple=resolution_multiple(vae, unet), is_xl=is_xl)
+    geometry = dict(resolution=int(unet["sample_size"]) * factor, multiple=resolution_multiple(vae, unet), is_xl=is_xl)
+    if "patch_size" not in unet:
+        return dict(levels=len(unet["block_out_channels"]), **geometry)
+    return dict(levels=None, **geometry, is_flow=True, blocks=int(unet["num_layers"]),
+                max_resolution=max_resolution(vae, unet))

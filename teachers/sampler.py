@@ -51,19 +51,24 @@ SCHEDULERS = {  # recipe name -> diffusers class name
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",  # flow (SD3) teachers only, and their only one
 }
+FLOW_SCHEDULERS = ("flow-euler",)
+DEFAULT_FEATURE_LAYERS = ("mid_block",)  # UNet teachers; a flow teacher's default: flow_feature_layers()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplerConfig:
     num_inference_steps: int = 50  # teacher denoising steps S
-    scheduler: str = "ddim"  # one of SCHEDULERS (DPM-Solver++ = multistep, algorithm dpmsolver++)
+    scheduler: str | None = None  # one of SCHEDULERS (DPM-Solver++ = multistep, algorithm dpmsolver++);
+    #                               None: ddim for UNet teachers, flow-euler for flow teachers (resolve_config)
     guidance_scale: float = 7.5  # CFG weight w, used when guidance_range is None
     guidance_range: tuple[float, float] | None = None  # per-sample w ~ U[lo, hi] from the seed (SnapFusion: [2, 14])
     height: int | None = None  # image px; None = the teacher's native resolution
     width: int | None = None  # image px; None = the teacher's native resolution
     record_steps: tuple[int, ...] | None = None  # step indices (0..S-1) whose latents/predictions are kept; None = all
-    feature_layers: tuple[str, ...] = ("mid_block",)  # UNet blocks whose outputs are captured
+    feature_layers: tuple[str, ...] | None = None  # blocks whose outputs are captured; None: the teacher's
+    #                     default (mid_block; a flow teacher's middle and last joint blocks: flow_feature_layers)
     num_feature_steps: int = 2  # feature steps per sample, drawn from the recorded steps by seed
     save_image: bool = False  # decode the final latent with the teacher VAE
     eta: float = 0.0  # DDIM eta (0 = deterministic)
@@ -72,7 +77,7 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
             raise UserError(f"num_inference_steps={self.num_inference_steps} must be >= 1")
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise UserError(f"scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         # Weights at or below 1 are allowed and mean "no CFG", as in diffusers (module docstring);
         # negative ones are refused: diffusers would silently treat them as 1 too.
@@ -87,7 +92,7 @@ class SamplerConfig:
             bad = [s for s in self.record_steps if not 0 <= s < self.num_inference_steps]
             if bad or len(set(self.record_steps)) != len(self.record_steps) or not self.record_steps:
                 raise UserError(f"record_steps={self.record_steps} must be distinct indices in [0, {self.num_inference_steps})")
-        if self.num_feature_steps < 0 or (self.feature_layers and self.num_feature_steps > len(self.recorded_steps)):
+        if self.num_feature_steps < 0 or (self.feature_layers != () and self.num_feature_steps > len(self.recorded_steps)):
             raise UserError(f"num_feature_steps={self.num_feature_steps} must be between 0 and the number of recorded steps")
 
     @property
@@ -189,11 +194,16 @@ def noise_schedule_of(scheduler, recorded: tuple[int, ...]) -> NoiseSchedule:
     entries, the last for the final latent); their UNet input is z_t with alpha = 1/sqrt(1 + s^2),
     sigma = s alpha (the scaling ``scale_model_input`` and DPM-Solver's ``_sigma_to_alpha_sigma_t``
     apply). DDIM indexes ``alphas_cumprod`` at the integer timestep: alpha = sqrt(abar), sigma =
-    sqrt(1 - abar), and its final latent sits at ``final_alpha_cumprod``. Float64 throughout.
+    sqrt(1 - abar), and its final latent sits at ``final_alpha_cumprod``. The flow-matching Euler
+    scheduler's state is the rectified-flow z = (1 - s) x0 + s eps itself (the transformer's input):
+    alpha = 1 - s, sigma = s with its shifted ``sigmas`` (S + 1, the last 0). Float64 throughout.
     """
     timesteps = [float(t) for t in scheduler.timesteps]
     ve = getattr(scheduler, "sigmas", None)
-    if ve is not None and len(ve) == len(timesteps) + 1:
+    if type(scheduler).__name__ == SCHEDULERS["flow-euler"]:  # rectified flow: z = (1 - s) x0 + s eps
+        s = np.asarray(ve.double().cpu().numpy(), np.float64)
+        alpha, sigma = 1.0 - s, s
+    elif ve is not None and len(ve) == len(timesteps) + 1:
         s = np.asarray(ve.double().cpu().numpy() if hasattr(ve, "double") else ve, np.float64)
         alpha = 1.0 / np.sqrt(1.0 + s * s)
         sigma = s * alpha
@@ -211,7 +221,7 @@ def noise_schedule_of(scheduler, recorded: tuple[int, ...]) -> NoiseSchedule:
 
 def draw_feature_steps(cfg: SamplerConfig, seed: int) -> list[int]:
     """``num_feature_steps`` distinct recorded steps drawn from the sample's seed, ascending."""
-    if not cfg.feature_layers or cfg.num_feature_steps == 0:
+    if cfg.feature_layers == () or cfg.num_feature_steps == 0:  # None: the teacher's default layers
         return []
     rng = np.random.default_rng(_sub_seed(seed, "feature_steps"))
     return sorted(int(s) for s in rng.choice(cfg.recorded_steps, size=cfg.num_feature_steps, replace=False))
@@ -229,12 +239,40 @@ def scheduler_class(name: str):
     return getattr(diffusers, name)
 
 
-def make_scheduler(teacher, name: str):
+def flow_feature_layers(num_blocks: int) -> tuple[str, ...]:
+    """A flow teacher's default feature layers: its middle and last joint transformer blocks."""
+    return tuple(dict.fromkeys((f"transformer_blocks.{num_blocks // 2}", f"transformer_blocks.{num_blocks - 1}")))
+
+
+def default_scheduler(teacher) -> str:
+    return "flow-euler" if teacher.is_flow else "ddim"
+
+
+def resolve_config(teacher, cfg: SamplerConfig) -> SamplerConfig:
+    """``cfg`` with its ``None`` scheduler and feature layers replaced by the teacher family's defaults;
+    a scheduler of the other family is a ``UserError``."""
+    scheduler = cfg.scheduler or default_scheduler(teacher)
+    if (scheduler in FLOW_SCHEDULERS) != teacher.is_flow:
+        allowed = FLOW_SCHEDULERS if teacher.is_flow else tuple(n for n in SCHEDULERS if n not in FLOW_SCHEDULERS)
+        kind = "a flow-matching" if teacher.is_flow else "a diffusion (epsilon/v)"
+        raise UserError(f"scheduler {scheduler!r} does not sample teacher {teacher.spec!r}, {kind} teacher: "
+                        f"use {' or '.join(allowed)}")
+    layers = cfg.feature_layers
+    if layers is None:
+        layers = flow_feature_layers(teacher.denoiser.config.num_layers) if teacher.is_flow else DEFAULT_FEATURE_LAYERS
+    if layers == cfg.feature_layers and scheduler == cfg.scheduler:
+        return cfg
+    return dataclasses.replace(cfg, scheduler=scheduler, feature_layers=layers)
+
+
+def make_scheduler(teacher, name: str | None):
     """A fresh scheduler of family ``name`` with the teacher's noise schedule (schedulers are stateful).
     A teacher whose own scheduler subclasses that family (an exported student's ``OffsetDDIMScheduler``)
-    keeps its class, so its own timesteps."""
+    keeps its class, so its own timesteps. A flow teacher's is its ``FlowMatchEulerDiscreteScheduler``
+    config as it is (its ``shift``, dynamic shifting and terminal stretch). ``None``: the family's default."""
     import diffusers
 
+    name = name or default_scheduler(teacher)
     cls = getattr(diffusers, SCHEDULERS[name])
     own = type(teacher.pipe.scheduler)
     if own is not cls and issubclass(own, cls):
@@ -251,27 +289,49 @@ def resolve_size(teacher, cfg: SamplerConfig) -> tuple[int, int]:
 
 
 def resolve_modules(unet, names) -> dict[str, object]:
-    """Map block names (``down_blocks.N``, ``mid_block``, ``up_blocks.N``) to module objects.
+    """Map block names (``down_blocks.N``, ``mid_block``, ``up_blocks.N``; a transformer's
+    ``transformer_blocks.N``) to module objects.
 
     Hooks go on the objects, not on name strings, so a DDP/compile wrapper's prefix cannot break them.
     """
     unet = getattr(unet, "module", unet)  # DistributedDataParallel
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile
+    transformer = hasattr(unet, "transformer_blocks")
     modules = {}
     for name in names:
+        kind, _, num = name.partition(".")
         try:
+            if transformer and not (kind == "transformer_blocks" and num.isdigit()):
+                raise AttributeError(name)
             modules[name] = unet.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"feature layer {name!r} is not a module of the teacher UNet "
-                             "(expected down_blocks.N, mid_block or up_blocks.N)") from None
+            expected = "transformer_blocks.N" if transformer else "down_blocks.N, mid_block or up_blocks.N"
+            raise ValueError(f"feature layer {name!r} is not a module of the teacher "
+                             f"{'transformer' if transformer else 'UNet'} (expected {expected})") from None
     return modules
 
 
-class FeatureCapture:
-    """Forward hooks that keep the cond-branch output of chosen blocks while ``active``."""
+def tokens_to_maps(tokens, height: int, width: int):
+    """Image tokens ``(B, N, C)`` of a patch transformer -> maps ``(B, C, height, width)``.
 
-    def __init__(self, modules: dict[str, object], batch_size: int):
+    ``N = height * width`` in row-major order: diffusers' ``PatchEmbed`` flattens the patch grid
+    (``flatten(2).transpose(1, 2)``), so token ``r * width + c`` is the patch at row r, column c."""
+    b, n, c = tokens.shape
+    if n != height * width:
+        raise ValueError(f"{n} image tokens do not form a {height} x {width} patch grid")
+    return tokens.reshape(b, height, width, c).permute(0, 3, 1, 2)
+
+
+class FeatureCapture:
+    """Forward hooks that keep the cond-branch output of chosen blocks while ``active``.
+
+    UNet blocks: the output (a down block's ``(hidden, res_samples)``: its hidden states). SD3 joint
+    transformer blocks return ``(context tokens, image tokens)``: the image tokens, reshaped to
+    ``(C, H/p, W/p)`` maps over the patch grid (``grid``; ``tokens_to_maps``)."""
+
+    def __init__(self, modules: dict[str, object], batch_size: int, grid: tuple[int, int] | None = None):
         self.batch_size = batch_size
+        self.grid = grid
         self.active = False
         self.captured: dict[str, object] = {}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
@@ -279,7 +339,10 @@ class FeatureCapture:
     def _hook(self, name):
         def hook(module, inputs, output):
             if self.active:
-                out = output[0] if isinstance(output, tuple) else output  # down blocks: (hidden, res_samples)
+                if self.grid is not None:  # joint block: (encoder_hidden_states, hidden_states)
+                    out = tokens_to_maps(output[1], *self.grid)
+                else:
+                    out = output[0] if isinstance(output, tuple) else output  # down blocks: (hidden, res_samples)
                 self.captured[name] = out[self.batch_size :].detach()  # second half = cond branch
         return hook
 
@@ -292,6 +355,11 @@ class FeatureCapture:
 def _encode(teacher, prompts, device, height, width):
     """Prompt encoding exactly as the diffusers pipeline does it (its own ``encode_prompt``)."""
     pipe = teacher.pipe
+    if teacher.is_flow:  # CLIP-L and bigG penultimate states, padded, then T5's (zeros without T5)
+        cond, uncond, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                              device=device, num_images_per_prompt=1,
+                                                              do_classifier_free_guidance=True)
+        return cond, uncond, pooled, neg_pooled, None
     if not teacher.is_xl:
         cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=None)
         return cond, uncond, None, None, None
@@ -306,12 +374,46 @@ def _num_tokens(tokenizer, prompts) -> list[int]:
     return [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
 
 
+def _set_timesteps(teacher, scheduler, num_steps: int, device, latent_shape) -> None:
+    """``set_timesteps`` as the teacher's pipeline calls it: an SD3 scheduler with dynamic shifting
+    gets the pipeline's ``mu`` for the image's token count (``calculate_shift``)."""
+    if teacher.is_flow and scheduler.config.get("use_dynamic_shifting", False):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        patch = teacher.denoiser.config.patch_size
+        seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+        c = scheduler.config
+        mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, device=device, mu=mu)
+    else:
+        scheduler.set_timesteps(num_steps, device=device)
+
+
+def _check_flow_scheduler(scheduler) -> None:
+    """The flow states this sampler records: the deterministic Euler ODE on sigmas falling to 0."""
+    for flag in ("stochastic_sampling", "invert_sigmas"):
+        if scheduler.config.get(flag, False):
+            raise UserError(f"{type(scheduler).__name__} with {flag}=True: its states are not the deterministic "
+                            "rectified-flow trajectory z = (1 - sigma) x0 + sigma eps this sampler records")
+
+
 def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConfig) -> tuple[list[SampleResult], BatchInfo]:
-    """Run CFG sampling for ``requests`` as one batch and record trajectories and features."""
+    """Run CFG sampling for ``requests`` as one batch and record trajectories and features.
+
+    A flow teacher (``teacher.is_flow``: StableDiffusion3Pipeline) runs as that pipeline's
+    ``__call__`` does: the transformer on ``cat([latents] * 2)`` with the timestep expanded to the
+    batch, ``encoder_hidden_states`` and ``pooled_projections``, CFG on the velocities, and the
+    flow-matching Euler step ``z <- z + (sigma_next - sigma) v``. Its record: ``prediction_type``
+    ``flow`` (the outputs are velocities v = eps - x0), latents = the states the transformer received
+    (alpha = 1 - sigma), pooled embeddings, and image-token feature maps of ``transformer_blocks.N``.
+    """
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
+    cfg = resolve_config(teacher, cfg)
     pipe, device, batch = teacher.pipe, pipe_device(teacher), len(requests)
+    denoiser, flow = teacher.denoiser, teacher.is_flow
     height, width = resolve_size(teacher, cfg)
     prompts = [r.prompt for r in requests]
     requested = [r.guidance_scale if r.guidance_scale is not None else draw_guidance(cfg, r.seed) for r in requests]
@@ -322,33 +424,44 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
     # Beam worker may run several DoFn threads over the one teacher that Shared hands out.
     with teacher.lock, torch.inference_mode():
         cond, uncond, pooled, neg_pooled, time_ids = _encode(teacher, prompts, device, height, width)
+        shape = (batch, denoiser.config.in_channels, height // teacher.vae_scale_factor, width // teacher.vae_scale_factor)
         scheduler = make_scheduler(teacher, cfg.scheduler)
-        scheduler.set_timesteps(cfg.num_inference_steps, device=device)
+        if flow:
+            _check_flow_scheduler(scheduler)
+        _set_timesteps(teacher, scheduler, cfg.num_inference_steps, device, shape)
         timesteps = scheduler.timesteps
         levels = noise_schedule_of(scheduler, recorded)
         # Noise: one CPU generator per sample, as the pipeline does with a list of generators.
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        shape = (batch, pipe.unet.config.in_channels, height // teacher.vae_scale_factor, width // teacher.vae_scale_factor)
         noise = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=cond.dtype)
-        latents = noise * scheduler.init_noise_sigma
-        extra_step_kwargs = _extra_step_kwargs(scheduler, generators, cfg.eta)
+        # SD3's prepare_latents starts from the noise itself (sigma_0 = 1 at shift's fixed point).
+        latents = noise if flow else noise * scheduler.init_noise_sigma
+        extra_step_kwargs = {} if flow else _extra_step_kwargs(scheduler, generators, cfg.eta)
         embeds = torch.cat([uncond, cond])
         added = None
         if teacher.is_xl:
             added = {"text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
+        pooled_both = torch.cat([neg_pooled, pooled]) if flow else None
         # CFG in float32 whatever the UNet's dtype, so the weight applied is the float32 weight recorded.
         w = torch.tensor(guidance, dtype=torch.float32, device=device).view(batch, 1, 1, 1)
         cfg_on = torch.tensor([not g <= 1 for g in requested], device=device).view(batch, 1, 1, 1)  # NaN: on
         want_feats = {s for fs in feature_steps for s in fs}
-        capture = FeatureCapture(resolve_modules(pipe.unet, cfg.feature_layers), batch)
+        grid = (shape[-2] // denoiser.config.patch_size, shape[-1] // denoiser.config.patch_size) if flow else None
+        capture = FeatureCapture(resolve_modules(denoiser, cfg.feature_layers), batch, grid)
         rec_latents, rec_cond, rec_uncond, feats = [], [], [], {}
         try:
             for i, t in enumerate(timesteps):
-                model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
                 capture.active, capture.captured = i in want_feats, {}
-                out = pipe.unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+                if flow:  # StableDiffusion3Pipeline: the state itself, the timestep expanded to the batch
+                    model_input = torch.cat([latents] * 2)
+                    out = denoiser(hidden_states=model_input, timestep=t.expand(model_input.shape[0]),
+                                   encoder_hidden_states=embeds, pooled_projections=pooled_both, return_dict=False)[0]
+                else:
+                    model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                    out = denoiser(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                                   return_dict=False)[0]
                 pred_uncond, pred_cond = out.chunk(2)
-                if i in recorded:  # the UNet's input, i.e. VP z_t (module docstring); both halves are equal
+                if i in recorded:  # the denoiser's input (VP z_t, or the flow state); both halves are equal
                     rec_latents.append(model_input[:batch].float().cpu())
                     rec_cond.append(pred_cond.float().cpu())
                     rec_uncond.append(pred_uncond.float().cpu())
@@ -390,7 +503,7 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
         scheduler_class=type(scheduler).__name__,
         # Private keys ("_use_default_values") come from a set: their order changes run to run.
         scheduler_config={k: v for k, v in scheduler.config.items() if not k.startswith("_")},
-        prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+        prediction_type=teacher.prediction_type if flow else scheduler.config.get("prediction_type", "epsilon"),
         noise_schedule=levels,
     )
     return results, info
@@ -421,7 +534,7 @@ def _extra_step_kwargs(scheduler, generators, eta: float) -> dict:
 
 
 def pipe_device(teacher) -> str:
-    return str(teacher.pipe.unet.device)
+    return str(teacher.denoiser.device)
 
 
 def _finite_or_blank(image):
@@ -443,6 +556,8 @@ def _decode(teacher, latents) -> list:
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     dec = vae.to(torch.float32) if upcast else vae
     x = latents.to(dec.dtype) / dec.config.scaling_factor
+    if getattr(dec.config, "shift_factor", None) is not None:  # SD3's VAE: latents = (mean - shift) * scale
+        x = x + dec.config.shift_factor
     image = dec.decode(x, return_dict=False)[0]
     if upcast:
         vae.to(torch.float16)

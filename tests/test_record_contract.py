@@ -200,7 +200,8 @@ def test_a_euler_dump_through_the_job_reads_back_as_vp_latents_with_exact_target
                       "--batch_size", "2", "--feature_layers", "mid_block", "--num_feature_steps", "1",
                       "--storage_dtype", "float32", "--progress", "off", "--cpu_threads", "2"])
     info = schema.read_dataset_info(str(out))
-    assert info.schema_version == record.SCHEMA_VERSION == 2 and info.scheduler_class == "EulerDiscreteScheduler"
+    assert info.schema_version == record.SCHEMA_VERSION == 3 and info.scheduler_class == "EulerDiscreteScheduler"
+    assert record.noise_process(info.to_dict()) == record.VARIANCE_PRESERVING  # an epsilon teacher's dump
     index = schema.ShardIndex.read(str(out), 0)
     assert index.checksum_algorithm == "crc32" and len(index.checksums) == index.count == 2
     assert shard_verify.verify_shard(str(out), 0, recipe_hash=info.recipe_hash) == []

@@ -58,16 +58,19 @@ class DumpConfig:
     prompts: str = option(help="prompt list (.txt, .jsonl) or curated manifest (.parquet: key, caption[, fate])")
     output: str = option(help="output folder (local or gs://...)")
     teacher: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                          help="tiny | tiny-xl | shapes | sd15-random | sdxl-random | local diffusers folder | hub id")
+                          help="tiny | tiny-xl | shapes | shapes-sd15 | sd15-random | sdxl-random | tiny-sd3 | sd3-random | "
+                               "local diffusers folder | hub id")
     num_inference_steps: int = option(50, help="teacher steps")
-    scheduler: str = option("ddim", help="ddim | euler | dpm++")
+    scheduler: str | None = option(None, help="ddim | euler | dpm++ (UNet teachers; default ddim) | flow-euler "
+                                              "(flow-matching SD3 teachers: their only one and default)")
     guidance_scale: float = option(7.5, help="fixed classifier-free guidance weight")
     guidance_range: tuple[float, ...] | None = option(
         None, help="LO,HI: per-sample guidance weight ~ U[LO, HI] (SnapFusion: 2,14)")
     resolution: int | None = option(None, help="image side in px (default: the teacher's native size)")
     record_steps: str = option("all", help="'all', or comma-separated step indices to record")
-    feature_layers: tuple[str, ...] = option(("mid_block", "up_blocks.0"),
-                                             help="comma-separated UNet blocks to capture ('' for none)")
+    feature_layers: tuple[str, ...] | None = option(
+        None, help="comma-separated blocks to capture ('' for none); default: mid_block,up_blocks.0 of a UNet, "
+                   "a flow teacher's middle and last transformer_blocks.N")
     num_feature_steps: int = option(2, help="feature steps per sample (drawn from its seed)")
     save_images: bool = option(False, help="decode and store the teacher image (png)")
     score_images: str | None = option(
@@ -121,14 +124,40 @@ def check_teacher(spec: str) -> dict | None:
         return None
 
 
+UNET_FEATURE_LAYERS = ("mid_block", "up_blocks.0")  # the default of a UNet teacher's dump
+
+
 def _feature_layers(cfg: DumpConfig, geometry: dict | None) -> tuple[str, ...]:
+    from teachers.sampler import flow_feature_layers
+
+    flow = bool(geometry and geometry.get("is_flow"))
+    if cfg.feature_layers is None:
+        return flow_feature_layers(geometry["blocks"]) if flow else UNET_FEATURE_LAYERS
     for layer in cfg.feature_layers:
         kind, _, num = layer.partition(".")
-        ok = layer == "mid_block" or (kind in ("down_blocks", "up_blocks") and num.isdigit()
-                                      and (geometry is None or int(num) < geometry["levels"]))
-        _require(ok, f"--feature_layers: {layer!r} is not a block of teacher {cfg.teacher!r} "
-                     "(down_blocks.N, mid_block, up_blocks.N)")
+        if flow:
+            ok = kind == "transformer_blocks" and num.isdigit() and int(num) < geometry["blocks"]
+            blocks = f"transformer_blocks.N, N < {geometry['blocks']}"
+        else:
+            ok = layer == "mid_block" or (kind in ("down_blocks", "up_blocks") and num.isdigit()
+                                          and (geometry is None or int(num) < geometry["levels"]))
+            blocks = "down_blocks.N, mid_block, up_blocks.N"
+        _require(ok, f"--feature_layers: {layer!r} is not a block of teacher {cfg.teacher!r} ({blocks})")
     return cfg.feature_layers
+
+
+def _scheduler(cfg: DumpConfig, geometry: dict | None) -> str:
+    """The sampler's scheduler: the flag, else the teacher family's own (ddim; flow-euler for SD3)."""
+    from teachers.sampler import FLOW_SCHEDULERS, SCHEDULERS
+
+    flow = bool(geometry and geometry.get("is_flow"))
+    name = cfg.scheduler or (FLOW_SCHEDULERS[0] if flow else "ddim")
+    _require(name in SCHEDULERS, f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
+    if geometry is not None:
+        allowed = FLOW_SCHEDULERS if flow else tuple(n for n in SCHEDULERS if n not in FLOW_SCHEDULERS)
+        _require(name in allowed, f"--scheduler {name!r} does not sample teacher {cfg.teacher!r} "
+                                  f"({'a flow-matching' if flow else 'an epsilon/v'} teacher): use {' or '.join(allowed)}")
+    return name
 
 
 def _record_steps(text: str) -> tuple[int, ...] | None:
@@ -167,7 +196,9 @@ def build_recipe(cfg: DumpConfig) -> DumpRecipe:
 
     common.check_input_file(cfg.prompts, "--prompts")
     common.check_output(cfg.output)
-    for name, allowed in (("dtype", DTYPES), ("scheduler", tuple(SCHEDULERS)), ("storage_dtype", STORAGE_DTYPES)):
+    _require(cfg.scheduler is None or cfg.scheduler in SCHEDULERS,
+             f"--scheduler {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    for name, allowed in (("dtype", DTYPES), ("storage_dtype", STORAGE_DTYPES)):
         _require(getattr(cfg, name) in allowed, f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     for name in ("num_inference_steps", "batch_size", "seeds_per_prompt", "samples_per_shard"):
         _require(getattr(cfg, name) >= 1, f"--{name} {getattr(cfg, name)} must be >= 1")
@@ -187,10 +218,14 @@ def build_recipe(cfg: DumpConfig) -> DumpRecipe:
         _require(size > 0 and size % geometry["multiple"] == 0,
                  f"--resolution {size} is not possible for teacher {cfg.teacher!r}: "
                  f"it needs a positive multiple of {geometry['multiple']}")
+        limit = geometry.get("max_resolution")
+        _require(limit is None or size <= limit, f"--resolution {size} is not possible for teacher {cfg.teacher!r}: "
+                                                 f"its transformer's position table covers sides up to {limit}")
     layers = _feature_layers(cfg, geometry)
+    scheduler = _scheduler(cfg, geometry)
     same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DumpRecipe) if hasattr(cfg, f.name)}
     recipe = DumpRecipe(**{
-        **same, "guidance_range": cfg.guidance_range, "height": size, "width": size,
+        **same, "scheduler": scheduler, "guidance_range": cfg.guidance_range, "height": size, "width": size,
         "record_steps": _record_steps(cfg.record_steps), "feature_layers": layers,
         "num_feature_steps": cfg.num_feature_steps if layers else 0,
         "input_sha256": common.file_sha256(cfg.prompts), "score_images": _scoring(cfg),

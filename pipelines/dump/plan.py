@@ -41,14 +41,14 @@ class DumpRecipe:
     teacher: str  # teacher spec (built-in, folder, hub id)
     dtype: str  # teacher compute dtype
     device: str  # where the teacher runs (numerics differ across devices)
-    scheduler: str  # ddim | euler | dpm++
+    scheduler: str  # ddim | euler | dpm++ | flow-euler (resolved: the flag or the teacher family's default)
     num_inference_steps: int  # teacher steps S
     guidance_scale: float  # fixed classifier-free guidance weight (when no range)
     guidance_range: tuple[float, float] | None  # per-sample guidance weight ~ U[lo, hi] (SnapFusion)
     height: int  # image px
     width: int  # image px
     record_steps: tuple[int, ...] | None  # recorded step indices; None = all
-    feature_layers: tuple[str, ...]  # UNet blocks captured
+    feature_layers: tuple[str, ...]  # blocks captured (resolved: the flag or the teacher family's default)
     num_feature_steps: int  # feature steps per sample
     save_images: bool  # decode and store the image
     storage_dtype: str  # float16 | float32 for stored arrays

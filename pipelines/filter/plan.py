@@ -95,9 +95,12 @@ def read_parent(data_dir: str) -> tuple[dict, str]:
     except ValueError as err:
         raise UserError(f"--input {data_dir!r}: dataset.json is not JSON ({err})") from None
     info = schema.DatasetInfo.from_dict(d, source=path)  # schema version first, then every field
-    if info.schema_version != SCHEMA_VERSION:  # its output is written in this version: no mixed datasets
+    # Its samples are copied byte for byte into a dataset of the parent's version. Schema 3 only added
+    # flow records (shards.record.noise_process): a schema-2 dump's samples are schema-3 ones as they are.
+    readable = (2, SCHEMA_VERSION)
+    if info.schema_version not in readable:
         raise UserError(f"{path} has schema_version {info.schema_version!r}; the filter reads schema_version "
-                        f"{SCHEMA_VERSION} (re-make the dump with this version)")
+                        f"{' or '.join(map(str, readable))} (re-make the dump with this version)")
     return info.to_dict(), hashlib.sha256(data).hexdigest()
 
 

@@ -12,9 +12,17 @@ Sources:
   progressive distillation (Salimans & Ho 2022, Algorithm 2).
 - CFG-aware distillation: SnapFusion sec. 5.2 (eq. 7-8).
 - decoder distillation: SnapFusion sec. 4.3 (data distillation of the pruned decoder).
+- flow matching (the ``flow_*`` functions below, for rectified-flow teachers such as SD3): Esser et
+  al. 2024, "Scaling Rectified Flow Transformers" (SD3): the path z_t = (1 - t) x0 + t eps (sec. 2-3,
+  "RF"), the conditional flow-matching regression of the velocity eps - x0 (Lipman et al. 2023), its
+  logit-normal timestep density (sec. 3.1, m = 0, s = 1 in SD3) and the resolution shift (sec. 5.3.2).
+  There ``t`` is the record's ``sigma`` (alpha = 1 - sigma) and v = eps - x0 what ``prediction_type``
+  ``flow`` names; shapes as above, any channel count.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -214,3 +222,66 @@ def progressive_target(teacher_x0, z_t, t, alpha_t, sigma_t, t_mid, alpha_mid, s
     the x whose ONE student DDIM step t -> t'' lands where the teacher's two steps land. (batch, 4, h, w)"""
     z_s = two_step_landing(teacher_x0, z_t, t, alpha_t, sigma_t, t_mid, alpha_mid, sigma_mid, alpha_s, sigma_s)
     return step_distill_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
+
+
+# -- flow matching (Esser et al. 2024, "Scaling Rectified Flow Transformers"; rectified flow) ----------
+
+def logit_normal_density(t: torch.Tensor, m: float = 0.0, s: float = 1.0) -> torch.Tensor:
+    """SD3's timestep density (Esser et al. 2024, sec. 3.1, "Logit-Normal Sampling"):
+    pi_ln(t; m, s) = 1 / (s sqrt(2 pi)) * 1 / (t (1 - t)) * exp(-(logit(t) - m)^2 / (2 s^2)), t in (0, 1).
+    SD3 trains with m = 0, s = 1. ``t`` any shape -> the same shape."""
+    logit = torch.log(t) - torch.log1p(-t)
+    return torch.exp(-((logit - m) ** 2) / (2 * s * s)) / (s * math.sqrt(2 * math.pi) * t * (1 - t))
+
+
+def logit_normal_timesteps(batch: int, *, m: float = 0.0, s: float = 1.0, generator: torch.Generator | None = None,
+                           device=None, dtype=torch.float32) -> torch.Tensor:
+    """Draws of the logit-normal density above (Esser et al. 2024, sec. 3.1): u ~ N(m, s^2),
+    t = sigmoid(u). -> (batch,) in (0, 1): the training sigma of each sample (z = (1 - t) x0 + t eps)."""
+    u = torch.randn(batch, generator=generator, device=device, dtype=dtype)
+    return torch.sigmoid(m + s * u)
+
+
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of Esser et al. 2024 (sec. 5.3.2): t_m = shift t / (1 + (shift - 1) t), the
+    ``shift`` of diffusers' FlowMatchEulerDiscreteScheduler (3.0 for SD3). Any shape."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow forward path (Esser et al. 2024, sec. 2-3): z = (1 - sigma) x0 + sigma eps.
+    ``x0``, ``noise`` (batch, C, h, w); ``sigma`` (batch,) -> (batch, C, h, w)."""
+    s = _bcast(sigma, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def flow_velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target along that path: v = dz/dsigma = eps - x0 (batch, C, h, w)."""
+    return noise - x0
+
+
+def flow_pred_to_x0(velocity: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The clean estimate a velocity implies at z = (1 - sigma) x0 + sigma eps: x0 = z - sigma v
+    (what the scheduler's stochastic step and SD3's x0 use). (batch, C, h, w); sigma (batch,)."""
+    return z - _bcast(sigma, z) * velocity
+
+
+def flow_pred_to_noise(velocity: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The noise a velocity implies: eps = z + (1 - sigma) v. (batch, C, h, w); sigma (batch,)."""
+    return z + (1 - _bcast(sigma, z)) * velocity
+
+
+def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """L_FM, the conditional flow-matching task loss of SD3 (Esser et al. 2024, sec. 2; Lipman et al.
+    2023): the student's velocity at z = (1 - sigma) x0 + sigma eps against eps - x0, unweighted (the
+    timestep weighting is the density sigma is drawn from: ``logit_normal_timesteps``).
+    (batch, C, h, w) x3 -> (batch,)"""
+    return per_sample_mse(pred, flow_velocity_target(x0, noise))
+
+
+def velocity_distill_loss(student_velocity: torch.Tensor, teacher_velocity: torch.Tensor) -> torch.Tensor:
+    """Velocity output distillation (BK-SDM's output KD, eq. 3, on a flow teacher's output): the
+    student's velocity against the teacher's at the same z, sigma and prompt (the guided teacher
+    velocity, ``guidance_combine(pred_cond, pred_uncond, w)``, for a CFG-free student).
+    (batch, C, h, w) x2 -> (batch,)"""
+    return per_sample_mse(student_velocity, teacher_velocity)

@@ -31,6 +31,7 @@ from core.options import differing_fields, option
 from students.distill import adversarial
 from students.training import checkpoint as ckpt
 from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline
+from shards.record import RECTIFIED_FLOW, noise_process
 from students.distill.batches import step_rows, training_batch
 from students.distill.inference import student_sampling
 from students.distill.recipes import (RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections,
@@ -167,9 +168,12 @@ class TrainConfig:
             from teachers.load import TeacherError, teacher_geometry
 
             try:
-                teacher_geometry(self.online_teacher)
+                geometry = teacher_geometry(self.online_teacher)
             except TeacherError as err:
                 raise UserError(f"--online_teacher: {err}") from None
+            if geometry and geometry.get("is_flow"):
+                raise UserError(f"--online_teacher {self.online_teacher!r} is a flow-matching teacher: "
+                                "flow teachers need a flow recipe, which this trainer does not have yet")
 
 
     def resolved_recipe(self) -> DistillRecipe:
@@ -278,6 +282,9 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
 
         resolve_checkpoint(cfg.init_from)  # a RunError (one line) before any work when it is not a run
     dataset, negative = read_dataset(cfg.data)
+    if noise_process(dataset) == RECTIFIED_FLOW:
+        raise UserError(f"--data {cfg.data!r} is a flow dump (prediction_type {dataset['prediction_type']!r}, "
+                        "rectified flow): flow dumps need a flow recipe, which this trainer does not have yet")
     if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
         raise UserError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
                         f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
