@@ -231,6 +231,8 @@ def unet_inputs(model, settings: LookupSettings, side: int):
         px = side * 8
         kwargs["added_cond_kwargs"] = {"text_embeds": rand(b, pooled),
                                        "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * b, device=settings.device, dtype=dtype)}
+    elif cfg.addition_embed_type == "pooled":  # SD3-shaped students: the pooled text embedding alone
+        kwargs["added_cond_kwargs"] = {"text_embeds": rand(b, cfg.projection_class_embeddings_input_dim)}
     timestep = torch.full((b,), 500, device=settings.device, dtype=torch.long)
     return (rand(b, cfg.in_channels, side, side), timestep), kwargs
 

@@ -133,15 +133,17 @@ def make_inputs(name: str, model, batch: int, pixels: int, device: str, dtype: s
             return torch.zeros(*shape, device="meta", dtype=tdtype)
         return torch.randn(*shape, generator=gen).to(device=device, dtype=tdtype)
 
-    latents = rand(batch, 4, pixels // 8, pixels // 8)
     if kind_of(name) == "vae":
-        return (latents,), {}
+        return (rand(batch, 4, pixels // 8, pixels // 8),), {}
     cfg = model.config
+    latents = rand(batch, cfg.in_channels, pixels // 8, pixels // 8)  # 16 for SD3-shaped students
     kwargs = {"encoder_hidden_states": rand(batch, 77, cfg.cross_attention_dim)}
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, device=device, dtype=tdtype)
         kwargs["added_cond_kwargs"] = {"text_embeds": rand(batch, pooled), "time_ids": time_ids}
+    elif cfg.addition_embed_type == "pooled":  # SD3-shaped students: the pooled text embedding alone
+        kwargs["added_cond_kwargs"] = {"text_embeds": rand(batch, cfg.projection_class_embeddings_input_dim)}
     timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
     return (latents, timestep), kwargs
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from core.errors import UserError
 from shards.loader import final_noise_level, noise_levels
+from shards.record import RECTIFIED_FLOW, noise_process
 
 
 def rows_for(meta: dict, recipe, seed: int, epoch: int, key: str) -> tuple[int, int | None]:
@@ -45,8 +46,10 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
                    with_images: bool = False, with_image_latents: bool = False) -> dict:
     """Records -> a float32 batch for ``students.distill.recipes.compute_losses`` (offline targets included).
 
-    ``batch``: keys, z (B,4,h,w), t (B,) float timesteps, alpha/sigma (B,) of z, cond, uncond, x0,
-    guidance (B,), and for step distillation z_next with alpha_next/sigma_next; ``image_latents`` (B,4,h,w),
+    ``batch``: keys, z (B,C,h,w), t (B,) float timesteps, alpha/sigma (B,) of z, cond, uncond, x0,
+    guidance (B,), and for step distillation z_next with alpha_next/sigma_next; for a rectified-flow dump
+    (``shards.record.noise_process``) alpha = 1 - sigma, ``num_train_timesteps`` (t = sigma * it) and
+    ``added``/``added_uncond`` holding only ``text_embeds`` (the pooled embeddings); ``image_latents`` (B,4,h,w),
     the real images' latents of a ``--real_images`` dump, with ``with_image_latents``.
     """
     import numpy as np
@@ -54,7 +57,7 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
 
     cols: dict[str, list] = {k: [] for k in ("keys", "z", "t", "alpha", "sigma", "cond", "x0", "guidance", "pred_cond",
                                              "pred_uncond", "z_next", "alpha_next", "sigma_next")}
-    feats: dict[str, list] = {name: [] for name, _ in recipe.feature_weights}
+    feats: dict[str, list] = {name: [] for name in recipe.teacher_layers()}
     for rec in records:
         meta = rec.meta
         final = final_noise_level(meta if "schema_version" in meta else scheduler_config)
@@ -86,7 +89,13 @@ def training_batch(records, negative_prompt_embeds, recipe, *, seed: int, epoch:
     batch = {"keys": cols["keys"], "z": f32(cols["z"]), "t": vec(cols["t"]), "alpha": vec(cols["alpha"]),
              "sigma": vec(cols["sigma"]), "cond": f32(cols["cond"]), "x0": f32(cols["x0"]),
              "guidance": vec(cols["guidance"]), "uncond": expand(negative_prompt_embeds["negative_prompt_embeds"])}
-    if "pooled_prompt_embeds" in records[0].arrays:  # SDXL-style conditioning: pooled text embeds and time ids
+    flow = noise_process(records[0].meta) == RECTIFIED_FLOW
+    if flow:  # SD3-style conditioning: the pooled text embeds alone; the student's time input is sigma * T
+        batch["num_train_timesteps"] = float(records[0].meta["scheduler_config"].get("num_train_timesteps", 1000))
+    if flow and "pooled_prompt_embeds" in records[0].arrays:
+        batch["added"] = {"text_embeds": f32([rec.pooled_prompt_embeds for rec in records])}
+        batch["added_uncond"] = {"text_embeds": expand(negative_prompt_embeds["negative_pooled_prompt_embeds"])}
+    elif "pooled_prompt_embeds" in records[0].arrays:  # SDXL-style conditioning: pooled text embeds and time ids
         time_ids = f32([rec.add_time_ids for rec in records])
         batch["added"] = {"text_embeds": f32([rec.pooled_prompt_embeds for rec in records]), "time_ids": time_ids}
         batch["added_uncond"] = {"text_embeds": expand(negative_prompt_embeds["negative_pooled_prompt_embeds"]),

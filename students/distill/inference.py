@@ -2,9 +2,27 @@
 student was trained on (``trained_jumps``, from ``students.distill.batches.step_rows``), the diffusers
 scheduler that reproduces them (``student_scheduler``) and the guidance it was trained at
 (``guidance_for``). A checkpoint records these; export and evaluation read them from there.
+
+A flow student (a flow recipe on a rectified-flow dump) samples with Euler steps between the sigmas it
+was trained on (``flow_schedule``): the teacher's (``flow_kd``), or its rows 0, k, 2k, ... (``flow_step``,
+the rows of ``students.distill.batches.step_rows``), through ``teachers.flow_scheduler.TrainedSigmasFlowScheduler``;
+``flow_sample`` is that loop written out (the trainer's own sampler, which the exported pipeline reproduces).
 """
 
 from __future__ import annotations
+
+
+def torch_no_grad(fn):
+    """``torch.no_grad()`` as a decorator, importing torch on the first call (this module imports it lazily)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return run
 
 
 def teacher_timesteps(dataset: dict) -> list[float]:
@@ -46,6 +64,9 @@ def student_scheduler(dataset: dict, recipe: dict):
     from diffusers import DDIMScheduler
 
     from teachers.sampler import scheduler_class
+
+    if recipe.get("prediction_type") == "flow":
+        return flow_scheduler(dataset, recipe)
 
     # the student's own parameterisation (a v-prediction student of an epsilon teacher samples as v)
     own_param = {"prediction_type": recipe["prediction_type"]} if recipe.get("prediction_type") else {}
@@ -94,6 +115,58 @@ def student_scheduler(dataset: dict, recipe: dict):
                            trained_timesteps=want, timesteps_exact=best_err == 0)
 
 
+def flow_schedule(dataset: dict, recipe: dict) -> tuple[list[float], list[float]]:
+    """(sigmas, timesteps) a flow student was trained between, the final sigma 0 left out: the teacher's
+    recorded timesteps t (the student's time input, ``noise_levels``) at every row (no step distillation)
+    or at the start rows 0, k, 2k, ... of its jumps (``step_rows``), and sigma = t / num_train_timesteps."""
+    from students.distill.batches import step_rows
+
+    ts = teacher_timesteps(dataset)
+    if recipe.get("step_weight"):
+        ts = [ts[r] for r in step_rows(len(ts), int(recipe["student_steps"]))]
+    scale = float(dataset["scheduler_config"].get("num_train_timesteps", 1000))
+    return [t / scale for t in ts], ts
+
+
+def flow_scheduler(dataset: dict, recipe: dict):
+    """(scheduler, info) of a flow student: ``TrainedSigmasFlowScheduler`` at ``flow_schedule``'s sigmas, its
+    config otherwise the teacher's (dynamic shifting off: the sigmas are the teacher's shifted ones already)."""
+    from teachers.flow_scheduler import TrainedSigmasFlowScheduler
+
+    sigmas, ts = flow_schedule(dataset, recipe)
+    scheduler = TrainedSigmasFlowScheduler.from_config(dataset["scheduler_config"], use_dynamic_shifting=False,
+                                                       trained_sigmas=sigmas, trained_timesteps=ts)
+    scheduler.set_timesteps(len(sigmas))
+    return scheduler, dict(num_inference_steps=len(sigmas), timesteps=[float(t) for t in scheduler.timesteps],
+                           trained_timesteps=ts, trained_sigmas=sigmas, timesteps_exact=True)
+
+
+@torch_no_grad
+def flow_sample(student, scheduler, noise, cond, uncond, pooled=None, pooled_uncond=None, guidance: float = 1.0):
+    """The trainer's own sampler of a flow student: Euler over ``scheduler``'s sigmas, z_{i+1} = z_i +
+    (s_{i+1} - s_i) v_i, v_i the student's velocity at (z_i, timesteps[i]) guided as SD3 does
+    (v_u + w (v_c - v_u), one batch of [uncond, cond], when w > 1). ``noise`` (B, C, h, w), ``cond``/``uncond``
+    (B, L, D), ``pooled``/``pooled_uncond`` (B, P). -> the final latents (B, C, h, w), float32."""
+    import torch
+
+    scheduler.set_timesteps(len(scheduler.config.trained_sigmas))
+    z = noise.float()
+    cfg = guidance > 1
+    text = torch.cat([uncond, cond]) if cfg else cond
+    added = None
+    if pooled is not None:
+        added = {"text_embeds": torch.cat([pooled_uncond, pooled]) if cfg else pooled}
+    sig = scheduler.sigmas
+    for i, t in enumerate(scheduler.timesteps):
+        zin = torch.cat([z, z]) if cfg else z
+        v = student(zin, t.expand(zin.shape[0]), encoder_hidden_states=text, added_cond_kwargs=added).sample
+        if cfg:
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        z = (z.float() + (sig[i + 1] - sig[i]) * v).to(v.dtype)
+    return z.float()
+
+
 def guidance_for(dataset: dict) -> float:
     """The CFG weight the teacher dump used (a range: 7.5 clamped into it; SnapFusion samples w in [2, 14])."""
     recipe = dataset["recipe"]
@@ -130,6 +203,14 @@ def student_pipeline(teacher, unet, scheduler, decoder=None):
     """The teacher's pipeline class and text side with the student ``unet``, ``scheduler`` and ``decoder``
     (else the teacher's VAE): what ``distill export`` writes and what the training grids sample.
     ``teacher`` is a ``teachers.load.Teacher``; its modules are shared, not copied."""
+    if teacher.is_flow:  # SD3's pipeline: the student UNet in the transformer's seat (students.models.flow_student)
+        from students.models.flow_student import FlowUNetTransformer
+
+        transformer = FlowUNetTransformer.wrap(unet, patch_size=int(teacher.denoiser.config.patch_size))
+        pipe = type(teacher.pipe)(**dict(teacher.pipe.components, transformer=transformer, scheduler=scheduler,
+                                         vae=decoder or teacher.pipe.vae))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     components = dict(teacher.pipe.components, unet=unet, scheduler=scheduler, vae=decoder or teacher.pipe.vae)
     extra = ({"force_zeros_for_empty_prompt": teacher.pipe.config.force_zeros_for_empty_prompt} if teacher.is_xl
              else {"requires_safety_checker": False})

@@ -285,3 +285,41 @@ def velocity_distill_loss(student_velocity: torch.Tensor, teacher_velocity: torc
     velocity, ``guidance_combine(pred_cond, pred_uncond, w)``, for a CFG-free student).
     (batch, C, h, w) x2 -> (batch,)"""
     return per_sample_mse(student_velocity, teacher_velocity)
+
+
+def flow_step_target(z_t: torch.Tensor, z_s: torch.Tensor, sigma_t: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
+    """Step distillation from a flow teacher's trajectory (the flow form of SnapFusion's x-target, eq. 5):
+    the velocity whose ONE Euler step sigma_t -> sigma_s lands on the teacher's recorded latent,
+    v* = (z_s - z_t) / (sigma_s - sigma_t), since the Euler step is z_s = z_t + (sigma_s - sigma_t) v
+    (FlowMatchEulerDiscreteScheduler.step). Its clean estimate z_t - sigma_t v* is the x that takes z_t
+    to z_s along the straight path, SnapFusion's x-target on the rectified-flow path. z_s is the recorded
+    latent k teacher steps later (sigma_s < sigma_t; 0 at the final latent). (batch, C, h, w); sigmas (batch,)."""
+    return (z_s - z_t) / _bcast(sigma_s - sigma_t, z_t)
+
+
+def flow_step_distill_loss(student_velocity: torch.Tensor, z_t: torch.Tensor, z_s: torch.Tensor, sigma_t: torch.Tensor,
+                           sigma_s: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's (guided) velocity at z_t and ``flow_step_target``: in velocity space,
+    the flow-matching loss's own, unweighted (in x space it is sigma_t^2 ||x_student - x*||^2, SD3's
+    velocity weighting of an x-loss). Zero exactly when the student's Euler step lands on z_s. -> (batch,)"""
+    return per_sample_mse(student_velocity, flow_step_target(z_t, z_s, sigma_t, sigma_s))
+
+
+def mapped_feature_distill_loss(student_feats: dict, teacher_feats: dict, projections, pairs) -> torch.Tensor:
+    """Cross-architecture multi-level feature distillation (SnapGen, Hu et al. 2024, sec. 4.1: a UNet
+    student distilled from a transformer teacher): sum over ``pairs`` (student stage, teacher block,
+    weight) of w MSE(P(s), t), with ``projections[student stage with '.' -> '_']`` a learned 1x1 conv from
+    the student stage's channels to the teacher block's. Teacher maps are a transformer's image tokens
+    reshaped to its patch grid (C_t, h/p, w/p); a student map at another resolution is resized (bilinear)
+    to that grid first, as in ``feature_distill_loss``. Student maps (batch, C_s, H, W) -> (batch,)."""
+    total = None
+    for student_name, teacher_name, weight in pairs:
+        s = projections[student_name.replace(".", "_")](student_feats[student_name])
+        t = teacher_feats[teacher_name]
+        if s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        term = weight * per_sample_mse(s, t)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("mapped_feature_distill_loss needs at least one (student, teacher, weight) pair")
+    return total

@@ -10,6 +10,12 @@ loss uses fresh noise on the teacher's final latent. Step distillation matches o
 from ``z_t`` to the recorded latent ``k`` teacher steps later (SnapFusion's x-target); because the
 dump records guided trajectories, this target is CFG-aware at the sample's recorded guidance, and the
 student's output is guided with the same ``w``.
+
+Flow recipes (``flow_kd``, ``flow_snapgen_kd``, ``flow_step``; ``prediction_type="flow"``) train a
+velocity-predicting student on a rectified-flow dump (an SD3-shaped teacher): ``compute_flow_losses``.
+Their task loss is SD3's flow matching at logit-normal sigmas, the output term the teacher's recorded
+velocity, the step term one Euler step onto the recorded latent k steps later (``losses.flow_step_target``),
+and the feature term maps UNet stages to transformer blocks (``feature_map``; ``default_feature_map``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ class DistillRecipe:
     prediction_type: str = "epsilon"  # the student's parameterisation (output/feature KD need the teacher's)
     task_weight: float = 1.0  # L_task on the teacher's final latents with fresh noise
     output_weight: float = 1.0  # L_outKD at the recorded point
-    feature_weights: tuple[tuple[str, float], ...] = ()  # L_featKD: (teacher block, weight) pairs
+    feature_weights: tuple[tuple[str, float], ...] = ()  # L_featKD: (block, weight) pairs (the student's stage and the
+    # teacher's block of that name, unless feature_map maps the stage to another teacher block)
+    feature_map: tuple[tuple[str, str], ...] = ()  # cross-architecture KD: (student stage, teacher block) pairs
+    logit_normal: tuple[float, float] = (0.0, 1.0)  # flow recipes: (m, s) of the task loss's sigma density (SD3: 0, 1)
     timestep_aware: bool = False  # SnapGen: scale each distillation term to the task loss per sample
     guidance_prob: float = 0.0  # SnapFusion p: probability of the guidance-aware (CFG) output term
     guidance_range: tuple[float, float] = (2.0, 14.0)  # w ~ U[lo, hi] for the guidance-aware output term
@@ -44,12 +53,34 @@ class DistillRecipe:
     two_step_teacher: bool = False  # progressive distillation: the step target is two DDIM steps of an online teacher
 
     def __post_init__(self):
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        if self.is_flow and (self.adversarial or self.two_step_teacher or self.guidance_prob or self.robust_skip_prob
+                             or self.dynamic_gamma is not None):
+            raise ValueError("a flow recipe takes the task, output, feature and step terms and timestep-aware scaling; "
+                             "not adversarial, progressive, guidance-aware, robust or dynamic-gamma terms")
         if not 0 <= self.guidance_prob <= 1 or not 0 <= self.robust_skip_prob < 1:
             raise ValueError(f"guidance_prob={self.guidance_prob} / robust_skip_prob={self.robust_skip_prob} out of range")
         if self.adversarial not in ("", "ladd", "ufogen"):
             raise ValueError(f"adversarial {self.adversarial!r} is not '', 'ladd' or 'ufogen'")
+
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching recipe: trains a velocity student on a rectified-flow dump (``compute_flow_losses``)."""
+        return self.prediction_type == "flow"
+
+    def feature_pairs(self) -> list[tuple[str, str, float]]:
+        """(student stage, teacher block, weight) of each feature term: the stage's own name unless mapped."""
+        mapping = dict(self.feature_map)
+        return [(stage, mapping.get(stage, stage), weight) for stage, weight in self.feature_weights]
+
+    def teacher_layers(self) -> list[str]:
+        """The teacher blocks the feature terms read from the dump (or compute online)."""
+        return [teacher for _, teacher, _ in self.feature_pairs()]
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
 def bk_sdm() -> DistillRecipe:
@@ -95,9 +126,68 @@ def ufogen(student_steps: int = 1) -> DistillRecipe:
                          adversarial="ufogen", adv_weight=0.1, recon_weight=1.0)
 
 
+def flow_kd() -> DistillRecipe:
+    """Flow-matching distillation of a velocity student from a flow (SD3-shaped) teacher's dump:
+    SD3's flow-matching task loss (Esser et al. 2024, sec. 2 and 3.1: v = eps - x0 regressed at
+    z = (1 - sigma) x0 + sigma eps, sigma logit-normal with m = 0, s = 1) on the teacher's final latents,
+    plus velocity output distillation at the recorded trajectory points (BK-SDM's output KD, eq. 3, on
+    the teacher's conditional velocity). Samples with the teacher's sigmas and steps."""
+    return DistillRecipe(name="flow_kd", prediction_type="flow", task_weight=1.0, output_weight=1.0)
+
+
+def flow_snapgen_kd() -> DistillRecipe:
+    """SnapGen's (Hu et al. 2024, sec. 4.1) cross-architecture multi-level KD from a transformer teacher
+    into a UNet: ``flow_kd`` plus feature terms on the student's ``mid_block`` and ``up_blocks.0`` matched
+    through learned 1x1 projections to the dump's recorded transformer blocks (``default_feature_map``:
+    the earlier block to mid_block, the later to up_blocks.0), with SnapGen's timestep-aware scaling."""
+    return DistillRecipe(name="flow_snapgen_kd", prediction_type="flow", task_weight=1.0, output_weight=1.0,
+                         feature_weights=(("mid_block", 1.0), ("up_blocks.0", 1.0)), timestep_aware=True)
+
+
+def flow_step(student_steps: int = 4) -> DistillRecipe:
+    """Step distillation from a flow teacher's trajectory: the student's guided velocity at recorded
+    z_i takes ONE Euler step over k = S / student_steps recorded teacher steps and must land on the
+    recorded latent z_{i+k} (``losses.flow_step_target``: v* = (z_{i+k} - z_i) / (sigma_{i+k} - sigma_i),
+    SnapFusion's x-target rule, Li et al. 2023 eq. 5, on the rectified-flow path), plus the velocity
+    output term and the flow-matching task loss at 0.1. Samples with the teacher's sigmas at rows 0, k, 2k, ..."""
+    return DistillRecipe(name="flow_step", prediction_type="flow", task_weight=0.1, output_weight=1.0, step_weight=1.0,
+                         student_steps=student_steps)
+
+
+FLOW_RECIPES = ("flow_kd", "flow_snapgen_kd", "flow_step")
+
+
+def default_feature_map(stages: list[str], recorded: list[str]) -> tuple[tuple[str, str], ...]:
+    """The cross-architecture mapping, student stage -> teacher block: the recipe's stages in its order
+    (``flow_snapgen_kd``: mid_block, up_blocks.0) take the LAST ``len(stages)`` of the dump's recorded
+    blocks in depth order (``transformer_blocks.N`` by N), so the deeper stage of the UNet's decoder path
+    meets the deeper transformer block (tiny-sd3's default dump: mid_block -> transformer_blocks.2,
+    up_blocks.0 -> transformer_blocks.3). ``ValueError`` when the dump recorded fewer blocks than stages."""
+    def depth(name):
+        tail = name.rsplit(".", 1)[-1]
+        return (0, int(tail), name) if tail.isdigit() else (1, 0, name)
+
+    ordered = sorted(recorded, key=depth)
+    if len(ordered) < len(stages):
+        raise ValueError(f"the dump recorded {len(ordered)} teacher block(s) {ordered} for {len(stages)} student "
+                         f"stage(s) {list(stages)}: dump more --feature_layers, or map them with --feature_map")
+    return tuple(zip(stages, ordered[len(ordered) - len(stages):]))
+
+
+def parse_feature_map(text: str) -> tuple[tuple[str, str], ...]:
+    """``mid_block=transformer_blocks.2,up_blocks.0=transformer_blocks.3`` -> ((stage, block), ...)."""
+    pairs = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        stage, eq, block = item.partition("=")
+        if not eq or not stage.strip() or not block.strip():
+            raise UserError(f"--feature_map: {item!r} is not STUDENT_STAGE=TEACHER_BLOCK")
+        pairs.append((stage.strip(), block.strip()))
+    return tuple(pairs)
+
+
 RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd,
            "snapgen_adv": snapgen_adv, "ufogen": ufogen,
-           "progressive": progressive}
+           "progressive": progressive, "flow_kd": flow_kd, "flow_snapgen_kd": flow_snapgen_kd, "flow_step": flow_step}
 
 
 def get_recipe(name: str, **overrides) -> DistillRecipe:
@@ -114,9 +204,14 @@ def head_key(layer: str) -> str:
     return layer.replace(".", "_")
 
 
-def make_projections(student_channels: dict[str, int], teacher_channels: dict[str, int], layers) -> nn.ModuleDict:
-    """The distillation head: a 1x1 conv per level from student to teacher channels (dropped at export)."""
-    return nn.ModuleDict({head_key(l): nn.Conv2d(student_channels[l], teacher_channels[l], 1) for l in layers})
+def make_projections(student_channels: dict[str, int], teacher_channels: dict[str, int], layers,
+                     feature_map: dict[str, str] | None = None) -> nn.ModuleDict:
+    """The distillation head: a 1x1 conv per level from student to teacher channels (dropped at export).
+    ``layers`` are student stages; ``feature_map`` maps a stage to the teacher block it is matched with
+    (cross-architecture KD), else the teacher block of the same name. Keyed by the student stage."""
+    feature_map = feature_map or {}
+    return nn.ModuleDict({head_key(l): nn.Conv2d(student_channels[l], teacher_channels[feature_map.get(l, l)], 1)
+                          for l in layers})
 
 
 def choose_row(key: str, seed: int, epoch: int, candidates: list[int]) -> int:
@@ -172,6 +267,9 @@ def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRe
     ``raw``: if given, receives each term's batch mean before any weight or scaling (detached): the
     loss functions' own values, comparable across recipes and steps (what ``losses.jsonl`` logs as ``loss/<term>``).
     """
+    if recipe.is_flow:
+        return compute_flow_losses(student, heads, batch, targets, recipe, generator, task_point=task_point,
+                                   outputs=outputs, raw=raw)
     z, t, cond, added = batch["z"], batch["t"], batch["cond"], batch.get("added")
     alpha, sigma = batch["alpha"].to(z), batch["sigma"].to(z)
     terms: dict[str, torch.Tensor] = {}
@@ -190,7 +288,10 @@ def compute_losses(student, heads, batch: dict, targets: dict, recipe: DistillRe
             out = torch.where(use.to(z.device), guided, out)
         unweighted["output"] = out
         terms["output"] = recipe.output_weight * out
-    if feature_layers:
+    if feature_layers and recipe.feature_map:  # stages matched to other-named teacher blocks
+        terms["feature"] = unweighted["feature"] = D.mapped_feature_distill_loss(feats, targets["feats"], heads,
+                                                                                 recipe.feature_pairs())
+    elif feature_layers:
         terms["feature"] = unweighted["feature"] = D.feature_distill_loss(feats, targets["feats"], heads, feature_layers)
     if recipe.step_weight > 0:
         guided_pred = D.guidance_combine(pred, pred_u, batch["guidance"])
@@ -234,6 +335,65 @@ def _task_term(student, batch, recipe, alphas_cumprod, generator, task_point, di
     weight = D.dynamic_gamma(distill_total, task, recipe.dynamic_gamma) if (
         recipe.dynamic_gamma is not None and distill_total is not None) else recipe.task_weight
     return weight * task, task
+
+
+def compute_flow_losses(student, heads, batch: dict, targets: dict, recipe: DistillRecipe, generator: torch.Generator,
+                        task_point: dict | None = None, outputs: dict | None = None,
+                        raw: dict | None = None) -> dict[str, torch.Tensor]:
+    """The terms of a flow recipe (``recipe.is_flow``) for one batch of a rectified-flow dump, as
+    ``compute_losses`` returns them (per-term means and ``loss``; ``raw`` the unweighted batch means).
+
+    ``batch`` as ``compute_losses``'s, with the flow record's noise levels: z = (1 - sigma) x0 + sigma eps
+    (alpha = 1 - sigma) at timesteps t = sigma * ``batch["num_train_timesteps"]`` (1000 if absent), the
+    student's time input as the teacher's; ``targets`` the recorded velocities v = eps - x0 and block maps.
+    Terms: ``output`` (``velocity_distill_loss`` against the teacher's conditional velocity), ``feature``
+    (``mapped_feature_distill_loss`` over ``recipe.feature_pairs()``), ``step`` (``flow_step_distill_loss``
+    of the student's velocity guided at the sample's recorded w, onto the recorded z_next at sigma_next) and
+    ``task`` (``flow_matching_loss`` at z = (1 - s) x0 + s eps with fresh noise and s drawn logit-normal,
+    ``recipe.logit_normal``; ``task_point`` = {"noise", "sigma"} fixes them). With ``timestep_aware`` the
+    distillation terms are scaled to the task loss per sample (SnapGen). ``outputs`` receives ``x0`` =
+    z - sigma v of the student's (guided, for step distillation) velocity.
+    """
+    z, t, cond, added = batch["z"], batch["t"], batch["cond"], batch.get("added")
+    sigma = batch["sigma"].to(z)
+    scale = float(batch.get("num_train_timesteps", 1000))
+    terms: dict[str, torch.Tensor] = {}
+    unweighted: dict[str, torch.Tensor] = {}
+    pairs = recipe.feature_pairs()
+    pred, feats = student_forward(student, z, t, cond, added, features=bool(pairs))
+    guided = pred
+    if recipe.step_weight > 0:
+        pred_u, _ = student_forward(student, z, t, batch["uncond"], batch.get("added_uncond"))
+        guided = D.guidance_combine(pred, pred_u, batch["guidance"])
+    if recipe.output_weight > 0:
+        unweighted["output"] = D.velocity_distill_loss(pred, targets["pred_cond"])
+        terms["output"] = recipe.output_weight * unweighted["output"]
+    if pairs:
+        terms["feature"] = unweighted["feature"] = D.mapped_feature_distill_loss(feats, targets["feats"], heads, pairs)
+    if recipe.step_weight > 0:
+        unweighted["step"] = D.flow_step_distill_loss(guided, z, batch["z_next"], sigma, batch["sigma_next"].to(z))
+        terms["step"] = recipe.step_weight * unweighted["step"]
+    if outputs is not None:
+        outputs["x0"] = D.flow_pred_to_x0(guided, z, sigma)
+    if recipe.task_weight > 0:
+        x0 = batch["x0"]
+        if task_point is None:
+            m, s = recipe.logit_normal
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            s_task = D.logit_normal_timesteps(x0.shape[0], m=m, s=s, generator=generator).to(x0)
+        else:
+            noise, s_task = task_point["noise"].to(x0), task_point["sigma"].to(x0)
+        pred_task, _ = student_forward(student, D.flow_interpolate(x0, noise, s_task), s_task * scale, cond, added)
+        unweighted["task"] = task = D.flow_matching_loss(pred_task, x0, noise)
+        if recipe.timestep_aware:
+            for k in list(terms):
+                terms[k] = D.timestep_aware_scale(terms[k], task)
+        terms["task"] = recipe.task_weight * task
+    if raw is not None:
+        raw.update({k: v.detach().mean() for k, v in unweighted.items()})
+    means = {k: v.mean() for k, v in terms.items()}
+    means["loss"] = sum(means.values())
+    return means
 
 
 class robust_skip:

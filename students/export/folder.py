@@ -30,6 +30,15 @@ where a DDIM configuration can (``inference.json``: ``timesteps_exact``), else t
 leading-spacing offset other than 1 (which diffusers resets to 1 on every load) is carried by
 ``OffsetDDIMScheduler`` (``teachers/offset_scheduler.py``), copied into ``scheduler/`` like the UNet's code.
 A student distilled without step distillation keeps the teacher's scheduler at the teacher's steps.
+
+A flow student (a flow recipe on an SD3-shaped teacher's dump) is written into the teacher's
+``StableDiffusion3Pipeline``: the student UNet wrapped as its ``transformer``
+(``students/models/flow_student.py``'s ``FlowUNetTransformer``, copied into ``transformer/`` with the
+UNet's code) and ``TrainedSigmasFlowScheduler`` (``teachers/flow_scheduler.py``, copied into
+``scheduler/``) holding the sigmas it was trained between, so the folder samples at its trained step
+count with exactly those Euler steps (``students.distill.inference.flow_schedule``). A plain
+``FlowMatchEulerDiscreteScheduler`` cannot: at S / k steps its linspace does not pass through the
+teacher's rows 0, k, 2k, ...
 """
 
 from __future__ import annotations
@@ -53,6 +62,9 @@ UNET_MODULE = "student_unet"  # unet/student_unet.py in the exported folder
 SCHEDULER_MODULE = "student_scheduler"  # scheduler/student_scheduler.py when the scheduler is OffsetDDIMScheduler
 BLOCKS_MODULE = "student_blocks"  # unet/student_blocks.py, imported relatively by student_unet.py
 UNET_CLASS = "EfficientUNet2DConditionModel"
+TRANSFORMER_MODULE = "student_transformer"  # transformer/student_transformer.py of a flow student's folder
+TRANSFORMER_CLASS = "FlowUNetTransformer"
+FLOW_SCHEDULER_CLASS = "TrainedSigmasFlowScheduler"
 INFERENCE_FILE = "inference.json"
 
 
@@ -79,6 +91,11 @@ class ExportError(UserError):
 
 def check_compatible(unet, teacher) -> None:
     """The student must take the teacher's text conditioning and latents; ``ExportError`` naming the mismatch."""
+    if teacher.is_flow:
+        return check_flow_compatible(unet, teacher)
+    if unet.config.addition_embed_type == "pooled":
+        raise ExportError(f"the student is a flow student (addition_embed_type 'pooled', SD3-shaped) but teacher "
+                          f"{teacher.spec!r} is a UNet teacher: wrong --teacher?")
     s, t = unet.config, teacher.unet.config
     if s.cross_attention_dim != t.cross_attention_dim:
         raise ExportError(f"student cross_attention_dim={s.cross_attention_dim} does not match teacher "
@@ -88,6 +105,16 @@ def check_compatible(unet, teacher) -> None:
                           f"{'SDXL' if teacher.is_xl else 'SD'}-shaped: wrong --teacher?")
     if s.in_channels != t.in_channels:
         raise ExportError(f"student in_channels={s.in_channels} != teacher {t.in_channels}")
+
+
+def check_flow_compatible(unet, teacher) -> None:
+    """A flow student takes the SD3 teacher's latents, text-state width and pooled width."""
+    s, t = unet.config, teacher.denoiser.config
+    want = (t.in_channels, t.joint_attention_dim, "pooled", t.pooled_projection_dim)
+    got = (s.in_channels, s.cross_attention_dim, s.addition_embed_type, s.projection_class_embeddings_input_dim)
+    if got != want:
+        raise ExportError(f"student (in_channels, cross_attention_dim, addition_embed_type, pooled width) = {got} does "
+                          f"not take flow teacher {teacher.spec!r}'s {want}: wrong --teacher?")
 
 
 def assemble_pipeline(run: RunInfo, weights: str = "ema", device: str = "cpu", dtype: str = "float32", teacher=None):
@@ -167,7 +194,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 # the student UNet's code is unet/{UNET_MODULE}.py (torch + diffusers only): hence trust_remote_code
-pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", {info['load_kwargs']})
 image = pipe("a photo of a red bicycle", num_inference_steps={info['num_inference_steps']},
              guidance_scale={info['guidance_scale']}, height={info['height']}, width={info['width']},
              generator=torch.Generator().manual_seed(0)).images[0]
@@ -183,25 +210,54 @@ and outputs), so the warning is expected and harmless.
 """
 
 
-def scheduler_code() -> dict[str, str]:
-    """{file name: source} of ``OffsetDDIMScheduler`` for the exported ``scheduler/`` folder."""
-    from teachers import offset_scheduler
+def scheduler_code(flow: bool = False) -> dict[str, str]:
+    """{file name: source} of ``OffsetDDIMScheduler`` (or, ``flow``, ``TrainedSigmasFlowScheduler``) for the
+    exported ``scheduler/`` folder."""
+    from teachers import flow_scheduler, offset_scheduler
 
-    with open(offset_scheduler.__file__, encoding="utf-8") as f:
+    module = flow_scheduler if flow else offset_scheduler
+    with open(module.__file__, encoding="utf-8") as f:
         src = f.read()
-    header = "# Copied from diffusion-distill's teachers/offset_scheduler.py by `distill export` (trust_remote_code).\n"
+    header = (f"# Copied from diffusion-distill's teachers/{os.path.basename(module.__file__)} by `distill export` "
+              "(trust_remote_code).\n")
     return {f"{SCHEDULER_MODULE}.py": header + src}
 
 
-def _patch_model_index(folder: str, custom_scheduler: bool = False) -> None:
+def transformer_code() -> dict[str, str]:
+    """{file name: source} of a flow student's ``transformer/`` folder: the wrapper and the UNet's code."""
+    from students.models import flow_student
+
+    with open(flow_student.__file__, encoding="utf-8") as f:
+        src = f.read()
+    src = src.replace("from students.models.unet import", f"from .{UNET_MODULE} import")
+    header = "# Copied from diffusion-distill's students/models/flow_student.py by `distill export` (trust_remote_code).\n"
+    files = {f"{TRANSFORMER_MODULE}.py": header + src, **unet_code()}
+    if re.search(r"^\s*(from|import)\s+(students|teachers|filters|pipelines)\b", src, flags=re.MULTILINE):
+        raise ExportError("flow_student.py would import project code beyond the UNet's")
+    return files
+
+
+def _patch_model_index(folder: str, custom_scheduler: bool = False, flow: bool = False) -> None:
     path = os.path.join(folder, "model_index.json")
     with open(path, encoding="utf-8") as f:
         index = json.load(f)
-    index["unet"] = [UNET_MODULE, UNET_CLASS]  # library = the .py file in unet/ (diffusers' custom component rule)
-    if custom_scheduler:
+    if flow:  # the student in SD3's transformer seat, its scheduler holding the trained sigmas
+        index["transformer"] = [TRANSFORMER_MODULE, TRANSFORMER_CLASS]
+        index["scheduler"] = [SCHEDULER_MODULE, FLOW_SCHEDULER_CLASS]
+    else:
+        index["unet"] = [UNET_MODULE, UNET_CLASS]  # library = the .py file in unet/ (diffusers' custom component rule)
+    if custom_scheduler and not flow:
         index["scheduler"] = [SCHEDULER_MODULE, "OffsetDDIMScheduler"]
     with open(path, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, sort_keys=True)
+
+
+def load_kwargs(pipeline: str) -> str:
+    """The keyword arguments ``from_pretrained`` needs for an exported folder of ``pipeline``: the student's
+    code (``trust_remote_code``), and for SD3 the absent T5, which diffusers loads only when told it is None."""
+    if pipeline.startswith("StableDiffusion3"):
+        return "trust_remote_code=True, text_encoder_3=None, tokenizer_3=None"
+    return "trust_remote_code=True"
 
 
 def is_export(folder: str) -> bool:
@@ -225,11 +281,15 @@ def check_output(output: str, overwrite: bool) -> None:
 
 def _write_folder(pipe, info: dict, folder: str) -> None:
     pipe.save_pretrained(folder)
-    custom_scheduler = type(pipe.scheduler).__name__ == "OffsetDDIMScheduler"
-    _patch_model_index(folder, custom_scheduler)
-    code = {("unet", name): src for name, src in unet_code().items()}
+    flow = type(pipe.scheduler).__name__ == FLOW_SCHEDULER_CLASS
+    custom_scheduler = flow or type(pipe.scheduler).__name__ == "OffsetDDIMScheduler"
+    _patch_model_index(folder, custom_scheduler, flow)
+    if flow:
+        code = {("transformer", name): src for name, src in transformer_code().items()}
+    else:
+        code = {("unet", name): src for name, src in unet_code().items()}
     if custom_scheduler:
-        code.update({("scheduler", name): src for name, src in scheduler_code().items()})
+        code.update({("scheduler", name): src for name, src in scheduler_code(flow).items()})
     for (sub, name), src in code.items():
         with open(os.path.join(folder, sub, name), "w", encoding="utf-8") as f:
             f.write(src)
@@ -257,7 +317,8 @@ def export(checkpoint: str, output: str, *, weights: str = "ema", teacher: str |
     run = read_run(checkpoint, data=data, teacher=teacher)
     pipe, info = assemble_pipeline(run, weights=weights, dtype=dtype)
     info["scheduler"] = type(pipe.scheduler).__name__
-    info["load"] = "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)"
+    info["load_kwargs"] = load_kwargs(info["pipeline"])
+    info["load"] = f"DiffusionPipeline.from_pretrained(folder, {info['load_kwargs']})"
     if not local:
         with tempfile.TemporaryDirectory() as tmp:
             _write_folder(pipe, info, tmp)
@@ -320,7 +381,7 @@ def _main(argv: list[str]) -> int:
                   overwrite=cfg.overwrite)
     info = read_inference(path)
     print(f"wrote {path}: {info['pipeline']}, {info['num_inference_steps']} steps, guidance {info['guidance_scale']}; "
-          f"load with DiffusionPipeline.from_pretrained({path!r}, trust_remote_code=True)")
+          f"load with DiffusionPipeline.from_pretrained({path!r}, {load_kwargs(info['pipeline'])})")
     return 0
 
 

@@ -36,6 +36,11 @@ from students.models.blocks import (ATTENTION_KERNELS, CONV_TYPES, FF_ACTIVATION
                                     parse_layout)
 
 
+# None; "text_time": SDXL's pooled text embedding and size/crop ids added to the time embedding;
+# "pooled": SD3's pooled text embedding alone added to it (SD3Transformer2DModel's time_text_embed does the same)
+ADDITION_EMBED_TYPES = (None, "text_time", "pooled")
+
+
 @dataclass(frozen=True, kw_only=True)
 class StudentUNetConfig:
     """Architecture of an efficient UNet. Levels run from the highest resolution (level 0) down; up
@@ -62,9 +67,9 @@ class StudentUNetConfig:
     flip_sin_to_cos: bool = True  # timestep embedding layout, as SD
     freq_shift: int = 0  # timestep embedding frequency shift, as SD
     time_cond_proj_dim: int | None = None  # guidance embedding width (LCM-style w-conditioning); None = off
-    addition_embed_type: str | None = None  # None | "text_time" (SDXL pooled text + size/crop ids)
+    addition_embed_type: str | None = None  # None | "text_time" (SDXL pooled text + size/crop ids) | "pooled" (SD3)
     addition_time_embed_dim: int | None = None  # sinusoid width per time id (SDXL: 256)
-    projection_class_embeddings_input_dim: int | None = None  # 6 * addition_time_embed_dim + pooled width
+    projection_class_embeddings_input_dim: int | None = None  # text_time: 6 * addition_time_embed_dim + pooled width; pooled: pooled width
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -90,8 +95,10 @@ class StudentUNetConfig:
             raise ValueError(f"ff_activation={self.ff_activation!r} is not one of {FF_ACTIVATIONS}")
         if self.ff_mult <= 0:
             raise ValueError(f"ff_mult={self.ff_mult!r} must be positive")
-        if self.addition_embed_type not in (None, "text_time"):
-            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not None or 'text_time'")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not None, 'text_time' or 'pooled'")
+        if self.addition_embed_type == "pooled" and not self.projection_class_embeddings_input_dim:
+            raise ValueError("addition_embed_type='pooled' needs projection_class_embeddings_input_dim (the pooled width)")
         if self.addition_embed_type == "text_time" and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
             raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and projection_class_embeddings_input_dim")
         self._check_skips()
@@ -190,6 +197,8 @@ class EfficientUNet2DConditionModel(ModelMixin, ConfigMixin):
         if cfg.addition_embed_type == "text_time":
             self.add_time_proj = Timesteps(cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+        elif cfg.addition_embed_type == "pooled":
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
 
         skip_channels, ch = [chans[0]], chans[0]  # conv_in's output is the first skip
         self.down_blocks = nn.ModuleList()
@@ -234,7 +243,11 @@ class EfficientUNet2DConditionModel(ModelMixin, ConfigMixin):
             timesteps = timesteps[None].to(sample.device)
         t_emb = self.time_proj(timesteps.expand(sample.shape[0])).to(dtype=sample.dtype)
         emb = self.time_embedding(t_emb, timestep_cond)
-        if self.add_embedding is not None:
+        if self.add_embedding is not None and self.add_time_proj is None:  # "pooled" (SD3)
+            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs:
+                raise ValueError("addition_embed_type='pooled' needs added_cond_kwargs with 'text_embeds'")
+            emb = emb + self.add_embedding(added_cond_kwargs["text_embeds"].to(emb.dtype))
+        elif self.add_embedding is not None:
             if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
                 raise ValueError("addition_embed_type='text_time' needs added_cond_kwargs with 'text_embeds' and 'time_ids'")
             text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
@@ -479,12 +492,22 @@ def shapes_small() -> StudentUNetConfig:
     )
 
 
+def tiny_sd3() -> StudentUNetConfig:
+    """``tiny`` for the tiny SD3 teacher (``teachers.configs.tiny_sd3_transformer()``): 16-channel latents,
+    prompt embeddings of width 96 (CLIP-L + bigG zero-padded, then T5's zeros) for cross-attention and the
+    64-wide pooled embedding added to the time embedding (``addition_embed_type="pooled"``, as SD3's
+    ``time_text_embed``). A flow-matching student (``distill train --recipe flow_kd``): it predicts velocities."""
+    return override(tiny(), in_channels=16, out_channels=16, cross_attention_dim=96, addition_embed_type="pooled",
+                    projection_class_embeddings_input_dim=64)
+
+
 PRESETS = {
     "snapfusion": snapfusion,
     "mobilediffusion": mobilediffusion,
     "snapgen": snapgen,
     "tiny": tiny,
     "tiny_xl": tiny_xl,
+    "tiny_sd3": tiny_sd3,
     "shapes": shapes,
     "shapes_small": shapes_small,
     "sd15_reference": sd15_reference,

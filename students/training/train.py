@@ -34,8 +34,8 @@ from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_data
 from shards.record import RECTIFIED_FLOW, noise_process
 from students.distill.batches import step_rows, training_batch
 from students.distill.inference import student_sampling
-from students.distill.recipes import (RECIPES, DistillRecipe, compute_losses, get_recipe, make_projections,
-                                      online_targets, robust_skip)
+from students.distill.recipes import (FLOW_RECIPES, RECIPES, DistillRecipe, compute_losses, default_feature_map,
+                                      get_recipe, make_projections, online_targets, parse_feature_map, robust_skip)
 from core.fs import join, read_bytes, url_to_fs
 
 SCRATCH_LR = 2e-3  # peak learning rate of a student trained from scratch (the shapes preset)
@@ -93,6 +93,9 @@ class TrainConfig:
                                    "results equal to rounding")
     compile: bool = option(False, help="torch.compile the student's forward (inductor: CPU and GPU); the first steps "
                            "compile it (minutes on a small CPU), then each step is faster; not with robust training")
+    feature_map: str = option("", help="feature KD across architectures: STAGE=BLOCK pairs, comma-separated, the "
+                              "student stage matched to the teacher block ('' = the recipe's; flow_snapgen_kd: its "
+                              "stages take the dump's last recorded blocks in depth order)")
     prediction_type: str = option("", help="the student's parameterisation ('' = the recipe's, the teacher's): "
                                   "v_prediction makes 1-step students far better (x0 = alpha z - sigma v does not "
                                   "amplify errors at t ~ T); the output KD term, which compares with the teacher's "
@@ -132,6 +135,12 @@ class TrainConfig:
             if self.recipe != "progressive" or not self.student_steps:
                 raise UserError("--progressive_from needs --recipe progressive and --student_steps")
             rounds(self.progressive_from, self.student_steps)
+        if self.feature_map:
+            stages = {stage for stage, _ in parse_feature_map(self.feature_map)}
+            known = {stage for stage, _ in RECIPES[self.recipe]().feature_weights}
+            if not known or stages - known:
+                raise UserError(f"--feature_map maps {sorted(stages - known) or sorted(stages)}, which recipe "
+                                f"{self.recipe!r} has no feature term on (its stages: {sorted(known) or 'none'})")
         if self.adv_real not in ADV_REAL:
             raise UserError(f"--adv_real {self.adv_real!r} is not one of {', '.join(ADV_REAL)}")
         if self.adv_real != "teacher" and not RECIPES[self.recipe]().adversarial:
@@ -179,8 +188,10 @@ class TrainConfig:
     def resolved_recipe(self) -> DistillRecipe:
         recipe = get_recipe(self.recipe, **({"student_steps": self.student_steps} if self.student_steps else {}),
                             **({"adv_weight": self.adv_weight} if self.adv_weight >= 0 else {}))
-        if self.prediction_type and self.prediction_type != recipe.prediction_type:
+        if self.prediction_type and self.prediction_type != recipe.prediction_type and not recipe.is_flow:
             recipe = dataclasses.replace(recipe, prediction_type=self.prediction_type, output_weight=0.0)
+        if self.feature_map:
+            recipe = dataclasses.replace(recipe, feature_map=parse_feature_map(self.feature_map))
         return recipe
 
 
@@ -282,9 +293,7 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
 
         resolve_checkpoint(cfg.init_from)  # a RunError (one line) before any work when it is not a run
     dataset, negative = read_dataset(cfg.data)
-    if noise_process(dataset) == RECTIFIED_FLOW:
-        raise UserError(f"--data {cfg.data!r} is a flow dump (prediction_type {dataset['prediction_type']!r}, "
-                        "rectified flow): flow dumps need a flow recipe, which this trainer does not have yet")
+    check_noise_process(cfg, recipe, dataset)
     if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
         raise UserError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
                         f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
@@ -313,6 +322,38 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
 # TrainConfig fields a re-run may change without changing what the run is (where and how it logs and saves)
 RERUN_FREE = ("output", "max_steps", "extend", "checkpoint_every", "keep_checkpoints", "log_every", "image_every",
               "num_workers", "device", "audit_keys", "channels_last", "fused_optimizer", "compile")
+
+
+def check_noise_process(cfg: TrainConfig, recipe: DistillRecipe, dataset: dict) -> None:
+    """A flow recipe trains on a rectified-flow dump only, and a diffusion recipe on a variance-preserving one
+    (``shards.record.noise_process``); else one line naming the dump and the recipes that fit it."""
+    flow_dump = noise_process(dataset) == RECTIFIED_FLOW
+    if flow_dump and not recipe.is_flow:
+        raise UserError(f"--data {cfg.data!r} is a flow dump (prediction_type {dataset['prediction_type']!r}, "
+                        f"rectified flow) and recipe {recipe.name!r} is a diffusion recipe: flow dumps need a flow "
+                        f"recipe ({', '.join(FLOW_RECIPES)}) and a student that takes the dump's latents (--preset tiny_sd3)")
+    if recipe.is_flow and not flow_dump:
+        raise UserError(f"recipe {recipe.name!r} is a flow recipe (velocity student, rectified flow) but --data "
+                        f"{cfg.data!r} is a {dataset['prediction_type']} dump of a diffusion teacher: flow recipes need "
+                        "a flow dump (an SD3-shaped teacher such as tiny-sd3)")
+
+
+def resolve_features(recipe: DistillRecipe, dataset: dict) -> DistillRecipe:
+    """A flow recipe's feature stages mapped to the dump's recorded transformer blocks
+    (``default_feature_map``) where the recipe does not map them already; other recipes unchanged."""
+    if not recipe.is_flow or not recipe.feature_weights:
+        return recipe
+    stages = [stage for stage, _ in recipe.feature_weights]
+    mapped = dict(recipe.feature_map)
+    if all(stage in mapped for stage in stages):
+        return recipe
+    recorded = list(dataset["recipe"].get("feature_layers") or [])
+    try:
+        auto = dict(default_feature_map([s for s in stages if s not in mapped],
+                                        [b for b in recorded if b not in mapped.values()]))
+    except ValueError as err:
+        raise UserError(f"recipe {recipe.name!r}: {err}") from None
+    return dataclasses.replace(recipe, feature_map=tuple((s, mapped.get(s) or auto[s]) for s in stages))
 
 
 def check_rerun(cfg: TrainConfig) -> None:
@@ -399,8 +440,12 @@ def _dump_conditioning(negative: dict, first: _FirstRecord) -> dict:
         ids = shape(found.arrays.get("add_time_ids")) if found is not None else None
         return ids[-1] if ids else None
 
+    def channels():  # latent channels, read only for a flow dump's check
+        found = first.get()
+        return int(found.latents.shape[1]) if found is not None else None
+
     return {"text_dim": text[-1] if text else None, "pooled_dim": pooled[-1] if pooled else None,
-            "time_ids": time_ids}
+            "time_ids": time_ids, "channels_of": channels}
 
 
 def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: dict) -> None:
@@ -411,6 +456,9 @@ def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: di
 
     who = f"--preset {cfg.preset}" if cfg.init_from_teacher is None else "the student"
     where = f"the dump {cfg.data!r} (teacher {dataset['recipe'].get('teacher', '?')!r})"
+    flow_dump = noise_process(dataset) == RECTIFIED_FLOW
+    if flow_dump:
+        return check_flow_conditioning(student_config, dump, who, where)
     xl_student, xl_dump = student_config.addition_embed_type == "text_time", dump["pooled_dim"] is not None
 
     def fitting() -> str:
@@ -433,6 +481,28 @@ def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: di
                             f"{student_config.projection_class_embeddings_input_dim} but {where} gives {n_ids} "
                             f"time ids x addition_time_embed_dim {student_config.addition_time_embed_dim} + pooled width "
                             f"{dump['pooled_dim']} = {want}")
+
+
+def check_flow_conditioning(student_config, dump: dict, who: str, where: str) -> None:
+    """A student of a flow (SD3-shaped) dump takes its 16-channel latents, its prompt embeddings' width in
+    cross-attention and its pooled embeddings (``addition_embed_type="pooled"``), as ``tiny_sd3`` does."""
+    from students.models.unet import PRESETS
+
+    def fits(c) -> bool:
+        return (c.cross_attention_dim == dump["text_dim"] and c.addition_embed_type == "pooled"
+                and c.projection_class_embeddings_input_dim == dump["pooled_dim"]
+                and (dump.get("channels") is None or c.in_channels == c.out_channels == dump["channels"]))
+
+    dump = dict(dump, channels=dump["channels_of"]())
+    if fits(student_config):
+        return
+    names = [n for n, f in sorted(PRESETS.items()) if fits(f())]
+    hint = f"; presets that fit: {', '.join(names)}" if names else ""
+    raise UserError(f"{who} (in/out channels {student_config.in_channels}/{student_config.out_channels}, "
+                    f"cross_attention_dim {student_config.cross_attention_dim}, addition_embed_type "
+                    f"{student_config.addition_embed_type!r}) does not take {where}: it has {dump.get('channels')}-channel "
+                    f"latents, prompt embeddings of width {dump['text_dim']} and pooled embeddings of width "
+                    f"{dump['pooled_dim']} (a flow student needs addition_embed_type 'pooled'){hint}")
 
 
 def _decoder_fit(cfg: TrainConfig, dataset: dict, first: _FirstRecord) -> dict:
@@ -471,6 +541,9 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
     # 1. seeds, the recipe, the inputs (before any process group or write)
     recipe = recipe or cfg.resolved_recipe()
+    if recipe.is_flow and cfg.online_teacher is not None:
+        raise UserError(f"recipe {recipe.name!r} reads its flow teacher's targets from the dump: --online_teacher "
+                        "is for UNet teachers")
     if cfg.compile and recipe.robust_skip_prob > 0:
         raise UserError("--compile: this recipe skips blocks at random (robust training), which a compiled graph "
                         "cannot do; train it without --compile")
@@ -480,7 +553,10 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     ckpt.RNGState.seed_all(cfg.seed)
     from shards.loader import alphas_cumprod
 
-    train_schedule = torch.tensor(alphas_cumprod(dataset["scheduler_config"]), dtype=torch.float32, device=device)  # task loss only
+    recipe = resolve_features(recipe, dataset)
+    # the task loss's training schedule (a flow dump has none: its task loss draws sigma, compute_flow_losses)
+    train_schedule = None if recipe.is_flow else torch.tensor(alphas_cumprod(dataset["scheduler_config"]),
+                                                              dtype=torch.float32, device=device)
     # 2. models: student, distillation head, EMA, optional online teacher and decoder
     if student is None:
         if cfg.init_from is not None:
@@ -490,9 +566,10 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
         else:
             student = build_unet(cfg.preset)
     student = student.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    layers = [name for name, _ in recipe.feature_weights]
-    teacher_channels = _teacher_channels(cfg.data, urls, layers)
-    heads = make_projections({k: c for k, (c, _) in student.feature_info().items()}, teacher_channels, layers).to(device)
+    layers = [name for name, _ in recipe.feature_weights]  # student stages
+    teacher_channels = _teacher_channels(cfg.data, urls, recipe.teacher_layers())
+    heads = make_projections({k: c for k, (c, _) in student.feature_info().items()}, teacher_channels, layers,
+                             dict(recipe.feature_map)).to(device)
     ema_unet = ckpt.make_ema(student) if cfg.ema_decay > 0 else None
     teacher_unet = teacher_unet.to(device) if teacher_unet is not None else _online_teacher(cfg, device)
     if recipe.two_step_teacher and teacher_unet is not None:
@@ -623,7 +700,7 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
                           generator, device, world, step, adversary=None) -> dict:
     """Forward and backward over ``cfg.grad_accum`` micro-batches; returns the last one's loss terms
     and their raw values (``compute_losses``'s ``raw``)."""
-    layers = [name for name, _ in recipe.feature_weights]
+    layers = recipe.teacher_layers()
     for micro in range(cfg.grad_accum):
         records = batches.next()
         data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
