@@ -24,6 +24,12 @@ def rows_for(meta: dict, recipe, seed: int, epoch: int, key: str) -> tuple[int, 
         if recorded != list(range(meta["num_inference_steps"])):
             raise UserError("step distillation needs every teacher step recorded (dump with --record_steps all)")
         candidates = step_rows(len(recorded), recipe.student_steps)
+        if recipe.feature_weights:  # step and feature terms on one row: a jump's start with recorded features
+            candidates = [r for r in candidates if recorded[r] in meta["feature_steps"]]
+            if not candidates:
+                raise UserError(f"the recipe's step and feature terms need features at a jump's start "
+                                f"(rows {step_rows(len(recorded), recipe.student_steps)}); the dump recorded them at "
+                                f"steps {meta['feature_steps']} (dump with more --num_feature_steps)")
         row = choose_row(key, seed, epoch, candidates)
         return row, row + step_stride(len(recorded), recipe.student_steps)
     if recipe.feature_weights:
