@@ -347,6 +347,10 @@ def _export(argv: list[str]) -> int:
     cfg = parse(DeployConfig, named + flags + ["--format", fmt], prog="distill export",
                 description="Export a checkpoint for devices. Usage: distill export CHECKPOINT OUTPUT --format onnx")[0]
     run = student_runs.read_run(cfg.checkpoint, data=cfg.data, teacher=cfg.teacher)
+    if run.recipe.get("prediction_type") == "flow":
+        raise UserError(f"{cfg.checkpoint!r} is a flow student (recipe {run.recipe.get('name')!r}): --format "
+                        f"{cfg.format} does not carry the flow rule yet; export it as a diffusers folder "
+                        "(--format diffusers: SD3's pipeline with the trained sigmas)")
     pipe, info = export.assemble_pipeline(run, weights=cfg.weights)
     manifest = export_deploy(pipe, info, cfg.output, precisions=cfg.precisions, overwrite=cfg.overwrite, fmt=cfg.format,
                              progress=lambda what: print(f"converting {what}", file=sys.stderr, flush=True))

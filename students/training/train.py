@@ -182,7 +182,8 @@ class TrainConfig:
                 raise UserError(f"--online_teacher: {err}") from None
             if geometry and geometry.get("is_flow"):
                 raise UserError(f"--online_teacher {self.online_teacher!r} is a flow-matching teacher: "
-                                "flow teachers need a flow recipe, which this trainer does not have yet")
+                                "the flow recipes read their teacher's targets from a flow dump (dump it, then "
+                                f"train with --recipe {FLOW_RECIPES[0]}); --online_teacher takes UNet teachers")
 
 
     def resolved_recipe(self) -> DistillRecipe:
