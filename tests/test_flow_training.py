@@ -56,6 +56,25 @@ def test_flow_step_target_is_the_velocity_whose_euler_step_lands_on_the_recorded
     torch.testing.assert_close(D.flow_step_distill_loss(w, z_t, z_s, s_t, s_s)[1], want, rtol=1e-6, atol=0)
 
 
+def test_tiny_sd3_student_takes_16_channel_latents_the_text_width_and_the_pooled_embedding():
+    from students.models.unet import build_unet, preset
+
+    cfg = preset("tiny_sd3")
+    assert (cfg.in_channels, cfg.out_channels, cfg.cross_attention_dim) == (16, 16, 96)
+    assert (cfg.addition_embed_type, cfg.projection_class_embeddings_input_dim) == ("pooled", 64)
+    torch.manual_seed(0)
+    student = build_unet("tiny_sd3").eval()
+    g = torch.Generator().manual_seed(0)
+    z, text = torch.randn(1, 16, 16, 16, generator=g), torch.randn(1, 333, 96, generator=g)
+    a, b = torch.randn(1, 64, generator=g), torch.randn(1, 64, generator=g)
+    with torch.no_grad():
+        out_a = student(z, torch.tensor([500.0]), encoder_hidden_states=text, added_cond_kwargs={"text_embeds": a}).sample
+        out_b = student(z, torch.tensor([500.0]), encoder_hidden_states=text, added_cond_kwargs={"text_embeds": b}).sample
+    assert out_a.shape == (1, 16, 16, 16) and not torch.allclose(out_a, out_b)  # the pooled embedding conditions it
+    with pytest.raises(ValueError, match="addition_embed_type='pooled' needs added_cond_kwargs"):
+        student(z, torch.tensor([500.0]), encoder_hidden_states=text)
+
+
 def test_default_feature_map_pairs_stages_with_the_last_recorded_blocks_in_depth_order():
     stages = ["mid_block", "up_blocks.0"]
     assert default_feature_map(stages, ["transformer_blocks.3", "transformer_blocks.2"]) == (
