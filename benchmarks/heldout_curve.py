@@ -28,15 +28,6 @@ import time
 from diffusion_distill import kit
 
 
-def caption_file(path: str, split: str, n: int) -> str:
-    from teachers.shapes import world
-
-    scenes = world.split_scenes(split)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(world.caption(scenes[i % len(scenes)]) for i in range(n)) + "\n")
-    return path
-
-
 def plot(table: dict, teacher: dict, path: str, steps: int) -> None:
     import matplotlib
 
@@ -76,12 +67,14 @@ def main(argv=None) -> int:
     from students.distill.inference import guidance_for
     from students.training.checkpoint import checkpoints
     from students.training.runs import read_run
+    from teachers.shapes import world
     from teachers.shapes.analyser import load_analyser
 
     runs = [r for r in args.runs.split(",") if r]
     os.makedirs(args.output, exist_ok=True)
-    captions = {split: caption_file(os.path.join(args.output, f"captions_{split}.txt"), split if split == "heldout" else "train",
-                                    args.num_images) for split in ("heldout", "seen")}
+    captions = {split: world.write_cycled_captions(os.path.join(args.output, f"captions_{split}.txt"), args.num_images,
+                                                   "heldout" if split == "heldout" else "train")
+                for split in ("heldout", "seen")}
     info = read_run(runs[0])
     guidance, steps, teacher_spec = guidance_for(info.dataset), int(info.recipe["student_steps"]), info.teacher
     analyser, t0 = load_analyser(), time.monotonic()

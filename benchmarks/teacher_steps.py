@@ -37,10 +37,7 @@ def main(argv=None) -> int:
     steps = tuple(int(s) for s in args.steps.split(","))
     guidances = [float(g) for g in args.guidance.split(",")] if args.guidance else [kit.shapes_guidance()]
     os.makedirs(args.output, exist_ok=True)
-    captions = os.path.join(args.output, "captions.txt")
-    scenes = world.all_scenes()
-    with open(captions, "w", encoding="utf-8") as f:  # every scene once, then round again
-        f.write("\n".join(world.caption(scenes[i % len(scenes)]) for i in range(args.num_images)) + "\n")
+    captions = world.write_cycled_captions(os.path.join(args.output, "captions.txt"), args.num_images)
     analyser, t0, table = load_analyser(), time.monotonic(), {}
     for g in guidances:
         for seed in range(args.seeds):

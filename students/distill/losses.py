@@ -83,17 +83,11 @@ def feature_distill_loss(student_feats: dict, teacher_feats: dict, projections, 
     ``projections[l]`` is a learned 1x1 conv from the student's to the teacher's channels; a student
     map at another resolution is resized (bilinear) to the teacher's before the comparison.
     """
-    total = None
-    for name, weight in weights.items():
-        s = projections[name.replace(".", "_")](student_feats[name])
-        t = teacher_feats[name]
-        if s.shape[-2:] != t.shape[-2:]:
-            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-        term = weight * per_sample_mse(s, t)
-        total = term if total is None else total + term
-    if total is None:
+    if not weights:
         raise ValueError("feature_distill_loss needs at least one layer weight")
-    return total
+    # the same stage names on both sides: the mapped loss with the identity mapping
+    return mapped_feature_distill_loss(student_feats, teacher_feats, projections,
+                                       [(name, name, weight) for name, weight in weights.items()])
 
 
 def timestep_aware_scale(distill: torch.Tensor, task: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -311,7 +305,7 @@ def mapped_feature_distill_loss(student_feats: dict, teacher_feats: dict, projec
     weight) of w MSE(P(s), t), with ``projections[student stage with '.' -> '_']`` a learned 1x1 conv from
     the student stage's channels to the teacher block's. Teacher maps are a transformer's image tokens
     reshaped to its patch grid (C_t, h/p, w/p); a student map at another resolution is resized (bilinear)
-    to that grid first, as in ``feature_distill_loss``. Student maps (batch, C_s, H, W) -> (batch,)."""
+    to that grid first. Student maps (batch, C_s, H, W) -> (batch,)."""
     total = None
     for student_name, teacher_name, weight in pairs:
         s = projections[student_name.replace(".", "_")](student_feats[student_name])

@@ -230,6 +230,15 @@ def to_tensor(images: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def write_cycled_captions(path: str, n: int, split: str | None = None) -> str:
+    """A captions file of ``n`` lines: every scene of ``split`` (``None``/``"all"``: the world) once in a
+    fixed order, then round again (evaluation sets: each scene equally often). Returns ``path``."""
+    scenes = split_scenes(split)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(caption(scenes[i % len(scenes)]) for i in range(n)) + "\n")
+    return path
+
+
 def write_captions(path: str, n: int, seed: int = 0, split: str | None = None) -> list[str]:
     """A captions file of ``n`` random scenes (one per line): input for the curation job and the dump.
     ``split`` (``"train"``, ``"heldout"``) draws them from that split only."""
