@@ -28,7 +28,7 @@ import time
 from diffusion_distill import kit
 
 
-def plot(table: dict, teacher: dict, path: str, steps: int) -> None:
+def plot(table: dict, teacher: dict, path: str, steps: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +40,7 @@ def plot(table: dict, teacher: dict, path: str, steps: int) -> None:
             pts = sorted((step, row["adherence"], row["adherence_se"]) for (sp, step), row in points.items() if sp == split)
             if pts:
                 xs, ys, se = zip(*pts)
-                ax.errorbar(xs, ys, yerr=se, marker="o", ms=3, capsize=2, label=f"{os.path.basename(run)} ({steps} steps)")
+                ax.errorbar(xs, ys, yerr=se, marker="o", ms=3, capsize=2, label=f"{os.path.basename(run)} ({steps[run]} steps)")
         for t_steps, rows in sorted(teacher.items(), key=lambda kv: -kv[0]):
             row = rows.get(split)
             if row:
@@ -54,6 +54,24 @@ def plot(table: dict, teacher: dict, path: str, steps: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def summarise(last: dict, steps: dict, teacher: dict) -> dict:
+    """{student steps: {"seeds": k, split: mean over the runs' last checkpoints of adherence, exact, Frechet and
+    the per-image standard error, with the spread (sample standard deviation; 0 for one seed) over runs}}."""
+    out: dict = {}
+    for n in sorted(set(steps.values()), reverse=True):
+        group = [last[run] for run in last if steps[run] == n]
+        row: dict = {"seeds": len(group)}
+        for split in group[0]:
+            vals = {k: [g[split][k] for g in group] for k in ("adherence", "adherence_se", "exact", "frechet_analyser")}
+            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+            row[split] = {k: statistics.fmean(v) for k, v in vals.items()}
+            row[split].update(adherence_sd=sd(vals["adherence"]), frechet_sd=sd(vals["frechet_analyser"]))
+            if n in teacher and split in teacher[n]:
+                row[split]["teacher_adherence"] = teacher[n][split]["adherence"]
+        out[n] = row
+    return out
 
 
 def main(argv=None) -> int:
@@ -75,8 +93,13 @@ def main(argv=None) -> int:
     captions = {split: world.write_cycled_captions(os.path.join(args.output, f"captions_{split}.txt"), args.num_images,
                                                    "heldout" if split == "heldout" else "train")
                 for split in ("heldout", "seen")}
-    info = read_run(runs[0])
-    guidance, steps, teacher_spec = guidance_for(info.dataset), int(info.recipe["student_steps"]), info.teacher
+    infos = {run: read_run(run) for run in runs}
+    info = infos[runs[0]]
+    guidance, teacher_spec = guidance_for(info.dataset), info.teacher
+    steps = {run: int(i.recipe["student_steps"]) for run, i in infos.items()}  # each run at its own step count
+    for run, i in infos.items():
+        if guidance_for(i.dataset) != guidance or i.teacher != teacher_spec:
+            p.error(f"{run}: another teacher or guidance than {runs[0]} (rows must be matched)")
     analyser, t0 = load_analyser(), time.monotonic()
     teacher_steps = tuple(int(s) for s in args.teacher_steps.split(","))
     teacher: dict = {}
@@ -94,7 +117,7 @@ def main(argv=None) -> int:
             for split, path in captions.items():
                 res = kit.evaluate_row(os.path.join(args.output, os.path.basename(run), f"{split}-{step:07d}"),
                                        captions=path, num_images=args.num_images, guidance_scale=guidance, student=ckpt,
-                                       student_steps=(steps,), teacher=teacher_spec, analyser=analyser)
+                                       student_steps=(steps[run],), teacher=teacher_spec, analyser=analyser)
                 table.setdefault(run, {})[(split, step)] = next(iter(res["student"].values()))
             print(f"{run} step {step}: " + ", ".join(
                 f"{sp} {table[run][(sp, step)]['adherence']:.4f}" for sp in captions), flush=True)
@@ -111,19 +134,21 @@ def main(argv=None) -> int:
         for (split, step), row in sorted(points.items(), key=lambda kv: kv[0][1]):
             if split == "heldout":
                 sn = points[("seen", step)]
-                print(f"{os.path.basename(run):<28}{steps:>6}{step:>11}  {row['adherence']:.4f}±{row['adherence_se']:.4f}"
+                print(f"{os.path.basename(run):<28}{steps[run]:>6}{step:>11}  {row['adherence']:.4f}±{row['adherence_se']:.4f}"
                       f"      {sn['adherence']:.4f}±{sn['adherence_se']:.4f}  {row['frechet_analyser']:>16.1f}")
         final = max(step for _, step in points)
         last[run] = {split: points[(split, final)] for split in captions}
-    if len(last) > 1:
-        for split in captions:
-            vals = [v[split]["adherence"] for v in last.values()]
-            print(f"last checkpoints, {split}: adherence {statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f} "
-                  f"(spread over {len(vals)} training seeds)")
+    summary = summarise(last, steps, teacher)
+    for n, row in summary.items():
+        print(f"last checkpoints at {n} steps, {row['seeds']} training seed(s): " + "; ".join(
+            f"{split} adherence {row[split]['adherence']:.4f} ± {row[split]['adherence_sd']:.4f} (seeds), "
+            f"mean SE {row[split]['adherence_se']:.4f}, exact {row[split]['exact']:.4f}, "
+            f"Frechet {row[split]['frechet_analyser']:.1f} ± {row[split]['frechet_sd']:.1f}" for split in captions))
     plot(table, teacher, os.path.join(args.output, "curve.png"), steps)
     with open(os.path.join(args.output, "curve.json"), "w", encoding="utf-8") as f:
         json.dump(dict(args=vars(args), guidance=guidance, teacher={str(k): v for k, v in teacher.items()},
                        runs={run: {f"{sp}/{st}": row for (sp, st), row in pts.items()} for run, pts in table.items()},
+                       student_steps=steps, summary={str(n): row for n, row in summary.items()},
                        minutes=(time.monotonic() - t0) / 60), f, indent=1)
     print(f"{(time.monotonic() - t0) / 60:.1f} min; {os.path.join(args.output, 'curve.png')}")
     return 0

@@ -1,13 +1,19 @@
 """``distill demo --output DIR``: the whole pipeline end to end on 2 CPU cores, in minutes.
 
-Bundled shapes-world captions -> the curation job (caption rules, exact dedup) -> the teacher dump
-with the ``shapes`` teacher on DirectRunner (full DDIM trajectories, images) -> step distillation of
-an 8-step student (by default the teacher's UNet cut ``mid_only`` and started from its weights, the
-best start in the ablation of BENCHMARKS.md, at ``students.training.train.INIT_LR``; ``--init_from_teacher ''`` for the
-``shapes`` preset from scratch, with ``--train_steps 900`` or more) -> export to a diffusers folder -> evaluation of the teacher and
-the exported student (prompt adherence and Frechet distance from the shapes analyser, latency) ->
+Bundled shapes-world captions (training-split scenes only) -> the curation job (caption rules, exact
+dedup) -> the teacher dump with the ``shapes`` teacher on DirectRunner (full DDIM trajectories, images)
+-> step distillation of a 4-step student -> export to a diffusers folder -> evaluation of the teacher
+and the exported student on held-out scenes no student dump holds (prompt adherence and Frechet
+distance from the shapes analyser, latency), with the student's cost beside its quality ->
 ``DIR/report.html`` with the grids and the numbers. Every stage is the project's own job, called as a
 user would call it; each prints its progress.
+
+The student by default is the ``shapes_small`` 4-step student (0.28x the teacher UNet's parameters,
+0.34x its MACs) trained once here by ``benchmarks/shapes_small_seed.sh 0`` (6,000 steps, about 20
+minutes on 2 cores) and bundled (``diffusion_distill/data/students/shapes_small_s4``): the demo fine-tunes
+it on its own dump for ``--train_steps`` with ``--init_from``, so the training stage is real but fits the
+demo's minutes. ``--init_from ''`` with ``--init_from_teacher mid_only --student_steps 8`` gives the
+older demo's teacher-cut student; ``--init_from ''`` alone the ``shapes`` preset from scratch.
 """
 
 from __future__ import annotations
@@ -19,19 +25,41 @@ import json
 import os
 import sys
 import time
+from importlib import resources
 
 from diffusion_distill import kit
 from core.errors import UserError, run_main
 from core.options import differing_fields, option, parse
 
-INIT_FROM_TEACHER = "mid_only"  # the demo's student start: the best row of benchmarks/ablation.py
+INIT_FROM_TEACHER = "mid_only"  # the teacher cut of the older demo: the best row of benchmarks/ablation.py
+BUNDLED_STUDENT = "shapes_small"  # --init_from's default: the bundled trained student (bundled_student())
+STUDENT_STEPS = 4  # the bundled student's step count
 
 
-def _eval_captions(path: str, n: int, seed: int = 12_345) -> str:
+def bundled_student() -> str:
+    """The checkpoint folder of the bundled ``shapes_small`` 4-step student (``weights.json`` says how it was made)."""
+    return str(resources.files("diffusion_distill") / "data" / "students" / "shapes_small_s4")
+
+
+def _eval_captions(path: str, n: int) -> str:
+    """``n`` captions cycling over the held-out scenes (``teachers.shapes.world``): no student dump holds them
+    (the bundled captions are training-split scenes only); the ``shapes`` teacher itself saw them."""
     from teachers.shapes import world
 
-    world.write_captions(path, n, seed=seed)
-    return path
+    return world.write_cycled_captions(path, n, "heldout")
+
+
+def unet_cost(unet, size: int) -> dict:
+    """Parameters and MACs of one UNet call on the CFG pair (batch 2) at ``size`` px (FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from students.cost import profile
+
+    args, kwargs = profile.make_inputs("sd15", unet, 2, size, "cpu", "float32")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        profile.forward("sd15", unet, args, kwargs)
+    return {"parameters": sum(p.numel() for p in unet.parameters()), "macs": counter.get_total_flops() / 2}
 
 
 def _loss_plot(run_dir: str) -> str | None:
@@ -61,7 +89,11 @@ def _img(path: str | None) -> str:
         return f'<img src="data:image/png;base64,{base64.b64encode(f.read()).decode()}">'
 
 
-def describe_student(init_from_teacher: str | None, student_steps: int) -> str:
+def describe_student(init_from_teacher: str | None, student_steps: int, init_from: str | None = None) -> str:
+    if init_from:
+        what = ("the bundled <code>shapes_small</code> student (trained here by <code>benchmarks/shapes_small_seed.sh 0</code>)"
+                if os.path.abspath(init_from) == os.path.abspath(bundled_student()) else f"the student of <code>{html.escape(init_from)}</code>")
+        return f"{what}, fine-tuned on this dump, step-distilled for {student_steps} steps"
     if init_from_teacher:
         return (f"the teacher's own UNet cut <code>{init_from_teacher}</code> and started from its weights "
                 f"(BK-SDM-style teacher initialisation), step-distilled for {student_steps} steps")
@@ -69,13 +101,19 @@ def describe_student(init_from_teacher: str | None, student_steps: int) -> str:
 
 
 def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds: dict,
-                 student: str = "the <code>shapes</code> preset, step-distilled for 8 steps") -> str:
+                 student: str = "the <code>shapes</code> preset, step-distilled for 8 steps", cost: dict | None = None) -> str:
     rows = []
+    cost = cost or {}
+    base = cost.get("teacher")
     for model, by_steps in metrics["results"].items():
+        c = cost.get(model)
+        ratio = (lambda k: f"{c[k] / base[k]:.2f}x") if c and base else (lambda k: "")
         for steps, r in by_steps.items():
-            rows.append(f"<tr><td>{model}</td><td>{steps}</td><td>{r.get('adherence', float('nan')):.3f}</td>"
+            rows.append(f"<tr><td>{model}</td><td>{steps}</td><td>{r.get('adherence', float('nan')):.3f} &plusmn; "
+                        f"{r.get('adherence_se', float('nan')):.3f}</td>"
                         f"<td>{r.get('exact', float('nan')):.3f}</td><td>{r.get('frechet_analyser', float('nan')):.2f}</td>"
-                        f"<td>{r.get('latency_s', float('nan')) * 1000:.1f}</td></tr>")
+                        f"<td>{r.get('latency_s', float('nan')) * 1000:.1f}</td><td>{ratio('parameters')}</td>"
+                        f"<td>{ratio('macs')}</td><td>{(r.get('unet_latency_s') or float('nan')) * 1000:.2f}</td></tr>")
     totals = dataset["totals"]
     funnel = (f"captions in {curated['input']} = kept {curated['kept']} + filtered {curated['filtered']} + duplicate "
               f"{curated['duplicate']} + rejected {curated['rejected']}; dump: {totals['samples_written']} samples written, {totals['samples_rejected']} "
@@ -86,13 +124,16 @@ def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds:
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>diffusion-distill demo</h1>
 <p>Teacher: <code>shapes</code> (trained here; DDIM, trailing spacing, guidance {metrics['protocol']['guidance_scale']}).
-Student: {student}, exported to a diffusers folder.</p>
+Student: {student}, exported to a diffusers folder. Every row at the dump's guidance, on the same captions and seeds.</p>
 <h2>Funnel</h2><p>{html.escape(funnel)}</p>
 <h2>Quality and speed</h2>
 <p>Adherence: fraction of attributes (shape, colour, size, position, background) the analyser reads as the
 caption says; exact: all five right; Frechet: analyser-feature distance to rendered truth (lower is better).
-{metrics['protocol']['num_images']} held-out captions, the same seeds for every row.</p>
-<table><tr><th>model</th><th>steps</th><th>adherence</th><th>exact</th><th>Frechet (analyser)</th><th>latency ms/img</th></tr>
+{metrics['protocol']['num_images']} captions of held-out scenes (no student dump holds them; the teacher saw them),
+the same seeds for every row; adherence &plusmn; its standard error over images. Cost: the UNet's parameters and
+MACs against the teacher's, and one UNet call on the CFG pair (PyTorch eager, this machine).</p>
+<table><tr><th>model</th><th>steps</th><th>adherence</th><th>exact</th><th>Frechet (analyser)</th><th>latency ms/img</th>
+<th>UNet params</th><th>UNet MACs</th><th>UNet ms/call</th></tr>
 {''.join(rows)}</table>
 <h2>Teacher and student, same captions and seeds</h2>{_img(os.path.join(out, 'eval', 'grid.png'))}
 <h2>Training</h2>{_img(_loss_plot(os.path.join(out, 'train')))}
@@ -134,9 +175,9 @@ def _done(path: str) -> dict | None:
     return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else None
 
 
-def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_images: int = 96,
-        student_steps: int = 8, init_from_teacher: str | None = INIT_FROM_TEACHER, captions: str | None = None,
-        checkpoint_every: int = 50) -> str:
+def run(output: str, *, train_steps: int = 200, seeds_per_prompt: int = 2, eval_images: int = 96,
+        student_steps: int = STUDENT_STEPS, init_from_teacher: str | None = None, captions: str | None = None,
+        checkpoint_every: int = 50, init_from: str | None = BUNDLED_STUDENT) -> str:
     """Every stage of the demo into ``output``. Re-running the same call into the same folder continues it:
     finished stages are read back, the dump job resumes its shards, training resumes from its newest
     checkpoint (every ``checkpoint_every`` steps, exactly: the trainer restores every RNG), export and
@@ -147,9 +188,12 @@ def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_
     from teachers.shapes.analyser import Adherence, AnalyserFrechet, load_analyser
 
     captions = captions or kit.bundled_captions()
+    if init_from == BUNDLED_STUDENT:
+        init_from = bundled_student()
     _settings_guard(output, dict(train_steps=train_steps, seeds_per_prompt=seeds_per_prompt, eval_images=eval_images,
                                  student_steps=student_steps, init_from_teacher=init_from_teacher,
-                                 captions=os.path.abspath(captions), checkpoint_every=checkpoint_every))
+                                 captions=os.path.abspath(captions), checkpoint_every=checkpoint_every,
+                                 init_from=os.path.abspath(init_from) if init_from else None))
     seconds = {}
     t = kit.stage("1/5 curate the captions (Beam, DirectRunner)")
     curated = _done(os.path.join(output, "curate", "summary.json")) or \
@@ -165,7 +209,8 @@ def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_
     found = checkpoints(run_dir)
     if not (found and found[-1].endswith(f"step-{train_steps:07d}")):
         kit.train(os.path.join(output, "dump"), run_dir, student_steps=student_steps, max_steps=train_steps,
-                       init_from_teacher=init_from_teacher, checkpoint_every=min(checkpoint_every, train_steps),
+                       init_from_teacher=init_from_teacher, init_from=init_from,
+                       checkpoint_every=min(checkpoint_every, train_steps),
                        keep_checkpoints=2)
     seconds["train"] = time.monotonic() - t
     t = kit.stage("4/5 export a diffusers pipeline folder")
@@ -185,16 +230,31 @@ def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_
                          metrics=(), batch_size=48, grid_images=8, latency_repeats=3)
         metrics = evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)))
     seconds["eval"] = time.monotonic() - t
-    return write_report(output, curated, dataset, metrics, seconds, describe_student(init_from_teacher, student_steps))
+    cost = _done(os.path.join(output, "eval", "cost.json"))
+    if cost is None:
+        from core.fs import atomic_write_json
+        from students.training.runs import load_student_unet, read_run
+        from teachers.load import load_teacher
+
+        size = int(metrics["protocol"]["image_size"])
+        cost = {"teacher": unet_cost(load_teacher(kit.TEACHER).unet, size),
+                "student": unet_cost(load_student_unet(read_run(run_dir).files, "ema"), size)}
+        atomic_write_json(os.path.join(output, "eval", "cost.json"), cost)
+    return write_report(output, curated, dataset, metrics, seconds,
+                        describe_student(init_from_teacher, student_steps, init_from), cost)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     output: str = option(help="folder for every stage's output and report.html; re-running into it continues the demo")
-    train_steps: int = option(300, help="student training steps (a teacher-initialised student converges in about "
-                              "200 at this batch; the shapes preset from scratch wants 900 or more)")
-    init_from_teacher: str = option(INIT_FROM_TEACHER or "", help="start the student from the teacher's weights, cut "
-                                    "this way (students.models.teacher_init; '' = the shapes preset from scratch)")
+    train_steps: int = option(200, help="student training steps (fine-tuning the bundled student; a teacher-cut "
+                              "student converges in about 200 at this batch, the shapes preset from scratch wants thousands)")
+    init_from: str = option(BUNDLED_STUDENT, help="start from this student: 'shapes_small' (the bundled 4-step "
+                            "student), a run or checkpoint folder, or '' (then --init_from_teacher, or from scratch)")
+    init_from_teacher: str = option("", help="with --init_from '': start the student from the teacher's weights, cut "
+                                    f"this way (students.models.teacher_init, e.g. {INIT_FROM_TEACHER}; '' = the shapes "
+                                    "preset from scratch)")
+    student_steps: int = option(STUDENT_STEPS, help="sampling steps the student is distilled for (the bundled student's: 4)")
     seeds_per_prompt: int = option(2, help="teacher generations per caption")
     eval_images: int = option(96, help="held-out captions evaluated (teacher and student)")
     captions: str | None = option(None, help="captions file to curate (default: the bundled shapes-world captions)")
@@ -202,7 +262,7 @@ class DemoConfig:
                                    "from the newest")
 
     def __post_init__(self):
-        for name in ("train_steps", "seeds_per_prompt", "eval_images", "checkpoint_every"):
+        for name in ("train_steps", "seeds_per_prompt", "eval_images", "checkpoint_every", "student_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} {getattr(self, name)} must be >= 1")
         if os.path.isfile(self.output):
@@ -213,6 +273,11 @@ class DemoConfig:
 
         if self.init_from_teacher and self.init_from_teacher not in CUTS:
             raise UserError(f"--init_from_teacher {self.init_from_teacher!r} is not a cut ({', '.join(CUTS)}) or ''")
+        if self.init_from and self.init_from_teacher:
+            raise UserError("--init_from and --init_from_teacher both give the student's start: pass --init_from '' "
+                            "with --init_from_teacher")
+        if self.init_from and self.init_from != BUNDLED_STUDENT and not os.path.isdir(self.init_from):
+            raise UserError(f"--init_from {self.init_from!r}: no such run or checkpoint folder")
 
 
 def _main(argv: list[str]) -> int:
@@ -220,7 +285,7 @@ def _main(argv: list[str]) -> int:
     start = time.monotonic()
     report = run(cfg.output, train_steps=cfg.train_steps, seeds_per_prompt=cfg.seeds_per_prompt,
                  eval_images=cfg.eval_images, init_from_teacher=cfg.init_from_teacher or None, captions=cfg.captions,
-                 checkpoint_every=cfg.checkpoint_every)
+                 checkpoint_every=cfg.checkpoint_every, student_steps=cfg.student_steps, init_from=cfg.init_from or None)
     print(f"\ndemo finished in {(time.monotonic() - start) / 60:.1f} min. Report: {os.path.abspath(report)}")
     return 0
 

@@ -71,20 +71,21 @@ def dump(prompts: str, output: str, *, teacher: str = TEACHER, steps: int = TEAC
 
 
 def train_config(data: str, output: str, *, student_steps: int, max_steps: int, batch_size: int = 64,
-                 lr: float | None = None, init_from_teacher: str | None = None, seed: int = 0,
-                 recipe: str = "snapfusion_step", checkpoint_every: int | None = None, keep_checkpoints: int = 1,
+                 lr: float | None = None, init_from_teacher: str | None = None, init_from: str | None = None,
+                 seed: int = 0, recipe: str = "snapfusion_step", checkpoint_every: int | None = None, keep_checkpoints: int = 1,
                  image_every: int = 0, **overrides):
     """The ``TrainConfig`` of one kit run: the ``shapes`` preset from scratch, or with ``init_from_teacher``
-    (a ``students.models.teacher_init`` cut) the teacher's own UNet cut and started from its weights. ``lr``
-    defaults to ``SCRATCH_LR`` from scratch and ``INIT_LR`` teacher-initialised (fine-tuning: the
-    from-scratch rate pulls a teacher-initialised student away from the teacher; BENCHMARKS.md).
+    (a ``students.models.teacher_init`` cut) the teacher's own UNet cut and started from its weights, or with
+    ``init_from`` (a run or checkpoint) another student's architecture and weights. ``lr`` defaults to
+    ``SCRATCH_LR`` from scratch and ``INIT_LR`` from weights (fine-tuning: the from-scratch rate pulls a
+    teacher-initialised student away from the teacher; BENCHMARKS.md).
     ``overrides``: any other ``TrainConfig`` field (an unknown one is a ``TypeError``)."""
     from students.training.train import INIT_LR, SCRATCH_LR, TrainConfig
 
     if lr is None:
-        lr = INIT_LR if init_from_teacher else SCRATCH_LR
-    fields = dict(data=data, output=output, preset=None if init_from_teacher else "shapes",
-                  init_from_teacher=init_from_teacher, recipe=recipe, student_steps=student_steps,
+        lr = INIT_LR if init_from_teacher or init_from else SCRATCH_LR
+    fields = dict(data=data, output=output, preset=None if init_from_teacher or init_from else "shapes",
+                  init_from_teacher=init_from_teacher, init_from=init_from, recipe=recipe, student_steps=student_steps,
                   max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=max(10, max_steps // 20),
                   ema_decay=0.99, checkpoint_every=checkpoint_every or max_steps, keep_checkpoints=keep_checkpoints,
                   log_every=50, image_every=image_every, shuffle_buffer=256, seed=seed)
@@ -92,12 +93,14 @@ def train_config(data: str, output: str, *, student_steps: int, max_steps: int, 
 
 
 def train(data: str, output: str, *, student_steps: int, max_steps: int, batch_size: int = 64, lr: float | None = None,
-          init_from_teacher: str | None = None, image_every: int = 0, seed: int = 0, **overrides) -> list[float]:
+          init_from_teacher: str | None = None, init_from: str | None = None, image_every: int = 0, seed: int = 0,
+          **overrides) -> list[float]:
     """Step-distil a student for ``student_steps`` sampling steps (``train_config``); -> its losses."""
     from students.training.train import train as run_train
 
     return run_train(train_config(data, output, student_steps=student_steps, max_steps=max_steps, batch_size=batch_size,
-                                  lr=lr, init_from_teacher=init_from_teacher, image_every=image_every, seed=seed,
+                                  lr=lr, init_from_teacher=init_from_teacher, init_from=init_from,
+                                  image_every=image_every, seed=seed,
                                   **overrides))
 
 
