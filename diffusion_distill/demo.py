@@ -188,17 +188,26 @@ def run(output: str, *, train_steps: int = 300, seeds_per_prompt: int = 2, eval_
     return write_report(output, curated, dataset, metrics, seconds, describe_student(init_from_teacher, student_steps))
 
 
+_S_OUTPUT = "output"
+_S_STAGES = "the stages"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    output: str = option(help="folder for every stage's output and report.html; re-running into it continues the demo")
-    train_steps: int = option(300, help="student training steps (a teacher-initialised student converges in about "
+    output: str = option(section=_S_OUTPUT,
+                         help="folder for every stage's output and report.html; re-running into it continues the demo")
+    train_steps: int = option(300, section=_S_STAGES,
+                              help="student training steps (a teacher-initialised student converges in about "
                               "200 at this batch; the shapes preset from scratch wants 900 or more)")
-    init_from_teacher: str = option(INIT_FROM_TEACHER or "", help="start the student from the teacher's weights, cut "
+    init_from_teacher: str = option(INIT_FROM_TEACHER or "", section=_S_STAGES,
+                                    help="start the student from the teacher's weights, cut "
                                     "this way (students.models.teacher_init; '' = the shapes preset from scratch)")
-    seeds_per_prompt: int = option(2, help="teacher generations per caption")
-    eval_images: int = option(96, help="held-out captions evaluated (teacher and student)")
-    captions: str | None = option(None, help="captions file to curate (default: the bundled shapes-world captions)")
-    checkpoint_every: int = option(50, help="training checkpoints: a killed demo re-run with the same flags resumes "
+    seeds_per_prompt: int = option(2, section=_S_STAGES, help="teacher generations per caption")
+    eval_images: int = option(96, section=_S_STAGES, help="held-out captions evaluated (teacher and student)")
+    captions: str | None = option(None, section=_S_STAGES,
+                                  help="captions file to curate (default: the bundled shapes-world captions)")
+    checkpoint_every: int = option(50, section=_S_OUTPUT,
+                                   help="training checkpoints: a killed demo re-run with the same flags resumes "
                                    "from the newest")
 
     def __post_init__(self):
