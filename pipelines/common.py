@@ -12,7 +12,7 @@ needs for that live here, once:
 - ``recipe_hash`` and ``check_or_write_recipe``: an output folder holds one recipe's results;
 - ``write_plan`` / ``read_plan`` (``PLAN``): one Parquet row group per work unit, so a work unit
   is a number and its rows never pass through the graph; ``work_unit``: the frame of one;
-- ``write_rejects``: ``rejects/<name>.jsonl`` and the counts by reason;
+- ``write_rejects``: ``rejects/<name>.jsonl`` and the counts by reason (``count_words``: in a summary line);
 - ``run_pipeline``: run the graph, wait, read back the summary the last step wrote.
 """
 
@@ -268,6 +268,12 @@ def read_plan(output: str, group: int | None = None) -> list[dict]:
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)
         return (pf.read() if group is None else pf.read_row_group(group)).to_pylist()
+
+
+def count_words(counts: dict[str, int], none: str = "none") -> str:
+    """Counts by reason in words for a summary line: ``3 bad_json, 1 empty_caption`` (most first), or ``none``."""
+    items = sorted(((n, reason) for reason, n in counts.items() if n), key=lambda x: (-x[0], x[1]))
+    return ", ".join(f"{n} {reason}" for n, reason in items) or none
 
 
 def write_rejects(output: str, name: str, rejects: list[dict]) -> dict[str, int]:

@@ -443,7 +443,7 @@ def print_summary(dataset: dict, output: str, seconds: float) -> None:
           f"{t['captions_truncated']} captions truncated to 77 tokens", file=sys.stderr)
     print(f"teacher dump: {len(dataset['shards'])} shards, {per_sample / 2**20:.2f} MiB/sample, "
           f"{t['samples_written'] / max(seconds, 1e-9):.2f} samples/s over {seconds:.1f} s "
-          f"(rejects by reason: {dataset['rejects_by_reason']}) -> {output}", file=sys.stderr)
+          f"(rejects: {common.count_words(dataset['rejects_by_reason'])}) -> {output}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
