@@ -59,7 +59,7 @@ from pipelines.dedup import SemanticDedup, without_vectors
 from pipelines.records import is_active
 from pipelines.scoring import check_models
 from pipelines.stages import ActiveOnly, FilterScores
-from core.fs import remove_temporaries
+from core.fs import check_beam_filesystem, remove_temporaries
 
 PROG = "distill curate"
 
@@ -135,6 +135,8 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
         args, beam_args = parser.parse_known_args(argv)
         common.check_beam_args(beam_args, flags_of(parser))
         job = from_mapping(CurateJobConfig, vars(args))
+        for path in (*job.input, job.output, *([job.config] if job.config else [])):  # read and written by Beam
+            check_beam_filesystem(path)
         common.check_output(job.output)
         cfg = config_lib.preset(job.preset)
         if job.config:
@@ -318,13 +320,16 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     try:
         _clear_stale_embeddings(opts.output)
         remove_temporaries(opts.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
-        pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
+        options = common.pipeline_options(beam_args)
+        pipeline = test_pipeline or beam.Pipeline(options=options)
         _ = pipeline | "Curate" >> Curate(opts)
-        summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock)
+        summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
         if lock is not None:
             lock.release()
         raise
+    if summary is None:  # --dry_run=True on Dataflow: built, not submitted
+        return common.dry_run_summary(PROG, result, opts.output)
     read = _input_counter(result)
     print(f"curate: input {summary['input']} = kept {summary['kept']} + filtered {summary['filtered']} "
           f"+ duplicate {summary['duplicate']} + rejected {summary['rejected']}"

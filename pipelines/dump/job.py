@@ -393,7 +393,11 @@ def prepare(argv: list[str] | None):
 
 
 def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
-    """Plan on the launcher, run the Beam job, write ``dataset.json``; returns the dataset summary."""
+    """Plan on the launcher, run the Beam job, write ``dataset.json``; returns the dataset summary.
+
+    ``--runner=DataflowRunner --dry_run=True``: the launcher plans into ``--output`` as for a launch and
+    builds the Dataflow job without submitting it; returns ``{"dry_run": True, "job": <Beam's Dataflow
+    Job: .proto_pipeline, the graph; .options>, "shards_planned": N}``."""
     cfg, recipe, found, beam_args = prepare(argv)
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
@@ -425,11 +429,13 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
             | "CollectIndexes" >> beam.combiners.ToList()
             | "WriteDataset" >> beam.Map(write_dataset, cfg.output, recipe, planned, beam.pvalue.AsSingleton(n_rejects))
         )
-        dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
+        dataset, result = common.run_pipeline(pipeline, cfg.output, lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
         if lock is not None:
             lock.release()
         raise
+    if dataset is None:  # --dry_run=True on Dataflow: planned and built, not submitted
+        return {**common.dry_run_summary(PROG, result, cfg.output), "shards_planned": num_shards}
     print_summary(dataset, cfg.output, time.monotonic() - start)
     return dataset
 

@@ -366,11 +366,13 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
              | "CollectIndexes" >> beam.combiners.ToList()
              | "WriteDataset" >> beam.Map(write_dataset, parent, parent_dataset, cfg.output, recipe,
                                           beam.pvalue.AsSingleton(cutoff), cfg.report_examples))
-        dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
+        dataset, result = common.run_pipeline(pipeline, cfg.output, lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
         if lock is not None:
             lock.release()
         raise
+    if dataset is None:  # --dry_run=True on Dataflow: built, not submitted
+        return common.dry_run_summary(PROG, result, cfg.output)
     print_summary(dataset, cfg.output, time.monotonic() - start)
     return dataset
 
