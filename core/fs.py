@@ -2,6 +2,10 @@
 manifests, checkpoints, exports) goes through these helpers, so a local path and any fsspec URL
 (``gs://``, ``s3://``, ``memory://``) work the same everywhere.
 
+Object stores need an optional extra (``pyproject.toml``): ``gs://`` the ``gcp`` one (gcsfs),
+``s3://`` the ``aws`` one (s3fs). Without it a URL of that kind is one line naming the extra
+(``UserError``), not fsspec's ImportError from wherever the path is first used.
+
 Writes are atomic: a local file is written to a temporary name beside its destination, fsynced and
 renamed into place; a remote object is uploaded whole (object stores make an object visible only
 when complete). Temporaries are named ``<name>.tmp-<uuid>`` so that ``remove_temporaries`` can find
@@ -17,11 +21,58 @@ import uuid
 TMP_MARK = ".tmp-"  # every temporary name made here contains this
 
 
+# URL scheme -> (the optional extra that brings it, the package fsspec opens it with, the module Beam's
+# own filesystem for it needs: the curate job writes through Beam's FileSystems)
+REMOTE_EXTRAS = {
+    "gs": ("gcp", "gcsfs", "google.cloud.storage"),
+    "gcs": ("gcp", "gcsfs", "google.cloud.storage"),
+    "s3": ("aws", "s3fs", "boto3"),
+    "s3a": ("aws", "s3fs", "boto3"),
+}
+
+
+def scheme_of(path: str) -> str:
+    """``gs`` for ``gs://b/x``; ``""`` for a local path."""
+    head, sep, _ = str(path).partition("://")
+    return head.lower() if sep else ""
+
+
+def missing_extra(path: str, package: str):
+    """The ``UserError`` for a URL whose filesystem package is not installed, naming the extra."""
+    from core.errors import UserError
+
+    scheme = scheme_of(path)
+    extra = REMOTE_EXTRAS.get(scheme, (None,))[0]
+    fix = f"pip install 'diffusion-distill[{extra}]'" if extra else f"pip install {package}"
+    return UserError(f"{path!r}: {scheme}:// paths need {package}, which is not installed here: {fix}")
+
+
 def url_to_fs(path: str):
-    """``(filesystem, path within it)`` for a local path or an fsspec URL."""
+    """``(filesystem, path within it)`` for a local path or an fsspec URL; a URL whose filesystem
+    package is missing (``gs://`` without gcsfs) is a ``UserError`` naming the extra to install."""
     import fsspec
 
-    return fsspec.core.url_to_fs(path)
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as err:  # fsspec imports a protocol's package on its first use
+        scheme = scheme_of(path)
+        package = REMOTE_EXTRAS[scheme][1] if scheme in REMOTE_EXTRAS else (err.name or str(err))
+        raise missing_extra(path, package) from None
+
+
+def check_beam_filesystem(path: str) -> str:
+    """A URL that Beam's own ``FileSystems`` will open (the curate job's outputs): its module must
+    import (``gs://``: Beam's GCS client, ``s3://``: boto3), else the same one-line ``UserError``."""
+    import importlib
+
+    scheme = scheme_of(path)
+    if scheme in REMOTE_EXTRAS:
+        module = REMOTE_EXTRAS[scheme][2]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise missing_extra(path, module) from None
+    return path
 
 
 def is_local(fs) -> bool:

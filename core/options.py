@@ -6,8 +6,8 @@ Every job and tool declares its flags once, as a config dataclass:
     class TrainConfig:
         data: str = option(help="shard folder (local or gs://...)")              # required: no default
         batch_size: int = option(64, help="samples per step (global)")
-        recipe: str = option("snapgen_kd", help="distillation recipe", choices=RECIPES)
-        guidance_range: tuple[float, ...] | None = option(None, help="LO,HI")  # comma-separated on the command line
+        recipe: str = option("snapgen_kd", help="distillation recipe", choices=RECIPES, section="recipe")
+        guidance_range: tuple[float, ...] | None = option(None, help="per-sample weight", metavar="LO,HI")
 
 and gets its command line from it:
 
@@ -27,29 +27,82 @@ Each field gives ``--snake_case`` and ``--kebab-case`` spellings. Types come fro
 ``str``, ``int``, ``float``, ``bool`` (``--flag``, ``--flag true|false``), ``X | None`` (``none``
 clears it), and tuples
 (comma-separated values). A bad value or an unknown choice is a ``UserError`` naming the flag, so
-every command reports it as one line (``core.errors``). Validation of values against
-each other belongs in the dataclass's ``__post_init__``, which should raise ``UserError`` too.
+every command reports it as one line (``core.errors``): ``--recipe 'x' is not one of a|b|c``, the
+choices listed as ``--help`` lists them. Validation of values against each other belongs in the
+dataclass's ``__post_init__``, which should raise ``UserError`` too.
+
+``--help`` groups the flags by their ``section`` (argparse argument groups, in the order the
+sections first appear; a field without one is under "options"), prints each flag once (the
+``--kebab-case`` spelling is accepted but not listed) and shows every flag's default as it is typed
+(``true``/``false``, ``a,b,c``, ``none``, ``''``), or ``required``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
+import re
+import textwrap
 import types
 import typing
 
 from core.errors import UserError
 
 
-def option(default=dataclasses.MISSING, *, help: str, choices=None, repeat: bool = False):  # noqa: A002
+def option(default=dataclasses.MISSING, *, help: str, choices=None, repeat: bool = False,  # noqa: A002
+           section: str | None = None, metavar: str | None = None):
     """A dataclass field with its command-line help; no default = a required flag.
 
-    ``choices`` restricts the value; ``repeat`` makes a tuple flag repeatable (``--input a --input b``)
-    instead of comma-separated. Mutable defaults are not allowed: use tuples.
+    ``choices`` restricts the value (argparse checks it; each item of a tuple flag); ``repeat`` makes
+    a tuple flag repeatable (``--input a --input b``) instead of comma-separated. ``section``: the
+    heading ``--help`` lists the flag under; ``metavar``: how ``--help`` names its value (default:
+    from the type). Mutable defaults are not allowed: use tuples.
     """
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "repeat": repeat}
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "repeat": repeat,
+            "section": section, "metavar": metavar}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def show_value(value) -> str:
+    """A value as it is typed on the command line: ``true``/``false``, ``none``, ``a,b,c``, ``''``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(show_value(v) for v in value) or "''"
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def choice_list(choices) -> str:
+    """Choices as ``--help`` and every error list them: ``a|b|c``."""
+    return "|".join(show_value(c) for c in choices)
+
+
+def not_one_of(flag: str, value, choices) -> str:
+    """The one message for a value outside its choices: ``--flag 'x' is not one of a|b|c``."""
+    return f"{flag} {value!r} is not one of {choice_list(choices)}"
+
+
+class Choices(tuple):
+    """A flag's allowed values, as argparse's ``choices``: a tuple whose items are all allowed is in it
+    (a comma-separated flag), and so is ``None`` for an optional flag (``none`` clears it)."""
+
+    def __new__(cls, values, optional: bool = False):
+        self = super().__new__(cls, values)
+        self.optional = optional
+        return self
+
+    def __contains__(self, value):
+        if value is None:
+            return self.optional
+        if isinstance(value, tuple):
+            return all(tuple.__contains__(self, v) for v in value)
+        return tuple.__contains__(self, value)
 
 
 def reuse(source, *names: str):
@@ -93,11 +146,45 @@ def flags_of(parser: argparse.ArgumentParser) -> list[str]:
     return list(parser._option_string_actions)  # argparse's registry of flags
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag once: an action's ``shown_options`` (its ``--snake_case`` spelling) instead of every
+    spelling it accepts."""
+
+    def __init__(self, prog, **kwargs):
+        kwargs.setdefault("max_help_position", 34)
+        super().__init__(prog, **kwargs)
+
+    def _format_action_invocation(self, action):
+        shown = getattr(action, "shown_options", None)
+        if shown:
+            action = copy.copy(action)
+            action.option_strings = list(shown)
+        return super()._format_action_invocation(action)
+
+    def _split_lines(self, text, width):  # never inside a word: flow-euler, hub-org/model-name
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width,
+                             break_on_hyphens=False, break_long_words=False)
+
+
+_ALIAS = re.compile(r"(--[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+)/--[A-Za-z0-9-]+")  # argparse's "--a_b/--a-b"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises ``UserError`` instead of printing usage and exiting."""
+    """argparse that raises ``UserError`` instead of printing usage and exiting; its messages name a
+    flag by one spelling and list choices as ``a|b|c``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):  # noqa: D401 (argparse's hook)
-        raise UserError(message)
+        raise UserError(_ALIAS.sub(r"\1", message))
+
+    def _check_value(self, action, value):  # argparse's hook: a value against the flag's choices
+        if action.choices is not None and value not in action.choices:
+            items = value if isinstance(value, tuple) else (value,)
+            bad = next((v for v in items if v not in action.choices), value)
+            raise argparse.ArgumentError(None, not_one_of(action.option_strings[0], bad, action.choices))
 
     def parse_args(self, args=None, namespace=None):
         # argparse's own message, plus the flag meant: a typo is the usual unknown flag
@@ -173,11 +260,50 @@ def _fields(cls):
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init and "help" in f.metadata]
 
 
-def add_arguments(parser, cls, *, defaults: bool = True, shared: bool = False) -> None:
-    """Add one flag per ``option`` field of ``cls`` to an argparse parser (or Beam's).
+def _metavar(field, tp) -> str | None:
+    """How ``--help`` names a flag's value: the field's ``metavar``, ``a|b|c`` for choices, ``INT``,
+    ``FLOAT``, ``INT,...`` for a comma-separated tuple; None: argparse's (the name in capitals)."""
+    meta = field.metadata
+    if meta.get("metavar"):
+        return meta["metavar"]
+    if meta["choices"] is not None:
+        return choice_list(meta["choices"])
+    tp = _unwrap_optional(tp)[0]
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        name = {int: "INT", float: "FLOAT"}.get(item, field.name.upper())
+        return name if meta["repeat"] else f"{name},..."
+    return {int: "INT", float: "FLOAT"}.get(tp)
+
+
+def _default_note(field, required: bool, preset) -> str | None:
+    """What ``--help`` appends to a flag's help about its default (None: its help says it already)."""
+    if required:
+        return "required"
+    if "(default: " in field.metadata["help"] or "%(default)" in field.metadata["help"]:
+        return None
+    if preset is not None:
+        name, config = preset
+        return f"default: from --preset, {show_value(getattr(config, field.name))} in preset {name!r}"
+    return f"default: {show_value(field.default)}"
+
+
+def _group(parser, title: str | None):
+    """The argument group ``title`` of ``parser`` (made on first use; None: the parser itself)."""
+    if title is None:
+        return parser
+    for group in parser._action_groups:  # argparse's list of groups
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
+
+
+def add_arguments(parser, cls, *, defaults: bool = True, shared: bool = False, preset=None) -> None:
+    """Add one flag per ``option`` field of ``cls`` to an argparse parser (or Beam's), under its section.
 
     With ``defaults=False`` an unset flag is absent from the result (``argparse.SUPPRESS``), so the
-    dataclass's own default applies, which lets a ``--config`` file or a preset fill it in first.
+    dataclass's own default applies, which lets a ``--config`` file or a preset fill it in first;
+    ``preset``: ``(name, the config that preset makes)``, whose values ``--help`` shows as defaults.
     ``shared=True`` is for Beam's parser, which every ``PipelineOptions`` subclass in the process
     adds to: a flag another job already declared is left to it, and no flag is required there
     (the dataclass reports a missing value when it is built).
@@ -187,14 +313,15 @@ def add_arguments(parser, cls, *, defaults: bool = True, shared: bool = False) -
         if shared and f"--{field.name}" in parser._option_string_actions:  # argparse's registry of flags
             continue
         conv, is_tuple = _converter(tp, meta["repeat"])
-        kw: dict = {"dest": field.name, "help": meta["help"]}
+        kw: dict = {"dest": field.name}
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        note = _default_note(field, required, preset if not defaults else None)
+        help_ = meta["help"] if "%(default)" in meta["help"] else meta["help"].replace("%", "%%")
+        kw["help"] = f"{help_} ({note})" if note else help_
         if required and shared:
-            required, kw["default"] = False, None
-        if required:
+            kw["default"] = None
+        elif required:
             kw["required"] = True
-        elif shared and "default" in kw:
-            pass
         elif not defaults:
             kw["default"] = argparse.SUPPRESS
         else:
@@ -208,10 +335,31 @@ def add_arguments(parser, cls, *, defaults: bool = True, shared: bool = False) -
         else:
             kw["type"] = conv
         if meta["choices"] is not None:
-            kw["choices"] = meta["choices"]
-        if not required and defaults and field.default not in (None, "", ()) and "%(default)" not in kw["help"]:
-            kw["help"] += " (default: %(default)s)"
-        parser.add_argument(f"--{field.name}", *([f"--{field.name.replace('_', '-')}"] if "_" in field.name else []), **kw)
+            kw["choices"] = Choices(meta["choices"], optional=_unwrap_optional(tp)[1])
+        metavar = _metavar(field, tp)
+        if metavar and "metavar" not in kw:
+            kw["metavar"] = metavar
+        primary = f"--{field.name}"
+        alias = [f"--{field.name.replace('_', '-')}"] if "_" in field.name else []
+        action = _group(parser, meta.get("section")).add_argument(primary, *alias, **kw)
+        action.shown_options = (primary,)  # --help lists the flag once; the kebab spelling still parses
+
+
+def usage_of(cls, *, passthrough: bool = False) -> str:
+    """``%(prog)s --data DATA --output OUTPUT [options]``: the required flags, then the rest."""
+    parts = ["%(prog)s"]
+    for field, tp in _fields(cls):
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            parts.append(f"--{field.name} {_metavar(field, tp) or field.name.upper()}")
+    parts.append("[options]")
+    if passthrough:
+        parts.append("[Beam pipeline options]")
+    return " ".join(parts)
+
+
+BEAM_EPILOG = ("Any other flag goes to Beam: --runner=Direct|Dataflow|Dask|Flink|Spark|Prism and the runner's "
+               "options (--direct_num_workers, Dataflow's --project, --region, --temp_location, ...); a flag that "
+               "is neither this job's nor Beam's is an error.")
 
 
 def from_mapping(cls, values: dict, **overrides):
@@ -235,17 +383,20 @@ def from_mapping(cls, values: dict, **overrides):
 
 
 def build_parser(cls, *, prog: str, description: str | None = None, defaults: bool = True,
-                 passthrough: bool = False) -> argparse.ArgumentParser:
+                 passthrough: bool = False, usage: str | None = None) -> argparse.ArgumentParser:
     """A parser of ``cls``'s flags. ``passthrough`` (a job that hands unknown flags on): no flag is
     required by the parser, so the unknown ones can be vetted first (a missing ``--prompts`` may be
-    a misspelt one); ``from_mapping`` then reports a required flag still missing."""
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False)  # a prefix never selects a flag
+    a misspelt one); ``from_mapping`` then reports a required flag still missing. ``usage``: the
+    usage line (default ``usage_of``)."""
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,  # a prefix never selects a flag
+                     usage=usage or usage_of(cls, passthrough=passthrough),
+                     epilog=BEAM_EPILOG if passthrough else None)
     add_arguments(parser, cls, defaults=defaults, shared=passthrough)
     return parser
 
 
 def parse(cls, argv: list[str] | None, *, prog: str, description: str | None = None, known_only: bool = False,
-          check_unknown=None):
+          check_unknown=None, usage: str | None = None):
     """Parse ``argv`` into ``cls``; returns ``(config, unknown args)``.
 
     Unknown flags are an error unless ``known_only`` (Beam jobs pass runner flags through); then
@@ -253,8 +404,9 @@ def parse(cls, argv: list[str] | None, *, prog: str, description: str | None = N
     (``pipelines.common.check_beam_args``: each must be one of Beam's).
     """
     if not known_only:
-        return from_mapping(cls, vars(build_parser(cls, prog=prog, description=description).parse_args(argv))), []
-    parser = build_parser(cls, prog=prog, description=description, passthrough=True)
+        parser = build_parser(cls, prog=prog, description=description, usage=usage)
+        return from_mapping(cls, vars(parser.parse_args(argv))), []
+    parser = build_parser(cls, prog=prog, description=description, passthrough=True, usage=usage)
     ns, rest = parser.parse_known_args(argv)
     if check_unknown is not None:
         check_unknown(rest, flags_of(parser))

@@ -244,21 +244,32 @@ def run(output: str, *, train_steps: int = 200, seeds_per_prompt: int = 2, eval_
                         describe_student(init_from_teacher, student_steps, init_from), cost)
 
 
+_S_OUTPUT = "output"
+_S_STAGES = "the stages"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    output: str = option(help="folder for every stage's output and report.html; re-running into it continues the demo")
-    train_steps: int = option(200, help="student training steps (fine-tuning the bundled student; a teacher-cut "
-                              "student converges in about 200 at this batch, the shapes preset from scratch wants thousands)")
-    init_from: str = option(BUNDLED_STUDENT, help="start from this student: 'shapes_small' (the bundled 4-step "
-                            "student), a run or checkpoint folder, or '' (then --init_from_teacher, or from scratch)")
-    init_from_teacher: str = option("", help="with --init_from '': start the student from the teacher's weights, cut "
+    output: str = option(section=_S_OUTPUT,
+                         help="folder for every stage's output and report.html; re-running into it continues the demo")
+    train_steps: int = option(200, section=_S_STAGES,
+                              help="student training steps (fine-tuning the bundled student; a teacher-cut student "
+                              "converges in about 200 at this batch, the shapes preset from scratch wants thousands)")
+    init_from: str = option(BUNDLED_STUDENT, section=_S_STAGES,
+                            help="start from this student: 'shapes_small' (the bundled 4-step student), a run or "
+                            "checkpoint folder, or '' (then --init_from_teacher, or from scratch)")
+    init_from_teacher: str = option("", section=_S_STAGES,
+                                    help="with --init_from '': start the student from the teacher's weights, cut "
                                     f"this way (students.models.teacher_init, e.g. {INIT_FROM_TEACHER}; '' = the shapes "
                                     "preset from scratch)")
-    student_steps: int = option(STUDENT_STEPS, help="sampling steps the student is distilled for (the bundled student's: 4)")
-    seeds_per_prompt: int = option(2, help="teacher generations per caption")
-    eval_images: int = option(96, help="held-out captions evaluated (teacher and student)")
-    captions: str | None = option(None, help="captions file to curate (default: the bundled shapes-world captions)")
-    checkpoint_every: int = option(50, help="training checkpoints: a killed demo re-run with the same flags resumes "
+    student_steps: int = option(STUDENT_STEPS, section=_S_STAGES,
+                                help="sampling steps the student is distilled for (the bundled student's: 4)")
+    seeds_per_prompt: int = option(2, section=_S_STAGES, help="teacher generations per caption")
+    eval_images: int = option(96, section=_S_STAGES, help="held-out captions evaluated (teacher and student)")
+    captions: str | None = option(None, section=_S_STAGES,
+                                  help="captions file to curate (default: the bundled shapes-world captions)")
+    checkpoint_every: int = option(50, section=_S_OUTPUT,
+                                   help="training checkpoints: a killed demo re-run with the same flags resumes "
                                    "from the newest")
 
     def __post_init__(self):

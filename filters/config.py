@@ -24,53 +24,76 @@ NSFW_POLICIES = ("drop-nsfw", "drop-unsure", "keep")  # the LAION NSFW tags each
 NSFW_DROPS = {"drop-nsfw": ("NSFW",), "drop-unsure": ("NSFW", "UNSURE"), "keep": ()}
 
 
+_S_RULES = "caption rules"
+_S_CLIP = "CLIP embeddings (open_clip)"
+_S_AESTHETIC = "aesthetic predictor (LAION aesthetic predictor v2)"
+_S_CLIP_SCORE = "CLIP score (image-text cosine)"
+_S_SEMDEDUP = "semantic dedup (SemDeDup)"
+_S_IMAGES = "images"
+_S_REPORT = "report"
+
+
 @dataclass(frozen=True, kw_only=True)
 class CurateConfig:
-    # -- caption rules ---------------------------------------------------------------------------
-    min_words: int = option(2, help="words (whitespace-separated) a caption needs, inclusive; DataComp's basic filter drops < 2")
-    max_words: int | None = option(60, help="most words allowed, inclusive; None = no bound")
-    min_clip_tokens: int = option(1, help="CLIP BPE tokens needed, not counting start/end tokens")
-    max_clip_tokens: int | None = option(75, help="most CLIP BPE tokens, not counting start/end (77 positions - 2)")
-    max_punsafe: float | None = option(0.5, help="drop when the source's punsafe (probability unsafe) > this")
-    max_pwatermark: float | None = option(0.5, help="drop when the source's pwatermark (probability watermark) > this")
-    nsfw: str = option("drop-nsfw", choices=NSFW_POLICIES,
+    min_words: int = option(2, section=_S_RULES,
+                            help="words (whitespace-separated) a caption needs, inclusive; DataComp's basic filter drops < 2")
+    max_words: int | None = option(60, section=_S_RULES, help="most words allowed, inclusive; None = no bound")
+    min_clip_tokens: int = option(1, section=_S_RULES, help="CLIP BPE tokens needed, not counting start/end tokens")
+    max_clip_tokens: int | None = option(75, section=_S_RULES,
+                                         help="most CLIP BPE tokens, not counting start/end (77 positions - 2)")
+    max_punsafe: float | None = option(0.5, section=_S_RULES,
+                                       help="drop when the source's punsafe (probability unsafe) > this")
+    max_pwatermark: float | None = option(0.5, section=_S_RULES,
+                                          help="drop when the source's pwatermark (probability watermark) > this")
+    nsfw: str = option("drop-nsfw", choices=NSFW_POLICIES, section=_S_RULES,
                        help="LAION's NSFW tag: drop-nsfw drops NSFW (keeps UNSURE, UNLIKELY); drop-unsure drops "
                             "NSFW and UNSURE; keep drops none")
-    min_image_side: int = option(0, help="pixels; drop when the shorter known side is smaller; 0 = off")
-    max_aspect_ratio: float | None = option(3.0, help="long side / short side, where sizes are known; None = off")
-    exact_dedup: bool = option(True, help="drop repeats of the same normalised caption (one kept per caption)")
-    # -- CLIP embeddings (open_clip) -------------------------------------------------------------
-    clip_model: str = option("", help="open_clip architecture name ('ViT-L-14', 'ViT-B-32', 'dd-tiny-clip'); '' = no CLIP stages")
-    clip_weights: str | None = option(None, help="local checkpoint path, or 'random' for random weights (tests, timing)")
-    clip_batch_size: int = option(32, help="records per RunInference batch")
-    clip_device: str = option("cpu", help="torch device for CLIP and the aesthetic MLP")
-    # -- aesthetic predictor (LAION aesthetic predictor v2) --------------------------------------
-    aesthetic_weights: str | None = option(None, help="local .safetensors / .pth state dict; None = no aesthetic score")
-    aesthetic_threshold: float | None = option(None, help="keep score >= this (LAION-Aesthetics used 5, 6, 6.5)")
-    # -- CLIP score (image-text cosine) ----------------------------------------------------------
-    clip_score_threshold: float | None = option(None, help="keep cosine >= this (DataComp: 0.28 with ViT-B/32)")
-    clip_score_top_fraction: float | None = option(None, help="keep the top fraction by cosine (DataComp: 0.3 with ViT-L/14)")
-    # -- semantic dedup (SemDeDup) ---------------------------------------------------------------
-    semdedup_eps: float | None = option(0.05, help="duplicates: cosine similarity >= 1 - eps; None = off")
+    min_image_side: int = option(0, section=_S_RULES,
+                                 help="pixels; drop when the shorter known side is smaller; 0 = off")
+    max_aspect_ratio: float | None = option(3.0, section=_S_RULES,
+                                            help="long side / short side, where sizes are known; None = off")
+    exact_dedup: bool = option(True, section=_S_RULES,
+                               help="drop repeats of the same normalised caption (one kept per caption)")
+    clip_model: str = option("", section=_S_CLIP,
+                             help="open_clip architecture name ('ViT-L-14', 'ViT-B-32', 'dd-tiny-clip'); '' = no CLIP stages")
+    clip_weights: str | None = option(None, section=_S_CLIP,
+                                      help="local checkpoint path, or 'random' for random weights (tests, timing)")
+    clip_batch_size: int = option(32, section=_S_CLIP, help="records per RunInference batch")
+    clip_device: str = option("cpu", section=_S_CLIP, help="torch device for CLIP and the aesthetic MLP")
+    aesthetic_weights: str | None = option(None, section=_S_AESTHETIC,
+                                           help="local .safetensors / .pth state dict; None = no aesthetic score")
+    aesthetic_threshold: float | None = option(None, section=_S_AESTHETIC,
+                                               help="keep score >= this (LAION-Aesthetics used 5, 6, 6.5)")
+    clip_score_threshold: float | None = option(None, section=_S_CLIP_SCORE,
+                                                help="keep cosine >= this (DataComp: 0.28 with ViT-B/32)")
+    clip_score_top_fraction: float | None = option(None, section=_S_CLIP_SCORE,
+                                                   help="keep the top fraction by cosine (DataComp: 0.3 with ViT-L/14)")
+    semdedup_eps: float | None = option(0.05, section=_S_SEMDEDUP,
+                                        help="duplicates: cosine similarity >= 1 - eps; None = off")
     semdedup_margin: float = option(
-        0.01, help="also assign an embedding to its second-nearest k-means centroid when that centroid's cosine is "
-                   "within this of the nearest's, so near-duplicates on a cluster border meet (0 = nearest only)")
-    semdedup_on: str = option("auto", choices=DEDUP_ON, help="'auto': image embeddings where images exist, text otherwise; 'text'; 'image'")
-    kmeans_sample_size: int = option(50_000, help="embeddings sampled (deterministically) to train k-means")
-    kmeans_clusters: int = option(0, help="k; 0 = ceil(records / target_cluster_size), capped by sample / 40 (a "
-                                          "second level splits what that leaves too big)")
-    target_cluster_size: int = option(1_000, help="records per cluster aimed at; a cluster above 4 x this gets a second "
-                                                  "k-means level (and row blocks above 8 x), whatever k is")
-    kmeans_iterations: int = option(20, help="Lloyd iterations (faiss)")
-    kmeans_seed: int = option(0, help="seed of the k-means init and of the sample")
-    # -- images ----------------------------------------------------------------------------------
-    download_images: bool = option(False, help="fetch URLs with img2dataset (webdataset shards under OUTPUT/images)")
-    download_image_size: int = option(256, help="pixels, img2dataset resize (keep_ratio: shorter side)")
-    download_batch_size: int = option(10_000, help="URLs per img2dataset call")
-    download_threads: int = option(16, help="img2dataset thread_count per call")
-    download_timeout: float = option(10.0, help="seconds per URL")
-    # -- report ----------------------------------------------------------------------------------
-    report_examples: int = option(4, help="examples shown per reason in report.html")
+        0.01, section=_S_SEMDEDUP,
+        help="also assign an embedding to its second-nearest k-means centroid when that centroid's cosine is "
+             "within this of the nearest's, so near-duplicates on a cluster border meet (0 = nearest only)")
+    semdedup_on: str = option("auto", choices=DEDUP_ON, section=_S_SEMDEDUP,
+                              help="'auto': image embeddings where images exist, text otherwise; 'text'; 'image'")
+    kmeans_sample_size: int = option(50_000, section=_S_SEMDEDUP,
+                                     help="embeddings sampled (deterministically) to train k-means")
+    kmeans_clusters: int = option(0, section=_S_SEMDEDUP,
+                                  help="k; 0 = ceil(records / target_cluster_size), capped by sample / 40 (a "
+                                       "second level splits what that leaves too big)")
+    target_cluster_size: int = option(1_000, section=_S_SEMDEDUP,
+                                      help="records per cluster aimed at; a cluster above 4 x this gets a second "
+                                           "k-means level (and row blocks above 8 x), whatever k is")
+    kmeans_iterations: int = option(20, section=_S_SEMDEDUP, help="Lloyd iterations (faiss)")
+    kmeans_seed: int = option(0, section=_S_SEMDEDUP, help="seed of the k-means init and of the sample")
+    download_images: bool = option(False, section=_S_IMAGES,
+                                   help="fetch URLs with img2dataset (webdataset shards under OUTPUT/images)")
+    download_image_size: int = option(256, section=_S_IMAGES,
+                                      help="pixels, img2dataset resize (keep_ratio: shorter side)")
+    download_batch_size: int = option(10_000, section=_S_IMAGES, help="URLs per img2dataset call")
+    download_threads: int = option(16, section=_S_IMAGES, help="img2dataset thread_count per call")
+    download_timeout: float = option(10.0, section=_S_IMAGES, help="seconds per URL")
+    report_examples: int = option(4, section=_S_REPORT, help="examples shown per reason in report.html")
 
 
 def default() -> CurateConfig:

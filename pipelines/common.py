@@ -8,11 +8,12 @@ needs for that live here, once:
   exit 2, before any worker starts); ``check_output`` refuses an ``--output`` that is a file;
 - ``check_beam_args``: a flag the job does not declare must be one of Beam's, else a one-line
   error naming the nearest flag (a typo must not run the job with a default);
-- ``pipeline_options`` / ``is_local_runner`` / ``show_progress``: runner defaults;
+- ``pipeline_options`` / ``is_local_runner`` / ``show_progress``: runner defaults; ``check_runner``:
+  a runner Beam can make, with its extra installed (Dataflow: ``gcp``); ``is_dry_run``;
 - ``recipe_hash`` and ``check_or_write_recipe``: an output folder holds one recipe's results;
 - ``write_plan`` / ``read_plan`` (``PLAN``): one Parquet row group per work unit, so a work unit
   is a number and its rows never pass through the graph; ``work_unit``: the frame of one;
-- ``write_rejects``: ``rejects/<name>.jsonl`` and the counts by reason;
+- ``write_rejects``: ``rejects/<name>.jsonl`` and the counts by reason (``count_words``: in a summary line);
 - ``run_pipeline``: run the graph, wait, read back the summary the last step wrote.
 """
 
@@ -155,9 +156,24 @@ def check_runner(beam_args: list[str]) -> None:
 
     runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
     try:
-        create_runner(runner)
+        made = create_runner(runner)
     except (ValueError, ImportError) as err:
         raise UserError(f"--runner {runner!r}: {' '.join(str(err).split())}") from None
+    if type(made).__name__ == "DataflowRunner":
+        check_dataflow_extra()
+
+
+def check_dataflow_extra() -> None:
+    """Beam's Dataflow runner is made without Google's client packages and fails only when it submits
+    (``ImportError: Google Cloud Dataflow runner not available``): here, before any work, one line
+    naming the extra that brings them."""
+    import importlib
+
+    try:
+        importlib.import_module("apache_beam.runners.dataflow.internal.apiclient")  # the runner's client
+    except ImportError:
+        raise UserError("--runner DataflowRunner needs Beam's Google Cloud packages, which are not installed "
+                        "here: pip install 'diffusion-distill[gcp]'") from None
 
 
 def check_local_device(device: str, beam_args: list[str], flag: str = "--device") -> None:
@@ -270,6 +286,12 @@ def read_plan(output: str, group: int | None = None) -> list[dict]:
         return (pf.read() if group is None else pf.read_row_group(group)).to_pylist()
 
 
+def count_words(counts: dict[str, int], none: str = "none") -> str:
+    """Counts by reason in words for a summary line: ``3 bad_json, 1 empty_caption`` (most first), or ``none``."""
+    items = sorted(((n, reason) for reason, n in counts.items() if n), key=lambda x: (-x[0], x[1]))
+    return ", ".join(f"{n} {reason}" for n, reason in items) or none
+
+
 def write_rejects(output: str, name: str, rejects: list[dict]) -> dict[str, int]:
     """Write ``rejects/<name>.jsonl`` atomically (one JSON object per line); returns counts by reason."""
     fs, root = url_to_fs(output)
@@ -309,9 +331,21 @@ def work_unit(output: str, shard: int, progress: bool):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_pipeline(pipeline, output: str, summary: str = DATASET_JSON, lock=None):
+def is_dry_run(options) -> bool:
+    """``--dry_run=True`` on the Dataflow runner: the job is built and checked but not submitted
+    (Beam's other runners ignore the flag and run)."""
+    from apache_beam.options.pipeline_options import StandardOptions, TestOptions
+
+    runner = str(options.view_as(StandardOptions).runner or "")
+    dry = options.view_as(TestOptions).dry_run  # Beam keeps the flag's text: "False" is set too
+    return "Dataflow" in runner and str(dry).strip().lower() in ("1", "true", "yes", "on")
+
+
+def run_pipeline(pipeline, output: str, summary: str = DATASET_JSON, lock=None, options=None):
     """Run the built graph to completion; returns ``(the summary file's content, the Beam result)``.
-    ``lock`` (``lock_output``'s) is released when the graph has finished, or failed."""
+    ``lock`` (``lock_output``'s) is released when the graph has finished, or failed. With ``options``
+    of a dry run (``is_dry_run``) nothing ran: the summary is None and the result holds the job
+    Dataflow would have been sent (``result.job``: its graph and options)."""
     try:
         with _interrupts() as interrupted:
             try:
@@ -321,6 +355,8 @@ def run_pipeline(pipeline, output: str, summary: str = DATASET_JSON, lock=None):
                 if interrupted:  # Beam re-raises a worker's KeyboardInterrupt as RuntimeError
                     raise KeyboardInterrupt from None
                 raise
+        if options is not None and is_dry_run(options):
+            return None, result
         fs, path = url_to_fs(join(output, summary))
         with fs.open(path, "rb") as f:
             return json.loads(f.read()), result
@@ -371,6 +407,17 @@ def lock_output(output: str, prog: str):
     from core.fs import OutputLock
 
     return OutputLock.acquire(output, prog)
+
+
+def dry_run_summary(prog: str, result, output: str) -> dict:
+    """What a job returns from a Dataflow dry run (``run_pipeline`` gave no summary): one line on
+    stderr and ``{"dry_run": True, "job": <Beam's Dataflow Job: .proto_pipeline, the graph; .options>}``."""
+    import sys
+
+    transforms = len(result.job.proto_pipeline.components.transforms)
+    print(f"{prog}: dry run: Dataflow job {result.job.proto.name!r} built ({transforms} transforms; the launcher's "
+          f"files are in {output}), not submitted", file=sys.stderr)
+    return {"dry_run": True, "job": result.job}
 
 
 def job_main(prog: str, run, argv: list[str] | None = None) -> int:

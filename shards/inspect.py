@@ -28,12 +28,18 @@ from shards.verify import verify_shard
 PROG = "distill inspect"
 
 
+_S_DATA = "dataset"
+_S_OUTPUT = "checks and output"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InspectConfig:
-    data_dir: str | None = option(None, help="dataset folder, local path or fsspec URL (or give it as the first argument)")
-    verify: bool = option(False, help="check every shard's size, sha256, keys, member checksums, finiteness, "
-                                       "array shapes and tar members")
-    json: bool = option(False, help="print the summary as JSON")
+    data_dir: str | None = option(None, section=_S_DATA,
+                                  help="dataset folder, local path or fsspec URL (or give it as the first argument)")
+    verify: bool = option(False, section=_S_OUTPUT,
+                          help="check every shard's size, sha256, keys, member checksums, finiteness, "
+                                "array shapes and tar members")
+    json: bool = option(False, section=_S_OUTPUT, help="print the summary as JSON")
 
 
 def summarise(data_dir: str) -> dict:
@@ -111,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser(InspectConfig, prog=PROG, description=__doc__.split("\n")[0])
+    parser = build_parser(InspectConfig, prog=PROG, description=__doc__.split("\n")[0],
+                          usage="%(prog)s DIR [--verify] [--json]")
     parser.add_argument("path", nargs="?", default=None, help="dataset folder (local path or fsspec URL)")
     values = vars(parser.parse_args(argv))
     path = values.pop("path")

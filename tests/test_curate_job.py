@@ -287,7 +287,7 @@ def test_bad_arguments_fail_before_the_pipeline(tmp_path, capsys):
     with pytest.raises(ValueError, match="nope.txt.*matches no file"):
         curate.run(["--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o")])
     (tmp_path / "a.csv").write_text("x")
-    with pytest.raises(ValueError, match="unknown --input_format 'csv'"):
+    with pytest.raises(ValueError, match=r"--input_format 'csv' is not one of laion\|coco\|txt\|jsonl\|wds"):
         curate.run(["--input", str(tmp_path / "a.csv"), "--input_format", "csv", "--output", str(tmp_path / "o")])
     pq.write_table(pa.table({"URL": ["u"]}), tmp_path / "no_text.parquet")
     assert curate.main(["--input", str(tmp_path / "no_text.parquet"), "--output", str(tmp_path / "o")]) == 2
@@ -295,7 +295,7 @@ def test_bad_arguments_fail_before_the_pipeline(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a b c\n")
     with pytest.raises(ValueError, match="--min_words.*'many'"):
         curate.run(["--input", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), "--min_words", "many"])
-    with pytest.raises(ValueError, match="--allocator 'jemalloc' is not one of steady, default"):
+    with pytest.raises(ValueError, match=r"--allocator 'jemalloc' is not one of steady\|default"):
         curate.run(["--input", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), "--allocator", "jemalloc"])
     with pytest.raises(ValueError, match="semdedup_eps must be in"):
         curate.run(["--input", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), "--semdedup_eps", "-1"])

@@ -248,7 +248,7 @@ def test_format_flag(tmp_path, capsys):
             line = capsys.readouterr().err.strip()
             assert line.startswith(f"distill export: error: --format {fmt} needs {package}==") and "\n" not in line
     assert main(["export", "ckpt", str(tmp_path / "o"), "--format=tflite"]) == 2
-    assert "--format 'tflite' is not one of diffusers, onnx, coreml, executorch" in capsys.readouterr().err
+    assert "--format 'tflite' is not one of diffusers|onnx|coreml|executorch" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "o"), "--format", "onnx"]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err
     assert main(["generate", "--onnx", str(tmp_path), "a caption"]) == 2

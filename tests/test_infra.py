@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import apache_beam
+import pytest
 from apache_beam.options.pipeline_options import (
     DebugOptions, GoogleCloudOptions, PipelineOptions, StandardOptions, WorkerOptions)
 
@@ -144,3 +145,52 @@ def test_slurm_script_runs_torchrun_with_every_flag(tmp_path):
         "gs://b/dump", "/shared/runs/s1", 500, 3e-4, 16, 8)
     script = (ROOT / "infra/train/slurm.sbatch").read_text()
     assert "export OMP_NUM_THREADS=8" in script and shlex.split("--requeue")[0] in script  # resubmission resumes
+
+
+@pytest.mark.slow
+def test_dataflow_dry_run_builds_the_gpu_dump_job(tmp_path, monkeypatch):
+    """With the ``gcp`` extra: the dump launched as ``launch.sh`` launches it, plus ``--dry_run=True
+    --no_auth``. The launcher plans into an in-memory stand-in for the bucket (no network here) and
+    Beam's Dataflow runner builds the job without submitting it; the job is read back: its stages,
+    worker image, and the GPU worker options as Dataflow would receive them."""
+    pytest.importorskip("gcsfs")
+    apiclient = pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient")
+    import importlib
+    import json
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipelines.teacher_dump import run
+
+    class Bucket(MemoryFileSystem):  # gs:// kept in memory: what the launcher writes lands here
+        protocol = ("gs", "gcs")
+        root_marker, store, pseudo_dirs = "", {}, [""]
+
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "gs", Bucket)
+    (tmp_path / "p.txt").write_text("a red boat at sea\na blue car\n")
+    # Beam checks the names: a bucket of 3-63 characters, a project id of 6-30 (else it looks up a default bucket)
+    argv = normalise_argv(launcher_argv(PROJECT="dd-project", REGION="us-central1", BUCKET="gs://dd-bucket",
+                                        PROMPTS=str(tmp_path / "p.txt"), OUTPUT="gs://dd-bucket/out")
+                          + ["--teacher", "tiny", "--dry_run=True", "--no_auth"])
+    result = run(argv)
+    assert result["dry_run"] is True and result["shards_planned"] == 1
+    assert {"gs://dd-bucket/out/recipe.json", "gs://dd-bucket/out/_plan/plan.parquet"} <= set(Bucket.store)
+    job = result["job"]
+    assert job.proto.name.startswith("teacher-dump-")
+    stages = {t.unique_name for t in job.proto_pipeline.components.transforms.values() if "/" not in t.unique_name}
+    assert {"CreateShards", "Reshuffle", "GenerateShards", "CollectIndexes", "WriteDataset", "CreateInputRejects",
+            "CountInputRejects", "TotalInputRejects"} <= stages
+    images = [env.payload for env in job.proto_pipeline.components.environments.values()]
+    assert any(b"us-docker.pkg.dev/proj/r/w:1" in payload for payload in images)  # the worker image
+    # what create_job would send: the Environment built from the job's options (offline)
+    env = apiclient.Environment(packages=[], options=job.options, environment_version="8",
+                                proto_pipeline_staged_url="gs://dd-bucket/staging/pipeline.pb",
+                                proto_pipeline=job.proto_pipeline)
+    sent = json.loads(type(env.proto).to_json(env.proto))
+    pool = sent["workerPools"][0]
+    assert (pool["machineType"], pool["diskSizeGb"], pool["numThreadsPerWorker"]) == ("g2-standard-8", 100, 1)
+    assert pool["workerHarnessContainerImage"] == "us-docker.pkg.dev/proj/r/w:1"
+    assert "no_use_multiple_sdk_containers" in sent["experiments"]
+    options = sent["sdkPipelineOptions"]["options"]
+    assert options["dataflow_service_options"] == ["worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"]
+    assert options["sdk_container_image"] == "us-docker.pkg.dev/proj/r/w:1" and options["max_num_workers"] == 16

@@ -61,7 +61,7 @@ def test_dump_writes_every_planned_sample_readable_by_the_reader(reference):
     assert all(verify_shard(str(out), i) == [] for i in range(3))
 
 
-def test_rejects_are_counted_and_input_adds_up(tmp_path):
+def test_rejects_are_counted_and_input_adds_up(tmp_path, capsys):
     long = " ".join(["word"] * 90)
     lines = [b"a good caption", b"", "caf\xe9".encode("latin-1"), long.encode(), b"another good caption"]
     prompts = tmp_path / "p.txt"
@@ -79,9 +79,21 @@ def test_rejects_are_counted_and_input_adds_up(tmp_path):
     # 4 prompts in: 2 rejected (null, bad id); 2 x 2 seeds planned = 2 written + 2 rejected (NaN from w=1e38)
     assert (t["prompts_in"], t["prompts_rejected"], t["samples_planned"], t["samples_written"], t["samples_rejected"]) == (4, 2, 4, 2, 2)
     assert b["rejects_by_reason"] == {"null_caption": 1, "bad_key": 1, "non_finite": 2}
+    summary = capsys.readouterr().err  # the summary line says it in words, most first
+    assert "(rejects: 1 empty_caption, 1 non_utf8_caption) ->" in summary
+    assert "(rejects: 2 non_finite, 1 bad_key, 1 null_caption) ->" in summary and "{" not in summary
     rejected = [json.loads(line) for f in sorted((tmp_path / "b" / "rejects").iterdir()) for line in f.read_text().splitlines()]
     assert sorted((r["key"], r["reason"]) for r in rejected) == sorted(
         [("nan-s0", "non_finite"), ("nan-s1", "non_finite"), ("null", "null_caption"), ("bad.id", "bad_key")])
+
+
+def test_a_summary_without_rejects_says_none(capsys):
+    from pipelines.dump.job import print_summary
+
+    totals = dict(prompts_in=2, prompts_rejected=0, prompts_not_kept_by_manifest=0, samples_planned=2,
+                  samples_written=2, samples_rejected=0, captions_truncated=0, bytes=2048)
+    print_summary({"totals": totals, "shards": [{}], "rejects_by_reason": {}}, "out", 1.0)
+    assert "(rejects: none) -> out" in capsys.readouterr().err
 
 
 def test_rerun_skips_complete_shards_and_redoes_partial_ones(reference, tmp_path):

@@ -43,7 +43,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from core.allocator import ALLOCATORS, set_allocator
 from core.errors import UserError
-from core.options import add_arguments, build_parser, flags_of, from_mapping, option
+from core.options import add_arguments, build_parser, flags_of, from_mapping, not_one_of, option
 from filters import config as config_lib
 from filters.config import CurateConfig
 from pipelines import common
@@ -59,31 +59,41 @@ from pipelines.dedup import SemanticDedup, without_vectors
 from pipelines.records import is_active
 from pipelines.scoring import check_models
 from pipelines.stages import ActiveOnly, FilterScores
-from core.fs import remove_temporaries
+from core.fs import check_beam_filesystem, remove_temporaries
 
 PROG = "distill curate"
+
+
+_S_IO = "input and output"
+_S_THRESHOLDS = "thresholds (a preset, then --config, then one flag per field)"
+_S_RUN = "execution"
 
 
 @dataclass(frozen=True, kw_only=True)
 class CurateJobConfig:
     """The job's own flags; every ``filters.config.CurateConfig`` field is a flag too (``--min_words 3``)."""
 
-    input: tuple[str, ...] = option(help="file, folder or glob; repeatable", repeat=True)
-    input_format: str | None = option(None, help=f"one of {', '.join(FORMATS)} (default: from names)")
-    output: str = option(help="output folder (manifest.parquet, report.html, ...)")
-    preset: str = option("default", help=f"one of {', '.join(config_lib.PRESETS)}")
-    config: str | None = option(None, help="JSON file: an object of CurateConfig field overrides")
-    record_batch: int = option(4096, help="records per Arrow batch in the caption stages (read, rules, exact dedup, "
-                                          "manifest); 0 = one record per element (the per-record reference path)")
-    allocator: str = option("steady", help="allocator state of the launcher and the workers: steady (glibc keeps the "
-                                           "memory it frees, so the tables' copies between stages pay no page faults; "
-                                           "the process keeps its peak heap) | default (core/allocator.py)")
+    input: tuple[str, ...] = option(section=_S_IO, help="file, folder or glob; repeatable", repeat=True)
+    input_format: str | None = option(None, section=_S_IO, choices=FORMATS,
+                                      help="the format of every --input (default: recognised from each name)")
+    output: str = option(section=_S_IO, help="output folder (manifest.parquet, report.html, ...)")
+    preset: str = option("default", section=_S_THRESHOLDS, choices=config_lib.PRESETS,
+                         help="filters.config preset: the thresholds every field flag below starts from")
+    config: str | None = option(None, section=_S_THRESHOLDS,
+                                help="JSON file: an object of CurateConfig field overrides")
+    record_batch: int = option(4096, section=_S_RUN,
+                               help="records per Arrow batch in the caption stages (read, rules, exact dedup, "
+                                    "manifest); 0 = one record per element (the per-record reference path)")
+    allocator: str = option("steady", section=_S_RUN,
+                            help="allocator state of the launcher and the workers: steady (glibc keeps the "
+                                 "memory it frees, so the tables' copies between stages pay no page faults; "
+                                 "the process keeps its peak heap) | default (core/allocator.py)", choices=ALLOCATORS)
 
     def __post_init__(self):
         if self.record_batch < 0:
             raise UserError(f"--record_batch must be >= 0 (0 = per record), got {self.record_batch}")
         if self.allocator not in ALLOCATORS:
-            raise UserError(f"--allocator {self.allocator!r} is not one of {', '.join(ALLOCATORS)}")
+            raise UserError(not_one_of("--allocator", self.allocator, ALLOCATORS))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,10 +129,14 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
     """
     with common.launcher_checks():
         parser = build_parser(CurateJobConfig, prog=PROG, description=__doc__.split("\n\n")[0], passthrough=True)
-        add_arguments(parser, CurateConfig, defaults=False)  # unset: the preset's or --config's value
+        preset = CurateJobConfig.__dataclass_fields__["preset"].default  # --help shows its values as the defaults
+        add_arguments(parser, CurateConfig, defaults=False,  # unset: the preset's or --config's value
+                      preset=(preset, config_lib.preset(preset)))
         args, beam_args = parser.parse_known_args(argv)
         common.check_beam_args(beam_args, flags_of(parser))
         job = from_mapping(CurateJobConfig, vars(args))
+        for path in (*job.input, job.output, *([job.config] if job.config else [])):  # read and written by Beam
+            check_beam_filesystem(path)
         common.check_output(job.output)
         cfg = config_lib.preset(job.preset)
         if job.config:
@@ -306,13 +320,16 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     try:
         _clear_stale_embeddings(opts.output)
         remove_temporaries(opts.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
-        pipeline = test_pipeline or beam.Pipeline(options=common.pipeline_options(beam_args))
+        options = common.pipeline_options(beam_args)
+        pipeline = test_pipeline or beam.Pipeline(options=options)
         _ = pipeline | "Curate" >> Curate(opts)
-        summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock)
+        summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
         if lock is not None:
             lock.release()
         raise
+    if summary is None:  # --dry_run=True on Dataflow: built, not submitted
+        return common.dry_run_summary(PROG, result, opts.output)
     read = _input_counter(result)
     print(f"curate: input {summary['input']} = kept {summary['kept']} + filtered {summary['filtered']} "
           f"+ duplicate {summary['duplicate']} + rejected {summary['rejected']}"

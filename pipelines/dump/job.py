@@ -38,61 +38,79 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from core.errors import UserError
-from core.options import option, parse
+from core.options import not_one_of, option, parse
 from pipelines import common
 from pipelines.dump import plan as dump_plan
 from pipelines.dump.plan import DumpRecipe
 from pipelines.scoring import image_scoring
 from core.fs import remove_temporaries, url_to_fs
-from teachers.load import teacher_lineage
+from teachers.load import DTYPES, teacher_lineage
+from shards.record import STORAGE_DTYPES
 from shards.schema import write_dataset_info
 
 NAMESPACE = "teacher_dump"
 PROG = "distill dump"
 
 
+_S_IO = "input and output"
+_S_TEACHER = "teacher and sampling"
+_S_RECORD = "what is recorded"
+_S_SCORES = "image scores (--score_images)"
+_S_COMPUTE = "compute"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DumpConfig:
     """The dump's flags. Fields with the same name as ``DumpRecipe``'s go into the recipe unchanged."""
 
-    prompts: str = option(help="prompt list (.txt, .jsonl) or curated manifest (.parquet: key, caption[, fate])")
-    output: str = option(help="output folder (local or gs://...)")
-    teacher: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                          help="tiny | tiny-xl | shapes | shapes-sd15 | sd15-random | sdxl-random | tiny-sd3 | sd3-random | "
-                               "local diffusers folder | hub id")
-    num_inference_steps: int = option(50, help="teacher steps")
-    scheduler: str | None = option(None, help="ddim | euler | dpm++ (UNet teachers; default ddim) | flow-euler "
-                                              "(flow-matching SD3 teachers: their only one and default)")
-    guidance_scale: float = option(7.5, help="fixed classifier-free guidance weight")
+    prompts: str = option(section=_S_IO,
+                          help="prompt list (.txt, .jsonl) or curated manifest (.parquet: key, caption[, fate])")
+    output: str = option(section=_S_IO, help="output folder (local or gs://...)")
+    teacher: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", section=_S_TEACHER,
+                          help="tiny | tiny-xl | shapes | shapes-sd15 | sd15-random | sdxl-random | tiny-sd3 | "
+                               "sd3-random | local diffusers folder | hub id")
+    num_inference_steps: int = option(50, section=_S_TEACHER, help="teacher steps")
+    scheduler: str | None = option(None, section=_S_TEACHER,
+                                   help="ddim | euler | dpm++ (UNet teachers) | flow-euler (flow-matching SD3 "
+                                        "teachers: their only one) (default: ddim, flow-euler for a flow teacher)")
+    guidance_scale: float = option(7.5, section=_S_TEACHER, help="fixed classifier-free guidance weight")
     guidance_range: tuple[float, ...] | None = option(
-        None, help="LO,HI: per-sample guidance weight ~ U[LO, HI] (SnapFusion: 2,14)")
-    resolution: int | None = option(None, help="image side in px (default: the teacher's native size)")
-    record_steps: str = option("all", help="'all', or comma-separated step indices to record")
+        None, section=_S_TEACHER, metavar="LO,HI",
+        help="per-sample guidance weight ~ U[LO, HI] instead of --guidance_scale (SnapFusion: 2,14)")
+    resolution: int | None = option(None, section=_S_TEACHER,
+                                    help="image side in px (default: the teacher's native size)")
+    seeds_per_prompt: int = option(1, section=_S_TEACHER, help="generations per caption")
+    record_steps: str = option("all", section=_S_RECORD, help="'all', or comma-separated step indices to record")
     feature_layers: tuple[str, ...] | None = option(
-        None, help="comma-separated blocks to capture ('' for none); default: mid_block,up_blocks.0 of a UNet, "
-                   "a flow teacher's middle and last transformer_blocks.N")
-    num_feature_steps: int = option(2, help="feature steps per sample (drawn from its seed)")
-    save_images: bool = option(False, help="decode and store the teacher image (png)")
-    score_images: str | None = option(
-        None, help="filters.config preset (tiny | laion-aesthetics | ...): score each decoded image with the curate "
-                   "job's CLIP and aesthetic models (json, index, NNNNNN.emb.npy); needs --save_images")
-    clip_weights: str | None = option(None, help="local open_clip checkpoint for --score_images (overrides the preset)")
-    aesthetic_weights: str | None = option(
-        None, help="LAION aesthetic predictor weights for --score_images (overrides the preset)")
+        None, section=_S_RECORD, metavar="BLOCK,...",
+        help="comma-separated blocks to capture ('' for none) (default: mid_block,up_blocks.0 of a UNet, a flow "
+             "teacher's middle and last transformer_blocks.N)")
+    num_feature_steps: int = option(2, section=_S_RECORD, help="feature steps per sample (drawn from its seed)")
+    save_images: bool = option(False, section=_S_RECORD, help="decode and store the teacher image (png)")
     real_images: bool = option(
-        False, help="also store each caption's real image encoded by the teacher's VAE (image_latents.npy): the "
-                    "input's 'image' column (path or URL), or the shapes teacher's rendered truth; the adversarial "
-                    "trainer's --adv_real image reads them")
-    dtype: str = option("float32", help="float32 | float16 | bfloat16")
-    device: str = option("cpu", help="cpu | cuda | cuda:N")
-    batch_size: int = option(4, help="samples per UNet batch")
-    storage_dtype: str = option("float16", help="float16 | float32 for stored arrays")
-    seeds_per_prompt: int = option(1, help="generations per caption")
-    samples_per_shard: int = option(256, help="samples per shard (the unit of work)")
+        False, section=_S_RECORD,
+        help="also store each caption's real image encoded by the teacher's VAE (image_latents.npy): the input's "
+             "'image' column (path or URL), or the shapes teacher's rendered truth; the adversarial trainer's "
+             "--adv_real image reads them")
+    storage_dtype: str = option("float16", section=_S_RECORD, help="dtype of the stored arrays", choices=STORAGE_DTYPES)
+    score_images: str | None = option(
+        None, section=_S_SCORES,
+        help="filters.config preset (tiny | laion-aesthetics | ...): score each decoded image with the curate job's "
+             "CLIP and aesthetic models (json, index, NNNNNN.emb.npy); needs --save_images")
+    clip_weights: str | None = option(None, section=_S_SCORES,
+                                      help="local open_clip checkpoint for --score_images (overrides the preset)")
+    aesthetic_weights: str | None = option(
+        None, section=_S_SCORES, help="LAION aesthetic predictor weights for --score_images (overrides the preset)")
+    dtype: str = option("float32", section=_S_COMPUTE, help="the teacher's weights and activations", choices=DTYPES)
+    device: str = option("cpu", section=_S_COMPUTE, help="cpu | cuda | cuda:N")
+    batch_size: int = option(4, section=_S_COMPUTE, help="samples per UNet batch")
     cpu_threads: int = option(
-        0, help="torch intra-op threads on CPU workers (0 = the worker's default). CPU results depend on it "
-                "at float rounding level: pin it for byte-identical dumps across runners and machines")
-    progress: str = option("auto", help="progress bar: auto (local runners) | on | off", choices=("auto", "on", "off"))
+        0, section=_S_COMPUTE,
+        help="torch intra-op threads on CPU workers (0 = the worker's default). CPU results depend on it at float "
+             "rounding level: pin it for byte-identical dumps across runners and machines")
+    samples_per_shard: int = option(256, section=_S_IO, help="samples per shard (the unit of work)")
+    progress: str = option("auto", section=_S_IO, help="progress bar: auto shows it on local runners",
+                           choices=("auto", "on", "off"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +170,7 @@ def _scheduler(cfg: DumpConfig, geometry: dict | None) -> str:
 
     flow = bool(geometry and geometry.get("is_flow"))
     name = cfg.scheduler or (FLOW_SCHEDULERS[0] if flow else "ddim")
-    _require(name in SCHEDULERS, f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
+    _require(name in SCHEDULERS, not_one_of("--scheduler", name, SCHEDULERS))
     if geometry is not None:
         allowed = FLOW_SCHEDULERS if flow else tuple(n for n in SCHEDULERS if n not in FLOW_SCHEDULERS)
         _require(name in allowed, f"--scheduler {name!r} does not sample teacher {cfg.teacher!r} "
@@ -190,16 +208,13 @@ def _check_real_images(cfg: DumpConfig, found) -> None:
 
 def build_recipe(cfg: DumpConfig) -> DumpRecipe:
     """Validate the flags (naming the bad value) and resolve them into a recipe; writes nothing."""
-    from teachers.load import DTYPES
-    from shards.record import STORAGE_DTYPES
     from teachers.sampler import SCHEDULERS
 
     common.check_input_file(cfg.prompts, "--prompts")
     common.check_output(cfg.output)
-    _require(cfg.scheduler is None or cfg.scheduler in SCHEDULERS,
-             f"--scheduler {cfg.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    for name, allowed in (("dtype", DTYPES), ("storage_dtype", STORAGE_DTYPES)):
-        _require(getattr(cfg, name) in allowed, f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    _require(cfg.scheduler is None or cfg.scheduler in SCHEDULERS, not_one_of("--scheduler", cfg.scheduler, SCHEDULERS))
+    for name, allowed in (("dtype", DTYPES), ("storage_dtype", STORAGE_DTYPES)):  # argparse checks them; a config too
+        _require(getattr(cfg, name) in allowed, not_one_of(f"--{name}", getattr(cfg, name), allowed))
     for name in ("num_inference_steps", "batch_size", "seeds_per_prompt", "samples_per_shard"):
         _require(getattr(cfg, name) >= 1, f"--{name} {getattr(cfg, name)} must be >= 1")
     _require(cfg.cpu_threads >= 0, f"--cpu_threads {cfg.cpu_threads} must be >= 0")
@@ -369,7 +384,7 @@ def prepare(argv: list[str] | None):
     Returns (config, recipe, input rows, Beam flags); ``UserError`` naming the problem.
     """
     with common.launcher_checks():
-        cfg, beam_args = parse(DumpConfig, argv, prog=PROG, known_only=True, check_unknown=common.check_beam_args)
+        cfg, beam_args = parse(DumpConfig, argv, prog=PROG, description=__doc__.split("\n")[0], known_only=True, check_unknown=common.check_beam_args)
         recipe = build_recipe(cfg)
         common.check_local_device(cfg.device, beam_args)
         found = dump_plan.read_input(cfg.prompts)
@@ -378,7 +393,11 @@ def prepare(argv: list[str] | None):
 
 
 def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
-    """Plan on the launcher, run the Beam job, write ``dataset.json``; returns the dataset summary."""
+    """Plan on the launcher, run the Beam job, write ``dataset.json``; returns the dataset summary.
+
+    ``--runner=DataflowRunner --dry_run=True``: the launcher plans into ``--output`` as for a launch and
+    builds the Dataflow job without submitting it; returns ``{"dry_run": True, "job": <Beam's Dataflow
+    Job: .proto_pipeline, the graph; .options>, "shards_planned": N}``."""
     cfg, recipe, found, beam_args = prepare(argv)
     options = common.pipeline_options(beam_args)
     fs, out = url_to_fs(cfg.output)
@@ -410,11 +429,13 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
             | "CollectIndexes" >> beam.combiners.ToList()
             | "WriteDataset" >> beam.Map(write_dataset, cfg.output, recipe, planned, beam.pvalue.AsSingleton(n_rejects))
         )
-        dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
+        dataset, result = common.run_pipeline(pipeline, cfg.output, lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
         if lock is not None:
             lock.release()
         raise
+    if dataset is None:  # --dry_run=True on Dataflow: planned and built, not submitted
+        return {**common.dry_run_summary(PROG, result, cfg.output), "shards_planned": num_shards}
     print_summary(dataset, cfg.output, time.monotonic() - start)
     return dataset
 
@@ -428,7 +449,7 @@ def print_summary(dataset: dict, output: str, seconds: float) -> None:
           f"{t['captions_truncated']} captions truncated to 77 tokens", file=sys.stderr)
     print(f"teacher dump: {len(dataset['shards'])} shards, {per_sample / 2**20:.2f} MiB/sample, "
           f"{t['samples_written'] / max(seconds, 1e-9):.2f} samples/s over {seconds:.1f} s "
-          f"(rejects by reason: {dataset['rejects_by_reason']}) -> {output}", file=sys.stderr)
+          f"(rejects: {common.count_words(dataset['rejects_by_reason'])}) -> {output}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

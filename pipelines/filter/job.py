@@ -55,24 +55,31 @@ NAMESPACE = "filter_shards"
 PROG = "distill filter"
 
 
+_S_IO = "input and output"
+_S_THRESHOLDS = "score thresholds"
+_S_DEDUP = "semantic dedup (SemDeDup)"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FilterConfig:
     """The filter job's flags; the thresholds and dedup knobs go into ``FilterRecipe`` by name."""
 
-    input: str = option(help="a scored dump (--save_images --score_images) or a filtered dataset")
-    output: str = option(help="output folder for the final shards (local or gs://...)")
-    aesthetic_threshold: float | None = option(None, help="keep aesthetic score >= this")
-    clip_score_threshold: float | None = option(None, help="keep the cosine of the generated image and its caption >= this")
+    input: str = option(section=_S_IO, help="a scored dump (--save_images --score_images) or a filtered dataset")
+    output: str = option(section=_S_IO, help="output folder for the final shards (local or gs://...)")
+    aesthetic_threshold: float | None = option(None, section=_S_THRESHOLDS, help="keep aesthetic score >= this")
+    clip_score_threshold: float | None = option(None, section=_S_THRESHOLDS,
+                                                help="keep the cosine of the generated image and its caption >= this")
     clip_score_top_fraction: float | None = option(
-        None, help="keep this top fraction by CLIP score (instead of --clip_score_threshold)")
+        None, section=_S_THRESHOLDS, help="keep this top fraction by CLIP score (instead of --clip_score_threshold)")
     semdedup_eps: float | None = option(
-        0.05, help="duplicates: cosine of image embeddings >= 1 - eps (0: identical only); none = no dedup")
-    kmeans_clusters: int | None = option(None, help="SemDeDup k (default: the scoring preset's rule)")
-    target_cluster_size: int | None = option(None, help="samples per k-means cluster aimed at")
-    kmeans_sample_size: int | None = option(None, help="embeddings sampled to train k-means")
-    samples_per_shard: int = option(0, help="output shard size (0: the dump's)")
-    report_examples: int = option(6, help="images per reason in report.html")
-    progress: str = option("auto", help="progress bar: auto (local runners) | on | off", choices=("auto", "on", "off"))
+        0.05, section=_S_DEDUP, help="duplicates: cosine of image embeddings >= 1 - eps (0: identical only); none = no dedup")
+    kmeans_clusters: int | None = option(None, section=_S_DEDUP, help="SemDeDup k (default: the scoring preset's rule)")
+    target_cluster_size: int | None = option(None, section=_S_DEDUP, help="samples per k-means cluster aimed at")
+    kmeans_sample_size: int | None = option(None, section=_S_DEDUP, help="embeddings sampled to train k-means")
+    samples_per_shard: int = option(0, section=_S_IO, help="output shard size (0: the dump's)")
+    report_examples: int = option(6, section=_S_IO, help="images per reason in report.html")
+    progress: str = option("auto", section=_S_IO,
+                           help="progress bar: auto (local runners) | on | off", choices=("auto", "on", "off"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +303,7 @@ def write_dataset(indexes: list[dict], parent: dict, parent_dataset: dict, outpu
 def prepare(argv: list[str] | None):
     """(config, recipe, curate config, parent, parent dataset, Beam flags), all checked; writes nothing."""
     with common.launcher_checks():
-        cfg, beam_args = parse(FilterConfig, argv, prog=PROG, known_only=True, check_unknown=common.check_beam_args)
+        cfg, beam_args = parse(FilterConfig, argv, prog=PROG, description=__doc__.split("\n")[0], known_only=True, check_unknown=common.check_beam_args)
         return (cfg, *build_recipe(cfg), beam_args)
 
 
@@ -359,11 +366,13 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
              | "CollectIndexes" >> beam.combiners.ToList()
              | "WriteDataset" >> beam.Map(write_dataset, parent, parent_dataset, cfg.output, recipe,
                                           beam.pvalue.AsSingleton(cutoff), cfg.report_examples))
-        dataset, _ = common.run_pipeline(pipeline, cfg.output, lock=lock)
+        dataset, result = common.run_pipeline(pipeline, cfg.output, lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
         if lock is not None:
             lock.release()
         raise
+    if dataset is None:  # --dry_run=True on Dataflow: built, not submitted
+        return common.dry_run_summary(PROG, result, cfg.output)
     print_summary(dataset, cfg.output, time.monotonic() - start)
     return dataset
 

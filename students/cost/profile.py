@@ -424,26 +424,38 @@ def _pixels_arg(flag: str, text: str) -> dict:
     return table
 
 
+_S_MODELS = "models and sizes"
+_S_TIMING = "timing"
+_S_OUTPUT = "output"
+_S_LOOKUP = "latency lookup table (students/cost/lookup.py)"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProfileOptions:
-    presets: str = option(",".join(DEFAULT_PRESETS), help=f"comma-separated students or 'all' (known: {', '.join(STUDENTS)})")
-    batch_size: int = option(1, help="images per forward")
-    repeats: int = option(3, help="timed forwards per model after the warm-up")
-    warmup: int = option(1, help="untimed forwards before timing")
-    resolution: str = option("", help="pixels for MACs and latency: PX or family=PX,... (default: each family's native)")
-    latency_resolution: str = option("", help="pixels for latency only: PX or family=PX,...")
-    skip_latency: bool = option(False, help="parameters and MACs only")
-    no_blocks: bool = option(False, help="omit the per-block table")
-    device: str = option("cpu", help="cpu | cuda | cuda:N")
-    dtype: str = option("float32", help="weights and activations dtype", choices=DTYPES)
-    threads: int | None = option(None, help="torch.set_num_threads for CPU latency")
-    json: str | None = option(None, help="also write the figures to this path (local or fsspec URL)")
+    presets: str = option(",".join(DEFAULT_PRESETS), section=_S_MODELS,
+                          help=f"comma-separated students or 'all' (known: {', '.join(STUDENTS)})")
+    batch_size: int = option(1, section=_S_MODELS, help="images per forward")
+    repeats: int = option(3, section=_S_TIMING, help="timed forwards per model after the warm-up")
+    warmup: int = option(1, section=_S_TIMING, help="untimed forwards before timing")
+    resolution: str = option("", section=_S_MODELS,
+                             help="pixels for MACs and latency: PX or family=PX,... (default: each family's native)")
+    latency_resolution: str = option("", section=_S_MODELS, help="pixels for latency only: PX or family=PX,...")
+    skip_latency: bool = option(False, section=_S_TIMING, help="parameters and MACs only")
+    no_blocks: bool = option(False, section=_S_OUTPUT, help="omit the per-block table")
+    device: str = option("cpu", section=_S_TIMING, help="cpu | cuda | cuda:N")
+    dtype: str = option("float32", section=_S_TIMING, help="weights and activations dtype", choices=DTYPES)
+    threads: int | None = option(None, section=_S_TIMING, help="torch.set_num_threads for CPU latency")
+    json: str | None = option(None, section=_S_OUTPUT, help="also write the figures to this path (local or fsspec URL)")
     # latency lookup table (students/cost/lookup.py): one UNet, per block type
-    lookup: str | None = option(None, help="write the latency lookup table of one UNet (--presets NAME or --unet_config) here")
-    unet_config: str | None = option(None, help="with --lookup: a student UNet config.json (e.g. an evolved run's student_config.json)")
-    lookup_statistic: str = option("median", help="with --lookup: median | min of the timed runs (min resists other processes' load)",
+    lookup: str | None = option(None, section=_S_LOOKUP,
+                                help="write the latency lookup table of one UNet (--presets NAME or --unet_config) here")
+    unet_config: str | None = option(None, section=_S_LOOKUP,
+                                     help="with --lookup: a student UNet config.json (e.g. an evolved run's student_config.json)")
+    lookup_statistic: str = option("median", section=_S_LOOKUP,
+                                   help="with --lookup: median | min of the timed runs (min resists other processes' load)",
                                    choices=("median", "min"))
-    lookup_allocator: str = option("steady", help="with --lookup: steady (glibc keeps freed memory, so timed forwards pay no "
+    lookup_allocator: str = option("steady", section=_S_LOOKUP,
+                                   help="with --lookup: steady (glibc keeps freed memory, so timed forwards pay no "
                                    "page faults; core/allocator.py) | default (the allocator as the process has it)",
                                    choices=ALLOCATORS)
 

@@ -41,31 +41,53 @@ from core.options import option, parse
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+_S_IO = "inputs and output"
+_S_GENERATION = "generation"
+_S_METRICS = "metrics"
+_S_DEVICE = "device"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    output: str = option(help="folder for metrics.json, report.html, grid.png")
-    captions: str = option(help="COCO captions annotation JSON, or a .txt (one per line) / .jsonl (\"caption\" or \"text\") prompt file")
-    student: str | None = option(None, help="exported pipeline folder, checkpoint folder or training run folder; None = teacher only")
-    teacher: str | None = option(None, help="teacher spec (teachers.load); None = the one the student was distilled from")
-    num_images: int = option(5000, help="captions (= generated images per model and step count); COCO: first N images by id")
-    references: str | None = option(None, help="folder of reference images (COCO: the val images, by \"file_name\"); needed for FID")
-    teacher_steps: tuple[int, ...] = option((50, 8, 4, 1), help="teacher step counts; () = no teacher rows")
-    student_steps: tuple[int, ...] = option((), help="student step counts; () = the student's own (inference.json)")
-    guidance_scale: float | None = option(None, help="CFG weight for every model; None = the student's recorded one, else 7.5")
-    resolution: int | None = option(None, help="image side in pixels; None = the student's recorded size, else the teacher's native")
-    metrics: tuple[str, ...] | None = option(None, help="names from METRICS: clip, fid, and for the shapes teacher adherence, "
+    output: str = option(section=_S_IO, help="folder for metrics.json, report.html, grid.png")
+    captions: str = option(section=_S_IO,
+                           help="COCO captions annotation JSON, or a .txt (one per line) / .jsonl (\"caption\" or \"text\") prompt file")
+    student: str | None = option(None, section=_S_IO,
+                                 help="exported pipeline folder, checkpoint folder or training run folder; None = teacher only")
+    teacher: str | None = option(None, section=_S_IO,
+                                 help="teacher spec (teachers.load); None = the one the student was distilled from")
+    num_images: int = option(5000, section=_S_GENERATION,
+                             help="captions (= generated images per model and step count); COCO: first N images by id")
+    references: str | None = option(None, section=_S_IO,
+                                    help="folder of reference images (COCO: the val images, by \"file_name\"); needed for FID")
+    teacher_steps: tuple[int, ...] = option((50, 8, 4, 1), section=_S_GENERATION,
+                                            help="teacher step counts; () = no teacher rows")
+    student_steps: tuple[int, ...] = option((), section=_S_GENERATION,
+                                            help="student step counts; () = the student's own (inference.json)")
+    guidance_scale: float | None = option(None, section=_S_GENERATION,
+                                          help="CFG weight for every model; None = the student's recorded one, else 7.5")
+    resolution: int | None = option(None, section=_S_GENERATION,
+                                    help="image side in pixels; None = the student's recorded size, else the teacher's native")
+    metrics: tuple[str, ...] | None = option(None, section=_S_METRICS,
+                                             help="names from METRICS: clip, fid, and for the shapes teacher adherence, "
                                              "frechet_analyser; None = clip if --clip_weights, fid if --references")
-    clip_model: str = option("ViT-L-14", help="open_clip architecture for the CLIP score")
-    clip_weights: str | None = option(None, help="local open_clip checkpoint, or \"random\" (tests)")
-    inception_weights: str | None = option(None, help="local torch-fidelity Inception-v3 state dict (.pth); needed for FID")
-    fid_features: int = option(2048, help="Inception tap (64, 192, 768, 2048); 2048 is the standard FID")
-    weights: str = option("ema", help="ema | raw: which student weights, when --student is a checkpoint", choices=("ema", "raw"))
-    batch_size: int = option(8, help="prompts per pipeline call")
-    seed: int = option(0, help="image i uses torch.Generator().manual_seed(seed + i)")
-    grid_images: int = option(4, help="first K prompts shown in the grid (0 = no grid)")
-    latency_repeats: int = option(3, help="timed single-image generations per configuration after one warm-up (0 = skip)")
-    device: str = option("cpu", help="cpu | cuda | cuda:N")
-    dtype: str = option("float32", help="weights and activations dtype", choices=("float32", "float16", "bfloat16"))
+    clip_model: str = option("ViT-L-14", section=_S_METRICS, help="open_clip architecture for the CLIP score")
+    clip_weights: str | None = option(None, section=_S_METRICS,
+                                      help="local open_clip checkpoint, or \"random\" (tests)")
+    inception_weights: str | None = option(None, section=_S_METRICS,
+                                           help="local torch-fidelity Inception-v3 state dict (.pth); needed for FID")
+    fid_features: int = option(2048, section=_S_METRICS,
+                               help="Inception tap (64, 192, 768, 2048); 2048 is the standard FID")
+    weights: str = option("ema", section=_S_GENERATION,
+                          help="ema | raw: which student weights, when --student is a checkpoint", choices=("ema", "raw"))
+    batch_size: int = option(8, section=_S_GENERATION, help="prompts per pipeline call")
+    seed: int = option(0, section=_S_GENERATION, help="image i uses torch.Generator().manual_seed(seed + i)")
+    grid_images: int = option(4, section=_S_METRICS, help="first K prompts shown in the grid (0 = no grid)")
+    latency_repeats: int = option(3, section=_S_METRICS,
+                                  help="timed single-image generations per configuration after one warm-up (0 = skip)")
+    device: str = option("cpu", section=_S_DEVICE, help="cpu | cuda | cuda:N")
+    dtype: str = option("float32", section=_S_DEVICE,
+                        help="weights and activations dtype", choices=("float32", "float16", "bfloat16"))
 
 
 # ------------------------------------------------------------------------------------------

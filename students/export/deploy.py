@@ -34,7 +34,7 @@ import tempfile
 import uuid
 
 from core.errors import UserError, run_main
-from core.options import option, parse
+from core.options import choice_list, not_one_of, option, parse
 from students.export.ondevice import (COMPONENTS, DEPLOY_FILE, NOISE_RULE, POSTPROCESS, PRECISIONS, SCHEMA_VERSION,
                                       DeployError, DeployManifest, SchedulerSpec, TokenizerSpec, manifest_to_dict)
 from students.export.onnx_convert import OPSET, Component, convert
@@ -280,22 +280,30 @@ def export_deploy(pipe, info: dict, output: str, *, precisions=PRECISIONS, overw
 # ------------------------------------------------------------------------------------------
 
 
+_S_IO = "checkpoint and output"
+_S_WHAT = "what is exported"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeployConfig:
-    checkpoint: str = option(help="a checkpoint folder (checkpoints/step-N) or a training output folder (its newest)")
-    output: str = option(help="the deploy folder to write (local path or fsspec URL)")
-    format: str = option("onnx", help="model format", choices=FORMATS[1:])
-    precisions: tuple[str, ...] = option(PRECISIONS, help="variants to export (comma-separated; fp32 required)")
-    weights: str = option("ema", help="EMA or the raw student weights", choices=("ema", "raw"))
-    teacher: str | None = option(None, help="teacher spec for the text encoder and VAE (default: the dump's)")
-    data: str | None = option(None, help="the dump folder, if it moved since training (reads its dataset.json)")
-    overwrite: bool = option(False, help="replace OUTPUT if it is a previous --format onnx export")
+    checkpoint: str = option(section=_S_IO,
+                             help="a checkpoint folder (checkpoints/step-N) or a training output folder (its newest)")
+    output: str = option(section=_S_IO, help="the deploy folder to write (local path or fsspec URL)")
+    format: str = option("onnx", section=_S_WHAT, help="model format", choices=FORMATS[1:])
+    precisions: tuple[str, ...] = option(PRECISIONS, section=_S_WHAT,
+                                         help="variants to export (comma-separated; fp32 required)")
+    weights: str = option("ema", section=_S_WHAT, help="EMA or the raw student weights", choices=("ema", "raw"))
+    teacher: str | None = option(None, section=_S_WHAT,
+                                 help="teacher spec for the text encoder and VAE (default: the dump's)")
+    data: str | None = option(None, section=_S_IO,
+                              help="the dump folder, if it moved since training (reads its dataset.json)")
+    overwrite: bool = option(False, section=_S_IO, help="replace OUTPUT if it is a previous --format onnx export")
 
 
 def check_format(fmt: str) -> None:
     """``--format``: a ``UserError`` for an unknown one or one whose converter is not installed here."""
     if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise UserError(not_one_of("--format", fmt, FORMATS))
     if fmt in ("coreml", "executorch"):
         from students.export.device_formats import check_available
 
@@ -309,7 +317,7 @@ def split_format(argv: list[str]) -> tuple[str, list[str]]:
         a = argv[i]
         if a == "--format":
             if i + 1 >= len(argv):
-                raise UserError("--format needs a value: " + ", ".join(FORMATS))
+                raise UserError("--format needs a value: " + choice_list(FORMATS))
             fmt, i = argv[i + 1], i + 2
             continue
         if a.startswith("--format="):
@@ -345,7 +353,8 @@ def _export(argv: list[str]) -> int:
         raise UserError(f"expected CHECKPOINT OUTPUT, got {len(positional)} positional arguments: {positional}")
     named = [x for pair in zip(["--checkpoint", "--output"], positional) for x in pair]
     cfg = parse(DeployConfig, named + flags + ["--format", fmt], prog="distill export",
-                description="Export a checkpoint for devices. Usage: distill export CHECKPOINT OUTPUT --format onnx")[0]
+                description="Export a checkpoint for devices. Usage: distill export CHECKPOINT OUTPUT --format onnx",
+                usage=f"%(prog)s CHECKPOINT OUTPUT --format {choice_list(FORMATS[1:])} [options]")[0]
     run = student_runs.read_run(cfg.checkpoint, data=cfg.data, teacher=cfg.teacher)
     if run.recipe.get("prediction_type") == "flow":
         raise UserError(f"{cfg.checkpoint!r} is a flow student (recipe {run.recipe.get('name')!r}): --format "

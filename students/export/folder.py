@@ -53,7 +53,7 @@ import tempfile
 import uuid
 
 from core.errors import UserError, run_main
-from core.options import option, parse
+from core.options import not_one_of, option, parse
 from core.fs import exists, is_local, join, publish_folder, read_json, url_to_fs
 from students.distill.inference import guidance_for, student_pipeline, student_scheduler, teacher_timesteps
 from students.training.runs import WEIGHTS, RunInfo, load_decoder, load_student_unet, read_run
@@ -313,7 +313,7 @@ def export(checkpoint: str, output: str, *, weights: str = "ema", teacher: str |
         output = fpath = os.path.abspath(fpath)
     check_output(output, overwrite)
     if weights not in WEIGHTS:
-        raise ExportError(f"--weights {weights!r} is not one of {sorted(WEIGHTS)}")
+        raise ExportError(not_one_of("--weights", weights, sorted(WEIGHTS)))
     run = read_run(checkpoint, data=data, teacher=teacher)
     pipe, info = assemble_pipeline(run, weights=weights, dtype=dtype)
     info["scheduler"] = type(pipe.scheduler).__name__
@@ -341,15 +341,23 @@ def read_inference(folder: str) -> dict:
     return read_json(path) if exists(path) else {}
 
 
+_S_IO = "checkpoint and output"
+_S_WHAT = "what is exported"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportConfig:
-    checkpoint: str = option(help="a checkpoint folder (checkpoints/step-N) or a training output folder (its newest)")
-    output: str = option(help="the diffusers pipeline folder to write (local path or fsspec URL)")
-    weights: str = option("ema", help="EMA or the raw student weights", choices=sorted(WEIGHTS))
-    teacher: str | None = option(None, help="teacher spec for the text encoder and VAE (default: the dump's)")
-    data: str | None = option(None, help="the dump folder, if it moved since training (reads its dataset.json)")
-    dtype: str = option("float32", help="saved weights dtype", choices=("float32", "float16", "bfloat16"))
-    overwrite: bool = option(False, help="replace OUTPUT if it is a previous export")
+    checkpoint: str = option(section=_S_IO,
+                             help="a checkpoint folder (checkpoints/step-N) or a training output folder (its newest)")
+    output: str = option(section=_S_IO, help="the diffusers pipeline folder to write (local path or fsspec URL)")
+    weights: str = option("ema", section=_S_WHAT, help="EMA or the raw student weights", choices=sorted(WEIGHTS))
+    teacher: str | None = option(None, section=_S_WHAT,
+                                 help="teacher spec for the text encoder and VAE (default: the dump's)")
+    data: str | None = option(None, section=_S_IO,
+                              help="the dump folder, if it moved since training (reads its dataset.json)")
+    dtype: str = option("float32", section=_S_WHAT,
+                        help="saved weights dtype", choices=("float32", "float16", "bfloat16"))
+    overwrite: bool = option(False, section=_S_IO, help="replace OUTPUT if it is a previous export")
 
 
 def parse_args(argv: list[str]) -> ExportConfig:
@@ -372,7 +380,8 @@ def parse_args(argv: list[str]) -> ExportConfig:
     names = ["--checkpoint", "--output"][: len(positional)]
     flat = [x for pair in zip(names, positional) for x in pair]
     description = __doc__.split("\n")[0] + " Usage: distill export CHECKPOINT OUTPUT [flags] (or --checkpoint, --output)."
-    return parse(ExportConfig, flat + rest, prog="distill export", description=description)[0]
+    return parse(ExportConfig, flat + rest, prog="distill export", description=description,
+                 usage="%(prog)s CHECKPOINT OUTPUT [options]")[0]
 
 
 def _main(argv: list[str]) -> int:

@@ -307,14 +307,18 @@ def write_png(image, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+_S_MODEL = "model"
+_S_IMAGE = "image"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
-    onnx: str = option(help="a folder written by distill export --format onnx (deploy.json inside)")
-    prompt: str = option(help="the caption")
-    seed: int = option(0, help="initial noise seed (numpy.random.default_rng)")
-    output: str = option("image.png", help="the PNG to write")
-    precision: str = option("fp32", help="which exported variant runs", choices=PRECISIONS)
-    threads: int = option(0, help="onnxruntime intra-op threads (0: one per core)")
+    onnx: str = option(section=_S_MODEL, help="a folder written by distill export --format onnx (deploy.json inside)")
+    prompt: str = option(section=_S_IMAGE, help="the caption")
+    seed: int = option(0, section=_S_IMAGE, help="initial noise seed (numpy.random.default_rng)")
+    output: str = option("image.png", section=_S_IMAGE, help="the PNG to write")
+    precision: str = option("fp32", section=_S_MODEL, help="which exported variant runs", choices=PRECISIONS)
+    threads: int = option(0, section=_S_MODEL, help="onnxruntime intra-op threads (0: one per core)")
 
 
 def _main(argv: list[str]) -> int:
@@ -332,7 +336,8 @@ def _main(argv: list[str]) -> int:
     rest += ["--prompt", caption[0]] if caption else []
     cfg = parse(GenerateConfig, rest, prog="distill generate",
                 description="Make an image with an exported ONNX pipeline (numpy + onnxruntime, no torch). "
-                            'Usage: distill generate --onnx DIR "caption" [--seed N] [--output image.png]')[0]
+                            'Usage: distill generate --onnx DIR "caption" [--seed N] [--output image.png]',
+                usage='%(prog)s --onnx DIR "caption" [options]')[0]
     from core.fs import check_output_file
 
     if not 0 <= cfg.seed < 2**63:  # numpy's default_rng takes no negative seed

@@ -153,34 +153,56 @@ TRAIN_FLAGS = ("data", "preset", "init_from_teacher", "recipe", "student_steps",
                "weight_decay", "grad_clip", "ema_decay", "seed", "shuffle_buffer", "num_workers", "audit_keys", "device")
 
 
+_S_DATA = "data and output"
+_S_TARGET = "latency target"
+_S_EVOLUTION = "evolution and robust training"
+_S_OPTIM = "optimisation"
+_S_VALIDATION = "validation (scoring blocks)"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 @reuse(TrainConfig, *TRAIN_FLAGS)
 class EvolveConfig:
-    output: str = option(help="evolution folder: run/, lookup.json, evolution.jsonl, student_config.json, report.html")
-    robust_skip_prob: float = option(0.1, help="robust training: probability of skipping each skippable block per step")
-    final_robust_skip_prob: float = option(0.0, help="skip probability once the architecture is final (is_final: no "
+    output: str = option(section=_S_DATA,
+                         help="evolution folder: run/, lookup.json, evolution.jsonl, student_config.json, report.html")
+    robust_skip_prob: float = option(0.1, section=_S_EVOLUTION,
+                                     help="robust training: probability of skipping each skippable block per step")
+    final_robust_skip_prob: float = option(0.0, section=_S_EVOLUTION,
+                                           help="skip probability once the architecture is final (is_final: no "
                                            "evolution can change it): 0 = the evolved UNet is fine-tuned plainly, as SnapFusion does")
-    latency_target_ms: float = option(0.0, help="target UNet latency in ms on the lookup's runtime (or --latency_target_ratio)")
-    latency_target_ratio: float = option(0.0, help="target as a fraction of the starting UNet's predicted latency")
-    lookup: str | None = option(None, help="latency lookup table (distill profile --lookup); None = measure the start UNet")
-    lookup_batch: int = option(2, help="batch of the measured lookup (2 = one CFG step)")
-    lookup_repeats: int = option(20, help="timed forwards of the measured lookup and of each measured latency")
-    lookup_statistic: str = option("median", help="median | min of the measured lookup's timed runs", choices=("median", "min"))
-    lookup_allocator: str = option("steady", help="allocator state of the measured lookup and of every measured latency: steady "
+    latency_target_ms: float = option(0.0, section=_S_TARGET,
+                                      help="target UNet latency in ms on the lookup's runtime (or --latency_target_ratio)")
+    latency_target_ratio: float = option(0.0, section=_S_TARGET,
+                                         help="target as a fraction of the starting UNet's predicted latency")
+    lookup: str | None = option(None, section=_S_TARGET,
+                                help="latency lookup table (distill profile --lookup); None = measure the start UNet")
+    lookup_batch: int = option(2, section=_S_TARGET, help="batch of the measured lookup (2 = one CFG step)")
+    lookup_repeats: int = option(20, section=_S_TARGET,
+                                 help="timed forwards of the measured lookup and of each measured latency")
+    lookup_statistic: str = option("median", section=_S_TARGET,
+                                   help="median | min of the measured lookup's timed runs", choices=("median", "min"))
+    lookup_allocator: str = option("steady", section=_S_TARGET,
+                                   help="allocator state of the measured lookup and of every measured latency: steady "
                                    "(glibc keeps freed memory; core/allocator.py) | default", choices=ALLOCATORS)
-    iterations: int = option(4, help="training segments; the architecture evolves after each but the last")
-    steps_per_iteration: int = option(100, help="robust-training optimizer steps per segment")
-    max_actions: int = option(1, help="blocks removed or copied per evolution")
-    keep_cross_attention: int = option(1, help="never remove the last K blocks with cross-attention")
-    val_captions: str = option(help="validation captions (.txt / .jsonl / COCO .json) the blocks are scored on")
-    val_images: int = option(32, help="validation captions used (one image each, seed = --val_seed + index)")
-    val_seed: int = option(0, help="image seed of the first validation caption")
-    metric: str = option("adherence", help="adherence (shapes analyser) | clip (open_clip CLIP score)", choices=METRICS)
-    clip_model: str = option("ViT-L-14", help="open_clip architecture for --metric clip")
-    clip_weights: str | None = option(None, help="local open_clip checkpoint for --metric clip")
-    weights: str = option("ema", help="which student weights are scored", choices=("ema", "raw"))
-    eval_batch_size: int = option(64, help="prompts per pipeline call while scoring")
-    lr: float | None = option(None, help="peak AdamW learning rate, one cosine over all iterations (default: distill "
+    iterations: int = option(4, section=_S_EVOLUTION,
+                             help="training segments; the architecture evolves after each but the last")
+    steps_per_iteration: int = option(100, section=_S_EVOLUTION, help="robust-training optimizer steps per segment")
+    max_actions: int = option(1, section=_S_EVOLUTION, help="blocks removed or copied per evolution")
+    keep_cross_attention: int = option(1, section=_S_EVOLUTION,
+                                       help="never remove the last K blocks with cross-attention")
+    val_captions: str = option(section=_S_VALIDATION,
+                               help="validation captions (.txt / .jsonl / COCO .json) the blocks are scored on")
+    val_images: int = option(32, section=_S_VALIDATION,
+                             help="validation captions used (one image each, seed = --val_seed + index)")
+    val_seed: int = option(0, section=_S_VALIDATION, help="image seed of the first validation caption")
+    metric: str = option("adherence", section=_S_VALIDATION,
+                         help="adherence (shapes analyser) | clip (open_clip CLIP score)", choices=METRICS)
+    clip_model: str = option("ViT-L-14", section=_S_VALIDATION, help="open_clip architecture for --metric clip")
+    clip_weights: str | None = option(None, section=_S_VALIDATION, help="local open_clip checkpoint for --metric clip")
+    weights: str = option("ema", section=_S_VALIDATION, help="which student weights are scored", choices=("ema", "raw"))
+    eval_batch_size: int = option(64, section=_S_VALIDATION, help="prompts per pipeline call while scoring")
+    lr: float | None = option(None, section=_S_OPTIM,
+                              help="peak AdamW learning rate, one cosine over all iterations (default: distill "
                               f"train's {_TRAIN_LR:g} from a preset, INIT_LR = {INIT_LR:g} with --init_from_teacher)")
 
     def __post_init__(self):

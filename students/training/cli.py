@@ -15,8 +15,12 @@ from core.options import parse
 from students.training.train import TrainConfig, train
 
 
+DESCRIPTION = ("Distil a student from a dataset of shards (a dump or a filtered dump); with --progressive_from, "
+               "the progressive rounds.")
+
+
 def parse_args(argv: list[str] | None) -> TrainConfig:
-    return parse(TrainConfig, argv, prog="distill train", description=__doc__.split("\n")[0])[0]
+    return parse(TrainConfig, argv, prog="distill train", description=DESCRIPTION)[0]
 
 
 def _main(argv: list[str]) -> int:

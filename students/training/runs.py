@@ -14,6 +14,7 @@ import json
 import shutil
 
 from core.errors import UserError
+from core.options import not_one_of
 from core.fs import exists, is_local, join, read_json, url_to_fs
 
 WEIGHTS = {"ema": "ema", "raw": "student"}  # --weights -> checkpoint subfolder
@@ -116,7 +117,7 @@ def load_student_unet(ckpt: str, weights: str = "ema"):
     from students.models.unet import EfficientUNet2DConditionModel
 
     if weights not in WEIGHTS:
-        raise RunError(f"--weights {weights!r} is not one of {sorted(WEIGHTS)}")
+        raise RunError(not_one_of("--weights", weights, sorted(WEIGHTS)))
     folder = os.path.join(ckpt, WEIGHTS[weights])
     if not os.path.isdir(folder):
         raise RunError(f"checkpoint {ckpt!r} has no {WEIGHTS[weights]}/ (EMA off in that run?): use --weights raw")

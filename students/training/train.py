@@ -27,7 +27,7 @@ import torch
 
 from core.devices import check_device
 from core.errors import UserError
-from core.options import differing_fields, option
+from core.options import differing_fields, not_one_of, option
 from students.distill import adversarial
 from students.training import checkpoint as ckpt
 from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline
@@ -48,66 +48,100 @@ class TrainingDiverged(UserError):
     """A non-finite loss: training stopped before the optimizer step, the last good checkpoint kept."""
 
 
+_S_DATA = "data and output"
+_S_STUDENT = "the student"
+_S_RECIPE = "the recipe"
+_S_OPTIM = "optimisation"
+_S_LOADING = "data loading"
+_S_SAVING = "checkpoints and logs"
+_S_DEVICE = "device and speed"
+_S_ADV = "adversarial recipes (snapgen_adv, ufogen)"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    data: str = option(help="dataset folder: a dump or a filtered dump (local path or fsspec URL)")
-    output: str = option(help="run folder: checkpoints, losses.jsonl, TensorBoard logs, image grids (local or URL)")
-    preset: str | None = option(None, help="student UNet preset (students.models.unet.PRESETS; default tiny)")
-    init_from_teacher: str | None = option(None, help="build the student as the teacher's UNet cut by this cut "
+    data: str = option(section=_S_DATA, help="dataset folder: a dump or a filtered dump (local path or fsspec URL)")
+    output: str = option(section=_S_DATA,
+                         help="run folder: checkpoints, losses.jsonl, TensorBoard logs, image grids (local or URL)")
+    preset: str | None = option(None, section=_S_STUDENT,
+                                help="student UNet preset (students.models.unet.PRESETS; none = tiny)")
+    init_from_teacher: str | None = option(None, section=_S_STUDENT,
+                                           help="build the student as the teacher's UNet cut by this cut "
                                            "(students.models.teacher_init.CUTS; full = the whole UNet) and start it from "
                                            "the teacher's weights; not with --preset (none = from --preset)")
-    init_from: str | None = option(None, help="start from another run's (or checkpoint's) student weights, EMA if it "
+    init_from: str | None = option(None, section=_S_STUDENT,
+                                   help="start from another run's (or checkpoint's) student weights, EMA if it "
                                    "kept one: a new run with a fresh optimizer and LR schedule (SnapGen's feature "
                                    "KD first, then step distillation); replaces --preset and --init_from_teacher")
-    recipe: str = option("output_kd", help="distillation recipe", choices=sorted(RECIPES))
-    student_steps: int = option(0, help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
-    progressive_from: int = option(0, help="progressive distillation: rounds halving the steps from this many to "
+    recipe: str = option("output_kd", section=_S_RECIPE, help="distillation recipe", choices=sorted(RECIPES))
+    student_steps: int = option(0, section=_S_RECIPE,
+                                help="step distillation: sampling steps the student is trained for (0 = the recipe's)")
+    progressive_from: int = option(0, section=_S_RECIPE,
+                                   help="progressive distillation: rounds halving the steps from this many to "
                                    "--student_steps, each round's student the next one's teacher (0 = one run)")
-    max_steps: int = option(100, help="optimizer steps (per progressive round)")
-    extend: bool = option(False, help="re-running a run with another --max_steps: train it on (or stop it) at the new "
+    max_steps: int = option(100, section=_S_OPTIM, help="optimizer steps (per progressive round)")
+    extend: bool = option(False, section=_S_OPTIM,
+                          help="re-running a run with another --max_steps: train it on (or stop it) at the new "
                           "count on purpose (the LR schedule follows --max_steps); without it such a re-run is refused")
-    batch_size: int = option(8, help="samples per rank per micro-batch")
-    grad_accum: int = option(1, help="micro-batches per optimizer step")
-    lr: float = option(1e-4, help="peak AdamW learning rate")
-    warmup_steps: int = option(10, help="linear warm-up steps, then cosine decay to 0 at max_steps")
-    weight_decay: float = option(0.01, help="AdamW weight decay")
-    grad_clip: float = option(1.0, help="max global grad norm (0 = off)")
-    ema_decay: float = option(0.999, help="EMA decay of the student (0 = off)")
-    seed: int = option(0, help="seed of the torch, numpy and Python RNGs, the data order and the trajectory rows")
-    shuffle_buffer: int = option(64, help="samples in webdataset's shuffle buffer (0 = shard order)")
-    epoch_length: int = option(0, help="0: an epoch is one pass over this rank's shards; N: resampled shards, N samples per rank")
-    num_workers: int = option(0, help="DataLoader workers per rank")
-    checkpoint_every: int = option(50, help="steps between checkpoints")
-    keep_checkpoints: int = option(2, help="newest K checkpoints kept")
-    log_every: int = option(10, help="steps between TensorBoard scalars")
-    image_every: int = option(0, help="steps between teacher/student PNG grids (0 = off)")
-    decoder: str | None = option(None, help="also distil a small decoder (students.models.vae preset: tiny | pruned); needs a --save_images dump")
-    decoder_weight: float = option(1.0, help="weight of the decoder distillation term")
-    online_teacher: str | None = option(None, help="teacher spec: compute targets online instead of reading them")
-    audit_keys: int = option(0, help="1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)")
-    device: str = option("cpu", help="cpu | cuda | cuda:N")
-    mixed_precision: str = option("no", help="bf16: autocast on GPUs that support it", choices=MIXED_PRECISION)
-    channels_last: bool = option(True, help="keep the student and its latents in channels-last memory format: faster "
+    batch_size: int = option(8, section=_S_OPTIM, help="samples per rank per micro-batch")
+    grad_accum: int = option(1, section=_S_OPTIM, help="micro-batches per optimizer step")
+    lr: float = option(1e-4, section=_S_OPTIM, help="peak AdamW learning rate")
+    warmup_steps: int = option(10, section=_S_OPTIM, help="linear warm-up steps, then cosine decay to 0 at max_steps")
+    weight_decay: float = option(0.01, section=_S_OPTIM, help="AdamW weight decay")
+    grad_clip: float = option(1.0, section=_S_OPTIM, help="max global grad norm (0 = off)")
+    ema_decay: float = option(0.999, section=_S_OPTIM, help="EMA decay of the student (0 = off)")
+    seed: int = option(0, section=_S_OPTIM,
+                       help="seed of the torch, numpy and Python RNGs, the data order and the trajectory rows")
+    shuffle_buffer: int = option(64, section=_S_LOADING,
+                                 help="samples in webdataset's shuffle buffer (0 = shard order)")
+    epoch_length: int = option(0, section=_S_LOADING,
+                               help="0: an epoch is one pass over this rank's shards; N: resampled shards, N samples per rank")
+    num_workers: int = option(0, section=_S_LOADING, help="DataLoader workers per rank")
+    checkpoint_every: int = option(50, section=_S_SAVING, help="steps between checkpoints")
+    keep_checkpoints: int = option(2, section=_S_SAVING, help="newest K checkpoints kept")
+    log_every: int = option(10, section=_S_SAVING, help="steps between TensorBoard scalars")
+    image_every: int = option(0, section=_S_SAVING, help="steps between teacher/student PNG grids (0 = off)")
+    decoder: str | None = option(None, section=_S_STUDENT,
+                                 help="also distil a small decoder (students.models.vae preset: tiny | pruned); needs a --save_images dump")
+    decoder_weight: float = option(1.0, section=_S_STUDENT, help="weight of the decoder distillation term")
+    online_teacher: str | None = option(None, section=_S_RECIPE,
+                                        help="teacher spec: compute targets online instead of reading them")
+    audit_keys: int = option(0, section=_S_SAVING,
+                             help="1: write OUTPUT/ranks/rank-R.json (keys read per epoch, final weight hash)")
+    device: str = option("cpu", section=_S_DEVICE, help="cpu | cuda | cuda:N")
+    mixed_precision: str = option("no", section=_S_DEVICE,
+                                  help="bf16: autocast on GPUs that support it", choices=MIXED_PRECISION)
+    channels_last: bool = option(True, section=_S_DEVICE,
+                                 help="keep the student and its latents in channels-last memory format: faster "
                                  "convolutions in oneDNN (CPU) and cuDNN (GPU); results equal to rounding")
-    fused_optimizer: bool = option(True, help="AdamW's fused kernel (one call per step instead of one per parameter); "
+    fused_optimizer: bool = option(True, section=_S_DEVICE,
+                                   help="AdamW's fused kernel (one call per step instead of one per parameter); "
                                    "results equal to rounding")
-    compile: bool = option(False, help="torch.compile the student's forward (inductor: CPU and GPU); the first steps "
+    compile: bool = option(False, section=_S_DEVICE,
+                           help="torch.compile the student's forward (inductor: CPU and GPU); the first steps "
                            "compile it (minutes on a small CPU), then each step is faster; not with robust training")
-    feature_map: str = option("", help="feature KD across architectures: STAGE=BLOCK pairs, comma-separated, the "
+    feature_map: str = option("", section=_S_RECIPE,
+                              help="feature KD across architectures: STAGE=BLOCK pairs, comma-separated, the "
                               "student stage matched to the teacher block ('' = the recipe's; flow_snapgen_kd: its "
                               "stages take the dump's last recorded blocks in depth order)")
-    prediction_type: str = option("", help="the student's parameterisation ('' = the recipe's, the teacher's): "
+    prediction_type: str = option("", section=_S_RECIPE,
+                                  help="the student's parameterisation ('' = the recipe's, the teacher's): "
                                   "v_prediction makes 1-step students far better (x0 = alpha z - sigma v does not "
                                   "amplify errors at t ~ T); the output KD term, which compares with the teacher's "
                                   "prediction, is then off", choices=("", "epsilon", "v_prediction"))
     # adversarial recipes (snapgen_adv, ufogen; students/distill/adversarial.py)
-    adv_weight: float = option(-1.0, help="weight of the generator's adversarial term (-1 = the recipe's)")
-    disc_layers: str = option("", help="teacher blocks the discriminator heads read, comma-separated ('' = last down block, mid_block)")
-    disc_lr: float = option(1e-4, help="AdamW learning rate of the discriminator heads")
-    r1_gamma: float = option(-1.0, help="R1 weight on real inputs (-1 = the recipe's source: ladd 0, ufogen 0.1)")
-    r1_every: int = option(16, help="steps between (lazy) R1 penalties")
-    adv_warmup: int = option(0, help="first steps without the generator's adversarial term (the discriminator trains)")
-    adv_real: str = option("teacher", help="what the discriminator takes as real: the dump's final teacher latents, or "
+    adv_weight: float = option(-1.0, section=_S_ADV,
+                               help="weight of the generator's adversarial term (-1 = the recipe's)")
+    disc_layers: str = option("", section=_S_ADV,
+                              help="teacher blocks the discriminator heads read, comma-separated ('' = last down block, mid_block)")
+    disc_lr: float = option(1e-4, section=_S_ADV, help="AdamW learning rate of the discriminator heads")
+    r1_gamma: float = option(-1.0, section=_S_ADV,
+                             help="R1 weight on real inputs (-1 = the recipe's source: ladd 0, ufogen 0.1)")
+    r1_every: int = option(16, section=_S_ADV, help="steps between (lazy) R1 penalties")
+    adv_warmup: int = option(0, section=_S_ADV,
+                             help="first steps without the generator's adversarial term (the discriminator trains)")
+    adv_real: str = option("teacher", section=_S_ADV,
+                           help="what the discriminator takes as real: the dump's final teacher latents, or "
                            "real images of the captions (image: a dump made with --real_images)",
                            choices=ADV_REAL)
 
@@ -142,12 +176,12 @@ class TrainConfig:
                 raise UserError(f"--feature_map maps {sorted(stages - known) or sorted(stages)}, which recipe "
                                 f"{self.recipe!r} has no feature term on (its stages: {sorted(known) or 'none'})")
         if self.adv_real not in ADV_REAL:
-            raise UserError(f"--adv_real {self.adv_real!r} is not one of {', '.join(ADV_REAL)}")
+            raise UserError(not_one_of("--adv_real", self.adv_real, ADV_REAL))
         if self.adv_real != "teacher" and not RECIPES[self.recipe]().adversarial:
             raise UserError(f"--adv_real {self.adv_real} only applies to the adversarial recipes "
                             f"({', '.join(n for n in sorted(RECIPES) if RECIPES[n]().adversarial)}), not {self.recipe!r}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise UserError(f"--mixed_precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+            raise UserError(not_one_of("--mixed_precision", self.mixed_precision, MIXED_PRECISION))
         if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):
             raise UserError(f"--device {self.device!r} is not cpu, cuda, cuda:N or mps")
         from students.models.unet import PRESETS
