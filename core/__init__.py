@@ -4,6 +4,7 @@
     core.options    option() fields on frozen dataclasses, parse(), reuse()
     core.fs         every file and folder operation, local or fsspec (gs://, s3://, memory://)
     core.allocator  the glibc allocator state (steady | default) that timings and the curate job use
+    core.progress   progress of long steps: units done of N with an ETA, records per stage, one line per item
 
 Nothing heavy is imported here; nothing here parses arguments.
 """

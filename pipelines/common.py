@@ -8,11 +8,14 @@ needs for that live here, once:
   exit 2, before any worker starts); ``check_output`` refuses an ``--output`` that is a file;
 - ``check_beam_args``: a flag the job does not declare must be one of Beam's, else a one-line
   error naming the nearest flag (a typo must not run the job with a default);
-- ``pipeline_options`` / ``is_local_runner`` / ``show_progress``: runner defaults; ``check_runner``:
+- ``pipeline_options`` / ``is_local_runner`` / ``progress_mode``: runner defaults; ``check_runner``:
   a runner Beam can make, with its extra installed (Dataflow: ``gcp``); ``is_dry_run``;
 - ``recipe_hash`` and ``check_or_write_recipe``: an output folder holds one recipe's results;
 - ``write_plan`` / ``read_plan`` (``PLAN``): one Parquet row group per work unit, so a work unit
   is a number and its rows never pass through the graph; ``work_unit``: the frame of one;
+- ``start_shard_progress`` / ``shard_progress`` / ``start_stage_counts`` / ``stage_counts`` /
+  ``end_progress``: the job's progress (``core.progress``), one counter per run shared by the work
+  units of this process;
 - ``write_rejects``: ``rejects/<name>.jsonl`` and the counts by reason (``count_words``: in a summary line);
 - ``run_pipeline``: run the graph, wait, read back the summary the last step wrote.
 """
@@ -20,11 +23,15 @@ needs for that live here, once:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import os
+import threading
+import time
+import uuid
 
 from core.errors import UserError, run_main
 from core.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
@@ -208,9 +215,12 @@ def is_local_runner(options) -> bool:
     return "Direct" in runner or runner.lower() == "direct"
 
 
-def show_progress(progress: str, options) -> bool:
-    """``--progress auto|on|off``: auto shows bars on local runners only."""
-    return progress == "on" or (progress == "auto" and is_local_runner(options))
+def progress_mode(progress: str, options) -> str:
+    """``--progress auto|on|off`` -> a ``core.progress`` mode: a live line or plain lines on stderr
+    on a local runner, log lines on the workers of a remote one, or nothing."""
+    from core.progress import resolve_mode
+
+    return resolve_mode(progress, local=is_local_runner(options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,26 +314,153 @@ def write_rejects(output: str, name: str, rejects: list[dict]) -> dict[str, int]
     return reasons
 
 
+def plan_unit_sizes(output: str) -> list[int]:
+    """Rows per row group of the plan (from its footer: no row is read)."""
+    import pyarrow.parquet as pq
+
+    fs, p = url_to_fs(join(output, PLAN))
+    with fs.open(p, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
 @contextlib.contextmanager
-def work_unit(output: str, shard: int, progress: bool):
+def work_unit(output: str, shard: int, progress=None):
     """The frame of a shard work unit (dump and filter): stale temporaries of an earlier attempt
-    removed, the unit's rows read from the plan, and a progress bar (None when off) closed however
-    the unit ends. Yields ``(rows, bar)``; the caller writes the shard with ``shards.writer.ShardWriter``."""
+    removed, the unit's rows read from the plan, and the unit counted in the job's overall progress
+    (``progress``: ``shard_progress``'s counter, or None). Yields ``(rows, bar)``: ``bar.update(n)``
+    counts ``n`` samples written (None without progress); the caller writes the shard with
+    ``shards.writer.ShardWriter``."""
     from shards.writer import remove_stale_temporaries
-    from shards.schema import shard_name
 
     remove_stale_temporaries(output, shard)
     rows = read_plan(output, shard)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(rows), desc=f"shard {shard_name(shard)}", unit="sample", leave=False)
-    try:
+    if not progress:
+        yield rows, None
+        return
+    with progress.unit(f"{shard:06d}", len(rows)) as bar:
         yield rows, bar
-    finally:
-        if bar is not None:
-            bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressSpec:
+    """What a work unit needs to find its job's progress counter: the launcher's, when the runner runs
+    the units in the launcher's process (DirectRunner in memory), else one of its own that logs."""
+
+    run: str  # unique per run: the key of the counter in this process
+    label: str  # the job's name at the head of each line
+    mode: str  # core.progress.MODES
+    output: str = ""  # shard jobs: the output folder, where every worker's complete shards land
+    plan_tail: int = 0  # row groups of the plan after the work units (the filter's rows not kept)
+    started: float = 0.0  # time.time() on the launcher when the run started
+    done_before: int = 0  # shards complete when the run started
+
+
+_PROGRESS: dict[str, object] = {}  # run -> UnitProgress | StageCounts of this process
+_PROGRESS_LOCK = threading.Lock()
+
+
+def _new_spec(label: str, mode: str, **fields) -> ProgressSpec:
+    return ProgressSpec(run=uuid.uuid4().hex, label=label, mode=mode, started=time.time(), **fields)
+
+
+def _shard_counter(spec: ProgressSpec, reporter, *, worker: bool):
+    from core.progress import UnitProgress
+    from shards.reader import list_indexes
+
+    if worker:  # its own shards only: count everyone's where they land; times on the wall clock
+        return UnitProgress(spec.label, reporter=reporter, clock=time.time, start=spec.started,
+                            count_done=lambda: len(list_indexes(spec.output)), done_before=spec.done_before)
+    return UnitProgress(spec.label, reporter=reporter)
+
+
+def start_shard_progress(label: str, mode: str, output: str, *, plan_tail: int = 0,
+                         planned: bool = True) -> ProgressSpec | None:
+    """The launcher's overall ``shards i/N`` counter of a run (None when ``mode`` is off); ``planned``:
+    the plan is written already (else the first work unit reads N from it)."""
+    from core.progress import Reporter
+    from shards.reader import list_indexes
+
+    if mode == "off":
+        return None
+    spec = _new_spec(label, mode, output=output, plan_tail=plan_tail, done_before=len(list_indexes(output)))
+    counter = _shard_counter(spec, Reporter(mode), worker=False)
+    if planned:
+        _set_plan_total(counter, spec)
+    with _PROGRESS_LOCK:
+        _PROGRESS[spec.run] = counter
+    return spec
+
+
+def _set_plan_total(counter, spec: ProgressSpec) -> None:
+    sizes = plan_unit_sizes(spec.output)
+    counter.unit_sizes = sizes[: len(sizes) - spec.plan_tail]
+    worker = counter.count_done is not None  # its own samples only: no total to show them against
+    counter.set_total(len(counter.unit_sizes), None if worker else sum(counter.unit_sizes))
+
+
+def skip_shard(counter, shard: int) -> None:
+    """Count ``shard``, complete from an earlier run, as done (not as work: the ETA leaves it out)."""
+    if counter:
+        sizes = getattr(counter, "unit_sizes", None) or []
+        counter.skip(f"{shard:06d}", sizes[shard] if shard < len(sizes) else 0)
+
+
+def shard_progress(spec: ProgressSpec | None):
+    """The run's ``UnitProgress`` in this process (a worker of its own: one that logs each shard), its
+    total read from the plan once it is known; None when progress is off."""
+    from core.progress import Reporter
+
+    if spec is None or spec.mode == "off":
+        return None
+    with _PROGRESS_LOCK:
+        counter = _PROGRESS.get(spec.run)
+        if counter is None:  # not the launcher's process: no shared terminal
+            counter = _PROGRESS[spec.run] = _shard_counter(spec, Reporter("log"), worker=True)
+    if counter.total is None:
+        _set_plan_total(counter, spec)
+    return counter
+
+
+def start_stage_counts(label: str, mode: str) -> ProgressSpec | None:
+    """The launcher's records-per-stage counter of a run (None when ``mode`` is off): plain lines,
+    at most one per ``core.progress.INTERVAL`` seconds."""
+    from core.progress import Reporter, StageCounts
+
+    if mode == "off":
+        return None
+    spec = _new_spec(label, mode)
+    with _PROGRESS_LOCK:
+        _PROGRESS[spec.run] = StageCounts(label, reporter=Reporter("lines" if mode == "bar" else mode))
+    return spec
+
+
+def stage_counts(spec: ProgressSpec | None):
+    """The run's ``StageCounts`` in this process (a worker of its own: one that logs its counts)."""
+    from core.progress import Reporter, StageCounts
+
+    if spec is None or spec.mode == "off":
+        return None
+    with _PROGRESS_LOCK:
+        counts = _PROGRESS.get(spec.run)
+        if counts is None:
+            counts = _PROGRESS[spec.run] = StageCounts(f"{spec.label} (this worker)", reporter=Reporter("log"))
+        return counts
+
+
+def end_progress(spec: ProgressSpec | None) -> None:
+    """Close the launcher's counter of a run (the final line; a drawn bar's line ended)."""
+    if spec is None:
+        return
+    with _PROGRESS_LOCK:
+        counter = _PROGRESS.pop(spec.run, None)
+    if counter is not None:
+        counter.close()
 
 
 # ---------------------------------------------------------------------------------------------

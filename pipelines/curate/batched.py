@@ -238,7 +238,8 @@ def is_active_rows(table: pa.Table) -> pa.Array:
 
 
 def active_count(table: pa.Table) -> int:
-    return table.num_rows - table.column("reason").null_count
+    """Rows still active: those without a reason (``is_active_rows``)."""
+    return table.column("reason").null_count
 
 
 def _bucket_rows(table: pa.Table, n_active: int):

@@ -88,6 +88,8 @@ class CurateJobConfig:
                             help="allocator state of the launcher and the workers: steady (glibc keeps the "
                                  "memory it frees, so the tables' copies between stages pay no page faults; "
                                  "the process keeps its peak heap) | default (core/allocator.py)", choices=ALLOCATORS)
+    progress: str = option("auto", section=_S_RUN, choices=("auto", "on", "off"),
+                           help="progress lines: auto (on a terminal, local runners) | on | off")
 
     def __post_init__(self):
         if self.record_batch < 0:
@@ -107,6 +109,7 @@ class CurateOptions:
     splits: tuple[Split, ...]  # reading work units, planned (and checked) before the pipeline starts
     record_batch: int = 4096  # rows per Arrow batch in the caption stages; 0 = per-record stages
     allocator: str = "steady"  # core.allocator state of the launcher and of the workers
+    progress: str = "off"  # --progress: records read and kept per stage on stderr (auto | on | off)
 
 
 def _read_overrides(path: str) -> dict:
@@ -148,7 +151,7 @@ def parse_options(argv: list[str] | None) -> tuple[CurateOptions, list[str]]:
         splits = plan_inputs(list(job.input), job.input_format)
     opts = CurateOptions(inputs=job.input, input_format=job.input_format, output=job.output,
                          config=cfg, splits=tuple(splits), record_batch=job.record_batch,
-                         allocator=job.allocator)
+                         allocator=job.allocator, progress=job.progress)
     return opts, beam_args
 
 
@@ -203,6 +206,29 @@ class DropSemanticDuplicates(beam.PTransform):
                 | "Rejoin" >> beam.Flatten())
 
 
+class CountStage(beam.DoFn):
+    """Passes every element on unchanged, counting the records it holds (an Arrow table's rows or one
+    record) and those still active into the run's progress lines (``pipelines.common.stage_counts``)."""
+
+    def __init__(self, spec: common.ProgressSpec, stage: str):
+        self.spec, self.stage = spec, stage
+
+    def setup(self):
+        self.counts = common.stage_counts(self.spec)
+
+    def process(self, element):
+        import pyarrow as pa
+
+        from pipelines.curate.batched import active_count
+
+        if self.counts is not None:
+            if isinstance(element, pa.Table):
+                self.counts.add(self.stage, element.num_rows, active_count(element))
+            else:
+                self.counts.add(self.stage, 1, int(is_active(element)))
+        yield element
+
+
 def _tag(row: dict, kind: str) -> tuple[str, dict]:
     return kind, row
 
@@ -215,9 +241,15 @@ class Curate(beam.PTransform):
     with 0 every stage takes one record at a time. Both write the same outputs.
     """
 
-    def __init__(self, opts: CurateOptions):
+    def __init__(self, opts: CurateOptions, progress: common.ProgressSpec | None = None):
         super().__init__()
-        self.opts = opts
+        self.opts, self.progress = opts, progress
+
+    def _counted(self, pcoll, stage: str, label: str | None = None):
+        """``pcoll`` with its records counted as ``stage`` in the progress lines (unchanged without them)."""
+        if self.progress is None:
+            return pcoll
+        return pcoll | (label or f"Count_{stage}") >> beam.ParDo(CountStage(self.progress, stage))
 
     def _needs_records(self) -> bool:
         cfg = self.opts.config
@@ -226,11 +258,11 @@ class Curate(beam.PTransform):
     def _caption_stages(self, splits):
         """Read, normalise, rules, exact dedup, one record per element -> (records, rejects)."""
         cfg = self.opts.config
-        records = splits | "ReadInputs" >> beam.ParDo(ReadRecords(self.opts.allocator))
+        records = self._counted(splits | "ReadInputs" >> beam.ParDo(ReadRecords(self.opts.allocator)), "read")
         normalised = records | "NormaliseCaptions" >> beam.ParDo(NormaliseCaption()).with_outputs("rejects", main="records")
-        records = normalised.records | "ApplyRules" >> beam.ParDo(ApplyRules(cfg))
+        records = self._counted(normalised.records | "ApplyRules" >> beam.ParDo(ApplyRules(cfg)), "caption_rules")
         if cfg.exact_dedup:
-            records = records | "DropExactDuplicates" >> ActiveOnly(DropExactDuplicates())
+            records = self._counted(records | "DropExactDuplicates" >> ActiveOnly(DropExactDuplicates()), "exact_dedup")
         return records, normalised.rejects
 
     def _caption_stages_batched(self, splits):
@@ -238,32 +270,37 @@ class Curate(beam.PTransform):
         cfg = self.opts.config
         read = splits | "ReadBatches" >> beam.ParDo(ReadBatches(self.opts.record_batch, self.opts.allocator)).with_outputs(
             "rejects", main="tables")
-        tables = read.tables | "ApplyRuleColumns" >> beam.Map(apply_rules, cfg)
+        tables = self._counted(self._counted(read.tables, "read") | "ApplyRuleColumns" >> beam.Map(apply_rules, cfg),
+                               "caption_rules")
         if cfg.exact_dedup:
-            tables = tables | "DropExactDuplicateRows" >> DropExactDuplicateRows()
-        return tables, read.rejects
+            tables = self._counted(tables | "DropExactDuplicateRows" >> DropExactDuplicateRows(), "exact_dedup")
+        return tables, self._counted(read.rejects, "read", "Count_read_rejects")
 
     def _record_stages(self, records, rejects):
         """Downloads, images, CLIP, scores, SemDeDup, embeddings -> (manifest rows, cutoff)."""
         cfg, out = self.opts.config, self.opts.output
         if cfg.download_images:
             records, failed = records | "DownloadImages" >> DownloadImages(out, cfg)
+            records = self._counted(records, "download_images")
             rejects.append(failed)
         if cfg.download_images or any(s.format == "wds" for s in self.opts.splits):
             loaded = records | "LoadImages" >> beam.ParDo(LoadImage(cfg)).with_outputs("rejects", main="records")
-            records = loaded.records
+            records = self._counted(loaded.records, "load_images")
             rejects.append(loaded.rejects)
         if cfg.clip_model:
             records = records | "EmbedWithClip" >> ActiveOnly(RunInference(ClipEmbeddingHandler(
                 cfg.clip_model, cfg.clip_weights, cfg.clip_device, cfg.clip_batch_size)))
+            records = self._counted(records, "clip_embed")
         if cfg.aesthetic_weights:
             records = records | "ScoreAesthetics" >> ActiveOnly(RunInference(AestheticHandler(
                 cfg.aesthetic_weights, cfg.clip_device)))
+            records = self._counted(records, "aesthetic")
         records, cutoff = records | "FilterScores" >> FilterScores(cfg)
+        records = self._counted(records, "score_filter")
         if cfg.clip_model:  # every record's embeddings, whatever its fate; then no stage needs them
             records | "WriteEmbeddings" >> WriteEmbeddings(out)
         if cfg.clip_model and cfg.semdedup_eps is not None:
-            records = records | "DropSemanticDuplicates" >> DropSemanticDuplicates(cfg)
+            records = self._counted(records | "DropSemanticDuplicates" >> DropSemanticDuplicates(cfg), "semdedup")
         return records | "ToManifestRows" >> beam.Map(manifest_row), cutoff
 
     def expand(self, root):
@@ -317,17 +354,21 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     opts, beam_args = parse_options(argv)
     allocator = set_allocator(opts.allocator)  # the launcher: DirectRunner's runner copies the elements here
     lock = common.lock_output(opts.output, PROG)  # one writer per output, before anything is removed or written
+    progress = None
     try:
         _clear_stale_embeddings(opts.output)
         remove_temporaries(opts.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         options = common.pipeline_options(beam_args)
+        progress = common.start_stage_counts("curate", common.progress_mode(opts.progress, options))
         pipeline = test_pipeline or beam.Pipeline(options=options)
-        _ = pipeline | "Curate" >> Curate(opts)
+        _ = pipeline | "Curate" >> Curate(opts, progress)
         summary, result = common.run_pipeline(pipeline, opts.output, "summary.json", lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
+        common.end_progress(progress)
         if lock is not None:
             lock.release()
         raise
+    common.end_progress(progress)  # the counts' last line, before the summary
     if summary is None:  # --dry_run=True on Dataflow: built, not submitted
         return common.dry_run_summary(PROG, result, opts.output)
     read = _input_counter(result)

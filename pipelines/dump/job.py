@@ -277,8 +277,8 @@ def _load_scorer(recipe: DumpRecipe) -> _ScorerBox:
 class GenerateShardFn(beam.DoFn):
     """Shard number -> the shard generated and committed (or verified and skipped) -> its summary."""
 
-    def __init__(self, output: str, recipe: DumpRecipe, shared_handle: shared.Shared, progress: bool,
-                 scorer_handle: shared.Shared | None = None):
+    def __init__(self, output: str, recipe: DumpRecipe, shared_handle: shared.Shared,
+                 progress: common.ProgressSpec | None, scorer_handle: shared.Shared | None = None):
         self.output, self.recipe, self.shared_handle, self.progress = output, recipe, shared_handle, progress
         self.scorer_handle = scorer_handle
         self.samples = Metrics.counter(NAMESPACE, "samples_written")
@@ -313,11 +313,13 @@ class GenerateShardFn(beam.DoFn):
         from shards.reader import read_index
         from shards.verify import verify_shard
 
+        progress = common.shard_progress(self.progress)  # the run's shards i/N (this process's)
         if not verify_shard(self.output, shard, recipe_hash=self.recipe.hash):
             self.skipped.inc()
+            common.skip_shard(progress, shard)
             yield read_index(self.output, shard)
             return
-        index = generate_shard(self.box.teacher, self.config, self.recipe, self.output, shard, progress=self.progress,
+        index = generate_shard(self.box.teacher, self.config, self.recipe, self.output, shard, progress=progress,
                                scorer=self.scorer)
         self.shards.inc()
         self.samples.inc(index["count"])
@@ -403,6 +405,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
     lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
+    progress = None
     try:
         remove_temporaries(cfg.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         common.check_or_write_recipe(cfg.output, recipe)
@@ -411,7 +414,7 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
         counts = common.write_rejects(cfg.output, "input", input_rejects)
         planned = dict(prompts_in=len(found.rows) + found.not_kept, not_kept=found.not_kept,
                        prompts_rejected=len(input_rejects), samples_planned=len(planned_rows), prompt_rejects=counts)
-        progress = common.show_progress(cfg.progress, options)
+        progress = common.start_shard_progress("teacher dump", common.progress_mode(cfg.progress, options), cfg.output)
         start = time.monotonic()
         pipeline = test_pipeline or beam.Pipeline(options=options)
         n_rejects = (pipeline
@@ -431,9 +434,11 @@ def run(argv: list[str] | None = None, test_pipeline=None) -> dict:
         )
         dataset, result = common.run_pipeline(pipeline, cfg.output, lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
+        common.end_progress(progress)
         if lock is not None:
             lock.release()
         raise
+    common.end_progress(progress)
     if dataset is None:  # --dry_run=True on Dataflow: planned and built, not submitted
         return {**common.dry_run_summary(PROG, result, cfg.output), "shards_planned": num_shards}
     print_summary(dataset, cfg.output, time.monotonic() - start)

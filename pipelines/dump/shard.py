@@ -66,8 +66,9 @@ def _check_scores(image_scores: dict | None, embedding) -> None:
         raise record.BadRecord(reasons.NON_FINITE_SCORE, "CLIP image embedding or score is NaN/Inf")
 
 
-def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress: bool = False,
-                   scorer=None) -> dict:
+def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress=None, scorer=None) -> dict:
+    """Write shard ``shard`` from the plan; returns its index. ``progress``: the run's overall counter
+    (``pipelines.common.shard_progress``) or None."""
     from teachers.sampler import SampleRequest, sample_trajectories
 
     rejects, truncated, fallbacks, info = [], 0, 0, None

@@ -216,7 +216,7 @@ def shard_numbers(num_shards: int):
 class CopyShardFn(beam.DoFn):
     """Output shard number -> the shard copied from the parent and committed (or verified and skipped)."""
 
-    def __init__(self, parent: str, output: str, recipe_hash: str, progress: bool):
+    def __init__(self, parent: str, output: str, recipe_hash: str, progress: common.ProgressSpec | None):
         self.parent, self.output, self.recipe_hash, self.progress = parent, output, recipe_hash, progress
         self.shards = Metrics.counter(NAMESPACE, "shards_written")
         self.skipped = Metrics.counter(NAMESPACE, "shards_skipped")
@@ -229,11 +229,13 @@ class CopyShardFn(beam.DoFn):
         from shards.reader import read_index
         from shards.verify import verify_shard
 
+        progress = common.shard_progress(self.progress)  # the run's shards i/N (this process's); N from the plan
         if not verify_shard(self.output, shard, recipe_hash=self.recipe_hash):
             self.skipped.inc()
+            common.skip_shard(progress, shard)
             yield read_index(self.output, shard)
             return
-        index = copy_shard(self.parent, self.output, shard, self.recipe_hash, progress=self.progress)
+        index = copy_shard(self.parent, self.output, shard, self.recipe_hash, progress=progress)
         self.shards.inc()
         self.samples.inc(index["count"])
         self.bytes.inc(index["bytes"])
@@ -326,10 +328,13 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
     fs, out = url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
     lock = common.lock_output(cfg.output, PROG)  # one writer per output, before anything is removed or written
+    progress = None
     try:
         remove_temporaries(cfg.output, recursive=True)  # what killed writers left, in the whole tree: no worker runs yet
         common.check_or_write_recipe(cfg.output, recipe)
-        progress = common.show_progress(cfg.progress, options)
+        # N is known once PlanOutputShards wrote the plan; its last row group holds the keys not kept
+        progress = common.start_shard_progress("filter", common.progress_mode(cfg.progress, options), cfg.output,
+                                               plan_tail=1, planned=False)
         input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])
         start = time.monotonic()
         pipeline = test_pipeline or beam.Pipeline(options=options)
@@ -368,9 +373,11 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
                                           beam.pvalue.AsSingleton(cutoff), cfg.report_examples))
         dataset, result = common.run_pipeline(pipeline, cfg.output, lock=lock, options=options)
     except BaseException:  # refused or failed before the graph ran: the next writer may go
+        common.end_progress(progress)
         if lock is not None:
             lock.release()
         raise
+    common.end_progress(progress)
     if dataset is None:  # --dry_run=True on Dataflow: built, not submitted
         return common.dry_run_summary(PROG, result, cfg.output)
     print_summary(dataset, cfg.output, time.monotonic() - start)

@@ -120,8 +120,9 @@ def _copy_slow(parent: str, input_shard: int, rows: list[dict], writer: ShardWri
     return rejects
 
 
-def copy_shard(parent: str, output: str, shard: int, recipe_hash: str, *, progress: bool = False) -> dict:
-    """Write output shard ``shard`` from the plan; returns its index (with ``copy_rejects``)."""
+def copy_shard(parent: str, output: str, shard: int, recipe_hash: str, *, progress=None) -> dict:
+    """Write output shard ``shard`` from the plan; returns its index (with ``copy_rejects``). ``progress``:
+    the run's overall counter (``pipelines.common.shard_progress``) or None."""
     rejects = []
     with work_unit(output, shard, progress) as (rows, bar):
         with ShardWriter(output, shard, recipe_hash=recipe_hash) as writer:

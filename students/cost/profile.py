@@ -288,22 +288,45 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def profile(cfg: ProfileConfig, log=_log) -> list[Measurement]:
-    """Measure every requested student and its teacher (teacher first, then its students)."""
+def profile(cfg: ProfileConfig, log=_log, clock=time.monotonic) -> list[Measurement]:
+    """Measure every requested student and its teacher (teacher first, then its students).
+
+    ``log`` gets a line before each model starts and one as each finishes (its latency, how many
+    models are left, the ETA: the time per model so far times the models left); a teacher and its
+    students finish together, after their interleaved timing rounds."""
+    from core.progress import eta_seconds, format_duration
+
     groups: dict[str, list[str]] = {}
     for student in cfg.presets:
         groups.setdefault(STUDENTS[student][1], []).append(student)
+    total = sum(1 + len(students) for students in groups.values())
+    start, finished, number = clock(), 0, {}
+
+    def done(m: Measurement) -> None:
+        nonlocal finished
+        finished += 1
+        latency = "latency skipped" if m.latency_s is None else f"{m.latency_s * 1e3:.2f} ms at {m.latency_pixels} px"
+        eta = format_duration(eta_seconds(clock() - start, finished, total - finished))
+        log(f"[profile] {number[m.name]}/{total} {m.name}: {latency}, {m.macs / 1e9:.2f} GMACs at {m.mac_pixels} px; "
+            f"done, {total - finished} left, ETA {eta}")
+
     results = []
     for teacher, students in groups.items():
         names = [teacher, *students]
         group = []
         for name in names:
             role = "teacher" if name in TEACHERS else "student"
+            number[name] = len(number) + 1
+            log(f"[profile] {number[name]}/{total} {name} start: MACs at {cfg.pixels(name)} px"
+                + ("" if cfg.skip_latency else f", then latency with {', '.join(n for n in names if n != name) or 'itself'}"))
             params, macs, block_macs = count_macs(name, cfg)
             m = Measurement(name=name, role=role, teacher=STUDENTS[name][1] if role == "student" else None,
                             params=params, mac_pixels=cfg.pixels(name), macs=macs)
             m.blocks = [{"block": label, "macs": v, "latency_s": None} for label, v in block_macs.items()]
             group.append(m)
+            if cfg.skip_latency:  # nothing more to measure: done now
+                m.blocks.append({"block": REST, "macs": m.macs - sum(row["macs"] for row in m.blocks), "latency_s": None})
+                done(m)
         if not cfg.skip_latency:
             log(f"[profile] timing {', '.join(names)} (interleaved, {cfg.warmup} + {cfg.repeats} rounds) ...")
             timed = measure_latency(names, cfg)
@@ -314,9 +337,7 @@ def profile(cfg: ProfileConfig, log=_log) -> list[Measurement]:
                     row["latency_s"] = block_latency.get(row["block"])
                 m.blocks.append({"block": REST, "macs": m.macs - sum(row["macs"] for row in m.blocks),
                                  "latency_s": block_latency[REST]})
-        else:
-            for m in group:
-                m.blocks.append({"block": REST, "macs": m.macs - sum(row["macs"] for row in m.blocks), "latency_s": None})
+                done(m)
         results += group
     return results
 
