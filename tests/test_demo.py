@@ -49,3 +49,31 @@ def test_demo_killed_mid_training_resumes_to_the_same_metrics(tmp_path):
                            text=True, timeout=120)
     assert other.returncode == 2 and "other settings (seeds_per_prompt)" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_bundled_student_is_intact_and_is_the_4_step_shapes_small():
+    """The demo's bundled student: every file as weights.json recorded it, and a loadable shapes_small
+    4-step checkpoint of the shapes teacher (the architecture the demo's report names)."""
+    import hashlib
+
+    from diffusion_distill.demo import bundled_student
+    from students.training.runs import load_student_unet, read_run
+
+    folder = bundled_student()
+    meta = json.load(open(os.path.join(folder, "weights.json")))
+    for name, digest in meta["sha256"].items():
+        assert hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest() == digest, name
+    run = read_run(folder)
+    assert (run.train["preset"], run.train["student_steps"], run.teacher) == ("shapes_small", 4, "shapes")
+    unet = load_student_unet(run.files, "raw")
+    assert sum(p.numel() for p in unet.parameters()) == 621_412
+
+
+def test_demo_refuses_two_student_starts_in_one_line(tmp_path):
+    from core.errors import UserError
+    from diffusion_distill.demo import DemoConfig
+
+    with pytest.raises(UserError, match="both give the student's start"):
+        DemoConfig(output=str(tmp_path / "d"), init_from="shapes_small", init_from_teacher="mid_only")
+    with pytest.raises(UserError, match="no such run or checkpoint folder"):
+        DemoConfig(output=str(tmp_path / "d"), init_from=str(tmp_path / "missing"))
