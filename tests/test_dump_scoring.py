@@ -113,15 +113,17 @@ def test_a_corrupt_sidecar_fails_verification(scored, tmp_path):
 
 
 def test_unscored_recipes_keep_their_hash():
-    fields = {f: None for f in ("guidance_range", "record_steps")}
-    recipe = dump_plan.DumpRecipe(
-        teacher="tiny", dtype="float32", device="cpu", scheduler="ddim", num_inference_steps=2, guidance_scale=7.5,
-        height=64, width=64, feature_layers=(), num_feature_steps=0, save_images=True, storage_dtype="float16",
-        seeds_per_prompt=1, samples_per_shard=2, batch_size=2, cpu_threads=0, input_sha256="0" * 64, **fields)
-    assert "score_images" not in recipe.to_json()  # dumps made before scoring existed still resume
-    scoring = image_scoring("tiny", None, None)
     import dataclasses
 
+    from teachers.sampler import SamplerConfig
+
+    sampler = SamplerConfig(scheduler="ddim", num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
+                            feature_layers=(), num_feature_steps=0, save_images=True)
+    recipe = dump_plan.DumpRecipe(
+        teacher="tiny", dtype="float32", device="cpu", sampler=sampler, storage_dtype="float16",
+        seeds_per_prompt=1, samples_per_shard=2, batch_size=2, cpu_threads=0, input_sha256="0" * 64)
+    assert "score_images" not in recipe.to_json()  # dumps made before scoring existed still resume
+    scoring = dataclasses.asdict(image_scoring("tiny", None, None))
     assert dataclasses.replace(recipe, score_images=scoring).hash != recipe.hash
 
 
