@@ -178,7 +178,9 @@ def build(cfg, recipe, dataset: dict, teacher_unet, device) -> Adversary:
     if teacher_unet is None:
         from teachers.load import TeacherError, load_teacher
 
-        spec = dataset["recipe"]["teacher"]
+        from shards.loader import dump_recipe
+
+        spec = dump_recipe(dataset).teacher
         try:
             teacher_unet = load_teacher(spec, device=str(device)).unet
         except TeacherError as err:

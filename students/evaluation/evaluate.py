@@ -225,8 +225,10 @@ def student_info(cfg: EvalConfig) -> dict:
     if student_kind(cfg.student) == "export":
         return export.read_inference(cfg.student)
     run = student_runs.read_run(cfg.student)
+    from shards.loader import dump_recipe
+
     _, info = student_inference.student_scheduler(run.dataset, run.recipe)
-    size = run.dataset["recipe"].get("height")
+    size = dump_recipe(run.dataset).sampler.height
     return dict(info, teacher=run.teacher, guidance_scale=student_inference.guidance_for(run.dataset), height=size, width=size)
 
 
