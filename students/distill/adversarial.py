@@ -176,9 +176,8 @@ class Adversary:
 def build(cfg, recipe, dataset: dict, teacher_unet, device) -> Adversary:
     """The adversary of a training run: the backbone is ``teacher_unet`` (online) or the dump's teacher."""
     if teacher_unet is None:
-        from teachers.load import TeacherError, load_teacher
-
         from shards.loader import dump_recipe
+        from teachers.load import TeacherError, load_teacher
 
         spec = dump_recipe(dataset).teacher
         try:
