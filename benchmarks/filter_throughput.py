@@ -35,14 +35,12 @@ STEPS = 8  # recorded steps (the lean recipe of BENCHMARKS.md)
 
 
 def _recipe(samples_per_shard: int):
-    from pipelines.dump.plan import DumpRecipe
-    from pipelines.scoring import ImageScoring
+    from shards.recipe import DumpRecipe, SamplerConfig
 
-    scoring = ImageScoring(preset="tiny", clip_model="dd-tiny-clip", clip_weights="random", aesthetic_weights=None,
-                           embed_dim=32)
-    return DumpRecipe(teacher="synthetic-sd15", dtype="float16", device="cuda", scheduler="ddim", num_inference_steps=STEPS,
-                      guidance_scale=7.5, guidance_range=None, height=512, width=512, record_steps=None,
-                      feature_layers=("mid_block",), num_feature_steps=1, save_images=True, storage_dtype="float16",
+    scoring = dict(preset="tiny", clip_model="dd-tiny-clip", clip_weights="random", aesthetic_weights=None, embed_dim=32)
+    sampler = SamplerConfig(num_inference_steps=STEPS, scheduler="ddim", guidance_scale=7.5, height=512, width=512,
+                            feature_layers=("mid_block",), num_feature_steps=1, save_images=True)
+    return DumpRecipe(teacher="synthetic-sd15", dtype="float16", device="cuda", sampler=sampler, storage_dtype="float16",
                       seeds_per_prompt=1, samples_per_shard=samples_per_shard, batch_size=8, cpu_threads=0,
                       input_sha256="0" * 64, score_images=scoring)
 

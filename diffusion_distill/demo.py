@@ -182,6 +182,7 @@ def run(output: str, *, train_steps: int = 200, seeds_per_prompt: int = 2, eval_
     finished stages are read back, the dump job resumes its shards, training resumes from its newest
     checkpoint (every ``checkpoint_every`` steps, exactly: the trainer restores every RNG), export and
     evaluation rerun only when their outputs are missing."""
+    from shards.loader import dump_recipe
     from students.evaluation.evaluate import EvalConfig, evaluate
     from students.export.folder import export
     from students.training.checkpoint import checkpoints
@@ -226,7 +227,7 @@ def run(output: str, *, train_steps: int = 200, seeds_per_prompt: int = 2, eval_
                          captions=_eval_captions(os.path.join(output, "eval_captions.txt"), eval_images),
                          student=folder, teacher=kit.TEACHER, num_images=eval_images,
                          teacher_steps=(kit.TEACHER_STEPS, student_steps), student_steps=(student_steps,),
-                         guidance_scale=float(dataset["recipe"]["guidance_scale"]),  # every row at the dump's
+                         guidance_scale=float(dump_recipe(dataset).sampler.guidance_scale),  # every row at the dump's
                          metrics=(), batch_size=48, grid_images=8, latency_repeats=3)
         metrics = evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)))
     seconds["eval"] = time.monotonic() - t

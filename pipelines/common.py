@@ -36,6 +36,7 @@ import uuid
 from core.errors import UserError, run_main
 from core.fs import atomic_write_bytes, atomic_write_json, join, url_to_fs
 from core.options import did_you_mean
+from shards.recipe import recipe_hash  # noqa: F401 (pipelines.common.recipe_hash: the jobs' recipes)
 from shards.schema import DATASET_JSON
 
 PLAN = "_plan/plan.parquet"  # the launcher's plan inside the output folder
@@ -226,11 +227,6 @@ def progress_mode(progress: str, options) -> str:
 # ---------------------------------------------------------------------------------------------
 # recipes
 # ---------------------------------------------------------------------------------------------
-
-
-def recipe_hash(recipe_json: dict) -> str:
-    """16 hex digits of the sha256 of the recipe's sorted JSON: what guards an output folder."""
-    return hashlib.sha256(json.dumps(recipe_json, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _has_results(output: str) -> bool:

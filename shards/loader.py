@@ -13,8 +13,9 @@ silently. With ``report_skips=True`` the pipeline yields ``Loaded(record, skips)
 consumer in the main process gathers the counts of every DataLoader worker (each worker counts in
 its own copy of this module's ``STATS``).
 
-Three functions are the trainer's only view of the dump's format, so a new schema changes them only:
-``read_dataset_info`` (``dataset.json``), ``check_sample`` (one sample) and ``noise_levels`` (the
+Four functions are the trainer's only view of the dump's format, so a new schema changes them only:
+``read_dataset_info`` (``dataset.json``), ``dump_recipe`` (its recipe typed: ``shards.recipe.DumpRecipe``,
+the sampler's settings in ``.sampler``), ``check_sample`` (one sample) and ``noise_levels`` (the
 timesteps and noise coefficients of the recorded latents).
 """
 
@@ -31,6 +32,7 @@ from shards import schema
 from shards.schema import ShardIndex
 from core.fs import exists, join, read_bytes, url_to_fs
 from shards.reader import list_indexes
+from shards.recipe import dump_recipe  # noqa: F401 (the trainer's view of the recipe)
 from shards.schema import shard_name
 
 log = logging.getLogger(__name__)

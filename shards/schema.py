@@ -3,6 +3,7 @@ each shard's index ``NNNNNN.json`` (``ShardIndex``). This module is the only cod
 writes them; the sample record itself is ``shards.record``.
 
     info = read_dataset_info(root)                 # validated; UserError names the file and field
+    info.dump_recipe.sampler.num_inference_steps   # the recipe typed (shards.recipe); info.recipe: its JSON
     write_dataset_info(root, info)                 # atomic, through core.fs
     index = ShardIndex.read(root, 3)               # NNNNNN.json of shard 3
     index.member_checksums("p0-s1")                # {ext: crc32} of one sample's members
@@ -21,6 +22,7 @@ import json
 
 from core.errors import UserError
 from core.fs import atomic_write_bytes, atomic_write_json, join, read_bytes
+from shards.recipe import DumpRecipe
 from shards.record import CHECKSUM_ALGORITHM, SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS
 
 DATASET_JSON = "dataset.json"
@@ -125,6 +127,12 @@ class DatasetInfo:
     @property
     def shard_names(self) -> list[str]:
         return [s["shard"] for s in self.shards]
+
+    @functools.cached_property
+    def dump_recipe(self) -> DumpRecipe:
+        """``recipe`` typed (``shards.recipe.DumpRecipe``: the sampler's settings in ``.sampler``); ``recipe``
+        itself stays the JSON as recorded, so its hash and what the filter copies are unchanged."""
+        return DumpRecipe.from_json(self.recipe, source=f"{DATASET_JSON} recipe")
 
 
 def read_dataset_info(root: str) -> DatasetInfo:

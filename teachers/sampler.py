@@ -41,63 +41,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 
 import numpy as np
 
 from core.errors import UserError
+from shards.recipe import FLOW_SCHEDULERS, SCHEDULERS, SamplerConfig  # noqa: F401 (the sampler's settings live with the recipe)
 
-SCHEDULERS = {  # recipe name -> diffusers class name
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "flow-euler": "FlowMatchEulerDiscreteScheduler",  # flow (SD3) teachers only, and their only one
-}
-FLOW_SCHEDULERS = ("flow-euler",)
 DEFAULT_FEATURE_LAYERS = ("mid_block",)  # UNet teachers; a flow teacher's default: flow_feature_layers()
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SamplerConfig:
-    num_inference_steps: int = 50  # teacher denoising steps S
-    scheduler: str | None = None  # one of SCHEDULERS (DPM-Solver++ = multistep, algorithm dpmsolver++);
-    #                               None: ddim for UNet teachers, flow-euler for flow teachers (resolve_config)
-    guidance_scale: float = 7.5  # CFG weight w, used when guidance_range is None
-    guidance_range: tuple[float, float] | None = None  # per-sample w ~ U[lo, hi] from the seed (SnapFusion: [2, 14])
-    height: int | None = None  # image px; None = the teacher's native resolution
-    width: int | None = None  # image px; None = the teacher's native resolution
-    record_steps: tuple[int, ...] | None = None  # step indices (0..S-1) whose latents/predictions are kept; None = all
-    feature_layers: tuple[str, ...] | None = None  # blocks whose outputs are captured; None: the teacher's
-    #                     default (mid_block; a flow teacher's middle and last joint blocks: flow_feature_layers)
-    num_feature_steps: int = 2  # feature steps per sample, drawn from the recorded steps by seed
-    save_image: bool = False  # decode the final latent with the teacher VAE
-    eta: float = 0.0  # DDIM eta (0 = deterministic)
-    real_images: bool = False  # also encode a real image of each caption (teachers.real_image)
-
-    def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
-            raise UserError(f"num_inference_steps={self.num_inference_steps} must be >= 1")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise UserError(f"scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        # Weights at or below 1 are allowed and mean "no CFG", as in diffusers (module docstring);
-        # negative ones are refused: diffusers would silently treat them as 1 too.
-        if not 0 <= self.guidance_scale < math.inf:
-            raise UserError(f"guidance_scale={self.guidance_scale} must be finite and >= 0 (at most 1 = no guidance, as diffusers)")
-        if self.guidance_range is not None:
-            lo, hi = self.guidance_range
-            if not 0 <= lo <= hi < math.inf:
-                raise UserError(f"guidance_range={self.guidance_range} must satisfy 0 <= lo <= hi < inf "
-                                "(draws at most 1 run without guidance, as diffusers does)")
-        if self.record_steps is not None:
-            bad = [s for s in self.record_steps if not 0 <= s < self.num_inference_steps]
-            if bad or len(set(self.record_steps)) != len(self.record_steps) or not self.record_steps:
-                raise UserError(f"record_steps={self.record_steps} must be distinct indices in [0, {self.num_inference_steps})")
-        if self.num_feature_steps < 0 or (self.feature_layers != () and self.num_feature_steps > len(self.recorded_steps)):
-            raise UserError(f"num_feature_steps={self.num_feature_steps} must be between 0 and the number of recorded steps")
-
-    @property
-    def recorded_steps(self) -> tuple[int, ...]:
-        return tuple(sorted(self.record_steps)) if self.record_steps is not None else tuple(range(self.num_inference_steps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,7 +423,7 @@ def sample_trajectories(teacher, requests: list[SampleRequest], cfg: SamplerConf
         finally:
             capture.remove()
         rec_latents.append(latents.float().cpu())
-        images = _decode(teacher, latents) if cfg.save_image else [None] * batch
+        images = _decode(teacher, latents) if cfg.save_images else [None] * batch
         real_latents, real_errors = _real_latents(teacher, requests, height, width) if cfg.real_images else (
             [None] * batch, [None] * batch)
     num_tokens = _num_tokens(pipe.tokenizer, prompts)

@@ -200,13 +200,14 @@ SHAPES_CAPTIONS = ("a large red circle in the center on a white background",
 def shapes_real_dump(tmp_path_factory):
     """The ``shapes`` teacher's dump of four captions (2 DDIM steps) with real-image latents, plus one
     caption outside the shapes grammar (no truth to render: rejected)."""
+    from conftest import dump_argv
     from pipelines import teacher_dump
 
     tmp = tmp_path_factory.mktemp("real")
     (tmp / "p.txt").write_text("\n".join(SHAPES_CAPTIONS) + "\na photo of a cat\n")
-    summary = teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "shapes",
-                                "--num_inference_steps", "2", "--feature_layers", "", "--real_images",
-                                "--samples_per_shard", "8", "--progress", "off", "--cpu_threads", "1"])
+    summary = teacher_dump.run(dump_argv(tmp / "p.txt", tmp / "out", teacher="shapes", num_inference_steps=2,
+                                         feature_layers="", real_images=True, samples_per_shard=8, batch_size=None,
+                                         cpu_threads=1))
     return str(tmp / "out"), summary
 
 

@@ -68,11 +68,12 @@ def test_an_absolute_path_outside_the_repo_runs_on_the_multi_process_runner(tmp_
 @pytest.mark.slow  # about 22 s on 2 cores: two worker processes each load torch and the teacher
 def test_beam_run_absolute_path_multi_process_tiny_teacher(tmp_path):
     (tmp_path / "p.txt").write_text("a red boat\na cat on a mat\n")
+    from conftest import dump_argv
+
     proc = subprocess.run([BEAM, "run", str(ROOT / "pipelines" / "teacher_dump.py"),
                            "--direct_running_mode=multi_processing", "--direct_num_workers=2",
-                           "--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), "--teacher", "tiny",
-                           "--num_inference_steps", "2", "--samples_per_shard", "1", "--batch_size", "1",
-                           "--feature_layers", "", "--progress", "off", "--cpu_threads", "1"],
+                           *dump_argv(tmp_path / "p.txt", tmp_path / "o", num_inference_steps=2, samples_per_shard=1,
+                                      batch_size=1, feature_layers="", cpu_threads=1)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dataset = json.loads((tmp_path / "o" / "dataset.json").read_text())

@@ -12,6 +12,7 @@ from PIL import Image
 
 from filters.aesthetic import AestheticMLP, aesthetic_scores, load_aesthetic_mlp
 from filters.clip_embed import embed_images, embed_texts, load_clip
+from conftest import dump_argv
 from pipelines import teacher_dump
 from pipelines.dump import plan as dump_plan
 from pipelines.scoring import image_scoring
@@ -20,9 +21,8 @@ from shards import schema as shard_schema
 from shards import verify as shard_verify
 from shards import writer as shard_writer
 
-BASE = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2", "--samples_per_shard", "2",
-        "--batch_size", "2", "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
-        "--cpu_threads", "2"]
+BASE = dict(resolution=64, num_inference_steps=2, samples_per_shard=2, batch_size=2, feature_layers="mid_block",
+            num_feature_steps=1)
 # Shard 1 replays shard 0 (same prompts and seeds, in the same batch positions) under other ids.
 ROWS = [{"key": "x0", "caption": "a red boat at sea", "seed": 5}, {"key": "y0", "caption": "a cat on a mat", "seed": 6},
         {"key": "x1", "caption": "a red boat at sea", "seed": 5}, {"key": "y1", "caption": "a cat on a mat", "seed": 6}]
@@ -39,8 +39,8 @@ def scored(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scored")
     (tmp / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     weights = aesthetic_weights(tmp / "aes.pth")
-    dataset = teacher_dump.run(["--prompts", str(tmp / "p.jsonl"), "--output", str(tmp / "dump"), *BASE,
-                                "--save_images", "--score_images", "tiny", "--aesthetic_weights", weights])
+    dataset = teacher_dump.run(dump_argv(tmp / "p.jsonl", tmp / "dump", **BASE, save_images=True, score_images="tiny",
+                                         aesthetic_weights=weights))
     return tmp / "dump", dataset, weights
 
 
@@ -113,15 +113,17 @@ def test_a_corrupt_sidecar_fails_verification(scored, tmp_path):
 
 
 def test_unscored_recipes_keep_their_hash():
-    fields = {f: None for f in ("guidance_range", "record_steps")}
-    recipe = dump_plan.DumpRecipe(
-        teacher="tiny", dtype="float32", device="cpu", scheduler="ddim", num_inference_steps=2, guidance_scale=7.5,
-        height=64, width=64, feature_layers=(), num_feature_steps=0, save_images=True, storage_dtype="float16",
-        seeds_per_prompt=1, samples_per_shard=2, batch_size=2, cpu_threads=0, input_sha256="0" * 64, **fields)
-    assert "score_images" not in recipe.to_json()  # dumps made before scoring existed still resume
-    scoring = image_scoring("tiny", None, None)
     import dataclasses
 
+    from teachers.sampler import SamplerConfig
+
+    sampler = SamplerConfig(scheduler="ddim", num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
+                            feature_layers=(), num_feature_steps=0, save_images=True)
+    recipe = dump_plan.DumpRecipe(
+        teacher="tiny", dtype="float32", device="cpu", sampler=sampler, storage_dtype="float16",
+        seeds_per_prompt=1, samples_per_shard=2, batch_size=2, cpu_threads=0, input_sha256="0" * 64)
+    assert "score_images" not in recipe.to_json()  # dumps made before scoring existed still resume
+    scoring = dataclasses.asdict(image_scoring("tiny", None, None))
     assert dataclasses.replace(recipe, score_images=scoring).hash != recipe.hash
 
 
@@ -145,7 +147,7 @@ def test_shard_writer_refuses_a_mix_of_scored_and_unscored_samples(tmp_path):
 def test_bad_scoring_flags_fail_before_any_work(tmp_path, args, message):
     (tmp_path / "p.txt").write_text("a cat\n")
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), *BASE, *args])
+        teacher_dump.run([*dump_argv(tmp_path / "p.txt", tmp_path / "o", **BASE), *args])
     assert not (tmp_path / "o").exists()
 
 
@@ -153,6 +155,6 @@ def test_aesthetic_weights_for_another_clip_width_are_refused(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n")
     weights = aesthetic_weights(tmp_path / "l14.pth", dim=768)
     with pytest.raises(ValueError, match="take 768-d embeddings but clip_model 'dd-tiny-clip' gives 32-d"):
-        teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "o"), *BASE,
-                          "--save_images", "--score_images", "tiny", "--aesthetic_weights", weights])
+        teacher_dump.run(dump_argv(tmp_path / "p.txt", tmp_path / "o", **BASE, save_images=True, score_images="tiny",
+                                   aesthetic_weights=weights))
     assert not (tmp_path / "o").exists()

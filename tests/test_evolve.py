@@ -530,6 +530,7 @@ def _weights_sha256(state: dict) -> str:
 def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path, torchrun):
     import subprocess
 
+    from conftest import dump_argv
     from pipelines import teacher_dump
     from students.training import checkpoint as ckpt
     from students.models.teacher_init import cut
@@ -537,9 +538,8 @@ def test_evolve_under_torchrun_two_gloo_ranks_end_with_one_architecture(tmp_path
 
     world.write_captions(str(tmp_path / "p.txt"), 8, seed=3)
     world.write_captions(str(tmp_path / "val.txt"), 2, seed=4)
-    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "dump"), "--teacher", "shapes",
-                      "--num_inference_steps", "4", "--samples_per_shard", "2", "--batch_size", "8", "--feature_layers", "",
-                      "--progress", "off", "--cpu_threads", "1"])
+    teacher_dump.run(dump_argv(tmp_path / "p.txt", tmp_path / "dump", teacher="shapes", samples_per_shard=2,
+                               feature_layers="", cpu_threads=1))
     start = cut(_shapes_teacher_family(), "mid_only")[0]
     table = _planted_table(start, {"R": 1.0, "T": 2.0})
     table.settings = {"side": 8, "batch_size": 1, "repeats": 1, "warmup": 0, "device": "cpu", "dtype": "float32", "text_tokens": 7}

@@ -51,6 +51,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]  # nu
 
 def student_run(tmp_path_factory) -> str:
     """A tiny snapfusion_step run with a TAESD decoder and EMA, checkpoints at steps 1 and 2 (built once per session)."""
+    from conftest import dump_argv
     from pipelines import teacher_dump
     from students.training.train import TrainConfig, train
 
@@ -59,9 +60,8 @@ def student_run(tmp_path_factory) -> str:
         return str(root / "run")
     root.mkdir(exist_ok=True)
     (root / "p.txt").write_text("".join(f"a {c} {s}\n" for c in ("red", "blue") for s in ("circle", "square")))
-    teacher_dump.run(["--prompts", str(root / "p.txt"), "--output", str(root / "dump"), "--teacher", "tiny",
-                      "--num_inference_steps", "8", "--samples_per_shard", "4", "--batch_size", "4", "--feature_layers", "",
-                      "--save_images", "--progress", "off", "--cpu_threads", "1"])
+    teacher_dump.run(dump_argv(root / "p.txt", root / "dump", num_inference_steps=8, batch_size=4, feature_layers="",
+                               save_images=True, cpu_threads=1))
     train(TrainConfig(data=str(root / "dump"), output=str(root / "run"), preset="tiny", recipe="snapfusion_step",
                       decoder="tiny", batch_size=2, max_steps=2, warmup_steps=1, checkpoint_every=1, lr=1e-2))
     (root / "done").write_text("")

@@ -13,15 +13,15 @@ import pytest
 import torch
 
 from filters.aesthetic import AestheticMLP
+from conftest import dump_argv
 from pipelines import filter_shards, teacher_dump
 from shards import inspect as inspect_cli
 from shards import reader as shard_reader
 from shards import schema as shard_schema
 from shards import verify as shard_verify
 
-DUMP = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2", "--samples_per_shard", "3",
-        "--batch_size", "3", "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
-        "--cpu_threads", "2"]
+DUMP = dict(resolution=64, num_inference_steps=2, samples_per_shard=3, batch_size=3, feature_layers="mid_block",
+            num_feature_steps=1)  # the rest: conftest's DUMP_DEFAULTS
 BOAT, CAT, TREE = "a red boat at sea", "a cat on a mat", "a green tree on a hill"
 ROWS = [  # 3 samples per shard, one batch each
     *({"key": f"{x}0", "caption": c, "seed": seed} for x, c, seed in (("a", BOAT, 1), ("b", CAT, 2), ("c", TREE, 3))),
@@ -43,8 +43,8 @@ def dump(tmp_path_factory):
     (tmp / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     torch.manual_seed(0)
     torch.save(AestheticMLP(32).state_dict(), tmp / "aes.pth")
-    teacher_dump.run(["--prompts", str(tmp / "p.jsonl"), "--output", str(tmp / "dump"), *DUMP, "--save_images",
-                      "--score_images", "tiny", "--aesthetic_weights", str(tmp / "aes.pth")])
+    teacher_dump.run(dump_argv(tmp / "p.jsonl", tmp / "dump", **DUMP, save_images=True, score_images="tiny",
+                               aesthetic_weights=tmp / "aes.pth"))
     return str(tmp / "dump")
 
 
@@ -435,7 +435,7 @@ def test_inspect_verify_reports_an_absolute_path_and_a_symlink_member_as_bad(dum
 def unscored(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("unscored")
     (tmp / "p.txt").write_text("a cat\n")
-    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "dump"), *DUMP])
+    teacher_dump.run(dump_argv(tmp / "p.txt", tmp / "dump", **DUMP))
     return str(tmp / "dump")
 
 

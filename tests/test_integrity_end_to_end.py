@@ -13,25 +13,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import filter_shards, teacher_dump
+from conftest import run_dump
+from pipelines import filter_shards
 from shards import loader as SD
 from students.training import cli as train_cli
 from shards import inspect as inspect_cli
 from shards import record
 from shards.schema import ShardIndex
 
-DUMP = ["--teacher", "tiny", "--resolution", "64", "--num_inference_steps", "2", "--samples_per_shard", "2",
-        "--batch_size", "2", "--feature_layers", "", "--progress", "off", "--cpu_threads", "2", "--save_images",
-        "--score_images", "tiny"]
+DUMP = dict(resolution=64, num_inference_steps=2, samples_per_shard=2, batch_size=2, feature_layers="", save_images=True,
+            score_images="tiny")  # the rest: conftest's DUMP_DEFAULTS
 PROMPTS = [f"a {c} {s}" for c in ("red", "blue") for s in ("circle", "square", "star", "moon")]  # 8: 4 shards of 2
 
 
 @pytest.fixture(scope="module")
 def dump(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("integrity")
-    (tmp / "p.txt").write_text("".join(p + "\n" for p in PROMPTS))
-    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "dump"), *DUMP])
-    return str(tmp / "dump")
+    return run_dump(tmp_path_factory.mktemp("integrity"), PROMPTS, **DUMP)
 
 
 def member_span(tar_path, key: str, ext: str) -> tuple[int, int]:

@@ -54,14 +54,11 @@ def test_rounds_halve_down_to_the_student_steps():
 
 @pytest.fixture(scope="module")
 def eight_step_dump(tmp_path_factory):
-    from pipelines import teacher_dump
+    from conftest import run_dump
 
-    tmp = tmp_path_factory.mktemp("dump")
-    (tmp / "p.txt").write_text("".join(f"a {c} circle on a white background\n" for c in ("red", "blue", "green", "grey")))
-    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "out"), "--teacher", "tiny",
-                      "--num_inference_steps", "8", "--samples_per_shard", "4", "--batch_size", "4",
-                      "--progress", "off", "--cpu_threads", "1"])
-    return str(tmp / "out")
+    captions = [f"a {c} circle on a white background" for c in ("red", "blue", "green", "grey")]
+    return run_dump(tmp_path_factory.mktemp("dump"), captions, num_inference_steps=8, batch_size=4, feature_layers=None,
+                    cpu_threads=1)
 
 
 def test_two_rounds_run_end_to_end(eight_step_dump, tmp_path):

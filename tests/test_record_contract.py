@@ -188,17 +188,14 @@ def test_a_euler_dump_through_the_job_reads_back_as_vp_latents_with_exact_target
     """The real writer path (the Beam dump job): an Euler dump's records, read as the trainer reads
     them and converted with noise_levels, give the online teacher's predictions; its dataset.json
     and indexes validate against shards.schema."""
-    from pipelines import teacher_dump
+    from conftest import run_dump
     from shards.loader import dataset_shards, read_dataset, record_pipeline
     from shards import schema
     from shards import verify as shard_verify
 
-    (tmp_path / "p.txt").write_text("a photo of a cat\na red cube\n")
-    out = tmp_path / "out"
-    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(out), "--teacher", "tiny",
-                      "--scheduler", "euler", "--num_inference_steps", "3", "--samples_per_shard", "2",
-                      "--batch_size", "2", "--feature_layers", "mid_block", "--num_feature_steps", "1",
-                      "--storage_dtype", "float32", "--progress", "off", "--cpu_threads", "2"])
+    out = run_dump(tmp_path, ["a photo of a cat", "a red cube"], scheduler="euler", num_inference_steps=3,
+                   samples_per_shard=2, batch_size=2, feature_layers="mid_block", num_feature_steps=1,
+                   storage_dtype="float32")
     info = schema.read_dataset_info(str(out))
     assert info.schema_version == record.SCHEMA_VERSION == 3 and info.scheduler_class == "EulerDiscreteScheduler"
     assert record.noise_process(info.to_dict()) == record.VARIANCE_PRESERVING  # an epsilon teacher's dump
@@ -225,16 +222,13 @@ def test_euler_and_ddim_dumps_train_to_the_same_offline_online_agreement(tiny_te
     the recorded z_t, t) equal its online-teacher targets (``students.distill.recipes.online_targets`` at
     that batch's z, t) within 1e-3 of their scale, for both. The bound: float16 storage rounds each
     target and each z_t by at most 2**-11 ~ 4.9e-4 relative; float32 UNet arithmetic adds ~1e-6."""
-    from pipelines import teacher_dump
+    from conftest import run_dump
     from shards.loader import dataset_shards, read_dataset, record_pipeline
     from students.distill.batches import training_batch
     from students.distill.recipes import get_recipe, online_targets
 
-    (tmp_path / "p.txt").write_text("a photo of a cat\na red cube on a table\n")
-    out = tmp_path / scheduler
-    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(out), "--teacher", "tiny",
-                      "--scheduler", scheduler, "--num_inference_steps", "4", "--samples_per_shard", "2",
-                      "--batch_size", "2", "--feature_layers", "", "--progress", "off", "--cpu_threads", "2"])
+    out = run_dump(tmp_path, ["a photo of a cat", "a red cube on a table"], scheduler=scheduler, samples_per_shard=2,
+                   batch_size=2, feature_layers="")
     dataset, shared = read_dataset(str(out))
     records = list(record_pipeline(dataset_shards(str(out))))
     assert len(records) == 2 and records[0].meta["scheduler_class"] == dataset["scheduler_class"]

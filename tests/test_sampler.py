@@ -171,7 +171,7 @@ def test_recorded_predictions_and_features_equal_a_direct_unet_call(tiny_teacher
 
 
 def test_same_inputs_twice_are_bitwise_identical(tiny_teacher):
-    cfg = SamplerConfig(num_inference_steps=3, guidance_range=(2.0, 14.0), num_feature_steps=1, save_image=True)
+    cfg = SamplerConfig(num_inference_steps=3, guidance_range=(2.0, 14.0), num_feature_steps=1, save_images=True)
     a, _ = sample_trajectories(tiny_teacher, REQS, cfg)
     b, _ = sample_trajectories(tiny_teacher, REQS, cfg)
     for x, y in zip(a, b):
@@ -216,7 +216,7 @@ def test_per_sample_guidance_range_matches_pipeline_at_that_scale(tiny_teacher):
 
 
 def test_decoded_image_matches_pipeline_output(tiny_teacher):
-    cfg = SamplerConfig(num_inference_steps=2, feature_layers=(), save_image=True)
+    cfg = SamplerConfig(num_inference_steps=2, feature_layers=(), save_images=True)
     results, _ = sample_trajectories(tiny_teacher, REQS[:1], cfg)
     pipe = tiny_teacher.pipe
     pipe.scheduler = make_scheduler(tiny_teacher, "ddim")
@@ -254,7 +254,7 @@ def test_non_finite_decoded_image_is_flagged_not_cast(tiny_teacher):
 
     from shards import record
 
-    cfg = SamplerConfig(num_inference_steps=1, feature_layers=(), save_image=True)
+    cfg = SamplerConfig(num_inference_steps=1, feature_layers=(), save_images=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy warns when it casts NaN to uint8
         results, _ = sample_trajectories(tiny_teacher, [SampleRequest("n-s0", "a dog", 1, 1e38), REQS[0]], cfg)

@@ -10,17 +10,15 @@ import torch
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from pipelines import teacher_dump
+    from conftest import run_dump
     from students.export import folder as export
     from students.training.train import TrainConfig, train
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("chain")
-    (tmp / "p.txt").write_text("a red circle on a white background\na blue square on a grey background\n")
-    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "dump"), "--teacher", "tiny",
-                      "--num_inference_steps", "4", "--samples_per_shard", "2", "--batch_size", "2", "--progress", "off",
-                      "--cpu_threads", "1"])
-    train(TrainConfig(data=str(tmp / "dump"), output=str(tmp / "run"), recipe="snapfusion_step", student_steps=2,
+    dump = run_dump(tmp, ["a red circle on a white background", "a blue square on a grey background"],
+                    samples_per_shard=2, batch_size=2, feature_layers=None, cpu_threads=1)  # tmp/p.txt -> tmp/out
+    train(TrainConfig(data=dump, output=str(tmp / "run"), recipe="snapfusion_step", student_steps=2,
                       max_steps=2, batch_size=2, ema_decay=0.0))
     folder = export.export(str(tmp / "run"), str(tmp / "student"), weights="raw")
     return tmp, folder
@@ -37,10 +35,11 @@ def test_an_exported_student_loads_as_a_teacher_with_its_own_steps(exported):
     assert info["num_inference_steps"] == 2
     assert teacher_geometry(folder)["levels"] == len(teacher.unet.config.block_out_channels)
     assert teacher_lineage(folder) == {"folder": os.path.abspath(folder), "inference": info}
-    assert teacher_lineage("tiny") is None and teacher_lineage(str(tmp / "dump")) is None
+    assert teacher_lineage("tiny") is None and teacher_lineage(str(tmp / "out")) is None
 
 
 def test_a_dump_made_with_an_exported_student(exported):
+    from conftest import dump_argv
     from pipelines import teacher_dump
     from shards.loader import dataset_shards, record_pipeline
     from students.export.folder import read_inference
@@ -48,9 +47,8 @@ def test_a_dump_made_with_an_exported_student(exported):
 
     tmp, folder = exported
     info = read_inference(folder)
-    teacher_dump.run(["--prompts", str(tmp / "p.txt"), "--output", str(tmp / "dump2"), "--teacher", folder,
-                      "--num_inference_steps", str(info["num_inference_steps"]), "--samples_per_shard", "2",
-                      "--batch_size", "2", "--progress", "off", "--cpu_threads", "1"])
+    teacher_dump.run(dump_argv(tmp / "p.txt", tmp / "dump2", teacher=folder, num_inference_steps=info["num_inference_steps"],
+                               samples_per_shard=2, batch_size=2, feature_layers=None, cpu_threads=1))
     dataset = json.loads((tmp / "dump2" / "dataset.json").read_text())
     assert dataset["recipe"]["teacher"] == folder and dataset["totals"]["samples_written"] == 2
     scheduler = load_teacher(folder).pipe.scheduler
@@ -83,6 +81,6 @@ def test_an_exported_student_teaches_online(exported):
     from students.training.train import TrainConfig, train
 
     tmp, folder = exported
-    losses = train(TrainConfig(data=str(tmp / "dump"), output=str(tmp / "run_online"), recipe="output_kd",
+    losses = train(TrainConfig(data=str(tmp / "out"), output=str(tmp / "run_online"), recipe="output_kd",
                                max_steps=2, batch_size=2, ema_decay=0.0, online_teacher=folder))
     assert len(losses) == 2 and all(l == l and l > 0 for l in losses)

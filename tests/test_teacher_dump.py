@@ -11,13 +11,17 @@ import time
 import numpy as np
 import pytest
 
+from conftest import dump_argv
 from pipelines import teacher_dump
 from shards.loader import dataset_shards, record_pipeline
 from shards.verify import verify_shard
 
-BASE = ["--teacher", "tiny", "--num_inference_steps", "2", "--samples_per_shard", "2", "--batch_size", "2",
-        "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off",
-        "--cpu_threads", "2"]  # pinned: Dask workers otherwise run torch on 1 thread (other float rounding)
+# conftest's DUMP_DEFAULTS pin cpu_threads 2: Dask workers otherwise run torch on 1 thread (other float rounding)
+BASE = dict(num_inference_steps=2, samples_per_shard=2, batch_size=2, feature_layers="mid_block", num_feature_steps=1)
+
+
+def argv(prompts, out, **overrides) -> list[str]:
+    return dump_argv(prompts, out, **{**BASE, **overrides})
 
 
 def write_prompts(path, n=6):
@@ -25,8 +29,8 @@ def write_prompts(path, n=6):
     return str(path)
 
 
-def dump(prompts, out, *extra):
-    return teacher_dump.run(["--prompts", prompts, "--output", str(out), *BASE, *extra])
+def dump(prompts, out, *beam_flags, **overrides):
+    return teacher_dump.run([*argv(prompts, out, **overrides), *beam_flags])
 
 
 def tree_bytes(out):
@@ -74,7 +78,7 @@ def test_rejects_are_counted_and_input_adds_up(tmp_path, capsys):
     t = a["totals"]
     assert t["prompts_in"] == 5 and t["prompts_rejected"] == 2 and t["samples_written"] == 3
     assert a["rejects_by_reason"] == {"empty_caption": 1, "non_utf8_caption": 1} and t["captions_truncated"] == 1
-    b = dump(str(jsonl), tmp_path / "b", "--seeds_per_prompt", "2")
+    b = dump(str(jsonl), tmp_path / "b", seeds_per_prompt=2)
     t = b["totals"]
     # 4 prompts in: 2 rejected (null, bad id); 2 x 2 seeds planned = 2 written + 2 rejected (NaN from w=1e38)
     assert (t["prompts_in"], t["prompts_rejected"], t["samples_planned"], t["samples_written"], t["samples_rejected"]) == (4, 2, 4, 2, 2)
@@ -114,14 +118,14 @@ def test_changed_recipe_over_existing_output_is_refused(reference):
     prompts, ref_out, _ = reference
     before = tree_bytes(ref_out)
     with pytest.raises(ValueError, match=r"another recipe \(num_inference_steps: 2 -> 3\)"):
-        teacher_dump.run(["--prompts", prompts, "--output", str(ref_out), *BASE, "--num_inference_steps", "3"])
+        teacher_dump.run(argv(prompts, ref_out, num_inference_steps=3))
     assert tree_bytes(ref_out) == before  # refused before touching anything
 
 
 def test_sigkill_then_rerun_is_byte_identical(reference, tmp_path):
     prompts, ref_out, _ = reference
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipelines.teacher_dump", "--prompts", prompts, "--output", str(out), *BASE]
+    cmd = [sys.executable, "-m", "pipelines.teacher_dump", *argv(prompts, out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
     deadline = time.monotonic() + 120
     while not (out / "000000.json").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -149,15 +153,15 @@ def test_dask_runner_gives_the_same_bytes_as_direct(reference, tmp_path):
         from diffusion_distill.beam_cli import main as beam_main
 
         beam_main(["run", "pipelines/teacher_dump.py", "--runner=Dask", f"--dask_client_address={cluster.scheduler_address}",
-                   "--prompts", prompts, "--output", str(tmp_path / "dask"), *BASE])
+                   *argv(prompts, tmp_path / "dask")])
     assert tree_bytes(tmp_path / "dask") == tree_bytes(ref_out)
 
 
 def test_beam_run_from_another_directory(tmp_path):
     prompts = write_prompts(tmp_path / "p.txt", n=2)
     beam = os.path.join(os.path.dirname(sys.executable), "beam")
-    proc = subprocess.run([beam, "run", "pipelines/teacher_dump.py", "--runner=Direct", "--prompts", prompts,
-                           "--output", str(tmp_path / "o"), *BASE], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run([beam, "run", "pipelines/teacher_dump.py", "--runner=Direct", *argv(prompts, tmp_path / "o")],
+                          cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 samples planned = 2 written + 0 rejected" in proc.stderr
     assert json.loads((tmp_path / "o" / "dataset.json").read_text())["totals"]["samples_written"] == 2
@@ -172,9 +176,8 @@ def test_beam_run_from_another_directory(tmp_path):
 ])
 def test_bad_arguments_fail_before_any_work(reference, tmp_path, args, message):
     prompts, _, _ = reference
-    argv = ["--prompts", prompts, "--output", str(tmp_path / "o"), *BASE, *args]
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(").replace("[", r"\[")):
-        teacher_dump.run(argv)
+        teacher_dump.run([*argv(prompts, tmp_path / "o"), *args])  # a later flag wins
     assert not (tmp_path / "o").exists()
 
 
@@ -184,7 +187,7 @@ def test_manifest_missing_column_is_named(tmp_path):
 
     pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), tmp_path / "m.parquet")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['caption'\]"):
-        teacher_dump.run(["--prompts", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "o"), *BASE])
+        teacher_dump.run(argv(tmp_path / "m.parquet", tmp_path / "o"))
 
 
 def test_real_images_from_the_input_column_are_encoded_by_the_teacher_vae_and_bad_ones_rejected(tmp_path):
@@ -205,7 +208,7 @@ def test_real_images_from_the_input_column_are_encoded_by_the_teacher_vae_and_ba
             {"key": "missing", "caption": "a blue square", "image": str(tmp_path / "nope.png")},
             {"key": "broken", "caption": "a green triangle", "image": str(tmp_path / "broken.png")}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = dump(str(tmp_path / "p.jsonl"), tmp_path / "out", "--real_images")
+    summary = dump(str(tmp_path / "p.jsonl"), tmp_path / "out", real_images=True)
     assert summary["rejects_by_reason"] == {"no_real_image": 1, "broken_image": 1}
     (rec,) = list(record_pipeline(dataset_shards(str(tmp_path / "out"))))
     teacher = load_teacher("tiny")
@@ -225,15 +228,15 @@ def test_a_second_dump_into_one_folder_is_refused_and_the_first_finishes_as_a_lo
 
     prompts, ref_out, _ = reference
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-m", "pipelines.teacher_dump", "--prompts", prompts, "--output", str(out),
-                              *BASE], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    first = subprocess.Popen([sys.executable, "-m", "pipelines.teacher_dump", *argv(prompts, out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.monotonic() + 120
     while not (out / LOCK_FILE).exists():
         assert first.poll() is None and time.monotonic() < deadline, "the first dump ended before it was seen"
         time.sleep(0.01)
-    second = subprocess.run([sys.executable, "-m", "pipelines.teacher_dump", "--prompts", prompts, "--output", str(out),
-                             *BASE], capture_output=True, text=True, timeout=120)
+    second = subprocess.run([sys.executable, "-m", "pipelines.teacher_dump", *argv(prompts, out)], capture_output=True,
+                            text=True, timeout=120)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert "is being written by" in second.stderr and f"pid {first.pid}" in second.stderr
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]

@@ -157,13 +157,13 @@ def test_resampled_epochs_have_the_set_length_and_replay_on_resume(tiny_dump, tm
 def test_decoder_distillation_learns_the_teacher_decoder(tmp_path):
     from diffusers import AutoencoderTiny
 
+    from conftest import dump_argv
     from pipelines import teacher_dump
     from students.distill.losses import decoder_distill_loss
 
     (tmp_path / "p.txt").write_text("".join(f"a {c} ball number {i}\n" for c in ("red", "blue") for i in range(6)))
-    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "d"), "--teacher", "tiny",
-                      "--num_inference_steps", "2", "--samples_per_shard", "12", "--batch_size", "12",
-                      "--feature_layers", "", "--save_images", "--progress", "off"])
+    teacher_dump.run(dump_argv(tmp_path / "p.txt", tmp_path / "d", num_inference_steps=2, samples_per_shard=12,
+                               batch_size=12, feature_layers="", save_images=True, cpu_threads=None))
     records = list(record_pipeline(dataset_shards(str(tmp_path / "d"))))
     held_out = training_batch(records[-4:], np.zeros((77, 32)), get_recipe("output_kd"), seed=0, epoch=0,
                               scheduler_config=records[0].meta["scheduler_config"], with_images=True)["batch"]
@@ -189,15 +189,15 @@ def test_shapes_dump_refuses_a_preset_of_another_text_width_and_its_decoders_fol
     (width 32) is one line before anything is written; ``--decoder tiny``/``pruned`` train at factor 4 and
     decode the dump's latents to the teacher's image size."""
     from core.errors import UserError
+    from conftest import dump_argv
     from diffusers import AutoencoderKL, AutoencoderTiny
     from pipelines import teacher_dump
     from students.models.vae import decode
     from teachers.shapes import world
 
     world.write_captions(str(tmp_path / "p.txt"), 4, seed=3)
-    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "d"), "--teacher", "shapes",
-                      "--num_inference_steps", "2", "--samples_per_shard", "4", "--batch_size", "4", "--feature_layers", "",
-                      "--save_images", "--progress", "off", "--cpu_threads", "1"])
+    teacher_dump.run(dump_argv(tmp_path / "p.txt", tmp_path / "d", teacher="shapes", num_inference_steps=2, batch_size=4,
+                               feature_layers="", save_images=True, cpu_threads=1))
     data = str(tmp_path / "d")
     with pytest.raises(UserError, match=r"--preset tiny has cross_attention_dim 32 but .* prompt embeddings of width 64; "
                                         r"presets that fit: shapes"):
@@ -216,13 +216,13 @@ def test_shapes_dump_refuses_a_preset_of_another_text_width_and_its_decoders_fol
 
 
 def test_sdxl_shaped_dump_trains_and_online_equals_offline(tmp_path, tiny_xl_teacher):
+    from conftest import dump_argv
     from pipelines import teacher_dump
     from shards.loader import read_dataset
 
     (tmp_path / "p.txt").write_text("".join(f"a {c} cube number {i}\n" for c in ("red", "blue") for i in range(4)))
-    teacher_dump.run(["--prompts", str(tmp_path / "p.txt"), "--output", str(tmp_path / "d"), "--teacher", "tiny-xl",
-                      "--num_inference_steps", "3", "--samples_per_shard", "8", "--batch_size", "8",
-                      "--feature_layers", "mid_block", "--num_feature_steps", "1", "--progress", "off"])
+    teacher_dump.run(dump_argv(tmp_path / "p.txt", tmp_path / "d", teacher="tiny-xl", num_inference_steps=3,
+                               samples_per_shard=8, feature_layers="mid_block", num_feature_steps=1, cpu_threads=None))
     dataset, shared = read_dataset(str(tmp_path / "d"))
     assert set(shared) == {"negative_prompt_embeds", "negative_pooled_prompt_embeds"}
     recipe = get_recipe("snapgen_kd", feature_weights=(("mid_block", 1.0),))

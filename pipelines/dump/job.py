@@ -42,6 +42,7 @@ from core.options import not_one_of, option, parse
 from pipelines import common
 from pipelines.dump import plan as dump_plan
 from pipelines.dump.plan import DumpRecipe
+from shards.recipe import SAMPLER_FIELDS
 from pipelines.scoring import image_scoring
 from core.fs import remove_temporaries, url_to_fs
 from teachers.load import DTYPES, teacher_lineage
@@ -61,7 +62,8 @@ _S_COMPUTE = "compute"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DumpConfig:
-    """The dump's flags. Fields with the same name as ``DumpRecipe``'s go into the recipe unchanged."""
+    """The dump's flags. Fields with the same name as ``DumpRecipe``'s or its ``SamplerConfig``'s go into the
+    recipe unchanged."""
 
     prompts: str = option(section=_S_IO,
                           help="prompt list (.txt, .jsonl) or curated manifest (.parquet: key, caption[, fate])")
@@ -208,7 +210,7 @@ def _check_real_images(cfg: DumpConfig, found) -> None:
 
 def build_recipe(cfg: DumpConfig) -> DumpRecipe:
     """Validate the flags (naming the bad value) and resolve them into a recipe; writes nothing."""
-    from teachers.sampler import SCHEDULERS
+    from teachers.sampler import SCHEDULERS, SamplerConfig
 
     common.check_input_file(cfg.prompts, "--prompts")
     common.check_output(cfg.output)
@@ -238,15 +240,18 @@ def build_recipe(cfg: DumpConfig) -> DumpRecipe:
                                                  f"its transformer's position table covers sides up to {limit}")
     layers = _feature_layers(cfg, geometry)
     scheduler = _scheduler(cfg, geometry)
-    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DumpRecipe) if hasattr(cfg, f.name)}
-    recipe = DumpRecipe(**{
-        **same, "scheduler": scheduler, "guidance_range": cfg.guidance_range, "height": size, "width": size,
-        "record_steps": _record_steps(cfg.record_steps), "feature_layers": layers,
-        "num_feature_steps": cfg.num_feature_steps if layers else 0,
-        "input_sha256": common.file_sha256(cfg.prompts), "score_images": _scoring(cfg),
+    same = {f.name: getattr(cfg, f.name) for cls in (DumpRecipe, SamplerConfig) for f in dataclasses.fields(cls)
+            if hasattr(cfg, f.name)}
+    sha, scoring = common.file_sha256(cfg.prompts), _scoring(cfg)
+    sampler = SamplerConfig(**{  # validates steps, ranges and feature steps (UserError)
+        **{k: v for k, v in same.items() if k in SAMPLER_FIELDS}, "scheduler": scheduler,
+        "guidance_range": cfg.guidance_range, "height": size, "width": size, "record_steps": _record_steps(cfg.record_steps),
+        "feature_layers": layers, "num_feature_steps": cfg.num_feature_steps if layers else 0,
     })
-    recipe.sampler_config()  # SamplerConfig validates steps, ranges and feature steps (ValueError)
-    return recipe
+    return DumpRecipe(**{
+        **{k: v for k, v in same.items() if k not in SAMPLER_FIELDS}, "sampler": sampler, "input_sha256": sha,
+        "score_images": None if scoring is None else dataclasses.asdict(scoring),
+    })
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +276,9 @@ class _ScorerBox:
 def _load_scorer(recipe: DumpRecipe) -> _ScorerBox:
     from filters.image_scores import load_image_scorer
 
-    return _ScorerBox(load_image_scorer(recipe.score_images.curate_config(), recipe.device))
+    from pipelines.scoring import ImageScoring
+
+    return _ScorerBox(load_image_scorer(ImageScoring(**recipe.score_images).curate_config(), recipe.device))
 
 
 class GenerateShardFn(beam.DoFn):
@@ -304,9 +311,9 @@ class GenerateShardFn(beam.DoFn):
             scoring = recipe.score_images
             self.scorer_box = self.scorer_handle.acquire(  # held: Shared keeps it only while referenced
                 lambda: _load_scorer(recipe),
-                tag=f"{scoring.clip_model}|{scoring.clip_weights}|{scoring.aesthetic_weights}|{recipe.device}")
+                tag=f"{scoring['clip_model']}|{scoring['clip_weights']}|{scoring['aesthetic_weights']}|{recipe.device}")
             self.scorer = self.scorer_box.scorer
-        self.config = recipe.sampler_config()
+        self.config = recipe.sampler
 
     def process(self, shard: int):
         from pipelines.dump.shard import generate_shard

@@ -25,68 +25,11 @@ import sys
 
 from core.errors import UserError
 from filters import reasons
-from pipelines.common import recipe_hash
-from pipelines.scoring import ImageScoring
 from core.fs import url_to_fs
-from shards.record import SCHEMA_VERSION
+from shards.recipe import DumpRecipe  # noqa: F401 (the recipe lives with the shard format)
 
 # Column names of earlier versions, read for one more version: old name -> current name.
 DEPRECATED_COLUMNS = {"id": "key", "prompt": "caption"}
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DumpRecipe:
-    """Everything that decides the dump's bytes. Its hash guards an output folder against mixing."""
-
-    teacher: str  # teacher spec (built-in, folder, hub id)
-    dtype: str  # teacher compute dtype
-    device: str  # where the teacher runs (numerics differ across devices)
-    scheduler: str  # ddim | euler | dpm++ | flow-euler (resolved: the flag or the teacher family's default)
-    num_inference_steps: int  # teacher steps S
-    guidance_scale: float  # fixed classifier-free guidance weight (when no range)
-    guidance_range: tuple[float, float] | None  # per-sample guidance weight ~ U[lo, hi] (SnapFusion)
-    height: int  # image px
-    width: int  # image px
-    record_steps: tuple[int, ...] | None  # recorded step indices; None = all
-    feature_layers: tuple[str, ...]  # blocks captured (resolved: the flag or the teacher family's default)
-    num_feature_steps: int  # feature steps per sample
-    save_images: bool  # decode and store the image
-    storage_dtype: str  # float16 | float32 for stored arrays
-    seeds_per_prompt: int  # generations per caption
-    samples_per_shard: int  # shard size N
-    batch_size: int  # samples per UNet batch (results agree to float tolerance across batch sizes)
-    cpu_threads: int  # torch threads on CPU workers, 0 = default (CPU rounding depends on it)
-    input_sha256: str  # the input file's content
-    score_images: ImageScoring | None = None  # score decoded images (CLIP, aesthetic); None = off
-    real_images: bool = False  # store each caption's real image VAE-encoded (image_latents; teachers.real_image)
-    schema_version: int = SCHEMA_VERSION
-
-    def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
-        if out["score_images"] is None:  # unscored recipes keep the hash they had before scoring existed
-            del out["score_images"]
-        if not out["real_images"]:  # the same for recipes without real images
-            del out["real_images"]
-        return out
-
-    @property
-    def hash(self) -> str:
-        return recipe_hash(self.to_json())
-
-    def sampler_kwargs(self) -> dict:
-        """The ``teachers.sampler.SamplerConfig`` arguments this recipe fixes (fields of the same name)."""
-        from teachers.sampler import SamplerConfig
-
-        names = {f.name for f in dataclasses.fields(SamplerConfig)}
-        kwargs = {name: getattr(self, name) for name in names if hasattr(self, name)}
-        if "save_image" in names:
-            kwargs["save_image"] = self.save_images
-        return kwargs
-
-    def sampler_config(self):
-        from teachers.sampler import SamplerConfig
-
-        return SamplerConfig(**self.sampler_kwargs())
 
 
 def sample_seed(key: str) -> int:
@@ -238,7 +181,7 @@ def plan(rows: list[InputRow], recipe: DumpRecipe):
     samples, rejects, seen = [], [], set()
     for row in rows:
         reason = reject_reason(row, seen)
-        if not reason and recipe.real_images and row.image is not None and not isinstance(row.image, str):
+        if not reason and recipe.sampler.real_images and row.image is not None and not isinstance(row.image, str):
             reason = reasons.NO_REAL_IMAGE  # an image reference that is no path or URL
         if reason:
             rejects.append({"key": row.key, "reason": reason,
@@ -249,7 +192,7 @@ def plan(rows: list[InputRow], recipe: DumpRecipe):
             key = f"{row.key}-s{k}"
             # An explicit seed reproduces a generation (same caption + seed = same sample under another key).
             seed = sample_seed(key) if row.seed is None else row.seed + k
-            image = (row.image or None) if recipe.real_images else None  # read only with --real_images
+            image = (row.image or None) if recipe.sampler.real_images else None  # read only with --real_images
             samples.append((key, row.caption, seed, row.guidance_scale, image))
     n = recipe.samples_per_shard
     return [(i // n, *s) for i, s in enumerate(samples)], rejects

@@ -81,9 +81,9 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
                 results, info = sample_trajectories(teacher, batch, config)
                 meta = dict(teacher=recipe.teacher, dtype=recipe.dtype, scheduler_class=info.scheduler_class,
                             scheduler_config=info.scheduler_config, prediction_type=info.prediction_type,
-                            num_inference_steps=recipe.num_inference_steps, timesteps=info.timesteps,
-                            recorded_steps=info.recorded_steps, feature_layers=list(recipe.feature_layers),
-                            height=recipe.height, width=recipe.width, recipe_hash=recipe.hash)
+                            num_inference_steps=recipe.sampler.num_inference_steps, timesteps=info.timesteps,
+                            recorded_steps=info.recorded_steps, feature_layers=list(recipe.sampler.feature_layers),
+                            height=recipe.sampler.height, width=recipe.sampler.width, recipe_hash=recipe.hash)
                 for res, (image_scores, embedding) in zip(results, _score(scorer, results)):
                     try:
                         sample, stats = record.encode_sample(res, meta, storage_dtype=recipe.storage_dtype,

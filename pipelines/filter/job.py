@@ -47,6 +47,7 @@ from pipelines.records import EMBEDDING_FIELDS
 from pipelines.scoring import ImageScoring
 from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules, clip_scores
 from core.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
+from shards.recipe import dump_recipe
 from shards.schema import write_dataset_info
 from shards.schema import embeds_name, index_name
 from shards.reader import list_indexes, read_index
@@ -143,7 +144,7 @@ def build_recipe(cfg: FilterConfig):
     from_preset = {k: getattr(preset, k) for k in (*knobs, "kmeans_iterations", "kmeans_seed")}
     recipe = FilterRecipe(**{
         **from_preset, **given, "parent_recipe_hash": dataset["recipe_hash"], "parent_dataset_sha256": sha,
-        "samples_per_shard": cfg.samples_per_shard or dataset["recipe"]["samples_per_shard"],
+        "samples_per_shard": cfg.samples_per_shard or dump_recipe(dataset).samples_per_shard,
     })
     curate_config = recipe.curate_config(scoring)  # validates thresholds and dedup knobs, naming the field
     parent = {"path": cfg.input, "recipe_hash": dataset["recipe_hash"], "dataset_sha256": sha,

@@ -24,6 +24,7 @@ from pipelines import common
 from pipelines.scoring import ImageScoring
 from shards import schema
 from core.fs import atomic_write_bytes, exists, join, read_bytes, url_to_fs
+from shards.recipe import dump_recipe
 from shards.record import SCHEMA_VERSION
 from shards.schema import embeds_name, index_name, shard_name
 from shards.reader import read_embeddings, read_index
@@ -106,7 +107,7 @@ def read_parent(data_dir: str) -> tuple[dict, str]:
 
 def scoring_of(dataset: dict, data_dir: str) -> dict:
     """The parent's ``score_images`` recipe entry; a dump made without it cannot be filtered."""
-    scoring = (dataset.get("recipe") or {}).get("score_images")
+    scoring = dump_recipe(dataset).score_images
     if not scoring:
         raise UserError(f"--input {data_dir!r} holds no image scores: make the dump with "
                          "--save_images --score_images PRESET (e.g. --score_images tiny for tests)")

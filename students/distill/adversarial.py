@@ -176,9 +176,10 @@ class Adversary:
 def build(cfg, recipe, dataset: dict, teacher_unet, device) -> Adversary:
     """The adversary of a training run: the backbone is ``teacher_unet`` (online) or the dump's teacher."""
     if teacher_unet is None:
+        from shards.loader import dump_recipe
         from teachers.load import TeacherError, load_teacher
 
-        spec = dataset["recipe"]["teacher"]
+        spec = dump_recipe(dataset).teacher
         try:
             teacher_unet = load_teacher(spec, device=str(device)).unet
         except TeacherError as err:

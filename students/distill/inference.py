@@ -29,10 +29,11 @@ def teacher_timesteps(dataset: dict) -> list[float]:
     """The teacher's sampling timesteps in the dump (``dataset.json``; recomputed if an old dump lacks them)."""
     if dataset.get("timesteps"):
         return [float(t) for t in dataset["timesteps"]]
+    from shards.loader import dump_recipe
     from teachers.sampler import scheduler_class
 
     scheduler = scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
-    scheduler.set_timesteps(dataset["recipe"]["num_inference_steps"])
+    scheduler.set_timesteps(dump_recipe(dataset).sampler.num_inference_steps)
     return [float(t) for t in scheduler.timesteps]
 
 
@@ -63,6 +64,7 @@ def student_scheduler(dataset: dict, recipe: dict):
     ``num_inference_steps``, ``timesteps``, ``trained_timesteps`` and ``timesteps_exact``."""
     from diffusers import DDIMScheduler
 
+    from shards.loader import dump_recipe
     from teachers.sampler import scheduler_class
 
     if recipe.get("prediction_type") == "flow":
@@ -72,7 +74,7 @@ def student_scheduler(dataset: dict, recipe: dict):
     own_param = {"prediction_type": recipe["prediction_type"]} if recipe.get("prediction_type") else {}
     if not recipe.get("step_weight"):  # not step-distilled: the teacher's own sampler and steps
         scheduler = scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"], **own_param)
-        steps = int(dataset["recipe"]["num_inference_steps"])
+        steps = int(dump_recipe(dataset).sampler.num_inference_steps)
         scheduler.set_timesteps(steps)
         ts = [int(t) for t in scheduler.timesteps]
         return scheduler, dict(num_inference_steps=steps, timesteps=ts, trained_timesteps=teacher_timesteps(dataset),
@@ -169,11 +171,13 @@ def flow_sample(student, scheduler, noise, cond, uncond, pooled=None, pooled_unc
 
 def guidance_for(dataset: dict) -> float:
     """The CFG weight the teacher dump used (a range: 7.5 clamped into it; SnapFusion samples w in [2, 14])."""
-    recipe = dataset["recipe"]
-    if recipe.get("guidance_range"):
-        lo, hi = recipe["guidance_range"]
+    from shards.loader import dump_recipe
+
+    sampler = dump_recipe(dataset).sampler
+    if sampler.guidance_range:
+        lo, hi = sampler.guidance_range
         return float(min(max(7.5, lo), hi))
-    return float(recipe["guidance_scale"])
+    return float(sampler.guidance_scale)
 
 
 def student_sampling(dataset: dict, recipe: dict, *, height: int | None = None) -> tuple[object, dict]:
@@ -183,13 +187,16 @@ def student_sampling(dataset: dict, recipe: dict, *, height: int | None = None) 
     (from ``student_scheduler``), ``guidance_scale`` (the dump's, ``guidance_for``), ``prediction_type``
     (the student's own), ``height``/``width`` (pixels; the dump's, else ``height``) and ``teacher`` (spec).
     """
+    from shards.loader import dump_recipe
+
     scheduler, info = student_scheduler(dataset, recipe)
-    size = dataset["recipe"].get("height") or height
+    dump = dump_recipe(dataset)
+    size = dump.sampler.height or height
     return scheduler, dict(info, guidance_scale=guidance_for(dataset),
                            prediction_type=recipe.get("prediction_type") or dataset.get("prediction_type", "epsilon"),
                            height=None if size is None else int(size),
-                           width=None if size is None else int(dataset["recipe"].get("width") or size),
-                           teacher=dataset["recipe"]["teacher"])
+                           width=None if size is None else int(dump.sampler.width or size),
+                           teacher=dump.teacher)
 
 
 def teacher_sampler(dataset: dict):

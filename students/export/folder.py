@@ -121,6 +121,7 @@ def assemble_pipeline(run: RunInfo, weights: str = "ema", device: str = "cpu", d
     """(pipeline, inference info): the teacher's pipeline class and text side with the student UNet,
     decoder and scheduler. Used by export and by ``students.evaluation.evaluate`` for checkpoints, which passes
     its already loaded ``teacher`` (a ``teachers.load.Teacher``; its text encoder and VAE are shared)."""
+    from shards.loader import dump_recipe
     from teachers.load import load_teacher, torch_dtype
 
     unet = load_student_unet(run.files or run.checkpoint, weights)
@@ -138,10 +139,10 @@ def assemble_pipeline(run: RunInfo, weights: str = "ema", device: str = "cpu", d
     pipe.to(device)
     if dtype != "float32":  # built in float32; cast only when asked
         pipe.to(dtype=torch_dtype(dtype))
-    recipe = run.dataset["recipe"]
-    size = int(recipe.get("height") or teacher.default_resolution)
+    sampler = dump_recipe(run.dataset).sampler
+    size = int(sampler.height or teacher.default_resolution)
     decoder_name = "teacher" if decoder is None else run.train.get("decoder") or type(decoder).__name__
-    info = dict(info, guidance_scale=guidance_for(run.dataset), height=size, width=int(recipe.get("width") or size),
+    info = dict(info, guidance_scale=guidance_for(run.dataset), height=size, width=int(sampler.width or size),
                 pipeline=type(pipe).__name__, teacher=run.teacher, teacher_steps=len(teacher_timesteps(run.dataset)),
                 recipe=run.recipe["name"], preset=run.train.get("preset"), weights=weights, checkpoint=run.checkpoint,
                 step=run.step, decoder=decoder_name, prediction_type=run.recipe.get("prediction_type", "epsilon"))

@@ -278,22 +278,23 @@ class RunLog:
         then the student (and its EMA) as ``distill export`` will sample it (``student_sampling``: its own
         scheduler, trained timesteps, parameterisation and the dump's guidance; its decoder if one is trained):
         ``sampler`` and ``sampling`` are what the loop computed once and writes into every checkpoint."""
-        from shards.loader import record_pipeline
+        from shards.loader import dump_recipe, record_pipeline
         from students.distill.inference import student_pipeline, teacher_sampler
         from students.training.grid import grid_png, sample_images
         from teachers.load import load_teacher
 
         guidance = sampling["guidance_scale"]
+        recipe = dump_recipe(dataset)
         if getattr(self, "_teacher", None) is None:
-            self._teacher = load_teacher(dataset["recipe"]["teacher"])
+            self._teacher = load_teacher(recipe.teacher)
             records = [r for _, r in zip(range(4), record_pipeline(urls[:1]))]
             self._prompts = [r.caption for r in records]
             self._seeds = list(range(len(records)))
             pipe = student_pipeline(self._teacher, self._teacher.unet, teacher_sampler(dataset))
             self._teacher_images = sample_images(pipe, self._prompts, self._seeds,
-                                                 dataset["recipe"]["num_inference_steps"], guidance)
+                                                 recipe.sampler.num_inference_steps, guidance)
         student.eval()
-        rows, labels = [self._teacher_images], [f"teacher {dataset['recipe']['num_inference_steps']} st"]
+        rows, labels = [self._teacher_images], [f"teacher {recipe.sampler.num_inference_steps} st"]
         for name, unet in (("student", student), ("EMA", ema)):
             if unet is None:
                 continue

@@ -75,7 +75,7 @@ def read_run(path: str, *, data: str | None = None, teacher: str | None = None) 
     needed; ``data`` reads the dump's own file instead (and is needed for checkpoints older than that);
     ``teacher`` replaces the teacher spec recorded in the dump (a local copy of the same teacher).
     """
-    from shards.loader import read_dataset_info
+    from shards.loader import dump_recipe, read_dataset_info
 
     ckpt = resolve_checkpoint(path)
     config = join(ckpt, "config.json")
@@ -95,7 +95,7 @@ def read_run(path: str, *, data: str | None = None, teacher: str | None = None) 
                            "(moved or on another machine?), and the checkpoint predates self-describing ones: pass "
                            "--data with the dump folder (only its dataset.json is read)")
         dataset = read_dataset_info(data_dir)
-    spec = teacher or dataset["recipe"]["teacher"]
+    spec = teacher or dump_recipe(dataset).teacher
     return RunInfo(checkpoint=ckpt, train=saved["train"], recipe=saved["recipe"], step=int(saved.get("step", 0)),
                    dataset=dataset, teacher=spec, files=_local_files(ckpt))
 

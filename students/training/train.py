@@ -30,7 +30,7 @@ from core.errors import UserError
 from core.options import differing_fields, not_one_of, option
 from students.distill import adversarial
 from students.training import checkpoint as ckpt
-from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline
+from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, dump_recipe, read_dataset, record_pipeline
 from shards.record import RECTIFIED_FLOW, noise_process
 from students.distill.batches import step_rows, training_batch
 from students.distill.inference import student_sampling
@@ -328,19 +328,20 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
 
         resolve_checkpoint(cfg.init_from)  # a RunError (one line) before any work when it is not a run
     dataset, negative = read_dataset(cfg.data)
+    sampler = dump_recipe(dataset).sampler
     check_noise_process(cfg, recipe, dataset)
     if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
         raise UserError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
                         f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
     recorded = dataset.get("recorded_steps")
-    if recipe.step_weight > 0 and recorded is not None and recorded != list(range(dataset["recipe"]["num_inference_steps"])):
+    if recipe.step_weight > 0 and recorded is not None and recorded != list(range(sampler.num_inference_steps)):
         raise UserError(f"recipe {recipe.name!r} (step distillation) needs every teacher step recorded; "
                         f"{cfg.data!r} recorded steps {recorded} (dump with --record_steps all)")
-    check_step_counts(cfg, recipe, dataset["recipe"]["num_inference_steps"])
-    if cfg.adv_real == "image" and not dataset["recipe"].get("real_images"):
+    check_step_counts(cfg, recipe, sampler.num_inference_steps)
+    if cfg.adv_real == "image" and not sampler.real_images:
         raise UserError(f"--adv_real image needs real-image latents: {cfg.data!r} was dumped without --real_images "
                         "(re-dump with --real_images, or use --adv_real teacher)")
-    if cfg.decoder and not dataset["recipe"].get("save_images", True):
+    if cfg.decoder and not sampler.save_images:
         raise UserError(f"--decoder needs the teacher's images: {cfg.data!r} was dumped without --save_images")
     first = _FirstRecord(lambda: dataset_shards(cfg.data))  # the flags against the dump first, then every index
     if student_config is None and cfg.init_from_teacher is None and cfg.init_from is None:  # a cut is the teacher's UNet: it fits by construction
@@ -382,7 +383,7 @@ def resolve_features(recipe: DistillRecipe, dataset: dict) -> DistillRecipe:
     mapped = dict(recipe.feature_map)
     if all(stage in mapped for stage in stages):
         return recipe
-    recorded = list(dataset["recipe"].get("feature_layers") or [])
+    recorded = list(dump_recipe(dataset).sampler.feature_layers or [])
     try:
         auto = dict(default_feature_map([s for s in stages if s not in mapped],
                                         [b for b in recorded if b not in mapped.values()]))
@@ -490,7 +491,7 @@ def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: di
     from students.models.unet import PRESETS
 
     who = f"--preset {cfg.preset}" if cfg.init_from_teacher is None else "the student"
-    where = f"the dump {cfg.data!r} (teacher {dataset['recipe'].get('teacher', '?')!r})"
+    where = f"the dump {cfg.data!r} (teacher {dump_recipe(dataset).teacher or '?'!r})"
     flow_dump = noise_process(dataset) == RECTIFIED_FLOW
     if flow_dump:
         return check_flow_conditioning(student_config, dump, who, where)
@@ -549,7 +550,7 @@ def _decoder_fit(cfg: TrainConfig, dataset: dict, first: _FirstRecord) -> dict:
     if rec is None:
         return {}  # nothing readable: the loader names the skipped samples when training starts
     channels, side = int(rec.latents.shape[1]), int(rec.latents.shape[-1])
-    image = int(rec.meta.get("width") or dataset["recipe"].get("width") or 0)
+    image = int(rec.meta.get("width") or dump_recipe(dataset).sampler.width or 0)
     factor = image // side if side and image % side == 0 else 0
     upsamplings = factor.bit_length() - 1
     if factor < 2 or factor != 2 ** upsamplings:
@@ -610,7 +611,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     if recipe.two_step_teacher and teacher_unet is not None:
         from students.distill.progressive import check_round
 
-        check_round(dataset["recipe"]["num_inference_steps"], recipe.student_steps)
+        check_round(dump_recipe(dataset).sampler.num_inference_steps, recipe.student_steps)
     decoder = None
     if cfg.decoder:
         from students.models.vae import build_vae
@@ -812,7 +813,7 @@ def student_from_teacher(cfg: TrainConfig, dataset: dict):
     from students.models.unet import EfficientUNet2DConditionModel
     from teachers.load import TeacherError, load_teacher
 
-    spec = cfg.online_teacher or dataset["recipe"]["teacher"]
+    spec = cfg.online_teacher or dump_recipe(dataset).teacher
     try:
         teacher_unet = load_teacher(spec).unet
         student_cfg, block_map = cut(family_config(teacher_unet), cfg.init_from_teacher)
