@@ -56,6 +56,11 @@ def plot(table: dict, teacher: dict, path: str, steps: dict) -> None:
     plt.close(fig)
 
 
+def _spread(values: list[float]) -> float:
+    """Sample standard deviation over training seeds (0 for one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(last: dict, steps: dict, teacher: dict) -> dict:
     """{student steps: {"seeds": k, split: mean over the runs' last checkpoints of adherence, exact, Frechet and
     the per-image standard error, with the spread (sample standard deviation; 0 for one seed) over runs}}."""
@@ -65,9 +70,8 @@ def summarise(last: dict, steps: dict, teacher: dict) -> dict:
         row: dict = {"seeds": len(group)}
         for split in group[0]:
             vals = {k: [g[split][k] for g in group] for k in ("adherence", "adherence_se", "exact", "frechet_analyser")}
-            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
             row[split] = {k: statistics.fmean(v) for k, v in vals.items()}
-            row[split].update(adherence_sd=sd(vals["adherence"]), frechet_sd=sd(vals["frechet_analyser"]))
+            row[split].update(adherence_sd=_spread(vals["adherence"]), frechet_sd=_spread(vals["frechet_analyser"]))
             if n in teacher and split in teacher[n]:
                 row[split]["teacher_adherence"] = teacher[n][split]["adherence"]
         out[n] = row

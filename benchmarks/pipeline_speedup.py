@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     eager = {label: eager_call(pipes[who], steps, guidance, size) for label, who, steps in rows}
 
     onnx = {}
-    tmp = tempfile.mkdtemp(prefix="pipeline-speedup-")
+    tmp_dir = tempfile.TemporaryDirectory(prefix="pipeline-speedup-")  # removed when the run ends
+    tmp = tmp_dir.name
     if args.onnx == "true":
         print("exporting the ONNX folders (fp32) ...", flush=True)
         for label, who, steps in rows:
@@ -132,9 +133,12 @@ def main(argv=None) -> int:
     for label, _, _ in rows:
         e, o = med[label]["eager"], med[label]["onnx"]
         es = med[base]["eager"] / e
-        os_ = f"{med[base]['onnx'] / o:.1f}x" if o else "-"
-        print(f"| {label} | {e:.4f} | {es:.1f}x | {o:.4f} | {os_} |" if o else f"| {label} | {e:.4f} | {es:.1f}x | - | - |")
-    components = {label: onnx_components(op, args.rounds) for label, op in onnx.items() if not label.startswith("teacher, " + str(n))}
+        onnx_cells = f"{o:.4f} | {med[base]['onnx'] / o:.1f}x" if o else "- | -"
+        print(f"| {label} | {e:.4f} | {es:.1f}x | {onnx_cells} |")
+    first = {}  # per model its first row: the teacher's rows at two step counts call the same three models
+    for label, who, _ in rows:
+        first.setdefault(who, label)
+    components = {label: onnx_components(onnx[label], args.rounds) for label in first.values() if label in onnx}
     if components:
         print("\nONNX Runtime per call (median s): text encoder | UNet (CFG batch of 2) | decoder")
         for label, c in components.items():
@@ -149,6 +153,7 @@ def main(argv=None) -> int:
         with open(tmp_out, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
         os.replace(tmp_out, args.output)
+    tmp_dir.cleanup()
     return 0
 
 

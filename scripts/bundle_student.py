@@ -13,23 +13,12 @@ half-written bundle has none.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from students.training.runs import resolve_checkpoint  # noqa: E402
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from pipelines.common import file_sha256
+from students.training.runs import resolve_checkpoint
 
 
 def main(argv=None) -> int:
@@ -59,7 +48,7 @@ def main(argv=None) -> int:
     meta = {"source": os.path.relpath(ckpt), "step": config.get("step"), "weights": "ema (as student/)",
             "preset": config["train"].get("preset"), "student_steps": config["train"].get("student_steps"),
             "seed": config["train"].get("seed"), "note": args.note,
-            "sha256": {f: sha256(os.path.join(tmp, f)) for f in files}}
+            "sha256": {f: file_sha256(os.path.join(tmp, f)) for f in files}}
     with open(os.path.join(tmp, "weights.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)
