@@ -231,6 +231,10 @@ def transformer_code() -> dict[str, str]:
     with open(flow_student.__file__, encoding="utf-8") as f:
         src = f.read()
     src = src.replace("from students.models.unet import", f"from .{UNET_MODULE} import")
+    # diffusers copies only the direct relative imports of the file it loads into its module cache: name the
+    # UNet's blocks here too, or a fresh machine's load fails on student_unet's own relative import
+    src = src.replace(f"from .{UNET_MODULE} import", f"from .{BLOCKS_MODULE} import parse_layout  # noqa: F401 "
+                      "(diffusers copies direct relative imports only)\n" + f"from .{UNET_MODULE} import", 1)
     header = "# Copied from diffusion-distill's students/models/flow_student.py by `distill export` (trust_remote_code).\n"
     files = {f"{TRANSFORMER_MODULE}.py": header + src, **unet_code()}
     if re.search(r"^\s*(from|import)\s+(students|teachers|filters|pipelines)\b", src, flags=re.MULTILINE):
