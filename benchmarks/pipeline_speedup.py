@@ -37,12 +37,12 @@ def eager_call(pipe, steps: int, guidance: float, size: int):
 
 
 def onnx_components(onnx_pipe, rounds: int) -> dict:
-    """Median seconds of one text-encoder call, one UNet call (CFG batch) and one decoder call."""
+    """Median seconds of one text-encoder call (the prompt's row), one UNet call (CFG batch) and one decoder call."""
     import numpy as np
 
     m = onnx_pipe.manifest
-    ids = onnx_pipe.token_ids(CAPTION)
-    embeds = onnx_pipe.run("text_encoder", ids)
+    ids = onnx_pipe.token_ids(CAPTION)  # the prompt's row (the negative row is encoded once, at load)
+    embeds = onnx_pipe.encode(CAPTION)
     latents = np.random.default_rng(0).standard_normal(m.latent_shape, dtype=np.float32)
     sample = np.concatenate([latents] * m.cfg_batch)
     t = np.full((m.cfg_batch,), m.scheduler.timesteps[0], dtype=np.float32)

@@ -137,7 +137,12 @@ def test_onnx_pipeline_makes_the_pytorch_pipelines_image(exported, shapes_pipe):
     onnx_pipe = ondevice.OnnxPipeline(folder, threads=1)
     ids = onnx_pipe.token_ids(CAPTION)
     want_ids = pipe.tokenizer(["", CAPTION], padding="max_length", max_length=77, truncation=True).input_ids
-    assert ids.tolist() == want_ids
+    assert ids.tolist() == want_ids[1:]  # the prompt's row: the negative row was encoded once, at load
+    with torch.no_grad():  # and it is the pipeline's own unconditional embedding
+        negative = pipe.text_encoder(torch.tensor(want_ids[:1]))[0].numpy()
+        prompt = pipe.text_encoder(torch.tensor(want_ids[1:]))[0].numpy()
+    scale = max(np.abs(negative).max(), np.abs(prompt).max())
+    np.testing.assert_allclose(onnx_pipe.encode(CAPTION), np.concatenate([negative, prompt]), atol=1e-4 * scale, rtol=0)
     images = {}
     for seed in (0, 1):
         noise = ondevice.initial_noise(seed, manifest)

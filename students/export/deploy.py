@@ -97,14 +97,15 @@ def pipeline_components(pipe, info: dict, prompt: str = "a photo", seed: int = 0
         raise DeployError("the student UNet takes a guidance embedding (time_cond_proj_dim): not supported by --format onnx")
     unet_cls, text_cls, decoder_cls = wrappers()
     batch = cfg_batch(info)
-    ids = pipe.tokenizer(([""] if batch == 2 else []) + [prompt], padding="max_length", truncation=True,
+    # one row: the constant negative prompt's embedding is computed once per loaded pipeline, not per image
+    ids = pipe.tokenizer([prompt], padding="max_length", truncation=True,
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
     encoder = copy.deepcopy(pipe.text_encoder)
     if hasattr(encoder, "set_attn_implementation"):  # SDPA's traced causal mask is float32 even in an fp16 model
         encoder.set_attn_implementation("eager")
     text = text_cls(encoder).eval()
     with torch.no_grad():
-        embeds = text(ids)
+        embeds = text(ids).repeat(batch, 1, 1)
     gen = torch.Generator().manual_seed(seed)
     shape = latent_shape(pipe, info)
     sample = torch.randn((batch,) + shape[1:], generator=gen)

@@ -10,8 +10,10 @@ torch nor a module that imports it (``tests/test_deploy.py`` runs it in a fresh 
 
 The loop is what diffusers' ``StableDiffusionPipeline`` does with a ``DDIMScheduler`` (eta 0):
 
-1. token ids of ``[negative_prompt, prompt]`` (with classifier-free guidance) or ``[prompt]``, padded to 77;
-2. ``prompt_embeds = text_encoder(input_ids)``;
+1. token ids of ``prompt``, padded to 77; ``prompt_embeds = text_encoder(input_ids)``; with classifier-free
+   guidance the rows are ``[negative, prompt_embeds]``, where ``negative = text_encoder(ids of negative_prompt)``
+   is computed once when the folder is loaded (the negative prompt is constant: one text-encoder row per image);
+2. (folders exported before that take both rows at once: ``text_encoder(ids of [negative_prompt, prompt])``);
 3. ``latents = numpy.random.default_rng(seed).standard_normal(latent_shape, float32) * init_noise_sigma``
    (the noise rule is numpy's, so the PyTorch pipeline gets the same start through ``latents=``);
 4. per step i: ``noise_pred = unet(latents repeated per CFG row, timesteps[i], prompt_embeds)``, the CFG mix
@@ -256,6 +258,11 @@ class OnnxPipeline:
                 reason = " ".join(str(err).split())[:200]
                 raise DeployError(f"{path}: the {precision} {component} is not a loadable ONNX model ({reason}); "
                                   "re-export it (distill export --format onnx)") from None
+        # the text encoder's rows: 1 (this version: the negative row is encoded here, once) or cfg_batch (older exports)
+        self.text_rows = int(self.specs["text_encoder"].inputs[0].shape[0])
+        self.negative_embeds = None
+        if m.cfg_batch == 2 and self.text_rows == 1:
+            self.negative_embeds = self.run("text_encoder", self._ids([m.negative_prompt]))
 
     def run(self, component: str, *arrays):
         """One model on float32/int64 arrays (cast to the model's input dtypes) -> its first output as float32."""
@@ -265,12 +272,26 @@ class OnnxPipeline:
         feeds = {t.name: np.ascontiguousarray(a, dtype=NUMPY_DTYPES[t.dtype]) for t, a in zip(spec.inputs, arrays)}
         return self.sessions[component].run([spec.outputs[0].name], feeds)[0].astype(np.float32)
 
-    def token_ids(self, prompt: str):
-        """int64 (cfg_batch, max_length): ``[negative_prompt, prompt]`` with CFG, else ``[prompt]``."""
+    def _ids(self, texts: list[str]):
         import numpy as np
 
-        texts = [self.manifest.negative_prompt, prompt] if self.manifest.cfg_batch == 2 else [prompt]
         return np.array([e.ids for e in self.tokenizer.encode_batch(texts)], dtype=np.int64)
+
+    def token_ids(self, prompt: str):
+        """int64 (rows, max_length), the text encoder's input: ``[prompt]``, or for a folder whose text encoder
+        takes both CFG rows (exported before the negative row was cached) ``[negative_prompt, prompt]``."""
+        if self.text_rows == 2:
+            return self._ids([self.manifest.negative_prompt, prompt])
+        return self._ids([prompt])
+
+    def encode(self, prompt: str):
+        """``prompt_embeds`` (cfg_batch, 77, D): ``[negative, prompt]`` rows with CFG, else ``[prompt]``."""
+        import numpy as np
+
+        embeds = self.run("text_encoder", self.token_ids(prompt))
+        if self.negative_embeds is None:
+            return embeds
+        return np.concatenate([self.negative_embeds, embeds])
 
     def denoise(self, prompt_embeds, latents):
         import numpy as np
@@ -288,7 +309,7 @@ class OnnxPipeline:
 
     def __call__(self, prompt: str, seed: int = 0, latents=None):
         """uint8 (height, width, 3) for ``prompt``; ``latents`` replaces the seed's initial noise."""
-        prompt_embeds = self.run("text_encoder", self.token_ids(prompt))
+        prompt_embeds = self.encode(prompt)
         latents = initial_noise(seed, self.manifest) if latents is None else latents
         latents = self.denoise(prompt_embeds, latents)
         return to_uint8(self.run("decoder", latents))[0]
