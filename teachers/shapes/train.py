@@ -204,14 +204,15 @@ def _load_state(folder: str, name: str) -> dict | None:
 def train_unet(vae, analyser, *, steps: int, batch: int, lr: float, seed: int, data: int, eval_every: int,
                eval_captions: list[str], time_budget_s: float, arch: str = "shapes", scenes: list | None = None,
                checkpoint_dir: str | None = None, checkpoint_every: int = 0, resume_key: dict | None = None,
-               stop_after: int = 0, eval_steps: int = 20):
+               stop_after: int = 0, eval_steps: int = 20, init_from: str | None = None):
     """Train the UNet and text encoder; returns ``(ema_unet, ema_text, tokenizer, token_ids, history, done)``.
 
     ``scenes``: the scenes to train on (default: every attribute drawn independently, all 450).
     ``checkpoint_dir`` and ``checkpoint_every``: save the training state every that many steps and
     resume from it; ``resume_key`` (what fixes the run: arch, split, seed, steps, ...) must match the
     checkpoint's. ``stop_after``: train at most this many steps in this call, then checkpoint and
-    return ``done=False`` (a run split over sessions)."""
+    return ``done=False`` (a run split over sessions). ``init_from``: a weights folder of the same arch
+    whose UNet and text encoder this run starts from (a warm restart: fresh optimiser and schedule)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -229,6 +230,14 @@ def train_unet(vae, analyser, *, steps: int, batch: int, lr: float, seed: int, d
         keep = table[token_ids].clone()
         table.zero_()
         table[token_ids] = keep
+    if init_from:
+        from diffusers import AutoencoderKL
+
+        start_meta = M.load_weights(init_from, unet, AutoencoderKL(**M.vae_config()), text, arch)
+        if start_meta.get("arch", "shapes") != arch:
+            raise SystemExit(f"--init_from {init_from}: its weights are of arch {start_meta.get('arch', 'shapes')!r}, not {arch!r}")
+        unet.float(), text.float()
+        _log(f"starting from the UNet and text encoder of {init_from}")
     captions = [world.caption(s) for s in train_scenes] + [""]  # only the training scenes are ever captioned
     input_ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = len(captions) - 1
@@ -380,7 +389,7 @@ ARCH_DEFAULTS = {
 # What fixes a run's result: a checkpoint resumes only a run with the same values (time budget and
 # threads may change between runs).
 RUN_KEYS = ("arch", "split", "reuse_vae", "seed", "analyser_steps", "vae_steps", "unet_steps", "batch", "lr", "data",
-            "eval_every", "eval_n", "eval_steps")
+            "eval_every", "eval_n", "eval_steps", "init_from")
 
 
 def _reuse(folder: str, output: str):
@@ -417,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse_vae", default=None, metavar="FOLDER",
                    help="take the autoencoder and analyser from this weights folder instead of training them "
                         "(default for sd15: teachers/shapes/weights; '' trains them)")
+    p.add_argument("--init_from", default="", metavar="FOLDER",
+                   help="start the UNet and text encoder from this weights folder of the same arch (a warm restart: "
+                        "fresh optimiser and learning-rate schedule; its provenance is kept in weights.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--analyser_steps", type=int, default=1500)
     p.add_argument("--vae_steps", type=int, default=1500)
@@ -465,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     if key["reuse_vae"]:  # the reused autoencoder by content, not by path
         with open(os.path.join(key["reuse_vae"], "weights.json"), encoding="utf-8") as f:
             key["reuse_vae"] = "sha256:" + json.load(f)["sha256"]["vae"]
+    if key["init_from"]:  # the starting weights by content, too
+        with open(os.path.join(key["init_from"], "weights.json"), encoding="utf-8") as f:
+            start = json.load(f)
+        key["init_from"] = "sha256:" + start["sha256"]["unet"]
     if args.restart and os.path.isdir(ckpt):
         import shutil
 
@@ -505,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         vae, analyser, steps=args.unet_steps, batch=args.batch, lr=args.lr, seed=args.seed, data=args.data,
         eval_every=args.eval_every, eval_captions=eval_captions, time_budget_s=args.time_budget_min * 60,
         arch=args.arch, scenes=scenes, checkpoint_dir=ckpt if resumable else None,
-        checkpoint_every=args.checkpoint_every, resume_key=key, stop_after=args.stop_after, eval_steps=args.eval_steps)
+        checkpoint_every=args.checkpoint_every, resume_key=key, stop_after=args.stop_after, eval_steps=args.eval_steps,
+        init_from=args.init_from or None)
     if not done:
         return 0
     meta = dict(scaling_factor=scaling, vae_heldout_mse=vae_mse, analyser_heldout_accuracy=acc, history=history,
@@ -516,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
             meta["heldout_scenes"] = len(world.heldout_scenes())
         if reused:
             meta["reused"] = reused["reused"]
+        if args.init_from:  # a warm restart: what it started from, and that run's own record
+            meta["init_from"] = dict(folder=args.init_from, sha256=start["sha256"], run_key=start.get("run_key"),
+                                     history=start.get("history"), seconds=start.get("seconds"))
     M.save_weights(args.output, unet, vae, text, token_ids, meta)
     calibrate_output()
     if resumable and os.path.isdir(ckpt):
