@@ -32,11 +32,14 @@ def stage(name: str):
     return time.monotonic()
 
 
-def shapes_guidance() -> float:
-    """The CFG weight the shapes teacher was calibrated at (``weights.json``)."""
+def shapes_guidance(teacher: str = TEACHER) -> float:
+    """The CFG weight the shapes teacher (``shapes`` or ``shapes-sd15``) was calibrated at (``weights.json``)."""
     from teachers.shapes import model as M
 
-    with open(os.path.join(M.WEIGHTS_DIR, "weights.json"), encoding="utf-8") as f:
+    folder = {"shapes": M.WEIGHTS_DIR, "shapes-sd15": M.WEIGHTS_DIR_SD15}.get(teacher)
+    if folder is None:
+        raise ValueError(f"teacher {teacher!r}: the kit's guidance default knows shapes and shapes-sd15; pass guidance=")
+    with open(os.path.join(folder, "weights.json"), encoding="utf-8") as f:
         return float(json.load(f)["guidance_scale"])
 
 
@@ -60,7 +63,7 @@ def dump(prompts: str, output: str, *, teacher: str = TEACHER, steps: int = TEAC
 
     argv = ["--runner=DirectRunner", "--prompts", prompts, "--output", output, "--teacher", teacher,
             "--num_inference_steps", str(steps), "--scheduler", "ddim", "--record_steps", "all",
-            "--feature_layers", "", "--guidance_scale", str(guidance if guidance is not None else shapes_guidance()),
+            "--feature_layers", "", "--guidance_scale", str(guidance if guidance is not None else shapes_guidance(teacher)),
             "--seeds_per_prompt", str(seeds_per_prompt), "--samples_per_shard", str(samples_per_shard),
             "--batch_size", str(batch_size), "--cpu_threads", str(cpu_threads)]
     if save_images:
