@@ -47,7 +47,8 @@ def test_a_schema_2_dataset_json_reads_typed(tmp_path):
             "timesteps": [750.0, 500.0, 250.0, 0.0], "recorded_steps": [0, 1, 2, 3]}
     (tmp_path / "dataset.json").write_text(json.dumps(info))
     dataset = loader.read_dataset_info(str(tmp_path))
-    recipe = loader.dump_recipe(dataset)
+    assert isinstance(dataset, schema.DatasetInfo) and dataset.prediction_type == "epsilon"  # the trainer's view, typed
+    recipe = dataset.dump_recipe
     assert recipe.schema_version == 2 and recipe.teacher == "tiny" and recipe.cpu_threads == 1
     assert recipe.sampler.num_inference_steps == 4 and recipe.sampler.record_steps is None
     assert not recipe.sampler.real_images and recipe.score_images is None
@@ -61,3 +62,4 @@ def test_a_partial_recipe_reads_with_the_defaults_the_trainer_assumed():
     assert recipe.teacher == "tiny" and recipe.samples_per_shard is None
     assert recipe.sampler.height is None and recipe.sampler.feature_layers is None and recipe.sampler.save_images
     assert not recipe.sampler.real_images and dump_recipe({}).sampler.num_inference_steps == 50
+
