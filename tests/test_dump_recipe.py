@@ -1,6 +1,7 @@
 """The dump recipe (shards.recipe): the sampler settings nested once, the flat JSON and its hash unchanged,
 older dataset.json recipes read typed."""
 
+import dataclasses
 import json
 
 import pytest
@@ -63,3 +64,16 @@ def test_a_partial_recipe_reads_with_the_defaults_the_trainer_assumed():
     assert recipe.sampler.height is None and recipe.sampler.feature_layers is None and recipe.sampler.save_images
     assert not recipe.sampler.real_images and dump_recipe({}).sampler.num_inference_steps == 50
 
+
+def test_the_dump_flags_take_the_sampler_defaults_from_sampler_config():
+    """Each sampler setting's default is declared once, in SamplerConfig: the dump's flag of that name has it
+    (``--record_steps all`` and ``--resolution`` are its None record_steps and height)."""
+    from pipelines.dump.job import DumpConfig
+
+    flags = {f.name: f.default for f in dataclasses.fields(DumpConfig)}
+    sampler = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+    shared = set(flags) & set(sampler) - {"record_steps"}
+    assert shared == {"num_inference_steps", "scheduler", "guidance_scale", "guidance_range", "feature_layers",
+                      "num_feature_steps", "save_images", "real_images"}
+    assert {n: flags[n] for n in shared} == {n: sampler[n] for n in shared}
+    assert flags["resolution"] == sampler["height"] is None and flags["record_steps"] == "all"
