@@ -26,10 +26,14 @@ import os
 import sys
 import time
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from diffusion_distill import kit
 from core.errors import UserError, run_main
 from core.options import differing_fields, option, parse
+
+if TYPE_CHECKING:
+    from shards.schema import DatasetInfo
 
 INIT_FROM_TEACHER = "mid_only"  # the teacher cut of the older demo: the best row of benchmarks/ablation.py
 BUNDLED_STUDENT = "shapes_small"  # --init_from's default: the bundled trained student (bundled_student())
@@ -100,7 +104,7 @@ def describe_student(init_from_teacher: str | None, student_steps: int, init_fro
     return f"the <code>shapes</code> preset from scratch, step-distilled for {student_steps} steps"
 
 
-def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds: dict,
+def write_report(out: str, curated: dict, dataset: DatasetInfo, metrics: dict, seconds: dict,
                  student: str = "the <code>shapes</code> preset, step-distilled for 8 steps", cost: dict | None = None) -> str:
     rows = []
     cost = cost or {}
@@ -114,7 +118,7 @@ def write_report(out: str, curated: dict, dataset: dict, metrics: dict, seconds:
                         f"<td>{r.get('exact', float('nan')):.3f}</td><td>{r.get('frechet_analyser', float('nan')):.2f}</td>"
                         f"<td>{r.get('latency_s', float('nan')) * 1000:.1f}</td><td>{ratio('parameters')}</td>"
                         f"<td>{ratio('macs')}</td><td>{(r.get('unet_latency_s') or float('nan')) * 1000:.2f}</td></tr>")
-    totals = dataset["totals"]
+    totals = dataset.totals
     funnel = (f"captions in {curated['input']} = kept {curated['kept']} + filtered {curated['filtered']} + duplicate "
               f"{curated['duplicate']} + rejected {curated['rejected']}; dump: {totals['samples_written']} samples written, {totals['samples_rejected']} "
               f"rejected, {totals['bytes'] / 2**20:.1f} MiB")
@@ -182,7 +186,7 @@ def run(output: str, *, train_steps: int = 200, seeds_per_prompt: int = 2, eval_
     finished stages are read back, the dump job resumes its shards, training resumes from its newest
     checkpoint (every ``checkpoint_every`` steps, exactly: the trainer restores every RNG), export and
     evaluation rerun only when their outputs are missing."""
-    from shards.loader import dump_recipe
+    from shards.schema import read_dataset_info
     from students.evaluation.evaluate import EvalConfig, evaluate
     from students.export.folder import export
     from students.training.checkpoint import checkpoints
@@ -201,9 +205,10 @@ def run(output: str, *, train_steps: int = 200, seeds_per_prompt: int = 2, eval_
         kit.curate(captions, os.path.join(output, "curate"))
     seconds["curate"] = time.monotonic() - t
     t = kit.stage("2/5 teacher dump: shapes teacher, full trajectories (Beam, DirectRunner)")
-    dataset = _done(os.path.join(output, "dump", "dataset.json")) or \
+    if not os.path.isfile(os.path.join(output, "dump", "dataset.json")):
         kit.dump(os.path.join(output, "curate", "manifest.parquet"), os.path.join(output, "dump"),
-                      seeds_per_prompt=seeds_per_prompt, samples_per_shard=256)
+                 seeds_per_prompt=seeds_per_prompt, samples_per_shard=256)
+    dataset = read_dataset_info(os.path.join(output, "dump"))
     seconds["dump"] = time.monotonic() - t
     t = kit.stage(f"3/5 step-distil the student for {student_steps} steps")
     run_dir = os.path.join(output, "train")
@@ -227,7 +232,7 @@ def run(output: str, *, train_steps: int = 200, seeds_per_prompt: int = 2, eval_
                          captions=_eval_captions(os.path.join(output, "eval_captions.txt"), eval_images),
                          student=folder, teacher=kit.TEACHER, num_images=eval_images,
                          teacher_steps=(kit.TEACHER_STEPS, student_steps), student_steps=(student_steps,),
-                         guidance_scale=float(dump_recipe(dataset).sampler.guidance_scale),  # every row at the dump's
+                         guidance_scale=float(dataset.dump_recipe.sampler.guidance_scale),  # every row at the dump's
                          metrics=(), batch_size=48, grid_images=8, latency_repeats=3)
         metrics = evaluate(cfg, extra_metrics=(Adherence(analyser), AnalyserFrechet(analyser)))
     seconds["eval"] = time.monotonic() - t

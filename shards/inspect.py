@@ -43,7 +43,7 @@ class InspectConfig:
 
 
 def summarise(data_dir: str) -> dict:
-    dataset = read_dataset_info(data_dir).to_dict() if exists(join(data_dir, DATASET_JSON)) else {}
+    info = read_dataset_info(data_dir) if exists(join(data_dir, DATASET_JSON)) else None
     shards = list_indexes(data_dir)
     samples, total, fields = 0, 0, {}
     for i in shards:
@@ -58,8 +58,8 @@ def summarise(data_dir: str) -> dict:
     per_sample = {k: v / samples for k, v in sorted(fields.items())} if samples else {}
     return dict(path=data_dir, shards=len(shards), samples=samples, bytes=total,
                 bytes_per_sample=total / samples if samples else 0.0, bytes_per_sample_by_field=per_sample,
-                recipe=dataset.get("recipe"), recipe_hash=dataset.get("recipe_hash"),
-                lineage=lineage_chain(dataset.get("lineage")), totals=dataset.get("totals"))
+                recipe=info and info.recipe, recipe_hash=info and info.recipe_hash,
+                lineage=lineage_chain(info and info.lineage), totals=info and info.totals)
 
 
 def lineage_chain(lineage: dict | None) -> list[dict]:

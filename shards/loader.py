@@ -13,8 +13,9 @@ silently. With ``report_skips=True`` the pipeline yields ``Loaded(record, skips)
 consumer in the main process gathers the counts of every DataLoader worker (each worker counts in
 its own copy of this module's ``STATS``).
 
-Four functions are the trainer's only view of the dump's format, so a new schema changes them only:
-``read_dataset_info`` (``dataset.json``), ``dump_recipe`` (its recipe typed: ``shards.recipe.DumpRecipe``,
+Three functions are the trainer's only view of the dump's format, so a new schema changes them only:
+``read_dataset_info`` (``dataset.json`` as the typed ``shards.schema.DatasetInfo``: ``info.prediction_type``,
+``info.scheduler_config``, and its recipe typed in ``info.dump_recipe``, a ``shards.recipe.DumpRecipe`` with
 the sampler's settings in ``.sampler``), ``check_sample`` (one sample) and ``noise_levels`` (the
 timesteps and noise coefficients of the recorded latents).
 """
@@ -29,10 +30,9 @@ import time
 from core.errors import UserError
 from shards import record
 from shards import schema
-from shards.schema import ShardIndex
+from shards.schema import DatasetInfo, ShardIndex
 from core.fs import exists, join, read_bytes, url_to_fs
 from shards.reader import list_indexes
-from shards.recipe import dump_recipe  # noqa: F401 (the trainer's view of the recipe)
 from shards.schema import shard_name
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,9 @@ class Loaded:
 # ------------------------------------------------------------------------------------------
 
 
-def read_dataset_info(data_dir: str) -> dict:
-    """``dataset.json`` of a dump as a dict, validated by ``shards.schema.DatasetInfo`` (schema version,
-    field types) plus what the trainer needs; ``UserError`` naming the file otherwise."""
+def read_dataset_info(data_dir: str) -> DatasetInfo:
+    """``dataset.json`` of a dump, validated by ``shards.schema.DatasetInfo`` (schema version, field types)
+    plus what the trainer needs (the scheduler and prediction type); ``UserError`` naming the file otherwise."""
     if not exists(data_dir):
         raise UserError(f"--data {data_dir!r} does not exist")
     path = join(data_dir, schema.DATASET_JSON)
@@ -116,7 +116,7 @@ def read_dataset_info(data_dir: str) -> dict:
         raise UserError(f"{path}: a schema {info.schema_version} dump made with {info.scheduler_class} stores "
                         "latents this trainer cannot read as z_t = alpha_t x0 + sigma_t eps (supported: "
                         f"{', '.join(VP_SCHEDULERS)}); re-dump it with this version (schema 2)")
-    return info.to_dict()
+    return info
 
 
 def dataset_shards(data_dir: str) -> list[str]:
@@ -125,7 +125,7 @@ def dataset_shards(data_dir: str) -> list[str]:
     Each one's index is read and checked here (``read_shard_index``), so a missing or unsupported index
     is refused before any work rather than read past; the indexes are kept for ``shard_index``."""
     if exists(join(data_dir, schema.DATASET_JSON)):
-        names = [s["shard"] for s in read_dataset_info(data_dir).get("shards", [])]
+        names = read_dataset_info(data_dir).shard_names
     elif not exists(data_dir):
         raise UserError(f"--data {data_dir!r} does not exist")
     else:
@@ -165,12 +165,12 @@ def _index_path(url: str) -> str:
 
 
 def read_dataset(data_dir: str):
-    """(dataset.json as a dict, {name: array} of what is stored once: the unconditional embeddings), through fsspec."""
+    """(dataset.json as ``DatasetInfo``, {name: array} of what is stored once: the unconditional embeddings), through fsspec."""
     import numpy as np
 
     dataset = read_dataset_info(data_dir)
     negative = {}
-    for name, file in dataset.get("shared", {}).items():  # negative_prompt_embeds (+ negative_pooled_prompt_embeds: SDXL)
+    for name, file in dataset.shared.items():  # negative_prompt_embeds (+ negative_pooled_prompt_embeds: SDXL)
         try:
             negative[name] = record.load_npy(read_bytes(join(data_dir, file))).astype(np.float32)
         except (OSError, ValueError) as err:

@@ -23,7 +23,7 @@ import json
 from core.errors import UserError
 from core.fs import atomic_write_bytes, atomic_write_json, join, read_bytes
 from shards.recipe import DumpRecipe
-from shards.record import CHECKSUM_ALGORITHM, SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS
+from shards.record import CHECKSUM_ALGORITHM, SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, noise_process
 
 DATASET_JSON = "dataset.json"
 
@@ -134,6 +134,11 @@ class DatasetInfo:
         itself stays the JSON as recorded, so its hash and what the filter copies are unchanged."""
         return DumpRecipe.from_json(self.recipe, source=f"{DATASET_JSON} recipe")
 
+    @property
+    def noise_process(self) -> str:
+        """How the dump's latents mix x0 and eps (``shards.record.noise_process`` of this file)."""
+        return noise_process(self.to_dict())
+
 
 def read_dataset_info(root: str) -> DatasetInfo:
     """``root/dataset.json``, validated. ``UserError`` naming the path when missing or invalid."""
@@ -154,21 +159,23 @@ DATASET_CARD = "README.md"
 
 def dataset_card(info: DatasetInfo) -> str:
     """A dataset card (the Hub's YAML metadata, then what the shards hold): ``configs``/``data_files`` name the
-    tars, so the Hub's viewer and ``datasets.load_dataset("webdataset", ...)`` find them."""
-    recipe = info.recipe
+    tars, so the Hub's viewer and ``datasets.load_dataset("webdataset", ...)`` find them. The recipe is read
+    typed (``info.dump_recipe``): a sampler field the recipe lacks reads as ``SamplerConfig``'s default."""
+    recipe = info.dump_recipe
+    sampler = recipe.sampler
     total = sum(int(s.get("count", 0)) for s in info.shards)
     kind = "filtered teacher dump" if info.lineage else "teacher dump"
     lines = ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train", '    path: "*.tar"',
              "task_categories:", "- text-to-image", "tags:", "- webdataset", "- diffusion-distillation",
-             f"- {recipe.get('scheduler', 'ddim')}", "---", "",
-             f"# {kind.capitalize()}: {recipe.get('teacher', '?')}", "",
+             f"- {sampler.scheduler or 'ddim'}", "---", "",
+             f"# {kind.capitalize()}: {recipe.teacher or '?'}", "",
              f"{total} samples in {len(info.shards)} WebDataset shards (`NNNNNN.tar`, each with its index `NNNNNN.json`), "
              f"schema version {info.schema_version}, recipe hash `{info.recipe_hash}`.", "",
-             f"- teacher: `{recipe.get('teacher')}`, {recipe.get('num_inference_steps')} steps of "
+             f"- teacher: `{recipe.teacher}`, {sampler.num_inference_steps} steps of "
              f"`{info.scheduler_class}` ({info.prediction_type}), guidance "
-             f"{recipe.get('guidance_range') or recipe.get('guidance_scale')}",
+             f"{sampler.guidance_range or sampler.guidance_scale}",
              f"- recorded steps: {len(info.recorded_steps or [])}; block outputs: "
-             f"{', '.join(recipe.get('feature_layers') or []) or 'none'}",
+             f"{', '.join(sampler.feature_layers or []) or 'none'}",
              "", "The members of a sample and their shapes are described by the project's `shards/record.py`; "
              "`dataset.json` holds the whole recipe. Read with `webdataset` or `tar`.", ""]
     return "\n".join(lines)

@@ -65,16 +65,20 @@ SCENE_CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "blue") for 
                   for b in ("white", "grey", "green", "black")]
 
 
-def dump_argv(prompts, output, **overrides) -> list[str]:
-    """The teacher dump's argv: ``DUMP_DEFAULTS`` with ``overrides`` (``None`` drops a flag, ``True`` is a bare
-    flag such as ``save_images``; underscores are kept, as the jobs spell their flags)."""
-    flags = dict(DUMP_DEFAULTS, **overrides)
-    argv = ["--prompts", str(prompts), "--output", str(output)]
-    for name, value in flags.items():
+def dump_flags(**overrides) -> list[str]:
+    """The teacher dump's flags but its input and output: ``DUMP_DEFAULTS`` with ``overrides`` (``None`` drops a
+    flag, ``True`` is a bare flag such as ``save_images``; underscores are kept, as the jobs spell their flags)."""
+    argv = []
+    for name, value in dict(DUMP_DEFAULTS, **overrides).items():
         if value is None or value is False:
             continue
         argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
     return argv
+
+
+def dump_argv(prompts, output, **overrides) -> list[str]:
+    """The teacher dump's argv: ``--prompts``, ``--output``, then ``dump_flags(**overrides)``."""
+    return ["--prompts", str(prompts), "--output", str(output), *dump_flags(**overrides)]
 
 
 def run_dump(root, captions=SCENE_CAPTIONS, **overrides) -> str:

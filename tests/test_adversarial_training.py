@@ -45,7 +45,7 @@ def test_backbone_is_bit_identical_and_student_gets_gradient_from_the_adversaria
         torch.manual_seed(0)
         student = build_unet("tiny")
         records = list(record_pipeline(dataset_shards(tiny_dump)))[:2]
-        data = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset["scheduler_config"])
+        data = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset.scheduler_config)
         gen = torch.Generator().manual_seed(0)
         abar = adversarial.training_schedule(dataset, "cpu")
         outputs = {}
@@ -71,7 +71,7 @@ def test_ufogen_posterior_inputs_share_noise_and_are_judged_at_the_next_level(ti
 
     adv = adversarial.build(cfg, recipe, dataset, load_teacher("tiny").unet, torch.device("cpu"))
     records = list(record_pipeline(dataset_shards(tiny_dump)))[:2]
-    batch = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset["scheduler_config"])["batch"]
+    batch = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset.scheduler_config)["batch"]
     x0_pred = torch.randn_like(batch["x0"])
     fake, real, t = adv.discriminator_inputs(x0_pred, batch, torch.Generator().manual_seed(0))
     a_t, s_t, a_s, s_s = (batch[k].double() for k in ("alpha", "sigma", "alpha_next", "sigma_next"))
@@ -269,7 +269,7 @@ def test_adversarial_step_with_real_images_judges_their_latents_trains_the_heads
                max_steps=2, r1_gamma=1.0, r1_every=1)
     adv = adversarial.build(cfg, recipe, dataset, teacher_unet, torch.device("cpu"))
     records = sorted(record_pipeline(dataset_shards(data)), key=lambda r: r.key)[:2]
-    batch = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset["scheduler_config"],
+    batch = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config=dataset.scheduler_config,
                            with_image_latents=True)["batch"]
     x0_pred = torch.randn_like(batch["x0"])
     fake, real, t = adv.discriminator_inputs(x0_pred, batch, torch.Generator().manual_seed(0))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import dump_flags
 
 from diffusion_distill import beam_cli, cli
 from filters import reasons
@@ -24,8 +25,7 @@ from pipelines import curate, dump, filter as filter_job
 from shards.record import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--teacher", "tiny", "--num_inference_steps", "1", "--samples_per_shard", "4", "--batch_size", "4",
-        "--feature_layers", "", "--progress", "off", "--cpu_threads", "1"]
+TINY = dump_flags(num_inference_steps=1, batch_size=4, feature_layers="", num_feature_steps=None, cpu_threads=1)
 NOISE = ("WARNING:root:apitools",)  # Beam's import-time warning where apitools is not installed
 
 

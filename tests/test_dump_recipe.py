@@ -1,6 +1,7 @@
 """The dump recipe (shards.recipe): the sampler settings nested once, the flat JSON and its hash unchanged,
 older dataset.json recipes read typed."""
 
+import dataclasses
 import json
 
 import pytest
@@ -47,7 +48,8 @@ def test_a_schema_2_dataset_json_reads_typed(tmp_path):
             "timesteps": [750.0, 500.0, 250.0, 0.0], "recorded_steps": [0, 1, 2, 3]}
     (tmp_path / "dataset.json").write_text(json.dumps(info))
     dataset = loader.read_dataset_info(str(tmp_path))
-    recipe = loader.dump_recipe(dataset)
+    assert isinstance(dataset, schema.DatasetInfo) and dataset.prediction_type == "epsilon"  # the trainer's view, typed
+    recipe = dataset.dump_recipe
     assert recipe.schema_version == 2 and recipe.teacher == "tiny" and recipe.cpu_threads == 1
     assert recipe.sampler.num_inference_steps == 4 and recipe.sampler.record_steps is None
     assert not recipe.sampler.real_images and recipe.score_images is None
@@ -61,3 +63,17 @@ def test_a_partial_recipe_reads_with_the_defaults_the_trainer_assumed():
     assert recipe.teacher == "tiny" and recipe.samples_per_shard is None
     assert recipe.sampler.height is None and recipe.sampler.feature_layers is None and recipe.sampler.save_images
     assert not recipe.sampler.real_images and dump_recipe({}).sampler.num_inference_steps == 50
+
+
+def test_the_dump_flags_take_the_sampler_defaults_from_sampler_config():
+    """Each sampler setting's default is declared once, in SamplerConfig: the dump's flag of that name has it
+    (``--record_steps all`` and ``--resolution`` are its None record_steps and height)."""
+    from pipelines.dump.job import DumpConfig
+
+    flags = {f.name: f.default for f in dataclasses.fields(DumpConfig)}
+    sampler = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
+    shared = set(flags) & set(sampler) - {"record_steps"}
+    assert shared == {"num_inference_steps", "scheduler", "guidance_scale", "guidance_range", "feature_layers",
+                      "num_feature_steps", "save_images", "real_images"}
+    assert {n: flags[n] for n in shared} == {n: sampler[n] for n in shared}
+    assert flags["resolution"] == sampler["height"] is None and flags["record_steps"] == "all"

@@ -1,6 +1,7 @@
 """``distill export``: the folder loads with diffusers alone and samples what the project samples."""
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from shards.schema import DatasetInfo
 from students.export import folder as export
 from students.training import runs as student_runs
 from students.distill import inference as student_inference
@@ -161,7 +163,8 @@ def _dataset(steps, spacing="leading"):
     from teachers.configs import sd15_scheduler
 
     config = dict(sd15_scheduler(), timestep_spacing=spacing, clip_sample=False, set_alpha_to_one=False)
-    return {"scheduler_class": "DDIMScheduler", "scheduler_config": config, "recipe": {"num_inference_steps": steps}}
+    return DatasetInfo(schema_version=2, recipe={"num_inference_steps": steps}, recipe_hash="0" * 16, shards=[],
+                       scheduler_class="DDIMScheduler", scheduler_config=config)
 
 
 @pytest.mark.parametrize("teacher_steps,student_steps", [(8, 8), (16, 8), (40, 8), (32, 8), (50, 8), (4, 8)])
@@ -218,7 +221,7 @@ def test_leading_offsets_shift_the_offset_zero_timesteps(steps):
 def test_teacher_timesteps_keep_the_dumps_exact_floats():
     """Euler with linspace spacing or Karras sigmas runs at non-integer timesteps (issue 19): the
     export's jumps are the dump's floats, never int(t)."""
-    dataset = {**_dataset(4), "timesteps": [799.2, 599.4, 399.6, 199.8], "recorded_steps": [0, 1, 2, 3]}
+    dataset = dataclasses.replace(_dataset(4), timesteps=[799.2, 599.4, 399.6, 199.8], recorded_steps=[0, 1, 2, 3])
     assert student_inference.teacher_timesteps(dataset) == [799.2, 599.4, 399.6, 199.8]
     got, nxt = student_inference.trained_jumps(dataset, 2)
     assert (got, nxt) == ([799.2, 399.6], [399.6, -1])  # stride 2: exact floats, the final latent as -1
@@ -271,7 +274,11 @@ def test_v_prediction_step_student_grid_equals_its_export_and_export_needs_no_da
                       checkpoint_every=1, image_every=1, lr=1e-4, shuffle_buffer=0))
     saved = json.load(open(out / "checkpoints" / "step-0000001" / ckpt.CONFIG))
     assert saved["student"]["prediction_type"] == "v_prediction" and saved["student"]["num_inference_steps"] == 2
-    assert saved["dataset"] == json.load(open(os.path.join(dump, "dataset.json")))
+    assert saved["dataset"] == json.load(open(os.path.join(dump, "dataset.json")))  # the JSON as the dump wrote it
+    from shards.loader import read_dataset_info
+
+    stored, own = student_runs.read_run(str(out)).dataset, student_runs.read_run(str(out), data=dump).dataset
+    assert isinstance(stored, DatasetInfo) and stored == own == read_dataset_info(dump)  # read back typed, equal
     assert (out / "checkpoints" / "step-0000001" / "scheduler" / "scheduler_config.json").exists()
     a = export.export(str(out), str(tmp_path / "a"))
     b = export.export(str(out), str(tmp_path / "b"), data=dump)

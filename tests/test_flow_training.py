@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shards.loader import dataset_shards, read_dataset, record_pipeline
+from shards.schema import DatasetInfo
 from students.distill import losses as D
 from students.distill.batches import training_batch
 from students.distill.recipes import compute_losses, default_feature_map, get_recipe, make_projections
@@ -75,6 +76,11 @@ def test_tiny_sd3_student_takes_16_channel_latents_the_text_width_and_the_pooled
         student(z, torch.tensor([500.0]), encoder_hidden_states=text)
 
 
+def _dataset(recipe: dict) -> DatasetInfo:
+    """A hand-made flow dataset.json holding ``recipe`` (what ``resolve_features`` reads)."""
+    return DatasetInfo(schema_version=3, recipe=recipe, recipe_hash="0" * 16, shards=[], prediction_type="flow")
+
+
 def test_default_feature_map_pairs_stages_with_the_last_recorded_blocks_in_depth_order():
     stages = ["mid_block", "up_blocks.0"]
     assert default_feature_map(stages, ["transformer_blocks.3", "transformer_blocks.2"]) == (
@@ -84,10 +90,10 @@ def test_default_feature_map_pairs_stages_with_the_last_recorded_blocks_in_depth
         ("mid_block", "transformer_blocks.9"), ("up_blocks.0", "transformer_blocks.10"))
     with pytest.raises(ValueError, match="recorded 1 teacher block"):
         default_feature_map(stages, ["transformer_blocks.3"])
-    recipe = resolve_features(get_recipe("flow_snapgen_kd"), {"recipe": {"feature_layers": ["transformer_blocks.2",
-                                                                                          "transformer_blocks.3"]}})
+    recipe = resolve_features(get_recipe("flow_snapgen_kd"), _dataset({"feature_layers": ["transformer_blocks.2",
+                                                                                        "transformer_blocks.3"]}))
     assert recipe.feature_pairs() == [("mid_block", "transformer_blocks.2", 1.0), ("up_blocks.0", "transformer_blocks.3", 1.0)]
-    assert resolve_features(get_recipe("snapgen_kd"), {"recipe": {}}) == get_recipe("snapgen_kd")  # UNet recipes as they were
+    assert resolve_features(get_recipe("snapgen_kd"), _dataset({})) == get_recipe("snapgen_kd")  # UNet recipes as they were
 
 
 def test_cross_architecture_projections_have_the_mapped_shapes_and_learn_a_planted_map():
@@ -171,9 +177,9 @@ def test_one_flow_batch_equals_a_hand_computation(flow_dump):
 
     recipe = dataclasses.replace(get_recipe("flow_snapgen_kd"), step_weight=0.5, student_steps=2, timestep_aware=False,
                                  task_weight=0.3)
-    recipe = resolve_features(recipe, json.load(open(os.path.join(flow_dump, "dataset.json"))))
+    dataset, negative = read_dataset(flow_dump)
+    recipe = resolve_features(recipe, dataset)
     records = sorted(record_pipeline(dataset_shards(flow_dump)), key=lambda r: r.key)
-    _, negative = read_dataset(flow_dump)
     data = training_batch(records, negative, recipe, seed=0, epoch=0, scheduler_config={})
     batch, targets = data["batch"], data["targets"]
     torch.manual_seed(0)

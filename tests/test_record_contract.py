@@ -231,12 +231,12 @@ def test_euler_and_ddim_dumps_train_to_the_same_offline_online_agreement(tiny_te
                    batch_size=2, feature_layers="")
     dataset, shared = read_dataset(str(out))
     records = list(record_pipeline(dataset_shards(str(out))))
-    assert len(records) == 2 and records[0].meta["scheduler_class"] == dataset["scheduler_class"]
+    assert len(records) == 2 and records[0].meta["scheduler_class"] == dataset.scheduler_class
     recipe = get_recipe("output_kd")
     seen = set()
     for epoch in range(4):  # rows drawn per (key, epoch): cover several recorded steps
         data = training_batch(records, shared["negative_prompt_embeds"], recipe, seed=0, epoch=epoch,
-                              scheduler_config=dataset["scheduler_config"])
+                              scheduler_config=dataset.scheduler_config)
         batch, offline = data["batch"], data["targets"]
         seen |= {float(t) for t in batch["t"]}
         with torch.no_grad():

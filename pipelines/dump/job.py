@@ -42,7 +42,7 @@ from core.options import not_one_of, option, parse
 from pipelines import common
 from pipelines.dump import plan as dump_plan
 from pipelines.dump.plan import DumpRecipe
-from shards.recipe import SAMPLER_FIELDS
+from shards.recipe import SAMPLER_FIELDS, SamplerConfig
 from pipelines.scoring import image_scoring
 from core.fs import remove_temporaries, url_to_fs
 from teachers.load import DTYPES, teacher_lineage
@@ -58,12 +58,15 @@ _S_TEACHER = "teacher and sampling"
 _S_RECORD = "what is recorded"
 _S_SCORES = "image scores (--score_images)"
 _S_COMPUTE = "compute"
+# The sampler flags' defaults are SamplerConfig's (declared once, there); ``--record_steps all`` is its None
+# and ``--resolution`` (none: the teacher's native size) its height and width.
+_SAMPLER = {f.name: f.default for f in dataclasses.fields(SamplerConfig)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DumpConfig:
     """The dump's flags. Fields with the same name as ``DumpRecipe``'s or its ``SamplerConfig``'s go into the
-    recipe unchanged."""
+    recipe unchanged (``build_recipe``); the sampler's take their defaults from ``SamplerConfig``."""
 
     prompts: str = option(section=_S_IO,
                           help="prompt list (.txt, .jsonl) or curated manifest (.parquet: key, caption[, fate])")
@@ -71,26 +74,29 @@ class DumpConfig:
     teacher: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", section=_S_TEACHER,
                           help="tiny | tiny-xl | shapes | shapes-sd15 | sd15-random | sdxl-random | tiny-sd3 | "
                                "sd3-random | local diffusers folder | hub id")
-    num_inference_steps: int = option(50, section=_S_TEACHER, help="teacher steps")
-    scheduler: str | None = option(None, section=_S_TEACHER,
+    num_inference_steps: int = option(_SAMPLER["num_inference_steps"], section=_S_TEACHER, help="teacher steps")
+    scheduler: str | None = option(_SAMPLER["scheduler"], section=_S_TEACHER,
                                    help="ddim | euler | dpm++ (UNet teachers) | flow-euler (flow-matching SD3 "
                                         "teachers: their only one) (default: ddim, flow-euler for a flow teacher)")
-    guidance_scale: float = option(7.5, section=_S_TEACHER, help="fixed classifier-free guidance weight")
+    guidance_scale: float = option(_SAMPLER["guidance_scale"], section=_S_TEACHER,
+                                   help="fixed classifier-free guidance weight")
     guidance_range: tuple[float, ...] | None = option(
-        None, section=_S_TEACHER, metavar="LO,HI",
+        _SAMPLER["guidance_range"], section=_S_TEACHER, metavar="LO,HI",
         help="per-sample guidance weight ~ U[LO, HI] instead of --guidance_scale (SnapFusion: 2,14)")
-    resolution: int | None = option(None, section=_S_TEACHER,
+    resolution: int | None = option(_SAMPLER["height"], section=_S_TEACHER,
                                     help="image side in px (default: the teacher's native size)")
     seeds_per_prompt: int = option(1, section=_S_TEACHER, help="generations per caption")
     record_steps: str = option("all", section=_S_RECORD, help="'all', or comma-separated step indices to record")
     feature_layers: tuple[str, ...] | None = option(
-        None, section=_S_RECORD, metavar="BLOCK,...",
+        _SAMPLER["feature_layers"], section=_S_RECORD, metavar="BLOCK,...",
         help="comma-separated blocks to capture ('' for none) (default: mid_block,up_blocks.0 of a UNet, a flow "
              "teacher's middle and last transformer_blocks.N)")
-    num_feature_steps: int = option(2, section=_S_RECORD, help="feature steps per sample (drawn from its seed)")
-    save_images: bool = option(False, section=_S_RECORD, help="decode and store the teacher image (png)")
+    num_feature_steps: int = option(_SAMPLER["num_feature_steps"], section=_S_RECORD,
+                                    help="feature steps per sample (drawn from its seed)")
+    save_images: bool = option(_SAMPLER["save_images"], section=_S_RECORD,
+                               help="decode and store the teacher image (png)")
     real_images: bool = option(
-        False, section=_S_RECORD,
+        _SAMPLER["real_images"], section=_S_RECORD,
         help="also store each caption's real image encoded by the teacher's VAE (image_latents.npy): the input's "
              "'image' column (path or URL), or the shapes teacher's rendered truth; the adversarial trainer's "
              "--adv_real image reads them")
@@ -210,7 +216,7 @@ def _check_real_images(cfg: DumpConfig, found) -> None:
 
 def build_recipe(cfg: DumpConfig) -> DumpRecipe:
     """Validate the flags (naming the bad value) and resolve them into a recipe; writes nothing."""
-    from teachers.sampler import SCHEDULERS, SamplerConfig
+    from teachers.sampler import SCHEDULERS
 
     common.check_input_file(cfg.prompts, "--prompts")
     common.check_output(cfg.output)

@@ -42,6 +42,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from core.errors import UserError
+from shards.schema import DatasetInfo
 from students.distill import losses as D
 from students.models.discriminator import TeacherFeatureDiscriminator
 
@@ -173,13 +174,12 @@ class Adversary:
         return logged
 
 
-def build(cfg, recipe, dataset: dict, teacher_unet, device) -> Adversary:
+def build(cfg, recipe, dataset: DatasetInfo, teacher_unet, device) -> Adversary:
     """The adversary of a training run: the backbone is ``teacher_unet`` (online) or the dump's teacher."""
     if teacher_unet is None:
-        from shards.loader import dump_recipe
         from teachers.load import TeacherError, load_teacher
 
-        spec = dump_recipe(dataset).teacher
+        spec = dataset.dump_recipe.teacher
         try:
             teacher_unet = load_teacher(spec, device=str(device)).unet
         except TeacherError as err:
@@ -195,8 +195,8 @@ def build(cfg, recipe, dataset: dict, teacher_unet, device) -> Adversary:
                      warmup=cfg.adv_warmup, mixed_precision=cfg.mixed_precision, real=cfg.adv_real)
 
 
-def training_schedule(dataset: dict, device) -> torch.Tensor:
+def training_schedule(dataset: DatasetInfo, device) -> torch.Tensor:
     """The teacher's training schedule (alphas_cumprod) for t' and the posterior's timestep."""
     from shards.loader import alphas_cumprod
 
-    return torch.tensor(alphas_cumprod(dataset["scheduler_config"]), dtype=torch.float32, device=device)
+    return torch.tensor(alphas_cumprod(dataset.scheduler_config), dtype=torch.float32, device=device)

@@ -11,6 +11,11 @@ the rows of ``students.distill.batches.step_rows``), through ``teachers.flow_sch
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shards.schema import DatasetInfo
+
 
 def torch_no_grad(fn):
     """``torch.no_grad()`` as a decorator, importing torch on the first call (this module imports it lazily)."""
@@ -25,19 +30,18 @@ def torch_no_grad(fn):
     return run
 
 
-def teacher_timesteps(dataset: dict) -> list[float]:
+def teacher_timesteps(dataset: DatasetInfo) -> list[float]:
     """The teacher's sampling timesteps in the dump (``dataset.json``; recomputed if an old dump lacks them)."""
-    if dataset.get("timesteps"):
-        return [float(t) for t in dataset["timesteps"]]
-    from shards.loader import dump_recipe
+    if dataset.timesteps:
+        return [float(t) for t in dataset.timesteps]
     from teachers.sampler import scheduler_class
 
-    scheduler = scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
-    scheduler.set_timesteps(dump_recipe(dataset).sampler.num_inference_steps)
+    scheduler = scheduler_class(dataset.scheduler_class).from_config(dataset.scheduler_config)
+    scheduler.set_timesteps(dataset.dump_recipe.sampler.num_inference_steps)
     return [float(t) for t in scheduler.timesteps]
 
 
-def trained_jumps(dataset: dict, student_steps: int) -> tuple[list[float], list[float]]:
+def trained_jumps(dataset: DatasetInfo, student_steps: int) -> tuple[list[float], list[float]]:
     """(timesteps, next timesteps) a step-distilled student was trained on; -1 = the final latent.
 
     The rows are ``students.distill.batches.step_rows`` (what ``rows_for`` draws from) and their timesteps come from
@@ -59,12 +63,11 @@ def _ddim_jumps(scheduler, steps: int) -> tuple[list[int], list[int]]:
     return ts, [t - ratio if t - ratio >= 0 else -1 for t in ts]
 
 
-def student_scheduler(dataset: dict, recipe: dict):
+def student_scheduler(dataset: DatasetInfo, recipe: dict):
     """(scheduler, info) for sampling the student: see the module docstring. ``info`` has
     ``num_inference_steps``, ``timesteps``, ``trained_timesteps`` and ``timesteps_exact``."""
     from diffusers import DDIMScheduler
 
-    from shards.loader import dump_recipe
     from teachers.sampler import scheduler_class
 
     if recipe.get("prediction_type") == "flow":
@@ -73,15 +76,15 @@ def student_scheduler(dataset: dict, recipe: dict):
     # the student's own parameterisation (a v-prediction student of an epsilon teacher samples as v)
     own_param = {"prediction_type": recipe["prediction_type"]} if recipe.get("prediction_type") else {}
     if not recipe.get("step_weight"):  # not step-distilled: the teacher's own sampler and steps
-        scheduler = scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"], **own_param)
-        steps = int(dump_recipe(dataset).sampler.num_inference_steps)
+        scheduler = scheduler_class(dataset.scheduler_class).from_config(dataset.scheduler_config, **own_param)
+        steps = int(dataset.dump_recipe.sampler.num_inference_steps)
         scheduler.set_timesteps(steps)
         ts = [int(t) for t in scheduler.timesteps]
         return scheduler, dict(num_inference_steps=steps, timesteps=ts, trained_timesteps=teacher_timesteps(dataset),
                                timesteps_exact=True)
     want, want_next = trained_jumps(dataset, int(recipe["student_steps"]))
     steps = len(want)
-    base = DDIMScheduler.from_config(dataset["scheduler_config"], **own_param)
+    base = DDIMScheduler.from_config(dataset.scheduler_config, **own_param)
     ratio = base.config.num_train_timesteps // steps
     # The teacher's own spacing first (a tie keeps the earlier candidate), then the other spacings.
     own = dict(timestep_spacing=base.config.timestep_spacing, steps_offset=base.config.steps_offset)
@@ -117,7 +120,7 @@ def student_scheduler(dataset: dict, recipe: dict):
                            trained_timesteps=want, timesteps_exact=best_err == 0)
 
 
-def flow_schedule(dataset: dict, recipe: dict) -> tuple[list[float], list[float]]:
+def flow_schedule(dataset: DatasetInfo, recipe: dict) -> tuple[list[float], list[float]]:
     """(sigmas, timesteps) a flow student was trained between, the final sigma 0 left out: the teacher's
     recorded timesteps t (the student's time input, ``noise_levels``) at every row (no step distillation)
     or at the start rows 0, k, 2k, ... of its jumps (``step_rows``), and sigma = t / num_train_timesteps."""
@@ -126,17 +129,17 @@ def flow_schedule(dataset: dict, recipe: dict) -> tuple[list[float], list[float]
     ts = teacher_timesteps(dataset)
     if recipe.get("step_weight"):
         ts = [ts[r] for r in step_rows(len(ts), int(recipe["student_steps"]))]
-    scale = float(dataset["scheduler_config"].get("num_train_timesteps", 1000))
+    scale = float(dataset.scheduler_config.get("num_train_timesteps", 1000))
     return [t / scale for t in ts], ts
 
 
-def flow_scheduler(dataset: dict, recipe: dict):
+def flow_scheduler(dataset: DatasetInfo, recipe: dict):
     """(scheduler, info) of a flow student: ``TrainedSigmasFlowScheduler`` at ``flow_schedule``'s sigmas, its
     config otherwise the teacher's (dynamic shifting off: the sigmas are the teacher's shifted ones already)."""
     from teachers.flow_scheduler import TrainedSigmasFlowScheduler
 
     sigmas, ts = flow_schedule(dataset, recipe)
-    scheduler = TrainedSigmasFlowScheduler.from_config(dataset["scheduler_config"], use_dynamic_shifting=False,
+    scheduler = TrainedSigmasFlowScheduler.from_config(dataset.scheduler_config, use_dynamic_shifting=False,
                                                        trained_sigmas=sigmas, trained_timesteps=ts)
     scheduler.set_timesteps(len(sigmas))
     return scheduler, dict(num_inference_steps=len(sigmas), timesteps=[float(t) for t in scheduler.timesteps],
@@ -169,41 +172,37 @@ def flow_sample(student, scheduler, noise, cond, uncond, pooled=None, pooled_unc
     return z.float()
 
 
-def guidance_for(dataset: dict) -> float:
+def guidance_for(dataset: DatasetInfo) -> float:
     """The CFG weight the teacher dump used (a range: 7.5 clamped into it; SnapFusion samples w in [2, 14])."""
-    from shards.loader import dump_recipe
-
-    sampler = dump_recipe(dataset).sampler
+    sampler = dataset.dump_recipe.sampler
     if sampler.guidance_range:
         lo, hi = sampler.guidance_range
         return float(min(max(7.5, lo), hi))
     return float(sampler.guidance_scale)
 
 
-def student_sampling(dataset: dict, recipe: dict, *, height: int | None = None) -> tuple[object, dict]:
+def student_sampling(dataset: DatasetInfo, recipe: dict, *, height: int | None = None) -> tuple[object, dict]:
     """(scheduler, description) of how the student samples, written into every checkpoint.
 
     ``description``: ``num_inference_steps``, ``timesteps``, ``trained_timesteps``, ``timesteps_exact``
     (from ``student_scheduler``), ``guidance_scale`` (the dump's, ``guidance_for``), ``prediction_type``
     (the student's own), ``height``/``width`` (pixels; the dump's, else ``height``) and ``teacher`` (spec).
     """
-    from shards.loader import dump_recipe
-
     scheduler, info = student_scheduler(dataset, recipe)
-    dump = dump_recipe(dataset)
+    dump = dataset.dump_recipe
     size = dump.sampler.height or height
     return scheduler, dict(info, guidance_scale=guidance_for(dataset),
-                           prediction_type=recipe.get("prediction_type") or dataset.get("prediction_type", "epsilon"),
+                           prediction_type=recipe.get("prediction_type") or dataset.prediction_type or "epsilon",
                            height=None if size is None else int(size),
                            width=None if size is None else int(dump.sampler.width or size),
                            teacher=dump.teacher)
 
 
-def teacher_sampler(dataset: dict):
+def teacher_sampler(dataset: DatasetInfo):
     """The scheduler the dump ran its teacher with (class and config from ``dataset.json``)."""
     from teachers.sampler import scheduler_class
 
-    return scheduler_class(dataset["scheduler_class"]).from_config(dataset["scheduler_config"])
+    return scheduler_class(dataset.scheduler_class).from_config(dataset.scheduler_config)
 
 
 def student_pipeline(teacher, unet, scheduler, decoder=None):

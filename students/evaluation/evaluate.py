@@ -239,7 +239,6 @@ def load_student(cfg: EvalConfig, teacher=None):
 def student_info(cfg: EvalConfig) -> dict:
     """What the student records without loading it: inference.json, or the checkpoint's run."""
     from students.export import folder as export
-    from shards.loader import dump_recipe
     from students.training import runs as student_runs
     from students.distill import inference as student_inference
 
@@ -249,7 +248,7 @@ def student_info(cfg: EvalConfig) -> dict:
         return export.read_inference(cfg.student)
     run = student_runs.read_run(cfg.student)
     _, info = student_inference.student_scheduler(run.dataset, run.recipe)
-    size = dump_recipe(run.dataset).sampler.height
+    size = run.dataset.dump_recipe.sampler.height
     return dict(info, teacher=run.teacher, guidance_scale=student_inference.guidance_for(run.dataset), height=size, width=size)
 
 

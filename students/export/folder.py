@@ -121,7 +121,6 @@ def assemble_pipeline(run: RunInfo, weights: str = "ema", device: str = "cpu", d
     """(pipeline, inference info): the teacher's pipeline class and text side with the student UNet,
     decoder and scheduler. Used by export and by ``students.evaluation.evaluate`` for checkpoints, which passes
     its already loaded ``teacher`` (a ``teachers.load.Teacher``; its text encoder and VAE are shared)."""
-    from shards.loader import dump_recipe
     from teachers.load import load_teacher, torch_dtype
 
     unet = load_student_unet(run.files or run.checkpoint, weights)
@@ -139,7 +138,7 @@ def assemble_pipeline(run: RunInfo, weights: str = "ema", device: str = "cpu", d
     pipe.to(device)
     if dtype != "float32":  # built in float32; cast only when asked
         pipe.to(dtype=torch_dtype(dtype))
-    sampler = dump_recipe(run.dataset).sampler
+    sampler = run.dataset.dump_recipe.sampler
     size = int(sampler.height or teacher.default_resolution)
     decoder_name = "teacher" if decoder is None else run.train.get("decoder") or type(decoder).__name__
     info = dict(info, guidance_scale=guidance_for(run.dataset), height=size, width=int(sampler.width or size),

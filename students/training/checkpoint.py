@@ -35,6 +35,7 @@ import torch
 
 from core.fs import (TMP_MARK, atomic_write_bytes, atomic_write_json, exists, is_local, join, publish_folder,
                      read_bytes, remove_temporaries, url_to_fs)
+from shards.schema import DatasetInfo
 
 CKPT_DIR = "checkpoints"
 CONFIG = "config.json"
@@ -273,18 +274,18 @@ class RunLog:
         if not self.local:
             atomic_write_bytes(self.path, "".join(self.lines).encode("utf-8"))
 
-    def grid(self, step: int, student, ema, dataset: dict, urls: list[str], sampler, sampling: dict, decoder=None) -> str:
+    def grid(self, step: int, student, ema, dataset: DatasetInfo, urls: list[str], sampler, sampling: dict, decoder=None) -> str:
         """PNG grid (and TensorBoard image): the teacher as the dump ran it (its scheduler, steps and guidance),
         then the student (and its EMA) as ``distill export`` will sample it (``student_sampling``: its own
         scheduler, trained timesteps, parameterisation and the dump's guidance; its decoder if one is trained):
         ``sampler`` and ``sampling`` are what the loop computed once and writes into every checkpoint."""
-        from shards.loader import dump_recipe, record_pipeline
+        from shards.loader import record_pipeline
         from students.distill.inference import student_pipeline, teacher_sampler
         from students.training.grid import grid_png, sample_images
         from teachers.load import load_teacher
 
         guidance = sampling["guidance_scale"]
-        recipe = dump_recipe(dataset)
+        recipe = dataset.dump_recipe
         if getattr(self, "_teacher", None) is None:
             self._teacher = load_teacher(recipe.teacher)
             records = [r for _, r in zip(range(4), record_pipeline(urls[:1]))]

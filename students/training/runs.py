@@ -16,6 +16,7 @@ import shutil
 from core.errors import UserError
 from core.options import not_one_of
 from core.fs import exists, is_local, join, read_json, url_to_fs
+from shards.schema import DatasetInfo
 
 WEIGHTS = {"ema": "ema", "raw": "student"}  # --weights -> checkpoint subfolder
 
@@ -35,7 +36,7 @@ class RunInfo:
     train: dict  # TrainConfig as saved
     recipe: dict  # DistillRecipe as saved
     step: int
-    dataset: dict  # the dump's dataset.json
+    dataset: DatasetInfo  # the dump's dataset.json
     teacher: str  # teacher spec (the dump's, or the override)
     files: str = ""  # a local folder with the checkpoint's files (the checkpoint itself when local)
 
@@ -73,9 +74,10 @@ def read_run(path: str, *, data: str | None = None, teacher: str | None = None) 
 
     A checkpoint carries its dump's ``dataset.json`` (``config.json``'s ``dataset``), so no dump folder is
     needed; ``data`` reads the dump's own file instead (and is needed for checkpoints older than that);
-    ``teacher`` replaces the teacher spec recorded in the dump (a local copy of the same teacher).
+    ``teacher`` replaces the teacher spec recorded in the dump (a local copy of the same teacher). Either way
+    the dataset is the typed ``shards.schema.DatasetInfo``.
     """
-    from shards.loader import dump_recipe, read_dataset_info
+    from shards.loader import read_dataset_info
 
     ckpt = resolve_checkpoint(path)
     config = join(ckpt, "config.json")
@@ -87,7 +89,7 @@ def read_run(path: str, *, data: str | None = None, teacher: str | None = None) 
         raise RunError(f"{config} is not a training checkpoint's config (no 'train' and 'recipe' sections): "
                           "not a folder written by distill train")
     if data is None and isinstance(saved.get("dataset"), dict):  # the checkpoint describes itself
-        dataset = saved["dataset"]
+        dataset = DatasetInfo.from_dict(saved["dataset"], source=f"{config} (its 'dataset' section)")
     else:  # an older checkpoint (no dataset section), or --data given: the dump's own dataset.json
         data_dir = data or saved["train"].get("data")
         if not data_dir or not exists(join(data_dir, "dataset.json")):
@@ -95,7 +97,7 @@ def read_run(path: str, *, data: str | None = None, teacher: str | None = None) 
                            "(moved or on another machine?), and the checkpoint predates self-describing ones: pass "
                            "--data with the dump folder (only its dataset.json is read)")
         dataset = read_dataset_info(data_dir)
-    spec = teacher or dump_recipe(dataset).teacher
+    spec = teacher or dataset.dump_recipe.teacher
     return RunInfo(checkpoint=ckpt, train=saved["train"], recipe=saved["recipe"], step=int(saved.get("step", 0)),
                    dataset=dataset, teacher=spec, files=_local_files(ckpt))
 

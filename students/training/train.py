@@ -30,8 +30,9 @@ from core.errors import UserError
 from core.options import differing_fields, not_one_of, option
 from students.distill import adversarial
 from students.training import checkpoint as ckpt
-from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, dump_recipe, read_dataset, record_pipeline
-from shards.record import RECTIFIED_FLOW, noise_process
+from shards.loader import MAX_LISTED_SKIPS, ReadStats, dataset_shards, read_dataset, record_pipeline
+from shards.record import RECTIFIED_FLOW
+from shards.schema import DatasetInfo
 from students.distill.batches import step_rows, training_batch
 from students.distill.inference import student_sampling
 from students.distill.recipes import (FLOW_RECIPES, RECIPES, DistillRecipe, compute_losses, default_feature_map,
@@ -328,12 +329,12 @@ def check_inputs(cfg: TrainConfig, recipe: DistillRecipe, student_config=None):
 
         resolve_checkpoint(cfg.init_from)  # a RunError (one line) before any work when it is not a run
     dataset, negative = read_dataset(cfg.data)
-    sampler = dump_recipe(dataset).sampler
+    sampler = dataset.dump_recipe.sampler
     check_noise_process(cfg, recipe, dataset)
-    if recipe.prediction_type != dataset["prediction_type"] and (recipe.output_weight or recipe.feature_weights):
+    if recipe.prediction_type != dataset.prediction_type and (recipe.output_weight or recipe.feature_weights):
         raise UserError(f"recipe {recipe.name!r} trains a {recipe.prediction_type} student on a "
-                        f"{dataset['prediction_type']} teacher: output/feature distillation need the same target")
-    recorded = dataset.get("recorded_steps")
+                        f"{dataset.prediction_type} teacher: output/feature distillation need the same target")
+    recorded = dataset.recorded_steps
     if recipe.step_weight > 0 and recorded is not None and recorded != list(range(sampler.num_inference_steps)):
         raise UserError(f"recipe {recipe.name!r} (step distillation) needs every teacher step recorded; "
                         f"{cfg.data!r} recorded steps {recorded} (dump with --record_steps all)")
@@ -360,21 +361,21 @@ RERUN_FREE = ("output", "max_steps", "extend", "checkpoint_every", "keep_checkpo
               "num_workers", "device", "audit_keys", "channels_last", "fused_optimizer", "compile")
 
 
-def check_noise_process(cfg: TrainConfig, recipe: DistillRecipe, dataset: dict) -> None:
+def check_noise_process(cfg: TrainConfig, recipe: DistillRecipe, dataset: DatasetInfo) -> None:
     """A flow recipe trains on a rectified-flow dump only, and a diffusion recipe on a variance-preserving one
     (``shards.record.noise_process``); else one line naming the dump and the recipes that fit it."""
-    flow_dump = noise_process(dataset) == RECTIFIED_FLOW
+    flow_dump = dataset.noise_process == RECTIFIED_FLOW
     if flow_dump and not recipe.is_flow:
-        raise UserError(f"--data {cfg.data!r} is a flow dump (prediction_type {dataset['prediction_type']!r}, "
+        raise UserError(f"--data {cfg.data!r} is a flow dump (prediction_type {dataset.prediction_type!r}, "
                         f"rectified flow) and recipe {recipe.name!r} is a diffusion recipe: flow dumps need a flow "
                         f"recipe ({', '.join(FLOW_RECIPES)}) and a student that takes the dump's latents (--preset tiny_sd3)")
     if recipe.is_flow and not flow_dump:
         raise UserError(f"recipe {recipe.name!r} is a flow recipe (velocity student, rectified flow) but --data "
-                        f"{cfg.data!r} is a {dataset['prediction_type']} dump of a diffusion teacher: flow recipes need "
+                        f"{cfg.data!r} is a {dataset.prediction_type} dump of a diffusion teacher: flow recipes need "
                         "a flow dump (an SD3-shaped teacher such as tiny-sd3)")
 
 
-def resolve_features(recipe: DistillRecipe, dataset: dict) -> DistillRecipe:
+def resolve_features(recipe: DistillRecipe, dataset: DatasetInfo) -> DistillRecipe:
     """A flow recipe's feature stages mapped to the dump's recorded transformer blocks
     (``default_feature_map``) where the recipe does not map them already; other recipes unchanged."""
     if not recipe.is_flow or not recipe.feature_weights:
@@ -383,7 +384,7 @@ def resolve_features(recipe: DistillRecipe, dataset: dict) -> DistillRecipe:
     mapped = dict(recipe.feature_map)
     if all(stage in mapped for stage in stages):
         return recipe
-    recorded = list(dump_recipe(dataset).sampler.feature_layers or [])
+    recorded = list(dataset.dump_recipe.sampler.feature_layers or [])
     try:
         auto = dict(default_feature_map([s for s in stages if s not in mapped],
                                         [b for b in recorded if b not in mapped.values()]))
@@ -484,15 +485,15 @@ def _dump_conditioning(negative: dict, first: _FirstRecord) -> dict:
             "time_ids": time_ids, "channels_of": channels}
 
 
-def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: dict) -> None:
+def check_conditioning(student_config, dump: dict, cfg: TrainConfig, dataset: DatasetInfo) -> None:
     """The student takes the dump's text conditioning (``_dump_conditioning``): its cross-attention width,
     and for SDXL-shaped teachers the pooled embeddings and time ids; else one line naming the preset,
     its value, the dump's and the presets that would fit."""
     from students.models.unet import PRESETS
 
     who = f"--preset {cfg.preset}" if cfg.init_from_teacher is None else "the student"
-    where = f"the dump {cfg.data!r} (teacher {dump_recipe(dataset).teacher or '?'!r})"
-    flow_dump = noise_process(dataset) == RECTIFIED_FLOW
+    where = f"the dump {cfg.data!r} (teacher {dataset.dump_recipe.teacher or '?'!r})"
+    flow_dump = dataset.noise_process == RECTIFIED_FLOW
     if flow_dump:
         return check_flow_conditioning(student_config, dump, who, where)
     xl_student, xl_dump = student_config.addition_embed_type == "text_time", dump["pooled_dim"] is not None
@@ -541,7 +542,7 @@ def check_flow_conditioning(student_config, dump: dict, who: str, where: str) ->
                     f"{dump['pooled_dim']} (a flow student needs addition_embed_type 'pooled'){hint}")
 
 
-def _decoder_fit(cfg: TrainConfig, dataset: dict, first: _FirstRecord) -> dict:
+def _decoder_fit(cfg: TrainConfig, dataset: DatasetInfo, first: _FirstRecord) -> dict:
     """``students.models.vae.build_vae`` kwargs that make ``--decoder`` decode the dump's latents to its
     images' size: the teacher VAE's upsamplings (image side / latent side, a power of 2) and latent channels."""
     from students.models.vae import VAE_PRESETS
@@ -550,7 +551,7 @@ def _decoder_fit(cfg: TrainConfig, dataset: dict, first: _FirstRecord) -> dict:
     if rec is None:
         return {}  # nothing readable: the loader names the skipped samples when training starts
     channels, side = int(rec.latents.shape[1]), int(rec.latents.shape[-1])
-    image = int(rec.meta.get("width") or dump_recipe(dataset).sampler.width or 0)
+    image = int(rec.meta.get("width") or dataset.dump_recipe.sampler.width or 0)
     factor = image // side if side and image % side == 0 else 0
     upsamplings = factor.bit_length() - 1
     if factor < 2 or factor != 2 ** upsamplings:
@@ -591,7 +592,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
 
     recipe = resolve_features(recipe, dataset)
     # the task loss's training schedule (a flow dump has none: its task loss draws sigma, compute_flow_losses)
-    train_schedule = None if recipe.is_flow else torch.tensor(alphas_cumprod(dataset["scheduler_config"]),
+    train_schedule = None if recipe.is_flow else torch.tensor(alphas_cumprod(dataset.scheduler_config),
                                                               dtype=torch.float32, device=device)
     # 2. models: student, distillation head, EMA, optional online teacher and decoder
     if student is None:
@@ -611,7 +612,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     if recipe.two_step_teacher and teacher_unet is not None:
         from students.distill.progressive import check_round
 
-        check_round(dump_recipe(dataset).sampler.num_inference_steps, recipe.student_steps)
+        check_round(dataset.dump_recipe.sampler.num_inference_steps, recipe.student_steps)
     decoder = None
     if cfg.decoder:
         from students.models.vae import build_vae
@@ -646,7 +647,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
     # how the student samples, written into every checkpoint (export and eval read it from there)
     sampler, sampling = student_sampling(dataset, dataclasses.asdict(recipe))
     # 4. observers: progress bar, losses.jsonl, TensorBoard, grids (rank 0)
-    in_data = sum(int(s.get("count", 0)) for s in dataset.get("shards", []))
+    in_data = sum(int(s.get("count", 0)) for s in dataset.shards)
     if rank == 0 and not cfg.epoch_length and 0 < in_data < cfg.batch_size:
         print(f"distill train: warning: --batch_size {cfg.batch_size} is more than the {in_data} samples of {cfg.data!r}: "
               f"each batch is the whole epoch ({in_data} samples or fewer)", file=sys.stderr, flush=True)
@@ -682,7 +683,7 @@ def train(cfg: TrainConfig, *, recipe: DistillRecipe | None = None, stop_after: 
                     log.flush()
                     ckpt.save(cfg.output, state, step=step, keep=cfg.keep_checkpoints, describe={"scheduler": sampler},
                               config={"train": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe),
-                                      "dataset": dataset, "student": sampling})
+                                      "dataset": dataset.to_dict(), "student": sampling})
                 if world > 1:
                     torch.distributed.barrier()
                 if stop_after is not None and step >= stop_after:
@@ -740,15 +741,15 @@ def _accumulate_gradients(cfg, recipe, model, heads, decoder, teacher_unet, batc
     for micro in range(cfg.grad_accum):
         records = batches.next()
         data = training_batch(records, negative, recipe, seed=cfg.seed, epoch=batches.epoch,
-                              scheduler_config=dataset["scheduler_config"], with_images=decoder is not None,
+                              scheduler_config=dataset.scheduler_config, with_images=decoder is not None,
                               with_image_latents=adversary is not None and adversary.real == "image")
         batch, targets = _to(data["batch"], device), _to(data["targets"], device)
         if recipe.two_step_teacher and teacher_unet is not None:  # progressive: the teacher's two DDIM steps
             from students.distill.progressive import midpoint_levels, teacher_z_next
 
             mids = midpoint_levels(records, recipe, seed=cfg.seed, epoch=batches.epoch,
-                                   scheduler_config=dataset["scheduler_config"])
-            batch["z_next"] = teacher_z_next(teacher_unet, batch, mids, dataset["prediction_type"])
+                                   scheduler_config=dataset.scheduler_config)
+            batch["z_next"] = teacher_z_next(teacher_unet, batch, mids, dataset.prediction_type)
         elif teacher_unet is not None:
             targets = online_targets(teacher_unet, batch["z"], batch["t"], batch["cond"], batch["uncond"], layers,
                                      batch.get("added"), batch.get("added_uncond"))
@@ -806,14 +807,14 @@ def student_from_run(path: str):
     return load_student_unet(run.files, weights)
 
 
-def student_from_teacher(cfg: TrainConfig, dataset: dict):
+def student_from_teacher(cfg: TrainConfig, dataset: DatasetInfo):
     """The teacher's UNet cut by ``cfg.init_from_teacher``, its kept blocks copied from the teacher
     (BK-SDM sec. 3.1; ``students.models.teacher_init``). The teacher: ``--online_teacher``, else the dump's."""
     from students.models.teacher_init import cut, family_config, init_from_teacher
     from students.models.unet import EfficientUNet2DConditionModel
     from teachers.load import TeacherError, load_teacher
 
-    spec = cfg.online_teacher or dump_recipe(dataset).teacher
+    spec = cfg.online_teacher or dataset.dump_recipe.teacher
     try:
         teacher_unet = load_teacher(spec).unet
         student_cfg, block_map = cut(family_config(teacher_unet), cfg.init_from_teacher)
