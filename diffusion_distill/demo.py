@@ -18,9 +18,7 @@ older demo's teacher-cut student; ``--init_from ''`` alone the ``shapes`` preset
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import json
 import os
 import sys
@@ -86,68 +84,76 @@ def _loss_plot(run_dir: str) -> str | None:
     return out
 
 
-def _img(path: str | None) -> str:
+def _figure(path: str | None, caption: str):
+    from core import report_html as R
+
     if not path or not os.path.isfile(path):
-        return ""
+        return R.note(f"{caption}: not there")
     with open(path, "rb") as f:
-        return f'<img src="data:image/png;base64,{base64.b64encode(f.read()).decode()}">'
+        return R.figure(f.read(), caption, alt=caption)
 
 
 def describe_student(init_from_teacher: str | None, student_steps: int, init_from: str | None = None) -> str:
     if init_from:
-        what = ("the bundled <code>shapes_small</code> student (trained here by <code>benchmarks/shapes_small_seed.sh 0</code>)"
-                if os.path.abspath(init_from) == os.path.abspath(bundled_student()) else f"the student of <code>{html.escape(init_from)}</code>")
+        what = ("the bundled shapes_small student (trained here by benchmarks/shapes_small_seed.sh 0)"
+                if os.path.abspath(init_from) == os.path.abspath(bundled_student()) else f"the student of {init_from}")
         return f"{what}, fine-tuned on this dump, step-distilled for {student_steps} steps"
     if init_from_teacher:
-        return (f"the teacher's own UNet cut <code>{init_from_teacher}</code> and started from its weights "
+        return (f"the teacher's own UNet cut {init_from_teacher} and started from its weights "
                 f"(BK-SDM-style teacher initialisation), step-distilled for {student_steps} steps")
-    return f"the <code>shapes</code> preset from scratch, step-distilled for {student_steps} steps"
+    return f"the shapes preset from scratch, step-distilled for {student_steps} steps"
 
 
 def write_report(out: str, curated: dict, dataset: DatasetInfo, metrics: dict, seconds: dict,
-                 student: str = "the <code>shapes</code> preset, step-distilled for 8 steps", cost: dict | None = None) -> str:
+                 student: str = "the shapes preset, step-distilled for 8 steps", cost: dict | None = None) -> str:
+    """``OUT/report.html`` through the project's report template (``core.report_html``)."""
+    from core import report_html as R
+
+    nan = float("nan")
     rows = []
     cost = cost or {}
     base = cost.get("teacher")
     for model, by_steps in metrics["results"].items():
         c = cost.get(model)
-        ratio = (lambda k: f"{c[k] / base[k]:.2f}x") if c and base else (lambda k: "")
+        ratio = (lambda k: R.num(c[k] / base[k], ".2f") if c and base else None)
         for steps, r in by_steps.items():
-            rows.append(f"<tr><td>{model}</td><td>{steps}</td><td>{r.get('adherence', float('nan')):.3f} &plusmn; "
-                        f"{r.get('adherence_se', float('nan')):.3f}</td>"
-                        f"<td>{r.get('exact', float('nan')):.3f}</td><td>{r.get('frechet_analyser', float('nan')):.2f}</td>"
-                        f"<td>{r.get('latency_s', float('nan')) * 1000:.1f}</td><td>{ratio('parameters')}</td>"
-                        f"<td>{ratio('macs')}</td><td>{(r.get('unet_latency_s') or float('nan')) * 1000:.2f}</td></tr>")
+            rows.append([model, int(steps),
+                         f"{r.get('adherence', nan):.3f} ± {r.get('adherence_se', nan):.3f}",
+                         R.num(r.get("exact", nan), ".3f"), R.num(r.get("frechet_analyser", nan), ".2f"),
+                         R.num((r.get("latency_s") or nan) * 1000, ".1f"), ratio("parameters"), ratio("macs"),
+                         R.num((r.get("unet_latency_s") or nan) * 1000, ".2f")])
     totals = dataset.totals
     funnel = (f"captions in {curated['input']} = kept {curated['kept']} + filtered {curated['filtered']} + duplicate "
               f"{curated['duplicate']} + rejected {curated['rejected']}; dump: {totals['samples_written']} samples written, {totals['samples_rejected']} "
               f"rejected, {totals['bytes'] / 2**20:.1f} MiB")
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>diffusion-distill demo</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
-<h1>diffusion-distill demo</h1>
-<p>Teacher: <code>shapes</code> (trained here; DDIM, trailing spacing, guidance {metrics['protocol']['guidance_scale']}).
-Student: {student}, exported to a diffusers folder. Every row at the dump's guidance, on the same captions and seeds.</p>
-<h2>Funnel</h2><p>{html.escape(funnel)}</p>
-<h2>Quality and speed</h2>
-<p>Adherence: fraction of attributes (shape, colour, size, position, background) the analyser reads as the
-caption says; exact: all five right; Frechet: analyser-feature distance to rendered truth (lower is better).
-{metrics['protocol']['num_images']} captions of held-out scenes (no student dump holds them; the teacher saw them),
-the same seeds for every row; adherence &plusmn; its standard error over images. Cost: the UNet's parameters and
-MACs against the teacher's, and one UNet call on the CFG pair (PyTorch eager, this machine).</p>
-<table><tr><th>model</th><th>steps</th><th>adherence</th><th>exact</th><th>Frechet (analyser)</th><th>latency ms/img</th>
-<th>UNet params</th><th>UNet MACs</th><th>UNet ms/call</th></tr>
-{''.join(rows)}</table>
-<h2>Teacher and student, same captions and seeds</h2>{_img(os.path.join(out, 'eval', 'grid.png'))}
-<h2>Training</h2>{_img(_loss_plot(os.path.join(out, 'train')))}
-<h2>Stages</h2><p>{html.escape(timing)}. Details: <a href="curate/report.html">curation report</a>,
-<a href="eval/report.html">evaluation report</a>, dataset in <code>dump/</code>, student in <code>student/</code>.</p>
-</body></html>"""
+    protocol = metrics["protocol"]
+    page = R.render("diffusion-distill demo", [
+        R.section("Funnel", R.text(funnel)),
+        R.section("Quality and speed", R.text(
+            "Adherence: fraction of attributes (shape, colour, size, position, background) the analyser reads as the "
+            "caption says; exact: all five right; Frechet: analyser-feature distance to rendered truth (lower is "
+            f"better). {protocol['num_images']} captions of held-out scenes (no student dump holds them; the teacher "
+            "saw them), the same seeds for every row; adherence ± its standard error over images. Cost: the UNet's "
+            "parameters and MACs against the teacher's, and one UNet call on the CFG pair (PyTorch eager, this "
+            "machine)."),
+            R.table(["model", "steps", "adherence", "exact", "Frechet (analyser) ↓", "latency ms/img ↓",
+                     "UNet params", "UNet MACs", "UNet ms/call ↓"], rows)),
+        R.section("Teacher and student, same captions and seeds",
+                  _figure(os.path.join(out, "eval", "grid.png"),
+                          "a row per model and step count, each column's caption under it (the evaluation report "
+                          "shows each image with its caption)")),
+        R.section("Training", _figure(_loss_plot(os.path.join(out, "train")), "student training loss per step")),
+        R.section("Stages", R.text(f"{timing}. Dataset in dump/, student in student/."),
+                  R.links([("curate/report.html", "curation report"), ("eval/report.html", "evaluation report"),
+                           ("eval/metrics.json", "evaluation metrics.json")])),
+    ], lead=[f"Teacher: shapes (trained here; DDIM, trailing spacing, guidance {protocol['guidance_scale']}). "
+             f"Student: {student}, exported to a diffusers folder. Every row at the dump's guidance, on the same "
+             "captions and seeds."])
     path = os.path.join(out, "report.html")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(body)
+        f.write(page)
     os.replace(tmp, path)
     return path
 

@@ -263,13 +263,19 @@ def test_job_embeddings_and_report(job):
     html = (out / "report.html").read_text()
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(pngs) == 4 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    assert "input 33 = kept 14 + filtered 8 + duplicate 4\n+ rejected 7" in html
+    assert "input 33 = kept 14 + filtered 8 + duplicate 4 + rejected 7" in html
+    from core.report_html import MARKER
+
+    assert MARKER in html and re.findall(r'<figure class="plot"><img alt="([^"]+)"', html) == [
+        "funnel", "aesthetic_scores", "clip_scores", "clusters"]  # every stage ran here: no "did not run" line
+    assert "did not run" not in html and "{" not in re.sub(r"<style>.*?</style>", "", html, flags=re.S)
     for reason in ("semantic_duplicate", "exact_duplicate", "broken_image", "kept"):
         assert f"<h3>{reason}</h3>" in html
     funnel = dict(json.loads((out / "summary.json").read_text())["funnel"])
     assert funnel["input"] == 33 and funnel["semantic dedup"] == 14
     assert funnel["caption decoded"] == 33 - 6  # 5 unreadable captions + 1 bad JSON line
     assert funnel["aesthetic"] == funnel["image decoded + size"] - 1
+    assert "downloaded" not in funnel  # this job reads tars of images and downloads none: no funnel row for it
 
 
 def test_per_record_path_writes_the_same_outputs(job):

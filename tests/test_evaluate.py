@@ -1,6 +1,7 @@
 """``distill eval``: the Frechet distance, the COCO protocol, FID/CLIP plumbing on random weights, the run."""
 
 import json
+import re
 from unittest import mock
 
 import numpy as np
@@ -195,8 +196,16 @@ def test_eval_runs_teacher_and_student_and_writes_metrics_report_and_grid(tmp_pa
     assert payload["protocol"]["num_references"] == 4 and payload["protocol"]["format"] == "coco"
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["results"] == payload["results"]
     report = (tmp_path / "eval" / "report.html").read_text()
-    assert report.count("data:image/png;base64,") >= 3 and "FID (lower is better) vs steps" in report
-    assert Image.open(tmp_path / "eval" / "grid.png").size == (110 + 2 * 128, 3 * 128)  # 3 rows of 2 images
+    from test_report_html import tiles
+
+    assert re.findall(r'<figure class="plot"><img alt="([^"]+)"', report) == ["quality vs steps", "latency vs steps"]
+    assert "<th>fid ↓</th>" in report and "<th>colour_fd ↓</th>" in report and '<a href="metrics.json">' in report
+    assert "{" not in re.sub(r"<style>.*?</style>", "", report, flags=re.S)  # no JSON dump
+    captions = (coco / "captions.txt").read_text().splitlines()[:2]
+    shown = tiles(report)  # 3 rows (teacher 2 and 1 steps, student) of 2 images, each with its caption under it
+    assert [c for c, _ in shown] == captions * 3 and len({im.size for _, im in shown}) == 1
+    # grid.png: 3 rows of 2 images, the captions under the columns
+    assert Image.open(tmp_path / "eval" / "grid.png").size == (110 + 2 * 128, 3 * 128 + 44)
     # the same student from its checkpoint, reference-free, from a plain captions file: the same images
     again = E.evaluate(E.EvalConfig(student=run_dir, captions=str(coco / "captions.txt"), num_images=4, teacher_steps=(),
                                     clip_model="dd-tiny-clip", clip_weights="random", batch_size=4, grid_images=0,

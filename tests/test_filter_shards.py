@@ -4,6 +4,7 @@ the trainer reading the output, bad input counted or refused before work, and th
 
 import json
 import os
+import re
 import shutil
 import tarfile
 
@@ -223,7 +224,20 @@ def test_dataset_json_keeps_what_the_trainer_needs_and_records_the_lineage(filte
                                  "dataset_sha256": parent_sha}
     assert lineage["filter_recipe"]["semdedup_eps"] == EPS and lineage["filter_recipe"]["samples_per_shard"] == 4
     report = open(os.path.join(out, "report.html")).read()
-    assert report.count("data:image/png;base64,") == 2  # plots; image grid
+    from core.report_html import MARKER
+    from test_report_html import tiles
+
+    assert MARKER in report
+    # a plot for each thing with values (every step ran here: thresholds and semantic dedup), then the examples
+    assert re.findall(r'<figure class="plot"><img alt="([^"]+)"', report) == ["funnel", "aesthetic_score", "clip_score",
+                                                                             "groups"]
+    shown = tiles(report)  # each example image with its prompt, key and scores under it, upscaled when small
+    examples = {r["key"]: r for r in manifest(out)}
+    assert len(shown) >= 6 and report.count("data:image/png;base64,") == 4 + len(shown)
+    for caption, image in shown:
+        prompt, line = caption.rsplit("\n", 1)
+        key = line.split(" · ")[0]
+        assert prompt and any(k.startswith(key) for k in examples) and min(image.size) >= 128
     for group in ("kept", "duplicate: semantic_duplicate", "filtered: aesthetic_below_threshold",
                   "filtered: clip_score_below_threshold", "rejected: non_finite", "rejected: null_caption"):
         assert f"<tr><td>{group}</td>" in report

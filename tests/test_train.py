@@ -134,6 +134,15 @@ def test_training_lowers_held_out_output_distillation_loss(tiny_dump, tmp_path):
     from PIL import Image
     grid = Image.open(tmp_path / "run" / "grids" / "step-0000060.png")
     assert grid.size == (110 + 4 * 128, 2 * 128 + 44)  # 4 prompts; teacher and student rows (EMA off), captions
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    (image,) = events.Images("grid")  # the same grid, at its step, in TensorBoard
+    assert image.step == 60 and (image.width, image.height) == grid.size
+    import io
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")),
+                          np.asarray(grid.convert("RGB")))
     student = EfficientUNet2DConditionModel.from_pretrained(str(tmp_path / "run" / "checkpoints" / "step-0000060" / "student"))
     after = held_out_loss(student)
     assert after < 0.5 * before, (before, after)

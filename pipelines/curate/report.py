@@ -3,20 +3,21 @@
 ``CurateStats`` folds every manifest and reject row into counts per (status, stage, reason), a
 bounded deterministic sample of scores (the rows with the smallest hash of id), cluster and
 duplicate-group sizes, and a few examples per reason, so no worker holds all rows. ``write_report``
-turns the result into ``OUTPUT/report.html`` (PNG plots inlined: funnel, score histograms with
-their thresholds, cluster sizes; example tables) and ``OUTPUT/summary.json``.
+turns the result into ``OUTPUT/report.html`` (the ``core.report_html`` template; PNG plots inlined:
+funnel of the stages that ran, score histograms with their thresholds, cluster sizes, each only when
+it has values; example tables) and ``OUTPUT/summary.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
-import html
 import json
 from collections import Counter
 
 import apache_beam as beam
 
+from core import report_html as R
 from filters import reasons
 
 from pipelines.curate.schema import STAGES
@@ -160,15 +161,33 @@ class CurateStats(beam.CombineFn):
 # --------------------------------------------------------------------------------------------
 
 
+def stages_run(stats: dict, config: dict) -> set[str]:
+    """The funnel labels of the stages that ran: those the configuration runs, and any that removed records
+    (a score stage ran when some record has that score)."""
+    ran = {"input", *(STAGE_LABELS[s] for s in ("read", "normalise", "rules"))}
+    on = {"exact_dedup": config.get("exact_dedup"), "download": config.get("download_images"),
+          "images": config.get("download_images") or stats["clip_scores"] or stats["aesthetic_scores"],
+          "aesthetic": stats["aesthetic_scores"], "clip_score": stats["clip_scores"],
+          "semdedup": config.get("clip_model") and config.get("semdedup_eps") is not None}
+    ran |= {STAGE_LABELS[s] for s, yes in on.items() if yes}
+    previous = None
+    for label, remaining in stats["funnel"]:
+        if previous is not None and remaining < previous:
+            ran.add(label)
+        previous = remaining
+    return ran
+
+
 def render_plots(stats: dict, aesthetic_threshold: float | None, clip_threshold: float | None) -> dict[str, str]:
-    """Base64 PNGs: funnel, aesthetic and CLIP-score histograms, cluster and group sizes."""
+    """Base64 PNGs: funnel, aesthetic and CLIP-score histograms, cluster and group sizes (a plot only for
+    what has values)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on workers
     import matplotlib.pyplot as plt
 
     plots = {}
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(stats["funnel"]) + 1))
     labels, values = zip(*stats["funnel"])
     ax.barh(range(len(values)), values, color="#4878a8")
     ax.set_yticks(range(len(values)), labels)
@@ -179,44 +198,47 @@ def render_plots(stats: dict, aesthetic_threshold: float | None, clip_threshold:
     plots["funnel"] = png(fig)
     for key, title, threshold in (("aesthetic_scores", "aesthetic score", aesthetic_threshold),
                                   ("clip_scores", "CLIP score (image-text cosine)", clip_threshold)):
-        fig, ax = plt.subplots(figsize=(6, 3))
-        histogram(ax, stats[key], threshold, title)
-        plots[key] = png(fig)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
-    histogram(ax1, stats["cluster_sizes"], None, "k-means cluster sizes (records)")
+        if stats[key]:
+            fig, ax = plt.subplots(figsize=(6, 3))
+            histogram(ax, stats[key], threshold, title)
+            plots[key] = png(fig)
     groups = stats["duplicate_group_sizes"]
-    ax2.bar([int(k) for k in groups], list(groups.values()), color="#4878a8")
-    ax2.set_xticks([int(k) for k in groups])
-    ax2.set_title("duplicate group sizes (kept + dropped)")
-    plots["clusters"] = png(fig)
+    if stats["cluster_sizes"] or groups:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3))
+        histogram(ax1, stats["cluster_sizes"], None, "k-means cluster sizes (records)")
+        ax2.bar([int(k) for k in groups], list(groups.values()), color="#4878a8")
+        ax2.set_xticks([int(k) for k in groups])
+        ax2.set_title("duplicate group sizes (kept + dropped)" if groups else "no duplicate groups")
+        plots["clusters"] = png(fig)
     plt.close("all")
     return plots
 
 
-def _table(examples: list[dict]) -> str:
+PLOT_CAPTIONS = {"funnel": "funnel: records remaining after each stage that ran",
+                 "aesthetic_scores": "aesthetic scores (dashed: the threshold)",
+                 "clip_scores": "CLIP scores (dashed: the threshold or the cutoff)",
+                 "clusters": "k-means cluster sizes and duplicate group sizes"}
+NOT_RUN = {"aesthetic_scores": "aesthetic: the stage did not run (no record has an aesthetic score)",
+           "clip_scores": "CLIP score: the stage did not run (no record has a CLIP score)",
+           "clusters": "semantic dedup: the stage did not run (no clusters, no duplicate groups)"}
+
+
+def _table(examples: list[dict]) -> dict:
     cols = sorted({k for e in examples for k in e}, key=lambda k: (k not in ("key", "caption"), k))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(e.get(c, ''))[:200])}</td>" for c in cols) + "</tr>"
-                   for e in examples)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return R.table(cols, [[e.get(c) if not isinstance(e.get(c), str) else e[c][:200] for c in cols] for e in examples])
 
 
 def render_html(stats: dict, plots: dict[str, str], config: dict) -> str:
-    rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{html.escape(r)}</td><td>{n}</td></tr>"
-                   for s in stats["by_reason"] for r, n in sorted(stats["by_reason"][s].items()))
-    images = "".join(f'<h3>{html.escape(k)}</h3><img alt="{k}" src="data:image/png;base64,{v}">' for k, v in plots.items())
-    examples = "".join(f"<h3>{html.escape(r)}</h3>{_table(e)}" for r, e in stats["examples"].items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>curate report</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{border:1px solid #ccc;padding:2px 6px;font-size:90%}}
-table{{border-collapse:collapse}}</style></head><body>
-<h1>Curate report</h1>
-<p>input {stats['input']} = kept {stats['kept']} + filtered {stats['filtered']} + duplicate {stats['duplicate']}
-+ rejected {stats['rejected']}</p>
-<h2>Reasons</h2><table><tr><th>status</th><th>reason</th><th>records</th></tr>{rows}</table>
-<h2>Plots</h2>{images}
-<h2>Examples (kept and per reason)</h2>{examples}
-<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=1))}</pre>
-</body></html>"""
+    rows = [[s, r, n] for s in stats["by_reason"] for r, n in sorted(stats["by_reason"][s].items())]
+    figures = [R.figure(plots[k], PLOT_CAPTIONS[k], alt=k) if k in plots else R.note(NOT_RUN[k]) for k in PLOT_CAPTIONS]
+    examples = [b for r, e in stats["examples"].items() for b in (R.heading(r), _table(e))]
+    return R.render("Curate report", [
+        R.section("Reasons", R.table(["status", "reason", "records"], rows)),
+        R.section("Plots", *figures),
+        R.section("Examples (kept and per reason)", *examples),
+        R.section("Configuration", R.kv_table(config)),
+    ], lead=[f"input {stats['input']} = kept {stats['kept']} + filtered {stats['filtered']} + duplicate "
+             f"{stats['duplicate']} + rejected {stats['rejected']}"])
 
 
 def write_report(stats: dict, output_dir: str, config: dict, clip_cutoff: float | None) -> dict:
@@ -225,6 +247,8 @@ def write_report(stats: dict, output_dir: str, config: dict, clip_cutoff: float 
 
     clip_threshold = config.get("clip_score_threshold")
     clip_threshold = clip_cutoff if clip_threshold is None else clip_threshold
+    ran = stages_run(stats, config)
+    stats = dict(stats, funnel=[(label, n) for label, n in stats["funnel"] if label in ran])
     plots = render_plots(stats, config.get("aesthetic_threshold"), clip_threshold)
     atomic_write(FileSystems.join(output_dir, "report.html"), render_html(stats, plots, config).encode("utf-8"))
     summary = {k: stats[k] for k in ("input", "kept", "filtered", "duplicate", "rejected", "by_reason", "funnel",

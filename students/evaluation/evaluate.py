@@ -566,10 +566,10 @@ def evaluate(cfg: EvalConfig, extra_metrics=(), progress: bool = True) -> dict:
             rows.append(grid)
             labels.append(f"{label} {steps} st")
     # 5. outputs
-    grid_path = None
+    grid_path, grid_captions = None, [p.caption for p in plan["prompts"][:len(rows[0]) if rows else 0]]
     if rows:
         grid_path = os.path.join(cfg.output, "grid.png")
-        grid_png(rows, grid_path, labels)
+        grid_png(rows, grid_path, labels, captions=grid_captions)
     coco = plan["source"] == "coco"
     payload = {
         "config": dataclasses.asdict(cfg),
@@ -586,7 +586,7 @@ def evaluate(cfg: EvalConfig, extra_metrics=(), progress: bool = True) -> dict:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, os.path.join(cfg.output, "metrics.json"))
-    write_report(payload, os.path.join(cfg.output, "report.html"), grid_path)
+    write_report(payload, os.path.join(cfg.output, "report.html"), grid_path, (rows, labels, grid_captions))
     return payload
 
 

@@ -481,21 +481,21 @@ def target_verdict(record: dict) -> tuple[bool, str]:
 
 
 def write_report(output: str, records: list[dict], target: float, checkpoint: str) -> None:
-    """``report.png`` (latency against the metric along the path) and ``report.html`` (it and the table)."""
-    import base64
+    """``report.png`` (latency against the metric along the path) and ``report.html`` (the ``core.report_html``
+    template: "target met" or "target missed: X against Y" at the top, the verdict, the plot and the table)."""
     import io
-    from html import escape
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from core import report_html as R
     from core.fs import atomic_write_bytes
 
     xs = [r["predicted_ms"] for r in records]
     ys = [r["metric"] for r in records]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(xs, ys, marker="o")
     for r in records:
         ax.annotate(str(r["iteration"]), (r["predicted_ms"], r["metric"]), textcoords="offset points", xytext=(4, 4))
@@ -503,24 +503,28 @@ def write_report(output: str, records: list[dict], target: float, checkpoint: st
     name = records[0]["metric_name"] if records else "metric"
     ax.set_xlabel("predicted UNet latency (ms, lookup)"), ax.set_ylabel(name), ax.legend()
     met, verdict = target_verdict(records[-1]) if records else (True, "")
-    ax.set_title("architecture evolution: latency vs metric (label = iteration)"
-                 + ("" if met else "\nlatency target MISSED"), color="black" if met else "red")
+    ax.set_title("latency vs metric along the evolution (label = iteration)"
+                 + ("" if met else "\nlatency target MISSED"), color="black" if met else "red", fontsize=10)
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(join(output, "report.png"), buf.getvalue())
-    rows = "".join(
-        f"<tr><td>{r['iteration']}</td><td>{r['step']}</td><td>{r['metric']:.4f}</td><td>{r['predicted_ms']:.3f}</td>"
-        f"<td>{r['measured_ms']:.3f}</td><td>{' / '.join(r['layouts']['down_layouts'])} | {r['layouts']['mid_layout']} | "
-        f"{' / '.join(r['layouts']['up_layouts'])}</td><td>{', '.join(a['kind'] + ' ' + a['module'] for a in r['actions'])}</td></tr>"
-        for r in records)
-    style = "" if met else " style=\"color:red;font-weight:bold\""
-    html = (f"<html><body><h1>Architecture evolution</h1><p>final checkpoint: {checkpoint}; target {target:.3f} ms</p>"
-            f"<p{style}>{escape(verdict)}</p>"
-            f"<img src=\"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}\"><table border=1>"
-            f"<tr><th>iteration</th><th>step</th><th>{name}</th><th>predicted ms</th><th>measured ms</th><th>layouts "
-            f"(down | mid | up)</th><th>actions</th></tr>{rows}</table></body></html>")
+    rows = [[r["iteration"], r["step"], R.num(r["metric"], ".4f"), R.num(r["predicted_ms"], ".3f"), R.num(r["measured_ms"], ".3f"),
+             f"{' / '.join(r['layouts']['down_layouts'])} | {r['layouts']['mid_layout']} | "
+             f"{' / '.join(r['layouts']['up_layouts'])}", ", ".join(a["kind"] + " " + a["module"] for a in r["actions"])]
+            for r in records]
+    headline = None
+    if records:
+        predicted = records[-1]["predicted_ms"]
+        headline = (met, (f"target met: {predicted:.3f} ms against {target:.3f} ms" if met else
+                          f"target missed: {predicted:.3f} ms against {target:.3f} ms"))
+    html = R.render("Architecture evolution", [
+        R.section(None, R.figure(buf.getvalue(), "predicted UNet latency against the metric along the path "
+                                                 "(label = iteration; dashed: the target)", alt="latency vs metric")),
+        R.section("Iterations", R.table(["iteration", "step", name, "predicted ms", "measured ms",
+                                         "layouts (down | mid | up)", "actions"], rows)),
+    ], lead=[verdict, f"final checkpoint: {checkpoint}; target {target:.3f} ms"], verdict=headline)
     atomic_write_bytes(join(output, "report.html"), html.encode("utf-8"))
 
 
