@@ -139,7 +139,7 @@ def test_report_stats_from_tables_equal_the_per_row_stats():
     import random
 
     from filters import reasons
-    from pipelines.curate.report import CurateStats
+    from pipelines.curate.report import CurateStats, table_stats
     from pipelines.curate.schema import MANIFEST_SCHEMA
 
     rng = random.Random(0)
@@ -167,3 +167,40 @@ def test_report_stats_from_tables_equal_the_per_row_stats():
     assert stats.extract_output(tables) == stats.extract_output(per_row)
     whole = stats.add_input(stats.create_accumulator(), ("manifest_table", table))
     assert stats.extract_output(whole) == stats.extract_output(per_row)
+    # the job's way: one accumulator per table where it is made (``table_stats``), folded in as "stats"
+    folded = stats.create_accumulator()
+    for start in range(0, len(rows), 77):
+        folded = stats.add_input(folded, table_stats(table.slice(start, 77), 3))
+    assert stats.extract_output(folded) == stats.extract_output(per_row)
+
+
+def test_table_coder_round_trips_tables():
+    """``ArrowTableCoder`` (tables across stage boundaries): the same schema and values back, for a
+    table with all-null, one-valued and varying columns, one row, and none; the size estimate is the
+    table's buffer size (no encoding)."""
+    table = pa.table({"key": ["a", "b", None], "source": ["txt"] * 3, "x": pa.nulls(3, pa.float64()),
+                      "n": pa.array([1, 1, 1], pa.int32()), "s": pa.array([None] * 3, pa.string())},
+                     schema=pa.schema([("key", pa.string()), ("source", pa.string()), ("x", pa.float64()),
+                                       ("n", pa.int32()), ("s", pa.string())]))
+    coder = batched.ArrowTableCoder()
+    for t in (table, table.slice(1, 1), table.slice(0, 0), pa.concat_tables([table, table])):
+        back = coder.decode(coder.encode(t))
+        assert back.schema == t.schema and back.to_pylist() == t.to_pylist()
+    assert coder.estimate_size(table) == table.nbytes
+
+
+def test_manifest_parts_merge_to_the_sorted_file(tmp_path):
+    """``WriteSortedParquet(tables=True)``: each table as a part beside the file, merged sorted by key,
+    the parts removed; a part named twice (a retried bundle) counts once; no table, an empty file."""
+    from pipelines.curate.schema import MANIFEST_SCHEMA
+    from pipelines.curate.sinks import merge_parts, write_part
+
+    path = str(tmp_path / "manifest.parquet")
+    rows = [{**{f.name: None for f in MANIFEST_SCHEMA}, "key": k, "fate": "kept", "has_image": False} for k in "dbca"]
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    parts = [p for t in (table.slice(0, 2), table.slice(2), table.slice(0, 0)) for p in write_part(t, path, MANIFEST_SCHEMA)]
+    assert len(parts) == 2
+    assert merge_parts(parts + parts[:1], path, MANIFEST_SCHEMA) == 4
+    assert pq.read_table(path).column("key").to_pylist() == ["a", "b", "c", "d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.parquet"]
+    assert merge_parts([], path, MANIFEST_SCHEMA) == 0 and pq.read_table(path).num_rows == 0

@@ -25,6 +25,7 @@ manifest, rejects and counts.
 from __future__ import annotations
 
 import math
+import pickle
 import zlib
 
 import apache_beam as beam
@@ -51,6 +52,61 @@ RECORD_SCHEMA = pa.schema(
     + [(name, pa.float64()) for name in _FLOATS]  # sizes too: the rules compare them as the source gave them
     + [("image_ref", IMAGE_REF), ("n_words", pa.int32()), ("n_clip_tokens", pa.int32()),
        ("stage", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string()), ("n_duplicates", pa.int64())])
+
+
+class ArrowTableCoder(beam.coders.Coder):
+    """pyarrow Tables across a stage boundary, for the PCollections of tables (``TABLE`` /
+    ``KEYED_TABLES`` type hints): an Arrow IPC stream of the columns that vary, while a column that
+    is all null (most of ``RECORD_SCHEMA``'s for a prompt list) or holds one value throughout (a
+    file's ``source`` and ``input``) travels as its type and value only; decoding gives the same
+    schema and values. Its size estimate is the table's buffer size: Beam's element counters
+    estimate the size of sampled elements at every step (every one of a stage's first ten or so),
+    and the default (pickle) coder estimates by encoding, a copy of the whole table each time."""
+
+    def encode(self, table: pa.Table) -> bytes:
+        n, varying, constant = table.num_rows, [], {}
+        for i, column in enumerate(table.columns):
+            if n and column.null_count == n:
+                constant[i] = None
+            elif n > 1 and not column.null_count and pa.types.is_string(column.type):
+                low, high = pc.min_max(column).values()
+                if low == high:
+                    constant[i] = low.as_py()
+                    continue
+                varying.append(i)
+            else:
+                varying.append(i)
+        sink = pa.BufferOutputStream()
+        raw = table.select(varying)
+        with pa.ipc.new_stream(sink, raw.schema) as writer:
+            writer.write_table(raw)
+        return pickle.dumps((table.schema, n, constant, sink.getvalue().to_pybytes()), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, data: bytes) -> pa.Table:
+        schema, n, constant, stream = pickle.loads(data)
+        raw = pa.ipc.open_stream(pa.py_buffer(stream)).read_all()
+        columns, j = [], 0
+        for i, field in enumerate(schema):
+            if i in constant:
+                columns.append(pa.repeat(pa.scalar(constant[i], field.type), n))
+            else:
+                columns.append(raw.column(j))
+                j += 1
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def estimate_size(self, table: pa.Table) -> int:
+        return table.nbytes
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return pa.Table
+
+
+beam.coders.registry.register_coder(pa.Table, ArrowTableCoder)
+TABLE = pa.Table  # the type hint of a PCollection of tables
+KEYED_TABLES = beam.typehints.Tuple[int, pa.Table]
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -243,7 +299,8 @@ def active_count(table: pa.Table) -> int:
 
 
 def _bucket_rows(table: pa.Table, n_active: int):
-    """Active rows -> (bucket, sub-table) per bucket met; bucket = crc32(caption) mod the bucket count."""
+    """Active rows -> (bucket, sub-table) per bucket met; bucket = crc32(caption) mod the bucket count
+    (``n_active``: the active rows, or a bound on them, over ``EXACT_BUCKET_ROWS``)."""
     active = table.filter(is_active_rows(table))
     if active.num_rows == 0:
         return
@@ -293,18 +350,49 @@ def resolve_exact_table(keyed) -> pa.Table:
                             pa.array(n_dups, mask=~(first & (n_dups > 0))))
 
 
+def split_row_bound(split) -> int:
+    """At most about how many records ``split`` holds, without reading them: the exact-dedup bucket
+    count comes from the sum, so the buckets can be cut where the tables are made. Parquet: the row
+    group's rows (footer); ``.txt``/``.jsonl``: lines; COCO JSON: bytes / 32 (an annotation takes
+    more); webdataset: bytes / 512 (a tar member's header). Only the buckets' size depends on it."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if split.format == "laion":
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(split.path) as f:
+            return pq.ParquetFile(f).metadata.row_group(split.part).num_rows
+    if split.format in ("txt", "jsonl"):
+        with FileSystems.open(split.path) as f:
+            return f.read().count(b"\n") + 1
+    size = FileSystems.match([split.path])[0].metadata_list[0].size_in_bytes
+    return size // (32 if split.format == "coco" else 512) + 1
+
+
 class DropExactDuplicateRows(beam.PTransform):
-    """Tables -> tables with exact duplicates (same normalised caption) marked, one kept per caption."""
+    """Tables -> tables with exact duplicates (same normalised caption) marked, one kept per caption.
+
+    ``n_rows``: a one-element PCollection bounding the records (``split_row_bound`` summed over the
+    splits) that the bucket count comes from. Computed apart from the tables, it lets the bucketing
+    run in the stage that makes them; without it the active rows are counted first, which holds
+    every table at that stage boundary until the count is done."""
+
+    def __init__(self, n_rows=None):
+        super().__init__()
+        self.n_rows = n_rows
 
     def expand(self, tables):
-        n_active = (tables
-                    | "CountActive" >> beam.Map(active_count)
-                    | "SumActive" >> beam.CombineGlobally(sum))
-        inactive = tables | "SelectInactiveRows" >> beam.FlatMap(_inactive_rows)
+        n_active = self.n_rows
+        if n_active is None:
+            n_active = (tables
+                        | "CountActive" >> beam.Map(active_count)
+                        | "SumActive" >> beam.CombineGlobally(sum))
+        inactive = tables | "SelectInactiveRows" >> beam.FlatMap(_inactive_rows).with_output_types(TABLE)
         resolved = (tables
                     | "BucketByCaption" >> beam.FlatMap(_bucket_rows, beam.pvalue.AsSingleton(n_active))
+                    .with_output_types(KEYED_TABLES)
                     | "GroupByBucket" >> beam.GroupByKey()
-                    | "KeepOnePerCaption" >> beam.Map(resolve_exact_table))
+                    | "KeepOnePerCaption" >> beam.Map(resolve_exact_table).with_output_types(TABLE))
         return (resolved, inactive) | "Rejoin" >> beam.Flatten()
 
 

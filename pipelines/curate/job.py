@@ -47,10 +47,11 @@ from core.options import add_arguments, build_parser, flags_of, from_mapping, no
 from filters import config as config_lib
 from filters.config import CurateConfig
 from pipelines import common
-from pipelines.curate.batched import DropExactDuplicateRows, ReadBatches, apply_rules, manifest_table, to_records
+from pipelines.curate.batched import (TABLE, DropExactDuplicateRows, ReadBatches, apply_rules, manifest_table,
+                                      split_row_bound, to_records)
 from pipelines.curate.download import DownloadBatch
 from pipelines.curate.models import AestheticHandler, ClipEmbeddingHandler
-from pipelines.curate.report import CurateStats, write_report
+from pipelines.curate.report import CurateStats, table_stats, write_report
 from pipelines.curate.schema import MANIFEST_SCHEMA, REJECTS_SCHEMA, manifest_row
 from pipelines.curate.sinks import WriteEmbeddings, WriteSortedParquet
 from pipelines.curate.sources import FORMATS, Split, plan_inputs
@@ -249,7 +250,8 @@ class Curate(beam.PTransform):
         """``pcoll`` with its records counted as ``stage`` in the progress lines (unchanged without them)."""
         if self.progress is None:
             return pcoll
-        return pcoll | (label or f"Count_{stage}") >> beam.ParDo(CountStage(self.progress, stage))
+        return pcoll | (label or f"Count_{stage}") >> beam.ParDo(CountStage(self.progress, stage)).with_output_types(
+            pcoll.element_type)
 
     def _needs_records(self) -> bool:
         cfg = self.opts.config
@@ -265,15 +267,21 @@ class Curate(beam.PTransform):
             records = self._counted(records | "DropExactDuplicates" >> ActiveOnly(DropExactDuplicates()), "exact_dedup")
         return records, normalised.rejects
 
-    def _caption_stages_batched(self, splits):
+    def _caption_stages_batched(self, root, splits):
         """The same on Arrow tables -> (tables, rejects)."""
         cfg = self.opts.config
         read = splits | "ReadBatches" >> beam.ParDo(ReadBatches(self.opts.record_batch, self.opts.allocator)).with_outputs(
             "rejects", main="tables")
-        tables = self._counted(self._counted(read.tables, "read") | "ApplyRuleColumns" >> beam.Map(apply_rules, cfg),
-                               "caption_rules")
+        tables = read.tables
+        tables.element_type = TABLE  # tables (ArrowTableCoder); the rejects stay row dicts
+        tables = self._counted(self._counted(tables, "read")
+                               | "ApplyRuleColumns" >> beam.Map(apply_rules, cfg).with_output_types(TABLE), "caption_rules")
         if cfg.exact_dedup:
-            tables = self._counted(tables | "DropExactDuplicateRows" >> DropExactDuplicateRows(), "exact_dedup")
+            n_rows = (root  # a bound on the records, apart from the tables: bucketing runs where they are made
+                      | "ListInputsToCount" >> beam.Create(list(self.opts.splits))
+                      | "BoundRows" >> beam.Map(split_row_bound)
+                      | "SumRows" >> beam.CombineGlobally(sum))
+            tables = self._counted(tables | "DropExactDuplicateRows" >> DropExactDuplicateRows(n_rows), "exact_dedup")
         return tables, self._counted(read.rejects, "read", "Count_read_rejects")
 
     def _record_stages(self, records, rejects):
@@ -310,7 +318,7 @@ class Curate(beam.PTransform):
                   | "SpreadInputs" >> beam.Reshuffle())
         tables = None
         if self.opts.record_batch:
-            tables, first_rejects = self._caption_stages_batched(splits)
+            tables, first_rejects = self._caption_stages_batched(root, splits)
             records = (tables | "ToRecords" >> beam.FlatMap(to_records)) if self._needs_records() else None
         else:
             records, first_rejects = self._caption_stages(splits)
@@ -322,9 +330,10 @@ class Curate(beam.PTransform):
             tagged = rows | "TagManifest" >> beam.Map(_tag, "manifest")
         else:  # batched all the way: no stage after exact dedup needs records, and no score applies
             cutoff = root | "NoCutoff" >> beam.Create([None])
-            rows = tables | "ToManifestTables" >> beam.Map(manifest_table)
+            rows = tables | "ToManifestTables" >> beam.Map(manifest_table).with_output_types(TABLE)
             rows | "WriteManifest" >> WriteSortedParquet(manifest, MANIFEST_SCHEMA, tables=True)
-            tagged = rows | "TagManifest" >> beam.Map(_tag, "manifest_table")
+            # Each table's statistics where it is made: a small accumulator goes on, not the table.
+            tagged = rows | "TableStats" >> beam.Map(table_stats, cfg.report_examples)
         all_rejects = rejects | "GatherRejects" >> beam.Flatten()
         all_rejects | "WriteRejects" >> WriteSortedParquet(FileSystems.join(out, "rejects.parquet"), REJECTS_SCHEMA)
         return ((tagged, all_rejects | "TagRejects" >> beam.Map(_tag, "reject"))

@@ -55,6 +55,8 @@ class CurateStats(beam.CombineFn):
         kind, row = element
         if kind == "manifest_table":
             return self.add_table(acc, row)
+        if kind == "stats":  # a table's accumulator (``table_stats``)
+            return self.add_accumulator(acc, row)
         rank = _rank(row["key"] or "")
         if kind == "reject":
             key, reason = (reasons.REJECTED, row["stage"], row["reason"]), row["reason"]
@@ -115,6 +117,20 @@ class CurateStats(beam.CombineFn):
                 examples.append((int(rank[r]), keys[r] or "", _example("manifest", row)))
         return self.compact(acc) if len(acc["clip"]) > 2 * SCORE_SAMPLE or len(acc["aesthetic"]) > 2 * SCORE_SAMPLE else acc
 
+    def add_accumulator(self, acc, other):
+        """``other``'s rows added to ``acc`` (compacted as ``add_input`` does): what adding them one by one gives."""
+        acc["counts"].update(other["counts"])
+        acc["clusters"].update(other["clusters"])
+        acc["groups"].update(other["groups"])
+        acc["aesthetic"] += other["aesthetic"]
+        acc["clip"] += other["clip"]
+        for reason, items in other["examples"].items():
+            examples = acc["examples"].setdefault(reason, [])
+            examples.extend(items)
+            if len(examples) > 2 * self.n_examples + 16:
+                acc["examples"][reason] = heapq.nsmallest(self.n_examples, examples, key=lambda t: t[:2])
+        return self.compact(acc) if len(acc["clip"]) > 2 * SCORE_SAMPLE or len(acc["aesthetic"]) > 2 * SCORE_SAMPLE else acc
+
     def merge_accumulators(self, accumulators):
         out = self.create_accumulator()
         for acc in accumulators:
@@ -154,6 +170,13 @@ class CurateStats(beam.CombineFn):
                 "cluster_sizes": sorted(acc["clusters"].values()),
                 "duplicate_group_sizes": {str(k): v for k, v in sorted(acc["groups"].items())},
                 "examples": {r: [e for _, _, e in items] for r, items in sorted(acc["examples"].items())}}
+
+
+def table_stats(table, n_examples: int) -> tuple[str, dict]:
+    """("stats", the ``CurateStats`` accumulator of a manifest table): made where the table is, so that
+    only the accumulator (counts, a bounded sample) travels to the combine."""
+    stats = CurateStats(n_examples)
+    return "stats", stats.add_table(stats.create_accumulator(), table)
 
 
 # --------------------------------------------------------------------------------------------

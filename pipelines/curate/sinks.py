@@ -6,6 +6,7 @@ complete (Beam ``FileSystems``, so ``gs://`` works too): a reader never sees hal
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 
@@ -51,10 +52,48 @@ def write_sorted_tables(tables: list[pa.Table], path: str, schema: pa.Schema) ->
     return table.num_rows
 
 
+PART_MARK = ".tmp-part-"  # a temporary (core.fs.TMP_MARK): a killed run's parts go with the launcher's clean-up
+
+
+def part_path(path: str, table: pa.Table) -> str:
+    """Where ``table``'s rows wait for the final write of ``path``: named after the table's first key, so
+    a retried bundle rewrites the same part (keys are unique, and every row is in exactly one table)."""
+    first = table.column("key")[0].as_py() or ""
+    return f"{path}{PART_MARK}{hashlib.sha1(first.encode('utf-8')).hexdigest()[:20]}"
+
+
+def write_part(table: pa.Table, path: str, schema: pa.Schema):
+    """A table of ``path``'s rows as an uncompressed Arrow IPC file beside it; yields its name (none
+    for an empty table). Written where the table is made, so the rows never cross a stage boundary."""
+    if table.num_rows == 0:
+        return
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(table.cast(schema) if table.schema != schema else table)
+    name = part_path(path, table)
+    atomic_write(name, sink.getvalue().to_pybytes())
+    yield name
+
+
+def merge_parts(parts: list[str], path: str, schema: pa.Schema) -> int:
+    """The parts' rows sorted by key into ``path`` (``write_sorted_tables``), then the parts removed."""
+    parts = sorted(set(parts))  # a retried bundle names its part again
+    tables = []
+    for name in parts:
+        with FileSystems.open(name) as f:
+            tables.append(pa.ipc.open_file(pa.py_buffer(f.read())).read_all())
+    n = write_sorted_tables(tables, path, schema)
+    if parts:
+        FileSystems.delete(parts)
+    return n
+
+
 class WriteSortedParquet(beam.PTransform):
     """One Parquet file sorted by ``key``: the rows are gathered in one worker (no embeddings in
     them: a few hundred bytes each), so the teacher dump's deterministic sharding sees the same
-    order on every run."""
+    order on every run. With ``tables`` (elements are pyarrow tables of rows) each table is written
+    as a part file where it is made and only the parts' names are gathered: the rows cross no
+    stage boundary on their way to the file."""
 
     def __init__(self, path: str, schema: pa.Schema, *, tables: bool = False):
         super().__init__()
@@ -63,10 +102,14 @@ class WriteSortedParquet(beam.PTransform):
         self.tables = tables  # elements are pyarrow tables of rows, not row dicts
 
     def expand(self, rows):
+        if self.tables:
+            return (rows
+                    | "WriteParts" >> beam.FlatMap(write_part, self.path, self.schema)
+                    | "GatherParts" >> beam.combiners.ToList()
+                    | "WriteFile" >> beam.Map(merge_parts, self.path, self.schema))
         return (rows
                 | "Gather" >> beam.combiners.ToList()
-                | "WriteFile" >> beam.Map(write_sorted_tables if self.tables else write_sorted_parquet,
-                                          self.path, self.schema))
+                | "WriteFile" >> beam.Map(write_sorted_parquet, self.path, self.schema))
 
 
 def _embedding_row(record: dict, field: str):
