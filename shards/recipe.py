@@ -4,7 +4,6 @@
                     ``teachers.sampler`` runs them
     DumpRecipe      the dump's recipe: the teacher and where it ran, storage, sharding, the input, and its
                     sampler settings once (``recipe.sampler``, a ``SamplerConfig``)
-    dump_recipe(dataset)   the typed recipe of a dataset (a ``dataset.json`` dict or ``DatasetInfo``)
 
 The JSON is flat (``DumpRecipe.to_json``): the sampler's fields sit beside the dump's, ``save_images``
 for the sampler's ``save_images``, ``eta`` only when not 0 (the dump never set it), ``score_images`` and
@@ -139,9 +138,3 @@ class DumpRecipe:
         extra = {k: v for k, v in d.items() if k not in own and k not in SAMPLER_FIELDS}
         return cls(**kwargs, sampler=SamplerConfig(**sampler), extra=extra)
 
-
-def dump_recipe(dataset) -> DumpRecipe:
-    """The typed recipe of a dataset: ``dataset.json`` as a dict (what students carry, checkpoints too) or
-    a ``shards.schema.DatasetInfo``."""
-    recipe = dataset.recipe if hasattr(dataset, "recipe") else dataset.get("recipe")
-    return DumpRecipe.from_json(recipe or {})

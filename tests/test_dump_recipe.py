@@ -8,7 +8,8 @@ import pytest
 
 from core.errors import UserError
 from shards import loader, schema
-from shards.recipe import DumpRecipe, SamplerConfig, dump_recipe
+from shards.recipe import DumpRecipe, SamplerConfig
+from shards.record import SCHEMA_VERSION
 
 FLAT = dict(teacher="tiny", dtype="float32", device="cpu", scheduler="ddim", num_inference_steps=4, guidance_scale=7.5,
             guidance_range=[2.0, 14.0], height=32, width=32, record_steps=[0, 2], feature_layers=["mid_block", "up_blocks.0"],
@@ -59,10 +60,12 @@ def test_a_schema_2_dataset_json_reads_typed(tmp_path):
 
 def test_a_partial_recipe_reads_with_the_defaults_the_trainer_assumed():
     """Hand-made datasets: missing dump fields are None, sampler fields SamplerConfig's defaults, save_images True."""
-    recipe = dump_recipe({"recipe": {"teacher": "tiny", "num_inference_steps": 4}})
+    info = schema.DatasetInfo.from_dict({"schema_version": SCHEMA_VERSION, "recipe_hash": "h", "shards": [],
+                                         "recipe": {"teacher": "tiny", "num_inference_steps": 4}})
+    recipe = info.dump_recipe
     assert recipe.teacher == "tiny" and recipe.samples_per_shard is None
     assert recipe.sampler.height is None and recipe.sampler.feature_layers is None and recipe.sampler.save_images
-    assert not recipe.sampler.real_images and dump_recipe({}).sampler.num_inference_steps == 50
+    assert not recipe.sampler.real_images and DumpRecipe.from_json({}).sampler.num_inference_steps == 50
 
 
 def test_the_dump_flags_take_the_sampler_defaults_from_sampler_config():

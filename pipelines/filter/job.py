@@ -47,8 +47,7 @@ from pipelines.records import EMBEDDING_FIELDS
 from pipelines.scoring import ImageScoring
 from pipelines.stages import ActiveOnly, FilterScores, apply_score_rules, clip_scores
 from core.fs import atomic_write_bytes, join, remove_temporaries, url_to_fs
-from shards.recipe import dump_recipe
-from shards.schema import write_dataset_info
+from shards.schema import DatasetInfo, write_dataset_info
 from shards.schema import embeds_name, index_name
 from shards.reader import list_indexes, read_index
 
@@ -119,7 +118,7 @@ def build_recipe(cfg: FilterConfig):
     """Validate the flags against the parent (naming the bad value).
 
     Returns (filter recipe, the curate config its stages run with, parent entry of the lineage, the
-    parent's dataset.json); reads only the parent's dataset.json and its folder listing.
+    parent's dataset.json as ``DatasetInfo``); reads only the parent's dataset.json and its folder listing.
     """
     common.check_output(cfg.output)
     if _same_folder(cfg.input, cfg.output):
@@ -132,23 +131,24 @@ def build_recipe(cfg: FilterConfig):
                         "--aesthetic_weights)")
     if cfg.samples_per_shard < 0 or cfg.report_examples < 0:
         raise UserError("--samples_per_shard and --report_examples must be >= 0")
-    missing = sorted({int(s["shard"][:-4]) for s in dataset["shards"]} - set(list_indexes(cfg.input)))
+    shards = sorted(filter_plan.input_shards(dataset))
+    missing = sorted(set(shards) - set(list_indexes(cfg.input)))
     if missing:
         raise UserError(f"--input {cfg.input!r} lacks the index of shard(s) "
                         f"{[index_name(i) for i in missing][:5]}: check it with distill inspect --verify")
-    _check_indexes(cfg.input, sorted(int(s["shard"][:-4]) for s in dataset["shards"]))
+    _check_indexes(cfg.input, shards)
     preset = ImageScoring(**scoring).curate_config()
     knobs = ("kmeans_clusters", "target_cluster_size", "kmeans_sample_size")  # unset: the scoring preset's
     given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(FilterRecipe) if hasattr(cfg, f.name)}
     given = {k: v for k, v in given.items() if not (k in knobs and v is None)}
     from_preset = {k: getattr(preset, k) for k in (*knobs, "kmeans_iterations", "kmeans_seed")}
     recipe = FilterRecipe(**{
-        **from_preset, **given, "parent_recipe_hash": dataset["recipe_hash"], "parent_dataset_sha256": sha,
-        "samples_per_shard": cfg.samples_per_shard or dump_recipe(dataset).samples_per_shard,
+        **from_preset, **given, "parent_recipe_hash": dataset.recipe_hash, "parent_dataset_sha256": sha,
+        "samples_per_shard": cfg.samples_per_shard or dataset.dump_recipe.samples_per_shard,
     })
     curate_config = recipe.curate_config(scoring)  # validates thresholds and dedup knobs, naming the field
-    parent = {"path": cfg.input, "recipe_hash": dataset["recipe_hash"], "dataset_sha256": sha,
-              "lineage": dataset.get("lineage")}
+    parent = {"path": cfg.input, "recipe_hash": dataset.recipe_hash, "dataset_sha256": sha,
+              "lineage": dataset.lineage}
     return recipe, curate_config, parent, dataset
 
 
@@ -252,10 +252,10 @@ def _copy_shared(parent: str, output: str, shared: dict) -> None:
             atomic_write_bytes(join(output, name), f.read())
 
 
-def _check_accounting(rows: list[dict], parent_dataset: dict, written: int, kept: int) -> None:
+def _check_accounting(rows: list[dict], parent_dataset: DatasetInfo, written: int, kept: int) -> None:
     """Every sample of the parent has one fate, and every kept one was written: a runner that loses or
     repeats records (Beam's Dask runner drops ``finish_bundle`` output) fails here, not silently."""
-    in_shards = sum(s["count"] for s in parent_dataset["shards"])
+    in_shards = sum(s["count"] for s in parent_dataset.shards)
     judged = [r["key"] for r in rows if r["stage"] not in filter_plan.DUMP_STAGES]
     if len(judged) != in_shards or len(set(judged)) != len(judged):
         raise RuntimeError(f"the parent's shards hold {in_shards} samples but {len(judged)} were judged "
@@ -264,7 +264,7 @@ def _check_accounting(rows: list[dict], parent_dataset: dict, written: int, kept
         raise RuntimeError(f"{written} samples written, the manifest keeps {kept}")
 
 
-def write_dataset(indexes: list[dict], parent: dict, parent_dataset: dict, output: str, recipe: FilterRecipe,
+def write_dataset(indexes: list[dict], parent: dict, parent_dataset: DatasetInfo, output: str, recipe: FilterRecipe,
                   cutoff: float | None, report_examples: int) -> dict:
     """The last step: manifest, shared arrays, report, then ``dataset.json`` (written last: it marks completion)."""
     from pipelines.filter.report import write_report
@@ -280,7 +280,7 @@ def write_dataset(indexes: list[dict], parent: dict, parent_dataset: dict, outpu
     written = sum(ix["count"] for ix in indexes)
     _check_accounting(rows, parent_dataset, written, counts["kept"])
     filter_plan.write_manifest(output, rows)
-    _copy_shared(parent["path"], output, parent_dataset.get("shared", {}))
+    _copy_shared(parent["path"], output, parent_dataset.shared)
     lineage = {"filter_recipe": recipe.to_json(), "filter_recipe_hash": recipe.hash, "parent": parent}
     thresholds = {"aesthetic_score": recipe.aesthetic_threshold,
                   "clip_score": recipe.clip_score_threshold if recipe.clip_score_threshold is not None else cutoff}
@@ -288,7 +288,7 @@ def write_dataset(indexes: list[dict], parent: dict, parent_dataset: dict, outpu
                  report_examples)
     keep = ("schema_version", "recipe", "recipe_hash", "shared", "timesteps", "recorded_steps", "scheduler_class",
             "scheduler_config", "prediction_type")
-    dataset = {k: parent_dataset.get(k) for k in keep}
+    dataset = {k: getattr(parent_dataset, k) for k in keep}  # the parent's fields as read (None: absent)
     dataset.update(
         shards=[{k: ix[k] for k in ("shard", "count", "bytes", "sha256")} for ix in indexes],
         totals={**counts, "samples_written": written, "bytes": sum(ix["bytes"] for ix in indexes),
@@ -336,7 +336,7 @@ def run(argv: list[str] | None = None, test_pipeline=None, *, dedup: str = "side
         # N is known once PlanOutputShards wrote the plan; its last row group holds the keys not kept
         progress = common.start_shard_progress("filter", common.progress_mode(cfg.progress, options), cfg.output,
                                                plan_tail=1, planned=False)
-        input_shards = sorted(int(s["shard"][:-4]) for s in parent_dataset["shards"])
+        input_shards = sorted(filter_plan.input_shards(parent_dataset))
         start = time.monotonic()
         pipeline = test_pipeline or beam.Pipeline(options=options)
         shards = (pipeline

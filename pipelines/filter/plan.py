@@ -24,7 +24,6 @@ from pipelines import common
 from pipelines.scoring import ImageScoring
 from shards import schema
 from core.fs import atomic_write_bytes, exists, join, read_bytes, url_to_fs
-from shards.recipe import dump_recipe
 from shards.record import SCHEMA_VERSION
 from shards.schema import embeds_name, index_name, shard_name
 from shards.reader import read_embeddings, read_index
@@ -79,9 +78,10 @@ class FilterRecipe:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_parent(data_dir: str) -> tuple[dict, str]:
-    """(dataset.json as a dict, its sha256) of a finished dump or filtered dataset, validated by
-    ``shards.schema.DatasetInfo``; errors name the problem."""
+def read_parent(data_dir: str) -> tuple[schema.DatasetInfo, str]:
+    """(``dataset.json`` as the typed ``shards.schema.DatasetInfo``, its sha256) of a finished dump or filtered
+    dataset. Parsed as ``schema.read_dataset_info`` does, from one read of the file, so the sha256 pins the bytes
+    that were validated; errors name ``--input``."""
     fs, root = url_to_fs(data_dir)
     if not fs.exists(root):
         raise UserError(f"--input {data_dir!r} does not exist")
@@ -102,12 +102,17 @@ def read_parent(data_dir: str) -> tuple[dict, str]:
     if info.schema_version not in readable:
         raise UserError(f"{path} has schema_version {info.schema_version!r}; the filter reads schema_version "
                         f"{' or '.join(map(str, readable))} (re-make the dump with this version)")
-    return info.to_dict(), hashlib.sha256(data).hexdigest()
+    return info, hashlib.sha256(data).hexdigest()
 
 
-def scoring_of(dataset: dict, data_dir: str) -> dict:
+def input_shards(info: schema.DatasetInfo) -> list[int]:
+    """The parent's complete shards (``NNNNNN.tar`` -> NNNNNN), in order."""
+    return [int(name[:-4]) for name in info.shard_names]
+
+
+def scoring_of(dataset: schema.DatasetInfo, data_dir: str) -> dict:
     """The parent's ``score_images`` recipe entry; a dump made without it cannot be filtered."""
-    scoring = dump_recipe(dataset).score_images
+    scoring = dataset.dump_recipe.score_images
     if not scoring:
         raise UserError(f"--input {data_dir!r} holds no image scores: make the dump with "
                          "--save_images --score_images PRESET (e.g. --score_images tiny for tests)")
