@@ -45,7 +45,7 @@ def test_the_loader_knows_it_and_says_how_to_train_it(monkeypatch, tmp_path):
     assert "shapes-sd15" in BUILTIN_SPECS
     assert teacher_geometry("shapes-sd15") == dict(levels=3, resolution=32, multiple=16, is_xl=False)
     monkeypatch.setitem(M.WEIGHTS_DIRS, "sd15", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="--arch sd15 --split train"):
+    with pytest.raises(FileNotFoundError, match="--arch sd15 --unet_steps 5000 .* --init_from"):
         load_teacher("shapes-sd15")
 
 

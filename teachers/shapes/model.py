@@ -34,8 +34,8 @@ ARCHS = ("shapes", "sd15")
 WEIGHTS_DIRS = {"shapes": WEIGHTS_DIR, "sd15": WEIGHTS_DIR_SD15}
 TRAIN_COMMANDS = {
     "shapes": "python -m teachers.shapes.train --output teachers/shapes/weights",
-    "sd15": "python -m teachers.shapes.train --arch sd15 --split train --output teachers/shapes/weights_sd15 "
-            "--reuse_vae teachers/shapes/weights",
+    "sd15": "python -m teachers.shapes.train --arch sd15 --unet_steps 5000 --output /tmp/sd15_5k, then "
+            "python -m teachers.shapes.train --arch sd15 --init_from /tmp/sd15_5k --unet_steps 4000",
 }
 COMPONENTS = ("unet", "vae", "text_encoder")
 _TOKEN_SUFFIX = "embeddings.token_embedding.weight"  # transformers 4.x prefixes "text_model."

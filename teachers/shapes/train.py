@@ -3,10 +3,12 @@
     python -m teachers.shapes.train --output teachers/shapes/weights
 
 and the SD-1.5-shaped ``shapes-sd15`` teacher on the training split only, reusing the committed
-autoencoder and analyser (``--reuse_vae``: stages 1 and 2 are skipped):
+autoencoder and analyser (``--reuse_vae``: stages 1 and 2 are skipped), as its committed weights were
+made: 5,000 steps from scratch, then a warm restart of 4,000 (``--init_from``; the first run stalled with
+position, the attribute learnt last, at 0.44):
 
-    python -m teachers.shapes.train --arch sd15 --split train --output teachers/shapes/weights_sd15 \
-        --reuse_vae teachers/shapes/weights
+    python -m teachers.shapes.train --arch sd15 --unet_steps 5000 --output /tmp/sd15_5k
+    python -m teachers.shapes.train --arch sd15 --init_from /tmp/sd15_5k --unet_steps 4000
 
 Three stages, each on freshly rendered images of the shapes world:
 
