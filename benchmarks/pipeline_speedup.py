@@ -3,6 +3,7 @@ under classifier-free guidance, decoder; in PyTorch eager (diffusers' pipelines)
 exported deploy loop, ``students.export.ondevice``), side by side in one process.
 
     python benchmarks/pipeline_speedup.py --student runs/small-s4-seed0 [--teacher_steps 50] [--rounds 15]
+    python benchmarks/pipeline_speedup.py --student diffusion_distill/data/students/shapes_small_s4 --weights raw
 
 Rows: the teacher at ``--teacher_steps`` (the baseline), the teacher at the student's own step count (what
 the step count alone buys) and the student (its UNet, its decoder if it trained one, the teacher's text
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--onnx", default="true", choices=("true", "false"), help="also time the ONNX Runtime loops")
     p.add_argument("--output", default=None, help="write the figures as JSON here")
+    p.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                   help="which of the checkpoint's weights (the bundled student keeps raw only; latency is the same)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.teacher_steps < 1 or args.threads < 1:
         p.error("--rounds, --teacher_steps and --threads must be positive")
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
 
     run = read_run(args.student)
     teacher = load_teacher(run.teacher, dtype="float32", device="cpu")
-    student_pipe, info = export.assemble_pipeline(run, teacher=teacher)
+    student_pipe, info = export.assemble_pipeline(run, teacher=teacher, weights=args.weights)
     for pipe in (teacher.pipe, student_pipe):
         pipe.set_progress_bar_config(disable=True)
     guidance, size, n = float(info["guidance_scale"]), int(info["height"]), int(info["num_inference_steps"])
