@@ -134,13 +134,7 @@ class CurateStats(beam.CombineFn):
     def merge_accumulators(self, accumulators):
         out = self.create_accumulator()
         for acc in accumulators:
-            out["counts"].update(acc["counts"])
-            out["clusters"].update(acc["clusters"])
-            out["groups"].update(acc["groups"])
-            out["aesthetic"] += acc["aesthetic"]
-            out["clip"] += acc["clip"]
-            for reason, items in acc["examples"].items():
-                out["examples"].setdefault(reason, []).extend(items)
+            out = self.add_accumulator(out, acc)
         return self.compact(out)
 
     def compact(self, acc):
