@@ -106,3 +106,20 @@ def tiny_dump(tmp_path_factory):
     """The ``tiny`` teacher's dump of 16 captions (4 teacher steps, 4 shards of 4 samples, block outputs of
     mid_block and up_blocks.0 at 2 steps): the trainer's tests' data."""
     return run_dump(tmp_path_factory.mktemp("dump"))
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("gpu_suite")``: a ``benchmarks/`` script imported by path (benchmarks/ is scripts, not a
+    package), for tests that check a benchmark's own logic."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,21 +1,11 @@
 """``benchmarks/gpu_suite.py --cpu_smoke``: every path of the GPU suite runs on tiny shapes, so the
 suite cannot rot while no GPU is at hand. Its figures mean nothing; their structure and signs do."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 
-def _suite():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("gpu_suite", path)
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
-    return suite
-
-
-def test_gpu_suite_cpu_smoke(tmp_path):
-    suite = _suite()
+def test_gpu_suite_cpu_smoke(tmp_path, load_benchmark):
+    suite = load_benchmark("gpu_suite")
     out = suite.main(["--cpu_smoke", "--output", str(tmp_path / "gpu.json")])
     assert [r["variant"] for r in out["dump"]] == ["default", "no_sdpa", "channels_last"]
     for row in out["dump"]:
@@ -36,14 +26,14 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert written["trainer"][0]["batch"] == 2 and len(written["latency"]) == 1
 
 
-def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
+def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path, load_benchmark):
     """A GPU run (not strict) records a section's error, runs the next, and rewrites its JSON after
     each; the smoke (strict) raises. Real sections: an unknown student preset, then the tiny one."""
     import json
 
     import pytest
 
-    suite = _suite()
+    suite = load_benchmark("gpu_suite")
     args = suite.settings(["--cpu_smoke"])
     sections = [("trainer", "nope", lambda: suite.trainer_step(args, "nope"), suite._print_trainer),
                 ("trainer", "tiny", lambda: suite.trainer_step(args, "tiny"), suite._print_trainer)]
@@ -56,13 +46,13 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
         suite.run_sections(sections, fresh(), strict=True, output=None)
 
 
-def test_trainer_step_halves_its_batch_while_out_of_memory(monkeypatch):
+def test_trainer_step_halves_its_batch_while_out_of_memory(monkeypatch, load_benchmark):
     """No GPU here: an allocation failure is raised for batches over 2 (as CUDA raises it, and as
     cuBLAS reports it); the real step then runs at 2. Any other error is not retried."""
     import pytest
     import torch
 
-    suite = _suite()
+    suite = load_benchmark("gpu_suite")
     args = suite.settings(["--cpu_smoke"])
     args.train_batches = {"tiny": 8}
     real, tried = suite._trainer_step, []
