@@ -88,3 +88,30 @@ def test_latency_resolution_per_family_and_bad_arguments(capsys):
     assert P.main(["--presets", "bogus"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "distill profile: error: --presets: unknown preset(s) ['bogus']; known: " + ", ".join(P.STUDENTS)]
+
+
+def test_sd3_medium_macs_equal_the_hand_count_and_snapgen_sd3_is_a_fraction():
+    """SD3-Medium's MMDiT (``sd3``: 2,028,328,000 parameters, the released model's count) at 1024 px with
+    333 prompt tokens: FlopCounterMode's count equals the layer-by-layer hand count of
+    ``sd3_transformer_macs`` exactly (both are integer sums; 4,452.17 GMACs, 1,446.25 of them attention
+    products). No published MAC figure for SD3-Medium was found to check against; the hand count is the
+    independent reference. SnapGen's UNet in its seat reads SD3's latents and prompt states."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from teachers import configs
+
+    params, total, blocks = P.count_macs("sd3", CFG)
+    assert params == 2_028_328_000
+    with torch.device("meta"):
+        config = SD3Transformer2DModel(**configs.sd3_medium_transformer()).config
+    assert total == P.sd3_transformer_macs(config, 1024)
+    assert round(total / 1e9, 2) == 4452.17
+    assert list(blocks) == [f"transformer_blocks.{i}" for i in range(24)]
+    assert 0 < total - sum(blocks.values()) < 0.01 * total  # embedders and the output projection
+    s_params, s_macs, _ = P.count_macs("snapgen_sd3", CFG)
+    assert 0.15 < s_params / params < 0.25 and s_macs / total < 0.2
+    # the hand count scales as the layers do: twice the batch, twice the MACs; 512 px: a quarter of the
+    # image tokens (the 333 text tokens stay), and the attention products fall with the square of N + T
+    assert P.sd3_transformer_macs(config, 1024, batch=2) == 2 * total
+    assert P.sd3_transformer_macs(config, 512) < total / 4

@@ -8,7 +8,9 @@
 
 Each student is measured with its teacher in the same run: SD-1.5's UNet (``teachers.configs.sd15_unet()``)
 at 512 px (64x64 latents) for ``snapfusion``/``mobilediffusion``, SDXL's UNet at 1024 px for ``snapgen``,
-SD's VAE decoder at 512 px for the decoders. MACs are counted on the ``meta`` device (no memory, no
+SD3-Medium's MMDiT (``sd3``, 333 prompt tokens) at 1024 px for ``snapgen_sd3`` (SnapGen's UNet in the
+transformer's seat; ``sd3_transformer_macs`` counts the MMDiT by hand as a check), SD's VAE decoder at
+512 px for the decoders. MACs are counted on the ``meta`` device (no memory, no
 weights) with ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2; attention products
 included: on real CPU tensors SDPA's kernel is not counted, on ``meta`` it decomposes into matmuls).
 Latency is the median of ``--repeats`` forwards after ``--warmup``, with random weights; forward hooks
@@ -38,16 +40,20 @@ STUDENTS = {
     "snapfusion": ("unet", "sd15"),
     "mobilediffusion": ("unet", "sd15"),
     "snapgen": ("unet", "sdxl"),
+    "snapgen_sd3": ("unet", "sd3"),
     "tiny": ("unet", "tiny_teacher"),
     "tiny_xl": ("unet", "tiny_xl_teacher"),
     "vae_pruned": ("vae", "sd_vae_decoder"),
     "vae_tiny": ("vae", "sd_vae_decoder"),
 }
-TEACHERS = {"sd15": "unet", "sdxl": "unet", "tiny_teacher": "unet", "tiny_xl_teacher": "unet", "sd_vae_decoder": "vae"}
-FAMILY = {"sd15": "sd15", "snapfusion": "sd15", "mobilediffusion": "sd15", "sdxl": "sdxl", "snapgen": "sdxl",
+TEACHERS = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "tiny_teacher": "unet", "tiny_xl_teacher": "unet", "sd_vae_decoder": "vae"}
+FAMILY = {"sd15": "sd15", "snapfusion": "sd15", "mobilediffusion": "sd15", "sdxl": "sdxl", "snapgen": "sdxl", "sd3": "sd3", "snapgen_sd3": "sd3",
           "tiny_teacher": "tiny", "tiny": "tiny", "tiny_xl_teacher": "tiny", "tiny_xl": "tiny",
           "sd_vae_decoder": "vae", "vae_pruned": "vae", "vae_tiny": "vae"}
-NATIVE_PIXELS = {"sd15": 512, "sdxl": 1024, "tiny": 128, "vae": 512}
+NATIVE_PIXELS = {"sd15": 512, "sdxl": 1024, "sd3": 1024, "tiny": 128, "vae": 512}
+# SD3's prompt states: CLIP-L and bigG's 77 tokens (widths concatenated, zero-padded to 4096) followed by T5's
+# 256 (zeros when the T5 encoder is left out, as diffusers does with text_encoder_3=None): 333 tokens either way
+SD3_TEXT_TOKENS = 77 + 256
 DEFAULT_PRESETS = ("snapfusion", "mobilediffusion", "snapgen", "vae_pruned", "vae_tiny")
 DTYPES = ("float32", "bfloat16", "float16")
 REST = "(rest)"  # per-block tables: conv_in/out, embeddings, post_quant_conv, hook gaps
@@ -107,7 +113,11 @@ def build_model(name: str, device: str = "cpu", dtype: str = "float32"):
     teacher_unets = {"sd15": configs.sd15_unet, "sdxl": configs.sdxl_unet, "tiny_teacher": configs.tiny_unet,
                      "tiny_xl_teacher": configs.tiny_xl_unet}
     with torch.device(device):
-        if name in teacher_unets:
+        if name == "sd3":  # SD3-Medium's MMDiT (the transformer of ``teachers.load``'s sd3-random)
+            from diffusers import SD3Transformer2DModel
+
+            model = SD3Transformer2DModel(**configs.sd3_medium_transformer())
+        elif name in teacher_unets:
             model = UNet2DConditionModel(**teacher_unets[name]())
         elif name == "sd_vae_decoder":
             model = AutoencoderKL(**configs.sd_vae())
@@ -136,8 +146,14 @@ def make_inputs(name: str, model, batch: int, pixels: int, device: str, dtype: s
     if kind_of(name) == "vae":
         return (rand(batch, 4, pixels // 8, pixels // 8),), {}
     cfg = model.config
+    if kind_of(name) == "transformer":  # SD3's call: latents, sigma * 1000, prompt states, pooled embedding
+        return (), {"hidden_states": rand(batch, cfg.in_channels, pixels // 8, pixels // 8),
+                    "timestep": torch.full((batch,), 500.0, device=device, dtype=tdtype),
+                    "encoder_hidden_states": rand(batch, SD3_TEXT_TOKENS, cfg.joint_attention_dim),
+                    "pooled_projections": rand(batch, cfg.pooled_projection_dim)}
     latents = rand(batch, cfg.in_channels, pixels // 8, pixels // 8)  # 16 for SD3-shaped students
-    kwargs = {"encoder_hidden_states": rand(batch, 77, cfg.cross_attention_dim)}
+    tokens = SD3_TEXT_TOKENS if cfg.addition_embed_type == "pooled" else 77  # an SD3 student reads SD3's prompt states
+    kwargs = {"encoder_hidden_states": rand(batch, tokens, cfg.cross_attention_dim)}
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * batch, device=device, dtype=tdtype)
@@ -170,6 +186,8 @@ def block_groups(name: str, model) -> list[tuple[str, list[str]]]:
     """Top-level blocks in execution order as (label, module names run back to back)."""
     import torch
 
+    if kind_of(name) == "transformer":
+        return [(f"transformer_blocks.{i}", [f"transformer_blocks.{i}"]) for i in range(len(model.transformer_blocks))]
     if kind_of(name) == "unet":
         names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))] + ["mid_block"]
         return [(n, [n]) for n in names + [f"up_blocks.{j}" for j in range(len(model.up_blocks))]]
@@ -204,6 +222,32 @@ def count_macs(name: str, cfg: ProfileConfig) -> tuple[int, float, dict[str, flo
     blocks = {label: sum(sum(per_module.get(_flop_key(name, model, m), {}).values()) for m in names) / 2
               for label, names in block_groups(name, model)}
     return count_params(name, model), counter.get_total_flops() / 2, blocks
+
+
+def sd3_transformer_macs(config, pixels: int, batch: int = 1, text_tokens: int = SD3_TEXT_TOKENS) -> int:
+    """Multiply-accumulates of one ``SD3Transformer2DModel`` forward, counted by hand from its layers
+    (an independent check on ``count_macs``; no published MAC figure for SD3-Medium was found).
+
+    With width D = heads x head_dim, N image tokens ((pixels / 8 / patch)^2) and T text tokens, per image:
+    patch embedding N (C p^2) D; context embedder T joint_dim D; time and pooled-text MLPs
+    256 D + D^2 + pooled D + D^2. Each of the L joint blocks (Esser et al. 2024, Fig. 2): both streams'
+    adaLN modulation D 6D; image q, k, v, out and the 4x MLP, 12 D^2 per token; text q, k, v 3 D^2 per
+    token and, except in the last block (context_pre_only: the text stream ends after its q, k, v, its
+    modulation D 2D), text out and MLP 9 D^2; joint attention QK^T and AV over N + T tokens, 2 (N + T)^2 D.
+    Output: adaLN D 2D and the unpatchify projection N D (p^2 C_out). Biases, norms and activations are
+    not MACs. SD3-Medium at 1024 px, T = 333: 4,452.17 GMACs, of which 1,446.25 are attention products."""
+    c = config
+    d = c.num_attention_heads * c.attention_head_dim
+    n = (pixels // 8 // c.patch_size) ** 2
+    t = text_tokens
+    macs = n * c.in_channels * c.patch_size ** 2 * d + t * c.joint_attention_dim * d  # patch + context embedders
+    macs += 256 * d + d * d + c.pooled_projection_dim * d + d * d  # time and pooled-text embeddings
+    for i in range(c.num_layers):
+        last = i == c.num_layers - 1
+        macs += d * 6 * d + d * (2 if last else 6) * d  # adaLN modulation of the image and text streams
+        macs += n * 12 * d * d + t * (3 if last else 12) * d * d + 2 * (n + t) ** 2 * d
+    macs += d * 2 * d + n * d * c.patch_size ** 2 * c.out_channels  # norm_out's modulation, proj_out
+    return batch * macs
 
 
 def _flop_key(name: str, model, module_name: str) -> str:

@@ -406,6 +406,15 @@ def snapgen() -> StudentUNetConfig:
     )
 
 
+def snapgen_sd3() -> StudentUNetConfig:
+    """``snapgen`` in the transformer's seat of SD3-Medium (``students/models/flow_student.py``): SnapGen
+    distils its UNet from a transformer teacher across architectures (arXiv 2412.09619, Sec. 3.2), so the
+    same UNet reads the SD3 teacher's 16-channel latents, its 4096-wide prompt states and its 2048-wide
+    pooled embedding (``addition_embed_type="pooled"``) and predicts velocities (the flow recipes)."""
+    return override(snapgen(), in_channels=16, out_channels=16, cross_attention_dim=4096, addition_embed_type="pooled",
+                    addition_time_embed_dim=None, projection_class_embeddings_input_dim=2048)
+
+
 def tiny() -> StudentUNetConfig:
     """Tests and the demo: the tiny teacher's shape (``teachers.configs.tiny_unet()``: 2 levels,
     32/64 channels, text width 32) with every efficient block in it: separable convs, ReLU attention,
@@ -505,6 +514,7 @@ PRESETS = {
     "snapfusion": snapfusion,
     "mobilediffusion": mobilediffusion,
     "snapgen": snapgen,
+    "snapgen_sd3": snapgen_sd3,
     "tiny": tiny,
     "tiny_xl": tiny_xl,
     "tiny_sd3": tiny_sd3,
