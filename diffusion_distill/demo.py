@@ -244,12 +244,17 @@ def run(output: str, *, train_steps: int = 200, seeds_per_prompt: int = 2, eval_
     seconds["eval"] = time.monotonic() - t
     cost = _done(os.path.join(output, "eval", "cost.json"))
     if cost is None:
+        from diffusers import UNet2DConditionModel
+
         from core.fs import atomic_write_json
         from students.training.runs import load_student_unet, read_run
-        from teachers.load import load_teacher
+        from teachers.load import SHAPES_ARCHS
+        from teachers.shapes import model as shapes_model
 
         size = int(metrics["protocol"]["image_size"])
-        cost = {"teacher": unet_cost(load_teacher(kit.TEACHER).unet, size),
+        # cost is the architecture's: the teacher UNet built from its config (evaluate() loaded the weights already)
+        teacher_unet = UNet2DConditionModel(**shapes_model.unet_config(SHAPES_ARCHS[kit.TEACHER])).eval()
+        cost = {"teacher": unet_cost(teacher_unet, size),
                 "student": unet_cost(load_student_unet(read_run(run_dir).files, "ema"), size)}
         atomic_write_json(os.path.join(output, "eval", "cost.json"), cost)
     return write_report(output, curated, dataset, metrics, seconds,

@@ -77,3 +77,18 @@ def test_demo_refuses_two_student_starts_in_one_line(tmp_path):
         DemoConfig(output=str(tmp_path / "d"), init_from="shapes_small", init_from_teacher="mid_only")
     with pytest.raises(UserError, match="no such run or checkpoint folder"):
         DemoConfig(output=str(tmp_path / "d"), init_from=str(tmp_path / "missing"))
+
+
+def test_demo_cost_of_the_teacher_is_its_architectures():
+    """The report's teacher cost comes from the UNet built from its config (no second weight load): the
+    same parameters and MACs as the loaded teacher's UNet."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_distill import kit
+    from diffusion_distill.demo import unet_cost
+    from teachers.load import SHAPES_ARCHS, load_teacher
+    from teachers.shapes import model as shapes_model
+
+    built = UNet2DConditionModel(**shapes_model.unet_config(SHAPES_ARCHS[kit.TEACHER])).eval()
+    loaded = unet_cost(load_teacher(kit.TEACHER).unet, 32)
+    assert unet_cost(built, 32) == loaded and loaded["parameters"] > 1e6
