@@ -17,6 +17,7 @@ For the tiny-sd3 student here that is about 6e-5 (latents) and 7e-5 (images).
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -227,3 +228,22 @@ def test_generate_cli_runs_a_flow_folder_without_importing_torch(flow_exported, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "RC 0 HEAVY []" in proc.stdout, proc.stdout
     assert np.array_equal(np.asarray(Image.open(png)), ondevice.OnnxPipeline(folder, threads=1)(CAPTION, seed=1))
+
+
+def test_what_the_flow_export_cannot_carry_is_one_line(flow_exported, capsys):
+    """A T5 encoder (SD3 folders with text_encoder_3), a transformer that is not a student, and a deploy.json of
+    another schema version: each one line naming it, before anything is converted."""
+    from types import SimpleNamespace
+
+    from students.export import deploy
+
+    folder, _ = flow_exported
+    for pipe, says in [(SimpleNamespace(transformer=SimpleNamespace(), text_encoder_3=object()), "without T5 (text_encoder_3)"),
+                       (SimpleNamespace(transformer=SimpleNamespace(), text_encoder_3=None), "not a flow student's FlowUNetTransformer")]:
+        with pytest.raises(ondevice.DeployError, match=re.escape(says)) as err:
+            deploy.pipeline_components(pipe, dict(guidance_scale=5.0))
+        assert "\n" not in str(err.value)
+    with open(os.path.join(folder, ondevice.DEPLOY_FILE), encoding="utf-8") as f:
+        data = json.load(f)
+    with pytest.raises(ondevice.DeployError, match="schema_version 3 is not one of 1, 2"):
+        ondevice.manifest_from_dict(dict(data, schema_version=3))
