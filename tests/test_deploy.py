@@ -111,6 +111,31 @@ def test_deploy_json_round_trips_and_rejects_bad_fields(exported, tmp_path):
         ondevice.read_manifest(str(tmp_path))
 
 
+SCHEMA_1_FIELDS = {"schema_version", "format", "pipeline", "height", "width", "latent_shape", "guidance_scale",
+                   "negative_prompt", "cfg_batch", "noise", "postprocess", "scheduler", "tokenizer", "models", "source"}
+DDIM_FIELDS = {"name", "prediction_type", "timesteps", "alpha_prod_t", "alpha_prod_t_prev", "sample_coef",
+               "model_output_coef", "clip_sample", "clip_sample_range", "init_noise_sigma"}
+
+
+def test_a_unet_students_deploy_json_is_still_schema_1_with_the_ddim_rule(exported):
+    """Flow folders (tests/test_deploy_flow.py) write schema 2; a UNet student's manifest keeps schema 1's fields
+    exactly, so a generator that reads only schema 1 still runs it."""
+    from diffusers import DDIMScheduler
+
+    from teachers.shapes.model import scheduler_config
+
+    folder, manifest = exported
+    with open(os.path.join(folder, ondevice.DEPLOY_FILE), encoding="utf-8") as f:
+        data = json.load(f)
+    assert data["schema_version"] == ondevice.DDIM_SCHEMA_VERSION == 1 and not manifest.is_flow
+    assert set(data) == SCHEMA_1_FIELDS and set(data["scheduler"]) == DDIM_FIELDS
+    want = deploy.scheduler_spec(DDIMScheduler(**scheduler_config()), 4)
+    assert data["scheduler"]["name"] == "DDIMScheduler" and data["scheduler"]["prediction_type"] == "epsilon"
+    assert tuple(data["scheduler"]["sample_coef"]) == want.sample_coef and data["scheduler"]["timesteps"] == [999, 749, 499, 249]
+    assert manifest.latent_decode is None and manifest.tokenizer_2 is None
+    assert ondevice.decoder_input(np.ones((1, 4, 8, 8), np.float32), manifest).tolist() == np.ones((1, 4, 8, 8)).tolist()
+
+
 @pytest.mark.parametrize("prediction_type,clip", [("epsilon", False), ("v_prediction", False), ("epsilon", True)])
 def test_numpy_ddim_step_is_diffusers_step(prediction_type, clip):
     from diffusers import DDIMScheduler

@@ -12,6 +12,16 @@ this project does not install). ``deploy.json`` (``students.export.ondevice.Depl
 coefficients for the trained step count, the guidance weight, the noise rule and the tokenizer files
 (copied into ``tokenizer/``). ``students.export.ondevice`` runs the folder with numpy and onnxruntime only.
 
+A flow student (a flow recipe on an SD3-shaped teacher's dump: ``StableDiffusion3Pipeline`` with the
+student in the transformer's seat, ``students/export/folder.py``) exports the same three models
+(``flow_components``): the text encoder is both CLIP encoders computing SD3's ``encode_prompt``
+(``encoder_hidden_states`` and ``pooled_projections``; no T5, whose rows are zeros as in the pipeline
+without it), the UNet takes the pooled embedding as in training and returns the velocity, and the decoder
+is ``vae.decode`` alone. Its ``deploy.json`` (schema 2) carries the flow rule: the trained sigmas of
+``students.distill.inference.flow_schedule``, timestep = sigma * num_train_timesteps, the Euler step
+z + (sigma_next - sigma) v, the CFG mix and the decode rule latents / scaling_factor + shift_factor
+(``flow_scheduler_spec``, ``latent_decode_spec``).
+
 Every exported model is run in onnxruntime against the PyTorch module on the same inputs at export
 time; the errors (max abs, and max abs relative to the output's scale) go into ``deploy.json`` and an
 error above ``students.export.onnx_convert.error_bound`` stops the export. fp16 variants: where a module's fp32
@@ -35,12 +45,16 @@ import uuid
 
 from core.errors import UserError, run_main
 from core.options import choice_list, not_one_of, option, parse
-from students.export.ondevice import (COMPONENTS, DEPLOY_FILE, NOISE_RULE, POSTPROCESS, PRECISIONS, SCHEMA_VERSION,
-                                      DeployError, DeployManifest, SchedulerSpec, TokenizerSpec, manifest_to_dict)
+from students.export.ondevice import (COMPONENTS, DEPLOY_FILE, FLOW_STEP_RULE, FLOW_TIMESTEP_RULE, GUIDANCE_RULE,
+                                      LATENT_DECODE_RULE, NOISE_RULE, POSTPROCESS, PRECISIONS, DeployError,
+                                      DeployManifest, FlowSchedulerSpec, LatentDecodeSpec, SchedulerSpec, TokenizerSpec,
+                                      manifest_schema_version, manifest_to_dict)
 from students.export.onnx_convert import OPSET, Component, convert
 from core.fs import atomic_write_json, exists, is_local, join, publish_folder, url_to_fs
 
 FORMATS = ("diffusers", "onnx", "coreml", "executorch")
+FLOW_FORMATS = ("diffusers", "onnx")  # where a flow student's rule is carried (coreml/executorch: not checked yet)
+T5_ROWS = 256  # StableDiffusion3Pipeline.encode_prompt's max_sequence_length: the absent T5's zero rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,10 +100,108 @@ def wrappers():
     return UNetForExport, TextEncoderForExport, DecoderForExport
 
 
-def pipeline_components(pipe, info: dict, prompt: str = "a photo", seed: int = 0) -> list[Component]:
-    """The three models of an SD-shaped pipeline with inputs at the student's shapes (see ``latent_shape``)."""
+def flow_wrappers():
+    """(UNet, text encoder, decoder) wrapper classes of a flow student's SD3-shaped pipeline."""
     import torch
 
+    class FlowUNetForExport(torch.nn.Module):
+        """``(sample, timestep, encoder_hidden_states, pooled_projections) -> velocity``: the student as
+        ``flow_sample`` calls it (the pooled embedding as ``added_cond_kwargs["text_embeds"]``)."""
+
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs={"text_embeds": pooled_projections},
+                             return_dict=False)[0]
+
+    class FlowTextEncoderForExport(torch.nn.Module):
+        """``(input_ids, input_ids_2) -> (prompt_embeds, pooled_prompt_embeds)``, as ``StableDiffusion3Pipeline.
+        encode_prompt`` without T5 and clip skip: each CLIP's penultimate hidden state and projected pooled
+        output (``_get_clip_prompt_embeds``), the states side by side zero-padded (or cut) to ``joint_width``,
+        then ``t5_rows`` zero rows (``_get_t5_prompt_embeds`` without T5); the pooled outputs side by side."""
+
+        def __init__(self, text_encoder, text_encoder_2, joint_width: int, t5_rows: int):
+            super().__init__()
+            self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+            self.joint_width, self.t5_rows = joint_width, t5_rows
+
+        def forward(self, input_ids, input_ids_2):
+            one = self.text_encoder(input_ids, output_hidden_states=True)
+            two = self.text_encoder_2(input_ids_2, output_hidden_states=True)
+            clip = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
+            clip = torch.nn.functional.pad(clip, (0, self.joint_width - clip.shape[-1]))
+            t5 = clip.new_zeros((clip.shape[0], self.t5_rows, self.joint_width))
+            return torch.cat([clip, t5], dim=-2), torch.cat([one[0], two[0]], dim=-1)
+
+    class FlowDecoderForExport(torch.nn.Module):
+        """``decoder input -> image`` in about [-1, 1]: ``vae.decode(z).sample``; the input is
+        ``latents / scaling_factor + shift_factor`` (``latent_decode`` in deploy.json, applied by the app)."""
+
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latents):
+            return self.vae.decode(latents).sample
+
+    return FlowUNetForExport, FlowTextEncoderForExport, FlowDecoderForExport
+
+
+def is_flow_pipeline(pipe) -> bool:
+    """An SD3-shaped pipeline (a flow student's, ``students/export/folder.py``): a transformer seat, no UNet."""
+    return getattr(pipe, "transformer", None) is not None
+
+
+def eager_copy(text_encoder):
+    """A copy of a CLIP text encoder with eager attention: SDPA's traced causal mask is float32 even in an fp16 model."""
+    encoder = copy.deepcopy(text_encoder)
+    if hasattr(encoder, "set_attn_implementation"):
+        encoder.set_attn_implementation("eager")
+    return encoder
+
+
+def flow_components(pipe, info: dict, prompt: str = "a photo", seed: int = 0) -> list[Component]:
+    """The three models of a flow student's SD3-shaped pipeline with inputs at the student's shapes."""
+    import torch
+
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        raise DeployError("--format onnx exports SD3-shaped pipelines without T5 (text_encoder_3): the exported text "
+                          "encoder computes the two CLIP encoders and T5's zero rows; export from a teacher without T5")
+    unet = getattr(pipe.transformer, "unet", None)
+    if unet is None:
+        raise DeployError(f"the pipeline's transformer is {type(pipe.transformer).__name__}, not a flow student's "
+                          "FlowUNetTransformer: --format onnx exports distilled students")
+    if getattr(unet.config, "time_cond_proj_dim", None) is not None:
+        raise DeployError("the student UNet takes a guidance embedding (time_cond_proj_dim): not supported by --format onnx")
+    unet_cls, text_cls, decoder_cls = flow_wrappers()
+    batch = cfg_batch(info)
+    # one row: the constant negative prompt's rows are computed once per loaded pipeline, not per image
+    ids = tuple(tokenizer([prompt], padding="max_length", truncation=True, max_length=pipe.tokenizer_max_length,
+                          return_tensors="pt").input_ids for tokenizer in (pipe.tokenizer, pipe.tokenizer_2))
+    text = text_cls(eager_copy(pipe.text_encoder), eager_copy(pipe.text_encoder_2),
+                    int(pipe.transformer.config.joint_attention_dim), T5_ROWS).eval()
+    with torch.no_grad():
+        embeds, pooled = (t.repeat(batch, *[1] * (t.dim() - 1)) for t in text(*ids))
+    gen = torch.Generator().manual_seed(seed)
+    shape = latent_shape(pipe, info)
+    sample = torch.randn((batch,) + shape[1:], generator=gen)
+    t = float(info["timesteps"][len(info["timesteps"]) // 2])
+    latents = torch.randn(shape, generator=gen)
+    return [Component("text_encoder", text, ids, ("input_ids", "input_ids_2"), ("prompt_embeds", "pooled_prompt_embeds")),
+            Component("unet", unet_cls(unet).eval(), (sample, torch.full((batch,), t), embeds, pooled),
+                      ("sample", "timestep", "encoder_hidden_states", "pooled_projections"), ("velocity",)),
+            Component("decoder", decoder_cls(pipe.vae).eval(), (latents,), ("latents",), ("image",))]
+
+
+def pipeline_components(pipe, info: dict, prompt: str = "a photo", seed: int = 0) -> list[Component]:
+    """The three models of an SD-shaped pipeline (or a flow student's SD3-shaped one: ``flow_components``)
+    with inputs at the student's shapes (see ``latent_shape``)."""
+    import torch
+
+    if is_flow_pipeline(pipe):
+        return flow_components(pipe, info, prompt, seed)
     if hasattr(pipe, "text_encoder_2"):
         raise DeployError("--format onnx exports SD-shaped pipelines (one text encoder); this one is "
                           f"{type(pipe).__name__} with two text encoders and time ids, which the exported loop does not run yet")
@@ -100,10 +212,7 @@ def pipeline_components(pipe, info: dict, prompt: str = "a photo", seed: int = 0
     # one row: the constant negative prompt's embedding is computed once per loaded pipeline, not per image
     ids = pipe.tokenizer([prompt], padding="max_length", truncation=True,
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    encoder = copy.deepcopy(pipe.text_encoder)
-    if hasattr(encoder, "set_attn_implementation"):  # SDPA's traced causal mask is float32 even in an fp16 model
-        encoder.set_attn_implementation("eager")
-    text = text_cls(encoder).eval()
+    text = text_cls(eager_copy(pipe.text_encoder)).eval()
     with torch.no_grad():
         embeds = text(ids).repeat(batch, 1, 1)
     gen = torch.Generator().manual_seed(seed)
@@ -123,9 +232,11 @@ def cfg_batch(info: dict) -> int:
 
 
 def latent_shape(pipe, info: dict) -> tuple[int, ...]:
-    """(1, channels, height / f, width / f): what the pipeline's ``prepare_latents`` makes for ``info``'s size."""
+    """(1, channels, height / f, width / f): what the pipeline's ``prepare_latents`` makes for ``info``'s size
+    (channels: the UNet's, or in SD3's pipeline the transformer seat's ``in_channels``)."""
     f = pipe.vae_scale_factor
-    return (1, int(pipe.unet.config.in_channels), int(info["height"]) // f, int(info["width"]) // f)
+    denoiser = pipe.transformer if is_flow_pipeline(pipe) else pipe.unet
+    return (1, int(denoiser.config.in_channels), int(info["height"]) // f, int(info["width"]) // f)
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,21 +275,58 @@ def scheduler_spec(scheduler, steps: int) -> SchedulerSpec:
                          clip_sample_range=float(cfg.clip_sample_range), init_noise_sigma=float(scheduler.init_noise_sigma))
 
 
+def flow_scheduler_spec(scheduler) -> FlowSchedulerSpec:
+    """The flow rule of a flow student's ``TrainedSigmasFlowScheduler`` as numbers: its ``trained_sigmas`` and
+    ``trained_timesteps`` (``students.distill.inference.flow_schedule``'s lists, which ``flow_sample`` and SD3's
+    pipeline step through at the trained step count) and the deterministic Euler step of its parent
+    ``FlowMatchEulerDiscreteScheduler``, checked against the sigmas and timesteps ``set_timesteps`` gives."""
+    import torch
+
+    from teachers.flow_scheduler import TrainedSigmasFlowScheduler
+
+    if not isinstance(scheduler, TrainedSigmasFlowScheduler) or not scheduler.config.trained_sigmas:
+        raise DeployError(f"the flow pipeline's scheduler is {type(scheduler).__name__} without trained sigmas; the "
+                          "exported loop runs a flow student's TrainedSigmasFlowScheduler (teachers/flow_scheduler.py)")
+    cfg = scheduler.config
+    if cfg.get("stochastic_sampling") or cfg.get("invert_sigmas"):
+        raise DeployError("the flow scheduler samples stochastically or inverts its sigmas: the exported loop runs the "
+                          "deterministic Euler step only")
+    sigmas = [float(s) for s in cfg.trained_sigmas]
+    scale = int(cfg.num_train_timesteps)
+    timesteps = [float(t) for t in cfg.trained_timesteps] if cfg.trained_timesteps else [s * scale for s in sigmas]
+    scheduler.set_timesteps(len(sigmas))
+    if not (torch.equal(scheduler.sigmas.cpu(), torch.tensor(sigmas + [0.0], dtype=torch.float32))
+            and torch.equal(scheduler.timesteps.cpu(), torch.tensor(timesteps, dtype=torch.float32))):
+        raise DeployError("the flow scheduler does not step through its trained sigmas and timesteps at the trained "
+                          "step count (teachers/flow_scheduler.py changed?)")
+    return FlowSchedulerSpec(name="FlowMatchEulerDiscreteScheduler", prediction_type="flow", sigmas=tuple(sigmas),
+                             timesteps=tuple(timesteps), num_train_timesteps=scale, final_sigma=0.0,
+                             timestep_rule=FLOW_TIMESTEP_RULE, step_rule=FLOW_STEP_RULE, guidance_rule=GUIDANCE_RULE,
+                             init_noise_sigma=1.0)  # SD3's prepare_latents and flow_sample start from the noise itself
+
+
+def latent_decode_spec(vae) -> LatentDecodeSpec:
+    """SD3's decode rule (``StableDiffusion3Pipeline.__call__``): ``vae.decode(latents / scaling_factor +
+    shift_factor)``; a VAE without a shift (``shift_factor`` None) has 0."""
+    return LatentDecodeSpec(scaling_factor=float(vae.config.scaling_factor),
+                            shift_factor=float(vae.config.get("shift_factor") or 0.0), rule=LATENT_DECODE_RULE)
+
+
 CHECK_CAPTIONS = ("a photo", "a small red circle at the top left on a white background", "",
                   "  Ünïcode, PUNCTUATION!! and   spaces ", " ".join(["long"] * 100))
 
 
-def write_tokenizer(tokenizer, folder: str) -> TokenizerSpec:
-    """Save the pipeline's tokenizer into ``folder/tokenizer`` and check that the ``tokenizers`` library alone
+def write_tokenizer(tokenizer, folder: str, sub: str = "tokenizer") -> TokenizerSpec:
+    """Save the pipeline's tokenizer into ``folder/sub`` and check that the ``tokenizers`` library alone
     (what ``students.export.ondevice`` uses) gives the same padded ids on ``CHECK_CAPTIONS``."""
     from tokenizers import Tokenizer
 
-    out = os.path.join(folder, "tokenizer")
+    out = os.path.join(folder, sub)
     tokenizer.save_pretrained(out)
     if not os.path.isfile(os.path.join(out, "tokenizer.json")):
         raise DeployError(f"the pipeline's tokenizer ({type(tokenizer).__name__}) saved no tokenizer.json (not a fast "
                           "tokenizer): the exported loop reads tokenizer.json")
-    spec = TokenizerSpec(file="tokenizer/tokenizer.json", files=tuple(f"tokenizer/{f}" for f in sorted(os.listdir(out))),
+    spec = TokenizerSpec(file=f"{sub}/tokenizer.json", files=tuple(f"{sub}/{f}" for f in sorted(os.listdir(out))),
                          max_length=int(tokenizer.model_max_length), pad_id=int(tokenizer.pad_token_id))
     plain = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
     plain.enable_truncation(max_length=spec.max_length)
@@ -196,17 +344,24 @@ EXPORTERS = {"onnx": f"torch.onnx.export (TorchScript), opset {OPSET}",
              "coreml": "torch.jit.trace + coremltools.convert (ML program, iOS16)"}
 
 
-def build_manifest(pipe, info: dict, models: dict, tokenizer: TokenizerSpec, source: dict, fmt: str = "onnx") -> DeployManifest:
+def build_manifest(pipe, info: dict, models: dict, tokenizer: TokenizerSpec, source: dict, fmt: str = "onnx",
+                   tokenizer_2: TokenizerSpec | None = None) -> DeployManifest:
+    """The manifest: a UNet student's DDIM rule (schema 1, as before), or a flow student's flow rule, second
+    tokenizer and decode rule (schema 2, ``manifest_schema_version``)."""
     import torch
 
+    flow = is_flow_pipeline(pipe)
     shape = latent_shape(pipe, info)
     image = models["decoder"]["fp32"].outputs[0].shape
-    return DeployManifest(
-        schema_version=SCHEMA_VERSION, format=fmt, pipeline=type(pipe).__name__, height=int(image[2]),
+    scheduler = (flow_scheduler_spec(pipe.scheduler) if flow
+                 else scheduler_spec(pipe.scheduler, int(info["num_inference_steps"])))
+    manifest = DeployManifest(
+        schema_version=0, format=fmt, pipeline=type(pipe).__name__, height=int(image[2]),
         width=int(image[3]), latent_shape=shape, guidance_scale=float(info["guidance_scale"]), negative_prompt="",
-        cfg_batch=cfg_batch(info), noise=NOISE_RULE, postprocess=POSTPROCESS,
-        scheduler=scheduler_spec(pipe.scheduler, int(info["num_inference_steps"])), tokenizer=tokenizer,
-        models=models, source=dict(source, torch=torch.__version__, exporter=EXPORTERS[fmt]))
+        cfg_batch=cfg_batch(info), noise=NOISE_RULE, postprocess=POSTPROCESS, scheduler=scheduler, tokenizer=tokenizer,
+        models=models, source=dict(source, torch=torch.__version__, exporter=EXPORTERS[fmt]), tokenizer_2=tokenizer_2,
+        latent_decode=latent_decode_spec(pipe.vae) if flow else None)
+    return dataclasses.replace(manifest, schema_version=manifest_schema_version(manifest))
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,8 +396,9 @@ def write_deploy_folder(pipe, info: dict, folder: str, precisions=PRECISIONS, pr
                 progress(f"{c.name} {precision}")
             models[c.name][precision] = to_format(c, folder, precision)
     tokenizer = write_tokenizer(pipe.tokenizer, folder)
+    tokenizer_2 = write_tokenizer(pipe.tokenizer_2, folder, "tokenizer_2") if is_flow_pipeline(pipe) else None
     keys = ("checkpoint", "step", "teacher", "preset", "recipe", "decoder", "weights", "teacher_steps", "timesteps_exact")
-    manifest = build_manifest(pipe, info, models, tokenizer, {k: info[k] for k in keys if k in info}, fmt)
+    manifest = build_manifest(pipe, info, models, tokenizer, {k: info[k] for k in keys if k in info}, fmt, tokenizer_2)
     atomic_write_json(os.path.join(folder, DEPLOY_FILE), manifest_to_dict(manifest))
     return manifest
 
@@ -357,10 +513,10 @@ def _export(argv: list[str]) -> int:
                 description="Export a checkpoint for devices. Usage: distill export CHECKPOINT OUTPUT --format onnx",
                 usage=f"%(prog)s CHECKPOINT OUTPUT --format {choice_list(FORMATS[1:])} [options]")[0]
     run = student_runs.read_run(cfg.checkpoint, data=cfg.data, teacher=cfg.teacher)
-    if run.recipe.get("prediction_type") == "flow":
+    if run.recipe.get("prediction_type") == "flow" and cfg.format not in FLOW_FORMATS:
         raise UserError(f"{cfg.checkpoint!r} is a flow student (recipe {run.recipe.get('name')!r}): --format "
-                        f"{cfg.format} does not carry the flow rule yet; export it as a diffusers folder "
-                        "(--format diffusers: SD3's pipeline with the trained sigmas)")
+                        f"{cfg.format} does not carry the flow rule yet; export it with --format onnx, or as a "
+                        "diffusers folder (--format diffusers: SD3's pipeline with the trained sigmas)")
     pipe, info = export.assemble_pipeline(run, weights=cfg.weights)
     manifest = export_deploy(pipe, info, cfg.output, precisions=cfg.precisions, overwrite=cfg.overwrite, fmt=cfg.format,
                              progress=lambda what: print(f"converting {what}", file=sys.stderr, flush=True))
