@@ -13,7 +13,7 @@ from diffusion_distill import cli
 
 # verb (and the arguments before --help) -> section headings its help must show
 COMMANDS = {
-    ("train",): ["data and output:", "the recipe:", "optimisation:", "adversarial recipes (snapgen_adv, ufogen):"],
+    ("train",): ["data and output:", "the recipe:", "optimisation:", "adversarial recipes (snapgen_adv, ufogen, flow_ladd, flow_step_adv):"],
     ("curate",): ["input and output:", "caption rules:", "CLIP embeddings (open_clip):", "semantic dedup (SemDeDup):"],
     ("dump",): ["input and output:", "teacher and sampling:", "what is recorded:", "compute:"],
     ("filter",): ["input and output:", "score thresholds:", "semantic dedup (SemDeDup):"],

@@ -1,7 +1,7 @@
 """Adversarial distillation in the trainer: the teacher-feature discriminator, its optimiser, and the
 glue between the generator (the student) and the losses at the end of ``students/distill/losses.py``.
 
-Two recipes (``students/distill/recipes.py``) use it. Both start from the student's x0 prediction at the
+Four recipes (``students/distill/recipes.py``) use it. All start from the student's x0 prediction at the
 recorded trajectory point z_t (guided at the sample's recorded guidance, like the step term):
 
 - ``snapgen_adv`` (SnapGen, Hu et al. 2024, sec. 4.3, after LADD, Sauer et al. 2024, sec. 3):
@@ -13,6 +13,16 @@ recorded trajectory point z_t (guided at the sample's recorded guidance, like th
   noise for the pair, s = the student's next step (the final latent's level for a one-step student),
   judged at s; non-saturating losses; plus the reconstruction term ||x0_pred - x0||^2.
 
+- ``flow_ladd`` and ``flow_step_adv`` (LADD, Sauer et al. 2024, on its own setting: a rectified-flow SD3
+  teacher): the student's x0 = z - sigma v (its velocity guided at the recorded w, as ``flow_step``'s) and
+  the real x0 are re-noised on the rectified-flow path z_s = (1 - s) x0 + s eps (``losses.flow_interpolate``),
+  the same s and eps for the pair, s drawn per sample from the logit-normal density pi_ln(s; m, s_ln) of
+  SD3 (Esser et al. 2024, sec. 3.1; ``losses.logit_normal_timesteps``) shifted toward high noise as LADD
+  does for its discriminator's noise (LADD's "teacher noise distribution": m = 1, s_ln = 1, the
+  recipe's ``adv_logit_normal``), and judged at the transformer's time input s * 1000 by heads on the
+  frozen flow teacher's joint blocks (``TransformerFeatureDiscriminator``; default every block, LADD's
+  heads after each block); hinge losses, no R1 (LADD's choices, as ``snapgen_adv``'s).
+
 Offline (a teacher dump), the "real" samples are by default (``--adv_real teacher``) the dump's recorded
 final latents x0, the teacher's own samples: the discriminator learns the teacher's output distribution
 (the shape of AMD's LADD re-implementation: teacher images offline, only the discriminator online).
@@ -22,7 +32,8 @@ teacher): ``snapgen_adv`` re-noises them like the teacher's x0; ``ufogen`` noise
 z_s = alpha_s x0_real + sigma_s eps, the marginal q(z_s | x0_real) (the posterior q(z_s | z_t, x0) needs a
 z_t of the same x0, which the dump has only for the teacher's own samples). The "fake" samples are the
 student's predictions. The backbone is the frozen teacher UNet: ``--online_teacher``'s, or the dump's
-teacher (``dataset.json``'s recipe) loaded here; only the heads train, with their own AdamW.
+teacher (``dataset.json``'s recipe) loaded here (a flow dump's: its transformer, ``Teacher.denoiser``);
+only the heads train, with their own AdamW.
 
 Per optimizer step: the generator's terms (``generator_terms``, inside each micro-batch's forward,
 off for the first ``--adv_warmup`` steps) and then one discriminator update (``discriminator_step``)
@@ -44,16 +55,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from core.errors import UserError
 from shards.schema import DatasetInfo
 from students.distill import losses as D
-from students.models.discriminator import TeacherFeatureDiscriminator
+from students.models.discriminator import TeacherFeatureDiscriminator, TransformerFeatureDiscriminator
 
 R1_GAMMA = {"ladd": 0.0, "ufogen": 0.1}  # --r1_gamma -1: the source's (LADD: none; UFOGen/DDGAN: R1)
 LOSSES = {"ladd": (D.hinge_generator_loss, D.hinge_discriminator_loss),
           "ufogen": (D.nonsaturating_generator_loss, D.nonsaturating_discriminator_loss)}
 
 
-def default_layers(teacher_unet) -> tuple[str, ...]:
-    """The deepest down block and the mid block (LADD reads the teacher's low-resolution features)."""
-    return (f"down_blocks.{len(teacher_unet.config.block_out_channels) - 1}", "mid_block")
+def default_layers(teacher) -> tuple[str, ...]:
+    """A UNet's deepest down block and mid block (LADD reads the teacher's low-resolution features); a flow
+    transformer's every joint block (LADD's heads follow each transformer block)."""
+    if hasattr(teacher, "transformer_blocks"):
+        return tuple(f"transformer_blocks.{i}" for i in range(len(teacher.transformer_blocks)))
+    return (f"down_blocks.{len(teacher.config.block_out_channels) - 1}", "mid_block")
 
 
 def timestep_of(alphas_cumprod: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -87,9 +101,11 @@ class Pending:
 class Adversary:
     """The discriminator (frozen teacher backbone + heads), its AdamW, and the per-step glue."""
 
-    def __init__(self, recipe, disc: TeacherFeatureDiscriminator, optimizer, alphas_cumprod: torch.Tensor, *,
-                 r1_gamma: float, r1_every: int, warmup: int, mixed_precision: str = "no", real: str = "teacher"):
+    def __init__(self, recipe, disc: TeacherFeatureDiscriminator, optimizer, alphas_cumprod: torch.Tensor | None, *,
+                 r1_gamma: float, r1_every: int, warmup: int, mixed_precision: str = "no", real: str = "teacher",
+                 num_train_timesteps: float = 1000.0):
         self.recipe, self.disc, self.optimizer, self.alphas_cumprod = recipe, disc, optimizer, alphas_cumprod
+        self.num_train_timesteps = float(num_train_timesteps)  # a flow teacher's time input is sigma * this
         self.real = real  # "teacher": the dump's final latents; "image": its real images' latents
         self.r1_gamma = R1_GAMMA[recipe.adversarial] if r1_gamma < 0 else r1_gamma
         self.r1_every, self.warmup, self.mixed_precision = r1_every, warmup, mixed_precision
@@ -104,6 +120,11 @@ class Adversary:
         """(fake, real, timesteps) the discriminator judges, per ``recipe.adversarial`` and ``real``."""
         x0 = batch["image_latents" if self.real == "image" else "x0"].to(x0_pred)
         noise = torch.randn(x0.shape, generator=generator).to(x0)
+        if self.recipe.is_flow:  # LADD on the rectified-flow path (module docstring)
+            m, s = self.recipe.adv_logit_normal
+            sigma = D.logit_normal_timesteps(x0.shape[0], m=m, s=s, generator=generator).to(x0)
+            t = sigma * self.num_train_timesteps
+            return D.flow_interpolate(x0_pred, noise, sigma), D.flow_interpolate(x0, noise, sigma), t
         if self.recipe.adversarial == "ladd":
             t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), generator=generator).to(x0.device)
             alpha, sigma = D.alpha_sigma(self.alphas_cumprod, t)
@@ -175,24 +196,32 @@ class Adversary:
 
 
 def build(cfg, recipe, dataset: DatasetInfo, teacher_unet, device) -> Adversary:
-    """The adversary of a training run: the backbone is ``teacher_unet`` (online) or the dump's teacher."""
+    """The adversary of a training run: the backbone is ``teacher_unet`` (online) or the dump's teacher
+    (for a flow recipe its transformer: flow teachers are never online, ``distill train`` refuses them)."""
     if teacher_unet is None:
         from teachers.load import TeacherError, load_teacher
 
         spec = dataset.dump_recipe.teacher
         try:
-            teacher_unet = load_teacher(spec, device=str(device)).unet
+            teacher = load_teacher(spec, device=str(device))
         except TeacherError as err:
             raise UserError(f"recipe {recipe.name!r} needs the dump's teacher {spec!r} as its discriminator's "
-                            f"backbone (or --online_teacher): {err}") from None
+                            f"backbone{'' if recipe.is_flow else ' (or --online_teacher)'}: {err}") from None
+        if teacher.is_flow != recipe.is_flow:
+            raise UserError(f"recipe {recipe.name!r}: the dump's teacher {spec!r} is "
+                            f"{'a flow transformer' if teacher.is_flow else 'a UNet'}, not the backbone this recipe judges with")
+        teacher_unet = teacher.denoiser
     layers = tuple(l for l in cfg.disc_layers.split(",") if l) or default_layers(teacher_unet)
+    kind = TransformerFeatureDiscriminator if recipe.is_flow else TeacherFeatureDiscriminator
     try:
-        disc = TeacherFeatureDiscriminator(teacher_unet, layers=layers).to(device)
+        disc = kind(teacher_unet, layers=layers).to(device)
     except (ValueError, IndexError) as err:
         raise UserError(f"--disc_layers {cfg.disc_layers!r}: {err}") from None
     optimizer = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
-    return Adversary(recipe, disc, optimizer, training_schedule(dataset, device), r1_gamma=cfg.r1_gamma, r1_every=cfg.r1_every,
-                     warmup=cfg.adv_warmup, mixed_precision=cfg.mixed_precision, real=cfg.adv_real)
+    schedule = None if recipe.is_flow else training_schedule(dataset, device)  # a flow dump has no DDPM schedule
+    return Adversary(recipe, disc, optimizer, schedule, r1_gamma=cfg.r1_gamma, r1_every=cfg.r1_every,
+                     warmup=cfg.adv_warmup, mixed_precision=cfg.mixed_precision, real=cfg.adv_real,
+                     num_train_timesteps=float(dataset.scheduler_config.get("num_train_timesteps", 1000)))
 
 
 def training_schedule(dataset: DatasetInfo, device) -> torch.Tensor:

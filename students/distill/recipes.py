@@ -11,11 +11,14 @@ from ``z_t`` to the recorded latent ``k`` teacher steps later (SnapFusion's x-ta
 dump records guided trajectories, this target is CFG-aware at the sample's recorded guidance, and the
 student's output is guided with the same ``w``.
 
-Flow recipes (``flow_kd``, ``flow_snapgen_kd``, ``flow_step``; ``prediction_type="flow"``) train a
-velocity-predicting student on a rectified-flow dump (an SD3-shaped teacher): ``compute_flow_losses``.
+Flow recipes (``flow_kd``, ``flow_snapgen_kd``, ``flow_step``, ``flow_ladd``, ``flow_step_adv``;
+``prediction_type="flow"``) train a velocity-predicting student on a rectified-flow dump (an SD3-shaped
+teacher): ``compute_flow_losses``.
 Their task loss is SD3's flow matching at logit-normal sigmas, the output term the teacher's recorded
 velocity, the step term one Euler step onto the recorded latent k steps later (``losses.flow_step_target``),
 and the feature term maps UNet stages to transformer blocks (``feature_map``; ``default_feature_map``).
+``flow_ladd`` and ``flow_step_adv`` add LADD's adversarial term with the flow teacher's transformer as the
+discriminator's backbone, the student's x0 re-noised on the rectified-flow path (``students/distill/adversarial.py``).
 """
 
 from __future__ import annotations
@@ -49,16 +52,21 @@ class DistillRecipe:
     robust_skip_prob: float = 0.0  # SnapFusion robust training: skip each attention block with this p
     adversarial: str = ""  # "" | "ladd" (SnapGen: hinge, re-noised x0) | "ufogen" (non-saturating, posterior); students/distill/adversarial.py
     adv_weight: float = 0.0  # weight of the generator's adversarial term
+    adv_logit_normal: tuple[float, float] = (1.0, 1.0)  # flow adversarial recipes: (m, s) of the re-noising sigma's
+    # logit-normal density (LADD: m = 1, s = 1, shifted toward high noise)
     recon_weight: float = 0.0  # UFOGen's reconstruction term ||x0_pred - x0||^2 against the recorded final latent
     two_step_teacher: bool = False  # progressive distillation: the step target is two DDIM steps of an online teacher
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
-        if self.is_flow and (self.adversarial or self.two_step_teacher or self.guidance_prob or self.robust_skip_prob
-                             or self.dynamic_gamma is not None):
-            raise ValueError("a flow recipe takes the task, output, feature and step terms and timestep-aware scaling; "
-                             "not adversarial, progressive, guidance-aware, robust or dynamic-gamma terms")
+        if self.is_flow and (self.adversarial not in ("", "ladd") or self.two_step_teacher or self.guidance_prob
+                             or self.robust_skip_prob or self.dynamic_gamma is not None):
+            raise ValueError("a flow recipe takes the task, output, feature and step terms, timestep-aware scaling and "
+                             "LADD's adversarial term ('ladd'); not UFOGen's (its posterior is the DDPM one), progressive, "
+                             "guidance-aware, robust or dynamic-gamma terms")
+        if not self.adv_logit_normal[1] > 0:
+            raise ValueError(f"adv_logit_normal={self.adv_logit_normal}: its scale s must be > 0")
         if not 0 <= self.guidance_prob <= 1 or not 0 <= self.robust_skip_prob < 1:
             raise ValueError(f"guidance_prob={self.guidance_prob} / robust_skip_prob={self.robust_skip_prob} out of range")
         if self.adversarial not in ("", "ladd", "ufogen"):
@@ -154,7 +162,26 @@ def flow_step(student_steps: int = 4) -> DistillRecipe:
                          student_steps=student_steps)
 
 
-FLOW_RECIPES = ("flow_kd", "flow_snapgen_kd", "flow_step")
+def flow_ladd(student_steps: int = 4) -> DistillRecipe:
+    """LADD (Sauer et al. 2024, "Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion
+    Distillation"; SD3-Turbo) on a flow teacher's dump: the few-step student's x0 = z - sigma v at the
+    recorded jump starts and the teacher's final latent (real) re-noised to z = (1 - s) x0 + s eps, s drawn
+    from the logit-normal pi_ln(s; m = 1, s = 1) (SD3's density, Esser et al. 2024 sec. 3.1, shifted toward
+    high noise as LADD's discriminator noise is; ``adv_logit_normal``), judged by hinge heads on the frozen
+    teacher transformer's blocks; the adversarial term at weight 1 is the student's main signal (LADD drops
+    the distillation losses: task and output are off). The step term (``flow_step``'s) stays at 1: it is what
+    makes the rows the jump starts the student is trained and exported on (as in ``ufogen``)."""
+    return dataclasses.replace(flow_step(student_steps), name="flow_ladd", task_weight=0.0, output_weight=0.0,
+                               adversarial="ladd", adv_weight=1.0)
+
+
+def flow_step_adv(student_steps: int = 4) -> DistillRecipe:
+    """``flow_step``'s terms (step, velocity output, task at 0.1) plus ``flow_ladd``'s adversarial term at 0.1:
+    the flow form of ``snapgen_adv`` (SnapGen sec. 4.3, step distillation with a LADD term)."""
+    return dataclasses.replace(flow_step(student_steps), name="flow_step_adv", adversarial="ladd", adv_weight=0.1)
+
+
+FLOW_RECIPES = ("flow_kd", "flow_snapgen_kd", "flow_step", "flow_ladd", "flow_step_adv")
 
 
 def default_feature_map(stages: list[str], recorded: list[str]) -> tuple[tuple[str, str], ...]:
@@ -187,7 +214,8 @@ def parse_feature_map(text: str) -> tuple[tuple[str, str], ...]:
 
 RECIPES = {"bk_sdm": bk_sdm, "snapgen_kd": snapgen_kd, "snapfusion_step": snapfusion_step, "output_kd": output_kd,
            "snapgen_adv": snapgen_adv, "ufogen": ufogen,
-           "progressive": progressive, "flow_kd": flow_kd, "flow_snapgen_kd": flow_snapgen_kd, "flow_step": flow_step}
+           "progressive": progressive, "flow_kd": flow_kd, "flow_snapgen_kd": flow_snapgen_kd, "flow_step": flow_step,
+           "flow_ladd": flow_ladd, "flow_step_adv": flow_step_adv}
 
 
 def get_recipe(name: str, **overrides) -> DistillRecipe:

@@ -17,6 +17,11 @@ embedding), then a 1x1 conv to one logit per position, averaged over positions, 
 projection-discriminator term <pool(h), W c> (Miyato & Koyama, 2018) so the text condition enters
 the logit directly. The teacher runs only as far as the deepest chosen layer: its forward stops
 there (the up path is never computed).
+
+``TransformerFeatureDiscriminator`` is the same on a flow teacher's SD3 transformer
+(``SD3Transformer2DModel``; LADD's own setting, SD3): the heads read joint blocks ``transformer_blocks.N``,
+whose image tokens are reshaped to maps over the patch grid (``teachers.sampler.tokens_to_maps``, as the
+flow dump records them), and the condition is the timestep's sinusoid with SD3's pooled text embedding.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class TeacherFeatureDiscriminator(nn.Module):
     ``layers``: block names whose outputs the heads read (``down_blocks.N``, ``mid_block``).
     ``forward(noisy_latents (B, 4, h, w), timesteps (B,), encoder_hidden_states (B, L, D),
     added_cond_kwargs=None)`` -> list of (B,) logits, one per layer, in ``layers`` order.
+
+    A subclass for another backbone overrides ``_text_dim``, ``_layer_channels``, ``_run_backbone``,
+    ``_feature`` and ``_pooled`` (``TransformerFeatureDiscriminator``).
     """
 
     def __init__(self, teacher_unet: nn.Module, layers: tuple[str, ...] = ("down_blocks.1", "mid_block"),
@@ -74,12 +82,16 @@ class TeacherFeatureDiscriminator(nn.Module):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.layers = tuple(layers)
-        cond_dim = time_dim + int(teacher_unet.config.cross_attention_dim)
+        cond_dim = time_dim + self._text_dim()
         self.time_dim = time_dim
         channels = self._layer_channels()
         self.heads = nn.ModuleDict({name.replace(".", "_"): DiscriminatorHead(channels[name], cond_dim, head_channels)
                                     for name in self.layers})
         self._captured: dict[str, torch.Tensor] = {}
+
+    def _text_dim(self) -> int:
+        """Width of the text condition the heads take (``_pooled``)."""
+        return int(self.backbone.config.cross_attention_dim)
 
     def _layer_channels(self) -> dict[str, int]:
         chans = list(self.backbone.config.block_out_channels)
@@ -93,9 +105,20 @@ class TeacherFeatureDiscriminator(nn.Module):
                 raise ValueError(f"discriminator layer {name!r}: use down_blocks.N or mid_block (the up path is not run)")
         return out
 
+    def _feature(self, output) -> torch.Tensor:
+        """A hooked block's output -> its feature map (a down block's ``(hidden, res_samples)``: hidden)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def _run_backbone(self, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs) -> None:
+        self.backbone(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+
+    def _pooled(self, encoder_hidden_states, added_cond_kwargs) -> torch.Tensor:
+        """The text condition of the heads: SD-1.5 has no pooled embedding, so the mean over tokens."""
+        return encoder_hidden_states.float().mean(dim=1)
+
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            self._captured[name] = output[0] if isinstance(output, tuple) else output
+            self._captured[name] = self._feature(output)
             if len(self._captured) == len(self.layers):
                 raise _StopForward
         return hook
@@ -111,7 +134,7 @@ class TeacherFeatureDiscriminator(nn.Module):
         self._captured = {}
         hooks = [self.backbone.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.layers]
         try:
-            self.backbone(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+            self._run_backbone(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs)
         except _StopForward:
             pass
         finally:
@@ -124,6 +147,52 @@ class TeacherFeatureDiscriminator(nn.Module):
         feats = self.features(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs)
         t = timesteps if torch.is_tensor(timesteps) else torch.tensor([timesteps], device=noisy_latents.device)
         t = t.expand(noisy_latents.shape[0]) if t.ndim == 1 and t.shape[0] == 1 else t
-        pooled = encoder_hidden_states.float().mean(dim=1)  # SD-1.5 has no pooled embedding: mean over tokens
+        pooled = self._pooled(encoder_hidden_states, added_cond_kwargs).float()
         cond = torch.cat([timestep_features(t, self.time_dim), pooled], dim=-1)
         return [self.heads[name.replace(".", "_")](feats[name], cond) for name in self.layers]
+
+
+class TransformerFeatureDiscriminator(TeacherFeatureDiscriminator):
+    """Frozen flow teacher transformer (diffusers' ``SD3Transformer2DModel``) + trainable heads (LADD, sec. 3).
+
+    ``layers``: joint blocks ``transformer_blocks.N``; each head reads the block's image tokens (B, N, C) as
+    a map (B, C, h/p, w/p) over the patch grid (``tokens_to_maps``), C the transformer's inner width.
+    ``forward(noisy_latents (B, C_lat, h, w), timesteps (B,) = sigma * 1000, encoder_hidden_states (B, L, D),
+    added_cond_kwargs={"text_embeds": pooled (B, P)})`` -> list of (B,) logits, one per layer: the
+    ``added_cond_kwargs`` of a flow batch (``students.distill.batches.training_batch``) carry the pooled
+    embedding the transformer takes as ``pooled_projections`` and the heads as their text condition.
+    """
+
+    def __init__(self, teacher_transformer: nn.Module, layers: tuple[str, ...] = ("transformer_blocks.0",),
+                 head_channels: int = 64, time_dim: int = 128):
+        super().__init__(teacher_transformer, layers=layers, head_channels=head_channels, time_dim=time_dim)
+        self._grid: tuple[int, int] | None = None  # the patch grid of the latents in the running forward
+
+    def _text_dim(self) -> int:
+        return int(self.backbone.config.pooled_projection_dim)
+
+    def _layer_channels(self) -> dict[str, int]:
+        from teachers.sampler import resolve_modules
+
+        resolve_modules(self.backbone, self.layers)  # ValueError naming a layer that is not transformer_blocks.N
+        width = int(self.backbone.config.num_attention_heads) * int(self.backbone.config.attention_head_dim)
+        return {name: width for name in self.layers}
+
+    def _feature(self, output) -> torch.Tensor:
+        from teachers.sampler import tokens_to_maps
+
+        return tokens_to_maps(output[1], *self._grid)  # a joint block returns (context tokens, image tokens)
+
+    def _run_backbone(self, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs) -> None:
+        patch = int(self.backbone.config.patch_size)
+        self._grid = (noisy_latents.shape[-2] // patch, noisy_latents.shape[-1] // patch)
+        t = timesteps if torch.is_tensor(timesteps) else torch.tensor([timesteps], device=noisy_latents.device)
+        self.backbone(hidden_states=noisy_latents, encoder_hidden_states=encoder_hidden_states,
+                      pooled_projections=self._pooled(encoder_hidden_states, added_cond_kwargs).to(noisy_latents.dtype),
+                      timestep=t.expand(noisy_latents.shape[0]), return_dict=False)
+
+    def _pooled(self, encoder_hidden_states, added_cond_kwargs) -> torch.Tensor:
+        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs:
+            raise ValueError("a flow transformer's discriminator needs the pooled text embeddings "
+                             "(added_cond_kwargs={'text_embeds': ...})")
+        return added_cond_kwargs["text_embeds"]

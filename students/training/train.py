@@ -56,7 +56,7 @@ _S_OPTIM = "optimisation"
 _S_LOADING = "data loading"
 _S_SAVING = "checkpoints and logs"
 _S_DEVICE = "device and speed"
-_S_ADV = "adversarial recipes (snapgen_adv, ufogen)"
+_S_ADV = "adversarial recipes (snapgen_adv, ufogen, flow_ladd, flow_step_adv)"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -130,11 +130,12 @@ class TrainConfig:
                                   "v_prediction makes 1-step students far better (x0 = alpha z - sigma v does not "
                                   "amplify errors at t ~ T); the output KD term, which compares with the teacher's "
                                   "prediction, is then off", choices=("", "epsilon", "v_prediction"))
-    # adversarial recipes (snapgen_adv, ufogen; students/distill/adversarial.py)
+    # adversarial recipes (snapgen_adv, ufogen, flow_ladd, flow_step_adv; students/distill/adversarial.py)
     adv_weight: float = option(-1.0, section=_S_ADV,
                                help="weight of the generator's adversarial term (-1 = the recipe's)")
     disc_layers: str = option("", section=_S_ADV,
-                              help="teacher blocks the discriminator heads read, comma-separated ('' = last down block, mid_block)")
+                              help="teacher blocks the discriminator heads read, comma-separated ('' = last down block, "
+                              "mid_block; a flow teacher's transformer: every transformer_blocks.N)")
     disc_lr: float = option(1e-4, section=_S_ADV, help="AdamW learning rate of the discriminator heads")
     r1_gamma: float = option(-1.0, section=_S_ADV,
                              help="R1 weight on real inputs (-1 = the recipe's source: ladd 0, ufogen 0.1)")
