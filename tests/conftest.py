@@ -108,6 +108,38 @@ def tiny_dump(tmp_path_factory):
     return run_dump(tmp_path_factory.mktemp("dump"))
 
 
+def flow_checkpoint(root, guidance_scale: float = 5.0) -> str:
+    """A checkpoint laid out as ``distill train`` writes it for a seeded ``tiny_sd3`` student, step-distilled with
+    ``flow_step`` to 2 steps from a 4-step dump of tiny-sd3 (its dataset.json only: SD3's scheduler at shift 3,
+    the Euler timesteps it sampled with, ``guidance_scale``, 128 px); -> the run folder ``root/run``."""
+    import json
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from students.models.unet import build_unet
+    from teachers.configs import sd3_scheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**sd3_scheduler())
+    scheduler.set_timesteps(4)
+    dump = root / "dump"
+    dump.mkdir(parents=True)
+    recipe = dict(teacher="tiny-sd3", scheduler="flow-euler", num_inference_steps=4, guidance_scale=guidance_scale,
+                  height=128, width=128)
+    (dump / "dataset.json").write_text(json.dumps(dict(
+        schema_version=3, recipe=recipe, recipe_hash="0", shards=[], timesteps=[float(t) for t in scheduler.timesteps],
+        scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=dict(scheduler.config), prediction_type="flow")))
+    ckpt = root / "run" / "checkpoints" / "step-0000002"
+    torch.manual_seed(0)
+    unet = build_unet("tiny_sd3")
+    for name in ("student", "ema"):
+        unet.save_pretrained(ckpt / name)
+    (ckpt / "config.json").write_text(json.dumps(dict(
+        step=2, train=dict(data=str(dump), preset="tiny_sd3", decoder=None),
+        recipe=dict(name="flow_step", step_weight=1.0, student_steps=2, prediction_type="flow"))))
+    return str(root / "run")
+
+
 @pytest.fixture(scope="session")
 def load_benchmark():
     """``load_benchmark("gpu_suite")``: a ``benchmarks/`` script imported by path (benchmarks/ is scripts, not a

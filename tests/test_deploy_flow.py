@@ -35,33 +35,12 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]  # nu
 
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory, one_thread):
-    """A checkpoint laid out as ``distill train`` writes it for a seeded ``tiny_sd3`` student, step-distilled with
-    ``flow_step`` to 2 steps from a 4-step dump of tiny-sd3 (its dataset.json only: SD3's scheduler at shift 3,
-    the Euler timesteps it sampled with, guidance 5, 128 px)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """``conftest.flow_checkpoint``: a seeded ``tiny_sd3`` student laid out as ``distill train`` writes it,
+    step-distilled with ``flow_step`` to 2 steps from a 4-step dump of tiny-sd3 (its dataset.json only: SD3's
+    scheduler at shift 3, the Euler timesteps it sampled with, guidance 5, 128 px)."""
+    from conftest import flow_checkpoint
 
-    from students.models.unet import build_unet
-    from teachers.configs import sd3_scheduler
-
-    root = tmp_path_factory.mktemp("flow-ckpt")
-    scheduler = FlowMatchEulerDiscreteScheduler(**sd3_scheduler())
-    scheduler.set_timesteps(4)
-    dump = root / "dump"
-    dump.mkdir()
-    recipe = dict(teacher="tiny-sd3", scheduler="flow-euler", num_inference_steps=4, guidance_scale=5.0, height=128,
-                  width=128)
-    (dump / "dataset.json").write_text(json.dumps(dict(
-        schema_version=3, recipe=recipe, recipe_hash="0", shards=[], timesteps=[float(t) for t in scheduler.timesteps],
-        scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=dict(scheduler.config), prediction_type="flow")))
-    ckpt = root / "run" / "checkpoints" / "step-0000002"
-    torch.manual_seed(0)
-    unet = build_unet("tiny_sd3")
-    for name in ("student", "ema"):
-        unet.save_pretrained(ckpt / name)
-    (ckpt / "config.json").write_text(json.dumps(dict(
-        step=2, train=dict(data=str(dump), preset="tiny_sd3", decoder=None),
-        recipe=dict(name="flow_step", step_weight=1.0, student_steps=2, prediction_type="flow"))))
-    return str(root / "run")
+    return flow_checkpoint(tmp_path_factory.mktemp("flow-ckpt"))
 
 
 @pytest.fixture(scope="module")

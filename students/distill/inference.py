@@ -205,6 +205,16 @@ def teacher_sampler(dataset: DatasetInfo):
     return scheduler_class(dataset.scheduler_class).from_config(dataset.scheduler_config)
 
 
+def teacher_pipeline(teacher, scheduler):
+    """The teacher's own pipeline (its UNet, or an SD3 teacher's transformer) with ``scheduler`` (the dump's,
+    ``teacher_sampler``): the teacher row of the training grids. ``teacher`` is a ``teachers.load.Teacher``."""
+    if teacher.is_flow:  # student_pipeline would seat the network as a student's UNet
+        pipe = type(teacher.pipe)(**dict(teacher.pipe.components, scheduler=scheduler))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return student_pipeline(teacher, teacher.unet, scheduler)
+
+
 def student_pipeline(teacher, unet, scheduler, decoder=None):
     """The teacher's pipeline class and text side with the student ``unet``, ``scheduler`` and ``decoder``
     (else the teacher's VAE): what ``distill export`` writes and what the training grids sample.

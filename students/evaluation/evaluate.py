@@ -18,8 +18,11 @@ teacher (or a student of it), ``--metrics adherence,frechet_analyser`` are its o
 analyser: ``teachers.shapes.analyser``); ``METRICS`` is the registry of names.
 
 ``--student`` is a folder made by ``distill export`` or a training checkpoint / run folder; the teacher
-defaults to the one it was distilled from. Outputs in ``--output``: ``metrics.json``, ``report.html``
-(FID and CLIP score vs steps, table, grid) and ``grid.png``. From Python: ``evaluate(EvalConfig(...))``
+defaults to the one it was distilled from. Flow teachers and students (SD3's pipeline: ``--teacher tiny-sd3``, an
+exported flow student with its UNet in the transformer seat, or its run) work the same way; their per-call latency
+is the transformer seat's, ``denoiser_latency_s``, on SD3's transformer call, in place of ``unet_latency_s``.
+Outputs in ``--output``: ``metrics.json``, ``report.html`` (FID and CLIP score vs steps, table, grid) and
+``grid.png``. From Python: ``evaluate(EvalConfig(...))``
 returns what ``metrics.json`` holds; ``extra_metrics`` takes objects of ``students.evaluation.metrics.Metric``.
 """
 
@@ -215,6 +218,20 @@ def student_kind(path: str) -> str:
     return "checkpoint"
 
 
+FLOW_ABSENT = ("text_encoder_3", "tokenizer_3")  # SD3's T5, left out of flow students' folders
+
+
+def absent_components(path: str) -> dict:
+    """``from_pretrained`` keywords for an exported folder's left-out components: an SD3-shaped folder (a flow
+    student's, ``StableDiffusion3Pipeline``) without T5 loads only when told ``text_encoder_3=None,
+    tokenizer_3=None`` (its ``inference.json``'s ``load_kwargs``); {} for every other folder."""
+    with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    if not str(index.get("_class_name", "")).startswith("StableDiffusion3"):
+        return {}
+    return {name: None for name in FLOW_ABSENT if index.get(name, [None, None]) == [None, None]}
+
+
 def load_student(cfg: EvalConfig, teacher=None):
     """(pipeline, inference info) of ``cfg.student``; ``teacher`` (loaded) is reused for checkpoints."""
     import torch
@@ -224,7 +241,7 @@ def load_student(cfg: EvalConfig, teacher=None):
     from students.training import runs as student_runs
 
     if student_kind(cfg.student) == "export":
-        pipe = DiffusionPipeline.from_pretrained(cfg.student, trust_remote_code=True)
+        pipe = DiffusionPipeline.from_pretrained(cfg.student, trust_remote_code=True, **absent_components(cfg.student))
         pipe.to(cfg.device)
         if cfg.dtype != "float32":
             pipe.to(dtype=getattr(torch, cfg.dtype))
@@ -274,20 +291,36 @@ def generate(pipe, prompts: list[Prompt], steps: int, guidance: float, size: int
         yield images.float().cpu(), captions, seconds
 
 
+def denoiser(pipe) -> tuple[str, object]:
+    """(latency key, network) of the model a pipeline steps: a UNet pipeline's ``unet`` (``unet_latency_s``), or
+    an SD3-shaped (flow) pipeline's ``transformer`` seat (``denoiser_latency_s``): a flow teacher's
+    ``SD3Transformer2DModel`` or a flow student's ``FlowUNetTransformer`` (``students/models/flow_student.py``)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        return "denoiser_latency_s", transformer
+    return "unet_latency_s", pipe.unet
+
+
 def latency(pipe, steps: int, guidance: float, size: int, repeats: int, device: str) -> dict:
-    """Median seconds of one end-to-end image (text encoder, ``steps`` UNet calls with CFG, decoder) and of
-    one UNet forward on the CFG pair, timed like ``students.cost.profile`` (its inputs and forward; after a warm-up)."""
+    """Median seconds of one end-to-end image (text encoder, ``steps`` denoiser calls with CFG, decoder) and of
+    one denoiser forward on the CFG pair, timed like ``students.cost.profile`` (its inputs and forward; after a
+    warm-up). The UNet gets profile's UNet call; SD3's transformer seat its own call, at the shapes the pipeline
+    gives it: ``hidden_states`` (latents, SD3's VAE factor 8), ``timestep`` (sigma * 1000), ``encoder_hidden_states``
+    (CLIP's 77 + T5's 256 prompt tokens, zeros without T5) and ``pooled_projections``."""
     import torch
 
     from students.cost import profile
 
+    key, net = denoiser(pipe)
     if repeats <= 0:
-        return {"latency_s": None, "unet_latency_s": None}
+        return {"latency_s": None, key: None}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    dtype = str(pipe.unet.dtype).replace("torch.", "")
-    # make_inputs/forward read shapes off unet.config; any UNet name in profile's tables selects the UNet call
-    args, kwargs = profile.make_inputs("sd15", pipe.unet, 2, size, device, dtype)
-    ends, unets = [], []
+    dtype = str(net.dtype).replace("torch.", "")
+    # make_inputs/forward read shapes off the network's config; a name in profile's tables selects the call:
+    # any UNet name the UNet's, "sd3" the transformer's (a flow student's wrapper answers the same call)
+    name = "sd3" if key == "denoiser_latency_s" else "sd15"
+    args, kwargs = profile.make_inputs(name, net, 2, size, device, dtype)
+    ends, calls = [], []
     with torch.inference_mode():
         for i in range(repeats + 1):
             sync()
@@ -296,12 +329,12 @@ def latency(pipe, steps: int, guidance: float, size: int, repeats: int, device: 
                  generator=torch.Generator("cpu").manual_seed(i), output_type="pt")
             sync()
             t1 = time.perf_counter()
-            profile.forward("sd15", pipe.unet, args, kwargs)
+            profile.forward(name, net, args, kwargs)
             sync()
             if i:  # the first round warms up
                 ends.append(t1 - t0)
-                unets.append(time.perf_counter() - t1)
-    return {"latency_s": statistics.median(ends), "unet_latency_s": statistics.median(unets)}
+                calls.append(time.perf_counter() - t1)
+    return {"latency_s": statistics.median(ends), key: statistics.median(calls)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -479,6 +512,10 @@ def validate(cfg: EvalConfig, extra_metrics=()) -> dict:
         raise ValueError("cannot tell the image size (hub teacher without --student): pass --resolution")
     if geometry and size % geometry["multiple"]:
         raise ValueError(f"resolution {size} is not a multiple of {geometry['multiple']} for teacher {teacher!r}")
+    limit = (geometry or {}).get("max_resolution")  # a flow teacher's transformer: its position table's reach
+    if cfg.teacher_steps and limit and size > limit:
+        raise ValueError(f"resolution {size} is over {limit} px, the largest image side flow teacher {teacher!r}'s "
+                         f"transformer position table covers: pass --resolution {limit} or less")
     return dict(prompts=prompts, source=source, references=refs, info=info, teacher=teacher, size=int(size),
                 guidance=cfg.guidance_scale if cfg.guidance_scale is not None else info.get("guidance_scale", 7.5),
                 student_steps=cfg.student_steps or ((int(info["num_inference_steps"]),) if cfg.student else ()))
@@ -538,7 +575,9 @@ def run_configuration(pipe, metrics, plan: dict, cfg: EvalConfig, label: str, st
 
 def evaluate(cfg: EvalConfig, extra_metrics=(), progress: bool = True) -> dict:
     """Run the evaluation; writes metrics.json, report.html and grid.png into ``cfg.output`` and returns
-    the metrics dict: ``results[model][steps] = {fid, clip_score, ..., latency_s, unet_latency_s, images_per_s}``.
+    the metrics dict: ``results[model][steps] = {fid, clip_score, ..., latency_s, unet_latency_s, images_per_s}``
+    (a flow teacher or student, SD3's pipeline: ``denoiser_latency_s``, its transformer seat's call, in place of
+    ``unet_latency_s``; ``protocol["denoisers"]`` names each model's network).
     ``extra_metrics``: more ``students.evaluation.metrics.Metric`` objects, run beside ``cfg.metrics``."""
     from students.evaluation.report import write_report
     from students.training.grid import grid_png
@@ -582,6 +621,10 @@ def evaluate(cfg: EvalConfig, extra_metrics=(), progress: bool = True) -> dict:
         "results": results,
         "environment": _environment(cfg),
     }
+    seats = {label: denoiser(pipe) for label, pipe, _ in runs}
+    flow = {label: type(net).__name__ for label, (key, net) in seats.items() if key == "denoiser_latency_s"}
+    if flow:  # SD3's pipeline: which network sits in the transformer seat (the UNet protocol stays as it was)
+        payload["protocol"]["denoisers"] = flow
     tmp = os.path.join(cfg.output, "metrics.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)

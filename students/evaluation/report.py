@@ -17,18 +17,21 @@ import os
 
 from core import report_html as R
 
-# result keys that are not plotted against steps (bookkeeping) and those on the latency figure
+# result keys that are not plotted against steps (bookkeeping) and those on the latency figure (a flow teacher's
+# or student's, SD3's pipeline: its transformer seat's forward, ``denoiser_latency_s``, in place of the UNet's)
 NOT_PLOTTED = {"num_images"}
-SPEED = ("latency_s", "unet_latency_s", "images_per_s")
+SPEED = ("latency_s", "unet_latency_s", "denoiser_latency_s", "images_per_s")
 LATENCY_PANELS = (("latency_s", "ms per image, end to end (lower is better)"),
-                  ("unet_latency_s", "ms per UNet forward, CFG pair (lower is better)"))
+                  ("unet_latency_s", "ms per UNet forward, CFG pair (lower is better)"),
+                  ("denoiser_latency_s", "ms per transformer-seat forward, CFG pair (lower is better)"))
 LABELS = {"fid": "FID (lower is better)", "clip_score": "CLIP score (higher is better)",
           "adherence": "adherence (higher is better)", "exact": "exact match (higher is better)",
           "frechet_analyser": "Frechet, analyser features (lower is better)",
           "latency_s": "seconds per image, end to end", "unet_latency_s": "seconds per UNet forward (CFG pair)",
+          "denoiser_latency_s": "seconds per transformer-seat forward (CFG pair)",
           "images_per_s": "images / s"}
-HEADERS = {"latency_s": "ms / image", "unet_latency_s": "UNet ms / call", "images_per_s": "images / s",
-           "num_images": "images", "clip_score": "CLIP score"}
+HEADERS = {"latency_s": "ms / image", "unet_latency_s": "UNet ms / call", "denoiser_latency_s": "denoiser ms / call",
+           "images_per_s": "images / s", "num_images": "images", "clip_score": "CLIP score"}
 
 
 def lower_is_better(key: str) -> bool:
@@ -147,7 +150,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
 def _protocol(payload: dict) -> dict:
     p = payload.get("protocol", {})
     keep = ("teacher", "captions", "format", "num_images", "caption_choice", "references", "num_references",
-            "image_size", "guidance_scale", "seeds", "metrics")
+            "image_size", "guidance_scale", "seeds", "metrics", "denoisers")
     return {k: p[k] for k in keep if k in p}
 
 

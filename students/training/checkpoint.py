@@ -280,7 +280,7 @@ class RunLog:
         scheduler, trained timesteps, parameterisation and the dump's guidance; its decoder if one is trained):
         ``sampler`` and ``sampling`` are what the loop computed once and writes into every checkpoint."""
         from shards.loader import record_pipeline
-        from students.distill.inference import student_pipeline, teacher_sampler
+        from students.distill.inference import student_pipeline, teacher_pipeline, teacher_sampler
         from students.training.grid import grid_png, sample_images
         from teachers.load import load_teacher
 
@@ -291,7 +291,7 @@ class RunLog:
             records = [r for _, r in zip(range(4), record_pipeline(urls[:1]))]
             self._prompts = [r.caption for r in records]
             self._seeds = list(range(len(records)))
-            pipe = student_pipeline(self._teacher, self._teacher.unet, teacher_sampler(dataset))
+            pipe = teacher_pipeline(self._teacher, teacher_sampler(dataset))
             self._teacher_images = sample_images(pipe, self._prompts, self._seeds,
                                                  recipe.sampler.num_inference_steps, guidance)
         student.eval()
