@@ -108,36 +108,68 @@ def tiny_dump(tmp_path_factory):
     return run_dump(tmp_path_factory.mktemp("dump"))
 
 
-def flow_checkpoint(root, guidance_scale: float = 5.0) -> str:
-    """A checkpoint laid out as ``distill train`` writes it for a seeded ``tiny_sd3`` student, step-distilled with
-    ``flow_step`` to 2 steps from a 4-step dump of tiny-sd3 (its dataset.json only: SD3's scheduler at shift 3,
-    the Euler timesteps it sampled with, ``guidance_scale``, 128 px); -> the run folder ``root/run``."""
+def hand_checkpoint(root, scheduler, *, schema_version: int, dump_recipe: dict, preset: str, recipe: dict,
+                    step: int) -> str:
+    """A checkpoint laid out as ``distill train`` writes it (config.json, student/, ema/) for a seeded ``preset``
+    student, beside a dump that is its dataset.json only (``scheduler`` after ``set_timesteps``: its class,
+    config and timesteps; ``dump_recipe`` the dump's recipe); -> the run folder ``root/run``."""
     import json
 
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from students.models.unet import build_unet
+
+    dump = root / "dump"
+    dump.mkdir(parents=True)
+    (dump / "dataset.json").write_text(json.dumps(dict(
+        schema_version=schema_version, recipe=dump_recipe, recipe_hash="0", shards=[],
+        timesteps=[float(t) for t in scheduler.timesteps], scheduler_class=type(scheduler).__name__,
+        scheduler_config=dict(scheduler.config), prediction_type=recipe["prediction_type"])))
+    ckpt = root / "run" / "checkpoints" / f"step-{step:07d}"
+    torch.manual_seed(0)
+    unet = build_unet(preset)
+    for name in ("student", "ema"):
+        unet.save_pretrained(ckpt / name)
+    (ckpt / "config.json").write_text(json.dumps(dict(
+        step=step, train=dict(data=str(dump), preset=preset, decoder=None), recipe=recipe)))
+    return str(root / "run")
+
+
+def flow_checkpoint(root, guidance_scale: float = 5.0) -> str:
+    """``hand_checkpoint`` of a seeded ``tiny_sd3`` student, step-distilled with ``flow_step`` to 2 steps from a
+    4-step dump of tiny-sd3 (SD3's scheduler at shift 3, the Euler timesteps it sampled with,
+    ``guidance_scale``, 128 px)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     from teachers.configs import sd3_scheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(**sd3_scheduler())
     scheduler.set_timesteps(4)
-    dump = root / "dump"
-    dump.mkdir(parents=True)
     recipe = dict(teacher="tiny-sd3", scheduler="flow-euler", num_inference_steps=4, guidance_scale=guidance_scale,
                   height=128, width=128)
-    (dump / "dataset.json").write_text(json.dumps(dict(
-        schema_version=3, recipe=recipe, recipe_hash="0", shards=[], timesteps=[float(t) for t in scheduler.timesteps],
-        scheduler_class="FlowMatchEulerDiscreteScheduler", scheduler_config=dict(scheduler.config), prediction_type="flow")))
-    ckpt = root / "run" / "checkpoints" / "step-0000002"
-    torch.manual_seed(0)
-    unet = build_unet("tiny_sd3")
-    for name in ("student", "ema"):
-        unet.save_pretrained(ckpt / name)
-    (ckpt / "config.json").write_text(json.dumps(dict(
-        step=2, train=dict(data=str(dump), preset="tiny_sd3", decoder=None),
-        recipe=dict(name="flow_step", step_weight=1.0, student_steps=2, prediction_type="flow"))))
-    return str(root / "run")
+    return hand_checkpoint(root, scheduler, schema_version=3, dump_recipe=recipe, preset="tiny_sd3", step=2,
+                           recipe=dict(name="flow_step", step_weight=1.0, student_steps=2, prediction_type="flow"))
+
+
+_NO_TORCH = r"""
+import sys
+from diffusion_distill.cli import main
+rc = main(["generate", "--onnx", sys.argv[1], sys.argv[2], "--seed", "1", "--output", sys.argv[3], "--threads", "1"])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "torchvision"))
+print("RC", rc, "HEAVY", heavy)
+"""
+
+
+def generate_without_torch(folder: str, caption: str, png: str) -> None:
+    """``distill generate --onnx FOLDER CAPTION --seed 1`` in a fresh interpreter: it succeeds and imports none
+    of torch, diffusers, transformers, torchvision."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, folder, caption, png], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RC 0 HEAVY []" in proc.stdout, proc.stdout
 
 
 @pytest.fixture(scope="session")

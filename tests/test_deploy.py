@@ -4,8 +4,6 @@ pipeline, deploy.json round trip, the torch-free generator, located conversion f
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,27 +23,15 @@ def checkpoint(tmp_path_factory, one_thread):
     student, step-distilled to 4 steps from a 32-step dump of the shapes teacher (its dataset.json only)."""
     from diffusers import DDIMScheduler
 
-    from students.models.unet import build_unet
+    from conftest import hand_checkpoint
     from teachers.shapes.model import scheduler_config
 
-    root = tmp_path_factory.mktemp("ckpt")
     scheduler = DDIMScheduler(**scheduler_config())
     scheduler.set_timesteps(32)
-    dump = root / "dump"
-    dump.mkdir()
     recipe = dict(teacher="shapes", num_inference_steps=32, guidance_scale=6.0, height=32, width=32)
-    (dump / "dataset.json").write_text(json.dumps(dict(
-        schema_version=2, recipe=recipe, recipe_hash="0", shards=[], timesteps=[float(t) for t in scheduler.timesteps],
-        scheduler_class="DDIMScheduler", scheduler_config=dict(scheduler.config), prediction_type="epsilon")))
-    ckpt = root / "run" / "checkpoints" / "step-0000003"
-    torch.manual_seed(0)
-    unet = build_unet("shapes")
-    for name in ("student", "ema"):
-        unet.save_pretrained(ckpt / name)
-    (ckpt / "config.json").write_text(json.dumps(dict(
-        step=3, train=dict(data=str(dump), preset="shapes", decoder=None),
-        recipe=dict(name="snapfusion_step", step_weight=1.0, student_steps=4, prediction_type="epsilon"))))
-    return str(root / "run")
+    return hand_checkpoint(tmp_path_factory.mktemp("ckpt"), scheduler, schema_version=2, dump_recipe=recipe,
+                           preset="shapes", step=3, recipe=dict(name="snapfusion_step", step_weight=1.0,
+                                                                student_steps=4, prediction_type="epsilon"))
 
 
 @pytest.fixture(scope="module")
@@ -183,23 +169,14 @@ def test_onnx_pipeline_makes_the_pytorch_pipelines_image(exported, shapes_pipe):
     assert np.abs(half.astype(int) - images[0].astype(int)).mean() < 4
 
 
-NO_TORCH = r"""
-import sys
-from diffusion_distill.cli import main
-rc = main(["generate", "--onnx", sys.argv[1], sys.argv[2], "--seed", "1", "--output", sys.argv[3], "--threads", "1"])
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "torchvision"))
-print("RC", rc, "HEAVY", heavy)
-"""
-
-
 def test_generate_cli_writes_the_png_without_importing_torch(exported, tmp_path):
     from PIL import Image
 
+    from conftest import generate_without_torch
+
     folder, _ = exported
     png = str(tmp_path / "out.png")
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, folder, CAPTION, png], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "RC 0 HEAVY []" in proc.stdout, proc.stdout
+    generate_without_torch(folder, CAPTION, png)
     image = np.asarray(Image.open(png))
     assert np.array_equal(image, ondevice.OnnxPipeline(folder, threads=1)(CAPTION, seed=1))
 

@@ -18,8 +18,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -189,23 +187,14 @@ def test_numpy_flow_step_and_guidance_are_the_torch_ones_bit_for_bit(flow_export
     assert not np.array_equal(ondevice.flow_step(v, z, 0, manifest.scheduler), want)  # another step's sigmas differ
 
 
-NO_TORCH = r"""
-import sys
-from diffusion_distill.cli import main
-rc = main(["generate", "--onnx", sys.argv[1], sys.argv[2], "--seed", "1", "--output", sys.argv[3], "--threads", "1"])
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "torchvision"))
-print("RC", rc, "HEAVY", heavy)
-"""
-
-
 def test_generate_cli_runs_a_flow_folder_without_importing_torch(flow_exported, tmp_path):
     from PIL import Image
 
+    from conftest import generate_without_torch
+
     folder, _ = flow_exported
     png = str(tmp_path / "out.png")
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, folder, CAPTION, png], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "RC 0 HEAVY []" in proc.stdout, proc.stdout
+    generate_without_torch(folder, CAPTION, png)
     assert np.array_equal(np.asarray(Image.open(png)), ondevice.OnnxPipeline(folder, threads=1)(CAPTION, seed=1))
 
 
