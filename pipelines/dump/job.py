@@ -72,7 +72,7 @@ class DumpConfig:
                           help="prompt list (.txt, .jsonl) or curated manifest (.parquet: key, caption[, fate])")
     output: str = option(section=_S_IO, help="output folder (local or gs://...)")
     teacher: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", section=_S_TEACHER,
-                          help="tiny | tiny-xl | shapes | shapes-sd15 | sd15-random | sdxl-random | tiny-sd3 | "
+                          help="tiny | tiny-xl | shapes | shapes-sd15 | shapes-sd3 | sd15-random | sdxl-random | tiny-sd3 | "
                                "sd3-random | local diffusers folder | hub id")
     num_inference_steps: int = option(_SAMPLER["num_inference_steps"], section=_S_TEACHER, help="teacher steps")
     scheduler: str | None = option(_SAMPLER["scheduler"], section=_S_TEACHER,
