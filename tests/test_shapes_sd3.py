@@ -226,6 +226,12 @@ def test_training_noises_and_targets_by_rectified_flow_at_the_pipelines_timestep
             assert abs(((pred.double() - eps_ + x0_) ** 2).mean().item() - losses[step]) < 1e-5
 
 
+def test_a_warm_restart_from_another_arch_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--init_from \S+weights_sd15: its weights are of arch 'sd15', not 'sd3'$"):
+        _train(tmp_path / "out", "--init_from", M.WEIGHTS_DIR_SD15)
+    assert not os.path.exists(tmp_path / "out" / "weights.json")
+
+
 def _digests(folder):
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in sorted(os.listdir(folder))
             if n.endswith(".safetensors")}
@@ -247,7 +253,8 @@ def test_an_interrupted_training_resumes_to_the_same_weights(trained, tmp_path):
 
 def test_the_teacher_dump_of_shapes_sd3_is_a_flow_dump_of_the_pipelines_latents(trained, tmp_path, monkeypatch):
     """``distill dump --teacher shapes-sd3``: a schema-3 flow dump (flow-euler, the transformer's blocks as
-    feature layers) that verifies, every stored latent the pipeline's own for the sample's seed."""
+    feature layers) that verifies, every stored latent the pipeline's own for the sample's seed; a caption
+    longer than its 16 CLIP tokens is counted as truncated."""
     from conftest import run_dump
     from test_sd3 import _fp16_tol, _pipeline_trajectory
 
@@ -258,15 +265,17 @@ def test_the_teacher_dump_of_shapes_sd3_is_a_flow_dump_of_the_pipelines_latents(
 
     folder, _, _ = trained
     monkeypatch.setitem(M.WEIGHTS_DIRS, "sd3", str(folder))
-    out = run_dump(tmp_path, captions=CAPTIONS[:3], teacher="shapes-sd3", feature_layers=None, num_inference_steps=3,
+    long = CAPTIONS[0] + " and a second small blue square far away at the right"  # 25 tokens
+    out = run_dump(tmp_path, captions=CAPTIONS[:3] + [long], teacher="shapes-sd3", feature_layers=None, num_inference_steps=3,
                    guidance_scale=4.0, batch_size=4, cpu_threads=1)
     info = json.load(open(os.path.join(out, "dataset.json")))
     assert info["schema_version"] == 3 and info["prediction_type"] == "flow"
     assert info["recipe"]["scheduler"] == "flow-euler" and info["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
     assert info["recipe"]["feature_layers"] == ["transformer_blocks.3", "transformer_blocks.5"]
+    assert info["totals"]["captions_truncated"] == 1
     assert main(["inspect", out, "--verify"]) == 0
     records = sorted(record_pipeline(dataset_shards(out)), key=lambda r: r.key)
-    assert len(records) == 3 and all(r.meta["prediction_type"] == "flow" for r in records)
+    assert len(records) == 4 and all(r.meta["prediction_type"] == "flow" for r in records)
     assert records[0].latents.shape == (4, 4, 8, 8) and records[0].prompt_embeds.shape == (272, 128)
     assert records[0].feats["transformer_blocks.3"].shape == (2, 96, 8, 8)
     teacher = load_teacher("shapes-sd3")

@@ -52,7 +52,7 @@ TRAIN_COMMANDS = {
     "shapes": "python -m teachers.shapes.train --output teachers/shapes/weights",
     "sd15": "python -m teachers.shapes.train --arch sd15 --unet_steps 5000 --output /tmp/sd15_5k, then "
             "python -m teachers.shapes.train --arch sd15 --init_from /tmp/sd15_5k --unet_steps 4000",
-    "sd3": "python -m teachers.shapes.train --arch sd3 --unet_steps 6000 --threads 1 (about 2.5 h on one thread)",
+    "sd3": "python -m teachers.shapes.train --arch sd3 --unet_steps 6000 --threads 1",  # 2-2.7 h (train.py's docstring)
 }
 COMPONENTS = ("unet", "vae", "text_encoder")
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
