@@ -33,12 +33,14 @@ def stage(name: str):
 
 
 def shapes_guidance(teacher: str = TEACHER) -> float:
-    """The CFG weight the shapes teacher (``shapes`` or ``shapes-sd15``) was calibrated at (``weights.json``)."""
+    """The CFG weight the shapes teacher (``shapes``, ``shapes-sd15`` or ``shapes-sd3``) was calibrated at
+    (``weights.json``)."""
     from teachers.shapes import model as M
 
-    folder = {"shapes": M.WEIGHTS_DIR, "shapes-sd15": M.WEIGHTS_DIR_SD15}.get(teacher)
+    folder = {"shapes": M.WEIGHTS_DIR, "shapes-sd15": M.WEIGHTS_DIR_SD15, "shapes-sd3": M.WEIGHTS_DIR_SD3}.get(teacher)
     if folder is None:
-        raise ValueError(f"teacher {teacher!r}: the kit's guidance default knows shapes and shapes-sd15; pass guidance=")
+        raise ValueError(f"teacher {teacher!r}: the kit's guidance default knows shapes, shapes-sd15 and shapes-sd3; "
+                         "pass guidance=")
     with open(os.path.join(folder, "weights.json"), encoding="utf-8") as f:
         return float(json.load(f)["guidance_scale"])
 

@@ -10,6 +10,10 @@ Specs:
                   it draws what its captions say, so quality metrics mean something offline
     shapes-sd15   the same world with SD-1.5's UNet layout (three levels, two ResNet+transformer
                   pairs per stage) and scheduler, trained on the training split only
+    shapes-sd3    the same world as SD3 shapes it: an MMDiT (SD3Transformer2DModel) over the shapes
+                  autoencoder's latents, two CLIP text encoders with projection, no T5, the
+                  FlowMatchEulerDiscreteScheduler (shift 1), trained with rectified flow on the
+                  training split only (a flow teacher, StableDiffusion3Pipeline)
     sd15-random   the full SD-1.5 architecture, random weights (cost measurement)
     sdxl-random   the full SDXL base architecture, random weights (cost measurement)
     tiny-sd3      SD3-shaped: an MMDiT flow-matching transformer (SD3Transformer2DModel), the
@@ -39,9 +43,10 @@ import socket
 import threading
 from urllib.parse import urlparse
 
-BUILTIN_SPECS = ("tiny", "tiny-xl", "shapes", "shapes-sd15", "sd15-random", "sdxl-random", "tiny-sd3", "sd3-random")
-SD3_SPECS = ("tiny-sd3", "sd3-random")  # flow-matching transformer teachers (StableDiffusion3Pipeline)
-SHAPES_ARCHS = {"shapes": "shapes", "shapes-sd15": "sd15"}  # built-ins trained here: spec -> teachers.shapes arch
+BUILTIN_SPECS = ("tiny", "tiny-xl", "shapes", "shapes-sd15", "shapes-sd3", "sd15-random", "sdxl-random", "tiny-sd3",
+                 "sd3-random")
+SD3_SPECS = ("tiny-sd3", "shapes-sd3", "sd3-random")  # flow-matching transformer teachers (StableDiffusion3Pipeline)
+SHAPES_ARCHS = {"shapes": "shapes", "shapes-sd15": "sd15", "shapes-sd3": "sd3"}  # trained here: spec -> teachers.shapes arch
 DTYPES = ("float32", "float16", "bfloat16")
 _BUILD_SEED = 20240601  # weights of built-in specs: fixed, so every machine builds the same model
 
@@ -169,6 +174,7 @@ def _builtin_configs(spec: str) -> dict:
                                 text_2=configs.tiny_xl_text_2()),
         "shapes": lambda: shapes_model.configs_dict(),
         "shapes-sd15": lambda: shapes_model.configs_dict("sd15"),
+        "shapes-sd3": lambda: shapes_model.configs_dict("sd3"),
         "sd15-random": lambda: dict(unet=configs.sd15_unet(), vae=configs.sd_vae(), text=configs.clip_l_text()),
         "sdxl-random": lambda: dict(unet=configs.sdxl_unet(), vae=configs.sd_vae(1024, 0.13025),
                                     text=configs.clip_l_text_xl(), text_2=configs.clip_bigg_text()),
@@ -184,7 +190,9 @@ def _builtin_configs(spec: str) -> dict:
 def build_sd3(spec: str, device: str | None = None):
     """An SD3-shaped built-in as diffusers' own ``StableDiffusion3Pipeline``: ``SD3Transformer2DModel``,
     ``FlowMatchEulerDiscreteScheduler`` (SD3's shift), two ``CLIPTextModelWithProjection`` encoders with
-    the real CLIP BPE tokenizers, no T5 (``text_encoder_3=None``), the 16-channel VAE. Seeded weights.
+    the real CLIP BPE tokenizers, no T5 (``text_encoder_3=None``), the 16-channel VAE. Seeded weights;
+    ``shapes-sd3``'s are its trained ones (``teachers/shapes/weights_sd3``), on its 4-channel shapes
+    autoencoder, with its tokenizers (16 CLIP tokens) and scheduler (``teachers.shapes.model``).
 
     ``device="meta"`` builds every module without memory or initialisation (shapes and parameter
     counts of ``sd3-random``'s 2B transformer in a second; such a pipeline cannot run)."""
@@ -194,12 +202,19 @@ def build_sd3(spec: str, device: str | None = None):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+    from teachers.shapes import model as shapes_model
     from teachers.tokenizer import clip_tokenizer
 
     cfg = _builtin_configs(spec)
     place = torch.device(device) if device else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]), place:  # building must not move the caller's global RNG
         torch.manual_seed(_BUILD_SEED)
+        if spec in SHAPES_ARCHS:  # trained here: the committed weights replace the seeded init (none on meta)
+            arch = SHAPES_ARCHS[spec]
+            modules = shapes_model.build_modules(arch)
+            if device != "meta":
+                shapes_model.load_components(shapes_model.WEIGHTS_DIRS[arch], modules, arch)
+            return shapes_model.sd3_pipeline(**modules)
         return StableDiffusion3Pipeline(
             transformer=SD3Transformer2DModel(**cfg["transformer"]),
             vae=AutoencoderKL(**cfg["vae"]),

@@ -9,8 +9,9 @@ VAE or an image.
 Where the image comes from, per sample:
 - the input row's ``image`` (a path or fsspec URL of a PNG/JPEG), centre-cropped to the dump's aspect
   and resized to its resolution;
-- else, for the built-in ``shapes`` and ``shapes-sd15`` teachers, the ground-truth render of the caption
-  (``teachers.shapes.world.render``), drawn from the sample's seed: the data the teacher was trained on;
+- else, for the built-in ``shapes``, ``shapes-sd15`` and ``shapes-sd3`` teachers, the ground-truth render of
+  the caption (``teachers.shapes.world.render``), drawn from the sample's seed: the data the teacher was
+  trained on;
 - else none: the sample is rejected (``no_real_image``); an unreadable image is ``broken_image``.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from shards.record import BROKEN_IMAGE, NO_REAL_IMAGE
 
-RENDERS_TRUTH = ("shapes", "shapes-sd15")  # built-in teachers whose captions have a ground-truth render
+RENDERS_TRUTH = ("shapes", "shapes-sd15", "shapes-sd3")  # built-in teachers whose captions have a ground-truth render
 
 
 def real_image(teacher_spec: str, prompt: str, seed: int, image: str | None, height: int,

@@ -72,7 +72,7 @@ class DumpConfig:
                           help="prompt list (.txt, .jsonl) or curated manifest (.parquet: key, caption[, fate])")
     output: str = option(section=_S_IO, help="output folder (local or gs://...)")
     teacher: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", section=_S_TEACHER,
-                          help="tiny | tiny-xl | shapes | shapes-sd15 | sd15-random | sdxl-random | tiny-sd3 | "
+                          help="tiny | tiny-xl | shapes | shapes-sd15 | shapes-sd3 | sd15-random | sdxl-random | tiny-sd3 | "
                                "sd3-random | local diffusers folder | hub id")
     num_inference_steps: int = option(_SAMPLER["num_inference_steps"], section=_S_TEACHER, help="teacher steps")
     scheduler: str | None = option(_SAMPLER["scheduler"], section=_S_TEACHER,
@@ -464,7 +464,8 @@ def print_summary(dataset: dict, output: str, seconds: float) -> None:
     print(f"teacher dump: {t['prompts_in']} prompts in = {t['prompts_in'] - t['prompts_rejected'] - t['prompts_not_kept_by_manifest']}"
           f" planned + {t['prompts_rejected']} rejected + {t['prompts_not_kept_by_manifest']} not kept by the manifest; "
           f"{t['samples_planned']} samples planned = {t['samples_written']} written + {t['samples_rejected']} rejected; "
-          f"{t['captions_truncated']} captions truncated to 77 tokens", file=sys.stderr)
+          f"{t['captions_truncated']} captions truncated to the teacher's CLIP length (77 tokens; shapes-sd3: 16)",
+          file=sys.stderr)
     print(f"teacher dump: {len(dataset['shards'])} shards, {per_sample / 2**20:.2f} MiB/sample, "
           f"{t['samples_written'] / max(seconds, 1e-9):.2f} samples/s over {seconds:.1f} s "
           f"(rejects: {common.count_words(dataset['rejects_by_reason'])}) -> {output}", file=sys.stderr)

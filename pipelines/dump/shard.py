@@ -20,7 +20,7 @@ from core.fs import url_to_fs
 from shards.writer import ShardWriter
 from core.fs import atomic_write_bytes, join
 
-_CLIP_MAX_TOKENS = 77
+_CLIP_MAX_TOKENS = 77  # SD's CLIP length; a teacher's tokenizer may take fewer (shapes-sd3: 16)
 
 
 def _write_shared(output: str, info) -> dict:
@@ -79,6 +79,7 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
         with ShardWriter(output, shard, recipe_hash=recipe.hash) as writer:
             for batch in batches:
                 results, info = sample_trajectories(teacher, batch, config)
+                clip_tokens = getattr(teacher.pipe.tokenizer, "model_max_length", _CLIP_MAX_TOKENS)
                 meta = dict(teacher=recipe.teacher, dtype=recipe.dtype, scheduler_class=info.scheduler_class,
                             scheduler_config=info.scheduler_config, prediction_type=info.prediction_type,
                             num_inference_steps=recipe.sampler.num_inference_steps, timesteps=info.timesteps,
@@ -92,7 +93,7 @@ def generate_shard(teacher, config, recipe, output: str, shard: int, *, progress
                     except record.BadRecord as err:
                         rejects.append({"key": res.key, "reason": err.reason, "detail": str(err), "caption": res.prompt})
                         continue
-                    truncated += res.num_tokens > _CLIP_MAX_TOKENS
+                    truncated += res.num_tokens > clip_tokens
                     fallbacks += len(stats["fp32_fallback"])
                     writer.write(sample, scores=_index_scores(image_scores), embedding=embedding)
                 if bar is not None:

@@ -10,18 +10,33 @@ position, the attribute learnt last, at 0.44):
     python -m teachers.shapes.train --arch sd15 --unet_steps 5000 --output /tmp/sd15_5k
     python -m teachers.shapes.train --arch sd15 --init_from /tmp/sd15_5k --unet_steps 4000
 
+and the SD3-shaped ``shapes-sd3`` teacher (``model.py``: an MMDiT, two CLIP encoders, rectified flow) the
+same way, into ``teachers/shapes/weights_sd3`` (its defaults: ``--split train``, ``--reuse_vae
+teachers/shapes/weights``, 6,000 steps at batch 64, learning rate 5e-4, a checkpoint every 100 steps):
+
+    python -m teachers.shapes.train --arch sd3 --unet_steps 6000 --threads 1
+
+Its training step (batch 64, one thread) measured 1.11 s where the sd15 UNet's measured 1.36 s on the
+same shared core, interleaved (about 0.9 s on a quiet core, where sd15's is 1.0-1.2 s); each evaluation
+(90 captions, 20 steps) about 77 s there and the calibration sweep (5 weights x 210 captions x 50 steps)
+about 37 min: about 2.7 h in all on a shared core, 2-2.5 h on a quiet one.
+
 Three stages, each on freshly rendered images of the shapes world:
 
 1. the analyser (CNN classifier of the five attributes), held-out accuracy printed;
 2. the autoencoder (AutoencoderKL, factor 4): L1 + MSE reconstruction with a small KL term;
    its latent scaling factor is 1 / std of the training latents, as SD's 0.18215 was chosen;
 3. the UNet and the CLIP text transformer together, epsilon prediction on SD-1.5's noise schedule,
-   10% empty captions for classifier-free guidance, EMA weights kept and saved.
+   10% empty captions for classifier-free guidance, EMA weights kept and saved; for ``sd3`` the
+   transformer and both text encoders, with SD3's rectified-flow objective instead (``sd3.py``: sigma
+   ~ logit-normal(0, 1), z = (1 - sigma) x0 + sigma eps, MSE to v = eps - x0 at timestep sigma * 1000,
+   on the prompt states ``StableDiffusion3Pipeline.encode_prompt`` makes).
 
-Every ``--eval_every`` steps the EMA teacher samples a fixed set of captions (DDIM) and the analyser
-scores its prompt adherence, so progress is a number, not a loss.
+Every ``--eval_every`` steps the EMA teacher samples a fixed set of captions (DDIM; for ``sd3`` its
+``StableDiffusion3Pipeline``) and the analyser scores its prompt adherence, so progress is a number,
+not a loss.
 
-With ``--checkpoint_every N`` (the ``sd15`` default) the UNet stage saves its whole state (weights,
+With ``--checkpoint_every N`` (the ``sd15`` and ``sd3`` default) the UNet stage saves its whole state (weights,
 EMA, optimiser, learning-rate schedule, data-order generator, history, time spent) to
 ``OUTPUT/checkpoint/`` every N steps, and the same command run again continues from there: an
 interrupted run resumed gives the weights an uninterrupted one would (same thread count). The time
@@ -158,12 +173,24 @@ def encode_dataset(vae, n: int, seed: int, batch: int = 256, scenes: list | None
 def build_pipeline(unet, vae, text_encoder, tokenizer, arch: str = "shapes"):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    if arch == "sd3":
+        raise ValueError("the sd3 arch's pipeline is StableDiffusion3Pipeline: use arch_pipeline")
     scheduler = DDIMScheduler(**M.scheduler_config(arch))
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def arch_pipeline(arch: str, modules: dict):
+    """The arch's diffusers pipeline of ``modules`` (keyed as ``M.components(arch)``), progress bar off:
+    ``StableDiffusion3Pipeline`` for sd3, ``StableDiffusionPipeline`` with DDIM for the UNet archs."""
+    if arch == "sd3":
+        pipe = M.sd3_pipeline(modules["transformer"], modules["vae"], modules["text_encoder"], modules["text_encoder_2"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return build_pipeline(modules["unet"], modules["vae"], modules["text_encoder"], M.tokenizers(arch)[0], arch)
 
 
 @torch.no_grad()
@@ -207,7 +234,12 @@ def train_unet(vae, analyser, *, steps: int, batch: int, lr: float, seed: int, d
                eval_captions: list[str], time_budget_s: float, arch: str = "shapes", scenes: list | None = None,
                checkpoint_dir: str | None = None, checkpoint_every: int = 0, resume_key: dict | None = None,
                stop_after: int = 0, eval_steps: int = 20, init_from: str | None = None):
-    """Train the UNet and text encoder; returns ``(ema_unet, ema_text, tokenizer, token_ids, history, done)``.
+    """Train the UNet (sd3: the transformer) and the text encoder(s); returns ``(ema, token_ids, history,
+    done)``: the EMA modules keyed as ``M.components(arch)`` without ``vae``, each text encoder's token ids.
+
+    The UNet archs: epsilon prediction on SD-1.5's schedule. ``sd3``: SD3's rectified flow
+    (``teachers.shapes.sd3``): sigma ~ logit-normal(0, 1), z = (1 - sigma) x0 + sigma eps, MSE to the
+    velocity eps - x0, the transformer at timestep sigma * 1000 on ``encode_prompt``'s prompt states.
 
     ``scenes``: the scenes to train on (default: every attribute drawn independently, all 450).
     ``checkpoint_dir`` and ``checkpoint_every``: save the training state every that many steps and
@@ -215,33 +247,45 @@ def train_unet(vae, analyser, *, steps: int, batch: int, lr: float, seed: int, d
     checkpoint's. ``stop_after``: train at most this many steps in this call, then checkpoint and
     return ``done=False`` (a run split over sessions). ``init_from``: a weights folder of the same arch
     whose UNet and text encoder this run starts from (a warm restart: fresh optimiser and schedule)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from teachers import configs
-    from teachers.tokenizer import clip_tokenizer
+    from teachers.shapes import sd3 as S
 
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
-    unet = UNet2DConditionModel(**M.unet_config(arch))
-    text = CLIPTextModel(CLIPTextConfig(**M.text_config()))
+    flow = arch == "sd3"
+    tokenizers = M.tokenizers(arch)
+    if flow:  # SD3's parts: the MMDiT and two CLIP encoders with projection
+        cfg = M.configs_dict(arch)
+        nets = dict(transformer=SD3Transformer2DModel(**cfg["transformer"]),
+                    text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text"])),
+                    text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])))
+    else:
+        nets = dict(unet=UNet2DConditionModel(**M.unet_config(arch)),
+                    text_encoder=CLIPTextModel(CLIPTextConfig(**M.text_config())))
+    denoiser = next(iter(nets))
+    encoders = [name for name in nets if name.startswith("text_encoder")]
     train_scenes = world.all_scenes() if scenes is None else scenes
-    token_ids = M.world_token_ids(tokenizer, train_scenes)
+    token_ids = {name: M.world_token_ids(tok, train_scenes) for name, tok in zip(encoders, tokenizers)}
     with torch.no_grad():  # rows the world never uses: zero, and they stay zero (see model.py)
-        table = text.get_input_embeddings().weight
-        keep = table[token_ids].clone()
-        table.zero_()
-        table[token_ids] = keep
+        for name in encoders:
+            table = nets[name].get_input_embeddings().weight
+            keep = table[token_ids[name]].clone()
+            table.zero_()
+            table[token_ids[name]] = keep
     if init_from:
         from diffusers import AutoencoderKL
 
-        start_meta = M.load_weights(init_from, unet, AutoencoderKL(**M.vae_config()), text, arch)
+        start_meta = M.load_components(init_from, dict(nets, vae=AutoencoderKL(**M.vae_config(arch))), arch)
         if start_meta.get("arch", "shapes") != arch:
             raise SystemExit(f"--init_from {init_from}: its weights are of arch {start_meta.get('arch', 'shapes')!r}, not {arch!r}")
-        unet.float(), text.float()
-        _log(f"starting from the UNet and text encoder of {init_from}")
+        for module in nets.values():
+            module.float()
+        _log(f"starting from the {denoiser} and text encoder{'s' if flow else ''} of {init_from}")
     captions = [world.caption(s) for s in train_scenes] + [""]  # only the training scenes are ever captioned
-    input_ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    input_ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids for tok in tokenizers]
     empty = len(captions) - 1
 
     saving = bool(checkpoint_dir and checkpoint_every > 0)
@@ -259,31 +303,34 @@ def train_unet(vae, analyser, *, steps: int, batch: int, lr: float, seed: int, d
         latents, scene_ids = encode_dataset(vae, data, seed + 3, scenes=scenes)
         if saving:
             _save_state(checkpoint_dir, "latents.pt", dict(key=resume_key, latents=latents, scene_ids=scene_ids))
-    noise_sched = DDPMScheduler(**configs.sd15_scheduler())
-    alphas = noise_sched.alphas_cumprod
+    if not flow:
+        noise_sched = DDPMScheduler(**configs.sd15_scheduler())
+        alphas = noise_sched.alphas_cumprod
 
-    params = list(unet.parameters()) + list(text.parameters())
+    params = [p for module in nets.values() for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, 200))
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    ema = {name: copy.deepcopy(module).eval() for name, module in nets.items()}
     gen = torch.Generator().manual_seed(seed + 4)
     history, first, spent = [], 0, 0.0
     if state is not None:
-        for module, key in ((unet, "unet"), (text, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
-            module.load_state_dict(state[key])
+        for name in nets:
+            nets[name].load_state_dict(state[_STATE_NAMES[name]])
+            ema[name].load_state_dict(state["ema_" + _STATE_NAMES[name]])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         history, first, spent = state["history"], state["step"], state["train_seconds"]
         _log(f"resumed from {checkpoint_dir} at step {first} of {steps} ({spent / 60:.1f} min trained)")
         if state["done"]:
-            return ema_unet, ema_text, tokenizer, token_ids, history, True
+            return ema, token_ids, history, True
 
     def checkpoint(step_done: int, done: bool) -> None:
+        modules = {_STATE_NAMES[name]: module.state_dict() for name, module in nets.items()}
+        modules.update({"ema_" + _STATE_NAMES[name]: module.state_dict() for name, module in ema.items()})
         _save_state(checkpoint_dir, "state.pt", dict(
             key=resume_key, step=step_done, done=done, history=history, train_seconds=spent + time.time() - start,
-            unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
-            ema_text=ema_text.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state()))
+            **modules, opt=opt.state_dict(), sched=sched.state_dict(), gen=gen.get_state()))
 
     start, done, loss = time.time(), True, None
     for step in range(first, steps):
@@ -291,12 +338,23 @@ def train_unet(vae, analyser, *, steps: int, batch: int, lr: float, seed: int, d
         x0 = latents[idx]
         cap = scene_ids[idx].clone()
         cap[torch.rand(batch, generator=gen) < 0.1] = empty
-        t = torch.randint(0, 1000, (batch,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        cond = text(input_ids[cap])[0]
-        loss = nn.functional.mse_loss(unet(xt, t, cond).sample, eps)
+        if flow:  # SD3's rectified flow on encode_prompt's states (the T5 zeros folded: exact, see sd3.py)
+            sigma = S.draw_sigmas(batch, gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            z, timestep, target = S.rectified_flow(x0, eps, sigma)
+            transformer = nets["transformer"]
+            embeds, pooled = S.prompt_embeds(
+                nets["text_encoder"], nets["text_encoder_2"], input_ids[0][cap], input_ids[1][cap],
+                joint_attention_dim=transformer.config.joint_attention_dim, t5_tokens=M.SD3_T5_TOKENS)
+            pred = S.velocity(transformer, z, timestep, embeds, pooled, clip_tokens=input_ids[0].shape[1])
+        else:
+            t = torch.randint(0, 1000, (batch,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            cond = nets["text_encoder"](input_ids[0][cap])[0]
+            pred, target = nets["unet"](xt, t, cond).sample, eps
+        loss = nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -304,15 +362,15 @@ def train_unet(vae, analyser, *, steps: int, batch: int, lr: float, seed: int, d
         sched.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for src, dst in ((unet, ema_unet), (text, ema_text)):
-                for p, q in zip(src.parameters(), dst.parameters()):
+            for name, src in nets.items():
+                for p, q in zip(src.parameters(), ema[name].parameters()):
                     q.lerp_(p, 1 - decay)
         if step % 100 == 0:
-            _log(f"unet step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+            _log(f"{denoiser} step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
                  f"({(time.time() - start) / (step + 1 - first):.2f} s/step)")
         last = step == steps - 1 or spent + time.time() - start > time_budget_s
         if (step + 1) % eval_every == 0 or last:
-            pipe = build_pipeline(ema_unet, vae, ema_text, tokenizer, arch)
+            pipe = arch_pipeline(arch, dict(ema, vae=vae))
             score = adherence(pipe, analyser, eval_captions, steps=eval_steps, guidance=5.0)
             history.append(dict(step=step + 1, loss=loss.item(), **score))
             _log(f"eval step {step + 1}: {score}")
@@ -327,12 +385,16 @@ def train_unet(vae, analyser, *, steps: int, batch: int, lr: float, seed: int, d
             _log(f"stopping after {stop_after} steps at step {step + 1} of {steps}: run again to continue")
             done = False
             break
-    return ema_unet, ema_text, tokenizer, token_ids, history, done
+    return ema, token_ids, history, done
+
+
+_STATE_NAMES = dict(unet="unet", transformer="transformer", text_encoder="text", text_encoder_2="text_2")  # checkpoint keys
 
 
 def calibrate(folder: str, guidances=(1.5, 2.5, 4.0, 6.0, 8.0), n: int = 120, steps: int = 50, seed: int = 0,
               n_heldout: int = 90) -> dict:
-    """Pick the CFG weight with the best prompt adherence at ``steps`` DDIM steps; store it in ``weights.json``.
+    """Pick the CFG weight with the best prompt adherence at ``steps`` sampling steps (DDIM; the sd3 arch: its
+    pipeline's flow-matching Euler); store it in ``weights.json``.
 
     Like choosing SD's 7.5: the default guidance of the pipeline is a property of the trained weights.
     Captions are drawn with their own seed (not the training eval's). For weights trained on the
@@ -340,18 +402,13 @@ def calibrate(folder: str, guidances=(1.5, 2.5, 4.0, 6.0, 8.0), n: int = 120, st
     weight; the same sweep on ``n_heldout`` held-out captions (the 45 held-out scenes in turn) is
     recorded beside it (``guidance_sweep_heldout``), so held-out adherence is measured at every weight
     but never chooses one."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from core.fs import atomic_write_json
-    from teachers.tokenizer import clip_tokenizer
 
     with open(os.path.join(folder, "weights.json"), encoding="utf-8") as f:
         arch = json.load(f).get("arch", "shapes")
-    unet, vae = UNet2DConditionModel(**M.unet_config(arch)), AutoencoderKL(**M.vae_config())
-    text = CLIPTextModel(CLIPTextConfig(**M.text_config()))
-    meta = M.load_weights(folder, unet, vae, text, arch)
-    pipe = build_pipeline(unet.eval(), vae.eval(), text.eval(), clip_tokenizer(), arch)
+    modules = M.build_modules(arch)
+    meta = M.load_components(folder, modules, arch)
+    pipe = arch_pipeline(arch, {name: module.eval() for name, module in modules.items()})
     analyser = A.load_analyser(os.path.join(folder, "analyser.safetensors"))
     split = meta.get("split", "all")
     rng = np.random.default_rng(seed + 77)
@@ -381,12 +438,17 @@ def calibrate(folder: str, guidances=(1.5, 2.5, 4.0, 6.0, 8.0), n: int = 120, st
 # Position is the attribute learnt last (the ``shapes`` teacher: 0.42 at 2000 steps, 0.93 at 3000; an
 # sd15 run of 2000 steps stayed at chance, 0.2, with the other four attributes at 0.87-1.0): 4000
 # steps, which a 75-minute budget on one quiet thread cuts at about 3600 with the learning rate near
-# its floor (the EMA averages the last ~1000 steps either way).
+# its floor (the EMA averages the last ~1000 steps either way). ``sd3`` (step times in the module docstring):
+# learning rate 5e-4, half the UNets' (attention-only blocks; a 300-step check at batch 64 went from loss 2.44
+# to 0.58 and adherence 0.53 at step 150 to 0.60 at 300, 30 captions at 20 steps, position already 0.43), and
+# 6,000 steps, as the sd15 UNet needed more than 5,000 to learn position.
 ARCH_DEFAULTS = {
     "shapes": dict(output=M.WEIGHTS_DIR, split="all", reuse_vae="", unet_steps=6000, batch=64, lr=1e-3,
                    checkpoint_every=0),
     "sd15": dict(output=M.WEIGHTS_DIR_SD15, split="train", reuse_vae=M.WEIGHTS_DIR, unet_steps=4000, batch=64,
                  lr=1e-3, checkpoint_every=100),
+    "sd3": dict(output=M.WEIGHTS_DIR_SD3, split="train", reuse_vae=M.WEIGHTS_DIR, unet_steps=6000, batch=64,
+                lr=5e-4, checkpoint_every=100),
 }
 # What fixes a run's result: a checkpoint resumes only a run with the same values (time budget and
 # threads may change between runs).
@@ -420,40 +482,43 @@ def _reuse(folder: str, output: str):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=M.ARCHS, default="shapes",
-                   help="shapes: the 2-level teacher (weights/); sd15: SD-1.5's UNet layout and scheduler (weights_sd15/)")
+                   help="shapes: the 2-level teacher (weights/); sd15: SD-1.5's UNet layout and scheduler (weights_sd15/); "
+                        "sd3: SD3's MMDiT, two CLIP encoders and rectified flow (weights_sd3/)")
     p.add_argument("--output", default=None, help="weights folder (default: the arch's committed folder)")
     p.add_argument("--split", choices=("all", "train"), default=None,
                    help="scenes the UNet and text encoder train on: all 450, or the training split (held-out "
-                        "scenes never seen); default: all for shapes, train for sd15")
+                        "scenes never seen); default: all for shapes, train for sd15 and sd3")
     p.add_argument("--reuse_vae", default=None, metavar="FOLDER",
                    help="take the autoencoder and analyser from this weights folder instead of training them "
-                        "(default for sd15: teachers/shapes/weights; '' trains them)")
+                        "(default for sd15 and sd3: teachers/shapes/weights; '' trains them)")
     p.add_argument("--init_from", default="", metavar="FOLDER",
                    help="start the UNet and text encoder from this weights folder of the same arch (a warm restart: "
                         "fresh optimiser and learning-rate schedule; its provenance is kept in weights.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--analyser_steps", type=int, default=1500)
     p.add_argument("--vae_steps", type=int, default=1500)
-    p.add_argument("--unet_steps", type=int, default=None, help="default: 6000 for shapes, 4000 for sd15")
+    p.add_argument("--unet_steps", type=int, default=None,
+                   help="steps of the UNet stage (sd3: the transformer's); default: 6000 for shapes, 4000 for sd15, "
+                        "6000 for sd3")
     p.add_argument("--batch", type=int, default=None, help="default 64")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (sd3: 5e-4)")
     p.add_argument("--data", type=int, default=30000, help="rendered training images encoded once for the UNet")
     p.add_argument("--eval_every", type=int, default=500)
     p.add_argument("--eval_n", type=int, default=90, help="captions of the evaluation during training")
-    p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps of the evaluation during training")
+    p.add_argument("--eval_steps", type=int, default=20, help="sampling steps of the evaluation during training")
     p.add_argument("--time_budget_min", type=float, default=1e9,
                    help="stop UNet training after this long (all runs of a resumed training together)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--checkpoint_every", type=int, default=None,
                    help="save the UNet stage's state every N steps into OUTPUT/checkpoint/ and resume from it when "
-                        "run again (0: off; default: 0 for shapes, 100 for sd15)")
+                        "run again (0: off; default: 0 for shapes, 100 for sd15 and sd3)")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint or complete weights and train anew")
     p.add_argument("--stop_after", type=int, default=0,
                    help="train at most this many UNet steps in this run, checkpoint and exit (run again to continue)")
     p.add_argument("--calibrate_n", type=int, default=120, help="captions of the guidance sweep")
     p.add_argument("--calibrate_heldout", type=int, default=90,
                    help="held-out captions of the sweep (with --split train; the 45 scenes in turn)")
-    p.add_argument("--calibrate_steps", type=int, default=50, help="DDIM steps of the guidance sweep")
+    p.add_argument("--calibrate_steps", type=int, default=50, help="sampling steps of the guidance sweep")
     p.add_argument("--calibrate_guidances", default="1.5,2.5,4.0,6.0,8.0", help="comma-separated CFG weights")
     p.add_argument("--calibrate_only", action="store_true", help="only re-pick the guidance of existing weights")
     args = p.parse_args(argv)
@@ -482,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     if key["init_from"]:  # the starting weights by content, too
         with open(os.path.join(key["init_from"], "weights.json"), encoding="utf-8") as f:
             start = json.load(f)
-        key["init_from"] = "sha256:" + start["sha256"]["unet"]
+        if start.get("arch", "shapes") != args.arch:
+            raise SystemExit(f"--init_from {args.init_from}: its weights are of arch {start.get('arch', 'shapes')!r}, "
+                             f"not {args.arch!r}")
+        key["init_from"] = "sha256:" + start["sha256"][M.components(args.arch)[0]]  # the UNet's (sd3: transformer's)
     if args.restart and os.path.isdir(ckpt):
         import shutil
 
@@ -516,10 +584,12 @@ def main(argv: list[str] | None = None) -> int:
                            save_bytes({k: v.to(torch.float16).contiguous() for k, v in analyser.state_dict().items()}))
         analyser = A.load_analyser(os.path.join(args.output, "analyser.safetensors"))  # score with what is committed
         vae, scaling, vae_mse = train_vae(args.vae_steps, 32, args.seed)
+    if args.arch == "sd3":  # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor (model.vae_config)
+        vae.register_to_config(shift_factor=M.vae_config("sd3")["shift_factor"])
 
     scenes = None if args.split == "all" else world.split_scenes(args.split)
     eval_captions = [world.caption(s) for s in world.random_scenes(np.random.default_rng(args.seed + 5), args.eval_n, scenes)]
-    unet, text, tokenizer, token_ids, history, done = train_unet(
+    ema, token_ids, history, done = train_unet(
         vae, analyser, steps=args.unet_steps, batch=args.batch, lr=args.lr, seed=args.seed, data=args.data,
         eval_every=args.eval_every, eval_captions=eval_captions, time_budget_s=args.time_budget_min * 60,
         arch=args.arch, scenes=scenes, checkpoint_dir=ckpt if resumable else None,
@@ -530,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(scaling_factor=scaling, vae_heldout_mse=vae_mse, analyser_heldout_accuracy=acc, history=history,
                 args=vars(args), seconds=time.time() - t0, torch=torch.__version__)
     if args.arch != "shapes" or args.split != "all" or reused or resumable:  # the original command's json stays as it was
-        meta.update(arch=args.arch, split=args.split, run_key=key, unet_parameters=sum(p.numel() for p in unet.parameters()))
+        denoiser = next(iter(ema))  # unet, or sd3's transformer
+        meta.update(arch=args.arch, split=args.split, run_key=key)
+        meta[f"{denoiser}_parameters"] = sum(p.numel() for p in ema[denoiser].parameters())
         if args.split == "train":
             meta["heldout_scenes"] = len(world.heldout_scenes())
         if reused:
@@ -538,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.init_from:  # a warm restart: what it started from, and that run's own record
             meta["init_from"] = dict(folder=args.init_from, sha256=start["sha256"], run_key=start.get("run_key"),
                                      history=start.get("history"), seconds=start.get("seconds"))
-    M.save_weights(args.output, unet, vae, text, token_ids, meta)
+    M.save_components(args.output, {name: vae if name == "vae" else ema[name] for name in M.components(args.arch)},
+                      token_ids, meta)
     calibrate_output()
     if resumable and os.path.isdir(ckpt):
         import shutil
