@@ -35,13 +35,13 @@ def stage(name: str):
 def shapes_guidance(teacher: str = TEACHER) -> float:
     """The CFG weight the shapes teacher (``shapes``, ``shapes-sd15`` or ``shapes-sd3``) was calibrated at
     (``weights.json``)."""
+    from teachers.load import SHAPES_ARCHS
     from teachers.shapes import model as M
 
-    folder = {"shapes": M.WEIGHTS_DIR, "shapes-sd15": M.WEIGHTS_DIR_SD15, "shapes-sd3": M.WEIGHTS_DIR_SD3}.get(teacher)
-    if folder is None:
-        raise ValueError(f"teacher {teacher!r}: the kit's guidance default knows shapes, shapes-sd15 and shapes-sd3; "
+    if teacher not in SHAPES_ARCHS:
+        raise ValueError(f"teacher {teacher!r}: the kit's guidance default knows {', '.join(SHAPES_ARCHS)}; "
                          "pass guidance=")
-    with open(os.path.join(folder, "weights.json"), encoding="utf-8") as f:
+    with open(os.path.join(M.WEIGHTS_DIRS[SHAPES_ARCHS[teacher]], "weights.json"), encoding="utf-8") as f:
         return float(json.load(f)["guidance_scale"])
 
 
